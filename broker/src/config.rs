@@ -1,0 +1,369 @@
+//! The broker's configuration: embedded defaults, a TOML file, then flags.
+//!
+//! Every field has a default that is safe for a first run on a laptop
+//! (DESIGN.md §6); `Config::default()` is that configuration. Values are
+//! checked once by [`Config::validate`], so the rest of the broker can trust
+//! them.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// When a publish is acknowledged (G2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// After the record is in RocksDB's write-ahead log (in the OS page
+    /// cache): survives a broker crash, not a power loss.
+    #[default]
+    Wal,
+    /// After the write-ahead log is fsynced (group commit amortizes it):
+    /// survives a power loss.
+    Fsync,
+}
+
+/// How much of a channel's log is kept. Unset limits do not apply.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Keep at most this many messages per channel.
+    pub max_messages: Option<u64>,
+    /// Keep at most this many payload bytes per channel.
+    pub max_bytes: Option<u64>,
+    /// Keep messages at most this many seconds.
+    pub max_age_secs: Option<u64>,
+}
+
+impl Retention {
+    /// Whether any limit is set.
+    pub fn is_bounded(&self) -> bool {
+        self.max_messages.is_some() || self.max_bytes.is_some() || self.max_age_secs.is_some()
+    }
+}
+
+/// Configuration of one namespace (a channel name's first segment).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceConfig {
+    /// How much history the namespace's channels keep.
+    pub retention: Retention,
+}
+
+/// Per-connection limits, announced to the client in `Welcome`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest publish payload, in bytes.
+    pub max_payload: u32,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: u32,
+    /// Publishes one connection may have waiting for their ack; beyond it
+    /// the broker stops reading that connection (QUIC flow control pushes
+    /// back on the client).
+    pub max_inflight_publishes: u32,
+    /// How long a new connection may take to send `Hello`.
+    pub hello_timeout_ms: u64,
+    /// A connection silent for this long is closed (clients send keep-alives).
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_payload: 1024 * 1024,
+            max_subscriptions: 1024,
+            max_inflight_publishes: 4096,
+            hello_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The frame limit that follows from the payload limit: room for one
+    /// full payload plus a delivery batch's worth of smaller messages
+    /// (`fanout::TARGET_FRAME_BYTES`) and headers.
+    pub fn max_frame(&self) -> u32 {
+        self.max_payload.saturating_add(128 * 1024)
+    }
+}
+
+/// Tuning of the log writer and the fan-out engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Publishes queued for the log writer before publishers wait.
+    pub writer_queue: usize,
+    /// Most publishes group-committed in one RocksDB write batch.
+    pub max_batch_messages: usize,
+    /// Most payload bytes group-committed in one RocksDB write batch.
+    pub max_batch_bytes: usize,
+    /// Threads that read the log for catch-up.
+    pub reader_threads: usize,
+    /// Bytes of recently committed, encoded batches each subscribed channel
+    /// keeps in memory; subscribers behind it read the log instead.
+    pub channel_ring_bytes: usize,
+    /// Idempotent-publish window: sequences remembered per producer.
+    pub producer_window: usize,
+    /// How often retention runs, in milliseconds.
+    pub retention_interval_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            writer_queue: 16 * 1024,
+            max_batch_messages: 4096,
+            max_batch_bytes: 8 * 1024 * 1024,
+            reader_threads: 2,
+            channel_ring_bytes: 4 * 1024 * 1024,
+            producer_window: 64,
+            retention_interval_ms: 10_000,
+        }
+    }
+}
+
+/// TLS material. Without `cert` and `key` the broker runs in development
+/// mode with a self-signed certificate kept in the data directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: Option<PathBuf>,
+    /// PEM private key.
+    pub key: Option<PathBuf>,
+}
+
+/// Everything the broker needs to start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where RocksDB and the development certificate live.
+    pub data_dir: PathBuf,
+    /// UDP address for QUIC.
+    pub listen: SocketAddr,
+    /// TCP address for health endpoints.
+    pub http: SocketAddr,
+    /// When publishes are acknowledged.
+    pub durability: Durability,
+    /// TLS material.
+    pub tls: TlsConfig,
+    /// Per-connection limits.
+    pub limits: LimitsConfig,
+    /// Writer and fan-out tuning.
+    pub engine: EngineConfig,
+    /// Per-namespace configuration, keyed by namespace.
+    pub namespaces: BTreeMap<String, NamespaceConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("volna-data"),
+            listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
+            http: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            durability: Durability::default(),
+            tls: TlsConfig::default(),
+            limits: LimitsConfig::default(),
+            engine: EngineConfig::default(),
+            namespaces: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this configuration.
+    #[error("invalid configuration file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with the offending key.
+        source: toml::de::Error,
+    },
+    /// A value is out of its range.
+    #[error("invalid value for {key}: {value} ({why})")]
+    Invalid {
+        /// The key, dotted.
+        key: String,
+        /// The value given.
+        value: String,
+        /// Why it is refused.
+        why: &'static str,
+    },
+}
+
+impl Config {
+    /// Reads a TOML file over the embedded defaults.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks every value; the broker refuses to start on the first bad one.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &str, value: impl ToString, why: &'static str) -> ConfigError {
+            ConfigError::Invalid {
+                key: key.to_owned(),
+                value: value.to_string(),
+                why,
+            }
+        }
+        let l = &self.limits;
+        if l.max_payload == 0 || l.max_payload > 64 * 1024 * 1024 {
+            return Err(invalid(
+                "limits.max_payload",
+                l.max_payload,
+                "must be 1 B to 64 MiB",
+            ));
+        }
+        if l.max_subscriptions == 0 {
+            return Err(invalid("limits.max_subscriptions", 0, "must be at least 1"));
+        }
+        if l.max_inflight_publishes == 0 {
+            return Err(invalid(
+                "limits.max_inflight_publishes",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if l.idle_timeout_ms < 1000 {
+            return Err(invalid(
+                "limits.idle_timeout_ms",
+                l.idle_timeout_ms,
+                "must be at least 1000",
+            ));
+        }
+        let e = &self.engine;
+        for (key, value) in [
+            ("engine.writer_queue", e.writer_queue),
+            ("engine.max_batch_messages", e.max_batch_messages),
+            ("engine.max_batch_bytes", e.max_batch_bytes),
+            ("engine.reader_threads", e.reader_threads),
+            ("engine.producer_window", e.producer_window),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, 0, "must be at least 1"));
+            }
+        }
+        if e.channel_ring_bytes < 64 * 1024 {
+            return Err(invalid(
+                "engine.channel_ring_bytes",
+                e.channel_ring_bytes,
+                "must be at least 64 KiB",
+            ));
+        }
+        if e.retention_interval_ms == 0 {
+            return Err(invalid(
+                "engine.retention_interval_ms",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return Err(invalid(
+                "tls",
+                "cert/key",
+                "set both tls.cert and tls.key, or neither",
+            ));
+        }
+        for (name, ns) in &self.namespaces {
+            if name.is_empty() || name.contains('.') {
+                return Err(invalid(
+                    "namespaces",
+                    name,
+                    "a namespace is one channel-name segment",
+                ));
+            }
+            let r = &ns.retention;
+            if r.max_messages == Some(0) {
+                return Err(invalid(
+                    &format!("namespaces.{name}.retention.max_messages"),
+                    0,
+                    "must be at least 1",
+                ));
+            }
+            if r.max_age_secs == Some(0) {
+                return Err(invalid(
+                    &format!("namespaces.{name}.retention.max_age_secs"),
+                    0,
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The retention of the namespace `channel` belongs to.
+    pub fn retention_for(&self, namespace: &str) -> Option<&Retention> {
+        self.namespaces
+            .get(namespace)
+            .map(|ns| &ns.retention)
+            .filter(|r| r.is_bounded())
+    }
+
+    /// The Hello timeout as a duration.
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.hello_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_match_the_design() {
+        let c = Config::default();
+        c.validate().expect("defaults validate");
+        assert_eq!(c.listen.port(), 7400);
+        assert_eq!(c.http, SocketAddr::from(([127, 0, 0, 1], 7401)));
+        assert_eq!(c.data_dir, PathBuf::from("volna-data"));
+    }
+
+    #[test]
+    fn toml_overrides_defaults_and_unknown_keys_are_refused() {
+        let c: Config = toml::from_str(
+            r#"
+            durability = "fsync"
+            [namespaces.chat.retention]
+            max_messages = 100
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(c.durability, Durability::Fsync);
+        assert_eq!(
+            c.retention_for("chat").and_then(|r| r.max_messages),
+            Some(100)
+        );
+        assert!(c.retention_for("news").is_none());
+        assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let mut c = Config::default();
+        c.limits.max_payload = 0;
+        let err = c.validate().expect_err("refused").to_string();
+        assert!(err.contains("limits.max_payload"), "{err}");
+    }
+}

@@ -1,0 +1,473 @@
+//! The fan-out engine: channel registry → recently committed, encoded
+//! batches that every subscriber of the channel reads by offset.
+//!
+//! ```text
+//!  writer thread ── committed(channel, messages) ──▶ ChannelFeed
+//!                      encode once into Deliver frames   │ ring of FeedBatch (byte budget)
+//!                                                        │ head: watch<Offset>
+//!              ┌─────────────────────┬───────────────────┘
+//!         subscription 1       subscription 2  …  each keeps its own `next` offset
+//! ```
+//!
+//! Each committed batch is encoded once into shared `Bytes` frames; every
+//! subscriber hands the same frames to its connection, so there is no
+//! per-subscriber copy of a payload. The ring is the channel's outbox: it
+//! holds at most `channel_ring_bytes`, whatever the subscribers do. A
+//! subscriber that falls behind the ring (its connection could not take the
+//! frames in time) reads the missing offsets from the log and then finds
+//! itself back in the ring: catch-up and rejoin need no coordination, because
+//! both are just "deliver from offset `next`" (G3, G4). Publishers never wait
+//! for subscribers.
+//!
+//! Invariants:
+//! - The ring's batches are consecutive: `batches[i].end == batches[i+1].first`.
+//! - `head` (the offset after the last committed message known here) only
+//!   grows; anything below it is readable from the log.
+//! - A channel's feed exists only while it has subscribers.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use tokio::sync::watch;
+use volna_proto::{ChannelName, Epoch, Frame, Limits, Offset};
+
+use crate::log::{CommitListener, Log};
+use crate::store::{ChannelMeta, StoredMessage};
+
+/// Payload bytes after which a batch is split into another `Deliver` frame,
+/// so one frame never holds a stream's flow-control window hostage.
+pub const TARGET_FRAME_BYTES: usize = 64 * 1024;
+
+/// The registry of subscribed channels.
+#[derive(Debug)]
+pub struct Fanout {
+    channels: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
+    ring_bytes: usize,
+}
+
+/// One channel's ring of encoded batches and its head offset.
+#[derive(Debug)]
+pub struct ChannelFeed {
+    ring: Mutex<Ring>,
+    head: watch::Sender<Offset>,
+}
+
+#[derive(Debug, Default)]
+struct Ring {
+    batches: VecDeque<FeedBatch>,
+    bytes: usize,
+}
+
+/// Messages `[first, end)` of one channel, encoded as one `Deliver` frame.
+#[derive(Debug, Clone)]
+struct FeedBatch {
+    first: Offset,
+    end: Offset,
+    epoch: Epoch,
+    frame: Bytes,
+}
+
+/// What a subscriber at offset `next` should do now.
+#[derive(Debug)]
+pub enum NextStep {
+    /// Send these frames; afterwards the subscriber is at `end`.
+    Send {
+        /// Encoded `Deliver` frames, shared with other subscribers.
+        frames: Vec<Bytes>,
+        /// The offset after the last message in `frames`.
+        end: Offset,
+    },
+    /// The ring does not reach back to `next`: read `[next, until)` from
+    /// the log.
+    ReadLog {
+        /// Where the ring (or the committed head) begins.
+        until: Offset,
+    },
+    /// Nothing committed at or after `next` yet: wait for [`FeedSubscription::changed`].
+    Wait,
+}
+
+/// One subscriber's view of a channel feed; dropping the last one removes
+/// the feed from the registry.
+#[derive(Debug)]
+pub struct FeedSubscription {
+    channel: ChannelName,
+    feed: Arc<ChannelFeed>,
+    head: Option<watch::Receiver<Offset>>,
+    registry: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
+}
+
+/// The channel's feed is gone (the engine shut down).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeedClosed;
+
+impl Fanout {
+    /// An engine whose channels each keep up to `ring_bytes` of batches.
+    pub fn new(ring_bytes: usize) -> Self {
+        Self {
+            channels: Arc::new(DashMap::new()),
+            ring_bytes,
+        }
+    }
+
+    /// Channels with at least one subscriber.
+    pub fn subscribed_channels(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Bytes of encoded batches `channel`'s ring holds now, if it has
+    /// subscribers.
+    pub fn ring_bytes(&self, channel: &ChannelName) -> Option<usize> {
+        self.channels
+            .get(channel)
+            .map(|feed| feed.value().lock_ring().bytes)
+    }
+
+    /// Registers a subscriber of `channel`.
+    pub fn subscribe(&self, channel: &ChannelName, log: &Log) -> FeedSubscription {
+        // Create the receiver while the map entry is held, so that a
+        // concurrent last-unsubscribe cannot remove the feed in between.
+        let (feed, head) = {
+            let entry = self.channels.entry(channel.clone()).or_insert_with(|| {
+                Arc::new(ChannelFeed {
+                    ring: Mutex::new(Ring::default()),
+                    head: watch::Sender::new(Offset::FIRST),
+                })
+            });
+            (entry.value().clone(), entry.value().head.subscribe())
+        };
+        // Commits that happened before the feed existed never reached it;
+        // the directory (updated before listeners are called) knows them.
+        if let Some(meta) = log.meta(channel) {
+            feed.advance_head(meta.next_offset);
+        }
+        FeedSubscription {
+            channel: channel.clone(),
+            feed,
+            head: Some(head),
+            registry: self.channels.clone(),
+        }
+    }
+}
+
+impl CommitListener for Fanout {
+    fn committed(&self, channel: &ChannelName, meta: &ChannelMeta, messages: &[StoredMessage]) {
+        let Some(feed) = self.channels.get(channel).map(|f| f.value().clone()) else {
+            return;
+        };
+        let batches = encode_batches(channel, meta.epoch, messages);
+        let end = messages
+            .last()
+            .map_or(meta.next_offset, |m| m.offset.next());
+        {
+            let mut ring = feed.lock_ring();
+            for batch in batches {
+                ring.push(batch, self.ring_bytes);
+            }
+        }
+        feed.advance_head(end);
+    }
+}
+
+impl ChannelFeed {
+    fn lock_ring(&self) -> std::sync::MutexGuard<'_, Ring> {
+        // Ring updates are single push/pop sequences that cannot be left
+        // half-done by a panic elsewhere; keep serving after a poisoned lock.
+        self.ring.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn advance_head(&self, to: Offset) {
+        self.head.send_if_modified(|head| {
+            if to > *head {
+                *head = to;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+impl Ring {
+    fn push(&mut self, batch: FeedBatch, budget: usize) {
+        let contiguous = self
+            .batches
+            .back()
+            .is_none_or(|last| last.end == batch.first && last.epoch == batch.epoch);
+        if !contiguous {
+            self.batches.clear();
+            self.bytes = 0;
+        }
+        self.bytes += batch.frame.len();
+        self.batches.push_back(batch);
+        while self.bytes > budget && self.batches.len() > 1 {
+            if let Some(old) = self.batches.pop_front() {
+                self.bytes -= old.frame.len();
+            }
+        }
+    }
+}
+
+impl FeedSubscription {
+    /// The channel this subscription follows.
+    pub fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    /// What to do for a subscriber whose next wanted offset is `next`,
+    /// taking at most about `max_bytes` of frames.
+    pub fn next_step(&mut self, next: Offset, max_bytes: usize) -> NextStep {
+        let head = match self.head.as_mut() {
+            Some(rx) => *rx.borrow_and_update(),
+            None => return NextStep::Wait,
+        };
+        if next >= head {
+            return NextStep::Wait;
+        }
+        let ring = self.feed.lock_ring();
+        let Some(first) = ring.batches.front().map(|b| b.first) else {
+            return NextStep::ReadLog { until: head };
+        };
+        let ring_end = ring.batches.back().map_or(first, |b| b.end);
+        if next < first {
+            return NextStep::ReadLog { until: first };
+        }
+        if next >= ring_end {
+            // Known committed (below head) but never pushed to this ring.
+            return NextStep::ReadLog { until: head };
+        }
+        // Batches are consecutive: find the one holding `next`.
+        let start = ring.batches.partition_point(|b| b.end <= next);
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        let mut end = next;
+        for batch in ring.batches.range(start..) {
+            if !frames.is_empty() && bytes >= max_bytes {
+                break;
+            }
+            let frame = if batch.first == next || !frames.is_empty() {
+                batch.frame.clone()
+            } else {
+                match slice_frame(&batch.frame, next) {
+                    Some(frame) => frame,
+                    None => return NextStep::ReadLog { until: batch.end },
+                }
+            };
+            bytes += frame.len();
+            frames.push(frame);
+            end = batch.end;
+        }
+        NextStep::Send { frames, end }
+    }
+
+    /// Resolves when the head moves (new commits), or fails once the feed
+    /// is gone.
+    pub async fn changed(&mut self) -> Result<(), FeedClosed> {
+        match self.head.as_mut() {
+            Some(rx) => rx.changed().await.map_err(|_| FeedClosed),
+            None => Err(FeedClosed),
+        }
+    }
+}
+
+impl Drop for FeedSubscription {
+    fn drop(&mut self) {
+        drop(self.head.take());
+        self.registry
+            .remove_if(&self.channel, |_, feed| feed.head.receiver_count() == 0);
+    }
+}
+
+/// Encodes consecutive messages into `Deliver` frames of about
+/// [`TARGET_FRAME_BYTES`] each. Used for live batches (once per channel) and
+/// for catch-up reads (once per lagging subscriber).
+pub fn encode_frames(
+    channel: &ChannelName,
+    epoch: Epoch,
+    messages: &[StoredMessage],
+) -> Vec<(Offset, Offset, Bytes)> {
+    let mut out = Vec::new();
+    let mut rest = messages;
+    while let Some(first) = rest.first() {
+        let mut take = 0;
+        let mut bytes = 0;
+        while take < rest.len() && (take == 0 || bytes < TARGET_FRAME_BYTES) {
+            // Count each message's header too, so empty payloads still fill
+            // a frame.
+            bytes += rest[take].payload.len() + 12;
+            take += 1;
+        }
+        let (chunk, tail) = rest.split_at(take);
+        let mut buf = BytesMut::with_capacity(bytes + 300);
+        volna_proto::encode_deliver(
+            channel,
+            epoch,
+            first.offset,
+            chunk.iter().map(|m| (m.timestamp_ms, m.payload.as_ref())),
+            &mut buf,
+        );
+        out.push((
+            first.offset,
+            first.offset.add(chunk.len() as u64),
+            buf.freeze(),
+        ));
+        rest = tail;
+    }
+    out
+}
+
+fn encode_batches(
+    channel: &ChannelName,
+    epoch: Epoch,
+    messages: &[StoredMessage],
+) -> Vec<FeedBatch> {
+    encode_frames(channel, epoch, messages)
+        .into_iter()
+        .map(|(first, end, frame)| FeedBatch {
+            first,
+            end,
+            epoch,
+            frame,
+        })
+        .collect()
+}
+
+/// Re-encodes the part of a `Deliver` frame from offset `from` on: needed
+/// only when a subscriber starts in the middle of a batch.
+fn slice_frame(frame: &Bytes, from: Offset) -> Option<Bytes> {
+    let mut buf = BytesMut::from(frame.as_ref());
+    let limits = Limits {
+        max_frame: u32::try_from(frame.len()).ok()?,
+    };
+    let Ok(Some(Frame::Deliver(deliver))) = volna_proto::decode(&mut buf, &limits) else {
+        return None;
+    };
+    let skip = usize::try_from(deliver.first_offset.distance_to(from)).ok()?;
+    let kept = deliver.messages.get(skip..).filter(|m| !m.is_empty())?;
+    let mut out = BytesMut::with_capacity(frame.len());
+    volna_proto::encode_deliver(
+        &deliver.channel,
+        deliver.epoch,
+        from,
+        kept.iter().map(|m| (m.timestamp_ms, m.payload.as_ref())),
+        &mut out,
+    );
+    Some(out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Durability, EngineConfig};
+    use crate::log::{self, AppendInput};
+    use crate::store::MemoryStore;
+
+    fn decode_offsets(frames: &[Bytes]) -> Vec<u64> {
+        let mut out = Vec::new();
+        for f in frames {
+            let mut buf = BytesMut::from(f.as_ref());
+            let limits = Limits {
+                max_frame: u32::MAX,
+            };
+            let Ok(Some(Frame::Deliver(d))) = volna_proto::decode(&mut buf, &limits) else {
+                panic!("not a Deliver frame");
+            };
+            out.extend((0..d.messages.len() as u64).map(|i| d.first_offset.get() + i));
+        }
+        out
+    }
+
+    async fn publish(log: &Log, channel: &ChannelName, n: usize) {
+        for i in 0..n {
+            log.append(AppendInput {
+                channel: channel.clone(),
+                producer: None,
+                payload: Bytes::from(format!("m{i}")),
+            })
+            .await
+            .expect("append");
+        }
+    }
+
+    #[tokio::test]
+    async fn subscribers_share_frames_and_fall_back_to_the_log() {
+        let fanout = Arc::new(Fanout::new(64 * 1024));
+        let engine = EngineConfig::default();
+        let threads = log::start(
+            Arc::new(MemoryStore::new()),
+            fanout.clone(),
+            Durability::Wal,
+            &engine,
+        )
+        .expect("log");
+        let log = threads.log().clone();
+        let chat = ChannelName::new("chat.1").expect("name");
+
+        publish(&log, &chat, 3).await; // before anyone subscribed
+        let mut a = fanout.subscribe(&chat, &log);
+        let mut b = fanout.subscribe(&chat, &log);
+        assert_eq!(fanout.subscribed_channels(), 1);
+        // Offsets 1..3 were committed before the feed existed: read the log.
+        assert!(matches!(
+            a.next_step(Offset::FIRST, usize::MAX),
+            NextStep::ReadLog { until } if until == Offset::new(4)
+        ));
+        publish(&log, &chat, 2).await;
+        let (
+            NextStep::Send {
+                frames: fa,
+                end: ea,
+            },
+            NextStep::Send { frames: fb, .. },
+        ) = (
+            a.next_step(Offset::new(4), usize::MAX),
+            b.next_step(Offset::new(4), usize::MAX),
+        )
+        else {
+            panic!("expected frames from the ring");
+        };
+        assert_eq!(ea, Offset::new(6));
+        assert_eq!(decode_offsets(&fa), [4, 5]);
+        // The same allocation, not a copy per subscriber.
+        assert_eq!(fa[0].as_ptr(), fb[0].as_ptr());
+        // Starting inside a batch re-encodes just the tail.
+        let NextStep::Send { frames, .. } = a.next_step(Offset::new(5), usize::MAX) else {
+            panic!("expected frames");
+        };
+        assert_eq!(decode_offsets(&frames), [5]);
+        assert!(matches!(
+            a.next_step(Offset::new(6), usize::MAX),
+            NextStep::Wait
+        ));
+
+        drop(a);
+        assert_eq!(fanout.subscribed_channels(), 1);
+        drop(b);
+        assert_eq!(fanout.subscribed_channels(), 0);
+        threads.shutdown();
+    }
+
+    #[test]
+    fn ring_keeps_its_byte_budget_and_consecutive_batches() {
+        let mut ring = Ring::default();
+        let batch = |first: u64, len: usize| FeedBatch {
+            first: Offset::new(first),
+            end: Offset::new(first + 1),
+            epoch: Epoch(1),
+            frame: Bytes::from(vec![0u8; len]),
+        };
+        for i in 1..=10 {
+            ring.push(batch(i, 100), 350);
+        }
+        assert!(ring.bytes <= 350);
+        assert_eq!(ring.batches.front().map(|b| b.first), Some(Offset::new(8)));
+        // A batch that does not follow the last one starts the ring afresh.
+        ring.push(batch(20, 100), 350);
+        assert_eq!(ring.batches.len(), 1);
+        // One batch larger than the budget is still kept (it is the head).
+        ring.push(batch(21, 1000), 350);
+        assert_eq!(ring.batches.len(), 1);
+    }
+}

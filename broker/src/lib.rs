@@ -1,0 +1,42 @@
+//! The Volna broker: QUIC sessions in front of a durable, per-channel
+//! RocksDB log, with a fan-out engine pushing every committed message to
+//! every subscriber.
+//!
+//! ```text
+//! client ──QUIC──▶ transport ──▶ session ──publish──▶ log writer (RocksDB, group commit)
+//!                                   ▲                        │ committed batch
+//!                                   │ frames                 ▼
+//!                      subscription loops ◀─────── fan-out engine (channel → ring of frames)
+//! ```
+//!
+//! Module map, each owning one part of DESIGN.md §3:
+//! - [`store`]: the `LogStore` trait, its RocksDB and in-memory
+//!   implementations and their byte layouts;
+//! - [`log`]: offset assignment and group commit on the writer thread,
+//!   catch-up reads on reader threads;
+//! - [`fanout`]: per-channel rings of encoded batches, shared by subscribers;
+//! - [`subscription`]: one subscription's offset-driven delivery loop;
+//! - [`session`]: one connection's request/reply protocol and limits;
+//! - [`transport`]: the quinn endpoint, the only module that knows QUIC;
+//! - [`retention`], [`http`], [`tls`], [`config`]: the rest of a server;
+//! - [`server`]: start-up and orderly shutdown of all of the above.
+//!
+//! What it does not do yet: authentication (every token is accepted),
+//! metrics and the admin API, and clustering (DESIGN.md §7) are later work;
+//! the parts are shaped so that they can be added without reshaping these.
+
+pub mod config;
+pub mod fanout;
+pub mod http;
+pub mod log;
+mod queue;
+pub mod retention;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod subscription;
+pub mod tls;
+pub mod transport;
+
+pub use config::Config;
+pub use server::{Broker, StartError};

@@ -1,0 +1,628 @@
+//! The channel log: offset assignment, group commit and catch-up reads.
+//!
+//! ```text
+//!  sessions ──append──▶ queue ──▶ writer thread ──WriteBatch──▶ LogStore
+//!     ▲                             │ committed batch
+//!     └──── ack (offset) ◀──────────┤
+//!                                   ▼
+//!                            CommitListener (fan-out)
+//!  subscriptions ──read──▶ queue ──▶ reader threads ──▶ LogStore
+//! ```
+//!
+//! Invariants:
+//! - Only the writer thread assigns offsets, so they are gapless and
+//!   increasing per channel (G1). The [`Sequencer`] holding that state is
+//!   pure and tested without threads.
+//! - An append is acknowledged only after the batch holding it was written
+//!   (and with `fsync` durability, synced) (G2). A failed write acknowledges
+//!   nothing and leaves the sequencer as it was.
+//! - The [`Directory`] of channel metadata is updated after the write and
+//!   before listeners are told, so anything a subscriber learns of from the
+//!   fan-out is already readable from the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use crossbeam_channel::Receiver;
+use dashmap::DashMap;
+use thiserror::Error;
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, ProducerSeq};
+
+use crate::config::{Durability, EngineConfig};
+use crate::queue::{self, AsyncSender, Queued};
+use crate::store::{
+    ChannelId, ChannelMeta, LogStore, ProducerEntry, ProducerWindow, Recovered, SequenceStatus,
+    StoreError, StoredMessage, WriteSet,
+};
+
+/// Channel metadata as last committed, readable from any thread.
+pub type Directory = DashMap<ChannelName, ChannelMeta>;
+
+/// Told about every committed batch, on the writer thread: must be quick and
+/// must not block.
+pub trait CommitListener: Send + Sync + 'static {
+    /// `messages` were committed to `channel`, consecutive offsets.
+    fn committed(&self, channel: &ChannelName, meta: &ChannelMeta, messages: &[StoredMessage]);
+}
+
+/// A publish acknowledged by the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// Where the message is stored.
+    pub offset: Offset,
+    /// The channel log's epoch.
+    pub epoch: Epoch,
+    /// True when this was a retry of an already stored publish.
+    pub duplicate: bool,
+}
+
+/// Why an append was not stored.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AppendError {
+    /// The store failed; nothing of the batch was stored.
+    #[error("storage unavailable: {0}")]
+    Storage(String),
+    /// The sequence is older than the producer's dedup window.
+    #[error("sequence {sequence} of producer {producer_id} is older than its dedup window")]
+    SequenceTooOld {
+        /// The producer.
+        producer_id: u64,
+        /// The sequence sent.
+        sequence: u64,
+    },
+    /// The sequence was already used by this producer on another channel.
+    #[error("sequence {sequence} of producer {producer_id} was already used on another channel")]
+    SequenceReused {
+        /// The producer.
+        producer_id: u64,
+        /// The sequence sent.
+        sequence: u64,
+    },
+    /// The log is shutting down.
+    #[error("the log is shutting down")]
+    ShuttingDown,
+}
+
+impl AppendError {
+    /// The wire error code a client is told.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::Storage(_) => ErrorCode::StorageUnavailable,
+            Self::SequenceTooOld { .. } => ErrorCode::SequenceTooOld,
+            Self::SequenceReused { .. } => ErrorCode::BadRequest,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+        }
+    }
+}
+
+/// One publish to sequence.
+#[derive(Debug, Clone)]
+pub struct AppendInput {
+    /// Target channel.
+    pub channel: ChannelName,
+    /// Idempotency key, if any.
+    pub producer: Option<ProducerSeq>,
+    /// Body.
+    pub payload: Bytes,
+}
+
+/// What the sequencer decided for one input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Stored (once the batch commits).
+    Stored(Appended),
+    /// Refused without storing.
+    Refused(AppendError),
+}
+
+/// A batch prepared by the [`Sequencer`], not yet applied to it.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// What to write.
+    pub set: WriteSet,
+    /// One outcome per input, in input order.
+    pub outcomes: Vec<Outcome>,
+    /// The committed messages per channel, in offset order.
+    pub by_channel: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
+    channels: HashMap<ChannelName, ChannelMeta>,
+    producers: HashMap<u64, ProducerWindow>,
+    next_channel_id: ChannelId,
+}
+
+/// The writer's state: every channel's metadata and every producer's dedup
+/// window. Pure: it decides, the caller writes.
+#[derive(Debug)]
+pub struct Sequencer {
+    channels: HashMap<ChannelName, ChannelMeta>,
+    producers: HashMap<u64, ProducerWindow>,
+    next_channel_id: ChannelId,
+    producer_window: usize,
+}
+
+impl Sequencer {
+    /// A sequencer over what was recovered from the store.
+    pub fn new(recovered: Recovered, producer_window: usize) -> Self {
+        let next_channel_id = recovered
+            .channels
+            .iter()
+            .map(|(_, m)| m.id)
+            .max()
+            .map_or(1, |id| id + 1);
+        Self {
+            channels: recovered.channels.into_iter().collect(),
+            producers: recovered.producers.into_iter().collect(),
+            next_channel_id,
+            producer_window,
+        }
+    }
+
+    /// The committed metadata of every channel.
+    pub fn channels(&self) -> impl Iterator<Item = (&ChannelName, &ChannelMeta)> {
+        self.channels.iter()
+    }
+
+    /// Decides offsets for `appends` and applies `trims` (retention: drop
+    /// everything below the given offset, which frees the given payload
+    /// bytes), without changing `self`.
+    pub fn prepare<'a>(
+        &self,
+        appends: impl IntoIterator<Item = &'a AppendInput>,
+        trims: impl IntoIterator<Item = (ChannelName, Offset, u64)>,
+        now_ms: u64,
+        new_epoch: &mut dyn FnMut() -> Epoch,
+    ) -> Prepared {
+        let mut p = Prepared {
+            next_channel_id: self.next_channel_id,
+            ..Prepared::default()
+        };
+        let mut channel_slot: HashMap<ChannelName, usize> = HashMap::new();
+        for input in appends {
+            let meta = match p.channels.get(&input.channel) {
+                Some(m) => *m,
+                None => match self.channels.get(&input.channel) {
+                    Some(m) => *m,
+                    None => {
+                        let id = p.next_channel_id;
+                        p.next_channel_id += 1;
+                        ChannelMeta::new(id, new_epoch())
+                    }
+                },
+            };
+            if let Some(seq) = input.producer {
+                let status = p
+                    .producers
+                    .get(&seq.producer_id)
+                    .or_else(|| self.producers.get(&seq.producer_id))
+                    .map_or(SequenceStatus::New, |w| w.lookup(seq.sequence));
+                let refused = match status {
+                    SequenceStatus::New => None,
+                    SequenceStatus::Stored(e) if e.channel == meta.id => {
+                        Some(Outcome::Stored(Appended {
+                            offset: e.offset,
+                            epoch: e.epoch,
+                            duplicate: true,
+                        }))
+                    }
+                    SequenceStatus::Stored(_) => {
+                        Some(Outcome::Refused(AppendError::SequenceReused {
+                            producer_id: seq.producer_id,
+                            sequence: seq.sequence,
+                        }))
+                    }
+                    SequenceStatus::Forgotten => {
+                        Some(Outcome::Refused(AppendError::SequenceTooOld {
+                            producer_id: seq.producer_id,
+                            sequence: seq.sequence,
+                        }))
+                    }
+                };
+                if let Some(outcome) = refused {
+                    p.outcomes.push(outcome);
+                    continue;
+                }
+            }
+            let mut meta = meta;
+            let offset = meta.next_offset;
+            meta.next_offset = offset.next();
+            meta.bytes += input.payload.len() as u64;
+            p.channels.insert(input.channel.clone(), meta);
+            let message = StoredMessage {
+                offset,
+                timestamp_ms: now_ms,
+                producer: input.producer,
+                payload: input.payload.clone(),
+            };
+            p.set.messages.push((meta.id, message.clone()));
+            let slot = *channel_slot
+                .entry(input.channel.clone())
+                .or_insert_with(|| {
+                    p.by_channel.push((input.channel.clone(), meta, Vec::new()));
+                    p.by_channel.len() - 1
+                });
+            p.by_channel[slot].1 = meta;
+            p.by_channel[slot].2.push(message);
+            if let Some(seq) = input.producer {
+                let mut window = p
+                    .producers
+                    .remove(&seq.producer_id)
+                    .or_else(|| self.producers.get(&seq.producer_id).cloned())
+                    .unwrap_or_default();
+                window.insert(
+                    ProducerEntry {
+                        sequence: seq.sequence,
+                        channel: meta.id,
+                        offset,
+                        epoch: meta.epoch,
+                    },
+                    self.producer_window,
+                );
+                p.producers.insert(seq.producer_id, window);
+            }
+            p.outcomes.push(Outcome::Stored(Appended {
+                offset,
+                epoch: meta.epoch,
+                duplicate: false,
+            }));
+        }
+        for (channel, below, freed_bytes) in trims {
+            let Some(mut meta) = p
+                .channels
+                .get(&channel)
+                .or_else(|| self.channels.get(&channel))
+                .copied()
+            else {
+                continue;
+            };
+            let below = below.min(meta.next_offset);
+            if below <= meta.first_offset {
+                continue;
+            }
+            p.set.deletions.push((meta.id, meta.first_offset, below));
+            meta.first_offset = below;
+            meta.bytes = meta.bytes.saturating_sub(freed_bytes);
+            p.channels.insert(channel, meta);
+        }
+        p.set.channels = p.channels.iter().map(|(n, m)| (n.clone(), *m)).collect();
+        p.set.producers = p.producers.iter().map(|(id, w)| (*id, w.clone())).collect();
+        p
+    }
+
+    /// Applies a prepared batch after the store accepted it.
+    pub fn commit(&mut self, prepared: &mut Prepared) {
+        self.next_channel_id = prepared.next_channel_id;
+        self.channels.extend(prepared.channels.drain());
+        self.producers.extend(prepared.producers.drain());
+    }
+}
+
+/// What the log's threads are asked to do.
+#[derive(Debug)]
+enum Command {
+    Append {
+        input: AppendInput,
+        reply: oneshot::Sender<Result<Appended, AppendError>>,
+    },
+    /// Bytes freed by retention are subtracted by the writer, which knows the
+    /// sizes: `(channel, delete everything below this offset, bytes freed)`.
+    Trim {
+        channel: ChannelName,
+        below: Offset,
+        freed_bytes: u64,
+    },
+}
+
+#[derive(Debug)]
+struct ReadRequest {
+    channel: ChannelId,
+    from: Offset,
+    until: Offset,
+    max_messages: usize,
+    max_bytes: usize,
+    reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
+}
+
+/// The ack of a submitted append; resolves once the batch holding it was
+/// committed (or failed).
+#[derive(Debug)]
+pub struct PendingAppend(oneshot::Receiver<Result<Appended, AppendError>>);
+
+impl std::future::IntoFuture for PendingAppend {
+    type Output = Result<Appended, AppendError>;
+    type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Self::Output> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(async move { self.0.await.unwrap_or(Err(AppendError::ShuttingDown)) })
+    }
+}
+
+/// A cheap, cloneable handle to the log.
+#[derive(Debug, Clone)]
+pub struct Log {
+    commands: AsyncSender<Command>,
+    reads: AsyncSender<ReadRequest>,
+    directory: Arc<Directory>,
+    closed: Arc<AtomicBool>,
+}
+
+/// The log's threads; [`LogThreads::shutdown`] drains and stops them.
+#[derive(Debug)]
+pub struct LogThreads {
+    log: Log,
+    store: Arc<dyn LogStore>,
+    writer: Option<JoinHandle<()>>,
+    readers: Vec<JoinHandle<()>>,
+}
+
+/// Starts the writer and reader threads over `store`.
+pub fn start(
+    store: Arc<dyn LogStore>,
+    listener: Arc<dyn CommitListener>,
+    durability: Durability,
+    engine: &EngineConfig,
+) -> Result<LogThreads, StoreError> {
+    let recovered = store.recover()?;
+    info!(
+        channels = recovered.channels.len(),
+        producers = recovered.producers.len(),
+        "recovered the channel log"
+    );
+    let sequencer = Sequencer::new(recovered, engine.producer_window);
+    let directory: Arc<Directory> =
+        Arc::new(sequencer.channels().map(|(n, m)| (n.clone(), *m)).collect());
+    let (commands, command_rx) = queue::bounded(engine.writer_queue);
+    let (reads, read_rx) = queue::bounded(engine.reader_threads * 64);
+    let writer = Writer {
+        store: store.clone(),
+        listener,
+        directory: directory.clone(),
+        sequencer,
+        sync: durability == Durability::Fsync,
+        max_batch_messages: engine.max_batch_messages,
+        max_batch_bytes: engine.max_batch_bytes,
+    };
+    let writer = std::thread::Builder::new()
+        .name("volna-log-writer".into())
+        .spawn(move || writer.run(command_rx))
+        .map_err(|e| StoreError::Engine(format!("cannot start the writer thread: {e}")))?;
+    let mut readers = Vec::new();
+    for i in 0..engine.reader_threads {
+        let store = store.clone();
+        let rx = read_rx.clone();
+        readers.push(
+            std::thread::Builder::new()
+                .name(format!("volna-log-reader-{i}"))
+                .spawn(move || run_reader(store, rx))
+                .map_err(|e| StoreError::Engine(format!("cannot start a reader thread: {e}")))?,
+        );
+    }
+    Ok(LogThreads {
+        store,
+        log: Log {
+            commands,
+            reads,
+            directory,
+            closed: Arc::new(AtomicBool::new(false)),
+        },
+        writer: Some(writer),
+        readers,
+    })
+}
+
+impl LogThreads {
+    /// A handle for sessions and background tasks.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// Stops taking appends, lets the writer commit everything already
+    /// queued, syncs the WAL and joins the threads. Blocks: call it from a
+    /// blocking context.
+    pub fn shutdown(mut self) {
+        self.log.closed.store(true, Ordering::SeqCst);
+        self.log.commands.close();
+        self.log.reads.close();
+        // The threads exit when every sender is gone; senders held by
+        // sessions that are still closing go away with them.
+        drop(self.log);
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            error!("the log writer thread panicked");
+        }
+        for reader in self.readers.drain(..) {
+            if reader.join().is_err() {
+                error!("a log reader thread panicked");
+            }
+        }
+        if let Err(e) = self.store.flush() {
+            error!(error = %e, "final WAL sync failed");
+        }
+    }
+}
+
+impl Log {
+    /// Appends one message; resolves once it is durable (G2).
+    pub async fn append(&self, input: AppendInput) -> Result<Appended, AppendError> {
+        self.submit(input).await?.await
+    }
+
+    /// Queues one append, waiting only for room in the writer's queue, and
+    /// returns the pending ack. Appends submitted one after the other are
+    /// sequenced in that order.
+    pub async fn submit(&self, input: AppendInput) -> Result<PendingAppend, AppendError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(AppendError::ShuttingDown);
+        }
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Append { input, reply })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        Ok(PendingAppend(rx))
+    }
+
+    /// Asks the writer to delete `channel`'s messages below `below`, which
+    /// hold `freed_bytes` of payload. Skipped (false) when the writer is busy.
+    pub fn trim(&self, channel: ChannelName, below: Offset, freed_bytes: u64) -> bool {
+        self.commands
+            .try_send(Command::Trim {
+                channel,
+                below,
+                freed_bytes,
+            })
+            .is_ok()
+    }
+
+    /// Reads stored messages `[from, until)` on a reader thread.
+    pub async fn read(
+        &self,
+        channel: ChannelId,
+        from: Offset,
+        until: Offset,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        let request = ReadRequest {
+            channel,
+            from,
+            until,
+            max_messages,
+            max_bytes,
+            reply,
+        };
+        let closed = || StoreError::Engine("the log is shutting down".into());
+        self.reads.send(request).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+
+    /// A channel's committed metadata, if the channel exists.
+    pub fn meta(&self, channel: &ChannelName) -> Option<ChannelMeta> {
+        self.directory.get(channel).map(|m| *m)
+    }
+
+    /// Every channel's committed metadata.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// Whether the log takes appends.
+    pub fn is_open(&self) -> bool {
+        !self.closed.load(Ordering::SeqCst)
+    }
+}
+
+struct Writer {
+    store: Arc<dyn LogStore>,
+    listener: Arc<dyn CommitListener>,
+    directory: Arc<Directory>,
+    sequencer: Sequencer,
+    sync: bool,
+    max_batch_messages: usize,
+    max_batch_bytes: usize,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<Queued<Command>>) {
+        let mut healthy = true;
+        while let Ok(first) = rx.recv() {
+            // Group commit: everything already queued, up to the batch
+            // limits, goes into one WriteBatch and one (optional) fsync.
+            let mut appends = Vec::new();
+            let mut replies = Vec::new();
+            let mut trims = Vec::new();
+            let mut bytes = 0usize;
+            let mut next = Some(first);
+            while let Some(queued) = next.take() {
+                match queued.item {
+                    Command::Append { input, reply } => {
+                        bytes += input.payload.len();
+                        appends.push(input);
+                        replies.push(reply);
+                    }
+                    Command::Trim {
+                        channel,
+                        below,
+                        freed_bytes,
+                    } => {
+                        trims.push((channel, below, freed_bytes));
+                    }
+                }
+                if appends.len() < self.max_batch_messages && bytes < self.max_batch_bytes {
+                    next = rx.try_recv().ok();
+                }
+            }
+            // After a failed write the store refuses writes until it is
+            // found healthy again; probe once per batch, not per publish.
+            if !healthy && self.store.check_health().is_ok() {
+                info!("the store accepts writes again");
+            }
+            healthy = self.commit(appends, replies, trims);
+        }
+        info!("log writer stopped");
+    }
+
+    fn commit(
+        &mut self,
+        appends: Vec<AppendInput>,
+        replies: Vec<oneshot::Sender<Result<Appended, AppendError>>>,
+        trims: Vec<(ChannelName, Offset, u64)>,
+    ) -> bool {
+        let mut prepared = self
+            .sequencer
+            .prepare(&appends, trims, now_ms(), &mut || Epoch(rand::random()));
+        let result = if prepared.set.is_empty() {
+            Ok(())
+        } else {
+            self.store.write(&prepared.set, self.sync)
+        };
+        match result {
+            Ok(()) => {
+                self.sequencer.commit(&mut prepared);
+                for (name, meta) in &prepared.set.channels {
+                    self.directory.insert(name.clone(), *meta);
+                }
+                for (name, _, messages) in &prepared.by_channel {
+                    if let Some(meta) = self.directory.get(name).map(|m| *m) {
+                        self.listener.committed(name, &meta, messages);
+                    }
+                }
+                for (reply, outcome) in replies.into_iter().zip(prepared.outcomes) {
+                    let _ = reply.send(match outcome {
+                        Outcome::Stored(appended) => Ok(appended),
+                        Outcome::Refused(e) => Err(e),
+                    });
+                }
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, messages = appends.len(), "group commit failed; nothing was acknowledged");
+                let why = e.to_string();
+                for reply in replies {
+                    let _ = reply.send(Err(AppendError::Storage(why.clone())));
+                }
+                false
+            }
+        }
+    }
+}
+
+fn run_reader(store: Arc<dyn LogStore>, rx: Receiver<Queued<ReadRequest>>) {
+    while let Ok(queued) = rx.recv() {
+        let r = queued.item;
+        let result = store.read(r.channel, r.from, r.until, r.max_messages, r.max_bytes);
+        let _ = r.reply.send(result);
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,100 @@
+//! `volna-broker`: runs the broker until SIGINT or SIGTERM.
+//!
+//! Configuration comes from the embedded defaults, then `--config FILE`,
+//! then `VOLNA_*` environment variables, then flags (flags win).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use volna_broker::config::Durability;
+use volna_broker::{Broker, Config};
+
+#[derive(Debug, Parser)]
+#[command(name = "volna-broker", version, about = "Volna message fan-out broker")]
+struct Args {
+    /// TOML configuration file (every key is optional).
+    #[arg(long, env = "VOLNA_CONFIG")]
+    config: Option<PathBuf>,
+    /// Directory for the channel log and the development certificate.
+    #[arg(long, env = "VOLNA_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address for QUIC clients.
+    #[arg(long, env = "VOLNA_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// TCP address for /healthz and /readyz.
+    #[arg(long, env = "VOLNA_HTTP")]
+    http: Option<SocketAddr>,
+    /// When a publish is acknowledged: after the WAL write, or after its fsync.
+    #[arg(long, env = "VOLNA_DURABILITY", value_parser = parse_durability)]
+    durability: Option<Durability>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    match s {
+        "wal" => Ok(Durability::Wal),
+        "fsync" => Ok(Durability::Fsync),
+        other => Err(format!("{other:?} is not one of: wal, fsync")),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        config.data_dir = dir;
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(http) = args.http {
+        config.http = http;
+    }
+    if let Some(durability) = args.durability {
+        config.durability = durability;
+    }
+    config.validate()?;
+    if args.print_config {
+        print!(
+            "{}",
+            toml::to_string_pretty(&config).context("serializing the configuration")?
+        );
+        return Ok(());
+    }
+
+    let broker = Broker::start(config).await.context("starting the broker")?;
+    if let Some(cert) = broker.dev_cert() {
+        eprintln!(
+            "volna-broker: development mode, self-signed certificate at {} (clients: volna --ca {})",
+            cert.display(),
+            cert.display()
+        );
+    }
+    wait_for_signal().await?;
+    broker.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,126 @@
+//! A bounded hand-off from async tasks to dedicated threads.
+//!
+//! RocksDB calls block, so they run on threads of their own (DESIGN.md §6).
+//! Those threads read a crossbeam channel; async senders must never block a
+//! tokio worker on it, so each queued item carries a semaphore permit that
+//! the async side awaits before sending. The permit is released when the
+//! thread takes the item off the queue, which keeps the queue's length at
+//! most the number of permits and makes `try_send` below infallible for lack
+//! of room.
+
+use std::sync::Arc;
+
+use crossbeam_channel::{Receiver, Sender};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The async end of the queue.
+#[derive(Debug)]
+pub struct AsyncSender<T> {
+    tx: Sender<Queued<T>>,
+    permits: Arc<Semaphore>,
+}
+
+impl<T> Clone for AsyncSender<T> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+/// An item on the queue; dropping it frees its place.
+#[derive(Debug)]
+pub struct Queued<T> {
+    /// The item.
+    pub item: T,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The queue's consumer is gone, or the queue was closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+/// Why `try_send` did not queue an item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrySendError {
+    /// No room now.
+    Full,
+    /// The queue is closed.
+    Closed,
+}
+
+/// A queue holding at most `capacity` items.
+pub fn bounded<T>(capacity: usize) -> (AsyncSender<T>, Receiver<Queued<T>>) {
+    // The crossbeam channel is one larger than the permits so that a send
+    // holding a permit always finds room.
+    let (tx, rx) = crossbeam_channel::bounded(capacity + 1);
+    (
+        AsyncSender {
+            tx,
+            permits: Arc::new(Semaphore::new(capacity)),
+        },
+        rx,
+    )
+}
+
+impl<T> AsyncSender<T> {
+    /// Queues `item`, waiting (asynchronously) while the queue is full.
+    pub async fn send(&self, item: T) -> Result<(), Closed> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| Closed)?;
+        self.put(item, permit)
+    }
+
+    /// Queues `item` only if there is room now.
+    pub fn try_send(&self, item: T) -> Result<(), TrySendError> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|e| match e {
+                tokio::sync::TryAcquireError::NoPermits => TrySendError::Full,
+                tokio::sync::TryAcquireError::Closed => TrySendError::Closed,
+            })?;
+        self.put(item, permit)
+            .map_err(|Closed| TrySendError::Closed)
+    }
+
+    /// Refuses all further sends.
+    pub fn close(&self) {
+        self.permits.close();
+    }
+
+    fn put(&self, item: T, permit: OwnedSemaphorePermit) -> Result<(), Closed> {
+        match self.tx.try_send(Queued {
+            item,
+            _permit: permit,
+        }) {
+            Ok(()) => Ok(()),
+            Err(_) => Err(Closed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn holds_at_most_capacity_and_frees_places_on_take() {
+        let (tx, rx) = bounded::<u32>(2);
+        tx.send(1).await.expect("room");
+        tx.send(2).await.expect("room");
+        assert_eq!(tx.try_send(3), Err(TrySendError::Full));
+        let first = rx.recv().expect("item");
+        assert_eq!(first.item, 1);
+        drop(first);
+        tx.try_send(3).expect("a place was freed");
+        drop(rx);
+        assert_eq!(tx.send(4).await, Err(Closed));
+    }
+}

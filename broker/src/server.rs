@@ -1,0 +1,215 @@
+//! Assembles a running broker from its parts and takes it down in order.
+//!
+//! Start: data directory → RocksDB → log threads (recovery) → fan-out →
+//! TLS → QUIC endpoint → HTTP. Stop (graceful): refuse new connections,
+//! tell sessions to finish (they flush pending acks and close with "going
+//! away"), close the endpoint, then let the writer commit what was queued,
+//! sync the WAL and close the database.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use volna_proto::CloseCode;
+
+use crate::config::{Config, ConfigError};
+use crate::fanout::Fanout;
+use crate::log::{self, Log, LogThreads};
+use crate::session::BrokerContext;
+use crate::store::{LogStore, RocksStore, StoreError};
+use crate::tls::{self, TlsError};
+use crate::transport::{self, TransportError};
+use crate::{http, retention};
+
+/// How long shutdown waits for sessions to flush and say goodbye.
+const SESSION_GRACE: Duration = Duration::from_secs(5);
+
+/// Why the broker could not start.
+#[derive(Debug, Error)]
+pub enum StartError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The data directory could not be created.
+    #[error("cannot create the data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The log could not be opened or recovered.
+    #[error("cannot open the channel log: {0}")]
+    Store(#[from] StoreError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The QUIC endpoint could not start.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The HTTP listener could not start.
+    #[error("cannot listen on tcp {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running broker.
+#[derive(Debug)]
+pub struct Broker {
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+    dev_cert: Option<PathBuf>,
+    shutdown: CancellationToken,
+    ready: Arc<AtomicBool>,
+    endpoint: quinn::Endpoint,
+    fanout: Arc<Fanout>,
+    log_threads: Option<LogThreads>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Broker {
+    /// Starts a broker with `config`.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        config.validate()?;
+        let config = Arc::new(config);
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let db_dir = config.data_dir.join("log");
+        let store: Arc<dyn LogStore> = {
+            let dir = db_dir.clone();
+            let rocks = tokio::task::spawn_blocking(move || RocksStore::open(&dir))
+                .await
+                .map_err(|e| StoreError::Engine(e.to_string()))??;
+            Arc::new(rocks)
+        };
+        let fanout = Arc::new(Fanout::new(config.engine.channel_ring_bytes));
+        let log_threads = {
+            let (store, fanout, config) = (store.clone(), fanout.clone(), config.clone());
+            tokio::task::spawn_blocking(move || {
+                log::start(store, fanout, config.durability, &config.engine)
+            })
+            .await
+            .map_err(|e| StoreError::Engine(e.to_string()))??
+        };
+        let log = log_threads.log().clone();
+
+        let tls = tls::server_tls(&config)?;
+        let endpoint = transport::bind(
+            config.listen,
+            tls.config,
+            Duration::from_millis(config.limits.idle_timeout_ms),
+        )?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(|source| TransportError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+
+        let shutdown = CancellationToken::new();
+        let ready = Arc::new(AtomicBool::new(false));
+        let http_listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .map_err(|source| StartError::Http {
+                addr: config.http,
+                source,
+            })?;
+        let http_addr = http_listener
+            .local_addr()
+            .map_err(|source| StartError::Http {
+                addr: config.http,
+                source,
+            })?;
+
+        let ctx = Arc::new(BrokerContext::new(
+            log.clone(),
+            fanout.clone(),
+            config.clone(),
+            shutdown.clone(),
+        ));
+        let tasks = vec![
+            tokio::spawn(transport::serve(endpoint.clone(), ctx)),
+            tokio::spawn(http::serve(http_listener, ready.clone(), shutdown.clone())),
+            tokio::spawn(retention::run(log, config.clone(), shutdown.clone())),
+        ];
+        ready.store(true, Ordering::SeqCst);
+        info!(
+            quic = %quic_addr,
+            http = %http_addr,
+            data_dir = %config.data_dir.display(),
+            durability = ?config.durability,
+            "volna broker ready"
+        );
+        Ok(Self {
+            quic_addr,
+            http_addr,
+            dev_cert: tls.dev_cert,
+            shutdown,
+            ready,
+            endpoint,
+            fanout,
+            log_threads: Some(log_threads),
+            tasks,
+        })
+    }
+
+    /// The UDP address QUIC listens on.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The TCP address of the health endpoints.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The self-signed certificate, in development mode.
+    pub fn dev_cert(&self) -> Option<&PathBuf> {
+        self.dev_cert.as_ref()
+    }
+
+    /// A handle to the channel log (for tests and embedding).
+    pub fn log(&self) -> Option<&Log> {
+        self.log_threads.as_ref().map(LogThreads::log)
+    }
+
+    /// The fan-out engine (for tests and embedding).
+    pub fn fanout(&self) -> &Fanout {
+        &self.fanout
+    }
+
+    /// Graceful stop: every acked message is durable and every client was
+    /// told "going away" when this returns.
+    pub async fn shutdown(mut self) {
+        info!("shutting down");
+        self.ready.store(false, Ordering::SeqCst);
+        self.shutdown.cancel();
+        // Sessions drain their pending acks and close with GOING_AWAY.
+        let idle = self.endpoint.wait_idle();
+        if tokio::time::timeout(SESSION_GRACE, idle).await.is_err() {
+            warn!("sessions did not finish in time; closing their connections");
+        }
+        let code = CloseCode::GOING_AWAY;
+        self.endpoint
+            .close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if let Some(threads) = self.log_threads.take() {
+            let _ = tokio::task::spawn_blocking(move || threads.shutdown()).await;
+        }
+        info!("stopped");
+    }
+}

@@ -1,0 +1,483 @@
+//! One connection's session: the control stream's request/reply protocol,
+//! its limits, and its subscriptions.
+//!
+//! ```text
+//!  control recv ──decode──▶ session loop ──append──▶ log ──ack──┐
+//!                               │  ▲                            │
+//!                               │  └──────── pending acks ◀─────┘
+//!                               ├──▶ control writer task ──▶ control send
+//!                               └──spawn──▶ subscription loops ──▶ delivery streams
+//! ```
+//!
+//! Invariants:
+//! - Nothing but `Hello` is accepted before `Welcome` is sent; a connection
+//!   that sends no `Hello` within the hello timeout is closed.
+//! - At most `max_inflight_publishes` acks are pending; beyond it the loop
+//!   stops reading, so QUIC flow control pushes back on the client instead of
+//!   the broker buffering.
+//! - A request that is wrong on its own (payload too large, bad position,
+//!   unknown subscription) gets a typed `Error` and the session goes on; bytes
+//!   that do not decode close the connection with `PROTOCOL_ERROR`, because
+//!   the stream is no longer in step.
+//!
+//! The session knows nothing of QUIC: it reads and writes byte streams and
+//! asks a [`Connection`] to open delivery streams or to close.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+use volna_proto::{
+    ChannelName, CloseCode, DecodeError, ErrorCode, ErrorFrame, Frame, Hello, Limits, Offset,
+    PROTOCOL_VERSION, Position, Publish, Subscribe, SubscriptionId, Welcome,
+};
+
+use crate::config::Config;
+use crate::fanout::Fanout;
+use crate::log::{AppendError, AppendInput, Appended, Log};
+use crate::subscription::{self, DeliverySink, SinkError, Start};
+
+/// Frames queued for the control stream's writer.
+const CONTROL_QUEUE: usize = 1024;
+/// How long a closing session waits for acks already being committed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What every session shares.
+#[derive(Debug)]
+pub struct BrokerContext {
+    /// The channel log.
+    pub log: Log,
+    /// The fan-out engine.
+    pub fanout: Arc<Fanout>,
+    /// The configuration in force.
+    pub config: Arc<Config>,
+    /// Fires when the broker shuts down.
+    pub shutdown: CancellationToken,
+    next_session_id: AtomicU64,
+}
+
+impl BrokerContext {
+    /// A context for sessions.
+    pub fn new(
+        log: Log,
+        fanout: Arc<Fanout>,
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            log,
+            fanout,
+            config,
+            shutdown,
+            next_session_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// The transport side of a session.
+pub trait Connection: Send + Sync + 'static {
+    /// A delivery stream.
+    type Sink: DeliverySink;
+
+    /// Opens a new delivery stream to the client.
+    fn open_delivery(&self) -> impl Future<Output = Result<Self::Sink, SinkError>> + Send;
+
+    /// Closes the whole connection.
+    fn close(&self, code: CloseCode, reason: &str);
+}
+
+/// Why a session ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The client finished its control stream or the connection dropped.
+    ClientGone,
+    /// The broker is shutting down.
+    Shutdown,
+    /// The client broke the protocol.
+    ProtocolError,
+    /// The client did not say Hello in time.
+    HelloTimeout,
+}
+
+type PendingAck = Pin<Box<dyn Future<Output = (u64, Result<Appended, AppendError>)> + Send>>;
+
+/// Runs a session over an accepted control stream until it ends, then
+/// closes the connection with the matching code.
+pub async fn run<C, R, W>(ctx: Arc<BrokerContext>, conn: Arc<C>, recv: R, send: W)
+where
+    C: Connection,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let session_id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let span = info_span!("session", id = session_id);
+    async move {
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let writer = tokio::spawn(write_control(send, control_rx));
+        let mut session = Session {
+            ctx: ctx.clone(),
+            conn: conn.clone(),
+            control,
+            subscriptions: HashMap::new(),
+            by_channel: HashMap::new(),
+            next_subscription: 1,
+            cancel: ctx.shutdown.child_token(),
+        };
+        let end = session.serve(session_id, recv).await;
+        session.cancel.cancel();
+        let control = session.control.clone();
+        drop(session);
+        drop(control);
+        // The writer ends once every frame queued before the end is written.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
+        let code = match end {
+            End::ClientGone => CloseCode::NORMAL,
+            End::Shutdown => CloseCode::GOING_AWAY,
+            End::ProtocolError => CloseCode::PROTOCOL_ERROR,
+            End::HelloTimeout => CloseCode::HELLO_TIMEOUT,
+        };
+        debug!(?end, "session ended");
+        conn.close(code, code.reason());
+    }
+    .instrument(span)
+    .await;
+}
+
+struct Session<C: Connection> {
+    ctx: Arc<BrokerContext>,
+    conn: Arc<C>,
+    control: mpsc::Sender<Frame>,
+    subscriptions: HashMap<SubscriptionId, (ChannelName, CancellationToken)>,
+    by_channel: HashMap<ChannelName, SubscriptionId>,
+    next_subscription: u64,
+    cancel: CancellationToken,
+}
+
+impl<C: Connection> Session<C> {
+    async fn serve(&mut self, session_id: u64, mut recv: impl AsyncRead + Unpin + Send) -> End {
+        let mut buf = BytesMut::with_capacity(16 * 1024);
+        let hello = tokio::time::timeout(
+            self.ctx.config.hello_timeout(),
+            read_frame(&mut recv, &mut buf, &Limits::HANDSHAKE),
+        )
+        .await;
+        let hello = match hello {
+            Err(_) => return End::HelloTimeout,
+            Ok(Err(ReadError::Gone)) => return End::ClientGone,
+            Ok(Err(ReadError::Decode(e))) => return self.protocol_error(0, &e).await,
+            Ok(Ok(Frame::Hello(hello))) => hello,
+            Ok(Ok(other)) => {
+                self.reply_error(
+                    other.request_id().unwrap_or(0),
+                    ErrorCode::UnexpectedFrame,
+                    "the first frame must be Hello",
+                )
+                .await;
+                return End::ProtocolError;
+            }
+        };
+        if let Err(end) = self.welcome(session_id, &hello).await {
+            return end;
+        }
+        let limits = Limits {
+            max_frame: self.ctx.config.limits.max_frame(),
+        };
+        let max_inflight = self.ctx.config.limits.max_inflight_publishes as usize;
+        let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
+        let shutdown = self.ctx.shutdown.clone();
+        let mut end = None;
+        while end.is_none() {
+            // Serve frames already buffered before reading more.
+            if pending.len() < max_inflight {
+                match volna_proto::decode(&mut buf, &limits) {
+                    Ok(Some(frame)) => {
+                        if let Some(ack) = self.handle(frame).await {
+                            pending.push(ack);
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        end = Some(self.protocol_error(0, &e).await);
+                        continue;
+                    }
+                }
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => end = Some(End::Shutdown),
+                Some((request_id, result)) = pending.next(), if !pending.is_empty() => {
+                    self.reply_append(request_id, result).await;
+                }
+                read = recv.read_buf(&mut buf), if pending.len() < max_inflight => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        end = Some(End::ClientGone);
+                    }
+                }
+            }
+        }
+        // Publishes already handed to the log get their acks (or errors):
+        // a client is never left guessing about a request we accepted.
+        let drain = async {
+            while let Some((request_id, result)) = pending.next().await {
+                self.reply_append(request_id, result).await;
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        end.unwrap_or(End::ClientGone)
+    }
+
+    async fn welcome(&mut self, session_id: u64, hello: &Hello) -> Result<(), End> {
+        if hello.protocol != PROTOCOL_VERSION {
+            self.reply_error(
+                0,
+                ErrorCode::UnsupportedVersion,
+                &format!(
+                    "protocol {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+                    hello.protocol
+                ),
+            )
+            .await;
+            return Err(End::ProtocolError);
+        }
+        // Token verification arrives with the security issue; every token is
+        // accepted until then.
+        debug!(client = %hello.client, "hello");
+        let limits = &self.ctx.config.limits;
+        self.send(Frame::Welcome(Welcome {
+            session_id,
+            protocol: PROTOCOL_VERSION,
+            max_frame: limits.max_frame(),
+            max_payload: limits.max_payload,
+            max_subscriptions: limits.max_subscriptions,
+        }))
+        .await;
+        Ok(())
+    }
+
+    /// Handles one request; a publish returns its pending ack.
+    async fn handle(&mut self, frame: Frame) -> Option<PendingAck> {
+        match frame {
+            Frame::Publish(publish) => return self.publish(publish).await,
+            Frame::Subscribe(subscribe) => self.subscribe(subscribe).await,
+            Frame::Unsubscribe {
+                request_id,
+                subscription,
+            } => self.unsubscribe(request_id, subscription).await,
+            Frame::Ping { request_id } => self.send(Frame::Pong { request_id }).await,
+            other => {
+                self.reply_error(
+                    other.request_id().unwrap_or(0),
+                    ErrorCode::UnexpectedFrame,
+                    &format!("{:?} is not a request", other.frame_type()),
+                )
+                .await;
+            }
+        }
+        None
+    }
+
+    async fn publish(&mut self, publish: Publish) -> Option<PendingAck> {
+        let Publish {
+            request_id,
+            channel,
+            producer,
+            payload,
+        } = publish;
+        let max = self.ctx.config.limits.max_payload;
+        if payload.len() > max as usize {
+            self.reply_error(
+                request_id,
+                ErrorCode::PayloadTooLarge,
+                &format!(
+                    "payload of {} bytes exceeds the limit of {max}",
+                    payload.len()
+                ),
+            )
+            .await;
+            return None;
+        }
+        let input = AppendInput {
+            channel,
+            producer,
+            payload,
+        };
+        // Submitted here, in request order, so one connection's publishes
+        // are sequenced in the order it sent them; only the acks overlap.
+        match self.ctx.log.submit(input).await {
+            Ok(pending) => Some(Box::pin(async move { (request_id, pending.await) })),
+            Err(e) => {
+                self.reply_error(request_id, e.error_code(), &e.to_string())
+                    .await;
+                None
+            }
+        }
+    }
+
+    async fn reply_append(&self, request_id: u64, result: Result<Appended, AppendError>) {
+        match result {
+            Ok(appended) => {
+                self.send(Frame::Published {
+                    request_id,
+                    offset: appended.offset,
+                    epoch: appended.epoch,
+                    duplicate: appended.duplicate,
+                })
+                .await
+            }
+            Err(e) => {
+                self.reply_error(request_id, e.error_code(), &e.to_string())
+                    .await
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, subscribe: Subscribe) {
+        let Subscribe {
+            request_id,
+            channel,
+            position,
+        } = subscribe;
+        if self.by_channel.contains_key(&channel) {
+            let msg = format!("already subscribed to {channel}");
+            return self
+                .reply_error(request_id, ErrorCode::AlreadySubscribed, &msg)
+                .await;
+        }
+        let max = self.ctx.config.limits.max_subscriptions as usize;
+        if self.subscriptions.len() >= max {
+            let msg = format!("a connection may hold {max} subscriptions");
+            return self
+                .reply_error(request_id, ErrorCode::TooManySubscriptions, &msg)
+                .await;
+        }
+        if matches!(position, Position::From { offset, .. } if offset < Offset::FIRST) {
+            let msg = "offsets start at 1";
+            return self
+                .reply_error(request_id, ErrorCode::BadRequest, msg)
+                .await;
+        }
+        let feed = self.ctx.fanout.subscribe(&channel, &self.ctx.log);
+        let (next, epoch, events) =
+            subscription::resolve_start(&channel, position, self.ctx.log.meta(&channel));
+        let id = SubscriptionId(self.next_subscription);
+        self.next_subscription += 1;
+        let cancel = self.cancel.child_token();
+        self.subscriptions
+            .insert(id, (channel.clone(), cancel.clone()));
+        self.by_channel.insert(channel.clone(), id);
+        self.send(Frame::Subscribed {
+            request_id,
+            subscription: id,
+            epoch,
+            start: next,
+        })
+        .await;
+        let conn = self.conn.clone();
+        let log = self.ctx.log.clone();
+        let span = info_span!("subscription", id = %id, %channel);
+        tokio::spawn(
+            async move {
+                let sink = tokio::select! {
+                    sink = conn.open_delivery() => match sink {
+                        Ok(sink) => sink,
+                        Err(e) => return debug!(error = %e, "cannot open a delivery stream"),
+                    },
+                    () = cancel.cancelled() => return,
+                };
+                let start = Start { id, next, events };
+                subscription::run(start, feed, log, sink, cancel).await;
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn unsubscribe(&mut self, request_id: u64, id: SubscriptionId) {
+        match self.subscriptions.remove(&id) {
+            Some((channel, cancel)) => {
+                self.by_channel.remove(&channel);
+                cancel.cancel();
+                self.send(Frame::Unsubscribed { request_id }).await;
+            }
+            None => {
+                let msg = format!("no subscription {id} on this connection");
+                self.reply_error(request_id, ErrorCode::NotSubscribed, &msg)
+                    .await;
+            }
+        }
+    }
+
+    async fn protocol_error(&self, request_id: u64, e: &DecodeError) -> End {
+        warn!(error = %e, "protocol error; closing the connection");
+        self.reply_error(request_id, e.error_code(), &e.to_string())
+            .await;
+        End::ProtocolError
+    }
+
+    async fn reply_error(&self, request_id: u64, code: ErrorCode, message: &str) {
+        self.send(Frame::Error(ErrorFrame {
+            request_id,
+            code,
+            message: message.to_owned(),
+        }))
+        .await;
+    }
+
+    async fn send(&self, frame: Frame) {
+        // Fails only when the writer is gone, i.e. the stream is dead; the
+        // read side will notice and end the session.
+        let _ = self.control.send(frame).await;
+    }
+}
+
+enum ReadError {
+    Gone,
+    Decode(DecodeError),
+}
+
+async fn read_frame(
+    recv: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    limits: &Limits,
+) -> Result<Frame, ReadError> {
+    loop {
+        match volna_proto::decode(buf, limits) {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(e) => return Err(ReadError::Decode(e)),
+        }
+        match recv.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(ReadError::Gone),
+        }
+    }
+}
+
+/// Writes queued control frames, coalescing whatever is queued into one
+/// write.
+async fn write_control(mut send: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Frame>) {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    while let Some(frame) = rx.recv().await {
+        volna_proto::encode(&frame, &mut buf);
+        while buf.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(frame) => volna_proto::encode(&frame, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            return;
+        }
+        buf.clear();
+    }
+    let _ = send.shutdown().await;
+}

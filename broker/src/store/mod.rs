@@ -1,0 +1,332 @@
+//! The durable channel log behind a small trait.
+//!
+//! [`LogStore`] is all the rest of the broker knows about storage: recover
+//! what is stored, apply one atomic [`WriteSet`], read a range of a channel.
+//! [`RocksStore`] is the production implementation (DESIGN.md §4);
+//! [`MemoryStore`] lets the writer, retention and fan-out logic be tested
+//! without a disk.
+//!
+//! Invariants every implementation keeps:
+//! - a `WriteSet` is applied entirely or not at all;
+//! - after `write` returns `Ok`, `read` sees the messages;
+//! - `read` returns consecutive offsets starting at the first stored offset
+//!   `>= from` (earlier ones may have been removed by retention).
+//! - after a failed write the store refuses writes (`StoreError::Poisoned`)
+//!   until [`LogStore::check_health`] succeeds: a write that failed half-way
+//!   in the engine must not be followed by acks that assume it did not.
+
+mod memory;
+mod record;
+mod rocks;
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use thiserror::Error;
+use volna_proto::{ChannelName, Epoch, Offset, ProducerSeq};
+
+pub use memory::MemoryStore;
+pub use record::RecordError;
+pub use rocks::RocksStore;
+
+/// The numeric id a channel's messages are keyed by.
+pub type ChannelId = u64;
+
+/// What the log knows about one channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelMeta {
+    /// Key prefix of its messages.
+    pub id: ChannelId,
+    /// This incarnation of the log.
+    pub epoch: Epoch,
+    /// The oldest offset still stored (equal to `next_offset` when empty).
+    pub first_offset: Offset,
+    /// The offset the next message will get.
+    pub next_offset: Offset,
+    /// Payload bytes stored between `first_offset` and `next_offset`.
+    pub bytes: u64,
+}
+
+impl ChannelMeta {
+    /// A channel with no messages yet.
+    pub fn new(id: ChannelId, epoch: Epoch) -> Self {
+        Self {
+            id,
+            epoch,
+            first_offset: Offset::FIRST,
+            next_offset: Offset::FIRST,
+            bytes: 0,
+        }
+    }
+
+    /// Messages currently stored.
+    pub fn len(&self) -> u64 {
+        self.first_offset.distance_to(self.next_offset)
+    }
+
+    /// Whether no message is stored.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One stored message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredMessage {
+    /// Its offset in the channel.
+    pub offset: Offset,
+    /// When it was stored, milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The producer identity it was published with, if any.
+    pub producer: Option<ProducerSeq>,
+    /// The body.
+    pub payload: Bytes,
+}
+
+/// A producer's recently stored sequences, for idempotent retries (G5).
+///
+/// Sequences may arrive out of order (concurrent retries after a
+/// reconnect), so the window remembers the highest sequences stored and
+/// everything below `evicted_below` is unknown: a sequence in the window is
+/// a duplicate, one at or above `evicted_below` and not in the window was
+/// never stored, one below it cannot be told apart and is refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerWindow {
+    /// Sequences below this were forgotten.
+    pub evicted_below: u64,
+    /// Sorted by sequence, no duplicates.
+    pub entries: VecDeque<ProducerEntry>,
+}
+
+/// One remembered publish of a producer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducerEntry {
+    /// The producer's sequence number.
+    pub sequence: u64,
+    /// Where it was stored.
+    pub channel: ChannelId,
+    /// Its offset.
+    pub offset: Offset,
+    /// The channel's epoch then.
+    pub epoch: Epoch,
+}
+
+impl ProducerWindow {
+    /// What the window knows of `sequence`.
+    pub fn lookup(&self, sequence: u64) -> SequenceStatus {
+        if sequence < self.evicted_below {
+            return SequenceStatus::Forgotten;
+        }
+        match self.entries.binary_search_by_key(&sequence, |e| e.sequence) {
+            Ok(i) => SequenceStatus::Stored(self.entries[i]),
+            Err(_) => SequenceStatus::New,
+        }
+    }
+
+    /// Remembers a newly stored sequence, forgetting the lowest beyond
+    /// `capacity`.
+    pub fn insert(&mut self, entry: ProducerEntry, capacity: usize) {
+        let at = self
+            .entries
+            .partition_point(|e| e.sequence < entry.sequence);
+        self.entries.insert(at, entry);
+        while self.entries.len() > capacity {
+            if let Some(old) = self.entries.pop_front() {
+                self.evicted_below = old.sequence.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// What a producer window knows of one sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceStatus {
+    /// Never stored: store it.
+    New,
+    /// Already stored here.
+    Stored(ProducerEntry),
+    /// Below the window: cannot tell.
+    Forgotten,
+}
+
+/// Everything recovered from the store at start (G7).
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// Every channel with its metadata.
+    pub channels: Vec<(ChannelName, ChannelMeta)>,
+    /// Every producer's dedup window.
+    pub producers: Vec<(u64, ProducerWindow)>,
+}
+
+/// One atomic change to the store.
+#[derive(Debug, Default)]
+pub struct WriteSet {
+    /// Messages to append, with their channel.
+    pub messages: Vec<(ChannelId, StoredMessage)>,
+    /// Channel metadata to write (insert or replace).
+    pub channels: Vec<(ChannelName, ChannelMeta)>,
+    /// Producer windows to write (insert or replace).
+    pub producers: Vec<(u64, ProducerWindow)>,
+    /// Offsets `[from, to)` of a channel to delete (retention).
+    pub deletions: Vec<(ChannelId, Offset, Offset)>,
+}
+
+impl WriteSet {
+    /// Whether the set changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+            && self.channels.is_empty()
+            && self.producers.is_empty()
+            && self.deletions.is_empty()
+    }
+}
+
+/// Why the store failed.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// The storage engine reported an error (disk full, I/O error…).
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    /// A stored record could not be decoded: the data directory is damaged.
+    #[error("corrupt record: {0}")]
+    Corrupt(#[from] RecordError),
+    /// An earlier write failed and the store has not been found healthy
+    /// since; it refuses writes rather than guess what was stored.
+    #[error("store refuses writes after an earlier failure: {0}")]
+    Poisoned(String),
+}
+
+/// The durable log.
+pub trait LogStore: Send + Sync + 'static {
+    /// Reads back every channel's metadata and every producer window.
+    fn recover(&self) -> Result<Recovered, StoreError>;
+
+    /// Applies `set` atomically; with `sync` the write-ahead log is fsynced
+    /// before returning.
+    fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StoreError>;
+
+    /// Up to `max_messages` consecutive messages of `channel` from the first
+    /// stored offset `>= from` and below `until`, stopping once `max_bytes`
+    /// of payload have been read (at least one message is returned when any
+    /// exists).
+    fn read(
+        &self,
+        channel: ChannelId,
+        from: Offset,
+        until: Offset,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Tries to leave the poisoned state after a failed write; `Ok` means
+    /// writes are accepted again.
+    fn check_health(&self) -> Result<(), StoreError>;
+
+    /// Makes everything written so far durable (fsync of the WAL); used at
+    /// shutdown.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+#[cfg(test)]
+pub(crate) mod contract {
+    //! The `LogStore` contract as tests, run against every implementation.
+
+    use super::*;
+
+    fn msg(offset: u64, payload: &'static [u8]) -> StoredMessage {
+        StoredMessage {
+            offset: Offset::new(offset),
+            timestamp_ms: 1_700_000_000_000 + offset,
+            producer: None,
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    fn channel(name: &str) -> ChannelName {
+        ChannelName::new(name).expect("valid name")
+    }
+
+    pub(crate) fn appends_read_back_and_recover(store: &dyn LogStore) {
+        let mut meta = ChannelMeta::new(7, Epoch(42));
+        let mut set = WriteSet::default();
+        for o in 1..=5 {
+            set.messages.push((7, msg(o, b"hello")));
+        }
+        meta.next_offset = Offset::new(6);
+        meta.bytes = 25;
+        set.channels.push((channel("chat.1"), meta));
+        let mut window = ProducerWindow::default();
+        window.insert(
+            ProducerEntry {
+                sequence: 9,
+                channel: 7,
+                offset: Offset::new(5),
+                epoch: Epoch(42),
+            },
+            8,
+        );
+        set.producers.push((1234, window.clone()));
+        store.write(&set, true).expect("write");
+
+        let all = store
+            .read(7, Offset::new(1), Offset::new(100), 100, usize::MAX)
+            .expect("read");
+        assert_eq!(all.len(), 5);
+        assert_eq!(all[0], msg(1, b"hello"));
+        assert_eq!(all[4].offset, Offset::new(5));
+
+        // Bounds: until, max_messages, max_bytes (at least one message).
+        let some = store
+            .read(7, Offset::new(2), Offset::new(4), 100, usize::MAX)
+            .expect("read");
+        assert_eq!(
+            some.iter().map(|m| m.offset.get()).collect::<Vec<_>>(),
+            [2, 3]
+        );
+        assert_eq!(
+            store
+                .read(7, Offset::new(1), Offset::new(100), 2, usize::MAX)
+                .expect("read")
+                .len(),
+            2
+        );
+        assert_eq!(
+            store
+                .read(7, Offset::new(1), Offset::new(100), 100, 1)
+                .expect("read")
+                .len(),
+            1
+        );
+        // Other channels' keys never leak into a read.
+        assert!(
+            store
+                .read(8, Offset::new(1), Offset::new(100), 100, usize::MAX)
+                .expect("read")
+                .is_empty()
+        );
+
+        let recovered = store.recover().expect("recover");
+        assert_eq!(recovered.channels, vec![(channel("chat.1"), meta)]);
+        assert_eq!(recovered.producers, vec![(1234, window)]);
+    }
+
+    pub(crate) fn deletions_skip_to_the_first_stored(store: &dyn LogStore) {
+        let mut set = WriteSet::default();
+        for o in 1..=10 {
+            set.messages.push((3, msg(o, b"x")));
+        }
+        store.write(&set, false).expect("write");
+        let set = WriteSet {
+            deletions: vec![(3, Offset::new(1), Offset::new(7))],
+            ..WriteSet::default()
+        };
+        store.write(&set, false).expect("delete");
+        let rest = store
+            .read(3, Offset::new(1), Offset::new(100), 100, usize::MAX)
+            .expect("read");
+        assert_eq!(
+            rest.iter().map(|m| m.offset.get()).collect::<Vec<_>>(),
+            [7, 8, 9, 10]
+        );
+    }
+}

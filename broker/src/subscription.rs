@@ -1,0 +1,240 @@
+//! One subscription's delivery loop: from offset `next`, forever, in order.
+//!
+//! The loop is the same whether the subscriber is replaying history,
+//! catching up after it fell behind, or live: ask the channel feed what to
+//! send for `next` (ring frames, or "read the log up to here", or "wait"),
+//! send it, advance `next`. Because every step is keyed by offset, the
+//! replay → live switch cannot leave a gap or send a duplicate, however
+//! publishes race it (G3). A subscriber whose connection does not take its
+//! frames simply stops advancing; the ring moves on without it and it reads
+//! the log when it resumes (G4).
+//!
+//! The loop knows nothing of QUIC: it writes to a [`DeliverySink`].
+
+use std::future::Future;
+
+use bytes::{Bytes, BytesMut};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use volna_proto::{ChannelName, Epoch, Frame, Offset, SubscriptionId};
+
+use crate::fanout::{FeedSubscription, NextStep, encode_frames};
+use crate::log::Log;
+
+/// Bytes of frames handed to the sink per write.
+const WRITE_BYTES: usize = 256 * 1024;
+/// Messages read from the log per catch-up step.
+const CATCH_UP_MESSAGES: usize = 4096;
+
+/// The connection could not take the frames (it is gone).
+#[derive(Debug, Error)]
+#[error("delivery stream failed: {0}")]
+pub struct SinkError(pub String);
+
+/// Where a subscription's frames go: one ordered stream.
+pub trait DeliverySink: Send + 'static {
+    /// Writes `frames` in order; resolves when the transport took them
+    /// (waiting while its flow-control window is full).
+    fn send(&mut self, frames: Vec<Bytes>) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Ends the stream cleanly after what was sent.
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// Everything a delivery loop starts from.
+#[derive(Debug)]
+pub struct Start {
+    /// The subscription.
+    pub id: SubscriptionId,
+    /// The first offset to deliver.
+    pub next: Offset,
+    /// Frames to send before any message (Truncated, EpochChanged).
+    pub events: Vec<Frame>,
+}
+
+/// Runs the delivery loop until `cancel` fires or the sink fails.
+pub async fn run(
+    start: Start,
+    mut feed: FeedSubscription,
+    log: Log,
+    mut sink: impl DeliverySink,
+    cancel: CancellationToken,
+) {
+    let channel = feed.channel().clone();
+    let mut next = start.next;
+    let mut first = vec![encode(&Frame::StreamHeader {
+        subscription: start.id,
+    })];
+    first.extend(start.events.iter().map(encode));
+    let outcome = async {
+        sink.send(first).await?;
+        loop {
+            match feed.next_step(next, WRITE_BYTES) {
+                NextStep::Send { frames, end } => {
+                    sink.send(frames).await?;
+                    next = end;
+                }
+                NextStep::ReadLog { until } => {
+                    next = catch_up(&log, &channel, next, until, &mut sink).await?;
+                }
+                NextStep::Wait => {
+                    if feed.changed().await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    tokio::select! {
+        result = outcome => {
+            if let Err(e) = result {
+                debug!(subscription = %start.id, %channel, error = %e, "delivery stopped");
+            }
+        }
+        () = cancel.cancelled() => sink.finish().await,
+    }
+}
+
+/// Reads `[next, until)` from the log and sends it; returns the new `next`.
+async fn catch_up(
+    log: &Log,
+    channel: &ChannelName,
+    next: Offset,
+    until: Offset,
+    sink: &mut impl DeliverySink,
+) -> Result<Offset, SinkError> {
+    let Some(meta) = log.meta(channel) else {
+        return Err(SinkError(format!(
+            "channel {channel} vanished from the log"
+        )));
+    };
+    let messages = log
+        .read(meta.id, next, until, CATCH_UP_MESSAGES, WRITE_BYTES)
+        .await
+        .map_err(|e| {
+            warn!(%channel, error = %e, "catch-up read failed");
+            SinkError(e.to_string())
+        })?;
+    let mut frames = Vec::new();
+    let available = messages
+        .first()
+        .map_or_else(|| meta.first_offset.max(until), |m| m.offset);
+    if available > next {
+        // Retention removed what this subscriber needed: say so, never skip
+        // silently (G3).
+        frames.push(encode(&Frame::Truncated {
+            channel: channel.clone(),
+            requested: next,
+            first_available: available,
+        }));
+    }
+    let end = messages.last().map_or(available, |m| m.offset.next());
+    frames.extend(
+        encode_frames(channel, meta.epoch, &messages)
+            .into_iter()
+            .map(|(_, _, frame)| frame),
+    );
+    if !frames.is_empty() {
+        sink.send(frames).await?;
+    }
+    Ok(end)
+}
+
+fn encode(frame: &Frame) -> Bytes {
+    let mut buf = BytesMut::with_capacity(volna_proto::encoded_len(frame));
+    volna_proto::encode(frame, &mut buf);
+    buf.freeze()
+}
+
+/// Resolves a subscribe request's position against the channel's metadata:
+/// the first offset to deliver and the events to send before it.
+pub fn resolve_start(
+    channel: &ChannelName,
+    position: volna_proto::Position,
+    meta: Option<crate::store::ChannelMeta>,
+) -> (Offset, Epoch, Vec<Frame>) {
+    use volna_proto::Position;
+    let (first, head, epoch) = meta.map_or((Offset::FIRST, Offset::FIRST, Epoch(0)), |m| {
+        (m.first_offset, m.next_offset, m.epoch)
+    });
+    match position {
+        Position::Latest => (head, epoch, Vec::new()),
+        Position::Last(n) => (
+            Offset::new(head.get().saturating_sub(n)).max(first),
+            epoch,
+            Vec::new(),
+        ),
+        Position::From {
+            offset,
+            epoch: Some(previous),
+        } if previous != epoch => (
+            first,
+            epoch,
+            vec![Frame::EpochChanged {
+                channel: channel.clone(),
+                previous,
+                current: epoch,
+                start: first,
+            }],
+        ),
+        Position::From { offset, .. } if offset < first => (
+            first,
+            epoch,
+            vec![Frame::Truncated {
+                channel: channel.clone(),
+                requested: offset,
+                first_available: first,
+            }],
+        ),
+        Position::From { offset, .. } => (offset, epoch, Vec::new()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChannelMeta;
+    use volna_proto::Position;
+
+    fn meta(first: u64, next: u64) -> ChannelMeta {
+        ChannelMeta {
+            id: 1,
+            epoch: Epoch(9),
+            first_offset: Offset::new(first),
+            next_offset: Offset::new(next),
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn positions_resolve_against_the_log() {
+        let c = ChannelName::new("chat.1").expect("name");
+        let m = Some(meta(51, 151));
+        assert_eq!(resolve_start(&c, Position::Latest, m).0, Offset::new(151));
+        assert_eq!(resolve_start(&c, Position::Last(10), m).0, Offset::new(141));
+        assert_eq!(
+            resolve_start(&c, Position::Last(1000), m).0,
+            Offset::new(51)
+        );
+        let from = |o, e| Position::From {
+            offset: Offset::new(o),
+            epoch: e,
+        };
+        assert_eq!(
+            resolve_start(&c, from(60, Some(Epoch(9))), m).0,
+            Offset::new(60)
+        );
+        let (start, _, events) = resolve_start(&c, from(1, None), m);
+        assert_eq!(start, Offset::new(51));
+        assert!(matches!(
+            events.as_slice(),
+            [Frame::Truncated { first_available, .. }] if *first_available == Offset::new(51)
+        ));
+        let (start, _, events) = resolve_start(&c, from(60, Some(Epoch(8))), m);
+        assert_eq!(start, Offset::new(51));
+        assert!(matches!(events.as_slice(), [Frame::EpochChanged { .. }]));
+        // A channel nobody published to yet starts at offset 1.
+        assert_eq!(resolve_start(&c, Position::Latest, None).0, Offset::FIRST);
+    }
+}

@@ -1,0 +1,137 @@
+//! TLS material for the QUIC endpoint.
+//!
+//! Production: a PEM certificate chain and key from the configuration.
+//! Development (neither configured): a self-signed certificate for
+//! `localhost`, `127.0.0.1` and `::1`, generated on first start and kept as
+//! `DATA_DIR/dev-cert.pem` / `dev-key.pem` so that clients that trust it
+//! (`volna --ca DATA_DIR/dev-cert.pem`) keep working across restarts.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use thiserror::Error;
+use tracing::warn;
+
+use crate::config::Config;
+
+/// File name of the development certificate inside the data directory.
+pub const DEV_CERT_FILE: &str = "dev-cert.pem";
+/// File name of the development key inside the data directory.
+pub const DEV_KEY_FILE: &str = "dev-key.pem";
+
+/// Why TLS could not be set up.
+#[derive(Debug, Error)]
+pub enum TlsError {
+    /// A PEM file could not be read or parsed.
+    #[error("cannot load {what} from {path}: {reason}")]
+    Load {
+        /// Certificate or key.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The development certificate could not be generated or saved.
+    #[error("cannot create the development certificate in {path}: {reason}")]
+    DevCert {
+        /// The directory.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// rustls refused the material.
+    #[error("invalid TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The server's TLS configuration and, in development mode, where the
+/// self-signed certificate is.
+#[derive(Debug)]
+pub struct ServerTls {
+    /// For the QUIC endpoint.
+    pub config: rustls::ServerConfig,
+    /// Set in development mode.
+    pub dev_cert: Option<PathBuf>,
+}
+
+/// Builds the server's TLS configuration (TLS 1.3, ALPN `volna/1`).
+pub fn server_tls(config: &Config) -> Result<ServerTls, TlsError> {
+    let (cert_path, key_path, dev) = match (&config.tls.cert, &config.tls.key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone(), false),
+        _ => {
+            let (cert, key) = ensure_dev_cert(&config.data_dir)?;
+            (cert, key, true)
+        }
+    };
+    let chain = load_certs(&cert_path)?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Load {
+        what: "private key",
+        path: key_path.clone(),
+        reason: e.to_string(),
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    Ok(ServerTls {
+        config: tls,
+        dev_cert: dev.then_some(cert_path),
+    })
+}
+
+/// Reads every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let load_err = |reason: String| TlsError::Load {
+        what: "certificate chain",
+        path: path.to_owned(),
+        reason,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| load_err(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| load_err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(load_err("no certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+fn ensure_dev_cert(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+    let cert = dir.join(DEV_CERT_FILE);
+    let key = dir.join(DEV_KEY_FILE);
+    let dev_err = |reason: String| TlsError::DevCert {
+        path: dir.to_owned(),
+        reason,
+    };
+    if cert.exists() && key.exists() {
+        warn!(cert = %cert.display(), "DEVELOPMENT MODE: using the self-signed certificate; configure tls.cert and tls.key for production");
+        return Ok((cert, key));
+    }
+    let names = ["localhost", "127.0.0.1", "::1"].map(String::from).to_vec();
+    let generated =
+        rcgen::generate_simple_self_signed(names).map_err(|e| dev_err(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|e| dev_err(e.to_string()))?;
+    write_private(&key, generated.key_pair.serialize_pem().as_bytes())
+        .map_err(|e| dev_err(e.to_string()))?;
+    std::fs::write(&cert, generated.cert.pem()).map_err(|e| dev_err(e.to_string()))?;
+    warn!(cert = %cert.display(), "DEVELOPMENT MODE: generated a self-signed certificate; clients must trust it (volna --ca {}); configure tls.cert and tls.key for production", cert.display());
+    Ok((cert, key))
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents)
+}

@@ -1,0 +1,138 @@
+//! The QUIC transport: a quinn endpoint and the thin adapters between its
+//! connections and streams and a [`session`](crate::session).
+//!
+//! This is the only module of the broker that knows quinn. It accepts
+//! connections, waits (bounded by the hello timeout) for the client's
+//! control stream, and hands both to the session; delivery streams are
+//! server-opened unidirectional streams.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt};
+use thiserror::Error;
+use tracing::{Instrument, debug, info_span, warn};
+use volna_proto::CloseCode;
+
+use crate::session::{self, BrokerContext, Connection};
+use crate::subscription::{DeliverySink, SinkError};
+
+/// Why the endpoint could not start.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    /// rustls' configuration is not usable for QUIC.
+    #[error("TLS configuration is not usable for QUIC: {0}")]
+    Crypto(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on udp {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A transport setting is out of range.
+    #[error("invalid transport setting: {0}")]
+    Setting(String),
+}
+
+/// Binds the broker's QUIC endpoint.
+pub fn bind(
+    addr: SocketAddr,
+    tls: rustls::ServerConfig,
+    idle_timeout: Duration,
+) -> Result<Endpoint, TransportError> {
+    let crypto =
+        QuicServerConfig::try_from(tls).map_err(|e| TransportError::Crypto(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = TransportConfig::default();
+    // One control stream per connection; the client opens no unidirectional
+    // streams. Fewer allowed streams means less per-connection state.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
+    transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+    transport.max_idle_timeout(Some(
+        IdleTimeout::try_from(idle_timeout).map_err(|e| TransportError::Setting(e.to_string()))?,
+    ));
+    // Each subscription's stream may have up to this much unacknowledged
+    // data in flight; the connection's total is bounded by send_window.
+    transport.send_window(8 * 1024 * 1024);
+    server.transport_config(Arc::new(transport));
+    Endpoint::server(server, addr).map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// Accepts connections until the endpoint is closed.
+pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        if ctx.shutdown.is_cancelled() {
+            incoming.refuse();
+            continue;
+        }
+        let ctx = ctx.clone();
+        let remote = incoming.remote_address();
+        tokio::spawn(
+            async move {
+                let conn = match incoming.await {
+                    Ok(conn) => conn,
+                    Err(e) => return debug!(error = %e, "handshake failed"),
+                };
+                let control =
+                    tokio::time::timeout(ctx.config.hello_timeout(), conn.accept_bi()).await;
+                let (send, recv) = match control {
+                    Ok(Ok(streams)) => streams,
+                    Ok(Err(e)) => {
+                        return debug!(error = %e, "connection ended before its control stream");
+                    }
+                    Err(_) => {
+                        let code = CloseCode::HELLO_TIMEOUT;
+                        return conn.close(VarInt::from_u32(code.0), code.reason().as_bytes());
+                    }
+                };
+                session::run(ctx, Arc::new(QuicConnection(conn)), recv, send).await;
+            }
+            .instrument(info_span!("conn", %remote)),
+        );
+    }
+}
+
+/// A quinn connection as the session sees it.
+#[derive(Debug)]
+struct QuicConnection(quinn::Connection);
+
+/// A server-opened unidirectional stream carrying one subscription.
+#[derive(Debug)]
+pub struct QuicDeliveryStream(quinn::SendStream);
+
+impl Connection for QuicConnection {
+    type Sink = QuicDeliveryStream;
+
+    async fn open_delivery(&self) -> Result<Self::Sink, SinkError> {
+        self.0
+            .open_uni()
+            .await
+            .map(QuicDeliveryStream)
+            .map_err(|e| SinkError(e.to_string()))
+    }
+
+    fn close(&self, code: CloseCode, reason: &str) {
+        self.0.close(VarInt::from_u32(code.0), reason.as_bytes());
+    }
+}
+
+impl DeliverySink for QuicDeliveryStream {
+    async fn send(&mut self, mut frames: Vec<Bytes>) -> Result<(), SinkError> {
+        // quinn queues the chunks themselves: the shared frames are not copied.
+        self.0
+            .write_all_chunks(&mut frames)
+            .await
+            .map_err(|e| SinkError(e.to_string()))
+    }
+
+    async fn finish(&mut self) {
+        if let Err(e) = self.0.finish() {
+            warn!(error = %e, "finishing a delivery stream");
+        }
+    }
+}

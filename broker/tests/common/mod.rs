@@ -1,0 +1,211 @@
+//! The test broker shared by the integration tests: a real broker (real
+//! QUIC on 127.0.0.1, real RocksDB in a temporary directory) in this
+//! process, clients for it, and a raw protocol connection for hostile input.
+
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tempfile::TempDir;
+use tokio::io::AsyncReadExt;
+use volna_broker::{Broker, Config};
+use volna_client::{Backoff, ChannelName, Client, ClientConfig, Trust};
+use volna_proto::{Frame, Hello, Limits, PROTOCOL_VERSION};
+
+/// How long any wait in a test may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub struct TestBroker {
+    pub broker: Option<Broker>,
+    pub dir: TempDir,
+    pub config: Config,
+}
+
+impl TestBroker {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config {
+            data_dir: dir.path().to_owned(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            http: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        tweak(&mut config);
+        let broker = Broker::start(config.clone()).await.expect("broker starts");
+        // Restarts reuse the port so that clients reconnect to the same address.
+        config.listen = broker.quic_addr();
+        Self {
+            broker: Some(broker),
+            dir,
+            config,
+        }
+    }
+
+    pub fn broker(&self) -> &Broker {
+        self.broker.as_ref().expect("broker running")
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.config.listen
+    }
+
+    pub fn cert(&self) -> PathBuf {
+        self.dir.path().join("dev-cert.pem")
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config =
+            ClientConfig::new(self.addr().to_string(), "test", Trust::CaFile(self.cert()));
+        config.backoff = Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(500),
+        };
+        config
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.client_config())
+            .await
+            .expect("client connects")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(broker) = self.broker.take() {
+            broker.shutdown().await;
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let broker = Broker::start(self.config.clone())
+            .await
+            .expect("broker restarts");
+        self.broker = Some(broker);
+    }
+}
+
+pub fn channel(name: &str) -> ChannelName {
+    ChannelName::new(name).expect("valid channel name")
+}
+
+/// Waits for `condition` to hold, failing the test after [`DEADLINE`].
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Runs `fut`, failing the test after [`DEADLINE`].
+pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// A protocol-level connection that can send anything.
+pub struct RawConnection {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl RawConnection {
+    /// Connects and opens the control stream, without saying Hello.
+    pub async fn connect(broker: &TestBroker) -> Self {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in volna_broker::tls::load_certs(&broker.cert()).unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let conn = endpoint
+            .connect(broker.addr(), "localhost")
+            .unwrap()
+            .await
+            .expect("raw connection");
+        let (send, recv) = conn.open_bi().await.unwrap();
+        Self {
+            conn,
+            send,
+            recv,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Connects and completes Hello/Welcome.
+    pub async fn hello(broker: &TestBroker) -> Self {
+        let mut raw = Self::connect(broker).await;
+        raw.send_frame(&Frame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            token: "test".into(),
+            client: "raw-test".into(),
+        }))
+        .await;
+        match raw.next_frame().await {
+            Some(Frame::Welcome(_)) => raw,
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    pub async fn send_frame(&mut self, frame: &Frame) {
+        let mut buf = BytesMut::new();
+        volna_proto::encode(frame, &mut buf);
+        self.send_bytes(&buf).await;
+    }
+
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        // The broker may already have closed us; the read side tells.
+        let _ = self.send.write_all(bytes).await;
+    }
+
+    /// The next control frame, or `None` once the stream or connection ended.
+    pub async fn next_frame(&mut self) -> Option<Frame> {
+        within("a control frame", async {
+            loop {
+                let limits = Limits {
+                    max_frame: 16 << 20,
+                };
+                if let Some(frame) = volna_proto::decode(&mut self.buf, &limits).unwrap() {
+                    return Some(frame);
+                }
+                match self.recv.read_buf(&mut self.buf).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        })
+        .await
+    }
+
+    /// The application close code the broker closed the connection with.
+    pub async fn close_code(&self) -> Option<u64> {
+        match within("the connection to close", self.conn.closed()).await {
+            quinn::ConnectionError::ApplicationClosed(close) => Some(close.error_code.into_inner()),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! Publish/subscribe over real QUIC against a real RocksDB log: ordering,
+//! exactly-once delivery, gapless resume, restart, retention, idempotency.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{RawConnection, TestBroker, channel, eventually, within};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use volna_broker::config::{NamespaceConfig, Retention};
+use volna_client::{ChannelName, Client, Position, Subscription, SubscriptionError};
+use volna_proto::{Epoch, Frame, Offset, ProducerSeq, Publish};
+
+/// Publishes `count` messages `"{prefix}{i}"`, `window` at a time in
+/// flight; returns the offsets in publish order.
+async fn publish_many(
+    client: &Client,
+    ch: &ChannelName,
+    prefix: &str,
+    count: usize,
+    window: usize,
+) -> Vec<u64> {
+    let mut offsets = vec![0; count];
+    let mut inflight = FuturesUnordered::new();
+    let mut next = 0;
+    while next < count || !inflight.is_empty() {
+        while next < count && inflight.len() < window {
+            let i = next;
+            let payload = format!("{prefix}{i}");
+            inflight.push(async move { (i, client.publish(ch, payload).await) });
+            next += 1;
+        }
+        if let Some((i, result)) = inflight.next().await {
+            offsets[i] = result.expect("publish acked").offset.get();
+        }
+    }
+    offsets
+}
+
+/// Reads `count` messages and returns their offsets and payloads.
+async fn read_messages(sub: &mut Subscription, count: usize) -> Vec<(u64, String)> {
+    within("messages", async {
+        let mut out = Vec::with_capacity(count);
+        while out.len() < count {
+            match sub.next().await.expect("stream open") {
+                Ok(m) => out.push((
+                    m.offset.get(),
+                    String::from_utf8(m.payload.to_vec()).unwrap(),
+                )),
+                Err(e) => panic!("unexpected event {e}"),
+            }
+        }
+        out
+    })
+    .await
+}
+
+fn assert_consecutive(offsets: &[u64], first: u64) {
+    for (i, o) in offsets.iter().enumerate() {
+        assert_eq!(*o, first + i as u64, "offset at position {i}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_subscribers_each_receive_every_message_once_in_order() {
+    let broker = TestBroker::start().await;
+    let ch = channel("chat.three");
+    let mut subs = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let c = broker.client().await;
+        subs.push(c.subscribe(&ch, Position::Latest).await.unwrap());
+        clients.push(c);
+    }
+    let publisher = broker.client().await;
+    const N: usize = 3000;
+    let offsets = publish_many(&publisher, &ch, "m", N, 64).await;
+    let mut sorted = offsets.clone();
+    sorted.sort_unstable();
+    assert_consecutive(&sorted, 1);
+    for sub in &mut subs {
+        let got = read_messages(sub, N).await;
+        assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 1);
+        // Each payload once, at the offset its publish was acked with.
+        for (offset, payload) in &got {
+            let i: usize = payload[1..].parse().unwrap();
+            assert_eq!(offsets[i], *offset);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offsets_and_history_survive_a_restart() {
+    let mut broker = TestBroker::start().await;
+    let ch = channel("chat.restart");
+    {
+        let client = broker.client().await;
+        let offsets = publish_many(&client, &ch, "a", 100, 16).await;
+        assert_eq!(offsets.iter().max(), Some(&100));
+        client.close();
+    }
+    broker.restart().await;
+    let client = broker.client().await;
+    let mut offsets = publish_many(&client, &ch, "b", 100, 16).await;
+    offsets.sort_unstable();
+    assert_consecutive(&offsets, 101);
+    let mut sub = client
+        .subscribe(
+            &ch,
+            Position::From {
+                offset: Offset::FIRST,
+                epoch: None,
+            },
+        )
+        .await
+        .unwrap();
+    let got = read_messages(&mut sub, 200).await;
+    assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 1);
+    assert_eq!(got.iter().filter(|(_, p)| p.starts_with('a')).count(), 100);
+    assert_eq!(got.iter().filter(|(_, p)| p.starts_with('b')).count(), 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_to_live_switch_is_gapless_while_publishing() {
+    let broker = TestBroker::start_with(|c| {
+        // A small ring makes subscribers cross between log and ring often.
+        c.engine.channel_ring_bytes = 64 * 1024;
+    })
+    .await;
+    let ch = channel("chat.race");
+    let publisher = broker.client().await;
+    publish_many(&publisher, &ch, "warm", 500, 32).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let background = {
+        let (publisher, ch, stop) = (publisher.clone(), ch.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut sent = 0u64;
+            while !stop.is_cancelled() && sent < 200_000 {
+                publish_many(&publisher, &ch, "live", 50, 16).await;
+                sent += 50;
+            }
+        })
+    };
+    let reader = broker.client().await;
+    for round in 0..25u64 {
+        let from = 1 + round * 37;
+        let mut sub = reader
+            .subscribe(
+                &ch,
+                Position::From {
+                    offset: Offset::new(from),
+                    epoch: None,
+                },
+            )
+            .await
+            .unwrap();
+        // Read past whatever was committed when we subscribed, so that the
+        // read crosses from the log into live delivery.
+        let head = broker
+            .broker()
+            .log()
+            .unwrap()
+            .meta(&ch)
+            .unwrap()
+            .next_offset
+            .get();
+        let want = (head - from + 200) as usize;
+        let got = read_messages(&mut sub, want).await;
+        assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), from);
+        drop(sub);
+        // The unsubscribe reaches the broker before the next subscribe.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    background.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_is_served_from_the_log_and_misses_nothing() {
+    let ring_budget = 256 * 1024;
+    let broker = TestBroker::start_with(|c| c.engine.channel_ring_bytes = ring_budget).await;
+    let ch = channel("news.stall");
+    let mut config = broker.client_config();
+    config.subscription_buffer = 16;
+    let slow_client = Client::connect(config).await.unwrap();
+    let mut slow = slow_client.subscribe(&ch, Position::Latest).await.unwrap();
+    let fast_client = broker.client().await;
+    let mut fast = fast_client.subscribe(&ch, Position::Latest).await.unwrap();
+
+    const N: usize = 50_000;
+    let publisher = broker.client().await;
+    let fast_reader = tokio::spawn(async move { read_messages(&mut fast, N).await.len() });
+    // The slow subscriber reads nothing while all of this is published.
+    let mut offsets = publish_many(&publisher, &ch, "p", N, 256).await;
+    offsets.sort_unstable();
+    assert_consecutive(&offsets, 1);
+    assert_eq!(within("fast reader", fast_reader).await.unwrap(), N);
+    // Memory held for the channel stayed within its budget (plus one batch).
+    let held = broker.broker().fanout().ring_bytes(&ch).unwrap();
+    assert!(held <= ring_budget + 128 * 1024, "ring holds {held} bytes");
+
+    let got = read_messages(&mut slow, N).await;
+    assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_reconnect_and_resume_across_a_broker_restart() {
+    let mut broker = TestBroker::start().await;
+    let ch = channel("chat.reconnect");
+    let subscriber = broker.client().await;
+    let mut sub = subscriber.subscribe(&ch, Position::Latest).await.unwrap();
+    let publisher = broker.client().await;
+    publish_many(&publisher, &ch, "before", 500, 32).await;
+    let first = read_messages(&mut sub, 250).await;
+
+    broker.restart().await;
+    // The same publisher client: its requests wait for the reconnect.
+    publish_many(&publisher, &ch, "after", 500, 32).await;
+    let rest = read_messages(&mut sub, 750).await;
+    let all: Vec<u64> = first.iter().chain(rest.iter()).map(|(o, _)| *o).collect();
+    assert_consecutive(&all, 1);
+    let payloads: HashSet<_> = first
+        .iter()
+        .chain(rest.iter())
+        .map(|(_, p)| p.clone())
+        .collect();
+    assert_eq!(payloads.len(), 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reports_truncated_instead_of_skipping() {
+    let broker = TestBroker::start_with(|c| {
+        c.engine.retention_interval_ms = 20;
+        c.namespaces.insert(
+            "chat".into(),
+            NamespaceConfig {
+                retention: Retention {
+                    max_messages: Some(100),
+                    ..Retention::default()
+                },
+            },
+        );
+    })
+    .await;
+    let ch = channel("chat.retained");
+    let client = broker.client().await;
+    publish_many(&client, &ch, "r", 150, 16).await;
+    let log = broker.broker().log().unwrap().clone();
+    eventually("retention to cut the log", || {
+        let first = log.meta(&ch).map(|m| m.first_offset);
+        async move { first == Some(Offset::new(51)) }
+    })
+    .await;
+    let mut sub = client
+        .subscribe(
+            &ch,
+            Position::From {
+                offset: Offset::FIRST,
+                epoch: None,
+            },
+        )
+        .await
+        .unwrap();
+    let first = within("the truncated event", sub.next()).await.unwrap();
+    assert_eq!(
+        first.unwrap_err(),
+        SubscriptionError::Truncated {
+            requested: Offset::FIRST,
+            first_available: Offset::new(51)
+        }
+    );
+    let got = read_messages(&mut sub, 100).await;
+    assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 51);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_epoch_is_reported_as_a_reset() {
+    let broker = TestBroker::start().await;
+    let ch = channel("chat.epoch");
+    let client = broker.client().await;
+    let ack = client.publish(&ch, "one").await.unwrap();
+    let stale = Epoch(ack.epoch.0 ^ 1);
+    let mut sub = client
+        .subscribe(
+            &ch,
+            Position::From {
+                offset: Offset::new(5),
+                epoch: Some(stale),
+            },
+        )
+        .await
+        .unwrap();
+    let event = within("the reset event", sub.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        event,
+        SubscriptionError::EpochChanged {
+            previous: stale,
+            current: ack.epoch,
+            start: Offset::FIRST
+        }
+    );
+    let got = read_messages(&mut sub, 1).await;
+    assert_eq!(got, vec![(1, "one".to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_publish_is_stored_once() {
+    let broker = TestBroker::start().await;
+    let ch = channel("chat.idem");
+    let mut raw = RawConnection::hello(&broker).await;
+    let producer = Some(ProducerSeq {
+        producer_id: 77,
+        sequence: 1,
+    });
+    let mut acks = Vec::new();
+    for request_id in [1, 2] {
+        raw.send_frame(&Frame::Publish(Publish {
+            request_id,
+            channel: ch.clone(),
+            producer,
+            payload: "once".into(),
+        }))
+        .await;
+        acks.push(raw.next_frame().await.unwrap());
+    }
+    assert!(
+        matches!(acks[0], Frame::Published { request_id: 1, offset, duplicate: false, .. } if offset == Offset::FIRST)
+    );
+    assert!(
+        matches!(acks[1], Frame::Published { request_id: 2, offset, duplicate: true, .. } if offset == Offset::FIRST)
+    );
+    // A new sequence is a new message.
+    raw.send_frame(&Frame::Publish(Publish {
+        request_id: 3,
+        channel: ch.clone(),
+        producer: Some(ProducerSeq {
+            producer_id: 77,
+            sequence: 2,
+        }),
+        payload: "twice".into(),
+    }))
+    .await;
+    assert!(
+        matches!(raw.next_frame().await, Some(Frame::Published { offset, duplicate: false, .. }) if offset == Offset::new(2))
+    );
+    let meta = broker.broker().log().unwrap().meta(&ch).unwrap();
+    assert_eq!(meta.len(), 2, "the retry was not stored");
+}

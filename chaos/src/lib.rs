@@ -1,0 +1,250 @@
+//! Fault injection against the real `volna-broker` binary.
+//!
+//! [`BrokerProcess`] runs the broker as a separate process on a data
+//! directory that outlives it, so a test can `kill -9` it and start it
+//! again; [`History`] records what clients were told and checks it against
+//! what a subscriber later reads (every acknowledged publish present once,
+//! at its acknowledged offset, offsets gapless).
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use volna_client::{Backoff, Client, ClientConfig, Trust};
+
+/// Why the broker process could not be run.
+#[derive(Debug, Error)]
+pub enum ChaosError {
+    /// The broker binary was not found and could not be built.
+    #[error("cannot find or build the volna-broker binary: {0}")]
+    Binary(String),
+    /// Starting or signalling the process failed.
+    #[error("broker process: {0}")]
+    Process(#[from] std::io::Error),
+    /// The broker did not become reachable in time.
+    #[error("the broker did not start within {0:?}")]
+    StartTimeout(Duration),
+}
+
+/// The `volna-broker` binary: `VOLNA_BROKER_BIN`, else next to this test's
+/// executable in the target directory (built there by the workspace's test
+/// run), else built now with cargo.
+pub fn broker_binary() -> Result<PathBuf, ChaosError> {
+    if let Ok(path) = std::env::var("VOLNA_BROKER_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/volna-broker
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("volna-broker"))
+        .ok_or_else(|| ChaosError::Binary("no target directory".into()))?;
+    if !candidate.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "volna-broker", "--bin", "volna-broker"])
+            .status()?;
+        if !status.success() || !candidate.exists() {
+            return Err(ChaosError::Binary(format!(
+                "{} after cargo build",
+                candidate.display()
+            )));
+        }
+    }
+    Ok(candidate)
+}
+
+/// A broker running as a child process.
+#[derive(Debug)]
+pub struct BrokerProcess {
+    child: Option<Child>,
+    data_dir: PathBuf,
+    addr: SocketAddr,
+    durability: &'static str,
+}
+
+impl BrokerProcess {
+    /// Starts a broker on `data_dir`, on a free loopback port.
+    pub fn start(data_dir: &Path, durability: &'static str) -> Result<Self, ChaosError> {
+        let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        let mut broker = Self {
+            child: None,
+            data_dir: data_dir.to_owned(),
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            durability,
+        };
+        broker.spawn()?;
+        Ok(broker)
+    }
+
+    fn spawn(&mut self) -> Result<(), ChaosError> {
+        let child = Command::new(broker_binary()?)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--http")
+            .arg("127.0.0.1:0")
+            .arg("--durability")
+            .arg(self.durability)
+            .env("VOLNA_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The QUIC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A client configuration for this broker (fast reconnects).
+    pub fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new(
+            self.addr.to_string(),
+            "chaos",
+            Trust::CaFile(self.data_dir.join("dev-cert.pem")),
+        );
+        config.backoff = Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(300),
+        };
+        config.request_timeout = Duration::from_secs(60);
+        config
+    }
+
+    /// Connects a client, retrying while the broker starts.
+    pub async fn client(&self, within: Duration) -> Result<Client, ChaosError> {
+        let deadline = Instant::now() + within;
+        loop {
+            if self.data_dir.join("dev-cert.pem").exists()
+                && let Ok(client) = Client::connect(self.client_config()).await
+            {
+                return Ok(client);
+            }
+            if Instant::now() > deadline {
+                return Err(ChaosError::StartTimeout(within));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `kill -9`: no flush, no goodbye.
+    pub fn kill(&mut self) -> Result<(), ChaosError> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts the broker again on the same directory and port.
+    pub fn restart(&mut self) -> Result<(), ChaosError> {
+        self.kill()?;
+        self.spawn()
+    }
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// What clients were told, checked against what the log delivers.
+#[derive(Debug, Default)]
+pub struct History {
+    /// Acknowledged publishes: offset → payload.
+    pub acked: BTreeMap<u64, Vec<u8>>,
+    /// Publishes whose outcome is unknown (the call failed).
+    pub unknown: Vec<Vec<u8>>,
+}
+
+/// A violation found by [`History::check`].
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Violation {
+    /// Offsets did not grow by one.
+    #[error("gap or reorder: offset {got} follows {previous}")]
+    NotConsecutive {
+        /// The offset before.
+        previous: u64,
+        /// The offset that followed it.
+        got: u64,
+    },
+    /// An acknowledged publish is not in the log at its offset.
+    #[error("acknowledged offset {offset} is missing or holds other data")]
+    LostAck {
+        /// The offset.
+        offset: u64,
+    },
+    /// A payload appears more than once.
+    #[error("payload at offset {offset} was stored more than once")]
+    Duplicate {
+        /// The second offset.
+        offset: u64,
+    },
+}
+
+impl History {
+    /// Checks `delivered` (offset, payload), read from offset 1 after the
+    /// faults, against the history.
+    pub fn check(&self, delivered: &[(u64, Vec<u8>)]) -> Result<(), Violation> {
+        let mut seen = std::collections::HashSet::new();
+        let mut previous = 0;
+        let mut by_offset = BTreeMap::new();
+        for (offset, payload) in delivered {
+            if *offset != previous + 1 {
+                return Err(Violation::NotConsecutive {
+                    previous,
+                    got: *offset,
+                });
+            }
+            if !seen.insert(payload.clone()) {
+                return Err(Violation::Duplicate { offset: *offset });
+            }
+            previous = *offset;
+            by_offset.insert(*offset, payload);
+        }
+        for (offset, payload) in &self.acked {
+            if by_offset.get(offset) != Some(&payload) {
+                return Err(Violation::LostAck { offset: *offset });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_checker_finds_each_kind_of_violation() {
+        let mut h = History::default();
+        h.acked.insert(1, b"a".to_vec());
+        h.acked.insert(2, b"b".to_vec());
+        let ok = [(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())];
+        assert_eq!(h.check(&ok), Ok(()));
+        assert_eq!(
+            h.check(&[(1, b"a".to_vec()), (3, b"b".to_vec())]),
+            Err(Violation::NotConsecutive {
+                previous: 1,
+                got: 3
+            })
+        );
+        assert_eq!(
+            h.check(&[(1, b"a".to_vec())]),
+            Err(Violation::LostAck { offset: 2 })
+        );
+        assert_eq!(
+            h.check(&[(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"a".to_vec())]),
+            Err(Violation::Duplicate { offset: 3 })
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! `volna pub` / `volna sub` as a person or a script uses them, against a
+//! real broker: two processes pass messages through it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use volna_broker::{Broker, Config};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn volna(broker: &Broker, cert: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_volna"));
+    cmd.arg("--server")
+        .arg(broker.quic_addr().to_string())
+        .arg("--ca")
+        .arg(cert)
+        .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pub_and_sub_pass_messages_between_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Broker::start(Config {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let cert = broker.dev_cert().unwrap().clone();
+
+    // History first, so `sub --from 1` replays it and then goes live.
+    let out = volna(&broker, &cert)
+        .args(["pub", "chat.cli", "hello"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+
+    let mut sub = volna(&broker, &cert)
+        .args(["sub", "chat.cli", "--from", "1", "--count", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_deref(), Some("1\thello"));
+
+    for (text, offset) in [("second", "2\n"), ("third", "3\n")] {
+        let out = volna(&broker, &cert)
+            .args(["pub", "chat.cli", text])
+            .output()
+            .await
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), offset);
+    }
+    let mut rest = Vec::new();
+    while let Some(line) = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        rest.push(line);
+    }
+    assert_eq!(rest, ["2\tsecond", "3\tthird"]);
+    let status = tokio::time::timeout(DEADLINE, sub.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "sub exits 0 after --count messages");
+
+    // A refused publish exits non-zero with the error code in its message.
+    let mut publish = volna(&broker, &cert)
+        .args(["pub", "chat.cli", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publish.stdin.take().unwrap();
+    let big = "x".repeat(2 * 1024 * 1024) + "\n";
+    stdin.write_all(big.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = tokio::time::timeout(DEADLINE, publish.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exceeds the broker's limit"));
+
+    broker.shutdown().await;
+}

@@ -1,0 +1,352 @@
+//! The client: publish, subscribe, and a supervisor that reconnects with
+//! backoff and resumes every subscription where the application left it.
+//!
+//! Publishes carry the client's producer id and a sequence number, so a
+//! publish whose connection died before its ack is retried on the next
+//! connection without being stored twice (G5): the caller sees one offset.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use volna_proto::{
+    ChannelName, CloseCode, Epoch, ErrorCode, ErrorFrame, Frame, Offset, Position, ProducerSeq,
+    Publish, Subscribe,
+};
+
+use crate::config::ClientConfig;
+use crate::connection::{Live, Transport};
+use crate::error::ClientError;
+use crate::subscription::{SubShared, Subscription, Unsubscriber};
+
+/// A publish acknowledged by the broker: the message is durably stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// Its offset in the channel.
+    pub offset: Offset,
+    /// The channel log's epoch.
+    pub epoch: Epoch,
+    /// True when a retry found the message already stored.
+    pub duplicate: bool,
+}
+
+/// A connection to a Volna broker that survives the broker's restarts.
+/// Cheap to clone; closed when the last clone is dropped or on [`close`](Self::close).
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+    _last_clone: Arc<CloseOnDrop>,
+}
+
+#[derive(Debug)]
+struct CloseOnDrop(Arc<Inner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ClientConfig,
+    transport: Transport,
+    live: watch::Sender<Option<Arc<Live>>>,
+    subs: Mutex<HashMap<u64, Arc<SubShared>>>,
+    next_sub: AtomicU64,
+    producer_id: u64,
+    next_sequence: AtomicU64,
+    max_payload: AtomicU32,
+    closed: CancellationToken,
+}
+
+impl Client {
+    /// Connects to the broker; fails if the first connection cannot be made.
+    /// Later disconnections are repaired in the background.
+    pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
+        let transport = Transport::new(&config)?;
+        let live = transport.establish(&config).await?;
+        let inner = Arc::new(Inner {
+            max_payload: AtomicU32::new(live.welcome.max_payload),
+            config,
+            transport,
+            live: watch::Sender::new(Some(live.clone())),
+            subs: Mutex::new(HashMap::new()),
+            next_sub: AtomicU64::new(1),
+            producer_id: rand::random(),
+            next_sequence: AtomicU64::new(1),
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(supervise(inner.clone(), live));
+        Ok(Self {
+            _last_clone: Arc::new(CloseOnDrop(inner.clone())),
+            inner,
+        })
+    }
+
+    /// Publishes `payload` to `channel`; returns once it is durably stored.
+    /// Retries across reconnects (idempotently) until the request timeout.
+    pub async fn publish(
+        &self,
+        channel: &ChannelName,
+        payload: impl Into<Bytes>,
+    ) -> Result<Published, ClientError> {
+        let payload = payload.into();
+        let max = self.inner.max_payload.load(Ordering::Relaxed);
+        if payload.len() > max as usize {
+            return Err(ClientError::PayloadTooLarge {
+                len: payload.len(),
+                max,
+            });
+        }
+        let producer = ProducerSeq {
+            producer_id: self.inner.producer_id,
+            sequence: self.inner.next_sequence.fetch_add(1, Ordering::Relaxed),
+        };
+        let deadline = Instant::now() + self.inner.config.request_timeout;
+        let mut attempt = 0;
+        loop {
+            let live = self.inner.wait_live(deadline).await?;
+            let request = live.request(|request_id| {
+                Frame::Publish(Publish {
+                    request_id,
+                    channel: channel.clone(),
+                    producer: Some(producer),
+                    payload: payload.clone(),
+                })
+            });
+            let reply = tokio::time::timeout_at(deadline, request)
+                .await
+                .map_err(|_| ClientError::Timeout)?;
+            match reply {
+                Ok(Frame::Published {
+                    offset,
+                    epoch,
+                    duplicate,
+                    ..
+                }) => {
+                    return Ok(Published {
+                        offset,
+                        epoch,
+                        duplicate,
+                    });
+                }
+                Ok(Frame::Error(ErrorFrame { code, .. })) if code.is_retryable() => {
+                    tokio::time::sleep(self.inner.config.backoff.delay(attempt)).await;
+                    attempt += 1;
+                }
+                Ok(Frame::Error(ErrorFrame { code, message, .. })) => {
+                    return Err(ClientError::Server { code, message });
+                }
+                Ok(other) => {
+                    return Err(ClientError::Protocol(format!(
+                        "unexpected reply {:?} to Publish",
+                        other.frame_type()
+                    )));
+                }
+                // The connection died with the publish in flight: send it
+                // again, same sequence, once the supervisor reconnected.
+                Err(ClientError::Disconnected) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Subscribes to `channel` from `position`. The subscription resumes by
+    /// itself after reconnects; drop it to unsubscribe.
+    pub async fn subscribe(
+        &self,
+        channel: &ChannelName,
+        position: Position,
+    ) -> Result<Subscription, ClientError> {
+        let inner = &self.inner;
+        let id = inner.next_sub.fetch_add(1, Ordering::Relaxed);
+        let (shared, rx) = SubShared::new(
+            id,
+            channel.clone(),
+            position,
+            inner.config.subscription_buffer,
+        );
+        {
+            let mut subs = inner.subs_map();
+            if subs.values().any(|s| &s.channel == channel) {
+                return Err(ClientError::Server {
+                    code: ErrorCode::AlreadySubscribed,
+                    message: format!("this client is already subscribed to {channel}"),
+                });
+            }
+            subs.insert(id, shared.clone());
+        }
+        let subscription = Subscription {
+            id,
+            channel: channel.clone(),
+            shared: Arc::downgrade(&shared),
+            rx,
+            on_drop: Arc::downgrade(&(inner.clone() as Arc<dyn Unsubscriber>)),
+        };
+        let deadline = Instant::now() + inner.config.request_timeout;
+        let live = inner.wait_live(deadline).await?;
+        match subscribe_on(&live, &shared).await {
+            Ok(()) | Err(ClientError::Disconnected) => Ok(subscription),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether a connection is up right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .live
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| !l.is_gone())
+    }
+
+    /// Closes the connection and ends every subscription stream.
+    pub fn close(&self) {
+        self.inner.close();
+    }
+
+    /// This client's producer id (the idempotency key of its publishes).
+    pub fn producer_id(&self) -> u64 {
+        self.inner.producer_id
+    }
+}
+
+impl Inner {
+    fn subs_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SubShared>>> {
+        self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current connection, waiting for the supervisor while there is none.
+    async fn wait_live(&self, deadline: Instant) -> Result<Arc<Live>, ClientError> {
+        let mut rx = self.live.subscribe();
+        loop {
+            if self.closed.is_cancelled() {
+                return Err(ClientError::Closed);
+            }
+            if let Some(live) = rx.borrow_and_update().clone()
+                && !live.is_gone()
+            {
+                return Ok(live);
+            }
+            tokio::select! {
+                changed = rx.changed() => changed.map_err(|_| ClientError::Closed)?,
+                () = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout),
+                () = self.closed.cancelled() => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    fn close(&self) {
+        self.closed.cancel();
+        if let Some(live) = self.live.send_replace(None) {
+            live.close(CloseCode::NORMAL);
+        }
+        self.subs_map().clear();
+    }
+}
+
+impl Unsubscriber for Inner {
+    fn unsubscribe(&self, id: u64) {
+        self.subs_map().remove(&id);
+        if let Some(live) = self.live.borrow().as_ref()
+            && let Some(subscription) = live.unroute(id)
+        {
+            live.send_nowait(|request_id| Frame::Unsubscribe {
+                request_id,
+                subscription,
+            });
+        }
+    }
+}
+
+/// Subscribes `sub` on `live` from where it stands.
+async fn subscribe_on(live: &Live, sub: &Arc<SubShared>) -> Result<(), ClientError> {
+    let reply = live
+        .request(|request_id| {
+            Frame::Subscribe(Subscribe {
+                request_id,
+                channel: sub.channel.clone(),
+                position: sub.resume_position(),
+            })
+        })
+        .await?;
+    match reply {
+        Frame::Subscribed {
+            subscription,
+            epoch,
+            start,
+            ..
+        } => {
+            sub.subscribed(start, epoch);
+            live.route(subscription, sub.clone());
+            Ok(())
+        }
+        // The supervisor resubscribed it on this connection first.
+        Frame::Error(ErrorFrame {
+            code: ErrorCode::AlreadySubscribed,
+            ..
+        }) => Ok(()),
+        Frame::Error(ErrorFrame { code, message, .. }) => {
+            Err(ClientError::Server { code, message })
+        }
+        other => Err(ClientError::Protocol(format!(
+            "unexpected reply {:?} to Subscribe",
+            other.frame_type()
+        ))),
+    }
+}
+
+/// Keeps a connection up: on loss, reconnects with backoff and jitter and
+/// resubscribes everything from its position.
+async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
+    loop {
+        tokio::select! {
+            () = live.gone() => {}
+            () = inner.closed.cancelled() => return,
+        }
+        inner.live.send_replace(None);
+        warn!("connection to the broker lost; reconnecting");
+        let mut attempt = 0;
+        live = loop {
+            tokio::select! {
+                () = tokio::time::sleep(inner.config.backoff.delay(attempt)) => {}
+                () = inner.closed.cancelled() => return,
+            }
+            match inner.transport.establish(&inner.config).await {
+                Ok(live) => break live,
+                Err(e) => {
+                    warn!(error = %e, attempt, "reconnect failed");
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        };
+        if inner.closed.is_cancelled() {
+            live.close(CloseCode::NORMAL);
+            return;
+        }
+        inner
+            .max_payload
+            .store(live.welcome.max_payload, Ordering::Relaxed);
+        info!(after_attempts = attempt + 1, "reconnected");
+        inner.live.send_replace(Some(live.clone()));
+        let subs: Vec<_> = inner.subs_map().values().cloned().collect();
+        for sub in subs {
+            let (inner, live) = (inner.clone(), live.clone());
+            tokio::spawn(async move {
+                match subscribe_on(&live, &sub).await {
+                    Ok(()) | Err(ClientError::Disconnected) => {}
+                    Err(e) => {
+                        warn!(channel = %sub.channel, error = %e, "resubscribe refused; ending the subscription");
+                        inner.subs_map().remove(&sub.id);
+                    }
+                }
+            });
+        }
+    }
+}

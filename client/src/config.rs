@@ -1,0 +1,114 @@
+//! How a client connects: where, with which token, trusting what, and how it
+//! reconnects.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which server certificates the client accepts.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The public web PKI (Mozilla's root store): for brokers with a
+    /// certificate from a public CA.
+    WebPki,
+    /// Roots from a PEM file: a private CA, or the broker's self-signed
+    /// development certificate (`DATA_DIR/dev-cert.pem`).
+    CaFile(PathBuf),
+    /// Exactly the certificate whose SHA-256 fingerprint (of its DER bytes)
+    /// is given, whatever its issuer or names: pinning, e.g. of a development
+    /// certificate copied out of band. The broker prints its fingerprint at
+    /// start in development mode.
+    Pinned([u8; 32]),
+}
+
+/// Reconnect timing: exponential backoff with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    /// Delay before the first retry.
+    pub initial: Duration,
+    /// Largest delay between retries.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `attempt` (0-based): doubling from
+    /// `initial` up to `max`, then a random point in its upper half, so that
+    /// thousands of clients dropped together do not return together.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self
+            .initial
+            .saturating_mul(1u32.checked_shl(attempt.min(16)).unwrap_or(u32::MAX))
+            .min(self.max);
+        let half = exp / 2;
+        half + half.mul_f64(rand::random::<f64>())
+    }
+}
+
+/// Everything [`Client::connect`](crate::Client::connect) needs.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the broker, e.g. `127.0.0.1:7400` or `volna.example:7400`.
+    pub server: String,
+    /// The authentication token sent in `Hello`.
+    pub token: String,
+    /// Which certificates to trust.
+    pub trust: Trust,
+    /// Identification sent to the broker for its logs.
+    pub client_name: String,
+    /// Reconnect timing.
+    pub backoff: Backoff,
+    /// How long a `publish` may take, reconnects and retries included.
+    pub request_timeout: Duration,
+    /// Messages buffered per subscription before the client stops reading
+    /// its stream (and the broker serves it from the log later).
+    pub subscription_buffer: usize,
+    /// Keep-alive interval while idle.
+    pub keep_alive: Duration,
+    /// The connection is considered lost after this long without a packet.
+    pub idle_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A configuration with defaults for everything but the essentials.
+    pub fn new(server: impl Into<String>, token: impl Into<String>, trust: Trust) -> Self {
+        Self {
+            server: server.into(),
+            token: token.into(),
+            trust,
+            client_name: concat!("volna-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+            backoff: Backoff::default(),
+            request_timeout: Duration::from_secs(30),
+            subscription_buffer: 4096,
+            keep_alive: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+        };
+        for attempt in 0..40 {
+            let d = b.delay(attempt);
+            let exp = Duration::from_millis(100)
+                .saturating_mul(1 << attempt.min(16))
+                .min(Duration::from_secs(2));
+            assert!(d >= exp / 2 && d <= exp, "attempt {attempt}: {d:?}");
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! One QUIC connection to the broker: the handshake, the control stream's
+//! request/reply matching and the delivery streams. The only module of the
+//! client that knows quinn.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::BytesMut;
+use quinn::crypto::rustls::QuicClientConfig;
+use quinn::{IdleTimeout, TransportConfig, VarInt};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+use volna_proto::{
+    CloseCode, ErrorFrame, Frame, Hello, Limits, PROTOCOL_VERSION, SubscriptionId, Welcome,
+};
+
+use crate::config::{ClientConfig, Trust};
+use crate::error::ClientError;
+use crate::subscription::SubShared;
+
+/// The client's QUIC endpoint and TLS set-up, reused across reconnects.
+#[derive(Debug)]
+pub(crate) struct Transport {
+    endpoint: quinn::Endpoint,
+    quic: quinn::ClientConfig,
+    host: String,
+    server: String,
+}
+
+impl Transport {
+    pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
+        let (host, _port) = split_host_port(&config.server)?;
+        let mut tls = tls_config(&config.trust)?;
+        tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+        let mut transport = TransportConfig::default();
+        transport.keep_alive_interval(Some(config.keep_alive));
+        transport.max_idle_timeout(Some(
+            IdleTimeout::try_from(config.idle_timeout)
+                .map_err(|e| ClientError::Connect(e.to_string()))?,
+        ));
+        // The broker opens one unidirectional stream per subscription; the
+        // client opens only the control stream.
+        transport.max_concurrent_uni_streams(VarInt::from_u32(4096));
+        transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
+        quic.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if host.contains(':') {
+            "[::]:0"
+                .parse()
+                .map_err(|_| ClientError::InvalidAddress(config.server.clone()))?
+        } else {
+            "0.0.0.0:0"
+                .parse()
+                .map_err(|_| ClientError::InvalidAddress(config.server.clone()))?
+        };
+        let endpoint =
+            quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+        Ok(Self {
+            endpoint,
+            quic,
+            host,
+            server: config.server.clone(),
+        })
+    }
+
+    /// Connects, says Hello and waits for Welcome.
+    pub async fn establish(&self, config: &ClientConfig) -> Result<Arc<Live>, ClientError> {
+        let addr = tokio::net::lookup_host(&self.server)
+            .await
+            .map_err(|_| ClientError::InvalidAddress(self.server.clone()))?
+            .next()
+            .ok_or_else(|| ClientError::InvalidAddress(self.server.clone()))?;
+        let connecting = self
+            .endpoint
+            .connect_with(self.quic.clone(), addr, &self.host)
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let handshake = async {
+            let conn = connecting
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let mut out = BytesMut::new();
+            volna_proto::encode(
+                &Frame::Hello(Hello {
+                    protocol: PROTOCOL_VERSION,
+                    token: config.token.clone(),
+                    client: config.client_name.clone(),
+                }),
+                &mut out,
+            );
+            send.write_all(&out)
+                .await
+                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let mut buf = BytesMut::with_capacity(4096);
+            let welcome = match read_frame(&mut recv, &mut buf, &Limits::HANDSHAKE).await? {
+                Frame::Welcome(w) => w,
+                Frame::Error(ErrorFrame { code, message, .. }) => {
+                    return Err(ClientError::Refused { code, message });
+                }
+                other => {
+                    return Err(ClientError::Protocol(format!(
+                        "expected Welcome, got {:?}",
+                        other.frame_type()
+                    )));
+                }
+            };
+            Ok::<_, ClientError>((conn, send, recv, buf, welcome))
+        };
+        let (conn, send, recv, buf, welcome) =
+            tokio::time::timeout(config.request_timeout, handshake)
+                .await
+                .map_err(|_| ClientError::Timeout)??;
+        debug!(session = welcome.session_id, "connected");
+        Ok(Live::start(conn, send, recv, buf, welcome))
+    }
+}
+
+/// One established connection.
+#[derive(Debug)]
+pub(crate) struct Live {
+    pub welcome: Welcome,
+    conn: quinn::Connection,
+    control: mpsc::Sender<Frame>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
+    next_request: AtomicU64,
+    routes: Mutex<HashMap<SubscriptionId, Arc<SubShared>>>,
+    route_added: Notify,
+    gone: CancellationToken,
+}
+
+impl Live {
+    fn start(
+        conn: quinn::Connection,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+        buf: BytesMut,
+        welcome: Welcome,
+    ) -> Arc<Self> {
+        let (control, control_rx) = mpsc::channel(1024);
+        let live = Arc::new(Self {
+            welcome,
+            conn: conn.clone(),
+            control,
+            pending: Mutex::new(HashMap::new()),
+            next_request: AtomicU64::new(1),
+            routes: Mutex::new(HashMap::new()),
+            route_added: Notify::new(),
+            gone: CancellationToken::new(),
+        });
+        tokio::spawn(write_control(send, control_rx, live.gone.clone()));
+        tokio::spawn(read_control(live.clone(), recv, buf));
+        tokio::spawn(accept_deliveries(live.clone()));
+        let watcher = live.clone();
+        tokio::spawn(async move {
+            let reason = watcher.conn.closed().await;
+            debug!(%reason, "connection closed");
+            watcher.gone.cancel();
+        });
+        live
+    }
+
+    /// Sends a request built around a fresh request id and waits for its
+    /// reply (a reply frame or an `Error`).
+    pub async fn request(&self, build: impl FnOnce(u64) -> Frame) -> Result<Frame, ClientError> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending_map().insert(id, tx);
+        if self.control.send(build(id)).await.is_err() {
+            self.pending_map().remove(&id);
+            return Err(ClientError::Disconnected);
+        }
+        tokio::select! {
+            reply = rx => reply.map_err(|_| ClientError::Disconnected),
+            () = self.gone.cancelled() => {
+                self.pending_map().remove(&id);
+                Err(ClientError::Disconnected)
+            }
+        }
+    }
+
+    /// Sends a frame whose reply nobody waits for.
+    pub fn send_nowait(&self, build: impl FnOnce(u64) -> Frame) {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let _ = self.control.try_send(build(id));
+    }
+
+    /// Delivery streams of `id` feed `sub` from now on.
+    pub fn route(&self, id: SubscriptionId, sub: Arc<SubShared>) {
+        self.routes_map().insert(id, sub);
+        self.route_added.notify_waiters();
+    }
+
+    /// Forgets the route of local subscription `local`, returning the
+    /// broker's id for it.
+    pub fn unroute(&self, local: u64) -> Option<SubscriptionId> {
+        let mut routes = self.routes_map();
+        let id = routes
+            .iter()
+            .find(|(_, s)| s.id == local)
+            .map(|(id, _)| *id)?;
+        routes.remove(&id);
+        Some(id)
+    }
+
+    pub fn is_gone(&self) -> bool {
+        self.gone.is_cancelled()
+    }
+
+    pub async fn gone(&self) {
+        self.gone.cancelled().await;
+    }
+
+    pub fn close(&self, code: CloseCode) {
+        self.conn
+            .close(VarInt::from_u32(code.0), code.reason().as_bytes());
+        self.gone.cancel();
+    }
+
+    fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Frame>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn routes_map(&self) -> std::sync::MutexGuard<'_, HashMap<SubscriptionId, Arc<SubShared>>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_frame: self.welcome.max_frame.max(Limits::HANDSHAKE.max_frame),
+        }
+    }
+}
+
+async fn write_control(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<Frame>,
+    gone: CancellationToken,
+) {
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    loop {
+        let frame = tokio::select! {
+            frame = rx.recv() => frame,
+            () = gone.cancelled() => None,
+        };
+        let Some(frame) = frame else { break };
+        volna_proto::encode(&frame, &mut buf);
+        while buf.len() < 64 * 1024 {
+            match rx.try_recv() {
+                Ok(frame) => volna_proto::encode(&frame, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if send.write_all(&buf).await.is_err() {
+            break;
+        }
+        buf.clear();
+    }
+    gone.cancel();
+}
+
+async fn read_control(live: Arc<Live>, mut recv: quinn::RecvStream, mut buf: BytesMut) {
+    let limits = live.limits();
+    loop {
+        let frame = tokio::select! {
+            frame = read_frame(&mut recv, &mut buf, &limits) => frame,
+            () = live.gone.cancelled() => break,
+        };
+        match frame {
+            Ok(Frame::Error(e)) if e.request_id == 0 => {
+                warn!(code = %e.code, message = %e.message, "the broker reported a connection error");
+            }
+            Ok(frame) => {
+                let waiter = frame
+                    .request_id()
+                    .and_then(|id| live.pending_map().remove(&id));
+                if let Some(waiter) = waiter {
+                    let _ = waiter.send(frame);
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, "control stream ended");
+                break;
+            }
+        }
+    }
+    live.gone.cancel();
+    live.pending_map().clear();
+}
+
+async fn accept_deliveries(live: Arc<Live>) {
+    loop {
+        let stream = tokio::select! {
+            stream = live.conn.accept_uni() => stream,
+            () = live.gone.cancelled() => return,
+        };
+        match stream {
+            Ok(recv) => {
+                tokio::spawn(read_deliveries(live.clone(), recv));
+            }
+            Err(_) => {
+                live.gone.cancel();
+                return;
+            }
+        }
+    }
+}
+
+async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
+    let limits = live.limits();
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let id = match read_frame(&mut recv, &mut buf, &limits).await {
+        Ok(Frame::StreamHeader { subscription }) => subscription,
+        Ok(other) => return warn!(frame = ?other.frame_type(), "delivery stream without a header"),
+        Err(_) => return,
+    };
+    // The stream may arrive before the Subscribed reply was processed.
+    let sub = loop {
+        let notified = live.route_added.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if let Some(sub) = live.routes_map().get(&id).cloned() {
+            break sub;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = live.gone.cancelled() => return,
+        }
+    };
+    let _feeding = sub.delivery.lock().await;
+    loop {
+        let frame = tokio::select! {
+            frame = read_frame(&mut recv, &mut buf, &limits) => frame,
+            () = live.gone.cancelled() => return,
+        };
+        match frame {
+            Ok(frame) => {
+                if !sub.deliver(frame).await {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+async fn read_frame(
+    recv: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+    limits: &Limits,
+) -> Result<Frame, ClientError> {
+    loop {
+        if let Some(frame) =
+            volna_proto::decode(buf, limits).map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
+            return Ok(frame);
+        }
+        match recv.read_buf(buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(ClientError::Disconnected),
+        }
+    }
+}
+
+fn split_host_port(server: &str) -> Result<(String, u16), ClientError> {
+    let bad = || ClientError::InvalidAddress(server.to_owned());
+    let (host, port) = server.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse().map_err(|_| bad())?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
+}
+
+fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
+    let tls = match trust {
+        Trust::WebPki => {
+            let roots = RootCertStore {
+                roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+            };
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::CaFile(path) => {
+            let mut roots = RootCertStore::empty();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+            for cert in certs {
+                let cert =
+                    cert.map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| ClientError::Tls(format!("{}: {e}", path.display())))?;
+            }
+            if roots.is_empty() {
+                return Err(ClientError::Tls(format!(
+                    "{}: no certificate",
+                    path.display()
+                )));
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Pinned(fingerprint) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                fingerprint: *fingerprint,
+                provider,
+            }))
+            .with_no_client_auth(),
+    };
+    Ok(tls)
+}
+
+/// The SHA-256 fingerprint of a certificate's DER bytes, as pinned by
+/// [`Trust::Pinned`].
+pub fn fingerprint(cert_der: &[u8]) -> [u8; 32] {
+    Sha256::digest(cert_der).into()
+}
+
+/// Accepts exactly one certificate, by fingerprint; handshake signatures are
+/// still verified against that certificate's key.
+#[derive(Debug)]
+struct PinnedCert {
+    fingerprint: [u8; 32],
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCert {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if fingerprint(end_entity) == self.fingerprint {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_are_split() {
+        assert_eq!(
+            split_host_port("127.0.0.1:7400").ok(),
+            Some(("127.0.0.1".to_owned(), 7400))
+        );
+        assert_eq!(
+            split_host_port("[::1]:7400").ok(),
+            Some(("::1".to_owned(), 7400))
+        );
+        assert_eq!(
+            split_host_port("volna.example:1").ok(),
+            Some(("volna.example".to_owned(), 1))
+        );
+        assert!(split_host_port("nope").is_err());
+        assert!(split_host_port(":7400").is_err());
+        assert!(split_host_port("host:99999").is_err());
+    }
+}

@@ -1,0 +1,102 @@
+//! The client's errors: per call ([`ClientError`]) and per subscription
+//! event ([`SubscriptionError`]).
+
+use thiserror::Error;
+use volna_proto::{Epoch, ErrorCode, Offset};
+
+/// Why a client call failed.
+#[derive(Debug, Clone, Error)]
+pub enum ClientError {
+    /// The server address could not be parsed or resolved.
+    #[error("invalid server address {0:?}")]
+    InvalidAddress(String),
+    /// TLS could not be set up (unreadable CA file, bad pin…).
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The connection could not be established.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The broker refused the session (bad token, unsupported version).
+    #[error("the broker refused the session: {code}: {message}")]
+    Refused {
+        /// Why.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The broker refused the request.
+    #[error("the broker refused the request: {code}: {message}")]
+    Server {
+        /// Why.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
+    },
+    /// The payload is larger than the broker accepts; nothing was sent.
+    #[error("payload of {len} bytes exceeds the broker's limit of {max}")]
+    PayloadTooLarge {
+        /// The payload's size.
+        len: usize,
+        /// The broker's limit.
+        max: u32,
+    },
+    /// The call did not complete within the request timeout.
+    #[error("timed out")]
+    Timeout,
+    /// The connection was lost while the call was in flight.
+    #[error("disconnected")]
+    Disconnected,
+    /// The client was closed.
+    #[error("the client is closed")]
+    Closed,
+    /// The broker broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl ClientError {
+    /// The broker's error code, when the broker refused something.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused { code, .. } | Self::Server { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// Something a subscriber must know about, delivered in the message stream
+/// in its place among the messages. None of them ends the stream.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SubscriptionError {
+    /// Retention removed offsets the subscriber had not seen; delivery goes
+    /// on from `first_available`.
+    #[error("offsets {requested}..{first_available} were removed by retention")]
+    Truncated {
+        /// The offset the subscription needed next.
+        requested: Offset,
+        /// The oldest offset still stored.
+        first_available: Offset,
+    },
+    /// The channel's log was reset: offsets start over at `start` in the new
+    /// epoch.
+    #[error(
+        "the channel log was reset (epoch {previous} → {current}); delivery restarts at {start}"
+    )]
+    EpochChanged {
+        /// The epoch the subscriber knew.
+        previous: Epoch,
+        /// The channel's epoch now.
+        current: Epoch,
+        /// The first offset delivered in the new epoch.
+        start: Offset,
+    },
+    /// The broker skipped offsets without saying why. A broker bug: report
+    /// it; the stream goes on.
+    #[error("offsets {expected}..{got} are missing")]
+    Gap {
+        /// The offset expected next.
+        expected: Offset,
+        /// The offset received.
+        got: Offset,
+    },
+}

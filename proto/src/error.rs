@@ -1,0 +1,167 @@
+//! Typed error codes: per request (`Error` frames) and per connection (QUIC
+//! application close codes).
+//!
+//! Codes are stable numbers on the wire. A code this build does not know
+//! decodes to [`ErrorCode::Other`] instead of failing, so an older client keeps
+//! working against a newer broker.
+
+use std::fmt;
+
+/// Why a request failed, carried in an `Error` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The request was malformed (bad field, bad channel name).
+    BadRequest,
+    /// The `Hello` asked for a protocol version the broker does not speak.
+    UnsupportedVersion,
+    /// The token is missing, expired or invalid.
+    Unauthorized,
+    /// The token does not grant this operation on this channel.
+    Forbidden,
+    /// The payload exceeds the negotiated `max_payload`.
+    PayloadTooLarge,
+    /// The frame exceeds the negotiated `max_frame`.
+    FrameTooLarge,
+    /// The frame type is unknown.
+    UnknownFrame,
+    /// The frame is valid but not allowed here (e.g. `Publish` before `Hello`).
+    UnexpectedFrame,
+    /// Unsubscribe named a subscription this connection does not have.
+    NotSubscribed,
+    /// This connection is already subscribed to that channel.
+    AlreadySubscribed,
+    /// The connection holds as many subscriptions as it may.
+    TooManySubscriptions,
+    /// The log could not store the message; nothing was stored. Retryable.
+    StorageUnavailable,
+    /// An idempotent publish's sequence is older than the producer's dedup
+    /// window, so the broker cannot tell whether it was stored.
+    SequenceTooOld,
+    /// Too many requests; retry later.
+    RateLimited,
+    /// The broker is shutting down; retry on another connection.
+    ShuttingDown,
+    /// The broker failed unexpectedly; the request may be retried.
+    Internal,
+    /// A code this build does not know.
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// The code's number on the wire.
+    pub const fn to_u16(self) -> u16 {
+        match self {
+            Self::BadRequest => 1,
+            Self::UnsupportedVersion => 2,
+            Self::Unauthorized => 3,
+            Self::Forbidden => 4,
+            Self::PayloadTooLarge => 5,
+            Self::FrameTooLarge => 6,
+            Self::UnknownFrame => 7,
+            Self::UnexpectedFrame => 8,
+            Self::NotSubscribed => 9,
+            Self::AlreadySubscribed => 10,
+            Self::TooManySubscriptions => 11,
+            Self::StorageUnavailable => 12,
+            Self::SequenceTooOld => 13,
+            Self::RateLimited => 14,
+            Self::ShuttingDown => 15,
+            Self::Internal => 16,
+            Self::Other(code) => code,
+        }
+    }
+
+    /// The code for a number read from the wire.
+    pub const fn from_u16(code: u16) -> Self {
+        match code {
+            1 => Self::BadRequest,
+            2 => Self::UnsupportedVersion,
+            3 => Self::Unauthorized,
+            4 => Self::Forbidden,
+            5 => Self::PayloadTooLarge,
+            6 => Self::FrameTooLarge,
+            7 => Self::UnknownFrame,
+            8 => Self::UnexpectedFrame,
+            9 => Self::NotSubscribed,
+            10 => Self::AlreadySubscribed,
+            11 => Self::TooManySubscriptions,
+            12 => Self::StorageUnavailable,
+            13 => Self::SequenceTooOld,
+            14 => Self::RateLimited,
+            15 => Self::ShuttingDown,
+            16 => Self::Internal,
+            other => Self::Other(other),
+        }
+    }
+
+    /// Whether the same request may succeed if sent again later.
+    pub const fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::StorageUnavailable | Self::RateLimited | Self::ShuttingDown | Self::Internal
+        )
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Other(code) => write!(f, "error code {code}"),
+            known => write!(f, "{known:?}"),
+        }
+    }
+}
+
+/// QUIC application close codes: why the broker (or client) closed the whole
+/// connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseCode(pub u32);
+
+impl CloseCode {
+    /// Closed on purpose, nothing wrong.
+    pub const NORMAL: CloseCode = CloseCode(0);
+    /// The broker is shutting down or restarting; reconnect (elsewhere) later.
+    pub const GOING_AWAY: CloseCode = CloseCode(1);
+    /// The peer broke the protocol (bad framing, frame too large…).
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(2);
+    /// Authentication failed.
+    pub const UNAUTHORIZED: CloseCode = CloseCode(3);
+    /// The peer did not send `Hello` in time.
+    pub const HELLO_TIMEOUT: CloseCode = CloseCode(4);
+    /// The broker failed unexpectedly.
+    pub const INTERNAL: CloseCode = CloseCode(5);
+
+    /// A short, stable description for logs and close reasons.
+    pub const fn reason(self) -> &'static str {
+        match self.0 {
+            0 => "normal",
+            1 => "going away",
+            2 => "protocol error",
+            3 => "unauthorized",
+            4 => "hello timeout",
+            5 => "internal error",
+            _ => "unknown",
+        }
+    }
+}
+
+impl fmt::Display for CloseCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.reason(), self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_unknown_codes_survive() {
+        for raw in 0..=40u16 {
+            assert_eq!(ErrorCode::from_u16(raw).to_u16(), raw);
+        }
+        assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other(999));
+        assert!(ErrorCode::StorageUnavailable.is_retryable());
+        assert!(!ErrorCode::Forbidden.is_retryable());
+    }
+}

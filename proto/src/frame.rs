@@ -1,0 +1,318 @@
+//! The frames of protocol version 1.
+//!
+//! Control-stream requests carry a client-chosen `request_id` that the reply
+//! echoes, so a client may pipeline many requests; replies can arrive in any
+//! order. Delivery streams carry no request ids: their frames are ordered by
+//! offset and a `Deliver` frame is byte-identical for every subscriber of a
+//! channel, which is what lets the broker encode it once.
+
+use bytes::Bytes;
+
+use crate::{ChannelName, Epoch, ErrorCode, Offset, SubscriptionId};
+
+/// Every frame of the protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    // ── client → broker, control stream ──────────────────────────────────
+    /// First frame of a connection: who is calling.
+    Hello(Hello),
+    /// Append a message to a channel.
+    Publish(Publish),
+    /// Start receiving a channel.
+    Subscribe(Subscribe),
+    /// Stop a subscription.
+    Unsubscribe {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The subscription to stop.
+        subscription: SubscriptionId,
+    },
+    /// Liveness probe answered by `Pong`.
+    Ping {
+        /// Echoed in the reply.
+        request_id: u64,
+    },
+
+    // ── broker → client, control stream ──────────────────────────────────
+    /// Answer to `Hello`: the session is open, within these limits.
+    Welcome(Welcome),
+    /// The message is durably stored at `offset`.
+    Published {
+        /// The request this answers.
+        request_id: u64,
+        /// The offset the message was stored at.
+        offset: Offset,
+        /// The channel log's epoch.
+        epoch: Epoch,
+        /// True when this was a retry of an already stored publish.
+        duplicate: bool,
+    },
+    /// The subscription exists; its delivery stream is (being) opened.
+    Subscribed {
+        /// The request this answers.
+        request_id: u64,
+        /// The new subscription's id, also sent first on its delivery stream.
+        subscription: SubscriptionId,
+        /// The channel log's epoch (0 when the channel has no log yet).
+        epoch: Epoch,
+        /// The first offset the subscription will deliver.
+        start: Offset,
+    },
+    /// The subscription is gone; its delivery stream is finished.
+    Unsubscribed {
+        /// The request this answers.
+        request_id: u64,
+    },
+    /// Answer to `Ping`.
+    Pong {
+        /// The request this answers.
+        request_id: u64,
+    },
+    /// A request (or, with `request_id` 0, the connection) failed.
+    Error(ErrorFrame),
+
+    // ── broker → client, delivery stream ─────────────────────────────────
+    /// First frame of a delivery stream: which subscription it serves.
+    StreamHeader {
+        /// The subscription, as returned in `Subscribed`.
+        subscription: SubscriptionId,
+    },
+    /// A batch of consecutive messages of one channel.
+    Deliver(Deliver),
+    /// The offsets from `requested` up to `first_available` are gone
+    /// (retention); delivery goes on from `first_available`.
+    Truncated {
+        /// The channel.
+        channel: ChannelName,
+        /// The offset the subscription needed next.
+        requested: Offset,
+        /// The oldest offset the log still holds.
+        first_available: Offset,
+    },
+    /// The subscriber resumed with an epoch the channel no longer has: the
+    /// log was reset and offsets start over. Delivery goes on from `start`.
+    EpochChanged {
+        /// The channel.
+        channel: ChannelName,
+        /// The epoch the subscriber asked for.
+        previous: Epoch,
+        /// The channel's epoch now.
+        current: Epoch,
+        /// The offset delivery restarts from.
+        start: Offset,
+    },
+}
+
+/// `Hello`: the first frame a client sends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    /// The protocol version the client speaks.
+    pub protocol: u16,
+    /// The authentication token.
+    pub token: String,
+    /// Free-form client identification for logs, e.g. `volna-client/0.1`.
+    pub client: String,
+}
+
+/// `Welcome`: the broker accepted the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    /// The broker's id for this session, for logs on both sides.
+    pub session_id: u64,
+    /// The protocol version the session speaks.
+    pub protocol: u16,
+    /// The largest frame either side may send, header included.
+    pub max_frame: u32,
+    /// The largest payload a `Publish` may carry.
+    pub max_payload: u32,
+    /// How many subscriptions this connection may hold.
+    pub max_subscriptions: u32,
+}
+
+/// Identifies a publish for idempotent retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ProducerSeq {
+    /// A producer's identity, stable across its reconnects.
+    pub producer_id: u64,
+    /// Grows with each new publish of that producer.
+    pub sequence: u64,
+}
+
+/// `Publish`: append `payload` to `channel`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// Echoed in the reply.
+    pub request_id: u64,
+    /// The channel to append to.
+    pub channel: ChannelName,
+    /// Set to make retries idempotent.
+    pub producer: Option<ProducerSeq>,
+    /// The message body.
+    pub payload: Bytes,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Position {
+    /// Only messages published from now on.
+    Latest,
+    /// From this offset on; with an epoch, resuming a known log.
+    From {
+        /// The first offset wanted.
+        offset: Offset,
+        /// The epoch the offset belongs to, when resuming.
+        epoch: Option<Epoch>,
+    },
+    /// The last `n` stored messages, then live.
+    Last(u64),
+}
+
+/// `Subscribe`: start delivering `channel` from `position`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    /// Echoed in the reply.
+    pub request_id: u64,
+    /// The channel to receive.
+    pub channel: ChannelName,
+    /// Where to start.
+    pub position: Position,
+}
+
+/// `Error`: a request failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorFrame {
+    /// The failed request, or 0 for the connection as a whole.
+    pub request_id: u64,
+    /// What went wrong, for programs.
+    pub code: ErrorCode,
+    /// What went wrong, for people.
+    pub message: String,
+}
+
+/// One message inside a `Deliver` batch; its offset is implied by its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveredMessage {
+    /// When the broker stored it, in milliseconds since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// The message body.
+    pub payload: Bytes,
+}
+
+/// `Deliver`: messages `first_offset, first_offset + 1, …` of one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deliver {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The channel log's epoch.
+    pub epoch: Epoch,
+    /// The offset of `messages[0]`.
+    pub first_offset: Offset,
+    /// At least one message, consecutive offsets.
+    pub messages: Vec<DeliveredMessage>,
+}
+
+impl Deliver {
+    /// The offset after the batch's last message.
+    pub fn end_offset(&self) -> Offset {
+        self.first_offset.add(self.messages.len() as u64)
+    }
+}
+
+/// The type byte of each frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FrameType {
+    /// [`Frame::Hello`]
+    Hello = 0x01,
+    /// [`Frame::Publish`]
+    Publish = 0x02,
+    /// [`Frame::Subscribe`]
+    Subscribe = 0x03,
+    /// [`Frame::Unsubscribe`]
+    Unsubscribe = 0x04,
+    /// [`Frame::Ping`]
+    Ping = 0x05,
+    /// [`Frame::Welcome`]
+    Welcome = 0x41,
+    /// [`Frame::Published`]
+    Published = 0x42,
+    /// [`Frame::Subscribed`]
+    Subscribed = 0x43,
+    /// [`Frame::Unsubscribed`]
+    Unsubscribed = 0x44,
+    /// [`Frame::Pong`]
+    Pong = 0x45,
+    /// [`Frame::Error`]
+    Error = 0x46,
+    /// [`Frame::StreamHeader`]
+    StreamHeader = 0x81,
+    /// [`Frame::Deliver`]
+    Deliver = 0x82,
+    /// [`Frame::Truncated`]
+    Truncated = 0x83,
+    /// [`Frame::EpochChanged`]
+    EpochChanged = 0x84,
+}
+
+impl FrameType {
+    /// The type for a byte read from the wire, if it is one.
+    pub const fn from_u8(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0x01 => Self::Hello,
+            0x02 => Self::Publish,
+            0x03 => Self::Subscribe,
+            0x04 => Self::Unsubscribe,
+            0x05 => Self::Ping,
+            0x41 => Self::Welcome,
+            0x42 => Self::Published,
+            0x43 => Self::Subscribed,
+            0x44 => Self::Unsubscribed,
+            0x45 => Self::Pong,
+            0x46 => Self::Error,
+            0x81 => Self::StreamHeader,
+            0x82 => Self::Deliver,
+            0x83 => Self::Truncated,
+            0x84 => Self::EpochChanged,
+            _ => return None,
+        })
+    }
+}
+
+impl Frame {
+    /// This frame's type byte.
+    pub fn frame_type(&self) -> FrameType {
+        match self {
+            Self::Hello(_) => FrameType::Hello,
+            Self::Publish(_) => FrameType::Publish,
+            Self::Subscribe(_) => FrameType::Subscribe,
+            Self::Unsubscribe { .. } => FrameType::Unsubscribe,
+            Self::Ping { .. } => FrameType::Ping,
+            Self::Welcome(_) => FrameType::Welcome,
+            Self::Published { .. } => FrameType::Published,
+            Self::Subscribed { .. } => FrameType::Subscribed,
+            Self::Unsubscribed { .. } => FrameType::Unsubscribed,
+            Self::Pong { .. } => FrameType::Pong,
+            Self::Error(_) => FrameType::Error,
+            Self::StreamHeader { .. } => FrameType::StreamHeader,
+            Self::Deliver(_) => FrameType::Deliver,
+            Self::Truncated { .. } => FrameType::Truncated,
+            Self::EpochChanged { .. } => FrameType::EpochChanged,
+        }
+    }
+
+    /// The request id a control-stream frame carries, if any.
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            Self::Publish(Publish { request_id, .. })
+            | Self::Subscribe(Subscribe { request_id, .. })
+            | Self::Unsubscribe { request_id, .. }
+            | Self::Ping { request_id }
+            | Self::Published { request_id, .. }
+            | Self::Subscribed { request_id, .. }
+            | Self::Unsubscribed { request_id }
+            | Self::Pong { request_id }
+            | Self::Error(ErrorFrame { request_id, .. }) => Some(*request_id),
+            _ => None,
+        }
+    }
+}

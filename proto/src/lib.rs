@@ -1,0 +1,51 @@
+//! Volna's wire protocol, shared byte for byte by the broker and the client.
+//!
+//! This crate owns the *shape* of every message that crosses a QUIC stream:
+//! the [`Frame`] enum, the length-prefixed [`codec`], the typed [`ErrorCode`]s
+//! carried in `Error` frames and the [`CloseCode`]s carried when a connection
+//! is closed. It does no I/O, keeps no clock and depends only on `bytes` and
+//! `thiserror`, so both ends (and fuzzers) can drive it from plain buffers.
+//!
+//! ```text
+//!  client                                             broker
+//!    │ ── control stream (bidi, opened by client) ──────▶ │
+//!    │    Hello → Welcome, then Publish/Subscribe/…       │
+//!    │    each with a request id, answered by a reply     │
+//!    │    frame or Error{request_id, code}                │
+//!    │ ◀── one delivery stream per subscription (uni) ─── │
+//!    │    StreamHeader, then Deliver batches and the      │
+//!    │    Truncated / EpochChanged events, in offset order│
+//! ```
+//!
+//! What it does not do: decide anything. Which offsets exist, who may publish
+//! and how a slow subscriber is served are the broker's business; this crate
+//! only guarantees that a frame decodes to what was encoded, and that a
+//! decoder never allocates for, or trusts, a length it has not checked
+//! against the negotiated [`Limits`].
+
+mod codec_impl;
+mod error;
+mod frame;
+mod names;
+
+pub use codec_impl::{DecodeError, Limits, decode, encode, encode_deliver, encoded_len};
+pub use error::{CloseCode, ErrorCode};
+pub use frame::{
+    Deliver, DeliveredMessage, ErrorFrame, Frame, FrameType, Hello, Position, ProducerSeq, Publish,
+    Subscribe, Welcome,
+};
+pub use names::{ChannelName, Epoch, InvalidChannelName, Offset, SubscriptionId};
+
+/// The codec entry points, grouped for readers who look for them by module.
+pub mod codec {
+    pub use crate::codec_impl::{
+        DecodeError, FRAME_HEADER_LEN, Limits, decode, encode, encode_deliver, encoded_len,
+    };
+}
+
+/// ALPN token negotiated in the TLS handshake; a peer without it is refused.
+pub const ALPN: &[u8] = b"volna/1";
+
+/// The protocol version a `Hello` carries. A broker refuses versions it does
+/// not speak with [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u16 = 1;

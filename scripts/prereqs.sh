@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what building Volna needs beyond a Rust toolchain, only when it is
+# missing: clang and libclang (RocksDB's bindings) and cargo-nextest (tests).
+# Sourced by the other scripts; also sets a CARGO_TARGET_DIR that outlives
+# clones, so RocksDB's C++ (minutes on two cores) is compiled once.
+set -euo pipefail
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/volna-target}"
+
+have_libclang() {
+    ldconfig -p 2>/dev/null | grep -q 'libclang[-.0-9]*\.so' ||
+        compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null
+}
+
+if ! command -v clang >/dev/null 2>&1 || ! have_libclang; then
+    echo "volna: installing clang and libclang-dev (needed by RocksDB's bindings)" >&2
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang libclang-dev >/dev/null
+fi
+
+if [ "${VOLNA_NEED_NEXTEST:-0}" = 1 ] && ! cargo nextest --version >/dev/null 2>&1; then
+    echo "volna: installing cargo-nextest" >&2
+    cargo install cargo-nextest --locked
+fi
