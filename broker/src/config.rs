@@ -107,7 +107,9 @@ pub struct EngineConfig {
     /// Bytes of recently committed, encoded batches each subscribed channel
     /// keeps in memory; subscribers behind it read the log instead.
     pub channel_ring_bytes: usize,
-    /// Idempotent-publish window: sequences remembered per producer.
+    /// Idempotent-publish window: sequences remembered per producer. A
+    /// retry is recognised while fewer than this many newer publishes of
+    /// the same producer were stored; clients keep fewer in flight.
     pub producer_window: usize,
     /// How often retention runs, in milliseconds.
     pub retention_interval_ms: u64,
@@ -121,7 +123,7 @@ impl Default for EngineConfig {
             max_batch_bytes: 8 * 1024 * 1024,
             reader_threads: 2,
             channel_ring_bytes: 4 * 1024 * 1024,
-            producer_window: 64,
+            producer_window: 256,
             retention_interval_ms: 10_000,
         }
     }

@@ -253,15 +253,14 @@ impl Sequencer {
                     .remove(&seq.producer_id)
                     .or_else(|| self.producers.get(&seq.producer_id).cloned())
                     .unwrap_or_default();
-                window.insert(
-                    ProducerEntry {
-                        sequence: seq.sequence,
-                        channel: meta.id,
-                        offset,
-                        epoch: meta.epoch,
-                    },
-                    self.producer_window,
-                );
+                let entry = ProducerEntry {
+                    sequence: seq.sequence,
+                    channel: meta.id,
+                    offset,
+                    epoch: meta.epoch,
+                };
+                window.insert(entry, self.producer_window);
+                p.set.producers.push((seq.producer_id, entry));
                 p.producers.insert(seq.producer_id, window);
             }
             p.outcomes.push(Outcome::Stored(Appended {
@@ -289,7 +288,12 @@ impl Sequencer {
             p.channels.insert(channel, meta);
         }
         p.set.channels = p.channels.iter().map(|(n, m)| (n.clone(), *m)).collect();
-        p.set.producers = p.producers.iter().map(|(id, w)| (*id, w.clone())).collect();
+        for (id, window) in &p.producers {
+            let before = self.producers.get(id).map_or(0, |w| w.evicted_below);
+            if window.evicted_below > before {
+                p.set.producer_evictions.push((*id, window.evicted_below));
+            }
+        }
         p
     }
 
@@ -377,7 +381,9 @@ pub fn start(
         Arc::new(sequencer.channels().map(|(n, m)| (n.clone(), *m)).collect());
     let (commands, command_rx) = queue::bounded(engine.writer_queue);
     let (reads, read_rx) = queue::bounded(engine.reader_threads * 64);
+    let closed = Arc::new(AtomicBool::new(false));
     let writer = Writer {
+        closed: closed.clone(),
         store: store.clone(),
         listener,
         directory: directory.clone(),
@@ -394,10 +400,11 @@ pub fn start(
     for i in 0..engine.reader_threads {
         let store = store.clone();
         let rx = read_rx.clone();
+        let closed = closed.clone();
         readers.push(
             std::thread::Builder::new()
                 .name(format!("volna-log-reader-{i}"))
-                .spawn(move || run_reader(store, rx))
+                .spawn(move || run_reader(store, rx, &closed))
                 .map_err(|e| StoreError::Engine(format!("cannot start a reader thread: {e}")))?,
         );
     }
@@ -407,7 +414,7 @@ pub fn start(
             commands,
             reads,
             directory,
-            closed: Arc::new(AtomicBool::new(false)),
+            closed,
         },
         writer: Some(writer),
         readers,
@@ -427,8 +434,8 @@ impl LogThreads {
         self.log.closed.store(true, Ordering::SeqCst);
         self.log.commands.close();
         self.log.reads.close();
-        // The threads exit when every sender is gone; senders held by
-        // sessions that are still closing go away with them.
+        // The threads drain what is queued, then see `closed` and exit, even
+        // while sessions that are still closing hold senders.
         drop(self.log);
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
@@ -519,6 +526,7 @@ impl Log {
 }
 
 struct Writer {
+    closed: Arc<AtomicBool>,
     store: Arc<dyn LogStore>,
     listener: Arc<dyn CommitListener>,
     directory: Arc<Directory>,
@@ -531,7 +539,7 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: Receiver<Queued<Command>>) {
         let mut healthy = true;
-        while let Ok(first) = rx.recv() {
+        while let Some(first) = next_or_stop(&rx, &self.closed) {
             // Group commit: everything already queued, up to the batch
             // limits, goes into one WriteBatch and one (optional) fsync.
             let mut appends = Vec::new();
@@ -613,11 +621,27 @@ impl Writer {
     }
 }
 
-fn run_reader(store: Arc<dyn LogStore>, rx: Receiver<Queued<ReadRequest>>) {
-    while let Ok(queued) = rx.recv() {
+fn run_reader(store: Arc<dyn LogStore>, rx: Receiver<Queued<ReadRequest>>, closed: &AtomicBool) {
+    while let Some(queued) = next_or_stop(&rx, closed) {
         let r = queued.item;
         let result = store.read(r.channel, r.from, r.until, r.max_messages, r.max_bytes);
         let _ = r.reply.send(result);
+    }
+}
+
+/// The next queued item; `None` once the queue is empty and the log closed
+/// (or every sender is gone).
+fn next_or_stop<T>(rx: &Receiver<T>, closed: &AtomicBool) -> Option<T> {
+    loop {
+        match rx.recv_timeout(std::time::Duration::from_millis(50)) {
+            Ok(item) => return Some(item),
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                if closed.load(Ordering::SeqCst) {
+                    return None;
+                }
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+        }
     }
 }
 
@@ -625,4 +649,179 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::store::MemoryStore;
+
+    fn input(channel: &str, producer: Option<(u64, u64)>, payload: &'static str) -> AppendInput {
+        AppendInput {
+            channel: ChannelName::new(channel).expect("name"),
+            producer: producer.map(|(producer_id, sequence)| ProducerSeq {
+                producer_id,
+                sequence,
+            }),
+            payload: Bytes::from_static(payload.as_bytes()),
+        }
+    }
+
+    fn offsets(p: &Prepared) -> Vec<Result<(u64, bool), AppendError>> {
+        p.outcomes
+            .iter()
+            .map(|o| match o {
+                Outcome::Stored(a) => Ok((a.offset.get(), a.duplicate)),
+                Outcome::Refused(e) => Err(e.clone()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn offsets_are_gapless_per_channel_and_survive_commit() {
+        let mut seq = Sequencer::new(Recovered::default(), 8);
+        let batch = [
+            input("chat.a", None, "1"),
+            input("chat.b", None, "1"),
+            input("chat.a", None, "2"),
+        ];
+        let mut p = seq.prepare(&batch, [], 0, &mut || Epoch(1));
+        assert_eq!(
+            offsets(&p),
+            [Ok((1, false)), Ok((1, false)), Ok((2, false))]
+        );
+        assert_eq!(p.set.messages.len(), 3);
+        assert_eq!(p.by_channel.len(), 2);
+        seq.commit(&mut p);
+        let p = seq.prepare(&[input("chat.a", None, "3")], [], 0, &mut || Epoch(2));
+        assert_eq!(offsets(&p), [Ok((3, false))]);
+        // Not committed: the sequencer did not move.
+        let p = seq.prepare(&[input("chat.a", None, "3")], [], 0, &mut || Epoch(2));
+        assert_eq!(offsets(&p), [Ok((3, false))]);
+    }
+
+    #[test]
+    fn producer_retries_are_deduplicated_in_and_across_batches() {
+        let mut seq = Sequencer::new(Recovered::default(), 2);
+        let batch = [
+            input("chat.a", Some((7, 1)), "x"),
+            input("chat.a", Some((7, 1)), "x"),
+            input("chat.a", Some((7, 3)), "y"),
+        ];
+        let mut p = seq.prepare(&batch, [], 0, &mut || Epoch(1));
+        assert_eq!(offsets(&p), [Ok((1, false)), Ok((1, true)), Ok((2, false))]);
+        assert_eq!(p.set.messages.len(), 2);
+        seq.commit(&mut p);
+        // Sequence 2 was never stored: out of order but new, so stored.
+        let mut p = seq.prepare(&[input("chat.a", Some((7, 2)), "z")], [], 0, &mut || {
+            Epoch(1)
+        });
+        assert_eq!(offsets(&p), [Ok((3, false))]);
+        seq.commit(&mut p);
+        // Window of 2 keeps sequences 2 and 3; 1 was forgotten.
+        let p = seq.prepare(
+            &[
+                input("chat.a", Some((7, 3)), "y"),
+                input("chat.a", Some((7, 1)), "x"),
+                input("chat.b", Some((7, 2)), "z"),
+            ],
+            [],
+            0,
+            &mut || Epoch(1),
+        );
+        assert_eq!(
+            offsets(&p),
+            [
+                Ok((2, true)),
+                Err(AppendError::SequenceTooOld {
+                    producer_id: 7,
+                    sequence: 1
+                }),
+                Err(AppendError::SequenceReused {
+                    producer_id: 7,
+                    sequence: 2
+                }),
+            ]
+        );
+    }
+
+    #[test]
+    fn trims_move_the_first_offset_and_never_past_the_head() {
+        let mut seq = Sequencer::new(Recovered::default(), 8);
+        let batch: Vec<_> = (0..5).map(|_| input("chat.a", None, "ab")).collect();
+        let mut p = seq.prepare(&batch, [], 0, &mut || Epoch(1));
+        seq.commit(&mut p);
+        let chat = ChannelName::new("chat.a").expect("name");
+        let mut p = seq.prepare(&[], [(chat.clone(), Offset::new(3), 4)], 0, &mut || {
+            Epoch(1)
+        });
+        assert_eq!(p.set.deletions, [(1, Offset::new(1), Offset::new(3))]);
+        seq.commit(&mut p);
+        let meta = seq.channels().find(|(n, _)| **n == chat).map(|(_, m)| *m);
+        assert_eq!(meta.map(|m| (m.first_offset.get(), m.bytes)), Some((3, 6)));
+        let p = seq.prepare(&[], [(chat, Offset::new(99), 6)], 0, &mut || Epoch(1));
+        assert_eq!(p.set.deletions, [(1, Offset::new(3), Offset::new(6))]);
+    }
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(String, Vec<u64>)>>);
+    impl CommitListener for Recorder {
+        fn committed(&self, channel: &ChannelName, _: &ChannelMeta, messages: &[StoredMessage]) {
+            let offsets = messages.iter().map(|m| m.offset.get()).collect();
+            self.0
+                .lock()
+                .expect("lock")
+                .push((channel.to_string(), offsets));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_acks_nothing_and_the_log_recovers() {
+        let store = Arc::new(MemoryStore::new());
+        let recorder = Arc::new(Recorder::default());
+        let threads = start(
+            store.clone(),
+            recorder.clone(),
+            Durability::Fsync,
+            &EngineConfig::default(),
+        )
+        .expect("log");
+        let log = threads.log().clone();
+        assert_eq!(
+            log.append(input("chat.a", None, "1"))
+                .await
+                .map(|a| a.offset.get()),
+            Ok(1)
+        );
+        store.fail_next_write();
+        assert!(matches!(
+            log.append(input("chat.a", None, "2")).await,
+            Err(AppendError::Storage(_))
+        ));
+        // The next batch probes the store's health first and goes through;
+        // the failed publish did not consume an offset.
+        assert_eq!(
+            log.append(input("chat.a", None, "2"))
+                .await
+                .map(|a| a.offset.get()),
+            Ok(2)
+        );
+        let seen = recorder.0.lock().expect("lock").clone();
+        assert_eq!(
+            seen,
+            [
+                ("chat.a".to_owned(), vec![1]),
+                ("chat.a".to_owned(), vec![2])
+            ]
+        );
+        threads.shutdown();
+        assert!(matches!(
+            log.append(input("chat.a", None, "3")).await,
+            Err(AppendError::ShuttingDown)
+        ));
+        let recovered = store.recover().expect("recover");
+        assert_eq!(recovered.channels[0].1.next_offset, Offset::new(3));
+    }
 }

@@ -120,7 +120,9 @@ mod tests {
         assert_eq!(first.item, 1);
         drop(first);
         tx.try_send(3).expect("a place was freed");
-        drop(rx);
+        tx.close();
         assert_eq!(tx.send(4).await, Err(Closed));
+        assert_eq!(tx.try_send(4), Err(TrySendError::Closed));
+        drop(rx);
     }
 }

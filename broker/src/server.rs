@@ -213,3 +213,23 @@ impl Broker {
         info!("stopped");
     }
 }
+
+impl Drop for Broker {
+    /// A broker dropped without [`Broker::shutdown`] (a test that ends, a
+    /// panic) still stops its log threads and closes RocksDB before the
+    /// process exits: RocksDB must not be running while its statics are
+    /// torn down. This blocks for as long as the writer needs to commit
+    /// what is queued.
+    fn drop(&mut self) {
+        if let Some(threads) = self.log_threads.take() {
+            self.shutdown.cancel();
+            let code = CloseCode::GOING_AWAY;
+            self.endpoint
+                .close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
+            for task in self.tasks.drain(..) {
+                task.abort();
+            }
+            threads.shutdown();
+        }
+    }
+}

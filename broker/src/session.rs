@@ -87,6 +87,13 @@ impl BrokerContext {
 pub trait Connection: Send + Sync + 'static {
     /// A delivery stream.
     type Sink: DeliverySink;
+    /// The sending half of the control stream.
+    type ControlSend: AsyncWrite + Unpin + Send + 'static;
+
+    /// Ends the control stream after what was written and waits (bounded)
+    /// until the peer has it, so that a last `Error` frame arrives before
+    /// the connection is closed.
+    fn finish_control(send: Self::ControlSend) -> impl Future<Output = ()> + Send;
 
     /// Opens a new delivery stream to the client.
     fn open_delivery(&self) -> impl Future<Output = Result<Self::Sink, SinkError>> + Send;
@@ -112,17 +119,16 @@ type PendingAck = Pin<Box<dyn Future<Output = (u64, Result<Appended, AppendError
 
 /// Runs a session over an accepted control stream until it ends, then
 /// closes the connection with the matching code.
-pub async fn run<C, R, W>(ctx: Arc<BrokerContext>, conn: Arc<C>, recv: R, send: W)
+pub async fn run<C, R>(ctx: Arc<BrokerContext>, conn: Arc<C>, recv: R, send: C::ControlSend)
 where
     C: Connection,
     R: AsyncRead + Unpin + Send,
-    W: AsyncWrite + Unpin + Send + 'static,
 {
     let session_id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", id = session_id);
     async move {
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let writer = tokio::spawn(write_control(send, control_rx));
+        let writer = tokio::spawn(write_control::<C>(send, control_rx));
         let mut session = Session {
             ctx: ctx.clone(),
             conn: conn.clone(),
@@ -464,7 +470,7 @@ async fn read_frame(
 
 /// Writes queued control frames, coalescing whatever is queued into one
 /// write.
-async fn write_control(mut send: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver<Frame>) {
+async fn write_control<C: Connection>(mut send: C::ControlSend, mut rx: mpsc::Receiver<Frame>) {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     while let Some(frame) = rx.recv().await {
         volna_proto::encode(&frame, &mut buf);
@@ -479,5 +485,5 @@ async fn write_control(mut send: impl AsyncWrite + Unpin, mut rx: mpsc::Receiver
         }
         buf.clear();
     }
-    let _ = send.shutdown().await;
+    C::finish_control(send).await;
 }

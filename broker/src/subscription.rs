@@ -80,7 +80,7 @@ pub async fn run(
                 }
                 NextStep::Wait => {
                     if feed.changed().await.is_err() {
-                        return Ok(());
+                        return Ok::<(), SinkError>(());
                     }
                 }
             }
@@ -166,8 +166,8 @@ pub fn resolve_start(
             Vec::new(),
         ),
         Position::From {
-            offset,
             epoch: Some(previous),
+            ..
         } if previous != epoch => (
             first,
             epoch,

@@ -20,6 +20,10 @@ use volna_proto::CloseCode;
 use crate::session::{self, BrokerContext, Connection};
 use crate::subscription::{DeliverySink, SinkError};
 
+/// How long a closing session waits for its last control frames to be
+/// acknowledged before the connection is closed.
+const CONTROL_FLUSH: Duration = Duration::from_secs(2);
+
 /// Why the endpoint could not start.
 #[derive(Debug, Error)]
 pub enum TransportError {
@@ -107,6 +111,13 @@ pub struct QuicDeliveryStream(quinn::SendStream);
 
 impl Connection for QuicConnection {
     type Sink = QuicDeliveryStream;
+    type ControlSend = quinn::SendStream;
+
+    async fn finish_control(mut send: quinn::SendStream) {
+        if send.finish().is_ok() {
+            let _ = tokio::time::timeout(CONTROL_FLUSH, send.stopped()).await;
+        }
+    }
 
     async fn open_delivery(&self) -> Result<Self::Sink, SinkError> {
         self.0

@@ -185,3 +185,11 @@ async fn a_connection_that_never_says_hello_is_closed() {
         Some(CloseCode::HELLO_TIMEOUT.0.into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_tells_clients_the_broker_is_going_away() {
+    let mut broker = TestBroker::start().await;
+    let raw = RawConnection::hello(&broker).await;
+    broker.stop().await;
+    assert_eq!(raw.close_code().await, Some(CloseCode::GOING_AWAY.0.into()));
+}

@@ -144,6 +144,38 @@ impl BrokerProcess {
         Ok(())
     }
 
+    /// SIGTERM, then waits for the process to exit; returns whether it
+    /// exited successfully within `within`.
+    pub fn terminate(&mut self, within: Duration) -> Result<bool, ChaosError> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()?;
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                child.kill()?;
+                child.wait()?;
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the broker again (after [`kill`](Self::kill) or
+    /// [`terminate`](Self::terminate), or killing it now) on the same
+    /// directory and port.
+    pub fn start_again(&mut self) -> Result<(), ChaosError> {
+        self.kill()?;
+        self.spawn()
+    }
+
     /// Starts the broker again on the same directory and port.
     pub fn restart(&mut self) -> Result<(), ChaosError> {
         self.kill()?;

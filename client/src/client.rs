@@ -62,6 +62,7 @@ struct Inner {
     producer_id: u64,
     next_sequence: AtomicU64,
     max_payload: AtomicU32,
+    publish_slots: tokio::sync::Semaphore,
     closed: CancellationToken,
 }
 
@@ -70,6 +71,7 @@ impl Client {
     /// Later disconnections are repaired in the background.
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let transport = Transport::new(&config)?;
+        let config_inflight = config.max_inflight_publishes.max(1);
         let live = transport.establish(&config).await?;
         let inner = Arc::new(Inner {
             max_payload: AtomicU32::new(live.welcome.max_payload),
@@ -80,6 +82,7 @@ impl Client {
             next_sub: AtomicU64::new(1),
             producer_id: rand::random(),
             next_sequence: AtomicU64::new(1),
+            publish_slots: tokio::sync::Semaphore::new(config_inflight),
             closed: CancellationToken::new(),
         });
         tokio::spawn(supervise(inner.clone(), live));
@@ -91,6 +94,7 @@ impl Client {
 
     /// Publishes `payload` to `channel`; returns once it is durably stored.
     /// Retries across reconnects (idempotently) until the request timeout.
+    /// Up to `max_inflight_publishes` calls proceed at once; more wait.
     pub async fn publish(
         &self,
         channel: &ChannelName,
@@ -104,19 +108,28 @@ impl Client {
                 max,
             });
         }
-        let producer = ProducerSeq {
-            producer_id: self.inner.producer_id,
-            sequence: self.inner.next_sequence.fetch_add(1, Ordering::Relaxed),
-        };
         let deadline = Instant::now() + self.inner.config.request_timeout;
+        let _slot = tokio::time::timeout_at(deadline, self.inner.publish_slots.acquire())
+            .await
+            .map_err(|_| ClientError::Timeout)?
+            .map_err(|_| ClientError::Closed)?;
+        // Allocated when first queued, so sequences reach the broker in
+        // order; every retry reuses it.
+        let mut sequence = None;
         let mut attempt = 0;
         loop {
             let live = self.inner.wait_live(deadline).await?;
             let request = live.request(|request_id| {
+                let sequence = *sequence.get_or_insert_with(|| {
+                    self.inner.next_sequence.fetch_add(1, Ordering::Relaxed)
+                });
                 Frame::Publish(Publish {
                     request_id,
                     channel: channel.clone(),
-                    producer: Some(producer),
+                    producer: Some(ProducerSeq {
+                        producer_id: self.inner.producer_id,
+                        sequence,
+                    }),
                     payload: payload.clone(),
                 })
             });

@@ -67,6 +67,10 @@ pub struct ClientConfig {
     pub backoff: Backoff,
     /// How long a `publish` may take, reconnects and retries included.
     pub request_timeout: Duration,
+    /// Publishes in flight at once; keep it below the broker's
+    /// `engine.producer_window` (256 by default) so that every retry after
+    /// a reconnect is recognised as one.
+    pub max_inflight_publishes: usize,
     /// Messages buffered per subscription before the client stops reading
     /// its stream (and the broker serves it from the log later).
     pub subscription_buffer: usize,
@@ -86,6 +90,7 @@ impl ClientConfig {
             client_name: concat!("volna-client/", env!("CARGO_PKG_VERSION")).to_owned(),
             backoff: Backoff::default(),
             request_timeout: Duration::from_secs(30),
+            max_inflight_publishes: 128,
             subscription_buffer: 4096,
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),

@@ -174,15 +174,20 @@ impl Live {
     }
 
     /// Sends a request built around a fresh request id and waits for its
-    /// reply (a reply frame or an `Error`).
+    /// reply (a reply frame or an `Error`). Requests are sent in the order
+    /// their `build` closures run.
     pub async fn request(&self, build: impl FnOnce(u64) -> Frame) -> Result<Frame, ClientError> {
+        // Build the frame only once it has a place in the queue, so that
+        // whatever `build` allocates (a producer sequence) is in queue order.
+        let permit = self
+            .control
+            .reserve()
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending_map().insert(id, tx);
-        if self.control.send(build(id)).await.is_err() {
-            self.pending_map().remove(&id);
-            return Err(ClientError::Disconnected);
-        }
+        permit.send(build(id));
         tokio::select! {
             reply = rx => reply.map_err(|_| ClientError::Disconnected),
             () = self.gone.cancelled() => {

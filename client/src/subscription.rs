@@ -75,8 +75,17 @@ impl SubShared {
             channel,
             position: Mutex::new(SubPosition {
                 initial,
-                next: None,
-                epoch: None,
+                // An explicit start is where the application's stream
+                // begins: anything the broker cannot deliver from there on
+                // is reported (Truncated), never skipped.
+                next: match initial {
+                    Position::From { offset, .. } => Some(offset),
+                    Position::Latest | Position::Last(_) => None,
+                },
+                epoch: match initial {
+                    Position::From { epoch, .. } => epoch,
+                    Position::Latest | Position::Last(_) => None,
+                },
             }),
             tx,
             delivery: tokio::sync::Mutex::new(()),

@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use volna_proto::{ChannelName, Offset};
 
+use super::record::windows_from_entries;
 use super::{
-    ChannelId, ChannelMeta, LogStore, ProducerWindow, Recovered, StoreError, StoredMessage,
-    WriteSet,
+    ChannelId, ChannelMeta, LogStore, ProducerEntry, Recovered, StoreError, StoredMessage, WriteSet,
 };
 
 /// A store that forgets everything when dropped.
@@ -25,7 +25,7 @@ pub struct MemoryStore {
 struct State {
     messages: BTreeMap<(ChannelId, Offset), StoredMessage>,
     channels: HashMap<ChannelName, ChannelMeta>,
-    producers: HashMap<u64, ProducerWindow>,
+    producers: BTreeMap<(u64, u64), ProducerEntry>,
     poisoned: Option<String>,
 }
 
@@ -56,12 +56,7 @@ impl LogStore for MemoryStore {
             .map(|(n, m)| (n.clone(), *m))
             .collect();
         channels.sort_by_key(|(_, m)| m.id);
-        let mut producers: Vec<_> = state
-            .producers
-            .iter()
-            .map(|(id, w)| (*id, w.clone()))
-            .collect();
-        producers.sort_by_key(|(id, _)| *id);
+        let producers = windows_from_entries(state.producers.iter().map(|((p, _), e)| (*p, *e)));
         Ok(Recovered {
             channels,
             producers,
@@ -96,8 +91,18 @@ impl LogStore for MemoryStore {
         for (name, meta) in &set.channels {
             state.channels.insert(name.clone(), *meta);
         }
-        for (id, window) in &set.producers {
-            state.producers.insert(*id, window.clone());
+        for (producer, entry) in &set.producers {
+            state.producers.insert((*producer, entry.sequence), *entry);
+        }
+        for (producer, below) in &set.producer_evictions {
+            let gone: Vec<_> = state
+                .producers
+                .range((*producer, 0)..(*producer, *below))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in gone {
+                state.producers.remove(&k);
+            }
         }
         Ok(())
     }

@@ -154,7 +154,8 @@ pub enum SequenceStatus {
 pub struct Recovered {
     /// Every channel with its metadata.
     pub channels: Vec<(ChannelName, ChannelMeta)>,
-    /// Every producer's dedup window.
+    /// Every producer's dedup window (after recovery `evicted_below` is
+    /// the lowest remembered sequence: conservative, never wrong).
     pub producers: Vec<(u64, ProducerWindow)>,
 }
 
@@ -165,8 +166,11 @@ pub struct WriteSet {
     pub messages: Vec<(ChannelId, StoredMessage)>,
     /// Channel metadata to write (insert or replace).
     pub channels: Vec<(ChannelName, ChannelMeta)>,
-    /// Producer windows to write (insert or replace).
-    pub producers: Vec<(u64, ProducerWindow)>,
+    /// Producer sequences to remember, one key each.
+    pub producers: Vec<(u64, ProducerEntry)>,
+    /// Producer sequences to forget: every sequence of the producer below
+    /// the given one.
+    pub producer_evictions: Vec<(u64, u64)>,
     /// Offsets `[from, to)` of a channel to delete (retention).
     pub deletions: Vec<(ChannelId, Offset, Offset)>,
 }
@@ -177,6 +181,7 @@ impl WriteSet {
         self.messages.is_empty()
             && self.channels.is_empty()
             && self.producers.is_empty()
+            && self.producer_evictions.is_empty()
             && self.deletions.is_empty()
     }
 }
@@ -197,7 +202,7 @@ pub enum StoreError {
 }
 
 /// The durable log.
-pub trait LogStore: Send + Sync + 'static {
+pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
     /// Reads back every channel's metadata and every producer window.
     fn recover(&self) -> Result<Recovered, StoreError>;
 
@@ -255,17 +260,19 @@ pub(crate) mod contract {
         meta.next_offset = Offset::new(6);
         meta.bytes = 25;
         set.channels.push((channel("chat.1"), meta));
-        let mut window = ProducerWindow::default();
-        window.insert(
-            ProducerEntry {
-                sequence: 9,
-                channel: 7,
-                offset: Offset::new(5),
-                epoch: Epoch(42),
-            },
-            8,
-        );
-        set.producers.push((1234, window.clone()));
+        let entry = |sequence| ProducerEntry {
+            sequence,
+            channel: 7,
+            offset: Offset::new(sequence),
+            epoch: Epoch(42),
+        };
+        set.producers
+            .extend([(1234, entry(3)), (1234, entry(5)), (1234, entry(9))]);
+        set.producer_evictions.push((1234, 4));
+        let window = ProducerWindow {
+            evicted_below: 5,
+            entries: [entry(5), entry(9)].into(),
+        };
         store.write(&set, true).expect("write");
 
         let all = store

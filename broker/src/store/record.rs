@@ -111,41 +111,55 @@ pub fn decode_meta(mut value: &[u8]) -> Result<ChannelMeta, RecordError> {
     })
 }
 
-/// `version ‖ evicted_below ‖ count ‖ (sequence ‖ channel ‖ offset ‖ epoch)*`.
-pub fn encode_window(window: &ProducerWindow) -> Vec<u8> {
-    let mut out = Vec::with_capacity(13 + window.entries.len() * 32);
-    out.put_u8(VERSION);
-    out.put_u64(window.evicted_below);
-    out.put_u32(window.entries.len() as u32);
-    for e in &window.entries {
-        out.put_u64(e.sequence);
-        out.put_u64(e.channel);
-        out.put_u64(e.offset.get());
-        out.put_u64(e.epoch.0);
-    }
+/// `producer_id ‖ sequence`, both big-endian.
+pub fn producer_key(producer: u64, sequence: u64) -> [u8; 16] {
+    message_key(producer, Offset::new(sequence))
+}
+
+/// `version ‖ channel ‖ offset ‖ epoch`.
+pub fn encode_producer_entry(entry: &ProducerEntry) -> [u8; 25] {
+    let mut out = [0u8; 25];
+    out[0] = VERSION;
+    out[1..9].copy_from_slice(&entry.channel.to_be_bytes());
+    out[9..17].copy_from_slice(&entry.offset.get().to_be_bytes());
+    out[17..25].copy_from_slice(&entry.epoch.0.to_be_bytes());
     out
 }
 
-/// Decodes a producer window.
-pub fn decode_window(mut value: &[u8]) -> Result<ProducerWindow, RecordError> {
+/// Decodes a producer entry stored under `(producer, sequence)`.
+pub fn decode_producer_entry(
+    sequence: u64,
+    mut value: &[u8],
+) -> Result<ProducerEntry, RecordError> {
     const WHAT: &str = "producer";
     check_version(&mut value, WHAT)?;
-    need(&value, 12, WHAT)?;
-    let mut window = ProducerWindow {
-        evicted_below: value.get_u64(),
-        ..ProducerWindow::default()
-    };
-    let count = value.get_u32() as usize;
-    need(&value, count.saturating_mul(32), WHAT)?;
-    for _ in 0..count {
-        window.entries.push_back(ProducerEntry {
-            sequence: value.get_u64(),
-            channel: value.get_u64(),
-            offset: Offset::new(value.get_u64()),
-            epoch: Epoch(value.get_u64()),
-        });
+    need(&value, 24, WHAT)?;
+    Ok(ProducerEntry {
+        sequence,
+        channel: value.get_u64(),
+        offset: Offset::new(value.get_u64()),
+        epoch: Epoch(value.get_u64()),
+    })
+}
+
+/// Groups recovered `(producer, entry)` pairs, sorted by key, into windows.
+pub fn windows_from_entries(
+    entries: impl IntoIterator<Item = (u64, ProducerEntry)>,
+) -> Vec<(u64, ProducerWindow)> {
+    let mut out: Vec<(u64, ProducerWindow)> = Vec::new();
+    for (producer, entry) in entries {
+        match out.last_mut() {
+            Some((p, window)) if *p == producer => window.entries.push_back(entry),
+            _ => out.push((
+                producer,
+                ProducerWindow {
+                    evicted_below: entry.sequence,
+                    entries: [entry].into(),
+                },
+            )),
+        }
     }
-    Ok(window)
+    out
 }
 
 fn check_version(value: &mut impl Buf, what: &'static str) -> Result<(), RecordError> {
@@ -201,17 +215,13 @@ mod tests {
         };
         assert_eq!(decode_meta(&encode_meta(&meta)), Ok(meta));
 
-        let mut w = ProducerWindow::default();
-        w.insert(
-            ProducerEntry {
-                sequence: 1,
-                channel: 2,
-                offset: Offset::new(3),
-                epoch: Epoch(4),
-            },
-            4,
-        );
-        assert_eq!(decode_window(&encode_window(&w)), Ok(w));
+        let e = ProducerEntry {
+            sequence: 1,
+            channel: 2,
+            offset: Offset::new(3),
+            epoch: Epoch(4),
+        };
+        assert_eq!(decode_producer_entry(1, &encode_producer_entry(&e)), Ok(e));
     }
 
     #[test]
@@ -228,7 +238,7 @@ mod tests {
             })
         );
         assert_eq!(
-            decode_window(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]),
+            decode_producer_entry(1, &[1, 0, 0]),
             Err(RecordError::Truncated { what: "producer" })
         );
         assert!(decode_message(Offset::FIRST, Bytes::from_static(&[1, 0])).is_err());

@@ -2,7 +2,7 @@
 //!
 //! - `messages`: `channel_id ‖ offset` → message record
 //! - `channels`: channel name → channel metadata
-//! - `producers`: producer id → dedup window
+//! - `producers`: `producer_id ‖ sequence` → where that publish was stored
 //!
 //! One [`WriteSet`] is one RocksDB `WriteBatch`, so messages, the channel's
 //! new `next_offset` and the producer window land together or not at all:
@@ -19,8 +19,8 @@ use rocksdb::{
 use volna_proto::{ChannelName, Offset};
 
 use super::record::{
-    decode_message, decode_meta, decode_window, encode_message, encode_meta, encode_window,
-    message_key, parse_message_key,
+    decode_message, decode_meta, decode_producer_entry, encode_message, encode_meta,
+    encode_producer_entry, message_key, parse_message_key, producer_key, windows_from_entries,
 };
 use super::{ChannelId, LogStore, Recovered, StoreError, StoredMessage, WriteSet};
 
@@ -103,18 +103,20 @@ impl LogStore for RocksStore {
                 .map_err(|e| StoreError::Engine(format!("stored channel name is invalid: {e}")))?;
             recovered.channels.push((name, decode_meta(&value)?));
         }
+        let mut entries = Vec::new();
         for item in self
             .db
             .iterator_cf(self.cf(CF_PRODUCERS)?, IteratorMode::Start)
         {
             let (key, value) = item.map_err(engine)?;
-            let id = key
-                .as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| StoreError::Engine("stored producer key is not 8 bytes".into()))?;
-            recovered.producers.push((id, decode_window(&value)?));
+            let Some((producer, sequence)) = parse_message_key(&key) else {
+                return Err(StoreError::Engine(
+                    "stored producer key is not 16 bytes".into(),
+                ));
+            };
+            entries.push((producer, decode_producer_entry(sequence.get(), &value)?));
         }
+        recovered.producers = windows_from_entries(entries);
         recovered.channels.sort_by_key(|(_, m)| m.id);
         Ok(recovered)
     }
@@ -143,8 +145,19 @@ impl LogStore for RocksStore {
         for (name, meta) in &set.channels {
             batch.put_cf(channels, name.as_str().as_bytes(), encode_meta(meta));
         }
-        for (id, window) in &set.producers {
-            batch.put_cf(producers, id.to_be_bytes(), encode_window(window));
+        for (producer, entry) in &set.producers {
+            batch.put_cf(
+                producers,
+                producer_key(*producer, entry.sequence),
+                encode_producer_entry(entry),
+            );
+        }
+        for (producer, below) in &set.producer_evictions {
+            batch.delete_range_cf(
+                producers,
+                producer_key(*producer, 0),
+                producer_key(*producer, *below),
+            );
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
