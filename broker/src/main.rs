@@ -78,9 +78,11 @@ async fn main() -> anyhow::Result<()> {
 
     let broker = Broker::start(config).await.context("starting the broker")?;
     if let Some(cert) = broker.dev_cert() {
+        let pin = volna_broker::tls::fingerprint_hex(cert)?;
         eprintln!(
-            "volna-broker: development mode, self-signed certificate at {} (clients: volna --ca {})",
-            cert.display(),
+            "volna-broker: DEVELOPMENT MODE with a self-signed certificate.\n  \
+             clients on this machine: volna --ca {}\n  \
+             clients elsewhere:       volna --pin {pin}",
             cert.display()
         );
     }

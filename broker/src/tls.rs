@@ -85,6 +85,15 @@ pub fn server_tls(config: &Config) -> Result<ServerTls, TlsError> {
     })
 }
 
+/// The SHA-256 fingerprint of the first certificate in a PEM file, as hex:
+/// what a client pins with `volna --pin` (`Trust::Pinned`).
+pub fn fingerprint_hex(path: &Path) -> Result<String, TlsError> {
+    use sha2::{Digest, Sha256};
+    let certs = load_certs(path)?;
+    let digest = Sha256::digest(certs[0].as_ref());
+    Ok(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Reads every certificate of a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let load_err = |reason: String| TlsError::Load {
