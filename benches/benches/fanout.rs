@@ -21,6 +21,7 @@ fn fanout(c: &mut Criterion) {
         engine.clone(),
         Durability::Wal,
         &EngineConfig::default(),
+        Arc::new(volna_broker::metrics::Metrics::new()),
     )
     .expect("log");
     let log: Log = threads.log().clone();

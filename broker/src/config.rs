@@ -140,6 +140,28 @@ pub struct TlsConfig {
     pub key: Option<PathBuf>,
 }
 
+/// The operator API on the HTTP port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Bearer token for `/admin/*`; without it (or `token_file`) the admin
+    /// API answers 403 to everyone.
+    pub token: Option<String>,
+    /// File holding the bearer token (first line), instead of `token`.
+    pub token_file: Option<PathBuf>,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// For people.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
 /// Everything the broker needs to start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -160,7 +182,27 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Per-namespace configuration, keyed by namespace.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// The operator API.
+    pub admin: AdminConfig,
+    /// Log format.
+    pub log_format: LogFormat,
 }
+
+/// The configuration's top-level keys: `VOLNA_<KEY>` environment variables
+/// (nested keys joined by `__`, e.g. `VOLNA_LIMITS__MAX_PAYLOAD`) override
+/// the file for these, and only these.
+pub const TOP_LEVEL_KEYS: &[&str] = &[
+    "data_dir",
+    "listen",
+    "http",
+    "durability",
+    "tls",
+    "limits",
+    "engine",
+    "namespaces",
+    "admin",
+    "log_format",
+];
 
 impl Default for Config {
     fn default() -> Self {
@@ -173,6 +215,8 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             engine: EngineConfig::default(),
             namespaces: BTreeMap::new(),
+            admin: AdminConfig::default(),
+            log_format: LogFormat::default(),
         }
     }
 }
@@ -188,14 +232,9 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// The file is not valid TOML for this configuration.
-    #[error("invalid configuration file {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the parser said, with the offending key.
-        source: toml::de::Error,
-    },
+    /// A value in the file or the environment does not fit its key.
+    #[error("invalid configuration: {0}")]
+    Layered(Box<figment::Error>),
     /// A value is out of its range.
     #[error("invalid value for {key}: {value} ({why})")]
     Invalid {
@@ -209,16 +248,43 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads a TOML file over the embedded defaults.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+    /// The embedded defaults, overridden by `file` (TOML) when given, then
+    /// by `VOLNA_*` environment variables. Flags are applied by the caller.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        use figment::Figment;
+        use figment::providers::{Env, Format, Serialized, Toml};
+        let mut layers = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            // Read it here so a missing file is an error, not an empty layer.
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            layers = layers.merge(Toml::string(&text));
+        }
+        let env = Env::prefixed("VOLNA_")
+            .filter(|key| {
+                let top = key.as_str().split("__").next().unwrap_or_default();
+                TOP_LEVEL_KEYS.iter().any(|k| top.eq_ignore_ascii_case(k))
+            })
+            .split("__");
+        layers
+            .merge(env)
+            .extract()
+            .map_err(|e| ConfigError::Layered(Box::new(e)))
+    }
+
+    /// The admin token, read from `admin.token_file` if set.
+    pub fn admin_token(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(path) = &self.admin.token_file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let token = text.lines().next().unwrap_or_default().trim().to_owned();
+            return Ok(Some(token));
+        }
+        Ok(self.admin.token.clone())
     }
 
     /// Checks every value; the broker refuses to start on the first bad one.
@@ -281,6 +347,22 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.admin.token.is_some() && self.admin.token_file.is_some() {
+            return Err(invalid(
+                "admin",
+                "token/token_file",
+                "set admin.token or admin.token_file, not both",
+            ));
+        }
+        if let Some(token) = &self.admin.token
+            && token.len() < 16
+        {
+            return Err(invalid(
+                "admin.token",
+                "(hidden)",
+                "must be at least 16 characters",
+            ));
+        }
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return Err(invalid(
                 "tls",
@@ -315,14 +397,6 @@ impl Config {
         Ok(())
     }
 
-    /// The retention of the namespace `channel` belongs to.
-    pub fn retention_for(&self, namespace: &str) -> Option<&Retention> {
-        self.namespaces
-            .get(namespace)
-            .map(|ns| &ns.retention)
-            .filter(|r| r.is_bounded())
-    }
-
     /// The Hello timeout as a duration.
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.hello_timeout_ms)
@@ -353,12 +427,33 @@ mod tests {
         )
         .expect("parses");
         assert_eq!(c.durability, Durability::Fsync);
-        assert_eq!(
-            c.retention_for("chat").and_then(|r| r.max_messages),
-            Some(100)
-        );
-        assert!(c.retention_for("news").is_none());
+        assert_eq!(c.namespaces["chat"].retention.max_messages, Some(100));
+        assert!(!c.namespaces.contains_key("news"));
         assert!(toml::from_str::<Config>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_unrelated_variables_are_ignored() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("volna.toml");
+        std::fs::write(
+            &file,
+            "durability = \"fsync\"\n[limits]\nmax_payload = 100\n",
+        )
+        .expect("write");
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("VOLNA_LIMITS__MAX_PAYLOAD", "2048");
+            jail.set_env("VOLNA_LOG", "debug");
+            jail.set_env("VOLNA_TOKEN", "not a broker key");
+            let c = Config::load(Some(&file)).expect("loads");
+            assert_eq!(c.durability, Durability::Fsync);
+            assert_eq!(c.limits.max_payload, 2048);
+            jail.set_env("VOLNA_LIMITS__MAX_PAYLOAD", "lots");
+            let err = Config::load(Some(&file)).expect_err("refused").to_string();
+            assert!(err.contains("max_payload"), "{err}");
+            Ok(())
+        });
+        assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
     }
 
     #[test]

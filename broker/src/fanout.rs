@@ -66,6 +66,8 @@ struct FeedBatch {
     first: Offset,
     end: Offset,
     epoch: Epoch,
+    /// When its first message was stored (ms since the Unix epoch).
+    stored_ms: u64,
     frame: Bytes,
 }
 
@@ -78,6 +80,9 @@ pub enum NextStep {
         frames: Vec<Bytes>,
         /// The offset after the last message in `frames`.
         end: Offset,
+        /// When the oldest of these messages was stored (ms since the Unix
+        /// epoch), for the publish → deliver latency.
+        stored_ms: u64,
     },
     /// The ring does not reach back to `next`: read `[next, until)` from
     /// the log.
@@ -123,6 +128,21 @@ impl Fanout {
         self.channels
             .get(channel)
             .map(|feed| feed.value().lock_ring().bytes)
+    }
+
+    /// Subscribers of `channel` (on this broker).
+    pub fn subscribers(&self, channel: &ChannelName) -> usize {
+        self.channels
+            .get(channel)
+            .map_or(0, |feed| feed.value().head.receiver_count())
+    }
+
+    /// Bytes held by every channel's ring.
+    pub fn total_ring_bytes(&self) -> usize {
+        self.channels
+            .iter()
+            .map(|feed| feed.value().lock_ring().bytes)
+            .sum()
     }
 
     /// Registers a subscriber of `channel`.
@@ -243,6 +263,7 @@ impl FeedSubscription {
         let mut frames = Vec::new();
         let mut bytes = 0;
         let mut end = next;
+        let stored_ms = ring.batches.get(start).map_or(0, |b| b.stored_ms);
         for batch in ring.batches.range(start..) {
             if !frames.is_empty() && bytes >= max_bytes {
                 break;
@@ -259,7 +280,11 @@ impl FeedSubscription {
             frames.push(frame);
             end = batch.end;
         }
-        NextStep::Send { frames, end }
+        NextStep::Send {
+            frames,
+            end,
+            stored_ms,
+        }
     }
 
     /// Resolves when the head moves (new commits), or fails once the feed
@@ -323,12 +348,14 @@ fn encode_batches(
     epoch: Epoch,
     messages: &[StoredMessage],
 ) -> Vec<FeedBatch> {
+    let stored_ms = messages.first().map_or(0, |m| m.timestamp_ms);
     encode_frames(channel, epoch, messages)
         .into_iter()
         .map(|(first, end, frame)| FeedBatch {
             first,
             end,
             epoch,
+            stored_ms,
             frame,
         })
         .collect()
@@ -400,6 +427,7 @@ mod tests {
             fanout.clone(),
             Durability::Wal,
             &engine,
+            Arc::new(crate::metrics::Metrics::new()),
         )
         .expect("log");
         let log = threads.log().clone();
@@ -419,6 +447,7 @@ mod tests {
             NextStep::Send {
                 frames: fa,
                 end: ea,
+                ..
             },
             NextStep::Send { frames: fb, .. },
         ) = (
@@ -456,6 +485,7 @@ mod tests {
             first: Offset::new(first),
             end: Offset::new(first + 1),
             epoch: Epoch(1),
+            stored_ms: 0,
             frame: Bytes::from(vec![0u8; len]),
         };
         for i in 1..=10 {

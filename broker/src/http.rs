@@ -1,40 +1,87 @@
-//! The HTTP side port: liveness and readiness for orchestrators.
+//! The HTTP side port: health, metrics and the admin API.
 //!
 //! `/healthz` answers 200 while the process serves HTTP at all; `/readyz`
 //! answers 200 only while the log is open, QUIC is listening and the broker
-//! is not shutting down, 503 otherwise.
+//! is not shutting down, 503 otherwise; `/metrics` is the Prometheus text
+//! exposition; `/admin/*` is in [`crate::admin`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::http::StatusCode;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
 use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// Serves the health endpoints until `shutdown` fires.
-pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, shutdown: CancellationToken) {
+use crate::admin::{self, AdminState};
+use crate::fanout::Fanout;
+use crate::log::Log;
+use crate::metrics::{Metrics, Snapshot};
+use crate::store::LogStore;
+
+/// What the health and metrics handlers read.
+#[derive(Debug, Clone)]
+pub struct HttpState {
+    /// True while the broker serves.
+    pub ready: Arc<AtomicBool>,
+    /// The registry to render.
+    pub metrics: Arc<Metrics>,
+    /// For channel counts.
+    pub log: Log,
+    /// For ring sizes.
+    pub fanout: Arc<Fanout>,
+    /// For storage figures.
+    pub store: Arc<dyn LogStore>,
+}
+
+/// Serves the HTTP endpoints until `shutdown` fires.
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    admin: AdminState,
+    shutdown: CancellationToken,
+) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let ready = ready.load(Ordering::SeqCst);
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                    }
-                }
-            }),
-        );
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+        .merge(admin::router(admin));
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
     {
         warn!(error = %e, "http server stopped");
     }
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::SeqCst) && state.log.is_open() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    // Storage properties are cheap RocksDB calls, but still calls into
+    // RocksDB: keep them off the async workers.
+    let store = state.store.clone();
+    let storage = tokio::task::spawn_blocking(move || store.stats())
+        .await
+        .unwrap_or_default();
+    let snapshot = Snapshot {
+        channels: state.log.directory().len(),
+        subscribed_channels: state.fanout.subscribed_channels(),
+        outbox_bytes: state.fanout.total_ring_bytes(),
+        storage,
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&snapshot),
+    )
 }

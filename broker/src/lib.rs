@@ -18,17 +18,20 @@
 //! - [`subscription`]: one subscription's offset-driven delivery loop;
 //! - [`session`]: one connection's request/reply protocol and limits;
 //! - [`transport`]: the quinn endpoint, the only module that knows QUIC;
-//! - [`retention`], [`http`], [`tls`], [`config`]: the rest of a server;
+//! - [`retention`], [`http`], [`admin`], [`metrics`], [`tls`], [`config`]:
+//!   the rest of a server;
 //! - [`server`]: start-up and orderly shutdown of all of the above.
 //!
-//! What it does not do yet: authentication (every token is accepted),
-//! metrics and the admin API, and clustering (DESIGN.md §7) are later work;
+//! What it does not do yet: authentication (every token is accepted) and
+//! clustering (DESIGN.md §7) are later work;
 //! the parts are shaped so that they can be added without reshaping these.
 
+pub mod admin;
 pub mod config;
 pub mod fanout;
 pub mod http;
 pub mod log;
+pub mod metrics;
 mod queue;
 pub mod retention;
 pub mod server;

@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, ProducerSeq};
 
 use crate::config::{Durability, EngineConfig};
+use crate::metrics::Metrics;
 use crate::queue::{self, AsyncSender, Queued};
 use crate::store::{
     ChannelId, ChannelMeta, LogStore, ProducerEntry, ProducerWindow, Recovered, SequenceStatus,
@@ -369,6 +370,7 @@ pub fn start(
     listener: Arc<dyn CommitListener>,
     durability: Durability,
     engine: &EngineConfig,
+    metrics: Arc<Metrics>,
 ) -> Result<LogThreads, StoreError> {
     let recovered = store.recover()?;
     info!(
@@ -383,6 +385,7 @@ pub fn start(
     let (reads, read_rx) = queue::bounded(engine.reader_threads * 64);
     let closed = Arc::new(AtomicBool::new(false));
     let writer = Writer {
+        metrics,
         closed: closed.clone(),
         store: store.clone(),
         listener,
@@ -526,6 +529,7 @@ impl Log {
 }
 
 struct Writer {
+    metrics: Arc<Metrics>,
     closed: Arc<AtomicBool>,
     store: Arc<dyn LogStore>,
     listener: Arc<dyn CommitListener>,
@@ -585,13 +589,27 @@ impl Writer {
         let mut prepared = self
             .sequencer
             .prepare(&appends, trims, now_ms(), &mut || Epoch(rand::random()));
+        let started = std::time::Instant::now();
         let result = if prepared.set.is_empty() {
             Ok(())
         } else {
             self.store.write(&prepared.set, self.sync)
         };
+        self.metrics
+            .wal_write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .group_commit_messages
+            .observe(appends.len() as f64);
         match result {
             Ok(()) => {
+                let deleted: u64 = prepared
+                    .set
+                    .deletions
+                    .iter()
+                    .map(|(_, from, to)| from.distance_to(*to))
+                    .sum();
+                self.metrics.retention_deleted.inc_by(deleted);
                 self.sequencer.commit(&mut prepared);
                 for (name, meta) in &prepared.set.channels {
                     self.directory.insert(name.clone(), *meta);
@@ -786,6 +804,7 @@ mod tests {
             recorder.clone(),
             Durability::Fsync,
             &EngineConfig::default(),
+            Arc::new(Metrics::new()),
         )
         .expect("log");
         let log = threads.log().clone();

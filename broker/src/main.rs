@@ -1,7 +1,8 @@
 //! `volna-broker`: runs the broker until SIGINT or SIGTERM.
 //!
 //! Configuration comes from the embedded defaults, then `--config FILE`,
-//! then `VOLNA_*` environment variables, then flags (flags win).
+//! then `VOLNA_*` environment variables (`VOLNA_LIMITS__MAX_PAYLOAD` for
+//! nested keys), then flags (flags win).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use volna_broker::config::Durability;
+use volna_broker::config::{Durability, LogFormat};
 use volna_broker::{Broker, Config};
 
 #[derive(Debug, Parser)]
@@ -19,20 +20,31 @@ struct Args {
     #[arg(long, env = "VOLNA_CONFIG")]
     config: Option<PathBuf>,
     /// Directory for the channel log and the development certificate.
-    #[arg(long, env = "VOLNA_DATA_DIR")]
+    #[arg(long)]
     data_dir: Option<PathBuf>,
     /// UDP address for QUIC clients.
-    #[arg(long, env = "VOLNA_LISTEN")]
+    #[arg(long)]
     listen: Option<SocketAddr>,
-    /// TCP address for /healthz and /readyz.
-    #[arg(long, env = "VOLNA_HTTP")]
+    /// TCP address for health, metrics and the admin API.
+    #[arg(long)]
     http: Option<SocketAddr>,
     /// When a publish is acknowledged: after the WAL write, or after its fsync.
-    #[arg(long, env = "VOLNA_DURABILITY", value_parser = parse_durability)]
+    #[arg(long, value_parser = parse_durability)]
     durability: Option<Durability>,
+    /// Log lines as text (default) or JSON.
+    #[arg(long, value_parser = parse_log_format)]
+    log_format: Option<LogFormat>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+}
+
+fn parse_log_format(s: &str) -> Result<LogFormat, String> {
+    match s {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("{other:?} is not one of: text, json")),
+    }
 }
 
 fn parse_durability(s: &str) -> Result<Durability, String> {
@@ -45,16 +57,8 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .init();
     let args = Args::parse();
-    let mut config = match &args.config {
-        Some(path) => Config::from_file(path)?,
-        None => Config::default(),
-    };
+    let mut config = Config::load(args.config.as_deref())?;
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
     }
@@ -67,7 +71,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(durability) = args.durability {
         config.durability = durability;
     }
+    if let Some(format) = args.log_format {
+        config.log_format = format;
+    }
     config.validate()?;
+    let filter = EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_current_span(true)
+            .with_env_filter(filter)
+            .init(),
+    }
     if args.print_config {
         print!(
             "{}",

@@ -6,6 +6,8 @@
 //! delete that range. Publishing never waits for it; a subscriber that needed
 //! deleted offsets is told `Truncated` when it reads.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
@@ -22,28 +24,67 @@ const SCAN_CHUNK: usize = 4096;
 /// hold the task; the next round goes on where this one stopped.
 const SCAN_LIMIT: u64 = 256 * 1024;
 
-/// Runs retention rounds until `cancel` fires.
-pub async fn run(log: Log, config: std::sync::Arc<Config>, cancel: CancellationToken) {
-    if config
-        .namespaces
-        .values()
-        .all(|ns| !ns.retention.is_bounded())
-    {
-        return;
+/// Each namespace's retention, seeded from the configuration and changeable
+/// at run time through the admin API (not written back to the file).
+#[derive(Debug, Default)]
+pub struct Policies(RwLock<BTreeMap<String, Retention>>);
+
+impl Policies {
+    /// The configured policies.
+    pub fn from_config(config: &Config) -> Self {
+        Self(RwLock::new(
+            config
+                .namespaces
+                .iter()
+                .map(|(ns, c)| (ns.clone(), c.retention.clone()))
+                .collect(),
+        ))
     }
-    let mut ticker =
-        tokio::time::interval(Duration::from_millis(config.engine.retention_interval_ms));
+
+    /// The retention of `namespace` (unbounded when none is set).
+    pub fn get(&self, namespace: &str) -> Retention {
+        self.read().get(namespace).cloned().unwrap_or_default()
+    }
+
+    /// Replaces the retention of `namespace`.
+    pub fn set(&self, namespace: &str, retention: Retention) {
+        self.0
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(namespace.to_owned(), retention);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Retention>> {
+        self.0.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn bounded(&self) -> BTreeMap<String, Retention> {
+        self.read()
+            .iter()
+            .filter(|(_, r)| r.is_bounded())
+            .map(|(ns, r)| (ns.clone(), r.clone()))
+            .collect()
+    }
+}
+
+/// Runs retention rounds every `interval` until `cancel` fires.
+pub async fn run(log: Log, policies: Arc<Policies>, interval: Duration, cancel: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        let bounded = policies.bounded();
+        if bounded.is_empty() {
+            continue;
+        }
         let due: Vec<(ChannelName, ChannelMeta, Retention)> = log
             .directory()
             .iter()
             .filter_map(|entry| {
-                let retention = config.retention_for(entry.key().namespace())?;
+                let retention = bounded.get(entry.key().namespace())?;
                 Some((entry.key().clone(), *entry.value(), retention.clone()))
             })
             .collect();
@@ -119,8 +160,6 @@ fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use bytes::Bytes;
 
     use super::*;
@@ -140,6 +179,7 @@ mod tests {
             Arc::new(Nobody),
             Durability::Wal,
             &EngineConfig::default(),
+            Arc::new(crate::metrics::Metrics::new()),
         )
         .expect("log");
         let log = threads.log().clone();

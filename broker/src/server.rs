@@ -18,14 +18,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use volna_proto::CloseCode;
 
+use crate::admin::{self, AdminState};
 use crate::config::{Config, ConfigError};
 use crate::fanout::Fanout;
+use crate::http::{self, HttpState};
 use crate::log::{self, Log, LogThreads};
+use crate::metrics::Metrics;
+use crate::retention::{self, Policies};
 use crate::session::BrokerContext;
 use crate::store::{LogStore, RocksStore, StoreError};
 use crate::tls::{self, TlsError};
 use crate::transport::{self, TransportError};
-use crate::{http, retention};
 
 /// How long shutdown waits for sessions to flush and say goodbye.
 const SESSION_GRACE: Duration = Duration::from_secs(5);
@@ -86,25 +89,10 @@ impl Broker {
             path: config.data_dir.clone(),
             source,
         })?;
-        let db_dir = config.data_dir.join("log");
-        let store: Arc<dyn LogStore> = {
-            let dir = db_dir.clone();
-            let rocks = tokio::task::spawn_blocking(move || RocksStore::open(&dir))
-                .await
-                .map_err(|e| StoreError::Engine(e.to_string()))??;
-            Arc::new(rocks)
-        };
-        let fanout = Arc::new(Fanout::new(config.engine.channel_ring_bytes));
-        let log_threads = {
-            let (store, fanout, config) = (store.clone(), fanout.clone(), config.clone());
-            tokio::task::spawn_blocking(move || {
-                log::start(store, fanout, config.durability, &config.engine)
-            })
-            .await
-            .map_err(|e| StoreError::Engine(e.to_string()))??
-        };
-        let log = log_threads.log().clone();
+        let admin_token = config.admin_token()?;
 
+        // Everything that can fail comes before the log threads start, so a
+        // failed start leaves no thread behind holding the database.
         let tls = tls::server_tls(&config)?;
         let endpoint = transport::bind(
             config.listen,
@@ -117,9 +105,6 @@ impl Broker {
                 addr: config.listen,
                 source,
             })?;
-
-        let shutdown = CancellationToken::new();
-        let ready = Arc::new(AtomicBool::new(false));
         let http_listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|source| StartError::Http {
@@ -132,17 +117,72 @@ impl Broker {
                 addr: config.http,
                 source,
             })?;
+        let db_dir = config.data_dir.join("log");
+        let store: Arc<dyn LogStore> = {
+            let dir = db_dir.clone();
+            let rocks = tokio::task::spawn_blocking(move || RocksStore::open(&dir))
+                .await
+                .map_err(|e| StoreError::Engine(e.to_string()))??;
+            Arc::new(rocks)
+        };
 
+        let metrics = Arc::new(Metrics::new());
+        let fanout = Arc::new(Fanout::new(config.engine.channel_ring_bytes));
+        let log_threads = {
+            let (store, fanout, config, metrics) = (
+                store.clone(),
+                fanout.clone(),
+                config.clone(),
+                metrics.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                log::start(store, fanout, config.durability, &config.engine, metrics)
+            })
+            .await
+            .map_err(|e| StoreError::Engine(e.to_string()))??
+        };
+        let log = log_threads.log().clone();
+
+        let shutdown = CancellationToken::new();
+        let ready = Arc::new(AtomicBool::new(false));
         let ctx = Arc::new(BrokerContext::new(
             log.clone(),
             fanout.clone(),
             config.clone(),
             shutdown.clone(),
+            metrics.clone(),
         ));
+        let policies = Arc::new(Policies::from_config(&config));
+        let admin = AdminState {
+            log: log.clone(),
+            fanout: fanout.clone(),
+            sessions: ctx.sessions.clone(),
+            policies: policies.clone(),
+            token_digest: admin_token.as_deref().map(admin::token_digest),
+            max_payload: config.limits.max_payload,
+        };
+        let http_state = HttpState {
+            ready: ready.clone(),
+            metrics,
+            log: log.clone(),
+            fanout: fanout.clone(),
+            store,
+        };
+        let retention_every = Duration::from_millis(config.engine.retention_interval_ms);
         let tasks = vec![
             tokio::spawn(transport::serve(endpoint.clone(), ctx)),
-            tokio::spawn(http::serve(http_listener, ready.clone(), shutdown.clone())),
-            tokio::spawn(retention::run(log, config.clone(), shutdown.clone())),
+            tokio::spawn(http::serve(
+                http_listener,
+                http_state,
+                admin,
+                shutdown.clone(),
+            )),
+            tokio::spawn(retention::run(
+                log,
+                policies,
+                retention_every,
+                shutdown.clone(),
+            )),
         ];
         ready.store(true, Ordering::SeqCst);
         info!(

@@ -25,12 +25,14 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::BytesMut;
+use dashmap::DashMap;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -44,6 +46,7 @@ use volna_proto::{
 use crate::config::Config;
 use crate::fanout::Fanout;
 use crate::log::{AppendError, AppendInput, Appended, Log};
+use crate::metrics::Metrics;
 use crate::subscription::{self, DeliverySink, SinkError, Start};
 
 /// Frames queued for the control stream's writer.
@@ -62,6 +65,10 @@ pub struct BrokerContext {
     pub config: Arc<Config>,
     /// Fires when the broker shuts down.
     pub shutdown: CancellationToken,
+    /// The broker's metrics.
+    pub metrics: Arc<Metrics>,
+    /// Every open session, for operators.
+    pub sessions: Arc<SessionRegistry>,
     next_session_id: AtomicU64,
 }
 
@@ -72,14 +79,63 @@ impl BrokerContext {
         fanout: Arc<Fanout>,
         config: Arc<Config>,
         shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             log,
             fanout,
             config,
             shutdown,
+            metrics,
+            sessions: Arc::new(SessionRegistry::default()),
             next_session_id: AtomicU64::new(1),
         }
+    }
+}
+
+/// Every open session, as operators see them.
+#[derive(Debug, Default)]
+pub struct SessionRegistry(DashMap<u64, Arc<SessionInfo>>);
+
+/// One open session.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// The broker's id for the session (sent in `Welcome`).
+    pub id: u64,
+    /// Who the client authenticated as. Until token verification exists
+    /// (`auth = "none"`), the token a client presents is its user name.
+    pub user: String,
+    /// The client's self-description from `Hello`.
+    pub client: String,
+    /// The client's address.
+    pub remote: SocketAddr,
+    /// When the session opened.
+    pub connected_at: SystemTime,
+    /// Subscriptions it holds.
+    pub subscriptions: AtomicUsize,
+    kick: CancellationToken,
+}
+
+impl SessionRegistry {
+    /// Every open session.
+    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
+        let mut all: Vec<_> = self.0.iter().map(|e| e.value().clone()).collect();
+        all.sort_by_key(|s| s.id);
+        all
+    }
+
+    /// Disconnects every session of `user`; returns how many.
+    pub fn kick_user(&self, user: &str) -> usize {
+        self.0
+            .iter()
+            .filter(|e| e.value().user == user)
+            .map(|e| e.value().kick.cancel())
+            .count()
+    }
+
+    /// Disconnects session `id`; false when there is none.
+    pub fn kick_session(&self, id: u64) -> bool {
+        self.0.get(&id).map(|e| e.value().kick.cancel()).is_some()
     }
 }
 
@@ -100,6 +156,9 @@ pub trait Connection: Send + Sync + 'static {
 
     /// Closes the whole connection.
     fn close(&self, code: CloseCode, reason: &str);
+
+    /// The client's address.
+    fn remote(&self) -> SocketAddr;
 }
 
 /// Why a session ended.
@@ -113,9 +172,34 @@ enum End {
     ProtocolError,
     /// The client did not say Hello in time.
     HelloTimeout,
+    /// An operator disconnected the client.
+    Kicked,
 }
 
-type PendingAck = Pin<Box<dyn Future<Output = (u64, Result<Appended, AppendError>)> + Send>>;
+impl End {
+    fn close_code(self) -> CloseCode {
+        match self {
+            End::ClientGone => CloseCode::NORMAL,
+            End::Shutdown => CloseCode::GOING_AWAY,
+            End::ProtocolError => CloseCode::PROTOCOL_ERROR,
+            End::HelloTimeout => CloseCode::HELLO_TIMEOUT,
+            End::Kicked => CloseCode::KICKED,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            End::ClientGone => "client_gone",
+            End::Shutdown => "shutdown",
+            End::ProtocolError => "protocol_error",
+            End::HelloTimeout => "hello_timeout",
+            End::Kicked => "kicked",
+        }
+    }
+}
+
+type AckResult = (u64, Instant, Result<Appended, AppendError>);
+type PendingAck = Pin<Box<dyn Future<Output = AckResult> + Send>>;
 
 /// Runs a session over an accepted control stream until it ends, then
 /// closes the connection with the matching code.
@@ -137,21 +221,30 @@ where
             by_channel: HashMap::new(),
             next_subscription: 1,
             cancel: ctx.shutdown.child_token(),
+            kick: CancellationToken::new(),
+            welcomed: false,
+            id: session_id,
         };
         let end = session.serve(session_id, recv).await;
         session.cancel.cancel();
-        let control = session.control.clone();
+        let metrics = &ctx.metrics;
+        if session.welcomed {
+            ctx.sessions.0.remove(&session_id);
+            metrics.connections.dec();
+            metrics
+                .connections_closed
+                .with_label_values(&[end.label()])
+                .inc();
+        }
+        metrics
+            .subscriptions
+            .sub(session.subscriptions.len() as i64);
+        // Dropping the session drops the last sender of the control queue:
+        // the writer ends once every frame queued before the end is written.
         drop(session);
-        drop(control);
-        // The writer ends once every frame queued before the end is written.
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
-        let code = match end {
-            End::ClientGone => CloseCode::NORMAL,
-            End::Shutdown => CloseCode::GOING_AWAY,
-            End::ProtocolError => CloseCode::PROTOCOL_ERROR,
-            End::HelloTimeout => CloseCode::HELLO_TIMEOUT,
-        };
         debug!(?end, "session ended");
+        let code = end.close_code();
         conn.close(code, code.reason());
     }
     .instrument(span)
@@ -166,6 +259,9 @@ struct Session<C: Connection> {
     by_channel: HashMap<ChannelName, SubscriptionId>,
     next_subscription: u64,
     cancel: CancellationToken,
+    kick: CancellationToken,
+    welcomed: bool,
+    id: u64,
 }
 
 impl<C: Connection> Session<C> {
@@ -191,7 +287,7 @@ impl<C: Connection> Session<C> {
                 return End::ProtocolError;
             }
         };
-        if let Err(end) = self.welcome(session_id, &hello).await {
+        if let Err(end) = self.welcome(session_id, hello).await {
             return end;
         }
         let limits = Limits {
@@ -200,6 +296,7 @@ impl<C: Connection> Session<C> {
         let max_inflight = self.ctx.config.limits.max_inflight_publishes as usize;
         let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
         let shutdown = self.ctx.shutdown.clone();
+        let kick = self.kick.clone();
         let mut end = None;
         while end.is_none() {
             // Serve frames already buffered before reading more.
@@ -221,8 +318,9 @@ impl<C: Connection> Session<C> {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
-                Some((request_id, result)) = pending.next(), if !pending.is_empty() => {
-                    self.reply_append(request_id, result).await;
+                () = kick.cancelled() => end = Some(End::Kicked),
+                Some((request_id, started, result)) = pending.next(), if !pending.is_empty() => {
+                    self.reply_append(request_id, started, result).await;
                 }
                 read = recv.read_buf(&mut buf), if pending.len() < max_inflight => {
                     if !matches!(read, Ok(n) if n > 0) {
@@ -234,15 +332,15 @@ impl<C: Connection> Session<C> {
         // Publishes already handed to the log get their acks (or errors):
         // a client is never left guessing about a request we accepted.
         let drain = async {
-            while let Some((request_id, result)) = pending.next().await {
-                self.reply_append(request_id, result).await;
+            while let Some((request_id, started, result)) = pending.next().await {
+                self.reply_append(request_id, started, result).await;
             }
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
         end.unwrap_or(End::ClientGone)
     }
 
-    async fn welcome(&mut self, session_id: u64, hello: &Hello) -> Result<(), End> {
+    async fn welcome(&mut self, session_id: u64, hello: Hello) -> Result<(), End> {
         if hello.protocol != PROTOCOL_VERSION {
             self.reply_error(
                 0,
@@ -267,6 +365,21 @@ impl<C: Connection> Session<C> {
             max_subscriptions: limits.max_subscriptions,
         }))
         .await;
+        self.welcomed = true;
+        self.ctx.metrics.connections.inc();
+        self.ctx.metrics.connections_opened.inc();
+        self.ctx.sessions.0.insert(
+            session_id,
+            Arc::new(SessionInfo {
+                id: session_id,
+                user: hello.token,
+                client: hello.client,
+                remote: self.conn.remote(),
+                connected_at: SystemTime::now(),
+                subscriptions: AtomicUsize::new(0),
+                kick: self.kick.clone(),
+            }),
+        );
         Ok(())
     }
 
@@ -300,7 +413,9 @@ impl<C: Connection> Session<C> {
             payload,
         } = publish;
         let max = self.ctx.config.limits.max_payload;
+        self.ctx.metrics.bytes_in.inc_by(payload.len() as u64);
         if payload.len() > max as usize {
+            self.count_publish_error(ErrorCode::PayloadTooLarge);
             self.reply_error(
                 request_id,
                 ErrorCode::PayloadTooLarge,
@@ -319,9 +434,13 @@ impl<C: Connection> Session<C> {
         };
         // Submitted here, in request order, so one connection's publishes
         // are sequenced in the order it sent them; only the acks overlap.
+        let started = Instant::now();
         match self.ctx.log.submit(input).await {
-            Ok(pending) => Some(Box::pin(async move { (request_id, pending.await) })),
+            Ok(pending) => Some(Box::pin(
+                async move { (request_id, started, pending.await) },
+            )),
             Err(e) => {
+                self.count_publish_error(e.error_code());
                 self.reply_error(request_id, e.error_code(), &e.to_string())
                     .await;
                 None
@@ -329,9 +448,27 @@ impl<C: Connection> Session<C> {
         }
     }
 
-    async fn reply_append(&self, request_id: u64, result: Result<Appended, AppendError>) {
+    fn count_publish_error(&self, code: ErrorCode) {
+        self.ctx
+            .metrics
+            .publish_errors
+            .with_label_values(&[&code.to_string()])
+            .inc();
+    }
+
+    async fn reply_append(
+        &self,
+        request_id: u64,
+        started: Instant,
+        result: Result<Appended, AppendError>,
+    ) {
         match result {
             Ok(appended) => {
+                let metrics = &self.ctx.metrics;
+                metrics.publishes.inc();
+                metrics
+                    .publish_ack_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 self.send(Frame::Published {
                     request_id,
                     offset: appended.offset,
@@ -341,6 +478,7 @@ impl<C: Connection> Session<C> {
                 .await
             }
             Err(e) => {
+                self.count_publish_error(e.error_code());
                 self.reply_error(request_id, e.error_code(), &e.to_string())
                     .await
             }
@@ -381,6 +519,7 @@ impl<C: Connection> Session<C> {
         self.subscriptions
             .insert(id, (channel.clone(), cancel.clone()));
         self.by_channel.insert(channel.clone(), id);
+        self.count_subscriptions(1);
         self.send(Frame::Subscribed {
             request_id,
             subscription: id,
@@ -390,6 +529,7 @@ impl<C: Connection> Session<C> {
         .await;
         let conn = self.conn.clone();
         let log = self.ctx.log.clone();
+        let metrics = self.ctx.metrics.clone();
         let span = info_span!("subscription", id = %id, %channel);
         tokio::spawn(
             async move {
@@ -401,16 +541,28 @@ impl<C: Connection> Session<C> {
                     () = cancel.cancelled() => return,
                 };
                 let start = Start { id, next, events };
-                subscription::run(start, feed, log, sink, cancel).await;
+                subscription::run(start, feed, log, sink, cancel, metrics).await;
             }
             .instrument(span),
         );
+    }
+
+    fn count_subscriptions(&self, delta: i64) {
+        self.ctx.metrics.subscriptions.add(delta);
+        if let Some(info) = self.ctx.sessions.0.get(&self.id) {
+            if delta > 0 {
+                info.subscriptions.fetch_add(1, Ordering::Relaxed);
+            } else {
+                info.subscriptions.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
     }
 
     async fn unsubscribe(&mut self, request_id: u64, id: SubscriptionId) {
         match self.subscriptions.remove(&id) {
             Some((channel, cancel)) => {
                 self.by_channel.remove(&channel);
+                self.count_subscriptions(-1);
                 cancel.cancel();
                 self.send(Frame::Unsubscribed { request_id }).await;
             }

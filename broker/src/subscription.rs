@@ -12,6 +12,7 @@
 //! The loop knows nothing of QUIC: it writes to a [`DeliverySink`].
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use thiserror::Error;
@@ -21,6 +22,7 @@ use volna_proto::{ChannelName, Epoch, Frame, Offset, SubscriptionId};
 
 use crate::fanout::{FeedSubscription, NextStep, encode_frames};
 use crate::log::Log;
+use crate::metrics::Metrics;
 
 /// Bytes of frames handed to the sink per write.
 const WRITE_BYTES: usize = 256 * 1024;
@@ -60,6 +62,7 @@ pub async fn run(
     log: Log,
     mut sink: impl DeliverySink,
     cancel: CancellationToken,
+    metrics: Arc<Metrics>,
 ) {
     let channel = feed.channel().clone();
     let mut next = start.next;
@@ -67,18 +70,38 @@ pub async fn run(
         subscription: start.id,
     })];
     first.extend(start.events.iter().map(encode));
+    let mut catching_up = CatchUpGauge::new(&metrics);
     let outcome = async {
         sink.send(first).await?;
         loop {
             match feed.next_step(next, WRITE_BYTES) {
-                NextStep::Send { frames, end } => {
+                NextStep::Send {
+                    frames,
+                    end,
+                    stored_ms,
+                } => {
+                    catching_up.set(false);
+                    let bytes: usize = frames.iter().map(Bytes::len).sum();
                     sink.send(frames).await?;
+                    metrics.deliveries.inc_by(next.distance_to(end));
+                    metrics.bytes_out.inc_by(bytes as u64);
+                    let age_ms = now_ms().saturating_sub(stored_ms);
+                    metrics
+                        .publish_deliver_seconds
+                        .observe(age_ms as f64 / 1000.0);
                     next = end;
                 }
                 NextStep::ReadLog { until } => {
-                    next = catch_up(&log, &channel, next, until, &mut sink).await?;
+                    catching_up.set(true);
+                    metrics.catchup_reads.inc();
+                    let from = next;
+                    let (end, bytes) = catch_up(&log, &channel, next, until, &mut sink).await?;
+                    metrics.deliveries.inc_by(from.distance_to(end));
+                    metrics.bytes_out.inc_by(bytes as u64);
+                    next = end;
                 }
                 NextStep::Wait => {
+                    catching_up.set(false);
                     if feed.changed().await.is_err() {
                         return Ok::<(), SinkError>(());
                     }
@@ -96,14 +119,48 @@ pub async fn run(
     }
 }
 
-/// Reads `[next, until)` from the log and sends it; returns the new `next`.
+/// Counts this subscription in the catch-up gauge while it reads the log.
+struct CatchUpGauge<'a> {
+    metrics: &'a Metrics,
+    on: bool,
+}
+
+impl<'a> CatchUpGauge<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        Self { metrics, on: false }
+    }
+
+    fn set(&mut self, on: bool) {
+        if on != self.on {
+            self.metrics
+                .catchup_subscribers
+                .add(if on { 1 } else { -1 });
+            self.on = on;
+        }
+    }
+}
+
+impl Drop for CatchUpGauge<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Reads `[next, until)` from the log and sends it; returns the new `next`
+/// and the bytes sent.
 async fn catch_up(
     log: &Log,
     channel: &ChannelName,
     next: Offset,
     until: Offset,
     sink: &mut impl DeliverySink,
-) -> Result<Offset, SinkError> {
+) -> Result<(Offset, usize), SinkError> {
     let Some(meta) = log.meta(channel) else {
         return Err(SinkError(format!(
             "channel {channel} vanished from the log"
@@ -135,10 +192,11 @@ async fn catch_up(
             .into_iter()
             .map(|(_, _, frame)| frame),
     );
+    let bytes = frames.iter().map(Bytes::len).sum();
     if !frames.is_empty() {
         sink.send(frames).await?;
     }
-    Ok(end)
+    Ok((end, bytes))
 }
 
 fn encode(frame: &Frame) -> Bytes {

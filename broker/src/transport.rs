@@ -82,6 +82,7 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
                     Ok(conn) => conn,
                     Err(e) => return debug!(error = %e, "handshake failed"),
                 };
+                ctx.metrics.handshakes.inc();
                 let control =
                     tokio::time::timeout(ctx.config.hello_timeout(), conn.accept_bi()).await;
                 let (send, recv) = match control {
@@ -129,6 +130,10 @@ impl Connection for QuicConnection {
 
     fn close(&self, code: CloseCode, reason: &str) {
         self.0.close(VarInt::from_u32(code.0), reason.as_bytes());
+    }
+
+    fn remote(&self) -> SocketAddr {
+        self.0.remote_address()
     }
 }
 

@@ -130,6 +130,8 @@ impl CloseCode {
     pub const HELLO_TIMEOUT: CloseCode = CloseCode(4);
     /// The broker failed unexpectedly.
     pub const INTERNAL: CloseCode = CloseCode(5);
+    /// An operator disconnected this client.
+    pub const KICKED: CloseCode = CloseCode(6);
 
     /// A short, stable description for logs and close reasons.
     pub const fn reason(self) -> &'static str {
@@ -140,6 +142,7 @@ impl CloseCode {
             3 => "unauthorized",
             4 => "hello timeout",
             5 => "internal error",
+            6 => "disconnected by an operator",
             _ => "unknown",
         }
     }

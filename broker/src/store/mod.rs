@@ -230,6 +230,11 @@ pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
     /// Makes everything written so far durable (fsync of the WAL); used at
     /// shutdown.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Size and compaction figures for metrics, by name.
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

@@ -221,6 +221,30 @@ impl LogStore for RocksStore {
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true).map_err(engine)
     }
+
+    fn stats(&self) -> Vec<(&'static str, u64)> {
+        const PROPERTIES: [(&str, &str); 6] = [
+            ("total_sst_bytes", "rocksdb.total-sst-files-size"),
+            ("live_data_bytes", "rocksdb.estimate-live-data-size"),
+            ("memtable_bytes", "rocksdb.cur-size-all-mem-tables"),
+            (
+                "pending_compaction_bytes",
+                "rocksdb.estimate-pending-compaction-bytes",
+            ),
+            ("running_compactions", "rocksdb.num-running-compactions"),
+            ("compaction_pending", "rocksdb.compaction-pending"),
+        ];
+        let Ok(messages) = self.cf(CF_MESSAGES) else {
+            return Vec::new();
+        };
+        PROPERTIES
+            .iter()
+            .filter_map(|(name, property)| {
+                let value = self.db.property_int_value_cf(messages, *property).ok()??;
+                Some((*name, value))
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,334 @@
+//! The operator API under `/admin` on the HTTP port, behind a bearer token.
+//!
+//! | method and path | does |
+//! |---|---|
+//! | `GET /admin/channels?prefix=P&limit=N` | channels with offsets, sizes, subscribers |
+//! | `GET /admin/channels/{name}` | one channel |
+//! | `GET /admin/sessions` | open sessions |
+//! | `POST /admin/kick` `{"user": U}` or `{"session": N}` | disconnect them |
+//! | `GET`/`PUT /admin/namespaces/{ns}/retention` | a namespace's retention (changes last until restart) |
+//! | `POST /admin/publish` `{"channel": C, "payload": "text"}` | publish from the server side |
+//!
+//! Without a configured token every request is refused (403): an admin API
+//! without authentication is never on by accident. Errors are JSON
+//! `{"error": "..."}` with a fitting status.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use volna_proto::ChannelName;
+
+use crate::config::Retention;
+use crate::fanout::Fanout;
+use crate::log::{AppendInput, Log};
+use crate::retention::Policies;
+use crate::session::SessionRegistry;
+
+/// What the admin handlers work on.
+#[derive(Debug, Clone)]
+pub struct AdminState {
+    /// The channel log.
+    pub log: Log,
+    /// The fan-out engine (subscriber counts).
+    pub fanout: Arc<Fanout>,
+    /// Open sessions.
+    pub sessions: Arc<SessionRegistry>,
+    /// Retention policies.
+    pub policies: Arc<Policies>,
+    /// SHA-256 of the admin token; `None` disables the API.
+    pub token_digest: Option<[u8; 32]>,
+    /// The payload limit publishes from the API obey too.
+    pub max_payload: u32,
+}
+
+/// One channel as the admin API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChannelInfo {
+    /// The channel's name.
+    pub name: String,
+    /// Its log's epoch, hex.
+    pub epoch: String,
+    /// Oldest stored offset.
+    pub first_offset: u64,
+    /// Offset of the next message.
+    pub next_offset: u64,
+    /// Messages stored.
+    pub messages: u64,
+    /// Payload bytes stored.
+    pub bytes: u64,
+    /// Subscribers on this broker.
+    pub subscribers: usize,
+}
+
+/// One session as the admin API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionView {
+    /// Session id.
+    pub id: u64,
+    /// User.
+    pub user: String,
+    /// Client self-description.
+    pub client: String,
+    /// Client address.
+    pub remote: String,
+    /// Seconds since it connected.
+    pub connected_secs: u64,
+    /// Subscriptions held.
+    pub subscriptions: usize,
+}
+
+/// `POST /admin/kick` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KickRequest {
+    /// Disconnect every session of this user.
+    pub user: Option<String>,
+    /// Disconnect this session.
+    pub session: Option<u64>,
+}
+
+/// `POST /admin/publish` body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    /// Target channel.
+    pub channel: String,
+    /// UTF-8 payload.
+    pub payload: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    prefix: Option<String>,
+    limit: Option<usize>,
+}
+
+/// An error response: status and message.
+#[derive(Debug)]
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "error": self.1 }))).into_response()
+    }
+}
+
+type ApiResult<T> = Result<Json<T>, ApiError>;
+
+/// The admin routes.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/admin/channels", get(list_channels))
+        .route("/admin/channels/{name}", get(channel_detail))
+        .route("/admin/sessions", get(list_sessions))
+        .route("/admin/kick", post(kick))
+        .route(
+            "/admin/namespaces/{ns}/retention",
+            get(get_retention).put(put_retention),
+        )
+        .route("/admin/publish", post(publish))
+        .with_state(state)
+}
+
+/// The digest the API compares bearer tokens against.
+pub fn token_digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = state.token_digest else {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "the admin API is disabled: set admin.token or admin.token_file".into(),
+        ));
+    };
+    let presented = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError(StatusCode::UNAUTHORIZED, "missing bearer token".into()))?;
+    // Digests of equal length: the comparison's time does not depend on
+    // how much of the secret token a caller guessed.
+    if token_digest(presented) != expected {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "wrong admin token".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn channel_info(state: &AdminState, name: &ChannelName) -> Option<ChannelInfo> {
+    let meta = state.log.meta(name)?;
+    Some(ChannelInfo {
+        name: name.to_string(),
+        epoch: meta.epoch.to_string(),
+        first_offset: meta.first_offset.get(),
+        next_offset: meta.next_offset.get(),
+        messages: meta.len(),
+        bytes: meta.bytes,
+        subscribers: state.fanout.subscribers(name),
+    })
+}
+
+async fn list_channels(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Vec<ChannelInfo>> {
+    authorize(&state, &headers)?;
+    let prefix = query.prefix.unwrap_or_default();
+    let limit = query.limit.unwrap_or(1000).min(100_000);
+    let mut names: Vec<ChannelName> = state
+        .log
+        .directory()
+        .iter()
+        .filter(|e| e.key().as_str().starts_with(&prefix))
+        .map(|e| e.key().clone())
+        .collect();
+    names.sort();
+    names.truncate(limit);
+    Ok(Json(
+        names
+            .iter()
+            .filter_map(|n| channel_info(&state, n))
+            .collect(),
+    ))
+}
+
+async fn channel_detail(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<ChannelInfo> {
+    authorize(&state, &headers)?;
+    let name =
+        ChannelName::new(name).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    channel_info(&state, &name)
+        .map(Json)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))
+}
+
+async fn list_sessions(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> ApiResult<Vec<SessionView>> {
+    authorize(&state, &headers)?;
+    let now = SystemTime::now();
+    Ok(Json(
+        state
+            .sessions
+            .list()
+            .iter()
+            .map(|s| SessionView {
+                id: s.id,
+                user: s.user.clone(),
+                client: s.client.clone(),
+                remote: s.remote.to_string(),
+                connected_secs: now
+                    .duration_since(s.connected_at)
+                    .map_or(0, |d| d.as_secs()),
+                subscriptions: s.subscriptions.load(std::sync::atomic::Ordering::Relaxed),
+            })
+            .collect(),
+    ))
+}
+
+async fn kick(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Json(request): Json<KickRequest>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&state, &headers)?;
+    let disconnected = match (request.user, request.session) {
+        (Some(user), None) => state.sessions.kick_user(&user),
+        (None, Some(id)) => usize::from(state.sessions.kick_session(id)),
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of \"user\" and \"session\"".into(),
+            ));
+        }
+    };
+    Ok(Json(serde_json::json!({ "disconnected": disconnected })))
+}
+
+fn namespace(ns: &str) -> Result<(), ApiError> {
+    if ns.is_empty() || ns.contains('.') || ChannelName::new(ns).is_err() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{ns:?} is not a namespace (one channel-name segment)"),
+        ));
+    }
+    Ok(())
+}
+
+async fn get_retention(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(ns): Path<String>,
+) -> ApiResult<Retention> {
+    authorize(&state, &headers)?;
+    namespace(&ns)?;
+    Ok(Json(state.policies.get(&ns)))
+}
+
+async fn put_retention(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(ns): Path<String>,
+    Json(retention): Json<Retention>,
+) -> ApiResult<Retention> {
+    authorize(&state, &headers)?;
+    namespace(&ns)?;
+    for (key, value) in [
+        ("max_messages", retention.max_messages),
+        ("max_bytes", retention.max_bytes),
+        ("max_age_secs", retention.max_age_secs),
+    ] {
+        if value == Some(0) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("{key} must be at least 1"),
+            ));
+        }
+    }
+    state.policies.set(&ns, retention.clone());
+    Ok(Json(retention))
+}
+
+async fn publish(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Json(request): Json<PublishRequest>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&state, &headers)?;
+    let channel = ChannelName::new(request.channel)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if request.payload.len() > state.max_payload as usize {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("payload exceeds the limit of {} bytes", state.max_payload),
+        ));
+    }
+    let appended = state
+        .log
+        .append(AppendInput {
+            channel,
+            producer: None,
+            payload: request.payload.into(),
+        })
+        .await
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    Ok(Json(serde_json::json!({
+        "offset": appended.offset.get(),
+        "epoch": appended.epoch.to_string(),
+    })))
+}
