@@ -433,6 +433,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's signature, not ours
     fn environment_overrides_the_file_and_unrelated_variables_are_ignored() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("volna.toml");
