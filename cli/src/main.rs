@@ -14,6 +14,10 @@ use futures_util::StreamExt;
 use tracing_subscriber::EnvFilter;
 use volna_client::{ChannelName, Client, ClientConfig, Offset, Position, Trust};
 
+mod admin;
+
+use admin::AdminApi;
+
 /// Where the broker keeps its development certificate when run from the
 /// same directory with its defaults.
 const DEV_CERT: &str = "volna-data/dev-cert.pem";
@@ -44,6 +48,20 @@ struct Cli {
     /// Authentication token.
     #[arg(long, global = true, env = "VOLNA_TOKEN", default_value = "dev")]
     token: String,
+    /// The broker's HTTP port, for the admin subcommands.
+    #[arg(
+        long,
+        global = true,
+        env = "VOLNA_HTTP",
+        default_value = "127.0.0.1:7401"
+    )]
+    http: String,
+    /// The admin API's bearer token, for the admin subcommands.
+    #[arg(long, global = true, env = "VOLNA_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Admin subcommands: print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,7 +90,66 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// List channels with their offsets, sizes and subscribers (admin).
+    Channels {
+        /// Only channels whose name starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// One channel's details (admin).
+    Channel {
+        #[command(subcommand)]
+        command: ChannelCommand,
+    },
+    /// List open sessions (admin).
+    Sessions,
+    /// Disconnect every session of USER, or one session (admin).
+    Kick {
+        /// The user whose sessions to close.
+        #[arg(required_unless_present = "session")]
+        user: Option<String>,
+        /// Close this session id instead.
+        #[arg(long, conflicts_with = "user")]
+        session: Option<u64>,
+    },
+    /// Show, or with any limit set, replace a namespace's retention (admin;
+    /// lasts until the broker restarts).
+    Retention {
+        /// The namespace, e.g. chat.
+        namespace: String,
+        /// Keep at most this many messages per channel.
+        #[arg(long)]
+        max_messages: Option<u64>,
+        /// Keep at most this many payload bytes per channel.
+        #[arg(long)]
+        max_bytes: Option<u64>,
+        /// Keep messages at most this many seconds.
+        #[arg(long)]
+        max_age_secs: Option<u64>,
+    },
 }
+
+#[derive(Debug, Subcommand)]
+enum ChannelCommand {
+    /// Offsets, size and subscribers of one channel.
+    Info {
+        /// The channel.
+        channel: ChannelName,
+    },
+}
+
+const CHANNEL_COLUMNS: &[&str] = &[
+    "name",
+    "epoch",
+    "first_offset",
+    "next_offset",
+    "messages",
+    "bytes",
+    "subscribers",
+];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -83,6 +160,75 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let api = AdminApi {
+        http: cli.http.clone(),
+        token: cli.admin_token.clone(),
+    };
+    let json = cli.json;
+    match &cli.command {
+        Command::Channels { prefix, limit } => {
+            let path = format!(
+                "/admin/channels?prefix={}&limit={limit}",
+                encode_query(prefix)
+            );
+            let value = api.call("GET", &path, None).await?;
+            admin::print(&value, CHANNEL_COLUMNS, json);
+            return Ok(());
+        }
+        Command::Channel {
+            command: ChannelCommand::Info { channel },
+        } => {
+            let value = api
+                .call("GET", &format!("/admin/channels/{channel}"), None)
+                .await?;
+            admin::print(&value, CHANNEL_COLUMNS, json);
+            return Ok(());
+        }
+        Command::Sessions => {
+            let value = api.call("GET", "/admin/sessions", None).await?;
+            let columns = [
+                "id",
+                "user",
+                "client",
+                "remote",
+                "connected_secs",
+                "subscriptions",
+            ];
+            admin::print(&value, &columns, json);
+            return Ok(());
+        }
+        Command::Kick { user, session } => {
+            let body = match (user, session) {
+                (_, Some(id)) => serde_json::json!({ "session": id }),
+                (Some(user), None) => serde_json::json!({ "user": user }),
+                (None, None) => bail!("give a USER or --session ID"),
+            };
+            let value = api.call("POST", "/admin/kick", Some(body)).await?;
+            admin::print(&value, &["disconnected"], json);
+            return Ok(());
+        }
+        Command::Retention {
+            namespace,
+            max_messages,
+            max_bytes,
+            max_age_secs,
+        } => {
+            let path = format!("/admin/namespaces/{namespace}/retention");
+            let value = if max_messages.is_some() || max_bytes.is_some() || max_age_secs.is_some() {
+                let body = serde_json::json!({
+                    "max_messages": max_messages,
+                    "max_bytes": max_bytes,
+                    "max_age_secs": max_age_secs,
+                });
+                api.call("PUT", &path, Some(body)).await?
+            } else {
+                api.call("GET", &path, None).await?
+            };
+            admin::print(&value, &["max_messages", "max_bytes", "max_age_secs"], json);
+            return Ok(());
+        }
+        Command::Pub { .. } | Command::Sub { .. } => {}
+    }
     let trust = trust(&cli)?;
     let client = Client::connect(ClientConfig::new(&cli.server, &cli.token, trust))
         .await
@@ -95,9 +241,23 @@ async fn main() -> anyhow::Result<()> {
             last,
             count,
         } => subscribe(&client, &channel, from, last, count).await,
+        _ => Ok(()),
     };
     client.close();
     result
+}
+
+/// Percent-encodes a query value (channel names are mostly safe already).
+fn encode_query(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
 }
 
 fn trust(cli: &Cli) -> anyhow::Result<Trust> {

@@ -103,3 +103,83 @@ async fn pub_and_sub_pass_messages_between_processes() {
 
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_subcommands_show_tables_and_json() {
+    const TOKEN: &str = "cli-admin-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    config.admin.token = Some(TOKEN.into());
+    let broker = Broker::start(config).await.unwrap();
+    let cert = broker.dev_cert().unwrap().clone();
+    let admin = |args: &[&str]| {
+        let mut cmd = volna(&broker, &cert);
+        cmd.arg("--http")
+            .arg(broker.http_addr().to_string())
+            .arg("--admin-token")
+            .arg(TOKEN)
+            .args(args);
+        cmd
+    };
+    for _ in 0..2 {
+        let out = volna(&broker, &cert)
+            .args(["pub", "news.cli", "x"])
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success());
+    }
+
+    let out = admin(&["channels"]).output().await.unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("news.cli") && table.contains("next_offset"),
+        "{table}"
+    );
+
+    let out = admin(&["channel", "info", "news.cli", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(info["next_offset"], 3);
+    assert_eq!(info["messages"], 2);
+
+    let out = admin(&["retention", "news", "--max-messages", "10", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let retention: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(retention["max_messages"], 10);
+
+    let out = admin(&["kick", "nobody", "--json"]).output().await.unwrap();
+    let kicked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(kicked["disconnected"], 0);
+
+    let out = admin(&["channel", "info", "news.none"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
+
+    let out = volna(&broker, &cert)
+        .args(["--http", &broker.http_addr().to_string(), "sessions"])
+        .env_remove("VOLNA_ADMIN_TOKEN")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-token"));
+    broker.shutdown().await;
+}
