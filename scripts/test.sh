@@ -10,3 +10,5 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast
 # Benchmarks in test mode: each runs once, so they keep compiling and working.
 cargo test -p volna-benches --benches --locked
+# The container set-up: image, compose, load generator (skipped without Docker).
+scripts/docker-test.sh

@@ -85,10 +85,12 @@ async fn main() -> anyhow::Result<()> {
             .init(),
     }
     if args.print_config {
-        print!(
-            "{}",
-            toml::to_string_pretty(&config).context("serializing the configuration")?
-        );
+        let mut shown = config.clone();
+        if shown.admin.token.is_some() {
+            shown.admin.token = Some("<redacted>".into());
+        }
+        let text = toml::to_string_pretty(&shown).context("serializing the configuration")?;
+        print!("{text}");
         return Ok(());
     }
 

@@ -51,6 +51,7 @@ pub struct Metrics {
     channels: IntGauge,
     subscribed_channels: IntGauge,
     outbox_bytes: IntGauge,
+    resident_bytes: IntGauge,
     storage: IntGaugeVec,
 }
 
@@ -148,6 +149,10 @@ impl Metrics {
             channels: gauge("channels", "Channels in the log"),
             subscribed_channels: gauge("subscribed_channels", "Channels with subscribers"),
             outbox_bytes: gauge("outbox_bytes", "Bytes held in channel rings"),
+            resident_bytes: gauge(
+                "process_resident_bytes",
+                "Resident memory of the broker process",
+            ),
             storage: {
                 let g = IntGaugeVec::new(
                     Opts::new("storage", "RocksDB properties (sizes in bytes)"),
@@ -167,6 +172,10 @@ impl Metrics {
         self.subscribed_channels
             .set(snapshot.subscribed_channels as i64);
         self.outbox_bytes.set(snapshot.outbox_bytes as i64);
+        if let Some(rss) = resident_bytes() {
+            self.resident_bytes
+                .set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
         for (name, value) in &snapshot.storage {
             self.storage
                 .with_label_values(&[name])
@@ -183,6 +192,14 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The process's resident set size, from `/proc/self/status` (Linux).
+fn resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 fn register(registry: &Registry, collector: Box<dyn prometheus::core::Collector>) {
@@ -217,6 +234,7 @@ mod tests {
             "volna_storage{property=\"total_sst_bytes\"} 10",
             "volna_publish_ack_seconds_bucket",
             "volna_group_commit_messages_bucket",
+            "volna_process_resident_bytes",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

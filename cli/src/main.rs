@@ -15,6 +15,7 @@ use tracing_subscriber::EnvFilter;
 use volna_client::{ChannelName, Client, ClientConfig, Offset, Position, Trust};
 
 mod admin;
+mod bench;
 
 use admin::AdminApi;
 
@@ -42,6 +43,11 @@ struct Cli {
     /// public web PKI.
     #[arg(long, global = true, env = "VOLNA_CA")]
     ca: Option<PathBuf>,
+    /// The name the broker's certificate must carry (default: the host of
+    /// --server), e.g. `localhost` when reaching a development broker by
+    /// another name.
+    #[arg(long, global = true, env = "VOLNA_SERVER_NAME")]
+    server_name: Option<String>,
     /// Trust exactly the certificate with this SHA-256 fingerprint (hex).
     #[arg(long, global = true, env = "VOLNA_PIN", conflicts_with = "ca")]
     pin: Option<String>,
@@ -90,6 +96,9 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// Drive the broker with many connections and check every delivery;
+    /// exits non-zero if any was lost, duplicated or reordered.
+    Bench(bench::BenchArgs),
     /// List channels with their offsets, sizes and subscribers (admin).
     Channels {
         /// Only channels whose name starts with this.
@@ -227,10 +236,18 @@ async fn main() -> anyhow::Result<()> {
             admin::print(&value, &["max_messages", "max_bytes", "max_age_secs"], json);
             return Ok(());
         }
-        Command::Pub { .. } | Command::Sub { .. } => {}
+        Command::Pub { .. } | Command::Sub { .. } | Command::Bench(_) => {}
     }
     let trust = trust(&cli)?;
-    let client = Client::connect(ClientConfig::new(&cli.server, &cli.token, trust))
+    let mut config = ClientConfig::new(&cli.server, &cli.token, trust);
+    config.server_name = cli.server_name.clone();
+    if let Command::Bench(args) = &cli.command {
+        if !bench::run(args, config, &cli.http, json).await? {
+            bail!("benchmark failed: deliveries were lost, duplicated or reordered");
+        }
+        return Ok(());
+    }
+    let client = Client::connect(config)
         .await
         .with_context(|| format!("connecting to {}", cli.server))?;
     let result = match cli.command {

@@ -57,6 +57,10 @@ impl Backoff {
 pub struct ClientConfig {
     /// `host:port` of the broker, e.g. `127.0.0.1:7400` or `volna.example:7400`.
     pub server: String,
+    /// The name the server's certificate must carry; by default the host
+    /// part of `server`. Set it when reaching the broker under another
+    /// name than its certificate's (a container name, an IP).
+    pub server_name: Option<String>,
     /// The authentication token sent in `Hello`.
     pub token: String,
     /// Which certificates to trust.
@@ -85,6 +89,7 @@ impl ClientConfig {
     pub fn new(server: impl Into<String>, token: impl Into<String>, trust: Trust) -> Self {
         Self {
             server: server.into(),
+            server_name: None,
             token: token.into(),
             trust,
             client_name: concat!("volna-client/", env!("CARGO_PKG_VERSION")).to_owned(),

@@ -32,13 +32,14 @@ use crate::subscription::SubShared;
 pub(crate) struct Transport {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
-    host: String,
+    tls_name: String,
     server: String,
 }
 
 impl Transport {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
         let (host, _port) = split_host_port(&config.server)?;
+        let tls_name = config.server_name.clone().unwrap_or_else(|| host.clone());
         let mut tls = tls_config(&config.trust)?;
         tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
         let crypto =
@@ -69,7 +70,7 @@ impl Transport {
         Ok(Self {
             endpoint,
             quic,
-            host,
+            tls_name,
             server: config.server.clone(),
         })
     }
@@ -83,7 +84,7 @@ impl Transport {
             .ok_or_else(|| ClientError::InvalidAddress(self.server.clone()))?;
         let connecting = self
             .endpoint
-            .connect_with(self.quic.clone(), addr, &self.host)
+            .connect_with(self.quic.clone(), addr, &self.tls_name)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let handshake = async {
             let conn = connecting
