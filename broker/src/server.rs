@@ -32,6 +32,8 @@ use crate::transport::{self, TransportError};
 
 /// How long shutdown waits for sessions to flush and say goodbye.
 const SESSION_GRACE: Duration = Duration::from_secs(5);
+/// How long shutdown waits for the UDP port to be released.
+const PORT_RELEASE: Duration = Duration::from_secs(2);
 
 /// Why the broker could not start.
 #[derive(Debug, Error)]
@@ -74,7 +76,7 @@ pub struct Broker {
     dev_cert: Option<PathBuf>,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
-    endpoint: quinn::Endpoint,
+    endpoint: Option<quinn::Endpoint>,
     fanout: Arc<Fanout>,
     log_threads: Option<LogThreads>,
     tasks: Vec<JoinHandle<()>>,
@@ -198,7 +200,7 @@ impl Broker {
             dev_cert: tls.dev_cert,
             shutdown,
             ready,
-            endpoint,
+            endpoint: Some(endpoint),
             fanout,
             log_threads: Some(log_threads),
             tasks,
@@ -236,19 +238,29 @@ impl Broker {
         info!("shutting down");
         self.ready.store(false, Ordering::SeqCst);
         self.shutdown.cancel();
-        // Sessions drain their pending acks and close with GOING_AWAY.
-        let idle = self.endpoint.wait_idle();
-        if tokio::time::timeout(SESSION_GRACE, idle).await.is_err() {
-            warn!("sessions did not finish in time; closing their connections");
+        if let Some(endpoint) = &self.endpoint {
+            // Sessions drain their pending acks and close with GOING_AWAY.
+            let idle = endpoint.wait_idle();
+            if tokio::time::timeout(SESSION_GRACE, idle).await.is_err() {
+                warn!("sessions did not finish in time; closing their connections");
+            }
+            let code = CloseCode::GOING_AWAY;
+            endpoint.close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
         }
-        let code = CloseCode::GOING_AWAY;
-        self.endpoint
-            .close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
         for task in self.tasks.drain(..) {
             task.abort();
+            let _ = task.await;
         }
         if let Some(threads) = self.log_threads.take() {
             let _ = tokio::task::spawn_blocking(move || threads.shutdown()).await;
+        }
+        // The UDP socket closes once quinn's endpoint driver sees its last
+        // handle go; wait for that so a restart can bind the same port.
+        let addr = self.quic_addr;
+        drop(self.endpoint.take());
+        let deadline = tokio::time::Instant::now() + PORT_RELEASE;
+        while std::net::UdpSocket::bind(addr).is_err() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
         info!("stopped");
     }
@@ -263,9 +275,10 @@ impl Drop for Broker {
     fn drop(&mut self) {
         if let Some(threads) = self.log_threads.take() {
             self.shutdown.cancel();
-            let code = CloseCode::GOING_AWAY;
-            self.endpoint
-                .close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
+            if let Some(endpoint) = &self.endpoint {
+                let code = CloseCode::GOING_AWAY;
+                endpoint.close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
+            }
             for task in self.tasks.drain(..) {
                 task.abort();
             }
