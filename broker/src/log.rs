@@ -663,7 +663,9 @@ fn next_or_stop<T>(rx: &Receiver<T>, closed: &AtomicBool) -> Option<T> {
     }
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time in milliseconds since the Unix epoch: the timestamp the
+/// log gives messages.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -8,14 +8,14 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use volna_proto::{ChannelName, Offset};
 
 use crate::config::{Config, Retention};
-use crate::log::Log;
+use crate::log::{Log, now_ms};
 use crate::store::ChannelMeta;
 
 /// Messages read per step while looking for the cut.
@@ -150,12 +150,6 @@ pub async fn cut(
         }
     }
     Ok((below > meta.first_offset).then_some((below, freed)))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 use volna_proto::{ChannelName, Epoch, Frame, Offset, SubscriptionId};
 
 use crate::fanout::{FeedSubscription, NextStep, encode_frames};
-use crate::log::Log;
+use crate::log::{Log, now_ms};
 use crate::metrics::Metrics;
 
 /// Bytes of frames handed to the sink per write.
@@ -144,12 +144,6 @@ impl Drop for CatchUpGauge<'_> {
     fn drop(&mut self) {
         self.set(false);
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Reads `[next, until)` from the log and sends it; returns the new `next`
