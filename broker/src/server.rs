@@ -96,10 +96,16 @@ impl Broker {
         // Everything that can fail comes before the log threads start, so a
         // failed start leaves no thread behind holding the database.
         let tls = tls::server_tls(&config)?;
+        let reset_key =
+            transport::load_reset_key(&config.data_dir).map_err(|source| StartError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
         let endpoint = transport::bind(
             config.listen,
             tls.config,
             Duration::from_millis(config.limits.idle_timeout_ms),
+            &reset_key,
         )?;
         let quic_addr = endpoint
             .local_addr()

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use volna_client::{Backoff, Client, ClientConfig, Trust};
 
+pub mod proxy;
+
 /// Why the broker process could not be run.
 #[derive(Debug, Error)]
 pub enum ChaosError {
@@ -64,18 +66,35 @@ pub struct BrokerProcess {
     child: Option<Child>,
     data_dir: PathBuf,
     addr: SocketAddr,
+    http: SocketAddr,
     durability: &'static str,
+    env: Vec<(String, String)>,
 }
 
 impl BrokerProcess {
     /// Starts a broker on `data_dir`, on a free loopback port.
     pub fn start(data_dir: &Path, durability: &'static str) -> Result<Self, ChaosError> {
+        Self::start_with(data_dir, durability, &[])
+    }
+
+    /// Starts a broker with extra `VOLNA_*` settings in its environment.
+    pub fn start_with(
+        data_dir: &Path,
+        durability: &'static str,
+        env: &[(&str, &str)],
+    ) -> Result<Self, ChaosError> {
         let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let mut broker = Self {
             child: None,
             data_dir: data_dir.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            http,
             durability,
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         broker.spawn()?;
         Ok(broker)
@@ -88,9 +107,10 @@ impl BrokerProcess {
             .arg("--listen")
             .arg(self.addr.to_string())
             .arg("--http")
-            .arg("127.0.0.1:0")
+            .arg(self.http.to_string())
             .arg("--durability")
             .arg(self.durability)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("VOLNA_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -104,10 +124,31 @@ impl BrokerProcess {
         self.addr
     }
 
+    /// The value of one metric from the broker's `/metrics`, if it is up.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(self.http).await.ok()?;
+        tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut text = String::new();
+        tcp.read_to_string(&mut text).await.ok()?;
+        let prefix = format!("{name} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     /// A client configuration for this broker (fast reconnects).
     pub fn client_config(&self) -> ClientConfig {
+        self.client_config_via(self.addr)
+    }
+
+    /// A client configuration that reaches this broker through `addr` (a
+    /// proxy), still verifying the broker's certificate.
+    pub fn client_config_via(&self, addr: SocketAddr) -> ClientConfig {
         let mut config = ClientConfig::new(
-            self.addr.to_string(),
+            addr.to_string(),
             "chaos",
             Trust::CaFile(self.data_dir.join("dev-cert.pem")),
         );
@@ -116,6 +157,7 @@ impl BrokerProcess {
             max: Duration::from_millis(300),
         };
         config.request_timeout = Duration::from_secs(60);
+        config.server_name = Some("localhost".into());
         config
     }
 
