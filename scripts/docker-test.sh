@@ -15,7 +15,7 @@ if docker compose version >/dev/null 2>&1; then
 else
     compose=(docker-compose -p "$project" -f docker-compose.yml)
 fi
-cleanup() { "${compose[@]}" --profile bench down -v --remove-orphans >/dev/null 2>&1 || true; }
+cleanup() { "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
 "${compose[@]}" up -d broker
@@ -26,7 +26,7 @@ for _ in $(seq 1 120); do
     sleep 1
 done
 [ "$health" = healthy ] || { docker logs "$broker_id" | tail -20; echo "docker test: broker not healthy"; exit 1; }
-summary="$("${compose[@]}" --profile bench run --rm -T bench)"
+summary="$("${compose[@]}" run --rm -T bench)"
 echo "docker test: bench summary: $summary"
 python3 - "$summary" <<'PY'
 import json, sys

@@ -113,10 +113,31 @@ impl BrokerProcess {
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("VOLNA_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(self.log_file()?)
             .spawn()?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Where every incarnation's stderr goes (appended).
+    pub fn log_path(&self) -> PathBuf {
+        self.data_dir.join("broker.log")
+    }
+
+    fn log_file(&self) -> Result<std::fs::File, ChaosError> {
+        Ok(std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?)
+    }
+
+    /// Fails if any incarnation of the broker panicked.
+    pub fn assert_never_panicked(&self) {
+        let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        if let Some(at) = log.find("panicked at") {
+            let end = (at + 400).min(log.len());
+            panic!("the broker panicked: {}", &log[at..end]);
+        }
     }
 
     /// The QUIC address.

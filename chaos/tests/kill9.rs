@@ -12,12 +12,14 @@ use rand::Rng;
 use volna_chaos::{BrokerProcess, History};
 use volna_client::{ChannelName, Client, ClientError, Position};
 
-/// Kill/restart cycles in the short (CI) mode; `VOLNA_CHAOS_CYCLES` raises it.
+/// Kill/restart cycles: 20 in the short (CI) mode, 200 with
+/// `VOLNA_CHAOS_LONG=1`, or exactly `VOLNA_CHAOS_CYCLES`.
 fn cycles() -> u32 {
+    let long = std::env::var("VOLNA_CHAOS_LONG").is_ok_and(|v| v == "1");
     std::env::var("VOLNA_CHAOS_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(if long { 200 } else { 20 })
 }
 
 async fn publish_until_stopped(
@@ -66,10 +68,18 @@ async fn kill_during_publishing(durability: &'static str) {
         )));
     }
     let mut rng = rand::rng();
+    let mut peak_rss = 0.0f64;
     for _ in 0..cycles() {
         tokio::time::sleep(Duration::from_millis(rng.random_range(100..400))).await;
+        if let Some(rss) = broker.metric("volna_process_resident_bytes").await {
+            peak_rss = peak_rss.max(rss);
+        }
         broker.restart().unwrap();
     }
+    assert!(
+        peak_rss < 512.0 * 1048576.0,
+        "broker RSS {peak_rss} over 512 MiB"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.cancel();
     for w in writers {
@@ -119,6 +129,14 @@ async fn kill_during_publishing(durability: &'static str) {
             h.unknown.len()
         );
     }
+    broker.assert_never_panicked();
+    eprintln!(
+        "kill -9 ({durability}): {} cycles, {} publishes acknowledged, {} unknown, none lost; peak RSS {:.1} MiB",
+        cycles(),
+        h.acked.len(),
+        h.unknown.len(),
+        peak_rss / 1048576.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -120,6 +120,7 @@ async fn a_lossy_duplicating_reordering_network_loses_and_repeats_nothing() {
         dropped > 0 && duplicated > 0,
         "the proxy injected no faults"
     );
+    broker.assert_never_panicked();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,6 +184,7 @@ async fn clients_reconnect_and_resume_after_a_partition_longer_than_the_idle_tim
         opened >= 4.0,
         "both clients reconnected (sessions opened: {opened})"
     );
+    broker.assert_never_panicked();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,6 +219,7 @@ async fn a_client_that_changes_address_keeps_its_session() {
         opened, 2.0,
         "the subscriber migrated instead of reconnecting"
     );
+    broker.assert_never_panicked();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -260,6 +263,7 @@ async fn a_reconnect_storm_resumes_every_subscriber() {
         "reconnect storm: {n} subscribers resumed within {:?} of the restart",
         restarted.elapsed()
     );
+    broker.assert_never_panicked();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -341,6 +345,7 @@ async fn slow_and_stalled_consumers_do_not_hold_back_fast_ones() {
         }
     };
     tokio::time::timeout(DEADLINE, read).await.unwrap();
+    broker.assert_never_panicked();
 }
 
 fn now_us() -> u64 {
