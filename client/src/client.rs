@@ -117,6 +117,7 @@ impl Client {
         // order; every retry reuses it.
         let mut sequence = None;
         let mut attempt = 0;
+        let mut last_refusal = None;
         loop {
             let live = self.inner.wait_live(deadline).await?;
             let request = live.request(|request_id| {
@@ -133,9 +134,11 @@ impl Client {
                     payload: payload.clone(),
                 })
             });
-            let reply = tokio::time::timeout_at(deadline, request)
-                .await
-                .map_err(|_| ClientError::Timeout)?;
+            // Out of time: the broker's last refusal says more than "timed out".
+            let reply = match tokio::time::timeout_at(deadline, request).await {
+                Ok(reply) => reply,
+                Err(_) => return Err(last_refusal.take().unwrap_or(ClientError::Timeout)),
+            };
             match reply {
                 Ok(Frame::Published {
                     offset,
@@ -149,8 +152,13 @@ impl Client {
                         duplicate,
                     });
                 }
-                Ok(Frame::Error(ErrorFrame { code, .. })) if code.is_retryable() => {
-                    tokio::time::sleep(self.inner.config.backoff.delay(attempt)).await;
+                Ok(Frame::Error(ErrorFrame { code, message, .. })) if code.is_retryable() => {
+                    let pause = self.inner.config.backoff.delay(attempt);
+                    if tokio::time::Instant::now() + pause >= deadline {
+                        return Err(ClientError::Server { code, message });
+                    }
+                    last_refusal = Some(ClientError::Server { code, message });
+                    tokio::time::sleep(pause).await;
                     attempt += 1;
                 }
                 Ok(Frame::Error(ErrorFrame { code, message, .. })) => {
