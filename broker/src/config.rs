@@ -184,6 +184,8 @@ pub struct Config {
     pub namespaces: BTreeMap<String, NamespaceConfig>,
     /// The operator API.
     pub admin: AdminConfig,
+    /// How clients authenticate.
+    pub auth: crate::auth::AuthConfig,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -201,6 +203,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "engine",
     "namespaces",
     "admin",
+    "auth",
     "log_format",
 ];
 
@@ -216,6 +219,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             namespaces: BTreeMap::new(),
             admin: AdminConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
             log_format: LogFormat::default(),
         }
     }

@@ -22,11 +22,11 @@
 //!   the rest of a server;
 //! - [`server`]: start-up and orderly shutdown of all of the above.
 //!
-//! What it does not do yet: authentication (every token is accepted) and
-//! clustering (DESIGN.md §7) are later work;
+//! What it does not do yet: clustering (DESIGN.md §7) is later work;
 //! the parts are shaped so that they can be added without reshaping these.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod fanout;
 pub mod http;

@@ -31,6 +31,10 @@ struct Args {
     /// When a publish is acknowledged: after the WAL write, or after its fsync.
     #[arg(long, value_parser = parse_durability)]
     durability: Option<Durability>,
+    /// Verify connection tokens as HS256 JWTs signed with the secret in
+    /// FILE (sets auth.mode = "jwt"; repeat for key rotation).
+    #[arg(long, value_name = "FILE")]
+    auth_hs256_secret_file: Vec<PathBuf>,
     /// Log lines as text (default) or JSON.
     #[arg(long, value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
@@ -73,6 +77,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(format) = args.log_format {
         config.log_format = format;
+    }
+    if !args.auth_hs256_secret_file.is_empty() {
+        config.auth.mode = volna_broker::auth::AuthMode::Jwt;
+        config.auth.hs256_secret_files = args.auth_hs256_secret_file;
     }
     config.validate()?;
     let filter = EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));

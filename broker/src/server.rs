@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use volna_proto::CloseCode;
 
 use crate::admin::{self, AdminState};
+use crate::auth::{AuthMode, Authenticator};
 use crate::config::{Config, ConfigError};
 use crate::fanout::Fanout;
 use crate::http::{self, HttpState};
@@ -41,6 +42,9 @@ pub enum StartError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// The authentication keys could not be loaded.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthConfigError),
     /// The data directory could not be created.
     #[error("cannot create the data directory {path}: {source}")]
     DataDir {
@@ -92,6 +96,12 @@ impl Broker {
             source,
         })?;
         let admin_token = config.admin_token()?;
+        let authenticator = Authenticator::from_config(&config.auth)?;
+        if authenticator.mode() == AuthMode::None {
+            warn!(
+                "AUTH IS OFF (auth.mode = \"none\"): every token is accepted and may do everything; for development only"
+            );
+        }
 
         // Everything that can fail comes before the log threads start, so a
         // failed start leaves no thread behind holding the database.
@@ -159,6 +169,7 @@ impl Broker {
             config.clone(),
             shutdown.clone(),
             metrics.clone(),
+            authenticator,
         ));
         let policies = Arc::new(Policies::from_config(&config));
         let admin = AdminState {

@@ -43,6 +43,7 @@ use volna_proto::{
     PROTOCOL_VERSION, Position, Publish, Subscribe, SubscriptionId, Welcome,
 };
 
+use crate::auth::{Authenticator, Identity};
 use crate::config::Config;
 use crate::fanout::Fanout;
 use crate::log::{AppendError, AppendInput, Appended, Log};
@@ -69,6 +70,8 @@ pub struct BrokerContext {
     pub metrics: Arc<Metrics>,
     /// Every open session, for operators.
     pub sessions: Arc<SessionRegistry>,
+    /// Verifies tokens.
+    pub authenticator: Authenticator,
     next_session_id: AtomicU64,
 }
 
@@ -80,8 +83,10 @@ impl BrokerContext {
         config: Arc<Config>,
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
+        authenticator: Authenticator,
     ) -> Self {
         Self {
+            authenticator,
             log,
             fanout,
             config,
@@ -102,8 +107,8 @@ pub struct SessionRegistry(DashMap<u64, Arc<SessionInfo>>);
 pub struct SessionInfo {
     /// The broker's id for the session (sent in `Welcome`).
     pub id: u64,
-    /// Who the client authenticated as. Until token verification exists
-    /// (`auth = "none"`), the token a client presents is its user name.
+    /// Who the client authenticated as (the token's `sub`; with
+    /// `auth.mode = "none"`, the token itself).
     pub user: String,
     /// The client's self-description from `Hello`.
     pub client: String,
@@ -174,6 +179,8 @@ enum End {
     HelloTimeout,
     /// An operator disconnected the client.
     Kicked,
+    /// The token was refused, or expired during the session.
+    Unauthorized,
 }
 
 impl End {
@@ -184,6 +191,7 @@ impl End {
             End::ProtocolError => CloseCode::PROTOCOL_ERROR,
             End::HelloTimeout => CloseCode::HELLO_TIMEOUT,
             End::Kicked => CloseCode::KICKED,
+            End::Unauthorized => CloseCode::UNAUTHORIZED,
         }
     }
 
@@ -194,6 +202,7 @@ impl End {
             End::ProtocolError => "protocol_error",
             End::HelloTimeout => "hello_timeout",
             End::Kicked => "kicked",
+            End::Unauthorized => "unauthorized",
         }
     }
 }
@@ -224,6 +233,7 @@ where
             kick: CancellationToken::new(),
             welcomed: false,
             id: session_id,
+            identity: None,
         };
         let end = session.serve(session_id, recv).await;
         session.cancel.cancel();
@@ -262,6 +272,7 @@ struct Session<C: Connection> {
     kick: CancellationToken,
     welcomed: bool,
     id: u64,
+    identity: Option<Identity>,
 }
 
 impl<C: Connection> Session<C> {
@@ -297,6 +308,24 @@ impl<C: Connection> Session<C> {
         let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
         let shutdown = self.ctx.shutdown.clone();
         let kick = self.kick.clone();
+        // The session ends when its token does.
+        let expiry = self
+            .identity
+            .as_ref()
+            .and_then(|i| i.expires_at)
+            .map(|exp| {
+                let now = SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(now))
+            });
+        let expired = async move {
+            match expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
         let mut end = None;
         while end.is_none() {
             // Serve frames already buffered before reading more.
@@ -319,6 +348,10 @@ impl<C: Connection> Session<C> {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
                 () = kick.cancelled() => end = Some(End::Kicked),
+                () = &mut expired => {
+                    self.reply_error(0, ErrorCode::Unauthorized, "the token has expired").await;
+                    end = Some(End::Unauthorized);
+                }
                 Some((request_id, started, result)) = pending.next(), if !pending.is_empty() => {
                     self.reply_append(request_id, started, result).await;
                 }
@@ -353,9 +386,18 @@ impl<C: Connection> Session<C> {
             .await;
             return Err(End::ProtocolError);
         }
-        // Token verification arrives with the security issue; every token is
-        // accepted until then.
-        debug!(client = %hello.client, "hello");
+        let identity = match self.ctx.authenticator.authenticate(&hello.token) {
+            Ok(identity) => identity,
+            Err(e) => {
+                debug!(client = %hello.client, error = %e, "token refused");
+                self.reply_error(0, ErrorCode::Unauthorized, &e.to_string())
+                    .await;
+                return Err(End::Unauthorized);
+            }
+        };
+        debug!(client = %hello.client, user = %identity.user, "hello");
+        let user = identity.user.clone();
+        self.identity = Some(identity);
         let limits = &self.ctx.config.limits;
         self.send(Frame::Welcome(Welcome {
             session_id,
@@ -372,7 +414,7 @@ impl<C: Connection> Session<C> {
             session_id,
             Arc::new(SessionInfo {
                 id: session_id,
-                user: hello.token,
+                user,
                 client: hello.client,
                 remote: self.conn.remote(),
                 connected_at: SystemTime::now(),
@@ -414,6 +456,17 @@ impl<C: Connection> Session<C> {
         } = publish;
         let max = self.ctx.config.limits.max_payload;
         self.ctx.metrics.bytes_in.inc_by(payload.len() as u64);
+        if !self
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.may_publish(&channel))
+        {
+            self.count_publish_error(ErrorCode::Forbidden);
+            let msg = format!("this token may not publish to {channel}");
+            self.reply_error(request_id, ErrorCode::Forbidden, &msg)
+                .await;
+            return None;
+        }
         if payload.len() > max as usize {
             self.count_publish_error(ErrorCode::PayloadTooLarge);
             self.reply_error(
@@ -491,6 +544,16 @@ impl<C: Connection> Session<C> {
             channel,
             position,
         } = subscribe;
+        if !self
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.may_subscribe(&channel))
+        {
+            let msg = format!("this token may not subscribe to {channel}");
+            return self
+                .reply_error(request_id, ErrorCode::Forbidden, &msg)
+                .await;
+        }
         if self.by_channel.contains_key(&channel) {
             let msg = format!("already subscribed to {channel}");
             return self

@@ -1,0 +1,384 @@
+//! Who a connection is and what it may do: JWT verification and channel
+//! grants.
+//!
+//! A token's claims: `sub` (the user), `exp` (required), optionally `nbf`,
+//! `iat`, `iss`, `aud` (checked when configured), and the grants `subscribe`
+//! and `publish`: lists of channel patterns where `*` matches one segment
+//! and `>` one or more trailing segments (`chat.123`, `user.42.*`,
+//! `news.>`). With `personal_namespace`, `user.{sub}.>` is always the user's
+//! own, for both.
+//!
+//! Invariants: a refused token is described by what is wrong with it
+//! (expired, bad signature…), never by anything about the key; with
+//! `mode = "none"` (development) every token is accepted, is its own user
+//! name, and may do everything.
+
+use std::path::PathBuf;
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use volna_proto::ChannelName;
+
+/// How connections authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// Development only: every token is accepted.
+    #[default]
+    None,
+    /// Tokens are JWTs verified with the configured keys.
+    Jwt,
+}
+
+/// The `[auth]` configuration section.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `none` (development) or `jwt`.
+    pub mode: AuthMode,
+    /// Files holding HS256 secrets (one per file, whole file). Several can
+    /// be valid at once, so that keys can be rotated.
+    pub hs256_secret_files: Vec<PathBuf>,
+    /// Required `iss`, if set.
+    pub issuer: Option<String>,
+    /// Required `aud`, if set.
+    pub audience: Option<String>,
+    /// `user.{sub}.>` is always the user's own.
+    pub personal_namespace: bool,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            mode: AuthMode::None,
+            hs256_secret_files: Vec::new(),
+            issuer: None,
+            audience: None,
+            personal_namespace: true,
+            leeway_secs: 5,
+        }
+    }
+}
+
+/// Why a token was refused. The texts are safe to send to the client.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AuthError {
+    /// No token was presented.
+    #[error("a token is required")]
+    Missing,
+    /// `exp` is in the past.
+    #[error("the token has expired")]
+    Expired,
+    /// `nbf` is in the future.
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    /// No configured key verifies the signature.
+    #[error("the token's signature is invalid")]
+    BadSignature,
+    /// `iss` or `aud` is not the configured one.
+    #[error("the token was issued for someone else")]
+    WrongAudienceOrIssuer,
+    /// The token is not a well-formed JWT with the required claims.
+    #[error("the token is malformed: {0}")]
+    Malformed(String),
+}
+
+/// A problem with the authentication configuration.
+#[derive(Debug, Error)]
+pub enum AuthConfigError {
+    /// A key file could not be read.
+    #[error("cannot read auth key {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `mode = "jwt"` without any key.
+    #[error("auth.mode = \"jwt\" needs at least one key (auth.hs256_secret_files)")]
+    NoKeys,
+    /// A key is too short to be a secret.
+    #[error("the HS256 secret in {0} is shorter than 32 bytes")]
+    WeakSecret(PathBuf),
+}
+
+/// One grant pattern, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant(Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    /// `*`: exactly one segment.
+    One,
+    /// `>`: one or more trailing segments.
+    Rest,
+}
+
+impl Grant {
+    /// Parses `chat.123`, `user.42.*`, `news.>`; `None` for a malformed
+    /// pattern (`>` not last, empty segments).
+    pub fn parse(pattern: &str) -> Option<Self> {
+        let parts: Vec<&str> = pattern.split('.').collect();
+        let mut segments = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            segments.push(match *part {
+                "" => return None,
+                "*" => Segment::One,
+                ">" if i + 1 == parts.len() => Segment::Rest,
+                ">" => return None,
+                literal => Segment::Literal(literal.to_owned()),
+            });
+        }
+        Some(Self(segments))
+    }
+
+    /// Whether `channel` falls under this grant.
+    pub fn matches(&self, channel: &ChannelName) -> bool {
+        let mut names = channel.as_str().split('.');
+        for segment in &self.0 {
+            match segment {
+                Segment::Rest => return names.next().is_some(),
+                Segment::One => {
+                    if names.next().is_none() {
+                        return false;
+                    }
+                }
+                Segment::Literal(l) => {
+                    if names.next() != Some(l.as_str()) {
+                        return false;
+                    }
+                }
+            }
+        }
+        names.next().is_none()
+    }
+}
+
+/// An authenticated connection's identity and rights.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The user (`sub`).
+    pub user: String,
+    /// When the token expires (Unix seconds), if it does.
+    pub expires_at: Option<u64>,
+    subscribe: Rights,
+    publish: Rights,
+}
+
+#[derive(Debug, Clone)]
+enum Rights {
+    All,
+    Only(Vec<Grant>),
+}
+
+impl Rights {
+    fn allows(&self, channel: &ChannelName) -> bool {
+        match self {
+            Rights::All => true,
+            Rights::Only(grants) => grants.iter().any(|g| g.matches(channel)),
+        }
+    }
+}
+
+impl Identity {
+    /// Whether this identity may subscribe to `channel`.
+    pub fn may_subscribe(&self, channel: &ChannelName) -> bool {
+        self.subscribe.allows(channel)
+    }
+
+    /// Whether this identity may publish to `channel`.
+    pub fn may_publish(&self, channel: &ChannelName) -> bool {
+        self.publish.allows(channel)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default)]
+    subscribe: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+}
+
+/// Verifies tokens as configured.
+#[derive(Clone)]
+pub struct Authenticator {
+    mode: AuthMode,
+    keys: Vec<DecodingKey>,
+    validation: Validation,
+    personal_namespace: bool,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("mode", &self.mode)
+            .field("keys", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Authenticator {
+    /// Loads the keys the configuration names.
+    pub fn from_config(config: &AuthConfig) -> Result<Self, AuthConfigError> {
+        let mut keys = Vec::new();
+        for path in &config.hs256_secret_files {
+            let secret = std::fs::read(path).map_err(|source| AuthConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let secret = secret.trim_ascii();
+            if secret.len() < 32 {
+                return Err(AuthConfigError::WeakSecret(path.clone()));
+            }
+            keys.push(DecodingKey::from_secret(secret));
+        }
+        if config.mode == AuthMode::Jwt && keys.is_empty() {
+            return Err(AuthConfigError::NoKeys);
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = config.leeway_secs;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        if let Some(aud) = &config.audience {
+            validation.set_audience(&[aud]);
+        } else {
+            validation.validate_aud = false;
+        }
+        if let Some(iss) = &config.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Self {
+            mode: config.mode,
+            keys,
+            validation,
+            personal_namespace: config.personal_namespace,
+        })
+    }
+
+    /// Whether tokens are verified at all.
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Verifies `token`.
+    pub fn authenticate(&self, token: &str) -> Result<Identity, AuthError> {
+        if self.mode == AuthMode::None {
+            return Ok(Identity {
+                user: token.to_owned(),
+                expires_at: None,
+                subscribe: Rights::All,
+                publish: Rights::All,
+            });
+        }
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let mut last = AuthError::BadSignature;
+        for key in &self.keys {
+            match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
+                Ok(data) => return Ok(self.identity(data.claims)),
+                Err(e) => {
+                    last = match e.kind() {
+                        ErrorKind::InvalidSignature => AuthError::BadSignature,
+                        ErrorKind::ExpiredSignature => AuthError::Expired,
+                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                        ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
+                            AuthError::WrongAudienceOrIssuer
+                        }
+                        ErrorKind::MissingRequiredClaim(claim) => {
+                            AuthError::Malformed(format!("the {claim} claim is missing"))
+                        }
+                        ErrorKind::InvalidAlgorithm => {
+                            AuthError::Malformed("the algorithm is not accepted".into())
+                        }
+                        _ => AuthError::Malformed("not a valid JWT".into()),
+                    };
+                    // Only a signature mismatch is worth trying the next key.
+                    if last != AuthError::BadSignature {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn identity(&self, claims: Claims) -> Identity {
+        let parse = |patterns: &[String]| -> Vec<Grant> {
+            patterns.iter().filter_map(|p| Grant::parse(p)).collect()
+        };
+        let mut subscribe = parse(&claims.subscribe);
+        let mut publish = parse(&claims.publish);
+        if self.personal_namespace
+            && let Some(own) = Grant::parse(&format!("user.{}.>", claims.sub))
+        {
+            subscribe.push(own.clone());
+            publish.push(own);
+        }
+        Identity {
+            user: claims.sub,
+            expires_at: Some(claims.exp),
+            subscribe: Rights::Only(subscribe),
+            publish: Rights::Only(publish),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ch(name: &str) -> ChannelName {
+        ChannelName::new(name).expect("name")
+    }
+
+    #[test]
+    fn grants_match_like_subjects() {
+        let exact = Grant::parse("chat.123").expect("parses");
+        assert!(exact.matches(&ch("chat.123")));
+        assert!(!exact.matches(&ch("chat.1234")));
+        assert!(!exact.matches(&ch("chat.123.x")));
+        let one = Grant::parse("user.42.*").expect("parses");
+        assert!(one.matches(&ch("user.42.inbox")));
+        assert!(!one.matches(&ch("user.42")));
+        assert!(!one.matches(&ch("user.42.inbox.x")));
+        let rest = Grant::parse("news.>").expect("parses");
+        assert!(rest.matches(&ch("news.sport")));
+        assert!(rest.matches(&ch("news.sport.football")));
+        assert!(!rest.matches(&ch("news")));
+        assert!(Grant::parse("news.>.x").is_none());
+        assert!(Grant::parse("a..b").is_none());
+    }
+
+    #[test]
+    fn jwt_mode_needs_a_long_enough_key() {
+        let config = AuthConfig {
+            mode: AuthMode::Jwt,
+            ..AuthConfig::default()
+        };
+        assert!(matches!(
+            Authenticator::from_config(&config),
+            Err(AuthConfigError::NoKeys)
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let short = dir.path().join("short");
+        std::fs::write(&short, "too short").expect("write");
+        let config = AuthConfig {
+            mode: AuthMode::Jwt,
+            hs256_secret_files: vec![short],
+            ..AuthConfig::default()
+        };
+        assert!(matches!(
+            Authenticator::from_config(&config),
+            Err(AuthConfigError::WeakSecret(_))
+        ));
+    }
+}
