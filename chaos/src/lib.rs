@@ -252,6 +252,30 @@ impl Drop for BrokerProcess {
     }
 }
 
+/// Reads `sub` until it has delivered offset `last`, failing the test on an
+/// event (`Truncated`, `EpochChanged`), a closed stream or after `within`.
+/// Returns `(offset, payload)` in delivery order, for [`History::check`].
+pub async fn read_through(
+    sub: &mut volna_client::Subscription,
+    last: u64,
+    within: Duration,
+) -> Vec<(u64, Vec<u8>)> {
+    let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
+    let read = async {
+        while got.last().is_none_or(|(o, _)| *o < last) {
+            match sub.recv().await {
+                Some(Ok(m)) => got.push((m.offset.get(), m.payload.to_vec())),
+                Some(Err(e)) => panic!("unexpected subscription event: {e}"),
+                None => panic!("the subscription ended"),
+            }
+        }
+    };
+    if tokio::time::timeout(within, read).await.is_err() {
+        panic!("offset {last} not delivered within {within:?}");
+    }
+    got
+}
+
 /// What clients were told, checked against what the log delivers.
 #[derive(Debug, Default)]
 pub struct History {

@@ -11,8 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use volna_chaos::{BrokerProcess, History};
+use volna_chaos::{BrokerProcess, History, read_through};
 use volna_client::{ChannelName, ClientError, ErrorCode, Offset, Position};
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -128,14 +127,7 @@ async fn a_full_disk_refuses_publishes_loses_nothing_and_recovers() {
 
     // Subscribers are still served everything that was acknowledged.
     let last = *history.acked.keys().next_back().unwrap();
-    let mut delivered = Vec::new();
-    let read = async {
-        while delivered.last().is_none_or(|(o, _)| *o < last) {
-            let m = reader.next().await.unwrap().unwrap();
-            delivered.push((m.offset.get(), m.payload.to_vec()));
-        }
-    };
-    tokio::time::timeout(DEADLINE, read).await.unwrap();
+    let delivered = read_through(&mut reader, last, DEADLINE).await;
     history.check(&delivered).unwrap();
 
     // Space returns; publishes succeed again without a restart.

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use volna_chaos::proxy::{ChaosProxy, Faults};
-use volna_chaos::{BrokerProcess, History};
-use volna_client::{ChannelName, Client, ClientConfig, Position, Subscription};
+use volna_chaos::{BrokerProcess, History, read_through};
+use volna_client::{ChannelName, Client, ClientConfig, Position};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -55,23 +55,6 @@ async fn publish(
     }
 }
 
-/// Reads until offset `last` and returns what was delivered.
-async fn read_through(sub: &mut Subscription, last: u64) -> Vec<(u64, Vec<u8>)> {
-    let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
-    let read = async {
-        while got.last().is_none_or(|(o, _)| *o < last) {
-            match sub.next().await.expect("stream open") {
-                Ok(m) => got.push((m.offset.get(), m.payload.to_vec())),
-                Err(e) => panic!("unexpected event: {e}"),
-            }
-        }
-    };
-    tokio::time::timeout(DEADLINE, read)
-        .await
-        .expect("deliveries in time");
-    got
-}
-
 fn via(broker: &BrokerProcess, proxy: &ChaosProxy) -> ClientConfig {
     let mut config = broker.client_config_via(proxy.addr());
     config.keep_alive = Duration::from_millis(300);
@@ -104,7 +87,7 @@ async fn a_lossy_duplicating_reordering_network_loses_and_repeats_nothing() {
     publish(&publisher, &channel, "m", n, &mut history).await;
     let last = *history.acked.keys().next_back().unwrap();
     for (_, sub) in &mut subs {
-        let got = read_through(sub, last).await;
+        let got = read_through(sub, last, DEADLINE).await;
         if let Err(v) = history.check(&got) {
             panic!("seed {}: {v}", proxy.seed());
         }
@@ -168,7 +151,7 @@ async fn clients_reconnect_and_resume_after_a_partition_longer_than_the_idle_tim
     history.acked.extend(during.acked);
     publish(&publisher, &channel, "after", 100, &mut history).await;
     let last = *history.acked.keys().next_back().unwrap();
-    let got = read_through(&mut sub, last).await;
+    let got = read_through(&mut sub, last, DEADLINE).await;
     history
         .check(&got)
         .unwrap_or_else(|v| panic!("seed {}: {v}", proxy.seed()));
@@ -201,14 +184,14 @@ async fn a_client_that_changes_address_keeps_its_session() {
         .unwrap();
     let mut history = History::default();
     publish(&publisher, &channel, "home", 200, &mut history).await;
-    let first = read_through(&mut sub, 100).await;
+    let first = read_through(&mut sub, 100, DEADLINE).await;
 
     // The phone moves to another network: new source port, same connection.
     proxy.rebind();
     publish(&publisher, &channel, "away", 200, &mut history).await;
     let last = *history.acked.keys().next_back().unwrap();
     let mut got = first;
-    got.extend(read_through(&mut sub, last).await);
+    got.extend(read_through(&mut sub, last, DEADLINE).await);
     history.check(&got).unwrap();
     assert!(subscriber.is_connected());
     let opened = broker
@@ -254,7 +237,7 @@ async fn a_reconnect_storm_resumes_every_subscriber() {
     let last = *history.acked.keys().next_back().unwrap();
     let mut readers = FuturesUnordered::new();
     for (_, sub) in &mut subs {
-        readers.push(read_through(sub, last));
+        readers.push(read_through(sub, last, DEADLINE));
     }
     while let Some(got) = readers.next().await {
         history.check(&got).unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use volna_chaos::{BrokerProcess, History};
+use volna_chaos::{BrokerProcess, History, read_through};
 use volna_client::{ChannelName, Offset, Position};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -66,14 +66,6 @@ async fn sigterm_under_load_drains_and_clients_resume() {
         )
         .await
         .unwrap();
-    let mut delivered = Vec::new();
-    while delivered.len() < 2000 {
-        let m = tokio::time::timeout(Duration::from_secs(60), sub.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        delivered.push((m.offset.get(), m.payload.to_vec()));
-    }
+    let delivered = read_through(&mut sub, 2000, Duration::from_secs(60)).await;
     history.check(&delivered).unwrap();
 }
