@@ -13,8 +13,8 @@ use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 use rocksdb::{
-    BlockBasedOptions, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options,
-    ReadOptions, WriteBatch, WriteOptions,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode,
+    Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions,
 };
 use volna_proto::{ChannelName, Offset};
 
@@ -28,6 +28,10 @@ const CF_MESSAGES: &str = "messages";
 const CF_CHANNELS: &str = "channels";
 const CF_PRODUCERS: &str = "producers";
 const HEALTH_KEY: &[u8] = b"volna.health";
+/// Memory all memtables may use together.
+const MEMTABLE_BUDGET: usize = 128 * 1024 * 1024;
+/// Block cache for catch-up reads of the messages column family.
+const BLOCK_CACHE: usize = 64 * 1024 * 1024;
 
 /// The production store.
 pub struct RocksStore {
@@ -54,11 +58,18 @@ impl RocksStore {
         // flush memtables in the background.
         db_opts.set_write_buffer_size(64 * 1024 * 1024);
         db_opts.set_max_total_wal_size(512 * 1024 * 1024);
+        // One memory budget for every column family's memtables, so that
+        // memory stays bounded whatever the number of column families and
+        // however much a recovery replays (crash loops showed ~0.85 GiB
+        // without it).
+        let memtables = WriteBufferManager::new_write_buffer_manager(MEMTABLE_BUDGET, false);
+        db_opts.set_write_buffer_manager(&memtables);
 
         let mut messages = Options::default();
         messages.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let mut table = BlockBasedOptions::default();
         table.set_block_size(16 * 1024);
+        table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE));
         messages.set_block_based_table_factory(&table);
         // Keys are `channel ‖ offset`: a prefix extractor on the channel id
         // keeps range reads within one channel cheap.
