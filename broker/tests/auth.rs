@@ -147,14 +147,8 @@ async fn bad_tokens_are_refused_with_a_typed_error() {
     }
     // The raw connection sees the close code too.
     let mut raw = RawConnection::connect(&broker).await;
-    raw.send_frame(&volna_proto::Frame::Hello(volna_proto::Hello {
-        protocol: volna_proto::PROTOCOL_VERSION,
-        token: "nope".into(),
-        client: "raw".into(),
-    }))
-    .await;
     assert!(
-        matches!(raw.next_frame().await, Some(volna_proto::Frame::Error(e)) if e.code == ErrorCode::Unauthorized)
+        matches!(raw.send_hello("nope").await, Some(volna_proto::Frame::Error(e)) if e.code == ErrorCode::Unauthorized)
     );
     assert_eq!(
         raw.close_code().await,
@@ -170,14 +164,8 @@ async fn a_session_ends_when_its_token_expires() {
         json!({"sub": "7", "exp": now() + 2, "publish": ["chat.7"]}),
     );
     let mut raw = RawConnection::connect(&broker).await;
-    raw.send_frame(&volna_proto::Frame::Hello(volna_proto::Hello {
-        protocol: volna_proto::PROTOCOL_VERSION,
-        token: short,
-        client: "raw".into(),
-    }))
-    .await;
     assert!(matches!(
-        raw.next_frame().await,
+        raw.send_hello(&short).await,
         Some(volna_proto::Frame::Welcome(_))
     ));
     let closed = within("the expiry", async {

@@ -108,16 +108,7 @@ async fn offsets_and_history_survive_a_restart() {
     let mut offsets = publish_many(&client, &ch, "b", 100, 16).await;
     offsets.sort_unstable();
     assert_consecutive(&offsets, 101);
-    let mut sub = client
-        .subscribe(
-            &ch,
-            Position::From {
-                offset: Offset::FIRST,
-                epoch: None,
-            },
-        )
-        .await
-        .unwrap();
+    let mut sub = client.subscribe(&ch, Position::FIRST).await.unwrap();
     let got = read_messages(&mut sub, 200).await;
     assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 1);
     assert_eq!(got.iter().filter(|(_, p)| p.starts_with('a')).count(), 100);
@@ -255,16 +246,7 @@ async fn retention_reports_truncated_instead_of_skipping() {
         async move { first == Some(Offset::new(51)) }
     })
     .await;
-    let mut sub = client
-        .subscribe(
-            &ch,
-            Position::From {
-                offset: Offset::FIRST,
-                epoch: None,
-            },
-        )
-        .await
-        .unwrap();
+    let mut sub = client.subscribe(&ch, Position::FIRST).await.unwrap();
     let first = within("the truncated event", sub.next()).await.unwrap();
     assert_eq!(
         first.unwrap_err(),

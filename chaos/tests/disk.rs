@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use volna_chaos::{BrokerProcess, History, read_through};
-use volna_client::{ChannelName, ClientError, ErrorCode, Offset, Position};
+use volna_client::{ChannelName, ClientError, ErrorCode, Position};
 
 const DEADLINE: Duration = Duration::from_secs(120);
 
@@ -73,16 +73,7 @@ async fn a_full_disk_refuses_publishes_loses_nothing_and_recovers() {
     config.request_timeout = Duration::from_secs(3);
     let client = volna_client::Client::connect(config).await.unwrap();
     let channel = ChannelName::new("chat.disk").unwrap();
-    let mut reader = client
-        .subscribe(
-            &channel,
-            Position::From {
-                offset: Offset::FIRST,
-                epoch: None,
-            },
-        )
-        .await
-        .unwrap();
+    let mut reader = client.subscribe(&channel, Position::FIRST).await.unwrap();
 
     let mut history = History::default();
     let mut acked_payloads = 0u64;

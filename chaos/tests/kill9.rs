@@ -95,16 +95,7 @@ async fn kill_during_publishing(durability: &'static str) {
     let h = std::mem::take(&mut *history.lock().unwrap());
     let expected = h.acked.keys().next_back().copied().unwrap_or(0) as usize;
     assert!(expected > 0, "nothing was acknowledged");
-    let mut sub = reader
-        .subscribe(
-            &channel,
-            Position::From {
-                offset: volna_client::Offset::FIRST,
-                epoch: None,
-            },
-        )
-        .await
-        .unwrap();
+    let mut sub = reader.subscribe(&channel, Position::FIRST).await.unwrap();
     let mut delivered = Vec::new();
     // Read everything acknowledged plus whatever unknown publishes landed.
     let max = expected + h.unknown.len();

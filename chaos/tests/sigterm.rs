@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use volna_chaos::{BrokerProcess, History, read_through};
-use volna_client::{ChannelName, Offset, Position};
+use volna_client::{ChannelName, Position};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_drains_and_clients_resume() {
@@ -56,16 +56,7 @@ async fn sigterm_under_load_drains_and_clients_resume() {
         .unwrap();
     assert_eq!(history.acked.len(), 2000);
 
-    let mut sub = client
-        .subscribe(
-            &channel,
-            Position::From {
-                offset: Offset::FIRST,
-                epoch: None,
-            },
-        )
-        .await
-        .unwrap();
+    let mut sub = client.subscribe(&channel, Position::FIRST).await.unwrap();
     let delivered = read_through(&mut sub, 2000, Duration::from_secs(60)).await;
     history.check(&delivered).unwrap();
 }

@@ -167,6 +167,15 @@ pub enum Position {
     Last(u64),
 }
 
+impl Position {
+    /// From the channel's first offset: its whole stored history (a
+    /// `Truncated` event says where retention made it start), then live.
+    pub const FIRST: Position = Position::From {
+        offset: Offset::FIRST,
+        epoch: None,
+    };
+}
+
 /// `Subscribe`: start delivering `channel` from `position`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscribe {

@@ -159,16 +159,21 @@ impl RawConnection {
     /// Connects and completes Hello/Welcome.
     pub async fn hello(broker: &TestBroker) -> Self {
         let mut raw = Self::connect(broker).await;
-        raw.send_frame(&Frame::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
-            token: "test".into(),
-            client: "raw-test".into(),
-        }))
-        .await;
-        match raw.next_frame().await {
+        match raw.send_hello("test").await {
             Some(Frame::Welcome(_)) => raw,
             other => panic!("expected Welcome, got {other:?}"),
         }
+    }
+
+    /// Says Hello with `token`; returns the broker's answer.
+    pub async fn send_hello(&mut self, token: &str) -> Option<Frame> {
+        self.send_frame(&Frame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            token: token.into(),
+            client: "raw-test".into(),
+        }))
+        .await;
+        self.next_frame().await
     }
 
     pub async fn send_frame(&mut self, frame: &Frame) {
