@@ -27,15 +27,15 @@ use volna_proto::ChannelName;
 
 use crate::config::Retention;
 use crate::fanout::Fanout;
-use crate::log::{AppendInput, Log};
+use crate::log::{AppendInput, Logs};
 use crate::retention::Policies;
 use crate::session::SessionRegistry;
 
 /// What the admin handlers work on.
 #[derive(Debug, Clone)]
 pub struct AdminState {
-    /// The channel log.
-    pub log: Log,
+    /// The channel logs.
+    pub logs: Logs,
     /// The fan-out engine (subscriber counts).
     pub fanout: Arc<Fanout>,
     /// Open sessions.
@@ -166,7 +166,7 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn channel_info(state: &AdminState, name: &ChannelName) -> Option<ChannelInfo> {
-    let meta = state.log.meta(name)?;
+    let meta = state.logs.for_channel(name).meta(name)?;
     Some(ChannelInfo {
         name: name.to_string(),
         epoch: meta.epoch.to_string(),
@@ -187,11 +187,15 @@ async fn list_channels(
     let prefix = query.prefix.unwrap_or_default();
     let limit = query.limit.unwrap_or(1000).min(100_000);
     let mut names: Vec<ChannelName> = state
-        .log
-        .directory()
-        .iter()
-        .filter(|e| e.key().as_str().starts_with(&prefix))
-        .map(|e| e.key().clone())
+        .logs
+        .all()
+        .flat_map(|log| {
+            log.directory()
+                .iter()
+                .filter(|e| e.key().as_str().starts_with(&prefix))
+                .map(|e| e.key().clone())
+                .collect::<Vec<_>>()
+        })
         .collect();
     names.sort();
     names.truncate(limit);
@@ -319,7 +323,9 @@ async fn publish(
         ));
     }
     let appended = state
-        .log
+        .logs
+        .for_channel(&channel)
+        .clone()
         .append(AppendInput {
             channel,
             producer: None,

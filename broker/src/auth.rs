@@ -2,11 +2,16 @@
 //! grants.
 //!
 //! A token's claims: `sub` (the user), `exp` (required), optionally `nbf`,
-//! `iat`, `iss`, `aud` (checked when configured), and the grants `subscribe`
-//! and `publish`: lists of channel patterns where `*` matches one segment
-//! and `>` one or more trailing segments (`chat.123`, `user.42.*`,
-//! `news.>`). With `personal_namespace`, `user.{sub}.>` is always the user's
-//! own, for both.
+//! `iat`, `iss`, `aud` (checked when configured), `role` (`"server"` marks a
+//! backend service), and the grants `subscribe` and `publish`: lists of
+//! channel patterns where `*` matches one segment and `>` one or more
+//! trailing segments (`chat.123`, `user.42.*`, `news.>`). With
+//! `personal_namespace`, `user.{sub}.>` is always the user's own, for both.
+//!
+//! Keys: HMAC secrets (HS256/384/512) and PEM public keys — RSA (RS*, PS*),
+//! ECDSA (ES256, ES384) or Ed25519 (EdDSA). Several may be configured at
+//! once so keys can be rotated: a token is accepted when any key of its
+//! algorithm's family verifies it.
 //!
 //! Invariants: a refused token is described by what is wrong with it
 //! (expired, bad signature…), never by anything about the key; with
@@ -16,7 +21,7 @@
 use std::path::PathBuf;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use volna_proto::ChannelName;
@@ -38,17 +43,24 @@ pub enum AuthMode {
 pub struct AuthConfig {
     /// `none` (development) or `jwt`.
     pub mode: AuthMode,
-    /// Files holding HS256 secrets (one per file, whole file). Several can
-    /// be valid at once, so that keys can be rotated.
+    /// Files holding HMAC secrets (one per file, whole file, at least 32
+    /// bytes). Several can be valid at once, so that keys can be rotated.
     pub hs256_secret_files: Vec<PathBuf>,
+    /// PEM files holding RSA, ECDSA (P-256/P-384) or Ed25519 public keys;
+    /// the key type is read from the file.
+    pub public_key_files: Vec<PathBuf>,
     /// Required `iss`, if set.
     pub issuer: Option<String>,
     /// Required `aud`, if set.
     pub audience: Option<String>,
+    /// If set, tokens must carry `iat` and be at most this many seconds old.
+    pub max_token_age_secs: Option<u64>,
     /// `user.{sub}.>` is always the user's own.
     pub personal_namespace: bool,
     /// Clock skew tolerated on `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// How long before its token expires a session is sent `TokenExpiring`.
+    pub expiry_notice_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -56,10 +68,13 @@ impl Default for AuthConfig {
         Self {
             mode: AuthMode::None,
             hs256_secret_files: Vec::new(),
+            public_key_files: Vec::new(),
             issuer: None,
             audience: None,
+            max_token_age_secs: None,
             personal_namespace: true,
             leeway_secs: 5,
+            expiry_notice_secs: 60,
         }
     }
 }
@@ -82,6 +97,12 @@ pub enum AuthError {
     /// `iss` or `aud` is not the configured one.
     #[error("the token was issued for someone else")]
     WrongAudienceOrIssuer,
+    /// `iat` is older than `max_token_age_secs` allows.
+    #[error("the token is too old")]
+    TooOld,
+    /// A refreshed token names another user than the session's.
+    #[error("the new token is for another user")]
+    OtherUser,
     /// The token is not a well-formed JWT with the required claims.
     #[error("the token is malformed: {0}")]
     Malformed(String),
@@ -99,8 +120,13 @@ pub enum AuthConfigError {
         source: std::io::Error,
     },
     /// `mode = "jwt"` without any key.
-    #[error("auth.mode = \"jwt\" needs at least one key (auth.hs256_secret_files)")]
+    #[error(
+        "auth.mode = \"jwt\" needs at least one key (auth.hs256_secret_files or auth.public_key_files)"
+    )]
     NoKeys,
+    /// A public key file holds no RSA, ECDSA or Ed25519 public key.
+    #[error("{0} holds no RSA, ECDSA (P-256/P-384) or Ed25519 public key in PEM")]
+    BadPublicKey(PathBuf),
     /// A key is too short to be a secret.
     #[error("the HS256 secret in {0} is shorter than 32 bytes")]
     WeakSecret(PathBuf),
@@ -166,6 +192,10 @@ pub struct Identity {
     pub user: String,
     /// When the token expires (Unix seconds), if it does.
     pub expires_at: Option<u64>,
+    /// A backend service (token `role = "server"`, or a client
+    /// certificate) rather than an end user's device: may publish to
+    /// server-only namespaces, and per-user limits do not apply.
+    pub server: bool,
     subscribe: Rights,
     publish: Rights,
 }
@@ -186,6 +216,18 @@ impl Rights {
 }
 
 impl Identity {
+    /// A backend service authenticated by its client certificate: may do
+    /// everything, never expires.
+    pub fn service(name: String) -> Self {
+        Self {
+            user: name,
+            expires_at: None,
+            server: true,
+            subscribe: Rights::All,
+            publish: Rights::All,
+        }
+    }
+
     /// Whether this identity may subscribe to `channel`.
     pub fn may_subscribe(&self, channel: &ChannelName) -> bool {
         self.subscribe.allows(channel)
@@ -202,6 +244,10 @@ struct Claims {
     sub: String,
     exp: u64,
     #[serde(default)]
+    iat: Option<u64>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
     subscribe: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
@@ -212,7 +258,8 @@ struct Claims {
 pub struct Authenticator {
     mode: AuthMode,
     keys: Vec<DecodingKey>,
-    validation: Validation,
+    base: Validation,
+    max_token_age_secs: Option<u64>,
     personal_namespace: bool,
 }
 
@@ -228,37 +275,51 @@ impl std::fmt::Debug for Authenticator {
 impl Authenticator {
     /// Loads the keys the configuration names.
     pub fn from_config(config: &AuthConfig) -> Result<Self, AuthConfigError> {
-        let mut keys = Vec::new();
-        for path in &config.hs256_secret_files {
-            let secret = std::fs::read(path).map_err(|source| AuthConfigError::Read {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| AuthConfigError::Read {
                 path: path.clone(),
                 source,
-            })?;
+            })
+        };
+        let mut keys = Vec::new();
+        for path in &config.hs256_secret_files {
+            let secret = read(path)?;
             let secret = secret.trim_ascii();
             if secret.len() < 32 {
                 return Err(AuthConfigError::WeakSecret(path.clone()));
             }
             keys.push(DecodingKey::from_secret(secret));
         }
+        for path in &config.public_key_files {
+            let pem = read(path)?;
+            let key = DecodingKey::from_rsa_pem(&pem)
+                .or_else(|_| DecodingKey::from_ec_pem(&pem))
+                .or_else(|_| DecodingKey::from_ed_pem(&pem))
+                .map_err(|_| AuthConfigError::BadPublicKey(path.clone()))?;
+            keys.push(key);
+        }
         if config.mode == AuthMode::Jwt && keys.is_empty() {
             return Err(AuthConfigError::NoKeys);
         }
-        let mut validation = Validation::new(Algorithm::HS256);
-        validation.leeway = config.leeway_secs;
-        validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        let mut base = Validation {
+            leeway: config.leeway_secs,
+            validate_nbf: true,
+            ..Validation::default()
+        };
+        base.set_required_spec_claims(&["exp", "sub"]);
         if let Some(aud) = &config.audience {
-            validation.set_audience(&[aud]);
+            base.set_audience(&[aud]);
         } else {
-            validation.validate_aud = false;
+            base.validate_aud = false;
         }
         if let Some(iss) = &config.issuer {
-            validation.set_issuer(&[iss]);
+            base.set_issuer(&[iss]);
         }
         Ok(Self {
             mode: config.mode,
             keys,
-            validation,
+            base,
+            max_token_age_secs: config.max_token_age_secs,
             personal_namespace: config.personal_namespace,
         })
     }
@@ -274,6 +335,7 @@ impl Authenticator {
             return Ok(Identity {
                 user: token.to_owned(),
                 expires_at: None,
+                server: true,
                 subscribe: Rights::All,
                 publish: Rights::All,
             });
@@ -281,26 +343,17 @@ impl Authenticator {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
-        let mut last = AuthError::BadSignature;
-        for key in &self.keys {
-            match jsonwebtoken::decode::<Claims>(token, key, &self.validation) {
-                Ok(data) => return Ok(self.identity(data.claims)),
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Malformed("not a valid JWT".into()))?;
+        let family = header.alg.family();
+        let mut validation = self.base.clone();
+        validation.algorithms = family.algorithms().to_vec();
+        let mut last = AuthError::Malformed("the algorithm is not accepted".into());
+        for key in self.keys.iter().filter(|k| k.family() == family) {
+            match jsonwebtoken::decode::<Claims>(token, key, &validation) {
+                Ok(data) => return self.identity(data.claims),
                 Err(e) => {
-                    last = match e.kind() {
-                        ErrorKind::InvalidSignature => AuthError::BadSignature,
-                        ErrorKind::ExpiredSignature => AuthError::Expired,
-                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                        ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => {
-                            AuthError::WrongAudienceOrIssuer
-                        }
-                        ErrorKind::MissingRequiredClaim(claim) => {
-                            AuthError::Malformed(format!("the {claim} claim is missing"))
-                        }
-                        ErrorKind::InvalidAlgorithm => {
-                            AuthError::Malformed("the algorithm is not accepted".into())
-                        }
-                        _ => AuthError::Malformed("not a valid JWT".into()),
-                    };
+                    last = refusal(e.kind());
                     // Only a signature mismatch is worth trying the next key.
                     if last != AuthError::BadSignature {
                         return Err(last);
@@ -311,7 +364,26 @@ impl Authenticator {
         Err(last)
     }
 
-    fn identity(&self, claims: Claims) -> Identity {
+    /// Verifies the token a session presents to replace its current one:
+    /// it must be valid and name the same user.
+    pub fn refresh(&self, current: &Identity, token: &str) -> Result<Identity, AuthError> {
+        let identity = self.authenticate(token)?;
+        if identity.user != current.user {
+            return Err(AuthError::OtherUser);
+        }
+        Ok(identity)
+    }
+
+    fn identity(&self, claims: Claims) -> Result<Identity, AuthError> {
+        if let Some(max_age) = self.max_token_age_secs {
+            let iat = claims
+                .iat
+                .ok_or_else(|| AuthError::Malformed("the iat claim is missing".into()))?;
+            let now = jsonwebtoken::get_current_timestamp();
+            if now.saturating_sub(iat) > max_age.saturating_add(self.base.leeway) {
+                return Err(AuthError::TooOld);
+            }
+        }
         let parse = |patterns: &[String]| -> Vec<Grant> {
             patterns.iter().filter_map(|p| Grant::parse(p)).collect()
         };
@@ -323,12 +395,29 @@ impl Authenticator {
             subscribe.push(own.clone());
             publish.push(own);
         }
-        Identity {
+        Ok(Identity {
             user: claims.sub,
             expires_at: Some(claims.exp),
+            server: claims.role.as_deref() == Some("server"),
             subscribe: Rights::Only(subscribe),
             publish: Rights::Only(publish),
+        })
+    }
+}
+
+/// What a verification failure tells the client: the kind of problem,
+/// nothing about the keys.
+fn refusal(kind: &ErrorKind) -> AuthError {
+    match kind {
+        ErrorKind::InvalidSignature => AuthError::BadSignature,
+        ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+        ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => AuthError::WrongAudienceOrIssuer,
+        ErrorKind::MissingRequiredClaim(claim) => {
+            AuthError::Malformed(format!("the {claim} claim is missing"))
         }
+        ErrorKind::InvalidAlgorithm => AuthError::Malformed("the algorithm is not accepted".into()),
+        _ => AuthError::Malformed("not a valid JWT".into()),
     }
 }
 

@@ -45,12 +45,40 @@ impl Retention {
     }
 }
 
+/// Who may publish to a namespace's channels (beyond the token's grants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Publishers {
+    /// Whoever the token's grants allow.
+    #[default]
+    Any,
+    /// Only server-side identities: tokens with `role = "server"`, clients
+    /// with a trusted certificate (mutual TLS), and the admin API.
+    Server,
+}
+
 /// Configuration of one namespace (a channel name's first segment).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NamespaceConfig {
     /// How much history the namespace's channels keep.
     pub retention: Retention,
+    /// Who may publish.
+    pub publishers: Publishers,
+    /// Whether messages are stored in RocksDB (`true`) or only in memory
+    /// (`false`: ephemeral channels — typing indicators, presence — whose
+    /// history is bounded by `retention` and lost on restart).
+    pub persistent: bool,
+}
+
+impl Default for NamespaceConfig {
+    fn default() -> Self {
+        Self {
+            retention: Retention::default(),
+            publishers: Publishers::Any,
+            persistent: true,
+        }
+    }
 }
 
 /// Per-connection limits, announced to the client in `Welcome`.
@@ -69,6 +97,23 @@ pub struct LimitsConfig {
     pub hello_timeout_ms: u64,
     /// A connection silent for this long is closed (clients send keep-alives).
     pub idle_timeout_ms: u64,
+    /// Connections one user (token `sub`) may hold at once; server-side
+    /// identities are not limited.
+    pub max_connections_per_user: u32,
+    /// Publishes per second one connection may make (token bucket; 0: no
+    /// limit). Server-side identities are not limited.
+    pub publish_rate_per_connection: u32,
+    /// Publishes per second all of one user's connections may make together
+    /// (0: no limit).
+    pub publish_rate_per_user: u32,
+    /// Publishes a connection or user may make in a burst above its rate.
+    pub publish_burst: u32,
+    /// New connections per second accepted from one IP address (0: no
+    /// limit). Generous by default: carrier-grade NAT puts many devices
+    /// behind one address.
+    pub handshakes_per_ip_per_sec: u32,
+    /// Connections one IP address may open in a burst above that rate.
+    pub handshake_burst_per_ip: u32,
 }
 
 impl Default for LimitsConfig {
@@ -79,6 +124,12 @@ impl Default for LimitsConfig {
             max_inflight_publishes: 4096,
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
+            max_connections_per_user: 32,
+            publish_rate_per_connection: 100,
+            publish_rate_per_user: 300,
+            publish_burst: 200,
+            handshakes_per_ip_per_sec: 1_000,
+            handshake_burst_per_ip: 5_000,
         }
     }
 }
@@ -134,10 +185,15 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
-    /// PEM certificate chain.
+    /// PEM certificate chain; re-read, with `key`, on SIGHUP.
     pub cert: Option<PathBuf>,
     /// PEM private key.
     pub key: Option<PathBuf>,
+    /// PEM CA certificates for mutual TLS: a client presenting a
+    /// certificate they issued is a server-side identity (a backend
+    /// service) and needs no token. Clients without a certificate still
+    /// authenticate with tokens.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The operator API on the HTTP port.
@@ -318,6 +374,28 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if l.max_connections_per_user == 0 {
+            return Err(invalid(
+                "limits.max_connections_per_user",
+                0,
+                "must be at least 1",
+            ));
+        }
+        let rated = l.publish_rate_per_connection > 0 || l.publish_rate_per_user > 0;
+        if rated && l.publish_burst == 0 {
+            return Err(invalid(
+                "limits.publish_burst",
+                0,
+                "must be at least 1 while a publish rate is set",
+            ));
+        }
+        if l.handshakes_per_ip_per_sec > 0 && l.handshake_burst_per_ip == 0 {
+            return Err(invalid(
+                "limits.handshake_burst_per_ip",
+                0,
+                "must be at least 1 while handshakes_per_ip_per_sec is set",
+            ));
+        }
         if l.idle_timeout_ms < 1000 {
             return Err(invalid(
                 "limits.idle_timeout_ms",
@@ -388,6 +466,13 @@ impl Config {
                     &format!("namespaces.{name}.retention.max_messages"),
                     0,
                     "must be at least 1",
+                ));
+            }
+            if !ns.persistent && !r.is_bounded() {
+                return Err(invalid(
+                    &format!("namespaces.{name}.persistent"),
+                    false,
+                    "an in-memory namespace needs a retention limit (max_messages, max_bytes or max_age_secs)",
                 ));
             }
             if r.max_age_secs == Some(0) {

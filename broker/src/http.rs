@@ -19,7 +19,7 @@ use tracing::warn;
 
 use crate::admin::{self, AdminState};
 use crate::fanout::Fanout;
-use crate::log::Log;
+use crate::log::{Log, Logs};
 use crate::metrics::{Metrics, Snapshot};
 use crate::store::LogStore;
 
@@ -31,7 +31,7 @@ pub struct HttpState {
     /// The registry to render.
     pub metrics: Arc<Metrics>,
     /// For channel counts.
-    pub log: Log,
+    pub logs: Logs,
     /// For ring sizes.
     pub fanout: Arc<Fanout>,
     /// For storage figures.
@@ -60,7 +60,7 @@ pub async fn serve(
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::SeqCst) && state.log.is_open() {
+    if state.ready.load(Ordering::SeqCst) && state.logs.all().all(Log::is_open) {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -75,7 +75,7 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         .await
         .unwrap_or_default();
     let snapshot = Snapshot {
-        channels: state.log.directory().len(),
+        channels: state.logs.all().map(|log| log.directory().len()).sum(),
         subscribed_channels: state.fanout.subscribed_channels(),
         outbox_bytes: state.fanout.total_ring_bytes(),
         storage,

@@ -18,9 +18,16 @@
 //! - [`subscription`]: one subscription's offset-driven delivery loop;
 //! - [`session`]: one connection's request/reply protocol and limits;
 //! - [`transport`]: the quinn endpoint, the only module that knows QUIC;
+//! - [`auth`], [`limits`]: who a connection is, and what it may do how often;
 //! - [`retention`], [`http`], [`admin`], [`metrics`], [`tls`], [`config`]:
 //!   the rest of a server;
+//! - [`fuzzing`]: a whole session over arbitrary bytes, for the fuzzers;
 //! - [`server`]: start-up and orderly shutdown of all of the above.
+//!
+//! Feature `rocksdb` (default): the durable store and the [`Broker`] server
+//! built on it. Without it — for the fuzz targets, which would otherwise
+//! compile RocksDB's C++ once more with their instrumentation — the sans-IO
+//! core and the in-memory store remain.
 //!
 //! What it does not do yet: clustering (DESIGN.md §7) is later work;
 //! the parts are shaped so that they can be added without reshaping these.
@@ -29,11 +36,14 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod fanout;
+pub mod fuzzing;
 pub mod http;
+pub mod limits;
 pub mod log;
 pub mod metrics;
 mod queue;
 pub mod retention;
+#[cfg(feature = "rocksdb")]
 pub mod server;
 pub mod session;
 pub mod store;
@@ -42,4 +52,5 @@ pub mod tls;
 pub mod transport;
 
 pub use config::Config;
+#[cfg(feature = "rocksdb")]
 pub use server::{Broker, StartError};

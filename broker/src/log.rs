@@ -355,6 +355,56 @@ pub struct Log {
     closed: Arc<AtomicBool>,
 }
 
+/// Which log holds which channel: the durable (RocksDB) log, and, when
+/// namespaces are configured with `persistent = false`, an in-memory log
+/// for theirs. The two share the fan-out engine and the whole publish and
+/// subscribe path; only where records are kept differs.
+#[derive(Debug, Clone)]
+pub struct Logs {
+    durable: Log,
+    ephemeral: Option<(Log, Arc<std::collections::HashSet<String>>)>,
+}
+
+impl Logs {
+    /// Only a durable log.
+    pub fn durable_only(durable: Log) -> Self {
+        Self {
+            durable,
+            ephemeral: None,
+        }
+    }
+
+    /// A durable log, and `ephemeral` for the channels of `namespaces`.
+    pub fn with_ephemeral(
+        durable: Log,
+        ephemeral: Log,
+        namespaces: std::collections::HashSet<String>,
+    ) -> Self {
+        Self {
+            durable,
+            ephemeral: Some((ephemeral, Arc::new(namespaces))),
+        }
+    }
+
+    /// The durable log.
+    pub fn durable(&self) -> &Log {
+        &self.durable
+    }
+
+    /// The log `channel` belongs to.
+    pub fn for_channel(&self, channel: &ChannelName) -> &Log {
+        match &self.ephemeral {
+            Some((log, namespaces)) if namespaces.contains(channel.namespace()) => log,
+            _ => &self.durable,
+        }
+    }
+
+    /// Every log.
+    pub fn all(&self) -> impl Iterator<Item = &Log> {
+        std::iter::once(&self.durable).chain(self.ephemeral.as_ref().map(|(log, _)| log))
+    }
+}
+
 /// The log's threads; [`LogThreads::shutdown`] drains and stops them.
 #[derive(Debug)]
 pub struct LogThreads {

@@ -35,6 +35,10 @@ struct Args {
     /// FILE (sets auth.mode = "jwt"; repeat for key rotation).
     #[arg(long, value_name = "FILE")]
     auth_hs256_secret_file: Vec<PathBuf>,
+    /// Verify connection tokens with the RSA, ECDSA or Ed25519 public key in
+    /// FILE (PEM; sets auth.mode = "jwt"; repeat for key rotation).
+    #[arg(long, value_name = "FILE")]
+    auth_public_key_file: Vec<PathBuf>,
     /// Log lines as text (default) or JSON.
     #[arg(long, value_parser = parse_log_format)]
     log_format: Option<LogFormat>,
@@ -82,6 +86,10 @@ async fn main() -> anyhow::Result<()> {
         config.auth.mode = volna_broker::auth::AuthMode::Jwt;
         config.auth.hs256_secret_files = args.auth_hs256_secret_file;
     }
+    if !args.auth_public_key_file.is_empty() {
+        config.auth.mode = volna_broker::auth::AuthMode::Jwt;
+        config.auth.public_key_files = args.auth_public_key_file;
+    }
     config.validate()?;
     let filter = EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     match config.log_format {
@@ -112,17 +120,25 @@ async fn main() -> anyhow::Result<()> {
             cert.display()
         );
     }
-    wait_for_signal().await?;
+    serve_until_stopped(&broker).await?;
     broker.shutdown().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Runs until SIGINT or SIGTERM; SIGHUP reloads the TLS certificate.
+async fn serve_until_stopped(broker: &Broker) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-        _ = term.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => return r.context("waiting for SIGINT"),
+            _ = term.recv() => return Ok(()),
+            _ = hup.recv() => {
+                if let Err(e) = broker.reload_certificate() {
+                    tracing::error!(error = %e, "SIGHUP: the TLS certificate was not reloaded; the previous one stays in force");
+                }
+            }
+        }
     }
-    Ok(())
 }

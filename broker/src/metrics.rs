@@ -22,6 +22,8 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// QUIC handshakes completed.
     pub handshakes: IntCounter,
+    /// Connection attempts refused by the per-address handshake rate.
+    pub handshakes_refused: IntCounter,
     /// Subscriptions held.
     pub subscriptions: IntGauge,
     /// Publishes acknowledged (retries of stored publishes included).
@@ -111,6 +113,10 @@ impl Metrics {
                 "reason",
             ),
             handshakes: counter("handshakes_total", "QUIC handshakes completed"),
+            handshakes_refused: counter(
+                "handshakes_refused_total",
+                "Connection attempts refused by the per-address handshake rate limit",
+            ),
             subscriptions: gauge("subscriptions", "Subscriptions held"),
             publishes: counter("publishes_total", "Publishes acknowledged"),
             publish_errors: counter_vec("publish_errors_total", "Publishes refused", "code"),

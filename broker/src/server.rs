@@ -23,11 +23,11 @@ use crate::auth::{AuthMode, Authenticator};
 use crate::config::{Config, ConfigError};
 use crate::fanout::Fanout;
 use crate::http::{self, HttpState};
-use crate::log::{self, Log, LogThreads};
+use crate::log::{self, Log, LogThreads, Logs};
 use crate::metrics::Metrics;
 use crate::retention::{self, Policies};
 use crate::session::BrokerContext;
-use crate::store::{LogStore, RocksStore, StoreError};
+use crate::store::{LogStore, MemoryStore, RocksStore, StoreError};
 use crate::tls::{self, TlsError};
 use crate::transport::{self, TransportError};
 
@@ -78,11 +78,14 @@ pub struct Broker {
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
     dev_cert: Option<PathBuf>,
+    certificate: tls::CertReloader,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
     endpoint: Option<quinn::Endpoint>,
     fanout: Arc<Fanout>,
     log_threads: Option<LogThreads>,
+    ephemeral_threads: Option<LogThreads>,
+    logs: Logs,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -160,11 +163,38 @@ impl Broker {
             .map_err(|e| StoreError::Engine(e.to_string()))??
         };
         let log = log_threads.log().clone();
+        // Namespaces configured `persistent = false` get an in-memory log of
+        // their own: same sequencing and fan-out, no RocksDB.
+        let ephemeral_namespaces: std::collections::HashSet<String> = config
+            .namespaces
+            .iter()
+            .filter(|(_, ns)| !ns.persistent)
+            .map(|(name, _)| name.clone())
+            .collect();
+        let ephemeral_threads = if ephemeral_namespaces.is_empty() {
+            None
+        } else {
+            let (fanout, config, metrics) = (fanout.clone(), config.clone(), metrics.clone());
+            let store: Arc<dyn LogStore> = Arc::new(MemoryStore::new());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    log::start(store, fanout, config.durability, &config.engine, metrics)
+                })
+                .await
+                .map_err(|e| StoreError::Engine(e.to_string()))??,
+            )
+        };
+        let logs = match &ephemeral_threads {
+            Some(threads) => {
+                Logs::with_ephemeral(log.clone(), threads.log().clone(), ephemeral_namespaces)
+            }
+            None => Logs::durable_only(log.clone()),
+        };
 
         let shutdown = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
         let ctx = Arc::new(BrokerContext::new(
-            log.clone(),
+            logs.clone(),
             fanout.clone(),
             config.clone(),
             shutdown.clone(),
@@ -173,7 +203,7 @@ impl Broker {
         ));
         let policies = Arc::new(Policies::from_config(&config));
         let admin = AdminState {
-            log: log.clone(),
+            logs: logs.clone(),
             fanout: fanout.clone(),
             sessions: ctx.sessions.clone(),
             policies: policies.clone(),
@@ -183,12 +213,12 @@ impl Broker {
         let http_state = HttpState {
             ready: ready.clone(),
             metrics,
-            log: log.clone(),
+            logs: logs.clone(),
             fanout: fanout.clone(),
             store,
         };
         let retention_every = Duration::from_millis(config.engine.retention_interval_ms);
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(transport::serve(endpoint.clone(), ctx)),
             tokio::spawn(http::serve(
                 http_listener,
@@ -198,11 +228,19 @@ impl Broker {
             )),
             tokio::spawn(retention::run(
                 log,
-                policies,
+                policies.clone(),
                 retention_every,
                 shutdown.clone(),
             )),
         ];
+        if let Some(threads) = &ephemeral_threads {
+            tasks.push(tokio::spawn(retention::run(
+                threads.log().clone(),
+                policies.clone(),
+                retention_every,
+                shutdown.clone(),
+            )));
+        }
         ready.store(true, Ordering::SeqCst);
         info!(
             quic = %quic_addr,
@@ -215,13 +253,23 @@ impl Broker {
             quic_addr,
             http_addr,
             dev_cert: tls.dev_cert,
+            certificate: tls.reloader,
             shutdown,
             ready,
             endpoint: Some(endpoint),
             fanout,
             log_threads: Some(log_threads),
+            ephemeral_threads,
+            logs,
             tasks,
         })
+    }
+
+    /// Re-reads the TLS certificate and key (what SIGHUP does): new
+    /// connections get the new certificate, established ones go on. On
+    /// error the certificate in force stays.
+    pub fn reload_certificate(&self) -> Result<(), TlsError> {
+        self.certificate.reload()
     }
 
     /// The UDP address QUIC listens on.
@@ -242,6 +290,12 @@ impl Broker {
     /// A handle to the channel log (for tests and embedding).
     pub fn log(&self) -> Option<&Log> {
         self.log_threads.as_ref().map(LogThreads::log)
+    }
+
+    /// The log holding `channel`: durable, or in memory for namespaces
+    /// configured `persistent = false` (for tests and embedding).
+    pub fn log_for(&self, channel: &volna_proto::ChannelName) -> &Log {
+        self.logs.for_channel(channel)
     }
 
     /// The fan-out engine (for tests and embedding).
@@ -268,7 +322,10 @@ impl Broker {
             task.abort();
             let _ = task.await;
         }
-        if let Some(threads) = self.log_threads.take() {
+        for threads in [self.ephemeral_threads.take(), self.log_threads.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = tokio::task::spawn_blocking(move || threads.shutdown()).await;
         }
         // The UDP socket closes once quinn's endpoint driver sees its last
@@ -298,6 +355,9 @@ impl Drop for Broker {
             }
             for task in self.tasks.drain(..) {
                 task.abort();
+            }
+            if let Some(ephemeral) = self.ephemeral_threads.take() {
+                ephemeral.shutdown();
             }
             threads.shutdown();
         }

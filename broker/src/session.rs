@@ -16,9 +16,14 @@
 //!   stops reading, so QUIC flow control pushes back on the client instead of
 //!   the broker buffering.
 //! - A request that is wrong on its own (payload too large, bad position,
-//!   unknown subscription) gets a typed `Error` and the session goes on; bytes
-//!   that do not decode close the connection with `PROTOCOL_ERROR`, because
-//!   the stream is no longer in step.
+//!   unknown subscription, over the publish rate) gets a typed `Error` and
+//!   the session goes on; bytes that do not decode close the connection with
+//!   `PROTOCOL_ERROR`, because the stream is no longer in step.
+//! - A session lives no longer than its token: `TokenExpiring` is sent
+//!   `auth.expiry_notice_secs` before `exp`, a `Refresh` with a valid token
+//!   of the same user extends it (and replaces its rights: subscriptions
+//!   the new token does not grant end), otherwise the session is closed at
+//!   `exp`.
 //!
 //! The session knows nothing of QUIC: it reads and writes byte streams and
 //! asks a [`Connection`] to open delivery streams or to close.
@@ -44,9 +49,10 @@ use volna_proto::{
 };
 
 use crate::auth::{Authenticator, Identity};
-use crate::config::Config;
+use crate::config::{Config, Publishers};
 use crate::fanout::Fanout;
-use crate::log::{AppendError, AppendInput, Appended, Log};
+use crate::limits::{Limiter, PublishGate};
+use crate::log::{AppendError, AppendInput, Appended, Logs};
 use crate::metrics::Metrics;
 use crate::subscription::{self, DeliverySink, SinkError, Start};
 
@@ -58,8 +64,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// What every session shares.
 #[derive(Debug)]
 pub struct BrokerContext {
-    /// The channel log.
-    pub log: Log,
+    /// The channel logs.
+    pub logs: Logs,
     /// The fan-out engine.
     pub fanout: Arc<Fanout>,
     /// The configuration in force.
@@ -72,13 +78,15 @@ pub struct BrokerContext {
     pub sessions: Arc<SessionRegistry>,
     /// Verifies tokens.
     pub authenticator: Authenticator,
+    /// Connection and publish limits.
+    pub limiter: Arc<Limiter>,
     next_session_id: AtomicU64,
 }
 
 impl BrokerContext {
     /// A context for sessions.
     pub fn new(
-        log: Log,
+        logs: Logs,
         fanout: Arc<Fanout>,
         config: Arc<Config>,
         shutdown: CancellationToken,
@@ -86,8 +94,9 @@ impl BrokerContext {
         authenticator: Authenticator,
     ) -> Self {
         Self {
+            limiter: Arc::new(Limiter::new(&config.limits)),
             authenticator,
-            log,
+            logs,
             fanout,
             config,
             shutdown,
@@ -164,6 +173,10 @@ pub trait Connection: Send + Sync + 'static {
 
     /// The client's address.
     fn remote(&self) -> SocketAddr;
+
+    /// The name in the client certificate the transport verified (mutual
+    /// TLS), if the client presented one: a server-side identity.
+    fn peer_identity(&self) -> Option<String>;
 }
 
 /// Why a session ended.
@@ -181,6 +194,8 @@ enum End {
     Kicked,
     /// The token was refused, or expired during the session.
     Unauthorized,
+    /// A connection limit was reached.
+    LimitExceeded,
 }
 
 impl End {
@@ -192,6 +207,7 @@ impl End {
             End::HelloTimeout => CloseCode::HELLO_TIMEOUT,
             End::Kicked => CloseCode::KICKED,
             End::Unauthorized => CloseCode::UNAUTHORIZED,
+            End::LimitExceeded => CloseCode::LIMIT_EXCEEDED,
         }
     }
 
@@ -203,6 +219,7 @@ impl End {
             End::HelloTimeout => "hello_timeout",
             End::Kicked => "kicked",
             End::Unauthorized => "unauthorized",
+            End::LimitExceeded => "limit_exceeded",
         }
     }
 }
@@ -234,6 +251,8 @@ where
             welcomed: false,
             id: session_id,
             identity: None,
+            gate: PublishGate::unlimited(),
+            token_changed: false,
         };
         let end = session.serve(session_id, recv).await;
         session.cancel.cancel();
@@ -273,6 +292,28 @@ struct Session<C: Connection> {
     welcomed: bool,
     id: u64,
     identity: Option<Identity>,
+    gate: PublishGate,
+    /// Set by a successful `Refresh`: the expiry timers must be re-armed.
+    token_changed: bool,
+}
+
+/// The token's two deadlines, as timers: the `TokenExpiring` notice and
+/// the session's end.
+fn token_deadlines(
+    expires_at: Option<u64>,
+    notice_secs: u64,
+) -> (tokio::time::Instant, tokio::time::Instant) {
+    // Far enough to never fire, near enough not to overflow an Instant.
+    let never = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let Some(exp) = expires_at else {
+        return (never, never);
+    };
+    let left = Duration::from_secs(exp.saturating_sub(crate::log::now_ms() / 1000));
+    let now = tokio::time::Instant::now();
+    (
+        now + left.saturating_sub(Duration::from_secs(notice_secs)),
+        now + left,
+    )
 }
 
 impl<C: Connection> Session<C> {
@@ -308,24 +349,13 @@ impl<C: Connection> Session<C> {
         let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
         let shutdown = self.ctx.shutdown.clone();
         let kick = self.kick.clone();
-        // The session ends when its token does.
-        let expiry = self
-            .identity
-            .as_ref()
-            .and_then(|i| i.expires_at)
-            .map(|exp| {
-                let now = SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                tokio::time::Instant::now() + Duration::from_secs(exp.saturating_sub(now))
-            });
-        let expired = async move {
-            match expiry {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::pin!(expired);
+        let notice_secs = self.ctx.config.auth.expiry_notice_secs;
+        let expires_at = |s: &Self| s.identity.as_ref().and_then(|i| i.expires_at);
+        let (notice_at, expiry_at) = token_deadlines(expires_at(self), notice_secs);
+        let notice = tokio::time::sleep_until(notice_at);
+        let expired = tokio::time::sleep_until(expiry_at);
+        tokio::pin!(notice, expired);
+        let mut noticed = false;
         let mut end = None;
         while end.is_none() {
             // Serve frames already buffered before reading more.
@@ -334,6 +364,12 @@ impl<C: Connection> Session<C> {
                     Ok(Some(frame)) => {
                         if let Some(ack) = self.handle(frame).await {
                             pending.push(ack);
+                        }
+                        if std::mem::take(&mut self.token_changed) {
+                            let (n, e) = token_deadlines(expires_at(self), notice_secs);
+                            notice.as_mut().reset(n);
+                            expired.as_mut().reset(e);
+                            noticed = false;
                         }
                         continue;
                     }
@@ -348,6 +384,12 @@ impl<C: Connection> Session<C> {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
                 () = kick.cancelled() => end = Some(End::Kicked),
+                () = &mut notice, if !noticed => {
+                    noticed = true;
+                    if let Some(expires_at) = expires_at(self) {
+                        self.send(Frame::TokenExpiring { expires_at }).await;
+                    }
+                }
                 () = &mut expired => {
                     self.reply_error(0, ErrorCode::Unauthorized, "the token has expired").await;
                     end = Some(End::Unauthorized);
@@ -386,7 +428,13 @@ impl<C: Connection> Session<C> {
             .await;
             return Err(End::ProtocolError);
         }
-        let identity = match self.ctx.authenticator.authenticate(&hello.token) {
+        // A client certificate the transport verified is a backend
+        // service's identity; everyone else shows a token.
+        let authenticated = match self.conn.peer_identity() {
+            Some(name) => Ok(Identity::service(name)),
+            None => self.ctx.authenticator.authenticate(&hello.token),
+        };
+        let identity = match authenticated {
             Ok(identity) => identity,
             Err(e) => {
                 debug!(client = %hello.client, error = %e, "token refused");
@@ -395,7 +443,18 @@ impl<C: Connection> Session<C> {
                 return Err(End::Unauthorized);
             }
         };
-        debug!(client = %hello.client, user = %identity.user, "hello");
+        if !identity.server {
+            match self.ctx.limiter.open_user_connection(&identity.user) {
+                Ok(gate) => self.gate = gate,
+                Err(e) => {
+                    debug!(client = %hello.client, error = %e, "connection refused");
+                    self.reply_error(0, ErrorCode::TooManyConnections, &e.to_string())
+                        .await;
+                    return Err(End::LimitExceeded);
+                }
+            }
+        }
+        debug!(client = %hello.client, user = %identity.user, server = identity.server, "hello");
         let user = identity.user.clone();
         self.identity = Some(identity);
         let limits = &self.ctx.config.limits;
@@ -435,6 +494,7 @@ impl<C: Connection> Session<C> {
                 subscription,
             } => self.unsubscribe(request_id, subscription).await,
             Frame::Ping { request_id } => self.send(Frame::Pong { request_id }).await,
+            Frame::Refresh { request_id, token } => self.refresh(request_id, &token).await,
             other => {
                 self.reply_error(
                     other.request_id().unwrap_or(0),
@@ -467,6 +527,25 @@ impl<C: Connection> Session<C> {
                 .await;
             return None;
         }
+        let namespace = self.ctx.config.namespaces.get(channel.namespace());
+        if namespace.is_some_and(|ns| ns.publishers == Publishers::Server)
+            && !self.identity.as_ref().is_some_and(|i| i.server)
+        {
+            self.count_publish_error(ErrorCode::Forbidden);
+            let msg = format!(
+                "only server-side identities may publish to the {} namespace",
+                channel.namespace()
+            );
+            self.reply_error(request_id, ErrorCode::Forbidden, &msg)
+                .await;
+            return None;
+        }
+        if let Err(e) = self.gate.check() {
+            self.count_publish_error(ErrorCode::RateLimited);
+            self.reply_error(request_id, ErrorCode::RateLimited, &e.to_string())
+                .await;
+            return None;
+        }
         if payload.len() > max as usize {
             self.count_publish_error(ErrorCode::PayloadTooLarge);
             self.reply_error(
@@ -488,7 +567,8 @@ impl<C: Connection> Session<C> {
         // Submitted here, in request order, so one connection's publishes
         // are sequenced in the order it sent them; only the acks overlap.
         let started = Instant::now();
-        match self.ctx.log.submit(input).await {
+        let log = self.ctx.logs.for_channel(&input.channel);
+        match log.submit(input).await {
             Ok(pending) => Some(Box::pin(
                 async move { (request_id, started, pending.await) },
             )),
@@ -573,9 +653,10 @@ impl<C: Connection> Session<C> {
                 .reply_error(request_id, ErrorCode::BadRequest, msg)
                 .await;
         }
-        let feed = self.ctx.fanout.subscribe(&channel, &self.ctx.log);
+        let log = self.ctx.logs.for_channel(&channel).clone();
+        let feed = self.ctx.fanout.subscribe(&channel, &log);
         let (next, epoch, events) =
-            subscription::resolve_start(&channel, position, self.ctx.log.meta(&channel));
+            subscription::resolve_start(&channel, position, log.meta(&channel));
         let id = SubscriptionId(self.next_subscription);
         self.next_subscription += 1;
         let cancel = self.cancel.child_token();
@@ -591,7 +672,6 @@ impl<C: Connection> Session<C> {
         })
         .await;
         let conn = self.conn.clone();
-        let log = self.ctx.log.clone();
         let metrics = self.ctx.metrics.clone();
         let span = info_span!("subscription", id = %id, %channel);
         tokio::spawn(
@@ -635,6 +715,54 @@ impl<C: Connection> Session<C> {
                     .await;
             }
         }
+    }
+
+    /// Replaces the session's token with a newer one of the same user.
+    async fn refresh(&mut self, request_id: u64, token: &str) {
+        let Some(current) = &self.identity else {
+            return;
+        };
+        if current.server && current.expires_at.is_none() {
+            let msg = "this session does not expire; there is nothing to refresh";
+            return self
+                .reply_error(request_id, ErrorCode::BadRequest, msg)
+                .await;
+        }
+        let identity = match self.ctx.authenticator.refresh(current, token) {
+            Ok(identity) => identity,
+            Err(e) => {
+                // The session goes on under the old token until it expires.
+                return self
+                    .reply_error(request_id, ErrorCode::Unauthorized, &e.to_string())
+                    .await;
+            }
+        };
+        // Rights shrink at once: subscriptions the new token does not grant end.
+        let revoked: Vec<SubscriptionId> = self
+            .subscriptions
+            .iter()
+            .filter(|(_, (channel, _))| !identity.may_subscribe(channel))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in revoked {
+            if let Some((channel, cancel)) = self.subscriptions.remove(&id) {
+                self.by_channel.remove(&channel);
+                self.count_subscriptions(-1);
+                cancel.cancel();
+                let msg = format!(
+                    "subscription {id} to {channel} ended: the new token does not grant it"
+                );
+                self.reply_error(0, ErrorCode::Forbidden, &msg).await;
+            }
+        }
+        let expires_at = identity.expires_at.unwrap_or(0);
+        self.identity = Some(identity);
+        self.token_changed = true;
+        self.send(Frame::Refreshed {
+            request_id,
+            expires_at,
+        })
+        .await;
     }
 
     async fn protocol_error(&self, request_id: u64, e: &DecodeError) -> End {

@@ -1,18 +1,27 @@
 //! TLS material for the QUIC endpoint.
 //!
-//! Production: a PEM certificate chain and key from the configuration.
-//! Development (neither configured): a self-signed certificate for
-//! `localhost`, `127.0.0.1` and `::1`, generated on first start and kept as
+//! Production: a PEM certificate chain and key from the configuration,
+//! re-read by [`CertReloader::reload`] (on SIGHUP): new handshakes get the
+//! new certificate, established connections are not touched. Development
+//! (neither configured): a self-signed certificate for `localhost`,
+//! `127.0.0.1` and `::1`, generated on first start and kept as
 //! `DATA_DIR/dev-cert.pem` / `dev-key.pem` so that clients that trust it
 //! (`volna --ca DATA_DIR/dev-cert.pem`) keep working across restarts.
+//!
+//! Mutual TLS (`tls.client_ca`): client certificates are asked for but not
+//! required; one that chains to the configured CA makes the connection a
+//! backend service's ([`client_identity`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use thiserror::Error;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::config::Config;
 
@@ -55,6 +64,52 @@ pub struct ServerTls {
     pub config: rustls::ServerConfig,
     /// Set in development mode.
     pub dev_cert: Option<PathBuf>,
+    /// Re-reads the certificate and key.
+    pub reloader: CertReloader,
+}
+
+/// The certificate in force, swapped by [`CertReloader::reload`].
+#[derive(Debug)]
+struct CurrentCert(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// Re-reads the certificate chain and key from their files.
+#[derive(Debug, Clone)]
+pub struct CertReloader {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: Arc<CurrentCert>,
+}
+
+impl CertReloader {
+    /// Loads the files again and, if they are a valid pair, serves them to
+    /// new handshakes. On error the certificate in force stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let certified = load_certified_key(&self.cert, &self.key, &self.provider)?;
+        *self.current.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(certified);
+        info!(cert = %self.cert.display(), "TLS certificate reloaded");
+        Ok(())
+    }
+}
+
+fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, TlsError> {
+    let chain = load_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Load {
+        what: "private key",
+        path: key.to_owned(),
+        reason: e.to_string(),
+    })?;
+    Ok(CertifiedKey::from_der(chain, key, provider)?)
 }
 
 /// Builds the server's TLS configuration (TLS 1.3, ALPN `volna/1`).
@@ -66,23 +121,72 @@ pub fn server_tls(config: &Config) -> Result<ServerTls, TlsError> {
             (cert, key, true)
         }
     };
-    let chain = load_certs(&cert_path)?;
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Load {
-        what: "private key",
-        path: key_path.clone(),
-        reason: e.to_string(),
-    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let current = Arc::new(CurrentCert(RwLock::new(Arc::new(load_certified_key(
+        &cert_path, &key_path, &provider,
+    )?))));
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?;
+    let builder = match &config.tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in load_certs(ca)? {
+                roots.add(cert)?;
+            }
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| TlsError::Load {
+                        what: "client CA",
+                        path: ca.clone(),
+                        reason: e.to_string(),
+                    })?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut tls = builder.with_cert_resolver(current.clone());
     tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
     tls.max_early_data_size = 0;
     Ok(ServerTls {
         config: tls,
-        dev_cert: dev.then_some(cert_path),
+        dev_cert: dev.then_some(cert_path.clone()),
+        reloader: CertReloader {
+            cert: cert_path,
+            key: key_path,
+            provider,
+            current,
+        },
     })
+}
+
+/// The name of a verified client certificate: its subject's common name,
+/// else its first DNS name, else `cert:` and its fingerprint's first 16 hex
+/// digits.
+pub fn client_identity(cert: &CertificateDer<'_>) -> String {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    if let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) {
+        if let Some(cn) = parsed
+            .subject()
+            .iter_common_name()
+            .find_map(|cn| cn.as_str().ok())
+        {
+            return cn.to_owned();
+        }
+        if let Ok(Some(san)) = parsed.subject_alternative_name()
+            && let Some(dns) = san.value.general_names.iter().find_map(|n| match n {
+                GeneralName::DNSName(dns) => Some(*dns),
+                _ => None,
+            })
+        {
+            return dns.to_owned();
+        }
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(cert.as_ref());
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("cert:{hex}")
 }
 
 /// The SHA-256 fingerprint of the first certificate in a PEM file, as hex:

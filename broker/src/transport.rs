@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Endpoint, IdleTimeout, TransportConfig, VarInt};
+use rustls::pki_types::CertificateDer;
 use thiserror::Error;
 use tracing::{Instrument, debug, info_span, warn};
 use volna_proto::CloseCode;
@@ -115,15 +116,30 @@ pub fn bind(
     .map_err(|source| TransportError::Bind { addr, source })
 }
 
+/// How often the per-address handshake table drops addresses gone quiet.
+const FORGET_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
+
 /// Accepts connections until the endpoint is closed.
 pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
+    let mut forget_at = tokio::time::Instant::now() + FORGET_ADDRESSES_EVERY;
     while let Some(incoming) = endpoint.accept().await {
         if ctx.shutdown.is_cancelled() {
             incoming.refuse();
             continue;
         }
-        let ctx = ctx.clone();
         let remote = incoming.remote_address();
+        // Refused before any cryptography: a flood from one address costs
+        // one small packet per attempt, not a handshake.
+        if !ctx.limiter.admit_handshake(remote.ip()) {
+            ctx.metrics.handshakes_refused.inc();
+            incoming.refuse();
+            continue;
+        }
+        if tokio::time::Instant::now() >= forget_at {
+            ctx.limiter.forget_idle_addresses();
+            forget_at = tokio::time::Instant::now() + FORGET_ADDRESSES_EVERY;
+        }
+        let ctx = ctx.clone();
         tokio::spawn(
             async move {
                 let conn = match incoming.await {
@@ -143,7 +159,12 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
                         return conn.close(VarInt::from_u32(code.0), code.reason().as_bytes());
                     }
                 };
-                session::run(ctx, Arc::new(QuicConnection(conn)), recv, send).await;
+                let peer = conn
+                    .peer_identity()
+                    .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+                    .and_then(|chain| chain.first().map(crate::tls::client_identity));
+                let conn = QuicConnection { conn, peer };
+                session::run(ctx, Arc::new(conn), recv, send).await;
             }
             .instrument(info_span!("conn", %remote)),
         );
@@ -152,7 +173,11 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
 
 /// A quinn connection as the session sees it.
 #[derive(Debug)]
-struct QuicConnection(quinn::Connection);
+struct QuicConnection {
+    conn: quinn::Connection,
+    /// The verified client certificate's name (mutual TLS).
+    peer: Option<String>,
+}
 
 /// A server-opened unidirectional stream carrying one subscription.
 #[derive(Debug)]
@@ -169,7 +194,7 @@ impl Connection for QuicConnection {
     }
 
     async fn open_delivery(&self) -> Result<Self::Sink, SinkError> {
-        self.0
+        self.conn
             .open_uni()
             .await
             .map(QuicDeliveryStream)
@@ -177,11 +202,15 @@ impl Connection for QuicConnection {
     }
 
     fn close(&self, code: CloseCode, reason: &str) {
-        self.0.close(VarInt::from_u32(code.0), reason.as_bytes());
+        self.conn.close(VarInt::from_u32(code.0), reason.as_bytes());
     }
 
     fn remote(&self) -> SocketAddr {
-        self.0.remote_address()
+        self.conn.remote_address()
+    }
+
+    fn peer_identity(&self) -> Option<String> {
+        self.peer.clone()
     }
 }
 

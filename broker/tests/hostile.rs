@@ -193,3 +193,159 @@ async fn shutdown_tells_clients_the_broker_is_going_away() {
     broker.stop().await;
     assert_eq!(raw.close_code().await, Some(CloseCode::GOING_AWAY.0.into()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_clients_at_once_do_not_disturb_a_well_behaved_one() {
+    use serde_json::json;
+    use std::time::Duration;
+    let broker = common::jwt_broker(|c| {
+        c.limits.hello_timeout_ms = 500;
+        c.limits.publish_rate_per_connection = 1000;
+        c.limits.publish_rate_per_user = 1000;
+        c.limits.publish_burst = 100;
+    })
+    .await;
+    let broker = std::sync::Arc::new(broker);
+    let ch = channel("chat.good");
+    let good = common::user_token(
+        json!({"sub": "good", "subscribe": ["chat.good"], "publish": ["chat.good"]}),
+    );
+    let reader = common::connect_as(&broker, &good).await.unwrap();
+    let writer = common::connect_as(&broker, &good).await.unwrap();
+    let mut sub = reader.subscribe(&ch, Position::Latest).await.unwrap();
+
+    // A publish flood far above the rate: refused, typed, connection kept.
+    let flood = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mallory = common::user_token(json!({"sub": "mallory"}));
+            let mut raw = RawConnection::connect(&broker).await;
+            assert!(matches!(
+                raw.send_hello(&mallory).await,
+                Some(Frame::Welcome(_))
+            ));
+            let inbox = channel("user.mallory.inbox");
+            let mut bytes = BytesMut::new();
+            for request_id in 1..=5_000u64 {
+                volna_proto::encode(
+                    &Frame::Publish(Publish {
+                        request_id,
+                        channel: inbox.clone(),
+                        producer: None,
+                        payload: vec![7u8; 1024].into(),
+                    }),
+                    &mut bytes,
+                );
+            }
+            raw.send_bytes(&bytes).await;
+            let mut limited = 0;
+            for _ in 0..5_000 {
+                match raw.next_frame().await {
+                    Some(Frame::Published { .. }) => {}
+                    Some(Frame::Error(ErrorFrame {
+                        code: ErrorCode::RateLimited,
+                        ..
+                    })) => limited += 1,
+                    other => panic!("flood: unexpected {other:?}"),
+                }
+            }
+            assert!(limited > 3_000, "only {limited} of 5000 were limited");
+            raw.send_frame(&Frame::Ping { request_id: 9_999 }).await;
+            assert_eq!(
+                raw.next_frame().await,
+                Some(Frame::Pong { request_id: 9_999 })
+            );
+        })
+    };
+
+    // Streams beyond the protocol's one control stream are never granted.
+    let streams = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let hog = common::user_token(json!({"sub": "hog"}));
+            let mut raw = RawConnection::connect(&broker).await;
+            assert!(matches!(
+                raw.send_hello(&hog).await,
+                Some(Frame::Welcome(_))
+            ));
+            let granted = {
+                let opens = (0..2_000).map(|_| Box::pin(raw.conn.open_bi()));
+                let any = futures_util::future::select_all(opens);
+                tokio::time::timeout(Duration::from_millis(500), any)
+                    .await
+                    .is_ok()
+            };
+            assert!(!granted, "the broker granted a second stream");
+            let uni = tokio::time::timeout(Duration::from_millis(200), raw.conn.open_uni()).await;
+            assert!(uni.is_err(), "the broker granted a client stream");
+            raw.send_frame(&Frame::Ping { request_id: 1 }).await;
+            assert_eq!(raw.next_frame().await, Some(Frame::Pong { request_id: 1 }));
+        })
+    };
+
+    // Slowloris: Hello one byte at a time, slower than the hello timeout.
+    let slowloris = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let mut raw = RawConnection::connect(&broker).await;
+            let mut hello = BytesMut::new();
+            volna_proto::encode(
+                &Frame::Hello(volna_proto::Hello {
+                    protocol: volna_proto::PROTOCOL_VERSION,
+                    token: "x".repeat(200),
+                    client: "slow".into(),
+                }),
+                &mut hello,
+            );
+            for byte in hello.iter().take(20) {
+                raw.send_bytes(&[*byte]).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert_eq!(
+                raw.close_code().await,
+                Some(CloseCode::HELLO_TIMEOUT.0.into())
+            );
+        })
+    };
+
+    // Many connections with garbage and with bad tokens.
+    let garbage = {
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            for i in 0..20u8 {
+                let mut raw = RawConnection::connect(&broker).await;
+                if i % 2 == 0 {
+                    raw.send_bytes(&[0xff, 0xff, 0xff, 0xff, i]).await;
+                    assert_eq!(
+                        raw.close_code().await,
+                        Some(CloseCode::PROTOCOL_ERROR.0.into())
+                    );
+                } else {
+                    raw.send_hello("forged.token.here").await;
+                    assert_eq!(
+                        raw.close_code().await,
+                        Some(CloseCode::UNAUTHORIZED.0.into())
+                    );
+                }
+            }
+        })
+    };
+
+    // Meanwhile the well-behaved client publishes and receives everything.
+    for i in 0..300 {
+        writer.publish(&ch, format!("m{i}")).await.unwrap();
+    }
+    let got: Vec<_> = within("the good client's deliveries", async {
+        let mut got = Vec::new();
+        while got.len() < 300 {
+            got.push(sub.next().await.unwrap().unwrap().payload);
+        }
+        got
+    })
+    .await;
+    let expected: Vec<_> = (0..300).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, expected);
+    for task in [flood, streams, slowloris, garbage] {
+        within("a hostile client", task).await.unwrap();
+    }
+}

@@ -233,6 +233,7 @@ async fn retention_reports_truncated_instead_of_skipping() {
                     max_messages: Some(100),
                     ..Retention::default()
                 },
+                ..NamespaceConfig::default()
             },
         );
     })
@@ -334,4 +335,65 @@ async fn a_retried_publish_is_stored_once() {
     );
     let meta = broker.broker().log().unwrap().meta(&ch).unwrap();
     assert_eq!(meta.len(), 2, "the retry was not stored");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_in_memory_namespace_delivers_without_touching_the_durable_log() {
+    let mut broker = TestBroker::start_with(|c| {
+        c.engine.retention_interval_ms = 20;
+        c.namespaces.insert(
+            "typing".into(),
+            NamespaceConfig {
+                persistent: false,
+                retention: Retention {
+                    max_messages: Some(10),
+                    ..Retention::default()
+                },
+                ..NamespaceConfig::default()
+            },
+        );
+    })
+    .await;
+    let ch = channel("typing.chat42");
+    let client = broker.client().await;
+    let mut sub = client.subscribe(&ch, Position::Latest).await.unwrap();
+    let offsets = publish_many(&client, &ch, "t", 30, 8).await;
+    assert_eq!(offsets, (1..=30).collect::<Vec<_>>());
+    let got = read_messages(&mut sub, 30).await;
+    assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 1);
+
+    // Kept in memory, bounded by the namespace's retention; not in RocksDB.
+    let durable = broker.broker().log().unwrap().clone();
+    assert!(durable.meta(&ch).is_none());
+    let memory = broker.broker().log_for(&ch).clone();
+    eventually("retention to bound the in-memory log", || {
+        let first = memory.meta(&ch).map(|m| m.first_offset);
+        async move { first == Some(Offset::new(21)) }
+    })
+    .await;
+    let epoch = client.publish(&ch, "last").await.unwrap().epoch;
+    drop(sub);
+    drop(client);
+
+    // Gone after a restart: a resuming subscriber is told the log restarted.
+    broker.restart().await;
+    let client = broker.client().await;
+    let mut sub = client
+        .subscribe(
+            &ch,
+            Position::From {
+                offset: Offset::new(32),
+                epoch: Some(epoch),
+            },
+        )
+        .await
+        .unwrap();
+    let event = within("the epoch change", sub.next()).await.unwrap();
+    assert!(
+        matches!(event, Err(SubscriptionError::EpochChanged { previous, .. }) if previous == epoch),
+        "{event:?}"
+    );
+    client.publish(&ch, "fresh").await.unwrap();
+    let (offset, payload) = read_messages(&mut sub, 1).await.remove(0);
+    assert_eq!((offset, payload.as_str()), (1, "fresh"));
 }

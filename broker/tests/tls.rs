@@ -1,13 +1,29 @@
 //! The ways a client can trust the broker: a real CA chain, the development
-//! certificate, a pinned fingerprint; and a broker it must not trust.
+//! certificate, a pinned fingerprint; and a broker it must not trust. The
+//! certificate reloaded in place; backend services identified by their
+//! client certificate (mutual TLS).
 
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
 use common::{TestBroker, channel};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-use volna_client::{Client, ClientConfig, ClientError, Trust};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+use volna_broker::config::{NamespaceConfig, Publishers};
+use volna_client::{Client, ClientCertificate, ClientConfig, ClientError, ErrorCode, Trust};
+
+/// A self-signed CA.
+fn ca(name: &str) -> (rcgen::Certificate, KeyPair) {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    (params.self_signed(&key).unwrap(), key)
+}
+
+fn pin_of(cert: &rcgen::Certificate) -> [u8; 32] {
+    volna_client::fingerprint(cert.der())
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_issued_by_a_ca_is_trusted_through_the_ca() {
@@ -98,4 +114,113 @@ async fn health_endpoints_answer_on_the_http_port() {
         tcp.read_to_string(&mut response).await.unwrap();
         assert!(response.starts_with("HTTP/1.1 200"), "{path}: {response}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_is_reloaded_without_dropping_connections() {
+    let pki = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
+    let issue = || {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        cert
+    };
+    let old = issue();
+    let broker = TestBroker::start_with(|c| {
+        c.tls.cert = Some(cert_path.clone());
+        c.tls.key = Some(key_path.clone());
+    })
+    .await;
+    let server = broker.addr().to_string();
+    let pinned =
+        |cert: &rcgen::Certificate| ClientConfig::new(&server, "t", Trust::Pinned(pin_of(cert)));
+    let established = Client::connect(pinned(&old)).await.unwrap();
+
+    let new = issue();
+    broker.broker().reload_certificate().unwrap();
+    Client::connect(pinned(&new)).await.unwrap();
+    let err = Client::connect(pinned(&old)).await.unwrap_err();
+    assert!(matches!(err, ClientError::Connect(_)), "{err}");
+    // The connection made before the reload goes on.
+    established
+        .publish(&channel("chat.reload"), "x")
+        .await
+        .unwrap();
+    assert!(established.is_connected());
+
+    // A broken file is refused and the certificate in force stays.
+    std::fs::write(&key_path, "not a key").unwrap();
+    assert!(broker.broker().reload_certificate().is_err());
+    Client::connect(pinned(&new)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity() {
+    let pki = tempfile::tempdir().unwrap();
+    let (client_ca, client_ca_key) = ca("volna services CA");
+    std::fs::write(pki.path().join("client-ca.pem"), client_ca.pem()).unwrap();
+    let issue = |name: &str, issuer: &rcgen::Certificate, issuer_key: &KeyPair| {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![format!("{name}.internal")]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        let cert = params.signed_by(&key, issuer, issuer_key).unwrap();
+        let (cert_path, key_path) = (
+            pki.path().join(format!("{name}.pem")),
+            pki.path().join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        ClientCertificate {
+            cert: cert_path,
+            key: key_path,
+        }
+    };
+    let billing = issue("billing", &client_ca, &client_ca_key);
+    let (rogue_ca, rogue_key) = ca("rogue CA");
+    let rogue = issue("rogue", &rogue_ca, &rogue_key);
+    let secret = pki.path().join("hs256.key");
+    std::fs::write(&secret, "an-hs256-secret-of-at-least-32-bytes!!").unwrap();
+
+    let broker = TestBroker::start_with(|c| {
+        c.tls.client_ca = Some(pki.path().join("client-ca.pem"));
+        c.auth.mode = volna_broker::auth::AuthMode::Jwt;
+        c.auth.hs256_secret_files = vec![secret.clone()];
+        c.namespaces.insert(
+            "billing".into(),
+            NamespaceConfig {
+                publishers: Publishers::Server,
+                ..NamespaceConfig::default()
+            },
+        );
+    })
+    .await;
+    let with_cert = |cert: Option<ClientCertificate>| {
+        let mut config = broker.client_config();
+        config.token = String::new();
+        config.client_certificate = cert;
+        config
+    };
+    // The certificate is the identity: no token, server-side rights.
+    let service = Client::connect(with_cert(Some(billing))).await.unwrap();
+    service
+        .publish(&channel("billing.invoices"), "invoice 1")
+        .await
+        .unwrap();
+    // Without a certificate a token is still required.
+    let err = Client::connect(with_cert(None)).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
+    // A certificate from another CA fails the handshake.
+    let err = Client::connect(with_cert(Some(rogue))).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Connect(_) | ClientError::Disconnected | ClientError::Timeout
+        ),
+        "{err}"
+    );
 }

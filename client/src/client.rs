@@ -13,13 +13,13 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use volna_proto::{
     ChannelName, CloseCode, Epoch, ErrorCode, ErrorFrame, Frame, Offset, Position, ProducerSeq,
     Publish, Subscribe,
 };
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, TokenSource};
 use crate::connection::{Live, Transport};
 use crate::error::ClientError;
 use crate::subscription::{SubShared, Subscription, Unsubscriber};
@@ -56,6 +56,8 @@ impl Drop for CloseOnDrop {
 struct Inner {
     config: ClientConfig,
     transport: Transport,
+    /// The token in force: the configured one until a refresh replaces it.
+    token: Mutex<String>,
     live: watch::Sender<Option<Arc<Live>>>,
     subs: Mutex<HashMap<u64, Arc<SubShared>>>,
     next_sub: AtomicU64,
@@ -72,9 +74,27 @@ impl Client {
     pub async fn connect(config: ClientConfig) -> Result<Self, ClientError> {
         let transport = Transport::new(&config)?;
         let config_inflight = config.max_inflight_publishes.max(1);
-        let live = transport.establish(&config).await?;
+        let mut token = config.token.clone();
+        if token.is_empty()
+            && let Some(source) = &config.token_source
+        {
+            token = fetch_token(source).await?;
+        }
+        let live = match transport.establish(&config, token.clone()).await {
+            // A stale configured token: one fresh try with the source's.
+            Err(e)
+                if e.code() == Some(ErrorCode::Unauthorized) && config.token_source.is_some() =>
+            {
+                if let Some(source) = &config.token_source {
+                    token = fetch_token(source).await?;
+                }
+                transport.establish(&config, token.clone()).await?
+            }
+            other => other?,
+        };
         let inner = Arc::new(Inner {
             max_payload: AtomicU32::new(live.welcome.max_payload),
+            token: Mutex::new(token),
             config,
             transport,
             live: watch::Sender::new(Some(live.clone())),
@@ -263,6 +283,50 @@ impl Inner {
         }
     }
 
+    fn current_token(&self) -> String {
+        self.token.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn set_token(&self, token: String) {
+        *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
+    }
+
+    /// Answers a `TokenExpiring` notice with a fresh token from the source.
+    async fn refresh_token(&self, live: &Live, expires_at: u64) {
+        let Some(source) = &self.config.token_source else {
+            warn!(
+                expires_at,
+                "the token expires soon and no token source is configured; the broker will end the session then"
+            );
+            live.token_refreshed();
+            return;
+        };
+        let token = match fetch_token(source).await {
+            Ok(token) => token,
+            Err(e) => {
+                warn!(error = %e, "the token source failed; retrying on the next notice or reconnect");
+                live.token_refreshed();
+                return;
+            }
+        };
+        let request = live.request(|request_id| Frame::Refresh {
+            request_id,
+            token: token.clone(),
+        });
+        match request.await {
+            Ok(Frame::Refreshed { expires_at, .. }) => {
+                debug!(expires_at, "token refreshed");
+                self.set_token(token);
+            }
+            Ok(Frame::Error(ErrorFrame { code, message, .. })) => {
+                warn!(%code, %message, "the broker refused the refreshed token");
+            }
+            Ok(other) => warn!(frame = ?other.frame_type(), "unexpected reply to Refresh"),
+            Err(_) => {}
+        }
+        live.token_refreshed();
+    }
+
     fn close(&self) {
         self.closed.cancel();
         if let Some(live) = self.live.send_replace(None) {
@@ -327,9 +391,12 @@ async fn subscribe_on(live: &Live, sub: &Arc<SubShared>) -> Result<(), ClientErr
 /// resubscribes everything from its position.
 async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
     loop {
-        tokio::select! {
-            () = live.gone() => {}
-            () = inner.closed.cancelled() => return,
+        loop {
+            tokio::select! {
+                () = live.gone() => break,
+                () = inner.closed.cancelled() => return,
+                expires_at = live.token_expiring() => inner.refresh_token(&live, expires_at).await,
+            }
         }
         inner.live.send_replace(None);
         warn!("connection to the broker lost; reconnecting");
@@ -339,11 +406,23 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
                 () = tokio::time::sleep(inner.config.backoff.delay(attempt)) => {}
                 () = inner.closed.cancelled() => return,
             }
-            match inner.transport.establish(&inner.config).await {
+            match inner
+                .transport
+                .establish(&inner.config, inner.current_token())
+                .await
+            {
                 Ok(live) => break live,
                 Err(e) => {
                     warn!(error = %e, attempt, "reconnect failed");
                     attempt = attempt.saturating_add(1);
+                    if e.code() == Some(ErrorCode::Unauthorized)
+                        && let Some(source) = &inner.config.token_source
+                    {
+                        match fetch_token(source).await {
+                            Ok(token) => inner.set_token(token),
+                            Err(e) => warn!(error = %e, "the token source failed"),
+                        }
+                    }
                 }
             }
         };
@@ -370,4 +449,11 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
             });
         }
     }
+}
+
+async fn fetch_token(source: &TokenSource) -> Result<String, ClientError> {
+    source
+        .fetch()
+        .await
+        .map_err(|e| ClientError::TokenSource(e.to_string()))
 }

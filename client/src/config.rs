@@ -1,7 +1,10 @@
 //! How a client connects: where, with which token, trusting what, and how it
 //! reconnects.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Which server certificates the client accepts.
@@ -18,6 +21,51 @@ pub enum Trust {
     /// certificate copied out of band. The broker prints its fingerprint at
     /// start in development mode.
     Pinned([u8; 32]),
+}
+
+/// An error a [`TokenSource`] reports.
+pub type TokenError = Box<dyn std::error::Error + Send + Sync>;
+
+type FetchToken =
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<String, TokenError>> + Send>> + Send + Sync;
+
+/// Where the client gets a fresh token: asked when the broker says the
+/// session's token expires soon (`TokenExpiring`, answered with
+/// `Refresh` on the same connection) and when a reconnect is refused as
+/// unauthorized. Typically a call to the application's own auth service.
+#[derive(Clone)]
+pub struct TokenSource(Arc<FetchToken>);
+
+impl TokenSource {
+    /// A source calling `fetch` for each new token.
+    pub fn new<F, Fut>(fetch: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, TokenError>> + Send + 'static,
+    {
+        Self(Arc::new(move || Box::pin(fetch())))
+    }
+
+    /// A new token.
+    pub async fn fetch(&self) -> Result<String, TokenError> {
+        (self.0)().await
+    }
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSource")
+    }
+}
+
+/// A client certificate and its key (PEM files), for brokers that identify
+/// backend services by mutual TLS.
+#[derive(Debug, Clone)]
+pub struct ClientCertificate {
+    /// The certificate chain.
+    pub cert: PathBuf,
+    /// The private key.
+    pub key: PathBuf,
 }
 
 /// Reconnect timing: exponential backoff with jitter.
@@ -61,8 +109,13 @@ pub struct ClientConfig {
     /// part of `server`. Set it when reaching the broker under another
     /// name than its certificate's (a container name, an IP).
     pub server_name: Option<String>,
-    /// The authentication token sent in `Hello`.
+    /// The authentication token sent in `Hello` (may be empty when
+    /// `token_source` or `client_certificate` provides the identity).
     pub token: String,
+    /// Where fresh tokens come from when this one expires.
+    pub token_source: Option<TokenSource>,
+    /// A client certificate to present (mutual TLS).
+    pub client_certificate: Option<ClientCertificate>,
     /// Which certificates to trust.
     pub trust: Trust,
     /// Identification sent to the broker for its logs.
@@ -91,6 +144,8 @@ impl ClientConfig {
             server: server.into(),
             server_name: None,
             token: token.into(),
+            token_source: None,
+            client_certificate: None,
             trust,
             client_name: concat!("volna-client/", env!("CARGO_PKG_VERSION")).to_owned(),
             backoff: Backoff::default(),

@@ -16,14 +16,14 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use volna_proto::{
     CloseCode, ErrorFrame, Frame, Hello, Limits, PROTOCOL_VERSION, SubscriptionId, Welcome,
 };
 
-use crate::config::{ClientConfig, Trust};
+use crate::config::{ClientCertificate, ClientConfig, Trust};
 use crate::error::ClientError;
 use crate::subscription::SubShared;
 
@@ -40,7 +40,7 @@ impl Transport {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
         let (host, _port) = split_host_port(&config.server)?;
         let tls_name = config.server_name.clone().unwrap_or_else(|| host.clone());
-        let mut tls = tls_config(&config.trust)?;
+        let mut tls = tls_config(&config.trust, config.client_certificate.as_ref())?;
         tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
@@ -75,8 +75,12 @@ impl Transport {
         })
     }
 
-    /// Connects, says Hello and waits for Welcome.
-    pub async fn establish(&self, config: &ClientConfig) -> Result<Arc<Live>, ClientError> {
+    /// Connects, says Hello with `token` and waits for Welcome.
+    pub async fn establish(
+        &self,
+        config: &ClientConfig,
+        token: String,
+    ) -> Result<Arc<Live>, ClientError> {
         let addr = tokio::net::lookup_host(&self.server)
             .await
             .map_err(|_| ClientError::InvalidAddress(self.server.clone()))?
@@ -98,7 +102,7 @@ impl Transport {
             volna_proto::encode(
                 &Frame::Hello(Hello {
                     protocol: PROTOCOL_VERSION,
-                    token: config.token.clone(),
+                    token,
                     client: config.client_name.clone(),
                 }),
                 &mut out,
@@ -141,6 +145,8 @@ pub(crate) struct Live {
     routes: Mutex<HashMap<SubscriptionId, Arc<SubShared>>>,
     route_added: Notify,
     gone: CancellationToken,
+    /// The latest `TokenExpiring` notice: when the token expires.
+    token_expiring: watch::Sender<Option<u64>>,
 }
 
 impl Live {
@@ -161,6 +167,7 @@ impl Live {
             routes: Mutex::new(HashMap::new()),
             route_added: Notify::new(),
             gone: CancellationToken::new(),
+            token_expiring: watch::Sender::new(None),
         });
         tokio::spawn(write_control(send, control_rx, live.gone.clone()));
         tokio::spawn(read_control(live.clone(), recv, buf));
@@ -220,6 +227,24 @@ impl Live {
             .map(|(id, _)| *id)?;
         routes.remove(&id);
         Some(id)
+    }
+
+    /// Resolves with the token's expiry when the broker announces it.
+    pub async fn token_expiring(&self) -> u64 {
+        let mut rx = self.token_expiring.subscribe();
+        loop {
+            if let Some(expires_at) = *rx.borrow_and_update() {
+                return expires_at;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Forgets the last expiry notice (the token was refreshed).
+    pub fn token_refreshed(&self) {
+        self.token_expiring.send_replace(None);
     }
 
     pub fn is_gone(&self) -> bool {
@@ -288,6 +313,9 @@ async fn read_control(live: Arc<Live>, mut recv: quinn::RecvStream, mut buf: Byt
         match frame {
             Ok(Frame::Error(e)) if e.request_id == 0 => {
                 warn!(code = %e.code, message = %e.message, "the broker reported a connection error");
+            }
+            Ok(Frame::TokenExpiring { expires_at }) => {
+                live.token_expiring.send_replace(Some(expires_at));
             }
             Ok(frame) => {
                 let waiter = frame
@@ -392,7 +420,10 @@ fn split_host_port(server: &str) -> Result<(String, u16), ClientError> {
     Ok((host.to_owned(), port))
 }
 
-fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
+fn tls_config(
+    trust: &Trust,
+    certificate: Option<&ClientCertificate>,
+) -> Result<rustls::ClientConfig, ClientError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -402,7 +433,7 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
             let roots = RootCertStore {
                 roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
             };
-            builder.with_root_certificates(roots).with_no_client_auth()
+            with_client_auth(builder.with_root_certificates(roots), certificate)?
         }
         Trust::CaFile(path) => {
             let mut roots = RootCertStore::empty();
@@ -421,17 +452,40 @@ fn tls_config(trust: &Trust) -> Result<rustls::ClientConfig, ClientError> {
                     path.display()
                 )));
             }
-            builder.with_root_certificates(roots).with_no_client_auth()
+            with_client_auth(builder.with_root_certificates(roots), certificate)?
         }
-        Trust::Pinned(fingerprint) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCert {
-                fingerprint: *fingerprint,
-                provider,
-            }))
-            .with_no_client_auth(),
+        Trust::Pinned(fingerprint) => with_client_auth(
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCert {
+                    fingerprint: *fingerprint,
+                    provider,
+                })),
+            certificate,
+        )?,
     };
     Ok(tls)
+}
+
+fn with_client_auth(
+    builder: rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>,
+    certificate: Option<&ClientCertificate>,
+) -> Result<rustls::ClientConfig, ClientError> {
+    let Some(certificate) = certificate else {
+        return Ok(builder.with_no_client_auth());
+    };
+    let tls_err = |path: &std::path::Path, e: &dyn std::fmt::Display| {
+        ClientError::Tls(format!("{}: {e}", path.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(&certificate.cert)
+        .map_err(|e| tls_err(&certificate.cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| tls_err(&certificate.cert, &e))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(&certificate.key)
+        .map_err(|e| tls_err(&certificate.key, &e))?;
+    builder
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| tls_err(&certificate.cert, &e))
 }
 
 /// The SHA-256 fingerprint of a certificate's DER bytes, as pinned by

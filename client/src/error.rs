@@ -52,6 +52,9 @@ pub enum ClientError {
     /// The broker broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The configured token source could not provide a token.
+    #[error("the token source failed: {0}")]
+    TokenSource(String),
 }
 
 impl ClientError {

@@ -33,6 +33,11 @@
 //! Trust: [`Trust::CaFile`] with the broker's `dev-cert.pem` (development)
 //! or a private CA, [`Trust::WebPki`] for public CAs, [`Trust::Pinned`] for a
 //! certificate fingerprint obtained out of band.
+//!
+//! Tokens: with a [`TokenSource`], the client refreshes its token on the
+//! open connection when the broker announces its expiry, and fetches a new
+//! one when a reconnect is refused as unauthorized. Backend services may
+//! instead present a [`ClientCertificate`] (mutual TLS).
 
 mod client;
 mod config;
@@ -41,7 +46,7 @@ mod error;
 mod subscription;
 
 pub use client::{Client, Published};
-pub use config::{Backoff, ClientConfig, Trust};
+pub use config::{Backoff, ClientCertificate, ClientConfig, TokenError, TokenSource, Trust};
 pub use connection::fingerprint;
 pub use error::{ClientError, SubscriptionError};
 pub use subscription::{Item, Message, Subscription};

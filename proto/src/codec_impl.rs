@@ -190,6 +190,18 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Frame::Ping { request_id }
         | Frame::Pong { request_id }
         | Frame::Unsubscribed { request_id } => out.put_u64(*request_id),
+        Frame::Refresh { request_id, token } => {
+            out.put_u64(*request_id);
+            put_str(out, token);
+        }
+        Frame::Refreshed {
+            request_id,
+            expires_at,
+        } => {
+            out.put_u64(*request_id);
+            out.put_u64(*expires_at);
+        }
+        Frame::TokenExpiring { expires_at } => out.put_u64(*expires_at),
         Frame::Welcome(w) => {
             out.put_u64(w.session_id);
             out.put_u16(w.protocol);
@@ -300,6 +312,9 @@ pub fn encoded_len(frame: &Frame) -> usize {
                 }
         }
         Frame::Unsubscribe { .. } => 16,
+        Frame::Refresh { token, .. } => 8 + 2 + token.len(),
+        Frame::Refreshed { .. } => 16,
+        Frame::TokenExpiring { .. } => 8,
         Frame::Ping { .. } | Frame::Pong { .. } | Frame::Unsubscribed { .. } => 8,
         Frame::Welcome(_) => 8 + 2 + 4 + 4 + 4,
         Frame::Published { .. } => 8 + 8 + 8 + 1,
@@ -507,6 +522,17 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
         },
         FrameType::Ping => Frame::Ping {
             request_id: r.u64("request_id")?,
+        },
+        FrameType::Refresh => Frame::Refresh {
+            request_id: r.u64("request_id")?,
+            token: r.string("token")?,
+        },
+        FrameType::Refreshed => Frame::Refreshed {
+            request_id: r.u64("request_id")?,
+            expires_at: r.u64("expires_at")?,
+        },
+        FrameType::TokenExpiring => Frame::TokenExpiring {
+            expires_at: r.u64("expires_at")?,
         },
         FrameType::Welcome => Frame::Welcome(Welcome {
             session_id: r.u64("session_id")?,

@@ -43,6 +43,10 @@ pub enum ErrorCode {
     ShuttingDown,
     /// The broker failed unexpectedly; the request may be retried.
     Internal,
+    /// The user holds as many connections as it may.
+    TooManyConnections,
+    /// Only server-side identities may publish to this channel's namespace.
+    ServerOnly,
     /// A code this build does not know.
     Other(u16),
 }
@@ -67,6 +71,8 @@ impl ErrorCode {
             Self::RateLimited => 14,
             Self::ShuttingDown => 15,
             Self::Internal => 16,
+            Self::TooManyConnections => 17,
+            Self::ServerOnly => 18,
             Self::Other(code) => code,
         }
     }
@@ -90,6 +96,8 @@ impl ErrorCode {
             14 => Self::RateLimited,
             15 => Self::ShuttingDown,
             16 => Self::Internal,
+            17 => Self::TooManyConnections,
+            18 => Self::ServerOnly,
             other => Self::Other(other),
         }
     }
@@ -132,6 +140,8 @@ impl CloseCode {
     pub const INTERNAL: CloseCode = CloseCode(5);
     /// An operator disconnected this client.
     pub const KICKED: CloseCode = CloseCode(6);
+    /// A limit on connections was reached (per user, per address).
+    pub const LIMIT_EXCEEDED: CloseCode = CloseCode(7);
 
     /// A short, stable description for logs and close reasons.
     pub const fn reason(self) -> &'static str {
@@ -143,6 +153,7 @@ impl CloseCode {
             4 => "hello timeout",
             5 => "internal error",
             6 => "disconnected by an operator",
+            7 => "connection limit exceeded",
             _ => "unknown",
         }
     }

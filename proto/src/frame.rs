@@ -32,6 +32,14 @@ pub enum Frame {
         /// Echoed in the reply.
         request_id: u64,
     },
+    /// Replace the session's token (before it expires) without
+    /// reconnecting; answered by `Refreshed` or an `Unauthorized` error.
+    Refresh {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The new token; it must name the same user (`sub`).
+        token: String,
+    },
 
     // ── broker → client, control stream ──────────────────────────────────
     /// Answer to `Hello`: the session is open, within these limits.
@@ -70,6 +78,19 @@ pub enum Frame {
     },
     /// A request (or, with `request_id` 0, the connection) failed.
     Error(ErrorFrame),
+    /// The new token is in force; its rights apply from now on.
+    Refreshed {
+        /// The request this answers.
+        request_id: u64,
+        /// When the new token expires, Unix seconds (0: never).
+        expires_at: u64,
+    },
+    /// The session's token expires soon: send `Refresh` before
+    /// `expires_at` or the broker closes the session then.
+    TokenExpiring {
+        /// When the token expires, Unix seconds.
+        expires_at: u64,
+    },
 
     // ── broker → client, delivery stream ─────────────────────────────────
     /// First frame of a delivery stream: which subscription it serves.
@@ -241,6 +262,8 @@ pub enum FrameType {
     Unsubscribe = 0x04,
     /// [`Frame::Ping`]
     Ping = 0x05,
+    /// [`Frame::Refresh`]
+    Refresh = 0x06,
     /// [`Frame::Welcome`]
     Welcome = 0x41,
     /// [`Frame::Published`]
@@ -253,6 +276,10 @@ pub enum FrameType {
     Pong = 0x45,
     /// [`Frame::Error`]
     Error = 0x46,
+    /// [`Frame::Refreshed`]
+    Refreshed = 0x47,
+    /// [`Frame::TokenExpiring`]
+    TokenExpiring = 0x48,
     /// [`Frame::StreamHeader`]
     StreamHeader = 0x81,
     /// [`Frame::Deliver`]
@@ -272,12 +299,15 @@ impl FrameType {
             0x03 => Self::Subscribe,
             0x04 => Self::Unsubscribe,
             0x05 => Self::Ping,
+            0x06 => Self::Refresh,
             0x41 => Self::Welcome,
             0x42 => Self::Published,
             0x43 => Self::Subscribed,
             0x44 => Self::Unsubscribed,
             0x45 => Self::Pong,
             0x46 => Self::Error,
+            0x47 => Self::Refreshed,
+            0x48 => Self::TokenExpiring,
             0x81 => Self::StreamHeader,
             0x82 => Self::Deliver,
             0x83 => Self::Truncated,
@@ -296,12 +326,15 @@ impl Frame {
             Self::Subscribe(_) => FrameType::Subscribe,
             Self::Unsubscribe { .. } => FrameType::Unsubscribe,
             Self::Ping { .. } => FrameType::Ping,
+            Self::Refresh { .. } => FrameType::Refresh,
             Self::Welcome(_) => FrameType::Welcome,
             Self::Published { .. } => FrameType::Published,
             Self::Subscribed { .. } => FrameType::Subscribed,
             Self::Unsubscribed { .. } => FrameType::Unsubscribed,
             Self::Pong { .. } => FrameType::Pong,
             Self::Error(_) => FrameType::Error,
+            Self::Refreshed { .. } => FrameType::Refreshed,
+            Self::TokenExpiring { .. } => FrameType::TokenExpiring,
             Self::StreamHeader { .. } => FrameType::StreamHeader,
             Self::Deliver(_) => FrameType::Deliver,
             Self::Truncated { .. } => FrameType::Truncated,
@@ -316,6 +349,8 @@ impl Frame {
             | Self::Subscribe(Subscribe { request_id, .. })
             | Self::Unsubscribe { request_id, .. }
             | Self::Ping { request_id }
+            | Self::Refresh { request_id, .. }
+            | Self::Refreshed { request_id, .. }
             | Self::Published { request_id, .. }
             | Self::Subscribed { request_id, .. }
             | Self::Unsubscribed { request_id }

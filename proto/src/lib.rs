@@ -26,6 +26,7 @@
 mod codec_impl;
 mod error;
 mod frame;
+pub mod fuzzing;
 mod names;
 
 pub use codec_impl::{DecodeError, Limits, decode, encode, encode_deliver, encoded_len};

@@ -17,6 +17,7 @@
 
 mod memory;
 mod record;
+#[cfg(feature = "rocksdb")]
 mod rocks;
 
 use std::collections::VecDeque;
@@ -27,6 +28,7 @@ use volna_proto::{ChannelName, Epoch, Offset, ProducerSeq};
 
 pub use memory::MemoryStore;
 pub use record::RecordError;
+#[cfg(feature = "rocksdb")]
 pub use rocks::RocksStore;
 
 /// The numeric id a channel's messages are keyed by.

@@ -117,6 +117,74 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// The HS256 secret of [`jwt_broker`].
+pub const SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!!";
+
+/// Unix seconds now.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token with `claims`, signed with `secret`.
+pub fn sign(secret: &str, claims: serde_json::Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A token for `claims` plus an `exp` an hour away, signed with [`SECRET`].
+pub fn user_token(mut claims: serde_json::Value) -> String {
+    claims["exp"] = (now_secs() + 3600).into();
+    sign(SECRET, claims)
+}
+
+/// A broker verifying HS256 tokens signed with [`SECRET`].
+pub async fn jwt_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+    let key_dir = tempfile::tempdir().unwrap();
+    let key = key_dir.path().join("hs256.key");
+    std::fs::write(&key, SECRET).unwrap();
+    // The key is read at start; the directory may go after.
+    TestBroker::start_with(|c| {
+        c.auth.mode = volna_broker::auth::AuthMode::Jwt;
+        c.auth.hs256_secret_files = vec![key.clone()];
+        c.auth.leeway_secs = 0;
+        tweak(c);
+    })
+    .await
+}
+
+/// A client of `broker` presenting `token`.
+pub async fn connect_as(
+    broker: &TestBroker,
+    token: &str,
+) -> Result<Client, volna_client::ClientError> {
+    let mut config = broker.client_config();
+    config.token = token.to_owned();
+    config.request_timeout = Duration::from_secs(20);
+    Client::connect(config).await
+}
+
+/// The broker's Prometheus metrics page.
+pub async fn metrics_text(broker: &TestBroker) -> String {
+    let url = format!("http://{}/metrics", broker.broker().http_addr());
+    tokio::task::spawn_blocking(move || {
+        ureq::get(&url)
+            .call()
+            .expect("metrics")
+            .into_body()
+            .read_to_string()
+            .expect("metrics body")
+    })
+    .await
+    .expect("metrics task")
+}
+
 /// A protocol-level connection that can send anything.
 pub struct RawConnection {
     pub conn: quinn::Connection,

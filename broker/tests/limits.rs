@@ -1,0 +1,196 @@
+//! Limits per user, per connection and per address, and namespace rules:
+//! each refusal is typed, and nothing accepted is lost.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{RawConnection, TestBroker, channel, eventually, within};
+use futures_util::StreamExt;
+use serde_json::json;
+use volna_broker::Config;
+use volna_broker::config::{NamespaceConfig, Publishers};
+use volna_client::{Client, ClientError, ErrorCode, Position};
+use volna_proto::{CloseCode, ErrorFrame, Frame, Publish};
+
+fn token(claims: serde_json::Value) -> String {
+    common::user_token(claims)
+}
+
+async fn jwt_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+    common::jwt_broker(tweak).await
+}
+
+async fn connect(broker: &TestBroker, token: &str) -> Result<Client, ClientError> {
+    common::connect_as(broker, token).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_holds_at_most_max_connections_per_user() {
+    let broker = jwt_broker(|c| c.limits.max_connections_per_user = 2).await;
+    let alice = token(json!({"sub": "alice"}));
+    let first = connect(&broker, &alice).await.unwrap();
+    let _second = connect(&broker, &alice).await.unwrap();
+    let err = connect(&broker, &alice).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::TooManyConnections), "{err}");
+    let mut raw = RawConnection::connect(&broker).await;
+    assert!(matches!(
+        raw.send_hello(&alice).await,
+        Some(Frame::Error(ErrorFrame {
+            code: ErrorCode::TooManyConnections,
+            ..
+        }))
+    ));
+    assert_eq!(
+        raw.close_code().await,
+        Some(CloseCode::LIMIT_EXCEEDED.0.into())
+    );
+    // Other users are not affected; a closed connection frees its place.
+    connect(&broker, &token(json!({"sub": "bob"})))
+        .await
+        .unwrap();
+    first.close();
+    eventually("alice's place to be freed", || async {
+        connect(&broker, &alice).await.is_ok()
+    })
+    .await;
+    // Server-side identities are not counted.
+    let service = token(json!({"sub": "svc", "role": "server"}));
+    let mut services = Vec::new();
+    for _ in 0..4 {
+        services.push(connect(&broker, &service).await.unwrap());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_above_the_rate_are_refused_and_the_client_retries_them() {
+    let broker = jwt_broker(|c| {
+        c.limits.publish_rate_per_connection = 50;
+        c.limits.publish_rate_per_user = 100;
+        c.limits.publish_burst = 10;
+    })
+    .await;
+    let user = token(json!({"sub": "7"}));
+    let inbox = channel("user.7.inbox");
+
+    // A raw flood: the first burst is stored, the rest refused, typed.
+    let mut raw = RawConnection::connect(&broker).await;
+    assert!(matches!(
+        raw.send_hello(&user).await,
+        Some(Frame::Welcome(_))
+    ));
+    for request_id in 1..=200 {
+        raw.send_frame(&Frame::Publish(Publish {
+            request_id,
+            channel: inbox.clone(),
+            producer: None,
+            payload: "flood".into(),
+        }))
+        .await;
+    }
+    let (mut stored, mut limited) = (0, 0);
+    for _ in 0..200 {
+        match raw.next_frame().await {
+            Some(Frame::Published { .. }) => stored += 1,
+            Some(Frame::Error(ErrorFrame {
+                code: ErrorCode::RateLimited,
+                message,
+                ..
+            })) => {
+                assert!(message.contains("retry in"), "{message}");
+                limited += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        stored >= 10 && limited > 0,
+        "{stored} stored, {limited} limited"
+    );
+    drop(raw);
+
+    // The client library retries refused publishes: all arrive, once, in order.
+    let client = connect(&broker, &user).await.unwrap();
+    let mut sub = client.subscribe(&inbox, Position::Latest).await.unwrap();
+    for i in 0..100 {
+        client.publish(&inbox, format!("m{i}")).await.unwrap();
+    }
+    let got: Vec<_> = within("the deliveries", async {
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            got.push(sub.next().await.unwrap().unwrap().payload);
+        }
+        got
+    })
+    .await;
+    let expected: Vec<_> = (0..100).map(|i| format!("m{i}")).collect();
+    assert_eq!(got, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_server_side_identities_publish_to_a_server_namespace() {
+    let broker = jwt_broker(|c| {
+        c.namespaces.insert(
+            "news".into(),
+            NamespaceConfig {
+                publishers: Publishers::Server,
+                ..NamespaceConfig::default()
+            },
+        );
+    })
+    .await;
+    let news = channel("news.world");
+    let reader = connect(
+        &broker,
+        &token(json!({"sub": "r", "subscribe": ["news.>"], "publish": ["news.>"]})),
+    )
+    .await
+    .unwrap();
+    let mut sub = reader.subscribe(&news, Position::Latest).await.unwrap();
+    let err = reader.publish(&news, "fake news").await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{err}");
+    assert!(err.to_string().contains("server-side"), "{err}");
+
+    let newsroom = connect(
+        &broker,
+        &token(json!({"sub": "newsroom", "role": "server", "publish": ["news.>"]})),
+    )
+    .await
+    .unwrap();
+    newsroom.publish(&news, "real news").await.unwrap();
+    let got = within("the news", sub.next()).await.unwrap().unwrap();
+    assert_eq!(got.payload, "real news");
+    assert_eq!(got.offset.get(), 1, "the refused publish stored nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_attempts_are_rate_limited_per_address() {
+    let broker = TestBroker::start_with(|c| {
+        c.limits.handshakes_per_ip_per_sec = 1;
+        c.limits.handshake_burst_per_ip = 3;
+    })
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(broker.client().await);
+    }
+    let mut config = broker.client_config();
+    config.request_timeout = Duration::from_secs(2);
+    let err = Client::connect(config).await.unwrap_err();
+    assert!(
+        matches!(err, ClientError::Connect(_) | ClientError::Timeout),
+        "{err}"
+    );
+    let metrics = common::metrics_text(&broker).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("volna_handshakes_refused_total ") && !l.ends_with(" 0")),
+        "{metrics}"
+    );
+    // The established connections were not affected.
+    let ch = channel("chat.limits");
+    clients[0].publish(&ch, "fine").await.unwrap();
+}
