@@ -242,7 +242,11 @@ async fn main() -> anyhow::Result<()> {
     let mut config = ClientConfig::new(&cli.server, &cli.token, trust);
     config.server_name = cli.server_name.clone();
     if let Command::Bench(args) = &cli.command {
-        if !bench::run(args, config, &cli.http, json).await? {
+        let target = bench::Target {
+            client: config,
+            admin: api,
+        };
+        if !bench::run(args, target, json).await? {
             bail!("benchmark failed: deliveries were lost, duplicated or reordered");
         }
         return Ok(());

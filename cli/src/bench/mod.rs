@@ -1,0 +1,242 @@
+//! `volna bench`: a load generator that drives a real broker over QUIC and
+//! checks every delivery.
+//!
+//! Every subscriber is its own connection (its own UDP socket, so the
+//! generator's sockets are spread and none of them becomes the bottleneck)
+//! and checks that it receives each offset once, in order. Every payload
+//! starts with its send time, so latency is end to end. A run that loses,
+//! duplicates or reorders a single delivery fails (non-zero exit), whatever
+//! its speed.
+//!
+//! Scenarios ([`Scenario`]): `fanout`, `chats`, `catchup`, `connections`,
+//! `storm` against a broker; `ceiling` against a bare quinn server in this
+//! process, the same generator with no broker logic, so Volna's efficiency
+//! against the QUIC ceiling is measured side by side.
+
+mod ceiling;
+mod scenarios;
+mod workload;
+
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use volna_client::ClientConfig;
+
+use crate::admin::AdminApi;
+
+/// Scenarios `volna bench` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// `--publishers` publishers → `--subscribers` subscribers on one channel.
+    Fanout,
+    /// `--channels` channels, each with `--subscribers` subscribers and its
+    /// own publisher: many small groups, the messenger's common case.
+    Chats,
+    /// Pre-fill one channel with `--messages`, then `--subscribers` read it
+    /// from offset 1: replay throughput from the log.
+    Catchup,
+    /// Open `--connections` connections, each subscribed to its own inbox,
+    /// hold them idle for `--hold-secs`, then deliver one message to each:
+    /// connect rate and broker memory per connection.
+    Connections,
+    /// `--connections` subscribers all disconnected at once (admin kick) and
+    /// reconnecting while publishing goes on: time until every one resumed,
+    /// and proof that none missed a message. Needs `--admin-token`.
+    Storm,
+    /// `fanout` against a bare quinn server in this process: the QUIC
+    /// ceiling of this machine, no broker.
+    Ceiling,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Fanout => "fanout",
+            Scenario::Chats => "chats",
+            Scenario::Catchup => "catchup",
+            Scenario::Connections => "connections",
+            Scenario::Storm => "storm",
+            Scenario::Ceiling => "ceiling",
+        }
+    }
+}
+
+/// `volna bench` flags.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// What to measure.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Subscribers (per channel with `chats`), each on its own connection.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: usize,
+    /// Publishers of `fanout` (each its own connection).
+    #[arg(long, default_value_t = 1)]
+    pub publishers: usize,
+    /// Channels of `chats`.
+    #[arg(long, default_value_t = 100)]
+    pub channels: usize,
+    /// Messages to publish (per channel with `chats`).
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: u64,
+    /// Payload size in bytes (at least 16: send time and sequence).
+    #[arg(long, default_value_t = 64)]
+    pub payload: usize,
+    /// Publish at most this many messages per second in all (0: as fast as
+    /// acks allow).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Connections of `connections` and `storm`.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: usize,
+    /// How long `connections` holds its connections idle.
+    #[arg(long, default_value_t = 5)]
+    pub hold_secs: u64,
+    /// Give up on deliveries after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout_secs: u64,
+}
+
+/// What the generator needs besides the flags.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// How clients connect.
+    pub client: ClientConfig,
+    /// The broker's HTTP port (metrics, admin API).
+    pub admin: AdminApi,
+}
+
+/// Runs the benchmark and prints its report; returns whether every
+/// delivery was correct.
+pub async fn run(args: &BenchArgs, target: Target, json_out: bool) -> anyhow::Result<bool> {
+    workload::check_args(args)?;
+    let report = match args.scenario {
+        Scenario::Fanout => scenarios::fanout(args, &target, json_out).await?,
+        Scenario::Chats => scenarios::chats(args, &target, json_out).await?,
+        Scenario::Catchup => scenarios::catchup(args, &target, json_out).await?,
+        Scenario::Connections => scenarios::connections(args, &target, json_out).await?,
+        Scenario::Storm => scenarios::storm(args, &target, json_out).await?,
+        Scenario::Ceiling => ceiling::run(args, json_out).await?,
+    };
+    let correct = report["lost"] == 0 && report["duplicates"] == 0 && report["out_of_order"] == 0;
+    if json_out {
+        println!("{report}");
+    } else {
+        print_table(&report);
+    }
+    Ok(correct)
+}
+
+fn print_table(summary: &Value) {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    table.set_header(["figure", "value"]);
+    let number = |key: &str| match &summary[key] {
+        Value::Number(n) if n.is_f64() => format!("{:.2}", n.as_f64().unwrap_or(0.0)),
+        Value::Null => "unknown".to_owned(),
+        other => other.to_string(),
+    };
+    let latency = &summary["latency_us"];
+    let rows = [
+        (
+            "scenario",
+            summary["scenario"].as_str().unwrap_or_default().to_owned(),
+        ),
+        (
+            "connections / subscribers / publishers / channels",
+            format!(
+                "{} / {} / {} / {}",
+                summary["connections"],
+                summary["subscribers"],
+                summary["publishers"],
+                summary["channels"]
+            ),
+        ),
+        ("payload bytes", number("payload_bytes")),
+        ("messages published", number("messages_published")),
+        (
+            "deliveries",
+            format!(
+                "{} of {}",
+                summary["deliveries_received"], summary["deliveries_expected"]
+            ),
+        ),
+        (
+            "lost / duplicates / out of order",
+            format!(
+                "{} / {} / {}",
+                summary["lost"], summary["duplicates"], summary["out_of_order"]
+            ),
+        ),
+        ("publish msgs/s", number("publish_per_sec")),
+        ("deliveries/s", number("deliveries_per_sec")),
+        (
+            "latency p50 / p99 / p99.9 / max (µs)",
+            format!(
+                "{} / {} / {} / {}",
+                latency["p50"], latency["p99"], latency["p999"], latency["max"]
+            ),
+        ),
+        ("connects/s", number("connect_per_sec")),
+        (
+            "broker RSS",
+            summary["broker_rss_bytes"]
+                .as_u64()
+                .map_or("unknown".into(), |b| {
+                    format!("{:.1} MiB", b as f64 / 1048576.0)
+                }),
+        ),
+        ("duration (s)", number("duration_s")),
+    ];
+    for (k, v) in rows {
+        table.add_row([k.to_owned(), v]);
+    }
+    // Scenario-specific figures.
+    if let Some(extra) = summary["extra"].as_object() {
+        for (k, v) in extra {
+            table.add_row([k.replace('_', " "), v.to_string()]);
+        }
+    }
+    println!("{table}");
+}
+
+/// The JSON summary every scenario prints (the fields issue #3 names).
+#[allow(clippy::too_many_arguments)]
+fn summary(
+    scenario: Scenario,
+    shape: workload::Shape,
+    payload: usize,
+    totals: &workload::Totals,
+    publish_secs: f64,
+    duration_s: f64,
+    connect_per_sec: f64,
+    broker_rss: Option<u64>,
+    extra: Value,
+) -> Value {
+    let lost = totals.expected.saturating_sub(totals.received);
+    json!({
+        "scenario": scenario.name(),
+        "connections": shape.connections,
+        "subscribers": shape.subscribers,
+        "publishers": shape.publishers,
+        "channels": shape.channels,
+        "payload_bytes": payload,
+        "messages_published": totals.published,
+        "deliveries_expected": totals.expected,
+        "deliveries_received": totals.received,
+        "lost": lost,
+        "duplicates": totals.duplicates,
+        "out_of_order": totals.out_of_order,
+        "publish_per_sec": totals.published as f64 / publish_secs.max(1e-9),
+        "deliveries_per_sec": totals.received as f64 / duration_s.max(1e-9),
+        "latency_us": {
+            "p50": totals.latency_us.value_at_quantile(0.50),
+            "p99": totals.latency_us.value_at_quantile(0.99),
+            "p999": totals.latency_us.value_at_quantile(0.999),
+            "max": totals.latency_us.max(),
+        },
+        "connect_per_sec": connect_per_sec,
+        "broker_rss_bytes": broker_rss,
+        "duration_s": duration_s,
+        "extra": extra,
+    })
+}

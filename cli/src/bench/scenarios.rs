@@ -1,0 +1,346 @@
+//! The scenarios against a broker. Each builds its channels and
+//! connections from [`workload`], runs, and returns the JSON summary.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use futures_util::future::try_join_all;
+use serde_json::{Value, json};
+use volna_client::{ChannelName, Client, Position};
+
+use super::workload::{self, Shape, Totals};
+use super::{BenchArgs, Scenario, Target, summary};
+
+fn deadline(args: &BenchArgs) -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs)
+}
+
+/// `publishers` clients splitting `messages` to `channel` between them, at
+/// `rate` per second in all.
+async fn publish_split(
+    target: &Target,
+    channel: &ChannelName,
+    publishers: usize,
+    messages: u64,
+    payload: usize,
+    rate: u64,
+) -> anyhow::Result<Vec<Client>> {
+    let mut clients = Vec::with_capacity(publishers);
+    for _ in 0..publishers {
+        clients.push(
+            Client::connect(target.client.clone())
+                .await
+                .context("connecting a publisher")?,
+        );
+    }
+    let per_rate = rate as f64 / publishers as f64;
+    let shares = (0..publishers as u64)
+        .map(|i| messages / publishers as u64 + u64::from(i < messages % publishers as u64));
+    try_join_all(
+        clients
+            .iter()
+            .zip(shares)
+            .map(|(c, n)| workload::publish_all(c, channel, n, payload, per_rate)),
+    )
+    .await?;
+    Ok(clients)
+}
+
+/// One channel, `--publishers` publishers, `--subscribers` subscribers.
+pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
+    let run = rand::random();
+    let channel = workload::fresh_channel("bench.fanout", run, 0)?;
+    let bar = workload::progress(json_out);
+    let specs = vec![(channel.clone(), Position::Latest); args.subscribers];
+    let (clients, subs, connect_rate) =
+        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
+    let expected = args.messages * args.subscribers as u64;
+    bar.set_message("delivering");
+    bar.set_length(expected);
+    let ticker = workload::follow(&bar, &delivered);
+
+    let started = Instant::now();
+    let publishers = publish_split(
+        target,
+        &channel,
+        args.publishers,
+        args.messages,
+        args.payload,
+        args.rate,
+    )
+    .await?;
+    let publish_secs = started.elapsed().as_secs_f64();
+    let totals = Totals::collect(args.messages, expected, readers).await?;
+    let duration = started.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
+    let rss = workload::broker_rss(&target.admin.http).await;
+    close(clients.iter().chain(&publishers));
+    let shape = Shape {
+        connections: args.subscribers + args.publishers,
+        subscribers: args.subscribers,
+        publishers: args.publishers,
+        channels: 1,
+    };
+    Ok(summary(
+        Scenario::Fanout,
+        shape,
+        args.payload,
+        &totals,
+        publish_secs,
+        duration,
+        connect_rate,
+        rss,
+        json!({}),
+    ))
+}
+
+/// `--channels` channels, `--subscribers` each, one publisher each.
+pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
+    let run = rand::random();
+    let channels = (0..args.channels)
+        .map(|i| workload::fresh_channel("bench.chat", run, i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let bar = workload::progress(json_out);
+    let specs: Vec<_> = channels
+        .iter()
+        .flat_map(|c| std::iter::repeat_n((c.clone(), Position::Latest), args.subscribers))
+        .collect();
+    let (clients, subs, connect_rate) =
+        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
+    let published = args.messages * args.channels as u64;
+    let expected = published * args.subscribers as u64;
+    bar.set_message("delivering");
+    bar.set_length(expected);
+    let ticker = workload::follow(&bar, &delivered);
+
+    let started = Instant::now();
+    let rate = args.rate / args.channels as u64;
+    let publishers = try_join_all(
+        channels
+            .iter()
+            .map(|channel| publish_split(target, channel, 1, args.messages, args.payload, rate)),
+    )
+    .await?;
+    let publish_secs = started.elapsed().as_secs_f64();
+    let totals = Totals::collect(published, expected, readers).await?;
+    let duration = started.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
+    let rss = workload::broker_rss(&target.admin.http).await;
+    close(clients.iter().chain(publishers.iter().flatten()));
+    let shape = Shape {
+        connections: specs.len() + args.channels,
+        subscribers: specs.len(),
+        publishers: args.channels,
+        channels: args.channels,
+    };
+    Ok(summary(
+        Scenario::Chats,
+        shape,
+        args.payload,
+        &totals,
+        publish_secs,
+        duration,
+        connect_rate,
+        rss,
+        json!({}),
+    ))
+}
+
+/// Pre-fill one channel, then `--subscribers` replay it from offset 1.
+pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
+    let run = rand::random();
+    let channel = workload::fresh_channel("bench.catchup", run, 0)?;
+    let bar = workload::progress(json_out);
+    bar.set_message("pre-filling");
+    let fill_started = Instant::now();
+    let publishers = publish_split(
+        target,
+        &channel,
+        args.publishers,
+        args.messages,
+        args.payload,
+        args.rate,
+    )
+    .await?;
+    let publish_secs = fill_started.elapsed().as_secs_f64();
+
+    // The clock starts with the first subscribe: connecting is part of
+    // catching up.
+    let started = Instant::now();
+    let delivered = Arc::new(AtomicU64::new(0));
+    let specs = vec![(channel.clone(), Position::FIRST); args.subscribers];
+    let (clients, subs, connect_rate) =
+        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    let readers = workload::spawn_readers(subs, Some(1), args.messages, deadline(args), &delivered);
+    let expected = args.messages * args.subscribers as u64;
+    bar.set_message("replaying");
+    bar.set_length(expected);
+    let ticker = workload::follow(&bar, &delivered);
+    let totals = Totals::collect(args.messages, expected, readers).await?;
+    let duration = started.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
+    let rss = workload::broker_rss(&target.admin.http).await;
+    close(clients.iter().chain(&publishers));
+    let shape = Shape {
+        connections: args.subscribers + args.publishers,
+        subscribers: args.subscribers,
+        publishers: args.publishers,
+        channels: 1,
+    };
+    Ok(summary(
+        Scenario::Catchup,
+        shape,
+        args.payload,
+        &totals,
+        publish_secs,
+        duration,
+        connect_rate,
+        rss,
+        json!({ "replay_messages_per_sec": totals.received as f64 / duration }),
+    ))
+}
+
+/// `--connections` idle connections, one inbox each; then a message each.
+pub async fn connections(
+    args: &BenchArgs,
+    target: &Target,
+    json_out: bool,
+) -> anyhow::Result<Value> {
+    let run = rand::random();
+    let inboxes = (0..args.connections)
+        .map(|i| workload::fresh_channel("bench.inbox", run, i))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let rss_before = workload::broker_rss(&target.admin.http).await;
+    let bar = workload::progress(json_out);
+    let specs: Vec<_> = inboxes
+        .iter()
+        .map(|c| (c.clone(), Position::Latest))
+        .collect();
+    let (clients, subs, connect_rate) =
+        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    bar.set_message("holding");
+    tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    let rss_held = workload::broker_rss(&target.admin.http).await;
+
+    // Every connection still works: one message to each inbox.
+    let delivered = Arc::new(AtomicU64::new(0));
+    let readers = workload::spawn_readers(subs, None, 1, deadline(args), &delivered);
+    let publisher = Client::connect(target.client.clone())
+        .await
+        .context("connecting the publisher")?;
+    let started = Instant::now();
+    workload::publish_each(&publisher, &inboxes, args.payload).await?;
+    let publish_secs = started.elapsed().as_secs_f64();
+    let totals = Totals::collect(inboxes.len() as u64, inboxes.len() as u64, readers).await?;
+    let duration = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    close(clients.iter().chain([&publisher]));
+    let per_connection = rss_before
+        .zip(rss_held)
+        .map(|(before, held)| held.saturating_sub(before) / args.connections as u64);
+    let shape = Shape {
+        connections: args.connections + 1,
+        subscribers: args.connections,
+        publishers: 1,
+        channels: args.connections,
+    };
+    Ok(summary(
+        Scenario::Connections,
+        shape,
+        args.payload,
+        &totals,
+        publish_secs,
+        duration,
+        connect_rate,
+        rss_held,
+        json!({
+            "broker_rss_before_bytes": rss_before,
+            "broker_rss_per_connection_bytes": per_connection,
+            "held_secs": args.hold_secs,
+        }),
+    ))
+}
+
+/// `--connections` subscribers kicked at once while publishing goes on.
+pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
+    if target.admin.token.is_none() {
+        bail!(
+            "the storm scenario disconnects its clients through the admin API: give --admin-token"
+        );
+    }
+    let run = rand::random();
+    let channel = workload::fresh_channel("bench.storm", run, 0)?;
+    let bar = workload::progress(json_out);
+    let specs = vec![(channel.clone(), Position::Latest); args.connections];
+    let (clients, subs, connect_rate) =
+        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
+    let expected = args.messages * args.connections as u64;
+    bar.set_message("storm");
+    bar.set_length(expected);
+    let ticker = workload::follow(&bar, &delivered);
+    let publisher = Client::connect(target.client.clone())
+        .await
+        .context("connecting the publisher")?;
+
+    // Half before the storm, half while everyone is reconnecting.
+    let before = args.messages / 2;
+    let started = Instant::now();
+    workload::publish_all(&publisher, &channel, before, args.payload, 0.0).await?;
+    let kicked_at = Instant::now();
+    let kicked = target
+        .admin
+        .call(
+            "POST",
+            "/admin/kick",
+            Some(json!({ "user": target.client.token })),
+        )
+        .await
+        .context("kicking the bench's sessions")?;
+    let after = args.messages - before;
+    workload::publish_all(&publisher, &channel, after, args.payload, 0.0).await?;
+    let publish_secs = started.elapsed().as_secs_f64();
+    let totals = Totals::collect(args.messages, expected, readers).await?;
+    let resumed_secs = kicked_at.elapsed().as_secs_f64();
+    let duration = started.elapsed().as_secs_f64();
+    ticker.abort();
+    bar.finish_and_clear();
+    let rss = workload::broker_rss(&target.admin.http).await;
+    close(clients.iter().chain([&publisher]));
+    let shape = Shape {
+        connections: args.connections + 1,
+        subscribers: args.connections,
+        publishers: 1,
+        channels: 1,
+    };
+    Ok(summary(
+        Scenario::Storm,
+        shape,
+        args.payload,
+        &totals,
+        publish_secs,
+        duration,
+        connect_rate,
+        rss,
+        json!({
+            "sessions_kicked": kicked["disconnected"],
+            "all_resumed_within_s": resumed_secs,
+        }),
+    ))
+}
+
+fn close<'a>(clients: impl Iterator<Item = &'a Client>) {
+    for client in clients {
+        client.close();
+    }
+}

@@ -1,0 +1,325 @@
+//! What every scenario is built from: connecting subscribers, publishing
+//! timestamped payloads, reading and checking deliveries, adding it up.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::task::JoinHandle;
+use volna_client::{ChannelName, Client, ClientConfig, Position, Published, Subscription};
+
+use super::BenchArgs;
+
+/// Connections being set up at once.
+const CONNECT_CONCURRENCY: usize = 64;
+/// Publishes one publisher keeps queued beyond the client's in-flight bound.
+const PUBLISH_WINDOW: usize = 256;
+
+/// Refuses flag combinations no scenario can run.
+pub fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
+    if args.payload < 16 {
+        bail!("--payload must be at least 16 bytes (send time and sequence)");
+    }
+    if args.subscribers == 0 || args.messages == 0 || args.publishers == 0 {
+        bail!("--subscribers, --publishers and --messages must be at least 1");
+    }
+    if args.channels == 0 || args.connections == 0 {
+        bail!("--channels and --connections must be at least 1");
+    }
+    Ok(())
+}
+
+/// Who took part.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub connections: usize,
+    pub subscribers: usize,
+    pub publishers: usize,
+    pub channels: usize,
+}
+
+/// What one subscriber saw.
+#[derive(Debug)]
+pub struct Received {
+    messages: u64,
+    duplicates: u64,
+    out_of_order: u64,
+    latency_us: Histogram<u64>,
+}
+
+/// Every subscriber's deliveries added up.
+#[derive(Debug)]
+pub struct Totals {
+    pub published: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+    pub latency_us: Histogram<u64>,
+}
+
+impl Totals {
+    /// Waits for every reader and adds up what they saw.
+    pub async fn collect(
+        published: u64,
+        expected: u64,
+        readers: Vec<JoinHandle<Received>>,
+    ) -> anyhow::Result<Self> {
+        let mut totals = Totals {
+            published,
+            expected,
+            received: 0,
+            duplicates: 0,
+            out_of_order: 0,
+            latency_us: histogram(),
+        };
+        for reader in readers {
+            let r = reader.await.context("a subscriber task failed")?;
+            totals.received += r.messages;
+            totals.duplicates += r.duplicates;
+            totals.out_of_order += r.out_of_order;
+            totals
+                .latency_us
+                .add(&r.latency_us)
+                .context("merging histograms")?;
+        }
+        Ok(totals)
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // Three significant digits is a valid precision: this cannot fail.
+    Histogram::new(3).unwrap_or_else(|_| unreachable!("precision 3 is valid"))
+}
+
+/// A progress bar on stderr, hidden when the output is JSON.
+pub fn progress(json_out: bool) -> ProgressBar {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("{msg:>12} [{bar:40}] {pos}/{len} {per_sec}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    if json_out {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+/// Keeps `bar` at `counter`'s value until aborted.
+pub fn follow(bar: &ProgressBar, counter: &Arc<AtomicU64>) -> JoinHandle<()> {
+    let (bar, counter) = (bar.clone(), counter.clone());
+    tokio::spawn(async move {
+        loop {
+            bar.set_position(counter.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+/// A channel name no earlier run used.
+pub fn fresh_channel(prefix: &str, run: u32, i: usize) -> anyhow::Result<ChannelName> {
+    Ok(ChannelName::new(format!("{prefix}.{run:08x}.{i}"))?)
+}
+
+/// Connects one client per `(channel, position)` and subscribes it;
+/// returns the clients, their subscriptions and the connects per second.
+pub async fn connect_subscribers(
+    config: &ClientConfig,
+    specs: &[(ChannelName, Position)],
+    bar: &ProgressBar,
+) -> anyhow::Result<(Vec<Client>, Vec<Subscription>, f64)> {
+    bar.set_message("connecting");
+    bar.set_length(specs.len() as u64);
+    bar.set_position(0);
+    let started = Instant::now();
+    let mut clients = Vec::with_capacity(specs.len());
+    let mut subs = Vec::with_capacity(specs.len());
+    let mut pending = FuturesUnordered::new();
+    let mut next = 0;
+    while subs.len() < specs.len() {
+        while next < specs.len() && pending.len() < CONNECT_CONCURRENCY {
+            let (channel, position) = specs[next].clone();
+            let config = config.clone();
+            pending.push(async move {
+                let client = Client::connect(config).await?;
+                let sub = client.subscribe(&channel, position).await?;
+                Ok::<_, volna_client::ClientError>((next, client, sub))
+            });
+            next += 1;
+        }
+        if let Some(result) = pending.next().await {
+            let (_, client, sub) = result.context("connecting a subscriber")?;
+            clients.push(client);
+            subs.push(sub);
+            bar.inc(1);
+        }
+    }
+    let rate = specs.len() as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok((clients, subs, rate))
+}
+
+/// Starts a reader per subscription, each expecting `messages` messages
+/// from its current position on.
+pub fn spawn_readers(
+    subs: Vec<Subscription>,
+    first: Option<u64>,
+    messages: u64,
+    deadline: tokio::time::Instant,
+    delivered: &Arc<AtomicU64>,
+) -> Vec<JoinHandle<Received>> {
+    subs.into_iter()
+        .map(|sub| {
+            let first = first
+                .or_else(|| sub.next_offset().map(|o| o.get()))
+                .unwrap_or(1);
+            tokio::spawn(read_all(sub, first, messages, deadline, delivered.clone()))
+        })
+        .collect()
+}
+
+/// Publishes `count` timestamped payloads to `channel`, at most `rate` per
+/// second (0: as fast as acks allow).
+pub async fn publish_all(
+    publisher: &Client,
+    channel: &ChannelName,
+    count: u64,
+    payload_bytes: usize,
+    rate: f64,
+) -> anyhow::Result<()> {
+    let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
+    let started = tokio::time::Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for seq in 0..count {
+        if let Some(pace) = pace {
+            tokio::time::sleep_until(started + pace.mul_f64(seq as f64)).await;
+        }
+        while inflight.len() >= PUBLISH_WINDOW {
+            if let Some(result) = inflight.next().await {
+                let result: Result<Published, volna_client::ClientError> = result;
+                result.context("publish")?;
+            }
+        }
+        inflight.push(publisher.publish(channel, payload(seq, payload_bytes)));
+    }
+    while let Some(result) = inflight.next().await {
+        let _: Published = result.context("publish")?;
+    }
+    Ok(())
+}
+
+/// Publishes one timestamped payload to each channel, pipelined.
+pub async fn publish_each(
+    publisher: &Client,
+    channels: &[ChannelName],
+    payload_bytes: usize,
+) -> anyhow::Result<()> {
+    let mut inflight = FuturesUnordered::new();
+    for (seq, channel) in channels.iter().enumerate() {
+        while inflight.len() >= PUBLISH_WINDOW {
+            if let Some(result) = inflight.next().await {
+                let result: Result<Published, volna_client::ClientError> = result;
+                result.context("publish")?;
+            }
+        }
+        inflight.push(publisher.publish(channel, payload(seq as u64, payload_bytes)));
+    }
+    while let Some(result) = inflight.next().await {
+        let _: Published = result.context("publish")?;
+    }
+    Ok(())
+}
+
+/// A payload starting with its send time (µs) and sequence number.
+pub fn payload(seq: u64, size: usize) -> Bytes {
+    let mut buf = BytesMut::with_capacity(size);
+    buf.put_u64(now_us());
+    buf.put_u64(seq);
+    buf.resize(size, b'v');
+    buf.freeze()
+}
+
+async fn read_all(
+    mut sub: Subscription,
+    first: u64,
+    messages: u64,
+    deadline: tokio::time::Instant,
+    delivered: Arc<AtomicU64>,
+) -> Received {
+    let mut r = Received {
+        messages: 0,
+        duplicates: 0,
+        out_of_order: 0,
+        latency_us: histogram(),
+    };
+    let mut expected = first;
+    while r.messages < messages {
+        let item = match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(item)) => item,
+            Ok(None) | Err(_) => break,
+        };
+        let Ok(m) = item else {
+            // A Truncated/EpochChanged event in a benchmark means messages
+            // were not delivered: the loss count shows it.
+            continue;
+        };
+        let offset = m.offset.get();
+        if offset < expected {
+            r.duplicates += 1;
+            continue;
+        }
+        if offset > expected {
+            r.out_of_order += 1;
+        }
+        expected = offset + 1;
+        r.messages += 1;
+        delivered.fetch_add(1, Ordering::Relaxed);
+        record_latency(&mut r.latency_us, &m.payload);
+    }
+    r
+}
+
+/// Records the latency of a payload that starts with its send time.
+pub fn record_latency(histogram: &mut Histogram<u64>, payload: &[u8]) {
+    if let Some(sent) = payload.get(..8) {
+        let sent = u64::from_be_bytes(sent.try_into().unwrap_or([0; 8]));
+        let _ = histogram.record(now_us().saturating_sub(sent).max(1));
+    }
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The broker's resident memory from its metrics, when its HTTP port is
+/// reachable.
+pub async fn broker_rss(http: &str) -> Option<u64> {
+    let url = format!("http://{http}/metrics");
+    tokio::task::spawn_blocking(move || {
+        let text = ureq::get(&url)
+            .call()
+            .ok()?
+            .into_body()
+            .read_to_string()
+            .ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("volna_process_resident_bytes "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// A histogram for callers outside this module.
+pub fn new_histogram() -> Histogram<u64> {
+    histogram()
+}
