@@ -4,6 +4,10 @@
 //! Keys are big-endian so that RocksDB's byte order is offset order. Every
 //! value starts with a format version byte so the layout can evolve.
 
+// Only the RocksDB store writes these layouts; builds without it (the fuzz
+// targets) keep just the error type.
+#![cfg_attr(not(feature = "rocksdb"), allow(dead_code))]
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use volna_proto::{Epoch, Offset, ProducerSeq};
