@@ -93,11 +93,22 @@ async fn main() -> anyhow::Result<()> {
     config.validate()?;
     let filter = EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        // Logs go to stderr, with the development banner and panics: one
+        // stream for everything the broker says about itself. A log line
+        // that cannot be written (stderr on a full disk) is dropped: by
+        // default tracing would report it with `eprintln!`, which panics
+        // when stderr is unwritable — and take the thread that logged down.
+        LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false)
+            .init(),
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_current_span(true)
             .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .log_internal_errors(false)
             .init(),
     }
     if args.print_config {

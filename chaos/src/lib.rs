@@ -213,10 +213,7 @@ impl BrokerProcess {
         let Some(mut child) = self.child.take() else {
             return Ok(false);
         };
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status()?;
+        send_signal(&child, "TERM")?;
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -229,6 +226,19 @@ impl BrokerProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+
+    /// Sends `signal` (`HUP`, `TERM`…) to the running broker.
+    pub fn signal(&self, signal: &str) -> Result<(), ChaosError> {
+        match &self.child {
+            Some(child) => send_signal(child, signal),
+            None => Ok(()),
+        }
+    }
+
+    /// The HTTP address (health, metrics).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
     }
 
     /// Starts the broker again (after [`kill`](Self::kill) or
@@ -244,6 +254,14 @@ impl BrokerProcess {
         self.kill()?;
         self.spawn()
     }
+}
+
+fn send_signal(child: &Child, signal: &str) -> Result<(), ChaosError> {
+    Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()?;
+    Ok(())
 }
 
 impl Drop for BrokerProcess {
