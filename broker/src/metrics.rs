@@ -6,8 +6,8 @@
 //! nothing on the hot path keeps them up to date.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// Every metric the broker exports.
@@ -54,6 +54,7 @@ pub struct Metrics {
     subscribed_channels: IntGauge,
     outbox_bytes: IntGauge,
     resident_bytes: IntGauge,
+    cpu_seconds: Gauge,
     storage: IntGaugeVec,
 }
 
@@ -159,6 +160,15 @@ impl Metrics {
                 "process_resident_bytes",
                 "Resident memory of the broker process",
             ),
+            cpu_seconds: {
+                let g = Gauge::new(
+                    "process_cpu_seconds_total",
+                    "CPU time (user + system) the broker process used",
+                )
+                .unwrap_or_else(|e| unreachable_metric("process_cpu_seconds_total", e));
+                register(&registry, Box::new(g.clone()));
+                g
+            },
             storage: {
                 let g = IntGaugeVec::new(
                     Opts::new("storage", "RocksDB properties (sizes in bytes)"),
@@ -181,6 +191,9 @@ impl Metrics {
         if let Some(rss) = resident_bytes() {
             self.resident_bytes
                 .set(i64::try_from(rss).unwrap_or(i64::MAX));
+        }
+        if let Some(cpu) = cpu_seconds() {
+            self.cpu_seconds.set(cpu);
         }
         for (name, value) in &snapshot.storage {
             self.storage
@@ -206,6 +219,17 @@ fn resident_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// The process's CPU time, user plus system, from `/proc/self/stat`
+/// (Linux; clock ticks of 1/100 s, USER_HZ).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 fn register(registry: &Registry, collector: Box<dyn prometheus::core::Collector>) {

@@ -183,3 +183,86 @@ async fn admin_subcommands_show_tables_and_json() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--admin-token"));
     broker.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bench_scenario_runs_and_checks_its_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = "bench-test-admin-token";
+    let broker = Broker::start(Config {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        admin: volna_broker::config::AdminConfig {
+            token: Some(admin.into()),
+            token_file: None,
+        },
+        ..Config::default()
+    })
+    .await
+    .unwrap();
+    let cert = broker.dev_cert().unwrap().clone();
+    let http = broker.http_addr().to_string();
+    let scenarios: [&[&str]; 7] = [
+        &[
+            "fanout",
+            "--subscribers",
+            "5",
+            "--publishers",
+            "2",
+            "--messages",
+            "300",
+        ],
+        &[
+            "fanout",
+            "--subscribers",
+            "3",
+            "--messages",
+            "200",
+            "--rate",
+            "2000",
+        ],
+        &[
+            "chats",
+            "--channels",
+            "5",
+            "--subscribers",
+            "2",
+            "--messages",
+            "50",
+        ],
+        &["catchup", "--subscribers", "3", "--messages", "500"],
+        &["connections", "--connections", "20", "--hold-secs", "0"],
+        &["storm", "--connections", "10", "--messages", "100"],
+        &["ceiling", "--subscribers", "5", "--messages", "300"],
+    ];
+    for args in scenarios {
+        let out = tokio::time::timeout(
+            DEADLINE,
+            volna(&broker, &cert)
+                .args(["--http", &http, "--admin-token", admin, "bench"])
+                .args(args)
+                .arg("--json")
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{args:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(report["scenario"], args[0], "{report}");
+        assert_eq!(report["lost"], 0, "{report}");
+        assert_eq!(
+            report["deliveries_received"], report["deliveries_expected"],
+            "{report}"
+        );
+        assert!(
+            report["latency_us"]["p99"].as_u64().unwrap() > 0,
+            "{report}"
+        );
+    }
+}

@@ -88,6 +88,7 @@ pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
     let delivered = Arc::new(AtomicU64::new(0));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     start.notified().await;
+    let cpu = workload::CpuMeter::start(None).await;
     let started = Instant::now();
     bar.set_message("delivering");
     bar.set_length(messages * subscribers as u64);
@@ -120,6 +121,7 @@ pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
         totals.latency_us.add(&seen.latency_us)?;
     }
     let duration = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish().await;
     ticker.abort();
     bar.finish_and_clear();
     let server = accept.await.context("the server task failed")??;
@@ -139,6 +141,7 @@ pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
         duration,
         connect_rate,
         None,
+        cpu,
         json!({ "note": "bare quinn in this process, no broker" }),
     ))
 }

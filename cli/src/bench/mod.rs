@@ -14,6 +14,7 @@
 //! against the QUIC ceiling is measured side by side.
 
 mod ceiling;
+mod nats;
 mod scenarios;
 mod workload;
 
@@ -94,6 +95,10 @@ pub struct BenchArgs {
     /// Give up on deliveries after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// Run `fanout` against this NATS server (core NATS, e.g.
+    /// `nats://127.0.0.1:4222`) instead of a Volna broker.
+    #[arg(long, value_name = "URL")]
+    pub nats: Option<String>,
 }
 
 /// What the generator needs besides the flags.
@@ -110,7 +115,10 @@ pub struct Target {
 pub async fn run(args: &BenchArgs, target: Target, json_out: bool) -> anyhow::Result<bool> {
     workload::check_args(args)?;
     let report = match args.scenario {
-        Scenario::Fanout => scenarios::fanout(args, &target, json_out).await?,
+        Scenario::Fanout => match &args.nats {
+            Some(url) => nats::fanout(args, url, json_out).await?,
+            None => scenarios::fanout(args, &target, json_out).await?,
+        },
         Scenario::Chats => scenarios::chats(args, &target, json_out).await?,
         Scenario::Catchup => scenarios::catchup(args, &target, json_out).await?,
         Scenario::Connections => scenarios::connections(args, &target, json_out).await?,
@@ -178,6 +186,10 @@ fn print_table(summary: &Value) {
         ),
         ("connects/s", number("connect_per_sec")),
         (
+            "CPU seconds: broker / generator",
+            format!("{} / {}", number("broker_cpu_s"), number("generator_cpu_s")),
+        ),
+        (
             "broker RSS",
             summary["broker_rss_bytes"]
                 .as_u64()
@@ -210,6 +222,7 @@ fn summary(
     duration_s: f64,
     connect_per_sec: f64,
     broker_rss: Option<u64>,
+    cpu: workload::CpuUse,
     extra: Value,
 ) -> Value {
     let lost = totals.expected.saturating_sub(totals.received);
@@ -236,6 +249,8 @@ fn summary(
         },
         "connect_per_sec": connect_per_sec,
         "broker_rss_bytes": broker_rss,
+        "broker_cpu_s": cpu.broker_s,
+        "generator_cpu_s": cpu.generator_s,
         "duration_s": duration_s,
         "extra": extra,
     })

@@ -63,6 +63,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
     bar.set_length(expected);
     let ticker = workload::follow(&bar, &delivered);
 
+    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
     let started = Instant::now();
     let publishers = publish_split(
         target,
@@ -76,10 +77,11 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
     let publish_secs = started.elapsed().as_secs_f64();
     let totals = Totals::collect(args.messages, expected, readers).await?;
     let duration = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish().await;
     ticker.abort();
     bar.finish_and_clear();
     let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain(&publishers));
+    close(clients.iter().chain(&publishers)).await;
     let shape = Shape {
         connections: args.subscribers + args.publishers,
         subscribers: args.subscribers,
@@ -95,6 +97,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
         duration,
         connect_rate,
         rss,
+        cpu,
         json!({}),
     ))
 }
@@ -120,6 +123,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     bar.set_length(expected);
     let ticker = workload::follow(&bar, &delivered);
 
+    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
     let started = Instant::now();
     let rate = args.rate / args.channels as u64;
     let publishers = try_join_all(
@@ -131,10 +135,11 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     let publish_secs = started.elapsed().as_secs_f64();
     let totals = Totals::collect(published, expected, readers).await?;
     let duration = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish().await;
     ticker.abort();
     bar.finish_and_clear();
     let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain(publishers.iter().flatten()));
+    close(clients.iter().chain(publishers.iter().flatten())).await;
     let shape = Shape {
         connections: specs.len() + args.channels,
         subscribers: specs.len(),
@@ -150,6 +155,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         duration,
         connect_rate,
         rss,
+        cpu,
         json!({}),
     ))
 }
@@ -174,6 +180,7 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
 
     // The clock starts with the first subscribe: connecting is part of
     // catching up.
+    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
     let started = Instant::now();
     let delivered = Arc::new(AtomicU64::new(0));
     let specs = vec![(channel.clone(), Position::FIRST); args.subscribers];
@@ -186,10 +193,11 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
     let ticker = workload::follow(&bar, &delivered);
     let totals = Totals::collect(args.messages, expected, readers).await?;
     let duration = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish().await;
     ticker.abort();
     bar.finish_and_clear();
     let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain(&publishers));
+    close(clients.iter().chain(&publishers)).await;
     let shape = Shape {
         connections: args.subscribers + args.publishers,
         subscribers: args.subscribers,
@@ -205,6 +213,7 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
         duration,
         connect_rate,
         rss,
+        cpu,
         json!({ "replay_messages_per_sec": totals.received as f64 / duration }),
     ))
 }
@@ -237,13 +246,15 @@ pub async fn connections(
     let publisher = Client::connect(target.client.clone())
         .await
         .context("connecting the publisher")?;
+    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
     let started = Instant::now();
     workload::publish_each(&publisher, &inboxes, args.payload).await?;
     let publish_secs = started.elapsed().as_secs_f64();
     let totals = Totals::collect(inboxes.len() as u64, inboxes.len() as u64, readers).await?;
     let duration = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish().await;
     bar.finish_and_clear();
-    close(clients.iter().chain([&publisher]));
+    close(clients.iter().chain([&publisher])).await;
     let per_connection = rss_before
         .zip(rss_held)
         .map(|(before, held)| held.saturating_sub(before) / args.connections as u64);
@@ -262,6 +273,7 @@ pub async fn connections(
         duration,
         connect_rate,
         rss_held,
+        cpu,
         json!({
             "broker_rss_before_bytes": rss_before,
             "broker_rss_per_connection_bytes": per_connection,
@@ -295,6 +307,7 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
 
     // Half before the storm, half while everyone is reconnecting.
     let before = args.messages / 2;
+    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
     let started = Instant::now();
     workload::publish_all(&publisher, &channel, before, args.payload, 0.0).await?;
     let kicked_at = Instant::now();
@@ -313,10 +326,11 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     let totals = Totals::collect(args.messages, expected, readers).await?;
     let resumed_secs = kicked_at.elapsed().as_secs_f64();
     let duration = started.elapsed().as_secs_f64();
+    let cpu = cpu.finish().await;
     ticker.abort();
     bar.finish_and_clear();
     let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain([&publisher]));
+    close(clients.iter().chain([&publisher])).await;
     let shape = Shape {
         connections: args.connections + 1,
         subscribers: args.connections,
@@ -332,6 +346,7 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         duration,
         connect_rate,
         rss,
+        cpu,
         json!({
             "sessions_kicked": kicked["disconnected"],
             "all_resumed_within_s": resumed_secs,
@@ -339,8 +354,12 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     ))
 }
 
-fn close<'a>(clients: impl Iterator<Item = &'a Client>) {
+/// Closes every client and gives their close frames a moment to leave:
+/// a generator that exits at once leaves its sessions open on the broker
+/// until their idle timeout, and the next run measures a busier broker.
+async fn close<'a>(clients: impl Iterator<Item = &'a Client>) {
     for client in clients {
         client.close();
     }
+    tokio::time::sleep(Duration::from_millis(500)).await;
 }

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
@@ -28,6 +28,9 @@ pub fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.subscribers == 0 || args.messages == 0 || args.publishers == 0 {
         bail!("--subscribers, --publishers and --messages must be at least 1");
+    }
+    if args.nats.is_some() && args.scenario != super::Scenario::Fanout {
+        bail!("--nats runs only the fanout scenario");
     }
     if args.channels == 0 || args.connections == 0 {
         bail!("--channels and --connections must be at least 1");
@@ -51,6 +54,36 @@ pub struct Received {
     duplicates: u64,
     out_of_order: u64,
     latency_us: Histogram<u64>,
+}
+
+impl Received {
+    /// Nothing seen yet.
+    pub fn empty() -> Self {
+        Self {
+            messages: 0,
+            duplicates: 0,
+            out_of_order: 0,
+            latency_us: histogram(),
+        }
+    }
+
+    /// Messages counted so far.
+    pub fn count(&self) -> u64 {
+        self.messages
+    }
+
+    /// Counts one delivery (duplicates are not counted as messages).
+    pub fn record(&mut self, duplicate: bool, out_of_order: bool, payload: &[u8]) {
+        if duplicate {
+            self.duplicates += 1;
+            return;
+        }
+        if out_of_order {
+            self.out_of_order += 1;
+        }
+        self.messages += 1;
+        record_latency(&mut self.latency_us, payload);
+    }
 }
 
 /// Every subscriber's deliveries added up.
@@ -184,6 +217,10 @@ pub fn spawn_readers(
 
 /// Publishes `count` timestamped payloads to `channel`, at most `rate` per
 /// second (0: as fast as acks allow).
+///
+/// Each publish is polled once as soon as it is queued, which sends it:
+/// left unpolled, a stamped publish would sit unsent until the next one is
+/// awaited, and the wait would count as broker latency.
 pub async fn publish_all(
     publisher: &Client,
     channel: &ChannelName,
@@ -196,19 +233,34 @@ pub async fn publish_all(
     let mut inflight = FuturesUnordered::new();
     for seq in 0..count {
         if let Some(pace) = pace {
-            tokio::time::sleep_until(started + pace.mul_f64(seq as f64)).await;
+            let at = started + pace.mul_f64(seq as f64);
+            // Keep taking acks while waiting for the next send time.
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at) => break,
+                    Some(result) = inflight.next(), if !inflight.is_empty() => check_publish(result)?,
+                }
+            }
         }
         while inflight.len() >= PUBLISH_WINDOW {
             if let Some(result) = inflight.next().await {
-                let result: Result<Published, volna_client::ClientError> = result;
-                result.context("publish")?;
+                check_publish(result)?;
             }
         }
         inflight.push(publisher.publish(channel, payload(seq, payload_bytes)));
+        // Polls the new publish (sending it) and takes acks already in.
+        while let Some(Some(result)) = inflight.next().now_or_never() {
+            check_publish(result)?;
+        }
     }
     while let Some(result) = inflight.next().await {
-        let _: Published = result.context("publish")?;
+        check_publish(result)?;
     }
+    Ok(())
+}
+
+fn check_publish(result: Result<Published, volna_client::ClientError>) -> anyhow::Result<()> {
+    result.context("publish")?;
     Ok(())
 }
 
@@ -222,14 +274,16 @@ pub async fn publish_each(
     for (seq, channel) in channels.iter().enumerate() {
         while inflight.len() >= PUBLISH_WINDOW {
             if let Some(result) = inflight.next().await {
-                let result: Result<Published, volna_client::ClientError> = result;
-                result.context("publish")?;
+                check_publish(result)?;
             }
         }
         inflight.push(publisher.publish(channel, payload(seq as u64, payload_bytes)));
+        while let Some(Some(result)) = inflight.next().now_or_never() {
+            check_publish(result)?;
+        }
     }
     while let Some(result) = inflight.next().await {
-        let _: Published = result.context("publish")?;
+        check_publish(result)?;
     }
     Ok(())
 }
@@ -250,12 +304,7 @@ async fn read_all(
     deadline: tokio::time::Instant,
     delivered: Arc<AtomicU64>,
 ) -> Received {
-    let mut r = Received {
-        messages: 0,
-        duplicates: 0,
-        out_of_order: 0,
-        latency_us: histogram(),
-    };
+    let mut r = Received::empty();
     let mut expected = first;
     while r.messages < messages {
         let item = match tokio::time::timeout_at(deadline, sub.next()).await {
@@ -268,17 +317,11 @@ async fn read_all(
             continue;
         };
         let offset = m.offset.get();
-        if offset < expected {
-            r.duplicates += 1;
-            continue;
+        r.record(offset < expected, offset > expected, &m.payload);
+        if offset >= expected {
+            expected = offset + 1;
+            delivered.fetch_add(1, Ordering::Relaxed);
         }
-        if offset > expected {
-            r.out_of_order += 1;
-        }
-        expected = offset + 1;
-        r.messages += 1;
-        delivered.fetch_add(1, Ordering::Relaxed);
-        record_latency(&mut r.latency_us, &m.payload);
     }
     r
 }
@@ -301,7 +344,14 @@ pub fn now_us() -> u64 {
 /// The broker's resident memory from its metrics, when its HTTP port is
 /// reachable.
 pub async fn broker_rss(http: &str) -> Option<u64> {
+    broker_metric(http, "volna_process_resident_bytes")
+        .await
+        .map(|v| v as u64)
+}
+
+async fn broker_metric(http: &str, name: &str) -> Option<f64> {
     let url = format!("http://{http}/metrics");
+    let prefix = format!("{name} ");
     tokio::task::spawn_blocking(move || {
         let text = ureq::get(&url)
             .call()
@@ -310,13 +360,69 @@ pub async fn broker_rss(http: &str) -> Option<u64> {
             .read_to_string()
             .ok()?;
         text.lines()
-            .find_map(|l| l.strip_prefix("volna_process_resident_bytes "))
+            .find_map(|l| l.strip_prefix(&prefix))
             .and_then(|v| v.trim().parse::<f64>().ok())
-            .map(|v| v as u64)
     })
     .await
     .ok()
     .flatten()
+}
+
+/// CPU seconds the broker (from its metrics) and this generator used over
+/// a run: on one machine they share the cores, and a generator that eats
+/// them makes the broker look slow.
+#[derive(Debug)]
+pub struct CpuMeter {
+    http: Option<String>,
+    broker_start: Option<f64>,
+    generator_start: Option<f64>,
+}
+
+/// What a [`CpuMeter`] measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuUse {
+    pub broker_s: Option<f64>,
+    pub generator_s: Option<f64>,
+}
+
+impl CpuMeter {
+    /// Starts measuring; `http` is the broker's HTTP port, if there is one.
+    pub async fn start(http: Option<&str>) -> Self {
+        let broker_start = match http {
+            Some(http) => broker_metric(http, "volna_process_cpu_seconds_total").await,
+            None => None,
+        };
+        Self {
+            http: http.map(str::to_owned),
+            broker_start,
+            generator_start: own_cpu_seconds(),
+        }
+    }
+
+    /// The CPU used since [`start`](Self::start).
+    pub async fn finish(&self) -> CpuUse {
+        let broker_end = match &self.http {
+            Some(http) => broker_metric(http, "volna_process_cpu_seconds_total").await,
+            None => None,
+        };
+        CpuUse {
+            broker_s: self.broker_start.zip(broker_end).map(|(a, b)| b - a),
+            generator_s: self
+                .generator_start
+                .zip(own_cpu_seconds())
+                .map(|(a, b)| b - a),
+        }
+    }
+}
+
+/// This process's CPU time, user plus system, from `/proc/self/stat`
+/// (Linux; clock ticks of 1/100 s).
+fn own_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
 }
 
 /// A histogram for callers outside this module.
