@@ -50,8 +50,8 @@ async fn publish_split(
 
 /// One channel, `--publishers` publishers, `--subscribers` subscribers.
 pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
-    let run = rand::random();
-    let channel = workload::fresh_channel("bench.fanout", run, 0)?;
+    let tag = rand::random();
+    let channel = workload::fresh_channel("bench.fanout", tag, 0)?;
     let bar = workload::progress(json_out);
     let specs = vec![(channel.clone(), Position::Latest); args.subscribers];
     let (clients, subs, connect_rate) =
@@ -63,8 +63,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
     bar.set_length(expected);
     let ticker = workload::follow(&bar, &delivered);
 
-    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
-    let started = Instant::now();
+    let run = Run::start(target).await;
     let publishers = publish_split(
         target,
         &channel,
@@ -74,39 +73,39 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
         args.rate,
     )
     .await?;
-    let publish_secs = started.elapsed().as_secs_f64();
+    let publish_secs = run.elapsed();
     let totals = Totals::collect(args.messages, expected, readers).await?;
-    let duration = started.elapsed().as_secs_f64();
-    let cpu = cpu.finish().await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain(&publishers)).await;
     let shape = Shape {
         connections: args.subscribers + args.publishers,
         subscribers: args.subscribers,
         publishers: args.publishers,
         channels: 1,
     };
-    Ok(summary(
-        Scenario::Fanout,
+    let outcome = Outcome {
+        scenario: Scenario::Fanout,
         shape,
-        args.payload,
-        &totals,
+        payload: args.payload,
+        totals,
         publish_secs,
-        duration,
         connect_rate,
-        rss,
-        cpu,
-        json!({}),
-    ))
+        extra: json!({}),
+    };
+    Ok(run
+        .conclude(
+            target,
+            &bar,
+            Some(ticker),
+            clients.iter().chain(&publishers),
+            outcome,
+        )
+        .await)
 }
 
 /// `--channels` channels, `--subscribers` each, one publisher each.
 pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
-    let run = rand::random();
+    let tag = rand::random();
     let channels = (0..args.channels)
-        .map(|i| workload::fresh_channel("bench.chat", run, i))
+        .map(|i| workload::fresh_channel("bench.chat", tag, i))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let bar = workload::progress(json_out);
     let specs: Vec<_> = channels
@@ -123,8 +122,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     bar.set_length(expected);
     let ticker = workload::follow(&bar, &delivered);
 
-    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
-    let started = Instant::now();
+    let run = Run::start(target).await;
     let rate = args.rate / args.channels as u64;
     let publishers = try_join_all(
         channels
@@ -132,38 +130,38 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
             .map(|channel| publish_split(target, channel, 1, args.messages, args.payload, rate)),
     )
     .await?;
-    let publish_secs = started.elapsed().as_secs_f64();
+    let publish_secs = run.elapsed();
     let totals = Totals::collect(published, expected, readers).await?;
-    let duration = started.elapsed().as_secs_f64();
-    let cpu = cpu.finish().await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain(publishers.iter().flatten())).await;
     let shape = Shape {
         connections: specs.len() + args.channels,
         subscribers: specs.len(),
         publishers: args.channels,
         channels: args.channels,
     };
-    Ok(summary(
-        Scenario::Chats,
+    let outcome = Outcome {
+        scenario: Scenario::Chats,
         shape,
-        args.payload,
-        &totals,
+        payload: args.payload,
+        totals,
         publish_secs,
-        duration,
         connect_rate,
-        rss,
-        cpu,
-        json!({}),
-    ))
+        extra: json!({}),
+    };
+    Ok(run
+        .conclude(
+            target,
+            &bar,
+            Some(ticker),
+            clients.iter().chain(publishers.iter().flatten()),
+            outcome,
+        )
+        .await)
 }
 
 /// Pre-fill one channel, then `--subscribers` replay it from offset 1.
 pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
-    let run = rand::random();
-    let channel = workload::fresh_channel("bench.catchup", run, 0)?;
+    let tag = rand::random();
+    let channel = workload::fresh_channel("bench.catchup", tag, 0)?;
     let bar = workload::progress(json_out);
     bar.set_message("pre-filling");
     let fill_started = Instant::now();
@@ -180,8 +178,7 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
 
     // The clock starts with the first subscribe: connecting is part of
     // catching up.
-    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
-    let started = Instant::now();
+    let run = Run::start(target).await;
     let delivered = Arc::new(AtomicU64::new(0));
     let specs = vec![(channel.clone(), Position::FIRST); args.subscribers];
     let (clients, subs, connect_rate) =
@@ -192,30 +189,31 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
     bar.set_length(expected);
     let ticker = workload::follow(&bar, &delivered);
     let totals = Totals::collect(args.messages, expected, readers).await?;
-    let duration = started.elapsed().as_secs_f64();
-    let cpu = cpu.finish().await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain(&publishers)).await;
+    let replay_rate = totals.received as f64 / run.elapsed();
     let shape = Shape {
         connections: args.subscribers + args.publishers,
         subscribers: args.subscribers,
         publishers: args.publishers,
         channels: 1,
     };
-    Ok(summary(
-        Scenario::Catchup,
+    let outcome = Outcome {
+        scenario: Scenario::Catchup,
         shape,
-        args.payload,
-        &totals,
+        payload: args.payload,
+        totals,
         publish_secs,
-        duration,
         connect_rate,
-        rss,
-        cpu,
-        json!({ "replay_messages_per_sec": totals.received as f64 / duration }),
-    ))
+        extra: json!({ "replay_messages_per_sec": replay_rate }),
+    };
+    Ok(run
+        .conclude(
+            target,
+            &bar,
+            Some(ticker),
+            clients.iter().chain(&publishers),
+            outcome,
+        )
+        .await)
 }
 
 /// `--connections` idle connections, one inbox each; then a message each.
@@ -224,9 +222,9 @@ pub async fn connections(
     target: &Target,
     json_out: bool,
 ) -> anyhow::Result<Value> {
-    let run = rand::random();
+    let tag = rand::random();
     let inboxes = (0..args.connections)
-        .map(|i| workload::fresh_channel("bench.inbox", run, i))
+        .map(|i| workload::fresh_channel("bench.inbox", tag, i))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let rss_before = workload::broker_rss(&target.admin.http).await;
     let bar = workload::progress(json_out);
@@ -246,15 +244,10 @@ pub async fn connections(
     let publisher = Client::connect(target.client.clone())
         .await
         .context("connecting the publisher")?;
-    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
-    let started = Instant::now();
+    let run = Run::start(target).await;
     workload::publish_each(&publisher, &inboxes, args.payload).await?;
-    let publish_secs = started.elapsed().as_secs_f64();
+    let publish_secs = run.elapsed();
     let totals = Totals::collect(inboxes.len() as u64, inboxes.len() as u64, readers).await?;
-    let duration = started.elapsed().as_secs_f64();
-    let cpu = cpu.finish().await;
-    bar.finish_and_clear();
-    close(clients.iter().chain([&publisher])).await;
     let per_connection = rss_before
         .zip(rss_held)
         .map(|(before, held)| held.saturating_sub(before) / args.connections as u64);
@@ -264,22 +257,28 @@ pub async fn connections(
         publishers: 1,
         channels: args.connections,
     };
-    Ok(summary(
-        Scenario::Connections,
+    let outcome = Outcome {
+        scenario: Scenario::Connections,
         shape,
-        args.payload,
-        &totals,
+        payload: args.payload,
+        totals,
         publish_secs,
-        duration,
         connect_rate,
-        rss_held,
-        cpu,
-        json!({
+        extra: json!({
             "broker_rss_before_bytes": rss_before,
             "broker_rss_per_connection_bytes": per_connection,
             "held_secs": args.hold_secs,
         }),
-    ))
+    };
+    Ok(run
+        .conclude(
+            target,
+            &bar,
+            None,
+            clients.iter().chain([&publisher]),
+            outcome,
+        )
+        .await)
 }
 
 /// `--connections` subscribers kicked at once while publishing goes on.
@@ -289,8 +288,8 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
             "the storm scenario disconnects its clients through the admin API: give --admin-token"
         );
     }
-    let run = rand::random();
-    let channel = workload::fresh_channel("bench.storm", run, 0)?;
+    let tag = rand::random();
+    let channel = workload::fresh_channel("bench.storm", tag, 0)?;
     let bar = workload::progress(json_out);
     let specs = vec![(channel.clone(), Position::Latest); args.connections];
     let (clients, subs, connect_rate) =
@@ -307,8 +306,7 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
 
     // Half before the storm, half while everyone is reconnecting.
     let before = args.messages / 2;
-    let cpu = workload::CpuMeter::start(Some(&target.admin.http)).await;
-    let started = Instant::now();
+    let run = Run::start(target).await;
     workload::publish_all(&publisher, &channel, before, args.payload, 0.0).await?;
     let kicked_at = Instant::now();
     let kicked = target
@@ -322,36 +320,99 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         .context("kicking the bench's sessions")?;
     let after = args.messages - before;
     workload::publish_all(&publisher, &channel, after, args.payload, 0.0).await?;
-    let publish_secs = started.elapsed().as_secs_f64();
+    let publish_secs = run.elapsed();
     let totals = Totals::collect(args.messages, expected, readers).await?;
     let resumed_secs = kicked_at.elapsed().as_secs_f64();
-    let duration = started.elapsed().as_secs_f64();
-    let cpu = cpu.finish().await;
-    ticker.abort();
-    bar.finish_and_clear();
-    let rss = workload::broker_rss(&target.admin.http).await;
-    close(clients.iter().chain([&publisher])).await;
     let shape = Shape {
         connections: args.connections + 1,
         subscribers: args.connections,
         publishers: 1,
         channels: 1,
     };
-    Ok(summary(
-        Scenario::Storm,
+    let outcome = Outcome {
+        scenario: Scenario::Storm,
         shape,
-        args.payload,
-        &totals,
+        payload: args.payload,
+        totals,
         publish_secs,
-        duration,
         connect_rate,
-        rss,
-        cpu,
-        json!({
+        extra: json!({
             "sessions_kicked": kicked["disconnected"],
             "all_resumed_within_s": resumed_secs,
         }),
-    ))
+    };
+    Ok(run
+        .conclude(
+            target,
+            &bar,
+            Some(ticker),
+            clients.iter().chain([&publisher]),
+            outcome,
+        )
+        .await)
+}
+
+/// The measured phase of a run: its clock and CPU meters.
+struct Run {
+    started: Instant,
+    cpu: workload::CpuMeter,
+}
+
+/// What a scenario measured, for the summary.
+struct Outcome {
+    scenario: Scenario,
+    shape: Shape,
+    payload: usize,
+    totals: Totals,
+    publish_secs: f64,
+    connect_rate: f64,
+    extra: Value,
+}
+
+impl Run {
+    async fn start(target: &Target) -> Self {
+        Self {
+            cpu: workload::CpuMeter::start(Some(&target.admin.http)).await,
+            started: Instant::now(),
+        }
+    }
+
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Ends the run once its deliveries are counted: stops the clock and
+    /// the progress display, reads the broker's memory, closes the clients
+    /// and builds the summary.
+    async fn conclude<'a>(
+        self,
+        target: &Target,
+        bar: &indicatif::ProgressBar,
+        ticker: Option<tokio::task::JoinHandle<()>>,
+        clients: impl Iterator<Item = &'a Client>,
+        outcome: Outcome,
+    ) -> Value {
+        let duration = self.elapsed();
+        let cpu = self.cpu.finish().await;
+        if let Some(ticker) = ticker {
+            ticker.abort();
+        }
+        bar.finish_and_clear();
+        let rss = workload::broker_rss(&target.admin.http).await;
+        close(clients).await;
+        summary(
+            outcome.scenario,
+            outcome.shape,
+            outcome.payload,
+            &outcome.totals,
+            outcome.publish_secs,
+            duration,
+            outcome.connect_rate,
+            rss,
+            cpu,
+            outcome.extra,
+        )
+    }
 }
 
 /// Closes every client and gives their close frames a moment to leave:
