@@ -60,6 +60,10 @@ use crate::subscription::{self, DeliverySink, SinkError, Start};
 const CONTROL_QUEUE: usize = 1024;
 /// How long a closing session waits for acks already being committed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Control-stream buffers start this small and grow with use: an idle
+/// connection held 32 KiB in two 16 KiB buffers before (BENCHMARKS.md).
+const INITIAL_READ_BUFFER: usize = 1024;
+const INITIAL_WRITE_BUFFER: usize = 512;
 
 /// What every session shares.
 #[derive(Debug)]
@@ -318,7 +322,9 @@ fn token_deadlines(
 
 impl<C: Connection> Session<C> {
     async fn serve(&mut self, session_id: u64, mut recv: impl AsyncRead + Unpin + Send) -> End {
-        let mut buf = BytesMut::with_capacity(16 * 1024);
+        // Small to start: most connections are idle devices, and the
+        // buffer grows to the largest frame the client actually sends.
+        let mut buf = BytesMut::with_capacity(INITIAL_READ_BUFFER);
         let hello = tokio::time::timeout(
             self.ctx.config.hello_timeout(),
             read_frame(&mut recv, &mut buf, &Limits::HANDSHAKE),
@@ -814,7 +820,7 @@ async fn read_frame(
 /// Writes queued control frames, coalescing whatever is queued into one
 /// write.
 async fn write_control<C: Connection>(mut send: C::ControlSend, mut rx: mpsc::Receiver<Frame>) {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut buf = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
     while let Some(frame) = rx.recv().await {
         volna_proto::encode(&frame, &mut buf);
         while buf.len() < 64 * 1024 {
