@@ -17,6 +17,44 @@ fn deadline(args: &BenchArgs) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs)
 }
 
+/// One fresh channel and its live subscribers, each read by a task that
+/// expects `--messages` messages.
+struct Audience {
+    channel: ChannelName,
+    clients: Vec<Client>,
+    readers: Vec<tokio::task::JoinHandle<workload::Received>>,
+    expected: u64,
+    connect_rate: f64,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+async fn audience(
+    prefix: &str,
+    subscribers: usize,
+    args: &BenchArgs,
+    target: &Target,
+    bar: &indicatif::ProgressBar,
+    phase: &'static str,
+) -> anyhow::Result<Audience> {
+    let channel = workload::fresh_channel(prefix, rand::random(), 0)?;
+    let specs = vec![(channel.clone(), Position::Latest); subscribers];
+    let (clients, subs, connect_rate) =
+        workload::connect_subscribers(&target.client, &specs, bar).await?;
+    let delivered = Arc::new(AtomicU64::new(0));
+    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
+    let expected = args.messages * subscribers as u64;
+    bar.set_message(phase);
+    bar.set_length(expected);
+    Ok(Audience {
+        channel,
+        clients,
+        readers,
+        expected,
+        connect_rate,
+        ticker: workload::follow(bar, &delivered),
+    })
+}
+
 /// `publishers` clients splitting `messages` to `channel` between them, at
 /// `rate` per second in all.
 async fn publish_split(
@@ -50,18 +88,23 @@ async fn publish_split(
 
 /// One channel, `--publishers` publishers, `--subscribers` subscribers.
 pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
-    let tag = rand::random();
-    let channel = workload::fresh_channel("bench.fanout", tag, 0)?;
     let bar = workload::progress(json_out);
-    let specs = vec![(channel.clone(), Position::Latest); args.subscribers];
-    let (clients, subs, connect_rate) =
-        workload::connect_subscribers(&target.client, &specs, &bar).await?;
-    let delivered = Arc::new(AtomicU64::new(0));
-    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
-    let expected = args.messages * args.subscribers as u64;
-    bar.set_message("delivering");
-    bar.set_length(expected);
-    let ticker = workload::follow(&bar, &delivered);
+    let Audience {
+        channel,
+        clients,
+        readers,
+        expected,
+        connect_rate,
+        ticker,
+    } = audience(
+        "bench.fanout",
+        args.subscribers,
+        args,
+        target,
+        &bar,
+        "delivering",
+    )
+    .await?;
 
     let run = Run::start(target).await;
     let publishers = publish_split(
@@ -288,18 +331,15 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
             "the storm scenario disconnects its clients through the admin API: give --admin-token"
         );
     }
-    let tag = rand::random();
-    let channel = workload::fresh_channel("bench.storm", tag, 0)?;
     let bar = workload::progress(json_out);
-    let specs = vec![(channel.clone(), Position::Latest); args.connections];
-    let (clients, subs, connect_rate) =
-        workload::connect_subscribers(&target.client, &specs, &bar).await?;
-    let delivered = Arc::new(AtomicU64::new(0));
-    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
-    let expected = args.messages * args.connections as u64;
-    bar.set_message("storm");
-    bar.set_length(expected);
-    let ticker = workload::follow(&bar, &delivered);
+    let Audience {
+        channel,
+        clients,
+        readers,
+        expected,
+        connect_rate,
+        ticker,
+    } = audience("bench.storm", args.connections, args, target, &bar, "storm").await?;
     let publisher = Client::connect(target.client.clone())
         .await
         .context("connecting the publisher")?;
