@@ -7,7 +7,6 @@ mod common;
 
 use bytes::{BufMut, BytesMut};
 use common::{RawConnection, TestBroker, channel, within};
-use futures_util::StreamExt;
 use volna_client::{ClientError, ErrorCode, Position};
 use volna_proto::{CloseCode, ErrorFrame, Frame, Offset, Publish, Subscribe, SubscriptionId};
 
@@ -164,15 +163,7 @@ async fn bad_requests_get_typed_errors_and_the_broker_keeps_serving() {
         good.publish(&ch, "after").await.unwrap().offset,
         Offset::new(2)
     );
-    let got: Vec<_> = within("good deliveries", async {
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            got.push(sub.next().await.unwrap().unwrap().payload);
-        }
-        got
-    })
-    .await;
-    assert_eq!(got, vec!["before", "after"]);
+    assert_eq!(common::next_texts(&mut sub, 2).await, ["before", "after"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,16 +326,8 @@ async fn hostile_clients_at_once_do_not_disturb_a_well_behaved_one() {
     for i in 0..300 {
         writer.publish(&ch, format!("m{i}")).await.unwrap();
     }
-    let got: Vec<_> = within("the good client's deliveries", async {
-        let mut got = Vec::new();
-        while got.len() < 300 {
-            got.push(sub.next().await.unwrap().unwrap().payload);
-        }
-        got
-    })
-    .await;
     let expected: Vec<_> = (0..300).map(|i| format!("m{i}")).collect();
-    assert_eq!(got, expected);
+    assert_eq!(common::next_texts(&mut sub, 300).await, expected);
     for task in [flood, streams, slowloris, garbage] {
         within("a hostile client", task).await.unwrap();
     }

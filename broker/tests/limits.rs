@@ -117,16 +117,8 @@ async fn publishes_above_the_rate_are_refused_and_the_client_retries_them() {
     for i in 0..100 {
         client.publish(&inbox, format!("m{i}")).await.unwrap();
     }
-    let got: Vec<_> = within("the deliveries", async {
-        let mut got = Vec::new();
-        while got.len() < 100 {
-            got.push(sub.next().await.unwrap().unwrap().payload);
-        }
-        got
-    })
-    .await;
     let expected: Vec<_> = (0..100).map(|i| format!("m{i}")).collect();
-    assert_eq!(got, expected);
+    assert_eq!(common::next_texts(&mut sub, 100).await, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

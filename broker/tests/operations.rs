@@ -4,8 +4,7 @@
 
 mod common;
 
-use common::{TestBroker, channel, eventually, within};
-use futures_util::StreamExt;
+use common::{TestBroker, channel, eventually};
 use serde_json::{Value, json};
 use volna_client::{Client, Position};
 
@@ -161,16 +160,10 @@ async fn metrics_and_admin_api_show_and_steer_the_broker() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(json_of(&body)["offset"], 4);
-    let got: Vec<String> = within("deliveries", async {
-        let mut got = Vec::new();
-        while got.len() < 4 {
-            let m = sub.next().await.unwrap().unwrap();
-            got.push(String::from_utf8(m.payload.to_vec()).unwrap());
-        }
-        got
-    })
-    .await;
-    assert_eq!(got, ["m0", "m1", "m2", "from ops"]);
+    assert_eq!(
+        common::next_texts(&mut sub, 4).await,
+        ["m0", "m1", "m2", "from ops"]
+    );
 
     // Retention changed at run time takes effect.
     let (status, _) = http(

@@ -82,14 +82,13 @@ impl Client {
         }
         let live = match transport.establish(&config, token.clone()).await {
             // A stale configured token: one fresh try with the source's.
-            Err(e)
-                if e.code() == Some(ErrorCode::Unauthorized) && config.token_source.is_some() =>
-            {
-                if let Some(source) = &config.token_source {
+            Err(e) if e.code() == Some(ErrorCode::Unauthorized) => match &config.token_source {
+                Some(source) => {
                     token = fetch_token(source).await?;
+                    transport.establish(&config, token.clone()).await?
                 }
-                transport.establish(&config, token.clone()).await?
-            }
+                None => return Err(e),
+            },
             other => other?,
         };
         let inner = Arc::new(Inner {

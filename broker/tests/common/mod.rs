@@ -117,6 +117,22 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
+/// The next `count` messages of `sub` as text, failing the test on an
+/// event (`Truncated`, `EpochChanged`), a closed stream or after
+/// [`DEADLINE`].
+pub async fn next_texts(sub: &mut volna_client::Subscription, count: usize) -> Vec<String> {
+    use futures_util::StreamExt;
+    within("deliveries", async {
+        let mut got = Vec::with_capacity(count);
+        while got.len() < count {
+            let message = sub.next().await.expect("stream open").expect("a message");
+            got.push(String::from_utf8(message.payload.to_vec()).expect("UTF-8 payload"));
+        }
+        got
+    })
+    .await
+}
+
 /// The HS256 secret of [`jwt_broker`].
 pub const SECRET: &str = "an-hs256-secret-of-at-least-32-bytes!!";
 
