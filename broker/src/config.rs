@@ -228,6 +228,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// TCP address for health endpoints.
     pub http: SocketAddr,
+    /// Receive and send buffer asked for the QUIC socket.
+    pub socket_buffer_bytes: usize,
     /// When publishes are acknowledged.
     pub durability: Durability,
     /// TLS material.
@@ -253,6 +255,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir",
     "listen",
     "http",
+    "socket_buffer_bytes",
     "durability",
     "tls",
     "limits",
@@ -269,6 +272,7 @@ impl Default for Config {
             data_dir: PathBuf::from("volna-data"),
             listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
             http: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            socket_buffer_bytes: 4 * 1024 * 1024,
             durability: Durability::default(),
             tls: TlsConfig::default(),
             limits: LimitsConfig::default(),
@@ -355,6 +359,13 @@ impl Config {
                 value: value.to_string(),
                 why,
             }
+        }
+        if self.socket_buffer_bytes < 64 * 1024 {
+            return Err(invalid(
+                "socket_buffer_bytes",
+                self.socket_buffer_bytes,
+                "must be at least 64 KiB",
+            ));
         }
         let l = &self.limits;
         if l.max_payload == 0 || l.max_payload > 64 * 1024 * 1024 {

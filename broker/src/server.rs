@@ -116,6 +116,7 @@ impl Broker {
             })?;
         let endpoint = transport::bind(
             config.listen,
+            config.socket_buffer_bytes,
             tls.config,
             Duration::from_millis(config.limits.idle_timeout_ms),
             &reset_key,

@@ -242,10 +242,7 @@ async fn main() -> anyhow::Result<()> {
     let mut config = ClientConfig::new(&cli.server, &cli.token, trust);
     config.server_name = cli.server_name.clone();
     if let Command::Bench(args) = &cli.command {
-        let target = bench::Target {
-            client: config,
-            admin: api,
-        };
+        let target = bench::Target::new(config, api, args)?;
         if !bench::run(args, target, json).await? {
             bail!("benchmark failed: deliveries were lost, duplicated or reordered");
         }

@@ -7,6 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::connection::Endpoint;
+
 /// Which server certificates the client accepts.
 #[derive(Debug, Clone)]
 pub enum Trust {
@@ -135,6 +137,9 @@ pub struct ClientConfig {
     pub keep_alive: Duration,
     /// The connection is considered lost after this long without a packet.
     pub idle_timeout: Duration,
+    /// The local socket to connect through, shared with other clients; by
+    /// default each client binds its own.
+    pub endpoint: Option<Endpoint>,
 }
 
 impl ClientConfig {
@@ -154,6 +159,7 @@ impl ClientConfig {
             subscription_buffer: 4096,
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
+            endpoint: None,
         }
     }
 }

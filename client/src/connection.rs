@@ -3,7 +3,7 @@
 //! client that knows quinn.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -56,17 +56,17 @@ impl Transport {
         transport.max_concurrent_uni_streams(VarInt::from_u32(4096));
         transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
         quic.transport_config(Arc::new(transport));
-        let bind: SocketAddr = if host.contains(':') {
-            "[::]:0"
-                .parse()
-                .map_err(|_| ClientError::InvalidAddress(config.server.clone()))?
-        } else {
-            "0.0.0.0:0"
-                .parse()
-                .map_err(|_| ClientError::InvalidAddress(config.server.clone()))?
+        let endpoint = match &config.endpoint {
+            Some(shared) => shared.quic.clone(),
+            None => {
+                let any: IpAddr = if host.contains(':') {
+                    Ipv6Addr::UNSPECIFIED.into()
+                } else {
+                    Ipv4Addr::UNSPECIFIED.into()
+                };
+                Endpoint::bind((any, 0).into())?.quic
+            }
         };
-        let endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
         Ok(Self {
             endpoint,
             quic,
@@ -131,6 +131,87 @@ impl Transport {
                 .map_err(|_| ClientError::Timeout)??;
         debug!(session = welcome.session_id, "connected");
         Ok(Live::start(conn, send, recv, buf, welcome))
+    }
+}
+
+/// A local UDP socket that clients connect through.
+///
+/// By default each [`Client`](crate::Client) binds its own. A process that
+/// holds many connections — a backend service speaking for many users, a
+/// load generator — shares a few among them instead: one socket, one
+/// receive path and one file descriptor for all the connections on it.
+/// Clone it into each [`ClientConfig::endpoint`]; the socket closes when
+/// the last clone and the last connection through it are gone.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    quic: quinn::Endpoint,
+    receive_buffer_bytes: usize,
+}
+
+impl Endpoint {
+    /// Binds a socket on `addr` (port 0: any) with the system's default
+    /// buffer sizes. Its address family must be the broker's.
+    pub fn bind(addr: SocketAddr) -> Result<Self, ClientError> {
+        Self::bind_with_buffers(addr, None)
+    }
+
+    /// Binds a socket on `addr` asking for `buffer_bytes` of receive and
+    /// send buffer: a socket shared by thousands of connections takes
+    /// bursts (one broker message to all of them) that overflow the default
+    /// ~200 KiB, and a dropped datagram costs a retransmission timeout. The
+    /// kernel caps the request at `net.core.rmem_max`/`wmem_max`; see
+    /// [`receive_buffer_bytes`](Self::receive_buffer_bytes) for the result.
+    pub fn bind_with_buffers(
+        addr: SocketAddr,
+        buffer_bytes: Option<usize>,
+    ) -> Result<Self, ClientError> {
+        let bind_error = |e: std::io::Error| ClientError::Connect(format!("bind {addr}: {e}"));
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .map_err(bind_error)?;
+        if addr.is_ipv6() {
+            // Dual-stack where the OS allows: "[::]" reaches IPv4 brokers too.
+            let _ = socket.set_only_v6(false);
+        }
+        if let Some(bytes) = buffer_bytes {
+            socket.set_recv_buffer_size(bytes).map_err(bind_error)?;
+            socket.set_send_buffer_size(bytes).map_err(bind_error)?;
+        }
+        socket.bind(&addr.into()).map_err(bind_error)?;
+        let receive_buffer_bytes = socket.recv_buffer_size().map_err(bind_error)?;
+        let quic = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket.into(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(bind_error)?;
+        Ok(Self {
+            quic,
+            receive_buffer_bytes,
+        })
+    }
+
+    /// The socket's receive buffer as the kernel granted it (Linux reports
+    /// twice the usable size: it counts its own bookkeeping).
+    pub fn receive_buffer_bytes(&self) -> usize {
+        self.receive_buffer_bytes
+    }
+
+    /// The quinn endpoint underneath, for an application that also speaks
+    /// its own QUIC protocols over the same socket.
+    pub fn as_quinn(&self) -> &quinn::Endpoint {
+        &self.quic
+    }
+
+    /// The local address the socket is bound to.
+    pub fn local_addr(&self) -> Result<SocketAddr, ClientError> {
+        self.quic
+            .local_addr()
+            .map_err(|e| ClientError::Connect(e.to_string()))
     }
 }
 

@@ -47,7 +47,7 @@ mod subscription;
 
 pub use client::{Client, Published};
 pub use config::{Backoff, ClientCertificate, ClientConfig, TokenError, TokenSource, Trust};
-pub use connection::fingerprint;
+pub use connection::{Endpoint, fingerprint};
 pub use error::{ClientError, SubscriptionError};
 pub use subscription::{Item, Message, Subscription};
 pub use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, Position};

@@ -25,7 +25,7 @@ const BATCH: u64 = 128;
 const ALPN: &[u8] = b"volna-ceiling";
 
 pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
-    let (server, server_addr, client_config) = endpoints()?;
+    let (server, server_addr, client_config) = endpoints(args.socket_buffer)?;
     let subscribers = args.subscribers;
     let bar = workload::progress(json_out);
     bar.set_message("connecting");
@@ -72,11 +72,12 @@ pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
         })
     };
 
-    // The subscribers: one endpoint (one UDP socket) each.
+    // The subscribers, spread over the same shared sockets as against a broker.
+    let endpoints = workload::bind_endpoints(&server_addr.to_string(), args)?;
     let connect_started = Instant::now();
     let mut conns = Vec::with_capacity(subscribers);
-    for _ in 0..subscribers {
-        let endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    for i in 0..subscribers {
+        let endpoint = endpoints[i % endpoints.len()].as_quinn().clone();
         let conn = endpoint
             .connect_with(client_config.clone(), server_addr, "localhost")?
             .await
@@ -193,8 +194,11 @@ async fn read_stream(conn: quinn::Connection, delivered: &AtomicU64) -> anyhow::
 }
 
 /// A server endpoint on loopback with a fresh self-signed certificate, and a
-/// client configuration trusting it; transport settings as the broker's.
-fn endpoints() -> anyhow::Result<(quinn::Endpoint, SocketAddr, quinn::ClientConfig)> {
+/// client configuration trusting it; transport settings and socket buffers
+/// as the broker's.
+fn endpoints(
+    socket_buffer: usize,
+) -> anyhow::Result<(quinn::Endpoint, SocketAddr, quinn::ClientConfig)> {
     let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
     let cert_der = cert.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::try_from(cert.key_pair.serialize_der())
@@ -210,7 +214,13 @@ fn endpoints() -> anyhow::Result<(quinn::Endpoint, SocketAddr, quinn::ClientConf
     let mut transport = quinn::TransportConfig::default();
     transport.send_window(8 * 1024 * 1024);
     server_config.transport_config(Arc::new(transport));
-    let server = quinn::Endpoint::server(server_config, SocketAddr::from(([127, 0, 0, 1], 0)))?;
+    let server = volna_client::Endpoint::bind_with_buffers(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        Some(socket_buffer),
+    )?
+    .as_quinn()
+    .clone();
+    server.set_server_config(Some(server_config));
     let addr = server.local_addr()?;
 
     let mut roots = rustls::RootCertStore::empty();

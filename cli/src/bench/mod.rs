@@ -1,9 +1,11 @@
 //! `volna bench`: a load generator that drives a real broker over QUIC and
 //! checks every delivery.
 //!
-//! Every subscriber is its own connection (its own UDP socket, so the
-//! generator's sockets are spread and none of them becomes the bottleneck)
-//! and checks that it receives each offset once, in order. Every payload
+//! Every subscriber is its own connection and checks that it receives each
+//! offset once, in order. The connections share `--client-endpoints` UDP
+//! sockets with large buffers: one socket per connection runs out of file
+//! descriptors long before the broker runs out of anything, and one socket
+//! for all of them drops datagrams in bursts and makes the broker look slow. Every payload
 //! starts with its send time, so latency is end to end. A run that loses,
 //! duplicates or reorders a single delivery fails (non-zero exit), whatever
 //! its speed.
@@ -20,7 +22,7 @@ mod workload;
 
 use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
-use volna_client::ClientConfig;
+use volna_client::{ClientConfig, Endpoint};
 
 use crate::admin::AdminApi;
 
@@ -95,6 +97,16 @@ pub struct BenchArgs {
     /// Give up on deliveries after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout_secs: u64,
+    /// UDP sockets the generator's connections are spread over. Each
+    /// socket's datagrams are received by one task: with 16, a 5,000-way
+    /// fan-out overflowed them (kernel receive-buffer drops, then QUIC
+    /// retransmissions that tripled the generator's CPU); 64 showed none.
+    #[arg(long, default_value_t = 64)]
+    pub client_endpoints: usize,
+    /// Receive and send buffer asked for each of those sockets (capped by
+    /// the kernel's `net.core.rmem_max` / `wmem_max`).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub socket_buffer: usize,
     /// Run `fanout` against this NATS server (core NATS, e.g.
     /// `nats://127.0.0.1:4222`) instead of a Volna broker.
     #[arg(long, value_name = "URL")]
@@ -108,6 +120,27 @@ pub struct Target {
     pub client: ClientConfig,
     /// The broker's HTTP port (metrics, admin API).
     pub admin: AdminApi,
+    /// The sockets clients connect through, taken in turn.
+    endpoints: Vec<Endpoint>,
+}
+
+impl Target {
+    /// A target whose clients connect as `client` says, spread over
+    /// `args.client_endpoints` shared sockets.
+    pub fn new(client: ClientConfig, admin: AdminApi, args: &BenchArgs) -> anyhow::Result<Self> {
+        Ok(Self {
+            endpoints: workload::bind_endpoints(&client.server, args)?,
+            client,
+            admin,
+        })
+    }
+
+    /// The configuration of the `i`-th client: its share of the sockets.
+    pub fn client_config(&self, i: usize) -> ClientConfig {
+        let mut config = self.client.clone();
+        config.endpoint = Some(self.endpoints[i % self.endpoints.len()].clone());
+        config
+    }
 }
 
 /// Runs the benchmark and prints its report; returns whether every

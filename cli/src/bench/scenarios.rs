@@ -38,8 +38,7 @@ async fn audience(
 ) -> anyhow::Result<Audience> {
     let channel = workload::fresh_channel(prefix, rand::random(), 0)?;
     let specs = vec![(channel.clone(), Position::Latest); subscribers];
-    let (clients, subs, connect_rate) =
-        workload::connect_subscribers(&target.client, &specs, bar).await?;
+    let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, bar).await?;
     let delivered = Arc::new(AtomicU64::new(0));
     let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
     let expected = args.messages * subscribers as u64;
@@ -155,8 +154,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         .iter()
         .flat_map(|c| std::iter::repeat_n((c.clone(), Position::Latest), args.subscribers))
         .collect();
-    let (clients, subs, connect_rate) =
-        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, &bar).await?;
     let delivered = Arc::new(AtomicU64::new(0));
     let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
     let published = args.messages * args.channels as u64;
@@ -224,8 +222,7 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
     let run = Run::start(target).await;
     let delivered = Arc::new(AtomicU64::new(0));
     let specs = vec![(channel.clone(), Position::FIRST); args.subscribers];
-    let (clients, subs, connect_rate) =
-        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, &bar).await?;
     let readers = workload::spawn_readers(subs, Some(1), args.messages, deadline(args), &delivered);
     let expected = args.messages * args.subscribers as u64;
     bar.set_message("replaying");
@@ -275,8 +272,7 @@ pub async fn connections(
         .iter()
         .map(|c| (c.clone(), Position::Latest))
         .collect();
-    let (clients, subs, connect_rate) =
-        workload::connect_subscribers(&target.client, &specs, &bar).await?;
+    let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, &bar).await?;
     bar.set_message("holding");
     tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
     let rss_held = workload::broker_rss(&target.admin.http).await;

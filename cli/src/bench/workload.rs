@@ -1,6 +1,7 @@
 //! What every scenario is built from: connecting subscribers, publishing
 //! timestamped payloads, reading and checking deliveries, adding it up.
 
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -12,9 +13,9 @@ use futures_util::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::task::JoinHandle;
-use volna_client::{ChannelName, Client, ClientConfig, Position, Published, Subscription};
+use volna_client::{ChannelName, Client, Endpoint, Position, Published, Subscription};
 
-use super::BenchArgs;
+use super::{BenchArgs, Target};
 
 /// Connections being set up at once.
 const CONNECT_CONCURRENCY: usize = 64;
@@ -32,8 +33,8 @@ pub fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
     if args.nats.is_some() && args.scenario != super::Scenario::Fanout {
         bail!("--nats runs only the fanout scenario");
     }
-    if args.channels == 0 || args.connections == 0 {
-        bail!("--channels and --connections must be at least 1");
+    if args.channels == 0 || args.connections == 0 || args.client_endpoints == 0 {
+        bail!("--channels, --connections and --client-endpoints must be at least 1");
     }
     Ok(())
 }
@@ -159,10 +160,26 @@ pub fn fresh_channel(prefix: &str, run: u32, i: usize) -> anyhow::Result<Channel
     Ok(ChannelName::new(format!("{prefix}.{run:08x}.{i}"))?)
 }
 
+/// Binds the generator's `--client-endpoints` sockets, of the address
+/// family of `server` (`host:port`), each with `--socket-buffer` asked for.
+pub fn bind_endpoints(server: &str, args: &BenchArgs) -> anyhow::Result<Vec<Endpoint>> {
+    let local: SocketAddr = if server.starts_with('[') {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    (0..args.client_endpoints)
+        .map(|_| {
+            Endpoint::bind_with_buffers(local, Some(args.socket_buffer))
+                .context("binding a client socket")
+        })
+        .collect()
+}
+
 /// Connects one client per `(channel, position)` and subscribes it;
 /// returns the clients, their subscriptions and the connects per second.
 pub async fn connect_subscribers(
-    config: &ClientConfig,
+    target: &Target,
     specs: &[(ChannelName, Position)],
     bar: &ProgressBar,
 ) -> anyhow::Result<(Vec<Client>, Vec<Subscription>, f64)> {
@@ -177,7 +194,7 @@ pub async fn connect_subscribers(
     while subs.len() < specs.len() {
         while next < specs.len() && pending.len() < CONNECT_CONCURRENCY {
             let (channel, position) = specs[next].clone();
-            let config = config.clone();
+            let config = target.client_config(next);
             pending.push(async move {
                 let client = Client::connect(config).await?;
                 let sub = client.subscribe(&channel, position).await?;
