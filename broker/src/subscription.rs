@@ -95,7 +95,10 @@ pub async fn run(
                     catching_up.set(true);
                     metrics.catchup_reads.inc();
                     let from = next;
-                    let (end, bytes) = catch_up(&log, &channel, next, until, &mut sink).await?;
+                    // Boxed: a log read is a large state the loop needs
+                    // only while catching up, not while it waits.
+                    let (end, bytes) =
+                        Box::pin(catch_up(&log, &channel, next, until, &mut sink)).await?;
                     metrics.deliveries.inc_by(from.distance_to(end));
                     metrics.bytes_out.inc_by(bytes as u64);
                     next = end;

@@ -220,6 +220,15 @@ impl Client {
                     message: format!("this client is already subscribed to {channel}"),
                 });
             }
+            let max = inner.config.max_subscriptions.max(1);
+            if subs.len() >= max as usize {
+                return Err(ClientError::Server {
+                    code: ErrorCode::TooManySubscriptions,
+                    message: format!(
+                        "this client holds its maximum of {max} subscriptions (ClientConfig::max_subscriptions)"
+                    ),
+                });
+            }
             subs.insert(id, shared.clone());
         }
         let subscription = Subscription {

@@ -130,6 +130,12 @@ pub struct ClientConfig {
     /// `engine.producer_window` (256 by default) so that every retry after
     /// a reconnect is recognised as one.
     pub max_inflight_publishes: usize,
+    /// Subscriptions this client may hold at once. The broker delivers each
+    /// on its own QUIC stream, and quinn keeps a table entry (~50 bytes) per
+    /// stream the client allows, allocated when the connection opens: 4,096
+    /// cost 204 KB per connection. A device needs its inbox and the chats on
+    /// screen; a process holding many idle connections sets it low.
+    pub max_subscriptions: u32,
     /// Messages buffered per subscription before the client stops reading
     /// its stream (and the broker serves it from the log later).
     pub subscription_buffer: usize,
@@ -156,6 +162,7 @@ impl ClientConfig {
             backoff: Backoff::default(),
             request_timeout: Duration::from_secs(30),
             max_inflight_publishes: 128,
+            max_subscriptions: 256,
             subscription_buffer: 4096,
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),

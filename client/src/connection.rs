@@ -15,7 +15,6 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -51,9 +50,10 @@ impl Transport {
             IdleTimeout::try_from(config.idle_timeout)
                 .map_err(|e| ClientError::Connect(e.to_string()))?,
         ));
-        // The broker opens one unidirectional stream per subscription; the
+        // The broker opens one unidirectional stream per subscription (and
+        // a closed one's credit returns once it is read to its end); the
         // client opens only the control stream.
-        transport.max_concurrent_uni_streams(VarInt::from_u32(4096));
+        transport.max_concurrent_uni_streams(VarInt::from_u32(config.max_subscriptions.max(1)));
         transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
         quic.transport_config(Arc::new(transport));
         let endpoint = match &config.endpoint {
@@ -110,7 +110,7 @@ impl Transport {
             send.write_all(&out)
                 .await
                 .map_err(|e| ClientError::Connect(e.to_string()))?;
-            let mut buf = BytesMut::with_capacity(4096);
+            let mut buf = BytesMut::new();
             let welcome = match read_frame(&mut recv, &mut buf, &Limits::HANDSHAKE).await? {
                 Frame::Welcome(w) => w,
                 Frame::Error(ErrorFrame { code, message, .. }) => {
@@ -220,7 +220,9 @@ impl Endpoint {
 pub(crate) struct Live {
     pub welcome: Welcome,
     conn: quinn::Connection,
-    control: mpsc::Sender<Frame>,
+    /// Boxed: the queue allocates slots in blocks of 32, and 32 unboxed
+    /// frames cost every connection 2.8 KB.
+    control: mpsc::Sender<Box<Frame>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     next_request: AtomicU64,
     routes: Mutex<HashMap<SubscriptionId, Arc<SubShared>>>,
@@ -276,7 +278,7 @@ impl Live {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending_map().insert(id, tx);
-        permit.send(build(id));
+        permit.send(Box::new(build(id)));
         tokio::select! {
             reply = rx => reply.map_err(|_| ClientError::Disconnected),
             () = self.gone.cancelled() => {
@@ -289,7 +291,7 @@ impl Live {
     /// Sends a frame whose reply nobody waits for.
     pub fn send_nowait(&self, build: impl FnOnce(u64) -> Frame) {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let _ = self.control.try_send(build(id));
+        let _ = self.control.try_send(Box::new(build(id)));
     }
 
     /// Delivery streams of `id` feed `sub` from now on.
@@ -359,10 +361,12 @@ impl Live {
 
 async fn write_control(
     mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<Frame>,
+    mut rx: mpsc::Receiver<Box<Frame>>,
     gone: CancellationToken,
 ) {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    // Small to start: most connections send a few requests and sit idle;
+    // a busy publisher's buffer grows once and is reused.
+    let mut buf = BytesMut::with_capacity(1024);
     loop {
         let frame = tokio::select! {
             frame = rx.recv() => frame,
@@ -436,7 +440,7 @@ async fn accept_deliveries(live: Arc<Live>) {
 
 async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
     let limits = live.limits();
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::new();
     let id = match read_frame(&mut recv, &mut buf, &limits).await {
         Ok(Frame::StreamHeader { subscription }) => subscription,
         Ok(other) => return warn!(frame = ?other.frame_type(), "delivery stream without a header"),
@@ -472,8 +476,17 @@ async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
     }
 }
 
+/// Most bytes taken from a stream at once.
+const READ_CHUNK: usize = 64 * 1024;
+/// A drained read buffer with more room than this is let go before the
+/// next read: an idle connection then holds no buffer at all, and a busy
+/// one allocates one per chunk it reads (the decoded frames share it).
+const IDLE_BUFFER: usize = 2 * 1024;
+
+/// The next frame of `recv`. Waits on quinn's own buffered chunks rather
+/// than on room reserved in `buf`, so a waiting stream holds nothing.
 async fn read_frame(
-    recv: &mut (impl AsyncRead + Unpin),
+    recv: &mut quinn::RecvStream,
     buf: &mut BytesMut,
     limits: &Limits,
 ) -> Result<Frame, ClientError> {
@@ -483,8 +496,11 @@ async fn read_frame(
         {
             return Ok(frame);
         }
-        match recv.read_buf(buf).await {
-            Ok(n) if n > 0 => {}
+        if buf.is_empty() && buf.capacity() > IDLE_BUFFER {
+            *buf = BytesMut::new();
+        }
+        match recv.read_chunk(READ_CHUNK, true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
             _ => return Err(ClientError::Disconnected),
         }
     }

@@ -95,15 +95,19 @@ pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
     bar.set_length(messages * subscribers as u64);
     bar.set_position(0);
     let ticker = workload::follow(&bar, &delivered);
+    let latencies = workload::Latencies::new();
     let readers: Vec<_> = conns
         .into_iter()
-        .map(|(endpoint, conn)| {
+        .enumerate()
+        .map(|(i, (endpoint, conn))| {
             let delivered = delivered.clone();
+            let latencies = latencies.clone();
             tokio::spawn(async move {
-                let result = tokio::time::timeout_at(deadline, read_stream(conn, &delivered)).await;
+                let read = read_stream(conn, &delivered, &latencies, i);
+                let result = tokio::time::timeout_at(deadline, read).await;
                 drop(endpoint);
                 // Out of time: what was not seen counts as lost.
-                result.unwrap_or(Ok(Seen::nothing()))
+                result.unwrap_or(Ok(Seen::default()))
             })
         })
         .collect();
@@ -119,8 +123,8 @@ pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
         let seen = reader.await.context("a subscriber task failed")??;
         totals.received += seen.messages;
         totals.out_of_order += seen.out_of_order;
-        totals.latency_us.add(&seen.latency_us)?;
     }
+    totals.latency_us = latencies.merged()?;
     let duration = started.elapsed().as_secs_f64();
     let cpu = cpu.finish().await;
     ticker.abort();
@@ -147,26 +151,20 @@ pub async fn run(args: &BenchArgs, json_out: bool) -> anyhow::Result<Value> {
     ))
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Seen {
     messages: u64,
     out_of_order: u64,
-    latency_us: hdrhistogram::Histogram<u64>,
 }
 
-impl Seen {
-    fn nothing() -> Self {
-        Self {
-            messages: 0,
-            out_of_order: 0,
-            latency_us: workload::new_histogram(),
-        }
-    }
-}
-
-async fn read_stream(conn: quinn::Connection, delivered: &AtomicU64) -> anyhow::Result<Seen> {
+async fn read_stream(
+    conn: quinn::Connection,
+    delivered: &AtomicU64,
+    latencies: &workload::Latencies,
+    shard: usize,
+) -> anyhow::Result<Seen> {
     let mut stream = conn.accept_uni().await.context("accepting the stream")?;
-    let mut seen = Seen::nothing();
+    let mut seen = Seen::default();
     let mut buf = BytesMut::new();
     let mut expected = 0;
     while let Some(chunk) = stream.read_chunk(1 << 20, true).await? {
@@ -187,7 +185,7 @@ async fn read_stream(conn: quinn::Connection, delivered: &AtomicU64) -> anyhow::
             expected = seq + 1;
             seen.messages += 1;
             delivered.fetch_add(1, Ordering::Relaxed);
-            workload::record_latency(&mut seen.latency_us, &message);
+            latencies.record(shard, &message);
         }
     }
     Ok(seen)

@@ -135,10 +135,13 @@ impl Target {
         })
     }
 
-    /// The configuration of the `i`-th client: its share of the sockets.
+    /// The configuration of the `i`-th subscriber client: its share of the
+    /// sockets, and room for the one subscription it holds (each allowed
+    /// subscription costs quinn state on every connection).
     pub fn client_config(&self, i: usize) -> ClientConfig {
         let mut config = self.client.clone();
         config.endpoint = Some(self.endpoints[i % self.endpoints.len()].clone());
+        config.max_subscriptions = 1;
         config
     }
 }

@@ -39,12 +39,14 @@ pub async fn fanout(args: &BenchArgs, url: &str, json_out: bool) -> anyhow::Resu
     let delivered = Arc::new(AtomicU64::new(0));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.timeout_secs);
     let messages = args.messages;
+    let latencies = workload::Latencies::new();
     let readers: Vec<_> = subscribers
         .into_iter()
-        .map(|(client, mut sub)| {
+        .enumerate()
+        .map(|(i, (client, mut sub))| {
             let delivered = delivered.clone();
+            let mut seen = workload::Received::new(&latencies, i);
             tokio::spawn(async move {
-                let mut seen = workload::Received::empty();
                 let mut expected = 0;
                 while seen.count() < messages {
                     let Ok(Some(message)) = tokio::time::timeout_at(deadline, sub.next()).await
@@ -84,7 +86,7 @@ pub async fn fanout(args: &BenchArgs, url: &str, json_out: bool) -> anyhow::Resu
     }
     publisher.flush().await?;
     let publish_secs = started.elapsed().as_secs_f64();
-    let totals = Totals::collect(messages, expected, readers).await?;
+    let totals = Totals::collect(messages, expected, readers, &latencies).await?;
     let duration = started.elapsed().as_secs_f64();
     let cpu = cpu.finish().await;
     ticker.abort();

@@ -23,6 +23,7 @@ struct Audience {
     channel: ChannelName,
     clients: Vec<Client>,
     readers: Vec<tokio::task::JoinHandle<workload::Received>>,
+    latencies: workload::Latencies,
     expected: u64,
     connect_rate: f64,
     ticker: tokio::task::JoinHandle<()>,
@@ -40,7 +41,15 @@ async fn audience(
     let specs = vec![(channel.clone(), Position::Latest); subscribers];
     let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, bar).await?;
     let delivered = Arc::new(AtomicU64::new(0));
-    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
+    let latencies = workload::Latencies::new();
+    let readers = workload::spawn_readers(
+        subs,
+        None,
+        args.messages,
+        deadline(args),
+        &delivered,
+        &latencies,
+    );
     let expected = args.messages * subscribers as u64;
     bar.set_message(phase);
     bar.set_length(expected);
@@ -48,6 +57,7 @@ async fn audience(
         channel,
         clients,
         readers,
+        latencies,
         expected,
         connect_rate,
         ticker: workload::follow(bar, &delivered),
@@ -92,6 +102,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
         channel,
         clients,
         readers,
+        latencies,
         expected,
         connect_rate,
         ticker,
@@ -116,7 +127,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
     )
     .await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(args.messages, expected, readers).await?;
+    let totals = Totals::collect(args.messages, expected, readers, &latencies).await?;
     let shape = Shape {
         connections: args.subscribers + args.publishers,
         subscribers: args.subscribers,
@@ -156,7 +167,15 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         .collect();
     let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, &bar).await?;
     let delivered = Arc::new(AtomicU64::new(0));
-    let readers = workload::spawn_readers(subs, None, args.messages, deadline(args), &delivered);
+    let latencies = workload::Latencies::new();
+    let readers = workload::spawn_readers(
+        subs,
+        None,
+        args.messages,
+        deadline(args),
+        &delivered,
+        &latencies,
+    );
     let published = args.messages * args.channels as u64;
     let expected = published * args.subscribers as u64;
     bar.set_message("delivering");
@@ -172,7 +191,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     )
     .await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(published, expected, readers).await?;
+    let totals = Totals::collect(published, expected, readers, &latencies).await?;
     let shape = Shape {
         connections: specs.len() + args.channels,
         subscribers: specs.len(),
@@ -223,12 +242,20 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
     let delivered = Arc::new(AtomicU64::new(0));
     let specs = vec![(channel.clone(), Position::FIRST); args.subscribers];
     let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, &bar).await?;
-    let readers = workload::spawn_readers(subs, Some(1), args.messages, deadline(args), &delivered);
+    let latencies = workload::Latencies::new();
+    let readers = workload::spawn_readers(
+        subs,
+        Some(1),
+        args.messages,
+        deadline(args),
+        &delivered,
+        &latencies,
+    );
     let expected = args.messages * args.subscribers as u64;
     bar.set_message("replaying");
     bar.set_length(expected);
     let ticker = workload::follow(&bar, &delivered);
-    let totals = Totals::collect(args.messages, expected, readers).await?;
+    let totals = Totals::collect(args.messages, expected, readers, &latencies).await?;
     let replay_rate = totals.received as f64 / run.elapsed();
     let shape = Shape {
         connections: args.subscribers + args.publishers,
@@ -279,14 +306,21 @@ pub async fn connections(
 
     // Every connection still works: one message to each inbox.
     let delivered = Arc::new(AtomicU64::new(0));
-    let readers = workload::spawn_readers(subs, None, 1, deadline(args), &delivered);
+    let latencies = workload::Latencies::new();
+    let readers = workload::spawn_readers(subs, None, 1, deadline(args), &delivered, &latencies);
     let publisher = Client::connect(target.client.clone())
         .await
         .context("connecting the publisher")?;
     let run = Run::start(target).await;
     workload::publish_each(&publisher, &inboxes, args.payload).await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(inboxes.len() as u64, inboxes.len() as u64, readers).await?;
+    let totals = Totals::collect(
+        inboxes.len() as u64,
+        inboxes.len() as u64,
+        readers,
+        &latencies,
+    )
+    .await?;
     let per_connection = rss_before
         .zip(rss_held)
         .map(|(before, held)| held.saturating_sub(before) / args.connections as u64);
@@ -332,6 +366,7 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         channel,
         clients,
         readers,
+        latencies,
         expected,
         connect_rate,
         ticker,
@@ -357,7 +392,7 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     let after = args.messages - before;
     workload::publish_all(&publisher, &channel, after, args.payload, 0.0).await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(args.messages, expected, readers).await?;
+    let totals = Totals::collect(args.messages, expected, readers, &latencies).await?;
     let resumed_secs = kicked_at.elapsed().as_secs_f64();
     let shape = Shape {
         connections: args.connections + 1,

@@ -2,7 +2,7 @@
 //! timestamped payloads, reading and checking deliveries, adding it up.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -48,23 +48,62 @@ pub struct Shape {
     pub channels: usize,
 }
 
+/// Shards of [`Latencies`]: more than the runtime has threads, so readers
+/// recording at once rarely share a lock.
+const LATENCY_SHARDS: usize = 16;
+
+/// The end-to-end latencies of a run, recorded by every reader. One
+/// histogram per subscriber would cost 60–140 KB each (three significant
+/// digits up to seconds): at 100,000 subscribers, the generator's largest
+/// allocation. Readers share a few, each by its own index.
+#[derive(Debug, Clone)]
+pub struct Latencies(Arc<[Mutex<Histogram<u64>>]>);
+
+impl Latencies {
+    /// No latencies yet.
+    pub fn new() -> Self {
+        Self((0..LATENCY_SHARDS).map(|_| Mutex::new(histogram())).collect())
+    }
+
+    /// Records the latency of `payload`, which starts with its send time.
+    pub fn record(&self, shard: usize, payload: &[u8]) {
+        let mut histogram = self.0[shard % self.0.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        record_latency(&mut histogram, payload);
+    }
+
+    /// Every shard added up.
+    pub fn merged(&self) -> anyhow::Result<Histogram<u64>> {
+        let mut all = histogram();
+        for shard in self.0.iter() {
+            all.add(&*shard.lock().unwrap_or_else(|e| e.into_inner()))
+                .context("merging histograms")?;
+        }
+        Ok(all)
+    }
+}
+
 /// What one subscriber saw.
 #[derive(Debug)]
 pub struct Received {
     messages: u64,
     duplicates: u64,
     out_of_order: u64,
-    latency_us: Histogram<u64>,
+    latencies: Latencies,
+    shard: usize,
 }
 
 impl Received {
-    /// Nothing seen yet.
-    pub fn empty() -> Self {
+    /// Nothing seen yet by reader number `shard`, which records its
+    /// latencies into `latencies`.
+    pub fn new(latencies: &Latencies, shard: usize) -> Self {
         Self {
             messages: 0,
             duplicates: 0,
             out_of_order: 0,
-            latency_us: histogram(),
+            latencies: latencies.clone(),
+            shard,
         }
     }
 
@@ -83,7 +122,7 @@ impl Received {
             self.out_of_order += 1;
         }
         self.messages += 1;
-        record_latency(&mut self.latency_us, payload);
+        self.latencies.record(self.shard, payload);
     }
 }
 
@@ -104,6 +143,7 @@ impl Totals {
         published: u64,
         expected: u64,
         readers: Vec<JoinHandle<Received>>,
+        latencies: &Latencies,
     ) -> anyhow::Result<Self> {
         let mut totals = Totals {
             published,
@@ -118,11 +158,8 @@ impl Totals {
             totals.received += r.messages;
             totals.duplicates += r.duplicates;
             totals.out_of_order += r.out_of_order;
-            totals
-                .latency_us
-                .add(&r.latency_us)
-                .context("merging histograms")?;
         }
+        totals.latency_us = latencies.merged()?;
         Ok(totals)
     }
 }
@@ -221,13 +258,23 @@ pub fn spawn_readers(
     messages: u64,
     deadline: tokio::time::Instant,
     delivered: &Arc<AtomicU64>,
+    latencies: &Latencies,
 ) -> Vec<JoinHandle<Received>> {
     subs.into_iter()
-        .map(|sub| {
+        .enumerate()
+        .map(|(i, sub)| {
             let first = first
                 .or_else(|| sub.next_offset().map(|o| o.get()))
                 .unwrap_or(1);
-            tokio::spawn(read_all(sub, first, messages, deadline, delivered.clone()))
+            let received = Received::new(latencies, i);
+            tokio::spawn(read_all(
+                sub,
+                first,
+                messages,
+                deadline,
+                delivered.clone(),
+                received,
+            ))
         })
         .collect()
 }
@@ -320,8 +367,8 @@ async fn read_all(
     messages: u64,
     deadline: tokio::time::Instant,
     delivered: Arc<AtomicU64>,
+    mut r: Received,
 ) -> Received {
-    let mut r = Received::empty();
     let mut expected = first;
     while r.messages < messages {
         let item = match tokio::time::timeout_at(deadline, sub.next()).await {
