@@ -114,8 +114,8 @@ pub fn bind(
     endpoint_config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
-    let socket = udp_socket(addr, buffer_bytes)
-        .map_err(|source| TransportError::Bind { addr, source })?;
+    let socket =
+        udp_socket(addr, buffer_bytes).map_err(|source| TransportError::Bind { addr, source })?;
     Endpoint::new(
         endpoint_config,
         Some(server),

@@ -12,7 +12,9 @@ use common::{RawConnection, TestBroker, channel, eventually, within};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use volna_broker::config::{NamespaceConfig, Retention};
-use volna_client::{ChannelName, Client, Position, Subscription, SubscriptionError};
+use volna_client::{
+    ChannelName, Client, Endpoint, ErrorCode, Position, Subscription, SubscriptionError,
+};
 use volna_proto::{Epoch, Frame, Offset, ProducerSeq, Publish};
 
 /// Publishes `count` messages `"{prefix}{i}"`, `window` at a time in
@@ -396,4 +398,66 @@ async fn an_in_memory_namespace_delivers_without_touching_the_durable_log() {
     client.publish(&ch, "fresh").await.unwrap();
     let (offset, payload) = read_messages(&mut sub, 1).await.remove(0);
     assert_eq!((offset, payload.as_str()), (1, "fresh"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_sharing_one_endpoint_each_get_exactly_their_messages() {
+    let broker = TestBroker::start().await;
+    let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let mut config = broker.client_config();
+    config.endpoint = Some(endpoint.clone());
+    let a = Client::connect(config.clone()).await.unwrap();
+    let b = Client::connect(config).await.unwrap();
+    let (to_a, to_b) = (channel("shared.a"), channel("shared.b"));
+    let mut sub_a = a.subscribe(&to_a, Position::Latest).await.unwrap();
+    let mut sub_b = b.subscribe(&to_b, Position::Latest).await.unwrap();
+    publish_many(&a, &to_b, "for-b-", 50, 16).await;
+    publish_many(&b, &to_a, "for-a-", 50, 16).await;
+    let expected = |prefix: &str| -> Vec<(u64, String)> {
+        (0..50).map(|i| (i + 1, format!("{prefix}{i}"))).collect()
+    };
+    assert_eq!(read_messages(&mut sub_a, 50).await, expected("for-a-"));
+    assert_eq!(read_messages(&mut sub_b, 50).await, expected("for-b-"));
+
+    // One client closing leaves the socket, and the other client, working.
+    a.close();
+    publish_many(&b, &to_b, "again-", 10, 4).await;
+    let again: Vec<_> = read_messages(&mut sub_b, 10).await;
+    assert_eq!(again.first(), Some(&(51, "again-0".to_owned())));
+    assert_eq!(again.len(), 10);
+    assert!(endpoint.receive_buffer_bytes() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_holds_at_most_max_subscriptions_and_reuses_a_freed_slot() {
+    let broker = TestBroker::start().await;
+    let mut config = broker.client_config();
+    config.max_subscriptions = 2;
+    let client = Client::connect(config).await.unwrap();
+    let first = client
+        .subscribe(&channel("cap.1"), Position::Latest)
+        .await
+        .unwrap();
+    let _second = client
+        .subscribe(&channel("cap.2"), Position::Latest)
+        .await
+        .unwrap();
+    let refused = client
+        .subscribe(&channel("cap.3"), Position::Latest)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Some(ErrorCode::TooManySubscriptions));
+
+    // Dropping a subscription frees its slot, and the broker gets the
+    // stream credit back: the new subscription receives.
+    drop(first);
+    let mut third = client
+        .subscribe(&channel("cap.3"), Position::Latest)
+        .await
+        .unwrap();
+    client.publish(&channel("cap.3"), "hello").await.unwrap();
+    assert_eq!(
+        read_messages(&mut third, 1).await,
+        vec![(1, "hello".to_owned())]
+    );
 }

@@ -2,8 +2,8 @@
 //! timestamped payloads, reading and checking deliveries, adding it up.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -62,7 +62,11 @@ pub struct Latencies(Arc<[Mutex<Histogram<u64>>]>);
 impl Latencies {
     /// No latencies yet.
     pub fn new() -> Self {
-        Self((0..LATENCY_SHARDS).map(|_| Mutex::new(histogram())).collect())
+        Self(
+            (0..LATENCY_SHARDS)
+                .map(|_| Mutex::new(histogram()))
+                .collect(),
+        )
     }
 
     /// Records the latency of `payload`, which starts with its send time.
