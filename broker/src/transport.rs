@@ -96,6 +96,14 @@ pub fn bind(
     // Each subscription's stream may have up to this much unacknowledged
     // data in flight; the connection's total is bounded by send_window.
     transport.send_window(8 * 1024 * 1024);
+    // Ask clients to acknowledge every 9th packet instead of every 2nd (the
+    // QUIC ACK-frequency extension; our client supports it): at low rates
+    // each delivery is its own packet, and the ACKs coming back were a
+    // third of the broker's packets. Measured: −11% broker and generator
+    // CPU at 100 subscribers × 500 msg/s.
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(VarInt::from_u32(8));
+    transport.ack_frequency_config(Some(ack));
     server.transport_config(Arc::new(transport));
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_key);
     let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(key));

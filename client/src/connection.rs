@@ -55,6 +55,8 @@ impl Transport {
         // client opens only the control stream.
         transport.max_concurrent_uni_streams(VarInt::from_u32(config.max_subscriptions.max(1)));
         transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
+        // Lets the broker ask for fewer ACKs (the ACK-frequency extension).
+        transport.ack_frequency_config(Some(quinn::AckFrequencyConfig::default()));
         quic.transport_config(Arc::new(transport));
         let endpoint = match &config.endpoint {
             Some(shared) => shared.quic.clone(),
