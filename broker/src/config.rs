@@ -563,8 +563,10 @@ mod tests {
         c.limits.max_payload = 0;
         let err = c.validate().expect_err("refused").to_string();
         assert!(err.contains("limits.max_payload"), "{err}");
-        let mut c = Config::default();
-        c.socket_buffer_bytes = 4096;
+        let c = Config {
+            socket_buffer_bytes: 4096,
+            ..Config::default()
+        };
         let err = c.validate().expect_err("refused").to_string();
         assert!(err.contains("socket_buffer_bytes"), "{err}");
     }
