@@ -5,6 +5,7 @@
 //! or the wildcard characters `*` and `>` (reserved for grant patterns).
 
 use std::fmt;
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -12,8 +13,11 @@ use thiserror::Error;
 pub const MAX_CHANNEL_NAME_LEN: usize = 255;
 
 /// A validated channel name such as `chat.8812` or `user.42.inbox`.
+///
+/// Shared, not owned: every message delivered to an application carries
+/// its channel's name, and a clone is a reference count, not an allocation.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ChannelName(String);
+pub struct ChannelName(Arc<str>);
 
 /// Why a string is not a channel name.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -43,7 +47,7 @@ impl ChannelName {
     pub fn new(name: impl Into<String>) -> Result<Self, InvalidChannelName> {
         let name = name.into();
         validate(&name)?;
-        Ok(Self(name))
+        Ok(Self(name.into()))
     }
 
     /// Validates raw bytes from the wire.
