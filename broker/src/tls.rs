@@ -149,6 +149,13 @@ pub fn server_tls(config: &Config) -> Result<ServerTls, TlsError> {
     let mut tls = builder.with_cert_resolver(current.clone());
     tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
     tls.max_early_data_size = 0;
+    // Stateless resumption tickets: a client that reconnects (a phone
+    // changing networks, every client after a restart storm) skips the
+    // certificate signature and verification. The default stateful cache
+    // holds 256 sessions, far fewer than the clients that come back at
+    // once. Tickets are sealed with a key that lives only in this process
+    // (rotated by rustls), so a restarted broker does full handshakes.
+    tls.ticketer = rustls::crypto::ring::Ticketer::new()?;
     Ok(ServerTls {
         config: tls,
         dev_cert: dev.then_some(cert_path.clone()),

@@ -113,6 +113,9 @@ pub struct BenchArgs {
     pub nats: Option<String>,
 }
 
+/// Publishes one bench publisher keeps waiting for their acks.
+const PUBLISH_INFLIGHT: usize = 250;
+
 /// What the generator needs besides the flags.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -127,7 +130,14 @@ pub struct Target {
 impl Target {
     /// A target whose clients connect as `client` says, spread over
     /// `args.client_endpoints` shared sockets.
-    pub fn new(client: ClientConfig, admin: AdminApi, args: &BenchArgs) -> anyhow::Result<Self> {
+    pub fn new(
+        mut client: ClientConfig,
+        admin: AdminApi,
+        args: &BenchArgs,
+    ) -> anyhow::Result<Self> {
+        // Publishers keep as many publishes in flight as the broker's
+        // default producer window still recognises as retries (256).
+        client.max_inflight_publishes = PUBLISH_INFLIGHT;
         Ok(Self {
             endpoints: workload::bind_endpoints(&client.server, args)?,
             client,

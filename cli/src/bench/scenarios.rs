@@ -36,6 +36,7 @@ async fn audience(
     target: &Target,
     bar: &indicatif::ProgressBar,
     phase: &'static str,
+    milestones: &[workload::Milestone],
 ) -> anyhow::Result<Audience> {
     let channel = workload::fresh_channel(prefix, rand::random(), 0)?;
     let specs = vec![(channel.clone(), Position::Latest); subscribers];
@@ -49,6 +50,7 @@ async fn audience(
         deadline(args),
         &delivered,
         &latencies,
+        milestones,
     );
     let expected = args.messages * subscribers as u64;
     bar.set_message(phase);
@@ -113,6 +115,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
         target,
         &bar,
         "delivering",
+        &[],
     )
     .await?;
 
@@ -175,6 +178,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         deadline(args),
         &delivered,
         &latencies,
+        &[],
     );
     let published = args.messages * args.channels as u64;
     let expected = published * args.subscribers as u64;
@@ -250,6 +254,7 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
         deadline(args),
         &delivered,
         &latencies,
+        &[],
     );
     let expected = args.messages * args.subscribers as u64;
     bar.set_message("replaying");
@@ -307,7 +312,8 @@ pub async fn connections(
     // Every connection still works: one message to each inbox.
     let delivered = Arc::new(AtomicU64::new(0));
     let latencies = workload::Latencies::new();
-    let readers = workload::spawn_readers(subs, None, 1, deadline(args), &delivered, &latencies);
+    let readers =
+        workload::spawn_readers(subs, None, 1, deadline(args), &delivered, &latencies, &[]);
     let publisher = Client::connect(target.client.clone())
         .await
         .context("connecting the publisher")?;
@@ -362,6 +368,14 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         );
     }
     let bar = workload::progress(json_out);
+    // Half the messages before the storm, half while everyone reconnects.
+    // The channel is fresh: every subscriber that saw offset `before` had
+    // all of the first half (the kick waits for that, so that the storm
+    // measures reconnecting, not a backlog), and one that saw `before + 1`
+    // has resumed.
+    let before = (args.messages / 2).max(1);
+    let settled = workload::Milestone::new(before, args.connections);
+    let resumed = workload::Milestone::new(before + 1, args.connections);
     let Audience {
         channel,
         clients,
@@ -370,15 +384,29 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         expected,
         connect_rate,
         ticker,
-    } = audience("bench.storm", args.connections, args, target, &bar, "storm").await?;
+    } = audience(
+        "bench.storm",
+        args.connections,
+        args,
+        target,
+        &bar,
+        "storm",
+        &[settled.clone(), resumed.clone()],
+    )
+    .await?;
     let publisher = Client::connect(target.client.clone())
         .await
         .context("connecting the publisher")?;
 
-    // Half before the storm, half while everyone is reconnecting.
-    let before = args.messages / 2;
     let run = Run::start(target).await;
     workload::publish_all(&publisher, &channel, before, args.payload, 0.0).await?;
+    let settle_by = deadline(args);
+    while settled.reached_at().is_none() {
+        if tokio::time::Instant::now() >= settle_by {
+            bail!("the subscribers did not receive the first half before the timeout");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let kicked_at = Instant::now();
     let kicked = target
         .admin
@@ -390,10 +418,13 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         .await
         .context("kicking the bench's sessions")?;
     let after = args.messages - before;
-    workload::publish_all(&publisher, &channel, after, args.payload, 0.0).await?;
+    workload::publish_all(&publisher, &channel, after, args.payload, args.rate as f64).await?;
     let publish_secs = run.elapsed();
     let totals = Totals::collect(args.messages, expected, readers, &latencies).await?;
-    let resumed_secs = kicked_at.elapsed().as_secs_f64();
+    let delivered_secs = kicked_at.elapsed().as_secs_f64();
+    let resumed_secs = resumed
+        .reached_at()
+        .map(|at| at.saturating_duration_since(kicked_at).as_secs_f64());
     let shape = Shape {
         connections: args.connections + 1,
         subscribers: args.connections,
@@ -409,7 +440,11 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         connect_rate,
         extra: json!({
             "sessions_kicked": kicked["disconnected"],
+            // Every subscriber reconnected and received its first message
+            // published after the kick (null: some never did).
             "all_resumed_within_s": resumed_secs,
+            // ...and every message, to every subscriber.
+            "all_delivered_within_s": delivered_secs,
         }),
     };
     Ok(run

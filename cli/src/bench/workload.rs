@@ -88,6 +88,41 @@ impl Latencies {
     }
 }
 
+/// The moment the last of a set of readers first saw a given offset: in a
+/// storm, when every subscriber has reconnected, resumed and caught up to
+/// the messages published after its disconnection.
+#[derive(Debug, Clone)]
+pub struct Milestone(Arc<MilestoneState>);
+
+#[derive(Debug)]
+struct MilestoneState {
+    offset: u64,
+    remaining: AtomicU64,
+    reached_at: Mutex<Option<Instant>>,
+}
+
+impl Milestone {
+    /// Waits for `readers` readers to see `offset`.
+    pub fn new(offset: u64, readers: usize) -> Self {
+        Self(Arc::new(MilestoneState {
+            offset,
+            remaining: AtomicU64::new(readers as u64),
+            reached_at: Mutex::new(None),
+        }))
+    }
+
+    /// When the last reader got there, if all did.
+    pub fn reached_at(&self) -> Option<Instant> {
+        *self.0.reached_at.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn passed(&self) {
+        if self.0.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.reached_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        }
+    }
+}
+
 /// What one subscriber saw.
 #[derive(Debug)]
 pub struct Received {
@@ -96,6 +131,8 @@ pub struct Received {
     out_of_order: u64,
     latencies: Latencies,
     shard: usize,
+    /// Milestones this reader has yet to pass.
+    milestones: Vec<Milestone>,
 }
 
 impl Received {
@@ -108,7 +145,26 @@ impl Received {
             out_of_order: 0,
             latencies: latencies.clone(),
             shard,
+            milestones: Vec::new(),
         }
+    }
+
+    /// Counts this reader towards each of `milestones` once it sees its
+    /// offset.
+    pub fn towards(mut self, milestones: &[Milestone]) -> Self {
+        self.milestones = milestones.to_vec();
+        self
+    }
+
+    /// Notes that offset `offset` arrived.
+    fn saw_offset(&mut self, offset: u64) {
+        self.milestones.retain(|m| {
+            let passed = offset >= m.0.offset;
+            if passed {
+                m.passed();
+            }
+            !passed
+        });
     }
 
     /// Messages counted so far.
@@ -263,6 +319,7 @@ pub fn spawn_readers(
     deadline: tokio::time::Instant,
     delivered: &Arc<AtomicU64>,
     latencies: &Latencies,
+    milestones: &[Milestone],
 ) -> Vec<JoinHandle<Received>> {
     subs.into_iter()
         .enumerate()
@@ -270,7 +327,7 @@ pub fn spawn_readers(
             let first = first
                 .or_else(|| sub.next_offset().map(|o| o.get()))
                 .unwrap_or(1);
-            let received = Received::new(latencies, i);
+            let received = Received::new(latencies, i).towards(milestones);
             tokio::spawn(read_all(
                 sub,
                 first,
@@ -396,6 +453,7 @@ async fn read_all(
         };
         let offset = m.offset.get();
         r.record(offset < expected, offset > expected, &m.payload);
+        r.saw_offset(offset);
         if offset >= expected {
             expected = offset + 1;
             unreported += 1;
