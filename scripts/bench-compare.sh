@@ -85,7 +85,7 @@ fi
 run chats chats --channels 500 --subscribers 4 --messages 200
 run catchup catchup --subscribers 10 --messages 200000
 run connections connections --connections "${VOLNA_BENCH_CONNECTIONS:-20000}" --hold-secs 10 --timeout-secs 900
-run storm storm --connections 3000 --messages 2000
+run storm storm --connections 3000 --messages 400 --rate 20
 
 python3 -c "import matplotlib" 2>/dev/null || pip install --quiet matplotlib
 python3 scripts/plot-bench.py "$results" "$out/fanout.svg"
