@@ -1,8 +1,6 @@
 //! The scenarios against a broker. Each builds its channels and
 //! connections from [`workload`], runs, and returns the JSON summary.
 
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -22,8 +20,7 @@ fn deadline(args: &BenchArgs) -> tokio::time::Instant {
 struct Audience {
     channel: ChannelName,
     clients: Vec<Client>,
-    readers: Vec<tokio::task::JoinHandle<workload::Received>>,
-    latencies: workload::Latencies,
+    readers: workload::Readers,
     expected: u64,
     connect_rate: f64,
     ticker: tokio::task::JoinHandle<()>,
@@ -41,28 +38,17 @@ async fn audience(
     let channel = workload::fresh_channel(prefix, rand::random(), 0)?;
     let specs = vec![(channel.clone(), Position::Latest); subscribers];
     let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, bar).await?;
-    let delivered = Arc::new(AtomicU64::new(0));
-    let latencies = workload::Latencies::new();
-    let readers = workload::spawn_readers(
-        subs,
-        None,
-        args.messages,
-        deadline(args),
-        &delivered,
-        &latencies,
-        milestones,
-    );
+    let readers = workload::Readers::spawn(subs, None, args.messages, deadline(args), milestones);
     let expected = args.messages * subscribers as u64;
     bar.set_message(phase);
     bar.set_length(expected);
     Ok(Audience {
         channel,
         clients,
+        ticker: workload::follow(bar, &readers.delivered),
         readers,
-        latencies,
         expected,
         connect_rate,
-        ticker: workload::follow(bar, &delivered),
     })
 }
 
@@ -104,7 +90,6 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
         channel,
         clients,
         readers,
-        latencies,
         expected,
         connect_rate,
         ticker,
@@ -130,7 +115,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
     )
     .await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(args.messages, expected, readers, &latencies).await?;
+    let totals = readers.collect(args.messages, expected).await?;
     let shape = Shape {
         connections: args.subscribers + args.publishers,
         subscribers: args.subscribers,
@@ -169,22 +154,12 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         .flat_map(|c| std::iter::repeat_n((c.clone(), Position::Latest), args.subscribers))
         .collect();
     let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, &bar).await?;
-    let delivered = Arc::new(AtomicU64::new(0));
-    let latencies = workload::Latencies::new();
-    let readers = workload::spawn_readers(
-        subs,
-        None,
-        args.messages,
-        deadline(args),
-        &delivered,
-        &latencies,
-        &[],
-    );
+    let readers = workload::Readers::spawn(subs, None, args.messages, deadline(args), &[]);
     let published = args.messages * args.channels as u64;
     let expected = published * args.subscribers as u64;
     bar.set_message("delivering");
     bar.set_length(expected);
-    let ticker = workload::follow(&bar, &delivered);
+    let ticker = workload::follow(&bar, &readers.delivered);
 
     let run = Run::start(target).await;
     let rate = args.rate / args.channels as u64;
@@ -195,7 +170,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     )
     .await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(published, expected, readers, &latencies).await?;
+    let totals = readers.collect(published, expected).await?;
     let shape = Shape {
         connections: specs.len() + args.channels,
         subscribers: specs.len(),
@@ -243,24 +218,14 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
     // The clock starts with the first subscribe: connecting is part of
     // catching up.
     let run = Run::start(target).await;
-    let delivered = Arc::new(AtomicU64::new(0));
     let specs = vec![(channel.clone(), Position::FIRST); args.subscribers];
     let (clients, subs, connect_rate) = workload::connect_subscribers(target, &specs, &bar).await?;
-    let latencies = workload::Latencies::new();
-    let readers = workload::spawn_readers(
-        subs,
-        Some(1),
-        args.messages,
-        deadline(args),
-        &delivered,
-        &latencies,
-        &[],
-    );
+    let readers = workload::Readers::spawn(subs, Some(1), args.messages, deadline(args), &[]);
     let expected = args.messages * args.subscribers as u64;
     bar.set_message("replaying");
     bar.set_length(expected);
-    let ticker = workload::follow(&bar, &delivered);
-    let totals = Totals::collect(args.messages, expected, readers, &latencies).await?;
+    let ticker = workload::follow(&bar, &readers.delivered);
+    let totals = readers.collect(args.messages, expected).await?;
     let replay_rate = totals.received as f64 / run.elapsed();
     let shape = Shape {
         connections: args.subscribers + args.publishers,
@@ -310,23 +275,15 @@ pub async fn connections(
     let rss_held = workload::broker_rss(&target.admin.http).await;
 
     // Every connection still works: one message to each inbox.
-    let delivered = Arc::new(AtomicU64::new(0));
-    let latencies = workload::Latencies::new();
-    let readers =
-        workload::spawn_readers(subs, None, 1, deadline(args), &delivered, &latencies, &[]);
+    let readers = workload::Readers::spawn(subs, None, 1, deadline(args), &[]);
     let publisher = Client::connect(target.client.clone())
         .await
         .context("connecting the publisher")?;
     let run = Run::start(target).await;
     workload::publish_each(&publisher, &inboxes, args.payload).await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(
-        inboxes.len() as u64,
-        inboxes.len() as u64,
-        readers,
-        &latencies,
-    )
-    .await?;
+    let inboxes_count = inboxes.len() as u64;
+    let totals = readers.collect(inboxes_count, inboxes_count).await?;
     let per_connection = rss_before
         .zip(rss_held)
         .map(|(before, held)| held.saturating_sub(before) / args.connections as u64);
@@ -380,7 +337,6 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         channel,
         clients,
         readers,
-        latencies,
         expected,
         connect_rate,
         ticker,
@@ -420,7 +376,7 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     let after = args.messages - before;
     workload::publish_all(&publisher, &channel, after, args.payload, args.rate as f64).await?;
     let publish_secs = run.elapsed();
-    let totals = Totals::collect(args.messages, expected, readers, &latencies).await?;
+    let totals = readers.collect(args.messages, expected).await?;
     let delivered_secs = kicked_at.elapsed().as_secs_f64();
     let resumed_secs = resumed
         .reached_at()

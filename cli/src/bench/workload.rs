@@ -310,34 +310,57 @@ pub async fn connect_subscribers(
     Ok((clients, subs, rate))
 }
 
-/// Starts a reader per subscription, each expecting `messages` messages
-/// from its current position on.
-pub fn spawn_readers(
-    subs: Vec<Subscription>,
-    first: Option<u64>,
-    messages: u64,
-    deadline: tokio::time::Instant,
-    delivered: &Arc<AtomicU64>,
-    latencies: &Latencies,
-    milestones: &[Milestone],
-) -> Vec<JoinHandle<Received>> {
-    subs.into_iter()
-        .enumerate()
-        .map(|(i, sub)| {
-            let first = first
-                .or_else(|| sub.next_offset().map(|o| o.get()))
-                .unwrap_or(1);
-            let received = Received::new(latencies, i).towards(milestones);
-            tokio::spawn(read_all(
-                sub,
-                first,
-                messages,
-                deadline,
-                delivered.clone(),
-                received,
-            ))
-        })
-        .collect()
+/// A run's reader tasks, one per subscription, and what they share.
+#[derive(Debug)]
+pub struct Readers {
+    handles: Vec<JoinHandle<Received>>,
+    latencies: Latencies,
+    /// Deliveries counted so far, for the progress bar.
+    pub delivered: Arc<AtomicU64>,
+}
+
+impl Readers {
+    /// Starts a reader per subscription, each expecting `messages`
+    /// messages from `first` (by default its current position) on, until
+    /// `deadline`, and counting towards `milestones`.
+    pub fn spawn(
+        subs: Vec<Subscription>,
+        first: Option<u64>,
+        messages: u64,
+        deadline: tokio::time::Instant,
+        milestones: &[Milestone],
+    ) -> Self {
+        let delivered = Arc::new(AtomicU64::new(0));
+        let latencies = Latencies::new();
+        let handles = subs
+            .into_iter()
+            .enumerate()
+            .map(|(i, sub)| {
+                let first = first
+                    .or_else(|| sub.next_offset().map(|o| o.get()))
+                    .unwrap_or(1);
+                let received = Received::new(&latencies, i).towards(milestones);
+                tokio::spawn(read_all(
+                    sub,
+                    first,
+                    messages,
+                    deadline,
+                    delivered.clone(),
+                    received,
+                ))
+            })
+            .collect();
+        Self {
+            handles,
+            latencies,
+            delivered,
+        }
+    }
+
+    /// Waits for every reader and adds up what they saw.
+    pub async fn collect(self, published: u64, expected: u64) -> anyhow::Result<Totals> {
+        Totals::collect(published, expected, self.handles, &self.latencies).await
+    }
 }
 
 /// Publishes `count` timestamped payloads to `channel`, at most `rate` per
