@@ -155,7 +155,7 @@ impl SubShared {
                 }
                 // Room for many messages per wait, not one: at high rates the
                 // per-message wake-ups were the client's largest cost.
-                let mut offset = Offset::new(first.get() + skip as u64);
+                let mut offset = first.add(skip as u64);
                 let mut messages = d.messages.into_iter().skip(skip).peekable();
                 while messages.peek().is_some() {
                     let want = messages.len().min(self.tx.max_capacity());
