@@ -24,3 +24,13 @@ if [ "${VOLNA_NEED_NEXTEST:-0}" = 1 ] && ! cargo nextest --version >/dev/null 2>
     echo "volna: installing cargo-nextest" >&2
     cargo install cargo-nextest --locked
 fi
+
+# The one build of the workspace every script shares: all targets of all
+# crates, so that cargo unifies dependency features the same way each time
+# and nothing is compiled twice (a `-p` subset would rebuild half of the
+# dependency graph with other features). After `scripts/test.sh` it has
+# nothing left to do.
+volna_build() {
+    cargo build --workspace --all-targets --locked --quiet
+}
+

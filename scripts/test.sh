@@ -9,6 +9,12 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast
 # Benchmarks in test mode: each runs once, so they keep compiling and working.
-cargo test -p volna-benches --benches --locked
+cargo test --workspace --benches --locked
+# The quick start's scripts use what was just built: nothing may be left to
+# compile (a second feature set would cost a newcomer minutes).
+if cargo build --workspace --all-targets --locked 2>&1 | grep -E '^ *Compiling'; then
+    echo "volna: the quick start would compile the crates above again" >&2
+    exit 1
+fi
 # The container set-up: image, compose, load generator (skipped without Docker).
 scripts/docker-test.sh

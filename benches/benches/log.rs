@@ -226,7 +226,10 @@ fn replay_to_live(c: &mut Criterion) {
                         .expect("the subscription delivered everything");
                     let elapsed = started.elapsed();
                     cancel.cancel();
-                    delivery.await.expect("delivery loop");
+                    delivery
+                        .await
+                        .expect("delivery loop")
+                        .expect("cancelled, not stopped");
                     elapsed
                 });
             }

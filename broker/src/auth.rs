@@ -19,6 +19,7 @@
 //! name, and may do everything.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{DecodingKey, Validation};
@@ -190,6 +191,8 @@ impl Grant {
 pub struct Identity {
     /// The user (`sub`).
     pub user: String,
+    /// `user`, shared: the owner of the identity's producer windows.
+    owner: Arc<str>,
     /// When the token expires (Unix seconds), if it does.
     pub expires_at: Option<u64>,
     /// A backend service (token `role = "server"`, or a client
@@ -220,12 +223,19 @@ impl Identity {
     /// with `mode = "none"`, anyone): may do everything, never expires.
     pub fn service(name: String) -> Self {
         Self {
+            owner: name.as_str().into(),
             user: name,
             expires_at: None,
             server: true,
             subscribe: Rights::All,
             publish: Rights::All,
         }
+    }
+
+    /// Who owns this identity's producer windows (idempotent publish): the
+    /// user, so one user can never touch another's.
+    pub fn owner(&self) -> Arc<str> {
+        self.owner.clone()
     }
 
     /// Whether this identity may subscribe to `channel`.
@@ -397,6 +407,7 @@ impl Authenticator {
             publish.push(own);
         }
         Ok(Identity {
+            owner: claims.sub.as_str().into(),
             user: claims.sub,
             expires_at: Some(claims.exp),
             server: claims.role.as_deref() == Some("server"),

@@ -97,6 +97,9 @@ pub struct LimitsConfig {
     pub hello_timeout_ms: u64,
     /// A connection silent for this long is closed (clients send keep-alives).
     pub idle_timeout_ms: u64,
+    /// A session whose control stream has not taken a frame for this long
+    /// (the client stopped reading it) is closed with `CONTROL_STALLED`.
+    pub control_stall_secs: u64,
     /// Connections one user (token `sub`) may hold at once; server-side
     /// identities are not limited.
     pub max_connections_per_user: u32,
@@ -114,6 +117,16 @@ pub struct LimitsConfig {
     pub handshakes_per_ip_per_sec: u32,
     /// Connections one IP address may open in a burst above that rate.
     pub handshake_burst_per_ip: u32,
+    /// Connections the broker holds at once, handshakes included; beyond
+    /// it new ones are refused before any cryptography.
+    pub max_connections: usize,
+    /// Handshakes in progress at once; beyond it new ones are refused.
+    pub max_handshakes_in_progress: usize,
+    /// Above this many new connections per second (broker-wide), a client
+    /// must first prove it receives at its address (a QUIC Retry): a flood
+    /// from spoofed addresses then costs one stateless packet each and
+    /// never reaches a handshake. 0: never ask.
+    pub retry_above_handshakes_per_sec: u32,
 }
 
 impl Default for LimitsConfig {
@@ -125,11 +138,15 @@ impl Default for LimitsConfig {
             hello_timeout_ms: 10_000,
             idle_timeout_ms: 30_000,
             max_connections_per_user: 32,
+            control_stall_secs: 30,
             publish_rate_per_connection: 100,
             publish_rate_per_user: 300,
             publish_burst: 200,
             handshakes_per_ip_per_sec: 1_000,
             handshake_burst_per_ip: 5_000,
+            max_connections: 250_000,
+            max_handshakes_in_progress: 4_096,
+            retry_above_handshakes_per_sec: 2_000,
         }
     }
 }
@@ -149,6 +166,10 @@ impl LimitsConfig {
 pub struct EngineConfig {
     /// Publishes queued for the log writer before publishers wait.
     pub writer_queue: usize,
+    /// Payload bytes queued for the log writer before publishers wait (at
+    /// most 4 GiB): with large payloads this, not `writer_queue`, bounds
+    /// the queue's memory.
+    pub writer_queue_bytes: usize,
     /// Most publishes group-committed in one RocksDB write batch.
     pub max_batch_messages: usize,
     /// Most payload bytes group-committed in one RocksDB write batch.
@@ -162,6 +183,17 @@ pub struct EngineConfig {
     /// retry is recognised while fewer than this many newer publishes of
     /// the same producer were stored; clients keep fewer in flight.
     pub producer_window: usize,
+    /// A producer window is forgotten (in memory and on disk) this long
+    /// after its producer's last stored publish: the retry horizon of
+    /// idempotent publish.
+    pub producer_idle_secs: u64,
+    /// Producer windows kept in memory; beyond it the least recently used
+    /// are dropped from memory (they stay on disk and load on next use).
+    pub max_resident_producers: usize,
+    /// Producer windows (idempotent-publish state) one user may have live
+    /// at once; a publish that would start another gets
+    /// `TooManyProducers`. Server-side identities are not limited.
+    pub max_producers_per_user: usize,
     /// How often retention runs, in milliseconds.
     pub retention_interval_ms: u64,
 }
@@ -170,11 +202,15 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             writer_queue: 16 * 1024,
+            writer_queue_bytes: 64 * 1024 * 1024,
             max_batch_messages: 4096,
             max_batch_bytes: 8 * 1024 * 1024,
             reader_threads: 2,
             channel_ring_bytes: 4 * 1024 * 1024,
             producer_window: 256,
+            producer_idle_secs: 24 * 3600,
+            max_resident_producers: 100_000,
+            max_producers_per_user: 64,
             retention_interval_ms: 10_000,
         }
     }
@@ -385,6 +421,23 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if l.max_connections == 0 {
+            return Err(invalid("limits.max_connections", 0, "must be at least 1"));
+        }
+        if l.max_handshakes_in_progress == 0 {
+            return Err(invalid(
+                "limits.max_handshakes_in_progress",
+                0,
+                "must be at least 1",
+            ));
+        }
+        if l.control_stall_secs == 0 {
+            return Err(invalid(
+                "limits.control_stall_secs",
+                0,
+                "must be at least 1",
+            ));
+        }
         if l.max_connections_per_user == 0 {
             return Err(invalid(
                 "limits.max_connections_per_user",
@@ -392,6 +445,7 @@ impl Config {
                 "must be at least 1",
             ));
         }
+
         let rated = l.publish_rate_per_connection > 0 || l.publish_rate_per_user > 0;
         if rated && l.publish_burst == 0 {
             return Err(invalid(
@@ -417,14 +471,24 @@ impl Config {
         let e = &self.engine;
         for (key, value) in [
             ("engine.writer_queue", e.writer_queue),
+            ("engine.writer_queue_bytes", e.writer_queue_bytes),
             ("engine.max_batch_messages", e.max_batch_messages),
             ("engine.max_batch_bytes", e.max_batch_bytes),
             ("engine.reader_threads", e.reader_threads),
             ("engine.producer_window", e.producer_window),
+            ("engine.max_resident_producers", e.max_resident_producers),
+            ("engine.max_producers_per_user", e.max_producers_per_user),
         ] {
             if value == 0 {
                 return Err(invalid(key, 0, "must be at least 1"));
             }
+        }
+        if u32::try_from(e.writer_queue_bytes).is_err() {
+            return Err(invalid(
+                "engine.writer_queue_bytes",
+                e.writer_queue_bytes,
+                "must be at most 4 GiB",
+            ));
         }
         if e.channel_ring_bytes < 64 * 1024 {
             return Err(invalid(

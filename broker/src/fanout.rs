@@ -4,10 +4,18 @@
 //! ```text
 //!  writer thread ── committed(channel, messages) ──▶ ChannelFeed
 //!                      encode once into Deliver frames   │ ring of FeedBatch (byte budget)
-//!                                                        │ head: watch<Offset>
+//!                                                        │ head: AtomicU64
+//!                      wake shard k (once, coalesced) ───┤
+//!                                  waker thread k ──▶ shard k's parked subscribers
 //!              ┌─────────────────────┬───────────────────┘
 //!         subscription 1       subscription 2  …  each keeps its own `next` offset
 //! ```
+//!
+//! Publishing never waits on subscribers (issue 11 §D): the writer thread
+//! pushes the batch into the ring and raises `head`, both O(1), and wakes a
+//! channel's subscribers itself only while the shard holds a few; a larger
+//! audience is split into shards, one per waker thread, so one big channel
+//! is woken by every core and no commit pays for it.
 //!
 //! Each committed batch is encoded once into shared `Bytes` frames; every
 //! subscriber hands the same frames to its connection, so there is no
@@ -24,13 +32,19 @@
 //! - `head` (the offset after the last committed message known here) only
 //!   grows; anything below it is readable from the log.
 //! - A channel's feed exists only while it has subscribers.
+//! - A subscriber parked in [`FeedSubscription::changed`] is woken after
+//!   every raise of `head` past what it saw: a shard's `pending` flag is
+//!   cleared before its waiters are notified, so a raise after the clear
+//!   queues another wake-up.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
+use crossbeam_channel::{Sender, TrySendError};
 use dashmap::DashMap;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use volna_proto::{ChannelName, Epoch, Frame, Limits, Offset};
 
 use crate::log::{CommitListener, Log};
@@ -40,18 +54,43 @@ use crate::store::{ChannelMeta, StoredMessage};
 /// so one frame never holds a stream's flow-control window hostage.
 pub const TARGET_FRAME_BYTES: usize = 64 * 1024;
 
+/// A shard with at most this many subscribers is woken on the writer
+/// thread itself (a bounded cost, and one thread hop less of latency for
+/// the small chats that are most channels).
+const INLINE_WAKE_MAX: usize = 64;
+/// Wake-ups queued per waker thread; coalescing keeps it to one per
+/// (channel, shard), and beyond it the writer wakes the shard itself.
+const WAKER_QUEUE: usize = 16 * 1024;
+
 /// The registry of subscribed channels.
 #[derive(Debug)]
 pub struct Fanout {
     channels: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
     ring_bytes: usize,
+    /// One queue per waker thread, shard `k` to thread `k`.
+    wakers: Vec<Sender<(Arc<ChannelFeed>, usize)>>,
 }
 
-/// One channel's ring of encoded batches and its head offset.
+/// One channel's ring of encoded batches, its head offset and its
+/// subscribers, in wake-up shards.
 #[derive(Debug)]
 pub struct ChannelFeed {
     ring: Mutex<Ring>,
-    head: watch::Sender<Offset>,
+    /// The offset after the last committed message known here.
+    head: AtomicU64,
+    shards: Box<[WakeShard]>,
+    subscribers: AtomicUsize,
+    /// Spreads subscribers over the shards.
+    next_shard: AtomicUsize,
+}
+
+/// Subscribers of a channel woken together.
+#[derive(Debug, Default)]
+struct WakeShard {
+    notify: Notify,
+    subscribers: AtomicUsize,
+    /// A wake-up is queued for this shard and not yet delivered.
+    pending: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -100,20 +139,41 @@ pub enum NextStep {
 pub struct FeedSubscription {
     channel: ChannelName,
     feed: Arc<ChannelFeed>,
-    head: Option<watch::Receiver<Offset>>,
+    shard: usize,
+    /// The head as this subscriber last saw it.
+    seen: u64,
     registry: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
 }
 
-/// The channel's feed is gone (the engine shut down).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FeedClosed;
-
 impl Fanout {
-    /// An engine whose channels each keep up to `ring_bytes` of batches.
+    /// An engine whose channels each keep up to `ring_bytes` of batches,
+    /// with a waker thread per core.
     pub fn new(ring_bytes: usize) -> Self {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self::with_wakers(ring_bytes, cores.clamp(1, 16))
+    }
+
+    /// An engine with `wakers` waker threads (and as many shards per
+    /// channel). The threads end when the engine is dropped.
+    pub fn with_wakers(ring_bytes: usize, wakers: usize) -> Self {
+        let wakers = (0..wakers.max(1))
+            .filter_map(|k| {
+                let (tx, rx) = crossbeam_channel::bounded::<(Arc<ChannelFeed>, usize)>(WAKER_QUEUE);
+                std::thread::Builder::new()
+                    .name(format!("volna-fanout-waker-{k}"))
+                    .spawn(move || {
+                        for (feed, shard) in rx {
+                            feed.wake(shard);
+                        }
+                    })
+                    .ok()
+                    .map(|_| tx)
+            })
+            .collect();
         Self {
             channels: Arc::new(DashMap::new()),
             ring_bytes,
+            wakers,
         }
     }
 
@@ -134,7 +194,7 @@ impl Fanout {
     pub fn subscribers(&self, channel: &ChannelName) -> usize {
         self.channels
             .get(channel)
-            .map_or(0, |feed| feed.value().head.receiver_count())
+            .map_or(0, |feed| feed.value().subscribers.load(Ordering::Relaxed))
     }
 
     /// Bytes held by every channel's ring.
@@ -147,32 +207,51 @@ impl Fanout {
 
     /// Registers a subscriber of `channel`.
     pub fn subscribe(&self, channel: &ChannelName, log: &Log) -> FeedSubscription {
-        // Create the receiver while the map entry is held, so that a
+        // Count the subscriber while the map entry is held, so that a
         // concurrent last-unsubscribe cannot remove the feed in between.
-        let (feed, head) = {
+        let (feed, shard) = {
+            let shards = self.wakers.len().max(1);
             let entry = self.channels.entry(channel.clone()).or_insert_with(|| {
                 Arc::new(ChannelFeed {
                     ring: Mutex::new(Ring::default()),
-                    head: watch::Sender::new(Offset::FIRST),
+                    head: AtomicU64::new(Offset::FIRST.get()),
+                    shards: (0..shards).map(|_| WakeShard::default()).collect(),
+                    subscribers: AtomicUsize::new(0),
+                    next_shard: AtomicUsize::new(0),
                 })
             });
-            (entry.value().clone(), entry.value().head.subscribe())
+            let feed = entry.value().clone();
+            let shard = feed.next_shard.fetch_add(1, Ordering::Relaxed) % shards;
+            feed.subscribers.fetch_add(1, Ordering::Relaxed);
+            feed.shards[shard]
+                .subscribers
+                .fetch_add(1, Ordering::Relaxed);
+            (feed, shard)
         };
         // Commits that happened before the feed existed never reached it;
         // the directory (updated before listeners are called) knows them.
         if let Some(meta) = log.meta(channel) {
-            feed.advance_head(meta.next_offset);
+            let before = feed
+                .head
+                .fetch_max(meta.next_offset.get(), Ordering::AcqRel);
+            if before < meta.next_offset.get() {
+                for k in 0..feed.shards.len() {
+                    feed.wake(k);
+                }
+            }
         }
         FeedSubscription {
             channel: channel.clone(),
             feed,
-            head: Some(head),
+            shard,
+            seen: 0,
             registry: self.channels.clone(),
         }
     }
 }
 
 impl CommitListener for Fanout {
+    /// On the writer thread: O(1) in the channel's audience.
     fn committed(&self, channel: &ChannelName, meta: &ChannelMeta, messages: &[StoredMessage]) {
         let Some(feed) = self.channels.get(channel).map(|f| f.value().clone()) else {
             return;
@@ -187,7 +266,28 @@ impl CommitListener for Fanout {
                 ring.push(batch, self.ring_bytes);
             }
         }
-        feed.advance_head(end);
+        if feed.head.fetch_max(end.get(), Ordering::AcqRel) >= end.get() {
+            return;
+        }
+        for (k, shard) in feed.shards.iter().enumerate() {
+            let audience = shard.subscribers.load(Ordering::Relaxed);
+            if audience == 0 || shard.pending.swap(true, Ordering::AcqRel) {
+                // Nobody there, or a wake-up not yet delivered will do.
+                continue;
+            }
+            if audience <= INLINE_WAKE_MAX {
+                feed.wake(k);
+                continue;
+            }
+            match self.wakers.get(k).map(|w| w.try_send((feed.clone(), k))) {
+                Some(Ok(())) => {}
+                // A waker far behind (or gone): correctness first.
+                Some(Err(
+                    TrySendError::Full((feed, k)) | TrySendError::Disconnected((feed, k)),
+                )) => feed.wake(k),
+                None => feed.wake(k),
+            }
+        }
     }
 }
 
@@ -198,15 +298,12 @@ impl ChannelFeed {
         self.ring.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn advance_head(&self, to: Offset) {
-        self.head.send_if_modified(|head| {
-            if to > *head {
-                *head = to;
-                true
-            } else {
-                false
-            }
-        });
+    /// Wakes every subscriber parked on shard `k`.
+    fn wake(&self, k: usize) {
+        if let Some(shard) = self.shards.get(k) {
+            shard.pending.store(false, Ordering::Release);
+            shard.notify.notify_waiters();
+        }
     }
 }
 
@@ -239,10 +336,8 @@ impl FeedSubscription {
     /// What to do for a subscriber whose next wanted offset is `next`,
     /// taking at most about `max_bytes` of frames.
     pub fn next_step(&mut self, next: Offset, max_bytes: usize) -> NextStep {
-        let head = match self.head.as_mut() {
-            Some(rx) => *rx.borrow_and_update(),
-            None => return NextStep::Wait,
-        };
+        self.seen = self.feed.head.load(Ordering::Acquire);
+        let head = Offset::new(self.seen);
         if next >= head {
             return NextStep::Wait;
         }
@@ -287,21 +382,35 @@ impl FeedSubscription {
         }
     }
 
-    /// Resolves when the head moves (new commits), or fails once the feed
-    /// is gone.
-    pub async fn changed(&mut self) -> Result<(), FeedClosed> {
-        match self.head.as_mut() {
-            Some(rx) => rx.changed().await.map_err(|_| FeedClosed),
-            None => Err(FeedClosed),
+    /// Resolves once the head has moved past what [`next_step`]
+    /// (Self::next_step) last saw (new commits).
+    pub async fn changed(&mut self) {
+        let shard = &self.feed.shards[self.shard];
+        loop {
+            // Registered before the head is read, so a raise in between
+            // is not missed.
+            let notified = shard.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let head = self.feed.head.load(Ordering::Acquire);
+            if head != self.seen {
+                self.seen = head;
+                return;
+            }
+            notified.await;
         }
     }
 }
 
 impl Drop for FeedSubscription {
     fn drop(&mut self) {
-        drop(self.head.take());
-        self.registry
-            .remove_if(&self.channel, |_, feed| feed.head.receiver_count() == 0);
+        self.feed.shards[self.shard]
+            .subscribers
+            .fetch_sub(1, Ordering::Relaxed);
+        self.feed.subscribers.fetch_sub(1, Ordering::Relaxed);
+        self.registry.remove_if(&self.channel, |_, feed| {
+            feed.subscribers.load(Ordering::Relaxed) == 0
+        });
     }
 }
 

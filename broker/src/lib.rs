@@ -14,6 +14,7 @@
 //!   implementations and their byte layouts;
 //! - [`log`]: offset assignment and group commit on the writer thread,
 //!   catch-up reads on reader threads;
+//! - [`producers`]: the writer's resident idempotent-publish windows;
 //! - [`fanout`]: per-channel rings of encoded batches, shared by subscribers;
 //! - [`subscription`]: one subscription's offset-driven delivery loop;
 //! - [`session`]: one connection's request/reply protocol and limits;
@@ -41,6 +42,7 @@ pub mod http;
 pub mod limits;
 pub mod log;
 pub mod metrics;
+pub mod producers;
 mod queue;
 pub mod retention;
 #[cfg(feature = "rocksdb")]

@@ -1,7 +1,9 @@
 //! The limits that keep one client from taking the broker down for others:
 //! connections per user, publishes per second per connection and per user
-//! (token buckets, crate `governor`), and new connections per second per
-//! source address.
+//! (token buckets, crate `governor`), new connections per second per
+//! source address, and broker-wide: connections and handshakes in progress
+//! (capped), and the new-connection rate above which addresses must be
+//! validated (QUIC Retry) before a handshake.
 //!
 //! Server-side identities (backend services) are not limited here: they are
 //! few, trusted, and carry the broadcast load. Per-user state lives only
@@ -11,6 +13,7 @@
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -51,6 +54,49 @@ pub struct Limiter {
     per_user: Option<(Quota, u32)>,
     users: DashMap<String, UserEntry>,
     handshakes: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    max_connections: usize,
+    max_handshaking: usize,
+    /// Connections held, handshakes included.
+    connections: AtomicUsize,
+    handshaking: AtomicUsize,
+    /// Broker-wide new connections per second before Retry is asked for.
+    unvalidated: Option<DefaultDirectRateLimiter>,
+}
+
+/// What to do with a connection attempt.
+#[derive(Debug)]
+pub enum Admission {
+    /// Go on with the handshake; the slot counts the connection until it
+    /// is dropped.
+    Accept(ConnectionSlot),
+    /// Ask the client to prove its address first (QUIC Retry).
+    Retry,
+    /// Refuse: the broker holds as many connections or handshakes as it may.
+    Refuse(&'static str),
+}
+
+/// One admitted connection, counted against the broker-wide caps while it
+/// lives.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    limiter: Arc<Limiter>,
+    handshaking: bool,
+}
+
+impl ConnectionSlot {
+    /// The handshake completed: it no longer counts as one in progress.
+    pub fn established(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            self.limiter.handshaking.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.established();
+        self.limiter.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug)]
@@ -79,7 +125,43 @@ impl Limiter {
             per_user: quota(config.publish_rate_per_user, config.publish_burst),
             users: DashMap::new(),
             handshakes,
+            max_connections: config.max_connections,
+            max_handshaking: config.max_handshakes_in_progress,
+            connections: AtomicUsize::new(0),
+            handshaking: AtomicUsize::new(0),
+            unvalidated: NonZeroU32::new(config.retry_above_handshakes_per_sec)
+                .map(|rate| governor::RateLimiter::direct(Quota::per_second(rate))),
         }
+    }
+
+    /// Decides a connection attempt by the broker-wide caps; `validated`:
+    /// the client already proved its address (it answered a Retry).
+    pub fn admit_connection(self: &Arc<Self>, validated: bool) -> Admission {
+        if self.connections.load(Ordering::Relaxed) >= self.max_connections {
+            return Admission::Refuse("connections");
+        }
+        if self.handshaking.load(Ordering::Relaxed) >= self.max_handshaking {
+            return Admission::Refuse("handshakes");
+        }
+        if !validated
+            && self
+                .unvalidated
+                .as_ref()
+                .is_some_and(|limiter| limiter.check().is_err())
+        {
+            return Admission::Retry;
+        }
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        self.handshaking.fetch_add(1, Ordering::Relaxed);
+        Admission::Accept(ConnectionSlot {
+            limiter: self.clone(),
+            handshaking: true,
+        })
+    }
+
+    /// Connections held, handshakes included.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Whether a new connection from `ip` may start its handshake.

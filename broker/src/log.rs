@@ -24,10 +24,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use crossbeam_channel::Receiver;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use dashmap::DashMap;
 use thiserror::Error;
 use tokio::sync::oneshot;
@@ -36,11 +36,15 @@ use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, ProducerSeq};
 
 use crate::config::{Durability, EngineConfig};
 use crate::metrics::Metrics;
+use crate::producers::ProducerTable;
 use crate::queue::{self, AsyncSender, Queued};
 use crate::store::{
-    ChannelId, ChannelMeta, LogStore, ProducerEntry, ProducerWindow, Recovered, SequenceStatus,
-    StoreError, StoredMessage, WriteSet,
+    ChannelId, ChannelMeta, LogStore, ProducerEntry, ProducerKey, ProducerWindow, Recovered,
+    SequenceStatus, StoreError, StoredMessage, WriteSet,
 };
+
+/// How often the writer looks for idle producer windows.
+const PRODUCER_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Channel metadata as last committed, readable from any thread.
 pub type Directory = DashMap<ChannelName, ChannelMeta>;
@@ -77,6 +81,14 @@ pub enum AppendError {
         /// The sequence sent.
         sequence: u64,
     },
+    /// The owner has as many live producer windows as it may.
+    #[error("{owner} has {limit} live producers already; reuse a producer id")]
+    TooManyProducers {
+        /// Who published.
+        owner: Arc<str>,
+        /// The limit.
+        limit: u32,
+    },
     /// The sequence was already used by this producer on another channel.
     #[error("sequence {sequence} of producer {producer_id} was already used on another channel")]
     SequenceReused {
@@ -97,6 +109,7 @@ impl AppendError {
             Self::Storage(_) => ErrorCode::StorageUnavailable,
             Self::SequenceTooOld { .. } => ErrorCode::SequenceTooOld,
             Self::SequenceReused { .. } => ErrorCode::BadRequest,
+            Self::TooManyProducers { .. } => ErrorCode::TooManyProducers,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
@@ -108,9 +121,55 @@ pub struct AppendInput {
     /// Target channel.
     pub channel: ChannelName,
     /// Idempotency key, if any.
-    pub producer: Option<ProducerSeq>,
+    pub producer: Option<ProducerRef>,
     /// Body.
     pub payload: Bytes,
+}
+
+/// An idempotent publish's identity: whose producer, which sequence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProducerRef {
+    /// The authenticated owner and the client's producer id.
+    pub key: ProducerKey,
+    /// The producer's sequence number of this publish.
+    pub sequence: u64,
+    /// Whether the owner's live windows count against
+    /// `limits.max_producers_per_user` (end users; not backend services).
+    pub limited: bool,
+}
+
+impl ProducerRef {
+    fn seq(&self) -> ProducerSeq {
+        ProducerSeq {
+            producer_id: self.key.producer_id,
+            sequence: self.sequence,
+        }
+    }
+}
+
+/// How the sequencer keeps producer windows.
+#[derive(Debug, Clone, Copy)]
+pub struct ProducerLimits {
+    /// Sequences remembered per producer.
+    pub window: usize,
+    /// A window is forgotten this long after its last publish.
+    pub idle_ms: u64,
+    /// Windows kept in memory.
+    pub max_resident: usize,
+    /// Live windows per limited owner.
+    pub max_per_owner: u32,
+}
+
+impl ProducerLimits {
+    /// The limits a configuration sets.
+    pub fn from_config(engine: &EngineConfig) -> Self {
+        Self {
+            window: engine.producer_window,
+            idle_ms: engine.producer_idle_secs.saturating_mul(1000),
+            max_resident: engine.max_resident_producers,
+            max_per_owner: u32::try_from(engine.max_producers_per_user).unwrap_or(u32::MAX),
+        }
+    }
 }
 
 /// What the sequencer decided for one input.
@@ -132,7 +191,7 @@ pub struct Prepared {
     /// The committed messages per channel, in offset order.
     pub by_channel: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
     channels: HashMap<ChannelName, ChannelMeta>,
-    producers: HashMap<u64, ProducerWindow>,
+    producers: HashMap<ProducerKey, ProducerWindow>,
     next_channel_id: ChannelId,
 }
 
@@ -141,14 +200,15 @@ pub struct Prepared {
 #[derive(Debug)]
 pub struct Sequencer {
     channels: HashMap<ChannelName, ChannelMeta>,
-    producers: HashMap<u64, ProducerWindow>,
+    producers: ProducerTable,
     next_channel_id: ChannelId,
-    producer_window: usize,
+    limits: ProducerLimits,
 }
 
 impl Sequencer {
-    /// A sequencer over what was recovered from the store.
-    pub fn new(recovered: Recovered, producer_window: usize) -> Self {
+    /// A sequencer over what was recovered from the store; producer windows
+    /// are added as they are loaded ([`Sequencer::producers_mut`]).
+    pub fn new(recovered: Recovered, limits: ProducerLimits) -> Self {
         let next_channel_id = recovered
             .channels
             .iter()
@@ -157,10 +217,20 @@ impl Sequencer {
             .map_or(1, |id| id + 1);
         Self {
             channels: recovered.channels.into_iter().collect(),
-            producers: recovered.producers.into_iter().collect(),
+            producers: ProducerTable::new(limits.max_resident, limits.idle_ms),
             next_channel_id,
-            producer_window,
+            limits,
         }
+    }
+
+    /// The resident producer windows.
+    pub fn producers(&self) -> &ProducerTable {
+        &self.producers
+    }
+
+    /// The resident producer windows, to load into or sweep.
+    pub fn producers_mut(&mut self) -> &mut ProducerTable {
+        &mut self.producers
     }
 
     /// The committed metadata of every channel.
@@ -183,6 +253,7 @@ impl Sequencer {
             ..Prepared::default()
         };
         let mut channel_slot: HashMap<ChannelName, usize> = HashMap::new();
+        let mut new_per_owner: HashMap<Arc<str>, u32> = HashMap::new();
         for input in appends {
             let meta = match p.channels.get(&input.channel) {
                 Some(m) => *m,
@@ -195,31 +266,40 @@ impl Sequencer {
                     }
                 },
             };
-            if let Some(seq) = input.producer {
-                let status = p
+            if let Some(producer) = &input.producer {
+                let window = p
                     .producers
-                    .get(&seq.producer_id)
-                    .or_else(|| self.producers.get(&seq.producer_id))
-                    .map_or(SequenceStatus::New, |w| w.lookup(seq.sequence));
-                let refused = match status {
-                    SequenceStatus::New => None,
-                    SequenceStatus::Stored(e) if e.channel == meta.id => {
+                    .get(&producer.key)
+                    .or_else(|| self.producers.get(&producer.key));
+                let refused = match window.map(|w| w.lookup(producer.sequence)) {
+                    None if producer.limited
+                        && self.producers.owned_by(&producer.key.owner)
+                            + new_per_owner.get(&producer.key.owner).copied().unwrap_or(0)
+                            >= self.limits.max_per_owner =>
+                    {
+                        Some(Outcome::Refused(AppendError::TooManyProducers {
+                            owner: producer.key.owner.clone(),
+                            limit: self.limits.max_per_owner,
+                        }))
+                    }
+                    None | Some(SequenceStatus::New) => None,
+                    Some(SequenceStatus::Stored(e)) if e.channel == meta.id => {
                         Some(Outcome::Stored(Appended {
                             offset: e.offset,
                             epoch: e.epoch,
                             duplicate: true,
                         }))
                     }
-                    SequenceStatus::Stored(_) => {
+                    Some(SequenceStatus::Stored(_)) => {
                         Some(Outcome::Refused(AppendError::SequenceReused {
-                            producer_id: seq.producer_id,
-                            sequence: seq.sequence,
+                            producer_id: producer.key.producer_id,
+                            sequence: producer.sequence,
                         }))
                     }
-                    SequenceStatus::Forgotten => {
+                    Some(SequenceStatus::Forgotten) => {
                         Some(Outcome::Refused(AppendError::SequenceTooOld {
-                            producer_id: seq.producer_id,
-                            sequence: seq.sequence,
+                            producer_id: producer.key.producer_id,
+                            sequence: producer.sequence,
                         }))
                     }
                 };
@@ -236,7 +316,7 @@ impl Sequencer {
             let message = StoredMessage {
                 offset,
                 timestamp_ms: now_ms,
-                producer: input.producer,
+                producer: input.producer.as_ref().map(ProducerRef::seq),
                 payload: input.payload.clone(),
             };
             p.set.messages.push((meta.id, message.clone()));
@@ -248,21 +328,26 @@ impl Sequencer {
                 });
             p.by_channel[slot].1 = meta;
             p.by_channel[slot].2.push(message);
-            if let Some(seq) = input.producer {
-                let mut window = p
-                    .producers
-                    .remove(&seq.producer_id)
-                    .or_else(|| self.producers.get(&seq.producer_id).cloned())
-                    .unwrap_or_default();
+            if let Some(producer) = &input.producer {
+                let window = match p.producers.get_mut(&producer.key) {
+                    Some(w) => w,
+                    None => {
+                        let loaded = self.producers.get(&producer.key).cloned();
+                        if loaded.is_none() {
+                            *new_per_owner.entry(producer.key.owner.clone()).or_default() += 1;
+                        }
+                        p.producers
+                            .entry(producer.key.clone())
+                            .or_insert(loaded.unwrap_or_default())
+                    }
+                };
                 let entry = ProducerEntry {
-                    sequence: seq.sequence,
+                    sequence: producer.sequence,
                     channel: meta.id,
                     offset,
                     epoch: meta.epoch,
                 };
-                window.insert(entry, self.producer_window);
-                p.set.producers.push((seq.producer_id, entry));
-                p.producers.insert(seq.producer_id, window);
+                window.insert(entry, self.limits.window, now_ms);
             }
             p.outcomes.push(Outcome::Stored(Appended {
                 offset,
@@ -289,12 +374,11 @@ impl Sequencer {
             p.channels.insert(channel, meta);
         }
         p.set.channels = p.channels.iter().map(|(n, m)| (n.clone(), *m)).collect();
-        for (id, window) in &p.producers {
-            let before = self.producers.get(id).map_or(0, |w| w.evicted_below);
-            if window.evicted_below > before {
-                p.set.producer_evictions.push((*id, window.evicted_below));
-            }
-        }
+        p.set.producers = p
+            .producers
+            .iter()
+            .map(|(k, w)| (k.clone(), w.clone()))
+            .collect();
         p
     }
 
@@ -302,7 +386,9 @@ impl Sequencer {
     pub fn commit(&mut self, prepared: &mut Prepared) {
         self.next_channel_id = prepared.next_channel_id;
         self.channels.extend(prepared.channels.drain());
-        self.producers.extend(prepared.producers.drain());
+        for (key, window) in prepared.producers.drain() {
+            self.producers.put(key, window);
+        }
     }
 }
 
@@ -425,13 +511,13 @@ pub fn start(
     let recovered = store.recover()?;
     info!(
         channels = recovered.channels.len(),
-        producers = recovered.producers.len(),
         "recovered the channel log"
     );
-    let sequencer = Sequencer::new(recovered, engine.producer_window);
+    let sequencer = Sequencer::new(recovered, ProducerLimits::from_config(engine));
     let directory: Arc<Directory> =
         Arc::new(sequencer.channels().map(|(n, m)| (n.clone(), *m)).collect());
-    let (commands, command_rx) = queue::bounded(engine.writer_queue);
+    let queue_bytes = u32::try_from(engine.writer_queue_bytes).unwrap_or(u32::MAX);
+    let (commands, command_rx) = queue::bounded_with_bytes(engine.writer_queue, queue_bytes);
     let (reads, read_rx) = queue::bounded(engine.reader_threads * 64);
     let closed = Arc::new(AtomicBool::new(false));
     let writer = Writer {
@@ -520,8 +606,9 @@ impl Log {
             return Err(AppendError::ShuttingDown);
         }
         let (reply, rx) = oneshot::channel();
+        let bytes = input.payload.len();
         self.commands
-            .send(Command::Append { input, reply })
+            .send_sized(Command::Append { input, reply }, bytes)
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         Ok(PendingAppend(rx))
@@ -593,14 +680,30 @@ struct Writer {
 impl Writer {
     fn run(mut self, rx: Receiver<Queued<Command>>) {
         let mut healthy = true;
-        while let Some(first) = next_or_stop(&rx, &self.closed) {
+        let mut last_sweep = Instant::now();
+        loop {
+            // Wakes up now and then even when idle, to notice `closed` and
+            // to forget idle producers.
+            let first = match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(item) => Some(item),
+                Err(RecvTimeoutError::Timeout) if self.closed.load(Ordering::SeqCst) => break,
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut expired = Vec::new();
+            if last_sweep.elapsed() >= PRODUCER_SWEEP_INTERVAL
+                || self.sequencer.producers().over_capacity()
+            {
+                last_sweep = Instant::now();
+                expired = self.sweep_producers();
+            }
             // Group commit: everything already queued, up to the batch
             // limits, goes into one WriteBatch and one (optional) fsync.
             let mut appends = Vec::new();
             let mut replies = Vec::new();
             let mut trims = Vec::new();
             let mut bytes = 0usize;
-            let mut next = Some(first);
+            let mut next = first;
             while let Some(queued) = next.take() {
                 match queued.item {
                     Command::Append { input, reply } => {
@@ -620,14 +723,51 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
+            if appends.is_empty() && trims.is_empty() && expired.is_empty() {
+                continue;
+            }
             // After a failed write the store refuses writes until it is
             // found healthy again; probe once per batch, not per publish.
             if !healthy && self.store.check_health().is_ok() {
                 info!("the store accepts writes again");
             }
-            healthy = self.commit(appends, replies, trims);
+            healthy = self.commit(appends, replies, trims, expired);
         }
         info!("log writer stopped");
+    }
+
+    /// Forgets idle producer windows (returned: their point deletes go
+    /// into the next write) and unloads the least recently used above the
+    /// resident cap.
+    fn sweep_producers(&mut self) -> Vec<ProducerKey> {
+        let swept = self.sequencer.producers_mut().sweep(now_ms());
+        self.metrics
+            .producers_expired
+            .inc_by(swept.expired.len() as u64);
+        self.metrics
+            .producer_windows
+            .set(self.sequencer.producers().len() as i64);
+        swept.expired
+    }
+
+    /// Makes the window of every producer in `appends` resident, reading
+    /// the ones not in memory from the store: windows are loaded on use,
+    /// not at start (G9).
+    fn load_producers(&mut self, appends: &[AppendInput]) -> Result<(), StoreError> {
+        let now = now_ms();
+        for producer in appends.iter().filter_map(|a| a.producer.as_ref()) {
+            if self.sequencer.producers().contains(&producer.key) {
+                continue;
+            }
+            if let Some(window) = self.store.load_producer(&producer.key)?
+                && self.sequencer.producers().is_live(&window, now)
+            {
+                self.sequencer
+                    .producers_mut()
+                    .put(producer.key.clone(), window);
+            }
+        }
+        Ok(())
     }
 
     fn commit(
@@ -635,10 +775,25 @@ impl Writer {
         appends: Vec<AppendInput>,
         replies: Vec<oneshot::Sender<Result<Appended, AppendError>>>,
         trims: Vec<(ChannelName, Offset, u64)>,
+        expired_producers: Vec<ProducerKey>,
     ) -> bool {
+        if let Err(e) = self.load_producers(&appends) {
+            warn!(error = %e, messages = appends.len(), "cannot read producer windows; nothing was acknowledged");
+            let why = e.to_string();
+            for reply in replies {
+                let _ = reply.send(Err(AppendError::Storage(why.clone())));
+            }
+            return false;
+        }
         let mut prepared = self
             .sequencer
             .prepare(&appends, trims, now_ms(), &mut || Epoch(rand::random()));
+        // A producer that expired and published again in this very batch
+        // has a new window: it must not be deleted after being written.
+        prepared.set.expired_producers = expired_producers
+            .into_iter()
+            .filter(|key| !prepared.producers.contains_key(key))
+            .collect();
         let started = std::time::Instant::now();
         let result = if prepared.set.is_empty() {
             Ok(())
@@ -661,6 +816,9 @@ impl Writer {
                     .sum();
                 self.metrics.retention_deleted.inc_by(deleted);
                 self.sequencer.commit(&mut prepared);
+                self.metrics
+                    .producer_windows
+                    .set(self.sequencer.producers().len() as i64);
                 for (name, meta) in &prepared.set.channels {
                     self.directory.insert(name.clone(), *meta);
                 }
@@ -729,13 +887,32 @@ mod tests {
     use crate::store::MemoryStore;
 
     fn input(channel: &str, producer: Option<(u64, u64)>, payload: &'static str) -> AppendInput {
+        owned_input("ann", channel, producer, payload)
+    }
+
+    fn owned_input(
+        owner: &str,
+        channel: &str,
+        producer: Option<(u64, u64)>,
+        payload: &'static str,
+    ) -> AppendInput {
         AppendInput {
             channel: ChannelName::new(channel).expect("name"),
-            producer: producer.map(|(producer_id, sequence)| ProducerSeq {
-                producer_id,
+            producer: producer.map(|(producer_id, sequence)| ProducerRef {
+                key: ProducerKey::new(owner.into(), producer_id),
                 sequence,
+                limited: true,
             }),
             payload: Bytes::from_static(payload.as_bytes()),
+        }
+    }
+
+    fn limits(window: usize) -> ProducerLimits {
+        ProducerLimits {
+            window,
+            idle_ms: u64::MAX,
+            max_resident: 1000,
+            max_per_owner: 2,
         }
     }
 
@@ -751,7 +928,7 @@ mod tests {
 
     #[test]
     fn offsets_are_gapless_per_channel_and_survive_commit() {
-        let mut seq = Sequencer::new(Recovered::default(), 8);
+        let mut seq = Sequencer::new(Recovered::default(), limits(8));
         let batch = [
             input("chat.a", None, "1"),
             input("chat.b", None, "1"),
@@ -774,7 +951,7 @@ mod tests {
 
     #[test]
     fn producer_retries_are_deduplicated_in_and_across_batches() {
-        let mut seq = Sequencer::new(Recovered::default(), 2);
+        let mut seq = Sequencer::new(Recovered::default(), limits(2));
         let batch = [
             input("chat.a", Some((7, 1)), "x"),
             input("chat.a", Some((7, 1)), "x"),
@@ -818,8 +995,53 @@ mod tests {
     }
 
     #[test]
+    fn producer_windows_belong_to_their_owner_and_are_limited_per_owner() {
+        let mut seq = Sequencer::new(Recovered::default(), limits(8));
+        let mut p = seq.prepare(
+            &[
+                owned_input("ann", "chat.a", Some((7, 1)), "ann's"),
+                // Bob names Ann's producer id: his own window, not a duplicate.
+                owned_input("bob", "chat.a", Some((7, 1)), "bob's"),
+                owned_input("ann", "chat.a", Some((8, 1)), "x"),
+                // A third live window of Ann's is over the limit of 2.
+                owned_input("ann", "chat.a", Some((9, 1)), "y"),
+            ],
+            [],
+            0,
+            &mut || Epoch(1),
+        );
+        assert_eq!(
+            offsets(&p),
+            [
+                Ok((1, false)),
+                Ok((2, false)),
+                Ok((3, false)),
+                Err(AppendError::TooManyProducers {
+                    owner: "ann".into(),
+                    limit: 2
+                })
+            ]
+        );
+        assert_eq!(p.set.producers.len(), 3);
+        seq.commit(&mut p);
+        assert_eq!(seq.producers().owned_by("ann"), 2);
+        // Known producers go on publishing; a server identity is not limited.
+        let mut unlimited = owned_input("ann", "chat.a", Some((10, 1)), "svc");
+        if let Some(p) = unlimited.producer.as_mut() {
+            p.limited = false;
+        }
+        let p = seq.prepare(
+            &[owned_input("ann", "chat.a", Some((8, 2)), "z"), unlimited],
+            [],
+            0,
+            &mut || Epoch(1),
+        );
+        assert_eq!(offsets(&p), [Ok((4, false)), Ok((5, false))]);
+    }
+
+    #[test]
     fn trims_move_the_first_offset_and_never_past_the_head() {
-        let mut seq = Sequencer::new(Recovered::default(), 8);
+        let mut seq = Sequencer::new(Recovered::default(), limits(8));
         let batch: Vec<_> = (0..5).map(|_| input("chat.a", None, "ab")).collect();
         let mut p = seq.prepare(&batch, [], 0, &mut || Epoch(1));
         seq.commit(&mut p);
@@ -894,5 +1116,49 @@ mod tests {
         ));
         let recovered = store.recover().expect("recover");
         assert_eq!(recovered.channels[0].1.next_offset, Offset::new(3));
+    }
+
+    #[tokio::test]
+    async fn producer_windows_load_on_use_and_idle_ones_leave_the_store() {
+        let store = Arc::new(MemoryStore::new());
+        let start_log = |engine: EngineConfig| {
+            start(
+                store.clone(),
+                Arc::new(Recorder::default()),
+                Durability::Wal,
+                &engine,
+                Arc::new(Metrics::new()),
+            )
+            .expect("log")
+        };
+        let appended = |r: Result<Appended, AppendError>| r.map(|a| (a.offset.get(), a.duplicate));
+        let threads = start_log(EngineConfig::default());
+        let log = threads.log().clone();
+        let first = log.append(input("chat.a", Some((7, 1)), "x")).await;
+        assert_eq!(appended(first), Ok((1, false)));
+        threads.shutdown();
+
+        // A new incarnation loads nothing at start, and the window on use.
+        let threads = start_log(EngineConfig::default());
+        let log = threads.log().clone();
+        let retry = log.append(input("chat.a", Some((7, 1)), "x")).await;
+        assert_eq!(appended(retry), Ok((1, true)));
+        threads.shutdown();
+
+        // With a one-second horizon the window, once idle, is deleted.
+        let threads = start_log(EngineConfig {
+            producer_idle_secs: 1,
+            ..EngineConfig::default()
+        });
+        let log = threads.log().clone();
+        let next = log.append(input("chat.a", Some((7, 2)), "y")).await;
+        assert_eq!(appended(next), Ok((2, false)));
+        let key = ProducerKey::new("ann".into(), 7);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while store.load_producer(&key).expect("load").is_some() {
+            assert!(Instant::now() < deadline, "the idle window was not deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        threads.shutdown();
     }
 }

@@ -63,8 +63,20 @@ fn parse_durability(s: &str) -> Result<Durability, String> {
     }
 }
 
+/// Runs the broker; an error is printed as one message with its causes,
+/// never as a backtrace, and the exit status is 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("volna-broker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(dir) = args.data_dir {

@@ -22,8 +22,11 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     /// QUIC handshakes completed.
     pub handshakes: IntCounter,
-    /// Connection attempts refused by the per-address handshake rate.
+    /// Connection attempts refused by the per-address handshake rate or
+    /// the broker-wide connection and handshake caps.
     pub handshakes_refused: IntCounter,
+    /// Connection attempts asked to validate their address (QUIC Retry).
+    pub handshakes_retried: IntCounter,
     /// Subscriptions held.
     pub subscriptions: IntGauge,
     /// Publishes acknowledged (retries of stored publishes included).
@@ -50,6 +53,10 @@ pub struct Metrics {
     pub wal_write_seconds: Histogram,
     /// Messages deleted by retention.
     pub retention_deleted: IntCounter,
+    /// Producer windows held in memory by the log writer.
+    pub producer_windows: IntGauge,
+    /// Producer windows removed after `producer_idle_secs` without a publish.
+    pub producers_expired: IntCounter,
     channels: IntGauge,
     subscribed_channels: IntGauge,
     outbox_bytes: IntGauge,
@@ -116,7 +123,11 @@ impl Metrics {
             handshakes: counter("handshakes_total", "QUIC handshakes completed"),
             handshakes_refused: counter(
                 "handshakes_refused_total",
-                "Connection attempts refused by the per-address handshake rate limit",
+                "Connection attempts refused by the per-address rate or the broker-wide caps",
+            ),
+            handshakes_retried: counter(
+                "handshakes_retried_total",
+                "Connection attempts asked to validate their address (QUIC Retry)",
             ),
             subscriptions: gauge("subscriptions", "Subscriptions held"),
             publishes: counter("publishes_total", "Publishes acknowledged"),
@@ -152,6 +163,11 @@ impl Metrics {
             retention_deleted: counter(
                 "retention_deleted_messages_total",
                 "Messages deleted by retention",
+            ),
+            producer_windows: gauge("producer_windows", "Producer windows held in memory"),
+            producers_expired: counter(
+                "producers_expired_total",
+                "Producer windows removed after producer_idle_secs without a publish",
             ),
             channels: gauge("channels", "Channels in the log"),
             subscribed_channels: gauge("subscribed_channels", "Channels with subscribers"),

@@ -90,8 +90,26 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Starts a broker with `config`.
+    /// Starts a broker with `config`, its log in RocksDB under the data
+    /// directory.
     pub async fn start(config: Config) -> Result<Self, StartError> {
+        Self::start_on(config, None).await
+    }
+
+    /// Starts a broker whose durable log is `store` instead of RocksDB:
+    /// for embedding over another [`LogStore`], and for tests that inject
+    /// storage faults.
+    pub async fn start_with_store(
+        config: Config,
+        store: Arc<dyn LogStore>,
+    ) -> Result<Self, StartError> {
+        Self::start_on(config, Some(store)).await
+    }
+
+    async fn start_on(
+        config: Config,
+        store: Option<Arc<dyn LogStore>>,
+    ) -> Result<Self, StartError> {
         config.validate()?;
         let config = Arc::new(config);
         std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
@@ -140,12 +158,17 @@ impl Broker {
                 source,
             })?;
         let db_dir = config.data_dir.join("log");
-        let store: Arc<dyn LogStore> = {
-            let dir = db_dir.clone();
-            let rocks = tokio::task::spawn_blocking(move || RocksStore::open(&dir))
-                .await
-                .map_err(|e| StoreError::Engine(e.to_string()))??;
-            Arc::new(rocks)
+        let store: Arc<dyn LogStore> = match store {
+            Some(store) => store,
+            None => {
+                let dir = db_dir.clone();
+                let producer_idle = Duration::from_secs(config.engine.producer_idle_secs);
+                let rocks =
+                    tokio::task::spawn_blocking(move || RocksStore::open_with(&dir, producer_idle))
+                        .await
+                        .map_err(|e| StoreError::Engine(e.to_string()))??;
+                Arc::new(rocks)
+            }
         };
 
         let metrics = Arc::new(Metrics::new());

@@ -52,14 +52,18 @@ use crate::auth::{Authenticator, Identity};
 use crate::config::{Config, Publishers};
 use crate::fanout::Fanout;
 use crate::limits::{Limiter, PublishGate};
-use crate::log::{AppendError, AppendInput, Appended, Logs};
+use crate::log::{AppendError, AppendInput, Appended, Logs, ProducerRef};
 use crate::metrics::Metrics;
-use crate::subscription::{self, DeliverySink, SinkError, Start};
+use crate::store::ProducerKey;
+use crate::subscription::{self, DeliverySink, SinkError, Start, Stopped};
 
 /// Frames queued for the control stream's writer.
 const CONTROL_QUEUE: usize = 1024;
 /// How long a closing session waits for acks already being committed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a session the broker ends waits for its last control frames to
+/// be taken before the connection is closed.
+const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(250);
 /// Control-stream buffers start this small and grow with use: an idle
 /// connection held 32 KiB in two 16 KiB buffers before (BENCHMARKS.md).
 const INITIAL_READ_BUFFER: usize = 1024;
@@ -200,6 +204,8 @@ enum End {
     Unauthorized,
     /// A connection limit was reached.
     LimitExceeded,
+    /// The client stopped reading its control stream.
+    ControlStalled,
 }
 
 impl End {
@@ -212,6 +218,7 @@ impl End {
             End::Kicked => CloseCode::KICKED,
             End::Unauthorized => CloseCode::UNAUTHORIZED,
             End::LimitExceeded => CloseCode::LIMIT_EXCEEDED,
+            End::ControlStalled => CloseCode::CONTROL_STALLED,
         }
     }
 
@@ -224,6 +231,7 @@ impl End {
             End::Kicked => "kicked",
             End::Unauthorized => "unauthorized",
             End::LimitExceeded => "limit_exceeded",
+            End::ControlStalled => "control_stalled",
         }
     }
 }
@@ -242,11 +250,24 @@ where
     let span = info_span!("session", id = session_id);
     async move {
         let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let writer = tokio::spawn(write_control::<C>(send, control_rx));
+        let stalled = CancellationToken::new();
+        let stall_after = Duration::from_secs(ctx.config.limits.control_stall_secs);
+        let writer = tokio::spawn(write_control::<C>(
+            send,
+            control_rx,
+            stall_after,
+            stalled.clone(),
+        ));
+        // Each delivery loop reports at most once: a slot per subscription.
+        let max_subscriptions = ctx.config.limits.max_subscriptions as usize;
+        let (stopped_tx, stopped_rx) = mpsc::channel(max_subscriptions.max(1));
         let mut session = Session {
             ctx: ctx.clone(),
             conn: conn.clone(),
             control,
+            stalled,
+            expires_at: far_future(),
+            stopped: stopped_tx,
             subscriptions: HashMap::new(),
             by_channel: HashMap::new(),
             next_subscription: 1,
@@ -258,7 +279,7 @@ where
             gate: PublishGate::unlimited(),
             token_changed: false,
         };
-        let end = session.serve(session_id, recv).await;
+        let end = session.serve(session_id, recv, stopped_rx).await;
         session.cancel.cancel();
         let metrics = &ctx.metrics;
         if session.welcomed {
@@ -274,8 +295,15 @@ where
             .sub(session.subscriptions.len() as i64);
         // Dropping the session drops the last sender of the control queue:
         // the writer ends once every frame queued before the end is written.
+        // When the broker ends the session, a client that does not read
+        // gets only a short while to take its last frames: kick, expiry and
+        // shutdown must not wait on it.
         drop(session);
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, writer).await;
+        let flush = match end {
+            End::ClientGone => DRAIN_TIMEOUT,
+            _ => CLOSE_FLUSH_TIMEOUT,
+        };
+        let _ = tokio::time::timeout(flush, writer).await;
         debug!(?end, "session ended");
         let code = end.close_code();
         conn.close(code, code.reason());
@@ -290,6 +318,13 @@ struct Session<C: Connection> {
     /// Frames boxed: the queue allocates its slots in blocks of 32, and 32
     /// unboxed frames cost every idle connection 2.8 KB.
     control: mpsc::Sender<Box<Frame>>,
+    /// Fired by the control writer when the client took no frame for
+    /// `limits.control_stall_secs`.
+    stalled: CancellationToken,
+    /// When the session's token expires (far future: never).
+    expires_at: tokio::time::Instant,
+    /// Delivery loops that stopped on their own report here.
+    stopped: mpsc::Sender<(SubscriptionId, Stopped)>,
     subscriptions: HashMap<SubscriptionId, (ChannelName, CancellationToken)>,
     by_channel: HashMap<ChannelName, SubscriptionId>,
     next_subscription: u64,
@@ -303,14 +338,18 @@ struct Session<C: Connection> {
     token_changed: bool,
 }
 
+/// An instant far enough to never fire, near enough not to overflow.
+fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400)
+}
+
 /// The token's two deadlines, as timers: the `TokenExpiring` notice and
 /// the session's end.
 fn token_deadlines(
     expires_at: Option<u64>,
     notice_secs: u64,
 ) -> (tokio::time::Instant, tokio::time::Instant) {
-    // Far enough to never fire, near enough not to overflow an Instant.
-    let never = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let never = far_future();
     let Some(exp) = expires_at else {
         return (never, never);
     };
@@ -323,7 +362,12 @@ fn token_deadlines(
 }
 
 impl<C: Connection> Session<C> {
-    async fn serve(&mut self, session_id: u64, mut recv: impl AsyncRead + Unpin + Send) -> End {
+    async fn serve(
+        &mut self,
+        session_id: u64,
+        mut recv: impl AsyncRead + Unpin + Send,
+        mut stopped: mpsc::Receiver<(SubscriptionId, Stopped)>,
+    ) -> End {
         // Small to start: most connections are idle devices, and the
         // buffer grows to the largest frame the client actually sends.
         let mut buf = BytesMut::with_capacity(INITIAL_READ_BUFFER);
@@ -363,6 +407,8 @@ impl<C: Connection> Session<C> {
         let notice_secs = self.ctx.config.auth.expiry_notice_secs;
         let expires_at = |s: &Self| s.identity.as_ref().and_then(|i| i.expires_at);
         let (notice_at, expiry_at) = token_deadlines(expires_at(self), notice_secs);
+        self.expires_at = expiry_at;
+        let stalled = self.stalled.clone();
         let notice = tokio::time::sleep_until(notice_at);
         let expired = tokio::time::sleep_until(expiry_at);
         tokio::pin!(notice, expired);
@@ -378,6 +424,7 @@ impl<C: Connection> Session<C> {
                         }
                         if std::mem::take(&mut self.token_changed) {
                             let (n, e) = token_deadlines(expires_at(self), notice_secs);
+                            self.expires_at = e;
                             notice.as_mut().reset(n);
                             expired.as_mut().reset(e);
                             noticed = false;
@@ -395,6 +442,7 @@ impl<C: Connection> Session<C> {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
                 () = kick.cancelled() => end = Some(End::Kicked),
+                () = stalled.cancelled() => end = Some(End::ControlStalled),
                 () = &mut notice, if !noticed => {
                     noticed = true;
                     if let Some(expires_at) = expires_at(self) {
@@ -407,6 +455,9 @@ impl<C: Connection> Session<C> {
                 }
                 Some((request_id, started, result)) = pending.next(), if !pending.is_empty() => {
                     self.reply_append(request_id, started, result).await;
+                }
+                Some((id, why)) = stopped.recv() => {
+                    self.end_subscription(id, why.error_code(), &why.to_string()).await;
                 }
                 read = recv.read_buf(&mut buf), if pending.len() < max_inflight => {
                     if !matches!(read, Ok(n) if n > 0) {
@@ -570,6 +621,16 @@ impl<C: Connection> Session<C> {
             .await;
             return None;
         }
+        // Idempotence state is the authenticated identity's: a client can
+        // name any producer id, but only within its own windows.
+        let producer = match (producer, &self.identity) {
+            (Some(seq), Some(identity)) => Some(ProducerRef {
+                key: ProducerKey::new(identity.owner(), seq.producer_id),
+                sequence: seq.sequence,
+                limited: !identity.server,
+            }),
+            _ => None,
+        };
         let input = AppendInput {
             channel,
             producer,
@@ -684,18 +745,24 @@ impl<C: Connection> Session<C> {
         .await;
         let conn = self.conn.clone();
         let metrics = self.ctx.metrics.clone();
+        let stopped = self.stopped.clone();
         let span = info_span!("subscription", id = %id, %channel);
         tokio::spawn(
             async move {
-                let sink = tokio::select! {
+                let result = tokio::select! {
                     sink = conn.open_delivery() => match sink {
-                        Ok(sink) => sink,
-                        Err(e) => return debug!(error = %e, "cannot open a delivery stream"),
+                        Ok(sink) => {
+                            let start = Start { id, next, events };
+                            subscription::run(start, feed, log, sink, cancel, metrics).await
+                        }
+                        Err(e) => Err(Stopped::Stream(e)),
                     },
-                    () = cancel.cancelled() => return,
+                    () = cancel.cancelled() => Ok(()),
                 };
-                let start = Start { id, next, events };
-                subscription::run(start, feed, log, sink, cancel, metrics).await;
+                if let Err(why) = result {
+                    // The session may be gone already; then so is the client.
+                    let _ = stopped.send((id, why)).await;
+                }
             }
             .instrument(span),
         );
@@ -728,6 +795,26 @@ impl<C: Connection> Session<C> {
         }
     }
 
+    /// Removes a subscription the broker ends on its own (its delivery loop
+    /// stopped, its grant was revoked) and tells the client, so that it is
+    /// never left registered but quiet (G8).
+    async fn end_subscription(&mut self, id: SubscriptionId, code: ErrorCode, message: &str) {
+        let Some((channel, cancel)) = self.subscriptions.remove(&id) else {
+            // Unsubscribed meanwhile: the client no longer waits for it.
+            return;
+        };
+        self.by_channel.remove(&channel);
+        self.count_subscriptions(-1);
+        cancel.cancel();
+        debug!(subscription = %id, %channel, %code, message, "subscription ended by the broker");
+        self.send(Frame::SubscriptionEnded {
+            subscription: id,
+            code,
+            message: format!("subscription to {channel} ended: {message}"),
+        })
+        .await;
+    }
+
     /// Replaces the session's token with a newer one of the same user.
     async fn refresh(&mut self, request_id: u64, token: &str) {
         let Some(current) = &self.identity else {
@@ -756,15 +843,8 @@ impl<C: Connection> Session<C> {
             .map(|(id, _)| *id)
             .collect();
         for id in revoked {
-            if let Some((channel, cancel)) = self.subscriptions.remove(&id) {
-                self.by_channel.remove(&channel);
-                self.count_subscriptions(-1);
-                cancel.cancel();
-                let msg = format!(
-                    "subscription {id} to {channel} ended: the new token does not grant it"
-                );
-                self.reply_error(0, ErrorCode::Forbidden, &msg).await;
-            }
+            let msg = "the new token does not grant this channel";
+            self.end_subscription(id, ErrorCode::Forbidden, msg).await;
         }
         let expires_at = identity.expires_at.unwrap_or(0);
         self.identity = Some(identity);
@@ -792,10 +872,32 @@ impl<C: Connection> Session<C> {
         .await;
     }
 
+    /// Queues a frame for the control stream. A client that does not read
+    /// it fills the queue; then kick, shutdown, token expiry and the stall
+    /// limit still win (the frame is dropped and the loop ends the session),
+    /// so a session is never held open by a send it cannot complete.
     async fn send(&self, frame: Frame) {
-        // Fails only when the writer is gone, i.e. the stream is dead; the
-        // read side will notice and end the session.
-        let _ = self.control.send(Box::new(frame)).await;
+        let frame = Box::new(frame);
+        match self.control.try_reserve() {
+            Ok(permit) => permit.send(frame),
+            // The writer is gone, i.e. the stream is dead; the read side
+            // will notice and end the session.
+            Err(mpsc::error::TrySendError::Closed(())) => {}
+            Err(mpsc::error::TrySendError::Full(())) => {
+                tokio::select! {
+                    biased;
+                    () = self.kick.cancelled() => {}
+                    () = self.ctx.shutdown.cancelled() => {}
+                    () = self.stalled.cancelled() => {}
+                    () = tokio::time::sleep_until(self.expires_at) => {}
+                    permit = self.control.reserve() => {
+                        if let Ok(permit) = permit {
+                            permit.send(frame);
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -823,10 +925,13 @@ async fn read_frame(
 }
 
 /// Writes queued control frames, coalescing whatever is queued into one
-/// write.
+/// write; fires `stalled` (and stops) when a write is not taken within
+/// `stall_after`.
 async fn write_control<C: Connection>(
     mut send: C::ControlSend,
     mut rx: mpsc::Receiver<Box<Frame>>,
+    stall_after: Duration,
+    stalled: CancellationToken,
 ) {
     let mut buf = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
     while let Some(frame) = rx.recv().await {
@@ -837,8 +942,17 @@ async fn write_control<C: Connection>(
                 Err(_) => break,
             }
         }
-        if send.write_all(&buf).await.is_err() {
-            return;
+        match tokio::time::timeout(stall_after, send.write_all(&buf)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                debug!(
+                    ?stall_after,
+                    "the client stopped reading its control stream"
+                );
+                stalled.cancel();
+                return;
+            }
         }
         buf.clear();
     }

@@ -18,7 +18,7 @@ use bytes::{Bytes, BytesMut};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
-use volna_proto::{ChannelName, Epoch, Frame, Offset, SubscriptionId};
+use volna_proto::{ChannelName, Epoch, ErrorCode, Frame, Offset, SubscriptionId};
 
 use crate::fanout::{FeedSubscription, NextStep, encode_frames};
 use crate::log::{Log, now_ms};
@@ -30,7 +30,7 @@ const WRITE_BYTES: usize = 256 * 1024;
 const CATCH_UP_MESSAGES: usize = 4096;
 
 /// The connection could not take the frames (it is gone).
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[error("delivery stream failed: {0}")]
 pub struct SinkError(pub String);
 
@@ -55,7 +55,30 @@ pub struct Start {
     pub events: Vec<Frame>,
 }
 
-/// Runs the delivery loop until `cancel` fires or the sink fails.
+/// Why a delivery loop stopped without being cancelled: the session
+/// removes the subscription and tells the client (G8).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Stopped {
+    /// The log could not be read; subscribing again may succeed.
+    #[error("the channel log could not be read: {0}")]
+    LogRead(String),
+    /// The delivery stream failed (reset, or could not be opened).
+    #[error("{0}")]
+    Stream(#[from] SinkError),
+}
+
+impl Stopped {
+    /// The code the client is told: all of these are worth a new subscribe.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            Self::LogRead(_) => ErrorCode::StorageUnavailable,
+            Self::Stream(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Runs the delivery loop until `cancel` fires (`Ok`) or delivery cannot go
+/// on (`Err`, why).
 pub async fn run(
     start: Start,
     mut feed: FeedSubscription,
@@ -63,7 +86,7 @@ pub async fn run(
     mut sink: impl DeliverySink,
     cancel: CancellationToken,
     metrics: Arc<Metrics>,
-) {
+) -> Result<(), Stopped> {
     let channel = feed.channel().clone();
     let mut next = start.next;
     let mut first = vec![encode(&Frame::StreamHeader {
@@ -105,20 +128,22 @@ pub async fn run(
                 }
                 NextStep::Wait => {
                     catching_up.set(false);
-                    if feed.changed().await.is_err() {
-                        return Ok::<(), SinkError>(());
-                    }
+                    feed.changed().await;
                 }
             }
         }
     };
     tokio::select! {
         result = outcome => {
-            if let Err(e) = result {
+            if let Err(e) = &result {
                 debug!(subscription = %start.id, %channel, error = %e, "delivery stopped");
             }
+            result
         }
-        () = cancel.cancelled() => sink.finish().await,
+        () = cancel.cancelled() => {
+            sink.finish().await;
+            Ok(())
+        }
     }
 }
 
@@ -157,9 +182,9 @@ async fn catch_up(
     next: Offset,
     until: Offset,
     sink: &mut impl DeliverySink,
-) -> Result<(Offset, usize), SinkError> {
+) -> Result<(Offset, usize), Stopped> {
     let Some(meta) = log.meta(channel) else {
-        return Err(SinkError(format!(
+        return Err(Stopped::LogRead(format!(
             "channel {channel} vanished from the log"
         )));
     };
@@ -168,7 +193,7 @@ async fn catch_up(
         .await
         .map_err(|e| {
             warn!(%channel, error = %e, "catch-up read failed");
-            SinkError(e.to_string())
+            Stopped::LogRead(e.to_string())
         })?;
     let mut frames = Vec::new();
     let available = messages

@@ -18,6 +18,7 @@ use thiserror::Error;
 use tracing::{Instrument, debug, info_span, warn};
 use volna_proto::CloseCode;
 
+use crate::limits::Admission;
 use crate::session::{self, BrokerContext, Connection};
 use crate::subscription::{DeliverySink, SinkError};
 
@@ -167,8 +168,28 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
             continue;
         }
         let remote = incoming.remote_address();
-        // Refused before any cryptography: a flood from one address costs
-        // one small packet per attempt, not a handshake.
+        // Everything here is decided before any cryptography: a flood
+        // costs one small packet per attempt, not a handshake. Above the
+        // broker-wide rate a client first proves its address (Retry), so
+        // spoofed sources never get further, nor into the per-address table.
+        let mut slot = match ctx
+            .limiter
+            .admit_connection(incoming.remote_address_validated())
+        {
+            Admission::Accept(slot) => slot,
+            Admission::Retry if incoming.may_retry() => {
+                ctx.metrics.handshakes_retried.inc();
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Admission::Retry | Admission::Refuse(_) => {
+                ctx.metrics.handshakes_refused.inc();
+                incoming.refuse();
+                continue;
+            }
+        };
         if !ctx.limiter.admit_handshake(remote.ip()) {
             ctx.metrics.handshakes_refused.inc();
             incoming.refuse();
@@ -185,6 +206,7 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
                     Ok(conn) => conn,
                     Err(e) => return debug!(error = %e, "handshake failed"),
                 };
+                slot.established();
                 ctx.metrics.handshakes.inc();
                 let control =
                     tokio::time::timeout(ctx.config.hello_timeout(), conn.accept_bi()).await;
@@ -204,6 +226,7 @@ pub async fn serve(endpoint: Endpoint, ctx: Arc<BrokerContext>) {
                     .and_then(|chain| chain.first().map(crate::tls::client_identity));
                 let conn = QuicConnection { conn, peer };
                 session::run(ctx, Arc::new(conn), recv, send).await;
+                drop(slot);
             }
             .instrument(info_span!("conn", %remote)),
         );

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 use volna_client::{Client, ClientError, ErrorCode, Position, TokenSource};
-use volna_proto::{CloseCode, ErrorFrame, Frame, Subscribe};
+use volna_proto::{CloseCode, ErrorFrame, Frame, Subscribe, SubscriptionId};
 
 fn now() -> u64 {
     common::now_secs()
@@ -318,7 +318,7 @@ async fn refresh_keeps_the_user_and_replaces_the_rights() {
     .await;
     assert!(matches!(
         raw.next_frame().await,
-        Some(Frame::Error(ErrorFrame { request_id: 0, code: ErrorCode::Forbidden, ref message })) if message.contains("chat.b")
+        Some(Frame::SubscriptionEnded { subscription: SubscriptionId(2), code: ErrorCode::Forbidden, ref message }) if message.contains("chat.b")
     ));
     assert!(matches!(
         raw.next_frame().await,

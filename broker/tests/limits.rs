@@ -172,7 +172,10 @@ async fn connection_attempts_are_rate_limited_per_address() {
     config.request_timeout = Duration::from_secs(2);
     let err = Client::connect(config).await.unwrap_err();
     assert!(
-        matches!(err, ClientError::Connect(_) | ClientError::Timeout),
+        matches!(
+            err,
+            ClientError::Connect(_) | ClientError::Timeout | ClientError::ConnectTimeout { .. }
+        ),
         "{err}"
     );
     let metrics = common::metrics_text(&broker).await;
@@ -185,4 +188,91 @@ async fn connection_attempts_are_rate_limited_per_address() {
     // The established connections were not affected.
     let ch = channel("chat.limits");
     clients[0].publish(&ch, "fine").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_holds_at_most_max_connections() {
+    let broker = TestBroker::start_with(|c| c.limits.max_connections = 2).await;
+    let first = broker.client().await;
+    let second = broker.client().await;
+    let mut config = broker.client_config();
+    config.connect_timeout = Duration::from_secs(2);
+    let err = Client::connect(config.clone()).await.unwrap_err();
+    assert!(matches!(err, ClientError::Connect(_)), "{err}");
+    // Room again once one leaves; the others were not disturbed.
+    first.close();
+    drop(first);
+    let mut third = None;
+    for _ in 0..100 {
+        if let Ok(client) = Client::connect(config.clone()).await {
+            third = Some(client);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let third = third.expect("a connection slot was freed");
+    let ch = channel("chat.capped");
+    second.publish(&ch, "a").await.unwrap();
+    third.publish(&ch, "b").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn above_the_handshake_rate_clients_validate_their_address_first() {
+    let broker = TestBroker::start_with(|c| c.limits.retry_above_handshakes_per_sec = 1).await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(broker.client().await);
+    }
+    let metrics = common::metrics_text(&broker).await;
+    let retried: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("volna_handshakes_retried_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(retried >= 1, "no Retry was asked for:\n{metrics}");
+    // Retried clients are fully served.
+    let ch = channel("chat.retried");
+    let mut sub = clients[4].subscribe(&ch, Position::FIRST).await.unwrap();
+    clients[3].publish(&ch, "validated").await.unwrap();
+    let m = within("the delivery", sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.payload, "validated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_retried_long_after_a_rate_refusal_is_stored_not_too_old() {
+    // Now and then a publish is over the rate; it waits a second before
+    // its retry while the others go on, thousands of later ones (far more
+    // than the producer window) being stored meanwhile.
+    let broker = jwt_broker(|c| {
+        c.limits.publish_rate_per_connection = 3_000;
+        c.limits.publish_rate_per_user = 3_000;
+        c.limits.publish_burst = 50;
+        c.engine.producer_window = 64;
+    })
+    .await;
+    let mut config = broker.client_config();
+    config.token = token(json!({"sub": "8"}));
+    config.backoff = volna_client::Backoff {
+        initial: Duration::from_secs(1),
+        max: Duration::from_secs(1),
+    };
+    config.max_inflight_publishes = 32;
+    let client = Client::connect(config).await.unwrap();
+    let inbox = channel("user.8.inbox");
+    let total = 6_000u64;
+    let offsets = futures_util::stream::iter(0..total)
+        .map(|i| {
+            let (client, inbox) = (client.clone(), inbox.clone());
+            async move { client.publish(&inbox, i.to_string()).await }
+        })
+        .buffer_unordered(32)
+        .map(|ack| ack.map(|a| a.offset.get()))
+        .collect::<Vec<_>>()
+        .await;
+    let mut stored: Vec<u64> = offsets
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("a publish failed: {e}")))
+        .collect();
+    stored.sort_unstable();
+    assert_eq!(stored, (1..=total).collect::<Vec<_>>(), "each stored once");
 }

@@ -4,55 +4,11 @@
 
 mod common;
 
-use common::{TestBroker, channel, eventually};
+use common::{TestBroker, channel, eventually, http};
 use serde_json::{Value, json};
 use volna_client::{Client, Position};
 
 const TOKEN: &str = "operator-token-0123456789";
-
-/// One HTTP call to the broker's HTTP port: (status, body).
-async fn http(
-    broker: &TestBroker,
-    method: &str,
-    path: &str,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, String) {
-    let url = format!("http://{}{path}", broker.broker().http_addr());
-    let (method, token) = (method.to_owned(), token.map(str::to_owned));
-    tokio::task::spawn_blocking(move || {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .build()
-            .into();
-        let auth = token.map(|t| format!("Bearer {t}"));
-        let response = match (method.as_str(), body) {
-            ("GET", _) => {
-                let mut req = agent.get(&url);
-                if let Some(auth) = &auth {
-                    req = req.header("Authorization", auth);
-                }
-                req.call()
-            }
-            (m, body) => {
-                let mut req = if m == "PUT" {
-                    agent.put(&url)
-                } else {
-                    agent.post(&url)
-                };
-                if let Some(auth) = &auth {
-                    req = req.header("Authorization", auth);
-                }
-                req.send_json(body.unwrap_or(Value::Null))
-            }
-        }
-        .unwrap();
-        let status = response.status().as_u16();
-        (status, response.into_body().read_to_string().unwrap())
-    })
-    .await
-    .unwrap()
-}
 
 fn json_of(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
@@ -233,4 +189,24 @@ async fn the_admin_api_is_off_without_a_token() {
     let (status, body) = http(&broker, "GET", "/admin/channels", Some("anything"), None).await;
     assert_eq!(status, 403);
     assert!(body.contains("admin API is disabled"), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_broker_setting_is_one_readable_error() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_volna-broker"))
+        .env("VOLNA_LIMITS__CONTROL_STALL_SECS", "0")
+        .env("RUST_BACKTRACE", "1")
+        .arg("--print-config")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(common::DEADLINE, out)
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.starts_with("volna-broker: "), "{stderr}");
+    assert!(stderr.contains("limits.control_stall_secs"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
 }

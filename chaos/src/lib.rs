@@ -160,6 +160,46 @@ impl BrokerProcess {
             .and_then(|v| v.trim().parse().ok())
     }
 
+    /// Waits until `/readyz` answers 200 (log open, QUIC listening);
+    /// returns how long that took.
+    pub async fn wait_ready(&self, within: Duration) -> Result<Duration, ChaosError> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let started = Instant::now();
+        loop {
+            if let Ok(mut tcp) = tokio::net::TcpStream::connect(self.http).await {
+                let request =
+                    b"GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+                let mut reply = String::new();
+                if tcp.write_all(request).await.is_ok()
+                    && tcp.read_to_string(&mut reply).await.is_ok()
+                    && reply.starts_with("HTTP/1.1 200")
+                {
+                    return Ok(started.elapsed());
+                }
+            }
+            if started.elapsed() > within {
+                return Err(ChaosError::StartTimeout(within));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// The broker's resident set size, read from `/proc` (works while the
+    /// broker is too busy to answer HTTP).
+    pub fn rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
     /// A client configuration for this broker (fast reconnects).
     pub fn client_config(&self) -> ClientConfig {
         self.client_config_via(self.addr)

@@ -7,12 +7,15 @@
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use tracing_subscriber::EnvFilter;
-use volna_client::{ChannelName, Client, ClientConfig, Offset, Position, Trust};
+use volna_client::{
+    ChannelName, Client, ClientConfig, ClientError, Offset, Position, SubscriptionError, Trust,
+};
 
 mod admin;
 mod bench;
@@ -68,6 +71,14 @@ struct Cli {
     /// Admin subcommands: print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// Give up connecting to the broker after this many seconds.
+    #[arg(
+        long,
+        global = true,
+        env = "VOLNA_CONNECT_TIMEOUT",
+        default_value_t = 5.0
+    )]
+    connect_timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -160,8 +171,40 @@ const CHANNEL_COLUMNS: &[&str] = &[
     "subscribers",
 ];
 
+/// Runs the command; an error is printed as one message with its causes
+/// and a hint, never as a backtrace, and the exit status is 1.
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("volna: {e:#}");
+            if let Some(hint) = hint(&e) {
+                eprintln!("  hint: {hint}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What to try next, for the errors a person at a terminal meets.
+fn hint(e: &anyhow::Error) -> Option<&'static str> {
+    let client = e.chain().find_map(|c| c.downcast_ref::<ClientError>())?;
+    match client {
+        ClientError::ConnectTimeout { .. } => {
+            Some("is the broker running there, and does UDP get through (QUIC is UDP)?")
+        }
+        ClientError::Tls(_) => Some(
+            "pass --ca with the broker's CA or development certificate, or --pin its fingerprint",
+        ),
+        ClientError::Refused { code, .. } if *code == volna_client::ErrorCode::Unauthorized => {
+            Some("pass a valid token with --token (or VOLNA_TOKEN)")
+        }
+        _ => None,
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("error")),
@@ -241,6 +284,10 @@ async fn main() -> anyhow::Result<()> {
     let trust = trust(&cli)?;
     let mut config = ClientConfig::new(&cli.server, &cli.token, trust);
     config.server_name = cli.server_name.clone();
+    config.connect_timeout = std::time::Duration::try_from_secs_f64(cli.connect_timeout)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .context("--connect-timeout must be a positive number of seconds")?;
     if let Command::Bench(args) = &cli.command {
         let target = bench::Target::new(config, api, args)?;
         if !bench::run(args, target, json).await? {
@@ -344,6 +391,7 @@ async fn subscribe(
                     return Ok(());
                 }
             }
+            Err(end @ SubscriptionError::Ended { .. }) => return Err(end.into()),
             Err(event) => eprintln!("volna: {event}"),
         }
     }

@@ -266,3 +266,29 @@ async fn every_bench_scenario_runs_and_checks_its_deliveries() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_broker_is_one_readable_error_with_a_hint_not_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("none.pem");
+    // A self-signed certificate is enough: nothing answers on port 9.
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_volna"))
+        .args(["--server", "127.0.0.1:9", "--ca"])
+        .arg(&cert)
+        .args(["--connect-timeout", "1", "pub", "chat.nobody", "hello"])
+        .env("RUST_BACKTRACE", "1")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, out).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no QUIC answer from 127.0.0.1:9 within 1 s"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("hint: is the broker running"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
+    assert!(stderr.lines().count() <= 3, "{stderr}");
+}

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -20,8 +21,8 @@ use volna_proto::{
 };
 
 use crate::config::{ClientConfig, TokenSource};
-use crate::connection::{Live, Transport};
-use crate::error::ClientError;
+use crate::connection::{Ended, Live, Transport};
+use crate::error::{ClientError, SubscriptionError};
 use crate::subscription::{SubShared, Subscription, Unsubscriber};
 
 /// A publish acknowledged by the broker: the message is durably stored.
@@ -133,8 +134,12 @@ impl Client {
             .map_err(|_| ClientError::Timeout)?
             .map_err(|_| ClientError::Closed)?;
         // Allocated when first queued, so sequences reach the broker in
-        // order; every retry reuses it.
+        // order. A retry after a lost connection must reuse it (the publish
+        // may have been stored); after an explicit refusal, which stored
+        // nothing, a fresh one is taken, so that a retry long after cannot
+        // be mistaken for one older than the broker's dedup window.
         let mut sequence = None;
+        let mut maybe_stored = false;
         let mut attempt = 0;
         let mut last_refusal = None;
         loop {
@@ -172,6 +177,9 @@ impl Client {
                     });
                 }
                 Ok(Frame::Error(ErrorFrame { code, message, .. })) if code.is_retryable() => {
+                    if !maybe_stored {
+                        sequence = None;
+                    }
                     let pause = self.inner.config.backoff.delay(attempt);
                     if tokio::time::Instant::now() + pause >= deadline {
                         return Err(ClientError::Server { code, message });
@@ -191,7 +199,7 @@ impl Client {
                 }
                 // The connection died with the publish in flight: send it
                 // again, same sequence, once the supervisor reconnected.
-                Err(ClientError::Disconnected) => {}
+                Err(ClientError::Disconnected) => maybe_stored = true,
                 Err(e) => return Err(e),
             }
         }
@@ -237,12 +245,19 @@ impl Client {
             shared: Arc::downgrade(&shared),
             rx,
             on_drop: Arc::downgrade(&(inner.clone() as Arc<dyn Unsubscriber>)),
+            yielded: None,
         };
+        // Returns only once the broker resolved the start: a `Latest` whose
+        // request was lost to a disconnect must not resume later as
+        // `Latest` and miss what was published meanwhile.
         let deadline = Instant::now() + inner.config.request_timeout;
-        let live = inner.wait_live(deadline).await?;
-        match subscribe_on(&live, &shared).await {
-            Ok(()) | Err(ClientError::Disconnected) => Ok(subscription),
-            Err(e) => Err(e),
+        loop {
+            let live = inner.wait_live(deadline).await?;
+            match subscribe_on(&live, &shared, &inner.config.backoff).await {
+                Ok(()) => return Ok(subscription),
+                Err(ClientError::Disconnected) => continue,
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -335,6 +350,80 @@ impl Inner {
         live.token_refreshed();
     }
 
+    /// The broker ended `ended.sub` on its own: a retryable cause (its log
+    /// could not be read) is answered by subscribing again, after a pause,
+    /// from where the application stands; any other ends the application's
+    /// stream with the reason (G8).
+    fn subscription_ended(self: &Arc<Self>, live: &Arc<Live>, ended: Ended) {
+        if !self.subs_map().contains_key(&ended.sub.id) {
+            return;
+        }
+        if !ended.code.is_retryable() {
+            return self.end_subscription(&ended.sub, ended.code, ended.message);
+        }
+        let attempt = ended.sub.retries.fetch_add(1, Ordering::Relaxed);
+        let pause = self.config.backoff.delay(attempt);
+        self.resubscribe(live, ended.sub, Some(pause));
+    }
+
+    /// Subscribes `sub` again on `live` (after `pause`); a refusal ends it.
+    fn resubscribe(
+        self: &Arc<Self>,
+        live: &Arc<Live>,
+        sub: Arc<SubShared>,
+        pause: Option<Duration>,
+    ) {
+        let (inner, live) = (self.clone(), live.clone());
+        tokio::spawn(async move {
+            if let Some(pause) = pause {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = live.gone() => return,
+                    () = inner.closed.cancelled() => return,
+                }
+            }
+            if !inner.subs_map().contains_key(&sub.id) {
+                return;
+            }
+            match subscribe_on(&live, &sub, &inner.config.backoff).await {
+                // Dropped by the application while the request was in
+                // flight: nobody reads it, so the broker must not keep it.
+                Ok(()) if !inner.subs_map().contains_key(&sub.id) => {
+                    if let Some(subscription) = live.unroute(sub.id) {
+                        live.send_nowait(|request_id| Frame::Unsubscribe {
+                            request_id,
+                            subscription,
+                        });
+                    }
+                }
+                // A lost connection is the supervisor's: it resubscribes all.
+                Ok(()) | Err(ClientError::Disconnected) => {}
+                Err(e) => {
+                    warn!(channel = %sub.channel, error = %e, "resubscribe refused; ending the subscription");
+                    let (code, message) = match e {
+                        ClientError::Server { code, message } => (code, message),
+                        other => (ErrorCode::Internal, other.to_string()),
+                    };
+                    inner.end_subscription(&sub, code, message);
+                }
+            }
+        });
+    }
+
+    /// Ends `sub` for good: the application's stream yields why, then ends.
+    fn end_subscription(&self, sub: &Arc<SubShared>, code: ErrorCode, message: String) {
+        if self.subs_map().remove(&sub.id).is_none() {
+            return;
+        }
+        let sub = sub.clone();
+        tokio::spawn(async move {
+            let _ = sub
+                .tx
+                .send(Err(SubscriptionError::Ended { code, message }))
+                .await;
+        });
+    }
+
     fn close(&self) {
         self.closed.cancel();
         if let Some(live) = self.live.send_replace(None) {
@@ -358,40 +447,78 @@ impl Unsubscriber for Inner {
     }
 }
 
+/// Attempts at a subscribe the broker answers `AlreadySubscribed` while
+/// no request of ours routes it.
+const ALREADY_SUBSCRIBED_ATTEMPTS: u32 = 5;
+
 /// Subscribes `sub` on `live` from where it stands.
-async fn subscribe_on(live: &Live, sub: &Arc<SubShared>) -> Result<(), ClientError> {
-    let reply = live
-        .request(|request_id| {
-            Frame::Subscribe(Subscribe {
-                request_id,
-                channel: sub.channel.clone(),
-                position: sub.resume_position(),
+async fn subscribe_on(
+    live: &Live,
+    sub: &Arc<SubShared>,
+    backoff: &crate::config::Backoff,
+) -> Result<(), ClientError> {
+    let mut attempt = 0;
+    loop {
+        let reply = live
+            .request(|request_id| {
+                Frame::Subscribe(Subscribe {
+                    request_id,
+                    channel: sub.channel.clone(),
+                    position: sub.resume_position(),
+                })
             })
-        })
-        .await?;
-    match reply {
-        Frame::Subscribed {
-            subscription,
-            epoch,
-            start,
-            ..
-        } => {
-            sub.subscribed(start, epoch);
-            live.route(subscription, sub.clone());
-            Ok(())
+            .await?;
+        match reply {
+            Frame::Subscribed {
+                subscription,
+                epoch,
+                start,
+                ..
+            } => {
+                sub.subscribed(start, epoch);
+                match live.route(subscription, sub.clone()) {
+                    Ok(()) => return Ok(()),
+                    // Ended by the broker right after it began: a passing
+                    // cause is answered by subscribing again after a pause.
+                    Err((code, _)) if code.is_retryable() => {
+                        let attempt = sub.retries.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(backoff.delay(attempt)).await;
+                    }
+                    Err((code, message)) => return Err(ClientError::Server { code, message }),
+                }
+            }
+            // Either another request of ours (the supervisor's resubscribe
+            // after a reconnect) got there first and routes it, or the
+            // broker still holds a subscription nobody reads (a cancelled
+            // subscribe, being unsubscribed now). Only the first is a
+            // success: the second would never deliver.
+            Frame::Error(ErrorFrame {
+                code: ErrorCode::AlreadySubscribed,
+                message,
+                ..
+            }) => {
+                attempt += 1;
+                let wait = std::time::Duration::from_millis(20 << attempt.min(5));
+                if live.wait_routed(sub.id, wait).await {
+                    return Ok(());
+                }
+                if attempt >= ALREADY_SUBSCRIBED_ATTEMPTS {
+                    return Err(ClientError::Server {
+                        code: ErrorCode::AlreadySubscribed,
+                        message,
+                    });
+                }
+            }
+            Frame::Error(ErrorFrame { code, message, .. }) => {
+                return Err(ClientError::Server { code, message });
+            }
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "unexpected reply {:?} to Subscribe",
+                    other.frame_type()
+                )));
+            }
         }
-        // The supervisor resubscribed it on this connection first.
-        Frame::Error(ErrorFrame {
-            code: ErrorCode::AlreadySubscribed,
-            ..
-        }) => Ok(()),
-        Frame::Error(ErrorFrame { code, message, .. }) => {
-            Err(ClientError::Server { code, message })
-        }
-        other => Err(ClientError::Protocol(format!(
-            "unexpected reply {:?} to Subscribe",
-            other.frame_type()
-        ))),
     }
 }
 
@@ -404,6 +531,7 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
                 () = live.gone() => break,
                 () = inner.closed.cancelled() => return,
                 expires_at = live.token_expiring() => inner.refresh_token(&live, expires_at).await,
+                ended = live.next_ended() => inner.subscription_ended(&live, ended),
             }
         }
         inner.live.send_replace(None);
@@ -445,16 +573,7 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
         inner.live.send_replace(Some(live.clone()));
         let subs: Vec<_> = inner.subs_map().values().cloned().collect();
         for sub in subs {
-            let (inner, live) = (inner.clone(), live.clone());
-            tokio::spawn(async move {
-                match subscribe_on(&live, &sub).await {
-                    Ok(()) | Err(ClientError::Disconnected) => {}
-                    Err(e) => {
-                        warn!(channel = %sub.channel, error = %e, "resubscribe refused; ending the subscription");
-                        inner.subs_map().remove(&sub.id);
-                    }
-                }
-            });
+            inner.resubscribe(&live, sub, None);
         }
     }
 }

@@ -126,6 +126,9 @@ pub struct ClientConfig {
     pub backoff: Backoff,
     /// How long a `publish` may take, reconnects and retries included.
     pub request_timeout: Duration,
+    /// How long one connection attempt (QUIC and TLS handshake, Hello and
+    /// Welcome) may take before it counts as failed.
+    pub connect_timeout: Duration,
     /// Publishes in flight at once; keep it below the broker's
     /// `engine.producer_window` (256 by default) so that every retry after
     /// a reconnect is recognised as one.
@@ -161,6 +164,7 @@ impl ClientConfig {
             client_name: concat!("volna-client/", env!("CARGO_PKG_VERSION")).to_owned(),
             backoff: Backoff::default(),
             request_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
             max_inflight_publishes: 128,
             max_subscriptions: 256,
             subscription_buffer: 4096,

@@ -127,10 +127,20 @@ impl Transport {
             };
             Ok::<_, ClientError>((conn, send, recv, buf, welcome))
         };
+        let timed_out = || ClientError::ConnectTimeout {
+            server: self.server.clone(),
+            after: config.connect_timeout,
+        };
         let (conn, send, recv, buf, welcome) =
-            tokio::time::timeout(config.request_timeout, handshake)
-                .await
-                .map_err(|_| ClientError::Timeout)??;
+            match tokio::time::timeout(config.connect_timeout, handshake).await {
+                Ok(Ok(established)) => established,
+                // quinn's own idle timer fired first: the same silence.
+                Ok(Err(ClientError::Connect(why))) if why.contains("timed out") => {
+                    return Err(timed_out());
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(timed_out()),
+            };
         debug!(session = welcome.session_id, "connected");
         Ok(Live::start(conn, send, recv, buf, welcome))
     }
@@ -232,6 +242,20 @@ pub(crate) struct Live {
     gone: CancellationToken,
     /// The latest `TokenExpiring` notice: when the token expires.
     token_expiring: watch::Sender<Option<u64>>,
+    /// Subscriptions the broker ended on its own, for the supervisor.
+    ended_tx: mpsc::Sender<Ended>,
+    /// Ended before their `Subscribed` reply was routed (the reply and the
+    /// end arrive back to back): told to the subscribe when it routes.
+    ended_early: Mutex<HashMap<SubscriptionId, (volna_proto::ErrorCode, String)>>,
+    ended_rx: tokio::sync::Mutex<mpsc::Receiver<Ended>>,
+}
+
+/// A subscription the broker ended on its own (`SubscriptionEnded`).
+#[derive(Debug)]
+pub(crate) struct Ended {
+    pub sub: Arc<SubShared>,
+    pub code: volna_proto::ErrorCode,
+    pub message: String,
 }
 
 impl Live {
@@ -243,7 +267,11 @@ impl Live {
         welcome: Welcome,
     ) -> Arc<Self> {
         let (control, control_rx) = mpsc::channel(1024);
+        let (ended_tx, ended_rx) = mpsc::channel(16);
         let live = Arc::new(Self {
+            ended_tx,
+            ended_rx: tokio::sync::Mutex::new(ended_rx),
+            ended_early: Mutex::new(HashMap::new()),
             welcome,
             conn: conn.clone(),
             control,
@@ -296,10 +324,46 @@ impl Live {
         let _ = self.control.try_send(Box::new(build(id)));
     }
 
-    /// Delivery streams of `id` feed `sub` from now on.
-    pub fn route(&self, id: SubscriptionId, sub: Arc<SubShared>) {
-        self.routes_map().insert(id, sub);
+    /// Delivery streams of `id` feed `sub` from now on; or, when the broker
+    /// already ended `id`, why.
+    pub fn route(
+        &self,
+        id: SubscriptionId,
+        sub: Arc<SubShared>,
+    ) -> Result<(), (volna_proto::ErrorCode, String)> {
+        let mut routes = self.routes_map();
+        if let Some(ended) = self.early_map().remove(&id) {
+            return Err(ended);
+        }
+        routes.insert(id, sub);
+        drop(routes);
         self.route_added.notify_waiters();
+        Ok(())
+    }
+
+    fn early_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<SubscriptionId, (volna_proto::ErrorCode, String)>> {
+        self.ended_early.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits up to `within` until local subscription `local` is routed on
+    /// this connection; whether it is.
+    pub async fn wait_routed(&self, local: u64, within: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.route_added.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.routes_map().values().any(|s| s.id == local) {
+                return true;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => return false,
+                () = self.gone.cancelled() => return false,
+            }
+        }
     }
 
     /// Forgets the route of local subscription `local`, returning the
@@ -312,6 +376,15 @@ impl Live {
             .map(|(id, _)| *id)?;
         routes.remove(&id);
         Some(id)
+    }
+
+    /// The next subscription the broker ended on its own.
+    pub async fn next_ended(&self) -> Ended {
+        match self.ended_rx.lock().await.recv().await {
+            Some(ended) => ended,
+            // Never: `self` holds a sender.
+            None => std::future::pending().await,
+        }
     }
 
     /// Resolves with the token's expiry when the broker announces it.
@@ -404,12 +477,53 @@ async fn read_control(live: Arc<Live>, mut recv: quinn::RecvStream, mut buf: Byt
             Ok(Frame::TokenExpiring { expires_at }) => {
                 live.token_expiring.send_replace(Some(expires_at));
             }
+            Ok(Frame::SubscriptionEnded {
+                subscription,
+                code,
+                message,
+            }) => {
+                let routed = {
+                    let mut routes = live.routes_map();
+                    let routed = routes.remove(&subscription);
+                    if routed.is_none() {
+                        // Not routed yet (its subscribe is about to), or
+                        // dropped by the application meanwhile: kept, in a
+                        // bounded table, for the subscribe to find.
+                        let mut early = live.early_map();
+                        if early.len() >= ENDED_EARLY_MAX {
+                            early.clear();
+                        }
+                        early.insert(subscription, (code, message.clone()));
+                    }
+                    routed
+                };
+                let Some(sub) = routed else {
+                    continue;
+                };
+                debug!(channel = %sub.channel, %code, %message, "the broker ended a subscription");
+                let ended = Ended { sub, code, message };
+                if live.ended_tx.send(ended).await.is_err() {
+                    break;
+                }
+            }
             Ok(frame) => {
                 let waiter = frame
                     .request_id()
                     .and_then(|id| live.pending_map().remove(&id));
-                if let Some(waiter) = waiter {
-                    let _ = waiter.send(frame);
+                let unclaimed = match waiter {
+                    Some(waiter) => waiter.send(frame).err(),
+                    None => Some(frame),
+                };
+                // A subscribe whose caller has gone (cancelled while the
+                // request was in flight): nobody will read it, so the
+                // broker must not keep it, holding a stream and blocking
+                // the next subscribe to the channel.
+                if let Some(Frame::Subscribed { subscription, .. }) = unclaimed {
+                    debug!(%subscription, "unsubscribing a subscribe nobody waits for");
+                    live.send_nowait(|request_id| Frame::Unsubscribe {
+                        request_id,
+                        subscription,
+                    });
                 }
             }
             Err(e) => {
@@ -448,7 +562,10 @@ async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
         Ok(other) => return warn!(frame = ?other.frame_type(), "delivery stream without a header"),
         Err(_) => return,
     };
-    // The stream may arrive before the Subscribed reply was processed.
+    // The stream may arrive before the Subscribed reply was processed; one
+    // that no subscription claims (its subscribe was cancelled) is stopped,
+    // which ends it on the broker too.
+    let unclaimed_after = tokio::time::Instant::now() + UNCLAIMED_STREAM;
     let sub = loop {
         let notified = live.route_added.notified();
         tokio::pin!(notified);
@@ -458,6 +575,11 @@ async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
         }
         tokio::select! {
             () = notified => {}
+            () = tokio::time::sleep_until(unclaimed_after) => {
+                debug!(subscription = %id, "stopping a delivery stream no subscription claims");
+                let _ = recv.stop(VarInt::from_u32(0));
+                return;
+            }
             () = live.gone.cancelled() => return,
         }
     };
@@ -477,6 +599,13 @@ async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
         }
     }
 }
+
+/// Subscriptions remembered as ended before they were routed.
+const ENDED_EARLY_MAX: usize = 256;
+
+/// How long a delivery stream may wait for the `Subscribed` reply that
+/// routes it before it counts as nobody's.
+const UNCLAIMED_STREAM: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Most bytes taken from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;

@@ -16,6 +16,15 @@ pub enum ClientError {
     /// The connection could not be established.
     #[error("cannot connect: {0}")]
     Connect(String),
+    /// Nothing answered the connection attempt in time: no broker listens
+    /// there, or UDP does not get through.
+    #[error("no QUIC answer from {server} within {} s", after.as_secs_f64())]
+    ConnectTimeout {
+        /// The address tried.
+        server: String,
+        /// How long the attempt waited.
+        after: std::time::Duration,
+    },
     /// The broker refused the session (bad token, unsupported version).
     #[error("the broker refused the session: {code}: {message}")]
     Refused {
@@ -68,7 +77,8 @@ impl ClientError {
 }
 
 /// Something a subscriber must know about, delivered in the message stream
-/// in its place among the messages. None of them ends the stream.
+/// in its place among the messages. Only [`Ended`](Self::Ended) ends the
+/// stream.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SubscriptionError {
     /// Retention removed offsets the subscriber had not seen; delivery goes
@@ -101,5 +111,15 @@ pub enum SubscriptionError {
         expected: Offset,
         /// The offset received.
         got: Offset,
+    },
+    /// The subscription ended for good (`Forbidden`: a refreshed token no
+    /// longer grants the channel; or the broker refused to resubscribe
+    /// after a reconnect). The stream ends after this item.
+    #[error("the subscription ended: {code}: {message}")]
+    Ended {
+        /// Why.
+        code: ErrorCode,
+        /// The broker's explanation.
+        message: String,
     },
 }

@@ -9,6 +9,7 @@
 //! - Messages below `next` (replays after a resume) are dropped here.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
@@ -44,8 +45,11 @@ pub(crate) struct SubPosition {
     /// The position asked for at subscribe time, used until the broker
     /// resolved it.
     pub initial: Position,
-    /// The next offset the application should see, once known.
+    /// The next offset the application should see, once known. Runs ahead
+    /// of the application by what is buffered: it is where a resume starts.
     pub next: Option<Offset>,
+    /// Where the application's stream starts, once the broker resolved it.
+    pub start: Option<Offset>,
     /// The channel log's epoch, once known.
     pub epoch: Option<Epoch>,
 }
@@ -60,6 +64,9 @@ pub(crate) struct SubShared {
     pub tx: mpsc::Sender<Item>,
     /// Held by the delivery stream feeding this subscription.
     pub delivery: tokio::sync::Mutex<()>,
+    /// Resubscribes after the broker ended it, since it last delivered:
+    /// the backoff step.
+    pub retries: AtomicU32,
 }
 
 impl SubShared {
@@ -82,6 +89,10 @@ impl SubShared {
                     Position::From { offset, .. } => Some(offset),
                     Position::Latest | Position::Last(_) => None,
                 },
+                start: match initial {
+                    Position::From { offset, .. } => Some(offset),
+                    Position::Latest | Position::Last(_) => None,
+                },
                 epoch: match initial {
                     Position::From { epoch, .. } => epoch,
                     Position::Latest | Position::Last(_) => None,
@@ -89,6 +100,7 @@ impl SubShared {
             }),
             tx,
             delivery: tokio::sync::Mutex::new(()),
+            retries: AtomicU32::new(0),
         });
         (shared, rx)
     }
@@ -115,6 +127,9 @@ impl SubShared {
         if p.next.is_none() {
             p.next = Some(start);
         }
+        if p.start.is_none() {
+            p.start = Some(start);
+        }
         if epoch.0 != 0 && p.epoch.is_none() {
             p.epoch = Some(epoch);
         }
@@ -125,6 +140,7 @@ impl SubShared {
     pub async fn deliver(&self, frame: Frame) -> bool {
         match frame {
             Frame::Deliver(d) => {
+                self.retries.store(0, Ordering::Relaxed);
                 // The whole batch's bookkeeping under one lock: messages
                 // below `next` (a replay after a resume) are dropped, and a
                 // batch starting beyond it is a gap.
@@ -235,6 +251,8 @@ pub struct Subscription {
     pub(crate) shared: Weak<SubShared>,
     pub(crate) rx: mpsc::Receiver<Item>,
     pub(crate) on_drop: Weak<dyn Unsubscriber>,
+    /// The offset after the last item yielded to the application.
+    pub(crate) yielded: Option<Offset>,
 }
 
 /// Told when the application drops a subscription.
@@ -248,14 +266,37 @@ impl Subscription {
         &self.channel
     }
 
-    /// The next offset this subscription will yield, once known.
+    /// The offset after the last item this subscription yielded (before
+    /// any: where it starts, once the broker resolved it). An application
+    /// that saves it once it has processed an item and later subscribes
+    /// `Position::From` it, after a crash, gets exactly the items it had
+    /// not processed: what the client has buffered but not yet yielded is
+    /// not counted.
     pub fn next_offset(&self) -> Option<Offset> {
-        self.shared.upgrade().and_then(|s| s.position().next)
+        self.yielded
+            .or_else(|| self.shared.upgrade().and_then(|s| s.position().start))
     }
 
     /// Waits for the next item; `None` once the client is closed.
     pub async fn recv(&mut self) -> Option<Item> {
-        self.rx.recv().await
+        let item = self.rx.recv().await;
+        self.saw(item.as_ref());
+        item
+    }
+
+    /// Moves [`next_offset`](Self::next_offset) past an item handed to
+    /// the application.
+    fn saw(&mut self, item: Option<&Item>) {
+        let next = match item {
+            Some(Ok(m)) => m.offset.next(),
+            Some(Err(SubscriptionError::Truncated {
+                first_available, ..
+            })) => *first_available,
+            Some(Err(SubscriptionError::EpochChanged { start, .. })) => *start,
+            Some(Err(SubscriptionError::Gap { got, .. })) => *got,
+            _ => return,
+        };
+        self.yielded = Some(next);
     }
 }
 
@@ -263,7 +304,12 @@ impl Stream for Subscription {
     type Item = Item;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        self.get_mut().rx.poll_recv(cx)
+        let this = self.get_mut();
+        let polled = this.rx.poll_recv(cx);
+        if let Poll::Ready(item) = &polled {
+            this.saw(item.as_ref());
+        }
+        polled
     }
 }
 

@@ -202,6 +202,15 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_u64(*expires_at);
         }
         Frame::TokenExpiring { expires_at } => out.put_u64(*expires_at),
+        Frame::SubscriptionEnded {
+            subscription,
+            code,
+            message,
+        } => {
+            out.put_u64(subscription.0);
+            out.put_u16(code.to_u16());
+            put_str(out, message);
+        }
         Frame::Welcome(w) => {
             out.put_u64(w.session_id);
             out.put_u16(w.protocol);
@@ -315,6 +324,7 @@ pub fn encoded_len(frame: &Frame) -> usize {
         Frame::Refresh { token, .. } => 8 + 2 + token.len(),
         Frame::Refreshed { .. } => 16,
         Frame::TokenExpiring { .. } => 8,
+        Frame::SubscriptionEnded { message, .. } => 8 + 2 + 2 + message.len(),
         Frame::Ping { .. } | Frame::Pong { .. } | Frame::Unsubscribed { .. } => 8,
         Frame::Welcome(_) => 8 + 2 + 4 + 4 + 4,
         Frame::Published { .. } => 8 + 8 + 8 + 1,
@@ -533,6 +543,11 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
         },
         FrameType::TokenExpiring => Frame::TokenExpiring {
             expires_at: r.u64("expires_at")?,
+        },
+        FrameType::SubscriptionEnded => Frame::SubscriptionEnded {
+            subscription: SubscriptionId(r.u64("subscription")?),
+            code: ErrorCode::from_u16(r.u16("code")?),
+            message: r.string("message")?,
         },
         FrameType::Welcome => Frame::Welcome(Welcome {
             session_id: r.u64("session_id")?,

@@ -47,6 +47,9 @@ pub enum ErrorCode {
     TooManyConnections,
     /// Only server-side identities may publish to this channel's namespace.
     ServerOnly,
+    /// The user has as many live producer windows (idempotent publishers)
+    /// as it may; reuse a producer id, or wait until an idle one expires.
+    TooManyProducers,
     /// A code this build does not know.
     Other(u16),
 }
@@ -73,6 +76,7 @@ impl ErrorCode {
             Self::Internal => 16,
             Self::TooManyConnections => 17,
             Self::ServerOnly => 18,
+            Self::TooManyProducers => 19,
             Self::Other(code) => code,
         }
     }
@@ -98,6 +102,7 @@ impl ErrorCode {
             16 => Self::Internal,
             17 => Self::TooManyConnections,
             18 => Self::ServerOnly,
+            19 => Self::TooManyProducers,
             other => Self::Other(other),
         }
     }
@@ -142,6 +147,8 @@ impl CloseCode {
     pub const KICKED: CloseCode = CloseCode(6);
     /// A limit on connections was reached (per user, per address).
     pub const LIMIT_EXCEEDED: CloseCode = CloseCode(7);
+    /// The peer did not read its control stream for too long.
+    pub const CONTROL_STALLED: CloseCode = CloseCode(8);
 
     /// A short, stable description for logs and close reasons.
     pub const fn reason(self) -> &'static str {
@@ -154,6 +161,7 @@ impl CloseCode {
             5 => "internal error",
             6 => "disconnected by an operator",
             7 => "connection limit exceeded",
+            8 => "control stream not read",
             _ => "unknown",
         }
     }

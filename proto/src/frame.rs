@@ -91,6 +91,18 @@ pub enum Frame {
         /// When the token expires, Unix seconds.
         expires_at: u64,
     },
+    /// The broker ended a subscription on its own: the client's stream of
+    /// it will see no more messages. With a retryable `code` (the log could
+    /// not be read) the client subscribes again from where it stands; with
+    /// any other (`Forbidden` after a refresh) the application is told.
+    SubscriptionEnded {
+        /// The subscription, as returned in `Subscribed`.
+        subscription: SubscriptionId,
+        /// Why.
+        code: ErrorCode,
+        /// Why, for people.
+        message: String,
+    },
 
     // ── broker → client, delivery stream ─────────────────────────────────
     /// First frame of a delivery stream: which subscription it serves.
@@ -280,6 +292,8 @@ pub enum FrameType {
     Refreshed = 0x47,
     /// [`Frame::TokenExpiring`]
     TokenExpiring = 0x48,
+    /// [`Frame::SubscriptionEnded`]
+    SubscriptionEnded = 0x49,
     /// [`Frame::StreamHeader`]
     StreamHeader = 0x81,
     /// [`Frame::Deliver`]
@@ -308,6 +322,7 @@ impl FrameType {
             0x46 => Self::Error,
             0x47 => Self::Refreshed,
             0x48 => Self::TokenExpiring,
+            0x49 => Self::SubscriptionEnded,
             0x81 => Self::StreamHeader,
             0x82 => Self::Deliver,
             0x83 => Self::Truncated,
@@ -335,6 +350,7 @@ impl Frame {
             Self::Error(_) => FrameType::Error,
             Self::Refreshed { .. } => FrameType::Refreshed,
             Self::TokenExpiring { .. } => FrameType::TokenExpiring,
+            Self::SubscriptionEnded { .. } => FrameType::SubscriptionEnded,
             Self::StreamHeader { .. } => FrameType::StreamHeader,
             Self::Deliver(_) => FrameType::Deliver,
             Self::Truncated { .. } => FrameType::Truncated,

@@ -125,6 +125,13 @@ fn frame() -> impl Strategy<Value = Frame> {
                 message,
             })
         }),
+        (any::<u64>(), any::<u16>(), text()).prop_map(|(s, code, message)| {
+            Frame::SubscriptionEnded {
+                subscription: SubscriptionId(s),
+                code: ErrorCode::from_u16(code),
+                message,
+            }
+        }),
         any::<u64>().prop_map(|s| Frame::StreamHeader {
             subscription: SubscriptionId(s)
         }),

@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use volna_proto::{ChannelName, Offset};
 
-use super::record::windows_from_entries;
 use super::{
-    ChannelId, ChannelMeta, LogStore, ProducerEntry, Recovered, StoreError, StoredMessage, WriteSet,
+    ChannelId, ChannelMeta, LogStore, ProducerKey, ProducerWindow, Recovered, StoreError,
+    StoredMessage, WriteSet,
 };
 
 /// A store that forgets everything when dropped.
@@ -19,13 +19,14 @@ use super::{
 pub struct MemoryStore {
     state: Mutex<State>,
     fail_next_write: AtomicBool,
+    failing_reads: AtomicU32,
 }
 
 #[derive(Debug, Default)]
 struct State {
     messages: BTreeMap<(ChannelId, Offset), StoredMessage>,
     channels: HashMap<ChannelName, ChannelMeta>,
-    producers: BTreeMap<(u64, u64), ProducerEntry>,
+    producers: HashMap<ProducerKey, ProducerWindow>,
     poisoned: Option<String>,
 }
 
@@ -38,6 +39,16 @@ impl MemoryStore {
     /// Makes the next `write` fail as a full disk would.
     pub fn fail_next_write(&self) {
         self.fail_next_write.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes the next `count` reads fail as a damaged disk would.
+    pub fn fail_next_reads(&self, count: u32) {
+        self.failing_reads.store(count, Ordering::SeqCst);
+    }
+
+    /// Injected read failures not yet used.
+    pub fn read_failures_left(&self) -> u32 {
+        self.failing_reads.load(Ordering::SeqCst)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -56,11 +67,11 @@ impl LogStore for MemoryStore {
             .map(|(n, m)| (n.clone(), *m))
             .collect();
         channels.sort_by_key(|(_, m)| m.id);
-        let producers = windows_from_entries(state.producers.iter().map(|((p, _), e)| (*p, *e)));
-        Ok(Recovered {
-            channels,
-            producers,
-        })
+        Ok(Recovered { channels })
+    }
+
+    fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError> {
+        Ok(self.state().producers.get(key).cloned())
     }
 
     fn write(&self, set: &WriteSet, _sync: bool) -> Result<(), StoreError> {
@@ -91,18 +102,11 @@ impl LogStore for MemoryStore {
         for (name, meta) in &set.channels {
             state.channels.insert(name.clone(), *meta);
         }
-        for (producer, entry) in &set.producers {
-            state.producers.insert((*producer, entry.sequence), *entry);
+        for (key, window) in &set.producers {
+            state.producers.insert(key.clone(), window.clone());
         }
-        for (producer, below) in &set.producer_evictions {
-            let gone: Vec<_> = state
-                .producers
-                .range((*producer, 0)..(*producer, *below))
-                .map(|(k, _)| *k)
-                .collect();
-            for k in gone {
-                state.producers.remove(&k);
-            }
+        for key in &set.expired_producers {
+            state.producers.remove(key);
         }
         Ok(())
     }
@@ -115,6 +119,12 @@ impl LogStore for MemoryStore {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
+        let failing = self
+            .failing_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::Engine("injected failure: read error".into()));
+        }
         let state = self.state();
         let mut out = Vec::new();
         let mut bytes = 0usize;

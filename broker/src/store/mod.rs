@@ -16,17 +16,17 @@
 //!   in the engine must not be followed by acks that assume it did not.
 
 mod memory;
+mod producers;
 mod record;
 #[cfg(feature = "rocksdb")]
 mod rocks;
-
-use std::collections::VecDeque;
 
 use bytes::Bytes;
 use thiserror::Error;
 use volna_proto::{ChannelName, Epoch, Offset, ProducerSeq};
 
 pub use memory::MemoryStore;
+pub use producers::{ProducerEntry, ProducerKey, ProducerWindow, SequenceStatus};
 pub use record::RecordError;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksStore;
@@ -85,80 +85,12 @@ pub struct StoredMessage {
     pub payload: Bytes,
 }
 
-/// A producer's recently stored sequences, for idempotent retries (G5).
-///
-/// Sequences may arrive out of order (concurrent retries after a
-/// reconnect), so the window remembers the highest sequences stored and
-/// everything below `evicted_below` is unknown: a sequence in the window is
-/// a duplicate, one at or above `evicted_below` and not in the window was
-/// never stored, one below it cannot be told apart and is refused.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ProducerWindow {
-    /// Sequences below this were forgotten.
-    pub evicted_below: u64,
-    /// Sorted by sequence, no duplicates.
-    pub entries: VecDeque<ProducerEntry>,
-}
-
-/// One remembered publish of a producer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ProducerEntry {
-    /// The producer's sequence number.
-    pub sequence: u64,
-    /// Where it was stored.
-    pub channel: ChannelId,
-    /// Its offset.
-    pub offset: Offset,
-    /// The channel's epoch then.
-    pub epoch: Epoch,
-}
-
-impl ProducerWindow {
-    /// What the window knows of `sequence`.
-    pub fn lookup(&self, sequence: u64) -> SequenceStatus {
-        if sequence < self.evicted_below {
-            return SequenceStatus::Forgotten;
-        }
-        match self.entries.binary_search_by_key(&sequence, |e| e.sequence) {
-            Ok(i) => SequenceStatus::Stored(self.entries[i]),
-            Err(_) => SequenceStatus::New,
-        }
-    }
-
-    /// Remembers a newly stored sequence, forgetting the lowest beyond
-    /// `capacity`.
-    pub fn insert(&mut self, entry: ProducerEntry, capacity: usize) {
-        let at = self
-            .entries
-            .partition_point(|e| e.sequence < entry.sequence);
-        self.entries.insert(at, entry);
-        while self.entries.len() > capacity {
-            if let Some(old) = self.entries.pop_front() {
-                self.evicted_below = old.sequence.saturating_add(1);
-            }
-        }
-    }
-}
-
-/// What a producer window knows of one sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SequenceStatus {
-    /// Never stored: store it.
-    New,
-    /// Already stored here.
-    Stored(ProducerEntry),
-    /// Below the window: cannot tell.
-    Forgotten,
-}
-
-/// Everything recovered from the store at start (G7).
+/// Everything recovered from the store at start (G7). Producer windows
+/// are not part of it: they are loaded when their producer publishes.
 #[derive(Debug, Default)]
 pub struct Recovered {
     /// Every channel with its metadata.
     pub channels: Vec<(ChannelName, ChannelMeta)>,
-    /// Every producer's dedup window (after recovery `evicted_below` is
-    /// the lowest remembered sequence: conservative, never wrong).
-    pub producers: Vec<(u64, ProducerWindow)>,
 }
 
 /// One atomic change to the store.
@@ -168,11 +100,11 @@ pub struct WriteSet {
     pub messages: Vec<(ChannelId, StoredMessage)>,
     /// Channel metadata to write (insert or replace).
     pub channels: Vec<(ChannelName, ChannelMeta)>,
-    /// Producer sequences to remember, one key each.
-    pub producers: Vec<(u64, ProducerEntry)>,
-    /// Producer sequences to forget: every sequence of the producer below
-    /// the given one.
-    pub producer_evictions: Vec<(u64, u64)>,
+    /// Producer windows to store, each replacing the producer's previous
+    /// one (one value per producer).
+    pub producers: Vec<(ProducerKey, ProducerWindow)>,
+    /// Producer windows to remove (idle beyond the retry horizon).
+    pub expired_producers: Vec<ProducerKey>,
     /// Offsets `[from, to)` of a channel to delete (retention).
     pub deletions: Vec<(ChannelId, Offset, Offset)>,
 }
@@ -183,7 +115,7 @@ impl WriteSet {
         self.messages.is_empty()
             && self.channels.is_empty()
             && self.producers.is_empty()
-            && self.producer_evictions.is_empty()
+            && self.expired_producers.is_empty()
             && self.deletions.is_empty()
     }
 }
@@ -205,8 +137,11 @@ pub enum StoreError {
 
 /// The durable log.
 pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Reads back every channel's metadata and every producer window.
+    /// Reads back every channel's metadata.
     fn recover(&self) -> Result<Recovered, StoreError>;
+
+    /// The stored window of one producer, if it has one.
+    fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError>;
 
     /// Applies `set` atomically; with `sync` the write-ahead log is fsynced
     /// before returning.
@@ -267,19 +202,18 @@ pub(crate) mod contract {
         meta.next_offset = Offset::new(6);
         meta.bytes = 25;
         set.channels.push((channel("chat.1"), meta));
-        let entry = |sequence| ProducerEntry {
-            sequence,
-            channel: 7,
-            offset: Offset::new(sequence),
-            epoch: Epoch(42),
-        };
-        set.producers
-            .extend([(1234, entry(3)), (1234, entry(5)), (1234, entry(9))]);
-        set.producer_evictions.push((1234, 4));
-        let window = ProducerWindow {
-            evicted_below: 5,
-            entries: [entry(5), entry(9)].into(),
-        };
+        let key = ProducerKey::new("alice".into(), 1234);
+        let mut window = ProducerWindow::default();
+        for sequence in [3, 5, 9] {
+            let entry = ProducerEntry {
+                sequence,
+                channel: 7,
+                offset: Offset::new(sequence),
+                epoch: Epoch(42),
+            };
+            window.insert(entry, 2, 1_700_000_000_000);
+        }
+        set.producers.push((key.clone(), window.clone()));
         store.write(&set, true).expect("write");
 
         let all = store
@@ -321,7 +255,16 @@ pub(crate) mod contract {
 
         let recovered = store.recover().expect("recover");
         assert_eq!(recovered.channels, vec![(channel("chat.1"), meta)]);
-        assert_eq!(recovered.producers, vec![(1234, window)]);
+        assert_eq!(store.load_producer(&key).expect("load"), Some(window));
+        // Owners are apart: the same producer id of another user is unknown.
+        let other = ProducerKey::new("mallory".into(), 1234);
+        assert_eq!(store.load_producer(&other).expect("load"), None);
+        let set = WriteSet {
+            expired_producers: vec![key.clone()],
+            ..WriteSet::default()
+        };
+        store.write(&set, false).expect("expire");
+        assert_eq!(store.load_producer(&key).expect("load"), None);
     }
 
     pub(crate) fn deletions_skip_to_the_first_stored(store: &dyn LogStore) {

@@ -1,5 +1,5 @@
 //! Byte layout of what the store keeps: message keys and records, channel
-//! metadata and producer windows.
+//! metadata (producer windows: `producers.rs`).
 //!
 //! Keys are big-endian so that RocksDB's byte order is offset order. Every
 //! value starts with a format version byte so the layout can evolve.
@@ -12,7 +12,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 use volna_proto::{Epoch, Offset, ProducerSeq};
 
-use super::{ChannelId, ChannelMeta, ProducerEntry, ProducerWindow, StoredMessage};
+use super::{ChannelId, ChannelMeta, StoredMessage};
 
 const VERSION: u8 = 1;
 
@@ -22,6 +22,12 @@ pub enum RecordError {
     /// The value is shorter than its layout.
     #[error("{what} record is truncated")]
     Truncated {
+        /// The kind of record.
+        what: &'static str,
+    },
+    /// The value's fields contradict each other.
+    #[error("{what} record is malformed")]
+    Malformed {
         /// The kind of record.
         what: &'static str,
     },
@@ -115,57 +121,6 @@ pub fn decode_meta(mut value: &[u8]) -> Result<ChannelMeta, RecordError> {
     })
 }
 
-/// `producer_id ‖ sequence`, both big-endian.
-pub fn producer_key(producer: u64, sequence: u64) -> [u8; 16] {
-    message_key(producer, Offset::new(sequence))
-}
-
-/// `version ‖ channel ‖ offset ‖ epoch`.
-pub fn encode_producer_entry(entry: &ProducerEntry) -> [u8; 25] {
-    let mut out = [0u8; 25];
-    out[0] = VERSION;
-    out[1..9].copy_from_slice(&entry.channel.to_be_bytes());
-    out[9..17].copy_from_slice(&entry.offset.get().to_be_bytes());
-    out[17..25].copy_from_slice(&entry.epoch.0.to_be_bytes());
-    out
-}
-
-/// Decodes a producer entry stored under `(producer, sequence)`.
-pub fn decode_producer_entry(
-    sequence: u64,
-    mut value: &[u8],
-) -> Result<ProducerEntry, RecordError> {
-    const WHAT: &str = "producer";
-    check_version(&mut value, WHAT)?;
-    need(&value, 24, WHAT)?;
-    Ok(ProducerEntry {
-        sequence,
-        channel: value.get_u64(),
-        offset: Offset::new(value.get_u64()),
-        epoch: Epoch(value.get_u64()),
-    })
-}
-
-/// Groups recovered `(producer, entry)` pairs, sorted by key, into windows.
-pub fn windows_from_entries(
-    entries: impl IntoIterator<Item = (u64, ProducerEntry)>,
-) -> Vec<(u64, ProducerWindow)> {
-    let mut out: Vec<(u64, ProducerWindow)> = Vec::new();
-    for (producer, entry) in entries {
-        match out.last_mut() {
-            Some((p, window)) if *p == producer => window.entries.push_back(entry),
-            _ => out.push((
-                producer,
-                ProducerWindow {
-                    evicted_below: entry.sequence,
-                    entries: [entry].into(),
-                },
-            )),
-        }
-    }
-    out
-}
-
 fn check_version(value: &mut impl Buf, what: &'static str) -> Result<(), RecordError> {
     need(value, 1, what)?;
     match value.get_u8() {
@@ -218,14 +173,6 @@ mod tests {
             bytes: 5,
         };
         assert_eq!(decode_meta(&encode_meta(&meta)), Ok(meta));
-
-        let e = ProducerEntry {
-            sequence: 1,
-            channel: 2,
-            offset: Offset::new(3),
-            epoch: Epoch(4),
-        };
-        assert_eq!(decode_producer_entry(1, &encode_producer_entry(&e)), Ok(e));
     }
 
     #[test]
@@ -240,10 +187,6 @@ mod tests {
                 what: "channel",
                 version: 9
             })
-        );
-        assert_eq!(
-            decode_producer_entry(1, &[1, 0, 0]),
-            Err(RecordError::Truncated { what: "producer" })
         );
         assert!(decode_message(Offset::FIRST, Bytes::from_static(&[1, 0])).is_err());
     }

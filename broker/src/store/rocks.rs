@@ -2,7 +2,9 @@
 //!
 //! - `messages`: `channel_id ‖ offset` → message record
 //! - `channels`: channel name → channel metadata
-//! - `producers`: `producer_id ‖ sequence` → where that publish was stored
+//! - `producer_windows`: `owner ‖ producer_id` → the producer's whole dedup
+//!   window, one value rewritten per batch; idle windows are removed by a
+//!   point delete or by the compaction filter, never by range tombstones
 //!
 //! One [`WriteSet`] is one RocksDB `WriteBatch`, so messages, the channel's
 //! new `next_offset` and the producer window land together or not at all:
@@ -10,8 +12,10 @@
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use rocksdb::compaction_filter::Decision;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DB, Direction, IteratorMode,
     Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions,
@@ -19,14 +23,19 @@ use rocksdb::{
 use volna_proto::{ChannelName, Offset};
 
 use super::record::{
-    decode_message, decode_meta, decode_producer_entry, encode_message, encode_meta,
-    encode_producer_entry, message_key, parse_message_key, producer_key, windows_from_entries,
+    decode_message, decode_meta, encode_message, encode_meta, message_key, parse_message_key,
 };
-use super::{ChannelId, LogStore, Recovered, StoreError, StoredMessage, WriteSet};
+use super::{
+    ChannelId, LogStore, ProducerKey, ProducerWindow, Recovered, StoreError, StoredMessage,
+    WriteSet,
+};
 
 const CF_MESSAGES: &str = "messages";
 const CF_CHANNELS: &str = "channels";
-const CF_PRODUCERS: &str = "producers";
+const CF_PRODUCERS: &str = "producer_windows";
+/// The layout before producer windows were one value each (a key per
+/// sequence, evicted with range tombstones); dropped at open.
+const CF_PRODUCERS_V1: &str = "producers";
 const HEALTH_KEY: &[u8] = b"volna.health";
 /// Memory all memtables may use together.
 const MEMTABLE_BUDGET: usize = 128 * 1024 * 1024;
@@ -48,8 +57,15 @@ impl std::fmt::Debug for RocksStore {
 }
 
 impl RocksStore {
-    /// Opens (or creates) the database under `dir`.
+    /// Opens (or creates) the database under `dir`, with producer windows
+    /// kept for the default 24 hours without a publish.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(dir, Duration::from_secs(24 * 3600))
+    }
+
+    /// Opens (or creates) the database under `dir`; compaction drops
+    /// producer windows idle for longer than `producer_idle`.
+    pub fn open_with(dir: &Path, producer_idle: Duration) -> Result<Self, StoreError> {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -75,12 +91,36 @@ impl RocksStore {
         // keeps range reads within one channel cheap.
         messages.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(8));
 
-        let cfs = vec![
+        let mut producers = Options::default();
+        let idle_ms = u64::try_from(producer_idle.as_millis()).unwrap_or(u64::MAX);
+        producers.set_compaction_filter(
+            "volna-idle-producers",
+            move |_, _: &[u8], value: &[u8]| match ProducerWindow::decode(value) {
+                Ok(w) if w.is_expired(crate::log::now_ms(), idle_ms) => Decision::Remove,
+                _ => Decision::Keep,
+            },
+        );
+
+        let mut cfs = vec![
             ColumnFamilyDescriptor::new(CF_MESSAGES, messages),
             ColumnFamilyDescriptor::new(CF_CHANNELS, Options::default()),
-            ColumnFamilyDescriptor::new(CF_PRODUCERS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_PRODUCERS, producers),
         ];
-        let db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(engine)?;
+        let old_layout = DB::list_cf(&db_opts, dir)
+            .is_ok_and(|names| names.iter().any(|n| n == CF_PRODUCERS_V1));
+        if old_layout {
+            cfs.push(ColumnFamilyDescriptor::new(
+                CF_PRODUCERS_V1,
+                Options::default(),
+            ));
+        }
+        let mut db = DB::open_cf_descriptors(&db_opts, dir, cfs).map_err(engine)?;
+        if old_layout {
+            // Dedup windows are not data: producers of the old layout start
+            // afresh (their retries within the horizon would be stored again).
+            tracing::warn!("dropping producer windows of the previous storage layout");
+            db.drop_cf(CF_PRODUCERS_V1).map_err(engine)?;
+        }
         Ok(Self {
             db,
             poisoned: Mutex::new(None),
@@ -114,22 +154,16 @@ impl LogStore for RocksStore {
                 .map_err(|e| StoreError::Engine(format!("stored channel name is invalid: {e}")))?;
             recovered.channels.push((name, decode_meta(&value)?));
         }
-        let mut entries = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(CF_PRODUCERS)?, IteratorMode::Start)
-        {
-            let (key, value) = item.map_err(engine)?;
-            let Some((producer, sequence)) = parse_message_key(&key) else {
-                return Err(StoreError::Engine(
-                    "stored producer key is not 16 bytes".into(),
-                ));
-            };
-            entries.push((producer, decode_producer_entry(sequence.get(), &value)?));
-        }
-        recovered.producers = windows_from_entries(entries);
         recovered.channels.sort_by_key(|(_, m)| m.id);
         Ok(recovered)
+    }
+
+    fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError> {
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(CF_PRODUCERS)?, key.encode())
+            .map_err(engine)?;
+        Ok(value.map(|v| ProducerWindow::decode(&v)).transpose()?)
     }
 
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StoreError> {
@@ -156,19 +190,11 @@ impl LogStore for RocksStore {
         for (name, meta) in &set.channels {
             batch.put_cf(channels, name.as_str().as_bytes(), encode_meta(meta));
         }
-        for (producer, entry) in &set.producers {
-            batch.put_cf(
-                producers,
-                producer_key(*producer, entry.sequence),
-                encode_producer_entry(entry),
-            );
+        for (key, window) in &set.producers {
+            batch.put_cf(producers, key.encode(), window.encode());
         }
-        for (producer, below) in &set.producer_evictions {
-            batch.delete_range_cf(
-                producers,
-                producer_key(*producer, 0),
-                producer_key(*producer, *below),
-            );
+        for key in &set.expired_producers {
+            batch.delete_cf(producers, key.encode());
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);

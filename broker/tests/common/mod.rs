@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::AsyncReadExt;
+use volna_broker::store::LogStore;
 use volna_broker::{Broker, Config};
 use volna_client::{Backoff, ChannelName, Client, ClientConfig, Trust};
 use volna_proto::{Frame, Hello, Limits, PROTOCOL_VERSION};
@@ -24,6 +26,8 @@ pub struct TestBroker {
     pub broker: Option<Broker>,
     pub dir: TempDir,
     pub config: Config,
+    /// The log store when it is not the data directory's RocksDB.
+    pub store: Option<Arc<dyn LogStore>>,
 }
 
 impl TestBroker {
@@ -32,6 +36,14 @@ impl TestBroker {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on(None, tweak).await
+    }
+
+    /// A broker whose log is `store` (to inject storage faults).
+    pub async fn start_on(
+        store: Option<Arc<dyn LogStore>>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut config = Config {
             data_dir: dir.path().to_owned(),
@@ -40,14 +52,23 @@ impl TestBroker {
             ..Config::default()
         };
         tweak(&mut config);
-        let broker = Broker::start(config.clone()).await.expect("broker starts");
+        let broker = Self::launch(config.clone(), store.clone()).await;
         // Restarts reuse the port so that clients reconnect to the same address.
         config.listen = broker.quic_addr();
         Self {
             broker: Some(broker),
             dir,
             config,
+            store,
         }
+    }
+
+    async fn launch(config: Config, store: Option<Arc<dyn LogStore>>) -> Broker {
+        match store {
+            Some(store) => Broker::start_with_store(config, store).await,
+            None => Broker::start(config).await,
+        }
+        .expect("broker starts")
     }
 
     pub fn broker(&self) -> &Broker {
@@ -86,9 +107,7 @@ impl TestBroker {
 
     pub async fn restart(&mut self) {
         self.stop().await;
-        let broker = Broker::start(self.config.clone())
-            .await
-            .expect("broker restarts");
+        let broker = Self::launch(self.config.clone(), self.store.clone()).await;
         self.broker = Some(broker);
     }
 }
@@ -297,4 +316,48 @@ impl RawConnection {
             _ => None,
         }
     }
+}
+
+/// One HTTP call to the broker's HTTP port: (status, body).
+pub async fn http(
+    broker: &TestBroker,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, String) {
+    let url = format!("http://{}{path}", broker.broker().http_addr());
+    let (method, token) = (method.to_owned(), token.map(str::to_owned));
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let response = match (method.as_str(), body) {
+            ("GET", _) => {
+                let mut req = agent.get(&url);
+                if let Some(auth) = &auth {
+                    req = req.header("Authorization", auth);
+                }
+                req.call()
+            }
+            (m, body) => {
+                let mut req = if m == "PUT" {
+                    agent.put(&url)
+                } else {
+                    agent.post(&url)
+                };
+                if let Some(auth) = &auth {
+                    req = req.header("Authorization", auth);
+                }
+                req.send_json(body.unwrap_or(Value::Null))
+            }
+        }
+        .unwrap();
+        let status = response.status().as_u16();
+        (status, response.into_body().read_to_string().unwrap())
+    })
+    .await
+    .unwrap()
 }

@@ -1,0 +1,195 @@
+//! The log writer's resident producer windows (G5, G9).
+//!
+//! Windows live in the store, one value per producer; this table holds the
+//! ones in use, so the writer answers most publishes without a read. It is
+//! owned by the writer thread's [`Sequencer`](crate::log::Sequencer) and is
+//! pure: the writer loads missing windows from the store before it asks.
+//!
+//! Invariants:
+//! - a window not in the table and not in the store does not exist (it
+//!   never did, or it expired): a window is only dropped from the table
+//!   while it is on disk, or when it expired and its point delete is being
+//!   written;
+//! - at most `max_resident` windows after each [`ProducerTable::sweep`];
+//!   the least recently published are dropped from memory first;
+//! - per owner, the resident windows are counted so that a user's live
+//!   windows can be limited.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::store::{ProducerKey, ProducerWindow};
+
+/// Resident producer windows, with a count per owner.
+#[derive(Debug)]
+pub struct ProducerTable {
+    windows: HashMap<ProducerKey, ProducerWindow>,
+    per_owner: HashMap<Arc<str>, u32>,
+    max_resident: usize,
+    idle_ms: u64,
+}
+
+/// What a sweep removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Windows idle past the horizon: to delete from the store.
+    pub expired: Vec<ProducerKey>,
+    /// Windows dropped from memory only (still on disk).
+    pub unloaded: usize,
+}
+
+impl ProducerTable {
+    /// An empty table holding at most `max_resident` windows after a sweep,
+    /// expiring windows idle for `idle_ms`.
+    pub fn new(max_resident: usize, idle_ms: u64) -> Self {
+        Self {
+            windows: HashMap::new(),
+            per_owner: HashMap::new(),
+            max_resident: max_resident.max(1),
+            idle_ms,
+        }
+    }
+
+    /// The resident window of `key`.
+    pub fn get(&self, key: &ProducerKey) -> Option<&ProducerWindow> {
+        self.windows.get(key)
+    }
+
+    /// Whether `key`'s window is resident.
+    pub fn contains(&self, key: &ProducerKey) -> bool {
+        self.windows.contains_key(key)
+    }
+
+    /// Resident windows of `owner`.
+    pub fn owned_by(&self, owner: &str) -> u32 {
+        self.per_owner.get(owner).copied().unwrap_or(0)
+    }
+
+    /// Resident windows.
+    pub fn len(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Whether no window is resident.
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+
+    /// Whether a window read from the store is still live at `now_ms`.
+    pub fn is_live(&self, window: &ProducerWindow, now_ms: u64) -> bool {
+        !window.is_expired(now_ms, self.idle_ms)
+    }
+
+    /// Stores `window` as `key`'s (a newly stored sequence, or one loaded
+    /// from the store).
+    pub fn put(&mut self, key: ProducerKey, window: ProducerWindow) {
+        let owner = key.owner.clone();
+        if self.windows.insert(key, window).is_none() {
+            *self.per_owner.entry(owner).or_default() += 1;
+        }
+    }
+
+    /// Drops idle windows (returned, to delete from the store), then, above
+    /// `max_resident`, the least recently published ones down to 7/8 of it
+    /// so that sweeping stays amortised O(1) per publish.
+    pub fn sweep(&mut self, now_ms: u64) -> Swept {
+        let idle_ms = self.idle_ms;
+        let mut swept = Swept::default();
+        self.windows.retain(|key, window| {
+            let live = !window.is_expired(now_ms, idle_ms);
+            if !live {
+                swept.expired.push(key.clone());
+            }
+            live
+        });
+        if self.windows.len() > self.max_resident {
+            let keep = self.max_resident - self.max_resident / 8;
+            let mut by_age: Vec<(u64, ProducerKey)> = self
+                .windows
+                .iter()
+                .map(|(k, w)| (w.last_publish_ms, k.clone()))
+                .collect();
+            let cut = by_age.len() - keep;
+            by_age.select_nth_unstable_by_key(cut - 1, |(t, _)| *t);
+            for (_, key) in by_age.drain(..cut) {
+                self.windows.remove(&key);
+                self.forget_owner(&key.owner);
+                swept.unloaded += 1;
+            }
+        }
+        for key in &swept.expired {
+            self.forget_owner(&key.owner);
+        }
+        swept
+    }
+
+    /// Whether a sweep is due: windows above the cap.
+    pub fn over_capacity(&self) -> bool {
+        self.windows.len() > self.max_resident
+    }
+
+    fn forget_owner(&mut self, owner: &Arc<str>) {
+        if let Some(n) = self.per_owner.get_mut(owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_owner.remove(owner);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use volna_proto::{Epoch, Offset};
+
+    use super::*;
+    use crate::store::ProducerEntry;
+
+    fn window(last_publish_ms: u64) -> ProducerWindow {
+        let mut w = ProducerWindow::default();
+        let entry = ProducerEntry {
+            sequence: 1,
+            channel: 1,
+            offset: Offset::FIRST,
+            epoch: Epoch(1),
+        };
+        w.insert(entry, 4, last_publish_ms);
+        w
+    }
+
+    fn key(owner: &str, id: u64) -> ProducerKey {
+        ProducerKey::new(owner.into(), id)
+    }
+
+    #[test]
+    fn idle_windows_expire_and_owners_are_counted() {
+        let mut t = ProducerTable::new(100, 1_000);
+        t.put(key("ann", 1), window(0));
+        t.put(key("ann", 2), window(5_000));
+        t.put(key("ann", 2), window(5_500));
+        t.put(key("bob", 1), window(5_000));
+        assert_eq!((t.owned_by("ann"), t.owned_by("bob")), (2, 1));
+        let swept = t.sweep(5_900);
+        assert_eq!(swept.expired, [key("ann", 1)]);
+        assert_eq!(swept.unloaded, 0);
+        assert_eq!((t.owned_by("ann"), t.len()), (1, 2));
+        assert!(!t.is_live(&window(0), 5_900));
+        assert!(t.is_live(&window(5_000), 5_900));
+    }
+
+    #[test]
+    fn above_the_cap_the_least_recently_published_leave_memory() {
+        let mut t = ProducerTable::new(16, u64::MAX);
+        for i in 0..20 {
+            t.put(key("ann", i), window(i));
+        }
+        assert!(t.over_capacity());
+        let swept = t.sweep(100);
+        assert!(swept.expired.is_empty());
+        assert_eq!(swept.unloaded, 6);
+        assert_eq!(t.len(), 14);
+        assert_eq!(t.owned_by("ann"), 14);
+        assert!(!t.contains(&key("ann", 5)));
+        assert!(t.contains(&key("ann", 6)));
+    }
+}

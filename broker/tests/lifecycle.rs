@@ -1,0 +1,226 @@
+//! The subscription and session lifecycle (G8): a subscription never goes
+//! quiet without a reason the application sees, and a session that does
+//! not read its control stream is still governed by kick, expiry and the
+//! stall limit.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::{RawConnection, SECRET, TestBroker, channel, http, jwt_broker, sign, within};
+use futures_util::StreamExt;
+use rand::Rng;
+use serde_json::json;
+use volna_broker::store::MemoryStore;
+use volna_client::{Client, ErrorCode, Offset, Position, SubscriptionError, TokenSource};
+use volna_proto::{CloseCode, Frame};
+
+const ADMIN: &str = "operator-token-0123456789";
+
+/// Sends Pings and never reads the Pongs, until the broker stops taking
+/// them: its control queue is full and its writer blocked on the stream.
+async fn flood_without_reading(raw: &mut RawConnection) {
+    let mut batch = BytesMut::new();
+    let mut request_id = 1;
+    // Bounded: about 200,000 Pings fill both directions' stream windows.
+    for _ in 0..2_000 {
+        batch.clear();
+        for _ in 0..1_000 {
+            volna_proto::encode(&Frame::Ping { request_id }, &mut batch);
+            request_id += 1;
+        }
+        match tokio::time::timeout(Duration::from_millis(500), raw.send.write_all(&batch)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("the connection failed while flooding: {e}"),
+            Err(_) => return,
+        }
+    }
+    panic!("the broker took 2,000,000 Pings whose Pongs were never read");
+}
+
+/// The application close code `raw` is closed with within `limit`.
+async fn closed_within(raw: &RawConnection, limit: Duration) -> u64 {
+    match tokio::time::timeout(limit, raw.conn.closed()).await {
+        Ok(quinn::ConnectionError::ApplicationClosed(close)) => close.error_code.into_inner(),
+        Ok(other) => panic!("closed without an application code: {other}"),
+        Err(_) => panic!("not closed within {limit:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_does_not_read_is_still_kicked_at_once() {
+    let broker = TestBroker::start_with(|c| c.admin.token = Some(ADMIN.into())).await;
+    let mut raw = RawConnection::hello(&broker).await;
+    flood_without_reading(&mut raw).await;
+    let (status, body) = http(
+        &broker,
+        "POST",
+        "/admin/kick",
+        Some(ADMIN),
+        Some(json!({"user": "test"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let code = closed_within(&raw, Duration::from_secs(1)).await;
+    assert_eq!(code, u64::from(CloseCode::KICKED.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_does_not_read_still_ends_when_its_token_expires() {
+    let broker = jwt_broker(|c| c.auth.expiry_notice_secs = 1).await;
+    let expires_at = common::now_secs() + 3;
+    let token = sign(SECRET, json!({"sub": "dora", "exp": expires_at}));
+    let mut raw = RawConnection::connect(&broker).await;
+    assert!(matches!(
+        raw.send_hello(&token).await,
+        Some(Frame::Welcome(_))
+    ));
+    flood_without_reading(&mut raw).await;
+    let left = expires_at.saturating_sub(common::now_secs());
+    let code = closed_within(&raw, Duration::from_secs(left + 2)).await;
+    assert_eq!(code, u64::from(CloseCode::UNAUTHORIZED.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_stops_reading_is_closed_after_the_stall_limit() {
+    let broker = TestBroker::start_with(|c| c.limits.control_stall_secs = 1).await;
+    let mut raw = RawConnection::hello(&broker).await;
+    flood_without_reading(&mut raw).await;
+    let code = closed_within(&raw, Duration::from_secs(10)).await;
+    assert_eq!(code, u64::from(CloseCode::CONTROL_STALLED.0));
+    // A client that reads is not touched by the limit.
+    let client = broker.client().await;
+    let ch = channel("chat.reader");
+    let mut sub = client.subscribe(&ch, Position::FIRST).await.unwrap();
+    client.publish(&ch, "hello").await.unwrap();
+    let m = within("the delivery", sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.payload, "hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_catch_up_read_is_retried_and_nothing_is_missed() {
+    let store = Arc::new(MemoryStore::new());
+    // The smallest ring: the subscriber below must read the log.
+    let broker = TestBroker::start_on(Some(store.clone()), |c| {
+        c.engine.channel_ring_bytes = 64 * 1024;
+    })
+    .await;
+    let client = broker.client().await;
+    let ch = channel("chat.faulty");
+    let total = 300u64;
+    for i in 1..=total {
+        let mut payload = format!("{i}:").into_bytes();
+        payload.resize(1024, b'.');
+        client.publish(&ch, payload).await.unwrap();
+    }
+    store.fail_next_reads(3);
+    let mut sub = client.subscribe(&ch, Position::FIRST).await.unwrap();
+    for expected in 1..=total {
+        let m = within("a delivery", sub.next()).await.unwrap().unwrap();
+        assert_eq!(m.offset.get(), expected);
+        assert!(m.payload.starts_with(format!("{expected}:").as_bytes()));
+    }
+    assert_eq!(store.read_failures_left(), 0, "no read failed");
+    // Live again: the next publish arrives too.
+    client.publish(&ch, "live").await.unwrap();
+    let m = within("the live delivery", sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((m.offset.get(), &m.payload[..]), (total + 1, &b"live"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_subscription_ends_with_forbidden_on_the_application_stream() {
+    let broker = jwt_broker(|c| c.auth.expiry_notice_secs = 2).await;
+    // The first token expires soon; the refreshed one no longer grants chat.b.
+    let wide = sign(
+        SECRET,
+        json!({"sub": "erin", "exp": common::now_secs() + 4, "subscribe": ["chat.a", "chat.b"]}),
+    );
+    let mut config = broker.client_config();
+    config.token = wide;
+    config.token_source = Some(TokenSource::new(|| async {
+        Ok(sign(
+            SECRET,
+            json!({"sub": "erin", "exp": common::now_secs() + 600, "subscribe": ["chat.a"]}),
+        ))
+    }));
+    let client = Client::connect(config).await.unwrap();
+    let mut kept = client
+        .subscribe(&channel("chat.a"), Position::Latest)
+        .await
+        .unwrap();
+    let mut revoked = client
+        .subscribe(&channel("chat.b"), Position::Latest)
+        .await
+        .unwrap();
+    match within("the revocation", revoked.next()).await {
+        Some(Err(SubscriptionError::Ended { code, .. })) => assert_eq!(code, ErrorCode::Forbidden),
+        other => panic!("expected the subscription to end with Forbidden, got {other:?}"),
+    }
+    assert!(
+        within("the end of the stream", revoked.next())
+            .await
+            .is_none(),
+        "the stream goes on after it ended"
+    );
+    // The other subscription is untouched, past the first token's expiry.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let service =
+        common::user_token(json!({"sub": "svc", "role": "server", "publish": ["chat.a"]}));
+    let publisher = common::connect_as(&broker, &service).await.unwrap();
+    publisher
+        .publish(&channel("chat.a"), "still")
+        .await
+        .unwrap();
+    let m = within("the kept delivery", kept.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.payload, "still");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_offset_is_a_checkpoint_that_resumes_exactly() {
+    let broker = TestBroker::start().await;
+    let ch = channel("chat.checkpoint");
+    let publisher = broker.client().await;
+    let total = 500u64;
+    for i in 1..=total {
+        publisher.publish(&ch, i.to_string()).await.unwrap();
+    }
+    let mut rng = rand::rng();
+    let mut checkpoint = Offset::FIRST;
+    let mut seen = Vec::new();
+    // Crash at random points: process some items, save the checkpoint,
+    // drop the client with whatever it had buffered, resume from it.
+    while checkpoint.get() <= total {
+        let client = broker.client().await;
+        let mut sub = client
+            .subscribe(
+                &ch,
+                Position::From {
+                    offset: checkpoint,
+                    epoch: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(sub.next_offset(), Some(checkpoint));
+        let take = rng.random_range(1..=120u64);
+        for _ in 0..take.min(total + 1 - checkpoint.get()) {
+            let m = within("a delivery", sub.next()).await.unwrap().unwrap();
+            seen.push(m.offset.get());
+            checkpoint = sub.next_offset().unwrap();
+            assert_eq!(checkpoint, m.offset.next());
+        }
+        drop(sub);
+        client.close();
+    }
+    assert_eq!(seen, (1..=total).collect::<Vec<_>>());
+}
