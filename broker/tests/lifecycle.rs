@@ -224,3 +224,45 @@ async fn next_offset_is_a_checkpoint_that_resumes_exactly() {
     }
     assert_eq!(seen, (1..=total).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_subscribes_leave_nothing_behind() {
+    let broker = TestBroker::start().await;
+    let client = broker.client().await;
+    let channels: Vec<_> = (0..50)
+        .map(|i| channel(&format!("chat.cancelled{i}")))
+        .collect();
+    // 1,000 subscribe calls given up at random points: before the request
+    // left, while it was in flight, or after the reply (then the dropped
+    // subscription unsubscribes).
+    let mut rng = rand::rng();
+    for i in 0..1_000 {
+        let cut = Duration::from_micros(rng.random_range(0..2_000));
+        let ch = &channels[i % channels.len()];
+        let _ = tokio::time::timeout(cut, client.subscribe(ch, Position::Latest)).await;
+    }
+    // Each channel subscribes normally and delivers.
+    let mut subs = Vec::new();
+    for ch in &channels {
+        subs.push(
+            within("a subscribe", client.subscribe(ch, Position::Latest))
+                .await
+                .unwrap(),
+        );
+    }
+    let publisher = broker.client().await;
+    for ch in &channels {
+        publisher.publish(ch, ch.to_string()).await.unwrap();
+    }
+    for (ch, sub) in channels.iter().zip(&mut subs) {
+        let m = within("a delivery", sub.next()).await.unwrap().unwrap();
+        assert_eq!(m.payload, ch.as_str());
+    }
+    // The broker holds exactly these subscriptions, nothing left over.
+    common::eventually("the subscription gauge to settle at 50", || async {
+        common::metrics_text(&broker)
+            .await
+            .contains("\nvolna_subscriptions 50\n")
+    })
+    .await;
+}
