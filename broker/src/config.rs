@@ -421,22 +421,17 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if l.max_connections == 0 {
-            return Err(invalid("limits.max_connections", 0, "must be at least 1"));
-        }
-        if l.max_handshakes_in_progress == 0 {
-            return Err(invalid(
+        for (key, value) in [
+            ("limits.max_connections", l.max_connections as u64),
+            (
                 "limits.max_handshakes_in_progress",
-                0,
-                "must be at least 1",
-            ));
-        }
-        if l.control_stall_secs == 0 {
-            return Err(invalid(
-                "limits.control_stall_secs",
-                0,
-                "must be at least 1",
-            ));
+                l.max_handshakes_in_progress as u64,
+            ),
+            ("limits.control_stall_secs", l.control_stall_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, 0, "must be at least 1"));
+            }
         }
         if l.max_connections_per_user == 0 {
             return Err(invalid(

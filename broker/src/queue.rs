@@ -85,13 +85,7 @@ pub fn bounded_with_bytes<T>(
 impl<T> AsyncSender<T> {
     /// Queues `item`, waiting (asynchronously) while the queue is full.
     pub async fn send(&self, item: T) -> Result<(), Closed> {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| Closed)?;
-        self.put(item, permit, None)
+        self.send_sized(item, 0).await
     }
 
     /// Queues `item`, which holds `bytes` bytes, waiting while the queue
