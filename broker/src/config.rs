@@ -179,6 +179,10 @@ pub struct EngineConfig {
     /// Bytes of recently committed, encoded batches each subscribed channel
     /// keeps in memory; subscribers behind it read the log instead.
     pub channel_ring_bytes: usize,
+    /// Bytes all channels' rings may hold together; beyond it the least
+    /// recently active channels' rings give up their oldest batches first
+    /// (their subscribers read the log).
+    pub max_ring_bytes_total: usize,
     /// Idempotent-publish window: sequences remembered per producer. A
     /// retry is recognised while fewer than this many newer publishes of
     /// the same producer were stored; clients keep fewer in flight.
@@ -207,6 +211,7 @@ impl Default for EngineConfig {
             max_batch_bytes: 8 * 1024 * 1024,
             reader_threads: 2,
             channel_ring_bytes: 4 * 1024 * 1024,
+            max_ring_bytes_total: 1024 * 1024 * 1024,
             producer_window: 256,
             producer_idle_secs: 24 * 3600,
             max_resident_producers: 100_000,
@@ -483,6 +488,13 @@ impl Config {
                 "engine.writer_queue_bytes",
                 e.writer_queue_bytes,
                 "must be at most 4 GiB",
+            ));
+        }
+        if e.max_ring_bytes_total < e.channel_ring_bytes {
+            return Err(invalid(
+                "engine.max_ring_bytes_total",
+                e.max_ring_bytes_total,
+                "must be at least engine.channel_ring_bytes",
             ));
         }
         if e.channel_ring_bytes < 64 * 1024 {

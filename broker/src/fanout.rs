@@ -67,6 +67,12 @@ const WAKER_QUEUE: usize = 16 * 1024;
 pub struct Fanout {
     channels: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
     ring_bytes: usize,
+    /// Bytes held by every ring together, and the most they may hold.
+    total: Arc<AtomicUsize>,
+    max_total: usize,
+    /// Orders channels by their last commit, for shrinking.
+    commits: AtomicU64,
+    shrinking: Mutex<()>,
     /// One queue per waker thread, shard `k` to thread `k`.
     wakers: Vec<Sender<(Arc<ChannelFeed>, usize)>>,
 }
@@ -82,6 +88,8 @@ pub struct ChannelFeed {
     subscribers: AtomicUsize,
     /// Spreads subscribers over the shards.
     next_shard: AtomicUsize,
+    /// When it last committed, in [`Fanout`]'s commit order.
+    last_commit: AtomicU64,
 }
 
 /// Subscribers of a channel woken together.
@@ -143,6 +151,7 @@ pub struct FeedSubscription {
     /// The head as this subscriber last saw it.
     seen: u64,
     registry: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
+    total: Arc<AtomicUsize>,
 }
 
 impl Fanout {
@@ -173,8 +182,20 @@ impl Fanout {
         Self {
             channels: Arc::new(DashMap::new()),
             ring_bytes,
+            total: Arc::new(AtomicUsize::new(0)),
+            max_total: usize::MAX,
+            commits: AtomicU64::new(0),
+            shrinking: Mutex::new(()),
             wakers,
         }
+    }
+
+    /// Bounds the bytes all rings hold together (G4): beyond it the rings
+    /// of the least recently active channels give up their oldest batches
+    /// first, and their subscribers read those offsets from the log.
+    pub fn with_total_budget(mut self, max_total: usize) -> Self {
+        self.max_total = max_total.max(1);
+        self
     }
 
     /// Channels with at least one subscriber.
@@ -199,10 +220,41 @@ impl Fanout {
 
     /// Bytes held by every channel's ring.
     pub fn total_ring_bytes(&self) -> usize {
-        self.channels
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// Drops the oldest batches of the least recently active channels
+    /// until the rings hold 7/8 of the budget (so that shrinking is rare).
+    fn shrink(&self) {
+        // One shrink at a time; a commit that finds one running goes on.
+        let Ok(_one) = self.shrinking.try_lock() else {
+            return;
+        };
+        let target = self.max_total - self.max_total / 8;
+        let mut feeds: Vec<(u64, Arc<ChannelFeed>)> = self
+            .channels
             .iter()
-            .map(|feed| feed.value().lock_ring().bytes)
-            .sum()
+            .map(|e| {
+                (
+                    e.value().last_commit.load(Ordering::Relaxed),
+                    e.value().clone(),
+                )
+            })
+            .collect();
+        feeds.sort_unstable_by_key(|(last, _)| *last);
+        for (_, feed) in feeds {
+            let mut ring = feed.lock_ring();
+            while self.total.load(Ordering::Relaxed) > target {
+                let Some(old) = ring.batches.pop_front() else {
+                    break;
+                };
+                ring.bytes -= old.frame.len();
+                self.total.fetch_sub(old.frame.len(), Ordering::Relaxed);
+            }
+            if self.total.load(Ordering::Relaxed) <= target {
+                return;
+            }
+        }
     }
 
     /// Registers a subscriber of `channel`.
@@ -218,6 +270,7 @@ impl Fanout {
                     shards: (0..shards).map(|_| WakeShard::default()).collect(),
                     subscribers: AtomicUsize::new(0),
                     next_shard: AtomicUsize::new(0),
+                    last_commit: AtomicU64::new(0),
                 })
             });
             let feed = entry.value().clone();
@@ -246,6 +299,7 @@ impl Fanout {
             shard,
             seen: 0,
             registry: self.channels.clone(),
+            total: self.total.clone(),
         }
     }
 }
@@ -263,8 +317,16 @@ impl CommitListener for Fanout {
         {
             let mut ring = feed.lock_ring();
             for batch in batches {
-                ring.push(batch, self.ring_bytes);
+                let added = batch.frame.len();
+                let freed = ring.push(batch, self.ring_bytes);
+                self.total.fetch_add(added, Ordering::Relaxed);
+                self.total.fetch_sub(freed, Ordering::Relaxed);
             }
+        }
+        let order = self.commits.fetch_add(1, Ordering::Relaxed);
+        feed.last_commit.store(order, Ordering::Relaxed);
+        if self.total.load(Ordering::Relaxed) > self.max_total {
+            self.shrink();
         }
         if feed.head.fetch_max(end.get(), Ordering::AcqRel) >= end.get() {
             return;
@@ -308,7 +370,10 @@ impl ChannelFeed {
 }
 
 impl Ring {
-    fn push(&mut self, batch: FeedBatch, budget: usize) {
+    /// Appends `batch`, dropping the oldest beyond `budget`; returns the
+    /// bytes dropped.
+    fn push(&mut self, batch: FeedBatch, budget: usize) -> usize {
+        let before = self.bytes;
         let contiguous = self
             .batches
             .back()
@@ -317,13 +382,16 @@ impl Ring {
             self.batches.clear();
             self.bytes = 0;
         }
+        let mut freed = before - self.bytes;
         self.bytes += batch.frame.len();
         self.batches.push_back(batch);
         while self.bytes > budget && self.batches.len() > 1 {
             if let Some(old) = self.batches.pop_front() {
                 self.bytes -= old.frame.len();
+                freed += old.frame.len();
             }
         }
+        freed
     }
 }
 
@@ -408,9 +476,15 @@ impl Drop for FeedSubscription {
             .subscribers
             .fetch_sub(1, Ordering::Relaxed);
         self.feed.subscribers.fetch_sub(1, Ordering::Relaxed);
-        self.registry.remove_if(&self.channel, |_, feed| {
+        let removed = self.registry.remove_if(&self.channel, |_, feed| {
             feed.subscribers.load(Ordering::Relaxed) == 0
         });
+        if let Some((_, feed)) = removed {
+            let mut ring = feed.lock_ring();
+            self.total.fetch_sub(ring.bytes, Ordering::Relaxed);
+            ring.bytes = 0;
+            ring.batches.clear();
+        }
     }
 }
 
@@ -584,6 +658,53 @@ mod tests {
         assert_eq!(fanout.subscribed_channels(), 1);
         drop(b);
         assert_eq!(fanout.subscribed_channels(), 0);
+        threads.shutdown();
+    }
+
+    #[tokio::test]
+    async fn rings_shrink_under_the_broker_wide_budget_least_recently_active_first() {
+        let fanout = Arc::new(Fanout::new(64 * 1024).with_total_budget(100 * 1024));
+        let threads = log::start(
+            Arc::new(MemoryStore::new()),
+            fanout.clone(),
+            Durability::Wal,
+            &EngineConfig::default(),
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .expect("log");
+        let log = threads.log().clone();
+        let names: Vec<_> = (0..4)
+            .map(|i| ChannelName::new(format!("chat.{i}")).expect("name"))
+            .collect();
+        let mut subs: Vec<_> = names.iter().map(|n| fanout.subscribe(n, &log)).collect();
+        for name in &names {
+            for _ in 0..40 {
+                log.append(AppendInput {
+                    channel: name.clone(),
+                    producer: None,
+                    payload: Bytes::from(vec![b'x'; 1024]),
+                })
+                .await
+                .expect("append");
+            }
+        }
+        assert!(fanout.total_ring_bytes() <= 100 * 1024);
+        // The least recently active channel gave up its ring first: its
+        // subscriber reads the log; the most recent one still has all.
+        assert!(matches!(
+            subs[0].next_step(Offset::FIRST, usize::MAX),
+            NextStep::ReadLog { .. }
+        ));
+        assert!(matches!(
+            subs[3].next_step(Offset::FIRST, usize::MAX),
+            NextStep::Send { end, .. } if end == Offset::new(41)
+        ));
+        // The last subscriber of a channel takes its ring's bytes along.
+        let held = fanout.total_ring_bytes();
+        let gone = subs.pop().expect("a subscription");
+        let ring = fanout.ring_bytes(&names[3]).expect("subscribed");
+        drop(gone);
+        assert_eq!(fanout.total_ring_bytes(), held - ring);
         threads.shutdown();
     }
 

@@ -172,7 +172,10 @@ impl Broker {
         };
 
         let metrics = Arc::new(Metrics::new());
-        let fanout = Arc::new(Fanout::new(config.engine.channel_ring_bytes));
+        let fanout = Arc::new(
+            Fanout::new(config.engine.channel_ring_bytes)
+                .with_total_budget(config.engine.max_ring_bytes_total),
+        );
         let log_threads = {
             let (store, fanout, config, metrics) = (
                 store.clone(),
