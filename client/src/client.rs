@@ -448,8 +448,10 @@ impl Unsubscriber for Inner {
 }
 
 /// Attempts at a subscribe the broker answers `AlreadySubscribed` while
-/// no request of ours routes it.
-const ALREADY_SUBSCRIBED_ATTEMPTS: u32 = 5;
+/// no request of ours routes it: about 3 s in all, longer than a stale
+/// subscription lives on the broker once its stream is left unclaimed
+/// (`connection::UNCLAIMED_STREAM`).
+const ALREADY_SUBSCRIBED_ATTEMPTS: u32 = 8;
 
 /// Subscribes `sub` on `live` from where it stands.
 async fn subscribe_on(

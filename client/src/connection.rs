@@ -250,6 +250,33 @@ pub(crate) struct Live {
     ended_rx: tokio::sync::Mutex<mpsc::Receiver<Ended>>,
 }
 
+/// A request whose caller may give up (its future dropped) before it takes
+/// the reply.
+struct Unanswered<'a> {
+    live: &'a Live,
+    id: u64,
+    rx: oneshot::Receiver<Frame>,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.live.pending_map().remove(&self.id);
+        // The reply came just as the caller gave up: a subscription nobody
+        // will read must not stay on the broker. (A reply still to come is
+        // unclaimed and handled by the control reader.)
+        if let Ok(Frame::Subscribed { subscription, .. }) = self.rx.try_recv() {
+            self.live.send_nowait(|request_id| Frame::Unsubscribe {
+                request_id,
+                subscription,
+            });
+        }
+    }
+}
+
 /// A subscription the broker ended on its own (`SubscriptionEnded`).
 #[derive(Debug)]
 pub(crate) struct Ended {
@@ -309,13 +336,18 @@ impl Live {
         let (tx, rx) = oneshot::channel();
         self.pending_map().insert(id, tx);
         permit.send(Box::new(build(id)));
-        tokio::select! {
-            reply = rx => reply.map_err(|_| ClientError::Disconnected),
-            () = self.gone.cancelled() => {
-                self.pending_map().remove(&id);
-                Err(ClientError::Disconnected)
-            }
-        }
+        let mut waiting = Unanswered {
+            live: self,
+            id,
+            rx,
+            answered: false,
+        };
+        let reply = tokio::select! {
+            reply = &mut waiting.rx => reply.map_err(|_| ClientError::Disconnected),
+            () = self.gone.cancelled() => Err(ClientError::Disconnected),
+        };
+        waiting.answered = reply.is_ok();
+        reply
     }
 
     /// Sends a frame whose reply nobody waits for.
@@ -605,7 +637,7 @@ const ENDED_EARLY_MAX: usize = 256;
 
 /// How long a delivery stream may wait for the `Subscribed` reply that
 /// routes it before it counts as nobody's.
-const UNCLAIMED_STREAM: std::time::Duration = std::time::Duration::from_secs(10);
+const UNCLAIMED_STREAM: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most bytes taken from a stream at once.
 const READ_CHUNK: usize = 64 * 1024;
