@@ -41,7 +41,7 @@ fn commit(c: &mut Criterion) {
         let wakeups = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..subscribers {
-            let mut sub = engine.subscribe(&channel, threads.log());
+            let mut sub = engine.subscribe(&channel);
             let wakeups = wakeups.clone();
             tasks.push(rt.spawn(async move {
                 loop {

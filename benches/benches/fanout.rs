@@ -39,7 +39,11 @@ fn fanout(c: &mut Criterion) {
     for subscribers in [10usize, 1_000, 100_000] {
         let channel = ChannelName::new(format!("news.s{subscribers}")).expect("name");
         let mut subs: Vec<FeedSubscription> = (0..subscribers)
-            .map(|_| engine.subscribe(&channel, &log))
+            .map(|_| {
+                let sub = engine.subscribe(&channel);
+                sub.observe(log.meta(&channel).as_ref());
+                sub
+            })
             .collect();
         let mut next = Offset::FIRST;
 

@@ -209,7 +209,8 @@ fn replay_to_live(c: &mut Criterion) {
                         next: Offset::FIRST,
                         events: Vec::new(),
                     };
-                    let feed = broker.engine.subscribe(&channel, &log);
+                    let feed = broker.engine.subscribe(&channel);
+                    feed.observe(log.meta(&channel).as_ref());
                     let delivery = tokio::spawn(subscription::run(
                         start,
                         feed,

@@ -2,8 +2,9 @@
 //!
 //! | method and path | does |
 //! |---|---|
-//! | `GET /admin/channels?prefix=P&limit=N` | channels with offsets, sizes, subscribers |
+//! | `GET /admin/channels?prefix=P&limit=N&after=C` | channels with offsets, sizes, subscribers, in name order |
 //! | `GET /admin/channels/{name}` | one channel |
+//! | `DELETE /admin/channels/{name}` | remove a channel and its log; its subscribers end with `ChannelDeleted` |
 //! | `GET /admin/sessions` | open sessions |
 //! | `POST /admin/kick` `{"user": U}` or `{"session": N}` | disconnect them |
 //! | `GET`/`PUT /admin/namespaces/{ns}/retention` | a namespace's retention (changes last until restart) |
@@ -30,6 +31,7 @@ use crate::fanout::Fanout;
 use crate::log::{AppendInput, Logs};
 use crate::retention::Policies;
 use crate::session::SessionRegistry;
+use crate::store::ChannelMeta;
 
 /// What the admin handlers work on.
 #[derive(Debug, Clone)]
@@ -108,6 +110,8 @@ pub struct PublishRequest {
 struct ListQuery {
     prefix: Option<String>,
     limit: Option<usize>,
+    /// Continue after this channel name (paging).
+    after: Option<String>,
 }
 
 /// An error response: status and message.
@@ -126,7 +130,10 @@ type ApiResult<T> = Result<Json<T>, ApiError>;
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/admin/channels", get(list_channels))
-        .route("/admin/channels/{name}", get(channel_detail))
+        .route(
+            "/admin/channels/{name}",
+            get(channel_detail).delete(delete_channel),
+        )
         .route("/admin/sessions", get(list_sessions))
         .route("/admin/kick", post(kick))
         .route(
@@ -165,9 +172,8 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn channel_info(state: &AdminState, name: &ChannelName) -> Option<ChannelInfo> {
-    let meta = state.logs.for_channel(name).meta(name)?;
-    Some(ChannelInfo {
+fn channel_info(state: &AdminState, name: &ChannelName, meta: &ChannelMeta) -> ChannelInfo {
+    ChannelInfo {
         name: name.to_string(),
         epoch: meta.epoch.to_string(),
         first_offset: meta.first_offset.get(),
@@ -175,9 +181,15 @@ fn channel_info(state: &AdminState, name: &ChannelName) -> Option<ChannelInfo> {
         messages: meta.len(),
         bytes: meta.bytes,
         subscribers: state.fanout.subscribers(name),
-    })
+    }
 }
 
+fn storage_error(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+/// Channels in name order, read from the store (most are not in memory),
+/// at most `limit` of each log.
 async fn list_channels(
     State(state): State<AdminState>,
     headers: HeaderMap,
@@ -186,25 +198,31 @@ async fn list_channels(
     authorize(&state, &headers)?;
     let prefix = query.prefix.unwrap_or_default();
     let limit = query.limit.unwrap_or(1000).min(100_000);
-    let mut names: Vec<ChannelName> = state
-        .logs
-        .all()
-        .flat_map(|log| {
-            log.directory()
-                .iter()
-                .filter(|e| e.key().as_str().starts_with(&prefix))
-                .map(|e| e.key().clone())
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    names.sort();
-    names.truncate(limit);
+    let after = query
+        .after
+        .map(ChannelName::new)
+        .transpose()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let mut found = Vec::new();
+    for log in state.logs.all() {
+        let channels = log
+            .scan_channels(&prefix, after.clone(), limit)
+            .await
+            .map_err(storage_error)?;
+        found.extend(channels);
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found.truncate(limit);
     Ok(Json(
-        names
+        found
             .iter()
-            .filter_map(|n| channel_info(&state, n))
+            .map(|(name, meta)| channel_info(&state, name, meta))
             .collect(),
     ))
+}
+
+fn channel_name(name: String) -> Result<ChannelName, ApiError> {
+    ChannelName::new(name).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))
 }
 
 async fn channel_detail(
@@ -213,11 +231,39 @@ async fn channel_detail(
     Path(name): Path<String>,
 ) -> ApiResult<ChannelInfo> {
     authorize(&state, &headers)?;
-    let name =
-        ChannelName::new(name).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    channel_info(&state, &name)
-        .map(Json)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))
+    let name = channel_name(name)?;
+    let meta = state
+        .logs
+        .for_channel(&name)
+        .lookup(&name)
+        .await
+        .map_err(storage_error)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))?;
+    Ok(Json(channel_info(&state, &name, &meta)))
+}
+
+/// Removes a channel and its whole log. Its subscribers' streams end with
+/// `ChannelDeleted`; a later publish to the name creates a new channel
+/// (new epoch, offsets from 1).
+async fn delete_channel(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> ApiResult<ChannelInfo> {
+    authorize(&state, &headers)?;
+    let name = channel_name(name)?;
+    let subscribers = state.fanout.subscribers(&name);
+    let meta = state
+        .logs
+        .for_channel(&name)
+        .delete(name.clone())
+        .await
+        .map_err(storage_error)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))?;
+    Ok(Json(ChannelInfo {
+        subscribers,
+        ..channel_info(&state, &name, &meta)
+    }))
 }
 
 async fn list_sessions(

@@ -127,6 +127,13 @@ pub struct LimitsConfig {
     /// from spoofed addresses then costs one stateless packet each and
     /// never reaches a handshake. 0: never ask.
     pub retry_above_handshakes_per_sec: u32,
+    /// New channels one user may create per minute, all connections
+    /// together (a publish to a channel that does not exist creates it);
+    /// beyond it such publishes get `RateLimited`. 0: no limit. Server-side
+    /// identities are not limited.
+    pub channel_creations_per_minute: u32,
+    /// Channels a user may create in a burst above that rate.
+    pub channel_creation_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -147,6 +154,8 @@ impl Default for LimitsConfig {
             max_connections: 250_000,
             max_handshakes_in_progress: 4_096,
             retry_above_handshakes_per_sec: 2_000,
+            channel_creations_per_minute: 60,
+            channel_creation_burst: 100,
         }
     }
 }
@@ -198,6 +207,11 @@ pub struct EngineConfig {
     /// at once; a publish that would start another gets
     /// `TooManyProducers`. Server-side identities are not limited.
     pub max_producers_per_user: usize,
+    /// Channels whose metadata is kept in memory; beyond it the least
+    /// recently published are dropped from memory (they stay on disk and
+    /// load on next use), so memory follows the active channels, not every
+    /// channel ever created.
+    pub max_resident_channels: usize,
     /// How often retention runs, in milliseconds.
     pub retention_interval_ms: u64,
 }
@@ -216,6 +230,7 @@ impl Default for EngineConfig {
             producer_idle_secs: 24 * 3600,
             max_resident_producers: 100_000,
             max_producers_per_user: 64,
+            max_resident_channels: 250_000,
             retention_interval_ms: 10_000,
         }
     }
@@ -478,6 +493,7 @@ impl Config {
             ("engine.producer_window", e.producer_window),
             ("engine.max_resident_producers", e.max_resident_producers),
             ("engine.max_producers_per_user", e.max_producers_per_user),
+            ("engine.max_resident_channels", e.max_resident_channels),
         ] {
             if value == 0 {
                 return Err(invalid(key, 0, "must be at least 1"));

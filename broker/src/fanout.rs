@@ -47,7 +47,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 use volna_proto::{ChannelName, Epoch, Frame, Limits, Offset};
 
-use crate::log::{CommitListener, Log};
+use crate::log::CommitListener;
 use crate::store::{ChannelMeta, StoredMessage};
 
 /// Payload bytes after which a batch is split into another `Deliver` frame,
@@ -90,6 +90,8 @@ pub struct ChannelFeed {
     next_shard: AtomicUsize,
     /// When it last committed, in [`Fanout`]'s commit order.
     last_commit: AtomicU64,
+    /// The channel was deleted: its subscribers end.
+    deleted: AtomicBool,
 }
 
 /// Subscribers of a channel woken together.
@@ -139,6 +141,8 @@ pub enum NextStep {
     },
     /// Nothing committed at or after `next` yet: wait for [`FeedSubscription::changed`].
     Wait,
+    /// The channel was deleted with its log: the subscription ends.
+    Deleted,
 }
 
 /// One subscriber's view of a channel feed; dropping the last one removes
@@ -257,8 +261,10 @@ impl Fanout {
         }
     }
 
-    /// Registers a subscriber of `channel`.
-    pub fn subscribe(&self, channel: &ChannelName, log: &Log) -> FeedSubscription {
+    /// Registers a subscriber of `channel`. Commits before the feed existed
+    /// never reached it: the caller then reads the channel's metadata and
+    /// hands it to [`FeedSubscription::observe`].
+    pub fn subscribe(&self, channel: &ChannelName) -> FeedSubscription {
         // Count the subscriber while the map entry is held, so that a
         // concurrent last-unsubscribe cannot remove the feed in between.
         let (feed, shard) = {
@@ -271,6 +277,7 @@ impl Fanout {
                     subscribers: AtomicUsize::new(0),
                     next_shard: AtomicUsize::new(0),
                     last_commit: AtomicU64::new(0),
+                    deleted: AtomicBool::new(false),
                 })
             });
             let feed = entry.value().clone();
@@ -281,18 +288,6 @@ impl Fanout {
                 .fetch_add(1, Ordering::Relaxed);
             (feed, shard)
         };
-        // Commits that happened before the feed existed never reached it;
-        // the directory (updated before listeners are called) knows them.
-        if let Some(meta) = log.meta(channel) {
-            let before = feed
-                .head
-                .fetch_max(meta.next_offset.get(), Ordering::AcqRel);
-            if before < meta.next_offset.get() {
-                for k in 0..feed.shards.len() {
-                    feed.wake(k);
-                }
-            }
-        }
         FeedSubscription {
             channel: channel.clone(),
             feed,
@@ -305,6 +300,19 @@ impl Fanout {
 }
 
 impl CommitListener for Fanout {
+    /// Ends every subscriber of `channel`; a later subscriber of the same
+    /// name gets a new feed.
+    fn deleted(&self, channel: &ChannelName) {
+        let Some((_, feed)) = self.channels.remove(channel) else {
+            return;
+        };
+        feed.deleted.store(true, Ordering::Release);
+        self.total.fetch_sub(feed.clear_ring(), Ordering::Relaxed);
+        for k in 0..feed.shards.len() {
+            feed.wake(k);
+        }
+    }
+
     /// On the writer thread: O(1) in the channel's audience.
     fn committed(&self, channel: &ChannelName, meta: &ChannelMeta, messages: &[StoredMessage]) {
         let Some(feed) = self.channels.get(channel).map(|f| f.value().clone()) else {
@@ -354,6 +362,13 @@ impl CommitListener for Fanout {
 }
 
 impl ChannelFeed {
+    /// Empties the ring, returning the bytes it held.
+    fn clear_ring(&self) -> usize {
+        let mut ring = self.lock_ring();
+        ring.batches.clear();
+        std::mem::take(&mut ring.bytes)
+    }
+
     fn lock_ring(&self) -> std::sync::MutexGuard<'_, Ring> {
         // Ring updates are single push/pop sequences that cannot be left
         // half-done by a panic elsewhere; keep serving after a poisoned lock.
@@ -396,6 +411,23 @@ impl Ring {
 }
 
 impl FeedSubscription {
+    /// Raises the feed's head to what `meta` (read after [`Fanout::subscribe`])
+    /// says was committed, waking the channel's subscribers if it moved.
+    pub fn observe(&self, meta: Option<&ChannelMeta>) {
+        let Some(meta) = meta else {
+            return;
+        };
+        let before = self
+            .feed
+            .head
+            .fetch_max(meta.next_offset.get(), Ordering::AcqRel);
+        if before < meta.next_offset.get() {
+            for k in 0..self.feed.shards.len() {
+                self.feed.wake(k);
+            }
+        }
+    }
+
     /// The channel this subscription follows.
     pub fn channel(&self) -> &ChannelName {
         &self.channel
@@ -404,6 +436,9 @@ impl FeedSubscription {
     /// What to do for a subscriber whose next wanted offset is `next`,
     /// taking at most about `max_bytes` of frames.
     pub fn next_step(&mut self, next: Offset, max_bytes: usize) -> NextStep {
+        if self.feed.deleted.load(Ordering::Acquire) {
+            return NextStep::Deleted;
+        }
         self.seen = self.feed.head.load(Ordering::Acquire);
         let head = Offset::new(self.seen);
         if next >= head {
@@ -461,7 +496,7 @@ impl FeedSubscription {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let head = self.feed.head.load(Ordering::Acquire);
-            if head != self.seen {
+            if head != self.seen || self.feed.deleted.load(Ordering::Acquire) {
                 self.seen = head;
                 return;
             }
@@ -476,14 +511,13 @@ impl Drop for FeedSubscription {
             .subscribers
             .fetch_sub(1, Ordering::Relaxed);
         self.feed.subscribers.fetch_sub(1, Ordering::Relaxed);
+        // The registry may hold a newer feed of the same name (the channel
+        // was deleted and subscribed to again): only this one goes.
         let removed = self.registry.remove_if(&self.channel, |_, feed| {
-            feed.subscribers.load(Ordering::Relaxed) == 0
+            Arc::ptr_eq(feed, &self.feed) && feed.subscribers.load(Ordering::Relaxed) == 0
         });
         if let Some((_, feed)) = removed {
-            let mut ring = feed.lock_ring();
-            self.total.fetch_sub(ring.bytes, Ordering::Relaxed);
-            ring.bytes = 0;
-            ring.batches.clear();
+            self.total.fetch_sub(feed.clear_ring(), Ordering::Relaxed);
         }
     }
 }
@@ -571,7 +605,7 @@ fn slice_frame(frame: &Bytes, from: Offset) -> Option<Bytes> {
 mod tests {
     use super::*;
     use crate::config::{Durability, EngineConfig};
-    use crate::log::{self, AppendInput};
+    use crate::log::{self, AppendInput, Log};
     use crate::store::MemoryStore;
 
     fn decode_offsets(frames: &[Bytes]) -> Vec<u64> {
@@ -601,6 +635,12 @@ mod tests {
         }
     }
 
+    async fn subscribe(fanout: &Fanout, log: &Log, channel: &ChannelName) -> FeedSubscription {
+        let feed = fanout.subscribe(channel);
+        feed.observe(log.lookup(channel).await.expect("lookup").as_ref());
+        feed
+    }
+
     #[tokio::test]
     async fn subscribers_share_frames_and_fall_back_to_the_log() {
         let fanout = Arc::new(Fanout::new(64 * 1024));
@@ -617,8 +657,8 @@ mod tests {
         let chat = ChannelName::new("chat.1").expect("name");
 
         publish(&log, &chat, 3).await; // before anyone subscribed
-        let mut a = fanout.subscribe(&chat, &log);
-        let mut b = fanout.subscribe(&chat, &log);
+        let mut a = subscribe(&fanout, &log, &chat).await;
+        let mut b = subscribe(&fanout, &log, &chat).await;
         assert_eq!(fanout.subscribed_channels(), 1);
         // Offsets 1..3 were committed before the feed existed: read the log.
         assert!(matches!(
@@ -676,7 +716,10 @@ mod tests {
         let names: Vec<_> = (0..4)
             .map(|i| ChannelName::new(format!("chat.{i}")).expect("name"))
             .collect();
-        let mut subs: Vec<_> = names.iter().map(|n| fanout.subscribe(n, &log)).collect();
+        let mut subs = Vec::new();
+        for name in &names {
+            subs.push(subscribe(&fanout, &log, name).await);
+        }
         for name in &names {
             for _ in 0..40 {
                 log.append(AppendInput {

@@ -75,7 +75,7 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         .await
         .unwrap_or_default();
     let snapshot = Snapshot {
-        channels: state.logs.all().map(|log| log.directory().len()).sum(),
+        resident_channels: state.logs.all().map(|log| log.directory().len()).sum(),
         subscribed_channels: state.fanout.subscribed_channels(),
         outbox_bytes: state.fanout.total_ring_bytes(),
         storage,

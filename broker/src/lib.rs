@@ -14,7 +14,8 @@
 //!   implementations and their byte layouts;
 //! - [`log`]: offset assignment and group commit on the writer thread,
 //!   catch-up reads on reader threads;
-//! - [`producers`]: the writer's resident idempotent-publish windows;
+//! - [`channels`], [`producers`]: the writer's resident channel metadata
+//!   and idempotent-publish windows (the rest stays on disk until used);
 //! - [`fanout`]: per-channel rings of encoded batches, shared by subscribers;
 //! - [`subscription`]: one subscription's offset-driven delivery loop;
 //! - [`session`]: one connection's request/reply protocol and limits;
@@ -35,6 +36,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod channels;
 pub mod config;
 pub mod fanout;
 pub mod fuzzing;

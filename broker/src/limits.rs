@@ -1,7 +1,8 @@
 //! The limits that keep one client from taking the broker down for others:
 //! connections per user, publishes per second per connection and per user
 //! (token buckets, crate `governor`), new connections per second per
-//! source address, and broker-wide: connections and handshakes in progress
+//! source address, new channels per minute per user, and broker-wide:
+//! connections and handshakes in progress
 //! (capped), and the new-connection rate above which addresses must be
 //! validated (QUIC Retry) before a handshake.
 //!
@@ -44,6 +45,14 @@ pub enum LimitError {
         /// When a publish would be accepted again.
         retry_after_ms: u64,
     },
+    /// Creating channels faster than allowed.
+    #[error("creating channels faster than {per_minute} per minute; retry in {retry_after_ms} ms")]
+    CreationRate {
+        /// The rate in force.
+        per_minute: u32,
+        /// When a new channel would be accepted again.
+        retry_after_ms: u64,
+    },
 }
 
 /// The broker's limits and the state behind them.
@@ -52,6 +61,7 @@ pub struct Limiter {
     max_connections_per_user: u32,
     per_connection: Option<(Quota, u32)>,
     per_user: Option<(Quota, u32)>,
+    creations: Option<(Quota, u32)>,
     users: DashMap<String, UserEntry>,
     handshakes: Option<DefaultKeyedRateLimiter<IpAddr>>,
     max_connections: usize,
@@ -103,6 +113,7 @@ impl Drop for ConnectionSlot {
 struct UserEntry {
     connections: u32,
     publishes: Option<Arc<DefaultDirectRateLimiter>>,
+    creations: Option<Arc<DefaultDirectRateLimiter>>,
 }
 
 fn quota(per_sec: u32, burst: u32) -> Option<(Quota, u32)> {
@@ -123,6 +134,10 @@ impl Limiter {
             max_connections_per_user: config.max_connections_per_user,
             per_connection: quota(config.publish_rate_per_connection, config.publish_burst),
             per_user: quota(config.publish_rate_per_user, config.publish_burst),
+            creations: NonZeroU32::new(config.channel_creations_per_minute).map(|rate| {
+                let burst = NonZeroU32::new(config.channel_creation_burst).unwrap_or(rate);
+                (Quota::per_minute(rate).allow_burst(burst), rate.get())
+            }),
             users: DashMap::new(),
             handshakes,
             max_connections: config.max_connections,
@@ -192,6 +207,9 @@ impl Limiter {
                 publishes: self
                     .per_user
                     .map(|(q, _)| Arc::new(governor::RateLimiter::direct(q))),
+                creations: self
+                    .creations
+                    .map(|(q, _)| Arc::new(governor::RateLimiter::direct(q))),
             });
         if entry.connections >= self.max_connections_per_user {
             return Err(LimitError::TooManyConnections {
@@ -201,8 +219,10 @@ impl Limiter {
         }
         entry.connections += 1;
         let user_bucket = entry.publishes.clone();
+        let creations = entry.creations.clone();
         drop(entry);
         Ok(PublishGate {
+            creations: creations.zip(self.creations.map(|(_, rate)| rate)),
             connection: self
                 .per_connection
                 .map(|(q, rate)| (governor::RateLimiter::direct(q), rate)),
@@ -230,6 +250,8 @@ impl Limiter {
 pub struct PublishGate {
     connection: Option<(DefaultDirectRateLimiter, u32)>,
     user: Option<(Arc<DefaultDirectRateLimiter>, u32)>,
+    /// The user's bucket of new channels, per minute.
+    creations: Option<(Arc<DefaultDirectRateLimiter>, u32)>,
     release: Option<(Arc<Limiter>, String)>,
 }
 
@@ -239,8 +261,29 @@ impl PublishGate {
         Self {
             connection: None,
             user: None,
+            creations: None,
             release: None,
         }
+    }
+
+    /// Whether new channels are limited for this connection's user (a
+    /// publish to an unknown channel must then be checked).
+    pub fn limits_creations(&self) -> bool {
+        self.creations.is_some()
+    }
+
+    /// Takes one new channel from the user's bucket.
+    pub fn check_creation(&self) -> Result<(), LimitError> {
+        let Some((bucket, per_minute)) = &self.creations else {
+            return Ok(());
+        };
+        bucket.check().map_err(|not_until| {
+            let wait: Duration = not_until.wait_time_from(DefaultClock::default().now());
+            LimitError::CreationRate {
+                per_minute: *per_minute,
+                retry_after_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1),
+            }
+        })
     }
 
     /// Takes one publish from the connection's and the user's buckets.
@@ -279,6 +322,28 @@ mod tests {
         let mut config = LimitsConfig::default();
         tweak(&mut config);
         Arc::new(Limiter::new(&config))
+    }
+
+    #[test]
+    fn channel_creations_are_limited_per_user_across_connections() {
+        let limiter = limits(|c| {
+            c.channel_creations_per_minute = 60;
+            c.channel_creation_burst = 3;
+        });
+        let a = limiter.open_user_connection("alice").expect("first");
+        let b = limiter.open_user_connection("alice").expect("second");
+        assert!(a.limits_creations());
+        a.check_creation().expect("1");
+        b.check_creation().expect("2");
+        a.check_creation().expect("3");
+        assert!(matches!(
+            b.check_creation(),
+            Err(LimitError::CreationRate { per_minute: 60, retry_after_ms }) if retry_after_ms <= 1000
+        ));
+        let bob = limiter.open_user_connection("bob").expect("bob");
+        bob.check_creation().expect("other users unaffected");
+        assert!(!PublishGate::unlimited().limits_creations());
+        assert!(PublishGate::unlimited().check_creation().is_ok());
     }
 
     #[test]

@@ -34,19 +34,21 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, ProducerSeq};
 
+use crate::channels::ChannelTable;
 use crate::config::{Durability, EngineConfig};
 use crate::metrics::Metrics;
 use crate::producers::ProducerTable;
 use crate::queue::{self, AsyncSender, Queued};
 use crate::store::{
-    ChannelId, ChannelMeta, LogStore, ProducerEntry, ProducerKey, ProducerWindow, Recovered,
-    SequenceStatus, StoreError, StoredMessage, WriteSet,
+    AgeIndexMove, ChannelId, ChannelMeta, LogStore, ProducerEntry, ProducerKey, ProducerWindow,
+    Recovered, SequenceStatus, StoreError, StoredMessage, WriteSet,
 };
 
 /// How often the writer looks for idle producer windows.
 const PRODUCER_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Channel metadata as last committed, readable from any thread.
+/// The resident channels' metadata as last committed, readable from any
+/// thread (the writer's [`ChannelTable`], published).
 pub type Directory = DashMap<ChannelName, ChannelMeta>;
 
 /// Told about every committed batch, on the writer thread: must be quick and
@@ -54,6 +56,9 @@ pub type Directory = DashMap<ChannelName, ChannelMeta>;
 pub trait CommitListener: Send + Sync + 'static {
     /// `messages` were committed to `channel`, consecutive offsets.
     fn committed(&self, channel: &ChannelName, meta: &ChannelMeta, messages: &[StoredMessage]);
+
+    /// `channel` was deleted with its log.
+    fn deleted(&self, _channel: &ChannelName) {}
 }
 
 /// A publish acknowledged by the log.
@@ -97,6 +102,18 @@ pub enum AppendError {
         /// The sequence sent.
         sequence: u64,
     },
+    /// The publish it must follow (`after`) is not stored yet.
+    #[error(
+        "sequence {sequence} of producer {producer_id} must follow sequence {after}, which is not stored yet"
+    )]
+    OutOfOrder {
+        /// The producer.
+        producer_id: u64,
+        /// The sequence sent.
+        sequence: u64,
+        /// The sequence it must follow.
+        after: u64,
+    },
     /// The log is shutting down.
     #[error("the log is shutting down")]
     ShuttingDown,
@@ -110,6 +127,7 @@ impl AppendError {
             Self::SequenceTooOld { .. } => ErrorCode::SequenceTooOld,
             Self::SequenceReused { .. } => ErrorCode::BadRequest,
             Self::TooManyProducers { .. } => ErrorCode::TooManyProducers,
+            Self::OutOfOrder { .. } => ErrorCode::OutOfOrder,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
         }
     }
@@ -133,6 +151,9 @@ pub struct ProducerRef {
     pub key: ProducerKey,
     /// The producer's sequence number of this publish.
     pub sequence: u64,
+    /// The producer's earlier publish to the channel that must be stored
+    /// before this one (it was in flight when this one was sent).
+    pub after: Option<u64>,
     /// Whether the owner's live windows count against
     /// `limits.max_producers_per_user` (end users; not backend services).
     pub limited: bool,
@@ -147,7 +168,7 @@ impl ProducerRef {
     }
 }
 
-/// How the sequencer keeps producer windows.
+/// How the sequencer keeps producer windows and channels.
 #[derive(Debug, Clone, Copy)]
 pub struct ProducerLimits {
     /// Sequences remembered per producer.
@@ -158,6 +179,8 @@ pub struct ProducerLimits {
     pub max_resident: usize,
     /// Live windows per limited owner.
     pub max_per_owner: u32,
+    /// Channels whose metadata is kept in memory.
+    pub max_resident_channels: usize,
 }
 
 impl ProducerLimits {
@@ -168,8 +191,27 @@ impl ProducerLimits {
             idle_ms: engine.producer_idle_secs.saturating_mul(1000),
             max_resident: engine.max_resident_producers,
             max_per_owner: u32::try_from(engine.max_producers_per_user).unwrap_or(u32::MAX),
+            max_resident_channels: engine.max_resident_channels,
         }
     }
+}
+
+/// A retention cut, as computed from a channel's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trim {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The channel's first offset the cut was computed from: a trim that
+    /// finds another (an earlier trim landed meanwhile) is stale and
+    /// skipped, so freed bytes are never subtracted twice.
+    pub from: Offset,
+    /// Everything below this offset goes.
+    pub below: Offset,
+    /// Payload bytes of `[from, below)`.
+    pub freed_bytes: u64,
+    /// When the message at `below` was stored, or a lower bound of it: the
+    /// channel's new place in the age index.
+    pub oldest_ms: u64,
 }
 
 /// What the sequencer decided for one input.
@@ -190,35 +232,37 @@ pub struct Prepared {
     pub outcomes: Vec<Outcome>,
     /// The committed messages per channel, in offset order.
     pub by_channel: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
+    /// One answer per delete, in order: the deleted channel's last
+    /// metadata, or `None` when there was no such channel.
+    pub deleted: Vec<(ChannelName, Option<ChannelMeta>)>,
+    /// Trims skipped because an earlier one moved the channel meanwhile.
+    pub stale_trims: u64,
     channels: HashMap<ChannelName, ChannelMeta>,
     producers: HashMap<ProducerKey, ProducerWindow>,
     next_channel_id: ChannelId,
 }
 
-/// The writer's state: every channel's metadata and every producer's dedup
-/// window. Pure: it decides, the caller writes.
+/// The writer's state: the resident channels' metadata and producers'
+/// dedup windows. Pure: it decides, the caller loads and writes.
 #[derive(Debug)]
 pub struct Sequencer {
-    channels: HashMap<ChannelName, ChannelMeta>,
+    channels: ChannelTable,
     producers: ProducerTable,
     next_channel_id: ChannelId,
+    generation: u64,
     limits: ProducerLimits,
 }
 
 impl Sequencer {
-    /// A sequencer over what was recovered from the store; producer windows
-    /// are added as they are loaded ([`Sequencer::producers_mut`]).
+    /// A sequencer over the store's counters; channels and producer windows
+    /// are added as they are loaded ([`Sequencer::channels_mut`],
+    /// [`Sequencer::producers_mut`]).
     pub fn new(recovered: Recovered, limits: ProducerLimits) -> Self {
-        let next_channel_id = recovered
-            .channels
-            .iter()
-            .map(|(_, m)| m.id)
-            .max()
-            .map_or(1, |id| id + 1);
         Self {
-            channels: recovered.channels.into_iter().collect(),
+            channels: ChannelTable::new(limits.max_resident_channels),
             producers: ProducerTable::new(limits.max_resident, limits.idle_ms),
-            next_channel_id,
+            next_channel_id: recovered.next_channel_id,
+            generation: recovered.generation,
             limits,
         }
     }
@@ -233,18 +277,24 @@ impl Sequencer {
         &mut self.producers
     }
 
-    /// The committed metadata of every channel.
-    pub fn channels(&self) -> impl Iterator<Item = (&ChannelName, &ChannelMeta)> {
-        self.channels.iter()
+    /// The resident channels.
+    pub fn channels(&self) -> &ChannelTable {
+        &self.channels
     }
 
-    /// Decides offsets for `appends` and applies `trims` (retention: drop
-    /// everything below the given offset, which frees the given payload
-    /// bytes), without changing `self`.
+    /// The resident channels, to load into or evict.
+    pub fn channels_mut(&mut self) -> &mut ChannelTable {
+        &mut self.channels
+    }
+
+    /// Decides offsets for `appends`, then applies `trims` (retention) and
+    /// `deletes`, without changing `self`. A channel neither resident nor
+    /// in this batch is created: the caller loads existing ones first.
     pub fn prepare<'a>(
         &self,
         appends: impl IntoIterator<Item = &'a AppendInput>,
-        trims: impl IntoIterator<Item = (ChannelName, Offset, u64)>,
+        trims: impl IntoIterator<Item = Trim>,
+        deletes: impl IntoIterator<Item = ChannelName>,
         now_ms: u64,
         new_epoch: &mut dyn FnMut() -> Epoch,
     ) -> Prepared {
@@ -262,7 +312,10 @@ impl Sequencer {
                     None => {
                         let id = p.next_channel_id;
                         p.next_channel_id += 1;
-                        ChannelMeta::new(id, new_epoch())
+                        ChannelMeta {
+                            generation: self.generation,
+                            ..ChannelMeta::new(id, new_epoch())
+                        }
                     }
                 },
             };
@@ -282,7 +335,29 @@ impl Sequencer {
                             limit: self.limits.max_per_owner,
                         }))
                     }
-                    None | Some(SequenceStatus::New) => None,
+                    None | Some(SequenceStatus::New) => {
+                        // Kafka's idempotent producer rule: never store a
+                        // publish ahead of an unstored one it must follow.
+                        // Only a remembered sequence counts as stored: one
+                        // beyond the window may never have been (a refused
+                        // publish is retried under a fresh sequence), and
+                        // the client resends with its current predecessor.
+                        let stored = |after| {
+                            window.is_some_and(|w| {
+                                matches!(w.lookup(after), SequenceStatus::Stored(_))
+                            })
+                        };
+                        match producer.after {
+                            Some(after) if !stored(after) => {
+                                Some(Outcome::Refused(AppendError::OutOfOrder {
+                                    producer_id: producer.key.producer_id,
+                                    sequence: producer.sequence,
+                                    after,
+                                }))
+                            }
+                            _ => None,
+                        }
+                    }
                     Some(SequenceStatus::Stored(e)) if e.channel == meta.id => {
                         Some(Outcome::Stored(Appended {
                             offset: e.offset,
@@ -310,8 +385,12 @@ impl Sequencer {
             }
             let mut meta = meta;
             let offset = meta.next_offset;
+            if meta.is_empty() {
+                meta.oldest_ms = now_ms;
+            }
             meta.next_offset = offset.next();
             meta.bytes += input.payload.len() as u64;
+            meta.generation = self.generation;
             p.channels.insert(input.channel.clone(), meta);
             let message = StoredMessage {
                 offset,
@@ -355,24 +434,80 @@ impl Sequencer {
                 duplicate: false,
             }));
         }
-        for (channel, below, freed_bytes) in trims {
+        for trim in trims {
             let Some(mut meta) = p
                 .channels
-                .get(&channel)
-                .or_else(|| self.channels.get(&channel))
+                .get(&trim.channel)
+                .or_else(|| self.channels.get(&trim.channel))
                 .copied()
             else {
                 continue;
             };
-            let below = below.min(meta.next_offset);
-            if below <= meta.first_offset {
+            if meta.first_offset != trim.from {
+                p.stale_trims += 1;
                 continue;
             }
-            p.set.deletions.push((meta.id, meta.first_offset, below));
-            meta.first_offset = below;
-            meta.bytes = meta.bytes.saturating_sub(freed_bytes);
-            p.channels.insert(channel, meta);
+            let below = trim.below.min(meta.next_offset);
+            if below < meta.first_offset {
+                continue;
+            }
+            if below > meta.first_offset {
+                p.set.deletions.push((meta.id, meta.first_offset, below));
+                meta.first_offset = below;
+                meta.bytes = meta.bytes.saturating_sub(trim.freed_bytes);
+            }
+            // A trim to where the channel already starts only corrects its
+            // place in the age index.
+            if !meta.is_empty() {
+                meta.oldest_ms = trim.oldest_ms;
+            }
+            meta.generation = self.generation;
+            p.channels.insert(trim.channel, meta);
         }
+        for name in deletes {
+            let meta = p
+                .channels
+                .remove(&name)
+                .or_else(|| self.channels.get(&name).copied());
+            if let Some(meta) = meta {
+                p.set.deleted_channels.push((name.clone(), meta.id));
+            }
+            p.deleted.push((name, meta));
+        }
+        // The age index holds a channel while it has messages, keyed by its
+        // oldest one: move entries from the committed state to the new one.
+        let indexed =
+            |meta: Option<&ChannelMeta>| meta.filter(|m| !m.is_empty()).map(|m| m.oldest_ms);
+        let changed = p
+            .channels
+            .iter()
+            .map(|(name, meta)| (name, Some(meta)))
+            .chain(p.deleted.iter().map(|(name, _)| (name, None)));
+        for (name, after) in changed {
+            let before = self.channels.get(name);
+            let (from, to) = (indexed(before), indexed(after));
+            if from != to {
+                p.set.age_index.push(AgeIndexMove {
+                    channel: name.clone(),
+                    id: after.or(before).map_or(0, |m| m.id),
+                    from,
+                    to,
+                });
+            }
+        }
+        if p.next_channel_id != self.next_channel_id {
+            p.set.next_channel_id = Some(p.next_channel_id);
+        }
+        // Listeners hear of each channel's final state (a trim may follow
+        // the appends); a channel deleted in the batch is not announced.
+        p.by_channel
+            .retain_mut(|(name, meta, _)| match p.channels.get(name) {
+                Some(last) => {
+                    *meta = *last;
+                    true
+                }
+                None => false,
+            });
         p.set.channels = p.channels.iter().map(|(n, m)| (n.clone(), *m)).collect();
         p.set.producers = p
             .producers
@@ -385,7 +520,12 @@ impl Sequencer {
     /// Applies a prepared batch after the store accepted it.
     pub fn commit(&mut self, prepared: &mut Prepared) {
         self.next_channel_id = prepared.next_channel_id;
-        self.channels.extend(prepared.channels.drain());
+        for (name, meta) in prepared.channels.drain() {
+            self.channels.put(name, meta);
+        }
+        for (name, _) in &prepared.deleted {
+            self.channels.remove(name);
+        }
         for (key, window) in prepared.producers.drain() {
             self.producers.put(key, window);
         }
@@ -399,23 +539,45 @@ enum Command {
         input: AppendInput,
         reply: oneshot::Sender<Result<Appended, AppendError>>,
     },
-    /// Bytes freed by retention are subtracted by the writer, which knows the
-    /// sizes: `(channel, delete everything below this offset, bytes freed)`.
-    Trim {
+    /// Bytes freed by retention are subtracted by the writer, which checks
+    /// that the cut still starts where the channel does.
+    Trim(Trim),
+    /// Removes a channel and its log; ends the batch it is in, so that the
+    /// appends before it are stored (and deleted) and those after it
+    /// create the channel anew.
+    Delete {
         channel: ChannelName,
-        below: Offset,
-        freed_bytes: u64,
+        reply: oneshot::Sender<Result<Option<ChannelMeta>, AppendError>>,
     },
 }
 
+/// What the reader threads are asked to read.
 #[derive(Debug)]
-struct ReadRequest {
-    channel: ChannelId,
-    from: Offset,
-    until: Offset,
-    max_messages: usize,
-    max_bytes: usize,
-    reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
+enum ReadRequest {
+    Messages {
+        channel: ChannelId,
+        from: Offset,
+        until: Offset,
+        max_messages: usize,
+        max_bytes: usize,
+        reply: oneshot::Sender<Result<Vec<StoredMessage>, StoreError>>,
+    },
+    Channel {
+        name: ChannelName,
+        reply: oneshot::Sender<Result<Option<ChannelMeta>, StoreError>>,
+    },
+    Scan {
+        prefix: String,
+        after: Option<ChannelName>,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<(ChannelName, ChannelMeta)>, StoreError>>,
+    },
+    Aged {
+        namespace: String,
+        before_ms: u64,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<ChannelName>, StoreError>>,
+    },
 }
 
 /// The ack of a submitted append; resolves once the batch holding it was
@@ -439,6 +601,8 @@ pub struct Log {
     reads: AsyncSender<ReadRequest>,
     directory: Arc<Directory>,
     closed: Arc<AtomicBool>,
+    /// The store generation of this run (see `ChannelMeta::in_generation`).
+    generation: u64,
 }
 
 /// Which log holds which channel: the durable (RocksDB) log, and, when
@@ -508,20 +672,38 @@ pub fn start(
     engine: &EngineConfig,
     metrics: Arc<Metrics>,
 ) -> Result<LogThreads, StoreError> {
-    let recovered = store.recover()?;
+    let mut recovered = store.recover()?;
+    if !recovered.clean_stop && durability == Durability::Wal {
+        // The WAL was not synced per write: a power loss may have taken
+        // acknowledged messages, whose offsets the log would now reuse.
+        recovered.generation += 1;
+        let set = WriteSet {
+            generation: Some(recovered.generation),
+            ..WriteSet::default()
+        };
+        store.write(&set, true)?;
+        warn!(
+            generation = recovered.generation,
+            "the previous run did not stop cleanly and durability is \"wal\": its last \
+             acknowledged writes may be lost, so channels take a new epoch when next used"
+        );
+    }
     info!(
-        channels = recovered.channels.len(),
-        "recovered the channel log"
+        next_channel_id = recovered.next_channel_id,
+        generation = recovered.generation,
+        clean_stop = recovered.clean_stop,
+        "opened the channel log"
     );
+    let generation = recovered.generation;
     let sequencer = Sequencer::new(recovered, ProducerLimits::from_config(engine));
-    let directory: Arc<Directory> =
-        Arc::new(sequencer.channels().map(|(n, m)| (n.clone(), *m)).collect());
+    let directory: Arc<Directory> = Arc::new(Directory::new());
     let queue_bytes = u32::try_from(engine.writer_queue_bytes).unwrap_or(u32::MAX);
     let (commands, command_rx) = queue::bounded_with_bytes(engine.writer_queue, queue_bytes);
     let (reads, read_rx) = queue::bounded(engine.reader_threads * 64);
     let closed = Arc::new(AtomicBool::new(false));
     let writer = Writer {
         metrics,
+        generation,
         closed: closed.clone(),
         store: store.clone(),
         listener,
@@ -554,6 +736,7 @@ pub fn start(
             reads,
             directory,
             closed,
+            generation,
         },
         writer: Some(writer),
         readers,
@@ -567,8 +750,8 @@ impl LogThreads {
     }
 
     /// Stops taking appends, lets the writer commit everything already
-    /// queued, syncs the WAL and joins the threads. Blocks: call it from a
-    /// blocking context.
+    /// queued, syncs the WAL, joins the threads and marks the store as
+    /// cleanly stopped. Blocks: call it from a blocking context.
     pub fn shutdown(mut self) {
         self.log.closed.store(true, Ordering::SeqCst);
         self.log.commands.close();
@@ -576,10 +759,12 @@ impl LogThreads {
         // The threads drain what is queued, then see `closed` and exit, even
         // while sessions that are still closing hold senders.
         drop(self.log);
+        let mut clean = true;
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
             error!("the log writer thread panicked");
+            clean = false;
         }
         for reader in self.readers.drain(..) {
             if reader.join().is_err() {
@@ -588,6 +773,10 @@ impl LogThreads {
         }
         if let Err(e) = self.store.flush() {
             error!(error = %e, "final WAL sync failed");
+            clean = false;
+        }
+        if clean && let Err(e) = self.store.mark_clean_stop() {
+            error!(error = %e, "cannot mark the store as cleanly stopped");
         }
     }
 }
@@ -614,16 +803,26 @@ impl Log {
         Ok(PendingAppend(rx))
     }
 
-    /// Asks the writer to delete `channel`'s messages below `below`, which
-    /// hold `freed_bytes` of payload. Skipped (false) when the writer is busy.
-    pub fn trim(&self, channel: ChannelName, below: Offset, freed_bytes: u64) -> bool {
+    /// Asks the writer to apply a retention cut. Skipped (false) when the
+    /// writer is busy: the next round computes it again.
+    pub fn trim(&self, trim: Trim) -> bool {
+        self.commands.try_send(Command::Trim(trim)).is_ok()
+    }
+
+    /// Removes `channel` and its whole log; resolves with its last
+    /// metadata, or `None` when there was no such channel. Its subscribers
+    /// are ended with `ChannelDeleted`; a later publish creates it anew,
+    /// under a new epoch.
+    pub async fn delete(&self, channel: ChannelName) -> Result<Option<ChannelMeta>, AppendError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(AppendError::ShuttingDown);
+        }
+        let (reply, rx) = oneshot::channel();
         self.commands
-            .try_send(Command::Trim {
-                channel,
-                below,
-                freed_bytes,
-            })
-            .is_ok()
+            .send(Command::Delete { channel, reply })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(AppendError::ShuttingDown))
     }
 
     /// Reads stored messages `[from, until)` on a reader thread.
@@ -635,26 +834,98 @@ impl Log {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        let request = ReadRequest {
+        self.ask_reader(|reply| ReadRequest::Messages {
             channel,
             from,
             until,
             max_messages,
             max_bytes,
             reply,
-        };
+        })
+        .await
+    }
+
+    /// A channel's committed metadata: from memory when it is resident,
+    /// else read from the store on a reader thread. `None`: no such channel.
+    pub async fn lookup(&self, channel: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
+        if let Some(meta) = self.meta(channel) {
+            return Ok(Some(meta));
+        }
+        let name = channel.clone();
+        let stored = self
+            .ask_reader(|reply| ReadRequest::Channel { name, reply })
+            .await?;
+        Ok(stored.map(|m| m.in_generation(self.generation)))
+    }
+
+    /// Up to `limit` channels whose name starts with `prefix`, in name
+    /// order, after `after` when given (read from the store).
+    pub async fn scan_channels(
+        &self,
+        prefix: &str,
+        after: Option<ChannelName>,
+        limit: usize,
+    ) -> Result<Vec<(ChannelName, ChannelMeta)>, StoreError> {
+        let prefix = prefix.to_owned();
+        let found = self
+            .ask_reader(|reply| ReadRequest::Scan {
+                prefix,
+                after,
+                limit,
+                reply,
+            })
+            .await?;
+        Ok(found
+            .into_iter()
+            .map(|(name, meta)| {
+                // The resident copy is at least as new as the stored one.
+                let meta = self
+                    .meta(&name)
+                    .unwrap_or_else(|| meta.in_generation(self.generation));
+                (name, meta)
+            })
+            .collect())
+    }
+
+    /// Up to `limit` channels of `namespace` whose oldest message was
+    /// stored before `before_ms`, oldest first.
+    pub async fn aged_channels(
+        &self,
+        namespace: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ChannelName>, StoreError> {
+        let namespace = namespace.to_owned();
+        self.ask_reader(|reply| ReadRequest::Aged {
+            namespace,
+            before_ms,
+            limit,
+            reply,
+        })
+        .await
+    }
+
+    async fn ask_reader<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> ReadRequest,
+    ) -> Result<T, StoreError> {
+        let (reply, rx) = oneshot::channel();
         let closed = || StoreError::Engine("the log is shutting down".into());
-        self.reads.send(request).await.map_err(|_| closed())?;
+        self.reads
+            .send(request(reply))
+            .await
+            .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 
-    /// A channel's committed metadata, if the channel exists.
+    /// A resident channel's committed metadata (no store read): `None`
+    /// when the channel does not exist or is not resident; see
+    /// [`Log::lookup`].
     pub fn meta(&self, channel: &ChannelName) -> Option<ChannelMeta> {
         self.directory.get(channel).map(|m| *m)
     }
 
-    /// Every channel's committed metadata.
+    /// The resident channels' committed metadata.
     pub fn directory(&self) -> &Directory {
         &self.directory
     }
@@ -667,6 +938,7 @@ impl Log {
 
 struct Writer {
     metrics: Arc<Metrics>,
+    generation: u64,
     closed: Arc<AtomicBool>,
     store: Arc<dyn LogStore>,
     listener: Arc<dyn CommitListener>,
@@ -699,31 +971,31 @@ impl Writer {
             }
             // Group commit: everything already queued, up to the batch
             // limits, goes into one WriteBatch and one (optional) fsync.
-            let mut appends = Vec::new();
-            let mut replies = Vec::new();
-            let mut trims = Vec::new();
+            let mut batch = Batch {
+                expired_producers: expired,
+                ..Batch::default()
+            };
             let mut bytes = 0usize;
             let mut next = first;
             while let Some(queued) = next.take() {
                 match queued.item {
                     Command::Append { input, reply } => {
                         bytes += input.payload.len();
-                        appends.push(input);
-                        replies.push(reply);
+                        batch.appends.push(input);
+                        batch.replies.push(reply);
                     }
-                    Command::Trim {
-                        channel,
-                        below,
-                        freed_bytes,
-                    } => {
-                        trims.push((channel, below, freed_bytes));
+                    Command::Trim(trim) => batch.trims.push(trim),
+                    Command::Delete { channel, reply } => {
+                        // Ends the batch: what follows it starts afresh.
+                        batch.delete = Some((channel, reply));
+                        break;
                     }
                 }
-                if appends.len() < self.max_batch_messages && bytes < self.max_batch_bytes {
+                if batch.appends.len() < self.max_batch_messages && bytes < self.max_batch_bytes {
                     next = rx.try_recv().ok();
                 }
             }
-            if appends.is_empty() && trims.is_empty() && expired.is_empty() {
+            if batch.is_empty() {
                 continue;
             }
             // After a failed write the store refuses writes until it is
@@ -731,7 +1003,12 @@ impl Writer {
             if !healthy && self.store.check_health().is_ok() {
                 info!("the store accepts writes again");
             }
-            healthy = self.commit(appends, replies, trims, expired);
+            healthy = self.commit(batch);
+            if self.sequencer.channels().over_capacity() {
+                for name in self.sequencer.channels_mut().evict() {
+                    self.directory.remove(&name);
+                }
+            }
         }
         info!("log writer stopped");
     }
@@ -750,12 +1027,27 @@ impl Writer {
         swept.expired
     }
 
-    /// Makes the window of every producer in `appends` resident, reading
-    /// the ones not in memory from the store: windows are loaded on use,
-    /// not at start (G9).
-    fn load_producers(&mut self, appends: &[AppendInput]) -> Result<(), StoreError> {
+    /// Makes every channel and producer window the batch names resident,
+    /// reading the ones not in memory from the store: both are loaded on
+    /// use, not at start (G9).
+    fn load(&mut self, batch: &Batch) -> Result<(), StoreError> {
+        let channels = batch
+            .appends
+            .iter()
+            .map(|a| &a.channel)
+            .chain(batch.trims.iter().map(|t| &t.channel))
+            .chain(batch.delete.iter().map(|(name, _)| name));
+        for name in channels {
+            if self.sequencer.channels().contains(name) {
+                continue;
+            }
+            if let Some(meta) = self.store.load_channel(name)? {
+                let meta = meta.in_generation(self.generation);
+                self.sequencer.channels_mut().put(name.clone(), meta);
+            }
+        }
         let now = now_ms();
-        for producer in appends.iter().filter_map(|a| a.producer.as_ref()) {
+        for producer in batch.appends.iter().filter_map(|a| a.producer.as_ref()) {
             if self.sequencer.producers().contains(&producer.key) {
                 continue;
             }
@@ -770,24 +1062,25 @@ impl Writer {
         Ok(())
     }
 
-    fn commit(
-        &mut self,
-        appends: Vec<AppendInput>,
-        replies: Vec<oneshot::Sender<Result<Appended, AppendError>>>,
-        trims: Vec<(ChannelName, Offset, u64)>,
-        expired_producers: Vec<ProducerKey>,
-    ) -> bool {
-        if let Err(e) = self.load_producers(&appends) {
-            warn!(error = %e, messages = appends.len(), "cannot read producer windows; nothing was acknowledged");
-            let why = e.to_string();
-            for reply in replies {
-                let _ = reply.send(Err(AppendError::Storage(why.clone())));
-            }
+    fn commit(&mut self, batch: Batch) -> bool {
+        if let Err(e) = self.load(&batch) {
+            warn!(error = %e, messages = batch.appends.len(), "cannot read channels or producer windows; nothing was acknowledged");
+            batch.fail(&e.to_string());
             return false;
         }
+        let Batch {
+            appends,
+            replies,
+            trims,
+            delete,
+            expired_producers,
+        } = batch;
+        let (deletes, delete_reply) = delete.unzip();
         let mut prepared = self
             .sequencer
-            .prepare(&appends, trims, now_ms(), &mut || Epoch(rand::random()));
+            .prepare(&appends, trims, deletes, now_ms(), &mut || {
+                Epoch(rand::random())
+            });
         // A producer that expired and published again in this very batch
         // has a new window: it must not be deleted after being written.
         prepared.set.expired_producers = expired_producers
@@ -806,52 +1099,126 @@ impl Writer {
         self.metrics
             .group_commit_messages
             .observe(appends.len() as f64);
-        match result {
-            Ok(()) => {
-                let deleted: u64 = prepared
-                    .set
-                    .deletions
-                    .iter()
-                    .map(|(_, from, to)| from.distance_to(*to))
-                    .sum();
-                self.metrics.retention_deleted.inc_by(deleted);
-                self.sequencer.commit(&mut prepared);
-                self.metrics
-                    .producer_windows
-                    .set(self.sequencer.producers().len() as i64);
-                for (name, meta) in &prepared.set.channels {
-                    self.directory.insert(name.clone(), *meta);
-                }
-                for (name, _, messages) in &prepared.by_channel {
-                    if let Some(meta) = self.directory.get(name).map(|m| *m) {
-                        self.listener.committed(name, &meta, messages);
-                    }
-                }
-                for (reply, outcome) in replies.into_iter().zip(prepared.outcomes) {
-                    let _ = reply.send(match outcome {
-                        Outcome::Stored(appended) => Ok(appended),
-                        Outcome::Refused(e) => Err(e),
-                    });
-                }
-                true
+        if let Err(e) = result {
+            warn!(error = %e, messages = appends.len(), "group commit failed; nothing was acknowledged");
+            Batch {
+                replies,
+                delete: deletes_reply(prepared.deleted, delete_reply),
+                ..Batch::default()
             }
-            Err(e) => {
-                warn!(error = %e, messages = appends.len(), "group commit failed; nothing was acknowledged");
-                let why = e.to_string();
-                for reply in replies {
-                    let _ = reply.send(Err(AppendError::Storage(why.clone())));
-                }
-                false
+            .fail(&e.to_string());
+            return false;
+        }
+        let deleted: u64 = prepared
+            .set
+            .deletions
+            .iter()
+            .map(|(_, from, to)| from.distance_to(*to))
+            .sum();
+        self.metrics.retention_deleted.inc_by(deleted);
+        self.metrics
+            .retention_stale_trims
+            .inc_by(prepared.stale_trims);
+        self.sequencer.commit(&mut prepared);
+        self.metrics
+            .producer_windows
+            .set(self.sequencer.producers().len() as i64);
+        for (name, meta) in &prepared.set.channels {
+            self.directory.insert(name.clone(), *meta);
+        }
+        for (name, meta, messages) in &prepared.by_channel {
+            self.listener.committed(name, meta, messages);
+        }
+        for (reply, outcome) in replies.into_iter().zip(prepared.outcomes) {
+            let _ = reply.send(match outcome {
+                Outcome::Stored(appended) => Ok(appended),
+                Outcome::Refused(e) => Err(e),
+            });
+        }
+        if let (Some(reply), Some((name, meta))) = (delete_reply, prepared.deleted.pop()) {
+            self.directory.remove(&name);
+            if meta.is_some() {
+                info!(channel = %name, "channel deleted");
+                self.metrics.channels_deleted.inc();
+                self.listener.deleted(&name);
             }
+            let _ = reply.send(Ok(meta));
+        }
+        true
+    }
+}
+
+/// One group commit's worth of commands.
+#[derive(Default)]
+struct Batch {
+    appends: Vec<AppendInput>,
+    replies: Vec<oneshot::Sender<Result<Appended, AppendError>>>,
+    trims: Vec<Trim>,
+    delete: Option<(ChannelName, DeleteReply)>,
+    expired_producers: Vec<ProducerKey>,
+}
+
+type DeleteReply = oneshot::Sender<Result<Option<ChannelMeta>, AppendError>>;
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.appends.is_empty()
+            && self.trims.is_empty()
+            && self.delete.is_none()
+            && self.expired_producers.is_empty()
+    }
+
+    /// Tells everyone waiting that nothing of the batch was stored.
+    fn fail(self, why: &str) {
+        for reply in self.replies {
+            let _ = reply.send(Err(AppendError::Storage(why.to_owned())));
+        }
+        if let Some((_, reply)) = self.delete {
+            let _ = reply.send(Err(AppendError::Storage(why.to_owned())));
         }
     }
 }
 
+fn deletes_reply(
+    mut deleted: Vec<(ChannelName, Option<ChannelMeta>)>,
+    reply: Option<DeleteReply>,
+) -> Option<(ChannelName, DeleteReply)> {
+    Some((deleted.pop()?.0, reply?))
+}
+
 fn run_reader(store: Arc<dyn LogStore>, rx: Receiver<Queued<ReadRequest>>, closed: &AtomicBool) {
     while let Some(queued) = next_or_stop(&rx, closed) {
-        let r = queued.item;
-        let result = store.read(r.channel, r.from, r.until, r.max_messages, r.max_bytes);
-        let _ = r.reply.send(result);
+        match queued.item {
+            ReadRequest::Messages {
+                channel,
+                from,
+                until,
+                max_messages,
+                max_bytes,
+                reply,
+            } => {
+                let _ = reply.send(store.read(channel, from, until, max_messages, max_bytes));
+            }
+            ReadRequest::Channel { name, reply } => {
+                let _ = reply.send(store.load_channel(&name));
+            }
+            ReadRequest::Scan {
+                prefix,
+                after,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(store.scan_channels(&prefix, after.as_ref(), limit));
+            }
+            ReadRequest::Aged {
+                namespace,
+                before_ms,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(store.aged_channels(&namespace, before_ms, limit));
+            }
+        }
     }
 }
 
@@ -901,6 +1268,7 @@ mod tests {
             producer: producer.map(|(producer_id, sequence)| ProducerRef {
                 key: ProducerKey::new(owner.into(), producer_id),
                 sequence,
+                after: None,
                 limited: true,
             }),
             payload: Bytes::from_static(payload.as_bytes()),
@@ -913,6 +1281,7 @@ mod tests {
             idle_ms: u64::MAX,
             max_resident: 1000,
             max_per_owner: 2,
+            max_resident_channels: 1000,
         }
     }
 
@@ -934,7 +1303,7 @@ mod tests {
             input("chat.b", None, "1"),
             input("chat.a", None, "2"),
         ];
-        let mut p = seq.prepare(&batch, [], 0, &mut || Epoch(1));
+        let mut p = seq.prepare(&batch, [], [], 0, &mut || Epoch(1));
         assert_eq!(
             offsets(&p),
             [Ok((1, false)), Ok((1, false)), Ok((2, false))]
@@ -942,10 +1311,10 @@ mod tests {
         assert_eq!(p.set.messages.len(), 3);
         assert_eq!(p.by_channel.len(), 2);
         seq.commit(&mut p);
-        let p = seq.prepare(&[input("chat.a", None, "3")], [], 0, &mut || Epoch(2));
+        let p = seq.prepare(&[input("chat.a", None, "3")], [], [], 0, &mut || Epoch(2));
         assert_eq!(offsets(&p), [Ok((3, false))]);
         // Not committed: the sequencer did not move.
-        let p = seq.prepare(&[input("chat.a", None, "3")], [], 0, &mut || Epoch(2));
+        let p = seq.prepare(&[input("chat.a", None, "3")], [], [], 0, &mut || Epoch(2));
         assert_eq!(offsets(&p), [Ok((3, false))]);
     }
 
@@ -957,14 +1326,18 @@ mod tests {
             input("chat.a", Some((7, 1)), "x"),
             input("chat.a", Some((7, 3)), "y"),
         ];
-        let mut p = seq.prepare(&batch, [], 0, &mut || Epoch(1));
+        let mut p = seq.prepare(&batch, [], [], 0, &mut || Epoch(1));
         assert_eq!(offsets(&p), [Ok((1, false)), Ok((1, true)), Ok((2, false))]);
         assert_eq!(p.set.messages.len(), 2);
         seq.commit(&mut p);
         // Sequence 2 was never stored: out of order but new, so stored.
-        let mut p = seq.prepare(&[input("chat.a", Some((7, 2)), "z")], [], 0, &mut || {
-            Epoch(1)
-        });
+        let mut p = seq.prepare(
+            &[input("chat.a", Some((7, 2)), "z")],
+            [],
+            [],
+            0,
+            &mut || Epoch(1),
+        );
         assert_eq!(offsets(&p), [Ok((3, false))]);
         seq.commit(&mut p);
         // Window of 2 keeps sequences 2 and 3; 1 was forgotten.
@@ -974,6 +1347,7 @@ mod tests {
                 input("chat.a", Some((7, 1)), "x"),
                 input("chat.b", Some((7, 2)), "z"),
             ],
+            [],
             [],
             0,
             &mut || Epoch(1),
@@ -995,6 +1369,47 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_is_never_stored_ahead_of_an_unstored_one_it_follows() {
+        let mut seq = Sequencer::new(Recovered::default(), limits(8));
+        let following = |sequence, after| {
+            let mut i = input("chat.a", Some((7, sequence)), "x");
+            if let Some(p) = i.producer.as_mut() {
+                p.after = after;
+            }
+            i
+        };
+        // 2 arrives before the 1 it follows: refused, nothing stored.
+        let p = seq.prepare(&[following(2, Some(1))], [], [], 0, &mut || Epoch(1));
+        let refused = AppendError::OutOfOrder {
+            producer_id: 7,
+            sequence: 2,
+            after: 1,
+        };
+        assert_eq!(offsets(&p), [Err(refused.clone())]);
+        assert!(p.set.messages.is_empty());
+        assert_eq!(refused.error_code(), ErrorCode::OutOfOrder);
+        // In order, even within one batch, both are stored.
+        let mut p = seq.prepare(
+            &[following(1, None), following(2, Some(1))],
+            [],
+            [],
+            0,
+            &mut || Epoch(1),
+        );
+        assert_eq!(offsets(&p), [Ok((1, false)), Ok((2, false))]);
+        seq.commit(&mut p);
+        // A retry of a stored publish is a duplicate whatever it follows.
+        let p = seq.prepare(
+            &[following(3, Some(2)), following(2, Some(9))],
+            [],
+            [],
+            0,
+            &mut || Epoch(1),
+        );
+        assert_eq!(offsets(&p), [Ok((3, false)), Ok((2, true))]);
+    }
+
+    #[test]
     fn producer_windows_belong_to_their_owner_and_are_limited_per_owner() {
         let mut seq = Sequencer::new(Recovered::default(), limits(8));
         let mut p = seq.prepare(
@@ -1006,6 +1421,7 @@ mod tests {
                 // A third live window of Ann's is over the limit of 2.
                 owned_input("ann", "chat.a", Some((9, 1)), "y"),
             ],
+            [],
             [],
             0,
             &mut || Epoch(1),
@@ -1033,28 +1449,98 @@ mod tests {
         let p = seq.prepare(
             &[owned_input("ann", "chat.a", Some((8, 2)), "z"), unlimited],
             [],
+            [],
             0,
             &mut || Epoch(1),
         );
         assert_eq!(offsets(&p), [Ok((4, false)), Ok((5, false))]);
     }
 
+    fn trim(channel: &ChannelName, from: u64, below: u64, freed: u64, oldest_ms: u64) -> Trim {
+        Trim {
+            channel: channel.clone(),
+            from: Offset::new(from),
+            below: Offset::new(below),
+            freed_bytes: freed,
+            oldest_ms,
+        }
+    }
+
     #[test]
-    fn trims_move_the_first_offset_and_never_past_the_head() {
+    fn trims_move_the_first_offset_and_the_age_index_never_past_the_head() {
         let mut seq = Sequencer::new(Recovered::default(), limits(8));
-        let batch: Vec<_> = (0..5).map(|_| input("chat.a", None, "ab")).collect();
-        let mut p = seq.prepare(&batch, [], 0, &mut || Epoch(1));
-        seq.commit(&mut p);
         let chat = ChannelName::new("chat.a").expect("name");
-        let mut p = seq.prepare(&[], [(chat.clone(), Offset::new(3), 4)], 0, &mut || {
-            Epoch(1)
-        });
-        assert_eq!(p.set.deletions, [(1, Offset::new(1), Offset::new(3))]);
+        let batch: Vec<_> = (0..5).map(|_| input("chat.a", None, "ab")).collect();
+        let mut p = seq.prepare(&batch, [], [], 100, &mut || Epoch(1));
+        // A new channel enters the age index with its first message's time
+        // and the id counter moves.
+        let entered = AgeIndexMove {
+            channel: chat.clone(),
+            id: 1,
+            from: None,
+            to: Some(100),
+        };
+        assert_eq!(p.set.age_index, [entered]);
+        assert_eq!(p.set.next_channel_id, Some(2));
         seq.commit(&mut p);
-        let meta = seq.channels().find(|(n, _)| **n == chat).map(|(_, m)| *m);
+        let mut p = seq.prepare(&[], [trim(&chat, 1, 3, 4, 150)], [], 0, &mut || Epoch(1));
+        assert_eq!(p.set.deletions, [(1, Offset::new(1), Offset::new(3))]);
+        assert_eq!(p.set.age_index[0].from, Some(100));
+        assert_eq!(p.set.age_index[0].to, Some(150));
+        assert_eq!(p.set.next_channel_id, None);
+        seq.commit(&mut p);
+        let meta = seq.channels().get(&chat).copied();
         assert_eq!(meta.map(|m| (m.first_offset.get(), m.bytes)), Some((3, 6)));
-        let p = seq.prepare(&[], [(chat, Offset::new(99), 6)], 0, &mut || Epoch(1));
+        // A cut computed before that one landed is stale: skipped, so its
+        // bytes are not subtracted twice.
+        let p = seq.prepare(&[], [trim(&chat, 1, 4, 6, 0)], [], 0, &mut || Epoch(1));
+        assert!(p.set.deletions.is_empty() && p.set.channels.is_empty());
+        assert_eq!(p.stale_trims, 1);
+        // Never past the head; an emptied channel leaves the index.
+        let p = seq.prepare(&[], [trim(&chat, 3, 99, 6, 0)], [], 0, &mut || Epoch(1));
         assert_eq!(p.set.deletions, [(1, Offset::new(3), Offset::new(6))]);
+        assert_eq!(p.set.age_index[0].to, None);
+    }
+
+    #[test]
+    fn a_delete_ends_the_channel_and_a_publish_after_it_starts_a_new_one() {
+        let mut seq = Sequencer::new(Recovered::default(), limits(8));
+        let chat = ChannelName::new("chat.a").expect("name");
+        let mut p = seq.prepare(&[input("chat.a", None, "x")], [], [], 100, &mut || Epoch(1));
+        seq.commit(&mut p);
+        // Appends before the delete in its batch are deleted with it.
+        let mut p = seq.prepare(
+            &[input("chat.a", None, "y")],
+            [],
+            [chat.clone()],
+            200,
+            &mut || Epoch(2),
+        );
+        assert_eq!(p.set.deleted_channels, [(chat.clone(), 1)]);
+        assert!(p.set.channels.is_empty() && p.by_channel.is_empty());
+        assert_eq!(p.set.age_index[0].to, None);
+        assert!(matches!(p.deleted.as_slice(), [(_, Some(m))] if m.next_offset == Offset::new(3)));
+        seq.commit(&mut p);
+        assert!(seq.channels().get(&chat).is_none());
+        let p = seq.prepare(&[], [], [chat.clone()], 0, &mut || Epoch(3));
+        assert!(matches!(p.deleted.as_slice(), [(_, None)]));
+        let p = seq.prepare(&[input("chat.a", None, "z")], [], [], 300, &mut || Epoch(4));
+        assert_eq!(offsets(&p), [Ok((1, false))]);
+        assert_eq!(p.set.channels[0].1.id, 2, "ids are never reused");
+    }
+
+    #[test]
+    fn metadata_from_before_a_lossy_stop_takes_a_new_epoch_from_its_head() {
+        let mut meta = ChannelMeta::new(1, Epoch(7));
+        meta.next_offset = Offset::new(51);
+        let rotated = meta.in_generation(1);
+        assert_ne!(rotated.epoch, meta.epoch);
+        assert_eq!(rotated.previous_epoch, Epoch(7));
+        assert_eq!(rotated.epoch_start, Offset::new(51));
+        // Every reader derives the same epoch; a current one is unchanged.
+        assert_eq!(meta.in_generation(1), rotated);
+        assert_eq!(rotated.in_generation(1), rotated);
+        assert_ne!(meta.in_generation(2).epoch, rotated.epoch);
     }
 
     #[derive(Default)]
@@ -1114,8 +1600,9 @@ mod tests {
             log.append(input("chat.a", None, "3")).await,
             Err(AppendError::ShuttingDown)
         ));
-        let recovered = store.recover().expect("recover");
-        assert_eq!(recovered.channels[0].1.next_offset, Offset::new(3));
+        let chat = ChannelName::new("chat.a").expect("name");
+        let stored = store.load_channel(&chat).expect("load").expect("stored");
+        assert_eq!(stored.next_offset, Offset::new(3));
     }
 
     #[tokio::test]

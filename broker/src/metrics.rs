@@ -57,7 +57,17 @@ pub struct Metrics {
     pub producer_windows: IntGauge,
     /// Producer windows removed after `producer_idle_secs` without a publish.
     pub producers_expired: IntCounter,
-    channels: IntGauge,
+    /// Channels deleted through the admin API.
+    pub channels_deleted: IntCounter,
+    /// Retention cuts skipped because an earlier one moved the channel.
+    pub retention_stale_trims: IntCounter,
+    /// Payload bytes retention read to compute its cuts.
+    pub retention_read_bytes: IntCounter,
+    /// Channels retention examined.
+    pub retention_channels_examined: IntCounter,
+    /// Publishes refused because their user created channels too fast.
+    pub channel_creations_refused: IntCounter,
+    resident_channels: IntGauge,
     subscribed_channels: IntGauge,
     outbox_bytes: IntGauge,
     resident_bytes: IntGauge,
@@ -68,8 +78,8 @@ pub struct Metrics {
 /// State read at scrape time.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
-    /// Channels in the log.
-    pub channels: usize,
+    /// Channels whose metadata is in memory.
+    pub resident_channels: usize,
     /// Channels with subscribers.
     pub subscribed_channels: usize,
     /// Bytes held in channel rings.
@@ -169,7 +179,27 @@ impl Metrics {
                 "producers_expired_total",
                 "Producer windows removed after producer_idle_secs without a publish",
             ),
-            channels: gauge("channels", "Channels in the log"),
+            resident_channels: gauge(
+                "resident_channels",
+                "Channels whose metadata the log holds in memory (the rest are on disk)",
+            ),
+            channels_deleted: counter("channels_deleted_total", "Channels deleted (admin API)"),
+            retention_stale_trims: counter(
+                "retention_stale_trims_total",
+                "Retention cuts skipped because an earlier cut moved the channel meanwhile",
+            ),
+            retention_read_bytes: counter(
+                "retention_read_bytes_total",
+                "Payload bytes retention read to compute its cuts",
+            ),
+            retention_channels_examined: counter(
+                "retention_channels_examined_total",
+                "Channels retention examined",
+            ),
+            channel_creations_refused: counter(
+                "channel_creations_refused_total",
+                "Publishes refused because their user created channels faster than allowed",
+            ),
             subscribed_channels: gauge("subscribed_channels", "Channels with subscribers"),
             outbox_bytes: gauge("outbox_bytes", "Bytes held in channel rings"),
             resident_bytes: gauge(
@@ -200,7 +230,8 @@ impl Metrics {
 
     /// The Prometheus text exposition, with `snapshot`'s gauges.
     pub fn render(&self, snapshot: &Snapshot) -> String {
-        self.channels.set(snapshot.channels as i64);
+        self.resident_channels
+            .set(snapshot.resident_channels as i64);
         self.subscribed_channels
             .set(snapshot.subscribed_channels as i64);
         self.outbox_bytes.set(snapshot.outbox_bytes as i64);
@@ -269,13 +300,13 @@ mod tests {
         m.publishes.inc();
         m.connections_closed.with_label_values(&["normal"]).inc();
         let text = m.render(&Snapshot {
-            channels: 3,
+            resident_channels: 3,
             storage: vec![("total_sst_bytes", 10)],
             ..Snapshot::default()
         });
         for name in [
             "volna_publishes_total 1",
-            "volna_channels 3",
+            "volna_resident_channels 3",
             "volna_connections_closed_total{reason=\"normal\"} 1",
             "volna_storage{property=\"total_sst_bytes\"} 10",
             "volna_publish_ack_seconds_bucket",

@@ -239,7 +239,7 @@ impl Broker {
         };
         let http_state = HttpState {
             ready: ready.clone(),
-            metrics,
+            metrics: metrics.clone(),
             logs: logs.clone(),
             fanout: fanout.clone(),
             store,
@@ -256,6 +256,7 @@ impl Broker {
             tokio::spawn(retention::run(
                 log,
                 policies.clone(),
+                metrics.clone(),
                 retention_every,
                 shutdown.clone(),
             )),
@@ -264,6 +265,7 @@ impl Broker {
             tasks.push(tokio::spawn(retention::run(
                 threads.log().clone(),
                 policies.clone(),
+                metrics.clone(),
                 retention_every,
                 shutdown.clone(),
             )));
@@ -371,22 +373,33 @@ impl Drop for Broker {
     /// A broker dropped without [`Broker::shutdown`] (a test that ends, a
     /// panic) still stops its log threads and closes RocksDB before the
     /// process exits: RocksDB must not be running while its statics are
-    /// torn down. This blocks for as long as the writer needs to commit
-    /// what is queued.
+    /// torn down. Joining the threads waits for the writer to commit what
+    /// is queued; on a multi-threaded runtime the wait moves off the worker
+    /// (`block_in_place`), so the runtime's other tasks go on meanwhile.
     fn drop(&mut self) {
-        if let Some(threads) = self.log_threads.take() {
-            self.shutdown.cancel();
-            if let Some(endpoint) = &self.endpoint {
-                let code = CloseCode::GOING_AWAY;
-                endpoint.close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
-            }
-            for task in self.tasks.drain(..) {
-                task.abort();
-            }
-            if let Some(ephemeral) = self.ephemeral_threads.take() {
+        let Some(threads) = self.log_threads.take() else {
+            return;
+        };
+        self.shutdown.cancel();
+        if let Some(endpoint) = &self.endpoint {
+            let code = CloseCode::GOING_AWAY;
+            endpoint.close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
+        }
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        let ephemeral = self.ephemeral_threads.take();
+        let stop = move || {
+            if let Some(ephemeral) = ephemeral {
                 ephemeral.shutdown();
             }
             threads.shutdown();
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(stop),
+            // A current-thread runtime has no other worker to hand its
+            // tasks to, and outside a runtime nothing waits: join here.
+            _ => stop(),
         }
     }
 }

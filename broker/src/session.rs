@@ -574,6 +574,7 @@ impl<C: Connection> Session<C> {
             request_id,
             channel,
             producer,
+            after,
             payload,
         } = publish;
         let max = self.ctx.config.limits.max_payload;
@@ -621,12 +622,31 @@ impl<C: Connection> Session<C> {
             .await;
             return None;
         }
+        let log = self.ctx.logs.for_channel(&channel).clone();
+        if self.gate.limits_creations() && log.meta(&channel).is_none() {
+            // Not resident: it may not exist, and creating channels is
+            // limited per user (each is state kept until deleted).
+            let refusal = match log.lookup(&channel).await {
+                Ok(Some(_)) => None,
+                Ok(None) => self.gate.check_creation().err().map(|e| {
+                    self.ctx.metrics.channel_creations_refused.inc();
+                    (ErrorCode::RateLimited, e.to_string())
+                }),
+                Err(e) => Some((ErrorCode::StorageUnavailable, e.to_string())),
+            };
+            if let Some((code, msg)) = refusal {
+                self.count_publish_error(code);
+                self.reply_error(request_id, code, &msg).await;
+                return None;
+            }
+        }
         // Idempotence state is the authenticated identity's: a client can
         // name any producer id, but only within its own windows.
         let producer = match (producer, &self.identity) {
             (Some(seq), Some(identity)) => Some(ProducerRef {
                 key: ProducerKey::new(identity.owner(), seq.producer_id),
                 sequence: seq.sequence,
+                after,
                 limited: !identity.server,
             }),
             _ => None,
@@ -639,7 +659,6 @@ impl<C: Connection> Session<C> {
         // Submitted here, in request order, so one connection's publishes
         // are sequenced in the order it sent them; only the acks overlap.
         let started = Instant::now();
-        let log = self.ctx.logs.for_channel(&input.channel);
         match log.submit(input).await {
             Ok(pending) => Some(Box::pin(
                 async move { (request_id, started, pending.await) },
@@ -726,9 +745,20 @@ impl<C: Connection> Session<C> {
                 .await;
         }
         let log = self.ctx.logs.for_channel(&channel).clone();
-        let feed = self.ctx.fanout.subscribe(&channel, &log);
-        let (next, epoch, events) =
-            subscription::resolve_start(&channel, position, log.meta(&channel));
+        // Registered before the metadata is read, so that a commit in
+        // between reaches the feed or the metadata (or both).
+        let feed = self.ctx.fanout.subscribe(&channel);
+        let meta = match log.lookup(&channel).await {
+            Ok(meta) => meta,
+            Err(e) => {
+                let msg = format!("cannot read {channel}: {e}");
+                return self
+                    .reply_error(request_id, ErrorCode::StorageUnavailable, &msg)
+                    .await;
+            }
+        };
+        feed.observe(meta.as_ref());
+        let (next, epoch, events) = subscription::resolve_start(&channel, position, meta);
         let id = SubscriptionId(self.next_subscription);
         self.next_subscription += 1;
         let cancel = self.cancel.child_token();

@@ -65,14 +65,20 @@ pub enum Stopped {
     /// The delivery stream failed (reset, or could not be opened).
     #[error("{0}")]
     Stream(#[from] SinkError),
+    /// The channel was deleted with its log; subscribing again would
+    /// follow a new channel of the same name.
+    #[error("channel {0} was deleted")]
+    ChannelDeleted(ChannelName),
 }
 
 impl Stopped {
-    /// The code the client is told: all of these are worth a new subscribe.
+    /// The code the client is told: all but `ChannelDeleted` are worth a
+    /// new subscribe.
     pub fn error_code(&self) -> ErrorCode {
         match self {
             Self::LogRead(_) => ErrorCode::StorageUnavailable,
             Self::Stream(_) => ErrorCode::Internal,
+            Self::ChannelDeleted(_) => ErrorCode::ChannelDeleted,
         }
     }
 }
@@ -130,6 +136,7 @@ pub async fn run(
                     catching_up.set(false);
                     feed.changed().await;
                 }
+                NextStep::Deleted => return Err(Stopped::ChannelDeleted(channel.clone())),
             }
         }
     };
@@ -183,10 +190,12 @@ async fn catch_up(
     until: Offset,
     sink: &mut impl DeliverySink,
 ) -> Result<(Offset, usize), Stopped> {
-    let Some(meta) = log.meta(channel) else {
-        return Err(Stopped::LogRead(format!(
-            "channel {channel} vanished from the log"
-        )));
+    // Offsets below the head were committed, so the channel exists unless
+    // it was deleted since.
+    let meta = match log.lookup(channel).await {
+        Ok(Some(meta)) => meta,
+        Ok(None) => return Err(Stopped::ChannelDeleted(channel.clone())),
+        Err(e) => return Err(Stopped::LogRead(e.to_string())),
     };
     let messages = log
         .read(meta.id, next, until, CATCH_UP_MESSAGES, WRITE_BYTES)
@@ -238,6 +247,10 @@ pub fn resolve_start(
     let (first, head, epoch) = meta.map_or((Offset::FIRST, Offset::FIRST, Epoch(0)), |m| {
         (m.first_offset, m.next_offset, m.epoch)
     });
+    // After a stop that may have lost the log's tail, the epoch changed at
+    // `epoch_start`: below it the old epoch's offsets hold the same
+    // messages, at and beyond it they may not.
+    let continued = meta.filter(|m| m.previous_epoch != m.epoch);
     match position {
         Position::Latest => (head, epoch, Vec::new()),
         Position::Last(n) => (
@@ -247,28 +260,48 @@ pub fn resolve_start(
         ),
         Position::From {
             epoch: Some(previous),
+            offset,
+        } if continued.is_some_and(|m| m.previous_epoch == previous && offset <= m.epoch_start) => {
+            resume_at(channel, offset, first, epoch)
+        }
+        Position::From {
+            epoch: Some(previous),
             ..
-        } if previous != epoch => (
-            first,
-            epoch,
-            vec![Frame::EpochChanged {
-                channel: channel.clone(),
-                previous,
-                current: epoch,
-                start: first,
-            }],
-        ),
-        Position::From { offset, .. } if offset < first => (
-            first,
-            epoch,
-            vec![Frame::Truncated {
-                channel: channel.clone(),
-                requested: offset,
-                first_available: first,
-            }],
-        ),
-        Position::From { offset, .. } => (offset, epoch, Vec::new()),
+        } if previous != epoch => {
+            let start = continued
+                .filter(|m| m.previous_epoch == previous)
+                .map_or(first, |m| m.epoch_start.max(first));
+            (
+                start,
+                epoch,
+                vec![Frame::EpochChanged {
+                    channel: channel.clone(),
+                    previous,
+                    current: epoch,
+                    start,
+                }],
+            )
+        }
+        Position::From { offset, .. } => resume_at(channel, offset, first, epoch),
     }
+}
+
+/// Resuming at `offset` of a log that starts at `first`.
+fn resume_at(
+    channel: &ChannelName,
+    offset: Offset,
+    first: Offset,
+    epoch: Epoch,
+) -> (Offset, Epoch, Vec<Frame>) {
+    if offset < first {
+        let truncated = Frame::Truncated {
+            channel: channel.clone(),
+            requested: offset,
+            first_available: first,
+        };
+        return (first, epoch, vec![truncated]);
+    }
+    (offset, epoch, Vec::new())
 }
 
 #[cfg(test)]
@@ -284,6 +317,7 @@ mod tests {
             first_offset: Offset::new(first),
             next_offset: Offset::new(next),
             bytes: 0,
+            ..ChannelMeta::new(1, Epoch(9))
         }
     }
 
@@ -316,5 +350,35 @@ mod tests {
         assert!(matches!(events.as_slice(), [Frame::EpochChanged { .. }]));
         // A channel nobody published to yet starts at offset 1.
         assert_eq!(resolve_start(&c, Position::Latest, None).0, Offset::FIRST);
+    }
+
+    #[test]
+    fn after_a_lossy_stop_devices_beyond_the_recovered_head_are_told() {
+        let c = ChannelName::new("chat.1").expect("name");
+        // Epoch 9 lost its tail at 101: the log now holds epoch 10 from there.
+        let mut m = meta(1, 120);
+        m.previous_epoch = Epoch(9);
+        m.epoch = Epoch(10);
+        m.epoch_start = Offset::new(101);
+        let from = |o, e| Position::From {
+            offset: Offset::new(o),
+            epoch: Some(Epoch(e)),
+        };
+        // A device that had not gone past the recovered head goes on.
+        let (start, epoch, events) = resolve_start(&c, from(90, 9), Some(m));
+        assert_eq!((start, epoch), (Offset::new(90), Epoch(10)));
+        assert!(events.is_empty());
+        // One that held offsets the log lost learns that they were replaced.
+        let (start, _, events) = resolve_start(&c, from(140, 9), Some(m));
+        assert_eq!(start, Offset::new(101));
+        assert!(matches!(
+            events.as_slice(),
+            [Frame::EpochChanged { previous, current, start, .. }]
+                if *previous == Epoch(9) && *current == Epoch(10) && *start == Offset::new(101)
+        ));
+        // An epoch the log does not know restarts from the first offset.
+        let (start, _, events) = resolve_start(&c, from(50, 3), Some(m));
+        assert_eq!(start, Offset::new(1));
+        assert!(matches!(events.as_slice(), [Frame::EpochChanged { .. }]));
     }
 }

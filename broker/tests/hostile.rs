@@ -38,6 +38,7 @@ async fn bad_requests_get_typed_errors_and_the_broker_keeps_serving() {
         request_id: 10,
         channel: ch.clone(),
         producer: None,
+        after: None,
         payload: vec![0u8; 1025].into(),
     }))
     .await;
@@ -133,6 +134,7 @@ async fn bad_requests_get_typed_errors_and_the_broker_keeps_serving() {
         request_id: 20,
         channel: ch.clone(),
         producer: None,
+        after: None,
         payload: "sneaky".into(),
     }))
     .await;
@@ -223,6 +225,7 @@ async fn hostile_clients_at_once_do_not_disturb_a_well_behaved_one() {
                         request_id,
                         channel: inbox.clone(),
                         producer: None,
+                        after: None,
                         payload: vec![7u8; 1024].into(),
                     }),
                     &mut bytes,

@@ -266,3 +266,168 @@ async fn cancelled_subscribes_leave_nothing_behind() {
     })
     .await;
 }
+
+/// A store whose final flush waits until the test lets it go.
+#[derive(Debug)]
+struct GatedStore {
+    inner: MemoryStore,
+    release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    released: std::sync::atomic::AtomicBool,
+}
+
+impl volna_broker::store::LogStore for GatedStore {
+    fn recover(&self) -> Result<volna_broker::store::Recovered, volna_broker::store::StoreError> {
+        self.inner.recover()
+    }
+    fn load_channel(
+        &self,
+        name: &volna_client::ChannelName,
+    ) -> Result<Option<volna_broker::store::ChannelMeta>, volna_broker::store::StoreError> {
+        self.inner.load_channel(name)
+    }
+    fn scan_channels(
+        &self,
+        prefix: &str,
+        after: Option<&volna_client::ChannelName>,
+        limit: usize,
+    ) -> Result<
+        Vec<(volna_client::ChannelName, volna_broker::store::ChannelMeta)>,
+        volna_broker::store::StoreError,
+    > {
+        self.inner.scan_channels(prefix, after, limit)
+    }
+    fn aged_channels(
+        &self,
+        namespace: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<volna_client::ChannelName>, volna_broker::store::StoreError> {
+        self.inner.aged_channels(namespace, before_ms, limit)
+    }
+    fn mark_clean_stop(&self) -> Result<(), volna_broker::store::StoreError> {
+        self.inner.mark_clean_stop()
+    }
+    fn load_producer(
+        &self,
+        key: &volna_broker::store::ProducerKey,
+    ) -> Result<Option<volna_broker::store::ProducerWindow>, volna_broker::store::StoreError> {
+        self.inner.load_producer(key)
+    }
+    fn write(
+        &self,
+        set: &volna_broker::store::WriteSet,
+        sync: bool,
+    ) -> Result<(), volna_broker::store::StoreError> {
+        self.inner.write(set, sync)
+    }
+    fn read(
+        &self,
+        channel: volna_broker::store::ChannelId,
+        from: Offset,
+        until: Offset,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<volna_broker::store::StoredMessage>, volna_broker::store::StoreError> {
+        self.inner
+            .read(channel, from, until, max_messages, max_bytes)
+    }
+    fn check_health(&self) -> Result<(), volna_broker::store::StoreError> {
+        self.inner.check_health()
+    }
+    fn flush(&self) -> Result<(), volna_broker::store::StoreError> {
+        let release = self.release.lock().unwrap();
+        if release.recv_timeout(Duration::from_secs(10)).is_ok() {
+            self.released
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+/// Issue 11 §E: dropping a broker used to join its log threads on the
+/// runtime worker, so no other task of a one-worker runtime ran until the
+/// writer was done. Here the store's final flush waits for a task of that
+/// same runtime: it is released only if the drop leaves the worker free.
+#[test]
+fn dropping_a_broker_does_not_block_its_runtime_worker() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let store = Arc::new(GatedStore {
+        inner: MemoryStore::new(),
+        release: std::sync::Mutex::new(rx),
+        released: std::sync::atomic::AtomicBool::new(false),
+    });
+    let gated = store.clone();
+    runtime.block_on(async move {
+        // On the worker itself (block_on's own thread is not one).
+        tokio::spawn(async move {
+            let broker = TestBroker::start_on(Some(gated), |_| {}).await;
+            let client = broker.client().await;
+            client.publish(&channel("chat.drop"), "m").await.unwrap();
+            let releaser = tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let _ = tx.send(());
+            });
+            drop(broker);
+            releaser.await.unwrap();
+        })
+        .await
+        .unwrap();
+    });
+    assert!(
+        store.released.load(std::sync::atomic::Ordering::SeqCst),
+        "the final flush was not released: the drop held the runtime's only worker"
+    );
+}
+
+/// Issue 11 §E: a client's overlapping publishes to one channel retried
+/// each from its own future, after refusals and reconnects, and raced:
+/// the log stored some out of the order the application issued them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_clients_publishes_are_stored_in_the_order_it_issued_them() {
+    // A tight rate: many publishes are refused (RateLimited) and retried
+    // after a jittered pause, the race that reordered them.
+    let mut broker = jwt_broker(|c| {
+        c.limits.publish_rate_per_connection = 500;
+        c.limits.publish_burst = 20;
+        c.limits.publish_rate_per_user = 0;
+    })
+    .await;
+    let user = common::user_token(json!({"sub": "5"}));
+    let client = common::connect_as(&broker, &user).await.unwrap();
+    let ch = channel("user.5.outbox");
+    let total = 400usize;
+    let mut pending = futures_util::stream::FuturesOrdered::new();
+    for i in 0..total {
+        pending.push_back(client.publish(&ch, format!("{i}")));
+    }
+    let mut acked = 0;
+    while let Some(result) = within("the acks", pending.next()).await {
+        result.unwrap();
+        acked += 1;
+        if acked == total / 4 {
+            // The rest are in flight or waiting: a reconnect on top.
+            broker.restart().await;
+        }
+    }
+    let reader = common::connect_as(&broker, &user).await.unwrap();
+    let mut sub = reader.subscribe(&ch, Position::FIRST).await.unwrap();
+    let mut stored = Vec::new();
+    while stored.len() < total {
+        let m = within("a stored message", sub.next())
+            .await
+            .unwrap()
+            .unwrap();
+        stored.push(
+            String::from_utf8_lossy(&m.payload)
+                .parse::<usize>()
+                .unwrap(),
+        );
+    }
+    let misplaced = stored.iter().enumerate().filter(|(i, v)| i != *v).count();
+    assert_eq!(misplaced, 0, "stored out of issue order: {stored:?}");
+}

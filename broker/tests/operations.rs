@@ -36,7 +36,7 @@ async fn metrics_and_admin_api_show_and_steer_the_broker() {
         "volna_publishes_total 3",
         "volna_connections 1",
         "volna_subscriptions 1",
-        "volna_channels 1",
+        "volna_resident_channels 1",
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }

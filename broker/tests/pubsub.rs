@@ -310,6 +310,7 @@ async fn a_retried_publish_is_stored_once() {
             request_id,
             channel: ch.clone(),
             producer,
+            after: None,
             payload: "once".into(),
         }))
         .await;
@@ -329,6 +330,7 @@ async fn a_retried_publish_is_stored_once() {
             producer_id: 77,
             sequence: 2,
         }),
+        after: None,
         payload: "twice".into(),
     }))
     .await;

@@ -37,6 +37,7 @@ impl AdminApi {
             let auth = format!("Bearer {token}");
             let response = match method.as_str() {
                 "GET" => agent.get(&url).header("Authorization", &auth).call(),
+                "DELETE" => agent.delete(&url).header("Authorization", &auth).call(),
                 "PUT" => agent
                     .put(&url)
                     .header("Authorization", &auth)

@@ -159,6 +159,12 @@ enum ChannelCommand {
         /// The channel.
         channel: ChannelName,
     },
+    /// Remove a channel and its whole log, for good. Its subscribers are
+    /// told (`ChannelDeleted`); a later publish creates a new channel.
+    Delete {
+        /// The channel.
+        channel: ChannelName,
+    },
 }
 
 const CHANNEL_COLUMNS: &[&str] = &[
@@ -232,6 +238,15 @@ async fn run() -> anyhow::Result<()> {
         } => {
             let value = api
                 .call("GET", &format!("/admin/channels/{channel}"), None)
+                .await?;
+            admin::print(&value, CHANNEL_COLUMNS, json);
+            return Ok(());
+        }
+        Command::Channel {
+            command: ChannelCommand::Delete { channel },
+        } => {
+            let value = api
+                .call("DELETE", &format!("/admin/channels/{channel}"), None)
                 .await?;
             admin::print(&value, CHANNEL_COLUMNS, json);
             return Ok(());

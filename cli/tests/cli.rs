@@ -166,6 +166,23 @@ async fn admin_subcommands_show_tables_and_json() {
     let kicked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(kicked["disconnected"], 0);
 
+    let out = admin(&["channel", "delete", "news.cli", "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deleted: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(deleted["messages"], 2);
+    let out = admin(&["channel", "info", "news.cli"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "deleted, so unknown");
+
     let out = admin(&["channel", "info", "news.none"])
         .output()
         .await

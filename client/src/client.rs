@@ -23,6 +23,7 @@ use volna_proto::{
 use crate::config::{ClientConfig, TokenSource};
 use crate::connection::{Ended, Live, Transport};
 use crate::error::{ClientError, SubscriptionError};
+use crate::inflight::InFlight;
 use crate::subscription::{SubShared, Subscription, Unsubscriber};
 
 /// A publish acknowledged by the broker: the message is durably stored.
@@ -66,6 +67,8 @@ struct Inner {
     next_sequence: AtomicU64,
     max_payload: AtomicU32,
     publish_slots: tokio::sync::Semaphore,
+    /// Each channel's publishes in flight, in issue order.
+    inflight: InFlight,
     closed: CancellationToken,
 }
 
@@ -103,6 +106,7 @@ impl Client {
             producer_id: rand::random(),
             next_sequence: AtomicU64::new(1),
             publish_slots: tokio::sync::Semaphore::new(config_inflight),
+            inflight: InFlight::default(),
             closed: CancellationToken::new(),
         });
         tokio::spawn(supervise(inner.clone(), live));
@@ -115,6 +119,8 @@ impl Client {
     /// Publishes `payload` to `channel`; returns once it is durably stored.
     /// Retries across reconnects (idempotently) until the request timeout.
     /// Up to `max_inflight_publishes` calls proceed at once; more wait.
+    /// Publishes of one client to one channel are stored in the order the
+    /// calls were made, also when they overlap and across reconnects.
     pub async fn publish(
         &self,
         channel: &ChannelName,
@@ -129,10 +135,9 @@ impl Client {
             });
         }
         let deadline = Instant::now() + self.inner.config.request_timeout;
-        let _slot = tokio::time::timeout_at(deadline, self.inner.publish_slots.acquire())
-            .await
-            .map_err(|_| ClientError::Timeout)?
-            .map_err(|_| ClientError::Closed)?;
+        // Issue order: this call's place among the channel's publishes,
+        // taken on its first poll, before any wait.
+        let place = self.inner.inflight.enter(channel);
         // Allocated when first queued, so sequences reach the broker in
         // order. A retry after a lost connection must reuse it (the publish
         // may have been stored); after an explicit refusal, which stored
@@ -142,12 +147,29 @@ impl Client {
         let mut maybe_stored = false;
         let mut attempt = 0;
         let mut last_refusal = None;
+        let mut slot = None;
         loop {
             let live = self.inner.wait_live(deadline).await?;
+            let turn = place.turn(live.generation);
+            let Ok(after) = tokio::time::timeout_at(deadline, turn).await else {
+                return Err(last_refusal.take().unwrap_or(ClientError::Timeout));
+            };
+            // A slot only once every earlier publish of the channel was
+            // sent: one waiting its turn never holds a slot an earlier one
+            // needs. The turn is checked again after the wait.
+            if slot.is_none() {
+                let permit = tokio::time::timeout_at(deadline, self.inner.publish_slots.acquire())
+                    .await
+                    .map_err(|_| ClientError::Timeout)?
+                    .map_err(|_| ClientError::Closed)?;
+                slot = Some(permit);
+                continue;
+            }
             let request = live.request(|request_id| {
                 let sequence = *sequence.get_or_insert_with(|| {
                     self.inner.next_sequence.fetch_add(1, Ordering::Relaxed)
                 });
+                place.sent(live.generation, sequence);
                 Frame::Publish(Publish {
                     request_id,
                     channel: channel.clone(),
@@ -155,6 +177,7 @@ impl Client {
                         producer_id: self.inner.producer_id,
                         sequence,
                     }),
+                    after,
                     payload: payload.clone(),
                 })
             });
@@ -180,6 +203,8 @@ impl Client {
                     if !maybe_stored {
                         sequence = None;
                     }
+                    // Those behind it wait for it to be sent again.
+                    place.unsent();
                     let pause = self.inner.config.backoff.delay(attempt);
                     if tokio::time::Instant::now() + pause >= deadline {
                         return Err(ClientError::Server { code, message });

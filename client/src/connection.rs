@@ -231,6 +231,8 @@ impl Endpoint {
 #[derive(Debug)]
 pub(crate) struct Live {
     pub welcome: Welcome,
+    /// Tells this connection from every other of the process (never 0).
+    pub generation: u64,
     conn: quinn::Connection,
     /// Boxed: the queue allocates slots in blocks of 32, and 32 unboxed
     /// frames cost every connection 2.8 KB.
@@ -295,7 +297,9 @@ impl Live {
     ) -> Arc<Self> {
         let (control, control_rx) = mpsc::channel(1024);
         let (ended_tx, ended_rx) = mpsc::channel(16);
+        static GENERATIONS: AtomicU64 = AtomicU64::new(1);
         let live = Arc::new(Self {
+            generation: GENERATIONS.fetch_add(1, Ordering::Relaxed),
             ended_tx,
             ended_rx: tokio::sync::Mutex::new(ended_rx),
             ended_early: Mutex::new(HashMap::new()),

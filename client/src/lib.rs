@@ -43,6 +43,7 @@ mod client;
 mod config;
 mod connection;
 mod error;
+mod inflight;
 mod subscription;
 
 pub use client::{Client, Published};

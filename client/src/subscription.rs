@@ -130,7 +130,11 @@ impl SubShared {
         if p.start.is_none() {
             p.start = Some(start);
         }
-        if epoch.0 != 0 && p.epoch.is_none() {
+        // Resumed exactly where asked: the broker's epoch now names this
+        // position (after a stop that may have lost the log's tail, a new
+        // epoch continues the old one below the recovered head). Anything
+        // else is followed by an event that sets the epoch itself.
+        if epoch.0 != 0 && (p.epoch.is_none() || p.next == Some(start)) {
             p.epoch = Some(epoch);
         }
     }

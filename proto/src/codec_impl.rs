@@ -145,15 +145,22 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
         Frame::Publish(p) => {
             out.put_u64(p.request_id);
             put_channel(out, &p.channel);
-            match p.producer {
-                None => out.put_u8(0),
-                Some(ProducerSeq {
-                    producer_id,
-                    sequence,
-                }) => {
-                    out.put_u8(1);
+            // 0: no producer; 1: producer; 2: producer and `after`.
+            match (p.producer, p.after) {
+                (None, _) => out.put_u8(0),
+                (
+                    Some(ProducerSeq {
+                        producer_id,
+                        sequence,
+                    }),
+                    after,
+                ) => {
+                    out.put_u8(if after.is_some() { 2 } else { 1 });
                     out.put_u64(producer_id);
                     out.put_u64(sequence);
+                    if let Some(after) = after {
+                        out.put_u64(after);
+                    }
                 }
             }
             put_payload(out, &p.payload);
@@ -306,7 +313,11 @@ pub fn encoded_len(frame: &Frame) -> usize {
             8 + 1
                 + p.channel.as_str().len()
                 + 1
-                + if p.producer.is_some() { 16 } else { 0 }
+                + match (p.producer, p.after) {
+                    (None, _) => 0,
+                    (Some(_), None) => 16,
+                    (Some(_), Some(_)) => 24,
+                }
                 + 4
                 + p.payload.len()
         }
@@ -488,18 +499,27 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
         FrameType::Publish => {
             let request_id = r.u64("request_id")?;
             let channel = r.channel()?;
-            let producer = if r.bool("producer")? {
-                Some(ProducerSeq {
-                    producer_id: r.u64("producer_id")?,
-                    sequence: r.u64("sequence")?,
-                })
-            } else {
-                None
+            let (producer, after) = match r.u8("producer")? {
+                0 => (None, None),
+                flag @ (1 | 2) => {
+                    let producer = ProducerSeq {
+                        producer_id: r.u64("producer_id")?,
+                        sequence: r.u64("sequence")?,
+                    };
+                    let after = if flag == 2 {
+                        Some(r.u64("after")?)
+                    } else {
+                        None
+                    };
+                    (Some(producer), after)
+                }
+                _ => return Err(DecodeError::InvalidValue { field: "producer" }),
             };
             Frame::Publish(Publish {
                 request_id,
                 channel,
                 producer,
+                after,
                 payload: r.payload()?,
             })
         }

@@ -50,6 +50,13 @@ pub enum ErrorCode {
     /// The user has as many live producer windows (idempotent publishers)
     /// as it may; reuse a producer id, or wait until an idle one expires.
     TooManyProducers,
+    /// The channel was deleted (by an operator) with its log; its
+    /// subscriptions end. Publishing to the name creates a new channel.
+    ChannelDeleted,
+    /// The publish names (`after`) an earlier publish of its producer to the
+    /// channel that is not stored yet: nothing was stored; send the earlier
+    /// one first, then this one again.
+    OutOfOrder,
     /// A code this build does not know.
     Other(u16),
 }
@@ -77,6 +84,8 @@ impl ErrorCode {
             Self::TooManyConnections => 17,
             Self::ServerOnly => 18,
             Self::TooManyProducers => 19,
+            Self::ChannelDeleted => 20,
+            Self::OutOfOrder => 21,
             Self::Other(code) => code,
         }
     }
@@ -103,6 +112,8 @@ impl ErrorCode {
             17 => Self::TooManyConnections,
             18 => Self::ServerOnly,
             19 => Self::TooManyProducers,
+            20 => Self::ChannelDeleted,
+            21 => Self::OutOfOrder,
             other => Self::Other(other),
         }
     }
@@ -111,7 +122,11 @@ impl ErrorCode {
     pub const fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::StorageUnavailable | Self::RateLimited | Self::ShuttingDown | Self::Internal
+            Self::StorageUnavailable
+                | Self::RateLimited
+                | Self::ShuttingDown
+                | Self::Internal
+                | Self::OutOfOrder
         )
     }
 }

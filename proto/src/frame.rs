@@ -180,6 +180,13 @@ pub struct Publish {
     pub channel: ChannelName,
     /// Set to make retries idempotent.
     pub producer: Option<ProducerSeq>,
+    /// With `producer`: the sequence of the same producer's previous
+    /// publish to this channel, when that one was not yet acknowledged as
+    /// this one was sent. The broker stores this publish only after that
+    /// one (else `OutOfOrder`, and the client sends it again), so that one
+    /// producer's publishes to a channel are stored in the order they were
+    /// issued, across reconnects and retries.
+    pub after: Option<u64>,
     /// The message body.
     pub payload: Bytes,
 }

@@ -49,17 +49,22 @@ fn frame() -> impl Strategy<Value = Frame> {
         (
             any::<u64>(),
             channel(),
-            proptest::option::of((any::<u64>(), any::<u64>())),
+            proptest::option::of((
+                any::<u64>(),
+                any::<u64>(),
+                proptest::option::of(any::<u64>())
+            )),
             payload()
         )
             .prop_map(
                 |(request_id, channel, producer, payload)| Frame::Publish(Publish {
                     request_id,
                     channel,
-                    producer: producer.map(|(producer_id, sequence)| ProducerSeq {
+                    producer: producer.map(|(producer_id, sequence, _)| ProducerSeq {
                         producer_id,
                         sequence
                     }),
+                    after: producer.and_then(|(_, _, after)| after),
                     payload,
                 })
             ),

@@ -22,12 +22,31 @@ pub struct MemoryStore {
     failing_reads: AtomicU32,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone)]
 struct State {
     messages: BTreeMap<(ChannelId, Offset), StoredMessage>,
-    channels: HashMap<ChannelName, ChannelMeta>,
+    channels: BTreeMap<ChannelName, ChannelMeta>,
     producers: HashMap<ProducerKey, ProducerWindow>,
+    age_index: BTreeMap<Vec<u8>, ChannelName>,
+    next_channel_id: ChannelId,
+    generation: u64,
+    running: bool,
     poisoned: Option<String>,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            messages: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            producers: HashMap::new(),
+            age_index: BTreeMap::new(),
+            next_channel_id: 1,
+            generation: 0,
+            running: false,
+            poisoned: None,
+        }
+    }
 }
 
 impl MemoryStore {
@@ -46,6 +65,17 @@ impl MemoryStore {
         self.failing_reads.store(count, Ordering::SeqCst);
     }
 
+    /// What a power loss now would leave on disk: a copy of everything
+    /// written so far, still marked as running.
+    pub fn crash_image(&self) -> Self {
+        let mut state = self.state().clone();
+        state.poisoned = None;
+        Self {
+            state: Mutex::new(state),
+            ..Self::default()
+        }
+    }
+
     /// Injected read failures not yet used.
     pub fn read_failures_left(&self) -> u32 {
         self.failing_reads.load(Ordering::SeqCst)
@@ -60,14 +90,57 @@ impl MemoryStore {
 
 impl LogStore for MemoryStore {
     fn recover(&self) -> Result<Recovered, StoreError> {
-        let state = self.state();
-        let mut channels: Vec<_> = state
+        let mut state = self.state();
+        let clean_stop = !state.running;
+        state.running = true;
+        Ok(Recovered {
+            next_channel_id: state.next_channel_id,
+            generation: state.generation,
+            clean_stop,
+        })
+    }
+
+    fn load_channel(&self, name: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
+        Ok(self.state().channels.get(name).copied())
+    }
+
+    fn scan_channels(
+        &self,
+        prefix: &str,
+        after: Option<&ChannelName>,
+        limit: usize,
+    ) -> Result<Vec<(ChannelName, ChannelMeta)>, StoreError> {
+        Ok(self
+            .state()
             .channels
             .iter()
+            .filter(|(n, _)| n.as_str().starts_with(prefix))
+            .filter(|(n, _)| after.is_none_or(|a| *n > a))
+            .take(limit)
             .map(|(n, m)| (n.clone(), *m))
-            .collect();
-        channels.sort_by_key(|(_, m)| m.id);
-        Ok(Recovered { channels })
+            .collect())
+    }
+
+    fn aged_channels(
+        &self,
+        namespace: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ChannelName>, StoreError> {
+        let from = super::age_index_key(namespace, 0, 0);
+        let to = super::age_index_key(namespace, before_ms, 0);
+        Ok(self
+            .state()
+            .age_index
+            .range(from..to)
+            .take(limit)
+            .map(|(_, n)| n.clone())
+            .collect())
+    }
+
+    fn mark_clean_stop(&self) -> Result<(), StoreError> {
+        self.state().running = false;
+        Ok(())
     }
 
     fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError> {
@@ -107,6 +180,37 @@ impl LogStore for MemoryStore {
         }
         for key in &set.expired_producers {
             state.producers.remove(key);
+        }
+        for (name, id) in &set.deleted_channels {
+            state.channels.remove(name);
+            let keys: Vec<_> = state
+                .messages
+                .range((*id, Offset::new(0))..(*id + 1, Offset::new(0)))
+                .map(|(k, _)| *k)
+                .collect();
+            for k in keys {
+                state.messages.remove(&k);
+            }
+        }
+        for moved in &set.age_index {
+            let namespace = moved.channel.namespace();
+            if let Some(from) = moved.from {
+                state
+                    .age_index
+                    .remove(&super::age_index_key(namespace, from, moved.id));
+            }
+            if let Some(to) = moved.to {
+                state.age_index.insert(
+                    super::age_index_key(namespace, to, moved.id),
+                    moved.channel.clone(),
+                );
+            }
+        }
+        if let Some(next) = set.next_channel_id {
+            state.next_channel_id = next;
+        }
+        if let Some(generation) = set.generation {
+            state.generation = generation;
         }
         Ok(())
     }
@@ -157,6 +261,7 @@ mod tests {
     fn keeps_the_store_contract() {
         contract::appends_read_back_and_recover(&MemoryStore::new());
         contract::deletions_skip_to_the_first_stored(&MemoryStore::new());
+        contract::channels_are_scanned_indexed_and_deleted(&MemoryStore::new());
     }
 
     #[test]

@@ -47,6 +47,18 @@ pub struct ChannelMeta {
     pub next_offset: Offset,
     /// Payload bytes stored between `first_offset` and `next_offset`.
     pub bytes: u64,
+    /// When the message at `first_offset` was stored (ms since the Unix
+    /// epoch; 0 when unknown, which makes it due for age retention at
+    /// once). Keys the channel in the age index.
+    pub oldest_ms: u64,
+    /// The store generation this metadata was last written in (see
+    /// [`ChannelMeta::in_generation`]).
+    pub generation: u64,
+    /// The epoch before `epoch`, and the offset at which `epoch` took over
+    /// from it: offsets below `epoch_start` mean the same messages in both.
+    pub previous_epoch: Epoch,
+    /// See `previous_epoch`.
+    pub epoch_start: Offset,
 }
 
 impl ChannelMeta {
@@ -58,6 +70,40 @@ impl ChannelMeta {
             first_offset: Offset::FIRST,
             next_offset: Offset::FIRST,
             bytes: 0,
+            oldest_ms: 0,
+            generation: 0,
+            previous_epoch: epoch,
+            epoch_start: Offset::FIRST,
+        }
+    }
+
+    /// This metadata as it stands in store generation `current`.
+    ///
+    /// The generation grows after each unclean stop with `durability =
+    /// "wal"`, where the tail of the log may have been lost (power loss):
+    /// offsets at and after the recovered `next_offset` may then be given
+    /// to new messages while a device still holds the lost ones. Metadata
+    /// written before such a stop therefore takes a new epoch, derived from
+    /// the old one and the generation so that every reader computes the
+    /// same without a write, and records where it began: a device resuming
+    /// at or below `epoch_start` goes on, one beyond it is told
+    /// `EpochChanged` (G3).
+    pub fn in_generation(self, current: u64) -> Self {
+        if self.generation >= current {
+            return self;
+        }
+        let mut seed = self.epoch.0 ^ current.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
+        // splitmix64: a well-spread epoch, never equal to the old one.
+        seed = (seed ^ (seed >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        seed = (seed ^ (seed >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        seed ^= seed >> 31;
+        let epoch = if seed == self.epoch.0 { !seed } else { seed };
+        Self {
+            epoch: Epoch(epoch),
+            generation: current,
+            previous_epoch: self.epoch,
+            epoch_start: self.next_offset,
+            ..self
         }
     }
 
@@ -85,12 +131,43 @@ pub struct StoredMessage {
     pub payload: Bytes,
 }
 
-/// Everything recovered from the store at start (G7). Producer windows
-/// are not part of it: they are loaded when their producer publishes.
-#[derive(Debug, Default)]
+/// What the store tells at start (G7): a few counters, never a list of
+/// channels or producers, so that start-up does not grow with what is
+/// stored. Channel metadata and producer windows are loaded on use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recovered {
-    /// Every channel with its metadata.
-    pub channels: Vec<(ChannelName, ChannelMeta)>,
+    /// The id the next new channel gets (ids are never reused).
+    pub next_channel_id: ChannelId,
+    /// The store generation (see [`ChannelMeta::in_generation`]).
+    pub generation: u64,
+    /// Whether the previous run stopped cleanly: its last act was
+    /// [`LogStore::mark_clean_stop`].
+    pub clean_stop: bool,
+}
+
+impl Default for Recovered {
+    fn default() -> Self {
+        Self {
+            next_channel_id: 1,
+            generation: 0,
+            clean_stop: true,
+        }
+    }
+}
+
+/// A channel's move in the age index, which orders non-empty channels by
+/// namespace and the timestamp of their oldest message, so that age
+/// retention finds the due ones without visiting the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgeIndexMove {
+    /// The channel.
+    pub channel: ChannelName,
+    /// Its id.
+    pub id: ChannelId,
+    /// Its entry before (`oldest_ms`), if it had one.
+    pub from: Option<u64>,
+    /// Its entry after, if it has one.
+    pub to: Option<u64>,
 }
 
 /// One atomic change to the store.
@@ -107,6 +184,14 @@ pub struct WriteSet {
     pub expired_producers: Vec<ProducerKey>,
     /// Offsets `[from, to)` of a channel to delete (retention).
     pub deletions: Vec<(ChannelId, Offset, Offset)>,
+    /// Channels to remove with all their messages.
+    pub deleted_channels: Vec<(ChannelName, ChannelId)>,
+    /// Age index entries to move.
+    pub age_index: Vec<AgeIndexMove>,
+    /// The next channel id, when channels were created.
+    pub next_channel_id: Option<ChannelId>,
+    /// A new store generation, written once at start after an unclean stop.
+    pub generation: Option<u64>,
 }
 
 impl WriteSet {
@@ -117,7 +202,23 @@ impl WriteSet {
             && self.producers.is_empty()
             && self.expired_producers.is_empty()
             && self.deletions.is_empty()
+            && self.deleted_channels.is_empty()
+            && self.age_index.is_empty()
+            && self.next_channel_id.is_none()
+            && self.generation.is_none()
     }
+}
+
+/// The age index key: `namespace ‖ 0x00 ‖ oldest_ms ‖ channel_id`, so that
+/// one namespace's channels sort by the age of their oldest message.
+/// Namespaces never hold a zero byte (channel names are printable).
+pub fn age_index_key(namespace: &str, oldest_ms: u64, id: ChannelId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(namespace.len() + 17);
+    key.extend_from_slice(namespace.as_bytes());
+    key.push(0);
+    key.extend_from_slice(&oldest_ms.to_be_bytes());
+    key.extend_from_slice(&id.to_be_bytes());
+    key
 }
 
 /// Why the store failed.
@@ -137,8 +238,35 @@ pub enum StoreError {
 
 /// The durable log.
 pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
-    /// Reads back every channel's metadata.
+    /// Reads the store's counters and takes down its clean-stop mark (so
+    /// that a crash of this run is noticed by the next), durably.
     fn recover(&self) -> Result<Recovered, StoreError>;
+
+    /// One channel's stored metadata, as written (not yet moved to the
+    /// current generation).
+    fn load_channel(&self, name: &ChannelName) -> Result<Option<ChannelMeta>, StoreError>;
+
+    /// Up to `limit` channels whose name starts with `prefix`, in name
+    /// order, after `after` when given.
+    fn scan_channels(
+        &self,
+        prefix: &str,
+        after: Option<&ChannelName>,
+        limit: usize,
+    ) -> Result<Vec<(ChannelName, ChannelMeta)>, StoreError>;
+
+    /// Up to `limit` channels of `namespace` whose oldest message was
+    /// stored before `before_ms`, oldest first (the age index).
+    fn aged_channels(
+        &self,
+        namespace: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ChannelName>, StoreError>;
+
+    /// Records, durably, that this run stopped cleanly: everything it
+    /// acknowledged is in the store.
+    fn mark_clean_stop(&self) -> Result<(), StoreError>;
 
     /// The stored window of one producer, if it has one.
     fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError>;
@@ -253,8 +381,11 @@ pub(crate) mod contract {
                 .is_empty()
         );
 
-        let recovered = store.recover().expect("recover");
-        assert_eq!(recovered.channels, vec![(channel("chat.1"), meta)]);
+        assert_eq!(
+            store.load_channel(&channel("chat.1")).expect("load"),
+            Some(meta)
+        );
+        assert_eq!(store.load_channel(&channel("chat.2")).expect("load"), None);
         assert_eq!(store.load_producer(&key).expect("load"), Some(window));
         // Owners are apart: the same producer id of another user is unknown.
         let other = ProducerKey::new("mallory".into(), 1234);
@@ -285,5 +416,111 @@ pub(crate) mod contract {
             rest.iter().map(|m| m.offset.get()).collect::<Vec<_>>(),
             [7, 8, 9, 10]
         );
+    }
+
+    pub(crate) fn channels_are_scanned_indexed_and_deleted(store: &dyn LogStore) {
+        let fresh = store.recover().expect("recover");
+        assert_eq!(fresh, Recovered::default());
+        let mut set = WriteSet::default();
+        for (i, name) in ["chat.b", "chat.a", "news.x", "chat.c"].iter().enumerate() {
+            let id = i as u64 + 1;
+            let mut meta = ChannelMeta::new(id, Epoch(id));
+            meta.next_offset = Offset::new(2);
+            meta.oldest_ms = 1000 * id;
+            set.messages.push((id, msg(1, b"m")));
+            set.channels.push((channel(name), meta));
+            set.age_index.push(AgeIndexMove {
+                channel: channel(name),
+                id,
+                from: None,
+                to: Some(meta.oldest_ms),
+            });
+        }
+        set.next_channel_id = Some(5);
+        set.generation = Some(3);
+        store.write(&set, true).expect("write");
+
+        let names = |v: Vec<(ChannelName, ChannelMeta)>| {
+            v.into_iter()
+                .map(|(n, _)| n.to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(store.scan_channels("chat.", None, 10).expect("scan")),
+            ["chat.a", "chat.b", "chat.c"]
+        );
+        assert_eq!(
+            names(
+                store
+                    .scan_channels("chat.", Some(&channel("chat.a")), 1)
+                    .expect("scan")
+            ),
+            ["chat.b"]
+        );
+        // Age index: per namespace, oldest first, only before the cut.
+        let aged = store.aged_channels("chat", 4000, 10).expect("aged");
+        assert_eq!(aged, [channel("chat.b"), channel("chat.a")]);
+        assert_eq!(
+            store.aged_channels("news", 4000, 10).expect("aged"),
+            [channel("news.x")]
+        );
+        assert_eq!(store.aged_channels("chat", 4000, 1).expect("aged").len(), 1);
+        // Moving an entry.
+        let set = WriteSet {
+            age_index: vec![AgeIndexMove {
+                channel: channel("chat.b"),
+                id: 1,
+                from: Some(1000),
+                to: Some(9000),
+            }],
+            ..WriteSet::default()
+        };
+        store.write(&set, false).expect("move");
+        assert_eq!(
+            store.aged_channels("chat", 4000, 10).expect("aged"),
+            [channel("chat.a")]
+        );
+
+        // Deleting a channel takes its metadata, messages and index entry.
+        let set = WriteSet {
+            deleted_channels: vec![(channel("chat.a"), 2)],
+            age_index: vec![AgeIndexMove {
+                channel: channel("chat.a"),
+                id: 2,
+                from: Some(2000),
+                to: None,
+            }],
+            ..WriteSet::default()
+        };
+        store.write(&set, false).expect("delete");
+        assert_eq!(store.load_channel(&channel("chat.a")).expect("load"), None);
+        assert!(
+            store
+                .read(2, Offset::FIRST, Offset::new(100), 10, usize::MAX)
+                .expect("read")
+                .is_empty()
+        );
+        assert!(
+            store
+                .aged_channels("chat", 4000, 10)
+                .expect("aged")
+                .is_empty()
+        );
+        assert_eq!(
+            store
+                .read(1, Offset::FIRST, Offset::new(100), 10, usize::MAX)
+                .expect("read")
+                .len(),
+            1
+        );
+
+        // Counters survive; the clean-stop mark is taken down by recover.
+        let recovered = store.recover().expect("recover");
+        assert_eq!(recovered.next_channel_id, 5);
+        assert_eq!(recovered.generation, 3);
+        assert!(!recovered.clean_stop, "this run never marked a clean stop");
+        store.mark_clean_stop().expect("mark");
+        assert!(store.recover().expect("recover").clean_stop);
+        assert!(!store.recover().expect("recover").clean_stop);
     }
 }

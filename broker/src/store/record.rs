@@ -96,29 +96,54 @@ pub fn decode_message(offset: Offset, mut value: Bytes) -> Result<StoredMessage,
 }
 
 /// `version ‖ id ‖ epoch ‖ first ‖ next ‖ bytes`.
-pub fn encode_meta(meta: &ChannelMeta) -> [u8; 41] {
-    let mut out = [0u8; 41];
+pub fn encode_meta(meta: &ChannelMeta) -> [u8; META_LEN] {
+    let mut out = [0u8; META_LEN];
     out[0] = VERSION;
-    out[1..9].copy_from_slice(&meta.id.to_be_bytes());
-    out[9..17].copy_from_slice(&meta.epoch.0.to_be_bytes());
-    out[17..25].copy_from_slice(&meta.first_offset.get().to_be_bytes());
-    out[25..33].copy_from_slice(&meta.next_offset.get().to_be_bytes());
-    out[33..41].copy_from_slice(&meta.bytes.to_be_bytes());
+    let fields = [
+        meta.id,
+        meta.epoch.0,
+        meta.first_offset.get(),
+        meta.next_offset.get(),
+        meta.bytes,
+        meta.oldest_ms,
+        meta.generation,
+        meta.previous_epoch.0,
+        meta.epoch_start.get(),
+    ];
+    for (i, field) in fields.iter().enumerate() {
+        out[1 + 8 * i..9 + 8 * i].copy_from_slice(&field.to_be_bytes());
+    }
     out
 }
 
-/// Decodes channel metadata.
+/// Channel metadata: the version byte and nine big-endian `u64` fields.
+pub const META_LEN: usize = 1 + 9 * 8;
+
+/// Decodes channel metadata. Records of the first layout end after
+/// `bytes`; the fields added since read as "unknown" (`oldest_ms` 0,
+/// generation 0, no previous epoch).
 pub fn decode_meta(mut value: &[u8]) -> Result<ChannelMeta, RecordError> {
     const WHAT: &str = "channel";
     check_version(&mut value, WHAT)?;
     need(&value, 40, WHAT)?;
-    Ok(ChannelMeta {
-        id: value.get_u64(),
-        epoch: Epoch(value.get_u64()),
+    let id = value.get_u64();
+    let epoch = Epoch(value.get_u64());
+    let mut meta = ChannelMeta {
+        id,
+        epoch,
         first_offset: Offset::new(value.get_u64()),
         next_offset: Offset::new(value.get_u64()),
         bytes: value.get_u64(),
-    })
+        ..ChannelMeta::new(id, epoch)
+    };
+    if value.has_remaining() {
+        need(&value, 32, WHAT)?;
+        meta.oldest_ms = value.get_u64();
+        meta.generation = value.get_u64();
+        meta.previous_epoch = Epoch(value.get_u64());
+        meta.epoch_start = Offset::new(value.get_u64());
+    }
+    Ok(meta)
 }
 
 fn check_version(value: &mut impl Buf, what: &'static str) -> Result<(), RecordError> {
@@ -171,8 +196,17 @@ mod tests {
             first_offset: Offset::new(3),
             next_offset: Offset::new(4),
             bytes: 5,
+            oldest_ms: 6,
+            generation: 7,
+            previous_epoch: Epoch(8),
+            epoch_start: Offset::new(9),
         };
         assert_eq!(decode_meta(&encode_meta(&meta)), Ok(meta));
+        // A record of the first layout (41 bytes) still reads.
+        let old = &encode_meta(&meta)[..41];
+        let read = decode_meta(old).expect("layout 1");
+        assert_eq!((read.bytes, read.oldest_ms, read.generation), (5, 0, 0));
+        assert_eq!(read.previous_epoch, Epoch(2));
     }
 
     #[test]

@@ -5,6 +5,14 @@
 //! - `producer_windows`: `owner ‖ producer_id` → the producer's whole dedup
 //!   window, one value rewritten per batch; idle windows are removed by a
 //!   point delete or by the compaction filter, never by range tombstones
+//! - `age_index`: `namespace ‖ 0 ‖ oldest_ms ‖ channel_id` → channel name,
+//!   for age retention (`AgeIndexMove`)
+//! - default: the store's counters (`volna.next_channel_id`,
+//!   `volna.generation`), the layout version and the `volna.running` mark
+//!   that tells an unclean stop
+//!
+//! Nothing is read in full at open: channel metadata is read per channel
+//! when used, so start-up time does not grow with the number of channels.
 //!
 //! One [`WriteSet`] is one RocksDB `WriteBatch`, so messages, the channel's
 //! new `next_offset` and the producer window land together or not at all:
@@ -26,8 +34,8 @@ use super::record::{
     decode_message, decode_meta, encode_message, encode_meta, message_key, parse_message_key,
 };
 use super::{
-    ChannelId, LogStore, ProducerKey, ProducerWindow, Recovered, StoreError, StoredMessage,
-    WriteSet,
+    ChannelId, ChannelMeta, LogStore, ProducerKey, ProducerWindow, Recovered, StoreError,
+    StoredMessage, WriteSet, age_index_key,
 };
 
 const CF_MESSAGES: &str = "messages";
@@ -36,7 +44,16 @@ const CF_PRODUCERS: &str = "producer_windows";
 /// The layout before producer windows were one value each (a key per
 /// sequence, evicted with range tombstones); dropped at open.
 const CF_PRODUCERS_V1: &str = "producers";
+const CF_AGE_INDEX: &str = "age_index";
 const HEALTH_KEY: &[u8] = b"volna.health";
+const NEXT_CHANNEL_ID_KEY: &[u8] = b"volna.next_channel_id";
+const GENERATION_KEY: &[u8] = b"volna.generation";
+/// Present while a broker runs on the store; a start that finds it knows
+/// the previous run did not stop cleanly.
+const RUNNING_KEY: &[u8] = b"volna.running";
+/// The layout version; 2 added the counters and the age index.
+const LAYOUT_KEY: &[u8] = b"volna.layout";
+const LAYOUT: u64 = 2;
 /// Memory all memtables may use together.
 const MEMTABLE_BUDGET: usize = 128 * 1024 * 1024;
 /// Block cache for catch-up reads of the messages column family.
@@ -105,6 +122,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_MESSAGES, messages),
             ColumnFamilyDescriptor::new(CF_CHANNELS, Options::default()),
             ColumnFamilyDescriptor::new(CF_PRODUCERS, producers),
+            ColumnFamilyDescriptor::new(CF_AGE_INDEX, Options::default()),
         ];
         let old_layout = DB::list_cf(&db_opts, dir)
             .is_ok_and(|names| names.iter().any(|n| n == CF_PRODUCERS_V1));
@@ -121,10 +139,62 @@ impl RocksStore {
             tracing::warn!("dropping producer windows of the previous storage layout");
             db.drop_cf(CF_PRODUCERS_V1).map_err(engine)?;
         }
-        Ok(Self {
+        let store = Self {
             db,
             poisoned: Mutex::new(None),
-        })
+        };
+        store.upgrade_layout()?;
+        Ok(store)
+    }
+
+    /// Brings a store of layout 1 (no counters, no age index) to layout 2,
+    /// once: the only time every channel's metadata is read.
+    fn upgrade_layout(&self) -> Result<(), StoreError> {
+        if self.counter(LAYOUT_KEY)?.is_some() {
+            return Ok(());
+        }
+        let channels = self.cf(CF_CHANNELS)?;
+        let index = self.cf(CF_AGE_INDEX)?;
+        let mut batch = WriteBatch::default();
+        let mut next_id = 1;
+        let mut upgraded = 0u64;
+        for item in self.db.iterator_cf(channels, IteratorMode::Start) {
+            let (key, value) = item.map_err(engine)?;
+            let name = ChannelName::from_bytes(&key)
+                .map_err(|e| StoreError::Engine(format!("stored channel name is invalid: {e}")))?;
+            let meta = decode_meta(&value)?;
+            next_id = next_id.max(meta.id + 1);
+            if !meta.is_empty() {
+                let key = age_index_key(name.namespace(), meta.oldest_ms, meta.id);
+                batch.put_cf(index, key, name.as_str().as_bytes());
+            }
+            upgraded += 1;
+        }
+        batch.put(NEXT_CHANNEL_ID_KEY, next_id.to_be_bytes());
+        batch.put(LAYOUT_KEY, LAYOUT.to_be_bytes());
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(engine)?;
+        if upgraded > 0 {
+            tracing::info!(channels = upgraded, "upgraded the store to layout {LAYOUT}");
+        }
+        Ok(())
+    }
+
+    fn counter(&self, key: &[u8]) -> Result<Option<u64>, StoreError> {
+        let Some(value) = self.db.get_pinned(key).map_err(engine)? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = value.as_ref().try_into().map_err(|_| {
+            StoreError::Engine(format!("{} is not 8 bytes", String::from_utf8_lossy(key)))
+        })?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    fn write_synced(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts).map_err(engine)
     }
 
     fn cf(&self, name: &str) -> Result<&ColumnFamily, StoreError> {
@@ -144,18 +214,83 @@ fn engine(e: rocksdb::Error) -> StoreError {
 
 impl LogStore for RocksStore {
     fn recover(&self) -> Result<Recovered, StoreError> {
-        let mut recovered = Recovered::default();
-        for item in self
+        let clean_stop = self.db.get_pinned(RUNNING_KEY).map_err(engine)?.is_none();
+        let mut batch = WriteBatch::default();
+        batch.put(RUNNING_KEY, b"1");
+        self.write_synced(batch)?;
+        Ok(Recovered {
+            next_channel_id: self.counter(NEXT_CHANNEL_ID_KEY)?.unwrap_or(1),
+            generation: self.counter(GENERATION_KEY)?.unwrap_or(0),
+            clean_stop,
+        })
+    }
+
+    fn load_channel(&self, name: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
+        let value = self
             .db
-            .iterator_cf(self.cf(CF_CHANNELS)?, IteratorMode::Start)
-        {
+            .get_pinned_cf(self.cf(CF_CHANNELS)?, name.as_str().as_bytes())
+            .map_err(engine)?;
+        Ok(value.map(|v| decode_meta(&v)).transpose()?)
+    }
+
+    fn scan_channels(
+        &self,
+        prefix: &str,
+        after: Option<&ChannelName>,
+        limit: usize,
+    ) -> Result<Vec<(ChannelName, ChannelMeta)>, StoreError> {
+        let start = after.map_or(prefix.as_bytes(), |a| a.as_str().as_bytes());
+        let iter = self.db.iterator_cf(
+            self.cf(CF_CHANNELS)?,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
             let (key, value) = item.map_err(engine)?;
+            if !key.starts_with(prefix.as_bytes()) {
+                break;
+            }
+            if after.is_some_and(|a| a.as_str().as_bytes() == &*key) {
+                continue;
+            }
             let name = ChannelName::from_bytes(&key)
                 .map_err(|e| StoreError::Engine(format!("stored channel name is invalid: {e}")))?;
-            recovered.channels.push((name, decode_meta(&value)?));
+            out.push((name, decode_meta(&value)?));
         }
-        recovered.channels.sort_by_key(|(_, m)| m.id);
-        Ok(recovered)
+        Ok(out)
+    }
+
+    fn aged_channels(
+        &self,
+        namespace: &str,
+        before_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<ChannelName>, StoreError> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(age_index_key(namespace, before_ms, 0));
+        let start = age_index_key(namespace, 0, 0);
+        let iter = self.db.iterator_cf_opt(
+            self.cf(CF_AGE_INDEX)?,
+            opts,
+            IteratorMode::From(&start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter.take(limit) {
+            let (_, value) = item.map_err(engine)?;
+            out.push(ChannelName::from_bytes(&value).map_err(|e| {
+                StoreError::Engine(format!("age index holds an invalid name: {e}"))
+            })?);
+        }
+        Ok(out)
+    }
+
+    fn mark_clean_stop(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.delete(RUNNING_KEY);
+        self.write_synced(batch)
     }
 
     fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError> {
@@ -195,6 +330,36 @@ impl LogStore for RocksStore {
         }
         for key in &set.expired_producers {
             batch.delete_cf(producers, key.encode());
+        }
+        let index = self.cf(CF_AGE_INDEX)?;
+        for (name, id) in &set.deleted_channels {
+            batch.delete_cf(channels, name.as_str().as_bytes());
+            // One range tombstone per deleted channel: rare, unlike the
+            // per-publish ones that once blew up flushes.
+            batch.delete_range_cf(
+                messages,
+                message_key(*id, Offset::new(0)),
+                message_key(*id + 1, Offset::new(0)),
+            );
+        }
+        for moved in &set.age_index {
+            let namespace = moved.channel.namespace();
+            if let Some(from) = moved.from {
+                batch.delete_cf(index, age_index_key(namespace, from, moved.id));
+            }
+            if let Some(to) = moved.to {
+                batch.put_cf(
+                    index,
+                    age_index_key(namespace, to, moved.id),
+                    moved.channel.as_str().as_bytes(),
+                );
+            }
+        }
+        if let Some(next) = set.next_channel_id {
+            batch.put(NEXT_CHANNEL_ID_KEY, next.to_be_bytes());
+        }
+        if let Some(generation) = set.generation {
+            batch.put(GENERATION_KEY, generation.to_be_bytes());
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
@@ -295,6 +460,10 @@ mod tests {
         contract::appends_read_back_and_recover(&RocksStore::open(dir.path()).expect("open"));
         let dir = tempfile::tempdir().expect("tempdir");
         contract::deletions_skip_to_the_first_stored(&RocksStore::open(dir.path()).expect("open"));
+        let dir = tempfile::tempdir().expect("tempdir");
+        contract::channels_are_scanned_indexed_and_deleted(
+            &RocksStore::open(dir.path()).expect("open"),
+        );
     }
 
     #[test]
@@ -305,8 +474,8 @@ mod tests {
             contract::appends_read_back_and_recover(&store);
         }
         let store = RocksStore::open(dir.path()).expect("reopen");
-        let recovered = store.recover().expect("recover");
-        assert_eq!(recovered.channels.len(), 1);
+        let chat = ChannelName::new("chat.1").expect("name");
+        assert!(store.load_channel(&chat).expect("load").is_some());
         assert_eq!(
             store
                 .read(7, Offset::FIRST, Offset::new(100), 100, usize::MAX)

@@ -181,13 +181,12 @@ pub fn user_token(mut claims: serde_json::Value) -> String {
 
 /// A broker verifying HS256 tokens signed with [`SECRET`].
 pub async fn jwt_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
-    let key_dir = tempfile::tempdir().unwrap();
-    let key = key_dir.path().join("hs256.key");
-    std::fs::write(&key, SECRET).unwrap();
-    // The key is read at start; the directory may go after.
+    // In the data directory, so that it is there for restarts too.
     TestBroker::start_with(|c| {
+        let key = c.data_dir.join("hs256.key");
+        std::fs::write(&key, SECRET).unwrap();
         c.auth.mode = volna_broker::auth::AuthMode::Jwt;
-        c.auth.hs256_secret_files = vec![key.clone()];
+        c.auth.hs256_secret_files = vec![key];
         c.auth.leeway_secs = 0;
         tweak(c);
     })
@@ -337,6 +336,13 @@ pub async fn http(
         let response = match (method.as_str(), body) {
             ("GET", _) => {
                 let mut req = agent.get(&url);
+                if let Some(auth) = &auth {
+                    req = req.header("Authorization", auth);
+                }
+                req.call()
+            }
+            ("DELETE", _) => {
+                let mut req = agent.delete(&url);
                 if let Some(auth) = &auth {
                     req = req.header("Authorization", auth);
                 }

@@ -1,0 +1,177 @@
+//! The order of a client's publishes to each channel while they are in
+//! flight.
+//!
+//! A chat shows messages in the order they are stored, so one client's
+//! publishes to a channel must be stored in the order the application
+//! issued them, across reconnects and retries (as Kafka's idempotent
+//! producer keeps per-partition order). Two rules do it:
+//! - a publish is sent on a connection only after every earlier in-flight
+//!   publish of the channel was sent on that same connection, so they
+//!   reach the broker in order whatever the retries race;
+//! - a publish names (`after`) the sequence of the publish just before it,
+//!   and the broker refuses it (`OutOfOrder`, nothing stored) until that one
+//!   is stored, so a predecessor refused for a while (rate limit, a full
+//!   disk) holds its successors back instead of being overtaken.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use volna_proto::ChannelName;
+
+/// Every channel's in-flight publishes, in issue order.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    channels: Mutex<HashMap<ChannelName, VecDeque<Arc<Entry>>>>,
+    changed: Notify,
+}
+
+/// One publish in flight.
+#[derive(Debug, Default)]
+struct Entry {
+    /// Its current sequence (0: none taken yet).
+    sequence: AtomicU64,
+    /// The connection it was last sent on (0: it must be sent again).
+    sent_on: AtomicU64,
+}
+
+/// A publish's place in its channel's order; leaving it (drop) lets the
+/// publishes behind it go on.
+#[derive(Debug)]
+pub(crate) struct Place<'a> {
+    registry: &'a InFlight,
+    channel: ChannelName,
+    entry: Arc<Entry>,
+}
+
+impl InFlight {
+    /// Takes the next place in `channel`'s order.
+    pub fn enter(&self, channel: &ChannelName) -> Place<'_> {
+        let entry = Arc::new(Entry::default());
+        self.lock()
+            .entry(channel.clone())
+            .or_default()
+            .push_back(entry.clone());
+        Place {
+            registry: self,
+            channel: channel.clone(),
+            entry,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, VecDeque<Arc<Entry>>>> {
+        self.channels.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether every publish ahead of `entry` was sent on `connection`;
+    /// if so, the sequence of the one just ahead, if any.
+    fn ready(
+        &self,
+        channel: &ChannelName,
+        entry: &Arc<Entry>,
+        connection: u64,
+    ) -> Option<Option<u64>> {
+        let channels = self.lock();
+        let queue = channels.get(channel)?;
+        let mut ahead = None;
+        for other in queue {
+            if Arc::ptr_eq(other, entry) {
+                return Some(ahead);
+            }
+            if other.sent_on.load(Ordering::Acquire) != connection {
+                return None;
+            }
+            ahead = Some(other.sequence.load(Ordering::Acquire));
+        }
+        None
+    }
+}
+
+impl Place<'_> {
+    /// Waits until this publish may be sent on `connection`; returns the
+    /// sequence it must follow (`after`).
+    pub async fn turn(&self, connection: u64) -> Option<u64> {
+        loop {
+            let changed = self.registry.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(after) = self.registry.ready(&self.channel, &self.entry, connection) {
+                return after;
+            }
+            changed.await;
+        }
+    }
+
+    /// This publish was queued on `connection` with `sequence`.
+    pub fn sent(&self, connection: u64, sequence: u64) {
+        self.entry.sequence.store(sequence, Ordering::Release);
+        self.entry.sent_on.store(connection, Ordering::Release);
+        self.registry.changed.notify_waiters();
+    }
+
+    /// This publish was refused and will be sent again: those behind it
+    /// wait for that.
+    pub fn unsent(&self) {
+        self.entry.sent_on.store(0, Ordering::Release);
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        let mut channels = self.registry.lock();
+        if let Some(queue) = channels.get_mut(&self.channel) {
+            queue.retain(|e| !Arc::ptr_eq(e, &self.entry));
+            if queue.is_empty() {
+                channels.remove(&self.channel);
+            }
+        }
+        drop(channels);
+        self.registry.changed.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn chat() -> ChannelName {
+        ChannelName::new("chat.1").expect("name")
+    }
+
+    #[tokio::test]
+    async fn a_publish_waits_for_those_ahead_to_be_sent_on_its_connection() {
+        let registry = InFlight::default();
+        let (a, b) = (registry.enter(&chat()), registry.enter(&chat()));
+        let other = registry.enter(&ChannelName::new("chat.2").expect("name"));
+        assert_eq!(a.turn(1).await, None);
+        // Other channels do not wait for this one.
+        assert_eq!(other.turn(1).await, None);
+        let waiting = tokio::time::timeout(Duration::from_millis(20), b.turn(1)).await;
+        assert!(waiting.is_err(), "b went ahead of a");
+        a.sent(1, 41);
+        assert_eq!(b.turn(1).await, Some(41));
+        // A new connection: a must be sent on it first.
+        let waiting = tokio::time::timeout(Duration::from_millis(20), b.turn(2)).await;
+        assert!(waiting.is_err(), "b went ahead of a's resend");
+        a.sent(2, 41);
+        assert_eq!(b.turn(2).await, Some(41));
+        // Refused and to be sent again: b waits again, then follows a's new
+        // sequence.
+        a.unsent();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), b.turn(2))
+                .await
+                .is_err()
+        );
+        a.sent(2, 57);
+        assert_eq!(b.turn(2).await, Some(57));
+        // Done (or given up): b no longer follows anything.
+        drop(a);
+        assert_eq!(b.turn(2).await, None);
+        drop(b);
+        assert!(registry.lock().get(&chat()).is_none());
+    }
+}
