@@ -56,7 +56,7 @@ const LAYOUT_KEY: &[u8] = b"volna.layout";
 const LAYOUT: u64 = 2;
 /// Memory all memtables may use together.
 const MEMTABLE_BUDGET: usize = 128 * 1024 * 1024;
-/// Block cache for catch-up reads of the messages column family.
+/// Block cache for catch-up reads and channel metadata.
 const BLOCK_CACHE: usize = 64 * 1024 * 1024;
 
 /// The production store.
@@ -98,12 +98,22 @@ impl RocksStore {
         let memtables = WriteBufferManager::new_write_buffer_manager(MEMTABLE_BUDGET, false);
         db_opts.set_write_buffer_manager(&memtables);
 
+        let cache = Cache::new_lru_cache(BLOCK_CACHE);
         let mut messages = Options::default();
         messages.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let mut table = BlockBasedOptions::default();
         table.set_block_size(16 * 1024);
-        table.set_block_cache(&Cache::new_lru_cache(BLOCK_CACHE));
+        table.set_block_cache(&cache);
         messages.set_block_based_table_factory(&table);
+
+        // Channel metadata is read one channel at a time, often for a name
+        // that does not exist yet (a publish creating a channel): a bloom
+        // filter answers those without reading a block.
+        let mut channels = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        table.set_block_cache(&cache);
+        channels.set_block_based_table_factory(&table);
         // Keys are `channel ‖ offset`: a prefix extractor on the channel id
         // keeps range reads within one channel cheap.
         messages.set_prefix_extractor(rocksdb::SliceTransform::create_fixed_prefix(8));
@@ -120,7 +130,7 @@ impl RocksStore {
 
         let mut cfs = vec![
             ColumnFamilyDescriptor::new(CF_MESSAGES, messages),
-            ColumnFamilyDescriptor::new(CF_CHANNELS, Options::default()),
+            ColumnFamilyDescriptor::new(CF_CHANNELS, channels),
             ColumnFamilyDescriptor::new(CF_PRODUCERS, producers),
             ColumnFamilyDescriptor::new(CF_AGE_INDEX, Options::default()),
         ];
