@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building Volna needs beyond a Rust toolchain, only when it is
-# missing: clang and libclang (RocksDB's bindings) and cargo-nextest (tests).
+# missing: clang and libclang (RocksDB's bindings), protoc (the etcd client's
+# generated code), etcd (the cluster tests start their own) and
+# cargo-nextest (tests).
 # Sourced by the other scripts; also sets a CARGO_TARGET_DIR that outlives
 # clones, so RocksDB's C++ (minutes on two cores) is compiled once.
 set -euo pipefail
@@ -12,12 +14,18 @@ have_libclang() {
         compgen -G '/usr/lib/llvm-*/lib/libclang*.so*' >/dev/null
 }
 
+missing=()
 if ! command -v clang >/dev/null 2>&1 || ! have_libclang; then
-    echo "volna: installing clang and libclang-dev (needed by RocksDB's bindings)" >&2
+    missing+=(clang libclang-dev)
+fi
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "volna: installing ${missing[*]} (Debian packages the build and tests need)" >&2
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq clang libclang-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 if [ "${VOLNA_NEED_NEXTEST:-0}" = 1 ] && ! cargo nextest --version >/dev/null 2>&1; then

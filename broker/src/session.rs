@@ -44,8 +44,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 use volna_proto::{
-    ChannelName, CloseCode, DecodeError, ErrorCode, ErrorFrame, Frame, Hello, Limits, Offset,
-    PROTOCOL_VERSION, Position, Publish, Subscribe, SubscriptionId, Welcome,
+    ChannelName, CloseCode, DecodeError, ErrorCode, ErrorFrame, Frame, Hello, Limits,
+    MIN_PROTOCOL_VERSION, Offset, PROTOCOL_VERSION, Position, Publish, Subscribe, SubscriptionId,
+    Welcome,
 };
 
 use crate::auth::{Authenticator, Identity};
@@ -478,18 +479,21 @@ impl<C: Connection> Session<C> {
     }
 
     async fn welcome(&mut self, session_id: u64, hello: Hello) -> Result<(), End> {
-        if hello.protocol != PROTOCOL_VERSION {
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol) {
             self.reply_error(
                 0,
                 ErrorCode::UnsupportedVersion,
                 &format!(
-                    "protocol {} is not supported; this broker speaks {PROTOCOL_VERSION}",
+                    "protocol {} is not supported; this broker speaks \
+                     {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
                     hello.protocol
                 ),
             )
             .await;
             return Err(End::ProtocolError);
         }
+        // The session speaks the client's version (it is one we speak).
+        let hello_protocol = hello.protocol;
         // A client certificate the transport verified is a backend
         // service's identity; everyone else shows a token.
         let authenticated = match self.conn.peer_identity() {
@@ -522,7 +526,7 @@ impl<C: Connection> Session<C> {
         let limits = &self.ctx.config.limits;
         self.send(Frame::Welcome(Welcome {
             session_id,
-            protocol: PROTOCOL_VERSION,
+            protocol: hello_protocol,
             max_frame: limits.max_frame(),
             max_payload: limits.max_payload,
             max_subscriptions: limits.max_subscriptions,

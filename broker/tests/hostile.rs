@@ -159,6 +159,18 @@ async fn bad_requests_get_typed_errors_and_the_broker_keeps_serving() {
         error_code(raw.next_frame().await),
         (0, ErrorCode::UnsupportedVersion)
     );
+    // A client of the previous version is still served, in its version.
+    let mut raw = RawConnection::connect(&broker).await;
+    raw.send_frame(&Frame::Hello(volna_proto::Hello {
+        protocol: volna_proto::MIN_PROTOCOL_VERSION,
+        token: "t".into(),
+        client: "older".into(),
+    }))
+    .await;
+    assert!(matches!(
+        raw.next_frame().await,
+        Some(Frame::Welcome(w)) if w.protocol == volna_proto::MIN_PROTOCOL_VERSION
+    ));
 
     // Nothing of the above was stored, and the good client was untouched.
     assert_eq!(

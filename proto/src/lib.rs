@@ -49,4 +49,12 @@ pub const ALPN: &[u8] = b"volna/1";
 
 /// The protocol version a `Hello` carries. A broker refuses versions it does
 /// not speak with [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// - 1: the first.
+/// - 2: a `Publish` may name the publish it must follow (`after`); error
+///   codes `ChannelDeleted` and `OutOfOrder`. Brokers upgrade first: a
+///   broker speaks every version from [`MIN_PROTOCOL_VERSION`] on.
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// The oldest protocol version a broker still speaks.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
