@@ -463,3 +463,41 @@ async fn a_client_holds_at_most_max_subscriptions_and_reuses_a_freed_slot() {
         vec![(1, "hello".to_owned())]
     );
 }
+
+/// `ClientConfig::servers`: a client given several brokers connects to one
+/// that answers and, when it goes, moves on to the next (every node of a
+/// cluster serves every device).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_several_seeds_uses_one_that_answers_and_moves_on() {
+    let mut first = TestBroker::start().await;
+    // The second broker shows the same development certificate.
+    let second_dir = tempfile::tempdir().unwrap();
+    for file in ["dev-cert.pem", "dev-key.pem"] {
+        std::fs::copy(first.dir.path().join(file), second_dir.path().join(file)).unwrap();
+    }
+    let second_data = second_dir.path().to_owned();
+    let second = TestBroker::start_with(move |c| c.data_dir = second_data).await;
+    let nobody = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = volna_client::ClientConfig::with_servers(
+        [nobody, first.addr(), second.addr()].map(|a| a.to_string()),
+        "test",
+        volna_client::Trust::CaFile(first.cert()),
+    );
+    config.connect_timeout = Duration::from_secs(1);
+    config.backoff = volna_client::Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+    };
+    let client = volna_client::Client::connect(config).await.unwrap();
+    let ch = channel("chat.seeds");
+    client.publish(&ch, "to the first").await.unwrap();
+    assert!(first.broker().log().unwrap().meta(&ch).is_some());
+
+    first.stop().await;
+    client.publish(&ch, "to the second").await.unwrap();
+    let on_second = second.broker().log().unwrap().meta(&ch);
+    assert_eq!(on_second.map(|m| m.len()), Some(1));
+}

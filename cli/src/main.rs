@@ -33,14 +33,16 @@ const DEV_CERT: &str = "volna-data/dev-cert.pem";
     about = "Publish to and subscribe from a Volna broker"
 )]
 struct Cli {
-    /// The broker's QUIC address.
+    /// The broker's QUIC address; give it several times (or comma-separated
+    /// in VOLNA_SERVER) for a cluster's nodes, tried in turn.
     #[arg(
-        long,
+        long = "server",
         global = true,
         env = "VOLNA_SERVER",
+        value_delimiter = ',',
         default_value = "127.0.0.1:7400"
     )]
-    server: String,
+    servers: Vec<String>,
     /// PEM file with the CA (or the broker's self-signed dev certificate) to
     /// trust. Default: ./volna-data/dev-cert.pem when it exists, else the
     /// public web PKI.
@@ -297,7 +299,7 @@ async fn run() -> anyhow::Result<()> {
         Command::Pub { .. } | Command::Sub { .. } | Command::Bench(_) => {}
     }
     let trust = trust(&cli)?;
-    let mut config = ClientConfig::new(&cli.server, &cli.token, trust);
+    let mut config = ClientConfig::with_servers(cli.servers.clone(), &cli.token, trust);
     config.server_name = cli.server_name.clone();
     config.connect_timeout = std::time::Duration::try_from_secs_f64(cli.connect_timeout)
         .ok()
@@ -312,7 +314,7 @@ async fn run() -> anyhow::Result<()> {
     }
     let client = Client::connect(config)
         .await
-        .with_context(|| format!("connecting to {}", cli.server))?;
+        .with_context(|| format!("connecting to {}", cli.servers.join(", ")))?;
     let result = match cli.command {
         Command::Pub { channel, message } => publish(&client, &channel, &message).await,
         Command::Sub {

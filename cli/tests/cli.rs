@@ -48,6 +48,27 @@ async fn pub_and_sub_pass_messages_between_processes() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
 
+    // Several --server: the first that answers is used.
+    let nobody = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_volna"))
+        .args(["--server", &nobody.to_string(), "--connect-timeout", "1"])
+        .args(["--server", &broker.quic_addr().to_string()])
+        .arg("--ca")
+        .arg(&cert)
+        .args(["pub", "chat.cli.seeds", "x"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+
     let mut sub = volna(&broker, &cert)
         .args(["sub", "chat.cli", "--from", "1", "--count", "3"])
         .stdout(Stdio::piped())

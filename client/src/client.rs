@@ -84,12 +84,12 @@ impl Client {
         {
             token = fetch_token(source).await?;
         }
-        let live = match transport.establish(&config, token.clone()).await {
+        let live = match transport.establish_any(&config, &token).await {
             // A stale configured token: one fresh try with the source's.
             Err(e) if e.code() == Some(ErrorCode::Unauthorized) => match &config.token_source {
                 Some(source) => {
                     token = fetch_token(source).await?;
-                    transport.establish(&config, token.clone()).await?
+                    transport.establish_any(&config, &token).await?
                 }
                 None => return Err(e),
             },
@@ -563,6 +563,7 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
         }
         inner.live.send_replace(None);
         warn!("connection to the broker lost; reconnecting");
+        inner.transport.move_on();
         let mut attempt = 0;
         live = loop {
             tokio::select! {

@@ -105,11 +105,14 @@ impl Backoff {
 /// Everything [`Client::connect`](crate::Client::connect) needs.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `host:port` of the broker, e.g. `127.0.0.1:7400` or `volna.example:7400`.
-    pub server: String,
+    /// `host:port` of the brokers to reach, e.g. `127.0.0.1:7400` or
+    /// `volna.example:7400`: at connect the first that answers; after a
+    /// lost connection the next one on (every node of a cluster serves
+    /// every device; a single broker is a list of one).
+    pub servers: Vec<String>,
     /// The name the server's certificate must carry; by default the host
-    /// part of `server`. Set it when reaching the broker under another
-    /// name than its certificate's (a container name, an IP).
+    /// part of the address connected to. Set it when reaching the broker
+    /// under another name than its certificate's (a container name, an IP).
     pub server_name: Option<String>,
     /// The authentication token sent in `Hello` (may be empty when
     /// `token_source` or `client_certificate` provides the identity).
@@ -154,8 +157,17 @@ pub struct ClientConfig {
 impl ClientConfig {
     /// A configuration with defaults for everything but the essentials.
     pub fn new(server: impl Into<String>, token: impl Into<String>, trust: Trust) -> Self {
+        Self::with_servers([server.into()], token, trust)
+    }
+
+    /// The same with several seed addresses, tried in turn.
+    pub fn with_servers(
+        servers: impl IntoIterator<Item = impl Into<String>>,
+        token: impl Into<String>,
+        trust: Trust,
+    ) -> Self {
         Self {
-            server: server.into(),
+            servers: servers.into_iter().map(Into::into).collect(),
             server_name: None,
             token: token.into(),
             token_source: None,

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -31,14 +31,29 @@ use crate::subscription::SubShared;
 pub(crate) struct Transport {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
-    tls_name: String,
-    server: String,
+    /// The seeds, each with the name its certificate must carry.
+    servers: Vec<(String, String)>,
+    /// The seed the next attempt goes to.
+    next: AtomicUsize,
 }
 
 impl Transport {
     pub fn new(config: &ClientConfig) -> Result<Self, ClientError> {
-        let (host, _port) = split_host_port(&config.server)?;
-        let tls_name = config.server_name.clone().unwrap_or_else(|| host.clone());
+        let mut servers = Vec::new();
+        for server in &config.servers {
+            let (host, _port) = split_host_port(server)?;
+            let tls_name = config.server_name.clone().unwrap_or(host);
+            servers.push((server.clone(), tls_name));
+        }
+        // One socket for every seed: its family is the first seed's.
+        let host = match servers.first() {
+            Some((server, _)) => split_host_port(server)?.0,
+            None => {
+                return Err(ClientError::InvalidAddress(
+                    "no server address given".into(),
+                ));
+            }
+        };
         let mut tls = tls_config(&config.trust, config.client_certificate.as_ref())?;
         tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
         let crypto =
@@ -72,25 +87,74 @@ impl Transport {
         Ok(Self {
             endpoint,
             quic,
-            tls_name,
-            server: config.server.clone(),
+            servers,
+            next: AtomicUsize::new(0),
         })
     }
 
-    /// Connects, says Hello with `token` and waits for Welcome.
+    /// Tries every seed once, from the current one, until one connects;
+    /// else the last seed's error.
+    pub async fn establish_any(
+        &self,
+        config: &ClientConfig,
+        token: &str,
+    ) -> Result<Arc<Live>, ClientError> {
+        let mut last = None;
+        for _ in 0..self.servers.len() {
+            match self.establish(config, token.to_owned()).await {
+                Ok(live) => return Ok(live),
+                // A bad token would be refused by every node alike.
+                Err(e) if e.code() == Some(volna_proto::ErrorCode::Unauthorized) => return Err(e),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ClientError::InvalidAddress("no server address given".into())))
+    }
+
+    /// The connection was lost: the next attempt goes to the next seed
+    /// (the node may be gone; any other serves the same channels).
+    pub fn move_on(&self) {
+        if self.servers.len() > 1 {
+            let at = self.next.load(Ordering::Relaxed);
+            self.next
+                .store((at + 1) % self.servers.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Connects to the current seed, says Hello with `token` and waits for
+    /// Welcome; a failed attempt moves on to the next seed.
     pub async fn establish(
         &self,
         config: &ClientConfig,
         token: String,
     ) -> Result<Arc<Live>, ClientError> {
-        let addr = tokio::net::lookup_host(&self.server)
+        let at = self.next.load(Ordering::Relaxed) % self.servers.len().max(1);
+        let result = self.establish_at(at, config, token).await;
+        if result.is_err() {
+            self.move_on();
+        }
+        result
+    }
+
+    async fn establish_at(
+        &self,
+        at: usize,
+        config: &ClientConfig,
+        token: String,
+    ) -> Result<Arc<Live>, ClientError> {
+        let Some((server, tls_name)) = self.servers.get(at) else {
+            return Err(ClientError::InvalidAddress(
+                "no server address given".into(),
+            ));
+        };
+        let addr = tokio::net::lookup_host(server)
             .await
-            .map_err(|_| ClientError::InvalidAddress(self.server.clone()))?
+            .map_err(|_| ClientError::InvalidAddress(server.clone()))?
             .next()
-            .ok_or_else(|| ClientError::InvalidAddress(self.server.clone()))?;
+            .ok_or_else(|| ClientError::InvalidAddress(server.clone()))?;
         let connecting = self
             .endpoint
-            .connect_with(self.quic.clone(), addr, &self.tls_name)
+            .connect_with(self.quic.clone(), addr, tls_name)
             .map_err(|e| ClientError::Connect(e.to_string()))?;
         let handshake = async {
             let conn = connecting
@@ -128,7 +192,7 @@ impl Transport {
             Ok::<_, ClientError>((conn, send, recv, buf, welcome))
         };
         let timed_out = || ClientError::ConnectTimeout {
-            server: self.server.clone(),
+            server: server.clone(),
             after: config.connect_timeout,
         };
         let (conn, send, recv, buf, welcome) =

@@ -139,7 +139,13 @@ impl Target {
         // default producer window still recognises as retries (256).
         client.max_inflight_publishes = PUBLISH_INFLIGHT;
         Ok(Self {
-            endpoints: workload::bind_endpoints(&client.server, args)?,
+            endpoints: workload::bind_endpoints(
+                client
+                    .servers
+                    .first()
+                    .map_or("127.0.0.1:7400", String::as_str),
+                args,
+            )?,
             client,
             admin,
         })
