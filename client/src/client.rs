@@ -150,9 +150,16 @@ impl Client {
         let mut slot = None;
         loop {
             let live = self.inner.wait_live(deadline).await?;
-            let turn = place.turn(live.generation);
-            let Ok(after) = tokio::time::timeout_at(deadline, turn).await else {
-                return Err(last_refusal.take().unwrap_or(ClientError::Timeout));
+            // Those ahead are sent on this connection; if it goes first,
+            // they will be on the next one.
+            let after = tokio::select! {
+                after = tokio::time::timeout_at(deadline, place.turn(live.generation)) => {
+                    match after {
+                        Ok(after) => after,
+                        Err(_) => return Err(last_refusal.take().unwrap_or(ClientError::Timeout)),
+                    }
+                }
+                () = live.gone() => continue,
             };
             // A slot only once every earlier publish of the channel was
             // sent: one waiting its turn never holds a slot an earlier one

@@ -12,9 +12,14 @@
 //!   and the broker refuses it (`OutOfOrder`, nothing stored) until that one
 //!   is stored, so a predecessor refused for a while (rate limit, a full
 //!   disk) holds its successors back instead of being overtaken.
+//!
+//! Only the first publish waiting its turn can be the next to go (every
+//! later one has it as an unsent predecessor), so a change wakes that one
+//! alone: thousands of queued publishes cost one wake-up per send, not a
+//! stampede.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -24,7 +29,6 @@ use volna_proto::ChannelName;
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     channels: Mutex<HashMap<ChannelName, VecDeque<Arc<Entry>>>>,
-    changed: Notify,
 }
 
 /// One publish in flight.
@@ -34,6 +38,10 @@ struct Entry {
     sequence: AtomicU64,
     /// The connection it was last sent on (0: it must be sent again).
     sent_on: AtomicU64,
+    /// It waits in [`Place::turn`].
+    waiting: AtomicBool,
+    /// Wakes it there.
+    woken: Notify,
 }
 
 /// A publish's place in its channel's order; leaving it (drop) lets the
@@ -64,6 +72,18 @@ impl InFlight {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Wakes the first publish of `channel` waiting its turn: the only one
+    /// a change can let go.
+    fn wake_first(&self, channel: &ChannelName) {
+        let channels = self.lock();
+        if let Some(first) = channels
+            .get(channel)
+            .and_then(|queue| queue.iter().find(|e| e.waiting.load(Ordering::Acquire)))
+        {
+            first.woken.notify_one();
+        }
+    }
+
     /// Whether every publish ahead of `entry` was sent on `connection`;
     /// if so, the sequence of the one just ahead, if any.
     fn ready(
@@ -92,14 +112,14 @@ impl Place<'_> {
     /// Waits until this publish may be sent on `connection`; returns the
     /// sequence it must follow (`after`).
     pub async fn turn(&self, connection: u64) -> Option<u64> {
+        let _waiting = Waiting::new(&self.entry);
         loop {
-            let changed = self.registry.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
+            // A wake-up between the check and the wait is kept (a permit).
+            let woken = self.entry.woken.notified();
             if let Some(after) = self.registry.ready(&self.channel, &self.entry, connection) {
                 return after;
             }
-            changed.await;
+            woken.await;
         }
     }
 
@@ -107,13 +127,30 @@ impl Place<'_> {
     pub fn sent(&self, connection: u64, sequence: u64) {
         self.entry.sequence.store(sequence, Ordering::Release);
         self.entry.sent_on.store(connection, Ordering::Release);
-        self.registry.changed.notify_waiters();
+        self.registry.wake_first(&self.channel);
     }
 
     /// This publish was refused and will be sent again: those behind it
     /// wait for that.
     pub fn unsent(&self) {
         self.entry.sent_on.store(0, Ordering::Release);
+    }
+}
+
+/// Marks an entry as waiting its turn while it lives (also when the wait
+/// is cancelled).
+struct Waiting<'a>(&'a Entry);
+
+impl<'a> Waiting<'a> {
+    fn new(entry: &'a Entry) -> Self {
+        entry.waiting.store(true, Ordering::Release);
+        Self(entry)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.store(false, Ordering::Release);
     }
 }
 
@@ -127,7 +164,7 @@ impl Drop for Place<'_> {
             }
         }
         drop(channels);
-        self.registry.changed.notify_waiters();
+        self.registry.wake_first(&self.channel);
     }
 }
 
@@ -173,5 +210,30 @@ mod tests {
         assert_eq!(b.turn(2).await, None);
         drop(b);
         assert!(registry.lock().get(&chat()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_long_queue_goes_in_order_one_wake_up_at_a_time() {
+        let registry = std::sync::Arc::new(InFlight::default());
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let places: Vec<_> = (0..2_000u64).map(|_| registry.enter(&chat())).collect();
+        let mut tasks = Vec::new();
+        // Waiters start in reverse: the order comes from the queue alone.
+        for (i, place) in places.into_iter().enumerate().rev() {
+            let order = order.clone();
+            tasks.push(async move {
+                let after = place.turn(1).await;
+                order.lock().expect("lock").push((i, after));
+                place.sent(1, i as u64 + 100);
+                place
+            });
+        }
+        let done = futures_util::future::join_all(tasks).await;
+        let order = order.lock().expect("lock").clone();
+        let expected: Vec<_> = (0..2_000usize)
+            .map(|i| (i, i.checked_sub(1).map(|p| p as u64 + 100)))
+            .collect();
+        assert_eq!(order, expected);
+        drop(done);
     }
 }
