@@ -1075,12 +1075,12 @@ impl Writer {
             delete,
             expired_producers,
         } = batch;
-        let (deletes, delete_reply) = delete.unzip();
-        let mut prepared = self
-            .sequencer
-            .prepare(&appends, trims, deletes, now_ms(), &mut || {
-                Epoch(rand::random())
-            });
+        let (deleting, delete_reply) = delete.unzip();
+        let mut prepared =
+            self.sequencer
+                .prepare(&appends, trims, deleting.clone(), now_ms(), &mut || {
+                    Epoch(rand::random())
+                });
         // A producer that expired and published again in this very batch
         // has a new window: it must not be deleted after being written.
         prepared.set.expired_producers = expired_producers
@@ -1103,7 +1103,7 @@ impl Writer {
             warn!(error = %e, messages = appends.len(), "group commit failed; nothing was acknowledged");
             Batch {
                 replies,
-                delete: deletes_reply(prepared.deleted, delete_reply),
+                delete: deleting.zip(delete_reply),
                 ..Batch::default()
             }
             .fail(&e.to_string());
@@ -1177,13 +1177,6 @@ impl Batch {
             let _ = reply.send(Err(AppendError::Storage(why.to_owned())));
         }
     }
-}
-
-fn deletes_reply(
-    mut deleted: Vec<(ChannelName, Option<ChannelMeta>)>,
-    reply: Option<DeleteReply>,
-) -> Option<(ChannelName, DeleteReply)> {
-    Some((deleted.pop()?.0, reply?))
 }
 
 fn run_reader(store: Arc<dyn LogStore>, rx: Receiver<Queued<ReadRequest>>, closed: &AtomicBool) {

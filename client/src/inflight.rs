@@ -19,7 +19,7 @@
 //! stampede.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -29,6 +29,9 @@ use volna_proto::ChannelName;
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
     channels: Mutex<HashMap<ChannelName, VecDeque<Arc<Entry>>>>,
+    /// Publishes waiting their turn, all channels: while none does (the
+    /// common case), a send wakes nobody and looks at no queue.
+    waiting: AtomicUsize,
 }
 
 /// One publish in flight.
@@ -75,6 +78,11 @@ impl InFlight {
     /// Wakes the first publish of `channel` waiting its turn: the only one
     /// a change can let go.
     fn wake_first(&self, channel: &ChannelName) {
+        // SeqCst with the waiter's count and its look at `sent_on`: one of
+        // the two sees the other's write (else a wake-up could be missed).
+        if self.waiting.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let channels = self.lock();
         if let Some(first) = channels
             .get(channel)
@@ -99,7 +107,7 @@ impl InFlight {
             if Arc::ptr_eq(other, entry) {
                 return Some(ahead);
             }
-            if other.sent_on.load(Ordering::Acquire) != connection {
+            if other.sent_on.load(Ordering::SeqCst) != connection {
                 return None;
             }
             ahead = Some(other.sequence.load(Ordering::Acquire));
@@ -112,7 +120,7 @@ impl Place<'_> {
     /// Waits until this publish may be sent on `connection`; returns the
     /// sequence it must follow (`after`).
     pub async fn turn(&self, connection: u64) -> Option<u64> {
-        let _waiting = Waiting::new(&self.entry);
+        let _waiting = Waiting::new(self.registry, &self.entry);
         loop {
             // A wake-up between the check and the wait is kept (a permit).
             let woken = self.entry.woken.notified();
@@ -126,7 +134,7 @@ impl Place<'_> {
     /// This publish was queued on `connection` with `sequence`.
     pub fn sent(&self, connection: u64, sequence: u64) {
         self.entry.sequence.store(sequence, Ordering::Release);
-        self.entry.sent_on.store(connection, Ordering::Release);
+        self.entry.sent_on.store(connection, Ordering::SeqCst);
         self.registry.wake_first(&self.channel);
     }
 
@@ -139,18 +147,22 @@ impl Place<'_> {
 
 /// Marks an entry as waiting its turn while it lives (also when the wait
 /// is cancelled).
-struct Waiting<'a>(&'a Entry);
+struct Waiting<'a>(&'a InFlight, &'a Entry);
 
 impl<'a> Waiting<'a> {
-    fn new(entry: &'a Entry) -> Self {
+    fn new(registry: &'a InFlight, entry: &'a Entry) -> Self {
+        // Counted before the entry is marked, so that a send that sees the
+        // mark also sees the count.
+        registry.waiting.fetch_add(1, Ordering::SeqCst);
         entry.waiting.store(true, Ordering::Release);
-        Self(entry)
+        Self(registry, entry)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0.waiting.store(false, Ordering::Release);
+        self.1.waiting.store(false, Ordering::Release);
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
