@@ -4,15 +4,16 @@
 //! - [`placement`]: where each partition's replicas live, a pure function
 //!   of the live nodes and the current map;
 //! - [`control`]: membership (leases), the placer's election and the fenced
-//!   partition map, on etcd.
-//!
-//! This is the first part of the cluster: the data path (partition logs
-//! replicated with openraft, forwarding, edges) is not built yet, and the
-//! broker does not use this crate yet; a broker is single-node.
+//!   partition map, on etcd;
+//! - [`raft`]: the data path's consensus, one openraft group per partition:
+//!   its log store in RocksDB and its RPCs between nodes;
+//! - [`tls`]: mutual TLS between nodes from the cluster CA.
 
 pub mod control;
 pub mod partition;
 pub mod placement;
+pub mod raft;
+pub mod tls;
 
 pub use control::{ClusterConfig, Control, ControlError, Membership, NodeInfo, Placer};
 pub use partition::{PartitionId, partition_of};

@@ -1,0 +1,325 @@
+//! The Raft logs and votes of a node's partitions, in its RocksDB.
+//!
+//! Two column families, shared by every partition on the node and keyed by
+//! partition first (big-endian, so a partition's keys are one range in
+//! index order):
+//! - `raft_log`: `partition ‖ index` → the entry (postcard);
+//! - `raft_state`: `partition ‖ tag` → the vote, the committed log id and
+//!   the last purged log id.
+//!
+//! Writes run on tokio's blocking pool, never on a worker thread, and in
+//! the order openraft issues them (it awaits each call). An append is synced
+//! to disk before it is reported flushed when the node's durability is
+//! `fsync`; otherwise it is in RocksDB's write-ahead log (it survives a
+//! process crash, not a power loss: the same promise as a single node).
+
+// The error type is openraft's (`StorageError`, returned by its storage
+// traits); the helpers return it too rather than convert at every call.
+#![allow(clippy::result_large_err)]
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    Entry, LogId, LogState, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::TypeConfig;
+use crate::partition::PartitionId;
+use crate::placement::NodeId;
+
+/// The Raft log's column family.
+pub const CF_RAFT_LOG: &str = "raft_log";
+/// Votes and log pointers' column family.
+pub const CF_RAFT_STATE: &str = "raft_state";
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const PURGED: &[u8] = b"purged";
+
+/// The column families a node's RocksDB needs for its partitions' Raft
+/// logs, to open alongside its own.
+pub fn column_families() -> Vec<ColumnFamilyDescriptor> {
+    vec![
+        ColumnFamilyDescriptor::new(CF_RAFT_LOG, Options::default()),
+        ColumnFamilyDescriptor::new(CF_RAFT_STATE, Options::default()),
+    ]
+}
+
+type Error = StorageError<NodeId>;
+
+/// One partition's Raft log and vote. Cheap to clone: replication tasks
+/// read through clones.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    partition: PartitionId,
+    sync: bool,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("partition", &self.partition)
+            .field("sync", &self.sync)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// `partition`'s log in `db`, which must have been opened with
+    /// [`column_families`]. With `sync`, every write is fsynced.
+    pub fn new(db: Arc<DB>, partition: PartitionId, sync: bool) -> Self {
+        Self {
+            db,
+            partition,
+            sync,
+        }
+    }
+
+    fn log_key(&self, index: u64) -> [u8; 12] {
+        let mut key = [0u8; 12];
+        key[..4].copy_from_slice(&self.partition.0.to_be_bytes());
+        key[4..].copy_from_slice(&index.to_be_bytes());
+        key
+    }
+
+    fn state_key(&self, tag: &[u8]) -> Vec<u8> {
+        let mut key = self.partition.0.to_be_bytes().to_vec();
+        key.extend_from_slice(tag);
+        key
+    }
+
+    /// Runs `work` on the blocking pool: RocksDB calls may wait on disk.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&LogStore) -> Result<T, Error> + Send + 'static,
+    ) -> Result<T, Error> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|e| Error::from(StorageIOError::read(&e)))?
+    }
+
+    fn write(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+        let mut options = rocksdb::WriteOptions::default();
+        options.set_sync(self.sync);
+        self.db.write_opt(batch, &options)
+    }
+
+    fn state<T: DeserializeOwned>(&self, tag: &[u8]) -> Result<Option<T>, Error> {
+        let cf = self.cf(CF_RAFT_STATE)?;
+        match self
+            .db
+            .get_pinned_cf(cf, self.state_key(tag))
+            .map_err(|e| StorageIOError::read(&e))?
+        {
+            None => Ok(None),
+            Some(bytes) => postcard::from_bytes(&bytes)
+                .map(Some)
+                .map_err(|e| StorageIOError::read(&e).into()),
+        }
+    }
+
+    fn put_state<T: Serialize>(
+        &self,
+        batch: &mut WriteBatch,
+        tag: &[u8],
+        value: &T,
+    ) -> Result<(), Error> {
+        let cf = self.cf(CF_RAFT_STATE)?;
+        let bytes = postcard::to_allocvec(value).map_err(|e| StorageIOError::write(&e))?;
+        batch.put_cf(cf, self.state_key(tag), bytes);
+        Ok(())
+    }
+
+    fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, Error> {
+        self.db.cf_handle(name).ok_or_else(|| {
+            StorageIOError::read(&std::io::Error::other(format!(
+                "column family {name} is missing: open the database with raft::log_store::column_families()"
+            )))
+            .into()
+        })
+    }
+
+    /// The last entry's log id, if the log holds any.
+    fn last_entry_id(&self) -> Result<Option<LogId<NodeId>>, Error> {
+        let cf = self.cf(CF_RAFT_LOG)?;
+        let mut iter = self.db.iterator_cf(
+            cf,
+            IteratorMode::From(&self.log_key(u64::MAX), Direction::Reverse),
+        );
+        match iter.next() {
+            Some(Ok((key, value))) if key.starts_with(&self.partition.0.to_be_bytes()) => {
+                let entry: Entry<TypeConfig> =
+                    postcard::from_bytes(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                Ok(Some(entry.log_id))
+            }
+            Some(Err(e)) => Err(StorageIOError::read_logs(&e).into()),
+            _ => Ok(None),
+        }
+    }
+
+    fn entries(&self, start: u64, end: Option<u64>) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        let cf = self.cf(CF_RAFT_LOG)?;
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            cf,
+            IteratorMode::From(&self.log_key(start), Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            let index = u64::from_be_bytes(key[4..12].try_into().unwrap_or([0xff; 8]));
+            if end.is_some_and(|end| index >= end) {
+                break;
+            }
+            let entry: Entry<TypeConfig> = postcard::from_bytes(&value)
+                .map_err(|e| StorageIOError::read_log_at_index(index, &e))?;
+            out.push(entry);
+        }
+        Ok(out)
+    }
+
+    fn delete_range(
+        &self,
+        batch: &mut WriteBatch,
+        from: u64,
+        to: Option<u64>,
+    ) -> Result<(), Error> {
+        // Index u64::MAX is never used, so it bounds "to the end".
+        let end = self.log_key(to.unwrap_or(u64::MAX));
+        batch.delete_range_cf(self.cf(CF_RAFT_LOG)?, self.log_key(from), end);
+        Ok(())
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, Error> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => Some(e.saturating_add(1)),
+            Bound::Excluded(&e) => Some(e),
+            Bound::Unbounded => None,
+        };
+        self.blocking(move |store| store.entries(start, end)).await
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, Error> {
+        self.blocking(|store| {
+            let last_purged_log_id: Option<LogId<NodeId>> = store.state(PURGED)?;
+            let last_log_id = store.last_entry_id()?.or(last_purged_log_id);
+            Ok(LogState {
+                last_purged_log_id,
+                last_log_id,
+            })
+        })
+        .await
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), Error> {
+        let vote = *vote;
+        self.blocking(move |store| {
+            let mut batch = WriteBatch::default();
+            store.put_state(&mut batch, VOTE, &vote)?;
+            store
+                .write(batch)
+                .map_err(|e| StorageIOError::write_vote(&e).into())
+        })
+        .await
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, Error> {
+        self.blocking(|store| store.state(VOTE)).await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), Error> {
+        self.blocking(move |store| {
+            let mut batch = WriteBatch::default();
+            store.put_state(&mut batch, COMMITTED, &committed)?;
+            store
+                .write(batch)
+                .map_err(|e| StorageIOError::write(&e).into())
+        })
+        .await
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, Error> {
+        self.blocking(|store| Ok(store.state::<Option<LogId<NodeId>>>(COMMITTED)?.flatten()))
+            .await
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_RAFT_LOG)?;
+        for entry in entries {
+            let bytes = postcard::to_allocvec(&entry)
+                .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
+            batch.put_cf(cf, self.log_key(entry.log_id.index), bytes);
+        }
+        let written = self
+            .blocking(move |store| {
+                store
+                    .write(batch)
+                    .map_err(|e| StorageIOError::write_logs(&e).into())
+            })
+            .await;
+        match written {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e)
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
+        self.blocking(move |store| {
+            let mut batch = WriteBatch::default();
+            store.delete_range(&mut batch, log_id.index, None)?;
+            store
+                .write(batch)
+                .map_err(|e| StorageIOError::write_logs(&e).into())
+        })
+        .await
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), Error> {
+        self.blocking(move |store| {
+            // One batch: the pointer and the entries it covers go together.
+            let mut batch = WriteBatch::default();
+            store.put_state(&mut batch, PURGED, &log_id)?;
+            store.delete_range(&mut batch, 0, Some(log_id.index.saturating_add(1)))?;
+            store
+                .write(batch)
+                .map_err(|e| StorageIOError::write_logs(&e).into())
+        })
+        .await
+    }
+}

@@ -1,0 +1,532 @@
+//! Raft's RPCs between nodes: QUIC with mutual TLS, one connection per
+//! node pair, one bidirectional stream per call.
+//!
+//! A call is `kind (u8) ‖ partition (u32, big-endian) ‖ body`, the body the
+//! openraft request in postcard; the answer is an [`Answer`] in postcard.
+//! Every partition group of both nodes shares the pair's connection, so a
+//! node with 64 partitions keeps one handshake, one congestion controller
+//! and one keep-alive per peer, not 64. A broken connection is dropped and
+//! redialed by the next call; a call to an unreachable peer fails as
+//! [`Unreachable`] and openraft backs off before retrying.
+
+use std::fmt::Debug;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use openraft::error::{
+    Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{BasicNode, Raft, TypeConfig};
+use crate::partition::PartitionId;
+use crate::placement::NodeId;
+use crate::tls::PeerTls;
+
+/// The largest call or answer: a batch of appended entries is bounded by
+/// openraft's `max_payload_entries` and a snapshot chunk by
+/// `snapshot_max_chunk_size`; this only stops a broken peer.
+const MAX_MESSAGE: usize = 64 << 20;
+
+/// Call kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Kind {
+    AppendEntries = 1,
+    Vote = 2,
+    InstallSnapshot = 3,
+}
+
+impl Kind {
+    fn from_u8(byte: u8) -> Option<Self> {
+        match byte {
+            1 => Some(Self::AppendEntries),
+            2 => Some(Self::Vote),
+            3 => Some(Self::InstallSnapshot),
+            _ => None,
+        }
+    }
+}
+
+/// What a node answers a call with.
+#[derive(Debug, Serialize, Deserialize)]
+enum Answer<T, E> {
+    /// The group's answer.
+    Ok(T),
+    /// The group refused (openraft's error, typed).
+    Raft(E),
+    /// This node hosts no such partition group (not yet, or no more).
+    NotHosted,
+    /// The call did not decode.
+    Malformed(String),
+}
+
+/// Why a call did not get an answer.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// No connection could be made.
+    #[error("connect to node {node} at {addr}: {reason}")]
+    Connect {
+        /// The peer.
+        node: NodeId,
+        /// Where it was dialed.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The connection or stream broke.
+    #[error("link to node {node}: {reason}")]
+    Broken {
+        /// The peer.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// No answer in time.
+    #[error("node {node} did not answer within {after:?}")]
+    Timeout {
+        /// The peer.
+        node: NodeId,
+        /// The deadline.
+        after: Duration,
+    },
+    /// The peer hosts no such group.
+    #[error("node {node} hosts no group of partition {partition}")]
+    NotHosted {
+        /// The peer.
+        node: NodeId,
+        /// The partition.
+        partition: u32,
+    },
+    /// The answer or call did not decode.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The local endpoint is closed or could not be made.
+    #[error("endpoint: {0}")]
+    Endpoint(String),
+}
+
+/// Inter-node traffic, for metrics.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Bytes of calls and answers sent.
+    pub bytes_sent: AtomicU64,
+    /// Bytes of calls and answers received.
+    pub bytes_received: AtomicU64,
+    /// Calls made.
+    pub calls: AtomicU64,
+}
+
+/// A node's inter-node endpoint: it accepts calls for the partition groups
+/// it hosts and dials peers for its own groups' calls.
+pub struct Peers {
+    node: NodeId,
+    endpoint: quinn::Endpoint,
+    links: DashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
+    groups: DashMap<PartitionId, Raft>,
+    stats: LinkStats,
+    stop: CancellationToken,
+}
+
+impl Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("node", &self.node)
+            .field("groups", &self.groups.len())
+            .field("links", &self.links.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    /// Listens on `listen` for peers and starts accepting calls.
+    pub fn bind(node: NodeId, listen: SocketAddr, tls: PeerTls) -> Result<Arc<Self>, LinkError> {
+        let mut transport = quinn::TransportConfig::default();
+        // A peer that vanishes (kill -9, SIGSTOP, a cut cable) is noticed
+        // within seconds, not after the default 30 s idle timeout.
+        transport.keep_alive_interval(Some(Duration::from_millis(500)));
+        transport.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(3))
+                .map_err(|e| LinkError::Endpoint(e.to_string()))?,
+        ));
+        transport.max_concurrent_bidi_streams(4096u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        let transport = Arc::new(transport);
+        let mut server = tls.server;
+        server.transport_config(transport.clone());
+        let mut client = tls.client;
+        client.transport_config(transport);
+        let mut endpoint = quinn::Endpoint::server(server, listen)
+            .map_err(|e| LinkError::Endpoint(e.to_string()))?;
+        endpoint.set_default_client_config(client);
+        let peers = Arc::new(Self {
+            node,
+            endpoint,
+            links: DashMap::new(),
+            groups: DashMap::new(),
+            stats: LinkStats::default(),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(accept_loop(peers.clone()));
+        Ok(peers)
+    }
+
+    /// Where peers reach this node.
+    pub fn local_addr(&self) -> Result<SocketAddr, LinkError> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| LinkError::Endpoint(e.to_string()))
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// Serves calls for `partition`'s group.
+    pub fn host(&self, partition: PartitionId, raft: Raft) {
+        self.groups.insert(partition, raft);
+    }
+
+    /// Stops serving `partition`'s group.
+    pub fn unhost(&self, partition: PartitionId) -> Option<Raft> {
+        self.groups.remove(&partition).map(|(_, raft)| raft)
+    }
+
+    /// The group of `partition`, if hosted here.
+    pub fn group(&self, partition: PartitionId) -> Option<Raft> {
+        self.groups.get(&partition).map(|raft| raft.clone())
+    }
+
+    /// Inter-node traffic so far.
+    pub fn stats(&self) -> &LinkStats {
+        &self.stats
+    }
+
+    /// The network factory `partition`'s group dials peers through.
+    pub fn network(self: &Arc<Self>, partition: PartitionId) -> Network {
+        Network {
+            peers: self.clone(),
+            partition,
+        }
+    }
+
+    /// Closes every connection and stops accepting.
+    pub fn close(&self) {
+        self.stop.cancel();
+        self.endpoint.close(0u32.into(), b"node stopping");
+    }
+
+    async fn connection(&self, node: NodeId, addr: &str) -> Result<quinn::Connection, LinkError> {
+        let slot = self
+            .links
+            .entry(node)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(conn) = slot.as_ref()
+            && conn.close_reason().is_none()
+        {
+            return Ok(conn.clone());
+        }
+        let connect_err = |reason: String| LinkError::Connect {
+            node,
+            addr: addr.to_owned(),
+            reason,
+        };
+        let socket: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?
+            .next()
+            .ok_or_else(|| connect_err("no address".into()))?;
+        let name = crate::tls::node_name(node);
+        let conn = self
+            .endpoint
+            .connect(socket, &name)
+            .map_err(|e| connect_err(e.to_string()))?
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        debug!(peer = node, %socket, "peer link up");
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One call: sends `body` to `partition`'s group on `node` and returns
+    /// the answer's bytes.
+    async fn call(
+        &self,
+        node: NodeId,
+        addr: &str,
+        kind: Kind,
+        partition: PartitionId,
+        body: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        let exchange = async {
+            let conn = self.connection(node, addr).await?;
+            let broken = |reason: String| LinkError::Broken { node, reason };
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+            let mut header = [0u8; 5];
+            header[0] = kind as u8;
+            header[1..].copy_from_slice(&partition.0.to_be_bytes());
+            send.write_all(&header)
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            send.write_all(body)
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            send.finish().map_err(|e| broken(e.to_string()))?;
+            let answer = recv
+                .read_to_end(MAX_MESSAGE)
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            Ok(answer)
+        };
+        let answer = tokio::time::timeout(deadline, exchange)
+            .await
+            .map_err(|_| LinkError::Timeout {
+                node,
+                after: deadline,
+            })??;
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_sent
+            .fetch_add(body.len() as u64 + 5, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(answer.len() as u64, Ordering::Relaxed);
+        Ok(answer)
+    }
+}
+
+async fn accept_loop(peers: Arc<Peers>) {
+    loop {
+        let incoming = tokio::select! {
+            () = peers.stop.cancelled() => return,
+            incoming = peers.endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => return,
+            },
+        };
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => serve_connection(peers, conn).await,
+                Err(e) => debug!(error = %e, "peer handshake failed"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(peers: Arc<Peers>, conn: quinn::Connection) {
+    loop {
+        let (send, recv) = tokio::select! {
+            () = peers.stop.cancelled() => return,
+            stream = conn.accept_bi() => match stream {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(error = %e, remote = %conn.remote_address(), "peer link closed");
+                    return;
+                }
+            },
+        };
+        tokio::spawn(serve_call(peers.clone(), send, recv));
+    }
+}
+
+async fn serve_call(peers: Arc<Peers>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let call = match recv.read_to_end(MAX_MESSAGE).await {
+        Ok(call) => call,
+        Err(e) => {
+            debug!(error = %e, "peer call unreadable");
+            return;
+        }
+    };
+    peers
+        .stats
+        .bytes_received
+        .fetch_add(call.len() as u64, Ordering::Relaxed);
+    let answer = answer(&peers, &call).await;
+    peers
+        .stats
+        .bytes_sent
+        .fetch_add(answer.len() as u64, Ordering::Relaxed);
+    if let Err(e) = send.write_all(&answer).await {
+        debug!(error = %e, "peer answer not sent");
+        return;
+    }
+    let _ = send.finish();
+}
+
+/// Decodes a call, hands it to its group and encodes the group's answer.
+async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
+    fn encode<T: Serialize, E: Serialize>(answer: &Answer<T, E>) -> Vec<u8> {
+        postcard::to_allocvec(answer).unwrap_or_default()
+    }
+    fn malformed(why: String) -> Vec<u8> {
+        encode::<(), ()>(&Answer::Malformed(why))
+    }
+    let (Some(&kind), Some(partition)) = (call.first(), call.get(1..5)) else {
+        return malformed("short header".into());
+    };
+    let Some(kind) = Kind::from_u8(kind) else {
+        return malformed(format!("unknown call kind {kind}"));
+    };
+    let partition = PartitionId(u32::from_be_bytes(
+        partition.try_into().unwrap_or([0xff; 4]),
+    ));
+    let body = &call[5..];
+    let Some(raft) = peers.group(partition) else {
+        return encode::<(), ()>(&Answer::NotHosted);
+    };
+    match kind {
+        Kind::AppendEntries => match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(body)
+        {
+            Ok(rpc) => encode(&into_answer(raft.append_entries(rpc).await)),
+            Err(e) => malformed(e.to_string()),
+        },
+        Kind::Vote => match postcard::from_bytes::<VoteRequest<NodeId>>(body) {
+            Ok(rpc) => encode(&into_answer(raft.vote(rpc).await)),
+            Err(e) => malformed(e.to_string()),
+        },
+        Kind::InstallSnapshot => {
+            match postcard::from_bytes::<InstallSnapshotRequest<TypeConfig>>(body) {
+                Ok(rpc) => encode(&into_answer(raft.install_snapshot(rpc).await)),
+                Err(e) => malformed(e.to_string()),
+            }
+        }
+    }
+}
+
+fn into_answer<T, E>(result: Result<T, E>) -> Answer<T, E> {
+    match result {
+        Ok(value) => Answer::Ok(value),
+        Err(e) => Answer::Raft(e),
+    }
+}
+
+/// The network factory of one partition group.
+#[derive(Debug, Clone)]
+pub struct Network {
+    peers: Arc<Peers>,
+    partition: PartitionId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerClient {
+            peers: self.peers.clone(),
+            partition: self.partition,
+            target,
+            node: node.clone(),
+        }
+    }
+}
+
+/// One group's calls to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    peers: Arc<Peers>,
+    partition: PartitionId,
+    target: NodeId,
+    node: BasicNode,
+}
+
+type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+impl PeerClient {
+    async fn rpc<Req, Resp, E>(
+        &self,
+        kind: Kind,
+        req: &Req,
+        option: &RPCOption,
+    ) -> RpcResult<Resp, E>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let body =
+            postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let bytes = self
+            .peers
+            .call(
+                self.target,
+                &self.node.addr,
+                kind,
+                self.partition,
+                &body,
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(|e| match e {
+                LinkError::Timeout { .. } | LinkError::Broken { .. } => {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+                _ => RPCError::Unreachable(Unreachable::new(&e)),
+            })?;
+        match postcard::from_bytes::<Answer<Resp, RaftError<NodeId, E>>>(&bytes) {
+            Ok(Answer::Ok(resp)) => Ok(resp),
+            Ok(Answer::Raft(e)) => Err(RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))),
+            Ok(Answer::NotHosted) => Err(RPCError::Unreachable(Unreachable::new(
+                &LinkError::NotHosted {
+                    node: self.target,
+                    partition: self.partition.0,
+                },
+            ))),
+            Ok(Answer::Malformed(why)) => {
+                warn!(peer = self.target, %why, "peer could not decode our call");
+                Err(RPCError::Network(NetworkError::new(&LinkError::Malformed(
+                    why,
+                ))))
+            }
+            Err(e) => Err(RPCError::Network(NetworkError::new(&LinkError::Malformed(
+                e.to_string(),
+            )))),
+        }
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>, Infallible> {
+        self.rpc(Kind::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.rpc(Kind::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, Infallible> {
+        self.rpc(Kind::Vote, &rpc, &option).await
+    }
+}

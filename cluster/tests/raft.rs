@@ -1,0 +1,362 @@
+//! Partition groups over the real inter-node transport: openraft's storage
+//! suite against the RocksDB log store, and three nodes on loopback QUIC
+//! with mutual TLS, each with its own RocksDB directory, replicating a
+//! partition through a leader's death.
+//!
+//! The state machine here is a minimal sequencer (per-channel offsets
+//! assigned at apply), enough to check what the transport and the log store
+//! must keep: every replica applies the same commands in the same order.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{
+    Config, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tempfile::TempDir;
+use volna_cluster::PartitionId;
+use volna_cluster::raft::log_store::{LogStore, column_families};
+use volna_cluster::raft::network::Peers;
+use volna_cluster::raft::{BasicNode, Command, Outcome, Publish, Raft, Reply, TypeConfig};
+use volna_cluster::tls::{DevCa, PeerTls};
+
+type Error = StorageError<u64>;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Offsets {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    /// Next offset per channel.
+    next: BTreeMap<String, u64>,
+    /// Every stored (channel, offset, payload), in apply order.
+    history: Vec<(String, u64, Vec<u8>)>,
+}
+
+/// The last snapshot built or installed, with its bytes.
+type StoredSnapshot = (SnapshotMeta<u64, BasicNode>, Vec<u8>);
+
+#[derive(Debug, Clone, Default)]
+struct Sequencer {
+    state: Arc<Mutex<Offsets>>,
+    snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+}
+
+impl Sequencer {
+    fn history(&self) -> Vec<(String, u64, Vec<u8>)> {
+        self.state.lock().unwrap().history.clone()
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for Sequencer {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
+        let state = self.state.lock().unwrap().clone();
+        let data = postcard::to_allocvec(&state).map_err(|e| StorageIOError::write(&e))?;
+        let meta = SnapshotMeta {
+            last_log_id: state.last_applied,
+            last_membership: state.membership.clone(),
+            snapshot_id: format!("{:?}", state.last_applied),
+        };
+        *self.snapshot.lock().unwrap() = Some((meta.clone(), data.clone()));
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for Sequencer {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), Error> {
+        let state = self.state.lock().unwrap();
+        Ok((state.last_applied, state.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Reply>, Error>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut state = self.state.lock().unwrap();
+        let mut replies = Vec::new();
+        for entry in entries {
+            state.last_applied = Some(entry.log_id);
+            let mut reply = Reply::default();
+            match entry.payload {
+                EntryPayload::Blank => {}
+                EntryPayload::Membership(m) => {
+                    state.membership = StoredMembership::new(Some(entry.log_id), m);
+                }
+                EntryPayload::Normal(Command::Append { publishes, .. }) => {
+                    for p in publishes {
+                        let next = state.next.entry(p.channel.clone()).or_insert(1);
+                        let offset = *next;
+                        *next += 1;
+                        state.history.push((p.channel, offset, p.payload.to_vec()));
+                        reply.outcomes.push(Outcome::Stored {
+                            offset,
+                            epoch: 1,
+                            duplicate: false,
+                        });
+                    }
+                }
+                EntryPayload::Normal(_) => {}
+            }
+            replies.push(reply);
+        }
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), Error> {
+        let data = snapshot.into_inner();
+        let state: Offsets = postcard::from_bytes(&data).map_err(|e| StorageIOError::read(&e))?;
+        *self.state.lock().unwrap() = state;
+        *self.snapshot.lock().unwrap() = Some((meta.clone(), data));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
+        Ok(self
+            .snapshot
+            .lock()
+            .unwrap()
+            .clone()
+            .map(|(meta, data)| Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(data)),
+            }))
+    }
+}
+
+fn open_db(dir: &std::path::Path) -> Arc<rocksdb::DB> {
+    let mut options = rocksdb::Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    Arc::new(rocksdb::DB::open_cf_descriptors(&options, dir, column_families()).unwrap())
+}
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, Sequencer, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, Sequencer), Error> {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open_db(dir.path());
+        // Partition 7, with partitions 6 and 8 holding entries of their own
+        // around it: the store must keep to its own key range.
+        for neighbour in [6, 8] {
+            let mut other = LogStore::new(db.clone(), PartitionId(neighbour), false);
+            openraft::storage::RaftLogStorage::save_vote(
+                &mut other,
+                &openraft::Vote::new(9, neighbour.into()),
+            )
+            .await?;
+            let entries: Vec<Entry<TypeConfig>> = (0..30)
+                .map(|i| Entry {
+                    log_id: LogId::new(openraft::CommittedLeaderId::new(9, 1), i),
+                    payload: EntryPayload::Blank,
+                })
+                .collect();
+            openraft::storage::RaftLogStorageExt::blocking_append(&mut other, entries).await?;
+        }
+        Ok((
+            dir,
+            LogStore::new(db, PartitionId(7), false),
+            Sequencer::default(),
+        ))
+    }
+}
+
+#[test]
+fn the_rocksdb_log_store_passes_openraft_storage_suite() {
+    Suite::test_all(Builder).unwrap();
+}
+
+/// One node of the test cluster.
+struct Node {
+    id: u64,
+    raft: Raft,
+    peers: Arc<Peers>,
+    machine: Sequencer,
+    _dir: TempDir,
+}
+
+fn raft_config() -> Arc<Config> {
+    Arc::new(
+        Config {
+            cluster_name: "volna-test".into(),
+            heartbeat_interval: 100,
+            election_timeout_min: 400,
+            election_timeout_max: 800,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap(),
+    )
+}
+
+async fn start_node(id: u64, ca: &DevCa) -> Node {
+    let issued = ca.issue(id, &["localhost"]).unwrap();
+    let tls = PeerTls::from_pem(
+        ca.cert_pem().as_bytes(),
+        issued.cert_pem.as_bytes(),
+        issued.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let peers = Peers::bind(id, "127.0.0.1:0".parse().unwrap(), tls).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(dir.path());
+    let partition = PartitionId(3);
+    let machine = Sequencer::default();
+    let raft = Raft::new(
+        id,
+        raft_config(),
+        peers.network(partition),
+        LogStore::new(db, partition, false),
+        machine.clone(),
+    )
+    .await
+    .unwrap();
+    peers.host(partition, raft.clone());
+    Node {
+        id,
+        raft,
+        peers,
+        machine,
+        _dir: dir,
+    }
+}
+
+fn append(payload: String) -> Command {
+    Command::Append {
+        now_ms: 0,
+        epoch_seed: 0,
+        publishes: vec![Publish {
+            channel: "chat.1".into(),
+            producer: None,
+            payload: payload.into_bytes().into(),
+        }],
+    }
+}
+
+async fn leader_of(nodes: &[&Node], timeout: Duration) -> u64 {
+    let deadline = Instant::now() + timeout;
+    loop {
+        for node in nodes {
+            if node.raft.current_leader().await == Some(node.id) {
+                return node.id;
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_replicate_a_partition_over_mutual_tls_quic_through_a_leader_death() {
+    let ca = DevCa::generate().unwrap();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node(id, &ca).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .map(|n| (n.id, BasicNode::new(n.peers.local_addr().unwrap())))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+
+    let all: Vec<&Node> = nodes.iter().collect();
+    let first = leader_of(&all, Duration::from_secs(10)).await;
+    let leader = nodes.iter().find(|n| n.id == first).unwrap();
+    for i in 0..200 {
+        let reply = leader
+            .raft
+            .client_write(append(format!("m{i}")))
+            .await
+            .unwrap();
+        assert_eq!(
+            reply.data.outcomes,
+            vec![Outcome::Stored {
+                offset: i + 1,
+                epoch: 1,
+                duplicate: false
+            }]
+        );
+    }
+    assert!(
+        leader
+            .peers
+            .stats()
+            .bytes_sent
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // The leader dies: its peers' links break, a survivor takes over and
+    // offsets go on from where they were, none reused, none skipped.
+    let dead = nodes.iter().position(|n| n.id == first).unwrap();
+    let dead = nodes.remove(dead);
+    dead.peers.close();
+    dead.raft.shutdown().await.unwrap();
+    let survivors: Vec<&Node> = nodes.iter().collect();
+    let died_at = Instant::now();
+    let second = leader_of(&survivors, Duration::from_secs(10)).await;
+    assert_ne!(second, first);
+    let leader = nodes.iter().find(|n| n.id == second).unwrap();
+    let reply = leader
+        .raft
+        .client_write(append("after".into()))
+        .await
+        .unwrap();
+    eprintln!(
+        "failover: first ack {:?} after the leader's death",
+        died_at.elapsed()
+    );
+    assert_eq!(
+        reply.data.outcomes,
+        vec![Outcome::Stored {
+            offset: 201,
+            epoch: 1,
+            duplicate: false
+        }]
+    );
+
+    // Both survivors applied the same history.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let histories: BTreeSet<_> = nodes.iter().map(|n| n.machine.history()).collect();
+        if histories.len() == 1 && histories.iter().next().unwrap().len() == 201 {
+            let history = histories.into_iter().next().unwrap();
+            let offsets: Vec<u64> = history.iter().map(|(_, o, _)| *o).collect();
+            assert_eq!(offsets, (1..=201).collect::<Vec<_>>());
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas disagree");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in nodes {
+        node.raft.shutdown().await.unwrap();
+        node.peers.close();
+    }
+}
