@@ -263,6 +263,132 @@ pub struct AdminConfig {
     pub token_file: Option<PathBuf>,
 }
 
+/// Cluster membership (DESIGN.md §7). Without a `[cluster]` section the
+/// broker is a single node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// This node's id: unique in the cluster, never reused for another
+    /// machine's data.
+    pub node_id: u64,
+    /// The cluster's name: its keys in etcd live under `/volna/<name>/`.
+    pub name: String,
+    /// etcd client URLs.
+    pub etcd_endpoints: Vec<String>,
+    /// Where devices reach this node's QUIC port (defaults to `listen`).
+    pub advertise_addr: Option<String>,
+    /// UDP address for the inter-node QUIC endpoint.
+    pub peer_listen: SocketAddr,
+    /// Where other nodes reach `peer_listen` (defaults to it).
+    pub peer_advertise: Option<String>,
+    /// Partitions channels hash to; fixed when the cluster is created (the
+    /// first node's value is stored in etcd and adopted by the others).
+    pub partitions: u32,
+    /// Replicas (Raft voters) per partition.
+    pub replicas: usize,
+    /// Raft election timeout: a partition whose leader is silent this long
+    /// elects another.
+    pub election_timeout_ms: u64,
+    /// Raft heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// This node's etcd lease: it leaves the membership this long after it
+    /// stops renewing it.
+    pub lease_ttl_secs: u64,
+    /// Mutual TLS between nodes: the cluster CA, this node's certificate
+    /// (naming `node-<node_id>`) and key, PEM.
+    pub tls: ClusterTls,
+}
+
+/// Mutual TLS between nodes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterTls {
+    /// The cluster CA certificate (PEM).
+    pub ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM).
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl ClusterSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: String, why: &'static str| ConfigError::Invalid {
+            key: format!("cluster.{key}"),
+            value,
+            why,
+        };
+        if self.node_id == 0 {
+            return Err(invalid("node_id", "0".into(), "must be at least 1"));
+        }
+        if self.name.is_empty() || self.name.contains('/') {
+            return Err(invalid(
+                "name",
+                self.name.clone(),
+                "must be non-empty, without '/'",
+            ));
+        }
+        if self.etcd_endpoints.is_empty() {
+            return Err(invalid("etcd_endpoints", "[]".into(), "needs an endpoint"));
+        }
+        if !(1..=4096).contains(&self.partitions) {
+            return Err(invalid(
+                "partitions",
+                self.partitions.to_string(),
+                "must be 1 to 4096",
+            ));
+        }
+        if !(1..=7).contains(&self.replicas) {
+            return Err(invalid(
+                "replicas",
+                self.replicas.to_string(),
+                "must be 1 to 7",
+            ));
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
+            return Err(invalid(
+                "election_timeout_ms",
+                self.election_timeout_ms.to_string(),
+                "must be at least three heartbeats (heartbeat_ms > 0)",
+            ));
+        }
+        if self.lease_ttl_secs < 2 {
+            return Err(invalid(
+                "lease_ttl_secs",
+                self.lease_ttl_secs.to_string(),
+                "must be at least 2",
+            ));
+        }
+        if self.tls.ca.is_none() || self.tls.cert.is_none() || self.tls.key.is_none() {
+            return Err(invalid(
+                "tls",
+                "incomplete".into(),
+                "a cluster needs ca, cert and key (scripts/cluster.sh makes a development set)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            name: "volna".into(),
+            etcd_endpoints: vec!["http://127.0.0.1:2379".into()],
+            advertise_addr: None,
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 7402)),
+            peer_advertise: None,
+            partitions: 64,
+            replicas: 3,
+            election_timeout_ms: 1000,
+            heartbeat_ms: 250,
+            lease_ttl_secs: 5,
+            tls: ClusterTls::default(),
+        }
+    }
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -302,6 +428,8 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Log format.
     pub log_format: LogFormat,
+    /// Cluster membership; `None` runs a single node.
+    pub cluster: Option<ClusterSection>,
 }
 
 /// The configuration's top-level keys: `VOLNA_<KEY>` environment variables
@@ -320,6 +448,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "admin",
     "auth",
     "log_format",
+    "cluster",
 ];
 
 impl Default for Config {
@@ -337,6 +466,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             log_format: LogFormat::default(),
+            cluster: None,
         }
     }
 }
@@ -415,6 +545,9 @@ impl Config {
                 value: value.to_string(),
                 why,
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         if self.socket_buffer_bytes < 64 * 1024 {
             return Err(invalid(

@@ -37,6 +37,8 @@
 pub mod admin;
 pub mod auth;
 pub mod channels;
+#[cfg(feature = "rocksdb")]
+pub mod cluster;
 pub mod config;
 pub mod fanout;
 pub mod fuzzing;

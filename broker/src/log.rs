@@ -117,6 +117,17 @@ pub enum AppendError {
     /// The log is shutting down.
     #[error("the log is shutting down")]
     ShuttingDown,
+    /// The channel's partition could not commit it in time (cluster).
+    #[error("partition unavailable: {0}")]
+    Unavailable(String),
+    /// The partition's leader refused it (cluster): its code and reason.
+    #[error("{message}")]
+    Refused {
+        /// The wire code.
+        code: ErrorCode,
+        /// Why.
+        message: String,
+    },
 }
 
 impl AppendError {
@@ -129,6 +140,8 @@ impl AppendError {
             Self::TooManyProducers { .. } => ErrorCode::TooManyProducers,
             Self::OutOfOrder { .. } => ErrorCode::OutOfOrder,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Refused { code, .. } => *code,
         }
     }
 }
@@ -549,7 +562,65 @@ enum Command {
         channel: ChannelName,
         reply: oneshot::Sender<Result<Option<ChannelMeta>, AppendError>>,
     },
+    /// A committed entry of a partition's Raft log (cluster); ends the
+    /// batch it is in and is written on its own, with its applied state.
+    Replicated {
+        batch: Replicated,
+        reply: oneshot::Sender<Result<ReplicatedOutcome, AppendError>>,
+    },
 }
+
+/// A committed entry of a replicated partition's log, to apply (cluster).
+/// Everything that decides offsets and epochs is in it, so every replica
+/// that applies the same entries stores the same `(epoch, offset)`s.
+#[derive(Debug, Clone, Default)]
+pub struct Replicated {
+    /// The partition.
+    pub partition: u32,
+    /// The partition's applied state once this entry is applied (opaque to
+    /// the log; stored atomically with the entry's changes).
+    pub applied: Vec<u8>,
+    /// The leader's clock when it proposed the entry.
+    pub now_ms: u64,
+    /// Seeds the epochs of channels the entry creates.
+    pub epoch_seed: u64,
+    /// Publishes, in order.
+    pub appends: Vec<AppendInput>,
+    /// Retention cuts.
+    pub trims: Vec<Trim>,
+    /// Channels to delete.
+    pub deletes: Vec<ChannelName>,
+}
+
+/// What applying a [`Replicated`] entry decided.
+#[derive(Debug, Default)]
+pub struct ReplicatedOutcome {
+    /// One per append, in order.
+    pub outcomes: Vec<Outcome>,
+    /// One per delete: the deleted channel's last metadata, `None` when
+    /// there was no such channel.
+    pub deleted: Vec<(ChannelName, Option<ChannelMeta>)>,
+}
+
+/// Where a cluster node's log sends appends, deletes and retention cuts:
+/// the channel's partition group, through its Raft log (DESIGN.md §7),
+/// instead of this node's writer. What the group commits comes back to the
+/// writer as [`Replicated`] entries.
+pub trait Replication: Send + Sync + std::fmt::Debug + 'static {
+    /// Queues `input` for its partition, in submission order.
+    fn submit(&self, input: AppendInput) -> BoxFuture<'_, Result<PendingAppend, AppendError>>;
+    /// Deletes `channel` through its partition.
+    fn delete(
+        &self,
+        channel: ChannelName,
+    ) -> BoxFuture<'_, Result<Option<ChannelMeta>, AppendError>>;
+    /// Proposes a retention cut when this node leads the channel's
+    /// partition; false when it does not (the leader cuts).
+    fn trim(&self, trim: Trim) -> bool;
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// What the reader threads are asked to read.
 #[derive(Debug)]
@@ -585,6 +656,13 @@ enum ReadRequest {
 #[derive(Debug)]
 pub struct PendingAppend(oneshot::Receiver<Result<Appended, AppendError>>);
 
+impl PendingAppend {
+    /// The ack `reply` will send.
+    pub fn new(reply: oneshot::Receiver<Result<Appended, AppendError>>) -> Self {
+        Self(reply)
+    }
+}
+
 impl std::future::IntoFuture for PendingAppend {
     type Output = Result<Appended, AppendError>;
     type IntoFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Self::Output> + Send>>;
@@ -603,6 +681,8 @@ pub struct Log {
     closed: Arc<AtomicBool>,
     /// The store generation of this run (see `ChannelMeta::in_generation`).
     generation: u64,
+    /// A cluster node's partition groups, set once the node is up.
+    replication: Arc<std::sync::OnceLock<Arc<dyn Replication>>>,
 }
 
 /// Which log holds which channel: the durable (RocksDB) log, and, when
@@ -672,8 +752,34 @@ pub fn start(
     engine: &EngineConfig,
     metrics: Arc<Metrics>,
 ) -> Result<LogThreads, StoreError> {
+    start_with(store, listener, durability, engine, metrics, false)
+}
+
+/// Starts the log of a cluster node: its channels belong to replicated
+/// partitions, whose Raft logs (not the store's clean-stop mark) say what
+/// was committed, so an unclean stop does not move channels to new epochs:
+/// a replica re-applies what it missed and keeps the epochs every other
+/// replica has.
+pub fn start_replicated(
+    store: Arc<dyn LogStore>,
+    listener: Arc<dyn CommitListener>,
+    durability: Durability,
+    engine: &EngineConfig,
+    metrics: Arc<Metrics>,
+) -> Result<LogThreads, StoreError> {
+    start_with(store, listener, durability, engine, metrics, true)
+}
+
+fn start_with(
+    store: Arc<dyn LogStore>,
+    listener: Arc<dyn CommitListener>,
+    durability: Durability,
+    engine: &EngineConfig,
+    metrics: Arc<Metrics>,
+    replicated: bool,
+) -> Result<LogThreads, StoreError> {
     let mut recovered = store.recover()?;
-    if !recovered.clean_stop && durability == Durability::Wal {
+    if !recovered.clean_stop && durability == Durability::Wal && !replicated {
         // The WAL was not synced per write: a power loss may have taken
         // acknowledged messages, whose offsets the log would now reuse.
         recovered.generation += 1;
@@ -737,6 +843,7 @@ pub fn start(
             directory,
             closed,
             generation,
+            replication: Arc::default(),
         },
         writer: Some(writer),
         readers,
@@ -794,6 +901,9 @@ impl Log {
         if self.closed.load(Ordering::SeqCst) {
             return Err(AppendError::ShuttingDown);
         }
+        if let Some(replication) = self.replication.get() {
+            return replication.submit(input).await;
+        }
         let (reply, rx) = oneshot::channel();
         let bytes = input.payload.len();
         self.commands
@@ -806,6 +916,9 @@ impl Log {
     /// Asks the writer to apply a retention cut. Skipped (false) when the
     /// writer is busy: the next round computes it again.
     pub fn trim(&self, trim: Trim) -> bool {
+        if let Some(replication) = self.replication.get() {
+            return replication.trim(trim);
+        }
         self.commands.try_send(Command::Trim(trim)).is_ok()
     }
 
@@ -817,9 +930,33 @@ impl Log {
         if self.closed.load(Ordering::SeqCst) {
             return Err(AppendError::ShuttingDown);
         }
+        if let Some(replication) = self.replication.get() {
+            return replication.delete(channel).await;
+        }
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Delete { channel, reply })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(AppendError::ShuttingDown))
+    }
+
+    /// Routes appends, deletes and trims through a cluster's partition
+    /// groups from now on (set once, when the node has joined).
+    pub fn replicate_through(&self, replication: Arc<dyn Replication>) {
+        let _ = self.replication.set(replication);
+    }
+
+    /// Applies a committed entry of a replicated partition; resolves once
+    /// it is written (with the partition's applied state).
+    pub async fn apply_replicated(
+        &self,
+        batch: Replicated,
+    ) -> Result<ReplicatedOutcome, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        let bytes = batch.appends.iter().map(|a| a.payload.len()).sum();
+        self.commands
+            .send_sized(Command::Replicated { batch, reply }, bytes)
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         rx.await.unwrap_or(Err(AppendError::ShuttingDown))
@@ -976,6 +1113,7 @@ impl Writer {
                 ..Batch::default()
             };
             let mut bytes = 0usize;
+            let mut replicated = None;
             let mut next = first;
             while let Some(queued) = next.take() {
                 match queued.item {
@@ -990,12 +1128,16 @@ impl Writer {
                         batch.delete = Some((channel, reply));
                         break;
                     }
+                    Command::Replicated { batch, reply } => {
+                        replicated = Some((batch, reply));
+                        break;
+                    }
                 }
                 if batch.appends.len() < self.max_batch_messages && bytes < self.max_batch_bytes {
                     next = rx.try_recv().ok();
                 }
             }
-            if batch.is_empty() {
+            if batch.is_empty() && replicated.is_none() {
                 continue;
             }
             // After a failed write the store refuses writes until it is
@@ -1003,7 +1145,12 @@ impl Writer {
             if !healthy && self.store.check_health().is_ok() {
                 info!("the store accepts writes again");
             }
-            healthy = self.commit(batch);
+            if !batch.is_empty() {
+                healthy = self.commit(batch);
+            }
+            if let Some((entry, reply)) = replicated {
+                healthy = self.apply(entry, reply);
+            }
             if self.sequencer.channels().over_capacity() {
                 for name in self.sequencer.channels_mut().evict() {
                     self.directory.remove(&name);
@@ -1030,13 +1177,17 @@ impl Writer {
     /// Makes every channel and producer window the batch names resident,
     /// reading the ones not in memory from the store: both are loaded on
     /// use, not at start (G9).
-    fn load(&mut self, batch: &Batch) -> Result<(), StoreError> {
-        let channels = batch
-            .appends
+    fn load<'a>(
+        &mut self,
+        appends: &'a [AppendInput],
+        trims: &'a [Trim],
+        deletes: impl Iterator<Item = &'a ChannelName>,
+    ) -> Result<(), StoreError> {
+        let channels = appends
             .iter()
             .map(|a| &a.channel)
-            .chain(batch.trims.iter().map(|t| &t.channel))
-            .chain(batch.delete.iter().map(|(name, _)| name));
+            .chain(trims.iter().map(|t| &t.channel))
+            .chain(deletes);
         for name in channels {
             if self.sequencer.channels().contains(name) {
                 continue;
@@ -1047,7 +1198,7 @@ impl Writer {
             }
         }
         let now = now_ms();
-        for producer in batch.appends.iter().filter_map(|a| a.producer.as_ref()) {
+        for producer in appends.iter().filter_map(|a| a.producer.as_ref()) {
             if self.sequencer.producers().contains(&producer.key) {
                 continue;
             }
@@ -1063,7 +1214,11 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: Batch) -> bool {
-        if let Err(e) = self.load(&batch) {
+        if let Err(e) = self.load(
+            &batch.appends,
+            &batch.trims,
+            batch.delete.iter().map(|(name, _)| name),
+        ) {
             warn!(error = %e, messages = batch.appends.len(), "cannot read channels or producer windows; nothing was acknowledged");
             batch.fail(&e.to_string());
             return false;
@@ -1087,19 +1242,7 @@ impl Writer {
             .into_iter()
             .filter(|key| !prepared.producers.contains_key(key))
             .collect();
-        let started = std::time::Instant::now();
-        let result = if prepared.set.is_empty() {
-            Ok(())
-        } else {
-            self.store.write(&prepared.set, self.sync)
-        };
-        self.metrics
-            .wal_write_seconds
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics
-            .group_commit_messages
-            .observe(appends.len() as f64);
-        if let Err(e) = result {
+        if let Err(e) = self.write(&mut prepared, appends.len()) {
             warn!(error = %e, messages = appends.len(), "group commit failed; nothing was acknowledged");
             Batch {
                 replies,
@@ -1109,6 +1252,73 @@ impl Writer {
             .fail(&e.to_string());
             return false;
         }
+        for (reply, outcome) in replies.into_iter().zip(prepared.outcomes) {
+            let _ = reply.send(match outcome {
+                Outcome::Stored(appended) => Ok(appended),
+                Outcome::Refused(e) => Err(e),
+            });
+        }
+        if let (Some(reply), Some((_, meta))) = (delete_reply, prepared.deleted.pop()) {
+            let _ = reply.send(Ok(meta));
+        }
+        true
+    }
+
+    /// Applies a replicated partition's committed entry with the leader's
+    /// clock and epoch seed, and its applied state in the same write.
+    fn apply(
+        &mut self,
+        entry: Replicated,
+        reply: oneshot::Sender<Result<ReplicatedOutcome, AppendError>>,
+    ) -> bool {
+        let Replicated {
+            partition,
+            applied,
+            now_ms,
+            epoch_seed,
+            appends,
+            trims,
+            deletes,
+        } = entry;
+        if let Err(e) = self.load(&appends, &trims, deletes.iter()) {
+            warn!(error = %e, partition, "cannot read channels or producer windows to apply a replicated entry");
+            let _ = reply.send(Err(AppendError::Storage(e.to_string())));
+            return false;
+        }
+        let mut seed = epoch_seed;
+        let mut prepared = self
+            .sequencer
+            .prepare(&appends, trims, deletes, now_ms, &mut || {
+                Epoch(splitmix64(&mut seed))
+            });
+        prepared.set.applied.push((partition, applied));
+        if let Err(e) = self.write(&mut prepared, appends.len()) {
+            warn!(error = %e, partition, "cannot write a replicated entry");
+            let _ = reply.send(Err(AppendError::Storage(e.to_string())));
+            return false;
+        }
+        let _ = reply.send(Ok(ReplicatedOutcome {
+            outcomes: prepared.outcomes,
+            deleted: prepared.deleted,
+        }));
+        true
+    }
+
+    /// Writes a prepared batch and, once it is stored, makes it the
+    /// sequencer's state, publishes the channels' metadata and tells the
+    /// listeners (fan-out), deleted channels included.
+    fn write(&mut self, prepared: &mut Prepared, messages: usize) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let result = if prepared.set.is_empty() {
+            Ok(())
+        } else {
+            self.store.write(&prepared.set, self.sync)
+        };
+        self.metrics
+            .wal_write_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.group_commit_messages.observe(messages as f64);
+        result?;
         let deleted: u64 = prepared
             .set
             .deletions
@@ -1119,7 +1329,7 @@ impl Writer {
         self.metrics
             .retention_stale_trims
             .inc_by(prepared.stale_trims);
-        self.sequencer.commit(&mut prepared);
+        self.sequencer.commit(prepared);
         self.metrics
             .producer_windows
             .set(self.sequencer.producers().len() as i64);
@@ -1129,23 +1339,26 @@ impl Writer {
         for (name, meta, messages) in &prepared.by_channel {
             self.listener.committed(name, meta, messages);
         }
-        for (reply, outcome) in replies.into_iter().zip(prepared.outcomes) {
-            let _ = reply.send(match outcome {
-                Outcome::Stored(appended) => Ok(appended),
-                Outcome::Refused(e) => Err(e),
-            });
-        }
-        if let (Some(reply), Some((name, meta))) = (delete_reply, prepared.deleted.pop()) {
-            self.directory.remove(&name);
+        for (name, meta) in &prepared.deleted {
+            self.directory.remove(name);
             if meta.is_some() {
                 info!(channel = %name, "channel deleted");
                 self.metrics.channels_deleted.inc();
-                self.listener.deleted(&name);
+                self.listener.deleted(name);
             }
-            let _ = reply.send(Ok(meta));
         }
-        true
+        Ok(())
     }
+}
+
+/// The next value of a splitmix64 sequence: well-spread epochs from a seed
+/// every replica shares.
+fn splitmix64(state: &mut u64) -> u64 {
+    *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *state;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// One group commit's worth of commands.

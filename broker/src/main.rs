@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 use volna_broker::config::{Durability, LogFormat};
 use volna_broker::{Broker, Config};
@@ -45,6 +45,47 @@ struct Args {
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
+    #[command(subcommand)]
+    command: Option<Tool>,
+}
+
+/// One-off tools instead of running the broker.
+#[derive(Debug, Subcommand)]
+enum Tool {
+    /// Writes a development cluster CA (`ca.pem`) and, for nodes 1..=N,
+    /// `node-<id>.pem` and `node-<id>.key`: each valid between nodes
+    /// (`node-<id>`) and for devices (the `--name`s), so that one
+    /// `volna --ca ca.pem` trusts every node. For development and tests.
+    DevClusterCerts {
+        /// Directory to write into (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Nodes to issue certificates for.
+        #[arg(long, default_value_t = 3)]
+        nodes: u64,
+        /// Host names and IP addresses devices dial the nodes by.
+        #[arg(long = "name", default_values = ["localhost", "127.0.0.1", "::1"])]
+        names: Vec<String>,
+    },
+}
+
+/// Writes the development cluster certificates (see [`Tool::DevClusterCerts`]).
+fn dev_cluster_certs(out: &std::path::Path, nodes: u64, names: &[String]) -> anyhow::Result<()> {
+    use volna_cluster::tls::DevCa;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let ca = DevCa::generate()?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    std::fs::write(out.join("ca.pem"), ca.cert_pem())?;
+    for id in 1..=nodes {
+        let issued = ca.issue(id, &names)?;
+        std::fs::write(out.join(format!("node-{id}.pem")), issued.cert_pem)?;
+        volna_broker::tls::write_private(
+            &out.join(format!("node-{id}.key")),
+            issued.key_pem.as_bytes(),
+        )?;
+    }
+    println!("{}", out.join("ca.pem").display());
+    Ok(())
 }
 
 fn parse_log_format(s: &str) -> Result<LogFormat, String> {
@@ -78,6 +119,9 @@ fn main() -> std::process::ExitCode {
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(Tool::DevClusterCerts { out, nodes, names }) = &args.command {
+        return dev_cluster_certs(out, *nodes, names);
+    }
     let mut config = Config::load(args.config.as_deref())?;
     if let Some(dir) = args.data_dir {
         config.data_dir = dir;
@@ -103,7 +147,8 @@ async fn run() -> anyhow::Result<()> {
         config.auth.public_key_files = args.auth_public_key_file;
     }
     config.validate()?;
-    let filter = EnvFilter::try_from_env("VOLNA_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("VOLNA_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     match config.log_format {
         // Logs go to stderr, with the development banner and panics: one
         // stream for everything the broker says about itself. A log line

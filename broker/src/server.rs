@@ -63,6 +63,10 @@ pub enum StartError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     /// The HTTP listener could not start.
+    /// The node could not join its cluster.
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    /// Cannot listen on the HTTP address.
     #[error("cannot listen on tcp {addr}: {source}")]
     Http {
         /// The address.
@@ -87,6 +91,7 @@ pub struct Broker {
     ephemeral_threads: Option<LogThreads>,
     logs: Logs,
     tasks: Vec<JoinHandle<()>>,
+    cluster: Option<crate::cluster::ClusterNode>,
 }
 
 impl Broker {
@@ -158,15 +163,28 @@ impl Broker {
                 source,
             })?;
         let db_dir = config.data_dir.join("log");
+        let clustered = config.cluster.is_some();
+        let mut shared_db = None;
         let store: Arc<dyn LogStore> = match store {
+            Some(_) if clustered => {
+                return Err(crate::cluster::ClusterError::NoRocksDb.into());
+            }
             Some(store) => store,
             None => {
                 let dir = db_dir.clone();
                 let producer_idle = Duration::from_secs(config.engine.producer_idle_secs);
-                let rocks =
-                    tokio::task::spawn_blocking(move || RocksStore::open_with(&dir, producer_idle))
-                        .await
-                        .map_err(|e| StoreError::Engine(e.to_string()))??;
+                // A cluster node's Raft logs share its RocksDB.
+                let families = if clustered {
+                    volna_cluster::raft::log_store::column_families()
+                } else {
+                    Vec::new()
+                };
+                let rocks = tokio::task::spawn_blocking(move || {
+                    RocksStore::open_with_families(&dir, producer_idle, families)
+                })
+                .await
+                .map_err(|e| StoreError::Engine(e.to_string()))??;
+                shared_db = Some(rocks.shared_db());
                 Arc::new(rocks)
             }
         };
@@ -184,12 +202,30 @@ impl Broker {
                 metrics.clone(),
             );
             tokio::task::spawn_blocking(move || {
-                log::start(store, fanout, config.durability, &config.engine, metrics)
+                if clustered {
+                    log::start_replicated(store, fanout, config.durability, &config.engine, metrics)
+                } else {
+                    log::start(store, fanout, config.durability, &config.engine, metrics)
+                }
             })
             .await
             .map_err(|e| StoreError::Engine(e.to_string()))??
         };
         let log = log_threads.log().clone();
+        let cluster = match (&config.cluster, shared_db) {
+            (Some(section), Some(db)) => Some(
+                crate::cluster::ClusterNode::start(crate::cluster::NodeSetup {
+                    section: section.clone(),
+                    quic_addr,
+                    db,
+                    store: store.clone(),
+                    log: log.clone(),
+                    durability: config.durability,
+                })
+                .await?,
+            ),
+            _ => None,
+        };
         // Namespaces configured `persistent = false` get an in-memory log of
         // their own: same sequencing and fan-out, no RocksDB.
         let ephemeral_namespaces: std::collections::HashSet<String> = config
@@ -291,6 +327,7 @@ impl Broker {
             ephemeral_threads,
             logs,
             tasks,
+            cluster,
         })
     }
 
@@ -327,6 +364,11 @@ impl Broker {
         self.logs.for_channel(channel)
     }
 
+    /// The cluster node, when `[cluster]` is configured.
+    pub fn cluster(&self) -> Option<&crate::cluster::ClusterNode> {
+        self.cluster.as_ref()
+    }
+
     /// The fan-out engine (for tests and embedding).
     pub fn fanout(&self) -> &Fanout {
         &self.fanout
@@ -350,6 +392,11 @@ impl Broker {
         for task in self.tasks.drain(..) {
             task.abort();
             let _ = task.await;
+        }
+        // The groups stop before the log: an entry being applied finds the
+        // writer still there.
+        if let Some(cluster) = self.cluster.take() {
+            cluster.shutdown().await;
         }
         for threads in [self.ephemeral_threads.take(), self.log_threads.take()]
             .into_iter()

@@ -245,7 +245,7 @@ fn ensure_dev_cert(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
 }
 
 /// Writes a file only its owner may read (keys, secrets).
-pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()

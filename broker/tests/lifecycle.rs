@@ -320,6 +320,12 @@ impl volna_broker::store::LogStore for GatedStore {
     ) -> Result<(), volna_broker::store::StoreError> {
         self.inner.write(set, sync)
     }
+    fn load_applied(
+        &self,
+        partition: u32,
+    ) -> Result<Option<Vec<u8>>, volna_broker::store::StoreError> {
+        self.inner.load_applied(partition)
+    }
     fn read(
         &self,
         channel: volna_broker::store::ChannelId,

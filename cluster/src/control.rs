@@ -106,6 +106,35 @@ impl Control {
         }
     }
 
+    /// Connects to etcd at `endpoints` (giving up after `timeout`).
+    pub async fn connect(
+        endpoints: &[String],
+        name: &str,
+        timeout: Duration,
+    ) -> Result<Self, ControlError> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(timeout)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = Client::connect(endpoints, Some(options)).await?;
+        Ok(Self::new(client, name))
+    }
+
+    /// Claims the right to create `partition`'s Raft group, once for the
+    /// cluster's life: true for the first node to ask, false for every
+    /// later call. A node that lost its disk must not create the group
+    /// anew beside the one its former peers still run.
+    pub async fn claim_initialization(
+        &self,
+        partition: u32,
+        node: NodeId,
+    ) -> Result<bool, ControlError> {
+        let key = self.key(&format!("initialized/{partition}"));
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), node.to_string(), None)]);
+        Ok(self.client.clone().txn(txn).await?.succeeded())
+    }
+
     fn key(&self, rest: &str) -> String {
         format!("{}{rest}", self.prefix)
     }
@@ -159,13 +188,17 @@ impl Control {
         client
             .put(key, encode(node), Some(PutOptions::new().with_lease(lease)))
             .await?;
-        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
+        let (keeper, answers) = client.lease_keep_alive(lease).await?;
         let stop = CancellationToken::new();
+        let expired = CancellationToken::new();
         let renewing = stop.clone();
+        let lost = expired.clone();
         let every = Duration::from_secs(u64::try_from(ttl_secs).unwrap_or(2) / 3)
             .max(Duration::from_millis(500));
         let id = node.id;
+        let mut renewer = client.clone();
         tokio::spawn(async move {
+            let mut stream = Some((keeper, answers));
             let mut tick = tokio::time::interval(every);
             loop {
                 tokio::select! {
@@ -173,18 +206,35 @@ impl Control {
                     _ = tick.tick() => {}
                 }
                 // While etcd is unreachable the node goes on serving on the
-                // last known map; it keeps trying.
+                // last known map; it keeps trying, on a new stream once the
+                // old one broke.
+                let (keeper, answers) = match stream.as_mut() {
+                    Some(open) => open,
+                    None => match renewer.lease_keep_alive(lease).await {
+                        Ok(open) => stream.insert(open),
+                        Err(e) => {
+                            warn!(node = id, error = %e, "cannot reach etcd to renew the membership lease");
+                            continue;
+                        }
+                    },
+                };
                 if let Err(e) = keeper.keep_alive().await {
                     warn!(node = id, error = %e, "cannot renew the membership lease");
+                    stream = None;
                     continue;
                 }
                 match answers.message().await {
                     Ok(Some(answer)) if answer.ttl() <= 0 => {
                         warn!(node = id, "the membership lease expired");
+                        lost.cancel();
                         return;
                     }
-                    Ok(_) => {}
-                    Err(e) => warn!(node = id, error = %e, "lease renewal failed"),
+                    Ok(Some(_)) => {}
+                    Ok(None) => stream = None,
+                    Err(e) => {
+                        warn!(node = id, error = %e, "lease renewal failed");
+                        stream = None;
+                    }
                 }
             }
         });
@@ -193,6 +243,7 @@ impl Control {
             client,
             lease,
             stop,
+            expired,
         })
     }
 
@@ -251,6 +302,7 @@ pub struct Membership {
     client: Client,
     lease: i64,
     stop: CancellationToken,
+    expired: CancellationToken,
 }
 
 impl std::fmt::Debug for Membership {
@@ -265,6 +317,12 @@ impl Membership {
     /// The lease the node's keys are attached to.
     pub fn lease(&self) -> i64 {
         self.lease
+    }
+
+    /// Resolves once etcd says the lease expired (the node was away longer
+    /// than its TTL): its keys are gone and it must join again.
+    pub async fn expired(&self) {
+        self.expired.cancelled().await;
     }
 
     /// Leaves the cluster now: the lease and every key on it go.

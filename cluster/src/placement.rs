@@ -22,7 +22,7 @@ use crate::partition::PartitionId;
 pub type NodeId = u64;
 
 /// Which nodes hold each partition.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionMap {
     /// Grows with every change the placer writes.
     pub version: u64,

@@ -57,6 +57,11 @@ pub enum ErrorCode {
     /// channel that is not stored yet: nothing was stored; send the earlier
     /// one first, then this one again.
     OutOfOrder,
+    /// The channel's partition could not commit the request in time (no
+    /// leader reachable from this node: an election, a failover, a network
+    /// partition). An idempotent publish may have been stored: send it
+    /// again with the same sequence and it is stored once.
+    Unavailable,
     /// A code this build does not know.
     Other(u16),
 }
@@ -86,6 +91,7 @@ impl ErrorCode {
             Self::TooManyProducers => 19,
             Self::ChannelDeleted => 20,
             Self::OutOfOrder => 21,
+            Self::Unavailable => 22,
             Self::Other(code) => code,
         }
     }
@@ -114,6 +120,7 @@ impl ErrorCode {
             19 => Self::TooManyProducers,
             20 => Self::ChannelDeleted,
             21 => Self::OutOfOrder,
+            22 => Self::Unavailable,
             other => Self::Other(other),
         }
     }
@@ -127,6 +134,7 @@ impl ErrorCode {
                 | Self::ShuttingDown
                 | Self::Internal
                 | Self::OutOfOrder
+                | Self::Unavailable
         )
     }
 }

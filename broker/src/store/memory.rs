@@ -32,6 +32,7 @@ struct State {
     generation: u64,
     running: bool,
     poisoned: Option<String>,
+    applied: HashMap<u32, Vec<u8>>,
 }
 
 impl Default for State {
@@ -45,6 +46,7 @@ impl Default for State {
             generation: 0,
             running: false,
             poisoned: None,
+            applied: HashMap::new(),
         }
     }
 }
@@ -212,7 +214,14 @@ impl LogStore for MemoryStore {
         if let Some(generation) = set.generation {
             state.generation = generation;
         }
+        for (partition, applied) in &set.applied {
+            state.applied.insert(*partition, applied.clone());
+        }
         Ok(())
+    }
+
+    fn load_applied(&self, partition: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.state().applied.get(&partition).cloned())
     }
 
     fn read(

@@ -192,6 +192,10 @@ pub struct WriteSet {
     pub next_channel_id: Option<ChannelId>,
     /// A new store generation, written once at start after an unclean stop.
     pub generation: Option<u64>,
+    /// Replicated partitions' applied state (cluster): what the partition's
+    /// Raft group last applied, written with the changes it made so a
+    /// restart resumes applying exactly after them.
+    pub applied: Vec<(u32, Vec<u8>)>,
 }
 
 impl WriteSet {
@@ -206,6 +210,7 @@ impl WriteSet {
             && self.age_index.is_empty()
             && self.next_channel_id.is_none()
             && self.generation.is_none()
+            && self.applied.is_empty()
     }
 }
 
@@ -274,6 +279,10 @@ pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
     /// Applies `set` atomically; with `sync` the write-ahead log is fsynced
     /// before returning.
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StoreError>;
+
+    /// A replicated partition's applied state as last written
+    /// ([`WriteSet::applied`]).
+    fn load_applied(&self, partition: u32) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Up to `max_messages` consecutive messages of `channel` from the first
     /// stored offset `>= from` and below `until`, stopping once `max_bytes`

@@ -19,7 +19,7 @@
 //! after a crash the recovered metadata always matches the stored messages.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -59,9 +59,17 @@ const MEMTABLE_BUDGET: usize = 128 * 1024 * 1024;
 /// Block cache for catch-up reads and channel metadata.
 const BLOCK_CACHE: usize = 64 * 1024 * 1024;
 
+/// Where a replicated partition's applied state lives (default column
+/// family, next to the store's counters).
+fn applied_key(partition: u32) -> Vec<u8> {
+    let mut key = b"volna.applied.".to_vec();
+    key.extend_from_slice(&partition.to_be_bytes());
+    key
+}
+
 /// The production store.
 pub struct RocksStore {
-    db: DB,
+    db: Arc<DB>,
     poisoned: Mutex<Option<String>>,
 }
 
@@ -83,6 +91,17 @@ impl RocksStore {
     /// Opens (or creates) the database under `dir`; compaction drops
     /// producer windows idle for longer than `producer_idle`.
     pub fn open_with(dir: &Path, producer_idle: Duration) -> Result<Self, StoreError> {
+        Self::open_with_families(dir, producer_idle, Vec::new())
+    }
+
+    /// As [`RocksStore::open_with`], with more column families for others
+    /// sharing the database (a cluster node's Raft logs), reached through
+    /// [`RocksStore::shared_db`].
+    pub fn open_with_families(
+        dir: &Path,
+        producer_idle: Duration,
+        extra: Vec<ColumnFamilyDescriptor>,
+    ) -> Result<Self, StoreError> {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
@@ -134,6 +153,7 @@ impl RocksStore {
             ColumnFamilyDescriptor::new(CF_PRODUCERS, producers),
             ColumnFamilyDescriptor::new(CF_AGE_INDEX, Options::default()),
         ];
+        cfs.extend(extra);
         let old_layout = DB::list_cf(&db_opts, dir)
             .is_ok_and(|names| names.iter().any(|n| n == CF_PRODUCERS_V1));
         if old_layout {
@@ -150,11 +170,17 @@ impl RocksStore {
             db.drop_cf(CF_PRODUCERS_V1).map_err(engine)?;
         }
         let store = Self {
-            db,
+            db: Arc::new(db),
             poisoned: Mutex::new(None),
         };
         store.upgrade_layout()?;
         Ok(store)
+    }
+
+    /// The database, for those sharing it (see
+    /// [`RocksStore::open_with_families`]).
+    pub fn shared_db(&self) -> Arc<DB> {
+        self.db.clone()
     }
 
     /// Brings a store of layout 1 (no counters, no age index) to layout 2,
@@ -371,6 +397,9 @@ impl LogStore for RocksStore {
         if let Some(generation) = set.generation {
             batch.put(GENERATION_KEY, generation.to_be_bytes());
         }
+        for (partition, applied) in &set.applied {
+            batch.put(applied_key(*partition), applied);
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         self.db.write_opt(batch, &opts).map_err(|e| {
@@ -378,6 +407,10 @@ impl LogStore for RocksStore {
             *self.poisoned() = Some(why.clone());
             StoreError::Engine(why)
         })
+    }
+
+    fn load_applied(&self, partition: u32) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get(applied_key(partition)).map_err(engine)
     }
 
     fn read(

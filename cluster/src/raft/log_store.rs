@@ -174,6 +174,9 @@ impl LogStore {
         );
         for item in iter {
             let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
+            if !key.starts_with(&self.partition.0.to_be_bytes()) {
+                break;
+            }
             let index = u64::from_be_bytes(key[4..12].try_into().unwrap_or([0xff; 8]));
             if end.is_some_and(|end| index >= end) {
                 break;

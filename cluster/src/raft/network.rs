@@ -17,7 +17,8 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use openraft::error::{
-    Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    ClientWriteError, Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError,
+    RemoteError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -30,7 +31,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::{BasicNode, Raft, TypeConfig};
+use super::{BasicNode, Command, Raft, Reply, TypeConfig};
 use crate::partition::PartitionId;
 use crate::placement::NodeId;
 use crate::tls::PeerTls;
@@ -47,6 +48,8 @@ enum Kind {
     AppendEntries = 1,
     Vote = 2,
     InstallSnapshot = 3,
+    /// A command forwarded to the partition's leader (see [`Peers::propose`]).
+    Propose = 4,
 }
 
 impl Kind {
@@ -55,6 +58,7 @@ impl Kind {
             1 => Some(Self::AppendEntries),
             2 => Some(Self::Vote),
             3 => Some(Self::InstallSnapshot),
+            4 => Some(Self::Propose),
             _ => None,
         }
     }
@@ -116,6 +120,28 @@ pub enum LinkError {
     /// The local endpoint is closed or could not be made.
     #[error("endpoint: {0}")]
     Endpoint(String),
+}
+
+/// Why a proposal was not committed.
+#[derive(Debug, Error)]
+pub enum ProposeError {
+    /// No leader took it in time (an election, a network partition, too
+    /// few replicas alive). It was not committed.
+    #[error("partition {partition} found no leader within {after:?} (last: {last})")]
+    NoLeader {
+        /// The partition.
+        partition: u32,
+        /// How long it tried.
+        after: Duration,
+        /// The last failure seen.
+        last: String,
+    },
+    /// The leader's answer was lost: the command may have been committed.
+    #[error("the partition leader's answer was lost (the command may be committed): {0}")]
+    Uncertain(String),
+    /// The group refused it for good.
+    #[error("the partition group refused the command: {0}")]
+    Rejected(String),
 }
 
 /// Inter-node traffic, for metrics.
@@ -227,6 +253,124 @@ impl Peers {
     pub fn close(&self) {
         self.stop.cancel();
         self.endpoint.close(0u32.into(), b"node stopping");
+    }
+
+    /// Gets `command` committed and applied by `partition`'s group wherever
+    /// its leader is: the group here when this node hosts it, else (or
+    /// when it points elsewhere) the leader it names, else `candidates` (the
+    /// partition's replicas as last placed) in turn, until `within` has
+    /// passed.
+    ///
+    /// A command is sent again only when it surely was not proposed (the
+    /// node refused it as a follower, or could not be reached); once sent,
+    /// a lost answer is [`ProposeError::Uncertain`]: it may be committed.
+    pub async fn propose(
+        &self,
+        partition: PartitionId,
+        command: &Command,
+        candidates: &[(NodeId, BasicNode)],
+        within: Duration,
+    ) -> Result<Reply, ProposeError> {
+        let until = tokio::time::Instant::now() + within;
+        let body =
+            postcard::to_allocvec(command).map_err(|e| ProposeError::Rejected(e.to_string()))?;
+        let mut hint: Option<(NodeId, BasicNode)> = None;
+        let mut next_candidate = 0usize;
+        let mut last_failure = String::from("no replica known");
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Err(ProposeError::NoLeader {
+                    partition: partition.0,
+                    after: within,
+                    last: last_failure,
+                });
+            }
+            let target = match hint.take() {
+                Some(target) => Some(target),
+                None if self.groups.contains_key(&partition) => None,
+                None if candidates.is_empty() => {
+                    return Err(ProposeError::NoLeader {
+                        partition: partition.0,
+                        after: within,
+                        last: last_failure,
+                    });
+                }
+                None => {
+                    let candidate = candidates[next_candidate % candidates.len()].clone();
+                    next_candidate += 1;
+                    Some(candidate)
+                }
+            };
+            // `None`: this node's own group.
+            let remote = target.filter(|(id, _)| *id != self.node);
+            let answer = match remote {
+                None => {
+                    let Some(raft) = self.group(partition) else {
+                        // Pointed at ourselves without the group: ask others.
+                        last_failure = "this node no longer hosts the group".into();
+                        continue;
+                    };
+                    raft.client_write(command.clone())
+                        .await
+                        .map(|written| written.data)
+                }
+                Some((node, info)) => {
+                    match self
+                        .call(
+                            node,
+                            &info.addr,
+                            Kind::Propose,
+                            partition,
+                            &body,
+                            until - now,
+                        )
+                        .await
+                    {
+                        Ok(bytes) => match postcard::from_bytes::<
+                            Answer<Reply, RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>>,
+                        >(&bytes)
+                        {
+                            Ok(Answer::Ok(reply)) => Ok(reply),
+                            Ok(Answer::Raft(e)) => Err(e),
+                            Ok(Answer::NotHosted) => {
+                                last_failure = format!("node {node} does not host the group");
+                                continue;
+                            }
+                            Ok(Answer::Malformed(why)) => {
+                                return Err(ProposeError::Rejected(why));
+                            }
+                            Err(e) => return Err(ProposeError::Uncertain(e.to_string())),
+                        },
+                        Err(e @ (LinkError::Connect { .. } | LinkError::Endpoint(_))) => {
+                            // Never sent: another replica may lead.
+                            last_failure = e.to_string();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                        Err(e) => return Err(ProposeError::Uncertain(e.to_string())),
+                    }
+                }
+            };
+            match answer {
+                Ok(reply) => return Ok(reply),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    match forward.leader_id.zip(forward.leader_node) {
+                        Some(leader) => hint = Some(leader),
+                        None => {
+                            // An election is on: give it a moment.
+                            last_failure = "no leader elected yet".into();
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                Err(RaftError::APIError(e)) => return Err(ProposeError::Rejected(e.to_string())),
+                Err(RaftError::Fatal(e)) => {
+                    last_failure = e.to_string();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
     }
 
     async fn connection(&self, node: NodeId, addr: &str) -> Result<quinn::Connection, LinkError> {
@@ -407,6 +551,12 @@ async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
                 Err(e) => malformed(e.to_string()),
             }
         }
+        Kind::Propose => match postcard::from_bytes::<Command>(body) {
+            Ok(command) => encode(&into_answer(
+                raft.client_write(command).await.map(|written| written.data),
+            )),
+            Err(e) => malformed(e.to_string()),
+        },
     }
 }
 

@@ -1,0 +1,533 @@
+//! A broker as a cluster node (DESIGN.md §7): membership and placement on
+//! etcd, one openraft group per partition it replicates, and the routing of
+//! its devices' writes to their partitions' leaders.
+//!
+//! ```text
+//!  sessions ──append──▶ Log ──▶ router ──propose──▶ partition leader (here or forwarded)
+//!                                                        │ quorum commit
+//!  every replica: PartitionMachine::apply ──▶ log writer (RocksDB) ──▶ local fan-out
+//! ```
+//!
+//! - [`machine`]: a partition's state machine, applying committed entries
+//!   through the log writer;
+//! - [`router`]: per-partition proposers, forwarding to the leader;
+//! - this module: joining etcd, keeping the partition map in view, running
+//!   the groups the map gives this node and, where this node leads one,
+//!   moving its Raft membership to the replicas the map names.
+//!
+//! Every node serves devices for every channel: a node that replicates a
+//! channel's partition fans out what it applies locally, so a message
+//! crosses the cluster once per replica, whatever the number of devices.
+//! A node that does not replicate the partition (more nodes than
+//! `replicas`) would need an upstream subscription to the leader: that
+//! edge is not built yet (issue 12 stays open for it).
+
+pub mod machine;
+pub mod router;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::{Config as RaftConfig, SnapshotPolicy};
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use volna_cluster::raft::log_store::LogStore as RaftLogStore;
+use volna_cluster::raft::network::{LinkError, Peers};
+use volna_cluster::raft::{BasicNode, Raft};
+use volna_cluster::tls::{PeerTls, PeerTlsError};
+use volna_cluster::{
+    ClusterConfig, Control, ControlError, NodeId, NodeInfo, PartitionId, PartitionMap,
+};
+
+use crate::config::{ClusterSection, Durability};
+use crate::log::Log;
+use crate::store::{LogStore, StoreError};
+use machine::PartitionMachine;
+use router::{ClusterView, Router};
+
+/// How often the node re-reads the map and reconciles its groups.
+const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// Replicas the placer moves per round.
+const MAX_MOVES_PER_ROUND: usize = 8;
+
+/// Why a node could not join its cluster.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// The cluster's TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] PeerTlsError),
+    /// The inter-node endpoint could not be bound.
+    #[error("inter-node endpoint: {0}")]
+    Peers(#[from] LinkError),
+    /// etcd refused or could not be reached.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// openraft refused the group's configuration.
+    #[error("raft configuration: {0}")]
+    Raft(String),
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The node was asked to run with a store that is not RocksDB.
+    #[error("a cluster node needs its RocksDB store")]
+    NoRocksDb,
+}
+
+/// What a node needs to join.
+#[derive(Debug)]
+pub struct NodeSetup {
+    /// `[cluster]`.
+    pub section: ClusterSection,
+    /// Where devices reach this node (QUIC).
+    pub quic_addr: SocketAddr,
+    /// The node's RocksDB, for the Raft logs' column families.
+    pub db: Arc<rocksdb::DB>,
+    /// The same store, as the log sees it (partitions' applied states).
+    pub store: Arc<dyn LogStore>,
+    /// The node's channel log.
+    pub log: Log,
+    /// Whether Raft log writes are fsynced.
+    pub durability: Durability,
+}
+
+/// A running cluster node.
+pub struct ClusterNode {
+    id: NodeId,
+    partitions: u32,
+    peers: Arc<Peers>,
+    view: Arc<ClusterView>,
+    groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.id)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the groups share.
+struct Groups {
+    id: NodeId,
+    control: Control,
+    peers: Arc<Peers>,
+    view: Arc<ClusterView>,
+    groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    raft_config: Arc<RaftConfig>,
+    db: Arc<rocksdb::DB>,
+    store: Arc<dyn LogStore>,
+    log: Log,
+    sync: bool,
+    /// Partitions whose membership change is under way.
+    changing: Arc<Mutex<HashSet<PartitionId>>>,
+}
+
+impl ClusterNode {
+    /// Joins the cluster: binds the inter-node endpoint, registers in etcd,
+    /// starts the groups the map gives this node and routes the log's
+    /// writes through them.
+    pub async fn start(setup: NodeSetup) -> Result<Self, ClusterError> {
+        let section = &setup.section;
+        let (Some(ca), Some(cert), Some(key)) =
+            (&section.tls.ca, &section.tls.cert, &section.tls.key)
+        else {
+            return Err(ClusterError::Tls(PeerTlsError::Config(
+                "cluster.tls needs ca, cert and key".into(),
+            )));
+        };
+        let tls = PeerTls::from_files(ca, cert, key)?;
+        let id = section.node_id;
+        let peers = Peers::bind(id, section.peer_listen, tls)?;
+        let peer_addr = peers.local_addr()?;
+        let control = Control::connect(
+            &section.etcd_endpoints,
+            &section.name,
+            Duration::from_secs(5),
+        )
+        .await?;
+        let settled = control
+            .settle_config(ClusterConfig {
+                partitions: section.partitions,
+                replicas: section.replicas,
+            })
+            .await?;
+        let raft_config = RaftConfig {
+            cluster_name: section.name.clone(),
+            heartbeat_interval: section.heartbeat_ms,
+            election_timeout_min: section.election_timeout_ms,
+            election_timeout_max: section.election_timeout_ms * 2,
+            // Partition snapshots are not built yet: never compact, so no
+            // replica ever needs one (see `machine`).
+            snapshot_policy: SnapshotPolicy::Never,
+            ..RaftConfig::default()
+        }
+        .validate()
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let info = NodeInfo {
+            id,
+            quic: section
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| setup.quic_addr.to_string()),
+            peer: section
+                .peer_advertise
+                .clone()
+                .unwrap_or_else(|| peer_addr.to_string()),
+        };
+        let view = Arc::new(ClusterView::default());
+        let groups = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = CancellationToken::new();
+        let shared = Arc::new(Groups {
+            id,
+            control: control.clone(),
+            peers: peers.clone(),
+            view: view.clone(),
+            groups: groups.clone(),
+            raft_config: Arc::new(raft_config),
+            db: setup.db,
+            store: setup.store,
+            log: setup.log.clone(),
+            sync: setup.durability == Durability::Fsync,
+            changing: Arc::default(),
+        });
+        // Groups this node replicated before a restart come back before it
+        // takes traffic, from the map as last seen in etcd.
+        if let Some(map) = control.map().await? {
+            let nodes = control.nodes().await?;
+            view.update(map, nodes);
+            shared.reconcile().await;
+        }
+        let within =
+            Duration::from_millis(section.election_timeout_ms * 2) + Duration::from_secs(1);
+        let router = Router::start(
+            settled.partitions,
+            peers.clone(),
+            view.clone(),
+            setup.log.clone(),
+            within,
+        );
+        setup.log.replicate_through(router);
+        let ttl = Duration::from_secs(section.lease_ttl_secs);
+        let tasks = vec![
+            tokio::spawn(membership_loop(
+                control.clone(),
+                info.clone(),
+                settled,
+                ttl,
+                stop.clone(),
+            )),
+            tokio::spawn(view_loop(shared, stop.clone())),
+        ];
+        info!(
+            node = id,
+            peer = %peer_addr,
+            partitions = settled.partitions,
+            replicas = settled.replicas,
+            "joined the cluster"
+        );
+        Ok(Self {
+            id,
+            partitions: settled.partitions,
+            peers,
+            view,
+            groups,
+            stop,
+            tasks,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The inter-node endpoint (traffic counters, hosted groups).
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// The cluster as this node last saw it.
+    pub fn view(&self) -> &Arc<ClusterView> {
+        &self.view
+    }
+
+    /// The partition groups this node runs.
+    pub fn groups(&self) -> BTreeMap<PartitionId, Raft> {
+        self.groups.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    /// Partitions in the cluster.
+    pub fn partitions(&self) -> u32 {
+        self.partitions
+    }
+
+    /// Leaves: stops the groups (their peers elect other leaders), the
+    /// membership (its lease is revoked) and the inter-node endpoint.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let groups = self.groups();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        for (partition, raft) in groups {
+            if let Err(e) = raft.shutdown().await {
+                debug!(partition = partition.0, error = %e, "group stopped with an error");
+            }
+        }
+        self.peers.close();
+    }
+}
+
+/// Keeps this node registered (joining again if its lease expired) and
+/// campaigns to be the placer; the placer places partitions until it loses
+/// the office.
+async fn membership_loop(
+    control: Control,
+    info: NodeInfo,
+    config: ClusterConfig,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        let membership = tokio::select! {
+            () = stop.cancelled() => return,
+            joined = control.join(&info, ttl) => match joined {
+                Ok(membership) => membership,
+                Err(e) => {
+                    warn!(error = %e, "cannot join the cluster membership; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let place = async {
+            loop {
+                match control.campaign(&membership, info.id).await {
+                    Ok(placer) => {
+                        info!(node = info.id, "this node is the placer");
+                        let result = placer
+                            .run(
+                                config,
+                                MAX_MOVES_PER_ROUND,
+                                Duration::from_secs(2),
+                                stop.clone(),
+                            )
+                            .await;
+                        match result {
+                            Ok(()) if stop.is_cancelled() => {
+                                let _ = placer.resign().await;
+                                return;
+                            }
+                            Ok(()) => {}
+                            Err(e) => warn!(error = %e, "placer stopped"),
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "placer campaign failed; retrying");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => {
+                if let Err(e) = membership.leave().await {
+                    debug!(error = %e, "could not revoke the membership lease");
+                }
+                return;
+            }
+            () = membership.expired() => {
+                warn!(node = info.id, "membership lease expired; joining again");
+            }
+            () = place => {}
+        }
+    }
+}
+
+/// Re-reads the map and nodes now and then; reconciles the groups with
+/// them. When etcd is unreachable the last view stays in force.
+async fn view_loop(groups: Arc<Groups>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let fresh = async {
+            let map = groups.control.map().await?;
+            let nodes = groups.control.nodes().await?;
+            Ok::<_, ControlError>(map.map(|map| (map, nodes)))
+        };
+        match tokio::time::timeout(Duration::from_secs(2), fresh).await {
+            Ok(Ok(Some((map, nodes)))) => {
+                // Nodes the map names that are away keep their last known
+                // address: a restarting node is reachable again as soon as
+                // it is back.
+                let (_, mut known) = groups.view.snapshot();
+                known.extend(nodes);
+                groups.view.update(map, known);
+            }
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                debug!(error = %e, "etcd unreachable; serving on the last known map");
+            }
+            Err(_) => debug!("etcd slow; serving on the last known map"),
+        }
+        groups.reconcile().await;
+    }
+}
+
+impl Groups {
+    /// Starts the groups the map gives this node; where this node leads a
+    /// group, moves its membership towards the map's replicas.
+    async fn reconcile(self: &Arc<Self>) {
+        let (map, nodes) = self.view.snapshot();
+        for (index, replicas) in map.replicas.iter().enumerate() {
+            let partition = PartitionId(index as u32);
+            if !replicas.contains(&self.id) {
+                continue;
+            }
+            let raft = match self.ensure_group(partition).await {
+                Ok(raft) => raft,
+                Err(e) => {
+                    warn!(partition = index, error = %e, "cannot start the partition's group");
+                    continue;
+                }
+            };
+            let members: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .filter_map(|id| Some((*id, BasicNode::new(&nodes.get(id)?.peer))))
+                .collect();
+            if members.len() != replicas.len() {
+                // A replica's address is unknown (never seen alive): wait.
+                continue;
+            }
+            if !raft.is_initialized().await.unwrap_or(true) {
+                if replicas.first() == Some(&self.id) {
+                    self.initialize(partition, &raft, members).await;
+                }
+                continue;
+            }
+            self.move_membership(partition, raft, &map, members);
+        }
+    }
+
+    async fn ensure_group(&self, partition: PartitionId) -> Result<Raft, ClusterError> {
+        if let Some(raft) = self
+            .groups
+            .lock()
+            .ok()
+            .and_then(|g| g.get(&partition).cloned())
+        {
+            return Ok(raft);
+        }
+        let machine = PartitionMachine::open(partition, self.log.clone(), &*self.store)?;
+        let raft = Raft::new(
+            self.id,
+            self.raft_config.clone(),
+            self.peers.network(partition),
+            RaftLogStore::new(self.db.clone(), partition, self.sync),
+            machine,
+        )
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        self.peers.host(partition, raft.clone());
+        if let Ok(mut groups) = self.groups.lock() {
+            groups.insert(partition, raft.clone());
+        }
+        debug!(partition = partition.0, "partition group started");
+        Ok(raft)
+    }
+
+    async fn initialize(
+        &self,
+        partition: PartitionId,
+        raft: &Raft,
+        members: BTreeMap<NodeId, BasicNode>,
+    ) {
+        match self
+            .control
+            .claim_initialization(partition.0, self.id)
+            .await
+        {
+            Ok(true) => match raft.initialize(members).await {
+                Ok(()) => info!(partition = partition.0, "created the partition's group"),
+                Err(e) => {
+                    warn!(partition = partition.0, error = %e, "cannot create the partition's group")
+                }
+            },
+            // Created before (by this node before it lost its disk, or by
+            // another): its current members add this node back.
+            Ok(false) => {}
+            Err(e) => {
+                debug!(partition = partition.0, error = %e, "cannot claim the group's creation")
+            }
+        }
+    }
+
+    /// Where this node leads `partition`: adds the map's new replicas as
+    /// learners (they catch up), then makes the map's replicas the voters
+    /// (joint consensus), which removes the old ones.
+    fn move_membership(
+        self: &Arc<Self>,
+        partition: PartitionId,
+        raft: Raft,
+        map: &PartitionMap,
+        members: BTreeMap<NodeId, BasicNode>,
+    ) {
+        let metrics = raft.metrics().borrow().clone();
+        if metrics.current_leader != Some(self.id) {
+            return;
+        }
+        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let wanted: BTreeSet<NodeId> = members.keys().copied().collect();
+        if voters == wanted {
+            return;
+        }
+        if let Ok(mut changing) = self.changing.lock()
+            && !changing.insert(partition)
+        {
+            return;
+        }
+        let shared = self.clone();
+        let version = map.version;
+        tokio::spawn(async move {
+            info!(
+                partition = partition.0,
+                ?voters,
+                ?wanted,
+                version,
+                "moving the partition's replicas"
+            );
+            let moved = async {
+                for (id, node) in &members {
+                    if !voters.contains(id) {
+                        raft.add_learner(*id, node.clone(), true)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+                raft.change_membership(wanted.clone(), false)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match moved.await {
+                Ok(_) => info!(partition = partition.0, ?wanted, "partition replicas moved"),
+                Err(e) => {
+                    warn!(partition = partition.0, error = %e, "moving the partition's replicas failed; retrying")
+                }
+            }
+            if let Ok(mut changing) = shared.changing.lock() {
+                changing.remove(&partition);
+            }
+        });
+    }
+}

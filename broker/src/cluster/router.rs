@@ -1,0 +1,344 @@
+//! Where a cluster node's appends, deletes and retention cuts go: the
+//! channel's partition group, wherever its leader is.
+//!
+//! One proposer task per partition takes requests in the order sessions
+//! submitted them (a connection's publishes stay in order), gathers what is
+//! queued into one Raft entry (group commit across devices, like the
+//! single-node writer), and has it committed through
+//! [`Peers::propose`]: by the group here when this node leads it, else
+//! forwarded to the leader. The device gets one ack with the offset the
+//! entry's application assigned.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+use volna_cluster::raft::network::{Peers, ProposeError};
+use volna_cluster::raft::{BasicNode, Command, Outcome, ProducerStamp, Publish, TrimCut};
+use volna_cluster::{NodeId, NodeInfo, PartitionId, PartitionMap, partition_of};
+use volna_proto::{ChannelName, Epoch, ErrorCode, Offset};
+
+use crate::log::{
+    AppendError, AppendInput, Appended, BoxFuture, Log, PendingAppend, Replication, Trim,
+};
+use crate::store::ChannelMeta;
+
+/// Requests queued per partition before `submit` waits.
+const QUEUE: usize = 4096;
+/// Publishes per Raft entry, at most.
+const MAX_ENTRY_PUBLISHES: usize = 512;
+/// Payload bytes per Raft entry, at most (beyond one large publish).
+const MAX_ENTRY_BYTES: usize = 1 << 20;
+
+/// The cluster as a node last saw it: the partition map and the live
+/// nodes. Kept when etcd is unreachable (the data path goes on with it).
+#[derive(Debug, Default)]
+pub struct ClusterView {
+    inner: RwLock<(PartitionMap, BTreeMap<NodeId, NodeInfo>)>,
+}
+
+impl ClusterView {
+    /// Replaces the view.
+    pub fn update(&self, map: PartitionMap, nodes: BTreeMap<NodeId, NodeInfo>) {
+        if let Ok(mut inner) = self.inner.write() {
+            *inner = (map, nodes);
+        }
+    }
+
+    /// The map and nodes.
+    pub fn snapshot(&self) -> (PartitionMap, BTreeMap<NodeId, NodeInfo>) {
+        self.inner
+            .read()
+            .map(|inner| inner.clone())
+            .unwrap_or_default()
+    }
+
+    /// `partition`'s replicas with their inter-node addresses (those whose
+    /// address is known).
+    pub fn replicas(&self, partition: PartitionId) -> Vec<(NodeId, BasicNode)> {
+        let Ok(inner) = self.inner.read() else {
+            return Vec::new();
+        };
+        let (map, nodes) = &*inner;
+        map.replicas
+            .get(partition.0 as usize)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| Some((*id, BasicNode::new(&nodes.get(id)?.peer))))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+enum Request {
+    Publish {
+        input: AppendInput,
+        reply: oneshot::Sender<Result<Appended, AppendError>>,
+    },
+    Delete {
+        channel: ChannelName,
+        reply: oneshot::Sender<Result<bool, AppendError>>,
+    },
+    Trim(Trim),
+}
+
+/// The [`Replication`] of a cluster node.
+pub struct Router {
+    partitions: u32,
+    queues: Vec<mpsc::Sender<Request>>,
+    peers: Arc<Peers>,
+    log: Log,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// Starts one proposer per partition. A proposal that finds no leader
+    /// within `within` fails as [`ErrorCode::Unavailable`].
+    pub fn start(
+        partitions: u32,
+        peers: Arc<Peers>,
+        view: Arc<ClusterView>,
+        log: Log,
+        within: Duration,
+    ) -> Arc<Self> {
+        let mut queues = Vec::with_capacity(partitions as usize);
+        for partition in 0..partitions {
+            let (tx, rx) = mpsc::channel(QUEUE);
+            queues.push(tx);
+            tokio::spawn(propose_loop(
+                PartitionId(partition),
+                rx,
+                peers.clone(),
+                view.clone(),
+                within,
+            ));
+        }
+        Arc::new(Self {
+            partitions,
+            queues,
+            peers,
+            log,
+        })
+    }
+
+    fn queue(&self, channel: &ChannelName) -> &mpsc::Sender<Request> {
+        let partition = partition_of(channel.as_str(), self.partitions);
+        &self.queues[partition.0 as usize % self.queues.len()]
+    }
+}
+
+impl Replication for Router {
+    fn submit(&self, input: AppendInput) -> BoxFuture<'_, Result<PendingAppend, AppendError>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            self.queue(&input.channel)
+                .send(Request::Publish { input, reply })
+                .await
+                .map_err(|_| AppendError::ShuttingDown)?;
+            Ok(PendingAppend::new(rx))
+        })
+    }
+
+    fn delete(
+        &self,
+        channel: ChannelName,
+    ) -> BoxFuture<'_, Result<Option<ChannelMeta>, AppendError>> {
+        Box::pin(async move {
+            // This replica's last view of the channel, for the answer.
+            let before = self.log.lookup(&channel).await.ok().flatten();
+            let (reply, rx) = oneshot::channel();
+            self.queue(&channel)
+                .send(Request::Delete {
+                    channel: channel.clone(),
+                    reply,
+                })
+                .await
+                .map_err(|_| AppendError::ShuttingDown)?;
+            let existed = rx.await.unwrap_or(Err(AppendError::ShuttingDown))?;
+            Ok(existed.then(|| before.unwrap_or(ChannelMeta::new(0, Epoch(0)))))
+        })
+    }
+
+    fn trim(&self, trim: Trim) -> bool {
+        // Only the leader cuts: its retention round sees what every replica
+        // will have once the cut is applied.
+        let partition = partition_of(trim.channel.as_str(), self.partitions);
+        let leads = self
+            .peers
+            .group(partition)
+            .is_some_and(|raft| raft.metrics().borrow().current_leader == Some(self.peers.node()));
+        leads
+            && self
+                .queue(&trim.channel)
+                .try_send(Request::Trim(trim))
+                .is_ok()
+    }
+}
+
+/// What one Raft entry carries and who waits for it.
+enum Waiting {
+    Publishes(Vec<oneshot::Sender<Result<Appended, AppendError>>>),
+    Delete(ChannelName, oneshot::Sender<Result<bool, AppendError>>),
+    Trims,
+}
+
+async fn propose_loop(
+    partition: PartitionId,
+    mut rx: mpsc::Receiver<Request>,
+    peers: Arc<Peers>,
+    view: Arc<ClusterView>,
+    within: Duration,
+) {
+    let mut carried: Option<Request> = None;
+    loop {
+        let first = match carried.take() {
+            Some(request) => request,
+            None => match rx.recv().await {
+                Some(request) => request,
+                None => return,
+            },
+        };
+        let (command, waiting) = match first {
+            Request::Publish { input, reply } => {
+                let mut publishes = vec![to_publish(input)];
+                let mut replies = vec![reply];
+                let mut bytes = publishes[0].payload.len();
+                while publishes.len() < MAX_ENTRY_PUBLISHES && bytes < MAX_ENTRY_BYTES {
+                    match rx.try_recv() {
+                        Ok(Request::Publish { input, reply }) => {
+                            bytes += input.payload.len();
+                            publishes.push(to_publish(input));
+                            replies.push(reply);
+                        }
+                        Ok(other) => {
+                            carried = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                (
+                    Command::Append {
+                        now_ms: crate::log::now_ms(),
+                        epoch_seed: rand::random(),
+                        publishes,
+                    },
+                    Waiting::Publishes(replies),
+                )
+            }
+            Request::Delete { channel, reply } => (
+                Command::Delete(vec![channel.as_str().to_owned()]),
+                Waiting::Delete(channel, reply),
+            ),
+            Request::Trim(trim) => {
+                let mut cuts = vec![to_cut(trim)];
+                while let Ok(next) = rx.try_recv() {
+                    match next {
+                        Request::Trim(trim) => cuts.push(to_cut(trim)),
+                        other => {
+                            carried = Some(other);
+                            break;
+                        }
+                    }
+                }
+                (Command::Trim(cuts), Waiting::Trims)
+            }
+        };
+        let result = peers
+            .propose(partition, &command, &view.replicas(partition), within)
+            .await;
+        deliver(partition, result, waiting);
+    }
+}
+
+fn deliver(
+    partition: PartitionId,
+    result: Result<volna_cluster::raft::Reply, ProposeError>,
+    waiting: Waiting,
+) {
+    let failure = |e: &ProposeError| match e {
+        ProposeError::Rejected(why) => AppendError::Storage(why.clone()),
+        other => AppendError::Unavailable(other.to_string()),
+    };
+    match (result, waiting) {
+        (Ok(reply), Waiting::Publishes(replies)) => {
+            let mut outcomes = reply.outcomes.into_iter();
+            for waiter in replies {
+                let _ = waiter.send(match outcomes.next() {
+                    Some(Outcome::Stored {
+                        offset,
+                        epoch,
+                        duplicate,
+                    }) => Ok(Appended {
+                        offset: Offset::new(offset),
+                        epoch: Epoch(epoch),
+                        duplicate,
+                    }),
+                    Some(Outcome::Refused { code, message }) => Err(AppendError::Refused {
+                        code: ErrorCode::from_u16(code),
+                        message,
+                    }),
+                    Some(Outcome::Deleted { .. }) | None => Err(AppendError::Refused {
+                        code: ErrorCode::Internal,
+                        message: "the partition answered a publish with no outcome".into(),
+                    }),
+                });
+            }
+        }
+        (Ok(reply), Waiting::Delete(channel, waiter)) => {
+            let existed = matches!(
+                reply.outcomes.first(),
+                Some(Outcome::Deleted { existed: true })
+            );
+            debug!(partition = partition.0, %channel, existed, "channel deleted through its partition");
+            let _ = waiter.send(Ok(existed));
+        }
+        (Ok(_), Waiting::Trims) => {}
+        (Err(e), Waiting::Publishes(replies)) => {
+            debug!(partition = partition.0, error = %e, "publishes not committed");
+            for waiter in replies {
+                let _ = waiter.send(Err(failure(&e)));
+            }
+        }
+        (Err(e), Waiting::Delete(_, waiter)) => {
+            let _ = waiter.send(Err(failure(&e)));
+        }
+        (Err(e), Waiting::Trims) => {
+            debug!(partition = partition.0, error = %e, "retention cut not committed; the next round computes it again");
+        }
+    }
+}
+
+fn to_publish(input: AppendInput) -> Publish {
+    Publish {
+        channel: input.channel.as_str().to_owned(),
+        producer: input.producer.map(|p| ProducerStamp {
+            owner: p.key.owner.to_string(),
+            producer_id: p.key.producer_id,
+            sequence: p.sequence,
+            after: p.after,
+            limited: p.limited,
+        }),
+        payload: input.payload,
+    }
+}
+
+fn to_cut(trim: Trim) -> TrimCut {
+    TrimCut {
+        channel: trim.channel.as_str().to_owned(),
+        from: trim.from.get(),
+        below: trim.below.get(),
+        freed_bytes: trim.freed_bytes,
+        oldest_ms: trim.oldest_ms,
+    }
+}
