@@ -72,6 +72,9 @@ key = "$dir/certs/node-$n.key"
 [auth]
 mode = "none"
 
+[admin]
+token = "${VOLNA_ADMIN_TOKEN:-volna-dev-admin-token}"
+
 [cluster]
 node_id = $n
 name = "dev"
@@ -127,7 +130,11 @@ down() {
 case "${1:-}" in
 up) up ;;
 down) down ;;
-status) curl -fsS "http://127.0.0.1:$((base + 1))/cluster" ;;
+status)
+    source scripts/prereqs.sh
+    "$CARGO_TARGET_DIR/debug/volna" --http "127.0.0.1:$((base + 1))" \
+        --admin-token "${VOLNA_ADMIN_TOKEN:-volna-dev-admin-token}" cluster status
+    ;;
 *)
     echo "usage: scripts/cluster.sh up|down|status" >&2
     exit 2

@@ -48,6 +48,17 @@ pub struct AdminState {
     pub token_digest: Option<[u8; 32]>,
     /// The payload limit publishes from the API obey too.
     pub max_payload: u32,
+    /// The cluster node, when this broker is one.
+    pub cluster: Option<Arc<dyn ClusterStatus>>,
+}
+
+/// What `/admin/cluster` reports (a cluster node's view of the cluster).
+pub trait ClusterStatus: Send + Sync + std::fmt::Debug + 'static {
+    /// The report, as JSON.
+    fn status(&self) -> serde_json::Value;
+    /// The cluster's metrics in Prometheus' text format, read at scrape
+    /// time.
+    fn metrics(&self) -> String;
 }
 
 /// One channel as the admin API shows it.
@@ -135,6 +146,7 @@ pub fn router(state: AdminState) -> Router {
             get(channel_detail).delete(delete_channel),
         )
         .route("/admin/sessions", get(list_sessions))
+        .route("/admin/cluster", get(cluster_status))
         .route("/admin/kick", post(kick))
         .route(
             "/admin/namespaces/{ns}/retention",
@@ -264,6 +276,20 @@ async fn delete_channel(
         subscribers,
         ..channel_info(&state, &name, &meta)
     }))
+}
+
+async fn cluster_status(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+) -> ApiResult<serde_json::Value> {
+    authorize(&state, &headers)?;
+    match &state.cluster {
+        Some(cluster) => Ok(Json(cluster.status())),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this broker is a single node (no [cluster] configured)".into(),
+        )),
+    }
 }
 
 async fn list_sessions(

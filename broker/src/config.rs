@@ -286,8 +286,9 @@ pub struct ClusterSection {
     pub partitions: u32,
     /// Replicas (Raft voters) per partition.
     pub replicas: usize,
-    /// Raft election timeout: a partition whose leader is silent this long
-    /// elects another.
+    /// Raft election timeout: a partition whose leader went silent has
+    /// elected another within this long (openraft's leader lease and
+    /// randomized timeout both fit in it). At least three heartbeats.
     pub election_timeout_ms: u64,
     /// Raft heartbeat interval.
     pub heartbeat_ms: u64,

@@ -36,6 +36,8 @@ pub struct HttpState {
     pub fanout: Arc<Fanout>,
     /// For storage figures.
     pub store: Arc<dyn LogStore>,
+    /// The cluster's metrics, on a cluster node.
+    pub cluster: Option<Arc<dyn crate::admin::ClusterStatus>>,
 }
 
 /// Serves the HTTP endpoints until `shutdown` fires.
@@ -80,8 +82,9 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
         outbox_bytes: state.fanout.total_ring_bytes(),
         storage,
     };
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&snapshot),
-    )
+    let mut text = state.metrics.render(&snapshot);
+    if let Some(cluster) = &state.cluster {
+        text.push_str(&cluster.metrics());
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

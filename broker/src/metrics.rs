@@ -51,6 +51,9 @@ pub struct Metrics {
     pub group_commit_messages: Histogram,
     /// Duration of one group commit's write (and fsync, with `fsync`).
     pub wal_write_seconds: Histogram,
+    /// Cluster: from proposing a Raft entry (here or forwarded) to its
+    /// commit and application by the partition's leader.
+    pub cluster_commit_seconds: Histogram,
     /// Messages deleted by retention.
     pub retention_deleted: IntCounter,
     /// Producer windows held in memory by the log writer.
@@ -168,6 +171,11 @@ impl Metrics {
             wal_write_seconds: histogram(
                 "wal_write_seconds",
                 "Group commit write (and fsync) duration",
+                latency_buckets(),
+            ),
+            cluster_commit_seconds: histogram(
+                "cluster_commit_seconds",
+                "Cluster: proposing a partition entry until its leader applied it",
                 latency_buckets(),
             ),
             retention_deleted: counter(

@@ -221,6 +221,7 @@ impl Broker {
                     store: store.clone(),
                     log: log.clone(),
                     durability: config.durability,
+                    metrics: metrics.clone(),
                 })
                 .await?,
             ),
@@ -272,6 +273,9 @@ impl Broker {
             policies: policies.clone(),
             token_digest: admin_token.as_deref().map(admin::token_digest),
             max_payload: config.limits.max_payload,
+            cluster: cluster
+                .as_ref()
+                .map(|node| Arc::new(node.status_source()) as Arc<dyn crate::admin::ClusterStatus>),
         };
         let http_state = HttpState {
             ready: ready.clone(),
@@ -279,6 +283,9 @@ impl Broker {
             logs: logs.clone(),
             fanout: fanout.clone(),
             store,
+            cluster: cluster
+                .as_ref()
+                .map(|node| Arc::new(node.status_source()) as Arc<dyn crate::admin::ClusterStatus>),
         };
         let retention_every = Duration::from_millis(config.engine.retention_interval_ms);
         let mut tasks = vec![

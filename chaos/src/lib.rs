@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use volna_client::{Backoff, Client, ClientConfig, Trust};
 
+pub mod cluster;
 pub mod proxy;
 
 /// Why the broker process could not be run.
@@ -279,6 +280,11 @@ impl BrokerProcess {
     /// The HTTP address (health, metrics).
     pub fn http_addr(&self) -> SocketAddr {
         self.http
+    }
+
+    /// Whether the process was started and not killed or stopped since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Starts the broker again (after [`kill`](Self::kill) or

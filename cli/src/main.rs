@@ -128,6 +128,11 @@ enum Command {
     },
     /// List open sessions (admin).
     Sessions,
+    /// The cluster as the node at --http sees it (admin).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Disconnect every session of USER, or one session (admin).
     Kick {
         /// The user whose sessions to close.
@@ -152,6 +157,13 @@ enum Command {
         #[arg(long)]
         max_age_secs: Option<u64>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Nodes, and per partition: replicas, leader, term, log position and
+    /// each follower's lag (where the node asked leads).
+    Status,
 }
 
 #[derive(Debug, Subcommand)]
@@ -251,6 +263,39 @@ async fn run() -> anyhow::Result<()> {
                 .call("DELETE", &format!("/admin/channels/{channel}"), None)
                 .await?;
             admin::print(&value, CHANNEL_COLUMNS, json);
+            return Ok(());
+        }
+        Command::Cluster {
+            command: ClusterCommand::Status,
+        } => {
+            let value = api.call("GET", "/admin/cluster", None).await?;
+            if json {
+                println!("{value}");
+            } else {
+                println!(
+                    "node {} · map version {} · inter-node bytes sent {} received {} · forwarded {}",
+                    value["node"],
+                    value["map_version"],
+                    value["peer_bytes_sent"],
+                    value["peer_bytes_received"],
+                    value["forwarded"]
+                );
+                admin::print(&value["nodes"], &["id", "quic", "peer", "live"], false);
+                admin::print(
+                    &value["partitions"],
+                    &[
+                        "partition",
+                        "replicas",
+                        "hosted",
+                        "leader",
+                        "term",
+                        "last_log",
+                        "last_applied",
+                        "lag",
+                    ],
+                    false,
+                );
+            }
             return Ok(());
         }
         Command::Sessions => {

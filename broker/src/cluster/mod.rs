@@ -24,6 +24,7 @@
 
 pub mod machine;
 pub mod router;
+pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
@@ -51,6 +52,9 @@ use router::{ClusterView, Router};
 
 /// How often the node re-reads the map and reconciles its groups.
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
+/// How long a node waits before calling another election to lead a
+/// partition it should lead.
+const LEADERSHIP_RETRY: Duration = Duration::from_secs(10);
 /// Replicas the placer moves per round.
 const MAX_MOVES_PER_ROUND: usize = 8;
 
@@ -92,6 +96,8 @@ pub struct NodeSetup {
     pub log: Log,
     /// Whether Raft log writes are fsynced.
     pub durability: Durability,
+    /// The broker's metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A running cluster node.
@@ -128,6 +134,18 @@ struct Groups {
     sync: bool,
     /// Partitions whose membership change is under way.
     changing: Arc<Mutex<HashSet<PartitionId>>>,
+    /// When this node last called an election to lead a partition.
+    elections: Mutex<BTreeMap<PartitionId, std::time::Instant>>,
+}
+
+/// The replica that should lead `partition`: spread by partition number
+/// over its replicas, so that with the same replica set on every partition
+/// each node still leads its share.
+fn preferred_leader(partition: PartitionId, replicas: &[NodeId]) -> Option<NodeId> {
+    if replicas.is_empty() {
+        return None;
+    }
+    replicas.get(partition.0 as usize % replicas.len()).copied()
 }
 
 impl ClusterNode {
@@ -162,8 +180,12 @@ impl ClusterNode {
         let raft_config = RaftConfig {
             cluster_name: section.name.clone(),
             heartbeat_interval: section.heartbeat_ms,
-            election_timeout_min: section.election_timeout_ms,
-            election_timeout_max: section.election_timeout_ms * 2,
+            // openraft's followers wait out the leader's lease (its
+            // `election_timeout_max`) and then their own timeout before
+            // electing: both halves fit in `election_timeout_ms`, so a
+            // partition whose leader died elects another within it.
+            election_timeout_min: section.election_timeout_ms * 2 / 5,
+            election_timeout_max: section.election_timeout_ms / 2,
             // Partition snapshots are not built yet: never compact, so no
             // replica ever needs one (see `machine`).
             snapshot_policy: SnapshotPolicy::Never,
@@ -197,6 +219,7 @@ impl ClusterNode {
             log: setup.log.clone(),
             sync: setup.durability == Durability::Fsync,
             changing: Arc::default(),
+            elections: Mutex::default(),
         });
         // Groups this node replicated before a restart come back before it
         // takes traffic, from the map as last seen in etcd.
@@ -213,6 +236,7 @@ impl ClusterNode {
             view.clone(),
             setup.log.clone(),
             within,
+            setup.metrics.clone(),
         );
         setup.log.replicate_through(router);
         let ttl = Duration::from_secs(section.lease_ttl_secs);
@@ -267,6 +291,17 @@ impl ClusterNode {
     /// Partitions in the cluster.
     pub fn partitions(&self) -> u32 {
         self.partitions
+    }
+
+    /// What `/admin/cluster` shows, computed on each call.
+    pub fn status_source(&self) -> status::StatusSource {
+        status::StatusSource {
+            id: self.id,
+            partitions: self.partitions,
+            peers: self.peers.clone(),
+            view: self.view.clone(),
+            groups: self.groups.clone(),
+        }
     }
 
     /// Leaves: stops the groups (their peers elect other leaders), the
@@ -367,14 +402,7 @@ async fn view_loop(groups: Arc<Groups>, stop: CancellationToken) {
             Ok::<_, ControlError>(map.map(|map| (map, nodes)))
         };
         match tokio::time::timeout(Duration::from_secs(2), fresh).await {
-            Ok(Ok(Some((map, nodes)))) => {
-                // Nodes the map names that are away keep their last known
-                // address: a restarting node is reachable again as soon as
-                // it is back.
-                let (_, mut known) = groups.view.snapshot();
-                known.extend(nodes);
-                groups.view.update(map, known);
-            }
+            Ok(Ok(Some((map, nodes)))) => groups.view.update(map, nodes),
             Ok(Ok(None)) => continue,
             Ok(Err(e)) => {
                 debug!(error = %e, "etcd unreachable; serving on the last known map");
@@ -410,11 +438,15 @@ impl Groups {
                 // A replica's address is unknown (never seen alive): wait.
                 continue;
             }
+            let preferred = preferred_leader(partition, replicas);
             if !raft.is_initialized().await.unwrap_or(true) {
-                if replicas.first() == Some(&self.id) {
+                if preferred == Some(self.id) {
                     self.initialize(partition, &raft, members).await;
                 }
                 continue;
+            }
+            if preferred == Some(self.id) {
+                self.take_leadership(partition, &raft).await;
             }
             self.move_membership(partition, raft, &map, members);
         }
@@ -470,6 +502,40 @@ impl Groups {
             Err(e) => {
                 debug!(partition = partition.0, error = %e, "cannot claim the group's creation")
             }
+        }
+    }
+
+    /// Makes this node, `partition`'s preferred leader, its leader when
+    /// another leads and this node's log is complete: leaders spread over
+    /// the nodes instead of piling up on the first one up. At most one
+    /// election per partition per [`LEADERSHIP_RETRY`].
+    async fn take_leadership(&self, partition: PartitionId, raft: &Raft) {
+        let metrics = raft.metrics().borrow().clone();
+        let led_elsewhere = metrics
+            .current_leader
+            .is_some_and(|leader| leader != self.id);
+        let voter = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == self.id);
+        let complete = metrics.last_applied.map(|l| l.index) == metrics.last_log_index;
+        if !(led_elsewhere && voter && complete) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        if let Ok(mut tried) = self.elections.lock() {
+            if tried
+                .get(&partition)
+                .is_some_and(|at| now.duration_since(*at) < LEADERSHIP_RETRY)
+            {
+                return;
+            }
+            tried.insert(partition, now);
+        }
+        debug!(partition = partition.0, "taking the preferred leadership");
+        if let Err(e) = raft.trigger().elect().await {
+            debug!(partition = partition.0, error = %e, "election not started");
         }
     }
 

@@ -23,6 +23,7 @@ use volna_proto::{ChannelName, Epoch, ErrorCode, Offset};
 use crate::log::{
     AppendError, AppendInput, Appended, BoxFuture, Log, PendingAppend, Replication, Trim,
 };
+use crate::metrics::Metrics;
 use crate::store::ChannelMeta;
 
 /// Requests queued per partition before `submit` waits.
@@ -32,27 +33,39 @@ const MAX_ENTRY_PUBLISHES: usize = 512;
 /// Payload bytes per Raft entry, at most (beyond one large publish).
 const MAX_ENTRY_BYTES: usize = 1 << 20;
 
-/// The cluster as a node last saw it: the partition map and the live
-/// nodes. Kept when etcd is unreachable (the data path goes on with it).
+/// The cluster as a node last saw it: the partition map, every node seen
+/// (with its last address) and which of them were live. Kept when etcd is
+/// unreachable: the data path goes on with it.
 #[derive(Debug, Default)]
 pub struct ClusterView {
     inner: RwLock<(PartitionMap, BTreeMap<NodeId, NodeInfo>)>,
+    live: RwLock<std::collections::BTreeSet<NodeId>>,
 }
 
 impl ClusterView {
-    /// Replaces the view.
-    pub fn update(&self, map: PartitionMap, nodes: BTreeMap<NodeId, NodeInfo>) {
+    /// Takes a fresh map and live node set. Nodes that left keep their last
+    /// known address: a restarting node is reachable as soon as it is back.
+    pub fn update(&self, map: PartitionMap, live: BTreeMap<NodeId, NodeInfo>) {
+        if let Ok(mut ids) = self.live.write() {
+            *ids = live.keys().copied().collect();
+        }
         if let Ok(mut inner) = self.inner.write() {
-            *inner = (map, nodes);
+            inner.0 = map;
+            inner.1.extend(live);
         }
     }
 
-    /// The map and nodes.
+    /// The map and every node seen.
     pub fn snapshot(&self) -> (PartitionMap, BTreeMap<NodeId, NodeInfo>) {
         self.inner
             .read()
             .map(|inner| inner.clone())
             .unwrap_or_default()
+    }
+
+    /// Whether `node` was live when etcd last answered.
+    pub fn is_live(&self, node: NodeId) -> bool {
+        self.live.read().is_ok_and(|ids| ids.contains(&node))
     }
 
     /// `partition`'s replicas with their inter-node addresses (those whose
@@ -110,6 +123,7 @@ impl Router {
         view: Arc<ClusterView>,
         log: Log,
         within: Duration,
+        metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let mut queues = Vec::with_capacity(partitions as usize);
         for partition in 0..partitions {
@@ -121,6 +135,7 @@ impl Router {
                 peers.clone(),
                 view.clone(),
                 within,
+                metrics.clone(),
             ));
         }
         Arc::new(Self {
@@ -198,6 +213,7 @@ async fn propose_loop(
     peers: Arc<Peers>,
     view: Arc<ClusterView>,
     within: Duration,
+    metrics: Arc<Metrics>,
 ) {
     let mut carried: Option<Request> = None;
     loop {
@@ -254,9 +270,15 @@ async fn propose_loop(
                 (Command::Trim(cuts), Waiting::Trims)
             }
         };
+        let started = std::time::Instant::now();
         let result = peers
             .propose(partition, &command, &view.replicas(partition), within)
             .await;
+        if result.is_ok() {
+            metrics
+                .cluster_commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         deliver(partition, result, waiting);
     }
 }

@@ -41,6 +41,15 @@ use crate::tls::PeerTls;
 /// `snapshot_max_chunk_size`; this only stops a broken peer.
 const MAX_MESSAGE: usize = 64 << 20;
 
+/// A peer silent this long is gone: its connection closes.
+const PEER_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long one forwarded proposal may wait for the leader's answer. A
+/// commit takes milliseconds; a leader that does not answer in this time
+/// is likely dead or cut off, and the publisher's retry (same producer
+/// sequence, stored once) finds the next one.
+const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
+
 /// Call kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -153,6 +162,8 @@ pub struct LinkStats {
     pub bytes_received: AtomicU64,
     /// Calls made.
     pub calls: AtomicU64,
+    /// Commands forwarded to another node's leader.
+    pub forwarded: AtomicU64,
 }
 
 /// A node's inter-node endpoint: it accepts calls for the partition groups
@@ -181,10 +192,11 @@ impl Peers {
     pub fn bind(node: NodeId, listen: SocketAddr, tls: PeerTls) -> Result<Arc<Self>, LinkError> {
         let mut transport = quinn::TransportConfig::default();
         // A peer that vanishes (kill -9, SIGSTOP, a cut cable) is noticed
-        // within seconds, not after the default 30 s idle timeout.
-        transport.keep_alive_interval(Some(Duration::from_millis(500)));
+        // within a second and a half, not after the default 30 s idle
+        // timeout: calls to it then fail fast and go elsewhere.
+        transport.keep_alive_interval(Some(Duration::from_millis(250)));
         transport.max_idle_timeout(Some(
-            quinn::IdleTimeout::try_from(Duration::from_secs(3))
+            quinn::IdleTimeout::try_from(PEER_IDLE_TIMEOUT)
                 .map_err(|e| LinkError::Endpoint(e.to_string()))?,
         ));
         transport.max_concurrent_bidi_streams(4096u32.into());
@@ -316,6 +328,7 @@ impl Peers {
                         .map(|written| written.data)
                 }
                 Some((node, info)) => {
+                    self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
                     match self
                         .call(
                             node,
@@ -323,7 +336,7 @@ impl Peers {
                             Kind::Propose,
                             partition,
                             &body,
-                            until - now,
+                            (until - now).min(FORWARD_ATTEMPT),
                         )
                         .await
                     {
@@ -369,6 +382,18 @@ impl Peers {
                     last_failure = e.to_string();
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
+            }
+        }
+    }
+
+    /// Drops the connection to `node` (it failed a call): the next call
+    /// dials afresh instead of waiting on a dead peer's idle timeout.
+    async fn forget(&self, node: NodeId) {
+        let slot = self.links.get(&node).map(|slot| slot.clone());
+        if let Some(slot) = slot {
+            let mut slot = slot.lock().await;
+            if let Some(conn) = slot.take() {
+                conn.close(0u32.into(), b"call failed");
             }
         }
     }
@@ -438,12 +463,20 @@ impl Peers {
                 .map_err(|e| broken(e.to_string()))?;
             Ok(answer)
         };
-        let answer = tokio::time::timeout(deadline, exchange)
-            .await
-            .map_err(|_| LinkError::Timeout {
-                node,
-                after: deadline,
-            })??;
+        let answer = match tokio::time::timeout(deadline, exchange).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => {
+                self.forget(node).await;
+                return Err(e);
+            }
+            Err(_) => {
+                self.forget(node).await;
+                return Err(LinkError::Timeout {
+                    node,
+                    after: deadline,
+                });
+            }
+        };
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_sent

@@ -1,0 +1,224 @@
+//! What an operator sees of the cluster from one node (`/admin/cluster`,
+//! `volna cluster status`): the nodes, each partition's replicas and, for
+//! the partitions this node replicates, its Raft role, log position and
+//! (where it leads) how far each follower lags.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use volna_cluster::raft::Raft;
+use volna_cluster::raft::network::Peers;
+use volna_cluster::{NodeId, PartitionId};
+
+use super::router::ClusterView;
+use crate::admin::ClusterStatus;
+
+/// One node.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeView {
+    /// Its id.
+    pub id: NodeId,
+    /// Where devices reach it.
+    pub quic: String,
+    /// Where nodes reach it.
+    pub peer: String,
+    /// Whether its etcd lease was alive when etcd last answered.
+    pub live: bool,
+}
+
+/// One partition.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PartitionView {
+    /// The partition.
+    pub partition: u32,
+    /// Its replicas per the map.
+    pub replicas: Vec<NodeId>,
+    /// Whether this node runs its group.
+    pub hosted: bool,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// The Raft term this node is in.
+    pub term: u64,
+    /// This node's last log index.
+    pub last_log: Option<u64>,
+    /// This node's last applied index.
+    pub last_applied: Option<u64>,
+    /// Where this node leads: entries each follower is behind.
+    pub lag: BTreeMap<NodeId, u64>,
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterReport {
+    /// The node answering.
+    pub node: NodeId,
+    /// The partition map's version.
+    pub map_version: u64,
+    /// Nodes seen.
+    pub nodes: Vec<NodeView>,
+    /// Every partition.
+    pub partitions: Vec<PartitionView>,
+    /// Inter-node bytes this node sent.
+    pub peer_bytes_sent: u64,
+    /// Inter-node bytes this node received.
+    pub peer_bytes_received: u64,
+    /// Commands this node forwarded to another node's leader.
+    pub forwarded: u64,
+}
+
+/// Computes a [`ClusterReport`] on demand.
+#[derive(Clone)]
+pub struct StatusSource {
+    pub(super) id: NodeId,
+    pub(super) partitions: u32,
+    pub(super) peers: Arc<Peers>,
+    pub(super) view: Arc<ClusterView>,
+    pub(super) groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+}
+
+impl std::fmt::Debug for StatusSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StatusSource")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StatusSource {
+    /// The report as of now.
+    pub fn report(&self) -> ClusterReport {
+        let (map, nodes) = self.view.snapshot();
+        let groups = self.groups.lock().map(|g| g.clone()).unwrap_or_default();
+        let partitions = (0..self.partitions)
+            .map(|index| {
+                let partition = PartitionId(index);
+                let replicas = map
+                    .replicas
+                    .get(index as usize)
+                    .cloned()
+                    .unwrap_or_default();
+                let Some(raft) = groups.get(&partition) else {
+                    return PartitionView {
+                        partition: index,
+                        replicas,
+                        hosted: false,
+                        leader: None,
+                        term: 0,
+                        last_log: None,
+                        last_applied: None,
+                        lag: BTreeMap::new(),
+                    };
+                };
+                let metrics = raft.metrics().borrow().clone();
+                let last_log = metrics.last_log_index;
+                let lag = metrics
+                    .replication
+                    .as_ref()
+                    .map(|followers| {
+                        followers
+                            .iter()
+                            .filter(|(id, _)| **id != self.id)
+                            .map(|(id, matched)| {
+                                let matched = matched.map_or(0, |m| m.index + 1);
+                                (*id, last_log.map_or(0, |l| l + 1).saturating_sub(matched))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                PartitionView {
+                    partition: index,
+                    replicas,
+                    hosted: true,
+                    leader: metrics.current_leader,
+                    term: metrics.current_term,
+                    last_log,
+                    last_applied: metrics.last_applied.map(|l| l.index),
+                    lag,
+                }
+            })
+            .collect();
+        let stats = self.peers.stats();
+        ClusterReport {
+            node: self.id,
+            map_version: map.version,
+            nodes: nodes
+                .values()
+                .map(|n| NodeView {
+                    id: n.id,
+                    quic: n.quic.clone(),
+                    peer: n.peer.clone(),
+                    live: self.view.is_live(n.id),
+                })
+                .collect(),
+            partitions,
+            peer_bytes_sent: stats.bytes_sent.load(Ordering::Relaxed),
+            peer_bytes_received: stats.bytes_received.load(Ordering::Relaxed),
+            forwarded: stats.forwarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl ClusterStatus for StatusSource {
+    fn status(&self) -> serde_json::Value {
+        serde_json::to_value(self.report()).unwrap_or_default()
+    }
+
+    fn metrics(&self) -> String {
+        use std::fmt::Write;
+        let report = self.report();
+        let (mut leader, mut follower) = (0u64, 0u64);
+        let mut max_lag = 0u64;
+        for p in report.partitions.iter().filter(|p| p.hosted) {
+            if p.leader == Some(report.node) {
+                leader += 1;
+                max_lag = max_lag.max(p.lag.values().copied().max().unwrap_or(0));
+            } else {
+                follower += 1;
+            }
+        }
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP volna_{name} {help}");
+            let _ = writeln!(out, "# TYPE volna_{name} {kind}");
+            for (labels, value) in lines {
+                let _ = writeln!(out, "volna_{name}{labels} {value}");
+            }
+        };
+        metric(
+            "cluster_partitions",
+            "gauge",
+            "Partition groups this node runs, by its role",
+            &[
+                ("{role=\"leader\"}", leader),
+                ("{role=\"follower\"}", follower),
+            ],
+        );
+        metric(
+            "cluster_replica_lag_max",
+            "gauge",
+            "Entries the furthest follower of a partition this node leads is behind",
+            &[("", max_lag)],
+        );
+        metric(
+            "cluster_peer_bytes_sent_total",
+            "counter",
+            "Inter-node bytes sent (Raft replication, forwarded publishes)",
+            &[("", report.peer_bytes_sent)],
+        );
+        metric(
+            "cluster_peer_bytes_received_total",
+            "counter",
+            "Inter-node bytes received",
+            &[("", report.peer_bytes_received)],
+        );
+        metric(
+            "cluster_forwarded_total",
+            "counter",
+            "Entries forwarded to another node's partition leader",
+            &[("", report.forwarded)],
+        );
+        out
+    }
+}

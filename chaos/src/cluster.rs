@@ -1,0 +1,293 @@
+//! A Volna cluster under test: a private etcd and broker processes on
+//! loopback, with certificates from one development CA, each started by
+//! the test and stopped by PID (dropping the cluster kills them).
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use volna_client::{Backoff, ClientConfig, Trust};
+use volna_cluster::tls::DevCa;
+
+use crate::{BrokerProcess, ChaosError};
+
+/// The admin token the test cluster's nodes accept.
+pub const ADMIN_TOKEN: &str = "chaos-cluster-admin-token";
+
+/// A private etcd server on free loopback ports.
+#[derive(Debug)]
+pub struct Etcd {
+    child: Option<Child>,
+    client_port: u16,
+    peer_port: u16,
+    dir: PathBuf,
+}
+
+fn free_tcp_port() -> Result<u16, ChaosError> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn free_udp_port() -> Result<u16, ChaosError> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Etcd {
+    /// Starts etcd (`VOLNA_ETCD_BIN`, else `etcd` on the path) with its
+    /// data under `dir`; waits until it answers.
+    pub fn start(dir: &Path) -> Result<Self, ChaosError> {
+        let mut etcd = Self {
+            child: None,
+            client_port: free_tcp_port()?,
+            peer_port: free_tcp_port()?,
+            dir: dir.to_owned(),
+        };
+        etcd.spawn()?;
+        Ok(etcd)
+    }
+
+    fn spawn(&mut self) -> Result<(), ChaosError> {
+        let binary = std::env::var("VOLNA_ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))?;
+        let child = Command::new(&binary)
+            .arg("--name=volna-chaos")
+            .arg(format!("--data-dir={}", self.dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=volna-chaos={peer}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                ChaosError::Binary(format!(
+                    "cannot start {binary}: {e} (scripts/prereqs.sh installs etcd-server)"
+                ))
+            })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(self.client_addr(), "/health", None).is_none_or(|b| !b.contains("true")) {
+            if Instant::now() > deadline {
+                return Err(ChaosError::StartTimeout(Duration::from_secs(30)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn client_addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.client_port))
+    }
+
+    /// The client URL.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) -> Result<(), ChaosError> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same data and ports.
+    pub fn start_again(&mut self) -> Result<(), ChaosError> {
+        self.kill()?;
+        self.spawn()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.kill();
+    }
+}
+
+/// A blocking HTTP/1.0 GET on loopback: the body when the answer is 200.
+fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: localhost\r\n{auth}\r\n").ok()?;
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).ok()?;
+    let (head, body) = reply.split_once("\r\n\r\n")?;
+    head.contains(" 200 ").then(|| body.to_owned())
+}
+
+/// etcd and broker nodes.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The nodes, node `i + 1` at index `i`.
+    pub nodes: Vec<BrokerProcess>,
+    /// etcd.
+    pub etcd: Etcd,
+    /// The development CA every node's certificate chains to.
+    pub ca: PathBuf,
+    /// Partitions.
+    pub partitions: u32,
+    dir: TempDir,
+}
+
+impl TestCluster {
+    /// Starts etcd and `nodes` brokers (3 replicas per partition, or fewer
+    /// when there are fewer nodes), and waits until every partition has a
+    /// leader.
+    pub async fn start(nodes: u64, partitions: u32) -> Result<Self, ChaosError> {
+        let dir = tempfile::tempdir()?;
+        let etcd = Etcd::start(dir.path())?;
+        let ca = DevCa::generate().map_err(|e| ChaosError::Binary(e.to_string()))?;
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, ca.cert_pem())?;
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            etcd,
+            ca: ca_path,
+            partitions,
+            dir,
+        };
+        for id in 1..=nodes {
+            cluster.add_node(&ca, id)?;
+        }
+        for node in &cluster.nodes {
+            node.wait_ready(Duration::from_secs(60)).await?;
+        }
+        cluster.wait_for_leaders(Duration::from_secs(60)).await?;
+        Ok(cluster)
+    }
+
+    fn add_node(&mut self, ca: &DevCa, id: u64) -> Result<(), ChaosError> {
+        let issued = ca
+            .issue(id, &["localhost", "127.0.0.1"])
+            .map_err(|e| ChaosError::Binary(e.to_string()))?;
+        let data = self.dir.path().join(format!("node-{id}"));
+        std::fs::create_dir_all(&data)?;
+        let cert = self.dir.path().join(format!("node-{id}.pem"));
+        let key = self.dir.path().join(format!("node-{id}.key"));
+        std::fs::write(&cert, issued.cert_pem)?;
+        std::fs::write(&key, issued.key_pem)?;
+        let config = self.dir.path().join(format!("node-{id}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"[tls]
+cert = "{cert}"
+key = "{key}"
+
+[auth]
+mode = "none"
+
+[admin]
+token = "{ADMIN_TOKEN}"
+
+[cluster]
+node_id = {id}
+name = "chaos"
+etcd_endpoints = ["{etcd}"]
+peer_listen = "127.0.0.1:{peer}"
+partitions = {partitions}
+replicas = 3
+election_timeout_ms = 1000
+heartbeat_ms = 250
+lease_ttl_secs = 3
+
+[cluster.tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+"#,
+                cert = cert.display(),
+                key = key.display(),
+                etcd = self.etcd.endpoint(),
+                peer = free_udp_port()?,
+                partitions = self.partitions,
+                ca = self.ca.display(),
+            ),
+        )?;
+        let config = config.display().to_string();
+        self.nodes.push(BrokerProcess::start_with(
+            &data,
+            "wal",
+            &[("VOLNA_CONFIG", &config)],
+        )?);
+        Ok(())
+    }
+
+    /// A client configuration trying `nodes` (1-based ids) in that order.
+    pub fn client_config(&self, nodes: &[u64]) -> ClientConfig {
+        let servers: Vec<String> = nodes
+            .iter()
+            .map(|id| self.nodes[(*id - 1) as usize].addr().to_string())
+            .collect();
+        let mut config =
+            ClientConfig::with_servers(servers, "chaos", Trust::CaFile(self.ca.clone()));
+        config.backoff = Backoff {
+            initial: Duration::from_millis(20),
+            max: Duration::from_millis(300),
+        };
+        config.request_timeout = Duration::from_secs(30);
+        config.server_name = Some("localhost".into());
+        config
+    }
+
+    /// Node `id`'s view of the cluster (`/admin/cluster`), if it answers.
+    pub fn status(&self, id: u64) -> Option<serde_json::Value> {
+        let node = &self.nodes[(id - 1) as usize];
+        let body = http_get(node.http_addr(), "/admin/cluster", Some(ADMIN_TOKEN))?;
+        serde_json::from_str(&body).ok()
+    }
+
+    /// The leader of `channel`'s partition as node `asked` sees it.
+    pub fn leader_of(&self, channel: &str, asked: u64) -> Option<u64> {
+        let partition = volna_cluster::partition_of(channel, self.partitions).0 as usize;
+        self.status(asked)?["partitions"][partition]["leader"].as_u64()
+    }
+
+    /// Waits until every partition has a leader all `nodes` agree on.
+    pub async fn wait_for_leaders(&self, within: Duration) -> Result<(), ChaosError> {
+        let deadline = Instant::now() + within;
+        loop {
+            let agreed = (0..self.partitions as usize).all(|p| {
+                let leaders: std::collections::BTreeSet<Option<u64>> = (1..=self.nodes.len()
+                    as u64)
+                    .filter(|id| self.nodes[(*id - 1) as usize].is_running())
+                    .map(|id| {
+                        self.status(id)
+                            .and_then(|s| s["partitions"][p]["leader"].as_u64())
+                    })
+                    .collect();
+                leaders.len() == 1 && leaders.iter().all(Option::is_some)
+            });
+            if agreed {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(ChaosError::StartTimeout(within));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Inter-node bytes every running node sent so far, summed.
+    pub async fn peer_bytes_sent(&self) -> f64 {
+        let mut total = 0.0;
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            total += node
+                .metric("volna_cluster_peer_bytes_sent_total")
+                .await
+                .unwrap_or(0.0);
+        }
+        total
+    }
+}

@@ -1,0 +1,265 @@
+//! A three-node cluster of real broker processes with a real etcd: what a
+//! device sees across nodes and across a partition leader's death.
+
+#![allow(clippy::unwrap_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use volna_chaos::cluster::TestCluster;
+use volna_chaos::{History, read_through};
+use volna_client::{ChannelName, Client, ClientError, Position};
+
+const PARTITIONS: u32 = 8;
+
+async fn connect(cluster: &TestCluster, nodes: &[u64]) -> Client {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect(cluster.client_config(nodes)).await {
+            Ok(client) => return client,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot connect to {nodes:?}: {e}"),
+        }
+    }
+}
+
+fn payload(i: u64, size: usize) -> Vec<u8> {
+    let mut p = format!("m{i:08}-").into_bytes();
+    p.resize(size, b'x');
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_node_reaches_every_node_once_in_order_and_crosses_once_per_replica() {
+    let cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channel = ChannelName::new("chat.everywhere").unwrap();
+    const BATCH: u64 = 300;
+    const SIZE: usize = 1024;
+
+    let mut subscribers = Vec::new();
+    for node in 1..=3 {
+        let client = connect(&cluster, &[node]).await;
+        let sub = client.subscribe(&channel, Position::FIRST).await.unwrap();
+        subscribers.push((client, sub));
+    }
+    let publisher = connect(&cluster, &[1]).await;
+    let before = cluster.peer_bytes_sent().await;
+    for i in 1..=BATCH {
+        let ack = publisher.publish(&channel, payload(i, SIZE)).await.unwrap();
+        assert_eq!(ack.offset.get(), i, "offsets are gapless from 1");
+    }
+    for (_, sub) in &mut subscribers {
+        let got = read_through(sub, BATCH, Duration::from_secs(60)).await;
+        let expected: Vec<(u64, Vec<u8>)> = (1..=BATCH).map(|i| (i, payload(i, SIZE))).collect();
+        assert_eq!(
+            got, expected,
+            "every node delivers every message once, in order"
+        );
+    }
+    let one_subscriber_each = cluster.peer_bytes_sent().await - before;
+
+    // A hundred more subscribers (devices) on node 3: the cluster moves
+    // the same bytes (each message still crosses once per replica).
+    let mut crowd = Vec::new();
+    let mut devices = Vec::new();
+    for _ in 0..100 {
+        let device = connect(&cluster, &[3]).await;
+        crowd.push(
+            device
+                .subscribe(
+                    &channel,
+                    Position::From {
+                        offset: volna_client::Offset::new(BATCH + 1),
+                        epoch: None,
+                    },
+                )
+                .await
+                .unwrap(),
+        );
+        devices.push(device);
+    }
+    let before = cluster.peer_bytes_sent().await;
+    for i in BATCH + 1..=2 * BATCH {
+        let ack = publisher.publish(&channel, payload(i, SIZE)).await.unwrap();
+        assert_eq!(ack.offset.get(), i);
+    }
+    for sub in &mut crowd {
+        let got = read_through(sub, 2 * BATCH, Duration::from_secs(60)).await;
+        assert_eq!(got.len() as u64, BATCH);
+    }
+    let hundred_more = cluster.peer_bytes_sent().await - before;
+    let per_message = |bytes: f64| bytes / BATCH as f64;
+    eprintln!(
+        "inter-node bytes per {SIZE}-byte message: {:.0} with 1 subscriber per node, {:.0} with 100 more on node 3",
+        per_message(one_subscriber_each),
+        per_message(hundred_more)
+    );
+    // Two follower copies of each message, plus Raft framing and
+    // heartbeats; nothing per subscriber.
+    assert!(per_message(one_subscriber_each) >= 2.0 * SIZE as f64);
+    assert!(
+        hundred_more < 1.5 * one_subscriber_each,
+        "100 subscribers moved {hundred_more} inter-node bytes against {one_subscriber_each}"
+    );
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}
+
+async fn publish_until_stopped(
+    client: Client,
+    channel: ChannelName,
+    history: Arc<Mutex<History>>,
+    acks: Arc<Mutex<Vec<Instant>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut i = 0u64;
+    while !stop.is_cancelled() && i < 100_000 {
+        let body = format!("p-{i}").into_bytes();
+        match client.publish(&channel, body.clone()).await {
+            Ok(ack) => {
+                acks.lock().unwrap().push(Instant::now());
+                let mut h = history.lock().unwrap();
+                assert!(
+                    h.acked.insert(ack.offset.get(), body).is_none(),
+                    "offset {} acknowledged twice",
+                    ack.offset
+                );
+            }
+            Err(ClientError::Timeout | ClientError::Disconnected | ClientError::Closed) => {
+                history.lock().unwrap().unknown.push(body);
+            }
+            Err(e) => panic!("unexpected publish error: {e}"),
+        }
+        i += 1;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_partition_leader_loses_no_acknowledged_publish_and_subscribers_resume_gapless() {
+    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channel = ChannelName::new("chat.failover").unwrap();
+    let leader = cluster.leader_of(channel.as_str(), 1).unwrap();
+    let survivors: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+
+    // The publisher and a subscriber sit on the survivors.
+    let history = Arc::new(Mutex::new(History::default()));
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = connect(&cluster, &[survivors[0]]).await;
+    let reader = connect(&cluster, &[survivors[1]]).await;
+    let mut live = reader.subscribe(&channel, Position::FIRST).await.unwrap();
+    let writer = tokio::spawn(publish_until_stopped(
+        publisher,
+        channel.clone(),
+        history.clone(),
+        acks.clone(),
+        stop.clone(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "publishing did not get going");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    cluster.nodes[(leader - 1) as usize].kill().unwrap();
+    let killed_at = Instant::now();
+    let acked_before = acks.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.lock().unwrap().len() < acked_before + 300 {
+        assert!(Instant::now() < deadline, "publishing did not resume");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The longest silence between two acknowledgements around the kill:
+    // from the last ack the dead leader gave to the first the new one did.
+    let failover = {
+        let acks = acks.lock().unwrap();
+        acks.windows(2)
+            .filter(|w| w[1] > killed_at)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap()
+    };
+    eprintln!("leader {leader} killed: publishing stalled for {failover:?}");
+    // election_timeout_ms = 1000 (elections start within 1–2 s) + 1 s.
+    assert!(
+        failover < Duration::from_secs(3),
+        "failover took {failover:?}"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .unwrap()
+        .unwrap();
+
+    let h = std::mem::take(&mut *history.lock().unwrap());
+    let last = h.acked.keys().next_back().copied().unwrap();
+    // The live subscriber on a survivor went through the failover
+    // without a gap or a duplicate.
+    let delivered = read_through(&mut live, last, Duration::from_secs(60)).await;
+    h.check(&delivered).unwrap();
+    // So does a fresh read of the whole log on the other survivor.
+    let fresh = connect(&cluster, &[survivors[0]]).await;
+    let mut sub = fresh.subscribe(&channel, Position::FIRST).await.unwrap();
+    let delivered = read_through(&mut sub, last, Duration::from_secs(60)).await;
+    h.check(&delivered).unwrap();
+    eprintln!(
+        "{} publishes acknowledged, {} outcomes unknown, none lost",
+        h.acked.len(),
+        h.unknown.len()
+    );
+    for id in survivors {
+        cluster.nodes[(id - 1) as usize].assert_never_panicked();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_on_a_killed_node_resumes_every_subscription_on_another_seed() {
+    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channels: Vec<ChannelName> = (0..4)
+        .map(|i| ChannelName::new(format!("chat.seed{i}")).unwrap())
+        .collect();
+    // The device dials node 3 first; nodes 1 and 2 are its other seeds.
+    let device = connect(&cluster, &[3, 1, 2]).await;
+    let mut subs = Vec::new();
+    for channel in &channels {
+        subs.push(device.subscribe(channel, Position::FIRST).await.unwrap());
+    }
+    let publisher = connect(&cluster, &[1]).await;
+    for round in 1..=20u64 {
+        for channel in &channels {
+            publisher
+                .publish(channel, format!("{round}").into_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    for sub in &mut subs {
+        read_through(sub, 20, Duration::from_secs(30)).await;
+    }
+    cluster.nodes[2].kill().unwrap();
+    // Published while the device reconnects: it must get all of it.
+    for round in 21..=40u64 {
+        for channel in &channels {
+            publisher
+                .publish(channel, format!("{round}").into_bytes())
+                .await
+                .unwrap();
+        }
+    }
+    for sub in &mut subs {
+        let got = read_through(sub, 40, Duration::from_secs(60)).await;
+        let offsets: Vec<u64> = got.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (21..=40).collect::<Vec<_>>(),
+            "resumed from its next offset"
+        );
+        for (offset, body) in got {
+            assert_eq!(body, format!("{offset}").into_bytes());
+        }
+    }
+}
