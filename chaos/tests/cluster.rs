@@ -263,3 +263,170 @@ async fn a_client_on_a_killed_node_resumes_every_subscription_on_another_seed() 
         }
     }
 }
+
+/// Reads `channel` from offset 1 on node `id` alone, up to `last`.
+async fn history_on(
+    cluster: &TestCluster,
+    id: u64,
+    channel: &ChannelName,
+    last: u64,
+) -> Vec<(u64, Vec<u8>)> {
+    let client = connect(cluster, &[id]).await;
+    let mut sub = client.subscribe(channel, Position::FIRST).await.unwrap();
+    read_through(&mut sub, last, Duration::from_secs(60)).await
+}
+
+async fn wait_for_acks(acks: &Mutex<Vec<Instant>>, count: usize) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acks.lock().unwrap().len() < count {
+        assert!(
+            Instant::now() < deadline,
+            "publishing stalled below {count} acks"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_steps_down_and_no_offset_ever_holds_two_messages() {
+    let cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channel = ChannelName::new("chat.paused").unwrap();
+    let paused = cluster.leader_of(channel.as_str(), 1).unwrap();
+    let partition = volna_cluster::partition_of(channel.as_str(), PARTITIONS).0 as usize;
+    let term_before = cluster.status(paused).unwrap()["partitions"][partition]["term"]
+        .as_u64()
+        .unwrap();
+    let others: Vec<u64> = (1..=3).filter(|n| *n != paused).collect();
+
+    let history = Arc::new(Mutex::new(History::default()));
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    // The publisher may reach the paused node first: its client must move
+    // on to the others (a paused node answers nothing).
+    let publisher = connect(&cluster, &[others[0], others[1]]).await;
+    let writer = tokio::spawn(publish_until_stopped(
+        publisher,
+        channel.clone(),
+        history.clone(),
+        acks.clone(),
+        stop.clone(),
+    ));
+    wait_for_acks(&acks, 200).await;
+    cluster.nodes[(paused - 1) as usize].signal("STOP").unwrap();
+    // Longer than the election timeout: the others elect a new leader.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let during = acks.lock().unwrap().len();
+    wait_for_acks(&acks, during + 200).await;
+    cluster.nodes[(paused - 1) as usize].signal("CONT").unwrap();
+    // The old leader learns of the newer term and steps down; the cluster
+    // agrees on one leader per partition.
+    cluster
+        .wait_for_leaders(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let after = cluster.status(paused).unwrap()["partitions"][partition].clone();
+    assert!(
+        after["term"].as_u64().unwrap() > term_before,
+        "the paused leader did not see a newer term: {after}"
+    );
+    let resumed = acks.lock().unwrap().len();
+    wait_for_acks(&acks, resumed + 200).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(60), writer)
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Every node, the paused one included, holds the same history: no
+    // offset ever held two different messages.
+    let h = std::mem::take(&mut *history.lock().unwrap());
+    let last = h.acked.keys().next_back().copied().unwrap();
+    let mut histories = Vec::new();
+    for id in 1..=3 {
+        let delivered = history_on(&cluster, id, &channel, last).await;
+        h.check(&delivered)
+            .unwrap_or_else(|v| panic!("node {id}: {v}"));
+        histories.push(delivered);
+    }
+    assert!(
+        histories.windows(2).all(|w| w[0] == w[1]),
+        "replicas disagree"
+    );
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}
+
+fn etcd_down_secs() -> u64 {
+    std::env::var("VOLNA_CHAOS_ETCD_DOWN_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_etcd_down_publishing_and_delivery_go_on_and_placement_resumes_after() {
+    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channel = ChannelName::new("chat.noetcd").unwrap();
+    let reader = connect(&cluster, &[3]).await;
+    let mut sub = reader.subscribe(&channel, Position::FIRST).await.unwrap();
+    let publisher = connect(&cluster, &[1]).await;
+    let version_before = cluster.status(1).unwrap()["map_version"].as_u64().unwrap();
+
+    cluster.etcd.kill().unwrap();
+    let down = Duration::from_secs(etcd_down_secs());
+    let started = Instant::now();
+    let mut offset = 0;
+    while started.elapsed() < down {
+        offset = publisher
+            .publish(&channel, format!("{offset}").into_bytes())
+            .await
+            .expect("publishing goes on without etcd")
+            .offset
+            .get();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let delivered = read_through(&mut sub, offset, Duration::from_secs(30)).await;
+    assert_eq!(
+        delivered.len() as u64,
+        offset,
+        "delivery goes on without etcd"
+    );
+    eprintln!("etcd down for {down:?}: {offset} publishes acknowledged and delivered");
+
+    // etcd back: every node is a live member again, and the placer acts
+    // on a change (node 3 goes away: its partitions are placed anew).
+    cluster.etcd.start_again().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let live = cluster.status(1).map(|s| {
+            s["nodes"]
+                .as_array()
+                .map(|nodes| nodes.iter().filter(|n| n["live"] == true).count())
+                .unwrap_or(0)
+        });
+        if live == Some(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nodes did not rejoin: {live:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.nodes[2].kill().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let version = cluster.status(1).unwrap()["map_version"].as_u64().unwrap();
+        if version > version_before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the placer did not act after etcd came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ack = publisher
+        .publish(&channel, b"after".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(ack.offset.get(), offset + 1);
+}
