@@ -288,13 +288,16 @@ pub struct ClusterSection {
     pub replicas: usize,
     /// Raft election timeout: a partition whose leader went silent has
     /// elected another within this long (openraft's leader lease and
-    /// randomized timeout both fit in it). At least three heartbeats.
+    /// randomized timeout both fit in it). More than four heartbeats.
     pub election_timeout_ms: u64,
     /// Raft heartbeat interval.
     pub heartbeat_ms: u64,
     /// This node's etcd lease: it leaves the membership this long after it
     /// stops renewing it.
     pub lease_ttl_secs: u64,
+    /// How long the placer waits, once a node left the membership, before
+    /// moving its replicas to other nodes (a restarting node keeps them).
+    pub dead_node_grace_secs: u64,
     /// Mutual TLS between nodes: the cluster CA, this node's certificate
     /// (naming `node-<node_id>`) and key, PEM.
     pub tls: ClusterTls,
@@ -346,11 +349,11 @@ impl ClusterSection {
                 "must be 1 to 7",
             ));
         }
-        if self.heartbeat_ms == 0 || self.election_timeout_ms < 3 * self.heartbeat_ms {
+        if self.heartbeat_ms == 0 || self.election_timeout_ms <= 4 * self.heartbeat_ms {
             return Err(invalid(
                 "election_timeout_ms",
                 self.election_timeout_ms.to_string(),
-                "must be at least three heartbeats (heartbeat_ms > 0)",
+                "must be more than four heartbeats (heartbeat_ms > 0)",
             ));
         }
         if self.lease_ttl_secs < 2 {
@@ -383,8 +386,9 @@ impl Default for ClusterSection {
             partitions: 64,
             replicas: 3,
             election_timeout_ms: 1000,
-            heartbeat_ms: 250,
+            heartbeat_ms: 100,
             lease_ttl_secs: 5,
+            dead_node_grace_secs: 30,
             tls: ClusterTls::default(),
         }
     }

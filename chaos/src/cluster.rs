@@ -140,6 +140,20 @@ pub struct TestCluster {
     dir: TempDir,
 }
 
+impl Drop for TestCluster {
+    /// With `VOLNA_CHAOS_KEEP` set, the nodes' data and logs stay on disk
+    /// for a post-mortem (the path is printed).
+    fn drop(&mut self) {
+        if std::env::var_os("VOLNA_CHAOS_KEEP").is_some() {
+            let dir = std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().unwrap_or_else(|_| panic!("no temporary directory")),
+            );
+            eprintln!("cluster data kept in {}", dir.keep().display());
+        }
+    }
+}
+
 impl TestCluster {
     /// Starts etcd and `nodes` brokers (3 replicas per partition, or fewer
     /// when there are fewer nodes), and waits until every partition has a
@@ -199,8 +213,9 @@ peer_listen = "127.0.0.1:{peer}"
 partitions = {partitions}
 replicas = 3
 election_timeout_ms = 1000
-heartbeat_ms = 250
+heartbeat_ms = 100
 lease_ttl_secs = 3
+dead_node_grace_secs = 5
 
 [cluster.tls]
 ca = "{ca}"

@@ -112,7 +112,10 @@ impl BrokerProcess {
             .arg("--durability")
             .arg(self.durability)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .env("VOLNA_LOG", "warn")
+            .env(
+                "VOLNA_LOG",
+                std::env::var("VOLNA_CHAOS_BROKER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(self.log_file()?)
             .spawn()?;

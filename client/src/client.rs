@@ -207,6 +207,9 @@ impl Client {
                     });
                 }
                 Ok(Frame::Error(ErrorFrame { code, message, .. })) if code.is_retryable() => {
+                    // `Unavailable` (a cluster's partition lost the answer
+                    // of its leader) may have stored it: same sequence.
+                    maybe_stored |= code == ErrorCode::Unavailable;
                     if !maybe_stored {
                         sequence = None;
                     }

@@ -292,6 +292,8 @@ impl Control {
         Ok(Placer {
             control: self.clone(),
             leader,
+            grace: Duration::ZERO,
+            absent_since: std::sync::Mutex::default(),
         })
     }
 }
@@ -345,6 +347,9 @@ impl Drop for Membership {
 pub struct Placer {
     control: Control,
     leader: LeaderKey,
+    grace: Duration,
+    /// When each placed node was first seen gone (its lease expired).
+    absent_since: std::sync::Mutex<BTreeMap<NodeId, tokio::time::Instant>>,
 }
 
 impl Placer {
@@ -372,12 +377,13 @@ impl Placer {
         config: ClusterConfig,
         max_moves: usize,
     ) -> Result<PartitionMap, ControlError> {
-        let live: BTreeSet<NodeId> = self.control.nodes().await?.into_keys().collect();
+        let present: BTreeSet<NodeId> = self.control.nodes().await?.into_keys().collect();
         let current = self
             .control
             .map()
             .await?
             .unwrap_or_else(|| PartitionMap::empty(config.partitions));
+        let live = self.with_grace(&present, &current);
         let next = place(&current, &live, config.replicas, max_moves);
         if next != current {
             self.write_map(&next).await?;
@@ -388,6 +394,35 @@ impl Placer {
             );
         }
         Ok(next)
+    }
+
+    /// Keeps a node that went away in the map for `grace` before moving
+    /// its replicas: a node that restarts (a crash, an upgrade) comes back
+    /// to its own replicas instead of having them moved away and back.
+    pub fn with_dead_node_grace(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The nodes placement may use: those present, and those of the map
+    /// gone for less than the grace period.
+    fn with_grace(&self, present: &BTreeSet<NodeId>, map: &PartitionMap) -> BTreeSet<NodeId> {
+        let now = tokio::time::Instant::now();
+        let Ok(mut absent) = self.absent_since.lock() else {
+            return present.clone();
+        };
+        absent.retain(|node, _| !present.contains(node));
+        let mut live = present.clone();
+        for node in map.replicas.iter().flatten() {
+            if present.contains(node) {
+                continue;
+            }
+            let since = *absent.entry(*node).or_insert(now);
+            if now.duration_since(since) < self.grace {
+                live.insert(*node);
+            }
+        }
+        live
     }
 
     /// Places partitions whenever the live nodes change (and every

@@ -55,6 +55,9 @@ const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 /// How long a node waits before calling another election to lead a
 /// partition it should lead.
 const LEADERSHIP_RETRY: Duration = Duration::from_secs(10);
+/// How long a partition must have kept its leader before its preferred
+/// leader calls an election to take over.
+const LEADERSHIP_SETTLE: Duration = Duration::from_secs(5);
 /// Replicas the placer moves per round.
 const MAX_MOVES_PER_ROUND: usize = 8;
 
@@ -136,6 +139,8 @@ struct Groups {
     changing: Arc<Mutex<HashSet<PartitionId>>>,
     /// When this node last called an election to lead a partition.
     elections: Mutex<BTreeMap<PartitionId, std::time::Instant>>,
+    /// Each partition's leader as last seen, and since when.
+    stable_leaders: Mutex<BTreeMap<PartitionId, (Option<NodeId>, std::time::Instant)>>,
 }
 
 /// The replica that should lead `partition`: spread by partition number
@@ -184,7 +189,7 @@ impl ClusterNode {
             // `election_timeout_max`) and then their own timeout before
             // electing: both halves fit in `election_timeout_ms`, so a
             // partition whose leader died elects another within it.
-            election_timeout_min: section.election_timeout_ms * 2 / 5,
+            election_timeout_min: section.election_timeout_ms / 4,
             election_timeout_max: section.election_timeout_ms / 2,
             // Partition snapshots are not built yet: never compact, so no
             // replica ever needs one (see `machine`).
@@ -220,6 +225,7 @@ impl ClusterNode {
             sync: setup.durability == Durability::Fsync,
             changing: Arc::default(),
             elections: Mutex::default(),
+            stable_leaders: Mutex::default(),
         });
         // Groups this node replicated before a restart come back before it
         // takes traffic, from the map as last seen in etcd.
@@ -246,6 +252,7 @@ impl ClusterNode {
                 info.clone(),
                 settled,
                 ttl,
+                Duration::from_secs(section.dead_node_grace_secs),
                 stop.clone(),
             )),
             tokio::spawn(view_loop(shared, stop.clone())),
@@ -329,6 +336,7 @@ async fn membership_loop(
     info: NodeInfo,
     config: ClusterConfig,
     ttl: Duration,
+    grace: Duration,
     stop: CancellationToken,
 ) {
     loop {
@@ -347,6 +355,7 @@ async fn membership_loop(
             loop {
                 match control.campaign(&membership, info.id).await {
                     Ok(placer) => {
+                        let placer = placer.with_dead_node_grace(grace);
                         info!(node = info.id, "this node is the placer");
                         let result = placer
                             .run(
@@ -520,10 +529,27 @@ impl Groups {
             .voter_ids()
             .any(|id| id == self.id);
         let complete = metrics.last_applied.map(|l| l.index) == metrics.last_log_index;
-        if !(led_elsewhere && voter && complete) {
+        // Only from a settled, live leader: an election called while one is
+        // already under way (a failover) would split the votes.
+        let now = std::time::Instant::now();
+        let settled = match self.stable_leaders.lock() {
+            Ok(mut seen) => {
+                let entry = seen
+                    .entry(partition)
+                    .or_insert((metrics.current_leader, now));
+                if entry.0 != metrics.current_leader {
+                    *entry = (metrics.current_leader, now);
+                }
+                now.duration_since(entry.1) >= LEADERSHIP_SETTLE
+            }
+            Err(_) => false,
+        };
+        let leader_live = metrics
+            .current_leader
+            .is_some_and(|leader| self.view.is_live(leader));
+        if !(led_elsewhere && voter && complete && settled && leader_live) {
             return;
         }
-        let now = std::time::Instant::now();
         if let Ok(mut tried) = self.elections.lock() {
             if tried
                 .get(&partition)

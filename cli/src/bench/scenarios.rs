@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures_util::future::try_join_all;
+use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use volna_client::{ChannelName, Client, Position};
 
@@ -61,7 +62,7 @@ async fn publish_split(
     messages: u64,
     payload: usize,
     rate: u64,
-) -> anyhow::Result<Vec<Client>> {
+) -> anyhow::Result<(Vec<Client>, Histogram<u64>)> {
     let mut clients = Vec::with_capacity(publishers);
     for _ in 0..publishers {
         clients.push(
@@ -73,14 +74,18 @@ async fn publish_split(
     let per_rate = rate as f64 / publishers as f64;
     let shares = (0..publishers as u64)
         .map(|i| messages / publishers as u64 + u64::from(i < messages % publishers as u64));
-    try_join_all(
+    let histograms = try_join_all(
         clients
             .iter()
             .zip(shares)
             .map(|(c, n)| workload::publish_all(c, channel, n, payload, per_rate)),
     )
     .await?;
-    Ok(clients)
+    let mut acks = Histogram::<u64>::new(3).context("ack histogram")?;
+    for h in &histograms {
+        acks.add(h).context("merging ack latencies")?;
+    }
+    Ok((clients, acks))
 }
 
 /// One channel, `--publishers` publishers, `--subscribers` subscribers.
@@ -105,7 +110,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
     .await?;
 
     let run = Run::start(target).await;
-    let publishers = publish_split(
+    let (publishers, acks) = publish_split(
         target,
         &channel,
         args.publishers,
@@ -129,7 +134,10 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
         totals,
         publish_secs,
         connect_rate,
-        extra: json!({}),
+        extra: json!({
+            "ack_p50_us": acks.value_at_quantile(0.50),
+            "ack_p99_us": acks.value_at_quantile(0.99),
+        }),
     };
     Ok(run
         .conclude(
@@ -169,6 +177,7 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
             .map(|channel| publish_split(target, channel, 1, args.messages, args.payload, rate)),
     )
     .await?;
+    let publishers: Vec<Vec<Client>> = publishers.into_iter().map(|(c, _)| c).collect();
     let publish_secs = run.elapsed();
     let totals = readers.collect(published, expected).await?;
     let shape = Shape {
@@ -204,7 +213,7 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
     let bar = workload::progress(json_out);
     bar.set_message("pre-filling");
     let fill_started = Instant::now();
-    let publishers = publish_split(
+    let (publishers, _) = publish_split(
         target,
         &channel,
         args.publishers,

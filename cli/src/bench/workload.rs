@@ -364,7 +364,8 @@ impl Readers {
 }
 
 /// Publishes `count` timestamped payloads to `channel`, at most `rate` per
-/// second (0: as fast as acks allow).
+/// second (0: as fast as acks allow); returns each publish's ack latency
+/// (µs, from sending it to its ack).
 ///
 /// Each publish is polled once as soon as it is queued, which sends it:
 /// left unpolled, a stamped publish would sit unsent until the next one is
@@ -375,10 +376,16 @@ pub async fn publish_all(
     count: u64,
     payload_bytes: usize,
     rate: f64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Histogram<u64>> {
     let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     let started = tokio::time::Instant::now();
+    let mut acks = Histogram::<u64>::new(3).context("ack histogram")?;
     let mut inflight = FuturesUnordered::new();
+    let mut take = |(result, sent): (Result<Published, volna_client::ClientError>, Instant)| {
+        check_publish(result)?;
+        acks.saturating_record(sent.elapsed().as_micros() as u64);
+        anyhow::Ok(())
+    };
     for seq in 0..count {
         if let Some(pace) = pace {
             let at = started + pace.mul_f64(seq as f64);
@@ -386,25 +393,27 @@ pub async fn publish_all(
             loop {
                 tokio::select! {
                     () = tokio::time::sleep_until(at) => break,
-                    Some(result) = inflight.next(), if !inflight.is_empty() => check_publish(result)?,
+                    Some(done) = inflight.next(), if !inflight.is_empty() => take(done)?,
                 }
             }
         }
         while inflight.len() >= PUBLISH_WINDOW {
-            if let Some(result) = inflight.next().await {
-                check_publish(result)?;
+            if let Some(done) = inflight.next().await {
+                take(done)?;
             }
         }
-        inflight.push(publisher.publish(channel, payload(seq, payload_bytes)));
+        let publish = publisher.publish(channel, payload(seq, payload_bytes));
+        let sent = Instant::now();
+        inflight.push(async move { (publish.await, sent) });
         // Polls the new publish (sending it) and takes acks already in.
-        while let Some(Some(result)) = inflight.next().now_or_never() {
-            check_publish(result)?;
+        while let Some(Some(done)) = inflight.next().now_or_never() {
+            take(done)?;
         }
     }
-    while let Some(result) = inflight.next().await {
-        check_publish(result)?;
+    while let Some(done) = inflight.next().await {
+        take(done)?;
     }
-    Ok(())
+    Ok(acks)
 }
 
 fn check_publish(result: Result<Published, volna_client::ClientError>) -> anyhow::Result<()> {

@@ -50,6 +50,10 @@ const PEER_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// sequence, stored once) finds the next one.
 const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
 
+/// How long dialing a peer may take: a handshake on a healthy network
+/// takes a round trip or two; a dead peer never answers.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Call kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -443,8 +447,21 @@ impl Peers {
         body: &[u8],
         deadline: Duration,
     ) -> Result<Vec<u8>, LinkError> {
+        // Connecting has a deadline of its own: a call that never reached
+        // the peer is a `Connect` failure (surely not delivered), not a
+        // timeout (maybe delivered).
+        let connect_within = deadline.min(CONNECT_TIMEOUT);
+        let conn = match tokio::time::timeout(connect_within, self.connection(node, addr)).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(LinkError::Connect {
+                    node,
+                    addr: addr.to_owned(),
+                    reason: format!("no handshake within {connect_within:?}"),
+                });
+            }
+        };
         let exchange = async {
-            let conn = self.connection(node, addr).await?;
             let broken = |reason: String| LinkError::Broken { node, reason };
             let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
             let mut header = [0u8; 5];
