@@ -12,7 +12,7 @@ RUN useradd --system --uid 10001 --user-group --home-dir /var/lib/volna volna \
     && mkdir -p /var/lib/volna \
     && chown volna:volna /var/lib/volna
 
-COPY docker/dist/volna-broker docker/dist/volna /usr/local/bin/
+COPY docker/dist/volna-broker docker/dist/volna docker/dist/etcd /usr/local/bin/
 
 USER volna
 WORKDIR /var/lib/volna

@@ -9,5 +9,8 @@ scripts/docker-base.sh
 volna_build
 mkdir -p docker/dist
 cp "$CARGO_TARGET_DIR/debug/volna-broker" "$CARGO_TARGET_DIR/debug/volna" docker/dist/
+# etcd for the compose `cluster` profile: Debian's build (prereqs.sh
+# installs etcd-server), needing only libc.
+cp "$(command -v etcd)" docker/dist/
 docker build --quiet -t volna:dev . >/dev/null
 echo "volna: built image volna:dev" >&2
