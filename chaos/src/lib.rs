@@ -285,6 +285,11 @@ impl BrokerProcess {
         self.http
     }
 
+    /// The broker's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
     /// Whether the process was started and not killed or stopped since.
     pub fn is_running(&self) -> bool {
         self.child.is_some()

@@ -469,3 +469,81 @@ async fn with_etcd_down_publishing_and_delivery_go_on_and_placement_resumes_afte
         .unwrap();
     assert_eq!(ack.offset.get(), offset + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_disk_is_replicated_again_and_nothing_acknowledged_is_lost() {
+    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channel = ChannelName::new("chat.disk").unwrap();
+    let publisher = connect(&cluster, &[1, 2]).await;
+    let mut history = History::default();
+    let publish = async |history: &mut History, from: u64, to: u64| {
+        for i in from..=to {
+            let body = format!("d-{i}").into_bytes();
+            let ack = publisher.publish(&channel, body.clone()).await.unwrap();
+            history.acked.insert(ack.offset.get(), body);
+        }
+    };
+    publish(&mut history, 1, 300).await;
+
+    // Node 3 stops and its data directory is lost.
+    assert!(cluster.nodes[2].terminate(Duration::from_secs(20)).unwrap());
+    let data = cluster.nodes[2].data_dir().to_owned();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    // Past the grace period the placer takes its replicas away; publishing
+    // goes on on the two others.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let placed_on_3 = cluster.status(1).is_none_or(|s| {
+            s["partitions"].as_array().is_none_or(|ps| {
+                ps.iter().any(|p| {
+                    p["replicas"]
+                        .as_array()
+                        .is_some_and(|r| r.iter().any(|id| id.as_u64() == Some(3)))
+                })
+            })
+        });
+        if !placed_on_3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3's replicas were not moved"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publish(&mut history, 301, 600).await;
+
+    // It comes back empty: the placer gives it replicas again, the leaders
+    // add it as a learner, it catches up from the others and becomes a
+    // voter.
+    cluster.nodes[2].start_again().unwrap();
+    cluster.nodes[2]
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let caught_up = cluster.status(3).is_some_and(|s| {
+            s["partitions"].as_array().is_some_and(|ps| {
+                ps.iter().all(|p| {
+                    p["hosted"] == true
+                        && p["replicas"].as_array().is_some_and(|r| r.len() == 3)
+                        && p["leader"].is_u64()
+                })
+            })
+        });
+        if caught_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 was not replicated again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publish(&mut history, 601, 700).await;
+    // Everything acknowledged, read from node 3 alone.
+    let delivered = history_on(&cluster, 3, &channel, 700).await;
+    history.check(&delivered).unwrap();
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}
