@@ -24,15 +24,16 @@
 //! - [`retention`], [`http`], [`admin`], [`metrics`], [`tls`], [`config`]:
 //!   the rest of a server;
 //! - [`fuzzing`]: a whole session over arbitrary bytes, for the fuzzers;
+//! - [`cluster`]: the broker as a node of a cluster (DESIGN.md §7, with
+//!   `[cluster]` configured): its partitions' openraft groups apply
+//!   committed entries through the same log writer, and appends route to
+//!   their partition's leader. Without `[cluster]` nothing of it runs;
 //! - [`server`]: start-up and orderly shutdown of all of the above.
 //!
 //! Feature `rocksdb` (default): the durable store and the [`Broker`] server
 //! built on it. Without it — for the fuzz targets, which would otherwise
 //! compile RocksDB's C++ once more with their instrumentation — the sans-IO
 //! core and the in-memory store remain.
-//!
-//! What it does not do yet: clustering (DESIGN.md §7) is later work;
-//! the parts are shaped so that they can be added without reshaping these.
 
 pub mod admin;
 pub mod auth;

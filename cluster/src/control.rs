@@ -341,6 +341,30 @@ impl Drop for Membership {
     }
 }
 
+/// The nodes placement may use: those `present`, and those the map places
+/// replicas on that have been gone for less than `grace` (`absent` records
+/// since when; it forgets nodes that came back).
+fn placeable(
+    present: &BTreeSet<NodeId>,
+    map: &PartitionMap,
+    absent: &mut BTreeMap<NodeId, tokio::time::Instant>,
+    now: tokio::time::Instant,
+    grace: Duration,
+) -> BTreeSet<NodeId> {
+    absent.retain(|node, _| !present.contains(node));
+    let mut live = present.clone();
+    for node in map.replicas.iter().flatten() {
+        if present.contains(node) {
+            continue;
+        }
+        let since = *absent.entry(*node).or_insert(now);
+        if now.duration_since(since) < grace {
+            live.insert(*node);
+        }
+    }
+    live
+}
+
 /// The node that holds the placer election: the only one whose map writes
 /// succeed.
 #[derive(Debug)]
@@ -404,25 +428,18 @@ impl Placer {
         self
     }
 
-    /// The nodes placement may use: those present, and those of the map
-    /// gone for less than the grace period.
+    /// The nodes placement may use: see [`placeable`].
     fn with_grace(&self, present: &BTreeSet<NodeId>, map: &PartitionMap) -> BTreeSet<NodeId> {
-        let now = tokio::time::Instant::now();
-        let Ok(mut absent) = self.absent_since.lock() else {
-            return present.clone();
-        };
-        absent.retain(|node, _| !present.contains(node));
-        let mut live = present.clone();
-        for node in map.replicas.iter().flatten() {
-            if present.contains(node) {
-                continue;
-            }
-            let since = *absent.entry(*node).or_insert(now);
-            if now.duration_since(since) < self.grace {
-                live.insert(*node);
-            }
+        match self.absent_since.lock() {
+            Ok(mut absent) => placeable(
+                present,
+                map,
+                &mut absent,
+                tokio::time::Instant::now(),
+                self.grace,
+            ),
+            Err(_) => present.clone(),
         }
-        live
     }
 
     /// Places partitions whenever the live nodes change (and every
@@ -473,5 +490,38 @@ impl Placer {
             .resign(Some(ResignOptions::new().with_leader(self.leader)))
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_departed_node_stays_placeable_for_the_grace_period_only() {
+        let map = PartitionMap {
+            version: 1,
+            replicas: vec![vec![1, 2, 3], vec![2, 3, 1]],
+        };
+        let grace = Duration::from_secs(30);
+        let mut absent = BTreeMap::new();
+        let t0 = tokio::time::Instant::now();
+        let two: BTreeSet<NodeId> = [1, 2].into();
+        let all: BTreeSet<NodeId> = [1, 2, 3].into();
+        // Node 3 just left: still placeable; later, within the grace, too.
+        assert_eq!(placeable(&two, &map, &mut absent, t0, grace), all);
+        let later = t0 + Duration::from_secs(29);
+        assert_eq!(placeable(&two, &map, &mut absent, later, grace), all);
+        // Gone for the whole grace period: its replicas may move.
+        let gone = t0 + Duration::from_secs(30);
+        assert_eq!(placeable(&two, &map, &mut absent, gone, grace), two);
+        // Back: placeable, and a later departure starts a new grace period.
+        assert_eq!(placeable(&all, &map, &mut absent, gone, grace), all);
+        assert!(absent.is_empty());
+        let again = gone + Duration::from_secs(1);
+        assert_eq!(placeable(&two, &map, &mut absent, again, grace), all);
+        // Without a grace period a departure counts at once.
+        let mut none = BTreeMap::new();
+        assert_eq!(placeable(&two, &map, &mut none, t0, Duration::ZERO), two);
     }
 }

@@ -54,6 +54,9 @@ pub const ALPN: &[u8] = b"volna/1";
 /// - 2: a `Publish` may name the publish it must follow (`after`); error
 ///   codes `ChannelDeleted` and `OutOfOrder`. Brokers upgrade first: a
 ///   broker speaks every version from [`MIN_PROTOCOL_VERSION`] on.
+///
+/// Error code `Unavailable` (sent by cluster nodes only) came without a new
+/// version: a client that does not know it sees `Other(22)`, not retryable.
 pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The oldest protocol version a broker still speaks.

@@ -623,3 +623,18 @@ impl Groups {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preferred_leaders_spread_over_the_replicas() {
+        let replicas = [2, 3, 1];
+        let leaders: Vec<NodeId> = (0..6)
+            .filter_map(|p| preferred_leader(PartitionId(p), &replicas))
+            .collect();
+        assert_eq!(leaders, vec![2, 3, 1, 2, 3, 1]);
+        assert_eq!(preferred_leader(PartitionId(0), &[]), None);
+    }
+}
