@@ -360,3 +360,52 @@ async fn three_nodes_replicate_a_partition_over_mutual_tls_quic_through_a_leader
         node.peers.close();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_without_a_certificate_from_the_cluster_ca_is_refused() {
+    let ca = DevCa::generate().unwrap();
+    let node = start_node(1, &ca).await;
+    node.raft
+        .initialize(BTreeMap::from([(
+            1,
+            BasicNode::new(node.peers.local_addr().unwrap()),
+        )]))
+        .await
+        .unwrap();
+    leader_of(&[&node], Duration::from_secs(10)).await;
+
+    // The rogue trusts the cluster CA (so it accepts the node), but its
+    // own certificate comes from another CA: only the node's check of
+    // client certificates stands in its way.
+    let rogue_ca = DevCa::generate().unwrap();
+    let issued = rogue_ca.issue(9, &["localhost"]).unwrap();
+    let rogue_tls = PeerTls::from_pem(
+        ca.cert_pem().as_bytes(),
+        issued.cert_pem.as_bytes(),
+        issued.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let rogue = Peers::bind(9, "127.0.0.1:0".parse().unwrap(), rogue_tls).unwrap();
+    let target = vec![(1, BasicNode::new(node.peers.local_addr().unwrap()))];
+    let refused = rogue
+        .propose(
+            PartitionId(3),
+            &append("forged".into()),
+            &target,
+            Duration::from_secs(2),
+        )
+        .await;
+    // TLS 1.3 completes the dialer's side before the node checks the
+    // client certificate: the rogue sees its link dropped, whatever it
+    // makes of that.
+    assert!(
+        refused.is_err(),
+        "a rogue peer's proposal was committed: {refused:?}"
+    );
+    // Nothing was appended beyond the group's own entries.
+    let applied = node.machine.history();
+    assert!(applied.is_empty(), "{applied:?}");
+    rogue.close();
+    node.raft.shutdown().await.unwrap();
+    node.peers.close();
+}
