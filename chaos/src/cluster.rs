@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
-use volna_client::{Backoff, ClientConfig, Trust};
+use volna_client::{ClientConfig, Trust};
 use volna_cluster::tls::DevCa;
 
 use crate::{BrokerProcess, ChaosError};
@@ -245,15 +245,10 @@ key = "{key}"
             .iter()
             .map(|id| self.nodes[(*id - 1) as usize].addr().to_string())
             .collect();
-        let mut config =
-            ClientConfig::with_servers(servers, "chaos", Trust::CaFile(self.ca.clone()));
-        config.backoff = Backoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(300),
-        };
-        config.request_timeout = Duration::from_secs(30);
-        config.server_name = Some("localhost".into());
-        config
+        crate::fast_reconnects(
+            ClientConfig::with_servers(servers, "chaos", Trust::CaFile(self.ca.clone())),
+            Duration::from_secs(30),
+        )
     }
 
     /// Node `id`'s view of the cluster (`/admin/cluster`), if it answers.

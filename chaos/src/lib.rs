@@ -32,6 +32,15 @@ pub enum ChaosError {
     StartTimeout(Duration),
 }
 
+/// A test's size knob: the environment variable `name` parsed, else
+/// `default` (unset or unparsable).
+pub fn knob<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The `volna-broker` binary: `VOLNA_BROKER_BIN`, else next to this test's
 /// executable in the target directory (built there by the workspace's test
 /// run), else built now with cargo.
@@ -212,18 +221,14 @@ impl BrokerProcess {
     /// A client configuration that reaches this broker through `addr` (a
     /// proxy), still verifying the broker's certificate.
     pub fn client_config_via(&self, addr: SocketAddr) -> ClientConfig {
-        let mut config = ClientConfig::new(
-            addr.to_string(),
-            "chaos",
-            Trust::CaFile(self.data_dir.join("dev-cert.pem")),
-        );
-        config.backoff = Backoff {
-            initial: Duration::from_millis(20),
-            max: Duration::from_millis(300),
-        };
-        config.request_timeout = Duration::from_secs(60);
-        config.server_name = Some("localhost".into());
-        config
+        fast_reconnects(
+            ClientConfig::new(
+                addr.to_string(),
+                "chaos",
+                Trust::CaFile(self.data_dir.join("dev-cert.pem")),
+            ),
+            Duration::from_secs(60),
+        )
     }
 
     /// Connects a client, retrying while the broker starts.
@@ -308,6 +313,18 @@ impl BrokerProcess {
         self.kill()?;
         self.spawn()
     }
+}
+
+/// A chaos client's settings: reconnects within 20–300 ms, requests
+/// retried for `request_timeout`, the development certificates' name.
+pub fn fast_reconnects(mut config: ClientConfig, request_timeout: Duration) -> ClientConfig {
+    config.backoff = Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(300),
+    };
+    config.request_timeout = request_timeout;
+    config.server_name = Some("localhost".into());
+    config
 }
 
 fn send_signal(child: &Child, signal: &str) -> Result<(), ChaosError> {

@@ -18,10 +18,7 @@ use volna_client::{ChannelName, Position};
 /// 200,000 by default, or `VOLNA_CHAOS_CHANNELS` (the closing figures of
 /// issue 11 use 1,000,000).
 fn channels() -> u64 {
-    std::env::var("VOLNA_CHAOS_CHANNELS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000)
+    volna_chaos::knob("VOLNA_CHAOS_CHANNELS", 200_000)
 }
 
 const RSS_BOUND: u64 = 512 * 1024 * 1024;

@@ -140,10 +140,7 @@ async fn publish_until_stopped(
 }
 
 fn failovers() -> usize {
-    std::env::var("VOLNA_CHAOS_FAILOVERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+    volna_chaos::knob("VOLNA_CHAOS_FAILOVERS", 2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -397,10 +394,7 @@ async fn a_paused_leader_steps_down_and_no_offset_ever_holds_two_messages() {
 }
 
 fn etcd_down_secs() -> u64 {
-    std::env::var("VOLNA_CHAOS_ETCD_DOWN_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
+    volna_chaos::knob("VOLNA_CHAOS_ETCD_DOWN_SECS", 30)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,10 +16,7 @@ use volna_client::{ChannelName, Client, ClientError, Position};
 /// `VOLNA_CHAOS_LONG=1`, or exactly `VOLNA_CHAOS_CYCLES`.
 fn cycles() -> u32 {
     let long = std::env::var("VOLNA_CHAOS_LONG").is_ok_and(|v| v == "1");
-    std::env::var("VOLNA_CHAOS_CYCLES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if long { 200 } else { 20 })
+    volna_chaos::knob("VOLNA_CHAOS_CYCLES", if long { 200 } else { 20 })
 }
 
 async fn publish_until_stopped(

@@ -17,10 +17,7 @@ use volna_client::{ChannelName, Position};
 
 /// 1,000,000 by default, or `VOLNA_CHAOS_PUBLISHES`.
 fn publishes() -> u64 {
-    std::env::var("VOLNA_CHAOS_PUBLISHES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000)
+    volna_chaos::knob("VOLNA_CHAOS_PUBLISHES", 1_000_000)
 }
 
 const RSS_BOUND: u64 = 512 * 1024 * 1024;

@@ -12,6 +12,16 @@ use volna_broker::{Broker, Config};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The command succeeded and printed exactly `expected`.
+fn assert_printed(out: &std::process::Output, expected: &str) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
+}
+
 fn volna(broker: &Broker, cert: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_volna"));
     cmd.arg("--server")
@@ -41,12 +51,7 @@ async fn pub_and_sub_pass_messages_between_processes() {
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    assert_printed(&out, "1\n");
 
     // Several --server: the first that answers is used.
     let nobody = std::net::UdpSocket::bind("127.0.0.1:0")
@@ -62,12 +67,7 @@ async fn pub_and_sub_pass_messages_between_processes() {
         .output()
         .await
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "1\n");
+    assert_printed(&out, "1\n");
 
     let mut sub = volna(&broker, &cert)
         .args(["sub", "chat.cli", "--from", "1", "--count", "3"])
