@@ -207,9 +207,7 @@ impl Client {
                     });
                 }
                 Ok(Frame::Error(ErrorFrame { code, message, .. })) if code.is_retryable() => {
-                    // `Unavailable` (a cluster's partition lost the answer
-                    // of its leader) may have stored it: same sequence.
-                    maybe_stored |= code == ErrorCode::Unavailable;
+                    maybe_stored |= code.may_have_stored();
                     if !maybe_stored {
                         sequence = None;
                     }

@@ -125,6 +125,13 @@ impl ErrorCode {
         }
     }
 
+    /// Whether a publish refused with this code may have been stored all
+    /// the same (its answer was lost, not its request refused): a retry
+    /// must keep its producer sequence so that it is stored once.
+    pub const fn may_have_stored(self) -> bool {
+        matches!(self, Self::Unavailable)
+    }
+
     /// Whether the same request may succeed if sent again later.
     pub const fn is_retryable(self) -> bool {
         matches!(
