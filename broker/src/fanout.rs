@@ -32,6 +32,9 @@
 //! - `head` (the offset after the last committed message known here) only
 //!   grows; anything below it is readable from the log.
 //! - A channel's feed exists only while it has subscribers.
+//! - A batch that ends at or before the ring's last one is already there
+//!   (a cluster edge may hear a batch both from its upstream and from its
+//!   own replica as it takes the partition over): it is not pushed again.
 //! - A subscriber parked in [`FeedSubscription::changed`] is woken after
 //!   every raise of `head` past what it saw: a shard's `pending` flag is
 //!   cleared before its waiters are notified, so a raise after the clear
@@ -75,6 +78,16 @@ pub struct Fanout {
     shrinking: Mutex<()>,
     /// One queue per waker thread, shard `k` to thread `k`.
     wakers: Vec<Sender<(Arc<ChannelFeed>, usize)>>,
+    /// Told when a channel gets its first subscriber (a cluster node's
+    /// edges, to follow channels it does not replicate).
+    watcher: std::sync::OnceLock<Arc<dyn FeedWatcher>>,
+}
+
+/// Hears of channels that got subscribers on this broker.
+pub trait FeedWatcher: Send + Sync + std::fmt::Debug + 'static {
+    /// `channel` has a feed again (its first subscriber). Called outside
+    /// the registry's locks; must not block.
+    fn opened(&self, channel: &ChannelName);
 }
 
 /// One channel's ring of encoded batches, its head offset and its
@@ -191,6 +204,90 @@ impl Fanout {
             commits: AtomicU64::new(0),
             shrinking: Mutex::new(()),
             wakers,
+            watcher: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Tells `watcher` of every channel that gets subscribers from now on
+    /// (set once).
+    pub fn watch_feeds(&self, watcher: Arc<dyn FeedWatcher>) {
+        let _ = self.watcher.set(watcher);
+    }
+
+    /// The channels with subscribers here now.
+    pub fn subscribed_channel_names(&self) -> Vec<ChannelName> {
+        self.channels.iter().map(|e| e.key().clone()).collect()
+    }
+
+    /// The offset after the last message `channel`'s feed knows was
+    /// committed; `None` when it has no subscribers.
+    pub fn head(&self, channel: &ChannelName) -> Option<Offset> {
+        self.channels
+            .get(channel)
+            .map(|feed| Offset::new(feed.value().head.load(Ordering::Acquire)))
+    }
+
+    /// Hands `channel`'s subscribers a `Deliver` frame of messages
+    /// `[first, end)` committed elsewhere (a cluster edge's upstream): the
+    /// frame is shared as received, exactly like a local commit's.
+    pub fn relay(
+        &self,
+        channel: &ChannelName,
+        epoch: Epoch,
+        (first, end): (Offset, Offset),
+        stored_ms: u64,
+        frame: Bytes,
+    ) {
+        let Some(feed) = self.channels.get(channel).map(|f| f.value().clone()) else {
+            return;
+        };
+        let batch = FeedBatch {
+            first,
+            end,
+            epoch,
+            stored_ms,
+            frame,
+        };
+        self.push(&feed, vec![batch], end);
+    }
+
+    /// Pushes `batches` into `feed`'s ring, raises its head to `end` and
+    /// wakes its subscribers.
+    fn push(&self, feed: &Arc<ChannelFeed>, batches: Vec<FeedBatch>, end: Offset) {
+        {
+            let mut ring = feed.lock_ring();
+            for batch in batches {
+                let (added, freed) = ring.push(batch, self.ring_bytes);
+                self.total.fetch_add(added, Ordering::Relaxed);
+                self.total.fetch_sub(freed, Ordering::Relaxed);
+            }
+        }
+        let order = self.commits.fetch_add(1, Ordering::Relaxed);
+        feed.last_commit.store(order, Ordering::Relaxed);
+        if self.total.load(Ordering::Relaxed) > self.max_total {
+            self.shrink();
+        }
+        if feed.head.fetch_max(end.get(), Ordering::AcqRel) >= end.get() {
+            return;
+        }
+        for (k, shard) in feed.shards.iter().enumerate() {
+            let audience = shard.subscribers.load(Ordering::Relaxed);
+            if audience == 0 || shard.pending.swap(true, Ordering::AcqRel) {
+                // Nobody there, or a wake-up not yet delivered will do.
+                continue;
+            }
+            if audience <= INLINE_WAKE_MAX {
+                feed.wake(k);
+                continue;
+            }
+            match self.wakers.get(k).map(|w| w.try_send((feed.clone(), k))) {
+                Some(Ok(())) => {}
+                // A waker far behind (or gone): correctness first.
+                Some(Err(
+                    TrySendError::Full((feed, k)) | TrySendError::Disconnected((feed, k)),
+                )) => feed.wake(k),
+                None => feed.wake(k),
+            }
         }
     }
 
@@ -267,9 +364,11 @@ impl Fanout {
     pub fn subscribe(&self, channel: &ChannelName) -> FeedSubscription {
         // Count the subscriber while the map entry is held, so that a
         // concurrent last-unsubscribe cannot remove the feed in between.
+        let mut created = false;
         let (feed, shard) = {
             let shards = self.wakers.len().max(1);
             let entry = self.channels.entry(channel.clone()).or_insert_with(|| {
+                created = true;
                 Arc::new(ChannelFeed {
                     ring: Mutex::new(Ring::default()),
                     head: AtomicU64::new(Offset::FIRST.get()),
@@ -288,6 +387,9 @@ impl Fanout {
                 .fetch_add(1, Ordering::Relaxed);
             (feed, shard)
         };
+        if created && let Some(watcher) = self.watcher.get() {
+            watcher.opened(channel);
+        }
         FeedSubscription {
             channel: channel.clone(),
             feed,
@@ -322,42 +424,7 @@ impl CommitListener for Fanout {
         let end = messages
             .last()
             .map_or(meta.next_offset, |m| m.offset.next());
-        {
-            let mut ring = feed.lock_ring();
-            for batch in batches {
-                let added = batch.frame.len();
-                let freed = ring.push(batch, self.ring_bytes);
-                self.total.fetch_add(added, Ordering::Relaxed);
-                self.total.fetch_sub(freed, Ordering::Relaxed);
-            }
-        }
-        let order = self.commits.fetch_add(1, Ordering::Relaxed);
-        feed.last_commit.store(order, Ordering::Relaxed);
-        if self.total.load(Ordering::Relaxed) > self.max_total {
-            self.shrink();
-        }
-        if feed.head.fetch_max(end.get(), Ordering::AcqRel) >= end.get() {
-            return;
-        }
-        for (k, shard) in feed.shards.iter().enumerate() {
-            let audience = shard.subscribers.load(Ordering::Relaxed);
-            if audience == 0 || shard.pending.swap(true, Ordering::AcqRel) {
-                // Nobody there, or a wake-up not yet delivered will do.
-                continue;
-            }
-            if audience <= INLINE_WAKE_MAX {
-                feed.wake(k);
-                continue;
-            }
-            match self.wakers.get(k).map(|w| w.try_send((feed.clone(), k))) {
-                Some(Ok(())) => {}
-                // A waker far behind (or gone): correctness first.
-                Some(Err(
-                    TrySendError::Full((feed, k)) | TrySendError::Disconnected((feed, k)),
-                )) => feed.wake(k),
-                None => feed.wake(k),
-            }
-        }
+        self.push(&feed, batches, end);
     }
 }
 
@@ -386,8 +453,16 @@ impl ChannelFeed {
 
 impl Ring {
     /// Appends `batch`, dropping the oldest beyond `budget`; returns the
-    /// bytes dropped.
-    fn push(&mut self, batch: FeedBatch, budget: usize) -> usize {
+    /// bytes added and dropped. A batch the ring already reaches past is
+    /// not added.
+    fn push(&mut self, batch: FeedBatch, budget: usize) -> (usize, usize) {
+        if self
+            .batches
+            .back()
+            .is_some_and(|last| batch.end <= last.end)
+        {
+            return (0, 0);
+        }
         let before = self.bytes;
         let contiguous = self
             .batches
@@ -398,7 +473,8 @@ impl Ring {
             self.bytes = 0;
         }
         let mut freed = before - self.bytes;
-        self.bytes += batch.frame.len();
+        let added = batch.frame.len();
+        self.bytes += added;
         self.batches.push_back(batch);
         while self.bytes > budget && self.batches.len() > 1 {
             if let Some(old) = self.batches.pop_front() {
@@ -406,7 +482,7 @@ impl Ring {
                 freed += old.frame.len();
             }
         }
-        freed
+        (added, freed)
     }
 }
 
@@ -772,5 +848,11 @@ mod tests {
         // One batch larger than the budget is still kept (it is the head).
         ring.push(batch(21, 1000), 350);
         assert_eq!(ring.batches.len(), 1);
+        // A batch the ring already holds (or went past) heard again from
+        // another source changes nothing.
+        assert_eq!(ring.push(batch(21, 1000), 350), (0, 0));
+        assert_eq!(ring.push(batch(3, 100), 350), (0, 0));
+        assert_eq!(ring.batches.len(), 1);
+        assert_eq!(ring.bytes, 1000);
     }
 }

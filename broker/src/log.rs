@@ -617,6 +617,38 @@ pub trait Replication: Send + Sync + std::fmt::Debug + 'static {
     /// Proposes a retention cut when this node leads the channel's
     /// partition; false when it does not (the leader cuts).
     fn trim(&self, trim: Trim) -> bool;
+    /// Whether `channel`'s log is read from another node: this node does
+    /// not replicate its partition (it is an edge for it).
+    fn reads_remotely(&self, channel: &ChannelName) -> bool;
+    /// `channel`'s committed metadata, from its partition's leader.
+    fn remote_lookup(
+        &self,
+        channel: ChannelName,
+    ) -> BoxFuture<'_, Result<Option<ChannelMeta>, StoreError>>;
+    /// `channel`'s metadata and stored messages in `range`, from its
+    /// partition's leader; `None` when there is no such channel.
+    fn remote_read(
+        &self,
+        channel: ChannelName,
+        range: ReadRange,
+    ) -> BoxFuture<'_, Result<Option<ChannelSlice>, StoreError>>;
+}
+
+/// A channel's metadata and some of its stored messages, as read.
+pub type ChannelSlice = (ChannelMeta, Vec<StoredMessage>);
+
+/// Which stored messages of a channel to read: offsets `[from, until)`, at
+/// most `max_messages` of them and about `max_bytes` of payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRange {
+    /// The first offset wanted.
+    pub from: Offset,
+    /// The offset after the last one wanted.
+    pub until: Offset,
+    /// Messages, at most.
+    pub max_messages: usize,
+    /// Payload bytes, about (at least one message is returned).
+    pub max_bytes: usize,
 }
 
 /// A boxed, sendable future.
@@ -982,9 +1014,52 @@ impl Log {
         .await
     }
 
+    /// `channel`'s metadata and its stored messages in `range`, wherever
+    /// they are kept: this node's store, or (a cluster node that does not
+    /// replicate the channel's partition) the partition's leader. `None`:
+    /// no such channel.
+    pub async fn read_channel(
+        &self,
+        channel: &ChannelName,
+        range: ReadRange,
+    ) -> Result<Option<ChannelSlice>, StoreError> {
+        if let Some(replication) = self.remote(channel) {
+            return replication.remote_read(channel.clone(), range).await;
+        }
+        let Some(meta) = self.lookup(channel).await? else {
+            return Ok(None);
+        };
+        let messages = self
+            .read(
+                meta.id,
+                range.from,
+                range.until,
+                range.max_messages,
+                range.max_bytes,
+            )
+            .await?;
+        Ok(Some((meta, messages)))
+    }
+
+    /// Whether this log belongs to a cluster node.
+    pub fn is_replicated(&self) -> bool {
+        self.replication.get().is_some()
+    }
+
+    fn remote(&self, channel: &ChannelName) -> Option<&Arc<dyn Replication>> {
+        self.replication
+            .get()
+            .filter(|replication| replication.reads_remotely(channel))
+    }
+
     /// A channel's committed metadata: from memory when it is resident,
-    /// else read from the store on a reader thread. `None`: no such channel.
+    /// else read from the store on a reader thread (or, for a channel this
+    /// cluster node does not replicate, from its partition's leader).
+    /// `None`: no such channel.
     pub async fn lookup(&self, channel: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
+        if let Some(replication) = self.remote(channel) {
+            return replication.remote_lookup(channel.clone()).await;
+        }
         if let Some(meta) = self.meta(channel) {
             return Ok(Some(meta));
         }

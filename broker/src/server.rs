@@ -222,6 +222,7 @@ impl Broker {
                     log: log.clone(),
                     durability: config.durability,
                     metrics: metrics.clone(),
+                    fanout: fanout.clone(),
                 })
                 .await?,
             ),

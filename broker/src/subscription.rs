@@ -21,13 +21,16 @@ use tracing::{debug, warn};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Frame, Offset, SubscriptionId};
 
 use crate::fanout::{FeedSubscription, NextStep, encode_frames};
-use crate::log::{Log, now_ms};
+use crate::log::{Log, ReadRange, now_ms};
 use crate::metrics::Metrics;
 
 /// Bytes of frames handed to the sink per write.
 const WRITE_BYTES: usize = 256 * 1024;
 /// Messages read from the log per catch-up step.
 const CATCH_UP_MESSAGES: usize = 4096;
+/// How long a catch-up waits before reading again from a replica that has
+/// not applied what it was asked for yet (cluster).
+const SOURCE_BEHIND_RETRY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The connection could not take the frames (it is gone).
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -190,20 +193,35 @@ async fn catch_up(
     until: Offset,
     sink: &mut impl DeliverySink,
 ) -> Result<(Offset, usize), Stopped> {
-    // Offsets below the head were committed, so the channel exists unless
-    // it was deleted since.
-    let meta = match log.lookup(channel).await {
-        Ok(Some(meta)) => meta,
-        Ok(None) => return Err(Stopped::ChannelDeleted(channel.clone())),
-        Err(e) => return Err(Stopped::LogRead(e.to_string())),
+    let range = ReadRange {
+        from: next,
+        until,
+        max_messages: CATCH_UP_MESSAGES,
+        max_bytes: WRITE_BYTES,
     };
-    let messages = log
-        .read(meta.id, next, until, CATCH_UP_MESSAGES, WRITE_BYTES)
-        .await
-        .map_err(|e| {
-            warn!(%channel, error = %e, "catch-up read failed");
-            Stopped::LogRead(e.to_string())
-        })?;
+    let read = log.read_channel(channel, range).await.map_err(|e| {
+        warn!(%channel, error = %e, "catch-up read failed");
+        Stopped::LogRead(e.to_string())
+    })?;
+    let (meta, messages) = match read {
+        Some(read) => read,
+        // Offsets below the head were committed, so on a single node the
+        // channel exists unless it was deleted since. In a cluster the
+        // replica read may not have applied the channel's first entry yet:
+        // the feed says when it was deleted.
+        None if log.is_replicated() => {
+            tokio::time::sleep(SOURCE_BEHIND_RETRY).await;
+            return Ok((next, 0));
+        }
+        None => return Err(Stopped::ChannelDeleted(channel.clone())),
+    };
+    if messages.is_empty() && meta.next_offset <= next {
+        // The replica read has not applied `next` yet (it lags the node
+        // that raised this feed's head): what is missing is not lost, so
+        // wait for it rather than call it truncated.
+        tokio::time::sleep(SOURCE_BEHIND_RETRY).await;
+        return Ok((next, 0));
+    }
     let mut frames = Vec::new();
     let available = messages
         .first()

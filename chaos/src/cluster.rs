@@ -127,7 +127,6 @@ fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<String>
 }
 
 /// etcd and broker nodes.
-#[derive(Debug)]
 pub struct TestCluster {
     /// The nodes, node `i + 1` at index `i`.
     pub nodes: Vec<BrokerProcess>,
@@ -137,7 +136,18 @@ pub struct TestCluster {
     pub ca: PathBuf,
     /// Partitions.
     pub partitions: u32,
+    authority: DevCa,
     dir: TempDir,
+}
+
+impl std::fmt::Debug for TestCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TestCluster")
+            .field("nodes", &self.nodes)
+            .field("etcd", &self.etcd)
+            .field("partitions", &self.partitions)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for TestCluster {
@@ -169,10 +179,11 @@ impl TestCluster {
             etcd,
             ca: ca_path,
             partitions,
+            authority: ca,
             dir,
         };
         for id in 1..=nodes {
-            cluster.add_node(&ca, id)?;
+            cluster.add_node(id)?;
         }
         for node in &cluster.nodes {
             node.wait_ready(Duration::from_secs(60)).await?;
@@ -181,8 +192,20 @@ impl TestCluster {
         Ok(cluster)
     }
 
-    fn add_node(&mut self, ca: &DevCa, id: u64) -> Result<(), ChaosError> {
-        let issued = ca
+    /// Starts node `nodes.len() + 1` and waits until it serves devices;
+    /// the placer then moves partitions to it.
+    pub async fn join(&mut self) -> Result<u64, ChaosError> {
+        let id = self.nodes.len() as u64 + 1;
+        self.add_node(id)?;
+        self.nodes[(id - 1) as usize]
+            .wait_ready(Duration::from_secs(60))
+            .await?;
+        Ok(id)
+    }
+
+    fn add_node(&mut self, id: u64) -> Result<(), ChaosError> {
+        let issued = self
+            .authority
             .issue(id, &["localhost", "127.0.0.1"])
             .map_err(|e| ChaosError::Binary(e.to_string()))?;
         let data = self.dir.path().join(format!("node-{id}"));
@@ -264,16 +287,24 @@ key = "{key}"
         self.status(asked)?["partitions"][partition]["leader"].as_u64()
     }
 
-    /// Waits until every partition has a leader all `nodes` agree on.
+    /// Waits until every partition has a leader all running nodes that
+    /// replicate it agree on.
     pub async fn wait_for_leaders(&self, within: Duration) -> Result<(), ChaosError> {
         let deadline = Instant::now() + within;
         loop {
+            let statuses: Vec<Option<serde_json::Value>> = (1..=self.nodes.len() as u64)
+                .filter(|id| self.nodes[(*id - 1) as usize].is_running())
+                .map(|id| self.status(id))
+                .collect();
             let agreed = (0..self.partitions as usize).all(|p| {
-                let leaders: std::collections::BTreeSet<Option<u64>> = (1..=self.nodes.len()
-                    as u64)
-                    .filter(|id| self.nodes[(*id - 1) as usize].is_running())
-                    .map(|id| {
-                        self.status(id)
+                let leaders: std::collections::BTreeSet<Option<u64>> = statuses
+                    .iter()
+                    .filter(|s| {
+                        s.as_ref()
+                            .is_none_or(|s| s["partitions"][p]["hosted"].as_bool() == Some(true))
+                    })
+                    .map(|s| {
+                        s.as_ref()
                             .and_then(|s| s["partitions"][p]["leader"].as_u64())
                     })
                     .collect();

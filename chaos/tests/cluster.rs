@@ -541,3 +541,202 @@ async fn a_node_that_lost_its_disk_is_replicated_again_and_nothing_acknowledged_
         node.assert_never_panicked();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fourth_node_takes_partitions_over_while_publishing_goes_on_without_loss_duplicate_or_gap()
+ {
+    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channels: Vec<ChannelName> = (0..6)
+        .map(|i| ChannelName::new(format!("chat.join{i}")).unwrap())
+        .collect();
+    let histories: Vec<Arc<Mutex<History>>> = channels
+        .iter()
+        .map(|_| Arc::new(Mutex::new(History::default())))
+        .collect();
+
+    // A device on each node follows every channel from the start.
+    let mut devices = Vec::new();
+    let mut subs = Vec::new();
+    for node in 1..=3 {
+        let device = connect(&cluster, &[node]).await;
+        for (k, channel) in channels.iter().enumerate() {
+            let sub = device.subscribe(channel, Position::FIRST).await.unwrap();
+            subs.push((node, k, sub));
+        }
+        devices.push(device);
+    }
+    let acks = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut writers = Vec::new();
+    for (k, channel) in channels.iter().enumerate() {
+        let publisher = connect(&cluster, &[(k % 3) as u64 + 1]).await;
+        writers.push(tokio::spawn(publish_until_stopped(
+            publisher,
+            channel.clone(),
+            format!("join{k}"),
+            histories[k].clone(),
+            acks.clone(),
+            stop.clone(),
+        )));
+    }
+    wait_for_acks(&acks, 300).await;
+
+    let joined = cluster.join().await.unwrap();
+    assert_eq!(joined, 4);
+    // A device on the new node subscribes while partitions move to it.
+    let late = connect(&cluster, &[4]).await;
+    for (k, channel) in channels.iter().enumerate() {
+        let sub = late.subscribe(channel, Position::FIRST).await.unwrap();
+        subs.push((4, k, sub));
+    }
+    devices.push(late);
+
+    // The placer evens the replicas out (8 partitions × 3 replicas over 4
+    // nodes: 6 each); the leaders move them (learner, catch-up, joint
+    // consensus) and the nodes that gave one up stop its group.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let settled = (1..=4u64).all(|id| {
+            cluster.status(id).is_some_and(|s| {
+                s["partitions"].as_array().is_some_and(|ps| {
+                    let mine = ps
+                        .iter()
+                        .filter(|p| {
+                            p["replicas"]
+                                .as_array()
+                                .is_some_and(|r| r.iter().any(|n| n.as_u64() == Some(id)))
+                        })
+                        .count();
+                    let hosted_as_placed = ps.iter().all(|p| {
+                        let placed = p["replicas"]
+                            .as_array()
+                            .is_some_and(|r| r.iter().any(|n| n.as_u64() == Some(id)));
+                        p["hosted"].as_bool() == Some(placed) && (!placed || p["leader"].is_u64())
+                    });
+                    mine == 6 && hosted_as_placed
+                })
+            })
+        });
+        if settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partitions did not settle on four nodes: {:?}",
+            cluster.status(4)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after_move = acks.lock().unwrap().len();
+    wait_for_acks(&acks, after_move + 300).await;
+    stop.cancel();
+    for writer in writers {
+        tokio::time::timeout(Duration::from_secs(60), writer)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    // Every device, on every node, got every channel's acknowledged
+    // history in order, once, without a gap, whether its node replicated
+    // the channel throughout, gave it up (and followed the leader as an
+    // edge from then on) or took it over.
+    for (node, k, sub) in &mut subs {
+        let last = histories[*k]
+            .lock()
+            .unwrap()
+            .acked
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap();
+        let delivered = read_through(sub, last, Duration::from_secs(60)).await;
+        histories[*k]
+            .lock()
+            .unwrap()
+            .check(&delivered)
+            .unwrap_or_else(|v| panic!("node {node}, {}: {v}", channels[*k]));
+    }
+    edge_costs_one_copy_per_message(&cluster).await;
+    let mut relayed = 0.0;
+    for node in &cluster.nodes {
+        relayed += node
+            .metric("volna_cluster_relayed_messages_total")
+            .await
+            .unwrap_or(0.0);
+        node.assert_never_panicked();
+    }
+    eprintln!("{relayed} messages relayed to edges while partitions moved");
+    assert!(
+        relayed > 0.0,
+        "no node served a channel it does not replicate"
+    );
+}
+
+/// On a node that does not replicate a channel's partition (an edge), a
+/// hundred devices cost the same inter-node bytes as one: the node holds
+/// one upstream subscription for the channel and fans out locally.
+async fn edge_costs_one_copy_per_message(cluster: &TestCluster) {
+    const BATCH: u64 = 200;
+    const SIZE: usize = 1024;
+    let channel = (0..)
+        .map(|i| ChannelName::new(format!("chat.edge{i}")).unwrap())
+        .find(|c| {
+            let p = volna_cluster::partition_of(c.as_str(), PARTITIONS).0 as usize;
+            cluster
+                .status(4)
+                .is_some_and(|s| s["partitions"][p]["hosted"] == false)
+        })
+        .unwrap();
+    let edge = &cluster.nodes[3];
+    let publisher = connect(cluster, &[1, 2, 3]).await;
+    let received = async || {
+        edge.metric("volna_cluster_peer_bytes_received_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let mut next = 1;
+    let mut round = async |devices: usize| {
+        let mut clients = Vec::new();
+        let mut subs = Vec::new();
+        for _ in 0..devices {
+            let client = connect(cluster, &[4]).await;
+            let from = Position::From {
+                offset: volna_client::Offset::new(next),
+                epoch: None,
+            };
+            subs.push(client.subscribe(&channel, from).await.unwrap());
+            clients.push(client);
+        }
+        let before = received().await;
+        for i in next..next + BATCH {
+            let ack = publisher.publish(&channel, payload(i, SIZE)).await.unwrap();
+            assert_eq!(ack.offset.get(), i);
+        }
+        for sub in &mut subs {
+            let got = read_through(sub, next + BATCH - 1, Duration::from_secs(60)).await;
+            let expected: Vec<(u64, Vec<u8>)> = (next..next + BATCH)
+                .map(|i| (i, payload(i, SIZE)))
+                .collect();
+            assert_eq!(
+                got, expected,
+                "an edge delivers every message once, in order"
+            );
+        }
+        next += BATCH;
+        (received().await - before) / BATCH as f64
+    };
+    let one = round(1).await;
+    let hundred = round(100).await;
+    eprintln!(
+        "edge node: inter-node bytes received per {SIZE}-byte message: {one:.0} with 1 device, {hundred:.0} with 100"
+    );
+    assert!(
+        one >= SIZE as f64,
+        "the edge received {one} bytes per message"
+    );
+    assert!(
+        hundred < 1.5 * one,
+        "100 devices on an edge cost {hundred} bytes per message against {one} for one"
+    );
+}

@@ -273,12 +273,14 @@ async fn run() -> anyhow::Result<()> {
                 println!("{value}");
             } else {
                 println!(
-                    "node {} · map version {} · inter-node bytes sent {} received {} · forwarded {}",
+                    "node {} · map version {} · inter-node bytes sent {} received {} · forwarded {} · upstreams {} · relayed {}",
                     value["node"],
                     value["map_version"],
                     value["peer_bytes_sent"],
                     value["peer_bytes_received"],
-                    value["forwarded"]
+                    value["forwarded"],
+                    value["upstreams"],
+                    value["relayed"]
                 );
                 admin::print(&value["nodes"], &["id", "quic", "peer", "live"], false);
                 admin::print(

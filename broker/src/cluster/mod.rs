@@ -11,17 +11,22 @@
 //! - [`machine`]: a partition's state machine, applying committed entries
 //!   through the log writer;
 //! - [`router`]: per-partition proposers, forwarding to the leader;
+//! - [`edge`]: upstream subscriptions and remote reads for channels of
+//!   partitions this node does not replicate, and the leader's side of
+//!   both;
 //! - this module: joining etcd, keeping the partition map in view, running
 //!   the groups the map gives this node and, where this node leads one,
 //!   moving its Raft membership to the replicas the map names.
 //!
 //! Every node serves devices for every channel: a node that replicates a
-//! channel's partition fans out what it applies locally, so a message
-//! crosses the cluster once per replica, whatever the number of devices.
-//! A node that does not replicate the partition (more nodes than
-//! `replicas`) would need an upstream subscription to the leader: that
-//! edge is not built yet (issue 12 stays open for it).
+//! channel's partition fans out what it applies locally; one that does not
+//! (more nodes than `replicas`, or placement moved the partition away)
+//! holds one upstream subscription per subscribed channel to the
+//! partition's leader and fans out what it relays. Either way a message
+//! crosses the cluster once per interested node, whatever the number of
+//! devices.
 
+pub mod edge;
 pub mod machine;
 pub mod router;
 pub mod status;
@@ -47,6 +52,7 @@ use volna_cluster::{
 use crate::config::{ClusterSection, Durability};
 use crate::log::Log;
 use crate::store::{LogStore, StoreError};
+use edge::{ChannelServer, Edges};
 use machine::PartitionMachine;
 use router::{ClusterView, Router};
 
@@ -60,6 +66,10 @@ const LEADERSHIP_RETRY: Duration = Duration::from_secs(10);
 const LEADERSHIP_SETTLE: Duration = Duration::from_secs(5);
 /// Replicas the placer moves per round.
 const MAX_MOVES_PER_ROUND: usize = 8;
+/// How long the map must have left this node out of a partition before
+/// its group here stops (the leader has moved the replica by then; a map
+/// that flaps back meanwhile keeps the group).
+const RETIRE_AFTER: Duration = Duration::from_secs(10);
 
 /// Why a node could not join its cluster.
 #[derive(Debug, Error)]
@@ -101,6 +111,8 @@ pub struct NodeSetup {
     pub durability: Durability,
     /// The broker's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The fan-out engine (edges relay into it).
+    pub fanout: Arc<crate::fanout::Fanout>,
 }
 
 /// A running cluster node.
@@ -110,6 +122,7 @@ pub struct ClusterNode {
     peers: Arc<Peers>,
     view: Arc<ClusterView>,
     groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    edges: Arc<Edges>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -141,6 +154,9 @@ struct Groups {
     elections: Mutex<BTreeMap<PartitionId, std::time::Instant>>,
     /// Each partition's leader as last seen, and since when.
     stable_leaders: Mutex<BTreeMap<PartitionId, (Option<NodeId>, std::time::Instant)>>,
+    /// Since when the map has left this node out of a partition it runs.
+    left_out: Mutex<BTreeMap<PartitionId, std::time::Instant>>,
+    edges: Arc<Edges>,
 }
 
 /// The replica that should lead `partition`: spread by partition number
@@ -212,6 +228,14 @@ impl ClusterNode {
         let view = Arc::new(ClusterView::default());
         let groups = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = CancellationToken::new();
+        let edges = Edges::new(
+            id,
+            settled.partitions,
+            peers.clone(),
+            view.clone(),
+            setup.fanout.clone(),
+            stop.child_token(),
+        );
         let shared = Arc::new(Groups {
             id,
             control: control.clone(),
@@ -226,6 +250,8 @@ impl ClusterNode {
             changing: Arc::default(),
             elections: Mutex::default(),
             stable_leaders: Mutex::default(),
+            left_out: Mutex::default(),
+            edges: edges.clone(),
         });
         // Groups this node replicated before a restart come back before it
         // takes traffic, from the map as last seen in etcd.
@@ -243,8 +269,18 @@ impl ClusterNode {
             setup.log.clone(),
             within,
             setup.metrics.clone(),
+            edges.clone(),
         );
         setup.log.replicate_through(router);
+        peers.serve_channels(Arc::new(ChannelServer::new(
+            id,
+            settled.partitions,
+            &peers,
+            setup.log.clone(),
+            setup.fanout.clone(),
+        )));
+        edges.check_partitions();
+        setup.fanout.watch_feeds(edges.clone());
         let ttl = Duration::from_secs(section.lease_ttl_secs);
         let tasks = vec![
             tokio::spawn(membership_loop(
@@ -270,9 +306,15 @@ impl ClusterNode {
             peers,
             view,
             groups,
+            edges,
             stop,
             tasks,
         })
+    }
+
+    /// This node's edges (upstreams, remote reads).
+    pub fn edges(&self) -> &Arc<Edges> {
+        &self.edges
     }
 
     /// This node's id.
@@ -308,6 +350,7 @@ impl ClusterNode {
             peers: self.peers.clone(),
             view: self.view.clone(),
             groups: self.groups.clone(),
+            edges: self.edges.clone(),
         }
     }
 
@@ -419,6 +462,7 @@ async fn view_loop(groups: Arc<Groups>, stop: CancellationToken) {
             Err(_) => debug!("etcd slow; serving on the last known map"),
         }
         groups.reconcile().await;
+        groups.edges.check_partitions();
     }
 }
 
@@ -427,6 +471,7 @@ impl Groups {
     /// group, moves its membership towards the map's replicas.
     async fn reconcile(self: &Arc<Self>) {
         let (map, nodes) = self.view.snapshot();
+        self.retire_moved_groups(&map).await;
         for (index, replicas) in map.replicas.iter().enumerate() {
             let partition = PartitionId(index as u32);
             if !replicas.contains(&self.id) {
@@ -458,6 +503,47 @@ impl Groups {
                 self.take_leadership(partition, &raft).await;
             }
             self.move_membership(partition, raft, &map, members);
+        }
+    }
+
+    /// Stops the groups of partitions the map has left this node out of
+    /// for [`RETIRE_AFTER`], unless this node still leads them (its
+    /// successor is not in office yet). Their channels are then served as
+    /// an edge; the group's data stays, so the partition can come back.
+    async fn retire_moved_groups(&self, map: &PartitionMap) {
+        let now = std::time::Instant::now();
+        let hosted: Vec<(PartitionId, Raft)> = self
+            .groups
+            .lock()
+            .map(|g| g.iter().map(|(p, r)| (*p, r.clone())).collect())
+            .unwrap_or_default();
+        let mut retire = Vec::new();
+        if let Ok(mut left_out) = self.left_out.lock() {
+            for (partition, raft) in &hosted {
+                if map.replicas_of(*partition).contains(&self.id) {
+                    left_out.remove(partition);
+                    continue;
+                }
+                let since = *left_out.entry(*partition).or_insert(now);
+                let leads = raft.metrics().borrow().current_leader == Some(self.id);
+                if now.duration_since(since) >= RETIRE_AFTER && !leads {
+                    left_out.remove(partition);
+                    retire.push((*partition, raft.clone()));
+                }
+            }
+        }
+        for (partition, raft) in retire {
+            self.peers.unhost(partition);
+            if let Ok(mut groups) = self.groups.lock() {
+                groups.remove(&partition);
+            }
+            if let Err(e) = raft.shutdown().await {
+                debug!(partition = partition.0, error = %e, "retired group stopped with an error");
+            }
+            info!(
+                partition = partition.0,
+                "placement moved the partition away; its group here stopped"
+            );
         }
     }
 

@@ -20,11 +20,13 @@ use volna_cluster::raft::{BasicNode, Command, Outcome, ProducerStamp, Publish, T
 use volna_cluster::{NodeId, NodeInfo, PartitionId, PartitionMap, partition_of};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset};
 
+use super::edge::Edges;
 use crate::log::{
-    AppendError, AppendInput, Appended, BoxFuture, Log, PendingAppend, Replication, Trim,
+    AppendError, AppendInput, Appended, BoxFuture, ChannelSlice, Log, PendingAppend, ReadRange,
+    Replication, Trim,
 };
 use crate::metrics::Metrics;
-use crate::store::ChannelMeta;
+use crate::store::{ChannelMeta, StoreError};
 
 /// Requests queued per partition before `submit` waits.
 const QUEUE: usize = 4096;
@@ -68,6 +70,25 @@ impl ClusterView {
         self.live.read().is_ok_and(|ids| ids.contains(&node))
     }
 
+    /// Whether the map names `node` among `partition`'s replicas.
+    pub fn is_replica(&self, partition: PartitionId, node: NodeId) -> bool {
+        self.inner.read().is_ok_and(|inner| {
+            inner
+                .0
+                .replicas
+                .get(partition.0 as usize)
+                .is_some_and(|ids| ids.contains(&node))
+        })
+    }
+
+    /// Where nodes reach `node` (its last known inter-node address).
+    pub fn peer_addr(&self, node: NodeId) -> Option<String> {
+        self.inner
+            .read()
+            .ok()
+            .and_then(|inner| inner.1.get(&node).map(|info| info.peer.clone()))
+    }
+
     /// `partition`'s replicas with their inter-node addresses (those whose
     /// address is known).
     pub fn replicas(&self, partition: PartitionId) -> Vec<(NodeId, BasicNode)> {
@@ -104,6 +125,7 @@ pub struct Router {
     queues: Vec<mpsc::Sender<Request>>,
     peers: Arc<Peers>,
     log: Log,
+    edges: Arc<Edges>,
 }
 
 impl std::fmt::Debug for Router {
@@ -124,6 +146,7 @@ impl Router {
         log: Log,
         within: Duration,
         metrics: Arc<Metrics>,
+        edges: Arc<Edges>,
     ) -> Arc<Self> {
         let mut queues = Vec::with_capacity(partitions as usize);
         for partition in 0..partitions {
@@ -143,6 +166,7 @@ impl Router {
             queues,
             peers,
             log,
+            edges,
         })
     }
 
@@ -197,6 +221,37 @@ impl Replication for Router {
                 .queue(&trim.channel)
                 .try_send(Request::Trim(trim))
                 .is_ok()
+    }
+
+    fn reads_remotely(&self, channel: &ChannelName) -> bool {
+        !self.edges.replicates(self.edges.partition(channel))
+    }
+
+    fn remote_lookup(
+        &self,
+        channel: ChannelName,
+    ) -> BoxFuture<'_, Result<Option<ChannelMeta>, StoreError>> {
+        Box::pin(async move {
+            let range = ReadRange {
+                from: Offset::FIRST,
+                until: Offset::FIRST,
+                max_messages: 0,
+                max_bytes: 0,
+            };
+            Ok(self
+                .edges
+                .read(&channel, range)
+                .await?
+                .map(|(meta, _)| meta))
+        })
+    }
+
+    fn remote_read(
+        &self,
+        channel: ChannelName,
+        range: ReadRange,
+    ) -> BoxFuture<'_, Result<Option<ChannelSlice>, StoreError>> {
+        Box::pin(async move { self.edges.read(&channel, range).await })
     }
 }
 

@@ -12,6 +12,7 @@ use volna_cluster::raft::Raft;
 use volna_cluster::raft::network::Peers;
 use volna_cluster::{NodeId, PartitionId};
 
+use super::edge::Edges;
 use super::router::ClusterView;
 use crate::admin::ClusterStatus;
 
@@ -66,6 +67,16 @@ pub struct ClusterReport {
     pub peer_bytes_received: u64,
     /// Commands this node forwarded to another node's leader.
     pub forwarded: u64,
+    /// Upstream subscriptions this node holds to other nodes' leaders
+    /// (channels it serves as an edge).
+    #[serde(default)]
+    pub upstreams: u64,
+    /// Messages relayed from upstreams to this node's subscribers.
+    #[serde(default)]
+    pub relayed: u64,
+    /// Reads of channels this node does not replicate, made to a leader.
+    #[serde(default)]
+    pub remote_reads: u64,
 }
 
 /// Computes a [`ClusterReport`] on demand.
@@ -76,6 +87,7 @@ pub struct StatusSource {
     pub(super) peers: Arc<Peers>,
     pub(super) view: Arc<ClusterView>,
     pub(super) groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    pub(super) edges: Arc<Edges>,
 }
 
 impl std::fmt::Debug for StatusSource {
@@ -140,6 +152,7 @@ impl StatusSource {
             })
             .collect();
         let stats = self.peers.stats();
+        let edge = self.edges.stats();
         ClusterReport {
             node: self.id,
             map_version: map.version,
@@ -156,6 +169,9 @@ impl StatusSource {
             peer_bytes_sent: stats.bytes_sent.load(Ordering::Relaxed),
             peer_bytes_received: stats.bytes_received.load(Ordering::Relaxed),
             forwarded: stats.forwarded.load(Ordering::Relaxed),
+            upstreams: u64::try_from(edge.upstreams.load(Ordering::Relaxed)).unwrap_or(0),
+            relayed: edge.relayed.load(Ordering::Relaxed),
+            remote_reads: edge.remote_reads.load(Ordering::Relaxed),
         }
     }
 }
@@ -218,6 +234,24 @@ impl ClusterStatus for StatusSource {
             "counter",
             "Entries forwarded to another node's partition leader",
             &[("", report.forwarded)],
+        );
+        metric(
+            "cluster_upstreams",
+            "gauge",
+            "Upstream subscriptions to other nodes' partition leaders (edge channels)",
+            &[("", report.upstreams)],
+        );
+        metric(
+            "cluster_relayed_messages_total",
+            "counter",
+            "Messages relayed from upstreams to this node's subscribers",
+            &[("", report.relayed)],
+        );
+        metric(
+            "cluster_remote_reads_total",
+            "counter",
+            "Reads of channels this node does not replicate, made to their leader",
+            &[("", report.remote_reads)],
         );
         out
     }

@@ -8,6 +8,11 @@
 //! and one keep-alive per peer, not 64. A broken connection is dropped and
 //! redialed by the next call; a call to an unreachable peer fails as
 //! [`Unreachable`] and openraft backs off before retrying.
+//!
+//! The same connection carries what edges need from a partition's leader
+//! (see [`ChannelService`]): channel reads (one call each) and upstream
+//! subscriptions (one long-lived stream each, the leader writing delivery
+//! frames as its log grows).
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -63,6 +68,10 @@ enum Kind {
     InstallSnapshot = 3,
     /// A command forwarded to the partition's leader (see [`Peers::propose`]).
     Propose = 4,
+    /// A read of a channel's stored messages ([`ChannelService::read`]).
+    Read = 5,
+    /// An upstream subscription ([`ChannelService::follow`]).
+    Follow = 6,
 }
 
 impl Kind {
@@ -72,6 +81,8 @@ impl Kind {
             2 => Some(Self::Vote),
             3 => Some(Self::InstallSnapshot),
             4 => Some(Self::Propose),
+            5 => Some(Self::Read),
+            6 => Some(Self::Follow),
             _ => None,
         }
     }
@@ -157,6 +168,100 @@ pub enum ProposeError {
     Rejected(String),
 }
 
+/// What a node serves of its channels to other nodes: the broker's side of
+/// [`Kind::Read`] and [`Kind::Follow`]. Bodies are opaque here; the broker
+/// defines them.
+pub trait ChannelService: Send + Sync + 'static {
+    /// Answers a read of `partition`'s channel.
+    fn read(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>>;
+    /// Serves an upstream subscription on `out` until it ends.
+    fn follow(&self, partition: PartitionId, body: Vec<u8>, out: FollowSink) -> BoxFuture<()>;
+}
+
+/// A boxed, sendable future.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// The serving side of an upstream subscription: bytes written here reach
+/// the following node in order, counted as inter-node traffic.
+pub struct FollowSink {
+    send: quinn::SendStream,
+    peers: Arc<Peers>,
+}
+
+impl FollowSink {
+    /// Writes `bytes`; fails when the follower is gone.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), quinn::WriteError> {
+        self.send.write_all(bytes).await?;
+        self.peers
+            .stats
+            .bytes_sent
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Ends the stream after what was written.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+
+    /// Resolves when the follower stops reading (it closed the stream or
+    /// the connection went away); independent of this sink's later use.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let stopped = self.send.stopped();
+        async move {
+            let _ = stopped.await;
+        }
+    }
+}
+
+impl Debug for FollowSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowSink").finish_non_exhaustive()
+    }
+}
+
+/// The following side of an upstream subscription.
+pub struct FollowStream {
+    node: NodeId,
+    recv: quinn::RecvStream,
+    peers: Arc<Peers>,
+}
+
+impl FollowStream {
+    /// The next bytes the leader wrote, at most `max`; `None` once it
+    /// finished the stream.
+    pub async fn read(&mut self, max: usize) -> Result<Option<bytes::Bytes>, LinkError> {
+        let chunk = self
+            .recv
+            .read_chunk(max, true)
+            .await
+            .map_err(|e| LinkError::Broken {
+                node: self.node,
+                reason: e.to_string(),
+            })?;
+        Ok(chunk.map(|chunk| {
+            self.peers
+                .stats
+                .bytes_received
+                .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+            chunk.bytes
+        }))
+    }
+
+    /// The node followed.
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+}
+
+impl Debug for FollowStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FollowStream")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Inter-node traffic, for metrics.
 #[derive(Debug, Default)]
 pub struct LinkStats {
@@ -177,6 +282,7 @@ pub struct Peers {
     endpoint: quinn::Endpoint,
     links: DashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
     groups: DashMap<PartitionId, Raft>,
+    channels: std::sync::OnceLock<Arc<dyn ChannelService>>,
     stats: LinkStats,
     stop: CancellationToken,
 }
@@ -218,6 +324,7 @@ impl Peers {
             endpoint,
             links: DashMap::new(),
             groups: DashMap::new(),
+            channels: std::sync::OnceLock::new(),
             stats: LinkStats::default(),
             stop: CancellationToken::new(),
         });
@@ -240,6 +347,67 @@ impl Peers {
     /// Serves calls for `partition`'s group.
     pub fn host(&self, partition: PartitionId, raft: Raft) {
         self.groups.insert(partition, raft);
+    }
+
+    /// Serves other nodes' channel reads and upstream subscriptions
+    /// through `service` (set once).
+    pub fn serve_channels(&self, service: Arc<dyn ChannelService>) {
+        let _ = self.channels.set(service);
+    }
+
+    /// Reads from `partition`'s channels on `node`: one call, `body` and
+    /// the answer as [`ChannelService::read`] defines them.
+    pub async fn read(
+        &self,
+        node: NodeId,
+        addr: &str,
+        partition: PartitionId,
+        body: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        self.call(node, addr, Kind::Read, partition, body, deadline)
+            .await
+    }
+
+    /// Opens an upstream subscription on `node` ([`ChannelService::follow`]
+    /// serves it there).
+    pub async fn follow(
+        self: &Arc<Self>,
+        node: NodeId,
+        addr: &str,
+        partition: PartitionId,
+        body: &[u8],
+    ) -> Result<FollowStream, LinkError> {
+        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, self.connection(node, addr)).await {
+            Ok(conn) => conn?,
+            Err(_) => {
+                return Err(LinkError::Connect {
+                    node,
+                    addr: addr.to_owned(),
+                    reason: format!("no handshake within {CONNECT_TIMEOUT:?}"),
+                });
+            }
+        };
+        let broken = |reason: String| LinkError::Broken { node, reason };
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+        let mut header = [0u8; 5];
+        header[0] = Kind::Follow as u8;
+        header[1..].copy_from_slice(&partition.0.to_be_bytes());
+        send.write_all(&header)
+            .await
+            .map_err(|e| broken(e.to_string()))?;
+        send.write_all(body)
+            .await
+            .map_err(|e| broken(e.to_string()))?;
+        send.finish().map_err(|e| broken(e.to_string()))?;
+        self.stats
+            .bytes_sent
+            .fetch_add(body.len() as u64 + 5, Ordering::Relaxed);
+        Ok(FollowStream {
+            node,
+            recv,
+            peers: self.clone(),
+        })
     }
 
     /// Stops serving `partition`'s group.
@@ -552,6 +720,25 @@ async fn serve_call(peers: Arc<Peers>, mut send: quinn::SendStream, mut recv: qu
         .stats
         .bytes_received
         .fetch_add(call.len() as u64, Ordering::Relaxed);
+    if call.first() == Some(&(Kind::Follow as u8)) {
+        let service = peers.channels.get().cloned();
+        match (service, call.get(1..5)) {
+            (Some(service), Some(partition)) => {
+                let partition = PartitionId(u32::from_be_bytes(
+                    partition.try_into().unwrap_or([0xff; 4]),
+                ));
+                let out = FollowSink {
+                    send,
+                    peers: peers.clone(),
+                };
+                service.follow(partition, call[5..].to_vec(), out).await;
+            }
+            _ => {
+                let _ = send.reset(0u32.into());
+            }
+        }
+        return;
+    }
     let answer = answer(&peers, &call).await;
     peers
         .stats
@@ -582,6 +769,12 @@ async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
         partition.try_into().unwrap_or([0xff; 4]),
     ));
     let body = &call[5..];
+    if kind == Kind::Read {
+        return match peers.channels.get() {
+            Some(service) => service.read(partition, body.to_vec()).await,
+            None => encode::<(), ()>(&Answer::NotHosted),
+        };
+    }
     let Some(raft) = peers.group(partition) else {
         return encode::<(), ()>(&Answer::NotHosted);
     };
@@ -607,6 +800,8 @@ async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
             )),
             Err(e) => malformed(e.to_string()),
         },
+        // Served above, by the channel service.
+        Kind::Read | Kind::Follow => malformed("not a group call".into()),
     }
 }
 

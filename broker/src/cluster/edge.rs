@@ -1,0 +1,932 @@
+//! Edges (DESIGN.md §7): how a node serves devices of channels whose
+//! partition it does not replicate, and how a partition's leader serves
+//! such nodes.
+//!
+//! ```text
+//!  leader of p ── one upstream per (edge node, channel) ──▶ edge's feed ring ──▶ its devices
+//!       ▲                                                      (Fanout::relay)
+//!       └── reads in ranges (catch-up, lookups) ◀── edge's Log::read_channel
+//! ```
+//!
+//! - A channel gets an upstream when its first local subscriber arrives
+//!   ([`FeedWatcher::opened`]) or when this node stops replicating its
+//!   partition while it has subscribers. The upstream relays the leader's
+//!   encoded `Deliver` frames into the local feed as received, so a
+//!   message crosses the cluster once per interested node and is fanned
+//!   out locally by the same engine as a local commit.
+//! - It follows from the feed's head: what local devices lack below it
+//!   they read from the leader in ranges, so (re)attaching never leaves a
+//!   gap, and a batch heard twice is pushed once (the ring's rule).
+//! - Only the leader serves: a replica that is not (or no longer) leader
+//!   answers with the leader it knows, and ends its upstreams when it
+//!   loses the office, so edges re-attach to the new leader from their
+//!   next offset. Everything served was committed and applied, identical
+//!   on every replica, so a lagging source delays and never misleads.
+//! - A node that starts replicating the partition (placement moved it
+//!   here) drops the upstream once its replica is a voter: its own commits
+//!   feed the ring from then on.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use volna_cluster::raft::network::{BoxFuture, ChannelService, FollowSink, FollowStream, Peers};
+use volna_cluster::{NodeId, PartitionId, partition_of};
+use volna_proto::{ChannelName, Epoch, ErrorCode, Frame, Limits, Offset, SubscriptionId};
+
+use super::router::ClusterView;
+use crate::fanout::{Fanout, FeedWatcher};
+use crate::log::{ChannelSlice, CommitListener, Log, ReadRange};
+use crate::metrics::Metrics;
+use crate::store::{ChannelMeta, StoreError, StoredMessage};
+use crate::subscription::{self, DeliverySink, SinkError, Start, Stopped};
+
+/// How long a remote read may take, all candidates included.
+const READ_WITHIN: Duration = Duration::from_secs(3);
+/// One read call's deadline.
+const READ_ATTEMPT: Duration = Duration::from_secs(1);
+/// Pause after every candidate failed, before the next round.
+const ROUND_PAUSE: Duration = Duration::from_millis(100);
+/// How often an upstream checks that it is still needed, and a leader
+/// that it still leads.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
+/// Bytes read from an upstream per step.
+const READ_CHUNK: usize = 256 * 1024;
+/// The largest frame an upstream may carry (a `Deliver` frame holds about
+/// 64 KiB of payload; one large message may exceed it).
+const MAX_UPSTREAM_FRAME: u32 = 32 << 20;
+
+/// A read of a channel: its metadata and messages `[from, until)`.
+#[derive(Debug, Serialize, Deserialize)]
+struct ReadCall {
+    channel: String,
+    from: u64,
+    until: u64,
+    max_messages: u32,
+    max_bytes: u32,
+}
+
+/// An upstream subscription: from `from` (`None`: the leader's head), of
+/// the channel's incarnation `epoch` when the edge knows one.
+#[derive(Debug, Serialize, Deserialize)]
+struct FollowCall {
+    channel: String,
+    from: Option<u64>,
+    epoch: Option<u64>,
+}
+
+/// A leader's answer.
+#[derive(Debug, Serialize, Deserialize)]
+enum Served<T> {
+    Ok(T),
+    /// Not the leader; the one this replica knows of.
+    NotLeader(Option<NodeId>),
+    /// This node does not replicate the partition.
+    NotHosted,
+    /// The channel's incarnation the edge follows is gone (deleted).
+    Gone,
+    /// The call makes no sense (bad channel name, wrong partition).
+    Refused(String),
+}
+
+/// What a read returns.
+#[derive(Debug, Serialize, Deserialize)]
+struct ChannelRead {
+    meta: MetaWire,
+    messages: Vec<WireMessage>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct MetaWire {
+    epoch: u64,
+    first: u64,
+    next: u64,
+    bytes: u64,
+    oldest_ms: u64,
+    previous_epoch: u64,
+    epoch_start: u64,
+}
+
+impl MetaWire {
+    fn of(meta: &ChannelMeta) -> Self {
+        Self {
+            epoch: meta.epoch.0,
+            first: meta.first_offset.get(),
+            next: meta.next_offset.get(),
+            bytes: meta.bytes,
+            oldest_ms: meta.oldest_ms,
+            previous_epoch: meta.previous_epoch.0,
+            epoch_start: meta.epoch_start.get(),
+        }
+    }
+
+    /// The metadata as an edge holds it: no local id (its messages are
+    /// not in this node's store).
+    fn into_meta(self) -> ChannelMeta {
+        ChannelMeta {
+            first_offset: Offset::new(self.first),
+            next_offset: Offset::new(self.next),
+            bytes: self.bytes,
+            oldest_ms: self.oldest_ms,
+            previous_epoch: Epoch(self.previous_epoch),
+            epoch_start: Offset::new(self.epoch_start),
+            ..ChannelMeta::new(0, Epoch(self.epoch))
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct WireMessage {
+    offset: u64,
+    timestamp_ms: u64,
+    payload: Bytes,
+}
+
+/// The upstream's first message: the incarnation followed and where.
+#[derive(Debug, Serialize, Deserialize)]
+struct Following {
+    epoch: Option<u64>,
+    start: u64,
+}
+
+/// Why an upstream could not attach.
+#[derive(Debug)]
+enum AttachError {
+    /// No leader answered (yet).
+    NoLeader(String),
+    /// The incarnation followed was deleted.
+    Gone,
+}
+
+/// Edge traffic, for metrics.
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Upstreams attached to a leader now.
+    pub upstreams: AtomicI64,
+    /// Messages relayed from upstreams into local feeds.
+    pub relayed: AtomicU64,
+    /// Remote reads (catch-up ranges, lookups) made.
+    pub remote_reads: AtomicU64,
+}
+
+/// This node's edges: which partitions it replicates, its upstreams, and
+/// its reads from other nodes.
+pub struct Edges {
+    node: NodeId,
+    partitions: u32,
+    peers: Arc<Peers>,
+    view: Arc<ClusterView>,
+    fanout: Arc<Fanout>,
+    /// Channels with an upstream task.
+    upstreams: DashMap<ChannelName, ()>,
+    /// The leader last heard of, per partition.
+    leaders: DashMap<PartitionId, NodeId>,
+    /// Whether this node replicated each partition at the last check.
+    replicated: Mutex<Vec<bool>>,
+    stats: EdgeStats,
+    stop: CancellationToken,
+    this: Weak<Edges>,
+}
+
+impl std::fmt::Debug for Edges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Edges")
+            .field("node", &self.node)
+            .field("upstreams", &self.upstreams.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Edges {
+    /// Edges of node `node`; upstream tasks end with `stop`.
+    pub fn new(
+        node: NodeId,
+        partitions: u32,
+        peers: Arc<Peers>,
+        view: Arc<ClusterView>,
+        fanout: Arc<Fanout>,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| Self {
+            node,
+            partitions,
+            peers,
+            view,
+            fanout,
+            upstreams: DashMap::new(),
+            leaders: DashMap::new(),
+            replicated: Mutex::new(vec![false; partitions as usize]),
+            stats: EdgeStats::default(),
+            stop,
+            this: this.clone(),
+        })
+    }
+
+    /// Edge traffic so far.
+    pub fn stats(&self) -> &EdgeStats {
+        &self.stats
+    }
+
+    /// Whether this node replicates `partition`: it runs its group, is one
+    /// of its voters (a learner still catching up is not yet), and the map
+    /// names it or it still leads. A replica the placer moved away may
+    /// never hear of the membership change that removed it: once it
+    /// neither is in the map nor leads, its copy may be stale.
+    pub fn replicates(&self, partition: PartitionId) -> bool {
+        let Some(raft) = self.peers.group(partition) else {
+            return false;
+        };
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        let voter = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == self.node);
+        voter
+            && (metrics.current_leader == Some(self.node)
+                || self.view.is_replica(partition, self.node))
+    }
+
+    /// The partition of `channel`.
+    pub fn partition(&self, channel: &ChannelName) -> PartitionId {
+        partition_of(channel.as_str(), self.partitions)
+    }
+
+    /// Notices partitions this node stopped replicating (placement moved
+    /// them away) and gives their subscribed channels upstreams. Called by
+    /// the node's view loop.
+    pub fn check_partitions(&self) {
+        let now: Vec<bool> = (0..self.partitions)
+            .map(|p| self.replicates(PartitionId(p)))
+            .collect();
+        let lost: Vec<bool> = match self.replicated.lock() {
+            Ok(mut before) => {
+                let lost = before.iter().zip(&now).map(|(b, n)| *b && !*n).collect();
+                *before = now;
+                lost
+            }
+            Err(_) => return,
+        };
+        if !lost.contains(&true) {
+            return;
+        }
+        for channel in self.fanout.subscribed_channel_names() {
+            if lost
+                .get(self.partition(&channel).0 as usize)
+                .copied()
+                .unwrap_or(false)
+            {
+                self.ensure_upstream(&channel);
+            }
+        }
+    }
+
+    /// Starts `channel`'s upstream unless it has one or this node
+    /// replicates its partition.
+    fn ensure_upstream(&self, channel: &ChannelName) {
+        if self.replicates(self.partition(channel)) || self.stop.is_cancelled() {
+            return;
+        }
+        let Some(edges) = self.this.upgrade() else {
+            return;
+        };
+        if self.upstreams.insert(channel.clone(), ()).is_none() {
+            tokio::spawn(edges.upstream(channel.clone()));
+        }
+    }
+
+    /// Whether `channel` still needs its upstream: it has subscribers here
+    /// and this node does not replicate it.
+    fn needs_upstream(&self, channel: &ChannelName) -> bool {
+        !self.stop.is_cancelled()
+            && self.fanout.head(channel).is_some()
+            && !self.replicates(self.partition(channel))
+    }
+
+    /// One channel's upstream, for as long as it is needed.
+    async fn upstream(self: Arc<Self>, channel: ChannelName) {
+        let partition = self.partition(&channel);
+        let mut epoch: Option<Epoch> = None;
+        let mut failures = 0u32;
+        loop {
+            if !self.needs_upstream(&channel) {
+                self.upstreams.remove(&channel);
+                // A subscriber may have come back between the check and
+                // the removal, finding the entry still there.
+                if self.needs_upstream(&channel)
+                    && self.upstreams.insert(channel.clone(), ()).is_none()
+                {
+                    continue;
+                }
+                return;
+            }
+            let head = self.fanout.head(&channel).unwrap_or(Offset::FIRST);
+            let from = (head > Offset::FIRST || epoch.is_some()).then_some(head);
+            match self.attach(partition, &channel, from, epoch).await {
+                Ok((stream, following)) => {
+                    failures = 0;
+                    if following.is_some() {
+                        epoch = following;
+                    }
+                    self.stats.upstreams.fetch_add(1, Ordering::Relaxed);
+                    let relayed = self.relay(&channel, stream, &mut epoch).await;
+                    self.stats.upstreams.fetch_sub(1, Ordering::Relaxed);
+                    if let Err(why) = relayed {
+                        debug!(%channel, %why, "upstream ended; attaching again");
+                    }
+                }
+                Err(AttachError::Gone) => {
+                    self.channel_gone(&channel);
+                    epoch = None;
+                }
+                Err(AttachError::NoLeader(why)) => {
+                    failures += 1;
+                    if failures % 20 == 1 {
+                        debug!(%channel, %why, "no leader to follow yet");
+                    }
+                    tokio::select! {
+                        () = self.stop.cancelled() => {}
+                        () = tokio::time::sleep(ROUND_PAUSE) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// The channel's incarnation was deleted: its local subscribers end
+    /// (`ChannelDeleted`), as they would on a replica.
+    fn channel_gone(&self, channel: &ChannelName) {
+        CommitListener::deleted(&*self.fanout, channel);
+    }
+
+    /// Finds the leader and opens an upstream on it.
+    async fn attach(
+        &self,
+        partition: PartitionId,
+        channel: &ChannelName,
+        from: Option<Offset>,
+        epoch: Option<Epoch>,
+    ) -> Result<(FollowStream, Option<Epoch>), AttachError> {
+        let call = FollowCall {
+            channel: channel.as_str().to_owned(),
+            from: from.map(Offset::get),
+            epoch: epoch.map(|e| e.0),
+        };
+        let body =
+            postcard::to_allocvec(&call).map_err(|e| AttachError::NoLeader(e.to_string()))?;
+        let mut last = String::from("no replica known");
+        for (node, addr) in self.candidates(partition) {
+            let mut stream = match self.peers.follow(node, &addr, partition, &body).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            match read_answer::<Following>(&mut stream).await {
+                Ok(Served::Ok(following)) => {
+                    self.leaders.insert(partition, node);
+                    return Ok((stream, following.epoch.map(Epoch)));
+                }
+                Ok(Served::NotLeader(Some(leader))) if leader != node => {
+                    self.leaders.insert(partition, leader);
+                    last = format!("node {node} is not the leader");
+                }
+                Ok(Served::Gone) => return Err(AttachError::Gone),
+                Ok(other) => last = format!("node {node}: {other:?}"),
+                Err(e) => last = e,
+            }
+        }
+        Err(AttachError::NoLeader(last))
+    }
+
+    /// Where to find `partition`'s leader: the one last heard of, then the
+    /// replicas the map names.
+    fn candidates(&self, partition: PartitionId) -> Vec<(NodeId, String)> {
+        let replicas = self.view.replicas(partition);
+        let mut out: Vec<(NodeId, String)> = Vec::with_capacity(replicas.len() + 1);
+        if let Some(leader) = self.leaders.get(&partition).map(|l| *l)
+            && let Some(addr) = self.view.peer_addr(leader)
+        {
+            out.push((leader, addr));
+        }
+        for (node, info) in replicas {
+            if !out.iter().any(|(n, _)| *n == node) {
+                out.push((node, info.addr));
+            }
+        }
+        out.retain(|(node, _)| *node != self.node);
+        out
+    }
+
+    /// Relays an attached upstream's frames into the channel's feed until
+    /// it ends or is no longer needed.
+    async fn relay(
+        &self,
+        channel: &ChannelName,
+        mut stream: FollowStream,
+        epoch: &mut Option<Epoch>,
+    ) -> Result<(), String> {
+        let limits = Limits {
+            max_frame: MAX_UPSTREAM_FRAME,
+        };
+        let mut buf = BytesMut::new();
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return Ok(()),
+                _ = check.tick() => {
+                    if !self.needs_upstream(channel) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+                chunk = stream.read(READ_CHUNK) => match chunk {
+                    Ok(Some(bytes)) => buf.extend_from_slice(&bytes),
+                    Ok(None) => return Err("the leader ended the upstream".into()),
+                    Err(e) => return Err(e.to_string()),
+                },
+            }
+            while let Some(raw) = next_frame(&mut buf, &limits)? {
+                let mut view = BytesMut::from(raw.as_ref());
+                let frame = volna_proto::decode(&mut view, &limits)
+                    .map_err(|e| format!("undecodable upstream frame: {e}"))?;
+                match frame {
+                    Some(Frame::Deliver(deliver)) => {
+                        if epoch.is_some_and(|e| e != deliver.epoch) {
+                            // Deleted and created anew while detached.
+                            self.channel_gone(channel);
+                            *epoch = None;
+                            return Ok(());
+                        }
+                        *epoch = Some(deliver.epoch);
+                        let count = deliver.messages.len() as u64;
+                        let stored_ms = deliver.messages.first().map_or(0, |m| m.timestamp_ms);
+                        let range = (deliver.first_offset, deliver.first_offset.add(count));
+                        self.fanout
+                            .relay(channel, deliver.epoch, range, stored_ms, raw);
+                        self.stats.relayed.fetch_add(count, Ordering::Relaxed);
+                    }
+                    Some(Frame::SubscriptionEnded {
+                        code: ErrorCode::ChannelDeleted,
+                        ..
+                    }) => {
+                        self.channel_gone(channel);
+                        *epoch = None;
+                        return Ok(());
+                    }
+                    // The stream header, and `Truncated` (retention went
+                    // past the feed's head: the ring starts afresh and
+                    // devices that need older offsets read and are told).
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// `channel`'s metadata and messages in `range` from its partition's
+    /// leader (or, failing that, any replica that answers).
+    pub async fn read(
+        &self,
+        channel: &ChannelName,
+        range: ReadRange,
+    ) -> Result<Option<ChannelSlice>, StoreError> {
+        let partition = self.partition(channel);
+        let call = ReadCall {
+            channel: channel.as_str().to_owned(),
+            from: range.from.get(),
+            until: range.until.get(),
+            max_messages: u32::try_from(range.max_messages).unwrap_or(u32::MAX),
+            max_bytes: u32::try_from(range.max_bytes).unwrap_or(u32::MAX),
+        };
+        let body = postcard::to_allocvec(&call).map_err(|e| StoreError::Engine(e.to_string()))?;
+        let until = tokio::time::Instant::now() + READ_WITHIN;
+        let mut last = String::from("no replica known");
+        self.stats.remote_reads.fetch_add(1, Ordering::Relaxed);
+        while tokio::time::Instant::now() < until {
+            for (node, addr) in self.candidates(partition) {
+                let answer = match self
+                    .peers
+                    .read(node, &addr, partition, &body, READ_ATTEMPT)
+                    .await
+                {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        last = e.to_string();
+                        continue;
+                    }
+                };
+                match postcard::from_bytes::<Served<Option<ChannelRead>>>(&answer) {
+                    Ok(Served::Ok(read)) => {
+                        self.leaders.insert(partition, node);
+                        return Ok(read.map(|read| {
+                            let messages = read
+                                .messages
+                                .into_iter()
+                                .map(|m| StoredMessage {
+                                    offset: Offset::new(m.offset),
+                                    timestamp_ms: m.timestamp_ms,
+                                    producer: None,
+                                    payload: m.payload,
+                                })
+                                .collect();
+                            (read.meta.into_meta(), messages)
+                        }));
+                    }
+                    Ok(Served::NotLeader(Some(leader))) if leader != node => {
+                        self.leaders.insert(partition, leader);
+                        last = format!("node {node} is not the leader");
+                    }
+                    Ok(Served::Refused(why)) => return Err(StoreError::Engine(why)),
+                    Ok(other) => last = format!("node {node}: {other:?}"),
+                    Err(e) => last = format!("node {node}: undecodable answer: {e}"),
+                }
+            }
+            tokio::time::sleep(ROUND_PAUSE).await;
+        }
+        Err(StoreError::Engine(format!(
+            "partition {} of {channel} has no reachable leader: {last}",
+            partition.0
+        )))
+    }
+}
+
+impl FeedWatcher for Edges {
+    fn opened(&self, channel: &ChannelName) {
+        self.ensure_upstream(channel);
+    }
+}
+
+/// Splits the next whole frame off `buf`.
+fn next_frame(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Bytes>, String> {
+    let Some(prefix) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    if len.saturating_add(4) > limits.max_frame {
+        return Err(format!("upstream frame of {len} bytes"));
+    }
+    let total = len as usize + 4;
+    if buf.len() < total {
+        return Ok(None);
+    }
+    Ok(Some(buf.split_to(total).freeze()))
+}
+
+/// Reads an upstream's length-prefixed first message.
+async fn read_answer<T: serde::de::DeserializeOwned>(
+    stream: &mut FollowStream,
+) -> Result<Served<T>, String> {
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(prefix) = buf.get(..4) {
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            if len > 64 * 1024 {
+                return Err(format!("upstream answer of {len} bytes"));
+            }
+            if buf.len() >= 4 + len {
+                let answer = postcard::from_bytes(&buf[4..4 + len]).map_err(|e| e.to_string())?;
+                // Frames that came with the answer belong to the relay.
+                let _ = buf.split_to(4 + len);
+                if !buf.is_empty() {
+                    return Err("frames before the answer was read".into());
+                }
+                return Ok(answer);
+            }
+        }
+        match tokio::time::timeout(READ_ATTEMPT, stream.read(4096)).await {
+            Ok(Ok(Some(bytes))) => buf.extend_from_slice(&bytes),
+            Ok(Ok(None)) => return Err("upstream closed before answering".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("upstream did not answer in time".into()),
+        }
+    }
+}
+
+/// A partition leader's side: reads and upstreams for other nodes.
+pub struct ChannelServer {
+    node: NodeId,
+    partitions: u32,
+    peers: Weak<Peers>,
+    log: Log,
+    fanout: Arc<Fanout>,
+    /// Upstream deliveries are not device deliveries: counted apart.
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for ChannelServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelServer")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChannelServer {
+    /// Serves `log`'s channels of the partitions this node leads.
+    pub fn new(
+        node: NodeId,
+        partitions: u32,
+        peers: &Arc<Peers>,
+        log: Log,
+        fanout: Arc<Fanout>,
+    ) -> Self {
+        Self {
+            node,
+            partitions,
+            peers: Arc::downgrade(peers),
+            log,
+            fanout,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    /// `Ok` when this node leads `partition`.
+    fn leads<T>(&self, partition: PartitionId) -> Result<(), Served<T>> {
+        let Some(raft) = self.peers.upgrade().and_then(|p| p.group(partition)) else {
+            return Err(Served::NotHosted);
+        };
+        let leader = raft.metrics().borrow().current_leader;
+        if leader == Some(self.node) {
+            Ok(())
+        } else {
+            Err(Served::NotLeader(leader))
+        }
+    }
+
+    /// The channel a call names, if it is a valid name of `partition`.
+    fn channel<T>(&self, name: &str, partition: PartitionId) -> Result<ChannelName, Served<T>> {
+        let channel = ChannelName::new(name).map_err(|e| Served::Refused(e.to_string()))?;
+        if partition_of(channel.as_str(), self.partitions) != partition {
+            return Err(Served::Refused(format!(
+                "{channel} is not in partition {}",
+                partition.0
+            )));
+        }
+        Ok(channel)
+    }
+
+    async fn answer_read(
+        &self,
+        partition: PartitionId,
+        body: &[u8],
+    ) -> Served<Option<ChannelRead>> {
+        let call: ReadCall = match postcard::from_bytes(body) {
+            Ok(call) => call,
+            Err(e) => return Served::Refused(e.to_string()),
+        };
+        let channel = match self.channel(&call.channel, partition) {
+            Ok(channel) => channel,
+            Err(refused) => return refused,
+        };
+        if let Err(not) = self.leads(partition) {
+            return not;
+        }
+        let range = ReadRange {
+            from: Offset::new(call.from),
+            until: Offset::new(call.until),
+            max_messages: call.max_messages as usize,
+            max_bytes: call.max_bytes as usize,
+        };
+        let read = if range.max_messages == 0 {
+            self.log
+                .lookup(&channel)
+                .await
+                .map(|meta| meta.map(|meta| (meta, Vec::new())))
+        } else {
+            self.log.read_channel(&channel, range).await
+        };
+        match read {
+            Ok(read) => Served::Ok(read.map(|(meta, messages)| {
+                ChannelRead {
+                    meta: MetaWire::of(&meta),
+                    messages: messages
+                        .into_iter()
+                        .map(|m| WireMessage {
+                            offset: m.offset.get(),
+                            timestamp_ms: m.timestamp_ms,
+                            payload: m.payload,
+                        })
+                        .collect(),
+                }
+            })),
+            Err(e) => Served::Refused(format!("read failed: {e}")),
+        }
+    }
+
+    async fn serve_follow(&self, partition: PartitionId, body: &[u8], mut out: FollowSink) {
+        let call: Result<FollowCall, _> = postcard::from_bytes(body);
+        let started = match call {
+            Err(e) => Err(Served::Refused(e.to_string())),
+            Ok(call) => match self.channel(&call.channel, partition) {
+                Err(refused) => Err(refused),
+                Ok(channel) => match self.leads(partition) {
+                    Err(not) => Err(not),
+                    Ok(()) => Ok((channel, call)),
+                },
+            },
+        };
+        let (channel, call) = match started {
+            Ok(started) => started,
+            Err(answer) => {
+                let _ = write_answer::<Following>(&mut out, &answer).await;
+                out.finish();
+                return;
+            }
+        };
+        // Registered before the metadata is read, as a device's would be.
+        let feed = self.fanout.subscribe(&channel);
+        let meta = match self.log.lookup(&channel).await {
+            Ok(meta) => meta,
+            Err(e) => {
+                let answer = Served::<Following>::Refused(format!("lookup failed: {e}"));
+                let _ = write_answer(&mut out, &answer).await;
+                out.finish();
+                return;
+            }
+        };
+        if call
+            .epoch
+            .is_some_and(|epoch| meta.is_none_or(|m| m.epoch.0 != epoch))
+        {
+            let _ = write_answer::<Following>(&mut out, &Served::Gone).await;
+            out.finish();
+            return;
+        }
+        feed.observe(meta.as_ref());
+        let start = call
+            .from
+            .map(Offset::new)
+            .or(meta.map(|m| m.next_offset))
+            .unwrap_or(Offset::FIRST)
+            .max(Offset::FIRST);
+        let following = Following {
+            epoch: meta.map(|m| m.epoch.0),
+            start: start.get(),
+        };
+        if write_answer(&mut out, &Served::Ok(following))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        let cancel = CancellationToken::new();
+        let gone = out.stopped();
+        let watch = {
+            let cancel = cancel.clone();
+            let peers = self.peers.clone();
+            let node = self.node;
+            async move {
+                let mut check = tokio::time::interval(CHECK_EVERY);
+                tokio::pin!(gone);
+                loop {
+                    tokio::select! {
+                        () = &mut gone => break,
+                        _ = check.tick() => {}
+                    }
+                    let leads = peers
+                        .upgrade()
+                        .and_then(|p| p.group(partition))
+                        .is_some_and(|raft| raft.metrics().borrow().current_leader == Some(node));
+                    if !leads {
+                        break;
+                    }
+                }
+                cancel.cancel();
+            }
+        };
+        let watcher = tokio::spawn(watch);
+        let start = Start {
+            id: SubscriptionId(0),
+            next: start,
+            events: Vec::new(),
+        };
+        let out = Arc::new(tokio::sync::Mutex::new(out));
+        let sink = UpstreamSink { out: out.clone() };
+        let result = subscription::run(
+            start,
+            feed,
+            self.log.clone(),
+            sink,
+            cancel.clone(),
+            self.metrics.clone(),
+        )
+        .await;
+        watcher.abort();
+        let mut out = out.lock().await;
+        match result {
+            Ok(()) => {}
+            Err(Stopped::ChannelDeleted(_)) => {
+                // The edge ends its devices' subscriptions as a replica
+                // would.
+                let _ = out.write(&deleted_notice(&channel)).await;
+                out.finish();
+            }
+            Err(why) => {
+                debug!(%channel, error = %why, "upstream stopped");
+                out.finish();
+            }
+        }
+    }
+}
+
+impl ChannelService for ChannelServer {
+    fn read(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>> {
+        let server = self.clone_handle();
+        Box::pin(async move {
+            let answer = server.answer_read(partition, &body).await;
+            postcard::to_allocvec(&answer).unwrap_or_default()
+        })
+    }
+
+    fn follow(&self, partition: PartitionId, body: Vec<u8>, out: FollowSink) -> BoxFuture<()> {
+        let server = self.clone_handle();
+        Box::pin(async move { server.serve_follow(partition, &body, out).await })
+    }
+}
+
+impl ChannelServer {
+    fn clone_handle(&self) -> Self {
+        Self {
+            node: self.node,
+            partitions: self.partitions,
+            peers: self.peers.clone(),
+            log: self.log.clone(),
+            fanout: self.fanout.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Writes an upstream's length-prefixed first message.
+async fn write_answer<T: Serialize>(
+    out: &mut FollowSink,
+    answer: &Served<T>,
+) -> Result<(), quinn::WriteError> {
+    let body = postcard::to_allocvec(answer).unwrap_or_default();
+    let mut framed = Vec::with_capacity(body.len() + 4);
+    framed.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
+    framed.extend_from_slice(&body);
+    out.write(&framed).await
+}
+
+/// Delivery frames of an upstream, written to the following node.
+struct UpstreamSink {
+    out: Arc<tokio::sync::Mutex<FollowSink>>,
+}
+
+impl DeliverySink for UpstreamSink {
+    async fn send(&mut self, frames: Vec<Bytes>) -> Result<(), SinkError> {
+        let mut out = self.out.lock().await;
+        for frame in frames {
+            out.write(&frame)
+                .await
+                .map_err(|e| SinkError(e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self) {
+        self.out.lock().await.finish();
+    }
+}
+
+/// What the leader sends an edge before it ends the upstream of a deleted
+/// channel.
+fn deleted_notice(channel: &ChannelName) -> Bytes {
+    let frame = Frame::SubscriptionEnded {
+        subscription: SubscriptionId(0),
+        code: ErrorCode::ChannelDeleted,
+        message: format!("channel {channel} was deleted"),
+    };
+    let mut buf = BytesMut::with_capacity(volna_proto::encoded_len(&frame));
+    volna_proto::encode(&frame, &mut buf);
+    buf.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_split_whole_from_the_stream() {
+        let limits = Limits { max_frame: 1 << 20 };
+        let channel = ChannelName::new("chat.1").expect("name");
+        let one = deleted_notice(&channel);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&one);
+        buf.extend_from_slice(&one[..3]);
+        assert_eq!(next_frame(&mut buf, &limits), Ok(Some(one.clone())));
+        assert_eq!(next_frame(&mut buf, &limits), Ok(None));
+        buf.extend_from_slice(&one[3..]);
+        assert_eq!(next_frame(&mut buf, &limits), Ok(Some(one)));
+        let mut huge = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0][..]);
+        assert!(next_frame(&mut huge, &limits).is_err());
+    }
+}
