@@ -329,13 +329,13 @@ impl Edges {
             let head = self.fanout.head(&channel).unwrap_or(Offset::FIRST);
             let from = (head > Offset::FIRST || epoch.is_some()).then_some(head);
             match self.attach(partition, &channel, from, epoch).await {
-                Ok((stream, following)) => {
+                Ok((stream, received, following)) => {
                     failures = 0;
                     if following.is_some() {
                         epoch = following;
                     }
                     self.stats.upstreams.fetch_add(1, Ordering::Relaxed);
-                    let relayed = self.relay(&channel, stream, &mut epoch).await;
+                    let relayed = self.relay(&channel, stream, received, &mut epoch).await;
                     self.stats.upstreams.fetch_sub(1, Ordering::Relaxed);
                     if let Err(why) = relayed {
                         debug!(%channel, %why, "upstream ended; attaching again");
@@ -372,7 +372,7 @@ impl Edges {
         channel: &ChannelName,
         from: Option<Offset>,
         epoch: Option<Epoch>,
-    ) -> Result<(FollowStream, Option<Epoch>), AttachError> {
+    ) -> Result<(FollowStream, BytesMut, Option<Epoch>), AttachError> {
         let call = FollowCall {
             channel: channel.as_str().to_owned(),
             from: from.map(Offset::get),
@@ -390,16 +390,16 @@ impl Edges {
                 }
             };
             match read_answer::<Following>(&mut stream).await {
-                Ok(Served::Ok(following)) => {
+                Ok((Served::Ok(following), rest)) => {
                     self.leaders.insert(partition, node);
-                    return Ok((stream, following.epoch.map(Epoch)));
+                    return Ok((stream, rest, following.epoch.map(Epoch)));
                 }
-                Ok(Served::NotLeader(Some(leader))) if leader != node => {
+                Ok((Served::NotLeader(Some(leader)), _)) if leader != node => {
                     self.leaders.insert(partition, leader);
                     last = format!("node {node} is not the leader");
                 }
-                Ok(Served::Gone) => return Err(AttachError::Gone),
-                Ok(other) => last = format!("node {node}: {other:?}"),
+                Ok((Served::Gone, _)) => return Err(AttachError::Gone),
+                Ok((other, _)) => last = format!("node {node}: {other:?}"),
                 Err(e) => last = e,
             }
         }
@@ -431,14 +431,20 @@ impl Edges {
         &self,
         channel: &ChannelName,
         mut stream: FollowStream,
+        mut buf: BytesMut,
         epoch: &mut Option<Epoch>,
     ) -> Result<(), String> {
         let limits = Limits {
             max_frame: MAX_UPSTREAM_FRAME,
         };
-        let mut buf = BytesMut::new();
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
+            // Frames that came with the answer (or in the last chunk) first.
+            while let Some(raw) = next_frame(&mut buf, &limits)? {
+                if !self.take_frame(channel, raw, &limits, epoch)? {
+                    return Ok(());
+                }
+            }
             tokio::select! {
                 () = self.stop.cancelled() => return Ok(()),
                 _ = check.tick() => {
@@ -453,40 +459,50 @@ impl Edges {
                     Err(e) => return Err(e.to_string()),
                 },
             }
-            while let Some(raw) = next_frame(&mut buf, &limits)? {
-                let mut view = BytesMut::from(raw.as_ref());
-                let frame = volna_proto::decode(&mut view, &limits)
-                    .map_err(|e| format!("undecodable upstream frame: {e}"))?;
-                match frame {
-                    Some(Frame::Deliver(deliver)) => {
-                        if epoch.is_some_and(|e| e != deliver.epoch) {
-                            // Deleted and created anew while detached.
-                            self.channel_gone(channel);
-                            *epoch = None;
-                            return Ok(());
-                        }
-                        *epoch = Some(deliver.epoch);
-                        let count = deliver.messages.len() as u64;
-                        let stored_ms = deliver.messages.first().map_or(0, |m| m.timestamp_ms);
-                        let range = (deliver.first_offset, deliver.first_offset.add(count));
-                        self.fanout
-                            .relay(channel, deliver.epoch, range, stored_ms, raw);
-                        self.stats.relayed.fetch_add(count, Ordering::Relaxed);
-                    }
-                    Some(Frame::SubscriptionEnded {
-                        code: ErrorCode::ChannelDeleted,
-                        ..
-                    }) => {
-                        self.channel_gone(channel);
-                        *epoch = None;
-                        return Ok(());
-                    }
-                    // The stream header, and `Truncated` (retention went
-                    // past the feed's head: the ring starts afresh and
-                    // devices that need older offsets read and are told).
-                    _ => {}
+        }
+    }
+
+    /// Hands one upstream frame to the channel's feed; false when the
+    /// upstream should end (the channel was deleted).
+    fn take_frame(
+        &self,
+        channel: &ChannelName,
+        raw: Bytes,
+        limits: &Limits,
+        epoch: &mut Option<Epoch>,
+    ) -> Result<bool, String> {
+        let mut view = BytesMut::from(raw.as_ref());
+        let frame = volna_proto::decode(&mut view, limits)
+            .map_err(|e| format!("undecodable upstream frame: {e}"))?;
+        match frame {
+            Some(Frame::Deliver(deliver)) => {
+                if epoch.is_some_and(|e| e != deliver.epoch) {
+                    // Deleted and created anew while detached.
+                    self.channel_gone(channel);
+                    *epoch = None;
+                    return Ok(false);
                 }
+                *epoch = Some(deliver.epoch);
+                let count = deliver.messages.len() as u64;
+                let stored_ms = deliver.messages.first().map_or(0, |m| m.timestamp_ms);
+                let range = (deliver.first_offset, deliver.first_offset.add(count));
+                self.fanout
+                    .relay(channel, deliver.epoch, range, stored_ms, raw);
+                self.stats.relayed.fetch_add(count, Ordering::Relaxed);
+                Ok(true)
             }
+            Some(Frame::SubscriptionEnded {
+                code: ErrorCode::ChannelDeleted,
+                ..
+            }) => {
+                self.channel_gone(channel);
+                *epoch = None;
+                Ok(false)
+            }
+            // The stream header, and `Truncated` (retention went past the
+            // feed's head: the ring starts afresh and devices that need
+            // older offsets read and are told).
+            _ => Ok(true),
         }
     }
 
@@ -579,10 +595,11 @@ fn next_frame(buf: &mut BytesMut, limits: &Limits) -> Result<Option<Bytes>, Stri
     Ok(Some(buf.split_to(total).freeze()))
 }
 
-/// Reads an upstream's length-prefixed first message.
+/// Reads an upstream's length-prefixed first message; returns it and the
+/// bytes received after it (the first frames, when they came along).
 async fn read_answer<T: serde::de::DeserializeOwned>(
     stream: &mut FollowStream,
-) -> Result<Served<T>, String> {
+) -> Result<(Served<T>, BytesMut), String> {
     let mut buf = BytesMut::new();
     loop {
         if let Some(prefix) = buf.get(..4) {
@@ -592,12 +609,8 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
             }
             if buf.len() >= 4 + len {
                 let answer = postcard::from_bytes(&buf[4..4 + len]).map_err(|e| e.to_string())?;
-                // Frames that came with the answer belong to the relay.
                 let _ = buf.split_to(4 + len);
-                if !buf.is_empty() {
-                    return Err("frames before the answer was read".into());
-                }
-                return Ok(answer);
+                return Ok((answer, buf));
             }
         }
         match tokio::time::timeout(READ_ATTEMPT, stream.read(4096)).await {

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::{Config as RaftConfig, SnapshotPolicy};
+use openraft::{ChangeMembers, Config as RaftConfig, SnapshotPolicy};
 use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -66,10 +66,13 @@ const LEADERSHIP_RETRY: Duration = Duration::from_secs(10);
 const LEADERSHIP_SETTLE: Duration = Duration::from_secs(5);
 /// Replicas the placer moves per round.
 const MAX_MOVES_PER_ROUND: usize = 8;
-/// How long the map must have left this node out of a partition before
-/// its group here stops (the leader has moved the replica by then; a map
-/// that flaps back meanwhile keeps the group).
-const RETIRE_AFTER: Duration = Duration::from_secs(10);
+/// How long the map must have left this node out of a partition before its
+/// group here stops even though it never heard that it was replaced (it
+/// was down while the leader moved the replica away).
+const RETIRE_AFTER: Duration = Duration::from_secs(30);
+/// How long a new replica may take to catch up before the move is tried
+/// again.
+const CATCH_UP_WITHIN: Duration = Duration::from_secs(60);
 
 /// Why a node could not join its cluster.
 #[derive(Debug, Error)]
@@ -474,7 +477,27 @@ impl Groups {
         self.retire_moved_groups(&map).await;
         for (index, replicas) in map.replicas.iter().enumerate() {
             let partition = PartitionId(index as u32);
+            let members: BTreeMap<NodeId, BasicNode> = replicas
+                .iter()
+                .filter_map(|id| Some((*id, BasicNode::new(&nodes.get(id)?.peer))))
+                .collect();
+            if members.len() != replicas.len() {
+                // A replica's address is unknown (never seen alive): wait.
+                continue;
+            }
             if !replicas.contains(&self.id) {
+                // Placement moved the partition away from this node. Where
+                // it still leads, it hands the group over itself (nobody
+                // else can change the membership); openraft steps it down
+                // once the change is committed.
+                let hosted = self
+                    .groups
+                    .lock()
+                    .ok()
+                    .and_then(|g| g.get(&partition).cloned());
+                if let Some(raft) = hosted {
+                    self.move_membership(partition, raft, &map, members);
+                }
                 continue;
             }
             let raft = match self.ensure_group(partition).await {
@@ -484,14 +507,6 @@ impl Groups {
                     continue;
                 }
             };
-            let members: BTreeMap<NodeId, BasicNode> = replicas
-                .iter()
-                .filter_map(|id| Some((*id, BasicNode::new(&nodes.get(id)?.peer))))
-                .collect();
-            if members.len() != replicas.len() {
-                // A replica's address is unknown (never seen alive): wait.
-                continue;
-            }
             let preferred = preferred_leader(partition, replicas);
             if !raft.is_initialized().await.unwrap_or(true) {
                 if preferred == Some(self.id) {
@@ -506,10 +521,12 @@ impl Groups {
         }
     }
 
-    /// Stops the groups of partitions the map has left this node out of
-    /// for [`RETIRE_AFTER`], unless this node still leads them (its
-    /// successor is not in office yet). Their channels are then served as
-    /// an edge; the group's data stays, so the partition can come back.
+    /// Stops the groups of partitions the map has left this node out of,
+    /// once the group's configuration no longer counts this node as a
+    /// voter (the leader replaced it), or after [`RETIRE_AFTER`] unless it
+    /// still leads (then it must hand over first).
+    /// Their channels are then served as an edge; the group's data stays,
+    /// so the partition can come back.
     async fn retire_moved_groups(&self, map: &PartitionMap) {
         let now = std::time::Instant::now();
         let hosted: Vec<(PartitionId, Raft)> = self
@@ -525,8 +542,19 @@ impl Groups {
                     continue;
                 }
                 let since = *left_out.entry(*partition).or_insert(now);
-                let leads = raft.metrics().borrow().current_leader == Some(self.id);
-                if now.duration_since(since) >= RETIRE_AFTER && !leads {
+                let (leads, voter) = {
+                    let metrics = raft.metrics();
+                    let metrics = metrics.borrow();
+                    let voter = metrics
+                        .membership_config
+                        .membership()
+                        .voter_ids()
+                        .any(|id| id == self.id);
+                    (metrics.current_leader == Some(self.id), voter)
+                };
+                // A replaced leader no longer a voter has handed over (or
+                // is about to): it may not even hear who leads now.
+                if !voter || (!leads && now.duration_since(since) >= RETIRE_AFTER) {
                     left_out.remove(partition);
                     retire.push((*partition, raft.clone()));
                 }
@@ -652,8 +680,10 @@ impl Groups {
     }
 
     /// Where this node leads `partition`: adds the map's new replicas as
-    /// learners (they catch up), then makes the map's replicas the voters
-    /// (joint consensus), which removes the old ones.
+    /// learners and waits until they caught up, then makes the map's
+    /// replicas the voters (joint consensus). Replaced voters stay learners
+    /// until they hold the configuration that removed them (so they know,
+    /// and never campaign with a stale one), then they are dropped.
     fn move_membership(
         self: &Arc<Self>,
         partition: PartitionId,
@@ -665,9 +695,25 @@ impl Groups {
         if metrics.current_leader != Some(self.id) {
             return;
         }
-        let voters: BTreeSet<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+        let membership = metrics.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let wanted: BTreeSet<NodeId> = members.keys().copied().collect();
-        if voters == wanted {
+        // Replaced voters whose replication reached the configuration
+        // that replaced them.
+        let config_index = metrics.membership_config.log_id().map(|l| l.index);
+        let informed: BTreeSet<NodeId> = membership
+            .learner_ids()
+            .filter(|id| !wanted.contains(id))
+            .filter(|id| {
+                let matched = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(id).copied().flatten())
+                    .map(|l| l.index);
+                matched.is_some() && matched >= config_index
+            })
+            .collect();
+        if voters == wanted && informed.is_empty() {
             return;
         }
         if let Ok(mut changing) = self.changing.lock()
@@ -678,36 +724,82 @@ impl Groups {
         let shared = self.clone();
         let version = map.version;
         tokio::spawn(async move {
-            info!(
-                partition = partition.0,
-                ?voters,
-                ?wanted,
-                version,
-                "moving the partition's replicas"
-            );
             let moved = async {
-                for (id, node) in &members {
-                    if !voters.contains(id) {
-                        raft.add_learner(*id, node.clone(), true)
-                            .await
-                            .map_err(|e| e.to_string())?;
+                if voters != wanted {
+                    info!(
+                        partition = partition.0,
+                        ?voters,
+                        ?wanted,
+                        version,
+                        "moving the partition's replicas"
+                    );
+                    for (id, node) in &members {
+                        if !voters.contains(id) {
+                            raft.add_learner(*id, node.clone(), false)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            wait_caught_up(&raft, *id).await?;
+                        }
                     }
+                    raft.change_membership(wanted.clone(), true)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    info!(partition = partition.0, ?wanted, "partition replicas moved");
+                } else {
+                    raft.change_membership(ChangeMembers::RemoveNodes(informed.clone()), false)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    debug!(
+                        partition = partition.0,
+                        ?informed,
+                        "replaced replicas dropped"
+                    );
                 }
-                raft.change_membership(wanted.clone(), false)
-                    .await
-                    .map_err(|e| e.to_string())
+                Ok::<_, String>(())
             };
-            match moved.await {
-                Ok(_) => info!(partition = partition.0, ?wanted, "partition replicas moved"),
-                Err(e) => {
-                    warn!(partition = partition.0, error = %e, "moving the partition's replicas failed; retrying")
-                }
+            if let Err(e) = moved.await {
+                warn!(partition = partition.0, error = %e, "moving the partition's replicas failed; retrying");
             }
             if let Ok(mut changing) = shared.changing.lock() {
                 changing.remove(&partition);
             }
         });
     }
+}
+
+/// Waits until the leader's replication to learner `id` has reached the
+/// leader's last log entry as of now (bounded: a learner that cannot catch
+/// up in [`CATCH_UP_WITHIN`] is retried on a later round).
+async fn wait_caught_up(raft: &Raft, id: NodeId) -> Result<(), String> {
+    let target = raft.metrics().borrow().last_log_index;
+    let deadline = tokio::time::Instant::now() + CATCH_UP_WITHIN;
+    let mut metrics = raft.metrics();
+    loop {
+        let matched = metrics
+            .borrow()
+            .replication
+            .as_ref()
+            .and_then(|r| r.get(&id).copied().flatten())
+            .map(|l| l.index);
+        if matched.is_some() && matched >= target {
+            return Ok(());
+        }
+        if metrics.borrow().current_leader != Some(raft_id(raft)) {
+            return Err("no longer the leader".into());
+        }
+        if tokio::time::timeout_at(deadline, metrics.changed())
+            .await
+            .is_err()
+        {
+            return Err(format!(
+                "learner {id} did not catch up within {CATCH_UP_WITHIN:?}"
+            ));
+        }
+    }
+}
+
+fn raft_id(raft: &Raft) -> NodeId {
+    raft.metrics().borrow().id
 }
 
 #[cfg(test)]

@@ -440,10 +440,10 @@ impl Peers {
     }
 
     /// Gets `command` committed and applied by `partition`'s group wherever
-    /// its leader is: the group here when this node hosts it, else (or
-    /// when it points elsewhere) the leader it names, else `candidates` (the
-    /// partition's replicas as last placed) in turn, until `within` has
-    /// passed.
+    /// its leader is: the group here when this node hosts it and is among
+    /// `candidates` (the partition's replicas as last placed), else (or
+    /// when it points elsewhere) the leader it names, else the candidates
+    /// in turn, until `within` has passed.
     ///
     /// A command is sent again only when it surely was not proposed (the
     /// node refused it as a follower, or could not be reached); once sent,
@@ -472,7 +472,13 @@ impl Peers {
             }
             let target = match hint.take() {
                 Some(target) => Some(target),
-                None if self.groups.contains_key(&partition) => None,
+                // This node's own group, unless the map moved the
+                // partition away (its copy may not know who leads now).
+                None if self.groups.contains_key(&partition)
+                    && candidates.iter().any(|(id, _)| *id == self.node) =>
+                {
+                    None
+                }
                 None if candidates.is_empty() => {
                     return Err(ProposeError::NoLeader {
                         partition: partition.0,
