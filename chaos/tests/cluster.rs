@@ -35,6 +35,7 @@ fn payload(i: u64, size: usize) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_on_one_node_reaches_every_node_once_in_order_and_crosses_once_per_replica() {
     let cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    idle_nodes_share_one_heartbeat_call_per_peer(&cluster).await;
     let channel = ChannelName::new("chat.everywhere").unwrap();
     const BATCH: u64 = 300;
     const SIZE: usize = 1024;
@@ -738,5 +739,38 @@ async fn edge_costs_one_copy_per_message(cluster: &TestCluster) {
     assert!(
         hundred < 1.5 * one,
         "100 devices on an edge cost {hundred} bytes per message against {one} for one"
+    );
+}
+
+/// An idle cluster's nodes exchange about one call per peer per heartbeat
+/// interval (heartbeats batched per node pair), not one per shared
+/// partition group.
+async fn idle_nodes_share_one_heartbeat_call_per_peer(cluster: &TestCluster) {
+    const HEARTBEATS_PER_SEC: f64 = 10.0; // heartbeat_ms = 100
+    let calls = async || {
+        let mut total = 0.0;
+        for node in &cluster.nodes {
+            total += node
+                .metric("volna_cluster_peer_calls_total")
+                .await
+                .unwrap_or(0.0);
+        }
+        total
+    };
+    let window = Duration::from_secs(3);
+    let before = calls().await;
+    tokio::time::sleep(window).await;
+    let per_second = (calls().await - before) / window.as_secs_f64();
+    // Every node leads some of the 8 partitions and sends heartbeats to
+    // both others: 3 × 2 peer pairs × 10/s batched, against 8 groups × 2
+    // followers × 10/s one call each.
+    let batched = 3.0 * 2.0 * HEARTBEATS_PER_SEC;
+    let unbatched = f64::from(PARTITIONS) * 2.0 * HEARTBEATS_PER_SEC;
+    eprintln!(
+        "idle cluster: {per_second:.0} inter-node calls/s (batched heartbeats: {batched:.0}; one per group: {unbatched:.0})"
+    );
+    assert!(
+        per_second < (batched + unbatched) / 2.0,
+        "{per_second:.0} calls/s: heartbeats are not batched per node pair"
     );
 }

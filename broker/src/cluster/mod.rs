@@ -210,6 +210,9 @@ impl ClusterNode {
             // partition whose leader died elects another within it.
             election_timeout_min: section.election_timeout_ms / 4,
             election_timeout_max: section.election_timeout_ms / 2,
+            // The node fires every group's heartbeats at once instead
+            // (`heartbeat_loop`), so that they share one call per peer.
+            enable_heartbeat: false,
             // Partition snapshots are not built yet: never compact, so no
             // replica ever needs one (see `machine`).
             snapshot_policy: SnapshotPolicy::Never,
@@ -292,6 +295,12 @@ impl ClusterNode {
                 settled,
                 ttl,
                 Duration::from_secs(section.dead_node_grace_secs),
+                stop.clone(),
+            )),
+            tokio::spawn(heartbeat_loop(
+                groups.clone(),
+                id,
+                Duration::from_millis(section.heartbeat_ms),
                 stop.clone(),
             )),
             tokio::spawn(view_loop(shared, stop.clone())),
@@ -438,6 +447,39 @@ async fn membership_loop(
                 warn!(node = info.id, "membership lease expired; joining again");
             }
             () = place => {}
+        }
+    }
+}
+
+/// Every `interval`, has every group this node leads send its heartbeats,
+/// all at once: the network layer then carries each peer's share in one
+/// call (Raft heartbeats batched per node pair).
+async fn heartbeat_loop(
+    groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    id: NodeId,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let led: Vec<Raft> = groups
+            .lock()
+            .map(|g| {
+                g.values()
+                    .filter(|raft| raft.metrics().borrow().current_leader == Some(id))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for raft in led {
+            if let Err(e) = raft.trigger().heartbeat().await {
+                debug!(error = %e, "heartbeat not sent");
+            }
         }
     }
 }

@@ -67,6 +67,10 @@ pub struct ClusterReport {
     pub peer_bytes_received: u64,
     /// Commands this node forwarded to another node's leader.
     pub forwarded: u64,
+    /// Calls this node made to other nodes (Raft RPCs, heartbeat batches,
+    /// forwarded publishes, reads).
+    #[serde(default)]
+    pub peer_calls: u64,
     /// Upstream subscriptions this node holds to other nodes' leaders
     /// (channels it serves as an edge).
     #[serde(default)]
@@ -169,6 +173,7 @@ impl StatusSource {
             peer_bytes_sent: stats.bytes_sent.load(Ordering::Relaxed),
             peer_bytes_received: stats.bytes_received.load(Ordering::Relaxed),
             forwarded: stats.forwarded.load(Ordering::Relaxed),
+            peer_calls: stats.calls.load(Ordering::Relaxed),
             upstreams: u64::try_from(edge.upstreams.load(Ordering::Relaxed)).unwrap_or(0),
             relayed: edge.relayed.load(Ordering::Relaxed),
             remote_reads: edge.remote_reads.load(Ordering::Relaxed),
@@ -228,6 +233,12 @@ impl ClusterStatus for StatusSource {
             "counter",
             "Inter-node bytes received",
             &[("", report.peer_bytes_received)],
+        );
+        metric(
+            "cluster_peer_calls_total",
+            "counter",
+            "Calls made to other nodes (Raft RPCs, heartbeat batches, forwarded publishes, reads)",
+            &[("", report.peer_calls)],
         );
         metric(
             "cluster_forwarded_total",

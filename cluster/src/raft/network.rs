@@ -9,6 +9,13 @@
 //! redialed by the next call; a call to an unreachable peer fails as
 //! [`Unreachable`] and openraft backs off before retrying.
 //!
+//! Heartbeats are batched per node pair: every empty `AppendEntries` to a
+//! peer that is queued within [`BATCH_WINDOW`] of the first goes out as one
+//! call, answered as one, however many partition groups the two nodes
+//! share. With the node's groups' heartbeats fired together (the broker
+//! does), a node pair exchanges one call per heartbeat interval instead of
+//! one per shared group.
+//!
 //! The same connection carries what edges need from a partition's leader
 //! (see [`ChannelService`]): channel reads (one call each) and upstream
 //! subscriptions (one long-lived stream each, the leader writing delivery
@@ -59,6 +66,13 @@ const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
 /// takes a round trip or two; a dead peer never answers.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long a heartbeat waits for others to the same peer to share its
+/// call.
+const BATCH_WINDOW: Duration = Duration::from_millis(1);
+
+/// Heartbeats per batched call, at most.
+const MAX_BATCH: usize = 1024;
+
 /// Call kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -72,6 +86,8 @@ enum Kind {
     Read = 5,
     /// An upstream subscription ([`ChannelService::follow`]).
     Follow = 6,
+    /// Heartbeats of several groups for one peer, answered together.
+    Batch = 7,
 }
 
 impl Kind {
@@ -83,6 +99,7 @@ impl Kind {
             4 => Some(Self::Propose),
             5 => Some(Self::Read),
             6 => Some(Self::Follow),
+            7 => Some(Self::Batch),
             _ => None,
         }
     }
@@ -282,6 +299,7 @@ pub struct Peers {
     endpoint: quinn::Endpoint,
     links: DashMap<NodeId, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>,
     groups: DashMap<PartitionId, Raft>,
+    batchers: DashMap<NodeId, tokio::sync::mpsc::Sender<Batched>>,
     channels: std::sync::OnceLock<Arc<dyn ChannelService>>,
     stats: LinkStats,
     stop: CancellationToken,
@@ -324,6 +342,7 @@ impl Peers {
             endpoint,
             links: DashMap::new(),
             groups: DashMap::new(),
+            batchers: DashMap::new(),
             channels: std::sync::OnceLock::new(),
             stats: LinkStats::default(),
             stop: CancellationToken::new(),
@@ -679,6 +698,153 @@ impl Peers {
     }
 }
 
+/// One heartbeat waiting for its peer's batched call.
+struct Batched {
+    /// Where the peer was last known to listen.
+    addr: String,
+    partition: PartitionId,
+    body: Vec<u8>,
+    deadline: tokio::time::Instant,
+    answer: tokio::sync::oneshot::Sender<Result<Vec<u8>, LinkError>>,
+}
+
+impl Peers {
+    /// Sends a heartbeat to `partition`'s group on `node` in the peer's
+    /// next batched call; resolves with that group's answer.
+    async fn heartbeat(
+        self: &Arc<Self>,
+        node: NodeId,
+        addr: &str,
+        partition: PartitionId,
+        body: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let item = Batched {
+            addr: addr.to_owned(),
+            partition,
+            body,
+            deadline: tokio::time::Instant::now() + deadline,
+            answer,
+        };
+        let queue = self
+            .batchers
+            .entry(node)
+            .or_insert_with(|| {
+                let (tx, rx) = tokio::sync::mpsc::channel(MAX_BATCH);
+                tokio::spawn(batch_loop(self.clone(), node, rx));
+                tx
+            })
+            .clone();
+        let gone = || LinkError::Endpoint("the node is stopping".into());
+        queue.send(item).await.map_err(|_| gone())?;
+        answered.await.map_err(|_| gone())?
+    }
+}
+
+/// Gathers the heartbeats to `node` that arrive within [`BATCH_WINDOW`] of
+/// the first into one call.
+async fn batch_loop(
+    peers: Arc<Peers>,
+    node: NodeId,
+    mut queue: tokio::sync::mpsc::Receiver<Batched>,
+) {
+    loop {
+        let first = tokio::select! {
+            () = peers.stop.cancelled() => return,
+            first = queue.recv() => match first {
+                Some(first) => first,
+                None => return,
+            },
+        };
+        let mut batch = vec![first];
+        let window = tokio::time::sleep(BATCH_WINDOW);
+        tokio::pin!(window);
+        while batch.len() < MAX_BATCH {
+            tokio::select! {
+                () = &mut window => break,
+                next = queue.recv() => match next {
+                    Some(next) => batch.push(next),
+                    None => break,
+                },
+            }
+        }
+        let deadline = batch
+            .iter()
+            .map(|b| b.deadline)
+            .min()
+            .unwrap_or_else(tokio::time::Instant::now);
+        let calls: Vec<(u32, &[u8])> = batch
+            .iter()
+            .map(|b| (b.partition.0, b.body.as_slice()))
+            .collect();
+        let addr = batch.last().map(|b| b.addr.clone()).unwrap_or_default();
+        let answers = match postcard::to_allocvec(&calls) {
+            Ok(body) => {
+                let within = deadline.saturating_duration_since(tokio::time::Instant::now());
+                peers
+                    .call(node, &addr, Kind::Batch, PartitionId(0), &body, within)
+                    .await
+                    .and_then(|bytes| {
+                        postcard::from_bytes::<Vec<Vec<u8>>>(&bytes)
+                            .map_err(|e| LinkError::Malformed(e.to_string()))
+                    })
+                    .and_then(|answers| {
+                        if answers.len() == batch.len() {
+                            Ok(answers)
+                        } else {
+                            Err(LinkError::Malformed(format!(
+                                "{} answers to {} heartbeats",
+                                answers.len(),
+                                batch.len()
+                            )))
+                        }
+                    })
+            }
+            Err(e) => Err(LinkError::Malformed(e.to_string())),
+        };
+        match answers {
+            Ok(answers) => {
+                for (item, answer) in batch.into_iter().zip(answers) {
+                    let _ = item.answer.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                for item in batch {
+                    let _ = item.answer.send(Err(e.for_each_call()));
+                }
+            }
+        }
+    }
+}
+
+impl LinkError {
+    /// The same failure, for each call of a batch that failed as one.
+    fn for_each_call(&self) -> Self {
+        match self {
+            Self::Connect { node, addr, reason } => Self::Connect {
+                node: *node,
+                addr: addr.clone(),
+                reason: reason.clone(),
+            },
+            Self::Timeout { node, after } => Self::Timeout {
+                node: *node,
+                after: *after,
+            },
+            Self::NotHosted { node, partition } => Self::NotHosted {
+                node: *node,
+                partition: *partition,
+            },
+            Self::Broken { node, reason } => Self::Broken {
+                node: *node,
+                reason: reason.clone(),
+            },
+            Self::Malformed(why) => Self::Malformed(why.clone()),
+            Self::Endpoint(why) => Self::Endpoint(why.clone()),
+        }
+    }
+}
+
 async fn accept_loop(peers: Arc<Peers>) {
     loop {
         let incoming = tokio::select! {
@@ -775,6 +941,9 @@ async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
         partition.try_into().unwrap_or([0xff; 4]),
     ));
     let body = &call[5..];
+    if kind == Kind::Batch {
+        return answer_batch(peers, body).await;
+    }
     if kind == Kind::Read {
         return match peers.channels.get() {
             Some(service) => service.read(partition, body.to_vec()).await,
@@ -806,9 +975,39 @@ async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
             )),
             Err(e) => malformed(e.to_string()),
         },
-        // Served above, by the channel service.
-        Kind::Read | Kind::Follow => malformed("not a group call".into()),
+        // Served above.
+        Kind::Read | Kind::Follow | Kind::Batch => malformed("not a group call".into()),
     }
+}
+
+/// Answers a batch of heartbeats: each goes to its group, all at once, and
+/// the answers come back in the batch's order.
+async fn answer_batch(peers: &Peers, body: &[u8]) -> Vec<u8> {
+    let Ok(calls) = postcard::from_bytes::<Vec<(u32, Vec<u8>)>>(body) else {
+        return postcard::to_allocvec(&Answer::<(), ()>::Malformed("bad batch".into()))
+            .unwrap_or_default();
+    };
+    let pending: Vec<_> = calls
+        .into_iter()
+        .map(|(partition, body)| {
+            let raft = peers.group(PartitionId(partition));
+            tokio::spawn(async move {
+                let Some(raft) = raft else {
+                    return postcard::to_allocvec(&Answer::<(), ()>::NotHosted).unwrap_or_default();
+                };
+                let answer = match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&body) {
+                    Ok(rpc) => into_answer(raft.append_entries(rpc).await),
+                    Err(e) => Answer::Malformed(e.to_string()),
+                };
+                postcard::to_allocvec(&answer).unwrap_or_default()
+            })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(pending.len());
+    for task in pending {
+        answers.push(task.await.unwrap_or_default());
+    }
+    postcard::to_allocvec(&answers).unwrap_or_default()
 }
 
 fn into_answer<T, E>(result: Result<T, E>) -> Answer<T, E> {
@@ -863,23 +1062,34 @@ impl PeerClient {
     {
         let body =
             postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let bytes = self
-            .peers
-            .call(
-                self.target,
-                &self.node.addr,
-                kind,
-                self.partition,
-                &body,
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(|e| match e {
-                LinkError::Timeout { .. } | LinkError::Broken { .. } => {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-                _ => RPCError::Unreachable(Unreachable::new(&e)),
-            })?;
+        let sent = if kind == Kind::Batch {
+            self.peers
+                .heartbeat(
+                    self.target,
+                    &self.node.addr,
+                    self.partition,
+                    body,
+                    option.hard_ttl(),
+                )
+                .await
+        } else {
+            self.peers
+                .call(
+                    self.target,
+                    &self.node.addr,
+                    kind,
+                    self.partition,
+                    &body,
+                    option.hard_ttl(),
+                )
+                .await
+        };
+        let bytes = sent.map_err(|e| match e {
+            LinkError::Timeout { .. } | LinkError::Broken { .. } => {
+                RPCError::Network(NetworkError::new(&e))
+            }
+            _ => RPCError::Unreachable(Unreachable::new(&e)),
+        })?;
         match postcard::from_bytes::<Answer<Resp, RaftError<NodeId, E>>>(&bytes) {
             Ok(Answer::Ok(resp)) => Ok(resp),
             Ok(Answer::Raft(e)) => Err(RPCError::RemoteError(RemoteError::new_with_node(
@@ -912,6 +1122,11 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, Infallible> {
+        if rpc.entries.is_empty() {
+            // A heartbeat (or a bare commit-index update): shares the
+            // peer's next batched call.
+            return self.rpc(Kind::Batch, &rpc, &option).await;
+        }
         self.rpc(Kind::AppendEntries, &rpc, &option).await
     }
 
