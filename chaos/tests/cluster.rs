@@ -774,3 +774,79 @@ async fn idle_nodes_share_one_heartbeat_call_per_peer(cluster: &TestCluster) {
         "{per_second:.0} calls/s: heartbeats are not batched per node pair"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_with_an_empty_disk_within_the_grace_period_rejoins_only_as_a_new_replica() {
+    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let channel = ChannelName::new("chat.amnesia").unwrap();
+    let publisher = connect(&cluster, &[1, 2]).await;
+    let mut history = History::default();
+    let publish = async |history: &mut History, from: u64, to: u64| {
+        for i in from..=to {
+            let body = format!("a-{i}").into_bytes();
+            let ack = publisher.publish(&channel, body.clone()).await.unwrap();
+            history.acked.insert(ack.offset.get(), body);
+        }
+    };
+    publish(&mut history, 1, 300).await;
+
+    // Node 3 loses its disk and is back at once, while the map still names
+    // it as a replica of every partition (dead_node_grace_secs = 5).
+    assert!(cluster.nodes[2].terminate(Duration::from_secs(20)).unwrap());
+    let data = cluster.nodes[2].data_dir().to_owned();
+    std::fs::remove_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&data).unwrap();
+    cluster.nodes[2].start_again().unwrap();
+    cluster.nodes[2]
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .unwrap();
+    // It must not take part in its old groups with an empty log (it would
+    // have forgotten its votes and the entries it acknowledged).
+    let placed_on_3 = |s: &serde_json::Value| {
+        s["partitions"].as_array().is_some_and(|ps| {
+            ps.iter().any(|p| {
+                p["replicas"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|id| id.as_u64() == Some(3)))
+            })
+        })
+    };
+    let status = cluster.status(3).unwrap();
+    assert!(placed_on_3(&status), "the map should still name node 3");
+    assert!(
+        status["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["hosted"] == false),
+        "node 3 runs groups it forgot: {status}"
+    );
+    publish(&mut history, 301, 600).await;
+
+    // The placer takes its replicas away as a dead node's, then gives it
+    // replicas again; it catches up as a new replica.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let caught_up = cluster.status(3).is_some_and(|s| {
+            s["partitions"].as_array().is_some_and(|ps| {
+                ps.iter().all(|p| {
+                    p["hosted"] == true
+                        && p["replicas"].as_array().is_some_and(|r| r.len() == 3)
+                        && p["leader"].is_u64()
+                })
+            })
+        });
+        if caught_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 was not replicated again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    publish(&mut history, 601, 700).await;
+    let delivered = history_on(&cluster, 3, &channel, 700).await;
+    history.check(&delivered).unwrap();
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}

@@ -33,6 +33,7 @@ pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -160,6 +161,32 @@ struct Groups {
     /// Since when the map has left this node out of a partition it runs.
     left_out: Mutex<BTreeMap<PartitionId, std::time::Instant>>,
     edges: Arc<Edges>,
+    /// The node came back without the Raft state the map's groups expect
+    /// of it: it runs no group and stays out of the membership until the
+    /// map no longer names it.
+    rejoining: Arc<AtomicBool>,
+}
+
+/// Whether the map names this node as a replica of partitions whose Raft
+/// state is all blank here. A node that lost its disk and came back before
+/// the placer moved its replicas away is still a voter of those groups,
+/// having forgotten its votes and the entries it acknowledged: taking part
+/// again could elect a leader without committed entries (G2). Such a node
+/// must come back as a new replica. (A partition merely never started here
+/// is blank too; only when every one is blank is the state taken as lost.)
+async fn lost_its_raft_state(groups: &Groups, map: &PartitionMap) -> bool {
+    let mut listed = 0;
+    for (index, replicas) in map.replicas.iter().enumerate() {
+        if !replicas.contains(&groups.id) {
+            continue;
+        }
+        listed += 1;
+        let store = RaftLogStore::new(groups.db.clone(), PartitionId(index as u32), groups.sync);
+        if !store.is_blank().await.unwrap_or(false) {
+            return false;
+        }
+    }
+    listed > 0
 }
 
 /// The replica that should lead `partition`: spread by partition number
@@ -258,10 +285,20 @@ impl ClusterNode {
             stable_leaders: Mutex::default(),
             left_out: Mutex::default(),
             edges: edges.clone(),
+            rejoining: Arc::default(),
         });
         // Groups this node replicated before a restart come back before it
         // takes traffic, from the map as last seen in etcd.
         if let Some(map) = control.map().await? {
+            if lost_its_raft_state(&shared, &map).await {
+                warn!(
+                    node = id,
+                    "the map names this node as a replica but its Raft state is gone (a lost \
+                     disk): it stays out of the cluster's membership until the placer has \
+                     moved its replicas away, then rejoins as a new replica"
+                );
+                shared.rejoining.store(true, Ordering::SeqCst);
+            }
             let nodes = control.nodes().await?;
             view.update(map, nodes);
             shared.reconcile().await;
@@ -288,8 +325,10 @@ impl ClusterNode {
         edges.check_partitions();
         setup.fanout.watch_feeds(edges.clone());
         let ttl = Duration::from_secs(section.lease_ttl_secs);
+        let rejoining = shared.rejoining.clone();
         let tasks = vec![
             tokio::spawn(membership_loop(
+                rejoining,
                 control.clone(),
                 info.clone(),
                 settled,
@@ -387,6 +426,7 @@ impl ClusterNode {
 /// campaigns to be the placer; the placer places partitions until it loses
 /// the office.
 async fn membership_loop(
+    rejoining: Arc<AtomicBool>,
     control: Control,
     info: NodeInfo,
     config: ClusterConfig,
@@ -394,6 +434,14 @@ async fn membership_loop(
     grace: Duration,
     stop: CancellationToken,
 ) {
+    // Out of the membership while the placer moves lost replicas away
+    // (the node looks dead to it): see `lost_its_raft_state`.
+    while rejoining.load(Ordering::SeqCst) {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
     loop {
         let membership = tokio::select! {
             () = stop.cancelled() => return,
@@ -516,6 +564,16 @@ impl Groups {
     /// group, moves its membership towards the map's replicas.
     async fn reconcile(self: &Arc<Self>) {
         let (map, nodes) = self.view.snapshot();
+        if self.rejoining.load(Ordering::SeqCst) {
+            if map.replicas.iter().any(|r| r.contains(&self.id)) {
+                return;
+            }
+            info!(
+                node = self.id,
+                "the placer moved this node's lost replicas away; rejoining"
+            );
+            self.rejoining.store(false, Ordering::SeqCst);
+        }
         self.retire_moved_groups(&map).await;
         for (index, replicas) in map.replicas.iter().enumerate() {
             let partition = PartitionId(index as u32);

@@ -82,6 +82,18 @@ impl LogStore {
         }
     }
 
+    /// Whether this partition's Raft state is blank here: no vote, no
+    /// entry, nothing purged (this node never took part in the group, or
+    /// lost its disk since).
+    pub async fn is_blank(&self) -> Result<bool, Error> {
+        self.blocking(|store| {
+            let vote: Option<Vote<NodeId>> = store.state(VOTE)?;
+            let purged: Option<LogId<NodeId>> = store.state(PURGED)?;
+            Ok(vote.is_none() && purged.is_none() && store.last_entry_id()?.is_none())
+        })
+        .await
+    }
+
     fn log_key(&self, index: u64) -> [u8; 12] {
         let mut key = [0u8; 12];
         key[..4].copy_from_slice(&self.partition.0.to_be_bytes());
