@@ -281,10 +281,22 @@ key = "{key}"
         serde_json::from_str(&body).ok()
     }
 
-    /// The leader of `channel`'s partition as node `asked` sees it.
+    /// The leader of `channel`'s partition as node `asked` sees it, or,
+    /// when `asked` does not replicate that partition (placement moved it
+    /// away, e.g. while it was down), as the running nodes that do see it.
     pub fn leader_of(&self, channel: &str, asked: u64) -> Option<u64> {
         let partition = volna_cluster::partition_of(channel, self.partitions).0 as usize;
-        self.status(asked)?["partitions"][partition]["leader"].as_u64()
+        let others = (1..=self.nodes.len() as u64)
+            .filter(|id| *id != asked && self.nodes[(*id - 1) as usize].is_running());
+        std::iter::once(asked).chain(others).find_map(|id| {
+            let status = self.status(id)?;
+            let view = &status["partitions"][partition];
+            if view["hosted"] == true {
+                view["leader"].as_u64()
+            } else {
+                None
+            }
+        })
     }
 
     /// Waits until every partition has a leader all running nodes that
