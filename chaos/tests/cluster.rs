@@ -302,6 +302,31 @@ async fn a_client_on_a_killed_node_resumes_every_subscription_on_another_seed() 
     }
 }
 
+/// Waits until node `id` runs every partition's group again, each with
+/// three replicas and a known leader.
+async fn replicated_again(cluster: &TestCluster, id: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let caught_up = cluster.status(id).is_some_and(|s| {
+            s["partitions"].as_array().is_some_and(|ps| {
+                ps.iter().all(|p| {
+                    p["hosted"] == true
+                        && p["replicas"].as_array().is_some_and(|r| r.len() == 3)
+                        && p["leader"].is_u64()
+                })
+            })
+        });
+        if caught_up {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} was not replicated again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Reads `channel` from offset 1 on node `id` alone, up to `last`.
 async fn history_on(
     cluster: &TestCluster,
@@ -519,23 +544,7 @@ async fn a_node_that_lost_its_disk_is_replicated_again_and_nothing_acknowledged_
         .wait_ready(Duration::from_secs(60))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let caught_up = cluster.status(3).is_some_and(|s| {
-            s["partitions"].as_array().is_some_and(|ps| {
-                ps.iter().all(|p| {
-                    p["hosted"] == true
-                        && p["replicas"].as_array().is_some_and(|r| r.len() == 3)
-                        && p["leader"].is_u64()
-                })
-            })
-        });
-        if caught_up {
-            break;
-        }
-        assert!(Instant::now() < deadline, "node 3 was not replicated again");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    replicated_again(&cluster, 3, Duration::from_secs(60)).await;
     publish(&mut history, 601, 700).await;
     // Everything acknowledged, read from node 3 alone.
     let delivered = history_on(&cluster, 3, &channel, 700).await;
@@ -828,23 +837,7 @@ async fn a_node_back_with_an_empty_disk_within_the_grace_period_rejoins_only_as_
 
     // The placer takes its replicas away as a dead node's, then gives it
     // replicas again; it catches up as a new replica.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let caught_up = cluster.status(3).is_some_and(|s| {
-            s["partitions"].as_array().is_some_and(|ps| {
-                ps.iter().all(|p| {
-                    p["hosted"] == true
-                        && p["replicas"].as_array().is_some_and(|r| r.len() == 3)
-                        && p["leader"].is_u64()
-                })
-            })
-        });
-        if caught_up {
-            break;
-        }
-        assert!(Instant::now() < deadline, "node 3 was not replicated again");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    replicated_again(&cluster, 3, Duration::from_secs(90)).await;
     publish(&mut history, 601, 700).await;
     let delivered = history_on(&cluster, 3, &channel, 700).await;
     history.check(&delivered).unwrap();

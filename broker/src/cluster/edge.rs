@@ -39,6 +39,7 @@ use volna_cluster::raft::network::{BoxFuture, ChannelService, FollowSink, Follow
 use volna_cluster::{NodeId, PartitionId, partition_of};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Frame, Limits, Offset, SubscriptionId};
 
+use super::Role;
 use super::router::ClusterView;
 use crate::fanout::{Fanout, FeedWatcher};
 use crate::log::{ChannelSlice, CommitListener, Log, ReadRange};
@@ -238,19 +239,10 @@ impl Edges {
     /// never hear of the membership change that removed it: once it
     /// neither is in the map nor leads, its copy may be stale.
     pub fn replicates(&self, partition: PartitionId) -> bool {
-        let Some(raft) = self.peers.group(partition) else {
-            return false;
-        };
-        let metrics = raft.metrics();
-        let metrics = metrics.borrow();
-        let voter = metrics
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|id| id == self.node);
-        voter
-            && (metrics.current_leader == Some(self.node)
-                || self.view.is_replica(partition, self.node))
+        self.peers.group(partition).is_some_and(|raft| {
+            let role = Role::of(&raft, self.node);
+            role.voter && (role.leads || self.view.is_replica(partition, self.node))
+        })
     }
 
     /// The partition of `channel`.

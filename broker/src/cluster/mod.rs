@@ -189,6 +189,30 @@ async fn lost_its_raft_state(groups: &Groups, map: &PartitionMap) -> bool {
     listed > 0
 }
 
+/// What node `id` is in a partition group, as the group here sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Role {
+    /// It is the group's leader.
+    pub leads: bool,
+    /// It is one of the group's voters.
+    pub voter: bool,
+}
+
+impl Role {
+    pub(crate) fn of(raft: &Raft, id: NodeId) -> Self {
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        Self {
+            leads: metrics.current_leader == Some(id),
+            voter: metrics
+                .membership_config
+                .membership()
+                .voter_ids()
+                .any(|voter| voter == id),
+        }
+    }
+}
+
 /// The replica that should lead `partition`: spread by partition number
 /// over its replicas, so that with the same replica set on every partition
 /// each node still leads its share.
@@ -642,16 +666,7 @@ impl Groups {
                     continue;
                 }
                 let since = *left_out.entry(*partition).or_insert(now);
-                let (leads, voter) = {
-                    let metrics = raft.metrics();
-                    let metrics = metrics.borrow();
-                    let voter = metrics
-                        .membership_config
-                        .membership()
-                        .voter_ids()
-                        .any(|id| id == self.id);
-                    (metrics.current_leader == Some(self.id), voter)
-                };
+                let Role { leads, voter } = Role::of(raft, self.id);
                 // A replaced leader no longer a voter has handed over (or
                 // is about to): it may not even hear who leads now.
                 if !voter || (!leads && now.duration_since(since) >= RETIRE_AFTER) {

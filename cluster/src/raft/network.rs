@@ -407,18 +407,7 @@ impl Peers {
                 });
             }
         };
-        let broken = |reason: String| LinkError::Broken { node, reason };
-        let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
-        let mut header = [0u8; 5];
-        header[0] = Kind::Follow as u8;
-        header[1..].copy_from_slice(&partition.0.to_be_bytes());
-        send.write_all(&header)
-            .await
-            .map_err(|e| broken(e.to_string()))?;
-        send.write_all(body)
-            .await
-            .map_err(|e| broken(e.to_string()))?;
-        send.finish().map_err(|e| broken(e.to_string()))?;
+        let recv = send_call(&conn, node, Kind::Follow, partition, body).await?;
         self.stats
             .bytes_sent
             .fetch_add(body.len() as u64 + 5, Ordering::Relaxed);
@@ -655,22 +644,14 @@ impl Peers {
             }
         };
         let exchange = async {
-            let broken = |reason: String| LinkError::Broken { node, reason };
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
-            let mut header = [0u8; 5];
-            header[0] = kind as u8;
-            header[1..].copy_from_slice(&partition.0.to_be_bytes());
-            send.write_all(&header)
-                .await
-                .map_err(|e| broken(e.to_string()))?;
-            send.write_all(body)
-                .await
-                .map_err(|e| broken(e.to_string()))?;
-            send.finish().map_err(|e| broken(e.to_string()))?;
+            let mut recv = send_call(&conn, node, kind, partition, body).await?;
             let answer = recv
                 .read_to_end(MAX_MESSAGE)
                 .await
-                .map_err(|e| broken(e.to_string()))?;
+                .map_err(|e| LinkError::Broken {
+                    node,
+                    reason: e.to_string(),
+                })?;
             Ok(answer)
         };
         let answer = match tokio::time::timeout(deadline, exchange).await {
@@ -843,6 +824,30 @@ impl LinkError {
             Self::Endpoint(why) => Self::Endpoint(why.clone()),
         }
     }
+}
+
+/// Opens a stream to `node` and sends a call on it (`kind ‖ partition ‖
+/// body`, then the end of the stream); returns where the answer comes.
+async fn send_call(
+    conn: &quinn::Connection,
+    node: NodeId,
+    kind: Kind,
+    partition: PartitionId,
+    body: &[u8],
+) -> Result<quinn::RecvStream, LinkError> {
+    let broken = |reason: String| LinkError::Broken { node, reason };
+    let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+    let mut header = [0u8; 5];
+    header[0] = kind as u8;
+    header[1..].copy_from_slice(&partition.0.to_be_bytes());
+    send.write_all(&header)
+        .await
+        .map_err(|e| broken(e.to_string()))?;
+    send.write_all(body)
+        .await
+        .map_err(|e| broken(e.to_string()))?;
+    send.finish().map_err(|e| broken(e.to_string()))?;
+    Ok(recv)
 }
 
 async fn accept_loop(peers: Arc<Peers>) {
