@@ -298,6 +298,12 @@ pub struct ClusterSection {
     /// How long the placer waits, once a node left the membership, before
     /// moving its replicas to other nodes (a restarting node keeps them).
     pub dead_node_grace_secs: u64,
+    /// A partition takes a snapshot of its state every this many applied
+    /// Raft entries; the entries it covers are then purged (all but the
+    /// last `snapshot_entries / 10`, so that a follower briefly behind
+    /// still catches up from the log). A replica too far behind receives
+    /// the snapshot.
+    pub snapshot_entries: u64,
     /// Mutual TLS between nodes: the cluster CA, this node's certificate
     /// (naming `node-<node_id>`) and key, PEM.
     pub tls: ClusterTls,
@@ -363,6 +369,13 @@ impl ClusterSection {
                 "must be at least 2",
             ));
         }
+        if self.snapshot_entries < 10 {
+            return Err(invalid(
+                "snapshot_entries",
+                self.snapshot_entries.to_string(),
+                "must be at least 10",
+            ));
+        }
         if self.tls.ca.is_none() || self.tls.cert.is_none() || self.tls.key.is_none() {
             return Err(invalid(
                 "tls",
@@ -389,6 +402,7 @@ impl Default for ClusterSection {
             heartbeat_ms: 100,
             lease_ttl_secs: 5,
             dead_node_grace_secs: 30,
+            snapshot_entries: 10_000,
             tls: ClusterTls::default(),
         }
     }

@@ -89,6 +89,13 @@ impl ProducerTable {
         }
     }
 
+    /// Forgets `key`'s resident window (its state on disk was replaced).
+    pub fn remove(&mut self, key: &ProducerKey) {
+        if self.windows.remove(key).is_some() {
+            self.forget_owner(&key.owner);
+        }
+    }
+
     /// Drops idle windows (returned, to delete from the store), then, above
     /// `max_resident`, the least recently published ones down to 7/8 of it
     /// so that sweeping stays amortised O(1) per publish.

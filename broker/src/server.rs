@@ -223,6 +223,7 @@ impl Broker {
                     durability: config.durability,
                     metrics: metrics.clone(),
                     fanout: fanout.clone(),
+                    snapshot_dir: config.data_dir.join("snapshots"),
                 })
                 .await?,
             ),

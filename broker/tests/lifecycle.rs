@@ -337,6 +337,16 @@ impl volna_broker::store::LogStore for GatedStore {
         self.inner
             .read(channel, from, until, max_messages, max_bytes)
     }
+    fn export(
+        &self,
+        scope: &volna_broker::store::ExportScope<'_>,
+        fixed: &mut dyn FnMut(),
+        sink: &mut dyn FnMut(
+            volna_broker::store::Exported,
+        ) -> Result<(), volna_broker::store::StoreError>,
+    ) -> Result<(), volna_broker::store::StoreError> {
+        self.inner.export(scope, fixed, sink)
+    }
     fn check_health(&self) -> Result<(), volna_broker::store::StoreError> {
         self.inner.check_health()
     }

@@ -138,3 +138,271 @@ async fn a_replica_restarted_without_a_clean_stop_keeps_its_epochs() {
     assert_eq!(after.next_offset, before.next_offset);
     again.shutdown();
 }
+
+/// Snapshots: a partition's state built on one replica and installed on
+/// another, through the state machine openraft drives.
+mod snapshots {
+    use std::path::Path;
+
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use volna_broker::cluster::machine::{PartitionMachine, SnapshotStats};
+    use volna_broker::log::ReadRange;
+    use volna_broker::store::{RocksStore, StoredMessage};
+    use volna_cluster::PartitionId;
+    use volna_cluster::raft::{
+        Command, Outcome as ReplicaOutcome, ProducerStamp, Publish, Reply, TypeConfig,
+    };
+
+    use super::*;
+
+    fn start(store: Arc<dyn LogStore>) -> LogThreads {
+        log::start_replicated(
+            store,
+            Arc::new(Fanout::new(64 * 1024)),
+            Durability::Wal,
+            &EngineConfig::default(),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    async fn machine(
+        threads: &LogThreads,
+        store: Arc<dyn LogStore>,
+        root: &Path,
+    ) -> PartitionMachine {
+        PartitionMachine::open(
+            PartitionId(0),
+            1,
+            threads.log().clone(),
+            store,
+            root,
+            Arc::new(SnapshotStats::default()),
+        )
+        .await
+        .unwrap()
+    }
+
+    fn publish(channel: &str, producer: Option<(u64, u64)>, body: String) -> Publish {
+        Publish {
+            channel: channel.into(),
+            producer: producer.map(|(producer_id, sequence)| ProducerStamp {
+                owner: "alice".into(),
+                producer_id,
+                sequence,
+                after: None,
+                limited: true,
+            }),
+            payload: Bytes::from(body),
+        }
+    }
+
+    /// The leader's clock at the test's start.
+    static NOW_MS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    });
+
+    fn entry(index: u64, command: Command) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(command),
+        }
+    }
+
+    fn appends(index: u64, publishes: Vec<Publish>) -> Entry<TypeConfig> {
+        entry(
+            index,
+            Command::Append {
+                // The leader's clock: windows older than the idle horizon
+                // by the replica's clock would not be loaded again.
+                now_ms: *NOW_MS + index,
+                epoch_seed: 77 * index,
+                publishes,
+            },
+        )
+    }
+
+    /// Entry 1 writes chat.1 (an idempotent producer), chat.gone and
+    /// chat.2; entry 2 deletes chat.gone; entry 3 appends more.
+    fn history() -> Vec<Entry<TypeConfig>> {
+        let mut first: Vec<Publish> = (1..=50)
+            .map(|s| publish("chat.1", Some((7, s)), format!("one-{s}")))
+            .collect();
+        first.push(publish("chat.gone", None, "bye".into()));
+        first.push(publish("chat.2", None, "two-1".into()));
+        vec![
+            appends(1, first),
+            entry(2, Command::Delete(vec!["chat.gone".into()])),
+            appends(
+                3,
+                vec![
+                    publish("chat.1", Some((7, 51)), "one-51".into()),
+                    publish("chat.2", None, "two-2".into()),
+                ],
+            ),
+        ]
+    }
+
+    async fn apply(machine: &mut PartitionMachine, entries: Vec<Entry<TypeConfig>>) -> Vec<Reply> {
+        machine.apply(entries).await.unwrap()
+    }
+
+    async fn channel(threads: &LogThreads, name: &str) -> Option<(u64, u64, Vec<StoredMessage>)> {
+        let range = ReadRange {
+            from: volna_client::Offset::FIRST,
+            until: volna_client::Offset::new(u64::MAX),
+            max_messages: 10_000,
+            max_bytes: usize::MAX,
+        };
+        let (meta, messages) = threads
+            .log()
+            .read_channel(&ChannelName::new(name).unwrap(), range)
+            .await
+            .unwrap()?;
+        Some((meta.epoch.0, meta.next_offset.get(), messages))
+    }
+
+    async fn bytes_of(mut file: Box<tokio::fs::File>) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        file.read_to_end(&mut bytes).await.unwrap();
+        bytes
+    }
+
+    async fn receive(machine: &mut PartitionMachine, bytes: &[u8]) -> Box<tokio::fs::File> {
+        let mut file = machine.begin_receiving_snapshot().await.unwrap();
+        file.write_all(bytes).await.unwrap();
+        file.shutdown().await.unwrap();
+        file
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_installed_on_a_replica_behind_gives_it_the_leaders_state() {
+        let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+        // The leader's replica, on RocksDB.
+        let rocks: Arc<dyn LogStore> =
+            Arc::new(RocksStore::open(&dirs[0].path().join("db")).unwrap());
+        let a = start(rocks.clone());
+        let mut leader = machine(&a, rocks, dirs[1].path()).await;
+        apply(&mut leader, history()).await;
+        let mut build = leader.get_snapshot_builder().await;
+        // Applied after the snapshot's point in time: not in it.
+        apply(
+            &mut leader,
+            vec![appends(4, vec![publish("chat.2", None, "two-3".into())])],
+        )
+        .await;
+        let snapshot = build.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(3));
+        let bytes = bytes_of(snapshot.snapshot).await;
+        let current = leader.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(
+            current.meta, snapshot.meta,
+            "the built snapshot is the one served"
+        );
+
+        // A replica that applied only entry 1: it still has chat.gone.
+        let behind_store = Arc::new(MemoryStore::new());
+        let b = start(behind_store.clone());
+        let mut behind = machine(&b, behind_store.clone(), dirs[2].path()).await;
+        apply(&mut behind, history()[..1].to_vec()).await;
+        assert!(channel(&b, "chat.gone").await.is_some());
+
+        // A damaged copy is refused and leaves the replica as it was.
+        let damaged = receive(&mut behind, &bytes[..bytes.len() - 3]).await;
+        assert!(
+            behind
+                .install_snapshot(&snapshot.meta, damaged)
+                .await
+                .is_err()
+        );
+        assert!(channel(&b, "chat.gone").await.is_some());
+
+        let file = receive(&mut behind, &bytes).await;
+        behind.install_snapshot(&snapshot.meta, file).await.unwrap();
+        assert_eq!(
+            behind.applied_state().await.unwrap().0,
+            snapshot.meta.last_log_id
+        );
+        assert!(
+            channel(&b, "chat.gone").await.is_none(),
+            "deleted in the leader's history"
+        );
+        let leaders = channel(&a, "chat.2").await.unwrap();
+        let (epoch, next, messages) = channel(&b, "chat.2").await.unwrap();
+        assert_eq!(
+            (epoch, next),
+            (leaders.0, 3),
+            "entry 4 is not in the snapshot"
+        );
+        assert_eq!(messages, leaders.2[..2]);
+        assert_eq!(channel(&b, "chat.1").await, channel(&a, "chat.1").await);
+
+        // Both go on alike: the same offsets, and a retry of a publish the
+        // snapshot holds is a duplicate of it (G5 across the snapshot).
+        let next = |index| {
+            vec![
+                appends(index, vec![publish("chat.2", None, "two-3".into())]),
+                appends(
+                    index + 1,
+                    vec![publish("chat.1", Some((7, 51)), "one-51".into())],
+                ),
+            ]
+        };
+        let replies_b = apply(&mut behind, next(4)).await;
+        let replies_a = apply(&mut leader, next(4)[1..].to_vec()).await;
+        assert_eq!(
+            replies_b[0].outcomes,
+            [ReplicaOutcome::Stored {
+                offset: 3,
+                epoch,
+                duplicate: false
+            }]
+        );
+        assert_eq!(replies_b[1], replies_a[0]);
+        assert!(matches!(
+            replies_b[1].outcomes[0],
+            ReplicaOutcome::Stored {
+                offset: 51,
+                duplicate: true,
+                ..
+            }
+        ));
+        assert_eq!(channel(&b, "chat.1").await, channel(&a, "chat.1").await);
+        assert_eq!(channel(&b, "chat.2").await, channel(&a, "chat.2").await);
+
+        // A replica whose restore a crash cut short finishes it at start.
+        let crashing = Arc::new(MemoryStore::new());
+        let c = start(crashing.clone());
+        let mut cut_short = machine(&c, crashing.clone(), dirs[3].path()).await;
+        // The restore's first write (removing the old state) goes through,
+        // the next (the first channels) fails.
+        crashing.fail_write_after(1);
+        let file = receive(&mut cut_short, &bytes).await;
+        assert!(
+            cut_short
+                .install_snapshot(&snapshot.meta, file)
+                .await
+                .is_err()
+        );
+        drop(cut_short);
+        drop(c);
+        let image: Arc<dyn LogStore> = Arc::new(crashing.crash_image());
+        let restarted = start(image.clone());
+        let mut resumed = machine(&restarted, image, dirs[3].path()).await;
+        assert_eq!(
+            resumed.applied_state().await.unwrap().0,
+            snapshot.meta.last_log_id
+        );
+        let (_, _, messages) = channel(&restarted, "chat.1").await.unwrap();
+        assert_eq!(messages.len(), 51);
+        assert_eq!(channel(&restarted, "chat.2").await.map(|c| c.1), Some(3));
+        a.shutdown();
+        b.shutdown();
+        restarted.shutdown();
+    }
+}

@@ -136,6 +136,8 @@ pub struct TestCluster {
     pub ca: PathBuf,
     /// Partitions.
     pub partitions: u32,
+    /// Raft entries between a partition's snapshots.
+    pub snapshot_entries: u64,
     authority: DevCa,
     dir: TempDir,
 }
@@ -169,6 +171,16 @@ impl TestCluster {
     /// when there are fewer nodes), and waits until every partition has a
     /// leader.
     pub async fn start(nodes: u64, partitions: u32) -> Result<Self, ChaosError> {
+        Self::start_with_snapshots(nodes, partitions, 10_000).await
+    }
+
+    /// As [`TestCluster::start`], with partitions compacting their Raft
+    /// logs into a snapshot every `snapshot_entries` entries.
+    pub async fn start_with_snapshots(
+        nodes: u64,
+        partitions: u32,
+        snapshot_entries: u64,
+    ) -> Result<Self, ChaosError> {
         let dir = tempfile::tempdir()?;
         let etcd = Etcd::start(dir.path())?;
         let ca = DevCa::generate().map_err(|e| ChaosError::Binary(e.to_string()))?;
@@ -179,6 +191,7 @@ impl TestCluster {
             etcd,
             ca: ca_path,
             partitions,
+            snapshot_entries,
             authority: ca,
             dir,
         };
@@ -239,6 +252,7 @@ election_timeout_ms = 1000
 heartbeat_ms = 100
 lease_ttl_secs = 3
 dead_node_grace_secs = 5
+snapshot_entries = {snapshot_entries}
 
 [cluster.tls]
 ca = "{ca}"
@@ -250,6 +264,7 @@ key = "{key}"
                 etcd = self.etcd.endpoint(),
                 peer = free_udp_port()?,
                 partitions = self.partitions,
+                snapshot_entries = self.snapshot_entries,
                 ca = self.ca.display(),
             ),
         )?;

@@ -494,7 +494,12 @@ async fn with_etcd_down_publishing_and_delivery_go_on_and_placement_resumes_afte
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_that_lost_its_disk_is_replicated_again_and_nothing_acknowledged_is_lost() {
-    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    // Partitions compact their logs every 50 entries: node 3 comes back to
+    // leaders that no longer hold the entries it lacks, and must be sent
+    // snapshots.
+    let mut cluster = TestCluster::start_with_snapshots(3, PARTITIONS, 50)
+        .await
+        .unwrap();
     let channel = ChannelName::new("chat.disk").unwrap();
     let publisher = connect(&cluster, &[1, 2]).await;
     let mut history = History::default();
@@ -549,6 +554,33 @@ async fn a_node_that_lost_its_disk_is_replicated_again_and_nothing_acknowledged_
     // Everything acknowledged, read from node 3 alone.
     let delivered = history_on(&cluster, 3, &channel, 700).await;
     history.check(&delivered).unwrap();
+    // The logs stayed bounded, and node 3 got the channel's partition as a
+    // snapshot.
+    let counter = |id: u64, name: &str| {
+        cluster
+            .status(id)
+            .and_then(|s| s[name].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        counter(3, "snapshots_installed") >= 1,
+        "node 3 caught up without a snapshot"
+    );
+    assert!(counter(1, "snapshots_built") + counter(2, "snapshots_built") >= 1);
+    for id in 1..=3 {
+        let status = cluster.status(id).unwrap();
+        let longest = status["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["log_entries"].as_u64())
+            .max()
+            .unwrap();
+        // 700 publishes went through one partition; its log holds at most
+        // a snapshot's worth plus what is kept after one (and entries
+        // appended while the next snapshot is built).
+        assert!(longest <= 120, "node {id} holds {longest} Raft entries");
+    }
     for node in &cluster.nodes {
         node.assert_never_panicked();
     }

@@ -10,7 +10,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use openraft::{
 };
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use volna_cluster::PartitionId;
 use volna_cluster::raft::log_store::{LogStore, column_families};
 use volna_cluster::raft::network::Peers;
@@ -55,6 +55,14 @@ impl Sequencer {
     }
 }
 
+/// A snapshot's bytes as the file openraft streams.
+async fn snapshot_file(data: &[u8]) -> Box<tokio::fs::File> {
+    let mut file = tokio::fs::File::from_std(tempfile::tempfile().unwrap());
+    file.write_all(data).await.unwrap();
+    file.rewind().await.unwrap();
+    Box::new(file)
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for Sequencer {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
         let state = self.state.lock().unwrap().clone();
@@ -67,7 +75,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Sequencer {
         *self.snapshot.lock().unwrap() = Some((meta.clone(), data.clone()));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: snapshot_file(&data).await,
         })
     }
 }
@@ -121,16 +129,24 @@ impl RaftStateMachine<TypeConfig> for Sequencer {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, Error> {
+        Ok(snapshot_file(&[]).await)
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<tokio::fs::File>,
     ) -> Result<(), Error> {
-        let data = snapshot.into_inner();
+        let mut data = Vec::new();
+        snapshot
+            .rewind()
+            .await
+            .map_err(|e| StorageIOError::read(&e))?;
+        snapshot
+            .read_to_end(&mut data)
+            .await
+            .map_err(|e| StorageIOError::read(&e))?;
         let state: Offsets = postcard::from_bytes(&data).map_err(|e| StorageIOError::read(&e))?;
         *self.state.lock().unwrap() = state;
         *self.snapshot.lock().unwrap() = Some((meta.clone(), data));
@@ -138,15 +154,14 @@ impl RaftStateMachine<TypeConfig> for Sequencer {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        Ok(self
-            .snapshot
-            .lock()
-            .unwrap()
-            .clone()
-            .map(|(meta, data)| Snapshot {
+        let stored = self.snapshot.lock().unwrap().clone();
+        Ok(match stored {
+            Some((meta, data)) => Some(Snapshot {
                 meta,
-                snapshot: Box::new(Cursor::new(data)),
-            }))
+                snapshot: snapshot_file(&data).await,
+            }),
+            None => None,
+        })
     }
 }
 

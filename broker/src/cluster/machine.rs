@@ -12,14 +12,17 @@
 //! `owner#p<partition>`): windows shared across partitions would depend on
 //! the order a node happens to apply different partitions in.
 //!
-//! Log compaction by snapshot is not built yet: groups run with
-//! `SnapshotPolicy::Never`, so the leader never purges entries a replica may
-//! still need and a new replica catches up by replaying the log.
+//! Log compaction: the group takes a snapshot of the partition every
+//! `cluster.snapshot_entries` applied entries ([`snapshot`]), after which
+//! openraft purges the entries it covers; a replica too far behind for the
+//! remaining log installs the snapshot instead ([`crate::log::Restore`]).
 //!
+//! [`snapshot`]: super::snapshot
 //! [`Sequencer`]: crate::log::Sequencer
 
-use std::io::Cursor;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -27,12 +30,16 @@ use openraft::{
     StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use volna_cluster::PartitionId;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
 use volna_cluster::raft::{BasicNode, Command, Outcome as ReplicaOutcome, Reply, TypeConfig};
+use volna_cluster::{PartitionId, partition_of};
 use volna_proto::{ChannelName, Offset};
 
-use crate::log::{AppendInput, Log, Outcome, ProducerRef, Replicated, Trim};
-use crate::store::{LogStore, ProducerKey};
+use super::snapshot::{Counts, Current, SnapshotDir, SnapshotError, read_parts, write_snapshot};
+use crate::log::{AppendInput, Log, Outcome, ProducerRef, Replicated, Restore, RestoreScope, Trim};
+use crate::store::{ExportScope, LogStore, ProducerKey};
 
 type NodeId = u64;
 type Error = StorageError<NodeId>;
@@ -42,37 +49,184 @@ type Error = StorageError<NodeId>;
 struct AppliedState {
     last: Option<LogId<NodeId>>,
     membership: StoredMembership<NodeId, BasicNode>,
+    /// A restore from this snapshot was begun and not finished: the
+    /// partition's channels here are partial until it is run again.
+    restoring: Option<Current>,
+}
+
+/// The applied state as written before snapshots existed.
+#[derive(Deserialize)]
+struct AppliedStateV1 {
+    last: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+}
+
+impl AppliedState {
+    fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|e| {
+            postcard::from_bytes::<AppliedStateV1>(bytes)
+                .map(|v1| Self {
+                    last: v1.last,
+                    membership: v1.membership,
+                    restoring: None,
+                })
+                .map_err(|_| e)
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+}
+
+/// Snapshot counters of the node's partitions.
+#[derive(Debug, Default)]
+pub struct SnapshotStats {
+    /// Snapshots built here.
+    pub built: AtomicU64,
+    /// Snapshots received from a leader and installed.
+    pub installed: AtomicU64,
 }
 
 /// One partition's state machine on this node.
 #[derive(Debug, Clone)]
 pub struct PartitionMachine {
     partition: PartitionId,
+    partitions: u32,
     log: Log,
+    store: Arc<dyn LogStore>,
     applied: AppliedState,
+    snapshots: SnapshotDir,
+    /// The file a snapshot from the leader is being received into.
+    receiving: Option<PathBuf>,
+    stats: Arc<SnapshotStats>,
 }
 
 impl PartitionMachine {
-    /// The machine of `partition`, resuming from what `store` says it
-    /// applied last.
-    pub fn open(
+    /// The machine of `partition` (of `partitions`), resuming from what
+    /// `store` says it applied last, with its snapshots under
+    /// `snapshot_root`. A restore from a snapshot that a crash interrupted
+    /// is run again first.
+    pub async fn open(
         partition: PartitionId,
+        partitions: u32,
         log: Log,
-        store: &dyn LogStore,
-    ) -> Result<Self, crate::store::StoreError> {
+        store: Arc<dyn LogStore>,
+        snapshot_root: &Path,
+        stats: Arc<SnapshotStats>,
+    ) -> Result<Self, SnapshotError> {
         let applied = match store.load_applied(partition.0)? {
-            Some(bytes) => postcard::from_bytes(&bytes).map_err(|e| {
-                crate::store::StoreError::Engine(format!(
+            Some(bytes) => AppliedState::decode(&bytes).map_err(|e| {
+                SnapshotError::Store(crate::store::StoreError::Engine(format!(
                     "unreadable applied state of partition {}: {e}",
                     partition.0
-                ))
+                )))
             })?,
             None => AppliedState::default(),
         };
-        Ok(Self {
+        let snapshots = SnapshotDir::open(snapshot_root, partition)?;
+        let mut machine = Self {
             partition,
+            partitions,
             log,
+            store,
             applied,
+            snapshots,
+            receiving: None,
+            stats,
+        };
+        if let Some(current) = machine.applied.restoring.clone() {
+            warn!(
+                partition = partition.0,
+                snapshot = %current.file,
+                "a restore from a snapshot was interrupted; running it again"
+            );
+            machine.restore(current).await?;
+        }
+        Ok(machine)
+    }
+
+    /// The partition's channels and producer windows among the node's.
+    fn scope(&self) -> RestoreScope {
+        let (partition, partitions) = (self.partition, self.partitions);
+        let suffix = format!("#p{}", partition.0);
+        RestoreScope {
+            channel: Arc::new(move |name: &ChannelName| {
+                partition_of(name.as_str(), partitions) == partition
+            }),
+            producer: Arc::new(move |key: &ProducerKey| key.owner.ends_with(&suffix)),
+        }
+    }
+
+    /// Replaces the partition's state here with snapshot `current`'s.
+    async fn restore(&mut self, current: Current) -> Result<(), SnapshotError> {
+        let path = self.snapshots.path(&current.file).ok_or_else(|| {
+            SnapshotError::Malformed(format!("snapshot file name {:?}", current.file))
+        })?;
+        let marker = AppliedState {
+            restoring: Some(current.clone()),
+            ..self.applied.clone()
+        };
+        self.log
+            .restore(Restore::Begin {
+                partition: self.partition.0,
+                scope: self.scope(),
+                marker: marker.encode(),
+            })
+            .await?;
+        self.applied = marker;
+        let mut reader = blocking(move || read_parts(&path)).await?;
+        loop {
+            let (back, part) = blocking(move || {
+                let part = reader.next_part();
+                Ok((reader, part))
+            })
+            .await?;
+            reader = back;
+            match part? {
+                Some(step) => self.log.restore(step).await?,
+                None => break,
+            }
+        }
+        let counts = reader.counts();
+        let dir = self.snapshots.clone();
+        let served = current.clone();
+        blocking(move || dir.set_current_if_newer(&served).map(|_| ())).await?;
+        let applied = AppliedState {
+            last: current.meta.last_log_id,
+            membership: current.meta.last_membership.clone(),
+            restoring: None,
+        };
+        self.log
+            .restore(Restore::Finish {
+                partition: self.partition.0,
+                applied: applied.encode(),
+            })
+            .await?;
+        self.applied = applied;
+        info!(
+            partition = self.partition.0,
+            channels = counts.channels,
+            messages = counts.messages,
+            producers = counts.producers,
+            last = ?current.meta.last_log_id,
+            "restored the partition from a snapshot"
+        );
+        Ok(())
+    }
+
+    /// Opens snapshot `current` for openraft (to send or to serve).
+    async fn open_snapshot(&self, current: Current) -> Result<Snapshot<TypeConfig>, Error> {
+        let path = self
+            .snapshots
+            .path(&current.file)
+            .ok_or_else(|| snapshot_error(None, SnapshotError::Malformed(current.file.clone())))?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| snapshot_error(Some(&current.meta), e.into()))?;
+        Ok(Snapshot {
+            meta: current.meta,
+            snapshot: Box::new(file),
         })
     }
 
@@ -85,7 +239,7 @@ impl PartitionMachine {
     fn replicated(&self, command: Option<Command>) -> (Replicated, Vec<Option<ReplicaOutcome>>) {
         let mut entry = Replicated {
             partition: self.partition.0,
-            applied: postcard::to_allocvec(&self.applied).unwrap_or_default(),
+            applied: self.applied.encode(),
             ..Replicated::default()
         };
         // Inputs that do not even parse are refused here, the same way on
@@ -160,7 +314,7 @@ fn apply_error(log_id: LogId<NodeId>, why: &(impl std::error::Error + 'static)) 
 }
 
 impl RaftStateMachine<TypeConfig> for PartitionMachine {
-    type SnapshotBuilder = Self;
+    type SnapshotBuilder = SnapshotBuild;
 
     async fn applied_state(
         &mut self,
@@ -225,42 +379,197 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
         Ok(replies)
     }
 
+    /// Fixes the store's point in time for the snapshot now, while no
+    /// entry of the partition is being applied (everything applied is
+    /// written), and lets the export run beside further applies.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        let (fixed_tx, fixed) = oneshot::channel();
+        let part = self.snapshots.new_part();
+        let store = self.store.clone();
+        let scope = self.scope();
+        let export = tokio::task::spawn_blocking(move || {
+            let mut fixed_tx = Some(fixed_tx);
+            let counts = write_snapshot(
+                &*store,
+                &ExportScope {
+                    channel: &*scope.channel,
+                    producer: &*scope.producer,
+                },
+                &mut || {
+                    if let Some(tx) = fixed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                },
+                &part,
+            );
+            (part, counts)
+        });
+        // An export that failed before fixing its point reports it in
+        // `build_snapshot`.
+        let _ = fixed.await;
+        SnapshotBuild {
+            partition: self.partition,
+            last: self.applied.last,
+            membership: self.applied.membership.clone(),
+            snapshots: self.snapshots.clone(),
+            export: Some(export),
+            stats: self.stats.clone(),
+        }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, Error> {
-        Err(no_snapshots())
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, Error> {
+        if let Some(abandoned) = self.receiving.take() {
+            self.snapshots.discard(&abandoned);
+        }
+        let part = self.snapshots.new_part();
+        let file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&part)
+            .await
+            .map_err(|e| snapshot_error(None, e.into()))?;
+        self.receiving = Some(part);
+        Ok(Box::new(file))
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeId, BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), Error> {
-        Err(no_snapshots())
+        let failed = |e: SnapshotError| snapshot_error(Some(meta), e);
+        snapshot.sync_all().await.map_err(|e| failed(e.into()))?;
+        drop(snapshot);
+        let part = self.receiving.take().ok_or_else(|| {
+            failed(SnapshotError::Malformed(
+                "a snapshot to install was never received".into(),
+            ))
+        })?;
+        // Check the whole file before touching the partition's state: a
+        // damaged snapshot must leave the replica as it was.
+        let checked = part.clone();
+        let valid = blocking(move || {
+            let mut reader = read_parts(&checked)?;
+            while reader.next_part()?.is_some() {}
+            Ok(reader.counts())
+        })
+        .await;
+        if let Err(e) = valid {
+            self.snapshots.discard(&part);
+            return Err(failed(e));
+        }
+        let dir = self.snapshots.clone();
+        let file = blocking(move || dir.keep(&part)).await.map_err(failed)?;
+        self.restore(Current {
+            file,
+            meta: meta.clone(),
+        })
+        .await
+        .map_err(failed)?;
+        self.stats.installed.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        Ok(None)
+        let dir = self.snapshots.clone();
+        let current = blocking(move || dir.current())
+            .await
+            .map_err(|e| snapshot_error(None, e))?;
+        match current {
+            Some(current) => self.open_snapshot(current).await.map(Some),
+            None => Ok(None),
+        }
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for PartitionMachine {
+/// A snapshot being built: its export runs on the blocking pool from the
+/// point in time [`PartitionMachine::get_snapshot_builder`] fixed.
+#[derive(Debug)]
+pub struct SnapshotBuild {
+    partition: PartitionId,
+    last: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    snapshots: SnapshotDir,
+    export: Option<JoinHandle<(PathBuf, Result<Counts, SnapshotError>)>>,
+    stats: Arc<SnapshotStats>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuild {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        Err(no_snapshots())
+        let failed = |e: SnapshotError| snapshot_error(None, e);
+        let export = self
+            .export
+            .take()
+            .ok_or_else(|| failed(SnapshotError::Malformed("the export ran already".into())))?;
+        let (part, counts) = export
+            .await
+            .map_err(|e| failed(std::io::Error::other(e.to_string()).into()))?;
+        let counts = match counts {
+            Ok(counts) => counts,
+            Err(e) => {
+                self.snapshots.discard(&part);
+                return Err(failed(e));
+            }
+        };
+        let dir = self.snapshots.clone();
+        let (last, membership) = (self.last, self.membership.clone());
+        let current = blocking(move || {
+            let file = dir.keep(&part)?;
+            let current = Current {
+                meta: SnapshotMeta {
+                    last_log_id: last,
+                    last_membership: membership,
+                    snapshot_id: file.clone(),
+                },
+                file,
+            };
+            // A newer snapshot installed meanwhile stays the one served.
+            if dir.set_current_if_newer(&current)? {
+                Ok(current)
+            } else {
+                if let Some(path) = dir.path(&current.file) {
+                    dir.discard(&path);
+                }
+                dir.current()?.ok_or_else(|| {
+                    SnapshotError::Malformed("the newer snapshot disappeared".into())
+                })
+            }
+        })
+        .await
+        .map_err(failed)?;
+        self.stats.built.fetch_add(1, Ordering::Relaxed);
+        info!(
+            partition = self.partition.0,
+            channels = counts.channels,
+            messages = counts.messages,
+            last = ?current.meta.last_log_id,
+            "built a partition snapshot"
+        );
+        let path = self
+            .snapshots
+            .path(&current.file)
+            .ok_or_else(|| failed(SnapshotError::Malformed(current.file.clone())))?;
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| failed(e.into()))?;
+        Ok(Snapshot {
+            meta: current.meta,
+            snapshot: Box::new(file),
+        })
     }
 }
 
-/// Groups run with `SnapshotPolicy::Never`; a snapshot asked for anyway is
-/// refused, typed, rather than faked.
-fn no_snapshots() -> Error {
-    StorageIOError::read_snapshot(
-        None,
-        &std::io::Error::new(
-            std::io::ErrorKind::Unsupported,
-            "partition snapshots are not supported: replicas catch up from the log",
-        ),
-    )
-    .into()
+/// Runs file and store work on the blocking pool.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, SnapshotError> + Send + 'static,
+) -> Result<T, SnapshotError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| SnapshotError::Io(std::io::Error::other(e.to_string())))?
+}
+
+fn snapshot_error(meta: Option<&SnapshotMeta<NodeId, BasicNode>>, e: SnapshotError) -> Error {
+    let e = std::io::Error::other(e.to_string());
+    StorageIOError::write_snapshot(meta.map(|m| m.signature()), &e).into()
 }

@@ -29,6 +29,7 @@
 pub mod edge;
 pub mod machine;
 pub mod router;
+pub mod snapshot;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -54,7 +55,7 @@ use crate::config::{ClusterSection, Durability};
 use crate::log::Log;
 use crate::store::{LogStore, StoreError};
 use edge::{ChannelServer, Edges};
-use machine::PartitionMachine;
+use machine::{PartitionMachine, SnapshotStats};
 use router::{ClusterView, Router};
 
 /// How often the node re-reads the map and reconciles its groups.
@@ -93,6 +94,9 @@ pub enum ClusterError {
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A partition's snapshot could not be read or restored.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// The node was asked to run with a store that is not RocksDB.
     #[error("a cluster node needs its RocksDB store")]
     NoRocksDb,
@@ -117,6 +121,8 @@ pub struct NodeSetup {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The fan-out engine (edges relay into it).
     pub fanout: Arc<crate::fanout::Fanout>,
+    /// Where partitions keep their snapshots.
+    pub snapshot_dir: std::path::PathBuf,
 }
 
 /// A running cluster node.
@@ -127,6 +133,7 @@ pub struct ClusterNode {
     view: Arc<ClusterView>,
     groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
     edges: Arc<Edges>,
+    snapshot_stats: Arc<SnapshotStats>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -152,6 +159,9 @@ struct Groups {
     store: Arc<dyn LogStore>,
     log: Log,
     sync: bool,
+    partitions: u32,
+    snapshot_dir: std::path::PathBuf,
+    snapshot_stats: Arc<SnapshotStats>,
     /// Partitions whose membership change is under way.
     changing: Arc<Mutex<HashSet<PartitionId>>>,
     /// When this node last called an election to lead a partition.
@@ -264,9 +274,11 @@ impl ClusterNode {
             // The node fires every group's heartbeats at once instead
             // (`heartbeat_loop`), so that they share one call per peer.
             enable_heartbeat: false,
-            // Partition snapshots are not built yet: never compact, so no
-            // replica ever needs one (see `machine`).
-            snapshot_policy: SnapshotPolicy::Never,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(section.snapshot_entries),
+            max_in_snapshot_log_to_keep: section.snapshot_entries / 10,
+            // A follower this far behind is lagging (metrics): more than a
+            // snapshot's worth, as openraft asks.
+            replication_lag_threshold: section.snapshot_entries * 2,
             ..RaftConfig::default()
         }
         .validate()
@@ -293,6 +305,7 @@ impl ClusterNode {
             setup.fanout.clone(),
             stop.child_token(),
         );
+        let snapshot_stats = Arc::new(SnapshotStats::default());
         let shared = Arc::new(Groups {
             id,
             control: control.clone(),
@@ -304,6 +317,9 @@ impl ClusterNode {
             store: setup.store,
             log: setup.log.clone(),
             sync: setup.durability == Durability::Fsync,
+            partitions: settled.partitions,
+            snapshot_dir: setup.snapshot_dir.clone(),
+            snapshot_stats: snapshot_stats.clone(),
             changing: Arc::default(),
             elections: Mutex::default(),
             stable_leaders: Mutex::default(),
@@ -382,6 +398,7 @@ impl ClusterNode {
             view,
             groups,
             edges,
+            snapshot_stats,
             stop,
             tasks,
         })
@@ -426,6 +443,7 @@ impl ClusterNode {
             view: self.view.clone(),
             groups: self.groups.clone(),
             edges: self.edges.clone(),
+            snapshots: self.snapshot_stats.clone(),
         }
     }
 
@@ -699,7 +717,15 @@ impl Groups {
         {
             return Ok(raft);
         }
-        let machine = PartitionMachine::open(partition, self.log.clone(), &*self.store)?;
+        let machine = PartitionMachine::open(
+            partition,
+            self.partitions,
+            self.log.clone(),
+            self.store.clone(),
+            &self.snapshot_dir,
+            self.snapshot_stats.clone(),
+        )
+        .await?;
         let raft = Raft::new(
             self.id,
             self.raft_config.clone(),

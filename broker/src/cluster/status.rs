@@ -13,6 +13,7 @@ use volna_cluster::raft::network::Peers;
 use volna_cluster::{NodeId, PartitionId};
 
 use super::edge::Edges;
+use super::machine::SnapshotStats;
 use super::router::ClusterView;
 use crate::admin::ClusterStatus;
 
@@ -48,6 +49,13 @@ pub struct PartitionView {
     pub last_applied: Option<u64>,
     /// Where this node leads: entries each follower is behind.
     pub lag: BTreeMap<NodeId, u64>,
+    /// Raft entries this node's log holds (the rest were compacted into
+    /// a snapshot).
+    #[serde(default)]
+    pub log_entries: u64,
+    /// The last entry this node's latest snapshot covers.
+    #[serde(default)]
+    pub snapshot: Option<u64>,
 }
 
 /// The whole answer.
@@ -81,6 +89,12 @@ pub struct ClusterReport {
     /// Reads of channels this node does not replicate, made to a leader.
     #[serde(default)]
     pub remote_reads: u64,
+    /// Partition snapshots this node built.
+    #[serde(default)]
+    pub snapshots_built: u64,
+    /// Partition snapshots this node received and installed.
+    #[serde(default)]
+    pub snapshots_installed: u64,
 }
 
 /// Computes a [`ClusterReport`] on demand.
@@ -92,6 +106,7 @@ pub struct StatusSource {
     pub(super) view: Arc<ClusterView>,
     pub(super) groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
     pub(super) edges: Arc<Edges>,
+    pub(super) snapshots: Arc<SnapshotStats>,
 }
 
 impl std::fmt::Debug for StatusSource {
@@ -125,6 +140,8 @@ impl StatusSource {
                         last_log: None,
                         last_applied: None,
                         lag: BTreeMap::new(),
+                        log_entries: 0,
+                        snapshot: None,
                     };
                 };
                 let metrics = raft.metrics().borrow().clone();
@@ -152,6 +169,10 @@ impl StatusSource {
                     last_log,
                     last_applied: metrics.last_applied.map(|l| l.index),
                     lag,
+                    log_entries: last_log
+                        .map_or(0, |l| l + 1)
+                        .saturating_sub(metrics.purged.map_or(0, |p| p.index + 1)),
+                    snapshot: metrics.snapshot.map(|s| s.index),
                 }
             })
             .collect();
@@ -177,6 +198,8 @@ impl StatusSource {
             upstreams: u64::try_from(edge.upstreams.load(Ordering::Relaxed)).unwrap_or(0),
             relayed: edge.relayed.load(Ordering::Relaxed),
             remote_reads: edge.remote_reads.load(Ordering::Relaxed),
+            snapshots_built: self.snapshots.built.load(Ordering::Relaxed),
+            snapshots_installed: self.snapshots.installed.load(Ordering::Relaxed),
         }
     }
 }
@@ -257,6 +280,27 @@ impl ClusterStatus for StatusSource {
             "counter",
             "Messages relayed from upstreams to this node's subscribers",
             &[("", report.relayed)],
+        );
+        metric(
+            "cluster_raft_log_entries",
+            "gauge",
+            "Raft entries held in the logs of the partitions this node replicates",
+            &[(
+                "",
+                report.partitions.iter().map(|p| p.log_entries).sum::<u64>(),
+            )],
+        );
+        metric(
+            "cluster_snapshots_built_total",
+            "counter",
+            "Partition snapshots built on this node (the Raft entries they cover are purged)",
+            &[("", report.snapshots_built)],
+        );
+        metric(
+            "cluster_snapshots_installed_total",
+            "counter",
+            "Partition snapshots received from a leader and installed",
+            &[("", report.snapshots_installed)],
         );
         metric(
             "cluster_remote_reads_total",

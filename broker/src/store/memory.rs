@@ -5,20 +5,21 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use volna_proto::{ChannelName, Offset};
 
 use super::{
-    ChannelId, ChannelMeta, LogStore, ProducerKey, ProducerWindow, Recovered, StoreError,
-    StoredMessage, WriteSet,
+    ChannelId, ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow,
+    Recovered, StoreError, StoredMessage, WriteSet,
 };
 
 /// A store that forgets everything when dropped.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
-    fail_next_write: AtomicBool,
+    /// Counts down to an injected write failure (0: none).
+    failing_write: AtomicU32,
     failing_reads: AtomicU32,
 }
 
@@ -59,7 +60,14 @@ impl MemoryStore {
 
     /// Makes the next `write` fail as a full disk would.
     pub fn fail_next_write(&self) {
-        self.fail_next_write.store(true, Ordering::SeqCst);
+        self.fail_write_after(0);
+    }
+
+    /// Lets `successful` more writes through, then fails the next one as
+    /// a full disk would.
+    pub fn fail_write_after(&self, successful: u32) {
+        self.failing_write
+            .store(successful.saturating_add(1), Ordering::SeqCst);
     }
 
     /// Makes the next `count` reads fail as a damaged disk would.
@@ -154,7 +162,10 @@ impl LogStore for MemoryStore {
         if let Some(why) = &state.poisoned {
             return Err(StoreError::Poisoned(why.clone()));
         }
-        if self.fail_next_write.swap(false, Ordering::SeqCst) {
+        let countdown = self
+            .failing_write
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if countdown == Ok(1) {
             let why = "injected failure: no space left on device".to_owned();
             state.poisoned = Some(why.clone());
             return Err(StoreError::Engine(why));
@@ -251,6 +262,36 @@ impl LogStore for MemoryStore {
         Ok(out)
     }
 
+    fn export(
+        &self,
+        scope: &ExportScope<'_>,
+        fixed: &mut dyn FnMut(),
+        sink: &mut dyn FnMut(Exported) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        // A copy is this store's point-in-time view.
+        let state = self.state().clone();
+        fixed();
+        for (name, meta) in state.channels.iter().filter(|(n, _)| (scope.channel)(n)) {
+            sink(Exported::Channel(name.clone(), *meta))?;
+            for (_, m) in state
+                .messages
+                .range((meta.id, Offset::FIRST)..=(meta.id, Offset::new(u64::MAX)))
+            {
+                sink(Exported::Message(m.clone()))?;
+            }
+        }
+        let mut producers: Vec<_> = state
+            .producers
+            .iter()
+            .filter(|(k, _)| (scope.producer)(k))
+            .collect();
+        producers.sort_by(|a, b| a.0.cmp(b.0));
+        for (key, window) in producers {
+            sink(Exported::Producer(key.clone(), window.clone()))?;
+        }
+        Ok(())
+    }
+
     fn check_health(&self) -> Result<(), StoreError> {
         self.state().poisoned = None;
         Ok(())
@@ -271,6 +312,7 @@ mod tests {
         contract::appends_read_back_and_recover(&MemoryStore::new());
         contract::deletions_skip_to_the_first_stored(&MemoryStore::new());
         contract::channels_are_scanned_indexed_and_deleted(&MemoryStore::new());
+        contract::exports_one_point_in_time(&MemoryStore::new());
     }
 
     #[test]

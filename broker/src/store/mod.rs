@@ -226,6 +226,33 @@ pub fn age_index_key(namespace: &str, oldest_ms: u64, id: ChannelId) -> Vec<u8> 
     key
 }
 
+/// One piece of stored state as [`LogStore::export`] reads it, in this
+/// order: each channel followed by its messages (by offset), then the
+/// producer windows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exported {
+    /// A channel's metadata; its messages follow.
+    Channel(ChannelName, ChannelMeta),
+    /// A stored message of the channel exported last.
+    Message(StoredMessage),
+    /// A producer's window (its runs name channels by their exported id).
+    Producer(ProducerKey, ProducerWindow),
+}
+
+/// Which channels and producer windows an export reads.
+pub struct ExportScope<'a> {
+    /// Selects channels by name.
+    pub channel: &'a (dyn Fn(&ChannelName) -> bool + Sync),
+    /// Selects producer windows by key.
+    pub producer: &'a (dyn Fn(&ProducerKey) -> bool + Sync),
+}
+
+impl std::fmt::Debug for ExportScope<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportScope").finish_non_exhaustive()
+    }
+}
+
 /// Why the store failed.
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -296,6 +323,18 @@ pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
         max_messages: usize,
         max_bytes: usize,
     ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Reads the channels and producer windows `scope` selects as they
+    /// stand at one point in time, into `sink` (see [`Exported`] for the
+    /// order). `fixed` is called once that point is fixed, before the first
+    /// item: writes after it are not seen, so the caller may let writes go
+    /// on from then while the export reads (a partition's snapshot).
+    fn export(
+        &self,
+        scope: &ExportScope<'_>,
+        fixed: &mut dyn FnMut(),
+        sink: &mut dyn FnMut(Exported) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
 
     /// Tries to leave the poisoned state after a failed write; `Ok` means
     /// writes are accepted again.
@@ -531,5 +570,61 @@ pub(crate) mod contract {
         store.mark_clean_stop().expect("mark");
         assert!(store.recover().expect("recover").clean_stop);
         assert!(!store.recover().expect("recover").clean_stop);
+    }
+
+    pub(crate) fn exports_one_point_in_time(store: &dyn LogStore) {
+        let mut set = WriteSet::default();
+        for (id, name) in [(1, "chat.a"), (2, "news.b"), (3, "chat.c")] {
+            let mut meta = ChannelMeta::new(id, Epoch(id));
+            meta.next_offset = Offset::new(3);
+            set.channels.push((channel(name), meta));
+            set.messages.push((id, msg(1, b"one")));
+            set.messages.push((id, msg(2, b"two")));
+        }
+        for owner in ["alice#p1", "bob#p2"] {
+            set.producers
+                .push((ProducerKey::new(owner.into(), 5), ProducerWindow::default()));
+        }
+        store.write(&set, true).expect("write");
+        let mut items = Vec::new();
+        store
+            .export(
+                &ExportScope {
+                    channel: &|name: &ChannelName| name.as_str().starts_with("chat."),
+                    producer: &|key: &ProducerKey| key.owner.ends_with("#p1"),
+                },
+                // Written once the point in time is fixed: not exported.
+                &mut || {
+                    let later = WriteSet {
+                        messages: vec![(1, msg(3, b"three"))],
+                        ..WriteSet::default()
+                    };
+                    store.write(&later, false).expect("write");
+                },
+                &mut |item| {
+                    items.push(item);
+                    Ok(())
+                },
+            )
+            .expect("export");
+        let shape: Vec<String> = items
+            .iter()
+            .map(|item| match item {
+                Exported::Channel(name, _) => name.to_string(),
+                Exported::Message(m) => m.offset.get().to_string(),
+                Exported::Producer(key, _) => key.owner.to_string(),
+            })
+            .collect();
+        assert_eq!(shape, ["chat.a", "1", "2", "chat.c", "1", "2", "alice#p1"]);
+        // The sink's error ends the export with it.
+        let stopped = store.export(
+            &ExportScope {
+                channel: &|_: &ChannelName| true,
+                producer: &|_: &ProducerKey| true,
+            },
+            &mut || {},
+            &mut |_| Err(StoreError::Engine("full".into())),
+        );
+        assert!(matches!(stopped, Err(StoreError::Engine(why)) if why == "full"));
     }
 }

@@ -54,6 +54,23 @@ impl ProducerKey {
         key.put_u64(self.producer_id);
         key
     }
+
+    /// The key [`ProducerKey::encode`] wrote.
+    pub fn decode(mut key: &[u8]) -> Result<Self, RecordError> {
+        const WHAT: &str = "producer key";
+        if key.remaining() < 2 {
+            return Err(RecordError::Truncated { what: WHAT });
+        }
+        let len = key.get_u16() as usize;
+        if key.remaining() != len + 8 {
+            return Err(RecordError::Truncated { what: WHAT });
+        }
+        let owner =
+            std::str::from_utf8(&key[..len]).map_err(|_| RecordError::Malformed { what: WHAT })?;
+        let owner = Arc::from(owner);
+        key.advance(len);
+        Ok(Self::new(owner, key.get_u64()))
+    }
 }
 
 /// One remembered publish of a producer.
@@ -200,6 +217,14 @@ impl ProducerWindow {
         now_ms.saturating_sub(self.last_publish_ms) > idle_ms
     }
 
+    /// Renames the channels its runs were stored in (a partition restored
+    /// from a snapshot gets this node's channel ids).
+    pub fn remap_channels(&mut self, new_id: impl Fn(ChannelId) -> ChannelId) {
+        for run in &mut self.runs {
+            run.channel = new_id(run.channel);
+        }
+    }
+
     /// Bytes of its stored value (and, roughly, of its runs in memory).
     pub fn encoded_len(&self) -> usize {
         1 + 8 + 8 + 4 + self.runs.len() * RUN_BYTES
@@ -288,6 +313,26 @@ mod tests {
             offset: Offset::new(offset),
             epoch: Epoch(9),
         }
+    }
+
+    proptest! {
+        #[test]
+        fn keys_decode_to_what_was_encoded(owner in ".{0,40}", id in any::<u64>()) {
+            let key = ProducerKey::new(Arc::from(owner.as_str()), id);
+            prop_assert_eq!(ProducerKey::decode(&key.encode()).ok(), Some(key.clone()));
+            let encoded = key.encode();
+            prop_assert!(ProducerKey::decode(&encoded[..encoded.len() - 1]).is_err());
+        }
+    }
+
+    #[test]
+    fn remapped_runs_answer_with_the_new_channel() {
+        let mut w = ProducerWindow::default();
+        w.insert(entry(1, 7, 1), 16, 1);
+        w.insert(entry(2, 8, 1), 16, 1);
+        w.remap_channels(|id| if id == 7 { 70 } else { 0 });
+        assert_eq!(w.lookup(1), SequenceStatus::Stored(entry(1, 70, 1)));
+        assert_eq!(w.lookup(2), SequenceStatus::Stored(entry(2, 0, 1)));
     }
 
     #[test]

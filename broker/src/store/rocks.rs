@@ -34,8 +34,8 @@ use super::record::{
     decode_message, decode_meta, encode_message, encode_meta, message_key, parse_message_key,
 };
 use super::{
-    ChannelId, ChannelMeta, LogStore, ProducerKey, ProducerWindow, Recovered, StoreError,
-    StoredMessage, WriteSet, age_index_key,
+    ChannelId, ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow,
+    Recovered, StoreError, StoredMessage, WriteSet, age_index_key,
 };
 
 const CF_MESSAGES: &str = "messages";
@@ -453,6 +453,64 @@ impl LogStore for RocksStore {
         Ok(out)
     }
 
+    fn export(
+        &self,
+        scope: &ExportScope<'_>,
+        fixed: &mut dyn FnMut(),
+        sink: &mut dyn FnMut(Exported) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let snapshot = self.db.snapshot();
+        fixed();
+        let at_snapshot = || {
+            let mut opts = ReadOptions::default();
+            opts.set_snapshot(&snapshot);
+            opts
+        };
+        let channels =
+            self.db
+                .iterator_cf_opt(self.cf(CF_CHANNELS)?, at_snapshot(), IteratorMode::Start);
+        for item in channels {
+            let (key, value) = item.map_err(engine)?;
+            let name = ChannelName::from_bytes(&key)
+                .map_err(|e| StoreError::Engine(format!("stored channel name is invalid: {e}")))?;
+            if !(scope.channel)(&name) {
+                continue;
+            }
+            let meta = decode_meta(&value)?;
+            sink(Exported::Channel(name, meta))?;
+            let mut opts = at_snapshot();
+            opts.set_prefix_same_as_start(true);
+            let start = message_key(meta.id, Offset::FIRST);
+            let messages = self.db.iterator_cf_opt(
+                self.cf(CF_MESSAGES)?,
+                opts,
+                IteratorMode::From(&start, Direction::Forward),
+            );
+            for item in messages {
+                let (key, value) = item.map_err(engine)?;
+                match parse_message_key(&key) {
+                    Some((id, offset)) if id == meta.id => sink(Exported::Message(
+                        decode_message(offset, Bytes::from(value.into_vec()))?,
+                    ))?,
+                    Some(_) => break,
+                    None => return Err(StoreError::Engine("message key is not 16 bytes".into())),
+                }
+            }
+        }
+        let producers =
+            self.db
+                .iterator_cf_opt(self.cf(CF_PRODUCERS)?, at_snapshot(), IteratorMode::Start);
+        for item in producers {
+            let (key, value) = item.map_err(engine)?;
+            let key = ProducerKey::decode(&key)?;
+            if (scope.producer)(&key) {
+                let window = ProducerWindow::decode(&value)?;
+                sink(Exported::Producer(key, window))?;
+            }
+        }
+        Ok(())
+    }
+
     fn check_health(&self) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
@@ -507,6 +565,8 @@ mod tests {
         contract::channels_are_scanned_indexed_and_deleted(
             &RocksStore::open(dir.path()).expect("open"),
         );
+        let dir = tempfile::tempdir().expect("tempdir");
+        contract::exports_one_point_in_time(&RocksStore::open(dir.path()).expect("open"));
     }
 
     #[test]

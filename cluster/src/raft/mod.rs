@@ -16,8 +16,6 @@
 pub mod log_store;
 pub mod network;
 
-use std::io::Cursor;
-
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -33,7 +31,7 @@ openraft::declare_raft_types!(
         R = Reply,
         NodeId = NodeId,
         Node = BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 /// A partition's Raft handle.

@@ -34,6 +34,10 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, ProducerSeq};
 
+mod restore;
+
+pub use restore::{Restore, RestoreScope};
+
 use crate::channels::ChannelTable;
 use crate::config::{Durability, EngineConfig};
 use crate::metrics::Metrics;
@@ -530,6 +534,24 @@ impl Sequencer {
         p
     }
 
+    /// Takes a new channel id (a channel restored from a snapshot); the
+    /// caller writes the new counter with the channel.
+    pub fn take_channel_id(&mut self) -> ChannelId {
+        let id = self.next_channel_id;
+        self.next_channel_id += 1;
+        id
+    }
+
+    /// The id the next new channel gets.
+    pub fn next_channel_id(&self) -> ChannelId {
+        self.next_channel_id
+    }
+
+    /// The store generation new metadata is written in.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// Applies a prepared batch after the store accepted it.
     pub fn commit(&mut self, prepared: &mut Prepared) {
         self.next_channel_id = prepared.next_channel_id;
@@ -567,6 +589,12 @@ enum Command {
     Replicated {
         batch: Replicated,
         reply: oneshot::Sender<Result<ReplicatedOutcome, AppendError>>,
+    },
+    /// A step of restoring a replicated partition from a snapshot
+    /// (cluster); written on its own, like a replicated entry.
+    Restore {
+        step: Restore,
+        reply: oneshot::Sender<Result<(), AppendError>>,
     },
 }
 
@@ -840,6 +868,7 @@ fn start_with(
     let (reads, read_rx) = queue::bounded(engine.reader_threads * 64);
     let closed = Arc::new(AtomicBool::new(false));
     let writer = Writer {
+        restoring: None,
         metrics,
         generation,
         closed: closed.clone(),
@@ -989,6 +1018,19 @@ impl Log {
         let bytes = batch.appends.iter().map(|a| a.payload.len()).sum();
         self.commands
             .send_sized(Command::Replicated { batch, reply }, bytes)
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(AppendError::ShuttingDown))
+    }
+
+    /// Runs one step of restoring a replicated partition from a snapshot;
+    /// resolves once it is written. The steps of one restore are sent in
+    /// order, one after the other ([`Restore`]).
+    pub async fn restore(&self, step: Restore) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        let bytes = step.payload_bytes();
+        self.commands
+            .send_sized(Command::Restore { step, reply }, bytes)
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         rx.await.unwrap_or(Err(AppendError::ShuttingDown))
@@ -1149,6 +1191,9 @@ impl Log {
 }
 
 struct Writer {
+    /// The partition being restored from a snapshot, between its `Begin`
+    /// and `Finish` steps.
+    restoring: Option<restore::Restoring>,
     metrics: Arc<Metrics>,
     generation: u64,
     closed: Arc<AtomicBool>,
@@ -1189,6 +1234,7 @@ impl Writer {
             };
             let mut bytes = 0usize;
             let mut replicated = None;
+            let mut restore = None;
             let mut next = first;
             while let Some(queued) = next.take() {
                 match queued.item {
@@ -1207,12 +1253,16 @@ impl Writer {
                         replicated = Some((batch, reply));
                         break;
                     }
+                    Command::Restore { step, reply } => {
+                        restore = Some((step, reply));
+                        break;
+                    }
                 }
                 if batch.appends.len() < self.max_batch_messages && bytes < self.max_batch_bytes {
                     next = rx.try_recv().ok();
                 }
             }
-            if batch.is_empty() && replicated.is_none() {
+            if batch.is_empty() && replicated.is_none() && restore.is_none() {
                 continue;
             }
             // After a failed write the store refuses writes until it is
@@ -1225,6 +1275,11 @@ impl Writer {
             }
             if let Some((entry, reply)) = replicated {
                 healthy = self.apply(entry, reply);
+            }
+            if let Some((step, reply)) = restore {
+                let restored = self.restore(step);
+                healthy = restored.is_ok();
+                let _ = reply.send(restored.map_err(|e| AppendError::Storage(e.to_string())));
             }
             if self.sequencer.channels().over_capacity() {
                 for name in self.sequencer.channels_mut().evict() {

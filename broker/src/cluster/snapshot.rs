@@ -1,0 +1,678 @@
+//! A partition's snapshots: the file format, building one from the node's
+//! store, and the partition's snapshot directory.
+//!
+//! A snapshot is what a replica needs instead of the Raft entries the
+//! group compacted away: the partition's channels (metadata and stored
+//! messages) and its producer windows, as they stood once a given entry
+//! was applied. It is a file, `data_dir/snapshots/p<N>/snap-<n>.snap`,
+//! streamed to a replica in openraft's chunks and never held in memory
+//! whole:
+//!
+//! ```text
+//! "VOLNASN1" ‖ (u32 length ‖ postcard frame)*
+//! frames: Channel, Messages*, …, Producer*, End(counts)
+//! ```
+//!
+//! A file that a peer sent is read as untrusted input: every frame is
+//! bounded, names and offsets are checked, and a file that stops before
+//! its `End` frame is refused ([`SnapshotError::Malformed`]).
+//!
+//! The directory's `current` file names the snapshot the partition serves
+//! and the Raft position it stands for; it is replaced atomically (write,
+//! sync, rename), and older snapshot files are removed after it.
+
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use openraft::SnapshotMeta;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use volna_cluster::raft::BasicNode;
+use volna_cluster::{NodeId, PartitionId};
+use volna_proto::{ChannelName, Epoch, Offset, ProducerSeq};
+
+use crate::log::{AppendError, Restore};
+use crate::store::{
+    ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow, StoreError,
+    StoredMessage,
+};
+
+const MAGIC: &[u8; 8] = b"VOLNASN1";
+/// The largest frame a snapshot may hold (a peer's file is untrusted).
+const MAX_FRAME: usize = 16 << 20;
+/// Payload bytes gathered into one `Messages` frame.
+const FRAME_PAYLOAD: usize = 1 << 20;
+/// Payload bytes (or windows) handed to the writer as one restore step.
+const PART_PAYLOAD: usize = 4 << 20;
+const PART_PRODUCERS: usize = 4096;
+
+/// Why a snapshot could not be built, read or installed.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    /// The file system failed.
+    #[error("snapshot file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The store failed while exporting.
+    #[error("snapshot export: {0}")]
+    Store(#[from] StoreError),
+    /// The log writer refused a restore step.
+    #[error("snapshot restore: {0}")]
+    Restore(#[from] AppendError),
+    /// The file is not a well-formed snapshot.
+    #[error("malformed snapshot: {0}")]
+    Malformed(String),
+}
+
+fn malformed(why: impl Into<String>) -> SnapshotError {
+    SnapshotError::Malformed(why.into())
+}
+
+/// One channel as a snapshot holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ChannelFrame {
+    name: String,
+    /// The exporting node's id of the channel (producer runs name it).
+    id: u64,
+    epoch: u64,
+    first_offset: u64,
+    next_offset: u64,
+    bytes: u64,
+    oldest_ms: u64,
+    previous_epoch: u64,
+    epoch_start: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct MessageFrame {
+    offset: u64,
+    timestamp_ms: u64,
+    producer: Option<(u64, u64)>,
+    payload: Bytes,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+enum Frame {
+    Channel(ChannelFrame),
+    Messages(Vec<MessageFrame>),
+    Producer {
+        owner: String,
+        producer_id: u64,
+        window: Bytes,
+    },
+    End {
+        channels: u64,
+        messages: u64,
+        producers: u64,
+    },
+}
+
+/// What a snapshot holds, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Channels.
+    pub channels: u64,
+    /// Stored messages.
+    pub messages: u64,
+    /// Producer windows.
+    pub producers: u64,
+}
+
+fn write_frame(out: &mut impl Write, frame: &Frame) -> Result<(), SnapshotError> {
+    let bytes = postcard::to_allocvec(frame).map_err(|e| malformed(e.to_string()))?;
+    let len = u32::try_from(bytes.len())
+        .ok()
+        .filter(|len| (*len as usize) <= MAX_FRAME)
+        .ok_or_else(|| malformed("a frame is larger than the limit"))?;
+    out.write_all(&len.to_be_bytes())?;
+    out.write_all(&bytes)?;
+    Ok(())
+}
+
+/// Writes the messages gathered so far as one frame.
+fn flush_messages(
+    out: &mut impl Write,
+    pending: &mut Vec<MessageFrame>,
+    pending_bytes: &mut usize,
+) -> Result<(), SnapshotError> {
+    if !pending.is_empty() {
+        write_frame(out, &Frame::Messages(std::mem::take(pending)))?;
+        *pending_bytes = 0;
+    }
+    Ok(())
+}
+
+/// Writes the store's state of what `scope` selects to `path` (created),
+/// synced. `fixed` is called once the store's point in time is fixed.
+pub fn write_snapshot(
+    store: &dyn LogStore,
+    scope: &ExportScope<'_>,
+    fixed: &mut dyn FnMut(),
+    path: &Path,
+) -> Result<Counts, SnapshotError> {
+    let file = std::fs::File::create(path)?;
+    let mut out = BufWriter::new(file);
+    out.write_all(MAGIC)?;
+    let mut counts = Counts::default();
+    let mut pending: Vec<MessageFrame> = Vec::new();
+    let mut pending_bytes = 0usize;
+    let mut failed: Option<SnapshotError> = None;
+    // The stored range of the channel being exported: a message outside it
+    // (one a trim's range delete has not reached yet) is not state.
+    let mut range = (Offset::FIRST, Offset::FIRST);
+    let exported = store.export(scope, fixed, &mut |item| {
+        let step = (|| -> Result<(), SnapshotError> {
+            match item {
+                Exported::Channel(name, meta) => {
+                    flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
+                    counts.channels += 1;
+                    range = (meta.first_offset, meta.next_offset);
+                    write_frame(
+                        &mut out,
+                        &Frame::Channel(ChannelFrame {
+                            name: name.to_string(),
+                            id: meta.id,
+                            epoch: meta.epoch.0,
+                            first_offset: meta.first_offset.get(),
+                            next_offset: meta.next_offset.get(),
+                            bytes: meta.bytes,
+                            oldest_ms: meta.oldest_ms,
+                            previous_epoch: meta.previous_epoch.0,
+                            epoch_start: meta.epoch_start.get(),
+                        }),
+                    )
+                }
+                Exported::Message(m) if m.offset < range.0 || m.offset >= range.1 => Ok(()),
+                Exported::Message(m) => {
+                    counts.messages += 1;
+                    pending_bytes += m.payload.len();
+                    pending.push(MessageFrame {
+                        offset: m.offset.get(),
+                        timestamp_ms: m.timestamp_ms,
+                        producer: m.producer.map(|p| (p.producer_id, p.sequence)),
+                        payload: m.payload,
+                    });
+                    if pending_bytes >= FRAME_PAYLOAD {
+                        flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
+                    }
+                    Ok(())
+                }
+                Exported::Producer(key, window) => {
+                    flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
+                    counts.producers += 1;
+                    write_frame(
+                        &mut out,
+                        &Frame::Producer {
+                            owner: key.owner.to_string(),
+                            producer_id: key.producer_id,
+                            window: Bytes::from(window.encode()),
+                        },
+                    )
+                }
+            }
+        })();
+        // The store's error type carries no snapshot error: keep it aside
+        // and stop the export with a short one.
+        step.map_err(|e| {
+            let why = e.to_string();
+            failed = Some(e);
+            StoreError::Engine(why)
+        })
+    });
+    exported.map_err(|e| failed.take().unwrap_or(SnapshotError::Store(e)))?;
+    flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
+    write_frame(
+        &mut out,
+        &Frame::End {
+            channels: counts.channels,
+            messages: counts.messages,
+            producers: counts.producers,
+        },
+    )?;
+    let file = out.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    Ok(counts)
+}
+
+/// Reads a snapshot file as restore steps ([`Restore::Part`]), checking
+/// it as it goes.
+#[derive(Debug)]
+pub struct PartReader<R> {
+    input: R,
+    channel: Option<(ChannelName, ChannelMeta, Offset)>,
+    counts: Counts,
+    ended: bool,
+}
+
+impl<R: Read> PartReader<R> {
+    /// A reader of the snapshot `input`, whose magic is checked now.
+    pub fn new(mut input: R) -> Result<Self, SnapshotError> {
+        let mut magic = [0u8; 8];
+        input
+            .read_exact(&mut magic)
+            .map_err(|_| malformed("the file is too short for a snapshot"))?;
+        if &magic != MAGIC {
+            return Err(malformed("not a Volna partition snapshot"));
+        }
+        Ok(Self {
+            input,
+            channel: None,
+            counts: Counts::default(),
+            ended: false,
+        })
+    }
+
+    /// What was read so far (all of it once `next_part` returned `None`).
+    pub fn counts(&self) -> Counts {
+        self.counts
+    }
+
+    fn frame(&mut self) -> Result<Frame, SnapshotError> {
+        let mut len = [0u8; 4];
+        self.input
+            .read_exact(&mut len)
+            .map_err(|_| malformed("the file ends before its End frame"))?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_FRAME {
+            return Err(malformed(format!("a frame of {len} bytes")));
+        }
+        let mut bytes = vec![0u8; len];
+        self.input
+            .read_exact(&mut bytes)
+            .map_err(|_| malformed("the file ends inside a frame"))?;
+        postcard::from_bytes(&bytes).map_err(|e| malformed(format!("undecodable frame: {e}")))
+    }
+
+    /// The next restore step's worth of channels and messages, or of
+    /// producer windows; `None` after the `End` frame.
+    pub fn next_part(&mut self) -> Result<Option<Restore>, SnapshotError> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut channels: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)> = Vec::new();
+        let mut producers = Vec::new();
+        let mut payload = 0usize;
+        while payload < PART_PAYLOAD && producers.len() < PART_PRODUCERS {
+            match self.frame()? {
+                Frame::Channel(c) => {
+                    if !producers.is_empty() {
+                        return Err(malformed("a channel after producer windows"));
+                    }
+                    self.close_channel()?;
+                    let (name, meta) = channel_of(c)?;
+                    self.counts.channels += 1;
+                    self.channel = Some((name.clone(), meta, meta.first_offset));
+                    channels.push((name, meta, Vec::new()));
+                }
+                Frame::Messages(messages) => {
+                    let Some((name, meta, next)) = self.channel.as_mut() else {
+                        return Err(malformed("messages before any channel"));
+                    };
+                    if channels.last().is_none_or(|(n, _, _)| n != name) {
+                        channels.push((name.clone(), *meta, Vec::new()));
+                    }
+                    let Some((_, _, out)) = channels.last_mut() else {
+                        return Err(malformed("messages before any channel"));
+                    };
+                    for m in messages {
+                        let offset = Offset::new(m.offset);
+                        if offset < *next || offset >= meta.next_offset {
+                            return Err(malformed(format!(
+                                "channel {name}: offset {} out of order or outside the log",
+                                m.offset
+                            )));
+                        }
+                        *next = offset.next();
+                        payload += m.payload.len();
+                        self.counts.messages += 1;
+                        out.push(StoredMessage {
+                            offset,
+                            timestamp_ms: m.timestamp_ms,
+                            producer: m.producer.map(|(producer_id, sequence)| ProducerSeq {
+                                producer_id,
+                                sequence,
+                            }),
+                            payload: m.payload,
+                        });
+                    }
+                }
+                Frame::Producer {
+                    owner,
+                    producer_id,
+                    window,
+                } => {
+                    self.close_channel()?;
+                    self.channel = None;
+                    let window = ProducerWindow::decode(&window)
+                        .map_err(|e| malformed(format!("producer window: {e}")))?;
+                    self.counts.producers += 1;
+                    producers.push((ProducerKey::new(owner.into(), producer_id), window));
+                }
+                Frame::End {
+                    channels: c,
+                    messages: m,
+                    producers: p,
+                } => {
+                    self.close_channel()?;
+                    let said = Counts {
+                        channels: c,
+                        messages: m,
+                        producers: p,
+                    };
+                    if said != self.counts {
+                        return Err(malformed(format!(
+                            "the End frame counts {said:?}, the file holds {:?}",
+                            self.counts
+                        )));
+                    }
+                    self.ended = true;
+                    break;
+                }
+            }
+        }
+        if self.ended && channels.is_empty() && producers.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Restore::Part {
+            channels,
+            producers,
+        }))
+    }
+
+    /// Checks that the channel read last got every message its metadata
+    /// says is stored.
+    fn close_channel(&mut self) -> Result<(), SnapshotError> {
+        if let Some((name, meta, next)) = &self.channel
+            && *next != meta.next_offset
+            && !meta.is_empty()
+        {
+            return Err(malformed(format!(
+                "channel {name} stops at offset {}, its log at {}",
+                next.get(),
+                meta.next_offset.get()
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn channel_of(c: ChannelFrame) -> Result<(ChannelName, ChannelMeta), SnapshotError> {
+    let name = ChannelName::new(c.name).map_err(|e| malformed(format!("a channel's name: {e}")))?;
+    if c.first_offset == 0 || c.first_offset > c.next_offset || c.epoch_start == 0 {
+        return Err(malformed(format!("channel {name}: impossible offsets")));
+    }
+    let meta = ChannelMeta {
+        id: c.id,
+        epoch: Epoch(c.epoch),
+        first_offset: Offset::new(c.first_offset),
+        next_offset: Offset::new(c.next_offset),
+        bytes: c.bytes,
+        oldest_ms: c.oldest_ms,
+        generation: 0,
+        previous_epoch: Epoch(c.previous_epoch),
+        epoch_start: Offset::new(c.epoch_start),
+    };
+    Ok((name, meta))
+}
+
+/// Opens a snapshot file for reading steps.
+pub fn read_parts(path: &Path) -> Result<PartReader<BufReader<std::fs::File>>, SnapshotError> {
+    PartReader::new(BufReader::new(std::fs::File::open(path)?))
+}
+
+/// The Raft position a snapshot stands for, as openraft describes it.
+pub type Meta = SnapshotMeta<NodeId, BasicNode>;
+
+/// Which snapshot file the partition serves, and what it stands for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Current {
+    /// The file's name in the partition's snapshot directory.
+    pub file: String,
+    /// Its Raft position.
+    pub meta: Meta,
+}
+
+/// One partition's snapshot directory.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    dir: PathBuf,
+    /// Orders the changes of `current` (a build and an install may finish
+    /// together).
+    switching: Arc<Mutex<()>>,
+}
+
+static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+impl SnapshotDir {
+    /// `root/p<N>`, created if missing; files left half-written by an
+    /// earlier run are removed.
+    pub fn open(root: &Path, partition: PartitionId) -> Result<Self, SnapshotError> {
+        let dir = root.join(format!("p{}", partition.0));
+        std::fs::create_dir_all(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "part") {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(Self {
+            dir,
+            switching: Arc::default(),
+        })
+    }
+
+    /// A new file name, unique in the directory.
+    fn unique(&self, extension: &str) -> String {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let n = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
+        format!("snap-{nanos:x}-{n}.{extension}")
+    }
+
+    /// A path to write a snapshot being built or received.
+    pub fn new_part(&self) -> PathBuf {
+        self.dir.join(self.unique("part"))
+    }
+
+    /// Makes a written part a snapshot file (durably named); returns its
+    /// name.
+    pub fn keep(&self, part: &Path) -> Result<String, SnapshotError> {
+        let name = self.unique("snap");
+        std::fs::rename(part, self.dir.join(&name))?;
+        sync_dir(&self.dir)?;
+        Ok(name)
+    }
+
+    /// The path of snapshot file `name`; `None` for a name that is not a
+    /// plain file name of this directory.
+    pub fn path(&self, name: &str) -> Option<PathBuf> {
+        let plain = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !name.starts_with('.');
+        plain.then(|| self.dir.join(name))
+    }
+
+    /// The snapshot the partition serves, if any.
+    pub fn current(&self) -> Result<Option<Current>, SnapshotError> {
+        match std::fs::read(self.dir.join("current")) {
+            Ok(bytes) => postcard::from_bytes(&bytes)
+                .map(Some)
+                .map_err(|e| malformed(format!("unreadable current snapshot pointer: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Makes `current` the snapshot the partition serves (atomically) and
+    /// removes every other snapshot file, unless the one served already
+    /// stands for a later entry (false).
+    pub fn set_current_if_newer(&self, current: &Current) -> Result<bool, SnapshotError> {
+        let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(served) = self.current()?
+            && served.file != current.file
+            && served.meta.last_log_id > current.meta.last_log_id
+        {
+            return Ok(false);
+        }
+        let bytes = postcard::to_allocvec(current).map_err(|e| malformed(e.to_string()))?;
+        let tmp = self.dir.join("current.tmp");
+        {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&bytes)?;
+            file.sync_all()?;
+        }
+        std::fs::rename(&tmp, self.dir.join("current"))?;
+        sync_dir(&self.dir)?;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let stale = path.extension().is_some_and(|e| e == "snap")
+                && path.file_name().is_some_and(|n| *n != *current.file);
+            if stale {
+                std::fs::remove_file(&path)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Removes a part or snapshot file that will not be used.
+    pub fn discard(&self, path: &Path) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Makes a rename in `dir` durable.
+fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MemoryStore, WriteSet};
+
+    fn stored(store: &MemoryStore) {
+        let mut set = WriteSet::default();
+        for (id, name, count) in [(1, "chat.a", 3u64), (2, "chat.b", 0), (3, "news.x", 2)] {
+            let mut meta = ChannelMeta::new(id, Epoch(id * 10));
+            meta.next_offset = Offset::new(count + 1);
+            meta.oldest_ms = 5;
+            set.channels
+                .push((ChannelName::new(name).expect("name"), meta));
+            for o in 1..=count {
+                set.messages.push((
+                    id,
+                    StoredMessage {
+                        offset: Offset::new(o),
+                        timestamp_ms: o,
+                        producer: Some(ProducerSeq {
+                            producer_id: 9,
+                            sequence: o,
+                        }),
+                        payload: Bytes::from(format!("{name}-{o}")),
+                    },
+                ));
+            }
+        }
+        let mut window = ProducerWindow::default();
+        window.insert(
+            crate::store::ProducerEntry {
+                sequence: 1,
+                channel: 1,
+                offset: Offset::new(1),
+                epoch: Epoch(10),
+            },
+            16,
+            1,
+        );
+        set.producers
+            .push((ProducerKey::new(Arc::from("alice#p0"), 9), window.clone()));
+        set.producers
+            .push((ProducerKey::new(Arc::from("bob#p1"), 9), window));
+        store.write(&set, false).expect("write");
+    }
+
+    fn export(dir: &Path) -> (PathBuf, Counts) {
+        let store = MemoryStore::new();
+        stored(&store);
+        let path = dir.join("s.part");
+        let counts = write_snapshot(
+            &store,
+            &ExportScope {
+                channel: &|n: &ChannelName| n.as_str().starts_with("chat."),
+                producer: &|k: &ProducerKey| k.owner.ends_with("#p0"),
+            },
+            &mut || {},
+            &path,
+        )
+        .expect("snapshot");
+        (path, counts)
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_as_the_selected_state() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (path, counts) = export(dir.path());
+        assert_eq!(
+            counts,
+            Counts {
+                channels: 2,
+                messages: 3,
+                producers: 1
+            }
+        );
+        let mut reader = read_parts(&path).expect("open");
+        let mut channels = Vec::new();
+        let mut producers = Vec::new();
+        while let Some(part) = reader.next_part().expect("part") {
+            let Restore::Part {
+                channels: c,
+                producers: p,
+            } = part
+            else {
+                panic!("only parts are read");
+            };
+            channels.extend(c);
+            producers.extend(p);
+        }
+        assert_eq!(reader.counts(), counts);
+        let names: Vec<_> = channels
+            .iter()
+            .map(|(n, _, m)| (n.as_str(), m.len()))
+            .collect();
+        assert_eq!(names, [("chat.a", 3), ("chat.b", 0)]);
+        assert_eq!(channels[0].2[2].payload, Bytes::from("chat.a-3"));
+        assert_eq!(channels[0].1.epoch, Epoch(10));
+        assert_eq!(producers.len(), 1);
+        assert_eq!(&*producers[0].0.owner, "alice#p0");
+    }
+
+    #[test]
+    fn a_damaged_or_truncated_file_is_refused_typed() {
+        let dir = tempfile::tempdir().expect("dir");
+        let (path, _) = export(dir.path());
+        let whole = std::fs::read(&path).expect("read");
+        let read_all = |bytes: &[u8]| -> Result<(), SnapshotError> {
+            let mut reader = PartReader::new(bytes)?;
+            while reader.next_part()?.is_some() {}
+            Ok(())
+        };
+        assert!(read_all(&whole).is_ok());
+        // Every prefix short of the whole file is refused, never a panic.
+        for cut in 0..whole.len() {
+            assert!(
+                matches!(read_all(&whole[..cut]), Err(SnapshotError::Malformed(_))),
+                "a file cut at {cut} bytes was accepted"
+            );
+        }
+        let mut flipped = whole.clone();
+        flipped[12] ^= 0xff;
+        assert!(read_all(&flipped).is_err());
+    }
+}

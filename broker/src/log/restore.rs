@@ -1,0 +1,261 @@
+//! Restoring a replicated partition's state from a snapshot, on the writer
+//! thread (cluster).
+//!
+//! A replica too far behind for the leader's Raft log (a new replica, or
+//! one that was down while the log was compacted) receives the partition's
+//! snapshot instead: its channels, their messages and its producer
+//! windows. The writer replaces this node's state of the partition with
+//! it in steps, so that a large partition neither makes one huge write
+//! nor stops the other partitions' writes for long:
+//!
+//! 1. [`Restore::Begin`] removes the partition's channels and windows and
+//!    writes a marker as the partition's applied state, in one write;
+//! 2. [`Restore::Part`]s write the snapshot's channels under new channel
+//!    ids of this node (ids are per node) and its windows, renamed to them;
+//! 3. [`Restore::Finish`] writes the applied state the snapshot stands for
+//!    and tells the fan-out what changed.
+//!
+//! A crash between 1 and 3 leaves the marker: the partition's machine finds
+//! it at start and runs the restore again from the stored snapshot file.
+//! Nothing reads the partition's half-restored channels as committed state
+//! meanwhile, because its group is not running.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use volna_proto::ChannelName;
+
+use super::Writer;
+use crate::store::{
+    AgeIndexMove, ChannelId, ChannelMeta, ExportScope, Exported, ProducerKey, ProducerWindow,
+    StoreError, StoredMessage, WriteSet,
+};
+
+/// Selects a partition's channels and producer windows among the node's.
+#[derive(Clone)]
+pub struct RestoreScope {
+    /// Whether a channel belongs to the partition.
+    pub channel: Arc<dyn Fn(&ChannelName) -> bool + Send + Sync>,
+    /// Whether a producer window belongs to the partition.
+    pub producer: Arc<dyn Fn(&ProducerKey) -> bool + Send + Sync>,
+}
+
+impl std::fmt::Debug for RestoreScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RestoreScope").finish_non_exhaustive()
+    }
+}
+
+/// One step of a restore, sent in order: `Begin`, any number of `Part`s,
+/// `Finish`.
+#[derive(Debug)]
+pub enum Restore {
+    /// Removes the partition's state and records `marker` as its applied
+    /// state.
+    Begin {
+        /// The partition.
+        partition: u32,
+        /// Its channels and windows on this node.
+        scope: RestoreScope,
+        /// The applied state that says a restore is under way.
+        marker: Vec<u8>,
+    },
+    /// Channels with their metadata as in the snapshot (its channel ids)
+    /// and some of their messages: a channel may go on in the next part.
+    /// Producer windows come after every channel.
+    Part {
+        /// Channels and messages, in the snapshot's order.
+        channels: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
+        /// Windows, their runs naming the snapshot's channel ids.
+        producers: Vec<(ProducerKey, ProducerWindow)>,
+    },
+    /// Records the partition's applied state once restored.
+    Finish {
+        /// The partition.
+        partition: u32,
+        /// Its applied state.
+        applied: Vec<u8>,
+    },
+}
+
+impl Restore {
+    /// Payload bytes the step carries (for the writer queue's byte bound).
+    pub(super) fn payload_bytes(&self) -> usize {
+        match self {
+            Restore::Part { channels, .. } => channels
+                .iter()
+                .flat_map(|(_, _, messages)| messages)
+                .map(|m| m.payload.len())
+                .sum(),
+            _ => 0,
+        }
+    }
+}
+
+/// The writer's record of a restore under way.
+#[derive(Debug)]
+pub(super) struct Restoring {
+    partition: u32,
+    /// The partition's channels on this node before the restore.
+    before: HashSet<ChannelName>,
+    /// Snapshot channel id → this node's new id.
+    ids: HashMap<ChannelId, ChannelId>,
+    /// The restored channels' metadata, as written.
+    restored: HashMap<ChannelName, ChannelMeta>,
+}
+
+impl Writer {
+    pub(super) fn restore(&mut self, step: Restore) -> Result<(), StoreError> {
+        match step {
+            Restore::Begin {
+                partition,
+                scope,
+                marker,
+            } => self.begin_restore(partition, &scope, marker),
+            Restore::Part {
+                channels,
+                producers,
+            } => self.restore_part(channels, producers),
+            Restore::Finish { partition, applied } => self.finish_restore(partition, applied),
+        }
+    }
+
+    fn begin_restore(
+        &mut self,
+        partition: u32,
+        scope: &RestoreScope,
+        marker: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        // The partition's channels and windows as stored: the writer is the
+        // only one writing them, so the store is their whole truth.
+        let mut channels = Vec::new();
+        let mut producers = Vec::new();
+        self.store.export(
+            &ExportScope {
+                channel: &*scope.channel,
+                producer: &*scope.producer,
+            },
+            &mut || {},
+            &mut |item| {
+                match item {
+                    Exported::Channel(name, meta) => channels.push((name, meta)),
+                    Exported::Message(_) => {}
+                    Exported::Producer(key, _) => producers.push(key),
+                }
+                Ok(())
+            },
+        )?;
+        let mut set = WriteSet::default();
+        for (name, meta) in &channels {
+            set.deleted_channels.push((name.clone(), meta.id));
+            if !meta.is_empty() {
+                set.age_index.push(AgeIndexMove {
+                    channel: name.clone(),
+                    id: meta.id,
+                    from: Some(meta.oldest_ms),
+                    to: None,
+                });
+            }
+        }
+        set.expired_producers = producers.clone();
+        set.applied.push((partition, marker));
+        self.store.write(&set, self.sync)?;
+        for (name, _) in &channels {
+            self.sequencer.channels_mut().remove(name);
+            self.directory.remove(name);
+        }
+        for key in &producers {
+            self.sequencer.producers_mut().remove(key);
+        }
+        self.restoring = Some(Restoring {
+            partition,
+            before: channels.into_iter().map(|(name, _)| name).collect(),
+            ids: HashMap::new(),
+            restored: HashMap::new(),
+        });
+        Ok(())
+    }
+
+    fn restore_part(
+        &mut self,
+        channels: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
+        producers: Vec<(ProducerKey, ProducerWindow)>,
+    ) -> Result<(), StoreError> {
+        let Some(restoring) = self.restoring.as_mut() else {
+            return Err(StoreError::Engine(
+                "a snapshot part arrived without a restore under way".into(),
+            ));
+        };
+        let mut set = WriteSet::default();
+        let mut written = Vec::new();
+        for (name, meta, messages) in channels {
+            let id = match restoring.ids.get(&meta.id) {
+                Some(id) => *id,
+                None => {
+                    let id = self.sequencer.take_channel_id();
+                    restoring.ids.insert(meta.id, id);
+                    let restored = ChannelMeta {
+                        id,
+                        generation: self.sequencer.generation(),
+                        ..meta
+                    };
+                    set.channels.push((name.clone(), restored));
+                    if !restored.is_empty() {
+                        set.age_index.push(AgeIndexMove {
+                            channel: name.clone(),
+                            id,
+                            from: None,
+                            to: Some(restored.oldest_ms),
+                        });
+                    }
+                    written.push((name, restored));
+                    id
+                }
+            };
+            set.messages
+                .extend(messages.into_iter().map(|message| (id, message)));
+        }
+        for (key, mut window) in producers {
+            // A run in a channel the snapshot does not hold (deleted since)
+            // gets id 0, which no channel has: it never matches a retry.
+            window.remap_channels(|old| restoring.ids.get(&old).copied().unwrap_or(0));
+            set.producers.push((key, window));
+        }
+        set.next_channel_id = Some(self.sequencer.next_channel_id());
+        self.store.write(&set, self.sync)?;
+        for (name, meta) in written {
+            self.directory.insert(name.clone(), meta);
+            restoring.restored.insert(name, meta);
+        }
+        Ok(())
+    }
+
+    fn finish_restore(&mut self, partition: u32, applied: Vec<u8>) -> Result<(), StoreError> {
+        let restoring = match self.restoring.take() {
+            Some(r) if r.partition == partition => r,
+            other => {
+                self.restoring = other;
+                return Err(StoreError::Engine(format!(
+                    "partition {partition}'s restore was never begun"
+                )));
+            }
+        };
+        let set = WriteSet {
+            applied: vec![(partition, applied)],
+            ..WriteSet::default()
+        };
+        self.store.write(&set, true)?;
+        // Subscribers of a channel the snapshot no longer holds were
+        // following a channel deleted meanwhile; the others catch up from
+        // the restored log (their feed's head moves to its end).
+        for name in &restoring.before {
+            if !restoring.restored.contains_key(name) {
+                self.listener.deleted(name);
+            }
+        }
+        for (name, meta) in &restoring.restored {
+            self.listener.committed(name, meta, &[]);
+        }
+        Ok(())
+    }
+}
