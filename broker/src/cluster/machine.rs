@@ -163,6 +163,7 @@ impl PartitionMachine {
         let path = self.snapshots.path(&current.file).ok_or_else(|| {
             SnapshotError::Malformed(format!("snapshot file name {:?}", current.file))
         })?;
+        let started = std::time::Instant::now();
         let marker = AppliedState {
             restoring: Some(current.clone()),
             ..self.applied.clone()
@@ -210,6 +211,7 @@ impl PartitionMachine {
             messages = counts.messages,
             producers = counts.producers,
             last = ?current.meta.last_log_id,
+            elapsed_ms = started.elapsed().as_millis() as u64,
             "restored the partition from a snapshot"
         );
         Ok(())
@@ -383,6 +385,7 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
     /// entry of the partition is being applied (everything applied is
     /// written), and lets the export run beside further applies.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let started = std::time::Instant::now();
         let (fixed_tx, fixed) = oneshot::channel();
         let part = self.snapshots.new_part();
         let store = self.store.clone();
@@ -414,6 +417,7 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
             snapshots: self.snapshots.clone(),
             export: Some(export),
             stats: self.stats.clone(),
+            started,
         }
     }
 
@@ -493,6 +497,7 @@ pub struct SnapshotBuild {
     snapshots: SnapshotDir,
     export: Option<JoinHandle<(PathBuf, Result<Counts, SnapshotError>)>>,
     stats: Arc<SnapshotStats>,
+    started: std::time::Instant,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuild {
@@ -544,6 +549,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuild {
             channels = counts.channels,
             messages = counts.messages,
             last = ?current.meta.last_log_id,
+            elapsed_ms = self.started.elapsed().as_millis() as u64,
             "built a partition snapshot"
         );
         let path = self
