@@ -912,6 +912,7 @@ impl Groups {
 /// leader's last log entry as of now (bounded: a learner that cannot catch
 /// up in [`CATCH_UP_WITHIN`] is retried on a later round).
 async fn wait_caught_up(raft: &Raft, id: NodeId) -> Result<(), String> {
+    let me = raft_id(raft);
     let target = raft.metrics().borrow().last_log_index;
     let deadline = tokio::time::Instant::now() + CATCH_UP_WITHIN;
     let mut metrics = raft.metrics();
@@ -925,7 +926,10 @@ async fn wait_caught_up(raft: &Raft, id: NodeId) -> Result<(), String> {
         if matched.is_some() && matched >= target {
             return Ok(());
         }
-        if metrics.borrow().current_leader != Some(raft_id(raft)) {
+        // One borrow at a time: a second read of the same watch while the
+        // first is held waits behind openraft's next metrics update, which
+        // waits for the first — a deadlock that froze a whole node.
+        if metrics.borrow().current_leader != Some(me) {
             return Err("no longer the leader".into());
         }
         if tokio::time::timeout_at(deadline, metrics.changed())
