@@ -15,7 +15,7 @@ use volna_broker::metrics::Metrics;
 use volna_broker::store::{LogStore, MemoryStore, ProducerKey};
 use volna_client::ChannelName;
 
-fn replica(store: Arc<MemoryStore>) -> LogThreads {
+fn replica(store: Arc<dyn LogStore>) -> LogThreads {
     log::start_replicated(
         store,
         Arc::new(Fanout::new(64 * 1024)),
@@ -157,17 +157,6 @@ mod snapshots {
 
     use super::*;
 
-    fn start(store: Arc<dyn LogStore>) -> LogThreads {
-        log::start_replicated(
-            store,
-            Arc::new(Fanout::new(64 * 1024)),
-            Durability::Wal,
-            &EngineConfig::default(),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap()
-    }
-
     async fn machine(
         threads: &LogThreads,
         store: Arc<dyn LogStore>,
@@ -286,7 +275,7 @@ mod snapshots {
         // The leader's replica, on RocksDB.
         let rocks: Arc<dyn LogStore> =
             Arc::new(RocksStore::open(&dirs[0].path().join("db")).unwrap());
-        let a = start(rocks.clone());
+        let a = replica(rocks.clone());
         let mut leader = machine(&a, rocks, dirs[1].path()).await;
         apply(&mut leader, history()).await;
         let mut build = leader.get_snapshot_builder().await;
@@ -307,7 +296,7 @@ mod snapshots {
 
         // A replica that applied only entry 1: it still has chat.gone.
         let behind_store = Arc::new(MemoryStore::new());
-        let b = start(behind_store.clone());
+        let b = replica(behind_store.clone());
         let mut behind = machine(&b, behind_store.clone(), dirs[2].path()).await;
         apply(&mut behind, history()[..1].to_vec()).await;
         assert!(channel(&b, "chat.gone").await.is_some());
@@ -377,7 +366,7 @@ mod snapshots {
 
         // A replica whose restore a crash cut short finishes it at start.
         let crashing = Arc::new(MemoryStore::new());
-        let c = start(crashing.clone());
+        let c = replica(crashing.clone());
         let mut cut_short = machine(&c, crashing.clone(), dirs[3].path()).await;
         // The restore's first write (removing the old state) goes through,
         // the next (the first channels) fails.
@@ -392,7 +381,7 @@ mod snapshots {
         drop(cut_short);
         drop(c);
         let image: Arc<dyn LogStore> = Arc::new(crashing.crash_image());
-        let restarted = start(image.clone());
+        let restarted = replica(image.clone());
         let mut resumed = machine(&restarted, image, dirs[3].path()).await;
         assert_eq!(
             resumed.applied_state().await.unwrap().0,

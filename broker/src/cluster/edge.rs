@@ -102,8 +102,10 @@ struct ChannelRead {
     messages: Vec<WireMessage>,
 }
 
+/// A channel's metadata between nodes (reads, snapshots): everything but
+/// the local id, which is per node.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-struct MetaWire {
+pub(crate) struct MetaWire {
     epoch: u64,
     first: u64,
     next: u64,
@@ -114,7 +116,7 @@ struct MetaWire {
 }
 
 impl MetaWire {
-    fn of(meta: &ChannelMeta) -> Self {
+    pub(crate) fn of(meta: &ChannelMeta) -> Self {
         Self {
             epoch: meta.epoch.0,
             first: meta.first_offset.get(),
@@ -126,9 +128,9 @@ impl MetaWire {
         }
     }
 
-    /// The metadata as an edge holds it: no local id (its messages are
-    /// not in this node's store).
-    fn into_meta(self) -> ChannelMeta {
+    /// The metadata with id 0 (an edge's: its messages are not in this
+    /// node's store; a restored channel is given its id by the writer).
+    pub(crate) fn into_meta(self) -> ChannelMeta {
         ChannelMeta {
             first_offset: Offset::new(self.first),
             next_offset: Offset::new(self.next),

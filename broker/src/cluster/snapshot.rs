@@ -33,8 +33,9 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use volna_cluster::raft::BasicNode;
 use volna_cluster::{NodeId, PartitionId};
-use volna_proto::{ChannelName, Epoch, Offset, ProducerSeq};
+use volna_proto::{ChannelName, Offset, ProducerSeq};
 
+use super::edge::MetaWire;
 use crate::log::{AppendError, Restore};
 use crate::store::{
     ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow, StoreError,
@@ -77,13 +78,7 @@ struct ChannelFrame {
     name: String,
     /// The exporting node's id of the channel (producer runs name it).
     id: u64,
-    epoch: u64,
-    first_offset: u64,
-    next_offset: u64,
-    bytes: u64,
-    oldest_ms: u64,
-    previous_epoch: u64,
-    epoch_start: u64,
+    meta: MetaWire,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,13 +170,7 @@ pub fn write_snapshot(
                         &Frame::Channel(ChannelFrame {
                             name: name.to_string(),
                             id: meta.id,
-                            epoch: meta.epoch.0,
-                            first_offset: meta.first_offset.get(),
-                            next_offset: meta.next_offset.get(),
-                            bytes: meta.bytes,
-                            oldest_ms: meta.oldest_ms,
-                            previous_epoch: meta.previous_epoch.0,
-                            epoch_start: meta.epoch_start.get(),
+                            meta: MetaWire::of(&meta),
                         }),
                     )
                 }
@@ -401,20 +390,16 @@ impl<R: Read> PartReader<R> {
 
 fn channel_of(c: ChannelFrame) -> Result<(ChannelName, ChannelMeta), SnapshotError> {
     let name = ChannelName::new(c.name).map_err(|e| malformed(format!("a channel's name: {e}")))?;
-    if c.first_offset == 0 || c.first_offset > c.next_offset || c.epoch_start == 0 {
-        return Err(malformed(format!("channel {name}: impossible offsets")));
-    }
     let meta = ChannelMeta {
         id: c.id,
-        epoch: Epoch(c.epoch),
-        first_offset: Offset::new(c.first_offset),
-        next_offset: Offset::new(c.next_offset),
-        bytes: c.bytes,
-        oldest_ms: c.oldest_ms,
-        generation: 0,
-        previous_epoch: Epoch(c.previous_epoch),
-        epoch_start: Offset::new(c.epoch_start),
+        ..c.meta.into_meta()
     };
+    if meta.first_offset.get() == 0
+        || meta.first_offset > meta.next_offset
+        || meta.epoch_start.get() == 0
+    {
+        return Err(malformed(format!("channel {name}: impossible offsets")));
+    }
     Ok((name, meta))
 }
 
@@ -554,6 +539,8 @@ fn sync_dir(dir: &Path) -> Result<(), SnapshotError> {
 
 #[cfg(test)]
 mod tests {
+    use volna_proto::Epoch;
+
     use super::*;
     use crate::store::{MemoryStore, WriteSet};
 
