@@ -27,6 +27,9 @@ pub struct Metrics {
     pub handshakes_refused: IntCounter,
     /// Connection attempts asked to validate their address (QUIC Retry).
     pub handshakes_retried: IntCounter,
+    /// Datagrams a transport shard passed to the shard owning their
+    /// connection (clients whose address changed).
+    pub datagrams_forwarded: IntCounter,
     /// Subscriptions held.
     pub subscriptions: IntGauge,
     /// Publishes acknowledged (retries of stored publishes included).
@@ -141,6 +144,10 @@ impl Metrics {
             handshakes_retried: counter(
                 "handshakes_retried_total",
                 "Connection attempts asked to validate their address (QUIC Retry)",
+            ),
+            datagrams_forwarded: counter(
+                "datagrams_forwarded_total",
+                "Datagrams a transport shard passed to the shard owning their connection",
             ),
             subscriptions: gauge("subscriptions", "Subscriptions held"),
             publishes: counter("publishes_total", "Publishes acknowledged"),

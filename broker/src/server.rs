@@ -29,7 +29,7 @@ use crate::retention::{self, Policies};
 use crate::session::BrokerContext;
 use crate::store::{LogStore, MemoryStore, RocksStore, StoreError};
 use crate::tls::{self, TlsError};
-use crate::transport::{self, TransportError};
+use crate::transport::{self, Listener, TransportError};
 
 /// How long shutdown waits for sessions to flush and say goodbye.
 const SESSION_GRACE: Duration = Duration::from_secs(5);
@@ -85,7 +85,7 @@ pub struct Broker {
     certificate: tls::CertReloader,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
-    endpoint: Option<quinn::Endpoint>,
+    endpoint: Option<Listener>,
     fanout: Arc<Fanout>,
     log_threads: Option<LogThreads>,
     ephemeral_threads: Option<LogThreads>,
@@ -137,12 +137,17 @@ impl Broker {
                 path: config.data_dir.clone(),
                 source,
             })?;
-        let endpoint = transport::bind(
-            config.listen,
-            config.socket_buffer_bytes,
+        let settings = transport::QuicSettings::new(
             tls.config,
             Duration::from_millis(config.limits.idle_timeout_ms),
             &reset_key,
+        )?;
+        let mut endpoint = Listener::bind(
+            config.engine.transport,
+            config.engine.shards,
+            config.listen,
+            config.socket_buffer_bytes,
+            settings,
         )?;
         let quic_addr = endpoint
             .local_addr()
@@ -291,7 +296,7 @@ impl Broker {
         };
         let retention_every = Duration::from_millis(config.engine.retention_interval_ms);
         let mut tasks = vec![
-            tokio::spawn(transport::serve(endpoint.clone(), ctx)),
+            endpoint.serve(ctx),
             tokio::spawn(http::serve(
                 http_listener,
                 http_state,
@@ -321,6 +326,7 @@ impl Broker {
             http = %http_addr,
             data_dir = %config.data_dir.display(),
             durability = ?config.durability,
+            transport = ?config.engine.transport,
             "volna broker ready"
         );
         Ok(Self {
@@ -395,8 +401,7 @@ impl Broker {
             if tokio::time::timeout(SESSION_GRACE, idle).await.is_err() {
                 warn!("sessions did not finish in time; closing their connections");
             }
-            let code = CloseCode::GOING_AWAY;
-            endpoint.close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
+            endpoint.close(CloseCode::GOING_AWAY);
         }
         for task in self.tasks.drain(..) {
             task.abort();
@@ -438,8 +443,7 @@ impl Drop for Broker {
         };
         self.shutdown.cancel();
         if let Some(endpoint) = &self.endpoint {
-            let code = CloseCode::GOING_AWAY;
-            endpoint.close(quinn::VarInt::from_u32(code.0), code.reason().as_bytes());
+            endpoint.close(CloseCode::GOING_AWAY);
         }
         for task in self.tasks.drain(..) {
             task.abort();

@@ -206,6 +206,66 @@ async fn a_client_that_changes_address_keeps_its_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_moves_between_shards_keeps_its_session() {
+    // With the shard transport the kernel hashes each source address onto
+    // one shard's socket: a new address usually lands on another shard,
+    // which must hand the packets to the shard owning the connection.
+    // Eight moves over four shards cross shards all but certainly.
+    let dir = tempfile::tempdir().unwrap();
+    let broker = BrokerProcess::start_with(
+        dir.path(),
+        "wal",
+        &[
+            ("VOLNA_ENGINE__TRANSPORT", "shards"),
+            ("VOLNA_ENGINE__SHARDS", "4"),
+        ],
+    )
+    .unwrap();
+    let publisher = broker.client(DEADLINE).await.unwrap();
+    let proxy = ChaosProxy::start(broker.addr(), seed()).await.unwrap();
+    let channel = ChannelName::new("chat.roam").unwrap();
+    let subscriber = Client::connect(via(&broker, &proxy)).await.unwrap();
+    let mut sub = subscriber
+        .subscribe(&channel, Position::Latest)
+        .await
+        .unwrap();
+    let mut history = History::default();
+    let mut got = Vec::new();
+    for step in 0..8 {
+        publish(
+            &publisher,
+            &channel,
+            &format!("net{step}"),
+            50,
+            &mut history,
+        )
+        .await;
+        let last = *history.acked.keys().next_back().unwrap();
+        got.extend(read_through(&mut sub, last, DEADLINE).await);
+        proxy.rebind();
+    }
+    history.check(&got).unwrap();
+    assert!(subscriber.is_connected());
+    let opened = broker
+        .metric("volna_connections_opened_total")
+        .await
+        .unwrap();
+    assert_eq!(
+        opened, 2.0,
+        "the subscriber migrated across shards instead of reconnecting"
+    );
+    let forwarded = broker
+        .metric("volna_datagrams_forwarded_total")
+        .await
+        .unwrap();
+    assert!(
+        forwarded > 0.0,
+        "the moves crossed shards (datagrams forwarded: {forwarded})"
+    );
+    broker.assert_never_panicked();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_resumes_every_subscriber() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = BrokerProcess::start(dir.path(), "wal").unwrap();
