@@ -83,6 +83,9 @@ if [ -n "$nats" ]; then
 fi
 # The other scenarios.
 run chats chats --channels 500 --subscribers 4 --messages 200
+[ -n "$nats" ] && run nats-chats chats --channels 500 --subscribers 4 --messages 200 --nats "$nats"
+run "volna-chats-10" chats --channels 500 --subscribers 4 --messages 100 --rate 5000
+[ -n "$nats" ] && run "nats-chats-10" chats --channels 500 --subscribers 4 --messages 100 --rate 5000 --nats "$nats"
 run catchup catchup --subscribers 10 --messages 200000
 run connections connections --connections "${VOLNA_BENCH_CONNECTIONS:-20000}" --hold-secs 10 --timeout-secs 900
 run storm storm --connections 3000 --messages 400 --rate 20

@@ -107,7 +107,7 @@ pub struct BenchArgs {
     /// the kernel's `net.core.rmem_max` / `wmem_max`).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub socket_buffer: usize,
-    /// Run `fanout` against this NATS server (core NATS, e.g.
+    /// Run `fanout` or `chats` against this NATS server (core NATS, e.g.
     /// `nats://127.0.0.1:4222`) instead of a Volna broker.
     #[arg(long, value_name = "URL")]
     pub nats: Option<String>,
@@ -171,7 +171,10 @@ pub async fn run(args: &BenchArgs, target: Target, json_out: bool) -> anyhow::Re
             Some(url) => nats::fanout(args, url, json_out).await?,
             None => scenarios::fanout(args, &target, json_out).await?,
         },
-        Scenario::Chats => scenarios::chats(args, &target, json_out).await?,
+        Scenario::Chats => match &args.nats {
+            Some(url) => nats::chats(args, url, json_out).await?,
+            None => scenarios::chats(args, &target, json_out).await?,
+        },
         Scenario::Catchup => scenarios::catchup(args, &target, json_out).await?,
         Scenario::Connections => scenarios::connections(args, &target, json_out).await?,
         Scenario::Storm => scenarios::storm(args, &target, json_out).await?,

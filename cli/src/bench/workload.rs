@@ -30,8 +30,13 @@ pub fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
     if args.subscribers == 0 || args.messages == 0 || args.publishers == 0 {
         bail!("--subscribers, --publishers and --messages must be at least 1");
     }
-    if args.nats.is_some() && args.scenario != super::Scenario::Fanout {
-        bail!("--nats runs only the fanout scenario");
+    if args.nats.is_some()
+        && !matches!(
+            args.scenario,
+            super::Scenario::Fanout | super::Scenario::Chats
+        )
+    {
+        bail!("--nats runs only the fanout and chats scenarios");
     }
     if args.channels == 0 || args.connections == 0 || args.client_endpoints == 0 {
         bail!("--channels, --connections and --client-endpoints must be at least 1");
