@@ -330,3 +330,24 @@ async fn no_broker_is_one_readable_error_with_a_hint_not_a_backtrace() {
     assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
     assert!(stderr.lines().count() <= 3, "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_comparison_is_refused_for_scenarios_it_does_not_have() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("none.pem");
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_volna"))
+        .args(["--server", "127.0.0.1:9", "--ca"])
+        .arg(&cert)
+        .args(["bench", "--nats", "nats://127.0.0.1:9", "catchup"])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(DEADLINE, out).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--nats runs only the fanout and chats scenarios"),
+        "{stderr}"
+    );
+}
