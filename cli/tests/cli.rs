@@ -308,10 +308,7 @@ async fn every_bench_scenario_runs_and_checks_its_deliveries() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_broker_is_one_readable_error_with_a_hint_not_a_backtrace() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("none.pem");
-    // A self-signed certificate is enough: nothing answers on port 9.
-    let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(&cert, key.cert.pem()).unwrap();
+    let cert = self_signed_cert(dir.path());
     let out = Command::new(env!("CARGO_BIN_EXE_volna"))
         .args(["--server", "127.0.0.1:9", "--ca"])
         .arg(&cert)
@@ -334,9 +331,7 @@ async fn no_broker_is_one_readable_error_with_a_hint_not_a_backtrace() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_comparison_is_refused_for_scenarios_it_does_not_have() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = dir.path().join("none.pem");
-    let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    std::fs::write(&cert, key.cert.pem()).unwrap();
+    let cert = self_signed_cert(dir.path());
     let out = Command::new(env!("CARGO_BIN_EXE_volna"))
         .args(["--server", "127.0.0.1:9", "--ca"])
         .arg(&cert)
@@ -350,4 +345,13 @@ async fn the_nats_comparison_is_refused_for_scenarios_it_does_not_have() {
         stderr.contains("--nats runs only the fanout and chats scenarios"),
         "{stderr}"
     );
+}
+
+/// A self-signed certificate in `dir`: enough for a CLI run that nothing
+/// answers (port 9) or that fails before connecting.
+fn self_signed_cert(dir: &std::path::Path) -> std::path::PathBuf {
+    let cert = dir.join("none.pem");
+    let key = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    cert
 }

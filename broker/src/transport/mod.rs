@@ -10,7 +10,7 @@
 //!   owning a socket, an endpoint, its connections and their timers.
 //!
 //! Both accept connections through the same admission policy
-//! ([`admit`]), wait (bounded by the hello timeout) for the client's
+//! ([`Admitter`]), wait (bounded by the hello timeout) for the client's
 //! control stream, and hand both to the session; delivery streams are
 //! server-opened unidirectional streams. What this module holds is what
 //! the engines share: QUIC and endpoint settings, the persisted
