@@ -9,6 +9,11 @@
 //!                               └──spawn──▶ subscription loops ──▶ delivery streams
 //! ```
 //!
+//! Publishes are batched at every step: all those one read returns are
+//! admitted, then handed to their log as one batch (one queue hand-off,
+//! one writer wake-up), and the acks of a batch go out as one control
+//! write.
+//!
 //! Invariants:
 //! - Nothing but `Hello` is accepted before `Welcome` is sent; a connection
 //!   that sends no `Hello` within the hello timeout is closed.
@@ -53,7 +58,7 @@ use crate::auth::{Authenticator, Identity};
 use crate::config::{Config, Publishers};
 use crate::fanout::Fanout;
 use crate::limits::{Limiter, PublishGate};
-use crate::log::{AppendError, AppendInput, Appended, Logs, ProducerRef};
+use crate::log::{AppendError, AppendInput, Appended, Log, Logs, ProducerRef};
 use crate::metrics::Metrics;
 use crate::store::ProducerKey;
 use crate::subscription::{self, DeliverySink, SinkError, Start, Stopped};
@@ -69,6 +74,8 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(250);
 /// connection held 32 KiB in two 16 KiB buffers before (BENCHMARKS.md).
 const INITIAL_READ_BUFFER: usize = 1024;
 const INITIAL_WRITE_BUFFER: usize = 512;
+/// About the encoded size of one `Published` ack.
+const ACK_FRAME_BYTES: usize = 24;
 
 /// What every session shares.
 #[derive(Debug)]
@@ -237,8 +244,20 @@ impl End {
     }
 }
 
-type AckResult = (u64, Instant, Result<Appended, AppendError>);
-type PendingAck = Pin<Box<dyn Future<Output = AckResult> + Send>>;
+/// A submitted batch's request ids, when it was started, and each
+/// publish's outcome, in the same order.
+type BatchAcks = (Vec<u64>, Instant, Vec<Result<Appended, AppendError>>);
+type PendingAcks = Pin<Box<dyn Future<Output = BatchAcks> + Send>>;
+
+/// Publishes decoded from one read, admitted and not yet submitted: they
+/// go to their log as one batch, so a burst costs one hand-off to the
+/// writer and one control write for its acks.
+struct PublishBatch {
+    log: Log,
+    request_ids: Vec<u64>,
+    inputs: Vec<AppendInput>,
+    started: Instant,
+}
 
 /// Runs a session over an accepted control stream until it ends, then
 /// closes the connection with the matching code.
@@ -318,7 +337,7 @@ struct Session<C: Connection> {
     conn: Arc<C>,
     /// Frames boxed: the queue allocates its slots in blocks of 32, and 32
     /// unboxed frames cost every idle connection 2.8 KB.
-    control: mpsc::Sender<Box<Frame>>,
+    control: mpsc::Sender<Box<Outgoing>>,
     /// Fired by the control writer when the client took no frame for
     /// `limits.control_stall_secs`.
     stalled: CancellationToken,
@@ -402,7 +421,11 @@ impl<C: Connection> Session<C> {
             max_frame: self.ctx.config.limits.max_frame(),
         };
         let max_inflight = self.ctx.config.limits.max_inflight_publishes as usize;
-        let mut pending: FuturesUnordered<PendingAck> = FuturesUnordered::new();
+        let mut pending: FuturesUnordered<PendingAcks> = FuturesUnordered::new();
+        // Publishes submitted and not yet acknowledged, and those admitted
+        // since the last submit.
+        let mut inflight = 0usize;
+        let mut batch: Option<PublishBatch> = None;
         let shutdown = self.ctx.shutdown.clone();
         let kick = self.kick.clone();
         let notice_secs = self.ctx.config.auth.expiry_notice_secs;
@@ -417,12 +440,31 @@ impl<C: Connection> Session<C> {
         let mut end = None;
         while end.is_none() {
             // Serve frames already buffered before reading more.
-            if pending.len() < max_inflight {
+            let admitted = batch.as_ref().map_or(0, |b| b.inputs.len());
+            if inflight + admitted < max_inflight {
                 match volna_proto::decode(&mut buf, &limits) {
-                    Ok(Some(frame)) => {
-                        if let Some(ack) = Box::pin(self.handle(frame)).await {
-                            pending.push(ack);
+                    Ok(Some(Frame::Publish(publish))) => {
+                        let request_id = publish.request_id;
+                        if let Some(input) = Box::pin(self.admit_publish(publish)).await {
+                            let log = self.ctx.logs.for_channel(&input.channel);
+                            if batch.as_ref().is_some_and(|b| !b.log.is(log)) {
+                                self.submit(batch.take(), &mut pending, &mut inflight).await;
+                            }
+                            let batch = batch.get_or_insert_with(|| PublishBatch {
+                                log: log.clone(),
+                                request_ids: Vec::new(),
+                                inputs: Vec::new(),
+                                started: Instant::now(),
+                            });
+                            batch.request_ids.push(request_id);
+                            batch.inputs.push(input);
                         }
+                        continue;
+                    }
+                    Ok(Some(frame)) => {
+                        // Requests after publishes are answered after them.
+                        self.submit(batch.take(), &mut pending, &mut inflight).await;
+                        Box::pin(self.handle(frame)).await;
                         if std::mem::take(&mut self.token_changed) {
                             let (n, e) = token_deadlines(expires_at(self), notice_secs);
                             self.expires_at = e;
@@ -434,11 +476,15 @@ impl<C: Connection> Session<C> {
                     }
                     Ok(None) => {}
                     Err(e) => {
+                        self.submit(batch.take(), &mut pending, &mut inflight).await;
                         end = Some(self.protocol_error(0, &e).await);
                         continue;
                     }
                 }
             }
+            // Everything the last read held is decoded (or the in-flight
+            // limit is reached): what was admitted goes to the log.
+            self.submit(batch.take(), &mut pending, &mut inflight).await;
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
@@ -454,13 +500,14 @@ impl<C: Connection> Session<C> {
                     self.reply_error(0, ErrorCode::Unauthorized, "the token has expired").await;
                     end = Some(End::Unauthorized);
                 }
-                Some((request_id, started, result)) = pending.next(), if !pending.is_empty() => {
-                    self.reply_append(request_id, started, result).await;
+                Some((request_ids, started, outcomes)) = pending.next(), if !pending.is_empty() => {
+                    inflight -= request_ids.len();
+                    self.reply_appends(&request_ids, started, outcomes).await;
                 }
                 Some((id, why)) = stopped.recv() => {
                     self.end_subscription(id, why.error_code(), &why.to_string()).await;
                 }
-                read = recv.read_buf(&mut buf), if pending.len() < max_inflight => {
+                read = recv.read_buf(&mut buf), if inflight < max_inflight => {
                     if !matches!(read, Ok(n) if n > 0) {
                         end = Some(End::ClientGone);
                     }
@@ -470,8 +517,8 @@ impl<C: Connection> Session<C> {
         // Publishes already handed to the log get their acks (or errors):
         // a client is never left guessing about a request we accepted.
         let drain = async {
-            while let Some((request_id, started, result)) = pending.next().await {
-                self.reply_append(request_id, started, result).await;
+            while let Some((request_ids, started, outcomes)) = pending.next().await {
+                self.reply_appends(&request_ids, started, outcomes).await;
             }
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
@@ -550,10 +597,9 @@ impl<C: Connection> Session<C> {
         Ok(())
     }
 
-    /// Handles one request; a publish returns its pending ack.
-    async fn handle(&mut self, frame: Frame) -> Option<PendingAck> {
+    /// Handles one request other than a publish.
+    async fn handle(&mut self, frame: Frame) {
         match frame {
-            Frame::Publish(publish) => return self.publish(publish).await,
             Frame::Subscribe(subscribe) => self.subscribe(subscribe).await,
             Frame::Unsubscribe {
                 request_id,
@@ -570,10 +616,11 @@ impl<C: Connection> Session<C> {
                 .await;
             }
         }
-        None
     }
 
-    async fn publish(&mut self, publish: Publish) -> Option<PendingAck> {
+    /// Checks a publish against the session's rights and limits: the input
+    /// to append when it may be, otherwise `None`, the refusal sent.
+    async fn admit_publish(&mut self, publish: Publish) -> Option<AppendInput> {
         let Publish {
             request_id,
             channel,
@@ -626,7 +673,7 @@ impl<C: Connection> Session<C> {
             .await;
             return None;
         }
-        let log = self.ctx.logs.for_channel(&channel).clone();
+        let log = self.ctx.logs.for_channel(&channel);
         if self.gate.limits_creations() && log.meta(&channel).is_none() {
             // Not resident: it may not exist, and creating channels is
             // limited per user (each is state kept until deleted).
@@ -655,25 +702,36 @@ impl<C: Connection> Session<C> {
             }),
             _ => None,
         };
-        let input = AppendInput {
+        Some(AppendInput {
             channel,
             producer,
             payload,
+        })
+    }
+
+    /// Hands an admitted batch to its log; its acks join `pending`.
+    async fn submit(
+        &self,
+        batch: Option<PublishBatch>,
+        pending: &mut FuturesUnordered<PendingAcks>,
+        inflight: &mut usize,
+    ) {
+        let Some(PublishBatch {
+            log,
+            request_ids,
+            inputs,
+            started,
+        }) = batch
+        else {
+            return;
         };
-        // Submitted here, in request order, so one connection's publishes
-        // are sequenced in the order it sent them; only the acks overlap.
-        let started = Instant::now();
-        match log.submit(input).await {
-            Ok(pending) => Some(Box::pin(
-                async move { (request_id, started, pending.await) },
-            )),
-            Err(e) => {
-                self.count_publish_error(e.error_code());
-                self.reply_error(request_id, e.error_code(), &e.to_string())
-                    .await;
-                None
-            }
-        }
+        *inflight += inputs.len();
+        // Submitted in request order, so one connection's publishes are
+        // sequenced in the order it sent them; only the acks overlap.
+        let acks = log.submit_batch(inputs).await;
+        pending.push(Box::pin(async move {
+            (request_ids, started, acks.outcomes().await)
+        }));
     }
 
     fn count_publish_error(&self, code: ErrorCode) {
@@ -684,33 +742,41 @@ impl<C: Connection> Session<C> {
             .inc();
     }
 
-    async fn reply_append(
+    /// Answers a committed batch: its acks and refusals, encoded into one
+    /// control write.
+    async fn reply_appends(
         &self,
-        request_id: u64,
+        request_ids: &[u64],
         started: Instant,
-        result: Result<Appended, AppendError>,
+        outcomes: Vec<Result<Appended, AppendError>>,
     ) {
-        match result {
-            Ok(appended) => {
-                let metrics = &self.ctx.metrics;
-                metrics.publishes.inc();
-                metrics
-                    .publish_ack_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                self.send(Frame::Published {
-                    request_id,
-                    offset: appended.offset,
-                    epoch: appended.epoch,
-                    duplicate: appended.duplicate,
-                })
-                .await
-            }
-            Err(e) => {
-                self.count_publish_error(e.error_code());
-                self.reply_error(request_id, e.error_code(), &e.to_string())
-                    .await
-            }
+        let metrics = &self.ctx.metrics;
+        let took = started.elapsed().as_secs_f64();
+        let mut replies = BytesMut::with_capacity(request_ids.len() * ACK_FRAME_BYTES);
+        for (&request_id, outcome) in request_ids.iter().zip(outcomes) {
+            let reply = match outcome {
+                Ok(appended) => {
+                    metrics.publishes.inc();
+                    metrics.publish_ack_seconds.observe(took);
+                    Frame::Published {
+                        request_id,
+                        offset: appended.offset,
+                        epoch: appended.epoch,
+                        duplicate: appended.duplicate,
+                    }
+                }
+                Err(e) => {
+                    self.count_publish_error(e.error_code());
+                    Frame::Error(ErrorFrame {
+                        request_id,
+                        code: e.error_code(),
+                        message: e.to_string(),
+                    })
+                }
+            };
+            volna_proto::encode(&reply, &mut replies);
         }
+        self.queue(Outgoing::Encoded(replies)).await;
     }
 
     async fn subscribe(&mut self, subscribe: Subscribe) {
@@ -911,7 +977,11 @@ impl<C: Connection> Session<C> {
     /// limit still win (the frame is dropped and the loop ends the session),
     /// so a session is never held open by a send it cannot complete.
     async fn send(&self, frame: Frame) {
-        let frame = Box::new(frame);
+        self.queue(Outgoing::Frame(frame)).await;
+    }
+
+    async fn queue(&self, out: Outgoing) {
+        let frame = Box::new(out);
         match self.control.try_reserve() {
             Ok(permit) => permit.send(frame),
             // The writer is gone, i.e. the stream is dead; the read side
@@ -931,6 +1001,23 @@ impl<C: Connection> Session<C> {
                     }
                 }
             }
+        }
+    }
+}
+
+/// What the control writer is asked to write.
+enum Outgoing {
+    /// One frame, encoded by the writer.
+    Frame(Frame),
+    /// Frames encoded already (a batch's acks).
+    Encoded(BytesMut),
+}
+
+impl Outgoing {
+    fn write_to(&self, buf: &mut BytesMut) {
+        match self {
+            Outgoing::Frame(frame) => volna_proto::encode(frame, buf),
+            Outgoing::Encoded(frames) => buf.extend_from_slice(frames),
         }
     }
 }
@@ -963,16 +1050,16 @@ async fn read_frame(
 /// `stall_after`.
 async fn write_control<C: Connection>(
     mut send: C::ControlSend,
-    mut rx: mpsc::Receiver<Box<Frame>>,
+    mut rx: mpsc::Receiver<Box<Outgoing>>,
     stall_after: Duration,
     stalled: CancellationToken,
 ) {
     let mut buf = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
-    while let Some(frame) = rx.recv().await {
-        volna_proto::encode(&frame, &mut buf);
+    while let Some(out) = rx.recv().await {
+        out.write_to(&mut buf);
         while buf.len() < 64 * 1024 {
             match rx.try_recv() {
-                Ok(frame) => volna_proto::encode(&frame, &mut buf),
+                Ok(out) => out.write_to(&mut buf),
                 Err(_) => break,
             }
         }

@@ -341,6 +341,98 @@ async fn a_retried_publish_is_stored_once() {
     assert_eq!(meta.len(), 2, "the retry was not stored");
 }
 
+/// One read holding a burst of requests: the publishes go to the log in
+/// batches, split where a request of another kind or a channel of the
+/// other log comes between them; every request gets its own answer and
+/// each channel stores its publishes in the order they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_mixed_requests_gets_every_answer_in_one_read() {
+    let broker = TestBroker::start_with(|c| {
+        c.limits.max_payload = 64;
+        c.namespaces.insert(
+            "typing".into(),
+            NamespaceConfig {
+                persistent: false,
+                retention: Retention {
+                    max_messages: Some(100),
+                    ..Retention::default()
+                },
+                ..NamespaceConfig::default()
+            },
+        );
+    })
+    .await;
+    let durable = channel("chat.burst");
+    let in_memory = channel("typing.burst");
+    let publish = |request_id: u64, channel: &ChannelName, payload: &str| {
+        Frame::Publish(Publish {
+            request_id,
+            channel: channel.clone(),
+            producer: None,
+            after: None,
+            payload: payload.to_owned().into(),
+        })
+    };
+    let burst = [
+        publish(1, &durable, "d1"),
+        publish(2, &durable, "d2"),
+        publish(3, &in_memory, "m1"),
+        publish(4, &durable, &"x".repeat(65)),
+        publish(5, &durable, "d3"),
+        Frame::Ping { request_id: 6 },
+        publish(7, &in_memory, "m2"),
+        publish(8, &durable, "d4"),
+    ];
+    let mut bytes = bytes::BytesMut::new();
+    for frame in &burst {
+        volna_proto::encode(frame, &mut bytes);
+    }
+    let mut raw = RawConnection::hello(&broker).await;
+    raw.send_bytes(&bytes).await;
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < burst.len() {
+        let frame = raw.next_frame().await.expect("an answer");
+        let request_id = frame.request_id().expect("a reply");
+        let answer = match frame {
+            Frame::Published {
+                offset, duplicate, ..
+            } => {
+                assert!(!duplicate);
+                format!("offset {}", offset.get())
+            }
+            Frame::Error(e) => format!("{:?}", e.code),
+            Frame::Pong { .. } => "pong".to_owned(),
+            other => panic!("unexpected {other:?}"),
+        };
+        assert!(
+            answers.insert(request_id, answer).is_none(),
+            "answered twice"
+        );
+    }
+    let answers: Vec<_> = answers.into_values().collect();
+    assert_eq!(
+        answers,
+        [
+            "offset 1",
+            "offset 2",
+            "offset 1",
+            "PayloadTooLarge",
+            "offset 3",
+            "pong",
+            "offset 2",
+            "offset 4"
+        ]
+    );
+    let client = broker.client().await;
+    for (ch, expected) in [
+        (&durable, ["d1", "d2", "d3", "d4"].as_slice()),
+        (&in_memory, ["m1", "m2"].as_slice()),
+    ] {
+        let mut sub = client.subscribe(ch, Position::FIRST).await.unwrap();
+        assert_eq!(common::next_texts(&mut sub, expected.len()).await, expected);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_in_memory_namespace_delivers_without_touching_the_durable_log() {
     let mut broker = TestBroker::start_with(|c| {

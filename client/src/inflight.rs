@@ -13,13 +13,17 @@
 //!   is stored, so a predecessor refused for a while (rate limit, a full
 //!   disk) holds its successors back instead of being overtaken.
 //!
-//! Only the first publish waiting its turn can be the next to go (every
-//! later one has it as an unsent predecessor), so a change wakes that one
-//! alone: thousands of queued publishes cost one wake-up per send, not a
+//! Each channel's queue keeps the tickets of its publishes not yet sent on
+//! the connection of the newest send, ordered: a publish may go when none
+//! of those is ahead of it, which is one look at an ordered set, however
+//! many publishes are in flight (a scan of the queue per publish made a
+//! fast publisher's cost grow with its window). Only the first of those
+//! tickets can be the next to go, so a change wakes that one alone:
+//! thousands of queued publishes cost one wake-up per send, not a
 //! stampede.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
@@ -28,13 +32,23 @@ use volna_proto::ChannelName;
 /// Every channel's in-flight publishes, in issue order.
 #[derive(Debug, Default)]
 pub(crate) struct InFlight {
-    channels: Mutex<HashMap<ChannelName, VecDeque<Arc<Entry>>>>,
-    /// Publishes waiting their turn, all channels: while none does (the
-    /// common case), a send wakes nobody and looks at no queue.
-    waiting: AtomicUsize,
+    channels: Mutex<HashMap<ChannelName, Queue>>,
 }
 
-/// One publish in flight.
+/// One channel's publishes in flight.
+#[derive(Debug, Default)]
+struct Queue {
+    /// The next publish's ticket: tickets are issue order.
+    next_ticket: u64,
+    /// Every publish in flight, by ticket.
+    entries: BTreeMap<u64, Arc<Entry>>,
+    /// The connection the newest send or turn was on (0: none yet).
+    connection: u64,
+    /// Tickets of the publishes not sent on `connection`.
+    unsent: BTreeSet<u64>,
+}
+
+/// One publish in flight. Its fields change under the registry's lock.
 #[derive(Debug, Default)]
 struct Entry {
     /// Its current sequence (0: none taken yet).
@@ -53,116 +67,138 @@ struct Entry {
 pub(crate) struct Place<'a> {
     registry: &'a InFlight,
     channel: ChannelName,
+    ticket: u64,
     entry: Arc<Entry>,
+}
+
+impl Queue {
+    /// Makes `connection` the one sends are counted on: every publish not
+    /// sent on it is unsent. Runs once per reconnect (and for a late send
+    /// on the connection before), not per publish.
+    fn count_sends_on(&mut self, connection: u64) {
+        if connection == self.connection {
+            return;
+        }
+        self.connection = connection;
+        self.unsent = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.sent_on.load(Ordering::Relaxed) != connection)
+            .map(|(ticket, _)| *ticket)
+            .collect();
+    }
+
+    /// Wakes the first unsent publish if it waits its turn: the only one a
+    /// change can let go.
+    fn wake_first(&self) {
+        if let Some(first) = self.unsent.first().and_then(|t| self.entries.get(t))
+            && first.waiting.load(Ordering::Relaxed)
+        {
+            first.woken.notify_one();
+        }
+    }
 }
 
 impl InFlight {
     /// Takes the next place in `channel`'s order.
     pub fn enter(&self, channel: &ChannelName) -> Place<'_> {
         let entry = Arc::new(Entry::default());
-        self.lock()
-            .entry(channel.clone())
-            .or_default()
-            .push_back(entry.clone());
+        let mut channels = self.lock();
+        let queue = channels.entry(channel.clone()).or_default();
+        let ticket = queue.next_ticket;
+        queue.next_ticket += 1;
+        queue.entries.insert(ticket, entry.clone());
+        queue.unsent.insert(ticket);
+        drop(channels);
         Place {
             registry: self,
             channel: channel.clone(),
+            ticket,
             entry,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, VecDeque<Arc<Entry>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelName, Queue>> {
         self.channels.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Wakes the first publish of `channel` waiting its turn: the only one
-    /// a change can let go.
-    fn wake_first(&self, channel: &ChannelName) {
-        // SeqCst with the waiter's count and its look at `sent_on`: one of
-        // the two sees the other's write (else a wake-up could be missed).
-        if self.waiting.load(Ordering::SeqCst) == 0 {
-            return;
+    /// Runs `change` on `place`'s queue, then wakes the publish that may
+    /// go next.
+    fn change(&self, place: &Place<'_>, change: impl FnOnce(&mut Queue)) {
+        let mut channels = self.lock();
+        if let Some(queue) = channels.get_mut(&place.channel) {
+            change(queue);
+            queue.wake_first();
         }
-        let channels = self.lock();
-        if let Some(first) = channels
-            .get(channel)
-            .and_then(|queue| queue.iter().find(|e| e.waiting.load(Ordering::Acquire)))
-        {
-            first.woken.notify_one();
-        }
-    }
-
-    /// Whether every publish ahead of `entry` was sent on `connection`;
-    /// if so, the sequence of the one just ahead, if any.
-    fn ready(
-        &self,
-        channel: &ChannelName,
-        entry: &Arc<Entry>,
-        connection: u64,
-    ) -> Option<Option<u64>> {
-        let channels = self.lock();
-        let queue = channels.get(channel)?;
-        let mut ahead = None;
-        for other in queue {
-            if Arc::ptr_eq(other, entry) {
-                return Some(ahead);
-            }
-            if other.sent_on.load(Ordering::SeqCst) != connection {
-                return None;
-            }
-            ahead = Some(other.sequence.load(Ordering::Acquire));
-        }
-        None
     }
 }
 
 impl Place<'_> {
-    /// Waits until this publish may be sent on `connection`; returns the
-    /// sequence it must follow (`after`).
+    /// Waits until this publish may be sent on `connection`: every publish
+    /// of the channel issued before it was sent there. Returns the sequence
+    /// of the one just ahead, which it must follow (`after`).
     pub async fn turn(&self, connection: u64) -> Option<u64> {
-        let _waiting = Waiting::new(self.registry, &self.entry);
+        let _waiting = Waiting::new(&self.entry);
         loop {
             // A wake-up between the check and the wait is kept (a permit).
             let woken = self.entry.woken.notified();
-            if let Some(after) = self.registry.ready(&self.channel, &self.entry, connection) {
+            if let Some(after) = self.ready(connection) {
                 return after;
             }
             woken.await;
         }
     }
 
+    fn ready(&self, connection: u64) -> Option<Option<u64>> {
+        let mut channels = self.registry.lock();
+        let queue = channels.get_mut(&self.channel)?;
+        queue.count_sends_on(connection);
+        if queue.unsent.range(..self.ticket).next().is_some() {
+            return None;
+        }
+        Some(
+            queue
+                .entries
+                .range(..self.ticket)
+                .next_back()
+                .map(|(_, ahead)| ahead.sequence.load(Ordering::Relaxed)),
+        )
+    }
+
     /// This publish was queued on `connection` with `sequence`.
     pub fn sent(&self, connection: u64, sequence: u64) {
-        self.entry.sequence.store(sequence, Ordering::Release);
-        self.entry.sent_on.store(connection, Ordering::SeqCst);
-        self.registry.wake_first(&self.channel);
+        self.registry.change(self, |queue| {
+            self.entry.sequence.store(sequence, Ordering::Relaxed);
+            self.entry.sent_on.store(connection, Ordering::Relaxed);
+            queue.count_sends_on(connection);
+            queue.unsent.remove(&self.ticket);
+        });
     }
 
     /// This publish was refused and will be sent again: those behind it
     /// wait for that.
     pub fn unsent(&self) {
-        self.entry.sent_on.store(0, Ordering::Release);
+        self.registry.change(self, |queue| {
+            self.entry.sent_on.store(0, Ordering::Relaxed);
+            queue.unsent.insert(self.ticket);
+        });
     }
 }
 
 /// Marks an entry as waiting its turn while it lives (also when the wait
 /// is cancelled).
-struct Waiting<'a>(&'a InFlight, &'a Entry);
+struct Waiting<'a>(&'a Entry);
 
 impl<'a> Waiting<'a> {
-    fn new(registry: &'a InFlight, entry: &'a Entry) -> Self {
-        // Counted before the entry is marked, so that a send that sees the
-        // mark also sees the count.
-        registry.waiting.fetch_add(1, Ordering::SeqCst);
-        entry.waiting.store(true, Ordering::Release);
-        Self(registry, entry)
+    fn new(entry: &'a Entry) -> Self {
+        entry.waiting.store(true, Ordering::Relaxed);
+        Self(entry)
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.1.waiting.store(false, Ordering::Release);
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
+        self.0.waiting.store(false, Ordering::Relaxed);
     }
 }
 
@@ -170,13 +206,14 @@ impl Drop for Place<'_> {
     fn drop(&mut self) {
         let mut channels = self.registry.lock();
         if let Some(queue) = channels.get_mut(&self.channel) {
-            queue.retain(|e| !Arc::ptr_eq(e, &self.entry));
-            if queue.is_empty() {
+            queue.entries.remove(&self.ticket);
+            queue.unsent.remove(&self.ticket);
+            if queue.entries.is_empty() {
                 channels.remove(&self.channel);
+            } else {
+                queue.wake_first();
             }
         }
-        drop(channels);
-        self.registry.wake_first(&self.channel);
     }
 }
 

@@ -570,9 +570,12 @@ impl Sequencer {
 /// What the log's threads are asked to do.
 #[derive(Debug)]
 enum Command {
+    /// Appends sequenced in their order, with one reply holding an outcome
+    /// per append: a connection's burst of publishes is one hand-off and
+    /// one wake-up, not one per publish.
     Append {
-        input: AppendInput,
-        reply: oneshot::Sender<Result<Appended, AppendError>>,
+        inputs: Vec<AppendInput>,
+        reply: BatchReply,
     },
     /// Bytes freed by retention are subtracted by the writer, which checks
     /// that the cut still starts where the channel does.
@@ -711,10 +714,64 @@ enum ReadRequest {
     },
 }
 
+/// The outcome of each append of one submitted batch, in its order.
+type BatchReply = oneshot::Sender<Vec<Result<Appended, AppendError>>>;
+
 /// The ack of a submitted append; resolves once the batch holding it was
 /// committed (or failed).
 #[derive(Debug)]
 pub struct PendingAppend(oneshot::Receiver<Result<Appended, AppendError>>);
+
+/// The acks of a submitted batch of appends, in submission order; each
+/// resolves once the group commit holding it was written (or failed).
+#[derive(Debug)]
+pub struct PendingBatch(PendingAcks);
+
+#[derive(Debug)]
+enum PendingAcks {
+    /// This node's writer answers the whole batch at once.
+    Local {
+        reply: oneshot::Receiver<Vec<Result<Appended, AppendError>>>,
+        appends: usize,
+    },
+    /// Each append went through its partition's group on its own.
+    Replicated(Vec<Result<PendingAppend, AppendError>>),
+}
+
+impl PendingBatch {
+    /// How many appends the batch holds.
+    pub fn len(&self) -> usize {
+        match &self.0 {
+            PendingAcks::Local { appends, .. } => *appends,
+            PendingAcks::Replicated(each) => each.len(),
+        }
+    }
+
+    /// Whether the batch holds no append.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every append's outcome, in submission order.
+    pub async fn outcomes(self) -> Vec<Result<Appended, AppendError>> {
+        match self.0 {
+            PendingAcks::Local { reply, appends } => match reply.await {
+                Ok(outcomes) => outcomes,
+                Err(_) => vec![Err(AppendError::ShuttingDown); appends],
+            },
+            PendingAcks::Replicated(each) => {
+                let mut outcomes = Vec::with_capacity(each.len());
+                for pending in each {
+                    outcomes.push(match pending {
+                        Ok(pending) => pending.await,
+                        Err(e) => Err(e),
+                    });
+                }
+                outcomes
+            }
+        }
+    }
+}
 
 impl PendingAppend {
     /// The ack `reply` will send.
@@ -952,26 +1009,43 @@ impl LogThreads {
 impl Log {
     /// Appends one message; resolves once it is durable (G2).
     pub async fn append(&self, input: AppendInput) -> Result<Appended, AppendError> {
-        self.submit(input).await?.await
+        let outcome = self.submit_batch(vec![input]).await.outcomes().await.pop();
+        outcome.unwrap_or(Err(AppendError::ShuttingDown))
     }
 
-    /// Queues one append, waiting only for room in the writer's queue, and
-    /// returns the pending ack. Appends submitted one after the other are
-    /// sequenced in that order.
-    pub async fn submit(&self, input: AppendInput) -> Result<PendingAppend, AppendError> {
+    /// Queues appends as one batch, waiting only for room in the writer's
+    /// queue, and returns their pending acks. They are sequenced in their
+    /// order, after every batch submitted before. An append that could not
+    /// be queued (the log is closing) gets its error in the outcomes.
+    pub async fn submit_batch(&self, inputs: Vec<AppendInput>) -> PendingBatch {
+        let appends = inputs.len();
+        let refused = || {
+            PendingBatch(PendingAcks::Replicated(
+                (0..appends)
+                    .map(|_| Err(AppendError::ShuttingDown))
+                    .collect(),
+            ))
+        };
         if self.closed.load(Ordering::SeqCst) {
-            return Err(AppendError::ShuttingDown);
+            return refused();
         }
         if let Some(replication) = self.replication.get() {
-            return replication.submit(input).await;
+            let mut each = Vec::with_capacity(appends);
+            for input in inputs {
+                each.push(replication.submit(input).await);
+            }
+            return PendingBatch(PendingAcks::Replicated(each));
         }
         let (reply, rx) = oneshot::channel();
-        let bytes = input.payload.len();
-        self.commands
-            .send_sized(Command::Append { input, reply }, bytes)
+        let bytes = inputs.iter().map(|input| input.payload.len()).sum();
+        match self
+            .commands
+            .send_sized(Command::Append { inputs, reply }, bytes)
             .await
-            .map_err(|_| AppendError::ShuttingDown)?;
-        Ok(PendingAppend(rx))
+        {
+            Ok(()) => PendingBatch(PendingAcks::Local { reply: rx, appends }),
+            Err(_) => refused(),
+        }
     }
 
     /// Asks the writer to apply a retention cut. Skipped (false) when the
@@ -1000,6 +1074,11 @@ impl Log {
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         rx.await.unwrap_or(Err(AppendError::ShuttingDown))
+    }
+
+    /// Whether `other` is a handle to this same log.
+    pub fn is(&self, other: &Log) -> bool {
+        Arc::ptr_eq(&self.closed, &other.closed)
     }
 
     /// Routes appends, deletes and trims through a cluster's partition
@@ -1238,10 +1317,10 @@ impl Writer {
             let mut next = first;
             while let Some(queued) = next.take() {
                 match queued.item {
-                    Command::Append { input, reply } => {
-                        bytes += input.payload.len();
-                        batch.appends.push(input);
-                        batch.replies.push(reply);
+                    Command::Append { inputs, reply } => {
+                        bytes += inputs.iter().map(|i| i.payload.len()).sum::<usize>();
+                        batch.replies.push((reply, inputs.len()));
+                        batch.appends.extend(inputs);
                     }
                     Command::Trim(trim) => batch.trims.push(trim),
                     Command::Delete { channel, reply } => {
@@ -1382,11 +1461,14 @@ impl Writer {
             .fail(&e.to_string());
             return false;
         }
-        for (reply, outcome) in replies.into_iter().zip(prepared.outcomes) {
-            let _ = reply.send(match outcome {
+        let mut outcomes = std::mem::take(&mut prepared.outcomes)
+            .into_iter()
+            .map(|outcome| match outcome {
                 Outcome::Stored(appended) => Ok(appended),
                 Outcome::Refused(e) => Err(e),
             });
+        for (reply, appends) in replies {
+            let _ = reply.send(outcomes.by_ref().take(appends).collect());
         }
         if let (Some(reply), Some((_, meta))) = (delete_reply, prepared.deleted.pop()) {
             let _ = reply.send(Ok(meta));
@@ -1495,7 +1577,8 @@ fn splitmix64(state: &mut u64) -> u64 {
 #[derive(Default)]
 struct Batch {
     appends: Vec<AppendInput>,
-    replies: Vec<oneshot::Sender<Result<Appended, AppendError>>>,
+    /// Who submitted the appends, in order, and how many each did.
+    replies: Vec<(BatchReply, usize)>,
     trims: Vec<Trim>,
     delete: Option<(ChannelName, DeleteReply)>,
     expired_producers: Vec<ProducerKey>,
@@ -1513,8 +1596,8 @@ impl Batch {
 
     /// Tells everyone waiting that nothing of the batch was stored.
     fn fail(self, why: &str) {
-        for reply in self.replies {
-            let _ = reply.send(Err(AppendError::Storage(why.to_owned())));
+        for (reply, appends) in self.replies {
+            let _ = reply.send(vec![Err(AppendError::Storage(why.to_owned())); appends]);
         }
         if let Some((_, reply)) = self.delete {
             let _ = reply.send(Err(AppendError::Storage(why.to_owned())));
@@ -1939,6 +2022,67 @@ mod tests {
         let chat = ChannelName::new("chat.a").expect("name");
         let stored = store.load_channel(&chat).expect("load").expect("stored");
         assert_eq!(stored.next_offset, Offset::new(3));
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_sequenced_in_its_order_with_an_outcome_per_append() {
+        let store = Arc::new(MemoryStore::new());
+        let recorder = Arc::new(Recorder::default());
+        let threads = start(
+            store.clone(),
+            recorder.clone(),
+            Durability::Wal,
+            &EngineConfig::default(),
+            Arc::new(Metrics::new()),
+        )
+        .expect("log");
+        let log = threads.log().clone();
+        let outcome = |r: &Result<Appended, AppendError>| {
+            r.as_ref().map(|a| (a.offset.get(), a.duplicate)).ok()
+        };
+        let first = log
+            .submit_batch(vec![
+                input("chat.a", Some((7, 1)), "a1"),
+                input("chat.b", None, "b1"),
+                input("chat.a", Some((7, 2)), "a2"),
+                // A retry of the first, in the same batch: a duplicate.
+                input("chat.a", Some((7, 1)), "a1"),
+            ])
+            .await;
+        assert_eq!(first.len(), 4);
+        // Submitted before the first resolves: sequenced after it.
+        let second = log
+            .submit_batch(vec![input("chat.a", Some((7, 3)), "a3")])
+            .await;
+        let first = first.outcomes().await;
+        assert_eq!(
+            first.iter().map(outcome).collect::<Vec<_>>(),
+            [
+                Some((1, false)),
+                Some((1, false)),
+                Some((2, false)),
+                Some((1, true))
+            ]
+        );
+        let second = second.outcomes().await;
+        assert_eq!(
+            second.iter().map(outcome).collect::<Vec<_>>(),
+            [Some((3, false))]
+        );
+        threads.shutdown();
+        // A closed log refuses every append of a batch, each with its error.
+        let refused = log
+            .submit_batch(vec![input("chat.a", None, "x"), input("chat.b", None, "y")])
+            .await
+            .outcomes()
+            .await;
+        assert_eq!(
+            refused,
+            [
+                Err(AppendError::ShuttingDown),
+                Err(AppendError::ShuttingDown)
+            ]
+        );
     }
 
     #[tokio::test]
