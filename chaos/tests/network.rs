@@ -243,6 +243,14 @@ async fn a_client_that_moves_between_shards_keeps_its_session() {
         let last = *history.acked.keys().next_back().unwrap();
         got.extend(read_through(&mut sub, last, DEADLINE).await);
         proxy.rebind();
+        // The proxy moves to a new address on the client's next datagram:
+        // a request makes one at once. (A client that only received would
+        // send its next ACK late, and a whole run could cross shards just
+        // once or twice.)
+        subscriber
+            .publish(&ChannelName::new("chat.roam-ping").unwrap(), "ping")
+            .await
+            .unwrap();
     }
     history.check(&got).unwrap();
     assert!(subscriber.is_connected());
