@@ -8,11 +8,6 @@ VOLNA_NEED_NEXTEST=1 source scripts/prereqs.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast
-# The broker's and the chaos suite again over the shard transport
-# (engine.transport = "shards"; the tests and the broker binary both read
-# this override), until it replaces the quinn engine.
-VOLNA_ENGINE__TRANSPORT=shards cargo nextest run --workspace --locked --no-fail-fast \
-    -E 'package(volna-broker) | package(volna-chaos)'
 # Benchmarks in test mode: each runs once, so they keep compiling and working.
 cargo test --workspace --benches --locked
 # The quick start's scripts use what was just built: nothing may be left to

@@ -26,19 +26,6 @@ pub enum Durability {
     Fsync,
 }
 
-/// Which implementation of the QUIC transport serves devices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportEngine {
-    /// quinn's high-level API: a task, an event channel and a transmit
-    /// buffer per connection.
-    #[default]
-    Quinn,
-    /// `quinn-proto` driven directly by per-core shards: one loop, socket
-    /// and timer set per shard, connections as entries in its table.
-    Shards,
-}
-
 /// How much of a channel's log is kept. Unset limits do not apply.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,9 +214,8 @@ pub struct EngineConfig {
     pub max_resident_channels: usize,
     /// How often retention runs, in milliseconds.
     pub retention_interval_ms: u64,
-    /// Which QUIC transport serves devices.
-    pub transport: TransportEngine,
-    /// Transport shards (`transport = "shards"`): 0 means one per core.
+    /// QUIC transport shards, each a loop with its own socket, endpoint
+    /// and connections: 0 means one per core.
     pub shards: usize,
 }
 
@@ -249,7 +235,6 @@ impl Default for EngineConfig {
             max_producers_per_user: 64,
             max_resident_channels: 250_000,
             retention_interval_ms: 10_000,
-            transport: TransportEngine::default(),
             shards: 0,
         }
     }

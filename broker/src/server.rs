@@ -29,7 +29,7 @@ use crate::retention::{self, Policies};
 use crate::session::BrokerContext;
 use crate::store::{LogStore, MemoryStore, RocksStore, StoreError};
 use crate::tls::{self, TlsError};
-use crate::transport::{self, Listener, TransportError};
+use crate::transport::{self, ShardedEndpoint, TransportError};
 
 /// How long shutdown waits for sessions to flush and say goodbye.
 const SESSION_GRACE: Duration = Duration::from_secs(5);
@@ -85,7 +85,7 @@ pub struct Broker {
     certificate: tls::CertReloader,
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
-    endpoint: Option<Listener>,
+    endpoint: Option<ShardedEndpoint>,
     fanout: Arc<Fanout>,
     log_threads: Option<LogThreads>,
     ephemeral_threads: Option<LogThreads>,
@@ -142,19 +142,14 @@ impl Broker {
             Duration::from_millis(config.limits.idle_timeout_ms),
             &reset_key,
         )?;
-        let mut endpoint = Listener::bind(
-            config.engine.transport,
+        let mut endpoint = ShardedEndpoint::bind(
             config.engine.shards,
             config.listen,
             config.socket_buffer_bytes,
             settings,
         )?;
-        let quic_addr = endpoint
-            .local_addr()
-            .map_err(|source| TransportError::Bind {
-                addr: config.listen,
-                source,
-            })?;
+        let quic_addr = endpoint.local_addr();
+        let endpoint_shards = endpoint.shard_count();
         let http_listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|source| StartError::Http {
@@ -326,7 +321,7 @@ impl Broker {
             http = %http_addr,
             data_dir = %config.data_dir.display(),
             durability = ?config.durability,
-            transport = ?config.engine.transport,
+            shards = endpoint_shards,
             "volna broker ready"
         );
         Ok(Self {
@@ -418,8 +413,8 @@ impl Broker {
         {
             let _ = tokio::task::spawn_blocking(move || threads.shutdown()).await;
         }
-        // The UDP socket closes once quinn's endpoint driver sees its last
-        // handle go; wait for that so a restart can bind the same port.
+        // The shards' sockets close once their loops have ended; wait for
+        // that so a restart can bind the same port.
         let addr = self.quic_addr;
         drop(self.endpoint.take());
         let deadline = tokio::time::Instant::now() + PORT_RELEASE;

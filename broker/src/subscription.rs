@@ -45,6 +45,15 @@ pub trait DeliverySink: Send + 'static {
 
     /// Ends the stream cleanly after what was sent.
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// Resolves once the client stopped the stream (or the connection
+    /// failed): what a subscription with nothing to send waits on besides
+    /// new messages, so that a stream the client gave up is noticed at
+    /// once, not at the next message, which may never come. A sink no peer
+    /// can stop never resolves.
+    fn stopped(&mut self) -> impl Future<Output = SinkError> + Send {
+        std::future::pending()
+    }
 }
 
 /// Everything a delivery loop starts from.
@@ -137,7 +146,10 @@ pub async fn run(
                 }
                 NextStep::Wait => {
                     catching_up.set(false);
-                    feed.changed().await;
+                    tokio::select! {
+                        () = feed.changed() => {}
+                        e = sink.stopped() => return Err(Stopped::Stream(e)),
+                    }
                 }
                 NextStep::Deleted => return Err(Stopped::ChannelDeleted(channel.clone())),
             }

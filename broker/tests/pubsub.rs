@@ -593,3 +593,61 @@ async fn a_client_with_several_seeds_uses_one_that_answers_and_moves_on() {
     let on_second = second.broker().log().unwrap().meta(&ch);
     assert_eq!(on_second.map(|m| m.len()), Some(1));
 }
+
+/// A client that stops a delivery stream (the client library does when
+/// no subscription claims it in time, under load) must hear that the
+/// subscription ended, so it subscribes again, instead of being left
+/// registered on the broker and silent (G8) — also when the subscription
+/// has sent everything and waits: no later message may ever come to fail
+/// a write. (Seen in a 10,000-client reconnect storm: 68 subscribers
+/// caught up, had their streams stopped, and never heard of it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_stream_the_client_stops_ends_its_subscription_with_a_notice() {
+    let broker = TestBroker::start().await;
+    let ch = channel("chat.stopped");
+    let publisher = broker.client().await;
+    for i in 0..3 {
+        publisher.publish(&ch, format!("m{i}")).await.unwrap();
+    }
+    let mut raw = RawConnection::hello(&broker).await;
+    raw.send_frame(&Frame::Subscribe(volna_proto::Subscribe {
+        request_id: 1,
+        channel: ch.clone(),
+        position: Position::FIRST,
+    }))
+    .await;
+    let subscription = match raw.next_frame().await {
+        Some(Frame::Subscribed { subscription, .. }) => subscription,
+        other => panic!("expected Subscribed, got {other:?}"),
+    };
+    let mut stream = within("the delivery stream", raw.conn.accept_uni())
+        .await
+        .unwrap();
+    // Everything is sent: the subscription waits for new messages.
+    let mut received = Vec::new();
+    while received.len() < 64 {
+        let Some(chunk) = within("the backlog", stream.read_chunk(1024, true))
+            .await
+            .unwrap()
+        else {
+            break;
+        };
+        received.extend_from_slice(&chunk.bytes);
+        if received.ends_with(b"m2") {
+            break;
+        }
+    }
+    assert!(received.ends_with(b"m2"), "the backlog was delivered");
+    stream.stop(0u32.into()).unwrap();
+    match raw.next_frame().await {
+        Some(Frame::SubscriptionEnded {
+            subscription: ended,
+            code,
+            ..
+        }) => {
+            assert_eq!(ended, subscription);
+            assert!(code.is_retryable(), "{code:?}");
+        }
+        other => panic!("expected SubscriptionEnded, got {other:?}"),
+    }
+}

@@ -212,15 +212,8 @@ async fn a_client_that_moves_between_shards_keeps_its_session() {
     // which must hand the packets to the shard owning the connection.
     // Eight moves over four shards cross shards all but certainly.
     let dir = tempfile::tempdir().unwrap();
-    let broker = BrokerProcess::start_with(
-        dir.path(),
-        "wal",
-        &[
-            ("VOLNA_ENGINE__TRANSPORT", "shards"),
-            ("VOLNA_ENGINE__SHARDS", "4"),
-        ],
-    )
-    .unwrap();
+    let broker =
+        BrokerProcess::start_with(dir.path(), "wal", &[("VOLNA_ENGINE__SHARDS", "4")]).unwrap();
     let publisher = broker.client(DEADLINE).await.unwrap();
     let proxy = ChaosProxy::start(broker.addr(), seed()).await.unwrap();
     let channel = ChannelName::new("chat.roam").unwrap();

@@ -2,19 +2,17 @@
 //! adapters between its connections and streams and a
 //! [`session`](crate::session).
 //!
-//! This is the only part of the broker that knows QUIC. Two engines serve
-//! the same protocol (`engine.transport`):
-//! - [`quinn_api`]: quinn's high-level API (a task, an event channel and a
-//!   transmit buffer per connection);
-//! - [`shard`]: `quinn-proto` driven directly by one loop per core, each
-//!   owning a socket, an endpoint, its connections and their timers.
-//!
-//! Both accept connections through the same admission policy
-//! ([`Admitter`]), wait (bounded by the hello timeout) for the client's
-//! control stream, and hand both to the session; delivery streams are
-//! server-opened unidirectional streams. What this module holds is what
-//! the engines share: QUIC and endpoint settings, the persisted
-//! stateless-reset key, the socket set-up.
+//! This is the only part of the broker that knows QUIC. [`shard`] drives
+//! `quinn-proto` directly from one loop per core, each owning a socket, an
+//! endpoint, its connections and their timers (quinn's high-level API,
+//! with a task, an event channel and a transmit buffer per connection, cost
+//! a third more memory per idle connection and lost on every benchmark;
+//! BENCHMARKS.md). A connection is admitted by [`Admitter`], waits
+//! (bounded by the hello timeout) for the client's control stream, and
+//! both go to the session; delivery streams are server-opened
+//! unidirectional streams. This module holds the QUIC and endpoint
+//! settings, the admission policy, the persisted stateless-reset key and
+//! the socket set-up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,14 +24,13 @@ use quinn::{IdleTimeout, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
 use thiserror::Error;
 use tracing::warn;
-use volna_proto::CloseCode;
 
-use crate::config::TransportEngine;
 use crate::limits::{Admission, ConnectionSlot};
 use crate::session::BrokerContext;
 
-pub mod quinn_api;
 pub mod shard;
+
+pub use shard::ShardedEndpoint;
 
 /// How long a closing session waits for its last control frames to be
 /// acknowledged before the connection is closed.
@@ -82,8 +79,7 @@ pub fn load_reset_key(dir: &std::path::Path) -> std::io::Result<[u8; 32]> {
     Ok(key)
 }
 
-/// The QUIC settings every device connection gets, whichever engine
-/// serves it.
+/// The QUIC settings every device connection gets.
 #[derive(Debug)]
 pub struct QuicSettings {
     /// Endpoint-wide settings: connection IDs and stateless resets.
@@ -152,83 +148,6 @@ impl QuicSettings {
     }
 }
 
-/// The endpoint devices connect to, served by the configured engine.
-#[derive(Debug)]
-pub enum Listener {
-    /// quinn's high-level endpoint.
-    Quinn(quinn::Endpoint),
-    /// Per-core shards over `quinn-proto`.
-    Shards(shard::ShardedEndpoint),
-}
-
-impl Listener {
-    /// Binds `addr` with `engine`, asking for `buffer_bytes` of socket
-    /// receive and send buffer (per socket).
-    ///
-    /// Every connection of a socket shares it, so a message to thousands
-    /// of subscribers comes back as thousands of ACKs at once; the
-    /// kernel's default ~200 KiB drops them (seen: 18,000 drops in one
-    /// fan-out run to 1,000 subscribers), and each drop costs a
-    /// retransmission. The kernel caps the request at `net.core.rmem_max`
-    /// / `wmem_max`: a grant below the request is logged.
-    pub fn bind(
-        engine: TransportEngine,
-        shards: usize,
-        addr: SocketAddr,
-        buffer_bytes: usize,
-        settings: QuicSettings,
-    ) -> Result<Self, TransportError> {
-        match engine {
-            TransportEngine::Quinn => {
-                quinn_api::bind(addr, buffer_bytes, settings).map(Self::Quinn)
-            }
-            TransportEngine::Shards => {
-                let shards = match shards {
-                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-                    n => n,
-                }
-                .min(MAX_SHARDS);
-                shard::ShardedEndpoint::bind(addr, buffer_bytes, settings, shards).map(Self::Shards)
-            }
-        }
-    }
-
-    /// The address devices connect to.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        match self {
-            Self::Quinn(endpoint) => endpoint.local_addr(),
-            Self::Shards(endpoint) => Ok(endpoint.local_addr()),
-        }
-    }
-
-    /// Starts serving connections with `ctx`; the returned task ends when
-    /// the endpoint is closed.
-    pub fn serve(&mut self, ctx: Arc<BrokerContext>) -> tokio::task::JoinHandle<()> {
-        match self {
-            Self::Quinn(endpoint) => tokio::spawn(quinn_api::serve(endpoint.clone(), ctx)),
-            Self::Shards(endpoint) => endpoint.serve(ctx),
-        }
-    }
-
-    /// Waits until every connection is gone.
-    pub async fn wait_idle(&self) {
-        match self {
-            Self::Quinn(endpoint) => endpoint.wait_idle().await,
-            Self::Shards(endpoint) => endpoint.wait_idle().await,
-        }
-    }
-
-    /// Closes every connection with `code`; new ones are refused.
-    pub fn close(&self, code: CloseCode) {
-        match self {
-            Self::Quinn(endpoint) => {
-                endpoint.close(VarInt::from_u32(code.0), code.reason().as_bytes())
-            }
-            Self::Shards(endpoint) => endpoint.close(code),
-        }
-    }
-}
-
 /// How often the per-address handshake table drops addresses gone quiet.
 const FORGET_ADDRESSES_EVERY: Duration = Duration::from_secs(10);
 
@@ -243,7 +162,7 @@ pub enum Decision {
     Refuse,
 }
 
-/// The admission policy both engines apply to an Initial, before any
+/// The admission policy applied to an Initial, before any
 /// cryptography: a flood costs one small packet per attempt, not a
 /// handshake. Above the broker-wide rate a client first proves its address
 /// (Retry), so spoofed sources never get further, nor into the per-address
@@ -307,18 +226,13 @@ fn close_reason(reason: &str) -> Bytes {
     Bytes::copy_from_slice(reason.as_bytes())
 }
 
-/// A UDP socket bound to `addr`; with `reuse_port`, several sockets share
-/// the address and the kernel spreads flows over them by address hash.
-fn udp_socket(
-    addr: SocketAddr,
-    buffer_bytes: usize,
-    reuse_port: bool,
-) -> std::io::Result<std::net::UdpSocket> {
+/// A UDP socket bound to `addr` that shares it (`SO_REUSEPORT`) with the
+/// other shards' sockets: the kernel spreads flows over them by address
+/// hash.
+fn udp_socket(addr: SocketAddr, buffer_bytes: usize) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
+    socket.set_reuse_port(true)?;
     if addr.is_ipv6() {
         // "[::]" serves IPv4 clients too where the OS allows dual-stack.
         let _ = socket.set_only_v6(false);

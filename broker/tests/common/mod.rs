@@ -51,15 +51,6 @@ impl TestBroker {
             http: "127.0.0.1:0".parse().unwrap(),
             ..Config::default()
         };
-        // CI runs the suite a second time over the other transport engine,
-        // named as the broker's own environment override names it.
-        if let Ok(engine) = std::env::var("VOLNA_ENGINE__TRANSPORT") {
-            config.engine.transport = match engine.as_str() {
-                "quinn" => volna_broker::config::TransportEngine::Quinn,
-                "shards" => volna_broker::config::TransportEngine::Shards,
-                other => panic!("VOLNA_ENGINE__TRANSPORT={other}: expected quinn or shards"),
-            };
-        }
         tweak(&mut config);
         let broker = Self::launch(config.clone(), store.clone()).await;
         // Restarts reuse the port so that clients reconnect to the same address.

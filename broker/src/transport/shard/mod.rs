@@ -23,9 +23,8 @@
 //! where the kernel put them.
 //!
 //! The IDs are also signed with a key derived from the persisted
-//! stateless-reset key, as the quinn engine's are: after a crash the
-//! restarted broker recognises its previous IDs and answers with stateless
-//! resets.
+//! stateless-reset key: after a crash the restarted broker recognises its
+//! previous IDs and answers with stateless resets.
 
 mod driver;
 mod streams;
@@ -58,14 +57,27 @@ pub struct ShardedEndpoint {
 }
 
 impl ShardedEndpoint {
-    /// Binds `shards` sockets to `addr` (the first one picks the port when
-    /// `addr` has none).
-    pub(super) fn bind(
+    /// Binds `shards` sockets (0: one per core) to `addr` (the first one
+    /// picks the port when `addr` has none), asking for `buffer_bytes` of
+    /// receive and send buffer per socket.
+    ///
+    /// Every connection of a socket shares it, so a message to thousands
+    /// of subscribers comes back as thousands of ACKs at once; the
+    /// kernel's default ~200 KiB drops them (seen: 18,000 drops in one
+    /// fan-out run to 1,000 subscribers), and each drop costs a
+    /// retransmission. The kernel caps the request at `net.core.rmem_max`
+    /// / `wmem_max`: a grant below the request is logged.
+    pub fn bind(
+        shards: usize,
         addr: SocketAddr,
         buffer_bytes: usize,
         settings: QuicSettings,
-        shards: usize,
     ) -> Result<Self, TransportError> {
+        let shards = match shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+        .min(super::MAX_SHARDS);
         let QuicSettings {
             endpoint,
             server,
@@ -82,7 +94,7 @@ impl ShardedEndpoint {
         let mut built = Vec::with_capacity(shards);
         let mut pending = Vec::with_capacity(shards);
         for (index, forwarded) in receivers.into_iter().enumerate() {
-            let socket = super::udp_socket(local_addr, buffer_bytes, true)
+            let socket = super::udp_socket(local_addr, buffer_bytes)
                 .map_err(|source| TransportError::Bind { addr, source })?;
             local_addr = socket
                 .local_addr()
@@ -105,13 +117,18 @@ impl ShardedEndpoint {
         })
     }
 
+    /// How many shards serve the address.
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
     /// The address the shards listen on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
     /// Starts each shard's loop; the returned task ends when they all do.
-    pub(super) fn serve(&mut self, ctx: Arc<BrokerContext>) -> tokio::task::JoinHandle<()> {
+    pub fn serve(&mut self, ctx: Arc<BrokerContext>) -> tokio::task::JoinHandle<()> {
         for (shard, io) in self.shards.iter().zip(self.pending.drain(..)) {
             self.loops.push(tokio::spawn(driver::run(
                 shard.clone(),
@@ -125,14 +142,14 @@ impl ShardedEndpoint {
     }
 
     /// Waits until no shard holds a connection.
-    pub(super) async fn wait_idle(&self) {
+    pub async fn wait_idle(&self) {
         for shard in &self.shards {
             shard.wait_idle().await;
         }
     }
 
     /// Closes every connection with `code` and refuses new ones.
-    pub(super) fn close(&self, code: CloseCode) {
+    pub fn close(&self, code: CloseCode) {
         for shard in &self.shards {
             shard.close_all(code);
         }

@@ -453,6 +453,34 @@ impl DeliverySink for DeliveryStream {
         self.finished = true;
         let _ = finish_stream(&self.conn, self.id);
     }
+
+    async fn stopped(&mut self) -> SinkError {
+        let id = self.id;
+        poll_fn(|cx| {
+            self.conn
+                .with(|conn| {
+                    if let Some(e) = &conn.error {
+                        return (Poll::Ready(SinkError(e.to_string())), false);
+                    }
+                    match conn.proto.send_stream(id).stopped() {
+                        Ok(Some(code)) => (
+                            Poll::Ready(SinkError(format!("stopped by peer: code {code}"))),
+                            false,
+                        ),
+                        Ok(None) => {
+                            park(&mut conn.waiters.stopped, id, cx.waker());
+                            (Poll::Pending, false)
+                        }
+                        Err(_) => (
+                            Poll::Ready(SinkError("the stream is closed".to_owned())),
+                            false,
+                        ),
+                    }
+                })
+                .unwrap_or_else(|| Poll::Ready(SinkError(gone().to_string())))
+        })
+        .await
+    }
 }
 
 impl Drop for DeliveryStream {
