@@ -694,6 +694,11 @@ async fn a_fourth_node_takes_partitions_over_while_publishing_goes_on_without_lo
             .next_back()
             .copied()
             .unwrap();
+        // Names the device a timeout below is about.
+        eprintln!(
+            "reading node {node}'s {} through offset {last}",
+            channels[*k]
+        );
         let delivered = read_through(sub, last, Duration::from_secs(60)).await;
         histories[*k]
             .lock()

@@ -27,7 +27,7 @@
 //!   feed the ring from then on.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -189,8 +189,6 @@ pub struct Edges {
     upstreams: DashMap<ChannelName, ()>,
     /// The leader last heard of, per partition.
     leaders: DashMap<PartitionId, NodeId>,
-    /// Whether this node replicated each partition at the last check.
-    replicated: Mutex<Vec<bool>>,
     stats: EdgeStats,
     stop: CancellationToken,
     this: Weak<Edges>,
@@ -223,7 +221,6 @@ impl Edges {
             fanout,
             upstreams: DashMap::new(),
             leaders: DashMap::new(),
-            replicated: Mutex::new(vec![false; partitions as usize]),
             stats: EdgeStats::default(),
             stop,
             this: this.clone(),
@@ -252,30 +249,24 @@ impl Edges {
         partition_of(channel.as_str(), self.partitions)
     }
 
-    /// Notices partitions this node stopped replicating (placement moved
-    /// them away) and gives their subscribed channels upstreams. Called by
-    /// the node's view loop.
+    /// Gives every subscribed channel whose partition this node does not
+    /// replicate an upstream, if it has none. Called by the node's view
+    /// loop: a transition is not enough to watch for, because an upstream
+    /// ends when its check (every [`CHECK_EVERY`]) finds the node
+    /// replicating again — e.g. leading for a moment while placement moves
+    /// the partition away — and the flip back can fall between two view
+    /// ticks, which left a node's devices silent (seen in the fourth-node
+    /// chaos test, about one run in five).
     pub fn check_partitions(&self) {
         let now: Vec<bool> = (0..self.partitions)
             .map(|p| self.replicates(PartitionId(p)))
             .collect();
-        let lost: Vec<bool> = match self.replicated.lock() {
-            Ok(mut before) => {
-                let lost = before.iter().zip(&now).map(|(b, n)| *b && !*n).collect();
-                *before = now;
-                lost
-            }
-            Err(_) => return,
-        };
-        if !lost.contains(&true) {
-            return;
-        }
         for channel in self.fanout.subscribed_channel_names() {
-            if lost
+            let replicated = now
                 .get(self.partition(&channel).0 as usize)
                 .copied()
-                .unwrap_or(false)
-            {
+                .unwrap_or(true);
+            if !replicated && !self.upstreams.contains_key(&channel) {
                 self.ensure_upstream(&channel);
             }
         }
