@@ -9,11 +9,13 @@
 //! ```
 //!
 //! - A channel gets an upstream when its first local subscriber arrives
-//!   ([`FeedWatcher::opened`]) or when this node stops replicating its
-//!   partition while it has subscribers. The upstream relays the leader's
-//!   encoded `Deliver` frames into the local feed as received, so a
-//!   message crosses the cluster once per interested node and is fanned
-//!   out locally by the same engine as a local commit.
+//!   ([`FeedWatcher::opened`]), and the node's view loop gives one to every
+//!   subscribed channel of a partition this node does not replicate (it
+//!   stopped replicating it, or its upstream ended during a move). The
+//!   upstream relays the leader's encoded `Deliver` frames into the local
+//!   feed as received, so a message crosses the cluster once per
+//!   interested node and is fanned out locally by the same engine as a
+//!   local commit.
 //! - It follows from the feed's head: what local devices lack below it
 //!   they read from the leader in ranges, so (re)attaching never leaves a
 //!   gap, and a batch heard twice is pushed once (the ring's rule).
