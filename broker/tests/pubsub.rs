@@ -341,6 +341,19 @@ async fn a_retried_publish_is_stored_once() {
     assert_eq!(meta.len(), 2, "the retry was not stored");
 }
 
+/// A namespace kept in memory only, holding its channels' last
+/// `max_messages`.
+fn in_memory_namespace(max_messages: u64) -> NamespaceConfig {
+    NamespaceConfig {
+        persistent: false,
+        retention: Retention {
+            max_messages: Some(max_messages),
+            ..Retention::default()
+        },
+        ..NamespaceConfig::default()
+    }
+}
+
 /// One read holding a burst of requests: the publishes go to the log in
 /// batches, split where a request of another kind or a channel of the
 /// other log comes between them; every request gets its own answer and
@@ -349,17 +362,8 @@ async fn a_retried_publish_is_stored_once() {
 async fn a_burst_of_mixed_requests_gets_every_answer_in_one_read() {
     let broker = TestBroker::start_with(|c| {
         c.limits.max_payload = 64;
-        c.namespaces.insert(
-            "typing".into(),
-            NamespaceConfig {
-                persistent: false,
-                retention: Retention {
-                    max_messages: Some(100),
-                    ..Retention::default()
-                },
-                ..NamespaceConfig::default()
-            },
-        );
+        c.namespaces
+            .insert("typing".into(), in_memory_namespace(100));
     })
     .await;
     let durable = channel("chat.burst");
@@ -437,17 +441,8 @@ async fn a_burst_of_mixed_requests_gets_every_answer_in_one_read() {
 async fn an_in_memory_namespace_delivers_without_touching_the_durable_log() {
     let mut broker = TestBroker::start_with(|c| {
         c.engine.retention_interval_ms = 20;
-        c.namespaces.insert(
-            "typing".into(),
-            NamespaceConfig {
-                persistent: false,
-                retention: Retention {
-                    max_messages: Some(10),
-                    ..Retention::default()
-                },
-                ..NamespaceConfig::default()
-            },
-        );
+        c.namespaces
+            .insert("typing".into(), in_memory_namespace(10));
     })
     .await;
     let ch = channel("typing.chat42");

@@ -2026,11 +2026,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_sequenced_in_its_order_with_an_outcome_per_append() {
-        let store = Arc::new(MemoryStore::new());
-        let recorder = Arc::new(Recorder::default());
         let threads = start(
-            store.clone(),
-            recorder.clone(),
+            Arc::new(MemoryStore::new()),
+            Arc::new(Recorder::default()),
             Durability::Wal,
             &EngineConfig::default(),
             Arc::new(Metrics::new()),
