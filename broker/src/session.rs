@@ -5,7 +5,7 @@
 //!  control recv ──decode──▶ session loop ──append──▶ log ──ack──┐
 //!                               │  ▲                            │
 //!                               │  └──────── pending acks ◀─────┘
-//!                               ├──▶ control writer task ──▶ control send
+//!                               ├──▶ control send (replies, written by the loop)
 //!                               └──spawn──▶ subscription loops ──▶ delivery streams
 //! ```
 //!
@@ -41,11 +41,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use dashmap::DashMap;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 use volna_proto::{
@@ -63,8 +62,9 @@ use crate::metrics::Metrics;
 use crate::store::ProducerKey;
 use crate::subscription::{self, DeliverySink, SinkError, Start, Stopped};
 
-/// Frames queued for the control stream's writer.
-const CONTROL_QUEUE: usize = 1024;
+/// Encoded replies a session may hold for a client that is slow to take
+/// them before it stops reading the client's requests.
+const MAX_UNSENT_CONTROL: usize = 64 * 1024;
 /// How long a closing session waits for acks already being committed.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a session the broker ends waits for its last control frames to
@@ -73,7 +73,6 @@ const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(250);
 /// Control-stream buffers start this small and grow with use: an idle
 /// connection held 32 KiB in two 16 KiB buffers before (BENCHMARKS.md).
 const INITIAL_READ_BUFFER: usize = 1024;
-const INITIAL_WRITE_BUFFER: usize = 512;
 /// About the encoded size of one `Published` ack.
 const ACK_FRAME_BYTES: usize = 24;
 
@@ -269,25 +268,12 @@ where
     let session_id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
     let span = info_span!("session", id = session_id);
     async move {
-        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
-        let stalled = CancellationToken::new();
-        let stall_after = Duration::from_secs(ctx.config.limits.control_stall_secs);
-        let writer = tokio::spawn(write_control::<C>(
-            send,
-            control_rx,
-            stall_after,
-            stalled.clone(),
-        ));
-        // Each delivery loop reports at most once: a slot per subscription.
-        let max_subscriptions = ctx.config.limits.max_subscriptions as usize;
-        let (stopped_tx, stopped_rx) = mpsc::channel(max_subscriptions.max(1));
+        let mut send = send;
         let mut session = Session {
             ctx: ctx.clone(),
             conn: conn.clone(),
-            control,
-            stalled,
-            expires_at: far_future(),
-            stopped: stopped_tx,
+            out: BytesMut::new(),
+            stopped: Arc::default(),
             subscriptions: HashMap::new(),
             by_channel: HashMap::new(),
             next_subscription: 1,
@@ -299,7 +285,7 @@ where
             gate: PublishGate::unlimited(),
             token_changed: false,
         };
-        let end = session.serve(session_id, recv, stopped_rx).await;
+        let end = session.serve(session_id, recv, &mut send).await;
         session.cancel.cancel();
         let metrics = &ctx.metrics;
         if session.welcomed {
@@ -313,17 +299,22 @@ where
         metrics
             .subscriptions
             .sub(session.subscriptions.len() as i64);
-        // Dropping the session drops the last sender of the control queue:
-        // the writer ends once every frame queued before the end is written.
-        // When the broker ends the session, a client that does not read
-        // gets only a short while to take its last frames: kick, expiry and
-        // shutdown must not wait on it.
+        // The last replies go out before the connection closes. When the
+        // broker ends the session, a client that does not read gets only a
+        // short while to take them: kick, expiry and shutdown must not wait
+        // on it.
+        let last = std::mem::take(&mut session.out);
         drop(session);
         let flush = match end {
             End::ClientGone => DRAIN_TIMEOUT,
             _ => CLOSE_FLUSH_TIMEOUT,
         };
-        let _ = tokio::time::timeout(flush, writer).await;
+        let written = async {
+            if send.write_all(&last).await.is_ok() {
+                C::finish_control(send).await;
+            }
+        };
+        let _ = tokio::time::timeout(flush, written).await;
         debug!(?end, "session ended");
         let code = end.close_code();
         conn.close(code, code.reason());
@@ -335,16 +326,12 @@ where
 struct Session<C: Connection> {
     ctx: Arc<BrokerContext>,
     conn: Arc<C>,
-    /// Frames boxed: the queue allocates its slots in blocks of 32, and 32
-    /// unboxed frames cost every idle connection 2.8 KB.
-    control: mpsc::Sender<Box<Outgoing>>,
-    /// Fired by the control writer when the client took no frame for
-    /// `limits.control_stall_secs`.
-    stalled: CancellationToken,
-    /// When the session's token expires (far future: never).
-    expires_at: tokio::time::Instant,
+    /// Encoded control frames the client has not taken yet. The session
+    /// loop writes them itself: no writer task or queue per connection,
+    /// and an idle session holds no buffer (it is dropped once drained).
+    out: BytesMut,
     /// Delivery loops that stopped on their own report here.
-    stopped: mpsc::Sender<(SubscriptionId, Stopped)>,
+    stopped: Arc<StopReports>,
     subscriptions: HashMap<SubscriptionId, (ChannelName, CancellationToken)>,
     by_channel: HashMap<ChannelName, SubscriptionId>,
     next_subscription: u64,
@@ -386,8 +373,9 @@ impl<C: Connection> Session<C> {
         &mut self,
         session_id: u64,
         mut recv: impl AsyncRead + Unpin + Send,
-        mut stopped: mpsc::Receiver<(SubscriptionId, Stopped)>,
+        send: &mut C::ControlSend,
     ) -> End {
+        let stopped = self.stopped.clone();
         // Small to start: most connections are idle devices, and the
         // buffer grows to the largest frame the client actually sends.
         let mut buf = BytesMut::with_capacity(INITIAL_READ_BUFFER);
@@ -399,22 +387,18 @@ impl<C: Connection> Session<C> {
         let hello = match hello {
             Err(_) => return End::HelloTimeout,
             Ok(Err(ReadError::Gone)) => return End::ClientGone,
-            Ok(Err(ReadError::Decode(e))) => return self.protocol_error(0, &e).await,
+            Ok(Err(ReadError::Decode(e))) => return self.protocol_error(0, &e),
             Ok(Ok(Frame::Hello(hello))) => hello,
             Ok(Ok(other)) => {
                 self.reply_error(
                     other.request_id().unwrap_or(0),
                     ErrorCode::UnexpectedFrame,
                     "the first frame must be Hello",
-                )
-                .await;
+                );
                 return End::ProtocolError;
             }
         };
-        // Boxed, like `handle` below: an async fn's state is as large as its
-        // largest await, and the idle connection's task should be sized by
-        // its wait for the next frame, not by its rarest request.
-        if let Err(end) = Box::pin(self.welcome(session_id, hello)).await {
+        if let Err(end) = self.welcome(session_id, hello) {
             return end;
         }
         let limits = Limits {
@@ -429,19 +413,23 @@ impl<C: Connection> Session<C> {
         let shutdown = self.ctx.shutdown.clone();
         let kick = self.kick.clone();
         let notice_secs = self.ctx.config.auth.expiry_notice_secs;
+        let stall_after = Duration::from_secs(self.ctx.config.limits.control_stall_secs);
         let expires_at = |s: &Self| s.identity.as_ref().and_then(|i| i.expires_at);
-        let (notice_at, expiry_at) = token_deadlines(expires_at(self), notice_secs);
-        self.expires_at = expiry_at;
-        let stalled = self.stalled.clone();
-        let notice = tokio::time::sleep_until(notice_at);
-        let expired = tokio::time::sleep_until(expiry_at);
-        tokio::pin!(notice, expired);
+        let (mut notice_at, mut expiry_at) = token_deadlines(expires_at(self), notice_secs);
         let mut noticed = false;
+        // When the client must have taken some of `out` (armed while it
+        // holds anything).
+        let mut stall_at: Option<tokio::time::Instant> = None;
+        // One timer for the token's notice and expiry and the stall limit:
+        // each armed timer is state an idle connection carries.
+        let timer = tokio::time::sleep_until(far_future());
+        tokio::pin!(timer);
         let mut end = None;
         while end.is_none() {
             // Serve frames already buffered before reading more.
             let admitted = batch.as_ref().map_or(0, |b| b.inputs.len());
-            if inflight + admitted < max_inflight {
+            let may_read = self.out.len() < MAX_UNSENT_CONTROL;
+            if may_read && inflight + admitted < max_inflight {
                 match volna_proto::decode(&mut buf, &limits) {
                     Ok(Some(Frame::Publish(publish))) => {
                         let request_id = publish.request_id;
@@ -464,12 +452,13 @@ impl<C: Connection> Session<C> {
                     Ok(Some(frame)) => {
                         // Requests after publishes are answered after them.
                         self.submit(batch.take(), &mut pending, &mut inflight).await;
+                        // Boxed: an async fn's state is as large as its
+                        // largest await, and the idle connection's task
+                        // should be sized by its wait for the next frame,
+                        // not by its rarest request.
                         Box::pin(self.handle(frame)).await;
                         if std::mem::take(&mut self.token_changed) {
-                            let (n, e) = token_deadlines(expires_at(self), notice_secs);
-                            self.expires_at = e;
-                            notice.as_mut().reset(n);
-                            expired.as_mut().reset(e);
+                            (notice_at, expiry_at) = token_deadlines(expires_at(self), notice_secs);
                             noticed = false;
                         }
                         continue;
@@ -477,37 +466,72 @@ impl<C: Connection> Session<C> {
                     Ok(None) => {}
                     Err(e) => {
                         self.submit(batch.take(), &mut pending, &mut inflight).await;
-                        end = Some(self.protocol_error(0, &e).await);
+                        end = Some(self.protocol_error(0, &e));
                         continue;
                     }
                 }
             }
-            // Everything the last read held is decoded (or the in-flight
-            // limit is reached): what was admitted goes to the log.
+            // Everything the last read held is decoded (or a limit is
+            // reached): what was admitted goes to the log.
             self.submit(batch.take(), &mut pending, &mut inflight).await;
+            if self.out.is_empty() {
+                stall_at = None;
+            } else if stall_at.is_none() {
+                stall_at = Some(tokio::time::Instant::now() + stall_after);
+            }
+            let wake_at = [(!noticed).then_some(notice_at), Some(expiry_at), stall_at]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or_else(far_future);
+            // Moved only to an earlier deadline (or once it fired): a timer
+            // that fires early finds nothing due and is set again, which
+            // is cheaper than moving it on every write of a busy session.
+            if wake_at < timer.deadline() || timer.is_elapsed() {
+                timer.as_mut().reset(wake_at);
+            }
+            let may_read = may_read && inflight < max_inflight;
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
                 () = kick.cancelled() => end = Some(End::Kicked),
-                () = stalled.cancelled() => end = Some(End::ControlStalled),
-                () = &mut notice, if !noticed => {
-                    noticed = true;
-                    if let Some(expires_at) = expires_at(self) {
-                        self.send(Frame::TokenExpiring { expires_at }).await;
+                () = &mut timer => {
+                    let now = tokio::time::Instant::now();
+                    if stall_at.is_some_and(|at| at <= now) {
+                        debug!(?stall_after, "the client stopped reading its control stream");
+                        end = Some(End::ControlStalled);
+                    } else if expiry_at <= now {
+                        self.reply_error(0, ErrorCode::Unauthorized, "the token has expired");
+                        end = Some(End::Unauthorized);
+                    } else if !noticed && notice_at <= now {
+                        noticed = true;
+                        if let Some(expires_at) = expires_at(self) {
+                            self.send(Frame::TokenExpiring { expires_at });
+                        }
                     }
                 }
-                () = &mut expired => {
-                    self.reply_error(0, ErrorCode::Unauthorized, "the token has expired").await;
-                    end = Some(End::Unauthorized);
-                }
+                written = send.write(&self.out), if !self.out.is_empty() => match written {
+                    Ok(n) if n > 0 => {
+                        self.out.advance(n);
+                        stall_at = None;
+                        if self.out.is_empty() {
+                            // Idle sessions hold no write buffer.
+                            self.out = BytesMut::new();
+                        }
+                    }
+                    // The client can no longer take replies.
+                    _ => end = Some(End::ClientGone),
+                },
                 Some((request_ids, started, outcomes)) = pending.next(), if !pending.is_empty() => {
                     inflight -= request_ids.len();
-                    self.reply_appends(&request_ids, started, outcomes).await;
+                    self.reply_appends(&request_ids, started, outcomes);
                 }
-                Some((id, why)) = stopped.recv() => {
-                    self.end_subscription(id, why.error_code(), &why.to_string()).await;
+                () = stopped.notify.notified() => {
+                    for (id, why) in stopped.take() {
+                        self.end_subscription(id, why.error_code(), &why.to_string());
+                    }
                 }
-                read = recv.read_buf(&mut buf), if inflight < max_inflight => {
+                read = recv.read_buf(&mut buf), if may_read => {
                     if !matches!(read, Ok(n) if n > 0) {
                         end = Some(End::ClientGone);
                     }
@@ -518,14 +542,14 @@ impl<C: Connection> Session<C> {
         // a client is never left guessing about a request we accepted.
         let drain = async {
             while let Some((request_ids, started, outcomes)) = pending.next().await {
-                self.reply_appends(&request_ids, started, outcomes).await;
+                self.reply_appends(&request_ids, started, outcomes);
             }
         };
         let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
         end.unwrap_or(End::ClientGone)
     }
 
-    async fn welcome(&mut self, session_id: u64, hello: Hello) -> Result<(), End> {
+    fn welcome(&mut self, session_id: u64, hello: Hello) -> Result<(), End> {
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol) {
             self.reply_error(
                 0,
@@ -535,8 +559,7 @@ impl<C: Connection> Session<C> {
                      {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}",
                     hello.protocol
                 ),
-            )
-            .await;
+            );
             return Err(End::ProtocolError);
         }
         // The session speaks the client's version (it is one we speak).
@@ -551,8 +574,7 @@ impl<C: Connection> Session<C> {
             Ok(identity) => identity,
             Err(e) => {
                 debug!(client = %hello.client, error = %e, "token refused");
-                self.reply_error(0, ErrorCode::Unauthorized, &e.to_string())
-                    .await;
+                self.reply_error(0, ErrorCode::Unauthorized, &e.to_string());
                 return Err(End::Unauthorized);
             }
         };
@@ -561,8 +583,7 @@ impl<C: Connection> Session<C> {
                 Ok(gate) => self.gate = gate,
                 Err(e) => {
                     debug!(client = %hello.client, error = %e, "connection refused");
-                    self.reply_error(0, ErrorCode::TooManyConnections, &e.to_string())
-                        .await;
+                    self.reply_error(0, ErrorCode::TooManyConnections, &e.to_string());
                     return Err(End::LimitExceeded);
                 }
             }
@@ -577,8 +598,7 @@ impl<C: Connection> Session<C> {
             max_frame: limits.max_frame(),
             max_payload: limits.max_payload,
             max_subscriptions: limits.max_subscriptions,
-        }))
-        .await;
+        }));
         self.welcomed = true;
         self.ctx.metrics.connections.inc();
         self.ctx.metrics.connections_opened.inc();
@@ -604,16 +624,15 @@ impl<C: Connection> Session<C> {
             Frame::Unsubscribe {
                 request_id,
                 subscription,
-            } => self.unsubscribe(request_id, subscription).await,
-            Frame::Ping { request_id } => self.send(Frame::Pong { request_id }).await,
-            Frame::Refresh { request_id, token } => self.refresh(request_id, &token).await,
+            } => self.unsubscribe(request_id, subscription),
+            Frame::Ping { request_id } => self.send(Frame::Pong { request_id }),
+            Frame::Refresh { request_id, token } => self.refresh(request_id, &token),
             other => {
                 self.reply_error(
                     other.request_id().unwrap_or(0),
                     ErrorCode::UnexpectedFrame,
                     &format!("{:?} is not a request", other.frame_type()),
-                )
-                .await;
+                );
             }
         }
     }
@@ -637,8 +656,7 @@ impl<C: Connection> Session<C> {
         {
             self.count_publish_error(ErrorCode::Forbidden);
             let msg = format!("this token may not publish to {channel}");
-            self.reply_error(request_id, ErrorCode::Forbidden, &msg)
-                .await;
+            self.reply_error(request_id, ErrorCode::Forbidden, &msg);
             return None;
         }
         let namespace = self.ctx.config.namespaces.get(channel.namespace());
@@ -650,14 +668,12 @@ impl<C: Connection> Session<C> {
                 "only server-side identities may publish to the {} namespace",
                 channel.namespace()
             );
-            self.reply_error(request_id, ErrorCode::Forbidden, &msg)
-                .await;
+            self.reply_error(request_id, ErrorCode::Forbidden, &msg);
             return None;
         }
         if let Err(e) = self.gate.check() {
             self.count_publish_error(ErrorCode::RateLimited);
-            self.reply_error(request_id, ErrorCode::RateLimited, &e.to_string())
-                .await;
+            self.reply_error(request_id, ErrorCode::RateLimited, &e.to_string());
             return None;
         }
         if payload.len() > max as usize {
@@ -669,8 +685,7 @@ impl<C: Connection> Session<C> {
                     "payload of {} bytes exceeds the limit of {max}",
                     payload.len()
                 ),
-            )
-            .await;
+            );
             return None;
         }
         let log = self.ctx.logs.for_channel(&channel);
@@ -687,7 +702,7 @@ impl<C: Connection> Session<C> {
             };
             if let Some((code, msg)) = refusal {
                 self.count_publish_error(code);
-                self.reply_error(request_id, code, &msg).await;
+                self.reply_error(request_id, code, &msg);
                 return None;
             }
         }
@@ -742,17 +757,17 @@ impl<C: Connection> Session<C> {
             .inc();
     }
 
-    /// Answers a committed batch: its acks and refusals, encoded into one
-    /// control write.
-    async fn reply_appends(
-        &self,
+    /// Answers a committed batch: its acks and refusals, written to the
+    /// control stream together.
+    fn reply_appends(
+        &mut self,
         request_ids: &[u64],
         started: Instant,
         outcomes: Vec<Result<Appended, AppendError>>,
     ) {
         let metrics = &self.ctx.metrics;
         let took = started.elapsed().as_secs_f64();
-        let mut replies = BytesMut::with_capacity(request_ids.len() * ACK_FRAME_BYTES);
+        self.out.reserve(request_ids.len() * ACK_FRAME_BYTES);
         for (&request_id, outcome) in request_ids.iter().zip(outcomes) {
             let reply = match outcome {
                 Ok(appended) => {
@@ -774,9 +789,8 @@ impl<C: Connection> Session<C> {
                     })
                 }
             };
-            volna_proto::encode(&reply, &mut replies);
+            volna_proto::encode(&reply, &mut self.out);
         }
-        self.queue(Outgoing::Encoded(replies)).await;
     }
 
     async fn subscribe(&mut self, subscribe: Subscribe) {
@@ -792,27 +806,23 @@ impl<C: Connection> Session<C> {
         {
             let msg = format!("this token may not subscribe to {channel}");
             return self
-                .reply_error(request_id, ErrorCode::Forbidden, &msg)
-                .await;
+                .reply_error(request_id, ErrorCode::Forbidden, &msg);
         }
         if self.by_channel.contains_key(&channel) {
             let msg = format!("already subscribed to {channel}");
             return self
-                .reply_error(request_id, ErrorCode::AlreadySubscribed, &msg)
-                .await;
+                .reply_error(request_id, ErrorCode::AlreadySubscribed, &msg);
         }
         let max = self.ctx.config.limits.max_subscriptions as usize;
         if self.subscriptions.len() >= max {
             let msg = format!("a connection may hold {max} subscriptions");
             return self
-                .reply_error(request_id, ErrorCode::TooManySubscriptions, &msg)
-                .await;
+                .reply_error(request_id, ErrorCode::TooManySubscriptions, &msg);
         }
         if matches!(position, Position::From { offset, .. } if offset < Offset::FIRST) {
             let msg = "offsets start at 1";
             return self
-                .reply_error(request_id, ErrorCode::BadRequest, msg)
-                .await;
+                .reply_error(request_id, ErrorCode::BadRequest, msg);
         }
         let log = self.ctx.logs.for_channel(&channel).clone();
         // Registered before the metadata is read, so that a commit in
@@ -823,8 +833,7 @@ impl<C: Connection> Session<C> {
             Err(e) => {
                 let msg = format!("cannot read {channel}: {e}");
                 return self
-                    .reply_error(request_id, ErrorCode::StorageUnavailable, &msg)
-                    .await;
+                    .reply_error(request_id, ErrorCode::StorageUnavailable, &msg);
             }
         };
         feed.observe(meta.as_ref());
@@ -841,8 +850,7 @@ impl<C: Connection> Session<C> {
             subscription: id,
             epoch,
             start: next,
-        })
-        .await;
+        });
         let conn = self.conn.clone();
         let metrics = self.ctx.metrics.clone();
         let stopped = self.stopped.clone();
@@ -861,7 +869,7 @@ impl<C: Connection> Session<C> {
                 };
                 if let Err(why) = result {
                     // The session may be gone already; then so is the client.
-                    let _ = stopped.send((id, why)).await;
+                    stopped.report(id, why);
                 }
             }
             .instrument(span),
@@ -879,18 +887,17 @@ impl<C: Connection> Session<C> {
         }
     }
 
-    async fn unsubscribe(&mut self, request_id: u64, id: SubscriptionId) {
+    fn unsubscribe(&mut self, request_id: u64, id: SubscriptionId) {
         match self.subscriptions.remove(&id) {
             Some((channel, cancel)) => {
                 self.by_channel.remove(&channel);
                 self.count_subscriptions(-1);
                 cancel.cancel();
-                self.send(Frame::Unsubscribed { request_id }).await;
+                self.send(Frame::Unsubscribed { request_id });
             }
             None => {
                 let msg = format!("no subscription {id} on this connection");
-                self.reply_error(request_id, ErrorCode::NotSubscribed, &msg)
-                    .await;
+                self.reply_error(request_id, ErrorCode::NotSubscribed, &msg);
             }
         }
     }
@@ -898,7 +905,7 @@ impl<C: Connection> Session<C> {
     /// Removes a subscription the broker ends on its own (its delivery loop
     /// stopped, its grant was revoked) and tells the client, so that it is
     /// never left registered but quiet (G8).
-    async fn end_subscription(&mut self, id: SubscriptionId, code: ErrorCode, message: &str) {
+    fn end_subscription(&mut self, id: SubscriptionId, code: ErrorCode, message: &str) {
         let Some((channel, cancel)) = self.subscriptions.remove(&id) else {
             // Unsubscribed meanwhile: the client no longer waits for it.
             return;
@@ -911,28 +918,25 @@ impl<C: Connection> Session<C> {
             subscription: id,
             code,
             message: format!("subscription to {channel} ended: {message}"),
-        })
-        .await;
+        });
     }
 
     /// Replaces the session's token with a newer one of the same user.
-    async fn refresh(&mut self, request_id: u64, token: &str) {
+    fn refresh(&mut self, request_id: u64, token: &str) {
         let Some(current) = &self.identity else {
             return;
         };
         if current.server && current.expires_at.is_none() {
             let msg = "this session does not expire; there is nothing to refresh";
             return self
-                .reply_error(request_id, ErrorCode::BadRequest, msg)
-                .await;
+                .reply_error(request_id, ErrorCode::BadRequest, msg);
         }
         let identity = match self.ctx.authenticator.refresh(current, token) {
             Ok(identity) => identity,
             Err(e) => {
                 // The session goes on under the old token until it expires.
                 return self
-                    .reply_error(request_id, ErrorCode::Unauthorized, &e.to_string())
-                    .await;
+                    .reply_error(request_id, ErrorCode::Unauthorized, &e.to_string());
             }
         };
         // Rights shrink at once: subscriptions the new token does not grant end.
@@ -944,7 +948,7 @@ impl<C: Connection> Session<C> {
             .collect();
         for id in revoked {
             let msg = "the new token does not grant this channel";
-            self.end_subscription(id, ErrorCode::Forbidden, msg).await;
+            self.end_subscription(id, ErrorCode::Forbidden, msg);
         }
         let expires_at = identity.expires_at.unwrap_or(0);
         self.identity = Some(identity);
@@ -952,73 +956,57 @@ impl<C: Connection> Session<C> {
         self.send(Frame::Refreshed {
             request_id,
             expires_at,
-        })
-        .await;
+        });
     }
 
-    async fn protocol_error(&self, request_id: u64, e: &DecodeError) -> End {
+    fn protocol_error(&mut self, request_id: u64, e: &DecodeError) -> End {
         warn!(error = %e, "protocol error; closing the connection");
-        self.reply_error(request_id, e.error_code(), &e.to_string())
-            .await;
+        self.reply_error(request_id, e.error_code(), &e.to_string());
         End::ProtocolError
     }
 
-    async fn reply_error(&self, request_id: u64, code: ErrorCode, message: &str) {
+    fn reply_error(&mut self, request_id: u64, code: ErrorCode, message: &str) {
         self.send(Frame::Error(ErrorFrame {
             request_id,
             code,
             message: message.to_owned(),
-        }))
-        .await;
+        }));
     }
 
-    /// Queues a frame for the control stream. A client that does not read
-    /// it fills the queue; then kick, shutdown, token expiry and the stall
-    /// limit still win (the frame is dropped and the loop ends the session),
-    /// so a session is never held open by a send it cannot complete.
-    async fn send(&self, frame: Frame) {
-        self.queue(Outgoing::Frame(frame)).await;
-    }
-
-    async fn queue(&self, out: Outgoing) {
-        let frame = Box::new(out);
-        match self.control.try_reserve() {
-            Ok(permit) => permit.send(frame),
-            // The writer is gone, i.e. the stream is dead; the read side
-            // will notice and end the session.
-            Err(mpsc::error::TrySendError::Closed(())) => {}
-            Err(mpsc::error::TrySendError::Full(())) => {
-                tokio::select! {
-                    biased;
-                    () = self.kick.cancelled() => {}
-                    () = self.ctx.shutdown.cancelled() => {}
-                    () = self.stalled.cancelled() => {}
-                    () = tokio::time::sleep_until(self.expires_at) => {}
-                    permit = self.control.reserve() => {
-                        if let Ok(permit) = permit {
-                            permit.send(frame);
-                        }
-                    }
-                }
-            }
-        }
+    /// Queues a frame for the control stream: the session loop writes it.
+    /// A client that does not read its replies stops being read (the
+    /// loop reads no request while `MAX_UNSENT_CONTROL` bytes wait) and is
+    /// ended by the stall limit, so what waits here stays bounded.
+    fn send(&mut self, frame: Frame) {
+        volna_proto::encode(&frame, &mut self.out);
     }
 }
 
-/// What the control writer is asked to write.
-enum Outgoing {
-    /// One frame, encoded by the writer.
-    Frame(Frame),
-    /// Frames encoded already (a batch's acks).
-    Encoded(BytesMut),
+/// Where a session's delivery loops report that they stopped on their own
+/// (each at most once, so at most `max_subscriptions` wait). A mutex and a
+/// `Notify`, not a channel: a channel's first block of slots is allocated
+/// with it, and every idle connection would carry it.
+#[derive(Default)]
+struct StopReports {
+    stopped: std::sync::Mutex<Vec<(SubscriptionId, Stopped)>>,
+    notify: tokio::sync::Notify,
 }
 
-impl Outgoing {
-    fn write_to(&self, buf: &mut BytesMut) {
-        match self {
-            Outgoing::Frame(frame) => volna_proto::encode(frame, buf),
-            Outgoing::Encoded(frames) => buf.extend_from_slice(frames),
-        }
+impl StopReports {
+    fn report(&self, id: SubscriptionId, why: Stopped) {
+        self.lock().push((id, why));
+        // Stored as a permit when the session is not waiting right now.
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<(SubscriptionId, Stopped)> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SubscriptionId, Stopped)>> {
+        self.stopped
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -1043,39 +1031,4 @@ async fn read_frame(
             _ => return Err(ReadError::Gone),
         }
     }
-}
-
-/// Writes queued control frames, coalescing whatever is queued into one
-/// write; fires `stalled` (and stops) when a write is not taken within
-/// `stall_after`.
-async fn write_control<C: Connection>(
-    mut send: C::ControlSend,
-    mut rx: mpsc::Receiver<Box<Outgoing>>,
-    stall_after: Duration,
-    stalled: CancellationToken,
-) {
-    let mut buf = BytesMut::with_capacity(INITIAL_WRITE_BUFFER);
-    while let Some(out) = rx.recv().await {
-        out.write_to(&mut buf);
-        while buf.len() < 64 * 1024 {
-            match rx.try_recv() {
-                Ok(out) => out.write_to(&mut buf),
-                Err(_) => break,
-            }
-        }
-        match tokio::time::timeout(stall_after, send.write_all(&buf)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
-            Err(_) => {
-                debug!(
-                    ?stall_after,
-                    "the client stopped reading its control stream"
-                );
-                stalled.cancel();
-                return;
-            }
-        }
-        buf.clear();
-    }
-    C::finish_control(send).await;
 }

@@ -22,7 +22,7 @@ use volna_proto::{CloseCode, Frame};
 const ADMIN: &str = "operator-token-0123456789";
 
 /// Sends Pings and never reads the Pongs, until the broker stops taking
-/// them: its control queue is full and its writer blocked on the stream.
+/// them: its unsent replies are at their bound and it stops reading.
 async fn flood_without_reading(raw: &mut RawConnection) {
     let mut batch = BytesMut::new();
     let mut request_id = 1;
