@@ -70,9 +70,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a session the broker ends waits for its last control frames to
 /// be taken before the connection is closed.
 const CLOSE_FLUSH_TIMEOUT: Duration = Duration::from_millis(250);
-/// Control-stream buffers start this small and grow with use: an idle
-/// connection held 32 KiB in two 16 KiB buffers before (BENCHMARKS.md).
+/// The control stream's read buffer while the session waits for `Hello`
+/// (a token is most of it). Buffers start small and grow with use: an
+/// idle connection held 32 KiB in two 16 KiB buffers once (BENCHMARKS.md).
 const INITIAL_READ_BUFFER: usize = 1024;
+/// After `Hello` the read buffer adapts to the client: it doubles while
+/// reads fill it (a publisher's bursts decode in one pass) up to the
+/// largest, and halves while reads are small, down to the smallest, which
+/// is what an idle device's session holds.
+const MIN_READ_BUFFER: usize = 256;
+const MAX_READ_BUFFER: usize = 64 * 1024;
 /// About the encoded size of one `Published` ack.
 const ACK_FRAME_BYTES: usize = 24;
 
@@ -314,7 +321,7 @@ where
                 C::finish_control(send).await;
             }
         };
-        let _ = tokio::time::timeout(flush, written).await;
+        let _ = Box::pin(tokio::time::timeout(flush, written)).await;
         debug!(?end, "session ended");
         let code = end.close_code();
         conn.close(code, code.reason());
@@ -379,10 +386,14 @@ impl<C: Connection> Session<C> {
         // Small to start: most connections are idle devices, and the
         // buffer grows to the largest frame the client actually sends.
         let mut buf = BytesMut::with_capacity(INITIAL_READ_BUFFER);
-        let hello = tokio::time::timeout(
+        // This and the other one-off waits (the last acks, the last
+        // replies) are boxed: an async fn's state is as large as its
+        // largest await, and the idle connection's task should be sized by
+        // its wait for the next frame.
+        let hello = Box::pin(tokio::time::timeout(
             self.ctx.config.hello_timeout(),
             read_frame(&mut recv, &mut buf, &Limits::HANDSHAKE),
-        )
+        ))
         .await;
         let hello = match hello {
             Err(_) => return End::HelloTimeout,
@@ -401,6 +412,11 @@ impl<C: Connection> Session<C> {
         if let Err(end) = self.welcome(session_id, hello) {
             return end;
         }
+        if buf.is_empty() {
+            // The token made it large; the requests that follow are small.
+            buf = BytesMut::new();
+        }
+        let mut read_size = MIN_READ_BUFFER;
         let limits = Limits {
             max_frame: self.ctx.config.limits.max_frame(),
         };
@@ -452,10 +468,7 @@ impl<C: Connection> Session<C> {
                     Ok(Some(frame)) => {
                         // Requests after publishes are answered after them.
                         self.submit(batch.take(), &mut pending, &mut inflight).await;
-                        // Boxed: an async fn's state is as large as its
-                        // largest await, and the idle connection's task
-                        // should be sized by its wait for the next frame,
-                        // not by its rarest request.
+                        // Boxed, like the hello above.
                         Box::pin(self.handle(frame)).await;
                         if std::mem::take(&mut self.token_changed) {
                             (notice_at, expiry_at) = token_deadlines(expires_at(self), notice_secs);
@@ -491,6 +504,13 @@ impl<C: Connection> Session<C> {
                 timer.as_mut().reset(wake_at);
             }
             let may_read = may_read && inflight < max_inflight;
+            if buf.is_empty() && buf.capacity() > read_size {
+                buf = BytesMut::new();
+            }
+            if buf.capacity() - buf.len() < MIN_READ_BUFFER {
+                buf.reserve(read_size);
+            }
+            let spare = buf.capacity() - buf.len();
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
@@ -531,11 +551,16 @@ impl<C: Connection> Session<C> {
                         self.end_subscription(id, why.error_code(), &why.to_string());
                     }
                 }
-                read = recv.read_buf(&mut buf), if may_read => {
-                    if !matches!(read, Ok(n) if n > 0) {
-                        end = Some(End::ClientGone);
+                read = recv.read_buf(&mut buf), if may_read => match read {
+                    Ok(n) if n > 0 => {
+                        if n >= spare {
+                            read_size = (read_size * 2).min(MAX_READ_BUFFER);
+                        } else if n <= read_size / 4 {
+                            read_size = (read_size / 2).max(MIN_READ_BUFFER);
+                        }
                     }
-                }
+                    _ => end = Some(End::ClientGone),
+                },
             }
         }
         // Publishes already handed to the log get their acks (or errors):
@@ -545,7 +570,7 @@ impl<C: Connection> Session<C> {
                 self.reply_appends(&request_ids, started, outcomes);
             }
         };
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        let _ = Box::pin(tokio::time::timeout(DRAIN_TIMEOUT, drain)).await;
         end.unwrap_or(End::ClientGone)
     }
 
@@ -743,7 +768,8 @@ impl<C: Connection> Session<C> {
         *inflight += inputs.len();
         // Submitted in request order, so one connection's publishes are
         // sequenced in the order it sent them; only the acks overlap.
-        let acks = log.submit_batch(inputs).await;
+        // Boxed: a replicated log's submit is a large state.
+        let acks = Box::pin(log.submit_batch(inputs)).await;
         pending.push(Box::pin(async move {
             (request_ids, started, acks.outcomes().await)
         }));
@@ -805,24 +831,20 @@ impl<C: Connection> Session<C> {
             .is_some_and(|i| i.may_subscribe(&channel))
         {
             let msg = format!("this token may not subscribe to {channel}");
-            return self
-                .reply_error(request_id, ErrorCode::Forbidden, &msg);
+            return self.reply_error(request_id, ErrorCode::Forbidden, &msg);
         }
         if self.by_channel.contains_key(&channel) {
             let msg = format!("already subscribed to {channel}");
-            return self
-                .reply_error(request_id, ErrorCode::AlreadySubscribed, &msg);
+            return self.reply_error(request_id, ErrorCode::AlreadySubscribed, &msg);
         }
         let max = self.ctx.config.limits.max_subscriptions as usize;
         if self.subscriptions.len() >= max {
             let msg = format!("a connection may hold {max} subscriptions");
-            return self
-                .reply_error(request_id, ErrorCode::TooManySubscriptions, &msg);
+            return self.reply_error(request_id, ErrorCode::TooManySubscriptions, &msg);
         }
         if matches!(position, Position::From { offset, .. } if offset < Offset::FIRST) {
             let msg = "offsets start at 1";
-            return self
-                .reply_error(request_id, ErrorCode::BadRequest, msg);
+            return self.reply_error(request_id, ErrorCode::BadRequest, msg);
         }
         let log = self.ctx.logs.for_channel(&channel).clone();
         // Registered before the metadata is read, so that a commit in
@@ -832,8 +854,7 @@ impl<C: Connection> Session<C> {
             Ok(meta) => meta,
             Err(e) => {
                 let msg = format!("cannot read {channel}: {e}");
-                return self
-                    .reply_error(request_id, ErrorCode::StorageUnavailable, &msg);
+                return self.reply_error(request_id, ErrorCode::StorageUnavailable, &msg);
             }
         };
         feed.observe(meta.as_ref());
@@ -928,15 +949,13 @@ impl<C: Connection> Session<C> {
         };
         if current.server && current.expires_at.is_none() {
             let msg = "this session does not expire; there is nothing to refresh";
-            return self
-                .reply_error(request_id, ErrorCode::BadRequest, msg);
+            return self.reply_error(request_id, ErrorCode::BadRequest, msg);
         }
         let identity = match self.ctx.authenticator.refresh(current, token) {
             Ok(identity) => identity,
             Err(e) => {
                 // The session goes on under the old token until it expires.
-                return self
-                    .reply_error(request_id, ErrorCode::Unauthorized, &e.to_string());
+                return self.reply_error(request_id, ErrorCode::Unauthorized, &e.to_string());
             }
         };
         // Rights shrink at once: subscriptions the new token does not grant end.
