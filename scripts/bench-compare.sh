@@ -87,8 +87,10 @@ run chats chats --channels 500 --subscribers 4 --messages 200
 run "volna-chats-10" chats --channels 500 --subscribers 4 --messages 100 --rate 5000
 [ -n "$nats" ] && run "nats-chats-10" chats --channels 500 --subscribers 4 --messages 100 --rate 5000 --nats "$nats"
 run catchup catchup --subscribers 10 --messages 200000
-run connections connections --connections "${VOLNA_BENCH_CONNECTIONS:-20000}" --hold-secs 10 --timeout-secs 900
-run storm storm --connections 3000 --messages 400 --rate 20
+# Idle connections and reconnect storms at the sizes of issue 13's table
+# (VOLNA_BENCH_CONNECTIONS / VOLNA_BENCH_STORM for a quicker run).
+run connections connections --connections "${VOLNA_BENCH_CONNECTIONS:-100000}" --hold-secs 10 --timeout-secs 900
+run storm storm --connections "${VOLNA_BENCH_STORM:-10000}" --messages 400 --rate 20
 
 python3 -c "import matplotlib" 2>/dev/null || pip install --quiet matplotlib
 python3 scripts/plot-bench.py "$results" "$out/fanout.svg"

@@ -56,6 +56,10 @@ impl Transport {
         };
         let mut tls = tls_config(&config.trust, config.client_certificate.as_ref())?;
         tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
+        // Resumption tickets for this client's seeds only: rustls' default
+        // cache is sized for 256 servers and allocated up front, 5.7 KB of
+        // every client (BENCHMARKS.md), and a process may hold many.
+        tls.resumption = rustls::client::Resumption::in_memory_sessions(servers.len().max(1));
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
         let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
@@ -309,11 +313,12 @@ pub(crate) struct Live {
     /// The latest `TokenExpiring` notice: when the token expires.
     token_expiring: watch::Sender<Option<u64>>,
     /// Subscriptions the broker ended on its own, for the supervisor.
-    ended_tx: mpsc::Sender<Ended>,
+    /// Boxed: the queue's first block of 32 slots is allocated with it.
+    ended_tx: mpsc::Sender<Box<Ended>>,
     /// Ended before their `Subscribed` reply was routed (the reply and the
     /// end arrive back to back): told to the subscribe when it routes.
     ended_early: Mutex<HashMap<SubscriptionId, (volna_proto::ErrorCode, String)>>,
-    ended_rx: tokio::sync::Mutex<mpsc::Receiver<Ended>>,
+    ended_rx: tokio::sync::Mutex<mpsc::Receiver<Box<Ended>>>,
 }
 
 /// A request whose caller may give up (its future dropped) before it takes
@@ -481,7 +486,7 @@ impl Live {
     /// The next subscription the broker ended on its own.
     pub async fn next_ended(&self) -> Ended {
         match self.ended_rx.lock().await.recv().await {
-            Some(ended) => ended,
+            Some(ended) => *ended,
             // Never: `self` holds a sender.
             None => std::future::pending().await,
         }
@@ -602,7 +607,7 @@ async fn read_control(live: Arc<Live>, mut recv: quinn::RecvStream, mut buf: Byt
                 };
                 debug!(channel = %sub.channel, %code, %message, "the broker ended a subscription");
                 let ended = Ended { sub, code, message };
-                if live.ended_tx.send(ended).await.is_err() {
+                if live.ended_tx.send(Box::new(ended)).await.is_err() {
                     break;
                 }
             }

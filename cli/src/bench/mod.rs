@@ -107,6 +107,15 @@ pub struct BenchArgs {
     /// the kernel's `net.core.rmem_max` / `wmem_max`).
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub socket_buffer: usize,
+    /// How often each client pings an idle connection (0: the client
+    /// library's defaults, 5 s pings and a 15 s idle timeout); the clients'
+    /// idle timeout becomes three intervals. Phones use longer intervals
+    /// to save battery; with hundreds of thousands of connections on one
+    /// box the generator's and the broker's cores go to keep-alives at
+    /// 5 s. The broker's `limits.idle_timeout_ms` (30 s by default) must
+    /// exceed an interval.
+    #[arg(long, default_value_t = 0)]
+    pub keep_alive_secs: u64,
     /// Run `fanout` or `chats` against this NATS server (core NATS, e.g.
     /// `nats://127.0.0.1:4222`) instead of a Volna broker.
     #[arg(long, value_name = "URL")]
@@ -138,6 +147,10 @@ impl Target {
         // Publishers keep as many publishes in flight as the broker's
         // default producer window still recognises as retries (256).
         client.max_inflight_publishes = PUBLISH_INFLIGHT;
+        if args.keep_alive_secs > 0 {
+            client.keep_alive = std::time::Duration::from_secs(args.keep_alive_secs);
+            client.idle_timeout = client.keep_alive * 3;
+        }
         Ok(Self {
             endpoints: workload::bind_endpoints(
                 client
