@@ -177,7 +177,7 @@ pub fn server_tls(config: &Config) -> Result<ServerTls, TlsError> {
 /// x86 CPUs have no instructions for (SHA-256 has them): in a reconnect
 /// storm SHA-512 alone was 4.9% of the broker's CPU. AES-128-GCM is the
 /// suite QUIC's Initial packets use anyway.
-pub fn prefer_sha256_suites(
+fn prefer_sha256_suites(
     mut provider: rustls::crypto::CryptoProvider,
 ) -> rustls::crypto::CryptoProvider {
     provider

@@ -120,6 +120,27 @@ impl ConnRef {
         .await
     }
 
+    /// Waits until the send stream `id` can take nothing more.
+    async fn send_ended(&self, id: StreamId) -> SendEnd {
+        poll_fn(|cx| {
+            self.with(|conn| {
+                if let Some(e) = &conn.error {
+                    return (Poll::Ready(SendEnd::Failed(e.clone())), false);
+                }
+                match conn.proto.send_stream(id).stopped() {
+                    Ok(Some(code)) => (Poll::Ready(SendEnd::Stopped(code)), false),
+                    Ok(None) => {
+                        park(&mut conn.waiters.stopped, id, cx.waker());
+                        (Poll::Pending, false)
+                    }
+                    Err(_) => (Poll::Ready(SendEnd::Closed), false),
+                }
+            })
+            .unwrap_or(Poll::Ready(SendEnd::Failed(gone())))
+        })
+        .await
+    }
+
     /// Closes the connection with an application `code`.
     pub(super) fn close(&self, code: CloseCode, reason: &str) {
         self.with(|conn| {
@@ -131,6 +152,17 @@ impl ConnRef {
             ((), true)
         });
     }
+}
+
+/// How a send stream ended.
+enum SendEnd {
+    /// The client stopped it (`STOP_SENDING`) with this code.
+    Stopped(VarInt),
+    /// It is gone from the connection: finished and fully acknowledged,
+    /// or reset.
+    Closed,
+    /// The connection failed or is gone.
+    Failed(ConnectionError),
 }
 
 /// A shard connection with its verified client identity.
@@ -181,24 +213,10 @@ impl Connection for ShardConnection {
         if send.finish().is_err() {
             return;
         }
-        let acknowledged = poll_fn(|cx| {
-            send.conn
-                .with(|conn| {
-                    if conn.error.is_some() {
-                        return (Poll::Ready(()), false);
-                    }
-                    match conn.proto.send_stream(send.id).stopped() {
-                        // Gone from the table: every byte was acknowledged.
-                        Err(_) | Ok(Some(_)) => (Poll::Ready(()), false),
-                        Ok(None) => {
-                            park(&mut conn.waiters.stopped, send.id, cx.waker());
-                            (Poll::Pending, false)
-                        }
-                    }
-                })
-                .unwrap_or(Poll::Ready(()))
-        });
-        let _ = tokio::time::timeout(CONTROL_FLUSH, acknowledged).await;
+        // Any end will do: gone from the table means every byte was
+        // acknowledged, and a stopped stream or a failed connection takes
+        // nothing more.
+        let _ = tokio::time::timeout(CONTROL_FLUSH, send.conn.send_ended(send.id)).await;
     }
 
     async fn open_delivery(&self) -> Result<DeliveryStream, SinkError> {
@@ -455,31 +473,11 @@ impl DeliverySink for DeliveryStream {
     }
 
     async fn stopped(&mut self) -> SinkError {
-        let id = self.id;
-        poll_fn(|cx| {
-            self.conn
-                .with(|conn| {
-                    if let Some(e) = &conn.error {
-                        return (Poll::Ready(SinkError(e.to_string())), false);
-                    }
-                    match conn.proto.send_stream(id).stopped() {
-                        Ok(Some(code)) => (
-                            Poll::Ready(SinkError(format!("stopped by peer: code {code}"))),
-                            false,
-                        ),
-                        Ok(None) => {
-                            park(&mut conn.waiters.stopped, id, cx.waker());
-                            (Poll::Pending, false)
-                        }
-                        Err(_) => (
-                            Poll::Ready(SinkError("the stream is closed".to_owned())),
-                            false,
-                        ),
-                    }
-                })
-                .unwrap_or_else(|| Poll::Ready(SinkError(gone().to_string())))
+        SinkError(match self.conn.send_ended(self.id).await {
+            SendEnd::Stopped(code) => format!("stopped by peer: code {code}"),
+            SendEnd::Closed => "the stream is closed".to_owned(),
+            SendEnd::Failed(e) => e.to_string(),
         })
-        .await
     }
 }
 
