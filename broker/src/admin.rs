@@ -50,6 +50,8 @@ pub struct AdminState {
     pub max_payload: u32,
     /// The cluster node, when this broker is one.
     pub cluster: Option<Arc<dyn ClusterStatus>>,
+    /// Device state, where the broker keeps it.
+    pub devices: Option<Arc<crate::devices::Devices>>,
 }
 
 /// What `/admin/cluster` reports (a cluster node's view of the cluster).
@@ -153,6 +155,7 @@ pub fn router(state: AdminState) -> Router {
             get(get_retention).put(put_retention),
         )
         .route("/admin/publish", post(publish))
+        .route("/admin/users/{user}/unread", get(user_unread))
         .with_state(state)
 }
 
@@ -272,10 +275,62 @@ async fn delete_channel(
         .await
         .map_err(storage_error)?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))?;
+    // Its cursors and markers stopped counting (they name the deleted
+    // incarnation); the sweep removes them from disk.
+    if let Some(devices) = &state.devices {
+        devices.sweep_now();
+    }
     Ok(Json(ChannelInfo {
         subscribers,
         ..channel_info(&state, &name, &meta)
     }))
+}
+
+/// One channel's unread count for a user.
+#[derive(Debug, Serialize)]
+struct UnreadView {
+    channel: String,
+    head: u64,
+    read: u64,
+    unread: u64,
+}
+
+/// A user's unread count on every channel the user has a read marker on
+/// (`?channel=a&channel=b` is not parsed: ask per user, as `volna admin
+/// unread USER` does).
+async fn user_unread(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+) -> ApiResult<Vec<UnreadView>> {
+    authorize(&state, &headers)?;
+    let devices = state.devices.as_ref().ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            "this broker keeps no device state (a cluster node)".into(),
+        )
+    })?;
+    let counts = devices
+        .unread(
+            &state.logs,
+            &user,
+            Vec::new(),
+            volna_proto::MAX_UNREAD_CHANNELS,
+            |_| true,
+        )
+        .await
+        .map_err(storage_error)?;
+    Ok(Json(
+        counts
+            .into_iter()
+            .map(|(channel, count)| UnreadView {
+                channel: channel.to_string(),
+                head: count.head,
+                read: count.read,
+                unread: count.unread,
+            })
+            .collect(),
+    ))
 }
 
 async fn cluster_status(

@@ -199,6 +199,9 @@ pub struct Identity {
     /// certificate) rather than an end user's device: may publish to
     /// server-only namespaces, and per-user limits do not apply.
     pub server: bool,
+    /// The device the token is for (claim `device`), if it names one: a
+    /// session of this token must say the same device in `Hello`.
+    pub device: Option<String>,
     subscribe: Rights,
     publish: Rights,
 }
@@ -227,6 +230,7 @@ impl Identity {
             user: name,
             expires_at: None,
             server: true,
+            device: None,
             subscribe: Rights::All,
             publish: Rights::All,
         }
@@ -261,6 +265,8 @@ struct Claims {
     subscribe: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    #[serde(default)]
+    device: Option<String>,
 }
 
 /// Verifies tokens as configured.
@@ -411,6 +417,7 @@ impl Authenticator {
             user: claims.sub,
             expires_at: Some(claims.exp),
             server: claims.role.as_deref() == Some("server"),
+            device: claims.device,
             subscribe: Rights::Only(subscribe),
             publish: Rights::Only(publish),
         })

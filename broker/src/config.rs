@@ -69,6 +69,9 @@ pub struct NamespaceConfig {
     /// (`false`: ephemeral channels — typing indicators, presence — whose
     /// history is bounded by `retention` and lost on restart).
     pub persistent: bool,
+    /// The application's push service, told of every message committed to
+    /// the namespace so that it can wake offline devices (`None`: nobody).
+    pub push: Option<PushConfig>,
 }
 
 impl Default for NamespaceConfig {
@@ -77,6 +80,71 @@ impl Default for NamespaceConfig {
             retention: Retention::default(),
             publishers: Publishers::Any,
             persistent: true,
+            push: None,
+        }
+    }
+}
+
+/// A namespace's push hook (README, "Push hook"): batches of commit notices
+/// posted as JSON to the application's push service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Where the notices are posted (`http://` or `https://`).
+    pub webhook_url: String,
+    /// How long notices gather before a post (at most one post per
+    /// interval while the receiver keeps up).
+    pub batch_ms: u64,
+    /// Notices waiting to be posted; beyond it the oldest are dropped and
+    /// counted (`volna_push_notices_dropped_total`): publishing never waits.
+    pub queue: usize,
+    /// Notices in one post at most.
+    pub max_batch: usize,
+    /// How long one post may take before it counts as failed.
+    pub timeout_ms: u64,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: String::new(),
+            batch_ms: 100,
+            queue: 100_000,
+            max_batch: 1000,
+            timeout_ms: 5000,
+        }
+    }
+}
+
+/// Durable per-device state: cursors, read markers, the device registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CursorsConfig {
+    /// Acks and read markers are coalesced (latest per device and channel
+    /// wins) and written together at most this long after they arrive; a
+    /// `Stored` reply means the write is done.
+    pub flush_ms: u64,
+    /// A device that has not connected for this many days is forgotten
+    /// with its cursors; a user's read markers go with the last device.
+    pub device_idle_days: u64,
+    /// Devices one user may have (beyond it a new device is refused with
+    /// `TooManyDevices` until an idle one is forgotten).
+    pub max_devices_per_user: u32,
+    /// Unread counts are exact up to this number, then stop counting.
+    pub unread_cap: u64,
+    /// How often the registry is swept for idle devices and the cursors of
+    /// deleted channels.
+    pub sweep_interval_secs: u64,
+}
+
+impl Default for CursorsConfig {
+    fn default() -> Self {
+        Self {
+            flush_ms: 200,
+            device_idle_days: 90,
+            max_devices_per_user: 32,
+            unread_cap: 10_000,
+            sweep_interval_secs: 3600,
         }
     }
 }
@@ -445,6 +513,8 @@ pub struct Config {
     pub engine: EngineConfig,
     /// Per-namespace configuration, keyed by namespace.
     pub namespaces: BTreeMap<String, NamespaceConfig>,
+    /// Device cursors and read state.
+    pub cursors: CursorsConfig,
     /// The operator API.
     pub admin: AdminConfig,
     /// How clients authenticate.
@@ -468,6 +538,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "limits",
     "engine",
     "namespaces",
+    "cursors",
     "admin",
     "auth",
     "log_format",
@@ -486,6 +557,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             engine: EngineConfig::default(),
             namespaces: BTreeMap::new(),
+            cursors: CursorsConfig::default(),
             admin: AdminConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             log_format: LogFormat::default(),
@@ -689,6 +761,48 @@ impl Config {
                 e.shards,
                 "must be at most 64 (0: one per core)",
             ));
+        }
+        let c = &self.cursors;
+        for (key, value) in [
+            ("cursors.flush_ms", c.flush_ms),
+            ("cursors.device_idle_days", c.device_idle_days),
+            (
+                "cursors.max_devices_per_user",
+                u64::from(c.max_devices_per_user),
+            ),
+            ("cursors.unread_cap", c.unread_cap),
+            ("cursors.sweep_interval_secs", c.sweep_interval_secs),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, 0, "must be at least 1"));
+            }
+        }
+        for (namespace, ns) in &self.namespaces {
+            let Some(push) = &ns.push else { continue };
+            let key = |field: &str| format!("namespaces.{namespace}.push.{field}");
+            if !(push.webhook_url.starts_with("http://")
+                || push.webhook_url.starts_with("https://"))
+            {
+                return Err(ConfigError::Invalid {
+                    key: key("webhook_url"),
+                    value: push.webhook_url.clone(),
+                    why: "must be an http:// or https:// URL",
+                });
+            }
+            for (field, value) in [
+                ("batch_ms", push.batch_ms),
+                ("queue", push.queue as u64),
+                ("max_batch", push.max_batch as u64),
+                ("timeout_ms", push.timeout_ms),
+            ] {
+                if value == 0 {
+                    return Err(ConfigError::Invalid {
+                        key: key(field),
+                        value: "0".into(),
+                        why: "must be at least 1",
+                    });
+                }
+            }
         }
         if self.admin.token.is_some() && self.admin.token_file.is_some() {
             return Err(invalid(

@@ -23,7 +23,7 @@ use crate::fanout::Fanout;
 use crate::log::{self, Logs};
 use crate::metrics::Metrics;
 use crate::session::{self, BrokerContext, Connection};
-use crate::store::{LogStore, MemoryStore};
+use crate::store::{LogStore, MemoryDeviceStore, MemoryStore};
 use crate::subscription::{DeliverySink, SinkError};
 
 /// Runs one session over `input`. Returns `Err` only when the harness itself
@@ -39,6 +39,14 @@ pub fn run_session(input: &[u8]) -> std::io::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let fanout = Arc::new(Fanout::new(config.engine.channel_ring_bytes));
     let store: Arc<dyn LogStore> = Arc::new(MemoryStore::new());
+    let devices = crate::devices::start(
+        Arc::new(MemoryDeviceStore::default()),
+        store.clone(),
+        &config.cursors,
+        config.durability,
+        metrics.clone(),
+    )
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
     let threads = log::start(
         store,
         fanout.clone(),
@@ -49,14 +57,17 @@ pub fn run_session(input: &[u8]) -> std::io::Result<()> {
     .map_err(|e| std::io::Error::other(e.to_string()))?;
     let authenticator = Authenticator::from_config(&config.auth)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let ctx = Arc::new(BrokerContext::new(
-        Logs::durable_only(threads.log().clone()),
-        fanout,
-        config,
-        CancellationToken::new(),
-        metrics,
-        authenticator,
-    ));
+    let ctx = Arc::new(
+        BrokerContext::new(
+            Logs::durable_only(threads.log().clone()),
+            fanout,
+            config,
+            CancellationToken::new(),
+            metrics,
+            authenticator,
+        )
+        .with_devices(devices.devices().clone()),
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -66,6 +77,7 @@ pub fn run_session(input: &[u8]) -> std::io::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(2), session).await;
     });
     drop(runtime);
+    devices.shutdown();
     threads.shutdown();
     Ok(())
 }

@@ -21,6 +21,9 @@
 //! - [`session`]: one connection's request/reply protocol and limits;
 //! - [`transport`]: the quinn endpoint, the only module that knows QUIC;
 //! - [`auth`], [`limits`]: who a connection is, and what it may do how often;
+//! - [`devices`]: each device's durable cursors, each user's read markers
+//!   and unread counts, the registry of a user's devices;
+//! - [`push`]: commit notices posted to the application's push service;
 //! - [`retention`], [`http`], [`admin`], [`metrics`], [`tls`], [`config`]:
 //!   the rest of a server;
 //! - [`fuzzing`]: a whole session over arbitrary bytes, for the fuzzers;
@@ -41,6 +44,7 @@ pub mod channels;
 #[cfg(feature = "rocksdb")]
 pub mod cluster;
 pub mod config;
+pub mod devices;
 pub mod fanout;
 pub mod fuzzing;
 pub mod http;
@@ -48,6 +52,7 @@ pub mod limits;
 pub mod log;
 pub mod metrics;
 pub mod producers;
+pub mod push;
 mod queue;
 pub mod retention;
 #[cfg(feature = "rocksdb")]

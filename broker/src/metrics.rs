@@ -73,6 +73,24 @@ pub struct Metrics {
     pub retention_channels_examined: IntCounter,
     /// Publishes refused because their user created channels too fast.
     pub channel_creations_refused: IntCounter,
+    /// `Ack` requests accepted (before coalescing).
+    pub cursor_acks: IntCounter,
+    /// `MarkRead` requests accepted.
+    pub read_marks: IntCounter,
+    /// Cursor and marker values written (after coalescing).
+    pub cursor_writes: IntCounter,
+    /// Cursor flushes that failed (retried at the next interval).
+    pub cursor_write_errors: IntCounter,
+    /// Idle devices forgotten with their cursors.
+    pub devices_expired: IntCounter,
+    /// Cursors and markers removed because their channel was deleted.
+    pub cursors_orphaned: IntCounter,
+    /// Commit notices posted to push webhooks.
+    pub push_notices_sent: IntCounter,
+    /// Commit notices dropped (oldest first) while a webhook was down.
+    pub push_notices_dropped: IntCounter,
+    /// Webhook posts that failed (retried with backoff).
+    pub push_post_errors: IntCounter,
     resident_channels: IntGauge,
     subscribed_channels: IntGauge,
     outbox_bytes: IntGauge,
@@ -214,6 +232,36 @@ impl Metrics {
             channel_creations_refused: counter(
                 "channel_creations_refused_total",
                 "Publishes refused because their user created channels faster than allowed",
+            ),
+            cursor_acks: counter("cursor_acks_total", "Ack requests accepted"),
+            read_marks: counter("read_marks_total", "MarkRead requests accepted"),
+            cursor_writes: counter(
+                "cursor_writes_total",
+                "Cursor and read-marker values written, after coalescing",
+            ),
+            cursor_write_errors: counter(
+                "cursor_write_errors_total",
+                "Cursor flushes that failed and were retried",
+            ),
+            devices_expired: counter(
+                "devices_expired_total",
+                "Idle devices forgotten with their cursors",
+            ),
+            cursors_orphaned: counter(
+                "cursors_orphaned_total",
+                "Cursors and read markers removed with their deleted channel",
+            ),
+            push_notices_sent: counter(
+                "push_notices_sent_total",
+                "Commit notices posted to push webhooks",
+            ),
+            push_notices_dropped: counter(
+                "push_notices_dropped_total",
+                "Commit notices dropped, oldest first, while a webhook was down",
+            ),
+            push_post_errors: counter(
+                "push_post_errors_total",
+                "Webhook posts that failed and were retried",
             ),
             subscribed_channels: gauge("subscribed_channels", "Channels with subscribers"),
             outbox_bytes: gauge("outbox_bytes", "Bytes held in channel rings"),

@@ -21,13 +21,15 @@ use volna_proto::CloseCode;
 use crate::admin::{self, AdminState};
 use crate::auth::{AuthMode, Authenticator};
 use crate::config::{Config, ConfigError};
+use crate::devices::{self, DevicesThread};
 use crate::fanout::Fanout;
 use crate::http::{self, HttpState};
 use crate::log::{self, Log, LogThreads, Logs};
 use crate::metrics::Metrics;
+use crate::push::PushHooks;
 use crate::retention::{self, Policies};
 use crate::session::BrokerContext;
-use crate::store::{LogStore, MemoryStore, RocksStore, StoreError};
+use crate::store::{DeviceStore, LogStore, MemoryDeviceStore, MemoryStore, RocksStore, StoreError};
 use crate::tls::{self, TlsError};
 use crate::transport::{self, ShardedEndpoint, TransportError};
 
@@ -89,6 +91,8 @@ pub struct Broker {
     fanout: Arc<Fanout>,
     log_threads: Option<LogThreads>,
     ephemeral_threads: Option<LogThreads>,
+    devices_thread: Option<DevicesThread>,
+    push: Option<Arc<PushHooks>>,
     logs: Logs,
     tasks: Vec<JoinHandle<()>>,
     cluster: Option<crate::cluster::ClusterNode>,
@@ -165,6 +169,9 @@ impl Broker {
         let db_dir = config.data_dir.join("log");
         let clustered = config.cluster.is_some();
         let mut shared_db = None;
+        // Device state lives next to the log it points into; over a store
+        // given by the embedder (tests injecting faults), in memory.
+        let mut device_store: Arc<dyn DeviceStore> = Arc::new(MemoryDeviceStore::default());
         let store: Arc<dyn LogStore> = match store {
             Some(_) if clustered => {
                 return Err(crate::cluster::ClusterError::NoRocksDb.into());
@@ -185,7 +192,9 @@ impl Broker {
                 .await
                 .map_err(|e| StoreError::Engine(e.to_string()))??;
                 shared_db = Some(rocks.shared_db());
-                Arc::new(rocks)
+                let rocks = Arc::new(rocks);
+                device_store = rocks.clone();
+                rocks
             }
         };
 
@@ -194,18 +203,32 @@ impl Broker {
             Fanout::new(config.engine.channel_ring_bytes)
                 .with_total_budget(config.engine.max_ring_bytes_total),
         );
+        // A cluster node applies every replica's entries through its log:
+        // each node would post every notice, so the hook is single-node.
+        let push = if clustered {
+            None
+        } else {
+            PushHooks::start(&config.namespaces, fanout.clone(), metrics.clone())
+                .map_err(|e| StoreError::Engine(format!("cannot start a push hook: {e}")))?
+        };
+        let listener: Arc<dyn log::CommitListener> = match &push {
+            Some(hooks) => hooks.clone(),
+            None => fanout.clone(),
+        };
         let log_threads = {
-            let (store, fanout, config, metrics) = (
-                store.clone(),
-                fanout.clone(),
-                config.clone(),
-                metrics.clone(),
-            );
+            let (store, config, metrics) = (store.clone(), config.clone(), metrics.clone());
+            let listener = listener.clone();
             tokio::task::spawn_blocking(move || {
                 if clustered {
-                    log::start_replicated(store, fanout, config.durability, &config.engine, metrics)
+                    log::start_replicated(
+                        store,
+                        listener,
+                        config.durability,
+                        &config.engine,
+                        metrics,
+                    )
                 } else {
-                    log::start(store, fanout, config.durability, &config.engine, metrics)
+                    log::start(store, listener, config.durability, &config.engine, metrics)
                 }
             })
             .await
@@ -240,11 +263,11 @@ impl Broker {
         let ephemeral_threads = if ephemeral_namespaces.is_empty() {
             None
         } else {
-            let (fanout, config, metrics) = (fanout.clone(), config.clone(), metrics.clone());
+            let (listener, config, metrics) = (listener.clone(), config.clone(), metrics.clone());
             let store: Arc<dyn LogStore> = Arc::new(MemoryStore::new());
             Some(
                 tokio::task::spawn_blocking(move || {
-                    log::start(store, fanout, config.durability, &config.engine, metrics)
+                    log::start(store, listener, config.durability, &config.engine, metrics)
                 })
                 .await
                 .map_err(|e| StoreError::Engine(e.to_string()))??,
@@ -257,16 +280,42 @@ impl Broker {
             None => Logs::durable_only(log.clone()),
         };
 
+        // Device cursors are node-local: a cluster node, whose devices may
+        // reconnect anywhere, keeps none (requests get `Unsupported`).
+        let devices_thread = if clustered {
+            None
+        } else {
+            let (store, config, metrics) = (store.clone(), config.clone(), metrics.clone());
+            Some(
+                tokio::task::spawn_blocking(move || {
+                    devices::start(
+                        device_store,
+                        store,
+                        &config.cursors,
+                        config.durability,
+                        metrics,
+                    )
+                })
+                .await
+                .map_err(|e| StoreError::Engine(e.to_string()))??,
+            )
+        };
+        let devices = devices_thread.as_ref().map(|t| t.devices().clone());
+
         let shutdown = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
-        let ctx = Arc::new(BrokerContext::new(
+        let mut ctx = BrokerContext::new(
             logs.clone(),
             fanout.clone(),
             config.clone(),
             shutdown.clone(),
             metrics.clone(),
             authenticator,
-        ));
+        );
+        if let Some(devices) = &devices {
+            ctx = ctx.with_devices(devices.clone());
+        }
+        let ctx = Arc::new(ctx);
         let policies = Arc::new(Policies::from_config(&config));
         let admin = AdminState {
             logs: logs.clone(),
@@ -278,6 +327,7 @@ impl Broker {
             cluster: cluster
                 .as_ref()
                 .map(|node| Arc::new(node.status_source()) as Arc<dyn crate::admin::ClusterStatus>),
+            devices,
         };
         let http_state = HttpState {
             ready: ready.clone(),
@@ -335,6 +385,8 @@ impl Broker {
             fanout,
             log_threads: Some(log_threads),
             ephemeral_threads,
+            devices_thread,
+            push,
             logs,
             tasks,
             cluster,
@@ -407,6 +459,13 @@ impl Broker {
         if let Some(cluster) = self.cluster.take() {
             cluster.shutdown().await;
         }
+        // Sessions are gone: no ack comes after this write of the last ones.
+        if let Some(devices) = self.devices_thread.take() {
+            let _ = tokio::task::spawn_blocking(move || devices.shutdown()).await;
+        }
+        if let Some(push) = self.push.take() {
+            let _ = tokio::task::spawn_blocking(move || push.shutdown()).await;
+        }
         for threads in [self.ephemeral_threads.take(), self.log_threads.take()]
             .into_iter()
             .flatten()
@@ -444,7 +503,15 @@ impl Drop for Broker {
             task.abort();
         }
         let ephemeral = self.ephemeral_threads.take();
+        let devices = self.devices_thread.take();
+        let push = self.push.take();
         let stop = move || {
+            if let Some(devices) = devices {
+                devices.shutdown();
+            }
+            if let Some(push) = push {
+                push.shutdown();
+            }
             if let Some(ephemeral) = ephemeral {
                 ephemeral.shutdown();
             }

@@ -49,12 +49,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info_span, warn};
 use volna_proto::{
     ChannelName, CloseCode, DecodeError, ErrorCode, ErrorFrame, Frame, Hello, Limits,
-    MIN_PROTOCOL_VERSION, Offset, PROTOCOL_VERSION, Position, Publish, Subscribe, SubscriptionId,
-    Welcome,
+    MAX_UNREAD_CHANNELS, MIN_PROTOCOL_VERSION, Offset, PROTOCOL_VERSION, Position, Publish,
+    Subscribe, SubscriptionId, UnreadCount, Welcome,
 };
 
 use crate::auth::{Authenticator, Identity};
 use crate::config::{Config, Publishers};
+use crate::devices::{DeviceError, DeviceId, Devices, Mark, MarkerListener, Ticket};
 use crate::fanout::Fanout;
 use crate::limits::{Limiter, PublishGate};
 use crate::log::{AppendError, AppendInput, Appended, Log, Logs, ProducerRef};
@@ -82,6 +83,12 @@ const MIN_READ_BUFFER: usize = 256;
 const MAX_READ_BUFFER: usize = 64 * 1024;
 /// About the encoded size of one `Published` ack.
 const ACK_FRAME_BYTES: usize = 24;
+/// Read-marker events a session holds for its client (one per channel,
+/// the latest); beyond it the oldest are dropped — the client can still
+/// ask `Unread`.
+const MAX_MARKER_EVENTS: usize = 256;
+/// The first protocol version that knows `ReadMarker` events.
+const MARKER_EVENTS_VERSION: u16 = 3;
 
 /// What every session shares.
 #[derive(Debug)]
@@ -102,6 +109,9 @@ pub struct BrokerContext {
     pub authenticator: Authenticator,
     /// Connection and publish limits.
     pub limiter: Arc<Limiter>,
+    /// Device cursors and read state; `None` where the broker keeps none
+    /// (a cluster node: requests about devices get `Unsupported`).
+    pub devices: Option<Arc<Devices>>,
     next_session_id: AtomicU64,
 }
 
@@ -124,8 +134,15 @@ impl BrokerContext {
             shutdown,
             metrics,
             sessions: Arc::new(SessionRegistry::default()),
+            devices: None,
             next_session_id: AtomicU64::new(1),
         }
+    }
+
+    /// This context with device state.
+    pub fn with_devices(mut self, devices: Arc<Devices>) -> Self {
+        self.devices = Some(devices);
+        self
     }
 }
 
@@ -253,7 +270,16 @@ impl End {
 /// A submitted batch's request ids, when it was started, and each
 /// publish's outcome, in the same order.
 type BatchAcks = (Vec<u64>, Instant, Vec<Result<Appended, AppendError>>);
-type PendingAcks = Pin<Box<dyn Future<Output = BatchAcks> + Send>>;
+
+/// A request whose answer waits on storage.
+enum Answer {
+    /// A batch of publishes was committed (or refused).
+    Appends(BatchAcks),
+    /// An `Ack` or `MarkRead` is durable (or failed).
+    Stored(u64, Result<(), DeviceError>),
+}
+
+type PendingAcks = Pin<Box<dyn Future<Output = Answer> + Send>>;
 
 /// Publishes decoded from one read, admitted and not yet submitted: they
 /// go to their log as one batch, so a burst costs one hand-off to the
@@ -280,7 +306,7 @@ where
             ctx: ctx.clone(),
             conn: conn.clone(),
             out: BytesMut::new(),
-            stopped: Arc::default(),
+            mailbox: Arc::default(),
             subscriptions: HashMap::new(),
             by_channel: HashMap::new(),
             next_subscription: 1,
@@ -291,12 +317,19 @@ where
             identity: None,
             gate: PublishGate::unlimited(),
             token_changed: false,
+            device: None,
         };
         let end = session.serve(session_id, recv, &mut send).await;
         session.cancel.cancel();
         let metrics = &ctx.metrics;
         if session.welcomed {
             ctx.sessions.0.remove(&session_id);
+            if let (Some(devices), Some(identity)) = (&ctx.devices, &session.identity) {
+                devices.unlisten(&identity.user, session_id);
+                if let Some(device) = &session.device {
+                    devices.seen(&identity.user, device);
+                }
+            }
             metrics.connections.dec();
             metrics
                 .connections_closed
@@ -337,8 +370,9 @@ struct Session<C: Connection> {
     /// loop writes them itself: no writer task or queue per connection,
     /// and an idle session holds no buffer (it is dropped once drained).
     out: BytesMut,
-    /// Delivery loops that stopped on their own report here.
-    stopped: Arc<StopReports>,
+    /// Delivery loops that stopped on their own, and read markers moved on
+    /// the user's other devices, report here.
+    mailbox: Arc<Mailbox>,
     subscriptions: HashMap<SubscriptionId, (ChannelName, CancellationToken)>,
     by_channel: HashMap<ChannelName, SubscriptionId>,
     next_subscription: u64,
@@ -350,6 +384,8 @@ struct Session<C: Connection> {
     gate: PublishGate,
     /// Set by a successful `Refresh`: the expiry timers must be re-armed.
     token_changed: bool,
+    /// The device the client named in `Hello`.
+    device: Option<DeviceId>,
 }
 
 /// An instant far enough to never fire, near enough not to overflow.
@@ -382,7 +418,7 @@ impl<C: Connection> Session<C> {
         mut recv: impl AsyncRead + Unpin + Send,
         send: &mut C::ControlSend,
     ) -> End {
-        let stopped = self.stopped.clone();
+        let mailbox = self.mailbox.clone();
         // Small to start: most connections are idle devices, and the
         // buffer grows to the largest frame the client actually sends.
         let mut buf = BytesMut::with_capacity(INITIAL_READ_BUFFER);
@@ -409,7 +445,7 @@ impl<C: Connection> Session<C> {
                 return End::ProtocolError;
             }
         };
-        if let Err(end) = self.welcome(session_id, hello) {
+        if let Err(end) = Box::pin(self.welcome(session_id, hello)).await {
             return end;
         }
         if buf.is_empty() {
@@ -469,7 +505,10 @@ impl<C: Connection> Session<C> {
                         // Requests after publishes are answered after them.
                         self.submit(batch.take(), &mut pending, &mut inflight).await;
                         // Boxed, like the hello above.
-                        Box::pin(self.handle(frame)).await;
+                        if let Some(answer) = Box::pin(self.handle(frame)).await {
+                            inflight += 1;
+                            pending.push(answer);
+                        }
                         if std::mem::take(&mut self.token_changed) {
                             (notice_at, expiry_at) = token_deadlines(expires_at(self), notice_secs);
                             noticed = false;
@@ -542,13 +581,15 @@ impl<C: Connection> Session<C> {
                     // The client can no longer take replies.
                     _ => end = Some(End::ClientGone),
                 },
-                Some((request_ids, started, outcomes)) = pending.next(), if !pending.is_empty() => {
-                    inflight -= request_ids.len();
-                    self.reply_appends(&request_ids, started, outcomes);
+                Some(answer) = pending.next(), if !pending.is_empty() => {
+                    self.answer(answer, &mut inflight);
                 }
-                () = stopped.notify.notified() => {
-                    for (id, why) in stopped.take() {
+                () = mailbox.notify.notified() => {
+                    for (id, why) in mailbox.take_stopped() {
                         self.end_subscription(id, why.error_code(), &why.to_string());
+                    }
+                    for (channel, offset) in mailbox.take_markers() {
+                        self.send(Frame::ReadMarker { channel, offset });
                     }
                 }
                 read = recv.read_buf(&mut buf), if may_read => match read {
@@ -566,15 +607,15 @@ impl<C: Connection> Session<C> {
         // Publishes already handed to the log get their acks (or errors):
         // a client is never left guessing about a request we accepted.
         let drain = async {
-            while let Some((request_ids, started, outcomes)) = pending.next().await {
-                self.reply_appends(&request_ids, started, outcomes);
+            while let Some(answer) = pending.next().await {
+                self.answer(answer, &mut inflight);
             }
         };
         let _ = Box::pin(tokio::time::timeout(DRAIN_TIMEOUT, drain)).await;
         end.unwrap_or(End::ClientGone)
     }
 
-    fn welcome(&mut self, session_id: u64, hello: Hello) -> Result<(), End> {
+    async fn welcome(&mut self, session_id: u64, hello: Hello) -> Result<(), End> {
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol) {
             self.reply_error(
                 0,
@@ -603,6 +644,30 @@ impl<C: Connection> Session<C> {
                 return Err(End::Unauthorized);
             }
         };
+        let device = match hello.device.as_deref().map(DeviceId::new).transpose() {
+            Ok(device) => device,
+            Err(why) => {
+                self.reply_error(0, ErrorCode::BadRequest, why);
+                return Err(End::ProtocolError);
+            }
+        };
+        if let Some(bound) = &identity.device
+            && device.as_ref().is_none_or(|d| d.as_str() != bound)
+        {
+            let msg = format!("the token is for device {bound}; say it in Hello");
+            self.reply_error(0, ErrorCode::Unauthorized, &msg);
+            return Err(End::Unauthorized);
+        }
+        if let (Some(device), Some(devices)) = (&device, &self.ctx.devices)
+            && let Err(e) = devices.register(&identity.user, device).await
+        {
+            let code = device_error_code(&e);
+            self.reply_error(0, code, &e.to_string());
+            return Err(match code {
+                ErrorCode::TooManyDevices => End::LimitExceeded,
+                _ => End::ClientGone,
+            });
+        }
         if !identity.server {
             match self.ctx.limiter.open_user_connection(&identity.user) {
                 Ok(gate) => self.gate = gate,
@@ -613,9 +678,24 @@ impl<C: Connection> Session<C> {
                 }
             }
         }
-        debug!(client = %hello.client, user = %identity.user, server = identity.server, "hello");
+        debug!(
+            client = %hello.client,
+            user = %identity.user,
+            device = device.as_ref().map(DeviceId::as_str),
+            server = identity.server,
+            "hello"
+        );
         let user = identity.user.clone();
         self.identity = Some(identity);
+        // Only sessions of a named device hear of markers: it is devices
+        // whose badges they clear, and an anonymous connection (a backend,
+        // a load generator) carries no entry for it.
+        if let (Some(devices), Some(_)) = (&self.ctx.devices, &device)
+            && hello_protocol >= MARKER_EVENTS_VERSION
+        {
+            devices.listen(&user, session_id, self.mailbox.clone());
+        }
+        self.device = device;
         let limits = &self.ctx.config.limits;
         self.send(Frame::Welcome(Welcome {
             session_id,
@@ -642,8 +722,9 @@ impl<C: Connection> Session<C> {
         Ok(())
     }
 
-    /// Handles one request other than a publish.
-    async fn handle(&mut self, frame: Frame) {
+    /// Handles one request other than a publish; a request whose answer
+    /// waits on storage returns that wait.
+    async fn handle(&mut self, frame: Frame) -> Option<PendingAcks> {
         match frame {
             Frame::Subscribe(subscribe) => self.subscribe(subscribe).await,
             Frame::Unsubscribe {
@@ -652,12 +733,210 @@ impl<C: Connection> Session<C> {
             } => self.unsubscribe(request_id, subscription),
             Frame::Ping { request_id } => self.send(Frame::Pong { request_id }),
             Frame::Refresh { request_id, token } => self.refresh(request_id, &token),
+            Frame::Ack {
+                request_id,
+                channel,
+                offset,
+            } => {
+                return self
+                    .store_mark(request_id, channel, offset, MarkKind::Cursor)
+                    .await;
+            }
+            Frame::MarkRead {
+                request_id,
+                channel,
+                offset,
+            } => {
+                return self
+                    .store_mark(request_id, channel, offset, MarkKind::Read)
+                    .await;
+            }
+            Frame::Unread {
+                request_id,
+                channels,
+            } => self.unread(request_id, channels).await,
             other => {
                 self.reply_error(
                     other.request_id().unwrap_or(0),
                     ErrorCode::UnexpectedFrame,
                     &format!("{:?} is not a request", other.frame_type()),
                 );
+            }
+        }
+        None
+    }
+
+    /// The device state and the session's user, or the refusal to send:
+    /// `Unsupported` where the broker keeps no device state.
+    fn devices(&self) -> Result<(Arc<Devices>, String), (ErrorCode, String)> {
+        let devices = self.ctx.devices.clone().ok_or((
+            ErrorCode::Unsupported,
+            "this broker keeps no device state (a cluster node)".to_owned(),
+        ))?;
+        let user = self
+            .identity
+            .as_ref()
+            .map(|i| i.user.clone())
+            .unwrap_or_default();
+        Ok((devices, user))
+    }
+
+    /// The channel's metadata for a position stored on it: the channel must
+    /// be readable by the session, durable, and hold `offset`.
+    async fn markable(
+        &self,
+        channel: &ChannelName,
+        offset: Option<Offset>,
+    ) -> Result<crate::store::ChannelMeta, (ErrorCode, String)> {
+        if !self
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.may_subscribe(channel))
+        {
+            return Err((
+                ErrorCode::Forbidden,
+                format!("this token may not read {channel}"),
+            ));
+        }
+        if self
+            .ctx
+            .config
+            .namespaces
+            .get(channel.namespace())
+            .is_some_and(|ns| !ns.persistent)
+        {
+            return Err((
+                ErrorCode::BadRequest,
+                format!("{channel} is ephemeral: it keeps no cursors or read markers"),
+            ));
+        }
+        let meta = match self.ctx.logs.for_channel(channel).lookup(channel).await {
+            Ok(Some(meta)) => meta,
+            Ok(None) => {
+                return Err((
+                    ErrorCode::BadRequest,
+                    format!("there is no channel {channel}"),
+                ));
+            }
+            Err(e) => {
+                return Err((
+                    ErrorCode::StorageUnavailable,
+                    format!("cannot read {channel}: {e}"),
+                ));
+            }
+        };
+        if let Some(offset) = offset {
+            let head = meta.next_offset.get().saturating_sub(1);
+            if offset < Offset::FIRST || offset.get() > head {
+                return Err((
+                    ErrorCode::BadRequest,
+                    format!(
+                        "offset {} is not a message of {channel} (its last is {head})",
+                        offset.get()
+                    ),
+                ));
+            }
+        }
+        Ok(meta)
+    }
+
+    /// `Ack` (the device's cursor) or `MarkRead` (the user's marker): the
+    /// value goes to the devices thread; `Stored` is sent once it is
+    /// durable.
+    async fn store_mark(
+        &mut self,
+        request_id: u64,
+        channel: ChannelName,
+        offset: Offset,
+        kind: MarkKind,
+    ) -> Option<PendingAcks> {
+        let checked = async {
+            let (devices, user) = self.devices()?;
+            let device = self.device.clone().ok_or((
+                ErrorCode::DeviceRequired,
+                "name the device in Hello to store positions".to_owned(),
+            ))?;
+            let meta = self.markable(&channel, Some(offset)).await?;
+            Ok((devices, user, device, meta))
+        };
+        let (devices, user, device, meta) = match Box::pin(checked).await {
+            Ok(checked) => checked,
+            Err((code, msg)) => {
+                self.reply_error(request_id, code, &msg);
+                return None;
+            }
+        };
+        let mark = Mark {
+            offset,
+            channel_id: meta.id,
+            updated_ms: crate::log::now_ms(),
+        };
+        let ticket: Ticket = match kind {
+            MarkKind::Cursor => {
+                self.ctx.metrics.cursor_acks.inc();
+                devices.ack(&user, &device, &channel, mark)
+            }
+            MarkKind::Read => {
+                self.ctx.metrics.read_marks.inc();
+                devices.announce(&user, self.id, &channel, offset);
+                devices.mark_read(&user, &channel, mark)
+            }
+        };
+        Some(Box::pin(async move {
+            Answer::Stored(request_id, devices.stored(ticket).await)
+        }))
+    }
+
+    /// `Unread`: the calling user's unread count per channel, from the
+    /// channels' heads and the user's markers (no log is read).
+    async fn unread(&mut self, request_id: u64, channels: Vec<ChannelName>) {
+        let may_read = |c: &ChannelName| self.identity.as_ref().is_some_and(|i| i.may_subscribe(c));
+        let counted = async {
+            let (devices, user) = self.devices()?;
+            if let Some(c) = channels.iter().find(|c| !may_read(c)) {
+                return Err((ErrorCode::Forbidden, format!("this token may not read {c}")));
+            }
+            devices
+                .unread(
+                    &self.ctx.logs,
+                    &user,
+                    channels,
+                    MAX_UNREAD_CHANNELS,
+                    may_read,
+                )
+                .await
+                .map_err(|e| (device_error_code(&e), e.to_string()))
+        };
+        match Box::pin(counted).await {
+            Ok(counts) => {
+                let counts = counts
+                    .into_iter()
+                    .map(|(channel, count)| UnreadCount {
+                        channel,
+                        head: count.head,
+                        read: count.read,
+                        unread: count.unread,
+                    })
+                    .collect();
+                self.send(Frame::UnreadCounts { request_id, counts });
+            }
+            Err((code, msg)) => self.reply_error(request_id, code, &msg),
+        }
+    }
+
+    /// Sends the answer of a request that waited on storage.
+    fn answer(&mut self, answer: Answer, inflight: &mut usize) {
+        match answer {
+            Answer::Appends((request_ids, started, outcomes)) => {
+                *inflight -= request_ids.len();
+                self.reply_appends(&request_ids, started, outcomes);
+            }
+            Answer::Stored(request_id, result) => {
+                *inflight -= 1;
+                match result {
+                    Ok(()) => self.send(Frame::Stored { request_id }),
+                    Err(e) => self.reply_error(request_id, device_error_code(&e), &e.to_string()),
+                }
             }
         }
     }
@@ -771,7 +1050,7 @@ impl<C: Connection> Session<C> {
         // Boxed: a replicated log's submit is a large state.
         let acks = Box::pin(log.submit_batch(inputs)).await;
         pending.push(Box::pin(async move {
-            (request_ids, started, acks.outcomes().await)
+            Answer::Appends((request_ids, started, acks.outcomes().await))
         }));
     }
 
@@ -858,6 +1137,19 @@ impl<C: Connection> Session<C> {
             }
         };
         feed.observe(meta.as_ref());
+        let position = match position {
+            Position::Cursor { otherwise } => {
+                match Box::pin(self.cursor_position(&channel, meta.as_ref())).await {
+                    Ok(Some(after)) => Position::From {
+                        offset: after.next(),
+                        epoch: None,
+                    },
+                    Ok(None) => otherwise.position(),
+                    Err((code, msg)) => return self.reply_error(request_id, code, &msg),
+                }
+            }
+            other => other,
+        };
         let (next, epoch, events) = subscription::resolve_start(&channel, position, meta);
         let id = SubscriptionId(self.next_subscription);
         self.next_subscription += 1;
@@ -874,7 +1166,7 @@ impl<C: Connection> Session<C> {
         });
         let conn = self.conn.clone();
         let metrics = self.ctx.metrics.clone();
-        let stopped = self.stopped.clone();
+        let stopped = self.mailbox.clone();
         let span = info_span!("subscription", id = %id, %channel);
         tokio::spawn(
             async move {
@@ -895,6 +1187,25 @@ impl<C: Connection> Session<C> {
             }
             .instrument(span),
         );
+    }
+
+    /// The offset this device last acknowledged on `channel` (as it is now:
+    /// `meta`), if it has a cursor there.
+    async fn cursor_position(
+        &self,
+        channel: &ChannelName,
+        meta: Option<&crate::store::ChannelMeta>,
+    ) -> Result<Option<Offset>, (ErrorCode, String)> {
+        let (devices, user) = self.devices()?;
+        let device = self.device.as_ref().ok_or((
+            ErrorCode::DeviceRequired,
+            "name the device in Hello to subscribe from its cursor".to_owned(),
+        ))?;
+        let mark = devices
+            .cursor(&user, device, channel)
+            .await
+            .map_err(|e| (device_error_code(&e), e.to_string()))?;
+        Ok(mark.and_then(|m| m.offset_in(meta)))
     }
 
     fn count_subscriptions(&self, delta: i64) {
@@ -958,6 +1269,12 @@ impl<C: Connection> Session<C> {
                 return self.reply_error(request_id, ErrorCode::Unauthorized, &e.to_string());
             }
         };
+        if let Some(bound) = &identity.device
+            && self.device.as_ref().is_none_or(|d| d.as_str() != bound)
+        {
+            let msg = format!("the new token is for device {bound}, not this session's");
+            return self.reply_error(request_id, ErrorCode::Unauthorized, &msg);
+        }
         // Rights shrink at once: subscriptions the new token does not grant end.
         let revoked: Vec<SubscriptionId> = self
             .subscriptions
@@ -1001,32 +1318,74 @@ impl<C: Connection> Session<C> {
     }
 }
 
-/// Where a session's delivery loops report that they stopped on their own
-/// (each at most once, so at most `max_subscriptions` wait). A mutex and a
-/// `Notify`, not a channel: a channel's first block of slots is allocated
-/// with it, and every idle connection would carry it.
+/// Which position a request stores.
+#[derive(Debug, Clone, Copy)]
+enum MarkKind {
+    /// The device's cursor (`Ack`).
+    Cursor,
+    /// The user's read marker (`MarkRead`).
+    Read,
+}
+
+/// The wire code for a device-state failure.
+fn device_error_code(e: &DeviceError) -> ErrorCode {
+    match e {
+        DeviceError::TooManyDevices { .. } => ErrorCode::TooManyDevices,
+        DeviceError::Storage(_) => ErrorCode::StorageUnavailable,
+        DeviceError::Closed => ErrorCode::ShuttingDown,
+    }
+}
+
+/// Where a session hears what happens elsewhere: its delivery loops that
+/// stopped on their own (each at most once, so at most `max_subscriptions`
+/// wait) and read markers moved on the user's other devices (the latest
+/// per channel, at most [`MAX_MARKER_EVENTS`]). Mutexes and a `Notify`,
+/// not channels: a channel's first block of slots is allocated with it,
+/// and every idle connection would carry it.
 #[derive(Default)]
-struct StopReports {
+struct Mailbox {
     stopped: std::sync::Mutex<Vec<(SubscriptionId, Stopped)>>,
+    markers: std::sync::Mutex<Vec<(ChannelName, Offset)>>,
     notify: tokio::sync::Notify,
 }
 
-impl StopReports {
+impl Mailbox {
     fn report(&self, id: SubscriptionId, why: Stopped) {
-        self.lock().push((id, why));
+        lock(&self.stopped).push((id, why));
         // Stored as a permit when the session is not waiting right now.
         self.notify.notify_one();
     }
 
-    fn take(&self) -> Vec<(SubscriptionId, Stopped)> {
-        std::mem::take(&mut *self.lock())
+    fn take_stopped(&self) -> Vec<(SubscriptionId, Stopped)> {
+        std::mem::take(&mut *lock(&self.stopped))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SubscriptionId, Stopped)>> {
-        self.stopped
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn take_markers(&self) -> Vec<(ChannelName, Offset)> {
+        std::mem::take(&mut *lock(&self.markers))
     }
+}
+
+impl MarkerListener for Mailbox {
+    fn marker_moved(&self, channel: &ChannelName, offset: Offset) {
+        {
+            let mut markers = lock(&self.markers);
+            if let Some((_, held)) = markers.iter_mut().find(|(c, _)| c == channel) {
+                *held = (*held).max(offset);
+            } else {
+                if markers.len() == MAX_MARKER_EVENTS {
+                    markers.remove(0);
+                }
+                markers.push((channel.clone(), offset));
+            }
+        }
+        self.notify.notify_one();
+    }
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 enum ReadError {

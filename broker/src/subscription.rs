@@ -313,6 +313,10 @@ pub fn resolve_start(
             )
         }
         Position::From { offset, .. } => resume_at(channel, offset, first, epoch),
+        // The session resolves a device's cursor to `From` before; a
+        // cursor it could not resolve (no device state) starts as its
+        // fallback says.
+        Position::Cursor { otherwise } => resolve_start(channel, otherwise.position(), meta),
     }
 }
 

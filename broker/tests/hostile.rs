@@ -153,6 +153,7 @@ async fn bad_requests_get_typed_errors_and_the_broker_keeps_serving() {
         protocol: 99,
         token: "t".into(),
         client: "future".into(),
+        device: None,
     }))
     .await;
     assert_eq!(
@@ -165,6 +166,7 @@ async fn bad_requests_get_typed_errors_and_the_broker_keeps_serving() {
         protocol: volna_proto::MIN_PROTOCOL_VERSION,
         token: "t".into(),
         client: "older".into(),
+        device: None,
     }))
     .await;
     assert!(matches!(
@@ -300,6 +302,7 @@ async fn hostile_clients_at_once_do_not_disturb_a_well_behaved_one() {
                     protocol: volna_proto::PROTOCOL_VERSION,
                     token: "x".repeat(200),
                     client: "slow".into(),
+                    device: None,
                 }),
                 &mut hello,
             );

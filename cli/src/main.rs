@@ -14,7 +14,8 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use tracing_subscriber::EnvFilter;
 use volna_client::{
-    ChannelName, Client, ClientConfig, ClientError, Offset, Position, SubscriptionError, Trust,
+    ChannelName, Client, ClientConfig, ClientError, Fallback, Offset, Position, SubscriptionError,
+    Trust,
 };
 
 mod admin;
@@ -59,6 +60,10 @@ struct Cli {
     /// Authentication token.
     #[arg(long, global = true, env = "VOLNA_TOKEN", default_value = "dev")]
     token: String,
+    /// The device this command speaks for: its cursors (`sub --resume`)
+    /// and read markers (`read`) are stored under it.
+    #[arg(long, global = true, env = "VOLNA_DEVICE")]
+    device: Option<String>,
     /// The broker's HTTP port, for the admin subcommands.
     #[arg(
         long,
@@ -105,9 +110,33 @@ enum Command {
         /// Start with the last K stored messages.
         #[arg(long)]
         last: Option<u64>,
+        /// Start after the device's stored cursor (from offset 1 when it
+        /// has none) and acknowledge each printed message; before exiting,
+        /// wait until the acknowledgements are stored. Needs --device.
+        #[arg(long, conflicts_with_all = ["from", "last"], requires = "device")]
+        resume: bool,
         /// Exit after K messages.
         #[arg(long)]
         count: Option<u64>,
+    },
+    /// Set the user's read marker on CHANNEL to OFFSET (it only moves
+    /// forward); the user's other devices hear of it. Needs --device.
+    Read {
+        /// The channel.
+        channel: ChannelName,
+        /// The last offset read.
+        offset: u64,
+    },
+    /// Print the user's unread count per channel as `CHANNEL<TAB>COUNT`
+    /// (no channels: every channel the user has a read marker on).
+    Unread {
+        /// The channels.
+        channels: Vec<ChannelName>,
+    },
+    /// Operator commands over the admin API.
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
     },
     /// Drive the broker with many connections and check every delivery;
     /// exits non-zero if any was lost, duplicated or reordered.
@@ -156,6 +185,15 @@ enum Command {
         /// Keep messages at most this many seconds.
         #[arg(long)]
         max_age_secs: Option<u64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminCommand {
+    /// USER's unread count on every channel the user has a read marker on.
+    Unread {
+        /// The user (a token's `sub`).
+        user: String,
     },
 }
 
@@ -343,11 +381,24 @@ async fn run() -> anyhow::Result<()> {
             admin::print(&value, &["max_messages", "max_bytes", "max_age_secs"], json);
             return Ok(());
         }
-        Command::Pub { .. } | Command::Sub { .. } | Command::Bench(_) => {}
+        Command::Admin {
+            command: AdminCommand::Unread { user },
+        } => {
+            let path = format!("/admin/users/{}/unread", encode_query(user));
+            let value = api.call("GET", &path, None).await?;
+            admin::print(&value, &["channel", "unread", "head", "read"], json);
+            return Ok(());
+        }
+        Command::Pub { .. }
+        | Command::Sub { .. }
+        | Command::Read { .. }
+        | Command::Unread { .. }
+        | Command::Bench(_) => {}
     }
     let trust = trust(&cli)?;
     let mut config = ClientConfig::with_servers(cli.servers.clone(), &cli.token, trust);
     config.server_name = cli.server_name.clone();
+    config.device = cli.device.clone();
     config.connect_timeout = std::time::Duration::try_from_secs_f64(cli.connect_timeout)
         .ok()
         .filter(|d| !d.is_zero())
@@ -368,8 +419,55 @@ async fn run() -> anyhow::Result<()> {
             channel,
             from,
             last,
+            resume,
             count,
-        } => subscribe(&client, &channel, from, last, count).await,
+        } => {
+            let start = match (from, last) {
+                _ if resume => Start::Resume,
+                (Some(0), _) => bail!("--from: offsets start at 1"),
+                (Some(offset), _) => Start::At(Position::From {
+                    offset: Offset::new(offset),
+                    epoch: None,
+                }),
+                (None, Some(k)) => Start::At(Position::Last(k)),
+                (None, None) => Start::At(Position::Latest),
+            };
+            subscribe(&client, &channel, start, count).await
+        }
+        Command::Read { channel, offset } => {
+            if cli.device.is_none() {
+                bail!("`read` sets a device's read marker: give --device ID");
+            }
+            if offset == 0 {
+                bail!("OFFSET: offsets start at 1");
+            }
+            client.mark_read(&channel, Offset::new(offset)).await?;
+            println!("{channel}\t{offset}");
+            Ok(())
+        }
+        Command::Unread { channels } => {
+            let counts = client.unread(&channels).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                let rows: Vec<serde_json::Value> = counts
+                    .iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "channel": c.channel.to_string(),
+                            "unread": c.unread,
+                            "head": c.head,
+                            "read": c.read,
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", serde_json::Value::Array(rows))?;
+            } else {
+                for c in &counts {
+                    writeln!(out, "{}\t{}", c.channel, c.unread)?;
+                }
+            }
+            Ok(())
+        }
         _ => Ok(()),
     };
     client.close();
@@ -423,41 +521,66 @@ async fn publish(client: &Client, channel: &ChannelName, message: &str) -> anyho
     Ok(())
 }
 
+/// Where `sub` starts.
+enum Start {
+    /// A plain position.
+    At(Position),
+    /// After the device's cursor, acknowledging what is printed.
+    Resume,
+}
+
 async fn subscribe(
     client: &Client,
     channel: &ChannelName,
-    from: Option<u64>,
-    last: Option<u64>,
+    start: Start,
     count: Option<u64>,
 ) -> anyhow::Result<()> {
-    let position = match (from, last) {
-        (Some(0), _) => bail!("--from: offsets start at 1"),
-        (Some(offset), _) => Position::From {
-            offset: Offset::new(offset),
-            epoch: None,
-        },
-        (None, Some(k)) => Position::Last(k),
-        (None, None) => Position::Latest,
-    };
     if count == Some(0) {
         return Ok(());
     }
+    let (position, acking) = match start {
+        Start::At(position) => (position, false),
+        Start::Resume => (
+            Position::Cursor {
+                otherwise: Fallback::From(Offset::FIRST),
+            },
+            true,
+        ),
+    };
     let mut messages = client.subscribe(channel, position).await?;
     let mut seen = 0u64;
-    while let Some(item) = messages.next().await {
-        match item {
-            Ok(m) => {
-                let mut out = std::io::stdout().lock();
-                writeln!(out, "{}\t{}", m.offset, String::from_utf8_lossy(&m.payload))?;
-                out.flush()?;
-                seen += 1;
-                if count.is_some_and(|k| seen >= k) {
-                    return Ok(());
+    let printed = async {
+        loop {
+            let item = tokio::select! {
+                item = messages.next() => item,
+                // Interrupted: what was printed is acknowledged below.
+                _ = tokio::signal::ctrl_c() => return Ok(()),
+            };
+            match item {
+                Some(Ok(m)) => {
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}\t{}", m.offset, String::from_utf8_lossy(&m.payload))?;
+                    out.flush()?;
+                    if acking {
+                        messages.ack(m.offset)?;
+                    }
+                    seen += 1;
+                    if count.is_some_and(|k| seen >= k) {
+                        return Ok(());
+                    }
                 }
+                Some(Err(end @ SubscriptionError::Ended { .. })) => return Err(end.into()),
+                Some(Err(event)) => eprintln!("volna: {event}"),
+                None => bail!("the subscription ended"),
             }
-            Err(end @ SubscriptionError::Ended { .. }) => return Err(end.into()),
-            Err(event) => eprintln!("volna: {event}"),
         }
+    };
+    let result: anyhow::Result<()> = printed.await;
+    if acking {
+        client
+            .flush_acks()
+            .await
+            .context("storing the acknowledgements")?;
     }
-    bail!("the subscription ended")
+    result
 }

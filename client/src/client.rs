@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use volna_proto::{
     ChannelName, CloseCode, Epoch, ErrorCode, ErrorFrame, Frame, Offset, Position, ProducerSeq,
-    Publish, Subscribe,
+    Publish, Subscribe, UnreadCount,
 };
 
+use crate::acks::Acks;
 use crate::config::{ClientConfig, TokenSource};
-use crate::connection::{Ended, Live, Transport};
+use crate::connection::{Ended, Live, ReadMarker, Transport};
 use crate::error::{ClientError, SubscriptionError};
 use crate::inflight::InFlight;
 use crate::subscription::{SubShared, Subscription, Unsubscriber};
@@ -69,6 +70,8 @@ struct Inner {
     publish_slots: tokio::sync::Semaphore,
     /// Each channel's publishes in flight, in issue order.
     inflight: InFlight,
+    /// Acknowledgements not yet stored (a client with a device).
+    acks: Acks,
     closed: CancellationToken,
 }
 
@@ -107,9 +110,13 @@ impl Client {
             next_sequence: AtomicU64::new(1),
             publish_slots: tokio::sync::Semaphore::new(config_inflight),
             inflight: InFlight::default(),
+            acks: Acks::default(),
             closed: CancellationToken::new(),
         });
         tokio::spawn(supervise(inner.clone(), live));
+        if inner.config.device.is_some() {
+            tokio::spawn(send_acks(inner.clone()));
+        }
         Ok(Self {
             _last_clone: Arc::new(CloseOnDrop(inner.clone())),
             inner,
@@ -279,6 +286,7 @@ impl Client {
             rx,
             on_drop: Arc::downgrade(&(inner.clone() as Arc<dyn Unsubscriber>)),
             yielded: None,
+            auto_ack: false,
         };
         // Returns only once the broker resolved the start: a `Latest` whose
         // request was lost to a disconnect must not resume later as
@@ -312,11 +320,112 @@ impl Client {
     pub fn producer_id(&self) -> u64 {
         self.inner.producer_id
     }
+
+    /// Sends every acknowledgement now and waits until the broker stored
+    /// them all (the device's cursors are durable), across reconnects,
+    /// within the request timeout. Reports the first acknowledgement the
+    /// broker refused since the last call.
+    pub async fn flush_acks(&self) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.config.request_timeout;
+        loop {
+            let settled = inner.acks.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if inner.acks.all_stored() {
+                return match inner.acks.take_failure() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+            }
+            inner.acks.hurry();
+            tokio::select! {
+                () = settled => {}
+                () = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout),
+                () = inner.closed.cancelled() => return Err(ClientError::Closed),
+            }
+        }
+    }
+
+    /// Sets the user's read marker on `channel` to `offset` (it only moves
+    /// forward); the user's other devices hear of it. Returns once the
+    /// marker is durable.
+    pub async fn mark_read(
+        &self,
+        channel: &ChannelName,
+        offset: Offset,
+    ) -> Result<(), ClientError> {
+        let reply = self
+            .inner
+            .call(|request_id| Frame::MarkRead {
+                request_id,
+                channel: channel.clone(),
+                offset,
+            })
+            .await?;
+        match reply {
+            Frame::Stored { .. } => Ok(()),
+            other => Err(unexpected(other, "MarkRead")),
+        }
+    }
+
+    /// The user's unread count on `channels` (none: on every channel the
+    /// user has a read marker on).
+    pub async fn unread(&self, channels: &[ChannelName]) -> Result<Vec<UnreadCount>, ClientError> {
+        let reply = self
+            .inner
+            .call(|request_id| Frame::Unread {
+                request_id,
+                channels: channels.to_vec(),
+            })
+            .await?;
+        match reply {
+            Frame::UnreadCounts { counts, .. } => Ok(counts),
+            other => Err(unexpected(other, "Unread")),
+        }
+    }
+
+    /// Read markers the user moved on other devices, as they arrive (a
+    /// client configured with a device; `None` otherwise). A listener that
+    /// falls behind by more than 64 events is told how many it missed
+    /// (`RecvError::Lagged`) and can ask [`Client::unread`].
+    pub fn read_markers(&self) -> Option<tokio::sync::broadcast::Receiver<ReadMarker>> {
+        self.inner.transport.read_markers()
+    }
+}
+
+/// A reply of the wrong type, or the broker's refusal, as an error.
+fn unexpected(reply: Frame, request: &str) -> ClientError {
+    match reply {
+        Frame::Error(ErrorFrame { code, message, .. }) => ClientError::Server { code, message },
+        other => ClientError::Protocol(format!(
+            "unexpected reply {:?} to {request}",
+            other.frame_type()
+        )),
+    }
 }
 
 impl Inner {
     fn subs_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SubShared>>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a request and returns its reply, on the next connection when
+    /// this one is lost, within the request timeout. For requests that may
+    /// be repeated (they set a value, or read one).
+    async fn call(&self, build: impl Fn(u64) -> Frame) -> Result<Frame, ClientError> {
+        let deadline = Instant::now() + self.config.request_timeout;
+        loop {
+            let live = self.wait_live(deadline).await?;
+            let reply = tokio::select! {
+                reply = live.request(&build) => reply,
+                () = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout),
+            };
+            match reply {
+                Err(ClientError::Disconnected) => continue,
+                other => return other,
+            }
+        }
     }
 
     /// The current connection, waiting for the supervisor while there is none.
@@ -467,6 +576,17 @@ impl Inner {
 }
 
 impl Unsubscriber for Inner {
+    fn ack(&self, channel: &ChannelName, offset: Offset) -> Result<(), ClientError> {
+        if self.config.device.is_none() {
+            return Err(ClientError::Server {
+                code: ErrorCode::DeviceRequired,
+                message: "acknowledgements are a device's: set ClientConfig::device".into(),
+            });
+        }
+        self.acks.ack(channel, offset);
+        Ok(())
+    }
+
     fn unsubscribe(&self, id: u64) {
         self.subs_map().remove(&id);
         if let Some(live) = self.live.borrow().as_ref()
@@ -611,6 +731,76 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
         for sub in subs {
             inner.resubscribe(&live, sub, None);
         }
+    }
+}
+
+/// Sends the client's acknowledgements: every `ack_interval` (or at once
+/// when a flush asks), one `Ack` per channel with the latest offset, again
+/// on the next connection until the broker stored it.
+async fn send_acks(inner: Arc<Inner>) {
+    let acks = &inner.acks;
+    loop {
+        tokio::select! {
+            () = acks.wake.notified() => {}
+            () = inner.closed.cancelled() => return,
+        }
+        if !acks.urgent.swap(false, Ordering::SeqCst) {
+            // Gather what else the application acknowledges meanwhile.
+            tokio::select! {
+                () = tokio::time::sleep(inner.config.ack_interval) => {}
+                () = inner.closed.cancelled() => return,
+            }
+        }
+        let due = acks.due();
+        if !due.is_empty() {
+            let sent = async {
+                let live = inner
+                    .wait_live(Instant::now() + inner.config.request_timeout)
+                    .await?;
+                let requests = due.iter().map(|(channel, offset)| {
+                    let live = live.clone();
+                    async move {
+                        let reply = live
+                            .request(|request_id| Frame::Ack {
+                                request_id,
+                                channel: channel.clone(),
+                                offset: *offset,
+                            })
+                            .await;
+                        (channel, *offset, reply)
+                    }
+                });
+                Ok::<_, ClientError>(futures_util::future::join_all(requests).await)
+            };
+            match sent.await {
+                Ok(replies) => {
+                    for (channel, offset, reply) in replies {
+                        match reply {
+                            Ok(Frame::Stored { .. }) => acks.stored(channel, offset),
+                            Ok(Frame::Error(ErrorFrame { code, message, .. }))
+                                if !code.is_retryable() =>
+                            {
+                                warn!(%channel, offset = offset.get(), %code, %message, "the broker refused an acknowledgement");
+                                acks.refused(
+                                    channel,
+                                    offset,
+                                    ClientError::Server { code, message },
+                                );
+                            }
+                            // Retryable, or the connection was lost: again.
+                            _ => {}
+                        }
+                    }
+                }
+                Err(ClientError::Closed) => return,
+                Err(_) => {}
+            }
+            if !acks.due().is_empty() {
+                // Not all stored: another round after the interval.
+                acks.wake.notify_one();
+            }
+        }
+        acks.settled.notify_waiters();
     }
 }
 

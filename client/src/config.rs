@@ -125,6 +125,15 @@ pub struct ClientConfig {
     pub trust: Trust,
     /// Identification sent to the broker for its logs.
     pub client_name: String,
+    /// The device this client speaks for (a phone, a browser profile):
+    /// stable across the app's restarts. With it the broker keeps the
+    /// device's cursors ([`Subscription::ack`](crate::Subscription::ack),
+    /// `Position::Cursor`) and tells it of read markers moved on the
+    /// user's other devices ([`Client::read_markers`](crate::Client::read_markers)).
+    pub device: Option<String>,
+    /// Acknowledgements gather this long before they are sent (the latest
+    /// per channel wins).
+    pub ack_interval: Duration,
     /// Reconnect timing.
     pub backoff: Backoff,
     /// How long a `publish` may take, reconnects and retries included.
@@ -174,6 +183,8 @@ impl ClientConfig {
             client_certificate: None,
             trust,
             client_name: concat!("volna-client/", env!("CARGO_PKG_VERSION")).to_owned(),
+            device: None,
+            ack_interval: Duration::from_millis(100),
             backoff: Backoff::default(),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),

@@ -15,7 +15,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use volna_proto::{
@@ -27,6 +27,10 @@ use crate::error::ClientError;
 use crate::subscription::SubShared;
 
 /// The client's QUIC endpoint and TLS set-up, reused across reconnects.
+/// Read-marker events a slow listener may fall behind by before it is
+/// told it lagged (tokio's broadcast semantics).
+const MARKER_EVENTS: usize = 64;
+
 #[derive(Debug)]
 pub(crate) struct Transport {
     endpoint: quinn::Endpoint,
@@ -35,6 +39,17 @@ pub(crate) struct Transport {
     servers: Vec<(String, String)>,
     /// The seed the next attempt goes to.
     next: AtomicUsize,
+    /// Where `ReadMarker` events go (a client with a device only).
+    markers: Option<broadcast::Sender<ReadMarker>>,
+}
+
+/// The user's read marker moved on another of the user's devices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadMarker {
+    /// The channel.
+    pub channel: volna_proto::ChannelName,
+    /// The last offset read.
+    pub offset: volna_proto::Offset,
 }
 
 impl Transport {
@@ -93,11 +108,20 @@ impl Transport {
             quic,
             servers,
             next: AtomicUsize::new(0),
+            markers: config
+                .device
+                .as_ref()
+                .map(|_| broadcast::Sender::new(MARKER_EVENTS)),
         })
     }
 
     /// Tries every seed once, from the current one, until one connects;
     /// else the last seed's error.
+    /// A receiver of read-marker events, for a client with a device.
+    pub fn read_markers(&self) -> Option<broadcast::Receiver<ReadMarker>> {
+        self.markers.as_ref().map(broadcast::Sender::subscribe)
+    }
+
     pub async fn establish_any(
         &self,
         config: &ClientConfig,
@@ -174,6 +198,7 @@ impl Transport {
                     protocol: PROTOCOL_VERSION,
                     token,
                     client: config.client_name.clone(),
+                    device: config.device.clone(),
                 }),
                 &mut out,
             );
@@ -210,7 +235,14 @@ impl Transport {
                 Err(_) => return Err(timed_out()),
             };
         debug!(session = welcome.session_id, "connected");
-        Ok(Live::start(conn, send, recv, buf, welcome))
+        Ok(Live::start(
+            conn,
+            send,
+            recv,
+            buf,
+            welcome,
+            self.markers.clone(),
+        ))
     }
 }
 
@@ -319,6 +351,7 @@ pub(crate) struct Live {
     /// end arrive back to back): told to the subscribe when it routes.
     ended_early: Mutex<HashMap<SubscriptionId, (volna_proto::ErrorCode, String)>>,
     ended_rx: tokio::sync::Mutex<mpsc::Receiver<Box<Ended>>>,
+    markers: Option<broadcast::Sender<ReadMarker>>,
 }
 
 /// A request whose caller may give up (its future dropped) before it takes
@@ -363,6 +396,7 @@ impl Live {
         recv: quinn::RecvStream,
         buf: BytesMut,
         welcome: Welcome,
+        markers: Option<broadcast::Sender<ReadMarker>>,
     ) -> Arc<Self> {
         let (control, control_rx) = mpsc::channel(1024);
         let (ended_tx, ended_rx) = mpsc::channel(16);
@@ -381,6 +415,7 @@ impl Live {
             route_added: Notify::new(),
             gone: CancellationToken::new(),
             token_expiring: watch::Sender::new(None),
+            markers,
         });
         tokio::spawn(write_control(send, control_rx, live.gone.clone()));
         tokio::spawn(read_control(live.clone(), recv, buf));
@@ -581,6 +616,12 @@ async fn read_control(live: Arc<Live>, mut recv: quinn::RecvStream, mut buf: Byt
             }
             Ok(Frame::TokenExpiring { expires_at }) => {
                 live.token_expiring.send_replace(Some(expires_at));
+            }
+            Ok(Frame::ReadMarker { channel, offset }) => {
+                if let Some(markers) = &live.markers {
+                    // Nobody listening is fine: the event is a hint.
+                    let _ = markers.send(ReadMarker { channel, offset });
+                }
             }
             Ok(Frame::SubscriptionEnded {
                 subscription,

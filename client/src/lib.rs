@@ -39,6 +39,7 @@
 //! one when a reconnect is refused as unauthorized. Backend services may
 //! instead present a [`ClientCertificate`] (mutual TLS).
 
+mod acks;
 mod client;
 mod config;
 mod connection;
@@ -48,7 +49,7 @@ mod subscription;
 
 pub use client::{Client, Published};
 pub use config::{Backoff, ClientCertificate, ClientConfig, TokenError, TokenSource, Trust};
-pub use connection::{Endpoint, fingerprint};
+pub use connection::{Endpoint, ReadMarker, fingerprint};
 pub use error::{ClientError, SubscriptionError};
 pub use subscription::{Item, Message, Subscription};
-pub use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, Position};
+pub use volna_proto::{ChannelName, Epoch, ErrorCode, Fallback, Offset, Position, UnreadCount};

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 use volna_proto::{ChannelName, Epoch, Frame, Offset, Position};
 
-use crate::error::SubscriptionError;
+use crate::error::{ClientError, SubscriptionError};
 
 /// One message as delivered to the application.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,15 +87,15 @@ impl SubShared {
                 // is reported (Truncated), never skipped.
                 next: match initial {
                     Position::From { offset, .. } => Some(offset),
-                    Position::Latest | Position::Last(_) => None,
+                    Position::Latest | Position::Last(_) | Position::Cursor { .. } => None,
                 },
                 start: match initial {
                     Position::From { offset, .. } => Some(offset),
-                    Position::Latest | Position::Last(_) => None,
+                    Position::Latest | Position::Last(_) | Position::Cursor { .. } => None,
                 },
                 epoch: match initial {
                     Position::From { epoch, .. } => epoch,
-                    Position::Latest | Position::Last(_) => None,
+                    Position::Latest | Position::Last(_) | Position::Cursor { .. } => None,
                 },
             }),
             tx,
@@ -257,11 +257,16 @@ pub struct Subscription {
     pub(crate) on_drop: Weak<dyn Unsubscriber>,
     /// The offset after the last item yielded to the application.
     pub(crate) yielded: Option<Offset>,
+    /// Acknowledge each message as the application takes it.
+    pub(crate) auto_ack: bool,
 }
 
-/// Told when the application drops a subscription.
+/// The client, as a subscription reaches it.
 pub(crate) trait Unsubscriber: Send + Sync + std::fmt::Debug {
+    /// The application dropped subscription `id`.
     fn unsubscribe(&self, id: u64);
+    /// The device has taken `channel` up to `offset`.
+    fn ack(&self, channel: &ChannelName, offset: Offset) -> Result<(), ClientError>;
 }
 
 impl Subscription {
@@ -279,6 +284,27 @@ impl Subscription {
     pub fn next_offset(&self) -> Option<Offset> {
         self.yielded
             .or_else(|| self.shared.upgrade().and_then(|s| s.position().start))
+    }
+
+    /// Acknowledges every message of this channel up to `offset`: the
+    /// device's cursor moves there (never back), so that a subscription
+    /// from `Position::Cursor` — after the app was killed, on another
+    /// connection, after a broker restart — starts right after it.
+    /// Acknowledgements are coalesced and sent in the background;
+    /// [`Client::flush_acks`](crate::Client::flush_acks) waits until they
+    /// are stored. Needs [`ClientConfig::device`](crate::ClientConfig::device).
+    pub fn ack(&self, offset: Offset) -> Result<(), ClientError> {
+        match self.on_drop.upgrade() {
+            Some(client) => client.ack(&self.channel, offset),
+            None => Err(ClientError::Closed),
+        }
+    }
+
+    /// Acknowledges each message as the application takes it from the
+    /// stream (on for `true`): "taken" is the cursor, whatever the
+    /// application then does with it.
+    pub fn set_auto_ack(&mut self, on: bool) {
+        self.auto_ack = on;
     }
 
     /// Waits for the next item; `None` once the client is closed.
@@ -301,6 +327,12 @@ impl Subscription {
             _ => return,
         };
         self.yielded = Some(next);
+        if self.auto_ack
+            && let Some(Ok(m)) = item
+            && let Err(e) = self.ack(m.offset)
+        {
+            tracing::debug!(error = %e, "automatic acknowledgement not taken");
+        }
     }
 }
 

@@ -17,12 +17,16 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
 
+use crate::frame::Welcome;
 use crate::frame::{Deliver, DeliveredMessage, ErrorFrame, Frame, FrameType, Hello, Position};
-use crate::frame::{ProducerSeq, Publish, Subscribe, Welcome};
+use crate::frame::{Fallback, MAX_UNREAD_CHANNELS, ProducerSeq, Publish, Subscribe, UnreadCount};
 use crate::{ChannelName, Epoch, ErrorCode, InvalidChannelName, Offset, SubscriptionId};
 
 /// Bytes before a frame's type byte: the `u32` length prefix.
 pub const FRAME_HEADER_LEN: usize = 4;
+
+/// The first protocol version whose `Hello` carries a device id.
+const HELLO_DEVICE_VERSION: u16 = 3;
 
 /// Sizes a decoder accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +145,9 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             out.put_u16(h.protocol);
             put_str(out, &h.token);
             put_str(out, &h.client);
+            if h.protocol >= HELLO_DEVICE_VERSION {
+                put_str(out, h.device.as_deref().unwrap_or(""));
+            }
         }
         Frame::Publish(p) => {
             out.put_u64(p.request_id);
@@ -185,7 +192,63 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                     out.put_u8(2);
                     out.put_u64(n);
                 }
+                Position::Cursor { otherwise } => {
+                    out.put_u8(3);
+                    match otherwise {
+                        Fallback::Latest => out.put_u8(0),
+                        Fallback::From(offset) => {
+                            out.put_u8(1);
+                            out.put_u64(offset.get());
+                        }
+                        Fallback::Last(n) => {
+                            out.put_u8(2);
+                            out.put_u64(n);
+                        }
+                    }
+                }
             }
+        }
+        Frame::Ack {
+            request_id,
+            channel,
+            offset,
+        }
+        | Frame::MarkRead {
+            request_id,
+            channel,
+            offset,
+        } => {
+            out.put_u64(*request_id);
+            put_channel(out, channel);
+            out.put_u64(offset.get());
+        }
+        Frame::Unread {
+            request_id,
+            channels,
+        } => {
+            out.put_u64(*request_id);
+            // At most MAX_UNREAD_CHANNELS are sent: the decoder refuses more.
+            let channels = &channels[..channels.len().min(MAX_UNREAD_CHANNELS)];
+            out.put_u16(channels.len() as u16);
+            for channel in channels {
+                put_channel(out, channel);
+            }
+        }
+        Frame::Stored { request_id } => out.put_u64(*request_id),
+        Frame::UnreadCounts { request_id, counts } => {
+            out.put_u64(*request_id);
+            let counts = &counts[..counts.len().min(MAX_UNREAD_CHANNELS)];
+            out.put_u16(counts.len() as u16);
+            for count in counts {
+                put_channel(out, &count.channel);
+                out.put_u64(count.head);
+                out.put_u64(count.read);
+                out.put_u64(count.unread);
+            }
+        }
+        Frame::ReadMarker { channel, offset } => {
+            put_channel(out, channel);
+            out.put_u64(offset.get());
         }
         Frame::Unsubscribe {
             request_id,
@@ -308,7 +371,17 @@ pub fn encode_deliver<'a>(
 /// The number of bytes [`encode`] appends for `frame`.
 pub fn encoded_len(frame: &Frame) -> usize {
     let body = match frame {
-        Frame::Hello(h) => 2 + 2 + h.token.len() + 2 + h.client.len(),
+        Frame::Hello(h) => {
+            2 + 2
+                + h.token.len()
+                + 2
+                + h.client.len()
+                + if h.protocol >= HELLO_DEVICE_VERSION {
+                    2 + h.device.as_deref().map_or(0, str::len)
+                } else {
+                    0
+                }
+        }
         Frame::Publish(p) => {
             8 + 1
                 + p.channel.as_str().len()
@@ -329,8 +402,33 @@ pub fn encoded_len(frame: &Frame) -> usize {
                     Position::From { epoch: None, .. } => 1 + 8 + 1,
                     Position::From { epoch: Some(_), .. } => 1 + 8 + 1 + 8,
                     Position::Last(_) => 1 + 8,
+                    Position::Cursor {
+                        otherwise: Fallback::Latest,
+                    } => 1 + 1,
+                    Position::Cursor { .. } => 1 + 1 + 8,
                 }
         }
+        Frame::Ack { channel, .. } | Frame::MarkRead { channel, .. } => {
+            8 + 1 + channel.as_str().len() + 8
+        }
+        Frame::Unread { channels, .. } => {
+            8 + 2
+                + channels
+                    .iter()
+                    .take(MAX_UNREAD_CHANNELS)
+                    .map(|c| 1 + c.as_str().len())
+                    .sum::<usize>()
+        }
+        Frame::Stored { .. } => 8,
+        Frame::UnreadCounts { counts, .. } => {
+            8 + 2
+                + counts
+                    .iter()
+                    .take(MAX_UNREAD_CHANNELS)
+                    .map(|c| 1 + c.channel.as_str().len() + 24)
+                    .sum::<usize>()
+        }
+        Frame::ReadMarker { channel, .. } => 1 + channel.as_str().len() + 8,
         Frame::Unsubscribe { .. } => 16,
         Frame::Refresh { token, .. } => 8 + 2 + token.len(),
         Frame::Refreshed { .. } => 16,
@@ -471,6 +569,18 @@ impl Reader {
         self.bytes(len, "payload")
     }
 
+    /// A `u16` element count, checked against [`MAX_UNREAD_CHANNELS`] and
+    /// against the bytes left (each element takes at least `min_len`)
+    /// before anything is reserved for the elements.
+    fn count(&mut self, field: &'static str, min_len: usize) -> Result<usize, DecodeError> {
+        let count = usize::from(self.u16(field)?);
+        if count > MAX_UNREAD_CHANNELS {
+            return Err(DecodeError::InvalidValue { field });
+        }
+        self.need(count * min_len, field)?;
+        Ok(count)
+    }
+
     fn offset(&mut self, field: &'static str) -> Result<Offset, DecodeError> {
         Ok(Offset::new(self.u64(field)?))
     }
@@ -491,11 +601,22 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
     let frame = FrameType::from_u8(type_byte).ok_or(DecodeError::UnknownFrameType(type_byte))?;
     let mut r = Reader { buf: body, frame };
     let decoded = match frame {
-        FrameType::Hello => Frame::Hello(Hello {
-            protocol: r.u16("protocol")?,
-            token: r.string("token")?,
-            client: r.string("client")?,
-        }),
+        FrameType::Hello => {
+            let protocol = r.u16("protocol")?;
+            let token = r.string("token")?;
+            let client = r.string("client")?;
+            let device = if protocol >= HELLO_DEVICE_VERSION {
+                Some(r.string("device")?).filter(|d| !d.is_empty())
+            } else {
+                None
+            };
+            Frame::Hello(Hello {
+                protocol,
+                token,
+                client,
+                device,
+            })
+        }
         FrameType::Publish => {
             let request_id = r.u64("request_id")?;
             let channel = r.channel()?;
@@ -538,6 +659,14 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
                     Position::From { offset, epoch }
                 }
                 2 => Position::Last(r.u64("last")?),
+                3 => Position::Cursor {
+                    otherwise: match r.u8("otherwise")? {
+                        0 => Fallback::Latest,
+                        1 => Fallback::From(r.offset("otherwise")?),
+                        2 => Fallback::Last(r.u64("otherwise")?),
+                        _ => return Err(DecodeError::InvalidValue { field: "otherwise" }),
+                    },
+                },
                 _ => return Err(DecodeError::InvalidValue { field: "position" }),
             };
             Frame::Subscribe(Subscribe {
@@ -556,6 +685,49 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
         FrameType::Refresh => Frame::Refresh {
             request_id: r.u64("request_id")?,
             token: r.string("token")?,
+        },
+        FrameType::Ack => Frame::Ack {
+            request_id: r.u64("request_id")?,
+            channel: r.channel()?,
+            offset: r.offset("offset")?,
+        },
+        FrameType::MarkRead => Frame::MarkRead {
+            request_id: r.u64("request_id")?,
+            channel: r.channel()?,
+            offset: r.offset("offset")?,
+        },
+        FrameType::Unread => {
+            let request_id = r.u64("request_id")?;
+            let count = r.count("channels", 2)?;
+            let mut channels = Vec::with_capacity(count);
+            for _ in 0..count {
+                channels.push(r.channel()?);
+            }
+            Frame::Unread {
+                request_id,
+                channels,
+            }
+        }
+        FrameType::Stored => Frame::Stored {
+            request_id: r.u64("request_id")?,
+        },
+        FrameType::UnreadCounts => {
+            let request_id = r.u64("request_id")?;
+            let count = r.count("counts", 2 + 24)?;
+            let mut counts = Vec::with_capacity(count);
+            for _ in 0..count {
+                counts.push(UnreadCount {
+                    channel: r.channel()?,
+                    head: r.u64("head")?,
+                    read: r.u64("read")?,
+                    unread: r.u64("unread")?,
+                });
+            }
+            Frame::UnreadCounts { request_id, counts }
+        }
+        FrameType::ReadMarker => Frame::ReadMarker {
+            channel: r.channel()?,
+            offset: r.offset("offset")?,
         },
         FrameType::Refreshed => Frame::Refreshed {
             request_id: r.u64("request_id")?,

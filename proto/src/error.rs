@@ -62,6 +62,15 @@ pub enum ErrorCode {
     /// partition). An idempotent publish may have been stored: send it
     /// again with the same sequence and it is stored once.
     Unavailable,
+    /// The request is about a device (`Ack`, a `Cursor` position) and the
+    /// session's `Hello` named none.
+    DeviceRequired,
+    /// The user has as many devices as it may; a device unused for
+    /// `cursors.device_idle_days` is forgotten and frees its place.
+    TooManyDevices,
+    /// This broker does not offer the request in its configuration (e.g.
+    /// device cursors on a cluster node).
+    Unsupported,
     /// A code this build does not know.
     Other(u16),
 }
@@ -92,6 +101,9 @@ impl ErrorCode {
             Self::ChannelDeleted => 20,
             Self::OutOfOrder => 21,
             Self::Unavailable => 22,
+            Self::DeviceRequired => 23,
+            Self::TooManyDevices => 24,
+            Self::Unsupported => 25,
             Self::Other(code) => code,
         }
     }
@@ -121,6 +133,9 @@ impl ErrorCode {
             20 => Self::ChannelDeleted,
             21 => Self::OutOfOrder,
             22 => Self::Unavailable,
+            23 => Self::DeviceRequired,
+            24 => Self::TooManyDevices,
+            25 => Self::Unsupported,
             other => Self::Other(other),
         }
     }

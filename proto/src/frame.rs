@@ -1,4 +1,4 @@
-//! The frames of protocol version 1.
+//! The frames of the protocol (version history: [`crate::PROTOCOL_VERSION`]).
 //!
 //! Control-stream requests carry a client-chosen `request_id` that the reply
 //! echoes, so a client may pipeline many requests; replies can arrive in any
@@ -39,6 +39,37 @@ pub enum Frame {
         request_id: u64,
         /// The new token; it must name the same user (`sub`).
         token: String,
+    },
+    /// The device has taken every message of `channel` up to `offset`:
+    /// store it as the device's cursor (it never moves backwards).
+    /// Answered by `Stored` once the cursor is durable.
+    Ack {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The channel.
+        channel: ChannelName,
+        /// The last offset the device has taken.
+        offset: Offset,
+    },
+    /// The user has read `channel` up to `offset` (on any device): set the
+    /// user's read marker (max wins) and tell the user's other devices.
+    /// Answered by `Stored` once the marker is durable.
+    MarkRead {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The channel.
+        channel: ChannelName,
+        /// The last offset read.
+        offset: Offset,
+    },
+    /// How many messages of each channel the calling user has not read;
+    /// no channels: every channel the user has a read marker on. Answered
+    /// by `UnreadCounts`.
+    Unread {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The channels asked about (at most [`MAX_UNREAD_CHANNELS`]).
+        channels: Vec<ChannelName>,
     },
 
     // ── broker → client, control stream ──────────────────────────────────
@@ -103,6 +134,25 @@ pub enum Frame {
         /// Why, for people.
         message: String,
     },
+    /// The `Ack` or `MarkRead` is durably stored.
+    Stored {
+        /// The request this answers.
+        request_id: u64,
+    },
+    /// Answer to `Unread`.
+    UnreadCounts {
+        /// The request this answers.
+        request_id: u64,
+        /// One entry per channel, in the order asked (or name order).
+        counts: Vec<UnreadCount>,
+    },
+    /// Another device of the same user moved the user's read marker.
+    ReadMarker {
+        /// The channel.
+        channel: ChannelName,
+        /// The user's read marker now: the last offset read.
+        offset: Offset,
+    },
 
     // ── broker → client, delivery stream ─────────────────────────────────
     /// First frame of a delivery stream: which subscription it serves.
@@ -136,6 +186,10 @@ pub enum Frame {
     },
 }
 
+/// The most channels one `Unread` may ask about (and one `UnreadCounts`
+/// may answer for).
+pub const MAX_UNREAD_CHANNELS: usize = 1024;
+
 /// `Hello`: the first frame a client sends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -145,6 +199,24 @@ pub struct Hello {
     pub token: String,
     /// Free-form client identification for logs, e.g. `volna-client/0.1`.
     pub client: String,
+    /// The device this connection speaks for (protocol 3 on; `None` on the
+    /// wire as an empty string): the key of its durable cursors. A token
+    /// with a `device` claim must name the same device.
+    pub device: Option<String>,
+}
+
+/// One channel's line of `UnreadCounts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnreadCount {
+    /// The channel.
+    pub channel: ChannelName,
+    /// The channel's last offset (0: no message yet).
+    pub head: u64,
+    /// The user's read marker: the last offset read (0: none).
+    pub read: u64,
+    /// Messages after the marker still stored, capped by the broker's
+    /// `cursors.unread_cap` (a count at the cap means "at least").
+    pub unread: u64,
 }
 
 /// `Welcome`: the broker accepted the session.
@@ -205,6 +277,38 @@ pub enum Position {
     },
     /// The last `n` stored messages, then live.
     Last(u64),
+    /// After the offset this device last acknowledged on the channel (its
+    /// durable cursor); `otherwise` when the device has none.
+    Cursor {
+        /// Where to start without a cursor.
+        otherwise: Fallback,
+    },
+}
+
+/// Where a [`Position::Cursor`] subscription starts when the device has no
+/// cursor on the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fallback {
+    /// Only messages published from now on.
+    Latest,
+    /// From this offset on.
+    From(Offset),
+    /// The last `n` stored messages.
+    Last(u64),
+}
+
+impl Fallback {
+    /// The plain position this fallback stands for.
+    pub const fn position(self) -> Position {
+        match self {
+            Fallback::Latest => Position::Latest,
+            Fallback::From(offset) => Position::From {
+                offset,
+                epoch: None,
+            },
+            Fallback::Last(n) => Position::Last(n),
+        }
+    }
 }
 
 impl Position {
@@ -283,6 +387,12 @@ pub enum FrameType {
     Ping = 0x05,
     /// [`Frame::Refresh`]
     Refresh = 0x06,
+    /// [`Frame::Ack`]
+    Ack = 0x07,
+    /// [`Frame::MarkRead`]
+    MarkRead = 0x08,
+    /// [`Frame::Unread`]
+    Unread = 0x09,
     /// [`Frame::Welcome`]
     Welcome = 0x41,
     /// [`Frame::Published`]
@@ -301,6 +411,12 @@ pub enum FrameType {
     TokenExpiring = 0x48,
     /// [`Frame::SubscriptionEnded`]
     SubscriptionEnded = 0x49,
+    /// [`Frame::Stored`]
+    Stored = 0x4a,
+    /// [`Frame::UnreadCounts`]
+    UnreadCounts = 0x4b,
+    /// [`Frame::ReadMarker`]
+    ReadMarker = 0x4c,
     /// [`Frame::StreamHeader`]
     StreamHeader = 0x81,
     /// [`Frame::Deliver`]
@@ -321,6 +437,9 @@ impl FrameType {
             0x04 => Self::Unsubscribe,
             0x05 => Self::Ping,
             0x06 => Self::Refresh,
+            0x07 => Self::Ack,
+            0x08 => Self::MarkRead,
+            0x09 => Self::Unread,
             0x41 => Self::Welcome,
             0x42 => Self::Published,
             0x43 => Self::Subscribed,
@@ -330,6 +449,9 @@ impl FrameType {
             0x47 => Self::Refreshed,
             0x48 => Self::TokenExpiring,
             0x49 => Self::SubscriptionEnded,
+            0x4a => Self::Stored,
+            0x4b => Self::UnreadCounts,
+            0x4c => Self::ReadMarker,
             0x81 => Self::StreamHeader,
             0x82 => Self::Deliver,
             0x83 => Self::Truncated,
@@ -349,6 +471,9 @@ impl Frame {
             Self::Unsubscribe { .. } => FrameType::Unsubscribe,
             Self::Ping { .. } => FrameType::Ping,
             Self::Refresh { .. } => FrameType::Refresh,
+            Self::Ack { .. } => FrameType::Ack,
+            Self::MarkRead { .. } => FrameType::MarkRead,
+            Self::Unread { .. } => FrameType::Unread,
             Self::Welcome(_) => FrameType::Welcome,
             Self::Published { .. } => FrameType::Published,
             Self::Subscribed { .. } => FrameType::Subscribed,
@@ -358,6 +483,9 @@ impl Frame {
             Self::Refreshed { .. } => FrameType::Refreshed,
             Self::TokenExpiring { .. } => FrameType::TokenExpiring,
             Self::SubscriptionEnded { .. } => FrameType::SubscriptionEnded,
+            Self::Stored { .. } => FrameType::Stored,
+            Self::UnreadCounts { .. } => FrameType::UnreadCounts,
+            Self::ReadMarker { .. } => FrameType::ReadMarker,
             Self::StreamHeader { .. } => FrameType::StreamHeader,
             Self::Deliver(_) => FrameType::Deliver,
             Self::Truncated { .. } => FrameType::Truncated,
@@ -373,6 +501,11 @@ impl Frame {
             | Self::Unsubscribe { request_id, .. }
             | Self::Ping { request_id }
             | Self::Refresh { request_id, .. }
+            | Self::Ack { request_id, .. }
+            | Self::MarkRead { request_id, .. }
+            | Self::Unread { request_id, .. }
+            | Self::Stored { request_id }
+            | Self::UnreadCounts { request_id, .. }
             | Self::Refreshed { request_id, .. }
             | Self::Published { request_id, .. }
             | Self::Subscribed { request_id, .. }

@@ -32,8 +32,8 @@ mod names;
 pub use codec_impl::{DecodeError, Limits, decode, encode, encode_deliver, encoded_len};
 pub use error::{CloseCode, ErrorCode};
 pub use frame::{
-    Deliver, DeliveredMessage, ErrorFrame, Frame, FrameType, Hello, Position, ProducerSeq, Publish,
-    Subscribe, Welcome,
+    Deliver, DeliveredMessage, ErrorFrame, Fallback, Frame, FrameType, Hello, MAX_UNREAD_CHANNELS,
+    Position, ProducerSeq, Publish, Subscribe, UnreadCount, Welcome,
 };
 pub use names::{ChannelName, Epoch, InvalidChannelName, Offset, SubscriptionId};
 
@@ -54,10 +54,13 @@ pub const ALPN: &[u8] = b"volna/1";
 /// - 2: a `Publish` may name the publish it must follow (`after`); error
 ///   codes `ChannelDeleted` and `OutOfOrder`. Brokers upgrade first: a
 ///   broker speaks every version from [`MIN_PROTOCOL_VERSION`] on.
+/// - 3: `Hello` names the device; `Ack`, `MarkRead`, `Unread` and their
+///   replies, the `ReadMarker` event, `Position::Cursor`; error codes
+///   `DeviceRequired`, `TooManyDevices`, `Unsupported`.
 ///
 /// Error code `Unavailable` (sent by cluster nodes only) came without a new
 /// version: a client that does not know it sees `Other(22)`, not retryable.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The oldest protocol version a broker still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

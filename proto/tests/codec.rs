@@ -5,9 +5,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use volna_proto::{
-    ChannelName, DecodeError, Deliver, DeliveredMessage, Epoch, ErrorCode, ErrorFrame, Frame,
-    Hello, Limits, Offset, Position, ProducerSeq, Publish, Subscribe, SubscriptionId, Welcome,
-    decode, encode, encode_deliver, encoded_len,
+    ChannelName, DecodeError, Deliver, DeliveredMessage, Epoch, ErrorCode, ErrorFrame, Fallback,
+    Frame, Hello, Limits, Offset, Position, ProducerSeq, Publish, Subscribe, SubscriptionId,
+    UnreadCount, Welcome, decode, encode, encode_deliver, encoded_len,
 };
 
 const LIMITS: Limits = Limits {
@@ -36,16 +36,76 @@ fn position() -> impl Strategy<Value = Position> {
             epoch: e.map(Epoch)
         }),
         any::<u64>().prop_map(Position::Last),
+        prop_oneof![
+            Just(Fallback::Latest),
+            any::<u64>().prop_map(|o| Fallback::From(Offset::new(o))),
+            any::<u64>().prop_map(Fallback::Last),
+        ]
+        .prop_map(|otherwise| Position::Cursor { otherwise }),
     ]
+}
+
+/// A device id as a `Hello` of `protocol` carries it: from version 3 on,
+/// `None` or a non-empty id (empty means none on the wire); before, none.
+fn device(protocol: u16) -> BoxedStrategy<Option<String>> {
+    if protocol >= 3 {
+        proptest::option::of(".{1,40}").boxed()
+    } else {
+        Just(None).boxed()
+    }
 }
 
 fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
-        (any::<u16>(), text(), text()).prop_map(|(protocol, token, client)| Frame::Hello(Hello {
-            protocol,
-            token,
-            client
-        })),
+        (any::<u16>(), text(), text()).prop_flat_map(|(protocol, token, client)| {
+            device(protocol).prop_map(move |device| {
+                Frame::Hello(Hello {
+                    protocol,
+                    token: token.clone(),
+                    client: client.clone(),
+                    device,
+                })
+            })
+        }),
+        (any::<u64>(), channel(), any::<u64>()).prop_map(|(request_id, channel, o)| Frame::Ack {
+            request_id,
+            channel,
+            offset: Offset::new(o),
+        }),
+        (any::<u64>(), channel(), any::<u64>()).prop_map(|(request_id, channel, o)| {
+            Frame::MarkRead {
+                request_id,
+                channel,
+                offset: Offset::new(o),
+            }
+        }),
+        (any::<u64>(), proptest::collection::vec(channel(), 0..6)).prop_map(
+            |(request_id, channels)| Frame::Unread {
+                request_id,
+                channels
+            }
+        ),
+        any::<u64>().prop_map(|request_id| Frame::Stored { request_id }),
+        (
+            any::<u64>(),
+            proptest::collection::vec((channel(), any::<u64>(), any::<u64>(), any::<u64>()), 0..6)
+        )
+            .prop_map(|(request_id, counts)| Frame::UnreadCounts {
+                request_id,
+                counts: counts
+                    .into_iter()
+                    .map(|(channel, head, read, unread)| UnreadCount {
+                        channel,
+                        head,
+                        read,
+                        unread,
+                    })
+                    .collect(),
+            }),
+        (channel(), any::<u64>()).prop_map(|(channel, o)| Frame::ReadMarker {
+            channel,
+            offset: Offset::new(o),
+        }),
         (
             any::<u64>(),
             channel(),

@@ -1,4 +1,5 @@
-//! An in-memory [`LogStore`] for tests of the logic above storage.
+//! An in-memory [`LogStore`] (and [`DeviceStore`]) for tests of the logic
+//! above storage.
 //!
 //! It keeps the same contract as the RocksDB store, including refusing
 //! writes after an injected failure until `check_health` is called.
@@ -10,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use volna_proto::{ChannelName, Offset};
 
 use super::{
-    ChannelId, ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow,
-    Recovered, StoreError, StoredMessage, WriteSet,
+    ChannelId, ChannelMeta, DeviceStore, DeviceWrite, ExportScope, Exported, LogStore, ProducerKey,
+    ProducerWindow, Recovered, StoreError, StoredMessage, WriteSet,
 };
 
 /// A store that forgets everything when dropped.
@@ -298,6 +299,62 @@ impl LogStore for MemoryStore {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// Device state in memory: for brokers over a [`LogStore`] other than
+/// RocksDB (tests that inject storage faults) and for unit tests.
+#[derive(Debug, Default)]
+pub struct MemoryDeviceStore {
+    entries: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl MemoryDeviceStore {
+    fn entries(&self) -> std::sync::MutexGuard<'_, BTreeMap<Vec<u8>, Vec<u8>>> {
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DeviceStore for MemoryDeviceStore {
+    fn get_device_entries(&self, keys: &[Vec<u8>]) -> Result<Vec<super::DeviceValue>, StoreError> {
+        let entries = self.entries();
+        Ok(keys.iter().map(|k| entries.get(k).cloned()).collect())
+    }
+
+    fn scan_device_entries(
+        &self,
+        from: &[u8],
+        until: &[u8],
+        limit: usize,
+    ) -> Result<Vec<super::DeviceEntry>, StoreError> {
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .entries()
+            .range(from.to_vec()..until.to_vec())
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn write_device_entries(&self, write: &DeviceWrite, _sync: bool) -> Result<(), StoreError> {
+        let mut entries = self.entries();
+        for (from, until) in &write.removed_ranges {
+            if from < until {
+                let doomed: Vec<Vec<u8>> = entries
+                    .range(from.clone()..until.clone())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in doomed {
+                    entries.remove(&key);
+                }
+            }
+        }
+        for (key, value) in &write.puts {
+            entries.insert(key.clone(), value.clone());
+        }
         Ok(())
     }
 }

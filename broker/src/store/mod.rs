@@ -25,7 +25,7 @@ use bytes::Bytes;
 use thiserror::Error;
 use volna_proto::{ChannelName, Epoch, Offset, ProducerSeq};
 
-pub use memory::MemoryStore;
+pub use memory::{MemoryDeviceStore, MemoryStore};
 pub use producers::{ProducerEntry, ProducerKey, ProducerWindow, SequenceStatus};
 pub use record::RecordError;
 #[cfg(feature = "rocksdb")]
@@ -266,6 +266,42 @@ pub enum StoreError {
     /// since; it refuses writes rather than guess what was stored.
     #[error("store refuses writes after an earlier failure: {0}")]
     Poisoned(String),
+}
+
+/// One atomic change to device state (see [`DeviceStore`]).
+#[derive(Debug, Default)]
+pub struct DeviceWrite {
+    /// Keys to set, each replacing its value.
+    pub puts: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Key ranges `[from, until)` to remove.
+    pub removed_ranges: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A device-state key and its value.
+pub type DeviceEntry = (Vec<u8>, Vec<u8>);
+
+/// A device-state value as read: `None` where the key has none.
+pub type DeviceValue = Option<Vec<u8>>;
+
+/// Durable device state — cursors, read markers, the device registry — as
+/// ordered keys and values (DESIGN.md §4, `cursors`). The byte layout is
+/// [`crate::devices`]'s; a store only keeps it. Calls block: they run on
+/// the devices thread, never on a tokio worker.
+pub trait DeviceStore: Send + Sync + std::fmt::Debug + 'static {
+    /// The values of `keys`, in the same order.
+    fn get_device_entries(&self, keys: &[Vec<u8>]) -> Result<Vec<DeviceValue>, StoreError>;
+
+    /// Up to `limit` entries with keys in `[from, until)`, in key order.
+    fn scan_device_entries(
+        &self,
+        from: &[u8],
+        until: &[u8],
+        limit: usize,
+    ) -> Result<Vec<DeviceEntry>, StoreError>;
+
+    /// Applies `write` atomically; with `sync` the write-ahead log is
+    /// fsynced before returning.
+    fn write_device_entries(&self, write: &DeviceWrite, sync: bool) -> Result<(), StoreError>;
 }
 
 /// The durable log.

@@ -34,8 +34,8 @@ use super::record::{
     decode_message, decode_meta, encode_message, encode_meta, message_key, parse_message_key,
 };
 use super::{
-    ChannelId, ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow,
-    Recovered, StoreError, StoredMessage, WriteSet, age_index_key,
+    ChannelId, ChannelMeta, DeviceStore, DeviceWrite, ExportScope, Exported, LogStore, ProducerKey,
+    ProducerWindow, Recovered, StoreError, StoredMessage, WriteSet, age_index_key,
 };
 
 const CF_MESSAGES: &str = "messages";
@@ -45,6 +45,9 @@ const CF_PRODUCERS: &str = "producer_windows";
 /// sequence, evicted with range tombstones); dropped at open.
 const CF_PRODUCERS_V1: &str = "producers";
 const CF_AGE_INDEX: &str = "age_index";
+/// Device cursors, read markers and the device registry
+/// ([`crate::devices`] owns the layout).
+const CF_CURSORS: &str = "cursors";
 const HEALTH_KEY: &[u8] = b"volna.health";
 const NEXT_CHANNEL_ID_KEY: &[u8] = b"volna.next_channel_id";
 const GENERATION_KEY: &[u8] = b"volna.generation";
@@ -147,7 +150,18 @@ impl RocksStore {
             },
         );
 
+        // Cursors are read one key at a time, mostly for devices that have
+        // none on the channel yet: the bloom filter answers those; the
+        // shared cache keeps the active ones without holding all of them.
+        let mut cursors = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        table.set_block_cache(&cache);
+        cursors.set_block_based_table_factory(&table);
+        cursors.set_compression_type(rocksdb::DBCompressionType::Lz4);
+
         let mut cfs = vec![
+            ColumnFamilyDescriptor::new(CF_CURSORS, cursors),
             ColumnFamilyDescriptor::new(CF_MESSAGES, messages),
             ColumnFamilyDescriptor::new(CF_CHANNELS, channels),
             ColumnFamilyDescriptor::new(CF_PRODUCERS, producers),
@@ -547,6 +561,52 @@ impl LogStore for RocksStore {
                 Some((*name, value))
             })
             .collect()
+    }
+}
+
+impl DeviceStore for RocksStore {
+    fn get_device_entries(&self, keys: &[Vec<u8>]) -> Result<Vec<super::DeviceValue>, StoreError> {
+        let cf = self.cf(CF_CURSORS)?;
+        self.db
+            .batched_multi_get_cf(cf, keys, false)
+            .into_iter()
+            .map(|value| value.map(|v| v.map(|v| v.to_vec())).map_err(engine))
+            .collect()
+    }
+
+    fn scan_device_entries(
+        &self,
+        from: &[u8],
+        until: &[u8],
+        limit: usize,
+    ) -> Result<Vec<super::DeviceEntry>, StoreError> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(until.to_vec());
+        let entries = self.db.iterator_cf_opt(
+            self.cf(CF_CURSORS)?,
+            opts,
+            IteratorMode::From(from, Direction::Forward),
+        );
+        let mut found = Vec::new();
+        for entry in entries.take(limit) {
+            let (key, value) = entry.map_err(engine)?;
+            found.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(found)
+    }
+
+    fn write_device_entries(&self, write: &DeviceWrite, sync: bool) -> Result<(), StoreError> {
+        let cf = self.cf(CF_CURSORS)?;
+        let mut batch = WriteBatch::default();
+        for (from, until) in &write.removed_ranges {
+            batch.delete_range_cf(cf, from, until);
+        }
+        for (key, value) in &write.puts {
+            batch.put_cf(cf, key, value);
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(batch, &opts).map_err(engine)
     }
 }
 

@@ -273,6 +273,7 @@ impl RawConnection {
             protocol: PROTOCOL_VERSION,
             token: token.into(),
             client: "raw-test".into(),
+            device: None,
         }))
         .await;
         self.next_frame().await

@@ -1,0 +1,388 @@
+//! The byte layout of device state in the `cursors` column family, and the
+//! pure rules over it (how a stored position merges with a newer one, what
+//! an unread count is).
+//!
+//! ```text
+//! a ‖ user ‖ device            → last_seen_ms u64          (the registry)
+//! c ‖ user ‖ device ‖ channel  → Mark                      (a device's cursor)
+//! m ‖ user ‖ channel           → Mark                      (the user's read marker)
+//!
+//! user    = u16 length ‖ bytes        device = u8 length ‖ bytes
+//! channel = the name's bytes (last, so it needs no length)
+//! Mark    = offset u64 ‖ channel_id u64 ‖ updated_ms u64  (big-endian)
+//! ```
+//!
+//! Registry entries sort first, so a sweep meets a user's devices before
+//! anything else of theirs; one device's cursors are one contiguous range
+//! (removed with one range delete), and so are one user's markers.
+//!
+//! A mark names the channel's numeric id: a channel deleted and created
+//! again gets a new id, so marks of the old one stop counting at once and
+//! are removed by the next sweep.
+
+use volna_proto::{ChannelName, Offset};
+
+use crate::store::{ChannelId, ChannelMeta};
+
+const REGISTRY: u8 = b'a';
+const CURSOR: u8 = b'c';
+const MARKER: u8 = b'm';
+
+/// The longest device id (bytes).
+pub const MAX_DEVICE_ID: usize = 128;
+
+/// A device id as `Hello` named it: 1–128 bytes, no control characters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceId(String);
+
+impl DeviceId {
+    /// Checks `id`; the reason it is refused otherwise.
+    pub fn new(id: &str) -> Result<Self, &'static str> {
+        if id.is_empty() || id.len() > MAX_DEVICE_ID {
+            return Err("a device id is 1 to 128 bytes");
+        }
+        if id.chars().any(char::is_control) {
+            return Err("a device id has no control characters");
+        }
+        Ok(Self(id.to_owned()))
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A stored position: a cursor or a read marker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// The last offset acknowledged (cursor) or read (marker).
+    pub offset: Offset,
+    /// The incarnation of the channel it belongs to.
+    pub channel_id: ChannelId,
+    /// When it last moved, ms since the Unix epoch.
+    pub updated_ms: u64,
+}
+
+impl Mark {
+    /// Encoded size.
+    pub const LEN: usize = 24;
+
+    /// The value bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend_from_slice(&self.offset.get().to_be_bytes());
+        out.extend_from_slice(&self.channel_id.to_be_bytes());
+        out.extend_from_slice(&self.updated_ms.to_be_bytes());
+        out
+    }
+
+    /// Reads value bytes; `None` when they are not a mark.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        Some(Self {
+            offset: Offset::new(word(0)),
+            channel_id: word(1),
+            updated_ms: word(2),
+        })
+    }
+
+    /// `newer` applied over `self`: within one incarnation of the channel
+    /// the larger offset wins (a position never moves backwards); a newer
+    /// incarnation (a larger id: ids are never reused) replaces an older
+    /// one, and an update for an older incarnation changes nothing.
+    pub fn merge(self, newer: Mark) -> Mark {
+        let key = |m: &Mark| (m.channel_id, m.offset.get());
+        if key(&newer) > key(&self) {
+            newer
+        } else {
+            Mark {
+                updated_ms: self.updated_ms.max(newer.updated_ms),
+                ..self
+            }
+        }
+    }
+
+    /// The offset this mark stands for in the channel as it is now (`meta`),
+    /// `None` when it belongs to another incarnation or the channel is gone.
+    pub fn offset_in(&self, meta: Option<&ChannelMeta>) -> Option<Offset> {
+        meta.filter(|m| m.id == self.channel_id)
+            .map(|_| self.offset)
+    }
+}
+
+/// One channel's unread count as `Unread` answers it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unread {
+    /// The channel's last offset (0: no message yet).
+    pub head: u64,
+    /// The read marker (0: none).
+    pub read: u64,
+    /// Stored messages after the marker, at most `cap`.
+    pub unread: u64,
+}
+
+/// The unread count of a channel (`meta`, `None` when it does not exist)
+/// for a user whose marker is `marker`: the messages after the marker that
+/// are still stored, computed from the head and the marker alone.
+pub fn unread(meta: Option<&ChannelMeta>, marker: Option<&Mark>, cap: u64) -> Unread {
+    let Some(meta) = meta else {
+        return Unread {
+            head: 0,
+            read: 0,
+            unread: 0,
+        };
+    };
+    let head = meta.next_offset.get().saturating_sub(1);
+    let read = marker
+        .and_then(|m| m.offset_in(Some(meta)))
+        .map_or(0, Offset::get)
+        .min(head);
+    // What retention removed is not unread any more: it cannot be read.
+    let from = read.max(meta.first_offset.get().saturating_sub(1));
+    Unread {
+        head,
+        read,
+        unread: head.saturating_sub(from).min(cap),
+    }
+}
+
+fn user_prefix(tag: u8, user: &str) -> Vec<u8> {
+    // Users are token subjects; longer than u16::MAX they are cut (such a
+    // token is refused by the transport's frame limits long before).
+    let user = &user.as_bytes()[..user.len().min(usize::from(u16::MAX))];
+    let mut key = Vec::with_capacity(3 + user.len() + 1 + MAX_DEVICE_ID + 64);
+    key.push(tag);
+    key.extend_from_slice(&(user.len() as u16).to_be_bytes());
+    key.extend_from_slice(user);
+    key
+}
+
+fn push_device(key: &mut Vec<u8>, device: &DeviceId) {
+    // At most MAX_DEVICE_ID (128) bytes by construction.
+    key.push(device.0.len() as u8);
+    key.extend_from_slice(device.0.as_bytes());
+}
+
+/// The registry key of a device.
+pub fn device_key(user: &str, device: &DeviceId) -> Vec<u8> {
+    let mut key = user_prefix(REGISTRY, user);
+    push_device(&mut key, device);
+    key
+}
+
+/// The range holding every registered device of `user`.
+pub fn user_devices(user: &str) -> (Vec<u8>, Vec<u8>) {
+    prefix_range(user_prefix(REGISTRY, user))
+}
+
+/// The range holding every registered device.
+pub fn all_devices() -> (Vec<u8>, Vec<u8>) {
+    prefix_range(vec![REGISTRY])
+}
+
+/// The cursor key of a device on a channel.
+pub fn cursor_key(user: &str, device: &DeviceId, channel: &ChannelName) -> Vec<u8> {
+    let mut key = user_prefix(CURSOR, user);
+    push_device(&mut key, device);
+    key.extend_from_slice(channel.as_str().as_bytes());
+    key
+}
+
+/// The range holding every cursor of a device.
+pub fn device_cursors(user: &str, device: &DeviceId) -> (Vec<u8>, Vec<u8>) {
+    let mut key = user_prefix(CURSOR, user);
+    push_device(&mut key, device);
+    prefix_range(key)
+}
+
+/// The read-marker key of a user on a channel.
+pub fn marker_key(user: &str, channel: &ChannelName) -> Vec<u8> {
+    let mut key = user_prefix(MARKER, user);
+    key.extend_from_slice(channel.as_str().as_bytes());
+    key
+}
+
+/// The range holding every read marker of a user.
+pub fn user_markers(user: &str) -> (Vec<u8>, Vec<u8>) {
+    prefix_range(user_prefix(MARKER, user))
+}
+
+/// The range of every cursor and marker (everything but the registry).
+pub fn all_marks() -> (Vec<u8>, Vec<u8>) {
+    (vec![CURSOR], vec![MARKER + 1])
+}
+
+/// What a stored key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    /// A registry entry.
+    Device {
+        /// Its user.
+        user: String,
+        /// The device.
+        device: String,
+    },
+    /// A device's cursor or a user's read marker on a channel.
+    Mark {
+        /// Its user.
+        user: String,
+        /// The channel.
+        channel: ChannelName,
+    },
+}
+
+/// Reads a stored key; `None` for bytes that are no key of this layout.
+pub fn parse_key(key: &[u8]) -> Option<Key> {
+    let (&tag, rest) = key.split_first()?;
+    let len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
+    let user = std::str::from_utf8(rest.get(2..2 + len)?).ok()?.to_owned();
+    let rest = &rest[2 + len..];
+    let device = |rest: &[u8]| -> Option<(String, usize)> {
+        let len = usize::from(*rest.first()?);
+        let device = std::str::from_utf8(rest.get(1..1 + len)?).ok()?.to_owned();
+        Some((device, 1 + len))
+    };
+    match tag {
+        REGISTRY => {
+            let (device, used) = device(rest)?;
+            (used == rest.len()).then_some(Key::Device { user, device })
+        }
+        CURSOR => {
+            let (_, used) = device(rest)?;
+            let channel = ChannelName::from_bytes(&rest[used..]).ok()?;
+            Some(Key::Mark { user, channel })
+        }
+        MARKER => Some(Key::Mark {
+            user,
+            channel: ChannelName::from_bytes(rest).ok()?,
+        }),
+        _ => None,
+    }
+}
+
+/// The channel named at the end of a marker key of `user` (as
+/// [`marker_key`] builds it).
+pub fn marker_channel(user: &str, key: &[u8]) -> Option<ChannelName> {
+    let prefix = user_prefix(MARKER, user);
+    key.strip_prefix(prefix.as_slice())
+        .and_then(|name| ChannelName::from_bytes(name).ok())
+}
+
+/// `[prefix, the first key after every key starting with prefix)`.
+fn prefix_range(prefix: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
+    let mut end = prefix.clone();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return (prefix, end);
+        }
+    }
+    // All 0xff: nothing sorts after it but longer keys; the layout never
+    // builds such a prefix (it starts with a tag below 0xff).
+    (prefix, vec![u8::MAX; 4])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use volna_proto::Epoch;
+
+    fn channel(name: &str) -> ChannelName {
+        ChannelName::new(name).expect("valid")
+    }
+
+    fn mark(offset: u64, channel_id: u64) -> Mark {
+        Mark {
+            offset: Offset::new(offset),
+            channel_id,
+            updated_ms: offset,
+        }
+    }
+
+    #[test]
+    fn a_mark_never_moves_backwards_within_its_channel() {
+        assert_eq!(mark(5, 1).merge(mark(3, 1)).offset.get(), 5);
+        assert_eq!(mark(5, 1).merge(mark(9, 1)).offset.get(), 9);
+        // A newer incarnation replaces, an older one is ignored.
+        assert_eq!(mark(5, 1).merge(mark(2, 7)), mark(2, 7));
+        assert_eq!(mark(2, 7).merge(mark(50, 1)).offset.get(), 2);
+        let m = mark(5, 1);
+        assert_eq!(Mark::decode(&m.encode()), Some(m));
+        assert_eq!(Mark::decode(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn unread_counts_from_the_head_the_marker_and_retention() {
+        let mut meta = ChannelMeta::new(4, Epoch(9));
+        meta.next_offset = Offset::new(101);
+        let none = unread(Some(&meta), None, 1000);
+        assert_eq!((none.head, none.read, none.unread), (100, 0, 100));
+        let read = unread(Some(&meta), Some(&mark(60, 4)), 1000);
+        assert_eq!((read.read, read.unread), (60, 40));
+        assert_eq!(unread(Some(&meta), Some(&mark(60, 4)), 10).unread, 10);
+        // A marker of a deleted incarnation does not count.
+        assert_eq!(unread(Some(&meta), Some(&mark(60, 3)), 1000).unread, 100);
+        // Retention removed 1..=79: only what can still be read counts.
+        meta.first_offset = Offset::new(80);
+        assert_eq!(unread(Some(&meta), None, 1000).unread, 21);
+        assert_eq!(unread(Some(&meta), Some(&mark(90, 4)), 1000).unread, 10);
+        assert_eq!(unread(None, Some(&mark(90, 4)), 1000).unread, 0);
+    }
+
+    #[test]
+    fn keys_parse_back_and_ranges_hold_exactly_their_keys() {
+        let phone = DeviceId::new("phone").expect("valid");
+        let user = "alice";
+        let c = cursor_key(user, &phone, &channel("chat.1"));
+        assert_eq!(
+            parse_key(&c),
+            Some(Key::Mark {
+                user: user.into(),
+                channel: channel("chat.1")
+            })
+        );
+        let (from, until) = device_cursors(user, &phone);
+        assert!(from <= c && c < until);
+        // Another device whose id extends this one's is outside the range.
+        let other = cursor_key(
+            user,
+            &DeviceId::new("phone2").expect("valid"),
+            &channel("a"),
+        );
+        assert!(!(from <= other && other < until));
+        let m = marker_key(user, &channel("chat.1"));
+        assert_eq!(marker_channel(user, &m), Some(channel("chat.1")));
+        assert_eq!(marker_channel("alic", &m), None);
+        let (from, until) = user_markers(user);
+        assert!(from <= m && m < until);
+        assert!(!(from <= c && c < until));
+        let d = device_key(user, &phone);
+        assert_eq!(
+            parse_key(&d),
+            Some(Key::Device {
+                user: user.into(),
+                device: "phone".into()
+            })
+        );
+        let (from, until) = all_devices();
+        assert!(from <= d && d < until && until <= all_marks().0);
+        assert!(DeviceId::new("").is_err());
+        assert!(DeviceId::new("a\nb").is_err());
+        assert!(DeviceId::new(&"x".repeat(129)).is_err());
+        assert_eq!(parse_key(b"zz"), None);
+    }
+}

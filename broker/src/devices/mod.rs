@@ -1,0 +1,926 @@
+//! Devices as durable things: each device's cursors (what it has
+//! acknowledged, per channel), each user's read markers, and the registry
+//! of a user's devices (DESIGN.md §4, column family `cursors`).
+//!
+//! ```text
+//!  sessions ──Ack / MarkRead──▶ pending (coalesced: one value per key, max wins)
+//!                                   │ every cursors.flush_ms
+//!                                   ▼
+//!  sessions ──reads──▶ queue ──▶ devices thread ──one write──▶ DeviceStore
+//!                                   │ (also: sweeps idle devices and the
+//!                                   ▼  marks of deleted channels)
+//!                       "stored up to generation g" ──▶ sessions send `Stored`
+//! ```
+//!
+//! Invariants:
+//! - A stored mark never moves backwards within one incarnation of its
+//!   channel: the devices thread is the only writer, and it merges each
+//!   pending value with the stored one ([`Mark::merge`]) before writing.
+//! - `Stored` is sent only once the write holding the update returned
+//!   (synced first with `durability = "fsync"`).
+//! - Reads see pending values: an acknowledged offset is where a `Cursor`
+//!   subscription starts at once, on any connection of the device.
+//! - Memory holds only what waits for the next flush (one value per device
+//!   and channel acknowledged within it); stored marks stay on disk and
+//!   in RocksDB's shared block cache (G9).
+
+pub mod layout;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use dashmap::DashMap;
+use thiserror::Error;
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+use volna_proto::{ChannelName, Offset};
+
+pub use layout::{DeviceId, Mark, Unread};
+
+use crate::config::{CursorsConfig, Durability};
+use crate::log::Logs;
+use crate::metrics::Metrics;
+use crate::queue::{self, AsyncSender, Queued};
+use crate::store::{ChannelId, DeviceStore, DeviceWrite, LogStore, StoreError};
+
+/// Pending values beyond which a flush starts before its interval ends.
+const MAX_PENDING: usize = 100_000;
+/// Entries one sweep step reads before the thread serves requests again.
+const SWEEP_STEP: usize = 4096;
+const DAY_MS: u64 = 86_400_000;
+
+/// Why a device request failed.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DeviceError {
+    /// The user has as many devices as it may.
+    #[error("{user} has {limit} devices already; a device unused for a while is forgotten")]
+    TooManyDevices {
+        /// The user.
+        user: String,
+        /// `cursors.max_devices_per_user`.
+        limit: u32,
+    },
+    /// The store failed.
+    #[error("device state unavailable: {0}")]
+    Storage(String),
+    /// The broker is shutting down.
+    #[error("the broker is shutting down")]
+    Closed,
+}
+
+impl From<StoreError> for DeviceError {
+    fn from(e: StoreError) -> Self {
+        DeviceError::Storage(e.to_string())
+    }
+}
+
+/// A pending update's place in the flush order: it is durable once the
+/// devices thread has written generation `ticket`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+/// Told when another device of its user moves the user's read marker.
+pub trait MarkerListener: Send + Sync + 'static {
+    /// The user's marker on `channel` is now `offset`.
+    fn marker_moved(&self, channel: &ChannelName, offset: Offset);
+}
+
+/// A session listening for its user's markers, by session id.
+type Listening = (u64, Arc<dyn MarkerListener>);
+
+/// The sessions' handle on device state. Cheap to share.
+pub struct Devices {
+    shared: Arc<Shared>,
+    requests: AsyncSender<Request>,
+    /// Sessions that want to hear of their user's markers, by user.
+    listeners: DashMap<String, Vec<Listening>>,
+    config: CursorsConfig,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices")
+            .field("listening_users", &self.listeners.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    pending: Mutex<Pending>,
+    /// The last generation written.
+    stored: watch::Sender<u64>,
+    /// Set by [`DevicesThread::shutdown`]: sessions may still hold the
+    /// queue's sender, so its disconnection cannot be what stops the thread.
+    closed: AtomicBool,
+}
+
+/// Values waiting for the next flush.
+#[derive(Default)]
+struct Pending {
+    /// The generation the next flush writes.
+    generation: u64,
+    marks: HashMap<Vec<u8>, Mark>,
+    /// Registry entries: when each device was last seen.
+    seen: HashMap<Vec<u8>, u64>,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+enum Request {
+    Register {
+        user: String,
+        device: DeviceId,
+        reply: oneshot::Sender<Result<(), DeviceError>>,
+    },
+    Get {
+        keys: Vec<Vec<u8>>,
+        reply: oneshot::Sender<Result<Vec<Option<Mark>>, DeviceError>>,
+    },
+    Markers {
+        user: String,
+        limit: usize,
+        reply: oneshot::Sender<Result<Vec<(ChannelName, Mark)>, DeviceError>>,
+    },
+    /// Flush now (the pending set is large).
+    Flush,
+    /// Sweep now, not at the next interval.
+    Sweep,
+}
+
+/// The devices thread; [`DevicesThread::shutdown`] writes what is pending
+/// and stops it.
+#[derive(Debug)]
+pub struct DevicesThread {
+    devices: Arc<Devices>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DevicesThread {
+    /// The sessions' handle.
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+
+    /// Writes what is pending and joins the thread. Blocks: call it from a
+    /// blocking context.
+    pub fn shutdown(mut self) {
+        self.devices.shared.closed.store(true, Ordering::SeqCst);
+        // Wakes the thread; a full queue means it is awake anyway.
+        let _ = self.devices.requests.try_send(Request::Flush);
+        self.devices.requests.close();
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            error!("the devices thread panicked");
+        }
+    }
+}
+
+/// Starts the devices thread over `store`; `channels` is the durable log's
+/// store, which the sweep asks whether a mark's channel still exists.
+pub fn start(
+    store: Arc<dyn DeviceStore>,
+    channels: Arc<dyn LogStore>,
+    config: &CursorsConfig,
+    durability: Durability,
+    metrics: Arc<Metrics>,
+) -> Result<DevicesThread, StoreError> {
+    let (requests, rx) = queue::bounded(1024);
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(Pending {
+            generation: 1,
+            ..Pending::default()
+        }),
+        stored: watch::Sender::new(0),
+        closed: AtomicBool::new(false),
+    });
+    let devices = Arc::new(Devices {
+        shared: shared.clone(),
+        requests,
+        listeners: DashMap::new(),
+        config: config.clone(),
+    });
+    let worker = Worker {
+        shared,
+        store,
+        channels,
+        sync: durability == Durability::Fsync,
+        config: config.clone(),
+        metrics,
+        sweep: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name("volna-devices".into())
+        .spawn(move || worker.run(&rx))
+        .map_err(|e| StoreError::Engine(format!("cannot start the devices thread: {e}")))?;
+    Ok(DevicesThread {
+        devices,
+        thread: Some(thread),
+    })
+}
+
+impl Devices {
+    /// The configuration in force.
+    pub fn config(&self) -> &CursorsConfig {
+        &self.config
+    }
+
+    /// Registers `device` of `user` as seen now; refuses a new device
+    /// beyond `cursors.max_devices_per_user`.
+    pub async fn register(&self, user: &str, device: &DeviceId) -> Result<(), DeviceError> {
+        let (user, device) = (user.to_owned(), device.clone());
+        self.ask(|reply| Request::Register {
+            user,
+            device,
+            reply,
+        })
+        .await?
+    }
+
+    /// Notes that `device` was seen now (a session ended): written with
+    /// the next flush.
+    pub fn seen(&self, user: &str, device: &DeviceId) {
+        self.shared
+            .pending()
+            .seen
+            .insert(layout::device_key(user, device), crate::log::now_ms());
+    }
+
+    /// Moves `device`'s cursor on `channel` to `mark` (never backwards).
+    pub fn ack(&self, user: &str, device: &DeviceId, channel: &ChannelName, mark: Mark) -> Ticket {
+        self.put(layout::cursor_key(user, device, channel), mark)
+    }
+
+    /// Moves `user`'s read marker on `channel` to `mark` (max wins).
+    pub fn mark_read(&self, user: &str, channel: &ChannelName, mark: Mark) -> Ticket {
+        self.put(layout::marker_key(user, channel), mark)
+    }
+
+    fn put(&self, key: Vec<u8>, mark: Mark) -> Ticket {
+        let (ticket, len) = {
+            let mut pending = self.shared.pending();
+            pending
+                .marks
+                .entry(key)
+                .and_modify(|m| *m = m.merge(mark))
+                .or_insert(mark);
+            (Ticket(pending.generation), pending.marks.len())
+        };
+        if len == MAX_PENDING {
+            // Best effort: a full request queue means the thread is busy
+            // and flushes at its next turn anyway.
+            let _ = self.requests.try_send(Request::Flush);
+        }
+        ticket
+    }
+
+    /// Waits until the update that got `ticket` is durable.
+    pub async fn stored(&self, ticket: Ticket) -> Result<(), DeviceError> {
+        let mut stored = self.shared.stored.subscribe();
+        stored
+            .wait_for(|&g| g >= ticket.0)
+            .await
+            .map(|_| ())
+            .map_err(|_| DeviceError::Closed)
+    }
+
+    /// `device`'s cursor on `channel`, if it has one.
+    pub async fn cursor(
+        &self,
+        user: &str,
+        device: &DeviceId,
+        channel: &ChannelName,
+    ) -> Result<Option<Mark>, DeviceError> {
+        let keys = vec![layout::cursor_key(user, device, channel)];
+        let mut found = self.ask(|reply| Request::Get { keys, reply }).await??;
+        Ok(found.pop().flatten())
+    }
+
+    /// `user`'s read markers on `channels`, in the same order.
+    pub async fn markers(
+        &self,
+        user: &str,
+        channels: &[ChannelName],
+    ) -> Result<Vec<Option<Mark>>, DeviceError> {
+        let keys = channels
+            .iter()
+            .map(|c| layout::marker_key(user, c))
+            .collect();
+        self.ask(|reply| Request::Get { keys, reply }).await?
+    }
+
+    /// Up to `limit` of `user`'s read markers, in channel name order.
+    pub async fn all_markers(
+        &self,
+        user: &str,
+        limit: usize,
+    ) -> Result<Vec<(ChannelName, Mark)>, DeviceError> {
+        let user = user.to_owned();
+        self.ask(|reply| Request::Markers { user, limit, reply })
+            .await?
+    }
+
+    /// `user`'s unread counts on `channels` (none: every channel the user
+    /// has a read marker on that `visible` lets through, at most `limit`),
+    /// from the channels' heads in `logs` and the user's markers: no log
+    /// is read.
+    pub async fn unread(
+        &self,
+        logs: &Logs,
+        user: &str,
+        channels: Vec<ChannelName>,
+        limit: usize,
+        visible: impl Fn(&ChannelName) -> bool,
+    ) -> Result<Vec<(ChannelName, Unread)>, DeviceError> {
+        let marks: Vec<(ChannelName, Option<Mark>)> = if channels.is_empty() {
+            self.all_markers(user, limit)
+                .await?
+                .into_iter()
+                .filter(|(c, _)| visible(c))
+                .map(|(c, m)| (c, Some(m)))
+                .collect()
+        } else {
+            let marks = self.markers(user, &channels).await?;
+            channels.into_iter().zip(marks).collect()
+        };
+        let mut counts = Vec::with_capacity(marks.len());
+        for (channel, mark) in marks {
+            let meta = logs.for_channel(&channel).lookup(&channel).await?;
+            let count = layout::unread(meta.as_ref(), mark.as_ref(), self.config.unread_cap);
+            counts.push((channel, count));
+        }
+        Ok(counts)
+    }
+
+    /// Starts a sweep for idle devices and the marks of deleted channels
+    /// now (one runs every `cursors.sweep_interval_secs` anyway).
+    pub fn sweep_now(&self) {
+        let _ = self.requests.try_send(Request::Sweep);
+    }
+
+    /// Lets session `session` of `user` hear of the user's markers.
+    pub fn listen(&self, user: &str, session: u64, listener: Arc<dyn MarkerListener>) {
+        self.listeners
+            .entry(user.to_owned())
+            .or_default()
+            .push((session, listener));
+    }
+
+    /// Undoes [`Devices::listen`].
+    pub fn unlisten(&self, user: &str, session: u64) {
+        self.listeners.remove_if_mut(user, |_, sessions| {
+            sessions.retain(|(id, _)| *id != session);
+            sessions.is_empty()
+        });
+    }
+
+    /// Tells `user`'s sessions other than `from` that the marker on
+    /// `channel` moved to `offset`.
+    pub fn announce(&self, user: &str, from: u64, channel: &ChannelName, offset: Offset) {
+        if let Some(sessions) = self.listeners.get(user) {
+            for (_, listener) in sessions.iter().filter(|(id, _)| *id != from) {
+                listener.marker_moved(channel, offset);
+            }
+        }
+    }
+
+    async fn ask<T>(
+        &self,
+        request: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, DeviceError> {
+        let (reply, rx) = oneshot::channel();
+        self.requests
+            .send(request(reply))
+            .await
+            .map_err(|_| DeviceError::Closed)?;
+        rx.await.map_err(|_| DeviceError::Closed)
+    }
+}
+
+/// Where a sweep stands.
+struct Sweep {
+    /// The next key to read.
+    next: Vec<u8>,
+    /// The user whose devices are being read, and whether one of them is
+    /// still in use.
+    user: Option<(String, bool)>,
+    /// Channels looked up in this step.
+    channel_ids: HashMap<ChannelName, Option<ChannelId>>,
+    started: Instant,
+    devices_expired: u64,
+    marks_removed: u64,
+}
+
+struct Worker {
+    shared: Arc<Shared>,
+    store: Arc<dyn DeviceStore>,
+    channels: Arc<dyn LogStore>,
+    sync: bool,
+    config: CursorsConfig,
+    metrics: Arc<Metrics>,
+    sweep: Option<Sweep>,
+}
+
+impl Worker {
+    fn run(mut self, rx: &Receiver<Queued<Request>>) {
+        let flush_every = Duration::from_millis(self.config.flush_ms);
+        let sweep_every = Duration::from_secs(self.config.sweep_interval_secs);
+        let mut next_flush = Instant::now() + flush_every;
+        // The first sweep comes one interval after start: a restart loop
+        // must not sweep the whole registry each time.
+        let mut next_sweep = Instant::now() + sweep_every;
+        loop {
+            let wait = if self.sweep.is_some() {
+                Duration::ZERO
+            } else {
+                next_flush
+                    .min(next_sweep)
+                    .saturating_duration_since(Instant::now())
+            };
+            match rx.recv_timeout(wait) {
+                Ok(request) => self.serve(request.item, &mut next_flush),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            let now = Instant::now();
+            if now >= next_flush {
+                self.flush();
+                next_flush = now + flush_every;
+            }
+            if now >= next_sweep && self.sweep.is_none() {
+                self.start_sweep();
+                next_sweep = now + sweep_every;
+            }
+            if self.shared.closed.load(Ordering::SeqCst) && rx.is_empty() {
+                break;
+            }
+            if self.sweep.is_some() && rx.is_empty() {
+                self.sweep_step();
+            }
+        }
+        // Shutting down: what was acknowledged to nobody yet is still
+        // written, so a clean stop loses no ack.
+        self.flush();
+        info!("device state written; the devices thread stops");
+    }
+
+    fn serve(&mut self, request: Request, next_flush: &mut Instant) {
+        match request {
+            Request::Register {
+                user,
+                device,
+                reply,
+            } => {
+                let _ = reply.send(self.register(&user, &device));
+            }
+            Request::Get { keys, reply } => {
+                let _ = reply.send(self.get(&keys));
+            }
+            Request::Markers { user, limit, reply } => {
+                let _ = reply.send(self.markers(&user, limit));
+            }
+            Request::Flush => {
+                self.flush();
+                *next_flush = Instant::now() + Duration::from_millis(self.config.flush_ms);
+            }
+            Request::Sweep => {
+                if self.sweep.is_none() {
+                    self.start_sweep();
+                }
+            }
+        }
+    }
+
+    fn register(&self, user: &str, device: &DeviceId) -> Result<(), DeviceError> {
+        let key = layout::device_key(user, device);
+        let now = crate::log::now_ms();
+        let known = self.shared.pending().seen.contains_key(&key)
+            || self.store.get_device_entries(std::slice::from_ref(&key))?[0].is_some();
+        if !known {
+            let limit = self.config.max_devices_per_user;
+            let (from, until) = layout::user_devices(user);
+            let held = self
+                .store
+                .scan_device_entries(&from, &until, limit as usize)?
+                .len();
+            if held >= limit as usize {
+                return Err(DeviceError::TooManyDevices {
+                    user: user.to_owned(),
+                    limit,
+                });
+            }
+            // Written now, not with the next flush: the next registration
+            // of this user counts it.
+            let write = DeviceWrite {
+                puts: vec![(key, now.to_be_bytes().to_vec())],
+                removed_ranges: Vec::new(),
+            };
+            self.store.write_device_entries(&write, self.sync)?;
+            return Ok(());
+        }
+        self.shared.pending().seen.insert(key, now);
+        Ok(())
+    }
+
+    fn get(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Mark>>, DeviceError> {
+        let stored = self.store.get_device_entries(keys)?;
+        let pending = self.shared.pending();
+        Ok(keys
+            .iter()
+            .zip(stored)
+            .map(|(key, stored)| {
+                let stored = stored.as_deref().and_then(Mark::decode);
+                match (stored, pending.marks.get(key)) {
+                    (Some(s), Some(p)) => Some(s.merge(*p)),
+                    (s, p) => s.or(p.copied()),
+                }
+            })
+            .collect())
+    }
+
+    fn markers(&self, user: &str, limit: usize) -> Result<Vec<(ChannelName, Mark)>, DeviceError> {
+        let (from, until) = layout::user_markers(user);
+        let mut found: std::collections::BTreeMap<ChannelName, Mark> = self
+            .store
+            .scan_device_entries(&from, &until, limit)?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                Some((layout::marker_channel(user, &key)?, Mark::decode(&value)?))
+            })
+            .collect();
+        for (key, mark) in &self.shared.pending().marks {
+            if let Some(channel) = layout::marker_channel(user, key) {
+                found
+                    .entry(channel)
+                    .and_modify(|m| *m = m.merge(*mark))
+                    .or_insert(*mark);
+            }
+        }
+        Ok(found.into_iter().take(limit).collect())
+    }
+
+    /// Writes every pending value merged with its stored one, in one write.
+    fn flush(&mut self) {
+        let (generation, marks, seen) = {
+            let mut pending = self.shared.pending();
+            if pending.marks.is_empty() && pending.seen.is_empty() {
+                let generation = pending.generation;
+                drop(pending);
+                // Nothing waits on this generation but tickets may name it.
+                self.shared.stored.send_if_modified(|g| {
+                    let moved = *g < generation;
+                    *g = (*g).max(generation);
+                    moved
+                });
+                return;
+            }
+            let generation = pending.generation;
+            pending.generation += 1;
+            (
+                generation,
+                std::mem::take(&mut pending.marks),
+                std::mem::take(&mut pending.seen),
+            )
+        };
+        let marks: Vec<(Vec<u8>, Mark)> = marks.into_iter().collect();
+        let written = (|| -> Result<usize, StoreError> {
+            let keys: Vec<Vec<u8>> = marks.iter().map(|(k, _)| k.clone()).collect();
+            let stored = self.store.get_device_entries(&keys)?;
+            let mut write = DeviceWrite::default();
+            for ((key, mark), stored) in marks.iter().zip(stored) {
+                let merged = match stored.as_deref().and_then(Mark::decode) {
+                    Some(s) => s.merge(*mark),
+                    None => *mark,
+                };
+                write.puts.push((key.clone(), merged.encode()));
+            }
+            for (key, ms) in &seen {
+                write.puts.push((key.clone(), ms.to_be_bytes().to_vec()));
+            }
+            self.store.write_device_entries(&write, self.sync)?;
+            Ok(write.puts.len())
+        })();
+        match written {
+            Ok(count) => {
+                self.metrics.cursor_writes.inc_by(count as u64);
+                self.shared.stored.send_replace(generation);
+            }
+            Err(e) => {
+                // Kept for the next flush: the acks wait, none is lost.
+                warn!(error = %e, "writing device cursors failed; retrying at the next flush");
+                self.metrics.cursor_write_errors.inc();
+                let mut pending = self.shared.pending();
+                for (key, mark) in marks {
+                    pending
+                        .marks
+                        .entry(key)
+                        .and_modify(|m| *m = m.merge(mark))
+                        .or_insert(mark);
+                }
+                for (key, ms) in seen {
+                    pending.seen.entry(key).or_insert(ms);
+                }
+                // Their tickets name `generation`: the retry writes them in
+                // a later one, which satisfies them too.
+            }
+        }
+    }
+
+    fn start_sweep(&mut self) {
+        self.sweep = Some(Sweep {
+            next: layout::all_devices().0,
+            user: None,
+            channel_ids: HashMap::new(),
+            started: Instant::now(),
+            devices_expired: 0,
+            marks_removed: 0,
+        });
+    }
+
+    /// Reads the next [`SWEEP_STEP`] entries: removes idle devices with
+    /// their cursors (and a user's markers with their last device), and
+    /// marks whose channel was deleted.
+    fn sweep_step(&mut self) {
+        let Some(mut sweep) = self.sweep.take() else {
+            return;
+        };
+        match self.sweep_entries(&mut sweep) {
+            Ok(true) => self.sweep = Some(sweep),
+            Ok(false) => {
+                self.metrics.devices_expired.inc_by(sweep.devices_expired);
+                self.metrics.cursors_orphaned.inc_by(sweep.marks_removed);
+                info!(
+                    devices_expired = sweep.devices_expired,
+                    marks_removed = sweep.marks_removed,
+                    took_ms = sweep.started.elapsed().as_millis() as u64,
+                    "device sweep done"
+                );
+            }
+            Err(e) => warn!(error = %e, "device sweep failed; it runs again at the next interval"),
+        }
+    }
+
+    /// One step of `sweep`; whether there is more to read.
+    fn sweep_entries(&self, sweep: &mut Sweep) -> Result<bool, StoreError> {
+        let (_, devices_end) = layout::all_devices();
+        let (marks_start, marks_end) = layout::all_marks();
+        let in_registry = sweep.next < devices_end;
+        let until = if in_registry { devices_end } else { marks_end };
+        let entries = self
+            .store
+            .scan_device_entries(&sweep.next, &until, SWEEP_STEP)?;
+        let idle_ms = self.config.device_idle_days.saturating_mul(DAY_MS);
+        let now = crate::log::now_ms();
+        let mut write = DeviceWrite::default();
+        for (key, value) in &entries {
+            match layout::parse_key(key) {
+                Some(layout::Key::Device { user, device }) => {
+                    if sweep.user.as_ref().is_none_or(|(u, _)| *u != user) {
+                        self.close_user(sweep, &mut write);
+                        sweep.user = Some((user.clone(), false));
+                    }
+                    let seen = value
+                        .as_slice()
+                        .try_into()
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
+                    let Ok(device) = DeviceId::new(&device) else {
+                        continue;
+                    };
+                    if now.saturating_sub(seen) > idle_ms {
+                        sweep.devices_expired += 1;
+                        write.removed_ranges.push(single(key));
+                        write
+                            .removed_ranges
+                            .push(layout::device_cursors(&user, &device));
+                    } else if let Some((_, live)) = &mut sweep.user {
+                        *live = true;
+                    }
+                }
+                Some(layout::Key::Mark { channel, .. }) => {
+                    let Some(mark) = Mark::decode(value) else {
+                        continue;
+                    };
+                    let id = match sweep.channel_ids.get(&channel) {
+                        Some(id) => *id,
+                        None => {
+                            let id = self.channels.load_channel(&channel)?.map(|m| m.id);
+                            sweep.channel_ids.insert(channel, id);
+                            id
+                        }
+                    };
+                    if id != Some(mark.channel_id) {
+                        sweep.marks_removed += 1;
+                        write.removed_ranges.push(single(key));
+                    }
+                }
+                None => {}
+            }
+        }
+        sweep.channel_ids.clear();
+        let more = entries.len() == SWEEP_STEP;
+        match entries.last() {
+            Some((last, _)) if more => {
+                sweep.next = last.clone();
+                sweep.next.push(0);
+            }
+            _ if in_registry => {
+                self.close_user(sweep, &mut write);
+                sweep.next = marks_start;
+            }
+            _ => {}
+        }
+        if !write.removed_ranges.is_empty() {
+            self.store.write_device_entries(&write, self.sync)?;
+        }
+        Ok(more || in_registry)
+    }
+
+    /// The sweep is past `sweep.user`'s devices: with none left in use,
+    /// the user's read markers go too.
+    fn close_user(&self, sweep: &mut Sweep, write: &mut DeviceWrite) {
+        if let Some((user, false)) = sweep.user.take() {
+            write.removed_ranges.push(layout::user_markers(&user));
+        }
+    }
+}
+
+/// The range holding exactly `key`.
+fn single(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut until = key.to_vec();
+    until.push(0);
+    (key.to_vec(), until)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{ChannelMeta, MemoryDeviceStore, MemoryStore, WriteSet};
+    use volna_proto::Epoch;
+
+    fn channel(name: &str) -> ChannelName {
+        ChannelName::new(name).expect("valid")
+    }
+
+    fn mark(offset: u64, channel_id: u64) -> Mark {
+        Mark {
+            offset: Offset::new(offset),
+            channel_id,
+            updated_ms: crate::log::now_ms(),
+        }
+    }
+
+    fn started(
+        config: &CursorsConfig,
+    ) -> (DevicesThread, Arc<MemoryDeviceStore>, Arc<MemoryStore>) {
+        let store = Arc::new(MemoryDeviceStore::default());
+        let channels = Arc::new(MemoryStore::new());
+        let thread = start(
+            store.clone(),
+            channels.clone(),
+            config,
+            Durability::Wal,
+            Arc::new(Metrics::new()),
+        )
+        .expect("start");
+        (thread, store, channels)
+    }
+
+    #[tokio::test]
+    async fn acks_coalesce_become_durable_and_never_move_back() {
+        let config = CursorsConfig {
+            flush_ms: 20,
+            ..CursorsConfig::default()
+        };
+        let (thread, store, _) = started(&config);
+        let devices = thread.devices().clone();
+        let phone = DeviceId::new("phone").expect("valid");
+        let chat = channel("chat.1");
+        devices.register("alice", &phone).await.expect("register");
+        let t1 = devices.ack("alice", &phone, &chat, mark(7, 1));
+        let t2 = devices.ack("alice", &phone, &chat, mark(5, 1));
+        // Seen before the flush, merged: the later, smaller ack lost.
+        let cursor = devices.cursor("alice", &phone, &chat).await.expect("read");
+        assert_eq!(cursor.map(|m| m.offset.get()), Some(7));
+        devices.stored(t1.max(t2)).await.expect("stored");
+        let key = layout::cursor_key("alice", &phone, &chat);
+        let on_disk = store.get_device_entries(&[key]).expect("get")[0]
+            .as_deref()
+            .and_then(Mark::decode);
+        assert_eq!(on_disk.map(|m| m.offset.get()), Some(7));
+        // Stored: a smaller ack after the flush still cannot move it back.
+        let t3 = devices.ack("alice", &phone, &chat, mark(3, 1));
+        devices.stored(t3).await.expect("stored");
+        let cursor = devices.cursor("alice", &phone, &chat).await.expect("read");
+        assert_eq!(cursor.map(|m| m.offset.get()), Some(7));
+        tokio::task::spawn_blocking(move || thread.shutdown())
+            .await
+            .expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_user_may_hold_only_so_many_devices() {
+        let config = CursorsConfig {
+            max_devices_per_user: 2,
+            ..CursorsConfig::default()
+        };
+        let (thread, _, _) = started(&config);
+        let devices = thread.devices().clone();
+        let id = |s: &str| DeviceId::new(s).expect("valid");
+        devices.register("bob", &id("a")).await.expect("first");
+        devices.register("bob", &id("b")).await.expect("second");
+        devices
+            .register("bob", &id("a"))
+            .await
+            .expect("a known one again");
+        let third = devices.register("bob", &id("c")).await;
+        assert!(matches!(
+            third,
+            Err(DeviceError::TooManyDevices { limit: 2, .. })
+        ));
+        devices
+            .register("carol", &id("c"))
+            .await
+            .expect("another user");
+        tokio::task::spawn_blocking(move || thread.shutdown())
+            .await
+            .expect("join");
+    }
+
+    #[tokio::test]
+    async fn a_sweep_forgets_idle_devices_and_marks_of_deleted_channels() {
+        let config = CursorsConfig {
+            flush_ms: 10,
+            device_idle_days: 1,
+            ..CursorsConfig::default()
+        };
+        let (thread, store, channels) = started(&config);
+        let devices = thread.devices().clone();
+        let old = DeviceId::new("old-phone").expect("valid");
+        let new = DeviceId::new("laptop").expect("valid");
+        let (chat, gone) = (channel("chat.1"), channel("chat.2"));
+        channels
+            .write(
+                &WriteSet {
+                    channels: vec![(chat.clone(), ChannelMeta::new(1, Epoch(1)))],
+                    ..WriteSet::default()
+                },
+                false,
+            )
+            .expect("channel");
+        for device in [&old, &new] {
+            devices.register("dan", device).await.expect("register");
+            devices.ack("dan", device, &chat, mark(3, 1));
+        }
+        devices.ack("dan", &new, &gone, mark(3, 2));
+        devices.mark_read("dan", &chat, mark(2, 1));
+        let ticket = devices.mark_read("erin", &chat, mark(2, 1));
+        devices.stored(ticket).await.expect("stored");
+        // The old phone and erin's only device were last seen two days ago.
+        let two_days_ago = (crate::log::now_ms() - 2 * DAY_MS).to_be_bytes().to_vec();
+        let stale = DeviceId::new("tablet").expect("valid");
+        store
+            .write_device_entries(
+                &DeviceWrite {
+                    puts: vec![
+                        (layout::device_key("dan", &old), two_days_ago.clone()),
+                        (layout::device_key("erin", &stale), two_days_ago),
+                    ],
+                    removed_ranges: Vec::new(),
+                },
+                false,
+            )
+            .expect("age them");
+        devices.sweep_now();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let old_cursor = devices.cursor("dan", &old, &chat).await.expect("read");
+            let erin = devices
+                .markers("erin", std::slice::from_ref(&chat))
+                .await
+                .expect("read");
+            let gone_cursor = devices.cursor("dan", &new, &gone).await.expect("read");
+            if old_cursor.is_none() && erin[0].is_none() && gone_cursor.is_none() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the sweep did not run");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // What is still in use stays.
+        let kept = devices.cursor("dan", &new, &chat).await.expect("read");
+        assert_eq!(kept.map(|m| m.offset.get()), Some(3));
+        let dan = devices.all_markers("dan", 10).await.expect("read");
+        assert_eq!(dan.len(), 1);
+        tokio::task::spawn_blocking(move || thread.shutdown())
+            .await
+            .expect("join");
+    }
+}
