@@ -113,7 +113,7 @@ enum Command {
         /// Start after the device's stored cursor (from offset 1 when it
         /// has none) and acknowledge each printed message; before exiting,
         /// wait until the acknowledgements are stored. Needs --device.
-        #[arg(long, conflicts_with_all = ["from", "last"], requires = "device")]
+        #[arg(long, conflicts_with_all = ["from", "last"])]
         resume: bool,
         /// Exit after K messages.
         #[arg(long)]
@@ -423,6 +423,9 @@ async fn run() -> anyhow::Result<()> {
             count,
         } => {
             let start = match (from, last) {
+                _ if resume && cli.device.is_none() => {
+                    bail!("`sub --resume` resumes a device's cursor: give --device ID")
+                }
                 _ if resume => Start::Resume,
                 (Some(0), _) => bail!("--from: offsets start at 1"),
                 (Some(offset), _) => Start::At(Position::From {

@@ -355,3 +355,87 @@ fn self_signed_cert(dir: &std::path::Path) -> std::path::PathBuf {
     std::fs::write(&cert, key.cert.pem()).unwrap();
     cert
 }
+
+/// A device's session as a script drives it: `sub --resume` prints where
+/// the device left off and stores its acknowledgements before exiting;
+/// `read` moves the user's marker; `unread` and `admin unread` count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_resumes_reads_and_counts_from_the_command_line() {
+    const ADMIN: &str = "cli-devices-admin-token-0123456789";
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    config.admin.token = Some(ADMIN.into());
+    let broker = Broker::start(config).await.unwrap();
+    let cert = broker.dev_cert().unwrap().clone();
+    let run = |args: &[&str]| {
+        let mut cmd = volna(&broker, &cert);
+        cmd.args(["--token", "hana"]).args(args);
+        async move {
+            tokio::time::timeout(DEADLINE, cmd.output())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+    };
+    for i in 1..=5 {
+        assert_printed(
+            &run(&["pub", "chat.dev", &format!("m{i}")]).await,
+            &format!("{i}\n"),
+        );
+    }
+    // No cursor yet: from offset 1; three printed and acknowledged.
+    let out = run(&[
+        "--device", "phone", "sub", "chat.dev", "--resume", "--count", "3",
+    ])
+    .await;
+    assert_printed(&out, "1\tm1\n2\tm2\n3\tm3\n");
+    // The next run goes on after them.
+    let out = run(&[
+        "--device", "phone", "sub", "chat.dev", "--resume", "--count", "2",
+    ])
+    .await;
+    assert_printed(&out, "4\tm4\n5\tm5\n");
+    // Without a device there is nothing to resume from.
+    let out = run(&["sub", "chat.dev", "--resume"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--device"));
+
+    assert_printed(&run(&["unread", "chat.dev"]).await, "chat.dev\t5\n");
+    assert_printed(
+        &run(&["--device", "phone", "read", "chat.dev", "2"]).await,
+        "chat.dev\t2\n",
+    );
+    assert_printed(&run(&["unread"]).await, "chat.dev\t3\n");
+    let out = run(&["--device", "phone", "read", "chat.dev", "9"]).await;
+    assert!(!out.status.success(), "past the channel's end");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("BadRequest"));
+
+    let http = broker.http_addr().to_string();
+    let out = run(&[
+        "--http",
+        &http,
+        "--admin-token",
+        ADMIN,
+        "--json",
+        "admin",
+        "unread",
+        "hana",
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        rows,
+        serde_json::json!([{"channel": "chat.dev", "head": 5, "read": 2, "unread": 3}])
+    );
+    broker.shutdown().await;
+}
