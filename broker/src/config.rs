@@ -921,6 +921,14 @@ mod tests {
         assert!(Config::load(Some(&dir.path().join("missing.toml"))).is_err());
     }
 
+    /// The shipped `volna.toml` documents the defaults: it parses, and
+    /// what it sets is what the broker uses without it.
+    #[test]
+    fn the_documented_file_is_the_defaults() {
+        let documented: Config = toml::from_str(include_str!("../../volna.toml")).expect("parses");
+        assert_eq!(documented, Config::default());
+    }
+
     #[test]
     fn bad_values_name_their_key() {
         let mut c = Config::default();

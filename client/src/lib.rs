@@ -25,10 +25,12 @@
 //! message, and is retried across reconnects without being stored twice; a
 //! subscription yields each offset once, in order, across reconnects and
 //! broker restarts, and says so (`Truncated`, `EpochChanged`) instead of
-//! skipping. What it does not do: persist positions across process restarts
-//! (read [`Subscription::next_offset`] and subscribe with
-//! `Position::From` next time), or buffer publishes while the broker is
-//! unreachable beyond the request timeout.
+//! skipping. Positions survive the process through the broker: with a
+//! [`ClientConfig::device`], [`Subscription::ack`] stores the device's
+//! cursor and `Position::Cursor` resumes after it next time (or keep
+//! [`Subscription::next_offset`] yourself and subscribe `Position::From`).
+//! What it does not do: buffer publishes while the broker is unreachable
+//! beyond the request timeout.
 //!
 //! Trust: [`Trust::CaFile`] with the broker's `dev-cert.pem` (development)
 //! or a private CA, [`Trust::WebPki`] for public CAs, [`Trust::Pinned`] for a
