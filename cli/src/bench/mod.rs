@@ -116,6 +116,12 @@ pub struct BenchArgs {
     /// exceed an interval.
     #[arg(long, default_value_t = 0)]
     pub keep_alive_secs: u64,
+    /// `fanout`, `chats`: every subscriber is a device that acknowledges
+    /// each message it takes (its cursor, coalesced per
+    /// `ClientConfig::ack_interval`); the summary adds the acks the broker
+    /// took and the cursor values it wrote.
+    #[arg(long)]
+    pub ack: bool,
     /// Run `fanout` or `chats` against this NATS server (core NATS, e.g.
     /// `nats://127.0.0.1:4222`) instead of a Volna broker.
     #[arg(long, value_name = "URL")]
@@ -134,6 +140,8 @@ pub struct Target {
     pub admin: AdminApi,
     /// The sockets clients connect through, taken in turn.
     endpoints: Vec<Endpoint>,
+    /// With `--ack`: subscribers are devices named after this run.
+    devices: Option<u32>,
 }
 
 impl Target {
@@ -161,7 +169,13 @@ impl Target {
             )?,
             client,
             admin,
+            devices: args.ack.then(rand::random),
         })
+    }
+
+    /// Whether subscribers acknowledge what they take (`--ack`).
+    pub fn acks(&self) -> bool {
+        self.devices.is_some()
     }
 
     /// The configuration of the `i`-th subscriber client: its share of the
@@ -171,6 +185,9 @@ impl Target {
         let mut config = self.client.clone();
         config.endpoint = Some(self.endpoints[i % self.endpoints.len()].clone());
         config.max_subscriptions = 1;
+        if let Some(run) = self.devices {
+            config.device = Some(format!("bench-{run}-{i}"));
+        }
         config
     }
 }

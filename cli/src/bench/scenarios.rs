@@ -427,6 +427,8 @@ pub async fn storm(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
 struct Run {
     started: Instant,
     cpu: workload::CpuMeter,
+    /// With `--ack`: the broker's ack and cursor-write counters at start.
+    cursors: Option<(f64, f64)>,
 }
 
 /// What a scenario measured, for the summary.
@@ -442,9 +444,15 @@ struct Outcome {
 
 impl Run {
     async fn start(target: &Target) -> Self {
+        let cursors = if target.acks() {
+            Some(cursor_counters(target).await)
+        } else {
+            None
+        };
         Self {
             cpu: workload::CpuMeter::start(Some(&target.admin.http)).await,
             started: Instant::now(),
+            cursors,
         }
     }
 
@@ -470,6 +478,17 @@ impl Run {
         }
         bar.finish_and_clear();
         let rss = workload::broker_rss(&target.admin.http).await;
+        let mut extra = outcome.extra;
+        if let Some((acks_at_start, writes_at_start)) = self.cursors {
+            // The clients' last acknowledgements are on their way: read
+            // the counters once they are sent (one interval and a flush).
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (acks, writes) = cursor_counters(target).await;
+            let acks = acks - acks_at_start;
+            extra["acks"] = json!(acks);
+            extra["acks_per_sec"] = json!(acks / duration.max(1e-9));
+            extra["cursor_writes"] = json!(writes - writes_at_start);
+        }
         close(clients).await;
         summary(
             outcome.scenario,
@@ -481,9 +500,22 @@ impl Run {
             outcome.connect_rate,
             rss,
             cpu,
-            outcome.extra,
+            extra,
         )
     }
+}
+
+/// The broker's `Ack` requests and cursor values written so far.
+async fn cursor_counters(target: &Target) -> (f64, f64) {
+    let http = &target.admin.http;
+    (
+        workload::broker_metric(http, "volna_cursor_acks_total")
+            .await
+            .unwrap_or(0.0),
+        workload::broker_metric(http, "volna_cursor_writes_total")
+            .await
+            .unwrap_or(0.0),
+    )
 }
 
 /// Closes every client and gives their close frames a moment to leave:

@@ -38,6 +38,15 @@ pub fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
     {
         bail!("--nats runs only the fanout and chats scenarios");
     }
+    if args.ack
+        && (args.nats.is_some()
+            || !matches!(
+                args.scenario,
+                super::Scenario::Fanout | super::Scenario::Chats
+            ))
+    {
+        bail!("--ack runs only the fanout and chats scenarios, against Volna");
+    }
     if args.channels == 0 || args.connections == 0 || args.client_endpoints == 0 {
         bail!("--channels, --connections and --client-endpoints must be at least 1");
     }
@@ -293,13 +302,15 @@ pub async fn connect_subscribers(
     let mut subs = Vec::with_capacity(specs.len());
     let mut pending = FuturesUnordered::new();
     let mut next = 0;
+    let acks = target.acks();
     while subs.len() < specs.len() {
         while next < specs.len() && pending.len() < CONNECT_CONCURRENCY {
             let (channel, position) = specs[next].clone();
             let config = target.client_config(next);
             pending.push(async move {
                 let client = Client::connect(config).await?;
-                let sub = client.subscribe(&channel, position).await?;
+                let mut sub = client.subscribe(&channel, position).await?;
+                sub.set_auto_ack(acks);
                 Ok::<_, volna_client::ClientError>((next, client, sub))
             });
             next += 1;
@@ -529,7 +540,7 @@ pub async fn broker_rss(http: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
-async fn broker_metric(http: &str, name: &str) -> Option<f64> {
+pub async fn broker_metric(http: &str, name: &str) -> Option<f64> {
     let url = format!("http://{http}/metrics");
     let prefix = format!("{name} ");
     tokio::task::spawn_blocking(move || {
