@@ -3,6 +3,7 @@
 //! an unread count is).
 //!
 //! ```text
+//! a ‖ user ‖ ""                → devices u64               (the user's device count)
 //! a ‖ user ‖ device            → last_seen_ms u64          (the registry)
 //! c ‖ user ‖ device ‖ channel  → Mark                      (a device's cursor)
 //! m ‖ user ‖ channel           → Mark                      (the user's read marker)
@@ -13,7 +14,9 @@
 //! ```
 //!
 //! Registry entries sort first, so a sweep meets a user's devices before
-//! anything else of theirs; one device's cursors are one contiguous range
+//! anything else of theirs, the count (an empty device id, which no device
+//! has) before the devices it counts: registering a device reads one key,
+//! however many the user has; one device's cursors are one contiguous range
 //! (removed with one range delete), and so are one user's markers.
 //!
 //! A mark names the channel's numeric id: a channel deleted and created
@@ -184,9 +187,11 @@ pub fn device_key(user: &str, device: &DeviceId) -> Vec<u8> {
     key
 }
 
-/// The range holding every registered device of `user`.
-pub fn user_devices(user: &str) -> (Vec<u8>, Vec<u8>) {
-    prefix_range(user_prefix(REGISTRY, user))
+/// The key of `user`'s device count.
+pub fn device_count_key(user: &str) -> Vec<u8> {
+    let mut key = user_prefix(REGISTRY, user);
+    key.push(0);
+    key
 }
 
 /// The range holding every registered device.
@@ -229,6 +234,11 @@ pub fn all_marks() -> (Vec<u8>, Vec<u8>) {
 /// What a stored key is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Key {
+    /// A user's device count.
+    DeviceCount {
+        /// Its user.
+        user: String,
+    },
     /// A registry entry.
     Device {
         /// Its user.
@@ -259,7 +269,11 @@ pub fn parse_key(key: &[u8]) -> Option<Key> {
     match tag {
         REGISTRY => {
             let (device, used) = device(rest)?;
-            (used == rest.len()).then_some(Key::Device { user, device })
+            (used == rest.len()).then_some(if device.is_empty() {
+                Key::DeviceCount { user }
+            } else {
+                Key::Device { user, device }
+            })
         }
         CURSOR => {
             let (_, used) = device(rest)?;
@@ -380,6 +394,12 @@ mod tests {
         );
         let (from, until) = all_devices();
         assert!(from <= d && d < until && until <= all_marks().0);
+        let count = device_count_key(user);
+        assert!(count < d, "a user's count sorts before their devices");
+        assert_eq!(
+            parse_key(&count),
+            Some(Key::DeviceCount { user: user.into() })
+        );
         assert!(DeviceId::new("").is_err());
         assert!(DeviceId::new("a\nb").is_err());
         assert!(DeviceId::new(&"x".repeat(129)).is_err());

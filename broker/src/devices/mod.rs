@@ -405,13 +405,20 @@ impl Devices {
     }
 }
 
+/// The user whose registry a sweep is reading.
+struct SweptUser {
+    name: String,
+    /// Devices still in use, and the count stored before the sweep.
+    live: u64,
+    counted: u64,
+}
+
 /// Where a sweep stands.
 struct Sweep {
     /// The next key to read.
     next: Vec<u8>,
-    /// The user whose devices are being read, and whether one of them is
-    /// still in use.
-    user: Option<(String, bool)>,
+    /// The user whose devices are being read.
+    user: Option<SweptUser>,
     /// Channels looked up in this step.
     channel_ids: HashMap<ChannelName, Option<ChannelId>>,
     started: Instant,
@@ -506,21 +513,25 @@ impl Worker {
             || self.store.get_device_entries(std::slice::from_ref(&key))?[0].is_some();
         if !known {
             let limit = self.config.max_devices_per_user;
-            let (from, until) = layout::user_devices(user);
+            let count_key = layout::device_count_key(user);
             let held = self
                 .store
-                .scan_device_entries(&from, &until, limit as usize)?
-                .len();
-            if held >= limit as usize {
+                .get_device_entries(std::slice::from_ref(&count_key))?[0]
+                .as_deref()
+                .map_or(0, decode_u64);
+            if held >= u64::from(limit) {
                 return Err(DeviceError::TooManyDevices {
                     user: user.to_owned(),
                     limit,
                 });
             }
-            // Written now, not with the next flush: the next registration
-            // of this user counts it.
+            // Written now, with the count, not with the next flush: the
+            // next registration of this user counts it.
             let write = DeviceWrite {
-                puts: vec![(key, now.to_be_bytes().to_vec())],
+                puts: vec![
+                    (key, now.to_be_bytes().to_vec()),
+                    (count_key, (held + 1).to_be_bytes().to_vec()),
+                ],
                 removed_ranges: Vec::new(),
             };
             self.store.write_device_entries(&write, self.sync)?;
@@ -572,14 +583,9 @@ impl Worker {
         let (generation, marks, seen) = {
             let mut pending = self.shared.pending();
             if pending.marks.is_empty() && pending.seen.is_empty() {
-                let generation = pending.generation;
-                drop(pending);
-                // Nothing waits on this generation but tickets may name it.
-                self.shared.stored.send_if_modified(|g| {
-                    let moved = *g < generation;
-                    *g = (*g).max(generation);
-                    moved
-                });
+                // Nothing to write, and the generation stays open: an ack
+                // that comes next gets its ticket, which only the write
+                // holding it may satisfy.
                 return;
             }
             let generation = pending.generation;
@@ -682,27 +688,36 @@ impl Worker {
         let mut write = DeviceWrite::default();
         for (key, value) in &entries {
             match layout::parse_key(key) {
+                Some(layout::Key::DeviceCount { user }) => {
+                    self.close_user(sweep, &mut write);
+                    sweep.user = Some(SweptUser {
+                        name: user,
+                        live: 0,
+                        counted: decode_u64(value),
+                    });
+                }
                 Some(layout::Key::Device { user, device }) => {
-                    if sweep.user.as_ref().is_none_or(|(u, _)| *u != user) {
+                    if sweep.user.as_ref().is_none_or(|u| u.name != user) {
+                        // A registry without its count (written before
+                        // counts were kept): the sweep counts it now.
                         self.close_user(sweep, &mut write);
-                        sweep.user = Some((user.clone(), false));
+                        sweep.user = Some(SweptUser {
+                            name: user.clone(),
+                            live: 0,
+                            counted: u64::MAX,
+                        });
                     }
-                    let seen = value
-                        .as_slice()
-                        .try_into()
-                        .map(u64::from_be_bytes)
-                        .unwrap_or(0);
                     let Ok(device) = DeviceId::new(&device) else {
                         continue;
                     };
-                    if now.saturating_sub(seen) > idle_ms {
+                    if now.saturating_sub(decode_u64(value)) > idle_ms {
                         sweep.devices_expired += 1;
                         write.removed_ranges.push(single(key));
                         write
                             .removed_ranges
                             .push(layout::device_cursors(&user, &device));
-                    } else if let Some((_, live)) = &mut sweep.user {
-                        *live = true;
+                    } else if let Some(swept) = &mut sweep.user {
+                        swept.live += 1;
                     }
                 }
                 Some(layout::Key::Mark { channel, .. }) => {
@@ -738,19 +753,37 @@ impl Worker {
             }
             _ => {}
         }
-        if !write.removed_ranges.is_empty() {
+        if !write.removed_ranges.is_empty() || !write.puts.is_empty() {
             self.store.write_device_entries(&write, self.sync)?;
         }
         Ok(more || in_registry)
     }
 
-    /// The sweep is past `sweep.user`'s devices: with none left in use,
-    /// the user's read markers go too.
+    /// The sweep is past `sweep.user`'s devices: the count is set to
+    /// those still in use; with none, it goes, and the user's read markers
+    /// with it. (A device registered while a sweep step boundary falls
+    /// inside its user's registry, behind the sweep, is missed by this
+    /// recount: the user may then hold one device over the limit until the
+    /// next sweep counts again.)
     fn close_user(&self, sweep: &mut Sweep, write: &mut DeviceWrite) {
-        if let Some((user, false)) = sweep.user.take() {
-            write.removed_ranges.push(layout::user_markers(&user));
+        let Some(user) = sweep.user.take() else {
+            return;
+        };
+        let count_key = layout::device_count_key(&user.name);
+        if user.live == 0 {
+            write.removed_ranges.push(single(&count_key));
+            write.removed_ranges.push(layout::user_markers(&user.name));
+        } else if user.live != user.counted {
+            write
+                .puts
+                .push((count_key, user.live.to_be_bytes().to_vec()));
         }
     }
+}
+
+/// A stored `u64` (0 for anything else).
+fn decode_u64(bytes: &[u8]) -> u64 {
+    bytes.try_into().map_or(0, u64::from_be_bytes)
 }
 
 /// The range holding exactly `key`.
@@ -821,6 +854,31 @@ mod tests {
         devices.stored(t3).await.expect("stored");
         let cursor = devices.cursor("alice", &phone, &chat).await.expect("read");
         assert_eq!(cursor.map(|m| m.offset.get()), Some(7));
+        tokio::task::spawn_blocking(move || thread.shutdown())
+            .await
+            .expect("join");
+    }
+
+    /// Regression: an idle flush (nothing pending) marked the open
+    /// generation as written, so the next ack's `Stored` came before its
+    /// write (a kill -9 then lost an acknowledged cursor).
+    #[tokio::test]
+    async fn an_ack_after_an_idle_flush_is_stored_before_it_is_said_to_be() {
+        let config = CursorsConfig {
+            flush_ms: 10,
+            ..CursorsConfig::default()
+        };
+        let (thread, store, _) = started(&config);
+        let devices = thread.devices().clone();
+        let phone = DeviceId::new("phone").expect("valid");
+        let chat = channel("chat.idle");
+        // Several flush intervals with nothing to write.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let ticket = devices.ack("alice", &phone, &chat, mark(4, 1));
+        devices.stored(ticket).await.expect("stored");
+        let key = layout::cursor_key("alice", &phone, &chat);
+        let on_disk = store.get_device_entries(&[key]).expect("get")[0].clone();
+        assert!(on_disk.is_some(), "said to be stored before it was written");
         tokio::task::spawn_blocking(move || thread.shutdown())
             .await
             .expect("join");
@@ -919,6 +977,15 @@ mod tests {
         assert_eq!(kept.map(|m| m.offset.get()), Some(3));
         let dan = devices.all_markers("dan", 10).await.expect("read");
         assert_eq!(dan.len(), 1);
+        // The counts follow: dan has one device left, erin none.
+        let counts = store
+            .get_device_entries(&[
+                layout::device_count_key("dan"),
+                layout::device_count_key("erin"),
+            ])
+            .expect("get");
+        assert_eq!(counts[0].as_deref().map(decode_u64), Some(1));
+        assert_eq!(counts[1], None);
         tokio::task::spawn_blocking(move || thread.shutdown())
             .await
             .expect("join");

@@ -122,6 +122,11 @@ pub struct BenchArgs {
     /// took and the cursor values it wrote.
     #[arg(long)]
     pub ack: bool,
+    /// With `--ack`: how long each device gathers acknowledgements before
+    /// it sends them (0: one `Ack` per message taken, the broker's worst
+    /// case; the client library's default is 100 ms).
+    #[arg(long, default_value_t = 100)]
+    pub ack_interval_ms: u64,
     /// Run `fanout` or `chats` against this NATS server (core NATS, e.g.
     /// `nats://127.0.0.1:4222`) instead of a Volna broker.
     #[arg(long, value_name = "URL")]
@@ -155,6 +160,7 @@ impl Target {
         // Publishers keep as many publishes in flight as the broker's
         // default producer window still recognises as retries (256).
         client.max_inflight_publishes = PUBLISH_INFLIGHT;
+        client.ack_interval = std::time::Duration::from_millis(args.ack_interval_ms);
         if args.keep_alive_secs > 0 {
             client.keep_alive = std::time::Duration::from_secs(args.keep_alive_secs);
             client.idle_timeout = client.keep_alive * 3;
