@@ -61,7 +61,7 @@ async fn publish_split(
     publishers: usize,
     messages: u64,
     payload: usize,
-    rate: u64,
+    rate: f64,
 ) -> anyhow::Result<(Vec<Client>, Histogram<u64>)> {
     let mut clients = Vec::with_capacity(publishers);
     for _ in 0..publishers {
@@ -71,7 +71,7 @@ async fn publish_split(
                 .context("connecting a publisher")?,
         );
     }
-    let per_rate = rate as f64 / publishers as f64;
+    let per_rate = rate / publishers as f64;
     let shares = (0..publishers as u64)
         .map(|i| messages / publishers as u64 + u64::from(i < messages % publishers as u64));
     let histograms = try_join_all(
@@ -116,7 +116,7 @@ pub async fn fanout(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow
         args.publishers,
         args.messages,
         args.payload,
-        args.rate,
+        args.rate as f64,
     )
     .await?;
     let publish_secs = run.elapsed();
@@ -170,7 +170,9 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
     let ticker = workload::follow(&bar, &readers.delivered);
 
     let run = Run::start(target).await;
-    let rate = args.rate / args.channels as u64;
+    // Each chat's share, fractions included (1,000 chats at 200 msg/s in
+    // all send once every 5 s each).
+    let rate = args.rate as f64 / args.channels as f64;
     let publishers = try_join_all(
         channels
             .iter()
@@ -219,7 +221,7 @@ pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
         args.publishers,
         args.messages,
         args.payload,
-        args.rate,
+        args.rate as f64,
     )
     .await?;
     let publish_secs = fill_started.elapsed().as_secs_f64();

@@ -394,7 +394,11 @@ pub async fn publish_all(
     rate: f64,
 ) -> anyhow::Result<Histogram<u64>> {
     let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
-    let started = tokio::time::Instant::now();
+    // Paced publishers start at a random point of their first interval:
+    // a thousand chats each sending once a second do not all send at the
+    // same instant.
+    let started = tokio::time::Instant::now()
+        + pace.map_or(Duration::ZERO, |p| p.mul_f64(rand::random::<f64>()));
     let mut acks = Histogram::<u64>::new(3).context("ack histogram")?;
     let mut inflight = FuturesUnordered::new();
     let mut take = |(result, sent): (Result<Published, volna_client::ClientError>, Instant)| {
