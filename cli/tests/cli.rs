@@ -240,7 +240,7 @@ async fn every_bench_scenario_runs_and_checks_its_deliveries() {
     .unwrap();
     let cert = broker.dev_cert().unwrap().clone();
     let http = broker.http_addr().to_string();
-    let scenarios: [&[&str]; 7] = [
+    let scenarios: [&[&str]; 8] = [
         &[
             "fanout",
             "--subscribers",
@@ -249,6 +249,16 @@ async fn every_bench_scenario_runs_and_checks_its_deliveries() {
             "2",
             "--messages",
             "300",
+        ],
+        &[
+            "chats",
+            "--channels",
+            "3",
+            "--subscribers",
+            "2",
+            "--messages",
+            "40",
+            "--ack",
         ],
         &[
             "fanout",
@@ -302,6 +312,16 @@ async fn every_bench_scenario_runs_and_checks_its_deliveries() {
             report["latency_us"]["p99"].as_u64().unwrap() > 0,
             "{report}"
         );
+        if args.contains(&"--ack") {
+            // Every subscriber acknowledged what it took: at least one
+            // `Ack` each, and their cursors written.
+            let acks = report["extra"]["acks"].as_f64().unwrap();
+            assert!(acks >= 6.0, "{report}");
+            assert!(
+                report["extra"]["cursor_writes"].as_f64().unwrap() >= 6.0,
+                "{report}"
+            );
+        }
     }
 }
 
