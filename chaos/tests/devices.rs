@@ -137,6 +137,15 @@ async fn kill_9_with_acks_in_flight_never_moves_a_cursor_back_or_past_what_was_r
     assert!(durable > 0, "no acknowledgement was ever stored");
 }
 
+/// The subscription's next message, failing the test on an event, a
+/// closed stream, or two minutes without one.
+async fn next_message(sub: &mut volna_client::Subscription) -> volna_client::Message {
+    match tokio::time::timeout(Duration::from_secs(120), sub.recv()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("no message: {other:?}"),
+    }
+}
+
 /// Devices in the resume test: 400 by default (4 channels of 100),
 /// `VOLNA_CHAOS_RESUME_DEVICES` for the scale figure (BENCHMARKS.md).
 fn resume_devices() -> usize {
@@ -246,11 +255,7 @@ async fn after_a_kill_9_every_device_resumes_exactly_after_its_last_ack() {
                     "device {i} had no cursor"
                 );
                 for expected in 1..=last {
-                    let m = tokio::time::timeout(Duration::from_secs(120), sub.recv())
-                        .await
-                        .unwrap()
-                        .unwrap()
-                        .unwrap();
+                    let m = next_message(&mut sub).await;
                     assert_eq!(m.offset.get(), expected);
                 }
                 sub.ack(Offset::new(last)).unwrap();
@@ -285,11 +290,7 @@ async fn after_a_kill_9_every_device_resumes_exactly_after_its_last_ack() {
                 let _client = client;
                 assert_eq!(sub.next_offset().unwrap().get(), last + 1, "device {i}");
                 for expected in last + 1..=before + after {
-                    let m = tokio::time::timeout(Duration::from_secs(120), sub.recv())
-                        .await
-                        .unwrap()
-                        .unwrap()
-                        .unwrap();
+                    let m = next_message(&mut sub).await;
                     assert_eq!(m.offset.get(), expected, "device {i}");
                     assert_eq!(m.payload, format!("m{expected}"));
                 }

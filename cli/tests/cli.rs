@@ -22,6 +22,18 @@ fn assert_printed(out: &std::process::Output, expected: &str) {
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected);
 }
 
+/// A broker on loopback ports over `dir`, its admin API open to `token`.
+async fn broker_with_admin(dir: &std::path::Path, token: &str) -> Broker {
+    let mut config = Config {
+        data_dir: dir.to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    config.admin.token = Some(token.into());
+    Broker::start(config).await.unwrap()
+}
+
 fn volna(broker: &Broker, cert: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_volna"));
     cmd.arg("--server")
@@ -129,14 +141,7 @@ async fn pub_and_sub_pass_messages_between_processes() {
 async fn admin_subcommands_show_tables_and_json() {
     const TOKEN: &str = "cli-admin-token-0123456789";
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
-    config.admin.token = Some(TOKEN.into());
-    let broker = Broker::start(config).await.unwrap();
+    let broker = broker_with_admin(dir.path(), TOKEN).await;
     let cert = broker.dev_cert().unwrap().clone();
     let admin = |args: &[&str]| {
         let mut cmd = volna(&broker, &cert);
@@ -226,18 +231,7 @@ async fn admin_subcommands_show_tables_and_json() {
 async fn every_bench_scenario_runs_and_checks_its_deliveries() {
     let dir = tempfile::tempdir().unwrap();
     let admin = "bench-test-admin-token";
-    let broker = Broker::start(Config {
-        data_dir: dir.path().to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        admin: volna_broker::config::AdminConfig {
-            token: Some(admin.into()),
-            token_file: None,
-        },
-        ..Config::default()
-    })
-    .await
-    .unwrap();
+    let broker = broker_with_admin(dir.path(), admin).await;
     let cert = broker.dev_cert().unwrap().clone();
     let http = broker.http_addr().to_string();
     let scenarios: [&[&str]; 8] = [
@@ -383,14 +377,7 @@ fn self_signed_cert(dir: &std::path::Path) -> std::path::PathBuf {
 async fn a_device_resumes_reads_and_counts_from_the_command_line() {
     const ADMIN: &str = "cli-devices-admin-token-0123456789";
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        http: "127.0.0.1:0".parse().unwrap(),
-        ..Config::default()
-    };
-    config.admin.token = Some(ADMIN.into());
-    let broker = Broker::start(config).await.unwrap();
+    let broker = broker_with_admin(dir.path(), ADMIN).await;
     let cert = broker.dev_cert().unwrap().clone();
     let run = |args: &[&str]| {
         let mut cmd = volna(&broker, &cert);
