@@ -9,59 +9,51 @@
 //!                      subscription loops ◀─────── fan-out engine (channel → ring of frames)
 //! ```
 //!
-//! Module map, each owning one part of DESIGN.md §3:
-//! - [`store`]: the `LogStore` trait, its RocksDB and in-memory
-//!   implementations and their byte layouts;
-//! - [`log`]: offset assignment and group commit on the writer thread,
-//!   catch-up reads on reader threads;
-//! - [`channels`], [`producers`]: the writer's resident channel metadata
-//!   and idempotent-publish windows (the rest stays on disk until used);
-//! - [`fanout`]: per-channel rings of encoded batches, shared by subscribers;
-//! - [`subscription`]: one subscription's offset-driven delivery loop;
-//! - [`session`]: one connection's request/reply protocol and limits;
-//! - [`transport`]: the quinn endpoint, the only module that knows QUIC;
-//! - [`auth`], [`limits`]: who a connection is, and what it may do how often;
+//! The folders are the layers (DESIGN.md §3), each `mod.rs` saying what it
+//! owns; every module is also reachable from the crate root by its own
+//! name (`volna_broker::log`, `volna_broker::session`, …):
+//! - [`engine`]: the path of a message without a network — [`store`],
+//!   [`log`], [`channels`], [`producers`], [`fanout`], [`subscription`],
+//!   [`retention`];
+//! - [`net`]: [`transport`] (the shards over `quinn-proto`, the only
+//!   module that knows QUIC) and [`session`] (one connection's protocol);
+//! - [`security`]: [`auth`], [`tls`], [`limits`];
 //! - [`devices`]: each device's durable cursors, each user's read markers
-//!   and unread counts, the registry of a user's devices;
-//! - [`push`]: commit notices posted to the application's push service;
-//! - [`retention`], [`http`], [`admin`], [`metrics`], [`tls`], [`config`]:
-//!   the rest of a server;
-//! - [`fuzzing`]: a whole session over arbitrary bytes, for the fuzzers;
+//!   and unread counts, the registry of a user's devices, and the
+//!   [`push`] hook that wakes offline ones;
+//! - [`ops`]: [`http`], [`admin`], [`metrics`];
 //! - [`cluster`]: the broker as a node of a cluster (DESIGN.md §7, with
 //!   `[cluster]` configured): its partitions' openraft groups apply
 //!   committed entries through the same log writer, and appends route to
 //!   their partition's leader. Without `[cluster]` nothing of it runs;
-//! - [`server`]: start-up and orderly shutdown of all of the above.
+//! - [`config`], [`server`] (start-up and orderly shutdown of all of the
+//!   above), [`fuzzing`] (a whole session over arbitrary bytes).
 //!
 //! Feature `rocksdb` (default): the durable store and the [`Broker`] server
 //! built on it. Without it — for the fuzz targets, which would otherwise
 //! compile RocksDB's C++ once more with their instrumentation — the sans-IO
 //! core and the in-memory store remain.
 
-pub mod admin;
-pub mod auth;
-pub mod channels;
 #[cfg(feature = "rocksdb")]
 pub mod cluster;
 pub mod config;
 pub mod devices;
-pub mod fanout;
+pub mod engine;
 pub mod fuzzing;
-pub mod http;
-pub mod limits;
-pub mod log;
-pub mod metrics;
-pub mod producers;
-pub mod push;
-mod queue;
-pub mod retention;
+pub mod net;
+pub mod ops;
+pub mod security;
 #[cfg(feature = "rocksdb")]
 pub mod server;
-pub mod session;
-pub mod store;
-pub mod subscription;
-pub mod tls;
-pub mod transport;
+
+// Each part keeps its path from the crate root (`volna_broker::log`, …):
+// the folders show the layers, the paths stay what callers know.
+pub use devices::push;
+pub(crate) use engine::queue;
+pub use engine::{channels, fanout, log, producers, retention, store, subscription};
+pub use net::{session, transport};
+pub use ops::{admin, http, metrics};
+pub use security::{auth, limits, tls};
 
 pub use config::Config;
 #[cfg(feature = "rocksdb")]

@@ -25,6 +25,7 @@
 //!   in RocksDB's shared block cache (G9).
 
 pub mod layout;
+pub mod push;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
