@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: formatting, lints, every unit, property and
+# The whole test suite: formatting, lints, the docs, every unit, property and
 # integration test of the workspace, and each criterion benchmark run once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +7,8 @@ VOLNA_NEED_NEXTEST=1 source scripts/prereqs.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The crate docs are part of the code: no broken or private links.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 cargo nextest run --workspace --locked --no-fail-fast
 # Benchmarks in test mode: each runs once, so they keep compiling and working.
 cargo test --workspace --benches --locked

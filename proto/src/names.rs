@@ -25,7 +25,7 @@ pub enum InvalidChannelName {
     /// The name is empty.
     #[error("channel name is empty")]
     Empty,
-    /// The name is longer than [`MAX_CHANNEL_NAME_LEN`] bytes.
+    /// The name is longer than `MAX_CHANNEL_NAME_LEN` (255) bytes.
     #[error("channel name is {len} bytes, the limit is {MAX_CHANNEL_NAME_LEN}")]
     TooLong {
         /// Its length in bytes.

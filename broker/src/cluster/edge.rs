@@ -254,7 +254,7 @@ impl Edges {
     /// Gives every subscribed channel whose partition this node does not
     /// replicate an upstream, if it has none. Called by the node's view
     /// loop: a transition is not enough to watch for, because an upstream
-    /// ends when its check (every [`CHECK_EVERY`]) finds the node
+    /// ends when its check (every `CHECK_EVERY`) finds the node
     /// replicating again — e.g. leading for a moment while placement moves
     /// the partition away — and the flip back can fall between two view
     /// ticks, which left a node's devices silent (seen in the fourth-node

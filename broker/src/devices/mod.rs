@@ -1,6 +1,8 @@
 //! Devices as durable things: each device's cursors (what it has
 //! acknowledged, per channel), each user's read markers, and the registry
-//! of a user's devices (DESIGN.md §4, column family `cursors`).
+//! of a user's devices (DESIGN.md §4, column family `cursors`); and
+//! [`push`], which tells the application's push service of new messages
+//! so that it can wake devices that are offline.
 //!
 //! ```text
 //!  sessions ──Ack / MarkRead──▶ pending (coalesced: one value per key, max wins)

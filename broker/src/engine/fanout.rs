@@ -561,7 +561,7 @@ impl FeedSubscription {
         }
     }
 
-    /// Resolves once the head has moved past what [`next_step`]
+    /// Resolves once the head has moved past what `next_step`
     /// (Self::next_step) last saw (new commits).
     pub async fn changed(&mut self) {
         let shard = &self.feed.shards[self.shard];

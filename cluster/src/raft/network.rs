@@ -2,7 +2,7 @@
 //! node pair, one bidirectional stream per call.
 //!
 //! A call is `kind (u8) ‖ partition (u32, big-endian) ‖ body`, the body the
-//! openraft request in postcard; the answer is an [`Answer`] in postcard.
+//! openraft request in postcard; the answer is an `Answer` in postcard.
 //! Every partition group of both nodes shares the pair's connection, so a
 //! node with 64 partitions keeps one handshake, one congestion controller
 //! and one keep-alive per peer, not 64. A broken connection is dropped and
@@ -10,7 +10,7 @@
 //! [`Unreachable`] and openraft backs off before retrying.
 //!
 //! Heartbeats are batched per node pair: every empty `AppendEntries` to a
-//! peer that is queued within [`BATCH_WINDOW`] of the first goes out as one
+//! peer that is queued within `BATCH_WINDOW` of the first goes out as one
 //! call, answered as one, however many partition groups the two nodes
 //! share. With the node's groups' heartbeats fired together (the broker
 //! does), a node pair exchanges one call per heartbeat interval instead of
@@ -186,7 +186,7 @@ pub enum ProposeError {
 }
 
 /// What a node serves of its channels to other nodes: the broker's side of
-/// [`Kind::Read`] and [`Kind::Follow`]. Bodies are opaque here; the broker
+/// `Kind::Read` and `Kind::Follow`. Bodies are opaque here; the broker
 /// defines them.
 pub trait ChannelService: Send + Sync + 'static {
     /// Answers a read of `partition`'s channel.

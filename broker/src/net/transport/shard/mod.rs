@@ -6,7 +6,7 @@
 //! the endpoint and connections, run the timers that are due, and flush
 //! every connection that has something to send (GSO batches). There is no
 //! task, channel or transmit buffer per connection; a session reaches its
-//! connection's streams through the shard's table ([`streams`]).
+//! connection's streams through the shard's table (`streams`).
 //!
 //! # Which shard gets a packet
 //!
@@ -14,7 +14,7 @@
 //! kernel hashes each flow's addresses onto one socket, so a handshake and
 //! the connection it creates stay on the shard that saw its first Initial,
 //! with no user-space hop. Connection IDs the broker issues start with the
-//! index of the shard that owns the connection ([`ShardCid`]). When a
+//! index of the shard that owns the connection (`ShardCid`). When a
 //! client's address changes (NAT rebinding, a phone moving from Wi-Fi to
 //! mobile data), the kernel may hand its packets to another shard; that
 //! shard reads the owner from the ID and passes the datagram over, so QUIC
