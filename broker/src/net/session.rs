@@ -786,7 +786,7 @@ impl<C: Connection> Session<C> {
     async fn markable(
         &self,
         channel: &ChannelName,
-        offset: Option<Offset>,
+        offset: Offset,
     ) -> Result<crate::store::ChannelMeta, (ErrorCode, String)> {
         if !self
             .identity
@@ -825,17 +825,15 @@ impl<C: Connection> Session<C> {
                 ));
             }
         };
-        if let Some(offset) = offset {
-            let head = meta.next_offset.get().saturating_sub(1);
-            if offset < Offset::FIRST || offset.get() > head {
-                return Err((
-                    ErrorCode::BadRequest,
-                    format!(
-                        "offset {} is not a message of {channel} (its last is {head})",
-                        offset.get()
-                    ),
-                ));
-            }
+        let head = meta.next_offset.get().saturating_sub(1);
+        if offset < Offset::FIRST || offset.get() > head {
+            return Err((
+                ErrorCode::BadRequest,
+                format!(
+                    "offset {} is not a message of {channel} (its last is {head})",
+                    offset.get()
+                ),
+            ));
         }
         Ok(meta)
     }
@@ -856,7 +854,7 @@ impl<C: Connection> Session<C> {
                 ErrorCode::DeviceRequired,
                 "name the device in Hello to store positions".to_owned(),
             ))?;
-            let meta = self.markable(&channel, Some(offset)).await?;
+            let meta = self.markable(&channel, offset).await?;
             Ok((devices, user, device, meta))
         };
         let (devices, user, device, meta) = match Box::pin(checked).await {
