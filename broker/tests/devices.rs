@@ -148,11 +148,17 @@ async fn reading_on_one_device_clears_the_badge_on_the_other() {
         .expect("unread of every marked channel");
     assert_eq!(counts.len(), 1);
     assert_eq!((counts[0].unread, counts[0].read), (5, 15));
-    // A marker only moves forward.
+    // A marker only moves forward, and the other devices are never told
+    // of a step back.
+    let mut phone_markers = phone.read_markers().expect("a device hears of markers");
     laptop
         .mark_read(&chat, Offset::new(4))
         .await
         .expect("marked");
+    let event = within("the marker event", phone_markers.recv())
+        .await
+        .expect("event");
+    assert_eq!(event.offset.get(), 15);
     let counts = phone
         .unread(std::slice::from_ref(&chat))
         .await

@@ -840,7 +840,7 @@ impl<C: Connection> Session<C> {
 
     /// `Ack` (the device's cursor) or `MarkRead` (the user's marker): the
     /// value goes to the devices thread; `Stored` is sent once it is
-    /// durable.
+    /// durable (and a moved marker announced to the user's other devices).
     async fn store_mark(
         &mut self,
         request_id: u64,
@@ -876,12 +876,22 @@ impl<C: Connection> Session<C> {
             }
             MarkKind::Read => {
                 self.ctx.metrics.read_marks.inc();
-                devices.announce(&user, self.id, &channel, offset);
                 devices.mark_read(&user, &channel, mark)
             }
         };
+        let session = self.id;
         Some(Box::pin(async move {
-            Answer::Stored(request_id, devices.stored(ticket).await)
+            let stored = devices.stored(ticket).await;
+            if stored.is_ok() && matches!(kind, MarkKind::Read) {
+                // The user's other devices hear of the marker as it now
+                // stands, once durable: max wins, so a `MarkRead` below it
+                // announces the larger one, never a step back.
+                let now = devices.markers(&user, std::slice::from_ref(&channel)).await;
+                if let Ok(Some(marker)) = now.map(|m| m.into_iter().flatten().next()) {
+                    devices.announce(&user, session, &channel, marker.offset);
+                }
+            }
+            Answer::Stored(request_id, stored)
         }))
     }
 
