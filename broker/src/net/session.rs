@@ -658,16 +658,6 @@ impl<C: Connection> Session<C> {
             self.reply_error(0, ErrorCode::Unauthorized, &msg);
             return Err(End::Unauthorized);
         }
-        if let (Some(device), Some(devices)) = (&device, &self.ctx.devices)
-            && let Err(e) = devices.register(&identity.user, device).await
-        {
-            let code = device_error_code(&e);
-            self.reply_error(0, code, &e.to_string());
-            return Err(match code {
-                ErrorCode::TooManyDevices => End::LimitExceeded,
-                _ => End::ClientGone,
-            });
-        }
         if !identity.server {
             match self.ctx.limiter.open_user_connection(&identity.user) {
                 Ok(gate) => self.gate = gate,
@@ -677,6 +667,18 @@ impl<C: Connection> Session<C> {
                     return Err(End::LimitExceeded);
                 }
             }
+        }
+        // Registered once the connection is admitted: a refused one leaves
+        // no device behind.
+        if let (Some(device), Some(devices)) = (&device, &self.ctx.devices)
+            && let Err(e) = devices.register(&identity.user, device).await
+        {
+            let code = device_error_code(&e);
+            self.reply_error(0, code, &e.to_string());
+            return Err(match code {
+                ErrorCode::TooManyDevices => End::LimitExceeded,
+                _ => End::ClientGone,
+            });
         }
         debug!(
             client = %hello.client,
