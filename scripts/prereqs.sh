@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building Volna needs beyond a Rust toolchain, only when it is
 # missing: clang and libclang (RocksDB's bindings), protoc (the etcd client's
-# generated code), etcd (the cluster tests start their own) and
-# cargo-nextest (tests).
+# generated code), etcd (the cluster tests start their own), and for tests
+# cargo-nextest and Chromium (the browser tests).
 # Sourced by the other scripts; also sets a CARGO_TARGET_DIR that outlives
 # clones, so RocksDB's C++ (minutes on two cores) is compiled once.
 set -euo pipefail
@@ -20,6 +20,10 @@ if ! command -v clang >/dev/null 2>&1 || ! have_libclang; then
 fi
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
+# The browser tests drive a headless Chromium (scripts/test.sh asks).
+if [ "${VOLNA_NEED_BROWSER:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    missing+=(chromium)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     echo "volna: installing ${missing[*]} (Debian packages the build and tests need)" >&2
     SUDO=""

@@ -3,7 +3,7 @@
 # integration test of the workspace, and each criterion benchmark run once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VOLNA_NEED_NEXTEST=1 source scripts/prereqs.sh
+VOLNA_NEED_NEXTEST=1 VOLNA_NEED_BROWSER=1 source scripts/prereqs.sh
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

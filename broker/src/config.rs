@@ -149,6 +149,36 @@ impl Default for CursorsConfig {
     }
 }
 
+/// The WebSocket transport: the same protocol for browsers and networks
+/// that block UDP, on its own TCP listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketConfig {
+    /// Whether the broker listens for WebSocket connections at all.
+    pub enabled: bool,
+    /// TCP address; unset, the QUIC address's host and port over TCP (the
+    /// way HTTP/3 and HTTP/2 share 443).
+    pub listen: Option<SocketAddr>,
+    /// Plain `ws://` without TLS: for development only (a browser page
+    /// served over `http://` from localhost); the broker warns when on.
+    pub plaintext: bool,
+    /// Messages each delivery stream may have queued on the socket (each
+    /// up to 64 KiB): beyond it the subscription waits, and falls back to
+    /// log reads like a slow QUIC stream, while the others go on.
+    pub stream_queue_messages: u32,
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: None,
+            plaintext: false,
+            stream_queue_messages: 8,
+        }
+    }
+}
+
 /// Per-connection limits, announced to the client in `Welcome`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -501,6 +531,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// TCP address for health endpoints.
     pub http: SocketAddr,
+    /// The WebSocket transport.
+    pub websocket: WebSocketConfig,
     /// Receive and send buffer asked for the QUIC socket.
     pub socket_buffer_bytes: usize,
     /// When publishes are acknowledged.
@@ -532,6 +564,7 @@ pub const TOP_LEVEL_KEYS: &[&str] = &[
     "data_dir",
     "listen",
     "http",
+    "websocket",
     "socket_buffer_bytes",
     "durability",
     "tls",
@@ -551,6 +584,7 @@ impl Default for Config {
             data_dir: PathBuf::from("volna-data"),
             listen: SocketAddr::from(([0, 0, 0, 0], 7400)),
             http: SocketAddr::from(([127, 0, 0, 1], 7401)),
+            websocket: WebSocketConfig::default(),
             socket_buffer_bytes: 4 * 1024 * 1024,
             durability: Durability::default(),
             tls: TlsConfig::default(),
@@ -632,6 +666,13 @@ impl Config {
         Ok(self.admin.token.clone())
     }
 
+    /// The TCP address WebSocket connections are accepted on, if enabled.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket
+            .enabled
+            .then(|| self.websocket.listen.unwrap_or(self.listen))
+    }
+
     /// Checks every value; the broker refuses to start on the first bad one.
     pub fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(key: &str, value: impl ToString, why: &'static str) -> ConfigError {
@@ -661,6 +702,13 @@ impl Config {
         }
         if l.max_subscriptions == 0 {
             return Err(invalid("limits.max_subscriptions", 0, "must be at least 1"));
+        }
+        if !(1..=1024).contains(&self.websocket.stream_queue_messages) {
+            return Err(invalid(
+                "websocket.stream_queue_messages",
+                self.websocket.stream_queue_messages,
+                "must be 1 to 1024",
+            ));
         }
         if l.max_inflight_publishes == 0 {
             return Err(invalid(

@@ -16,7 +16,8 @@
 //!   [`log`], [`channels`], [`producers`], [`fanout`], [`subscription`],
 //!   [`retention`];
 //! - [`net`]: [`transport`] (the shards over `quinn-proto`, the only
-//!   module that knows QUIC) and [`session`] (one connection's protocol);
+//!   module that knows QUIC), [`websocket`] (the same protocol over one
+//!   WebSocket) and [`session`] (one connection's protocol);
 //! - [`security`]: [`auth`], [`tls`], [`limits`];
 //! - [`devices`]: each device's durable cursors, each user's read markers
 //!   and unread counts, the registry of a user's devices, and the
@@ -51,7 +52,7 @@ pub mod server;
 pub use devices::push;
 pub(crate) use engine::queue;
 pub use engine::{channels, fanout, log, producers, retention, store, subscription};
-pub use net::{session, transport};
+pub use net::{session, transport, websocket};
 pub use ops::{admin, http, metrics};
 pub use security::{auth, limits, tls};
 

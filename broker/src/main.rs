@@ -28,6 +28,14 @@ struct Args {
     /// TCP address for health, metrics and the admin API.
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// TCP address for WebSocket clients (browsers, networks without UDP;
+    /// default: the QUIC address over TCP).
+    #[arg(long, value_name = "ADDR:PORT")]
+    websocket: Option<SocketAddr>,
+    /// Serve WebSocket clients over plain ws:// without TLS: development
+    /// only.
+    #[arg(long)]
+    websocket_plaintext: bool,
     /// When a publish is acknowledged: after the WAL write, or after its fsync.
     #[arg(long, value_parser = parse_durability)]
     durability: Option<Durability>,
@@ -131,6 +139,13 @@ async fn run() -> anyhow::Result<()> {
     }
     if let Some(http) = args.http {
         config.http = http;
+    }
+    if let Some(websocket) = args.websocket {
+        config.websocket.enabled = true;
+        config.websocket.listen = Some(websocket);
+    }
+    if args.websocket_plaintext {
+        config.websocket.plaintext = true;
     }
     if let Some(durability) = args.durability {
         config.durability = durability;

@@ -32,6 +32,7 @@ use crate::session::BrokerContext;
 use crate::store::{DeviceStore, LogStore, MemoryDeviceStore, MemoryStore, RocksStore, StoreError};
 use crate::tls::{self, TlsError};
 use crate::transport::{self, ShardedEndpoint, TransportError};
+use crate::websocket::WebSocketEndpoint;
 
 /// How long shutdown waits for sessions to flush and say goodbye.
 const SESSION_GRACE: Duration = Duration::from_secs(5);
@@ -88,6 +89,8 @@ pub struct Broker {
     shutdown: CancellationToken,
     ready: Arc<AtomicBool>,
     endpoint: Option<ShardedEndpoint>,
+    websocket: Option<WebSocketEndpoint>,
+    websocket_addr: Option<SocketAddr>,
     fanout: Arc<Fanout>,
     log_threads: Option<LogThreads>,
     ephemeral_threads: Option<LogThreads>,
@@ -141,6 +144,7 @@ impl Broker {
                 path: config.data_dir.clone(),
                 source,
             })?;
+        let websocket_tls = (!config.websocket.plaintext).then(|| tls.config.clone());
         let settings = transport::QuicSettings::new(
             tls.config,
             Duration::from_millis(config.limits.idle_timeout_ms),
@@ -154,6 +158,26 @@ impl Broker {
         )?;
         let quic_addr = endpoint.local_addr();
         let endpoint_shards = endpoint.shard_count();
+        let mut websocket = match config.websocket_addr() {
+            Some(addr) => {
+                if config.websocket.plaintext {
+                    warn!(
+                        %addr,
+                        "WEBSOCKET WITHOUT TLS (websocket.plaintext = true): tokens and messages cross the network in the clear; for development only"
+                    );
+                }
+                Some(
+                    WebSocketEndpoint::bind(
+                        addr,
+                        websocket_tls,
+                        config.websocket.stream_queue_messages,
+                    )
+                    .await?,
+                )
+            }
+            None => None,
+        };
+        let websocket_addr = websocket.as_ref().map(WebSocketEndpoint::local_addr);
         let http_listener = tokio::net::TcpListener::bind(config.http)
             .await
             .map_err(|source| StartError::Http {
@@ -330,6 +354,7 @@ impl Broker {
             devices,
         };
         let http_state = HttpState {
+            websocket: websocket_addr.map(|addr| (addr.port(), !config.websocket.plaintext)),
             ready: ready.clone(),
             metrics: metrics.clone(),
             logs: logs.clone(),
@@ -341,7 +366,7 @@ impl Broker {
         };
         let retention_every = Duration::from_millis(config.engine.retention_interval_ms);
         let mut tasks = vec![
-            endpoint.serve(ctx),
+            endpoint.serve(ctx.clone()),
             tokio::spawn(http::serve(
                 http_listener,
                 http_state,
@@ -365,9 +390,13 @@ impl Broker {
                 shutdown.clone(),
             )));
         }
+        if let Some(websocket) = &mut websocket {
+            tasks.push(websocket.serve(ctx));
+        }
         ready.store(true, Ordering::SeqCst);
         info!(
             quic = %quic_addr,
+            websocket = ?websocket_addr,
             http = %http_addr,
             data_dir = %config.data_dir.display(),
             durability = ?config.durability,
@@ -382,6 +411,8 @@ impl Broker {
             shutdown,
             ready,
             endpoint: Some(endpoint),
+            websocket,
+            websocket_addr,
             fanout,
             log_threads: Some(log_threads),
             ephemeral_threads,
@@ -403,6 +434,11 @@ impl Broker {
     /// The UDP address QUIC listens on.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The TCP address WebSocket clients connect to, when enabled.
+    pub fn websocket_addr(&self) -> Option<SocketAddr> {
+        self.websocket_addr
     }
 
     /// The TCP address of the health endpoints.
@@ -444,11 +480,19 @@ impl Broker {
         self.shutdown.cancel();
         if let Some(endpoint) = &self.endpoint {
             // Sessions drain their pending acks and close with GOING_AWAY.
-            let idle = endpoint.wait_idle();
+            let idle = async {
+                endpoint.wait_idle().await;
+                if let Some(websocket) = &self.websocket {
+                    websocket.wait_idle().await;
+                }
+            };
             if tokio::time::timeout(SESSION_GRACE, idle).await.is_err() {
                 warn!("sessions did not finish in time; closing their connections");
             }
             endpoint.close(CloseCode::GOING_AWAY);
+        }
+        if let Some(websocket) = &self.websocket {
+            websocket.close();
         }
         for task in self.tasks.drain(..) {
             task.abort();
@@ -498,6 +542,9 @@ impl Drop for Broker {
         self.shutdown.cancel();
         if let Some(endpoint) = &self.endpoint {
             endpoint.close(CloseCode::GOING_AWAY);
+        }
+        if let Some(websocket) = &self.websocket {
+            websocket.close();
         }
         for task in self.tasks.drain(..) {
             task.abort();

@@ -1,14 +1,27 @@
 //! Publish/subscribe over real QUIC against a real RocksDB log: ordering,
 //! exactly-once delivery, gapless resume, restart, retention, idempotency.
+//! The tests of the protocol's guarantees run over both transports, QUIC
+//! and WebSocket.
 
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
+
+over_both_transports!(
+    three_subscribers_each_receive_every_message_once_in_order,
+    offsets_and_history_survive_a_restart,
+    replay_to_live_switch_is_gapless_while_publishing,
+    a_stalled_subscriber_is_served_from_the_log_and_misses_nothing,
+    clients_reconnect_and_resume_across_a_broker_restart,
+    retention_reports_truncated_instead_of_skipping,
+    a_stale_epoch_is_reported_as_a_reset,
+);
 
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{RawConnection, TestBroker, channel, eventually, within};
+use common::{RawConnection, TestBroker, Transport, channel, eventually, within};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use volna_broker::config::{NamespaceConfig, Retention};
@@ -67,9 +80,8 @@ fn assert_consecutive(offsets: &[u64], first: u64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_subscribers_each_receive_every_message_once_in_order() {
-    let broker = TestBroker::start().await;
+async fn three_subscribers_each_receive_every_message_once_in_order(transport: Transport) {
+    let broker = TestBroker::start_over(transport, |_| {}).await;
     let ch = channel("chat.three");
     let mut subs = Vec::new();
     let mut clients = Vec::new();
@@ -95,9 +107,8 @@ async fn three_subscribers_each_receive_every_message_once_in_order() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn offsets_and_history_survive_a_restart() {
-    let mut broker = TestBroker::start().await;
+async fn offsets_and_history_survive_a_restart(transport: Transport) {
+    let mut broker = TestBroker::start_over(transport, |_| {}).await;
     let ch = channel("chat.restart");
     {
         let client = broker.client().await;
@@ -117,9 +128,8 @@ async fn offsets_and_history_survive_a_restart() {
     assert_eq!(got.iter().filter(|(_, p)| p.starts_with('b')).count(), 100);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_to_live_switch_is_gapless_while_publishing() {
-    let broker = TestBroker::start_with(|c| {
+async fn replay_to_live_switch_is_gapless_while_publishing(transport: Transport) {
+    let broker = TestBroker::start_over(transport, |c| {
         // A small ring makes subscribers cross between log and ring often.
         c.engine.channel_ring_bytes = 64 * 1024;
     })
@@ -172,10 +182,10 @@ async fn replay_to_live_switch_is_gapless_while_publishing() {
     background.await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_subscriber_is_served_from_the_log_and_misses_nothing() {
+async fn a_stalled_subscriber_is_served_from_the_log_and_misses_nothing(transport: Transport) {
     let ring_budget = 256 * 1024;
-    let broker = TestBroker::start_with(|c| c.engine.channel_ring_bytes = ring_budget).await;
+    let broker =
+        TestBroker::start_over(transport, |c| c.engine.channel_ring_bytes = ring_budget).await;
     let ch = channel("news.stall");
     let mut config = broker.client_config();
     config.subscription_buffer = 16;
@@ -200,9 +210,8 @@ async fn a_stalled_subscriber_is_served_from_the_log_and_misses_nothing() {
     assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_reconnect_and_resume_across_a_broker_restart() {
-    let mut broker = TestBroker::start().await;
+async fn clients_reconnect_and_resume_across_a_broker_restart(transport: Transport) {
+    let mut broker = TestBroker::start_over(transport, |_| {}).await;
     let ch = channel("chat.reconnect");
     let subscriber = broker.client().await;
     let mut sub = subscriber.subscribe(&ch, Position::Latest).await.unwrap();
@@ -224,9 +233,8 @@ async fn clients_reconnect_and_resume_across_a_broker_restart() {
     assert_eq!(payloads.len(), 1000);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn retention_reports_truncated_instead_of_skipping() {
-    let broker = TestBroker::start_with(|c| {
+async fn retention_reports_truncated_instead_of_skipping(transport: Transport) {
+    let broker = TestBroker::start_over(transport, |c| {
         c.engine.retention_interval_ms = 20;
         c.namespaces.insert(
             "chat".into(),
@@ -262,9 +270,8 @@ async fn retention_reports_truncated_instead_of_skipping() {
     assert_consecutive(&got.iter().map(|(o, _)| *o).collect::<Vec<_>>(), 51);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_epoch_is_reported_as_a_reset() {
-    let broker = TestBroker::start().await;
+async fn a_stale_epoch_is_reported_as_a_reset(transport: Transport) {
+    let broker = TestBroker::start_over(transport, |_| {}).await;
     let ch = channel("chat.epoch");
     let client = broker.client().await;
     let ack = client.publish(&ch, "one").await.unwrap();

@@ -311,6 +311,17 @@ impl Client {
             .is_some_and(|l| !l.is_gone())
     }
 
+    /// Whether the connection up right now runs over the WebSocket
+    /// fallback (UDP to the broker is blocked) rather than QUIC: an
+    /// application may tell its user the connection is limited.
+    pub fn over_websocket(&self) -> bool {
+        self.inner
+            .live
+            .borrow()
+            .as_ref()
+            .is_some_and(|l| !l.is_gone() && l.over_websocket())
+    }
+
     /// Closes the connection and ends every subscription stream.
     pub fn close(&self) {
         self.inner.close();
@@ -406,6 +417,24 @@ fn unexpected(reply: Frame, request: &str) -> ClientError {
 }
 
 impl Inner {
+    /// Resolves when a connection over the WebSocket fallback could move
+    /// back to QUIC (a probe handshake completed); never for one on QUIC.
+    async fn quic_is_back(&self, live: &Live) {
+        if !live.over_websocket() || !self.transport.has_quic() {
+            return std::future::pending().await;
+        }
+        loop {
+            tokio::time::sleep(self.config.quic_probe_interval).await;
+            if self
+                .transport
+                .quic_reachable(self.config.quic_fallback_after)
+                .await
+            {
+                return;
+            }
+        }
+    }
+
     fn subs_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SubShared>>> {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -687,6 +716,10 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
                 () = inner.closed.cancelled() => return,
                 expires_at = live.token_expiring() => inner.refresh_token(&live, expires_at).await,
                 ended = live.next_ended() => inner.subscription_ended(&live, ended),
+                () = inner.quic_is_back(&live) => {
+                    info!("QUIC is reachable again: moving the connection back from WebSocket");
+                    live.close(CloseCode::GOING_AWAY);
+                }
             }
         }
         inner.live.send_replace(None);

@@ -161,6 +161,19 @@ pub struct ClientConfig {
     /// The local socket to connect through, shared with other clients; by
     /// default each client binds its own.
     pub endpoint: Option<Endpoint>,
+    /// A WebSocket URL of the same broker (`wss://host:port/ws`) for
+    /// networks that block UDP: when no QUIC handshake completes within
+    /// [`quic_fallback_after`](Self::quic_fallback_after) the client
+    /// connects here instead, and while it does, tries QUIC again every
+    /// [`quic_probe_interval`](Self::quic_probe_interval), moving back
+    /// (subscriptions resume without a gap) once QUIC answers. With no
+    /// QUIC `servers` the client uses WebSocket only.
+    pub websocket: Option<String>,
+    /// How long a QUIC attempt may take before the client falls back to
+    /// [`websocket`](Self::websocket) (default 2 s).
+    pub quic_fallback_after: Duration,
+    /// How often a client on WebSocket tries QUIC again (default 60 s).
+    pub quic_probe_interval: Duration,
 }
 
 impl ClientConfig {
@@ -194,6 +207,9 @@ impl ClientConfig {
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             endpoint: None,
+            websocket: None,
+            quic_fallback_after: Duration::from_secs(2),
+            quic_probe_interval: Duration::from_secs(60),
         }
     }
 }

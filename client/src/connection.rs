@@ -3,6 +3,7 @@
 //! client that knows quinn.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use volna_proto::{
     CloseCode, ErrorFrame, Frame, Hello, Limits, PROTOCOL_VERSION, SubscriptionId, Welcome,
 };
@@ -25,6 +26,7 @@ use volna_proto::{
 use crate::config::{ClientCertificate, ClientConfig, Trust};
 use crate::error::ClientError;
 use crate::subscription::SubShared;
+use crate::websocket::{WsLink, WsRecv};
 
 /// The client's QUIC endpoint and TLS set-up, reused across reconnects.
 /// Read-marker events a slow listener may fall behind by before it is
@@ -35,6 +37,8 @@ const MARKER_EVENTS: usize = 64;
 pub(crate) struct Transport {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
+    /// TLS for the WebSocket fallback (ALPN HTTP/1.1).
+    websocket_tls: Arc<rustls::ClientConfig>,
     /// The seeds, each with the name its certificate must carry.
     servers: Vec<(String, String)>,
     /// The seed the next attempt goes to.
@@ -61,15 +65,20 @@ impl Transport {
             servers.push((server.clone(), tls_name));
         }
         // One socket for every seed: its family is the first seed's.
-        let host = match servers.first() {
-            Some((server, _)) => split_host_port(server)?.0,
-            None => {
+        let host = match (servers.first(), &config.websocket) {
+            (Some((server, _)), _) => split_host_port(server)?.0,
+            // WebSocket only: the QUIC endpoint is never used.
+            (None, Some(_)) => "0.0.0.0".to_owned(),
+            (None, None) => {
                 return Err(ClientError::InvalidAddress(
                     "no server address given".into(),
                 ));
             }
         };
         let mut tls = tls_config(&config.trust, config.client_certificate.as_ref())?;
+        let mut websocket_tls = tls.clone();
+        websocket_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        websocket_tls.resumption = rustls::client::Resumption::in_memory_sessions(1);
         tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
         // Resumption tickets for this client's seeds only: rustls' default
         // cache is sized for 256 servers and allocated up front, 5.7 KB of
@@ -106,6 +115,7 @@ impl Transport {
         Ok(Self {
             endpoint,
             quic,
+            websocket_tls: Arc::new(websocket_tls),
             servers,
             next: AtomicUsize::new(0),
             markers: config
@@ -122,21 +132,77 @@ impl Transport {
         self.markers.as_ref().map(broadcast::Sender::subscribe)
     }
 
+    /// Connects to the first seed that answers, over QUIC, or over
+    /// WebSocket when the configuration lists a URL and no QUIC handshake
+    /// completes within `quic_fallback_after` (or there are no QUIC seeds).
     pub async fn establish_any(
         &self,
         config: &ClientConfig,
         token: &str,
     ) -> Result<Arc<Live>, ClientError> {
-        let mut last = None;
-        for _ in 0..self.servers.len() {
-            match self.establish(config, token.to_owned()).await {
-                Ok(live) => return Ok(live),
-                // A bad token would be refused by every node alike.
-                Err(e) if e.code() == Some(volna_proto::ErrorCode::Unauthorized) => return Err(e),
-                Err(e) => last = Some(e),
+        let quic = async {
+            let mut last = None;
+            for _ in 0..self.servers.len() {
+                match self.establish_quic(config, token.to_owned()).await {
+                    Ok(live) => return Ok(live),
+                    // A bad token would be refused by every node alike.
+                    Err(e) if e.code() == Some(volna_proto::ErrorCode::Unauthorized) => {
+                        return Err(e);
+                    }
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last
+                .unwrap_or_else(|| ClientError::InvalidAddress("no server address given".into())))
+        };
+        self.with_fallback(config, token, quic).await
+    }
+
+    /// Connects to the current seed (see [`Transport::establish_any`] for
+    /// the WebSocket fallback); a failed attempt moves on to the next seed.
+    pub async fn establish(
+        &self,
+        config: &ClientConfig,
+        token: String,
+    ) -> Result<Arc<Live>, ClientError> {
+        let quic = self.establish_quic(config, token.clone());
+        self.with_fallback(config, &token, quic).await
+    }
+
+    async fn with_fallback(
+        &self,
+        config: &ClientConfig,
+        token: &str,
+        quic: impl Future<Output = Result<Arc<Live>, ClientError>>,
+    ) -> Result<Arc<Live>, ClientError> {
+        let Some(url) = &config.websocket else {
+            return quic.await;
+        };
+        if !self.servers.is_empty() {
+            match tokio::time::timeout(config.quic_fallback_after, quic).await {
+                Ok(Ok(live)) => return Ok(live),
+                Ok(Err(e)) if e.code() == Some(volna_proto::ErrorCode::Unauthorized) => {
+                    return Err(e);
+                }
+                Ok(Err(e)) => debug!(error = %e, "QUIC failed; trying WebSocket"),
+                Err(_) => debug!(
+                    after = ?config.quic_fallback_after,
+                    "no QUIC handshake in time; trying WebSocket"
+                ),
             }
         }
-        Err(last.unwrap_or_else(|| ClientError::InvalidAddress("no server address given".into())))
+        let live = self
+            .establish_websocket(url, config, token.to_owned())
+            .await?;
+        if !self.servers.is_empty() {
+            info!(%url, "connected over WebSocket: QUIC is unreachable");
+        }
+        Ok(live)
+    }
+
+    /// Whether a connection over WebSocket should be probed for QUIC.
+    pub fn has_quic(&self) -> bool {
+        !self.servers.is_empty()
     }
 
     /// The connection was lost: the next attempt goes to the next seed
@@ -149,9 +215,9 @@ impl Transport {
         }
     }
 
-    /// Connects to the current seed, says Hello with `token` and waits for
-    /// Welcome; a failed attempt moves on to the next seed.
-    pub async fn establish(
+    /// Connects to the current seed over QUIC, says Hello with `token`
+    /// and waits for Welcome; a failed attempt moves on to the next seed.
+    async fn establish_quic(
         &self,
         config: &ClientConfig,
         token: String,
@@ -188,43 +254,86 @@ impl Transport {
             let conn = connecting
                 .await
                 .map_err(|e| ClientError::Connect(e.to_string()))?;
-            let (mut send, mut recv) = conn
+            let (send, recv) = conn
                 .open_bi()
                 .await
                 .map_err(|e| ClientError::Connect(e.to_string()))?;
-            let mut out = BytesMut::new();
-            volna_proto::encode(
-                &Frame::Hello(Hello {
-                    protocol: PROTOCOL_VERSION,
-                    token,
-                    client: config.client_name.clone(),
-                    device: config.device.clone(),
-                }),
-                &mut out,
-            );
-            send.write_all(&out)
-                .await
-                .map_err(|e| ClientError::Connect(e.to_string()))?;
-            let mut buf = BytesMut::new();
-            let welcome = match read_frame(&mut recv, &mut buf, &Limits::HANDSHAKE).await? {
-                Frame::Welcome(w) => w,
-                Frame::Error(ErrorFrame { code, message, .. }) => {
-                    return Err(ClientError::Refused { code, message });
-                }
-                other => {
-                    return Err(ClientError::Protocol(format!(
-                        "expected Welcome, got {:?}",
-                        other.frame_type()
-                    )));
-                }
-            };
-            Ok::<_, ClientError>((conn, send, recv, buf, welcome))
+            let (send, recv, buf, welcome) = hello(
+                config,
+                token,
+                ControlWriter::Quic(send),
+                StreamReader::Quic(recv),
+            )
+            .await?;
+            Ok::<_, ClientError>((Wire::Quic(conn), send, recv, buf, welcome))
         };
+        self.finish_establishing(server, config, handshake).await
+    }
+
+    /// Connects over WebSocket to `url`, says Hello and waits for Welcome.
+    pub async fn establish_websocket(
+        &self,
+        url: &str,
+        config: &ClientConfig,
+        token: String,
+    ) -> Result<Arc<Live>, ClientError> {
+        let handshake = async {
+            let max_message = volna_proto::websocket::TAG_LEN + 64 * 1024 * 1024 + 128 * 1024;
+            let (link, control) = WsLink::connect(
+                url,
+                self.websocket_tls.clone(),
+                config.server_name.as_deref(),
+                max_message,
+                config.keep_alive,
+                config.idle_timeout,
+            )
+            .await?;
+            let (send, recv, buf, welcome) = hello(
+                config,
+                token,
+                ControlWriter::WebSocket(link.clone()),
+                StreamReader::WebSocket(control, link.clone()),
+            )
+            .await?;
+            Ok::<_, ClientError>((Wire::WebSocket(link), send, recv, buf, welcome))
+        };
+        self.finish_establishing(url, config, handshake).await
+    }
+
+    /// Whether a QUIC handshake with the current seed completes within
+    /// `within` (no session: the connection is closed at once).
+    pub async fn quic_reachable(&self, within: std::time::Duration) -> bool {
+        let at = self.next.load(Ordering::Relaxed) % self.servers.len().max(1);
+        let Some((server, tls_name)) = self.servers.get(at) else {
+            return false;
+        };
+        let probe = async {
+            let addr = tokio::net::lookup_host(server).await.ok()?.next()?;
+            let conn = self
+                .endpoint
+                .connect_with(self.quic.clone(), addr, tls_name)
+                .ok()?
+                .await
+                .ok()?;
+            conn.close(VarInt::from_u32(CloseCode::NORMAL.0), b"probe");
+            Some(())
+        };
+        matches!(tokio::time::timeout(within, probe).await, Ok(Some(())))
+    }
+
+    async fn finish_establishing(
+        &self,
+        server: &str,
+        config: &ClientConfig,
+        handshake: impl Future<
+            Output = Result<(Wire, ControlWriter, StreamReader, BytesMut, Welcome), ClientError>,
+        >,
+    ) -> Result<Arc<Live>, ClientError> {
         let timed_out = || ClientError::ConnectTimeout {
-            server: server.clone(),
+            server: server.to_owned(),
             after: config.connect_timeout,
         };
-        let (conn, send, recv, buf, welcome) =
+        let (wire, send, recv, buf, welcome) =
             match tokio::time::timeout(config.connect_timeout, handshake).await {
                 Ok(Ok(established)) => established,
                 // quinn's own idle timer fired first: the same silence.
@@ -236,13 +345,135 @@ impl Transport {
             };
         debug!(session = welcome.session_id, "connected");
         Ok(Live::start(
-            conn,
+            wire,
             send,
             recv,
             buf,
             welcome,
             self.markers.clone(),
         ))
+    }
+}
+
+/// Says Hello on a fresh control stream and reads the broker's answer.
+async fn hello(
+    config: &ClientConfig,
+    token: String,
+    mut send: ControlWriter,
+    mut recv: StreamReader,
+) -> Result<(ControlWriter, StreamReader, BytesMut, Welcome), ClientError> {
+    let mut out = BytesMut::new();
+    volna_proto::encode(
+        &Frame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            token,
+            client: config.client_name.clone(),
+            device: config.device.clone(),
+        }),
+        &mut out,
+    );
+    send.write_all(&out)
+        .await
+        .map_err(|e| ClientError::Connect(e.to_string()))?;
+    let mut buf = BytesMut::new();
+    let welcome = match read_frame(&mut recv, &mut buf, &Limits::HANDSHAKE).await? {
+        Frame::Welcome(w) => w,
+        Frame::Error(ErrorFrame { code, message, .. }) => {
+            return Err(ClientError::Refused { code, message });
+        }
+        other => {
+            return Err(ClientError::Protocol(format!(
+                "expected Welcome, got {:?}",
+                other.frame_type()
+            )));
+        }
+    };
+    Ok((send, recv, buf, welcome))
+}
+
+/// The connection under a session: QUIC, or the WebSocket fallback.
+#[derive(Debug)]
+enum Wire {
+    Quic(quinn::Connection),
+    WebSocket(Arc<WsLink>),
+}
+
+impl Wire {
+    /// Resolves when the connection is gone; says why.
+    async fn closed(&self) -> String {
+        match self {
+            Wire::Quic(conn) => conn.closed().await.to_string(),
+            Wire::WebSocket(link) => link.closed().await,
+        }
+    }
+
+    /// The next delivery stream the broker opened; `None` once the
+    /// connection is gone.
+    async fn accept_delivery(&self) -> Option<StreamReader> {
+        match self {
+            Wire::Quic(conn) => conn.accept_uni().await.ok().map(StreamReader::Quic),
+            Wire::WebSocket(link) => link
+                .accept()
+                .await
+                .map(|recv| StreamReader::WebSocket(recv, link.clone())),
+        }
+    }
+
+    fn close(&self, code: CloseCode) {
+        match self {
+            Wire::Quic(conn) => conn.close(VarInt::from_u32(code.0), code.reason().as_bytes()),
+            Wire::WebSocket(link) => link.close(code),
+        }
+    }
+}
+
+/// The sending half of the control stream.
+#[derive(Debug)]
+enum ControlWriter {
+    Quic(quinn::SendStream),
+    WebSocket(Arc<WsLink>),
+}
+
+impl ControlWriter {
+    async fn write_all(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        match self {
+            ControlWriter::Quic(send) => send
+                .write_all(bytes)
+                .await
+                .map_err(|_| ClientError::Disconnected),
+            ControlWriter::WebSocket(link) => link.send_control(bytes).await,
+        }
+    }
+}
+
+/// A stream from the broker: the control stream's receiving half or a
+/// delivery stream.
+#[derive(Debug)]
+enum StreamReader {
+    Quic(quinn::RecvStream),
+    WebSocket(WsRecv, Arc<WsLink>),
+}
+
+impl StreamReader {
+    /// The next bytes; `None` once the stream or the connection ended.
+    async fn next_chunk(&mut self) -> Option<bytes::Bytes> {
+        match self {
+            StreamReader::Quic(recv) => match recv.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => Some(chunk.bytes),
+                _ => None,
+            },
+            StreamReader::WebSocket(recv, _) => recv.next_chunk().await,
+        }
+    }
+
+    /// Tells the broker this stream is not wanted.
+    fn stop(&mut self) {
+        match self {
+            StreamReader::Quic(recv) => {
+                let _ = recv.stop(VarInt::from_u32(0));
+            }
+            StreamReader::WebSocket(recv, link) => link.stop(recv.stream),
+        }
     }
 }
 
@@ -333,7 +564,7 @@ pub(crate) struct Live {
     pub welcome: Welcome,
     /// Tells this connection from every other of the process (never 0).
     pub generation: u64,
-    conn: quinn::Connection,
+    wire: Wire,
     /// Boxed: the queue allocates slots in blocks of 32, and 32 unboxed
     /// frames cost every connection 2.8 KB.
     control: mpsc::Sender<Box<Frame>>,
@@ -391,9 +622,9 @@ pub(crate) struct Ended {
 
 impl Live {
     fn start(
-        conn: quinn::Connection,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
+        wire: Wire,
+        send: ControlWriter,
+        recv: StreamReader,
         buf: BytesMut,
         welcome: Welcome,
         markers: Option<broadcast::Sender<ReadMarker>>,
@@ -407,7 +638,7 @@ impl Live {
             ended_rx: tokio::sync::Mutex::new(ended_rx),
             ended_early: Mutex::new(HashMap::new()),
             welcome,
-            conn: conn.clone(),
+            wire,
             control,
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
@@ -422,7 +653,7 @@ impl Live {
         tokio::spawn(accept_deliveries(live.clone()));
         let watcher = live.clone();
         tokio::spawn(async move {
-            let reason = watcher.conn.closed().await;
+            let reason = watcher.wire.closed().await;
             debug!(%reason, "connection closed");
             watcher.gone.cancel();
         });
@@ -554,9 +785,13 @@ impl Live {
     }
 
     pub fn close(&self, code: CloseCode) {
-        self.conn
-            .close(VarInt::from_u32(code.0), code.reason().as_bytes());
+        self.wire.close(code);
         self.gone.cancel();
+    }
+
+    /// Whether this connection runs over WebSocket (the QUIC fallback).
+    pub fn over_websocket(&self) -> bool {
+        matches!(self.wire, Wire::WebSocket(_))
     }
 
     fn pending_map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Frame>>> {
@@ -575,7 +810,7 @@ impl Live {
 }
 
 async fn write_control(
-    mut send: quinn::SendStream,
+    mut send: ControlWriter,
     mut rx: mpsc::Receiver<Box<Frame>>,
     gone: CancellationToken,
 ) {
@@ -603,7 +838,7 @@ async fn write_control(
     gone.cancel();
 }
 
-async fn read_control(live: Arc<Live>, mut recv: quinn::RecvStream, mut buf: BytesMut) {
+async fn read_control(live: Arc<Live>, mut recv: StreamReader, mut buf: BytesMut) {
     let limits = live.limits();
     loop {
         let frame = tokio::select! {
@@ -685,14 +920,14 @@ async fn read_control(live: Arc<Live>, mut recv: quinn::RecvStream, mut buf: Byt
 async fn accept_deliveries(live: Arc<Live>) {
     loop {
         let stream = tokio::select! {
-            stream = live.conn.accept_uni() => stream,
+            stream = live.wire.accept_delivery() => stream,
             () = live.gone.cancelled() => return,
         };
         match stream {
-            Ok(recv) => {
+            Some(recv) => {
                 tokio::spawn(read_deliveries(live.clone(), recv));
             }
-            Err(_) => {
+            None => {
                 live.gone.cancel();
                 return;
             }
@@ -700,7 +935,7 @@ async fn accept_deliveries(live: Arc<Live>) {
     }
 }
 
-async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
+async fn read_deliveries(live: Arc<Live>, mut recv: StreamReader) {
     let limits = live.limits();
     let mut buf = BytesMut::new();
     let id = match read_frame(&mut recv, &mut buf, &limits).await {
@@ -723,7 +958,7 @@ async fn read_deliveries(live: Arc<Live>, mut recv: quinn::RecvStream) {
             () = notified => {}
             () = tokio::time::sleep_until(unclaimed_after) => {
                 debug!(subscription = %id, "stopping a delivery stream no subscription claims");
-                let _ = recv.stop(VarInt::from_u32(0));
+                recv.stop();
                 return;
             }
             () = live.gone.cancelled() => return,
@@ -763,7 +998,7 @@ const IDLE_BUFFER: usize = 2 * 1024;
 /// The next frame of `recv`. Waits on quinn's own buffered chunks rather
 /// than on room reserved in `buf`, so a waiting stream holds nothing.
 async fn read_frame(
-    recv: &mut quinn::RecvStream,
+    recv: &mut StreamReader,
     buf: &mut BytesMut,
     limits: &Limits,
 ) -> Result<Frame, ClientError> {
@@ -776,9 +1011,9 @@ async fn read_frame(
         if buf.is_empty() && buf.capacity() > IDLE_BUFFER {
             *buf = BytesMut::new();
         }
-        match recv.read_chunk(READ_CHUNK, true).await {
-            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
-            _ => return Err(ClientError::Disconnected),
+        match recv.next_chunk().await {
+            Some(chunk) => buf.extend_from_slice(&chunk),
+            None => return Err(ClientError::Disconnected),
         }
     }
 }

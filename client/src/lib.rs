@@ -48,6 +48,7 @@ mod connection;
 mod error;
 mod inflight;
 mod subscription;
+mod websocket;
 
 pub use client::{Client, Published};
 pub use config::{Backoff, ClientCertificate, ClientConfig, TokenError, TokenSource, Trust};

@@ -28,6 +28,7 @@ mod error;
 mod frame;
 pub mod fuzzing;
 mod names;
+pub mod websocket;
 
 pub use codec_impl::{DecodeError, Limits, decode, encode, encode_deliver, encoded_len};
 pub use error::{CloseCode, ErrorCode};

@@ -12,8 +12,10 @@
 //!   into a fixed-size ring; when it is full the oldest notice is dropped
 //!   and counted (`volna_push_notices_dropped_total`).
 //! - A batch that fails to post is retried, with backoff, until it is
-//!   accepted (any 2xx); notices are posted in commit order, at most one
-//!   batch per `push.batch_ms` while the receiver keeps up.
+//!   accepted (any 2xx), topped up from the ring to `push.max_batch` at
+//!   each retry: the hook holds at most `push.queue + push.max_batch`
+//!   notices. They are posted in commit order, at most one batch per
+//!   `push.batch_ms` while the receiver keeps up.
 //!
 //! The contract (README, "Push hook"): `POST webhook_url` with
 //! `Content-Type: application/json` and the body

@@ -8,6 +8,7 @@
 //! | `GET /admin/sessions` | open sessions |
 //! | `POST /admin/kick` `{"user": U}` or `{"session": N}` | disconnect them |
 //! | `GET`/`PUT /admin/namespaces/{ns}/retention` | a namespace's retention (changes last until restart) |
+//! | `GET /admin/channels/{name}/messages?last=N` | the channel's last N (≤ 100) messages, oldest first |
 //! | `POST /admin/publish` `{"channel": C, "payload": "text"}` | publish from the server side |
 //!
 //! Without a configured token every request is refused (403): an admin API
@@ -120,6 +121,25 @@ pub struct PublishRequest {
 }
 
 #[derive(Debug, Deserialize)]
+struct LastQuery {
+    last: Option<u64>,
+}
+
+/// Most messages `/admin/channels/{name}/messages` returns.
+const MAX_LAST_MESSAGES: u64 = 100;
+
+/// One stored message as the channel browser shows it: the payload as
+/// text where it is UTF-8, else hex of its first bytes.
+#[derive(Debug, Serialize)]
+struct MessageView {
+    offset: u64,
+    timestamp_ms: u64,
+    size: usize,
+    text: Option<String>,
+    hex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
 struct ListQuery {
     prefix: Option<String>,
     limit: Option<usize>,
@@ -147,6 +167,7 @@ pub fn router(state: AdminState) -> Router {
             "/admin/channels/{name}",
             get(channel_detail).delete(delete_channel),
         )
+        .route("/admin/channels/{name}/messages", get(last_messages))
         .route("/admin/sessions", get(list_sessions))
         .route("/admin/cluster", get(cluster_status))
         .route("/admin/kick", post(kick))
@@ -255,6 +276,71 @@ async fn channel_detail(
         .map_err(storage_error)?
         .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))?;
     Ok(Json(channel_info(&state, &name, &meta)))
+}
+
+/// A channel's last messages (the channel browser's view), oldest first.
+async fn last_messages(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+    Query(query): Query<LastQuery>,
+) -> ApiResult<Vec<MessageView>> {
+    authorize(&state, &headers)?;
+    let name = channel_name(name)?;
+    let last = query.last.unwrap_or(20).clamp(1, MAX_LAST_MESSAGES);
+    let log = state.logs.for_channel(&name);
+    let meta = log
+        .lookup(&name)
+        .await
+        .map_err(storage_error)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))?;
+    let until = meta.next_offset;
+    let from = volna_proto::Offset::new(
+        until
+            .get()
+            .saturating_sub(last)
+            .max(meta.first_offset.get()),
+    );
+    if from >= until {
+        return Ok(Json(Vec::new()));
+    }
+    let (_, messages) = log
+        .read_channel(
+            &name,
+            crate::log::ReadRange {
+                from,
+                until,
+                max_messages: last as usize,
+                max_bytes: 4 * 1024 * 1024,
+            },
+        )
+        .await
+        .map_err(storage_error)?
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no channel {name}")))?;
+    Ok(Json(
+        messages
+            .into_iter()
+            .map(|m| {
+                let text = std::str::from_utf8(&m.payload)
+                    .ok()
+                    .map(|t| t.chars().take(1000).collect::<String>());
+                let hex = text.is_none().then(|| {
+                    m.payload
+                        .iter()
+                        .take(64)
+                        .map(|b| format!("{b:02x}"))
+                        .collect::<String>()
+                });
+                MessageView {
+                    offset: m.offset.get(),
+                    timestamp_ms: m.timestamp_ms,
+                    size: m.payload.len(),
+                    text,
+                    hex,
+                }
+            })
+            .collect(),
+    ))
 }
 
 /// Removes a channel and its whole log. Its subscribers' streams end with

@@ -4,6 +4,13 @@
 //! answers 200 only while the log is open, QUIC is listening and the broker
 //! is not shutting down, 503 otherwise; `/metrics` is the Prometheus text
 //! exposition; `/admin/*` is in [`crate::admin`].
+//!
+//! For browsers: `/client/volna.js` (and its types, `/client/volna.d.ts`)
+//! is the JavaScript client (`clients/js`), `/client/endpoints` says where
+//! the WebSocket listener is, and `/console` is the web console
+//! (`clients/console`): a static page whose data all comes from
+//! `/metrics` and the admin API, so it shows nothing without the admin
+//! token.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,7 +45,16 @@ pub struct HttpState {
     pub store: Arc<dyn LogStore>,
     /// The cluster's metrics, on a cluster node.
     pub cluster: Option<Arc<dyn crate::admin::ClusterStatus>>,
+    /// The WebSocket listener's port and whether it speaks TLS.
+    pub websocket: Option<(u16, bool)>,
 }
+
+/// The JavaScript client, served as it is in the repository.
+const VOLNA_JS: &str = include_str!("../../../clients/js/volna.js");
+/// Its TypeScript declarations.
+const VOLNA_DTS: &str = include_str!("../../../clients/js/volna.d.ts");
+/// The web console page.
+const CONSOLE_HTML: &str = include_str!("../../../clients/console/index.html");
 
 /// Serves the HTTP endpoints until `shutdown` fires.
 pub async fn serve(
@@ -51,6 +67,19 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/client/endpoints", get(endpoints))
+        .route(
+            "/client/volna.js",
+            get(|| async { static_file("text/javascript; charset=utf-8", VOLNA_JS) }),
+        )
+        .route(
+            "/client/volna.d.ts",
+            get(|| async { static_file("application/typescript; charset=utf-8", VOLNA_DTS) }),
+        )
+        .route(
+            "/console",
+            get(|| async { static_file("text/html; charset=utf-8", CONSOLE_HTML) }),
+        )
         .with_state(state)
         .merge(admin::router(admin));
     if let Err(e) = axum::serve(listener, app)
@@ -59,6 +88,27 @@ pub async fn serve(
     {
         warn!(error = %e, "http server stopped");
     }
+}
+
+fn static_file(content_type: &'static str, body: &'static str) -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            // A broker upgrade brings a new client: pages revalidate.
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        body,
+    )
+}
+
+/// Where browsers reach the WebSocket listener (the host is the one the
+/// page was loaded from).
+async fn endpoints(State(state): State<HttpState>) -> impl IntoResponse {
+    let websocket = state.websocket.map(|(port, tls)| {
+        serde_json::json!({ "port": port, "tls": tls, "path": volna_proto::websocket::PATH })
+    });
+    axum::Json(serde_json::json!({ "websocket": websocket }))
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {

@@ -27,6 +27,11 @@ pub struct Metrics {
     pub handshakes_refused: IntCounter,
     /// Connection attempts asked to validate their address (QUIC Retry).
     pub handshakes_retried: IntCounter,
+    /// WebSocket connections whose TLS and upgrade handshakes completed.
+    pub websocket_handshakes: IntCounter,
+    /// WebSocket connections open (each also counts in `connections` once
+    /// its session is welcomed).
+    pub websocket_connections: IntGauge,
     /// Datagrams a transport shard passed to the shard owning their
     /// connection (clients whose address changed).
     pub datagrams_forwarded: IntCounter,
@@ -163,6 +168,11 @@ impl Metrics {
                 "handshakes_retried_total",
                 "Connection attempts asked to validate their address (QUIC Retry)",
             ),
+            websocket_handshakes: counter(
+                "websocket_handshakes_total",
+                "WebSocket connections whose TLS and upgrade handshakes completed",
+            ),
+            websocket_connections: gauge("websocket_connections", "WebSocket connections open"),
             datagrams_forwarded: counter(
                 "datagrams_forwarded_total",
                 "Datagrams a transport shard passed to the shard owning their connection",

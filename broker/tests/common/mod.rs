@@ -22,8 +22,41 @@ use volna_proto::{Frame, Hello, Limits, PROTOCOL_VERSION};
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
+/// Which transport a test's clients use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Quic,
+    WebSocket,
+}
+
+/// Runs each named `async fn(Transport)` as two tests, `over_quic::name`
+/// and `over_websocket::name`: the same assertions over both transports.
+#[allow(unused_macros)] // used by some of the test files that share this module
+macro_rules! over_both_transports {
+    ($($test:ident),* $(,)?) => {
+        mod over_quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::common::Transport::Quic).await
+                }
+            )*
+        }
+        mod over_websocket {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(super::common::Transport::WebSocket).await
+                }
+            )*
+        }
+    };
+}
+
 pub struct TestBroker {
     pub broker: Option<Broker>,
+    /// What [`TestBroker::client_config`] connects over.
+    pub transport: Transport,
     pub dir: TempDir,
     pub config: Config,
     /// The log store when it is not the data directory's RocksDB.
@@ -37,6 +70,13 @@ impl TestBroker {
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
         Self::start_on(None, tweak).await
+    }
+
+    /// A broker whose clients connect over `transport`.
+    pub async fn start_over(transport: Transport, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut broker = Self::start_on(None, tweak).await;
+        broker.transport = transport;
+        broker
     }
 
     /// A broker whose log is `store` (to inject storage faults).
@@ -53,9 +93,12 @@ impl TestBroker {
         };
         tweak(&mut config);
         let broker = Self::launch(config.clone(), store.clone()).await;
-        // Restarts reuse the port so that clients reconnect to the same address.
+        // Restarts reuse the ports so that clients reconnect to the same
+        // addresses.
         config.listen = broker.quic_addr();
+        config.websocket.listen = broker.websocket_addr();
         Self {
+            transport: Transport::Quic,
             broker: Some(broker),
             dir,
             config,
@@ -83,9 +126,27 @@ impl TestBroker {
         self.dir.path().join("dev-cert.pem")
     }
 
+    /// The broker's WebSocket URL.
+    pub fn websocket_url(&self) -> String {
+        let addr = self.config.websocket.listen.expect("websocket enabled");
+        format!("wss://{addr}/ws")
+    }
+
     pub fn client_config(&self) -> ClientConfig {
-        let mut config =
-            ClientConfig::new(self.addr().to_string(), "test", Trust::CaFile(self.cert()));
+        let mut config = match self.transport {
+            Transport::Quic => {
+                ClientConfig::new(self.addr().to_string(), "test", Trust::CaFile(self.cert()))
+            }
+            Transport::WebSocket => {
+                let mut config = ClientConfig::with_servers(
+                    Vec::<String>::new(),
+                    "test",
+                    Trust::CaFile(self.cert()),
+                );
+                config.websocket = Some(self.websocket_url());
+                config
+            }
+        };
         config.backoff = Backoff {
             initial: Duration::from_millis(20),
             max: Duration::from_millis(500),

@@ -52,6 +52,14 @@ pub enum TransportError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The WebSocket listener could not be bound.
+    #[error("cannot listen on tcp {addr} for WebSocket clients: {source}")]
+    WebSocketBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// A transport setting is out of range.
     #[error("invalid transport setting: {0}")]
     Setting(String),

@@ -1,0 +1,260 @@
+//! A real browser: headless Chromium, driven over the DevTools protocol
+//! (chromiumoxide), loads `volna.js` from the broker, subscribes over
+//! WebSocket and must see every message in order, across a broker restart;
+//! and the web console shows the broker's live connection count (a
+//! screenshot is saved for a person to look at).
+//!
+//! Chromium is the Debian package `chromium` (scripts/test.sh installs
+//! it); `VOLNA_CHROMIUM` names another executable. Each test starts its
+//! own browser and ends it.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::PathBuf;
+
+use chromiumoxide::page::ScreenshotParams;
+use chromiumoxide::{Browser, BrowserConfig, Page};
+use common::{TestBroker, channel, eventually, next_texts};
+use futures_util::StreamExt;
+use volna_client::Position;
+
+const ADMIN_TOKEN: &str = "browser-test-admin-token-0123456789";
+
+/// The Chromium to drive, or why there is none.
+fn chromium() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("VOLNA_CHROMIUM") {
+        return Ok(path.into());
+    }
+    for name in ["chromium", "chromium-browser", "google-chrome"] {
+        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            let path = dir.join(name);
+            if path.is_file() {
+                return Ok(path);
+            }
+        }
+    }
+    Err("no Chromium on PATH (install the Debian package `chromium`, as scripts/test.sh does, or set VOLNA_CHROMIUM)".into())
+}
+
+/// A headless browser this test started, and the task driving its
+/// DevTools connection.
+struct Chromium {
+    browser: Browser,
+    driver: tokio::task::JoinHandle<()>,
+    _profile: tempfile::TempDir,
+}
+
+impl Chromium {
+    async fn launch(executable: PathBuf) -> Self {
+        let profile = tempfile::tempdir().unwrap();
+        let config = BrowserConfig::builder()
+            .chrome_executable(executable)
+            .user_data_dir(profile.path())
+            .new_headless_mode()
+            // The test runs as root in a container: Chromium's sandbox
+            // needs user namespaces it does not get there.
+            .no_sandbox()
+            // The broker's self-signed development certificate.
+            .arg("--ignore-certificate-errors")
+            .arg("--disable-gpu")
+            .arg("--disable-dev-shm-usage")
+            .window_size(1280, 1000)
+            .build()
+            .unwrap();
+        let (browser, mut handler) = Browser::launch(config).await.expect("chromium starts");
+        let driver = tokio::spawn(async move { while handler.next().await.is_some() {} });
+        Self {
+            browser,
+            driver,
+            _profile: profile,
+        }
+    }
+
+    async fn close(mut self) {
+        let _ = self.browser.close().await;
+        let _ = self.browser.wait().await;
+        self.driver.abort();
+    }
+}
+
+async fn eval<T: serde::de::DeserializeOwned>(page: &Page, js: &str) -> T {
+    page.evaluate(js)
+        .await
+        .unwrap_or_else(|e| panic!("{js}: {e}"))
+        .into_value()
+        .unwrap_or_else(|e| panic!("{js}: {e}"))
+}
+
+/// The text of the element with `id`.
+async fn text(page: &Page, id: &str) -> String {
+    eval(
+        page,
+        &format!(r#"document.getElementById("{id}").textContent"#),
+    )
+    .await
+}
+
+/// What the page received so far: (offset, text).
+async fn received(page: &Page) -> Vec<(u64, String)> {
+    eval(page, "window.received").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_receives_every_message_in_order_across_a_broker_restart() {
+    let executable = match chromium() {
+        Ok(path) => path,
+        Err(why) => return eprintln!("SKIPPED: {why}"),
+    };
+    let mut broker = TestBroker::start().await;
+    let ch = channel("chat.browser");
+    let chromium = Chromium::launch(executable).await;
+    let http = broker.broker().http_addr();
+    let page = chromium
+        .browser
+        .new_page(format!("http://{http}/client/endpoints"))
+        .await
+        .unwrap();
+    let ready: bool = eval(
+        &page,
+        &format!(
+            r#"(async () => {{
+                window.received = []; window.events = [];
+                const {{ connect }} = await import("/client/volna.js");
+                const client = await connect("{url}", {{ token: "test", backoff: {{ initialMs: 50, maxMs: 500 }} }});
+                client.addEventListener("disconnected", () => window.events.push("disconnected"));
+                client.addEventListener("connected", () => window.events.push("connected"));
+                const sub = await client.subscribe("{ch}", {{}});
+                sub.addEventListener("message", (e) => window.received.push([e.data.offset, e.data.text()]));
+                sub.addEventListener("ended", (e) => window.events.push("ended " + e.detail));
+                window.client = client;
+                return true;
+            }})()"#,
+            url = broker.websocket_url(),
+        ),
+    )
+    .await;
+    assert!(ready);
+
+    let publisher = broker.client().await;
+    for i in 1..=200 {
+        publisher.publish(&ch, format!("m{i}")).await.unwrap();
+    }
+    eventually("the page to receive 200", || {
+        let page = page.clone();
+        async move { received(&page).await.len() >= 200 }
+    })
+    .await;
+
+    broker.restart().await;
+    // The same Rust publisher waits for its reconnect; the page resumes
+    // from its next offset on its own.
+    for i in 201..=400 {
+        publisher.publish(&ch, format!("m{i}")).await.unwrap();
+    }
+    eventually("the page to receive 400", || {
+        let page = page.clone();
+        async move { received(&page).await.len() >= 400 }
+    })
+    .await;
+    let got = received(&page).await;
+    let want: Vec<(u64, String)> = (1..=400).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(got, want, "every message once, in order");
+    let events: Vec<String> = eval(&page, "window.events").await;
+    assert!(
+        events.iter().any(|e| e == "disconnected"),
+        "the page saw the restart: {events:?}"
+    );
+    assert!(!events.iter().any(|e| e.starts_with("ended")), "{events:?}");
+
+    // The page publishes too; a Rust subscriber gets it.
+    let mut sub = publisher.subscribe(&ch, Position::Latest).await.unwrap();
+    let offset: u64 = eval(
+        &page,
+        &format!(r#"window.client.publish("{ch}", "from the page").then((p) => p.offset)"#),
+    )
+    .await;
+    assert_eq!(offset, 401);
+    assert_eq!(next_texts(&mut sub, 1).await, vec!["from the page"]);
+    chromium.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_the_live_connection_count() {
+    let executable = match chromium() {
+        Ok(path) => path,
+        Err(why) => return eprintln!("SKIPPED: {why}"),
+    };
+    let broker = TestBroker::start_with(|c| c.admin.token = Some(ADMIN_TOKEN.into())).await;
+    let ch = channel("chat.console");
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(broker.client().await);
+    }
+    let _sub = clients[0].subscribe(&ch, Position::Latest).await.unwrap();
+    for i in 1..=5 {
+        clients[1]
+            .publish(&ch, format!("console {i}"))
+            .await
+            .unwrap();
+    }
+    let chromium = Chromium::launch(executable).await;
+    let http = broker.broker().http_addr();
+    let page = chromium
+        .browser
+        .new_page(format!("http://{http}/console"))
+        .await
+        .unwrap();
+    let _: bool = eval(
+        &page,
+        &format!(
+            r#"(() => {{
+                document.getElementById("admin-token").value = "{ADMIN_TOKEN}";
+                document.getElementById("save-token").click();
+                document.getElementById("browse-channel").value = "{ch}";
+                document.getElementById("browse").click();
+                return true;
+            }})()"#
+        ),
+    )
+    .await;
+    let shows = |id: &'static str, want: &'static str| {
+        let page = page.clone();
+        async move { text(&page, id).await.contains(want) }
+    };
+    eventually("the console to show 3 connections", || {
+        shows("m-connections", "3")
+    })
+    .await;
+    eventually("the console to list the sessions", || {
+        shows("sessions", "volna-client")
+    })
+    .await;
+    eventually("the channel browser to show the last message", || {
+        shows("browser", "console 5")
+    })
+    .await;
+    // One more connection shows up live.
+    clients.push(broker.client().await);
+    eventually("the console to show 4 connections", || {
+        shows("m-connections", "4")
+    })
+    .await;
+    assert!(text(&page, "status").await.starts_with("connected"));
+
+    let shot = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser/console.png");
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let png = page
+        .screenshot(ScreenshotParams::builder().full_page(true).build())
+        .await
+        .unwrap();
+    assert!(
+        png.len() > 10_000,
+        "a real screenshot ({} bytes)",
+        png.len()
+    );
+    std::fs::write(&shot, png).unwrap();
+    eprintln!("console screenshot: {}", shot.display());
+    chromium.close().await;
+}
