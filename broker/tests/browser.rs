@@ -258,3 +258,80 @@ async fn the_console_shows_the_live_connection_count() {
     eprintln!("console screenshot: {}", shot.display());
     chromium.close().await;
 }
+
+/// A burst into one page: every message arrives, in order. Prints how many
+/// messages per second the page took (`VOLNA_BROWSER_MESSAGES`, default
+/// 20,000; BENCHMARKS.md has the figure for 200,000) — a figure, not an
+/// assertion.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_takes_a_burst_whole_and_in_order() {
+    let executable = match chromium() {
+        Ok(path) => path,
+        Err(why) => return eprintln!("SKIPPED: {why}"),
+    };
+    let count: usize = std::env::var("VOLNA_BROWSER_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000);
+    let broker = TestBroker::start().await;
+    let ch = channel("chat.burst");
+    let chromium = Chromium::launch(executable).await;
+    let http = broker.broker().http_addr();
+    let page = chromium
+        .browser
+        .new_page(format!("http://{http}/client/endpoints"))
+        .await
+        .unwrap();
+    let _: bool = eval(
+        &page,
+        &format!(
+            r#"(async () => {{
+                window.taken = 0; window.inOrder = true; window.first = null; window.last = null;
+                const {{ connect }} = await import("/client/volna.js");
+                const client = await connect("{url}", {{ token: "test" }});
+                const sub = await client.subscribe("{ch}", {{}});
+                sub.addEventListener("message", (e) => {{
+                    window.taken += 1;
+                    if (e.data.offset !== window.taken) window.inOrder = false;
+                    const now = performance.now();
+                    window.first ??= now;
+                    window.last = now;
+                }});
+                return true;
+            }})()"#,
+            url = broker.websocket_url(),
+        ),
+    )
+    .await;
+    let publisher = broker.client().await;
+    let payload = vec![b'x'; 100];
+    let mut inflight = futures_util::stream::FuturesUnordered::new();
+    for _ in 0..count {
+        inflight.push(publisher.publish(&ch, payload.clone()));
+        if inflight.len() >= 256
+            && let Some(published) = inflight.next().await
+        {
+            published.unwrap();
+        }
+    }
+    while let Some(published) = inflight.next().await {
+        published.unwrap();
+    }
+    eventually("the page to take the burst", || {
+        let page = page.clone();
+        async move { eval::<usize>(&page, "window.taken").await >= count }
+    })
+    .await;
+    let (taken, in_order, millis): (usize, bool, f64) = eval(
+        &page,
+        "[window.taken, window.inOrder, window.last - window.first]",
+    )
+    .await;
+    assert_eq!(taken, count, "each message once");
+    assert!(in_order, "in offset order");
+    eprintln!(
+        "browser: {count} messages of 100 B in {millis:.0} ms = {:.0} msg/s into one page",
+        count as f64 / (millis / 1000.0).max(1e-3)
+    );
+    chromium.close().await;
+}

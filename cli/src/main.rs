@@ -78,6 +78,13 @@ struct Cli {
     /// Admin subcommands: print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// The broker's WebSocket URL (`wss://host:7400/ws`): used when no QUIC
+    /// handshake completes within 2 s (UDP blocked), QUIC retried meanwhile.
+    #[arg(long, global = true, env = "VOLNA_WEBSOCKET")]
+    websocket: Option<String>,
+    /// Connect over --websocket only, never QUIC.
+    #[arg(long, global = true, requires = "websocket")]
+    websocket_only: bool,
     /// Give up connecting to the broker after this many seconds.
     #[arg(
         long,
@@ -399,6 +406,10 @@ async fn run() -> anyhow::Result<()> {
     let mut config = ClientConfig::with_servers(cli.servers.clone(), &cli.token, trust);
     config.server_name = cli.server_name.clone();
     config.device = cli.device.clone();
+    config.websocket = cli.websocket.clone();
+    if cli.websocket_only {
+        config.servers.clear();
+    }
     config.connect_timeout = std::time::Duration::try_from_secs_f64(cli.connect_timeout)
         .ok()
         .filter(|d| !d.is_zero())
@@ -410,9 +421,13 @@ async fn run() -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let client = Client::connect(config)
-        .await
-        .with_context(|| format!("connecting to {}", cli.servers.join(", ")))?;
+    let client = Client::connect(config).await.with_context(|| {
+        match (&cli.websocket, cli.websocket_only) {
+            (Some(url), true) => format!("connecting to {url}"),
+            (Some(url), false) => format!("connecting to {} or {url}", cli.servers.join(", ")),
+            (None, _) => format!("connecting to {}", cli.servers.join(", ")),
+        }
+    })?;
     let result = match cli.command {
         Command::Pub { channel, message } => publish(&client, &channel, &message).await,
         Command::Sub {

@@ -128,7 +128,10 @@ impl WsLink {
             header::SEC_WEBSOCKET_PROTOCOL,
             HeaderValue::from_static(ws::SUBPROTOCOL),
         );
+        // Allocated up front (128 KiB by default, grown as needed): a
+        // process may hold many connections.
         let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
         let (socket, _response) =

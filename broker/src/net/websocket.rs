@@ -68,6 +68,8 @@ const CONTROL_MESSAGES: u32 = 16;
 /// Control-stream bytes read from the socket and not yet taken by the
 /// session, in messages.
 const CONTROL_INBOX: usize = 16;
+/// The WebSocket read buffer a connection starts with.
+const READ_BUFFER: usize = 4 * 1024;
 /// How long a closing connection waits for its last frames and the close
 /// frame to be written.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
@@ -234,7 +236,11 @@ struct Accepted {
 impl Accepted {
     async fn run(self, ctx: Arc<BrokerContext>, slot: &mut crate::limits::ConnectionSlot) {
         let _ = self.tcp.set_nodelay(true);
+        // tungstenite's read buffer is allocated up front (128 KiB by
+        // default): an idle device's connection holds a small one that
+        // grows while large messages come in.
         let config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
             .max_message_size(Some(ctx.config.limits.max_frame() as usize + ws::TAG_LEN))
             .max_frame_size(Some(ctx.config.limits.max_frame() as usize + ws::TAG_LEN));
         let link = Link {

@@ -303,7 +303,28 @@ impl RawConnection {
             .with_no_client_auth();
         tls.alpn_protocols = vec![volna_proto::ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        // A large receive buffer: tests that flood the broker without
+        // reading get its data back in bursts, and a connection-close
+        // packet dropped by a full socket (while this task waits for a
+        // busy core) would turn the broker's close code into a stateless
+        // reset once the broker's drain period is over.
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )
+        .unwrap();
+        let _ = socket.set_recv_buffer_size(4 << 20);
+        socket
+            .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        let mut endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            socket.into(),
+            Arc::new(quinn::TokioRuntime),
+        )
+        .unwrap();
         endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
         let conn = endpoint
             .connect(broker.addr(), "localhost")
