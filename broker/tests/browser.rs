@@ -79,6 +79,27 @@ impl Chromium {
     }
 }
 
+/// A browser with a page open on the broker's HTTP origin (where
+/// `volna.js` is imported from), or `None` after saying why there is no
+/// browser to drive.
+async fn page_on(broker: &TestBroker, path: &str) -> Option<(Chromium, Page)> {
+    let executable = match chromium() {
+        Ok(path) => path,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return None;
+        }
+    };
+    let chromium = Chromium::launch(executable).await;
+    let http = broker.broker().http_addr();
+    let page = chromium
+        .browser
+        .new_page(format!("http://{http}{path}"))
+        .await
+        .unwrap();
+    Some((chromium, page))
+}
+
 async fn eval<T: serde::de::DeserializeOwned>(page: &Page, js: &str) -> T {
     page.evaluate(js)
         .await
@@ -103,19 +124,11 @@ async fn received(page: &Page) -> Vec<(u64, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_receives_every_message_in_order_across_a_broker_restart() {
-    let executable = match chromium() {
-        Ok(path) => path,
-        Err(why) => return eprintln!("SKIPPED: {why}"),
-    };
     let mut broker = TestBroker::start().await;
     let ch = channel("chat.browser");
-    let chromium = Chromium::launch(executable).await;
-    let http = broker.broker().http_addr();
-    let page = chromium
-        .browser
-        .new_page(format!("http://{http}/client/endpoints"))
-        .await
-        .unwrap();
+    let Some((chromium, page)) = page_on(&broker, "/client/endpoints").await else {
+        return;
+    };
     let ready: bool = eval(
         &page,
         &format!(
@@ -182,10 +195,6 @@ async fn a_page_receives_every_message_in_order_across_a_broker_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_shows_the_live_connection_count() {
-    let executable = match chromium() {
-        Ok(path) => path,
-        Err(why) => return eprintln!("SKIPPED: {why}"),
-    };
     let broker = TestBroker::start_with(|c| c.admin.token = Some(ADMIN_TOKEN.into())).await;
     let ch = channel("chat.console");
     let mut clients = Vec::new();
@@ -199,13 +208,9 @@ async fn the_console_shows_the_live_connection_count() {
             .await
             .unwrap();
     }
-    let chromium = Chromium::launch(executable).await;
-    let http = broker.broker().http_addr();
-    let page = chromium
-        .browser
-        .new_page(format!("http://{http}/console"))
-        .await
-        .unwrap();
+    let Some((chromium, page)) = page_on(&broker, "/console").await else {
+        return;
+    };
     let _: bool = eval(
         &page,
         &format!(
@@ -265,23 +270,15 @@ async fn the_console_shows_the_live_connection_count() {
 /// assertion.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_takes_a_burst_whole_and_in_order() {
-    let executable = match chromium() {
-        Ok(path) => path,
-        Err(why) => return eprintln!("SKIPPED: {why}"),
-    };
     let count: usize = std::env::var("VOLNA_BROWSER_MESSAGES")
         .ok()
         .and_then(|n| n.parse().ok())
         .unwrap_or(20_000);
     let broker = TestBroker::start().await;
     let ch = channel("chat.burst");
-    let chromium = Chromium::launch(executable).await;
-    let http = broker.broker().http_addr();
-    let page = chromium
-        .browser
-        .new_page(format!("http://{http}/client/endpoints"))
-        .await
-        .unwrap();
+    let Some((chromium, page)) = page_on(&broker, "/client/endpoints").await else {
+        return;
+    };
     let _: bool = eval(
         &page,
         &format!(
@@ -330,7 +327,47 @@ async fn a_page_takes_a_burst_whole_and_in_order() {
     assert_eq!(taken, count, "each message once");
     assert!(in_order, "in offset order");
     eprintln!(
-        "browser: {count} messages of 100 B in {millis:.0} ms = {:.0} msg/s into one page",
+        "browser, live: {count} messages of 100 B in {millis:.0} ms = {:.0} msg/s into one page (the publisher's pace)",
+        count as f64 / (millis / 1000.0).max(1e-3)
+    );
+    // The same messages again from the log, as fast as the page takes
+    // them: a device catching up.
+    let _: bool = eval(
+        &page,
+        &format!(
+            r#"(async () => {{
+                window.taken = 0; window.first = null; window.last = null;
+                // A second connection: one subscription per channel each.
+                const {{ connect }} = await import("/client/volna.js");
+                const device = await connect("{url}", {{ token: "test" }});
+                const sub = await device.subscribe("{ch}", {{ from: 1 }});
+                sub.addEventListener("message", (e) => {{
+                    window.taken += 1;
+                    if (e.data.offset !== window.taken) window.inOrder = false;
+                    const now = performance.now();
+                    window.first ??= now;
+                    window.last = now;
+                }});
+                return true;
+            }})()"#,
+            url = broker.websocket_url(),
+        ),
+    )
+    .await;
+    eventually("the page to take the catch-up", || {
+        let page = page.clone();
+        async move { eval::<usize>(&page, "window.taken").await >= count }
+    })
+    .await;
+    let (taken, in_order, millis): (usize, bool, f64) = eval(
+        &page,
+        "[window.taken, window.inOrder, window.last - window.first]",
+    )
+    .await;
+    assert_eq!(taken, count, "each message once");
+    assert!(in_order, "in offset order");
+    eprintln!(
+        "browser, catch-up: {count} messages of 100 B in {millis:.0} ms = {:.0} msg/s into one page",
         count as f64 / (millis / 1000.0).max(1e-3)
     );
     chromium.close().await;

@@ -337,17 +337,12 @@ impl Link {
             ctx.config.limits.max_subscriptions as usize * self.stream_queue as usize;
         let (tx, rx) = mpsc::channel(CONTROL_MESSAGES as usize + stream_limit);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_INBOX);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             tx,
-            streams: Mutex::new(HashMap::new()),
-            next_stream: AtomicU32::new(1),
-            gone: CancellationToken::new(),
-            closing: CancellationToken::new(),
-            close_frame: Mutex::new(None),
-            stream_queue: self.stream_queue as usize,
-            remote: self.remote,
+            self.stream_queue as usize,
+            self.remote,
             peer,
-        });
+        ));
         let (sink, stream) = socket.split();
         let idle = Duration::from_millis(ctx.config.limits.idle_timeout_ms);
         let writer = tokio::spawn(write_loop(sink, rx, shared.clone(), idle / 3));
@@ -407,6 +402,25 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(
+        tx: mpsc::Sender<Outgoing>,
+        stream_queue: usize,
+        remote: SocketAddr,
+        peer: Option<String>,
+    ) -> Self {
+        Self {
+            tx,
+            streams: Mutex::new(HashMap::new()),
+            next_stream: AtomicU32::new(1),
+            gone: CancellationToken::new(),
+            closing: CancellationToken::new(),
+            close_frame: Mutex::new(None),
+            stream_queue,
+            remote,
+            peer,
+        }
+    }
+
     /// Asks the writer to close with `code` after what is queued; the
     /// first close asked for wins.
     fn close(&self, code: CloseCode, reason: &str) {
@@ -809,17 +823,12 @@ mod tests {
     /// session and its streams see when the client stops reading.
     fn unwritten(stream_queue: usize) -> (WsConnection, mpsc::Receiver<Outgoing>) {
         let (tx, rx) = mpsc::channel(1024);
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             tx,
-            streams: Mutex::new(HashMap::new()),
-            next_stream: AtomicU32::new(1),
-            gone: CancellationToken::new(),
-            closing: CancellationToken::new(),
-            close_frame: Mutex::new(None),
             stream_queue,
-            remote: SocketAddr::from(([127, 0, 0, 1], 1)),
-            peer: None,
-        });
+            SocketAddr::from(([127, 0, 0, 1], 1)),
+            None,
+        ));
         (WsConnection { shared }, rx)
     }
 
