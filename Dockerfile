@@ -17,7 +17,7 @@ COPY docker/dist/volna-broker docker/dist/volna docker/dist/etcd /usr/local/bin/
 USER volna
 WORKDIR /var/lib/volna
 VOLUME ["/var/lib/volna"]
-EXPOSE 7400/udp 7401/tcp
+EXPOSE 7400/udp 7400/tcp 7401/tcp
 
 # Embedded defaults, adjusted for a container: listen on every interface and
 # keep data in the volume. Everything else comes from VOLNA_* variables or a

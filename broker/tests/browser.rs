@@ -372,3 +372,91 @@ async fn a_page_takes_a_burst_whole_and_in_order() {
     );
     chromium.close().await;
 }
+
+/// `Truncated` and `EpochChanged` reach the page as events, and delivery
+/// goes on from where they say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_is_told_of_truncation_and_of_a_reset_log() {
+    let broker = TestBroker::start_with(|c| {
+        c.engine.retention_interval_ms = 20;
+        c.namespaces.insert(
+            "chat".into(),
+            volna_broker::config::NamespaceConfig {
+                retention: volna_broker::config::Retention {
+                    max_messages: Some(100),
+                    ..volna_broker::config::Retention::default()
+                },
+                ..volna_broker::config::NamespaceConfig::default()
+            },
+        );
+    })
+    .await;
+    let retained = channel("chat.retained");
+    let reset = channel("news.reset");
+    let publisher = broker.client().await;
+    for i in 1..=150 {
+        publisher.publish(&retained, format!("r{i}")).await.unwrap();
+    }
+    let epoch = publisher.publish(&reset, "one").await.unwrap().epoch;
+    let log = broker.broker().log().unwrap().clone();
+    eventually("retention to cut the log", || {
+        let first = log.meta(&retained).map(|m| m.first_offset.get());
+        async move { first == Some(51) }
+    })
+    .await;
+    let Some((chromium, page)) = page_on(&broker, "/client/endpoints").await else {
+        return;
+    };
+    let stale = epoch.0 ^ 1;
+    let _: bool = eval(
+        &page,
+        &format!(
+            r#"(async () => {{
+                window.events = []; window.received = [];
+                const {{ connect }} = await import("/client/volna.js");
+                const client = await connect("{url}", {{ token: "test" }});
+                const a = await client.subscribe("{retained}", {{ from: 1 }});
+                a.addEventListener("truncated", (e) => window.events.push(["truncated", e.detail.requested, e.detail.firstAvailable]));
+                a.addEventListener("message", (e) => window.received.push(e.data.offset));
+                const b = await client.subscribe("{reset}", {{ from: 5, epoch: {stale}n }});
+                b.addEventListener("epochchanged", (e) => window.events.push(["epochchanged", e.detail.start]));
+                b.addEventListener("message", (e) => window.events.push(["message", e.data.offset, e.data.text()]));
+                return true;
+            }})()"#,
+            url = broker.websocket_url(),
+        ),
+    )
+    .await;
+    eventually("the page to receive what is retained", || {
+        let page = page.clone();
+        async move { eval::<Vec<u64>>(&page, "window.received").await.len() >= 100 }
+    })
+    .await;
+    let received: Vec<u64> = eval(&page, "window.received").await;
+    assert_eq!(received, (51..=150).collect::<Vec<_>>());
+    eventually("the reset to be told", || {
+        let page = page.clone();
+        async move {
+            eval::<Vec<serde_json::Value>>(&page, "window.events")
+                .await
+                .len()
+                >= 3
+        }
+    })
+    .await;
+    let events: Vec<serde_json::Value> = eval(&page, "window.events").await;
+    assert!(
+        events.contains(&serde_json::json!(["truncated", 1, 51])),
+        "{events:?}"
+    );
+    let reset_events: Vec<&serde_json::Value> =
+        events.iter().filter(|e| e[0] != "truncated").collect();
+    assert_eq!(
+        reset_events,
+        vec![
+            &serde_json::json!(["epochchanged", 1]),
+            &serde_json::json!(["message", 1, "one"])
+        ]
+    );
+    chromium.close().await;
+}

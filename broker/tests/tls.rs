@@ -1,13 +1,20 @@
 //! The ways a client can trust the broker: a real CA chain, the development
 //! certificate, a pinned fingerprint; and a broker it must not trust. The
 //! certificate reloaded in place; backend services identified by their
-//! client certificate (mutual TLS).
+//! client certificate (mutual TLS). Reload and mutual TLS are checked over
+//! both transports: WebSocket's TLS is the same configuration.
 
 #![allow(clippy::unwrap_used)]
 
+#[macro_use]
 mod common;
 
-use common::{TestBroker, channel};
+use common::{TestBroker, Transport, channel};
+
+over_both_transports!(
+    the_certificate_is_reloaded_without_dropping_connections,
+    a_client_certificate_from_the_client_ca_is_a_server_side_identity,
+);
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use volna_broker::config::{NamespaceConfig, Publishers};
 use volna_client::{Client, ClientCertificate, ClientConfig, ClientError, ErrorCode, Trust};
@@ -116,8 +123,7 @@ async fn health_endpoints_answer_on_the_http_port() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_certificate_is_reloaded_without_dropping_connections() {
+async fn the_certificate_is_reloaded_without_dropping_connections(transport: Transport) {
     let pki = tempfile::tempdir().unwrap();
     let (cert_path, key_path) = (pki.path().join("cert.pem"), pki.path().join("key.pem"));
     let issue = || {
@@ -131,14 +137,16 @@ async fn the_certificate_is_reloaded_without_dropping_connections() {
         cert
     };
     let old = issue();
-    let broker = TestBroker::start_with(|c| {
+    let broker = TestBroker::start_over(transport, |c| {
         c.tls.cert = Some(cert_path.clone());
         c.tls.key = Some(key_path.clone());
     })
     .await;
-    let server = broker.addr().to_string();
-    let pinned =
-        |cert: &rcgen::Certificate| ClientConfig::new(&server, "t", Trust::Pinned(pin_of(cert)));
+    let pinned = |cert: &rcgen::Certificate| {
+        let mut config = broker.client_config();
+        config.trust = Trust::Pinned(pin_of(cert));
+        config
+    };
     let established = Client::connect(pinned(&old)).await.unwrap();
 
     let new = issue();
@@ -159,8 +167,7 @@ async fn the_certificate_is_reloaded_without_dropping_connections() {
     Client::connect(pinned(&new)).await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity() {
+async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity(transport: Transport) {
     let pki = tempfile::tempdir().unwrap();
     let (client_ca, client_ca_key) = ca("volna services CA");
     std::fs::write(pki.path().join("client-ca.pem"), client_ca.pem()).unwrap();
@@ -186,7 +193,7 @@ async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity() {
     let secret = pki.path().join("hs256.key");
     std::fs::write(&secret, "an-hs256-secret-of-at-least-32-bytes!!").unwrap();
 
-    let broker = TestBroker::start_with(|c| {
+    let broker = TestBroker::start_over(transport, |c| {
         c.tls.client_ca = Some(pki.path().join("client-ca.pem"));
         c.auth.mode = volna_broker::auth::AuthMode::Jwt;
         c.auth.hs256_secret_files = vec![secret.clone()];

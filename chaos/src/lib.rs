@@ -77,6 +77,10 @@ pub struct BrokerProcess {
     data_dir: PathBuf,
     addr: SocketAddr,
     http: SocketAddr,
+    /// The WebSocket listener: a free TCP port of its own (by default it
+    /// would take the QUIC port's number over TCP, which is only known to
+    /// be free for UDP).
+    websocket: SocketAddr,
     durability: &'static str,
     env: Vec<(String, String)>,
 }
@@ -95,11 +99,13 @@ impl BrokerProcess {
     ) -> Result<Self, ChaosError> {
         let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let websocket = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let mut broker = Self {
             child: None,
             data_dir: data_dir.to_owned(),
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             http,
+            websocket,
             durability,
             env: env
                 .iter()
@@ -118,6 +124,8 @@ impl BrokerProcess {
             .arg(self.addr.to_string())
             .arg("--http")
             .arg(self.http.to_string())
+            .arg("--websocket")
+            .arg(self.websocket.to_string())
             .arg("--durability")
             .arg(self.durability)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
