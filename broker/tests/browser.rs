@@ -264,6 +264,24 @@ async fn the_console_shows_the_live_connection_count() {
     chromium.close().await;
 }
 
+/// Waits until the page's counted subscription took `count` messages;
+/// checks each came once, in order; returns how long they took (ms).
+async fn counted(page: &Page, count: usize) -> f64 {
+    eventually("the page to take every message", || {
+        let page = page.clone();
+        async move { eval::<usize>(&page, "window.taken").await >= count }
+    })
+    .await;
+    let (taken, in_order, millis): (usize, bool, f64) = eval(
+        page,
+        "[window.taken, window.inOrder, window.last - window.first]",
+    )
+    .await;
+    assert_eq!(taken, count, "each message once");
+    assert!(in_order, "in offset order");
+    millis
+}
+
 /// A burst into one page: every message arrives, in order. Prints how many
 /// messages per second the page took (`VOLNA_BROWSER_MESSAGES`, default
 /// 20,000; BENCHMARKS.md has the figure for 200,000) — a figure, not an
@@ -283,17 +301,20 @@ async fn a_page_takes_a_burst_whole_and_in_order() {
         &page,
         &format!(
             r#"(async () => {{
-                window.taken = 0; window.inOrder = true; window.first = null; window.last = null;
+                // Counts one subscription's messages and when they came.
+                window.counting = (sub) => {{
+                    window.taken = 0; window.inOrder = true; window.first = null; window.last = null;
+                    sub.addEventListener("message", (e) => {{
+                        window.taken += 1;
+                        if (e.data.offset !== window.taken) window.inOrder = false;
+                        const now = performance.now();
+                        window.first ??= now;
+                        window.last = now;
+                    }});
+                }};
                 const {{ connect }} = await import("/client/volna.js");
                 const client = await connect("{url}", {{ token: "test" }});
-                const sub = await client.subscribe("{ch}", {{}});
-                sub.addEventListener("message", (e) => {{
-                    window.taken += 1;
-                    if (e.data.offset !== window.taken) window.inOrder = false;
-                    const now = performance.now();
-                    window.first ??= now;
-                    window.last = now;
-                }});
+                window.counting(await client.subscribe("{ch}", {{}}));
                 return true;
             }})()"#,
             url = broker.websocket_url(),
@@ -314,58 +335,28 @@ async fn a_page_takes_a_burst_whole_and_in_order() {
     while let Some(published) = inflight.next().await {
         published.unwrap();
     }
-    eventually("the page to take the burst", || {
-        let page = page.clone();
-        async move { eval::<usize>(&page, "window.taken").await >= count }
-    })
-    .await;
-    let (taken, in_order, millis): (usize, bool, f64) = eval(
-        &page,
-        "[window.taken, window.inOrder, window.last - window.first]",
-    )
-    .await;
-    assert_eq!(taken, count, "each message once");
-    assert!(in_order, "in offset order");
+    let millis = counted(&page, count).await;
     eprintln!(
         "browser, live: {count} messages of 100 B in {millis:.0} ms = {:.0} msg/s into one page (the publisher's pace)",
         count as f64 / (millis / 1000.0).max(1e-3)
     );
     // The same messages again from the log, as fast as the page takes
-    // them: a device catching up.
+    // them: a device catching up (a second connection: one subscription
+    // per channel each).
     let _: bool = eval(
         &page,
         &format!(
             r#"(async () => {{
-                window.taken = 0; window.first = null; window.last = null;
-                // A second connection: one subscription per channel each.
                 const {{ connect }} = await import("/client/volna.js");
                 const device = await connect("{url}", {{ token: "test" }});
-                const sub = await device.subscribe("{ch}", {{ from: 1 }});
-                sub.addEventListener("message", (e) => {{
-                    window.taken += 1;
-                    if (e.data.offset !== window.taken) window.inOrder = false;
-                    const now = performance.now();
-                    window.first ??= now;
-                    window.last = now;
-                }});
+                window.counting(await device.subscribe("{ch}", {{ from: 1 }}));
                 return true;
             }})()"#,
             url = broker.websocket_url(),
         ),
     )
     .await;
-    eventually("the page to take the catch-up", || {
-        let page = page.clone();
-        async move { eval::<usize>(&page, "window.taken").await >= count }
-    })
-    .await;
-    let (taken, in_order, millis): (usize, bool, f64) = eval(
-        &page,
-        "[window.taken, window.inOrder, window.last - window.first]",
-    )
-    .await;
-    assert_eq!(taken, count, "each message once");
-    assert!(in_order, "in offset order");
+    let millis = counted(&page, count).await;
     eprintln!(
         "browser, catch-up: {count} messages of 100 B in {millis:.0} ms = {:.0} msg/s into one page",
         count as f64 / (millis / 1000.0).max(1e-3)
