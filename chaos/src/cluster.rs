@@ -2,7 +2,7 @@
 //! loopback, with certificates from one development CA, each started by
 //! the test and stopped by PID (dropping the cluster kills them).
 
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,11 +26,11 @@ pub struct Etcd {
 }
 
 fn free_tcp_port() -> Result<u16, ChaosError> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    crate::free_port(crate::Protocol::Tcp)
 }
 
 fn free_udp_port() -> Result<u16, ChaosError> {
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+    crate::free_port(crate::Protocol::Udp)
 }
 
 impl Etcd {

@@ -70,6 +70,44 @@ pub fn broker_binary() -> Result<PathBuf, ChaosError> {
     Ok(candidate)
 }
 
+/// A transport a port is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// A TCP listener's port.
+    Tcp,
+    /// A UDP socket's port.
+    Udp,
+}
+
+/// The lowest and highest port [`free_port`] hands out: below Linux's
+/// ephemeral range (32768–60999), from which outgoing connections take
+/// their local ports.
+const PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A loopback port free right now for `protocol`, for a process the harness
+/// starts (and restarts on the same port). Not from the ephemeral range:
+/// there an outgoing connection of any test may take the port while its
+/// owner is down (a client retrying a dead listener can even connect to
+/// itself from that very port), and the restart fails to bind.
+pub fn free_port(protocol: Protocol) -> Result<u16, ChaosError> {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    for _ in 0..1000 {
+        let port = rng.random_range(PORTS);
+        let free = match protocol {
+            Protocol::Tcp => std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
+            Protocol::Udp => UdpSocket::bind(("127.0.0.1", port)).is_ok(),
+        };
+        if free {
+            return Ok(port);
+        }
+    }
+    Err(ChaosError::Process(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        "no free loopback port below the ephemeral range",
+    )))
+}
+
 /// A broker running as a child process.
 #[derive(Debug)]
 pub struct BrokerProcess {
@@ -97,9 +135,9 @@ impl BrokerProcess {
         durability: &'static str,
         env: &[(&str, &str)],
     ) -> Result<Self, ChaosError> {
-        let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let websocket = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let port = free_port(Protocol::Udp)?;
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port(Protocol::Tcp)?));
+        let websocket = SocketAddr::from(([127, 0, 0, 1], free_port(Protocol::Tcp)?));
         let mut broker = Self {
             child: None,
             data_dir: data_dir.to_owned(),
