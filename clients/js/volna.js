@@ -1,4 +1,4 @@
-// volna.js — the browser client for the Volna broker, over WebSocket.
+// volna.js — the browser (and Node) client for the Volna broker, over WebSocket.
 //
 // A dependency-free ES module: `import { connect } from "/client/volna.js"`.
 // It speaks the broker's binary protocol (proto/src/codec_impl.rs) over
@@ -6,50 +6,112 @@
 // and that stream's bytes; stream 0 is the control stream, 1, 2, … the
 // broker's delivery streams, each opened by a StreamHeader frame).
 //
-// What it guarantees the page: every subscription delivers its channel's
-// messages in offset order, once; after a lost connection it reconnects
-// with backoff and jitter and resumes each subscription from its next
-// offset (a gap is impossible, a duplicate is dropped); publishes carry a
-// producer id and sequence, so one retried across a reconnect is stored
-// once. `Truncated` and `EpochChanged` reach the page as events.
+// What it guarantees the page (the same rules as the Rust client):
+// - Every subscription delivers its channel's messages in offset order,
+//   once. After a lost connection the client reconnects with backoff and
+//   jitter and resumes each subscription from its next offset (a gap ends
+//   the subscription with an error, a duplicate is dropped and counted).
+// - `subscribe()` returns once the broker resolved the start position:
+//   made while offline it waits for the connection (within the request
+//   deadline), so `{}` means "what is published from the call on", never
+//   "latest at some later reconnect". A subscribe that times out or is
+//   refused with a retryable code is retried with backoff within its
+//   deadline; a late `Subscribed` nobody waits for is unsubscribed.
+// - Publishes carry the producer id, a sequence and `after` (the sequence
+//   of the channel's previous publish in flight): a retried publish is
+//   stored once, and one client's publishes to a channel are stored in
+//   call order, also across retries and reconnects.
+// - Refusals end, transient errors retry, by one table (`isRetryable`)
+//   shared with the broker's `ErrorCode::is_retryable`. A connection the
+//   broker refuses for good (a bad token, a limit, a newer connection of
+//   the same device) closes the client: pending publishes reject with the
+//   refusal, subscriptions end with it, the client's state is `closed`.
+// - The producer id is the application's (`producerId`), or derived from
+//   `device`, so it survives page reloads; on every session the broker
+//   says where the producer's sequences stand (InitProducer, protocol 4).
 
 const CONTROL = 0;
-const PROTOCOL_VERSION = 3;
+const PROTOCOL_VERSION = 4;
+/** The newest protocol without InitProducer (brokers before version 4). */
+const PROTOCOL_V3 = 3;
 const SUBPROTOCOL = "volna.1";
 const CLOSE_BASE = 4000;
 
 const T = {
   Hello: 0x01, Publish: 0x02, Subscribe: 0x03, Unsubscribe: 0x04, Ping: 0x05, Refresh: 0x06,
+  InitProducer: 0x0a,
   Welcome: 0x41, Published: 0x42, Subscribed: 0x43, Unsubscribed: 0x44, Pong: 0x45,
   Error: 0x46, Refreshed: 0x47, TokenExpiring: 0x48, SubscriptionEnded: 0x49,
-  Stored: 0x4a, UnreadCounts: 0x4b, ReadMarker: 0x4c,
+  Stored: 0x4a, UnreadCounts: 0x4b, ReadMarker: 0x4c, ProducerReady: 0x4d,
   StreamHeader: 0x81, Deliver: 0x82, Truncated: 0x83, EpochChanged: 0x84,
 };
 
-/** Error codes by number (proto/src/error.rs). */
-export const ErrorCodes = Object.freeze({
-  1: "BadRequest", 2: "UnsupportedVersion", 3: "Unauthorized", 4: "Forbidden",
-  5: "PayloadTooLarge", 6: "FrameTooLarge", 7: "UnknownFrame", 8: "UnexpectedFrame",
-  9: "NotSubscribed", 10: "AlreadySubscribed", 11: "TooManySubscriptions",
-  12: "StorageUnavailable", 13: "SequenceTooOld", 14: "RateLimited", 15: "ShuttingDown",
-  16: "Internal", 17: "TooManyConnections", 18: "ServerOnly", 19: "TooManyProducers",
-  20: "ChannelDeleted", 21: "OutOfOrder", 22: "Unavailable", 23: "DeviceRequired",
-  24: "TooManyDevices", 25: "Unsupported",
+/** The broker's error codes by name (proto/src/error.rs): `ErrorCode.Forbidden === 4`. */
+export const ErrorCode = Object.freeze({
+  BadRequest: 1, UnsupportedVersion: 2, Unauthorized: 3, Forbidden: 4,
+  PayloadTooLarge: 5, FrameTooLarge: 6, UnknownFrame: 7, UnexpectedFrame: 8,
+  NotSubscribed: 9, AlreadySubscribed: 10, TooManySubscriptions: 11,
+  StorageUnavailable: 12, SequenceTooOld: 13, RateLimited: 14, ShuttingDown: 15,
+  Internal: 16, TooManyConnections: 17, ServerOnly: 18, TooManyProducers: 19,
+  ChannelDeleted: 20, OutOfOrder: 21, Unavailable: 22, DeviceRequired: 23,
+  TooManyDevices: 24, Unsupported: 25,
 });
 
-/** Codes after which the same request may succeed on a later try. */
-const RETRYABLE = new Set([12, 14, 15, 16, 22]);
+/** The broker's error code names by number: `ErrorCodes[4] === "Forbidden"`. */
+export const ErrorCodes = Object.freeze(Object.fromEntries(Object.entries(ErrorCode).map(([k, v]) => [v, k])));
 
-/** A request the broker refused, or a connection that failed. */
+/**
+ * Why the broker closed a connection (proto/src/error.rs `CloseCode`; the
+ * WebSocket close code is 4000 + this).
+ */
+export const CloseCode = Object.freeze({
+  Normal: 0, GoingAway: 1, ProtocolError: 2, Unauthorized: 3, HelloTimeout: 4,
+  Internal: 5, Kicked: 6, LimitExceeded: 7, ControlStalled: 8, Replaced: 9,
+});
+
+/**
+ * The codes after which the same request may succeed if sent again: the
+ * broker's `ErrorCode::is_retryable` (proto/src/error.rs), code for code.
+ */
+const RETRYABLE = new Set([
+  ErrorCode.StorageUnavailable, ErrorCode.RateLimited, ErrorCode.ShuttingDown,
+  ErrorCode.Internal, ErrorCode.OutOfOrder, ErrorCode.Unavailable,
+]);
+
+/** Whether a request refused with `code` may succeed if sent again later. */
+export function isRetryable(code) { return RETRYABLE.has(code); }
+
+/**
+ * A request the broker refused, or one that failed on the client's side.
+ * `kind` says which: "refused" (the broker's `code`), "timeout" (out of
+ * time; `maybeStored` says whether a publish may have been stored all the
+ * same), "disconnected", "closed" (by the application), "replaced" (a newer
+ * connection of the same device took over), "token" (the tokenProvider kept
+ * failing), "protocol" (bytes out of step). `code` is 0 when the broker sent
+ * no code; `closeCode` is the broker's `CloseCode` when it closed the
+ * connection.
+ */
 export class VolnaError extends Error {
-  constructor(code, message) {
-    super(`${ErrorCodes[code] ?? `error code ${code}`}: ${message}`);
+  constructor(code, message, extra = {}) {
+    const kind = extra.kind ?? "refused";
+    const name = code ? (ErrorCodes[code] ?? `error code ${code}`) : (KIND_NAMES[kind] ?? kind);
+    super(`${name}: ${message}`, extra.cause !== undefined ? { cause: extra.cause } : undefined);
     this.name = "VolnaError";
     this.code = code;
-    this.codeName = ErrorCodes[code] ?? `Other(${code})`;
+    this.codeName = code ? (ErrorCodes[code] ?? `Other(${code})`) : (KIND_NAMES[kind] ?? kind);
+    this.kind = kind;
     this.brokerMessage = message;
+    this.closeCode = extra.closeCode ?? null;
+    this.maybeStored = extra.maybeStored ?? false;
   }
+  /** Whether the same request may succeed later (`isRetryable(code)`). */
+  get retryable() { return this.kind === "timeout" || this.kind === "disconnected" || isRetryable(this.code); }
 }
+
+const KIND_NAMES = {
+  timeout: "Timeout", disconnected: "Disconnected", closed: "Closed", replaced: "Replaced",
+  token: "TokenUnavailable", protocol: "ProtocolError", refused: "Refused",
+};
 
 const utf8 = new TextEncoder();
 const fromUtf8 = new TextDecoder();
@@ -70,12 +132,14 @@ class Writer {
   u64(v) { this.room(8); this.view.setBigUint64(this.len, BigInt(v)); this.len += 8; }
   raw(b) { this.room(b.length); this.bytes.set(b, this.len); this.len += b.length; }
   str(s) { const b = utf8.encode(s); if (b.length > 0xffff) throw new RangeError("string too long"); this.u16(b.length); this.raw(b); }
-  channel(name) {
-    const b = utf8.encode(name);
-    if (b.length < 1 || b.length > 255) throw new VolnaError(1, `invalid channel name ${JSON.stringify(name)}`);
-    this.u8(b.length); this.raw(b);
-  }
+  channel(name) { const b = channelBytes(name); this.u8(b.length); this.raw(b); }
   payload(b) { this.u32(b.length); this.raw(b); }
+}
+
+function channelBytes(name) {
+  const b = typeof name === "string" ? utf8.encode(name) : new Uint8Array(0);
+  if (b.length < 1 || b.length > 255) throw new VolnaError(ErrorCode.BadRequest, `invalid channel name ${JSON.stringify(name)}`);
+  return b;
 }
 
 /** One frame, its u32 length prefix included, tagged for `stream`. */
@@ -98,7 +162,7 @@ function stopMessage(stream) {
 
 class Reader {
   constructor(bytes) { this.b = bytes; this.v = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength); this.at = 0; }
-  need(n) { if (this.at + n > this.b.length) throw new VolnaError(1, "truncated frame"); }
+  need(n) { if (this.at + n > this.b.length) throw protocolError("truncated frame"); }
   u8() { this.need(1); return this.v.getUint8(this.at++); }
   u16() { this.need(2); const x = this.v.getUint16(this.at); this.at += 2; return x; }
   u32() { this.need(4); const x = this.v.getUint32(this.at); this.at += 4; return x; }
@@ -109,12 +173,15 @@ class Reader {
   channel() { return fromUtf8.decode(this.bytes(this.u8())); }
 }
 
+function protocolError(message) { return new VolnaError(ErrorCode.BadRequest, message, { kind: "protocol" }); }
+
 function decodeFrame(type, r) {
   switch (type) {
     case T.Welcome: return { type, session: r.num(), protocol: r.u16(), maxFrame: r.u32(), maxPayload: r.u32(), maxSubscriptions: r.u32() };
     case T.Published: return { type, requestId: r.num(), offset: r.num(), epoch: r.big(), duplicate: r.u8() === 1 };
     case T.Subscribed: return { type, requestId: r.num(), subscription: r.num(), epoch: r.big(), start: r.num() };
     case T.Unsubscribed: case T.Pong: case T.Stored: return { type, requestId: r.num() };
+    case T.ProducerReady: return { type, requestId: r.num(), lastSequence: r.big() };
     case T.Error: return { type, requestId: r.num(), code: r.u16(), message: r.str() };
     case T.Refreshed: return { type, requestId: r.num(), expiresAt: r.num() };
     case T.TokenExpiring: return { type, expiresAt: r.num() };
@@ -137,7 +204,7 @@ function decodeFrame(type, r) {
     }
     case T.Truncated: return { type, channel: r.channel(), requested: r.num(), firstAvailable: r.num() };
     case T.EpochChanged: return { type, channel: r.channel(), previous: r.big(), current: r.big(), start: r.num() };
-    default: throw new VolnaError(7, `unknown frame type 0x${type.toString(16)}`);
+    default: throw protocolError(`unknown frame type 0x${type.toString(16)}`);
   }
 }
 
@@ -154,12 +221,13 @@ class StreamBuffer {
     const view = new DataView(this.buf.buffer, this.buf.byteOffset, this.buf.byteLength);
     while (this.buf.length - at >= 4) {
       const len = view.getUint32(at);
-      if (len === 0 || len + 4 > this.maxFrame) throw new VolnaError(6, `frame of ${len + 4} bytes`);
+      if (len === 0 || len + 4 > this.maxFrame) throw protocolError(`frame of ${len + 4} bytes`);
       if (this.buf.length - at - 4 < len) break;
       const type = this.buf[at + 4];
       const r = new Reader(this.buf.subarray(at + 5, at + 4 + len));
       const frame = decodeFrame(type, r);
-      if (r.at !== r.b.length) throw new VolnaError(1, "trailing bytes in a frame");
+      if (r.at !== r.b.length) throw protocolError("trailing bytes in a frame");
+      frame.size = 4 + len;
       frames.push(frame);
       at += 4 + len;
     }
@@ -179,7 +247,10 @@ export class VolnaMessage {
   text() { return fromUtf8.decode(this.payload); }
 }
 
-/** A subscription: `message`, `truncated`, `epochchanged` and `ended` events. */
+/**
+ * A subscription: `message`, `truncated`, `epochchanged`, `duplicate` and
+ * `ended` events.
+ */
 export class Subscription extends EventTarget {
   constructor(client, channel, position) {
     super();
@@ -189,36 +260,51 @@ export class Subscription extends EventTarget {
     /** The next offset this subscription delivers (known once subscribed). */
     this.next = null;
     this.epoch = null;
+    /** The broker's id of it on the current connection (null while resuming). */
     this.id = null;
     this.ended = false;
+    /** Why it ended (null: it did not, or the application unsubscribed). */
+    this.error = null;
+    /** Deliveries dropped as already seen (the broker sent them twice). */
+    this.duplicatesDropped = 0;
+    this._establishing = false;
+    /** Deliveries kept until the page had a turn to add its listeners. */
+    this._held = null;
   }
-  /** Stops the subscription. */
+  /** Stops the subscription; the broker is told, also while it resumes. */
   async unsubscribe() {
     if (this.ended) return;
     this.ended = true;
     this.client._subs.delete(this);
-    const id = this.id;
-    if (id !== null && this.client._live) {
-      this.client._routes.delete(id);
-      await this.client._request(T.Unsubscribe, (w) => w.u64(id)).catch(() => {});
-    }
+    await this.client._release(this);
   }
   _resumePosition() {
     if (this.next !== null) return { from: this.next, epoch: this.epoch };
     return this.position;
   }
   _deliver(frame) {
+    if (this.ended) return;
+    if (this._held) { this._held.push(frame); return; }
     switch (frame.type) {
       case T.Deliver: {
         if (this.next !== null && frame.first > this.next) {
-          this._end(new VolnaError(16, `gap: expected ${this.next}, got ${frame.first}`));
+          this._end(new VolnaError(ErrorCode.Internal, `gap in ${this.channel}: expected offset ${this.next}, got ${frame.first}`, { kind: "protocol" }));
           return;
         }
         this.epoch = frame.epoch;
+        let dropped = 0;
         for (const m of frame.messages) {
-          if (this.next !== null && m.offset < this.next) continue; // a replay after a resume
+          if (this.ended) return;
+          if (this.next !== null && m.offset < this.next) { dropped += 1; continue; } // already delivered
           this.next = m.offset + 1;
           this.dispatchEvent(new MessageEvent("message", { data: m }));
+        }
+        if (dropped > 0) {
+          this.duplicatesDropped += dropped;
+          this.client.stats.duplicatesDropped += dropped;
+          this.dispatchEvent(new CustomEvent("duplicate", {
+            detail: { channel: this.channel, first: frame.first, count: dropped, next: this.next },
+          }));
         }
         break;
       }
@@ -234,174 +320,352 @@ export class Subscription extends EventTarget {
         break;
     }
   }
-  _end(error) {
+  /** Ends it with `error`; `brokerEnded`: the broker ended it already. */
+  _end(error, brokerEnded = false) {
     if (this.ended) return;
     this.ended = true;
+    this.error = error;
     this.client._subs.delete(this);
-    if (this.id !== null) this.client._routes.delete(this.id);
+    if (brokerEnded) this.client._forget(this); else this.client._release(this);
     this.dispatchEvent(new CustomEvent("ended", { detail: error }));
   }
 }
 
 /**
  * Connects to `url` (`wss://host:port/ws`) and resolves once the broker
- * welcomed the client. Options: `token` (or `tokenProvider`, an async
- * function called for every connection and on `TokenExpiring`), `client`
- * (a name for the broker's logs), `device`, `backoff` ({initialMs, maxMs}),
- * `requestTimeoutMs`, `pingIntervalMs`.
+ * welcomed the client; rejects with the refusal when the broker refuses it
+ * for good, or with the last error after `connectAttempts` failed tries.
  */
 export async function connect(url, options = {}) {
   const client = new VolnaClient(url, options);
-  await client._connectFirst();
+  try {
+    await client._firstConnection();
+  } catch (e) {
+    client.close();
+    throw e;
+  }
   return client;
 }
 
-/** A connection that repairs itself: `connected` / `disconnected` events. */
+const DEFAULTS = {
+  token: "", client: "volna.js/0.2", device: "",
+  backoff: { initialMs: 100, maxMs: 5000 },
+  requestTimeoutMs: 30000, attemptTimeoutMs: 10000, connectTimeoutMs: 10000,
+  pingIntervalMs: 10000, tokenTimeoutMs: 10000, maxTokenFailures: 3,
+  maxBufferedBytes: 8 << 20, connectAttempts: 3,
+};
+
+/**
+ * A connection that repairs itself. Its `state` is `connecting`,
+ * `connected`, `disconnected` or `closed`; each change is an event of that
+ * name. Constructing one starts connecting (`connect()` also waits).
+ */
 export class VolnaClient extends EventTarget {
-  constructor(url, options) {
+  constructor(url, options = {}) {
     super();
     this.url = url;
-    this.options = {
-      token: "", client: "volna.js/0.1", device: "",
-      backoff: { initialMs: 100, maxMs: 5000 }, requestTimeoutMs: 30000, pingIntervalMs: 10000,
-      ...options,
-    };
-    this.producerId = randomU64();
-    this._sequence = 1n;
+    this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...(options.backoff ?? {}) } };
+    this.producerId = producerIdOf(this.options);
+    /** Counters: `duplicatesDropped` (deliveries already seen), `reconnects`. */
+    this.stats = { duplicatesDropped: 0, reconnects: 0 };
+    /** `connecting`, `connected`, `disconnected` or `closed`. */
+    this.state = "connecting";
+    this.welcome = null;
+    /** Why the client closed (null while it is not, or closed by the application). */
+    this.error = null;
+    this._nextSequence = 1n;
+    this._protocol = PROTOCOL_VERSION;
     this._subs = new Set();
-    this._routes = new Map(); // subscription id -> Subscription
-    this._pending = new Map(); // request id -> {resolve, reject, resend?}
-    this._publishes = []; // in flight, in order: resent after a reconnect
+    this._queues = new Map(); // channel -> publishes in flight, in call order
     this._nextRequest = 1;
-    this._live = null;
+    this._link = null; // the connection being opened or in use
+    this._live = null; // the connection in use, once welcomed
     this._closed = false;
     this._attempt = 0;
-    this.welcome = null;
-  }
-
-  /** Publishes `payload` (a string or bytes); resolves to {offset, epoch, duplicate}. */
-  publish(channel, payload) {
-    const bytes = typeof payload === "string" ? utf8.encode(payload) : payload;
-    if (this.welcome && bytes.length > this.welcome.maxPayload) {
-      return Promise.reject(new VolnaError(5, `payload of ${bytes.length} bytes exceeds ${this.welcome.maxPayload}`));
-    }
-    const sequence = this._sequence++;
-    return new Promise((resolve, reject) => {
-      const entry = { channel, bytes, sequence, resolve, reject, requestId: null };
-      this._publishes.push(entry);
-      this._sendPublish(entry);
-      entry.timer = setTimeout(() => this._finishPublish(entry, new VolnaError(16, "publish timed out")), this.options.requestTimeoutMs);
-    });
-  }
-
-  /**
-   * Subscribes to `channel` from `position`: `{}` (new messages only),
-   * `{from: offset, epoch?}`, or `{last: n}`. Listen for `message` events
-   * on the result (their `data` is a VolnaMessage).
-   */
-  async subscribe(channel, position = {}) {
-    const sub = new Subscription(this, channel, position);
-    this._subs.add(sub);
-    if (this._live) await this._subscribe(sub);
-    return sub;
-  }
-
-  /** Closes the connection for good. */
-  close() {
-    this._closed = true;
-    clearTimeout(this._retryTimer);
-    if (this._live) this._live.ws.close(1000, "closed by the page");
-    this._failAll(new VolnaError(15, "the client was closed"));
+    this._liveWaiters = new Set();
+    this._sleeps = new Set();
+    this._firstWaiter = null;
+    this._WebSocket = this.options.WebSocket ?? globalThis.WebSocket;
+    queueMicrotask(() => this._supervise());
   }
 
   /** Whether a session is established right now. */
   get connected() { return this._live !== null; }
 
-  // -- internals --
-
-  async _connectFirst() {
-    for (;;) {
-      try { await this._open(); return; } catch (e) {
-        if (e instanceof VolnaError && !RETRYABLE.has(e.code)) throw e;
-        if (this._attempt >= 3) throw e;
-        await sleep(this._delay());
-      }
+  /**
+   * Publishes `payload` (a string or bytes); resolves to {offset, epoch,
+   * duplicate}. Retried across reconnects and retryable refusals until
+   * `requestTimeoutMs`. `options.sequence` sends it under that producer
+   * sequence (an outbox re-sent after a reload: stored once).
+   */
+  publish(channel, payload, options = {}) {
+    try { channelBytes(channel); } catch (e) { return Promise.reject(e); }
+    if (this._closed) return Promise.reject(this._closedError());
+    const bytes = typeof payload === "string" ? utf8.encode(payload) : payload;
+    if (this.welcome && bytes.length > this.welcome.maxPayload) {
+      return Promise.reject(new VolnaError(ErrorCode.PayloadTooLarge, `payload of ${bytes.length} bytes exceeds ${this.welcome.maxPayload}`));
     }
+    let fixed = null;
+    if (options.sequence !== undefined && options.sequence !== null) {
+      fixed = BigInt(options.sequence);
+      if (fixed < 1n) return Promise.reject(new VolnaError(ErrorCode.BadRequest, "a sequence starts at 1"));
+      if (fixed >= this._nextSequence) this._nextSequence = fixed + 1n;
+    }
+    return new Promise((resolve, reject) => {
+      const entry = {
+        channel, bytes, resolve, reject, sequence: fixed, fixed: fixed !== null,
+        sentOn: null, requestId: null, retryTimer: null, attempt: 0,
+        maybeStored: false, lastRefusal: null, done: false,
+      };
+      let queue = this._queues.get(channel);
+      if (!queue) { queue = []; this._queues.set(channel, queue); }
+      queue.push(entry);
+      entry.timer = setTimeout(() => {
+        const maybeStored = entry.maybeStored || entry.sentOn !== null;
+        this._finishPublish(entry, new VolnaError(0, `publish to ${channel} timed out after ${this.options.requestTimeoutMs} ms`
+          + (maybeStored ? " (it may have been stored)" : " (it was not stored)"), { kind: "timeout", maybeStored, cause: entry.lastRefusal ?? undefined }));
+      }, this.options.requestTimeoutMs);
+      this._pump(channel);
+    });
+  }
+
+  /**
+   * Subscribes to `channel` from `position`: `{}` (new messages only),
+   * `{from: offset, epoch?}`, or `{last: n}`. Resolves once the broker
+   * resolved the start (waiting for a connection within
+   * `requestTimeoutMs`). Listen for `message` events on the result.
+   */
+  async subscribe(channel, position = {}) {
+    channelBytes(channel);
+    if (this._closed) throw this._closedError();
+    const sub = new Subscription(this, channel, position);
+    await this._establish(sub, Date.now() + this.options.requestTimeoutMs);
+    return sub;
+  }
+
+  /** Closes the client for good, also a connection still being opened. */
+  close() {
+    if (this._closed) return;
+    this._fail(new VolnaError(0, "the client was closed", { kind: "closed", closeCode: CloseCode.Normal }), 1000, "closed by the application");
+  }
+
+  // -- the connection ------------------------------------------------------
+
+  async _supervise() {
+    let unauthorized = 0;
+    let tokenFailures = 0;
+    let failures = 0;
+    while (!this._closed) {
+      this._setState("connecting", { attempt: this._attempt });
+      let link;
+      try {
+        link = await this._open();
+      } catch (e) {
+        if (this._closed) return;
+        failures += 1;
+        let final = null;
+        let pauseMs = null;
+        if (e.kind === "token") {
+          tokenFailures += 1;
+          this.dispatchEvent(new CustomEvent("tokenerror", { detail: { error: e.cause ?? e, failures: tokenFailures } }));
+          if (tokenFailures >= this.options.maxTokenFailures) {
+            final = new VolnaError(0, `the tokenProvider failed ${tokenFailures} times in a row: ${e.cause?.message ?? e.message}`, { kind: "token", cause: e.cause ?? e });
+          }
+        } else if (e.kind === "replaced") {
+          final = e;
+        } else if (e.kind === "refused" && e.code === ErrorCode.Unauthorized) {
+          // A fresh token from the provider gets one more try.
+          unauthorized += 1;
+          if (!this.options.tokenProvider || unauthorized > 1) final = e;
+          else pauseMs = 0;
+        } else if (e.kind === "refused" && e.code === ErrorCode.UnsupportedVersion && this._protocol > PROTOCOL_V3) {
+          this._protocol = PROTOCOL_V3; // an older broker: no InitProducer
+          pauseMs = 0;
+        } else if (e.kind === "refused" && !isRetryable(e.code)) {
+          final = e;
+        }
+        if (e.kind !== "token") tokenFailures = 0;
+        if (e.kind !== "refused" || e.code !== ErrorCode.Unauthorized) unauthorized = 0;
+        if (final) { this._fail(final); return; }
+        if (this._firstWaiter && failures >= this.options.connectAttempts) {
+          const waiter = this._firstWaiter; this._firstWaiter = null; waiter.reject(e);
+          return; // connect() closes the client
+        }
+        await this._sleep(pauseMs ?? this._delay());
+        continue;
+      }
+      failures = 0; unauthorized = 0; tokenFailures = 0; this._attempt = 0;
+      const lost = await link.lost;
+      if (this._closed) return;
+      if (lost.error) { this._fail(lost.error); return; }
+      this.stats.reconnects += 1;
+      await this._sleep(this._delay());
+    }
+  }
+
+  _firstConnection() {
+    if (this._live) return Promise.resolve();
+    if (this._closed) return Promise.reject(this._closedError());
+    return new Promise((resolve, reject) => { this._firstWaiter = { resolve, reject }; });
+  }
+
+  _setState(state, detail = {}) {
+    this.state = state;
+    this.dispatchEvent(new CustomEvent(state, { detail }));
   }
 
   _delay() {
     const { initialMs, maxMs } = this.options.backoff;
-    const exp = Math.min(maxMs, initialMs * 2 ** Math.min(this._attempt++, 16));
-    return exp / 2 + Math.random() * exp / 2;
+    return backoff(initialMs, maxMs, this._attempt++);
   }
 
-  async _token() {
-    return this.options.tokenProvider ? await this.options.tokenProvider() : this.options.token;
-  }
-
-  _open() {
-    return new Promise((resolve, reject) => {
-      const ws = new WebSocket(this.url, [SUBPROTOCOL]);
-      ws.binaryType = "arraybuffer";
-      const link = { ws, streams: new Map(), control: new StreamBuffer(1 << 30), welcomed: false, pingTimer: null, pongDue: null };
-      ws.onopen = async () => {
-        try {
-          const token = await this._token();
-          ws.send(message(CONTROL, T.Hello, (w) => {
-            w.u16(PROTOCOL_VERSION); w.str(token); w.str(this.options.client); w.str(this.options.device ?? "");
-          }));
-        } catch (e) { ws.close(); reject(e); }
-      };
-      ws.onmessage = (event) => {
-        try { this._onMessage(link, new Uint8Array(event.data), resolve, reject); } catch (e) {
-          // Bytes out of step: this connection is over; a new one resumes.
-          ws.close(4000 + 2, String(e.message).slice(0, 100));
-        }
-      };
-      ws.onclose = (event) => {
-        clearInterval(link.pingTimer);
-        const code = event.code >= CLOSE_BASE && event.code < 5000 ? event.code - CLOSE_BASE : null;
-        if (!link.welcomed) {
-          reject(link.refused ?? new VolnaError(code === 3 ? 3 : 15, `connection closed (${event.code}) ${event.reason}`));
-          return;
-        }
-        if (this._live === link) this._lost(code, event.reason);
-      };
+  /** Sleeps `ms`, or less when the client closes. */
+  _sleep(ms) {
+    return new Promise((resolve) => {
+      const entry = { resolve, timer: setTimeout(() => { this._sleeps.delete(entry); resolve(); }, ms) };
+      this._sleeps.add(entry);
     });
   }
 
-  _onMessage(link, bytes, resolve, reject) {
+  async _token() {
+    const { tokenProvider, tokenTimeoutMs } = this.options;
+    if (!tokenProvider) return this.options.token;
+    try {
+      const token = await withTimeout(Promise.resolve().then(() => tokenProvider()), tokenTimeoutMs,
+        () => new Error(`the tokenProvider gave no token within ${tokenTimeoutMs} ms`));
+      if (typeof token !== "string") throw new TypeError("the tokenProvider gave no string");
+      return token;
+    } catch (cause) {
+      throw new VolnaError(0, `the tokenProvider failed: ${cause?.message ?? cause}`, { kind: "token", cause });
+    }
+  }
+
+  /** Opens one connection: resolves with it once the session is ready. */
+  _open() {
+    return new Promise((resolve, reject) => {
+      let ws;
+      try { ws = new this._WebSocket(this.url, [SUBPROTOCOL]); } catch (e) {
+        reject(new VolnaError(0, `cannot open ${this.url}: ${e.message}`, { kind: "disconnected", cause: e }));
+        return;
+      }
+      ws.binaryType = "arraybuffer";
+      let markLost;
+      const link = {
+        ws, streams: new Map(), control: new StreamBuffer(1 << 30), welcomed: false, ready: false,
+        pending: new Map(), abandoned: new Set(), staleChannels: new Set(), deadSubs: new Set(),
+        routes: new Map(), earlyBytes: 0, pingTimer: null, pongDue: false, gone: false,
+        lost: new Promise((r) => { markLost = r; }),
+      };
+      this._link = link;
+      let settled = false;
+      const fail = (error) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        try { ws.close(1000, "connection attempt failed"); } catch { /* already closing */ }
+        link.gone = true;
+        reject(error);
+      };
+      const timer = setTimeout(() => fail(new VolnaError(0, `no session within ${this.options.connectTimeoutMs} ms`, { kind: "timeout" })), this.options.connectTimeoutMs);
+      link.failOpen = fail;
+      ws.onopen = async () => {
+        if (this._closed || settled) { ws.close(1000, "closed by the application"); return; }
+        let token;
+        try { token = await this._token(); } catch (e) { fail(e); return; }
+        if (this._closed || settled) { ws.close(1000, "closed by the application"); return; }
+        try {
+          ws.send(message(CONTROL, T.Hello, (w) => {
+            w.u16(this._protocol); w.str(token); w.str(this.options.client);
+            if (this._protocol >= 3) w.str(this.options.device ?? "");
+          }));
+        } catch (e) { fail(new VolnaError(0, e.message, { kind: "disconnected", cause: e })); }
+      };
+      ws.onmessage = (event) => {
+        if (link.gone) return;
+        try {
+          this._onMessage(link, new Uint8Array(event.data), () => {
+            settled = true; clearTimeout(timer); resolve(link);
+          }, fail);
+        } catch (e) {
+          // Bytes out of step: this connection is over; a new one resumes.
+          try { ws.close(CLOSE_BASE + CloseCode.ProtocolError, String(e.message).slice(0, 100)); } catch { /* closing */ }
+          this._linkGone(link, { code: CloseCode.ProtocolError, reason: e.message });
+          fail(e);
+        }
+      };
+      ws.onerror = () => {}; // the close event follows
+      ws.onclose = (event) => {
+        clearInterval(link.pingTimer);
+        const code = event.code >= CLOSE_BASE && event.code < 5000 ? event.code - CLOSE_BASE : null;
+        const replaced = code === CloseCode.Replaced
+          ? new VolnaError(0, `closed by the broker: ${event.reason || "replaced by a newer connection of the same device"}`, { kind: "replaced", closeCode: code })
+          : null;
+        if (!settled) {
+          fail(replaced ?? link.refused ?? (code === CloseCode.Unauthorized
+            ? new VolnaError(ErrorCode.Unauthorized, event.reason || "unauthorized", { closeCode: code })
+            : new VolnaError(0, `connection closed (${event.code}) ${event.reason}`, { kind: "disconnected", closeCode: code })));
+        }
+        this._linkGone(link, { code, reason: event.reason, error: replaced });
+        markLost({ code, reason: event.reason, error: replaced });
+      };
+      link.markLost = markLost;
+    });
+  }
+
+  _onMessage(link, bytes, ready, fail) {
+    if (bytes.length < 4) throw protocolError("message without a stream tag");
     const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    if (bytes.length < 4) throw new VolnaError(1, "message without a stream tag");
     const stream = view.getUint32(0);
     const body = bytes.subarray(4);
     if (stream === CONTROL) {
-      for (const frame of link.control.push(body)) this._onControl(link, frame, resolve, reject);
+      for (const frame of link.control.push(body)) this._onControl(link, frame, ready, fail);
       return;
     }
     let s = link.streams.get(stream);
     if (body.length === 0) { link.streams.delete(stream); return; } // the stream's end
-    if (!s) { s = { buffer: new StreamBuffer(this.welcome?.maxFrame ?? 1 << 30), subscription: null, early: [] }; link.streams.set(stream, s); }
+    if (!s) {
+      s = { buffer: new StreamBuffer(this.welcome?.maxFrame ?? 1 << 30), subscription: null, early: [], earlyBytes: 0, overflowed: false };
+      link.streams.set(stream, s);
+    }
+    if (s.overflowed) return;
     for (const frame of s.buffer.push(body)) {
       if (frame.type === T.StreamHeader) { s.subscription = frame.subscription; continue; }
-      const sub = this._routes.get(s.subscription);
-      if (sub) sub._deliver(frame);
-      else if (s.early.length < 10000) s.early.push(frame); // before its Subscribed reply
-      else { link.ws.send(stopMessage(stream)); link.streams.delete(stream); } // nobody claims it
+      if (link.deadSubs.has(s.subscription)) continue; // unsubscribed: its end follows
+      const sub = link.routes.get(s.subscription);
+      if (sub) { sub._deliver(frame); continue; }
+      // Before its Subscribed reply: kept, within a byte budget.
+      if (link.earlyBytes + frame.size > this.options.maxBufferedBytes) {
+        // Too much: stop the stream; the subscription, once its reply
+        // comes, subscribes again from its start (nothing is lost).
+        s.overflowed = true;
+        link.earlyBytes -= s.earlyBytes;
+        s.early = []; s.earlyBytes = 0;
+        link.ws.send(stopMessage(stream));
+        return;
+      }
+      s.early.push(frame); s.earlyBytes += frame.size; link.earlyBytes += frame.size;
     }
   }
 
-  _onControl(link, frame, resolve, reject) {
+  _onControl(link, frame, ready, fail) {
     if (!link.welcomed) {
       if (frame.type === T.Welcome) {
         link.welcomed = true;
         this.welcome = frame;
-        this._live = link;
-        this._attempt = 0;
         link.pingTimer = setInterval(() => this._ping(link), this.options.pingIntervalMs);
-        this._resume(link);
-        this.dispatchEvent(new CustomEvent("connected", { detail: frame }));
-        resolve();
+        this._initProducer(link).then(() => {
+          if (link.gone || this._closed) return;
+          link.ready = true;
+          this._live = link;
+          ready();
+          this._setState("connected", frame);
+          if (this._firstWaiter) { const w = this._firstWaiter; this._firstWaiter = null; w.resolve(); }
+          for (const w of [...this._liveWaiters]) w.resolve(link);
+          this._resume(link);
+        }, (e) => {
+          try { link.ws.close(CLOSE_BASE + CloseCode.Normal, "producer not ready"); } catch { /* closing */ }
+          fail(e);
+        });
       } else if (frame.type === T.Error) {
         link.refused = new VolnaError(frame.code, frame.message);
       }
@@ -410,149 +674,428 @@ export class VolnaClient extends EventTarget {
     switch (frame.type) {
       case T.TokenExpiring:
         if (this.options.tokenProvider) {
-          this._token().then((token) => this._request(T.Refresh, (w) => w.str(token))).catch(() => {});
+          this._token()
+            .then((token) => this._request(link, T.Refresh, (w) => w.str(token), this.options.attemptTimeoutMs))
+            .catch((error) => this.dispatchEvent(new CustomEvent("tokenerror", { detail: { error, failures: 1 } })));
         }
         return;
       case T.SubscriptionEnded: {
-        const sub = this._routes.get(frame.subscription);
-        if (sub) sub._end(new VolnaError(frame.code, frame.message));
+        const sub = link.routes.get(frame.subscription);
+        if (sub) sub._end(new VolnaError(frame.code, frame.message), true);
         return;
       }
       case T.ReadMarker:
         this.dispatchEvent(new CustomEvent("readmarker", { detail: frame }));
         return;
       default: {
-        const waiter = this._pending.get(frame.requestId);
-        if (!waiter) return;
-        this._pending.delete(frame.requestId);
+        const waiter = link.pending.get(frame.requestId);
+        if (!waiter) {
+          // A reply nobody waits for any more (its request timed out): a
+          // subscription it opened is closed again.
+          if (link.abandoned.delete(frame.requestId) && frame.type === T.Subscribed) {
+            this._unsubscribeId(link, frame.subscription);
+          }
+          return;
+        }
+        link.pending.delete(frame.requestId);
+        clearTimeout(waiter.timer);
         if (frame.type === T.Error) waiter.reject(new VolnaError(frame.code, frame.message));
         else waiter.resolve(frame);
       }
     }
   }
 
-  _request(type, body) {
-    const link = this._live;
-    if (!link) return Promise.reject(new VolnaError(15, "not connected"));
+  /** Asks the broker where this producer's sequences stand (protocol 4). */
+  async _initProducer(link) {
+    if (this.welcome.protocol < 4) return;
+    let reply;
+    try {
+      reply = await this._request(link, T.InitProducer, (w) => w.u64(this.producerId), this.options.attemptTimeoutMs);
+    } catch (e) {
+      if (e.kind === "refused" && (e.code === ErrorCode.UnknownFrame || e.code === ErrorCode.Unsupported)) return; // an older broker
+      throw e;
+    }
+    if (reply.type !== T.ProducerReady) throw protocolError("unexpected reply to InitProducer");
+    if (reply.lastSequence + 1n > this._nextSequence) this._nextSequence = reply.lastSequence + 1n;
+  }
+
+  /** A request on `link`; rejects on a refusal, a lost link or after `timeoutMs`. */
+  _request(link, type, body, timeoutMs) {
+    if (link.gone) return Promise.reject(disconnected());
     const requestId = this._nextRequest++;
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this._pending.delete(requestId);
-        reject(new VolnaError(16, "request timed out"));
-      }, this.options.requestTimeoutMs);
-      this._pending.set(requestId, {
-        resolve: (f) => { clearTimeout(timer); resolve(f); },
-        reject: (e) => { clearTimeout(timer); reject(e); },
-      });
-      link.ws.send(message(CONTROL, type, (w) => { w.u64(requestId); body(w); }));
+      const waiter = { resolve, reject, type, timer: null };
+      if (timeoutMs !== undefined && timeoutMs !== Infinity) {
+        waiter.timer = setTimeout(() => {
+          if (link.pending.get(requestId) !== waiter) return;
+          link.pending.delete(requestId);
+          link.abandoned.add(requestId);
+          reject(new VolnaError(0, `no answer within ${Math.round(timeoutMs)} ms`, { kind: "timeout" }));
+        }, Math.max(0, timeoutMs));
+      }
+      link.pending.set(requestId, waiter);
+      try {
+        link.ws.send(message(CONTROL, type, (w) => { w.u64(requestId); body(w); }));
+      } catch (e) {
+        link.pending.delete(requestId); clearTimeout(waiter.timer);
+        reject(e instanceof VolnaError ? e : disconnected());
+      }
     });
   }
 
-  _sendPublish(entry) {
-    if (!this._live) return; // sent when the connection is back
-    const requestId = this._nextRequest++;
-    entry.requestId = requestId;
-    this._pending.set(requestId, {
-      resolve: (f) => this._finishPublish(entry, null, { offset: f.offset, epoch: f.epoch, duplicate: f.duplicate }),
-      reject: (e) => {
-        if (RETRYABLE.has(e.code) && e.code !== 16) setTimeout(() => this._sendPublish(entry), this._delay());
-        else this._finishPublish(entry, e);
-      },
+  /** The session in use, waiting for one until `deadline` (ms since the epoch). */
+  _waitLive(deadline) {
+    if (this._closed) return Promise.reject(this._closedError());
+    if (this._live) return Promise.resolve(this._live);
+    return new Promise((resolve, reject) => {
+      const waiter = {
+        resolve: (link) => { done(); resolve(link); },
+        reject: (e) => { done(); reject(e); },
+        timer: deadline === Infinity ? null : setTimeout(() => waiter.reject(null), Math.max(0, deadline - Date.now())),
+      };
+      const done = () => { clearTimeout(waiter.timer); this._liveWaiters.delete(waiter); };
+      this._liveWaiters.add(waiter);
     });
-    this._live.ws.send(message(CONTROL, T.Publish, (w) => {
-      w.u64(requestId); w.channel(entry.channel);
-      w.u8(1); w.u64(this.producerId); w.u64(entry.sequence);
-      w.payload(entry.bytes);
+  }
+
+  _ping(link) {
+    if (link.gone) return;
+    if (link.pongDue) {
+      try { link.ws.close(CLOSE_BASE + CloseCode.Normal, "no answer to ping"); } catch { /* closing */ }
+      this._linkGone(link, { code: null, reason: "no answer to ping" });
+      link.markLost({ code: null, reason: "no answer to ping" });
+      return;
+    }
+    link.pongDue = true;
+    this._request(link, T.Ping, () => {}).then(() => { link.pongDue = false; }, () => {});
+  }
+
+  /** `link` is over: requests fail, publishes and subscriptions wait for the next. */
+  _linkGone(link, { code, reason }) {
+    if (link.gone && link.cleaned) return;
+    link.gone = true;
+    link.cleaned = true;
+    clearInterval(link.pingTimer);
+    const wasLive = this._live === link;
+    if (wasLive) this._live = null;
+    if (this._link === link) this._link = null;
+    for (const waiter of link.pending.values()) { clearTimeout(waiter.timer); waiter.reject(disconnected()); }
+    link.pending.clear();
+    for (const sub of link.routes.values()) sub.id = null;
+    link.routes.clear();
+    for (const queue of this._queues.values()) {
+      for (const entry of queue) {
+        if (entry.sentOn === link) { entry.sentOn = null; entry.maybeStored = true; entry.requestId = null; }
+      }
+    }
+    if (wasLive && !this._closed) this._setState("disconnected", { code, reason });
+  }
+
+  /** Ends the client for good with `error`. */
+  _fail(error, wsCode = CLOSE_BASE + CloseCode.Normal, wsReason = "closed") {
+    if (this._closed) return;
+    this._closed = true;
+    this.error = error.kind === "closed" ? null : error;
+    const link = this._link ?? this._live;
+    if (link) {
+      try { link.ws.close(wsCode, wsReason); } catch { /* closing */ }
+      link.failOpen?.(error);
+      this._linkGone(link, { code: null, reason: wsReason });
+      link.markLost?.({ code: null, reason: wsReason });
+    }
+    for (const s of this._sleeps) { clearTimeout(s.timer); s.resolve(); }
+    this._sleeps.clear();
+    for (const w of [...this._liveWaiters]) w.reject(error);
+    if (this._firstWaiter) { const w = this._firstWaiter; this._firstWaiter = null; w.reject(error); }
+    for (const queue of [...this._queues.values()]) for (const entry of [...queue]) this._finishPublish(entry, error);
+    for (const sub of [...this._subs]) sub._end(error, true);
+    this.state = "closed";
+    this.dispatchEvent(new CustomEvent("closed", {
+      detail: { code: error.code, closeCode: error.closeCode, reason: error.brokerMessage ?? error.message, error },
     }));
   }
 
-  _finishPublish(entry, error, result) {
-    const at = this._publishes.indexOf(entry);
-    if (at < 0) return;
-    this._publishes.splice(at, 1);
-    clearTimeout(entry.timer);
-    if (entry.requestId !== null) this._pending.delete(entry.requestId);
-    if (error) entry.reject(error); else entry.resolve(result);
+  _closedError() {
+    return this.error ?? new VolnaError(0, "the client was closed", { kind: "closed", closeCode: CloseCode.Normal });
   }
 
-  async _subscribe(sub) {
-    const position = sub._resumePosition();
-    let reply;
+  // -- subscriptions ---------------------------------------------------------
+
+  /**
+   * Subscribes `sub` on the session in use, and again on each one after,
+   * until `deadline` (Infinity: a resume, retried until it ends). Throws a
+   * final refusal, or a timeout once out of time.
+   */
+  async _establish(sub, deadline) {
+    sub._establishing = true;
+    let attempt = 0;
+    let last = null;
     try {
-      reply = await this._request(T.Subscribe, (w) => {
-        w.channel(sub.channel);
-        if (position.from !== undefined) {
-          w.u8(1); w.u64(position.from);
-          if (position.epoch !== undefined && position.epoch !== null) { w.u8(1); w.u64(position.epoch); } else w.u8(0);
-        } else if (position.last !== undefined) {
-          w.u8(2); w.u64(position.last);
-        } else w.u8(0);
-      });
-    } catch (e) {
-      if (e.code === 15 || e.code === 16) return; // the connection went: resumed on the next
-      sub._end(e);
-      throw e;
-    }
-    if (sub.ended) return;
-    sub.id = reply.subscription;
-    if (sub.next === null) sub.next = reply.start;
-    if (sub.epoch === null) sub.epoch = reply.epoch;
-    this._routes.set(sub.id, sub);
-    // Frames that came before the reply routed them.
-    for (const s of this._live?.streams.values() ?? []) {
-      if (s.subscription === sub.id && s.early.length) {
-        for (const frame of s.early.splice(0)) sub._deliver(frame);
+      for (;;) {
+        if (sub.ended) return;
+        let link;
+        try { link = await this._waitLive(deadline); } catch (e) {
+          throw e ?? timeoutError(`subscribe to ${sub.channel}`, last);
+        }
+        if (sub.ended) return;
+        const position = sub._resumePosition();
+        const wait = Math.min(this.options.attemptTimeoutMs, deadline - Date.now());
+        let reply;
+        try {
+          reply = await this._request(link, T.Subscribe, (w) => {
+            w.channel(sub.channel);
+            if (position.from !== undefined) {
+              w.u8(1); w.u64(position.from);
+              if (position.epoch !== undefined && position.epoch !== null) { w.u8(1); w.u64(position.epoch); } else w.u8(0);
+            } else if (position.last !== undefined) {
+              w.u8(2); w.u64(position.last);
+            } else w.u8(0);
+          }, wait);
+        } catch (e) {
+          if (e.kind === "disconnected") continue; // on the next session
+          if (e.kind === "timeout") link.staleChannels.add(sub.channel);
+          // AlreadySubscribed after a timed-out attempt on this session: the
+          // late reply's subscription is on its way out.
+          const stale = e.code === ErrorCode.AlreadySubscribed && link.staleChannels.has(sub.channel);
+          if (!(e.kind === "timeout" || isRetryable(e.code) || stale)) throw e;
+          last = e;
+          const pause = backoff(this.options.backoff.initialMs, this.options.backoff.maxMs, attempt++);
+          if (Date.now() + pause >= deadline) throw timeoutError(`subscribe to ${sub.channel}`, last);
+          this.dispatchEvent(new CustomEvent("retry", { detail: { request: "subscribe", channel: sub.channel, error: e } }));
+          await this._sleep(pause);
+          if (this._closed) throw this._closedError();
+          continue;
+        }
+        if (sub.ended || link.gone) {
+          // Unsubscribed meanwhile (or this session is gone already).
+          if (!link.gone) this._unsubscribeId(link, reply.subscription);
+          if (sub.ended) return;
+          continue;
+        }
+        const overflowed = [...link.streams.values()].some((s) => s.subscription === reply.subscription && s.overflowed);
+        if (sub.next === null) sub.next = reply.start;
+        if (sub.epoch === null) sub.epoch = reply.epoch;
+        if (overflowed) {
+          // Its first deliveries exceeded the buffer and were dropped: again
+          // from the start the broker resolved.
+          this._unsubscribeId(link, reply.subscription);
+          continue;
+        }
+        sub.id = reply.subscription;
+        link.routes.set(sub.id, sub);
+        this._subs.add(sub);
+        // Deliveries (those that came before the reply routed them first)
+        // wait for the next task: the caller of subscribe() adds its
+        // listeners when the call resolves, before that.
+        const held = sub._held ?? [];
+        sub._held = held;
+        for (const s of link.streams.values()) {
+          if (s.subscription === sub.id && s.early.length) {
+            link.earlyBytes -= s.earlyBytes; s.earlyBytes = 0;
+            held.push(...s.early.splice(0));
+          }
+        }
+        setTimeout(() => {
+          if (sub._held !== held) return;
+          sub._held = null;
+          for (const frame of held) sub._deliver(frame);
+        }, 0);
+        return;
       }
+    } finally {
+      sub._establishing = false;
     }
   }
 
   _resume(link) {
-    this._routes.clear();
-    for (const sub of this._subs) { sub.id = null; this._subscribe(sub).catch(() => {}); }
-    for (const entry of this._publishes) { this._sendPublish(entry); }
+    for (const sub of this._subs) {
+      if (sub._establishing || sub.ended) continue;
+      sub.id = null;
+      this._establish(sub, Infinity).catch((e) => sub._end(e));
+    }
+    for (const channel of this._queues.keys()) this._pump(channel);
     return link;
   }
 
-  _ping(link) {
-    if (link.pongDue !== null) { link.ws.close(4000 + 2, "no answer to ping"); return; }
-    link.pongDue = true;
-    this._request(T.Ping, () => {}).then(() => { link.pongDue = null; }, () => {});
+  /** Tells the broker `sub` is over (on the session in use). */
+  async _release(sub) {
+    const link = this._live;
+    const id = sub.id;
+    sub.id = null;
+    if (id === null || !link) return;
+    link.routes.delete(id);
+    await this._unsubscribeId(link, id);
   }
 
-  _lost(code, reason) {
-    this._live = null;
-    this._routes.clear();
-    for (const [id, waiter] of this._pending) {
-      // Publishes are resent on the next connection; other requests fail.
-      if (!this._publishes.some((p) => p.requestId === id)) waiter.reject(new VolnaError(15, "connection lost"));
+  /** Forgets `sub` without telling the broker (it ended it). */
+  _forget(sub) {
+    if (sub.id !== null && this._live) this._live.routes.delete(sub.id);
+    sub.id = null;
+  }
+
+  _unsubscribeId(link, id) {
+    link.deadSubs.add(id);
+    for (const [n, s] of link.streams) {
+      if (s.subscription === id) { link.earlyBytes -= s.earlyBytes; s.early = []; s.earlyBytes = 0; }
+      void n;
     }
-    this._pending.clear();
-    for (const entry of this._publishes) entry.requestId = null;
-    this.dispatchEvent(new CustomEvent("disconnected", { detail: { code, reason } }));
-    if (this._closed) return;
-    const retry = async () => {
-      if (this._closed) return;
-      try { await this._open(); } catch (e) {
-        if (e instanceof VolnaError && e.code === 3 && !this.options.tokenProvider) {
-          this._failAll(e);
-          return;
-        }
-        this._retryTimer = setTimeout(retry, this._delay());
-      }
-    };
-    this._retryTimer = setTimeout(retry, this._delay());
+    return this._request(link, T.Unsubscribe, (w) => w.u64(id), this.options.attemptTimeoutMs).catch(() => {});
   }
 
-  _failAll(error) {
-    for (const entry of [...this._publishes]) this._finishPublish(entry, error);
-    for (const sub of [...this._subs]) sub._end(error);
+  // -- publishes -------------------------------------------------------------
+
+  /**
+   * Sends what may go of `channel`'s publishes on the session in use, in
+   * call order: each names the one just ahead (`after`); one waiting to be
+   * retried holds back those behind it.
+   */
+  _pump(channel) {
+    const link = this._live;
+    const queue = this._queues.get(channel);
+    if (!link || !queue) return;
+    let ahead = null;
+    for (const entry of queue) {
+      if (entry.sentOn !== link) {
+        if (entry.retryTimer !== null) break;
+        this._sendPublish(link, entry, ahead);
+      }
+      ahead = entry;
+    }
+  }
+
+  _sendPublish(link, entry, ahead) {
+    if (entry.sequence === null) entry.sequence = this._nextSequence++;
+    const after = ahead ? ahead.sequence : null;
+    entry.sentOn = link;
+    const sent = this._request(link, T.Publish, (w) => {
+      w.channel(entry.channel);
+      w.u8(after === null ? 1 : 2); w.u64(this.producerId); w.u64(entry.sequence);
+      if (after !== null) w.u64(after);
+      w.payload(entry.bytes);
+    });
+    entry.requestId = this._nextRequest - 1;
+    sent.then((f) => {
+      this._finishPublish(entry, null, { offset: f.offset, epoch: f.epoch, duplicate: f.duplicate });
+    }, (e) => {
+      if (entry.done || entry.sentOn !== link) return;
+      if (e.kind === "disconnected") return; // sent again on the next session
+      if (!isRetryable(e.code)) { this._finishPublish(entry, e); return; }
+      // Refused for now: nothing was stored (unless the broker cannot
+      // tell); those behind it wait for it to be sent again.
+      entry.maybeStored ||= e.code === ErrorCode.Unavailable;
+      if (!entry.maybeStored && !entry.fixed) entry.sequence = null;
+      entry.sentOn = null;
+      entry.lastRefusal = e;
+      const pause = backoff(this.options.backoff.initialMs, this.options.backoff.maxMs, entry.attempt++);
+      entry.retryTimer = setTimeout(() => { entry.retryTimer = null; this._pump(entry.channel); }, pause);
+    });
+  }
+
+  _finishPublish(entry, error, result) {
+    if (entry.done) return;
+    entry.done = true;
+    clearTimeout(entry.timer);
+    clearTimeout(entry.retryTimer);
+    entry.retryTimer = null;
+    const queue = this._queues.get(entry.channel);
+    const at = queue ? queue.indexOf(entry) : -1;
+    if (at >= 0) queue.splice(at, 1);
+    if (queue && queue.length === 0) this._queues.delete(entry.channel);
+    if (entry.sentOn && entry.requestId !== null) {
+      const waiter = entry.sentOn.pending.get(entry.requestId);
+      if (waiter) { clearTimeout(waiter.timer); entry.sentOn.pending.delete(entry.requestId); entry.sentOn.abandoned.add(entry.requestId); }
+    }
+    if (error) entry.reject(error); else entry.resolve(result);
+    if (queue && queue.length > 0 && !this._closed) this._pump(entry.channel);
   }
 }
 
-function sleep(ms) { return new Promise((r) => setTimeout(r, ms)); }
+// ---- helpers -----------------------------------------------------------------
 
-function randomU64() {
+function disconnected() { return new VolnaError(0, "the connection was lost", { kind: "disconnected" }); }
+
+function timeoutError(what, last) {
+  return new VolnaError(0, `${what} timed out${last ? ` (last: ${last.message})` : ""}`, { kind: "timeout", cause: last ?? undefined });
+}
+
+/** Exponential backoff with jitter: half the step plus up to half again. */
+function backoff(initialMs, maxMs, attempt) {
+  const exp = Math.min(maxMs, initialMs * 2 ** Math.min(attempt, 16));
+  return exp / 2 + Math.random() * exp / 2;
+}
+
+function withTimeout(promise, ms, error) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => { timer = setTimeout(() => reject(error()), ms); }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * The producer id: the application's, else derived from the device (the
+ * first 8 bytes of SHA-256("volna-producer:" + device), big-endian), else
+ * random for this client.
+ */
+function producerIdOf(options) {
+  if (options.producerId !== undefined && options.producerId !== null) {
+    const id = BigInt(options.producerId);
+    if (id < 0n || id >= 1n << 64n) throw new RangeError("producerId is a u64");
+    return id;
+  }
+  if (options.device) return deviceProducerId(options.device);
   const words = new Uint32Array(2);
   crypto.getRandomValues(words);
   return (BigInt(words[0]) << 32n) | BigInt(words[1]);
+}
+
+/** The producer id derived from a device id (see `producerIdOf`). */
+export function deviceProducerId(device) {
+  const digest = sha256(utf8.encode(`volna-producer:${device}`));
+  return new DataView(digest.buffer).getBigUint64(0);
+}
+
+// SHA-256 (FIPS 180-4), synchronous so that the producer id is known at
+// once, also outside a secure context where crypto.subtle is missing.
+const K256 = new Uint32Array([
+  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+]);
+
+function sha256(data) {
+  const bitLen = data.length * 8;
+  const padded = new Uint8Array(((data.length + 9 + 63) >> 6) << 6);
+  padded.set(data);
+  padded[data.length] = 0x80;
+  const pv = new DataView(padded.buffer);
+  pv.setUint32(padded.length - 8, Math.floor(bitLen / 2 ** 32));
+  pv.setUint32(padded.length - 4, bitLen >>> 0);
+  const h = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
+  const w = new Uint32Array(64);
+  const rotr = (x, n) => (x >>> n) | (x << (32 - n));
+  for (let off = 0; off < padded.length; off += 64) {
+    for (let i = 0; i < 16; i++) w[i] = pv.getUint32(off + i * 4);
+    for (let i = 16; i < 64; i++) {
+      const s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >>> 3);
+      const s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >>> 10);
+      w[i] = (w[i - 16] + s0 + w[i - 7] + s1) >>> 0;
+    }
+    let [a, b, c, d, e, f, g, hh] = h;
+    for (let i = 0; i < 64; i++) {
+      const t1 = (hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i]) >>> 0;
+      const t2 = ((rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) >>> 0;
+      hh = g; g = f; f = e; e = (d + t1) >>> 0; d = c; c = b; b = a; a = (t1 + t2) >>> 0;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
+  }
+  const out = new Uint8Array(32);
+  const ov = new DataView(out.buffer);
+  for (let i = 0; i < 8; i++) ov.setUint32(i * 4, h[i]);
+  return out;
 }
