@@ -235,6 +235,20 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
             }
         }
         Frame::Stored { request_id } => out.put_u64(*request_id),
+        Frame::InitProducer {
+            request_id,
+            producer_id,
+        } => {
+            out.put_u64(*request_id);
+            out.put_u64(*producer_id);
+        }
+        Frame::ProducerReady {
+            request_id,
+            last_sequence,
+        } => {
+            out.put_u64(*request_id);
+            out.put_u64(*last_sequence);
+        }
         Frame::UnreadCounts { request_id, counts } => {
             out.put_u64(*request_id);
             let counts = &counts[..counts.len().min(MAX_UNREAD_CHANNELS)];
@@ -420,6 +434,7 @@ pub fn encoded_len(frame: &Frame) -> usize {
                     .sum::<usize>()
         }
         Frame::Stored { .. } => 8,
+        Frame::InitProducer { .. } | Frame::ProducerReady { .. } => 16,
         Frame::UnreadCounts { counts, .. } => {
             8 + 2
                 + counts
@@ -710,6 +725,14 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
         }
         FrameType::Stored => Frame::Stored {
             request_id: r.u64("request_id")?,
+        },
+        FrameType::InitProducer => Frame::InitProducer {
+            request_id: r.u64("request_id")?,
+            producer_id: r.u64("producer_id")?,
+        },
+        FrameType::ProducerReady => Frame::ProducerReady {
+            request_id: r.u64("request_id")?,
+            last_sequence: r.u64("last_sequence")?,
         },
         FrameType::UnreadCounts => {
             let request_id = r.u64("request_id")?;

@@ -71,6 +71,9 @@ pub enum ErrorCode {
     /// This broker does not offer the request in its configuration (e.g.
     /// device cursors on a cluster node).
     Unsupported,
+    /// A newer connection of the same device took over this one (sent on
+    /// the old connection before it is closed with `CloseCode::REPLACED`).
+    Replaced,
     /// A code this build does not know.
     Other(u16),
 }
@@ -104,6 +107,7 @@ impl ErrorCode {
             Self::DeviceRequired => 23,
             Self::TooManyDevices => 24,
             Self::Unsupported => 25,
+            Self::Replaced => 26,
             Self::Other(code) => code,
         }
     }
@@ -136,6 +140,7 @@ impl ErrorCode {
             23 => Self::DeviceRequired,
             24 => Self::TooManyDevices,
             25 => Self::Unsupported,
+            26 => Self::Replaced,
             other => Self::Other(other),
         }
     }
@@ -147,7 +152,12 @@ impl ErrorCode {
         matches!(self, Self::Unavailable)
     }
 
-    /// Whether the same request may succeed if sent again later.
+    /// Whether the same request may succeed if sent again later (after a
+    /// pause, on this or another node). Every client decides by this one
+    /// table: a retryable refusal is retried with backoff within the
+    /// request's deadline; any other is final and reported (a connect
+    /// refused so stops the client, a subscribe refused so ends the
+    /// subscription). `clients/js/volna.js` carries a copy.
     pub const fn is_retryable(self) -> bool {
         matches!(
             self,
@@ -194,6 +204,11 @@ impl CloseCode {
     pub const LIMIT_EXCEEDED: CloseCode = CloseCode(7);
     /// The peer did not read its control stream for too long.
     pub const CONTROL_STALLED: CloseCode = CloseCode(8);
+    /// A newer connection of the same device took over (the app restarted,
+    /// or the device reconnected before this connection timed out). Final:
+    /// a client closed so must not reconnect, or two instances of one
+    /// device would take over from each other forever.
+    pub const REPLACED: CloseCode = CloseCode(9);
 
     /// A short, stable description for logs and close reasons.
     pub const fn reason(self) -> &'static str {
@@ -207,6 +222,7 @@ impl CloseCode {
             6 => "disconnected by an operator",
             7 => "connection limit exceeded",
             8 => "control stream not read",
+            9 => "replaced by a newer connection of the same device",
             _ => "unknown",
         }
     }
@@ -230,5 +246,6 @@ mod tests {
         assert_eq!(ErrorCode::from_u16(999), ErrorCode::Other(999));
         assert!(ErrorCode::StorageUnavailable.is_retryable());
         assert!(!ErrorCode::Forbidden.is_retryable());
+        assert!(!ErrorCode::Replaced.is_retryable());
     }
 }

@@ -71,6 +71,16 @@ pub enum Frame {
         /// The channels asked about (at most [`MAX_UNREAD_CHANNELS`]).
         channels: Vec<ChannelName>,
     },
+    /// The client will publish as `producer_id` (bound to its device, so
+    /// the same across the app's restarts): answered by `ProducerReady`
+    /// with the last sequence the broker stored for it, so that the client
+    /// continues after it and a re-sent outbox is stored once.
+    InitProducer {
+        /// Echoed in the reply.
+        request_id: u64,
+        /// The producer id the client's publishes will carry.
+        producer_id: u64,
+    },
 
     // ── broker → client, control stream ──────────────────────────────────
     /// Answer to `Hello`: the session is open, within these limits.
@@ -96,6 +106,15 @@ pub enum Frame {
         epoch: Epoch,
         /// The first offset the subscription will deliver.
         start: Offset,
+    },
+    /// Answer to `InitProducer`: the highest sequence stored under the
+    /// producer id for the calling identity that the broker still
+    /// remembers (0: none; the window expired or never existed).
+    ProducerReady {
+        /// The request this answers.
+        request_id: u64,
+        /// Continue after this sequence.
+        last_sequence: u64,
     },
     /// The subscription is gone; its delivery stream is finished.
     Unsubscribed {
@@ -393,6 +412,8 @@ pub enum FrameType {
     MarkRead = 0x08,
     /// [`Frame::Unread`]
     Unread = 0x09,
+    /// [`Frame::InitProducer`]
+    InitProducer = 0x0a,
     /// [`Frame::Welcome`]
     Welcome = 0x41,
     /// [`Frame::Published`]
@@ -417,6 +438,8 @@ pub enum FrameType {
     UnreadCounts = 0x4b,
     /// [`Frame::ReadMarker`]
     ReadMarker = 0x4c,
+    /// [`Frame::ProducerReady`]
+    ProducerReady = 0x4d,
     /// [`Frame::StreamHeader`]
     StreamHeader = 0x81,
     /// [`Frame::Deliver`]
@@ -440,6 +463,7 @@ impl FrameType {
             0x07 => Self::Ack,
             0x08 => Self::MarkRead,
             0x09 => Self::Unread,
+            0x0a => Self::InitProducer,
             0x41 => Self::Welcome,
             0x42 => Self::Published,
             0x43 => Self::Subscribed,
@@ -452,6 +476,7 @@ impl FrameType {
             0x4a => Self::Stored,
             0x4b => Self::UnreadCounts,
             0x4c => Self::ReadMarker,
+            0x4d => Self::ProducerReady,
             0x81 => Self::StreamHeader,
             0x82 => Self::Deliver,
             0x83 => Self::Truncated,
@@ -474,6 +499,7 @@ impl Frame {
             Self::Ack { .. } => FrameType::Ack,
             Self::MarkRead { .. } => FrameType::MarkRead,
             Self::Unread { .. } => FrameType::Unread,
+            Self::InitProducer { .. } => FrameType::InitProducer,
             Self::Welcome(_) => FrameType::Welcome,
             Self::Published { .. } => FrameType::Published,
             Self::Subscribed { .. } => FrameType::Subscribed,
@@ -486,6 +512,7 @@ impl Frame {
             Self::Stored { .. } => FrameType::Stored,
             Self::UnreadCounts { .. } => FrameType::UnreadCounts,
             Self::ReadMarker { .. } => FrameType::ReadMarker,
+            Self::ProducerReady { .. } => FrameType::ProducerReady,
             Self::StreamHeader { .. } => FrameType::StreamHeader,
             Self::Deliver(_) => FrameType::Deliver,
             Self::Truncated { .. } => FrameType::Truncated,
@@ -504,6 +531,8 @@ impl Frame {
             | Self::Ack { request_id, .. }
             | Self::MarkRead { request_id, .. }
             | Self::Unread { request_id, .. }
+            | Self::InitProducer { request_id, .. }
+            | Self::ProducerReady { request_id, .. }
             | Self::Stored { request_id }
             | Self::UnreadCounts { request_id, .. }
             | Self::Refreshed { request_id, .. }

@@ -58,10 +58,13 @@ pub const ALPN: &[u8] = b"volna/1";
 /// - 3: `Hello` names the device; `Ack`, `MarkRead`, `Unread` and their
 ///   replies, the `ReadMarker` event, `Position::Cursor`; error codes
 ///   `DeviceRequired`, `TooManyDevices`, `Unsupported`.
+/// - 4: `InitProducer` / `ProducerReady` (a producer id that outlives the
+///   process: the broker says where its sequences stand); close code
+///   `REPLACED` (a newer connection of the same device took over).
 ///
 /// Error code `Unavailable` (sent by cluster nodes only) came without a new
 /// version: a client that does not know it sees `Other(22)`, not retryable.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The oldest protocol version a broker still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -86,6 +86,18 @@ fn frame() -> impl Strategy<Value = Frame> {
             }
         ),
         any::<u64>().prop_map(|request_id| Frame::Stored { request_id }),
+        (any::<u64>(), any::<u64>()).prop_map(|(request_id, producer_id)| {
+            Frame::InitProducer {
+                request_id,
+                producer_id,
+            }
+        }),
+        (any::<u64>(), any::<u64>()).prop_map(|(request_id, last_sequence)| {
+            Frame::ProducerReady {
+                request_id,
+                last_sequence,
+            }
+        }),
         (
             any::<u64>(),
             proptest::collection::vec((channel(), any::<u64>(), any::<u64>(), any::<u64>()), 0..6)

@@ -12,10 +12,12 @@
 //!   written;
 //! - at most `max_resident` windows after each [`ProducerTable::sweep`];
 //!   the least recently published are dropped from memory first;
-//! - per owner, the resident windows are counted so that a user's live
-//!   windows can be limited.
+//! - per owner, the resident windows are known so that a user's live
+//!   windows can be limited: beyond the limit the owner's least recently
+//!   used window is evicted (a phone cold-started many times a day must
+//!   not be locked out by the producers of its earlier runs).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::store::{ProducerKey, ProducerWindow};
@@ -24,7 +26,7 @@ use crate::store::{ProducerKey, ProducerWindow};
 #[derive(Debug)]
 pub struct ProducerTable {
     windows: HashMap<ProducerKey, ProducerWindow>,
-    per_owner: HashMap<Arc<str>, u32>,
+    per_owner: HashMap<Arc<str>, HashSet<u64>>,
     max_resident: usize,
     idle_ms: u64,
 }
@@ -62,7 +64,28 @@ impl ProducerTable {
 
     /// Resident windows of `owner`.
     pub fn owned_by(&self, owner: &str) -> u32 {
-        self.per_owner.get(owner).copied().unwrap_or(0)
+        self.per_owner
+            .get(owner)
+            .map_or(0, |ids| u32::try_from(ids.len()).unwrap_or(u32::MAX))
+    }
+
+    /// `owner`'s resident window published to least recently, leaving out
+    /// those `skip` names (already evicted in the batch being prepared).
+    /// Ties go to the lowest producer id, so the choice does not depend on
+    /// hash order.
+    pub fn least_recent_of(
+        &self,
+        owner: &Arc<str>,
+        skip: impl Fn(&ProducerKey) -> bool,
+    ) -> Option<ProducerKey> {
+        self.per_owner
+            .get(owner)?
+            .iter()
+            .map(|id| ProducerKey::new(owner.clone(), *id))
+            .filter(|key| !skip(key))
+            .filter_map(|key| Some((self.windows.get(&key)?.last_publish_ms, key)))
+            .min_by(|a, b| (a.0, a.1.producer_id).cmp(&(b.0, b.1.producer_id)))
+            .map(|(_, key)| key)
     }
 
     /// Resident windows.
@@ -83,16 +106,16 @@ impl ProducerTable {
     /// Stores `window` as `key`'s (a newly stored sequence, or one loaded
     /// from the store).
     pub fn put(&mut self, key: ProducerKey, window: ProducerWindow) {
-        let owner = key.owner.clone();
+        let (owner, id) = (key.owner.clone(), key.producer_id);
         if self.windows.insert(key, window).is_none() {
-            *self.per_owner.entry(owner).or_default() += 1;
+            self.per_owner.entry(owner).or_default().insert(id);
         }
     }
 
     /// Forgets `key`'s resident window (its state on disk was replaced).
     pub fn remove(&mut self, key: &ProducerKey) {
         if self.windows.remove(key).is_some() {
-            self.forget_owner(&key.owner);
+            self.forget_owner(key);
         }
     }
 
@@ -120,12 +143,12 @@ impl ProducerTable {
             by_age.select_nth_unstable_by_key(cut - 1, |(t, _)| *t);
             for (_, key) in by_age.drain(..cut) {
                 self.windows.remove(&key);
-                self.forget_owner(&key.owner);
+                self.forget_owner(&key);
                 swept.unloaded += 1;
             }
         }
         for key in &swept.expired {
-            self.forget_owner(&key.owner);
+            self.forget_owner(key);
         }
         swept
     }
@@ -135,11 +158,11 @@ impl ProducerTable {
         self.windows.len() > self.max_resident
     }
 
-    fn forget_owner(&mut self, owner: &Arc<str>) {
-        if let Some(n) = self.per_owner.get_mut(owner) {
-            *n -= 1;
-            if *n == 0 {
-                self.per_owner.remove(owner);
+    fn forget_owner(&mut self, key: &ProducerKey) {
+        if let Some(ids) = self.per_owner.get_mut(&key.owner) {
+            ids.remove(&key.producer_id);
+            if ids.is_empty() {
+                self.per_owner.remove(&key.owner);
             }
         }
     }
@@ -182,6 +205,29 @@ mod tests {
         assert_eq!((t.owned_by("ann"), t.len()), (1, 2));
         assert!(!t.is_live(&window(0), 5_900));
         assert!(t.is_live(&window(5_000), 5_900));
+    }
+
+    #[test]
+    fn an_owners_least_recent_window_is_found_skipping_the_evicted() {
+        let mut t = ProducerTable::new(100, u64::MAX);
+        t.put(key("ann", 1), window(30));
+        t.put(key("ann", 2), window(10));
+        t.put(key("ann", 3), window(10));
+        t.put(key("bob", 4), window(1));
+        let ann: Arc<str> = "ann".into();
+        assert_eq!(t.least_recent_of(&ann, |_| false), Some(key("ann", 2)));
+        assert_eq!(
+            t.least_recent_of(&ann, |k| k.producer_id == 2),
+            Some(key("ann", 3))
+        );
+        assert_eq!(
+            t.least_recent_of(&ann, |k| k.producer_id != 1),
+            Some(key("ann", 1))
+        );
+        assert_eq!(t.least_recent_of(&ann, |_| true), None);
+        t.remove(&key("ann", 2));
+        assert_eq!(t.owned_by("ann"), 2);
+        assert_eq!(t.least_recent_of(&"eve".into(), |_| false), None);
     }
 
     #[test]

@@ -38,7 +38,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
@@ -146,9 +146,17 @@ impl BrokerContext {
     }
 }
 
-/// Every open session, as operators see them.
+/// Every open session, as operators see them, and which session speaks
+/// for each device.
 #[derive(Debug, Default)]
-pub struct SessionRegistry(DashMap<u64, Arc<SessionInfo>>);
+pub struct SessionRegistry(DashMap<u64, Arc<SessionInfo>>, DashMap<DeviceKey, u64>);
+
+/// A user's device: at most one session speaks for it.
+type DeviceKey = (String, String);
+
+/// How long a new session of a device waits for the one it replaces to
+/// end (and release its place among the user's connections).
+const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 
 /// One open session.
 #[derive(Debug)]
@@ -167,6 +175,10 @@ pub struct SessionInfo {
     /// Subscriptions it holds.
     pub subscriptions: AtomicUsize,
     kick: CancellationToken,
+    /// Set before `kick` when a newer session of the same device took over.
+    replaced: Arc<AtomicBool>,
+    /// Cancelled once the session ended and released what it held.
+    ended: CancellationToken,
 }
 
 impl SessionRegistry {
@@ -189,6 +201,29 @@ impl SessionRegistry {
     /// Disconnects session `id`; false when there is none.
     pub fn kick_session(&self, id: u64) -> bool {
         self.0.get(&id).map(|e| e.value().kick.cancel()).is_some()
+    }
+
+    /// Makes session `id` the one speaking for `device` of `user`, and
+    /// closes the session that did (MQTT's session takeover): an app that
+    /// restarted, or a phone that reconnected before its old connection
+    /// timed out, must not wait for the old one to go (nor count it
+    /// against the user's connections). Returns what to wait on until the
+    /// old session has ended.
+    fn take_over(&self, user: &str, device: &str, id: u64) -> Option<CancellationToken> {
+        let previous = self.1.insert((user.to_owned(), device.to_owned()), id)?;
+        let info = self.0.get(&previous)?;
+        info.replaced.store(true, Ordering::SeqCst);
+        info.kick.cancel();
+        Some(info.ended.clone())
+    }
+
+    /// Forgets session `id` (ended).
+    fn remove(&self, id: u64, device: Option<(&str, &str)>) {
+        self.0.remove(&id);
+        if let Some((user, device)) = device {
+            self.1
+                .remove_if(&(user.to_owned(), device.to_owned()), |_, by| *by == id);
+        }
     }
 }
 
@@ -237,6 +272,8 @@ enum End {
     LimitExceeded,
     /// The client stopped reading its control stream.
     ControlStalled,
+    /// A newer connection of the same device took over.
+    Replaced,
 }
 
 impl End {
@@ -250,6 +287,7 @@ impl End {
             End::Unauthorized => CloseCode::UNAUTHORIZED,
             End::LimitExceeded => CloseCode::LIMIT_EXCEEDED,
             End::ControlStalled => CloseCode::CONTROL_STALLED,
+            End::Replaced => CloseCode::REPLACED,
         }
     }
 
@@ -263,6 +301,7 @@ impl End {
             End::Unauthorized => "unauthorized",
             End::LimitExceeded => "limit_exceeded",
             End::ControlStalled => "control_stalled",
+            End::Replaced => "replaced",
         }
     }
 }
@@ -277,6 +316,8 @@ enum Answer {
     Appends(BatchAcks),
     /// An `Ack` or `MarkRead` is durable (or failed).
     Stored(u64, Result<(), DeviceError>),
+    /// Where a producer's sequences stand (`InitProducer`).
+    ProducerReady(u64, Result<u64, AppendError>),
 }
 
 type PendingAcks = Pin<Box<dyn Future<Output = Answer> + Send>>;
@@ -312,6 +353,8 @@ where
             next_subscription: 1,
             cancel: ctx.shutdown.child_token(),
             kick: CancellationToken::new(),
+            replaced: Arc::default(),
+            ended: CancellationToken::new(),
             welcomed: false,
             id: session_id,
             identity: None,
@@ -322,8 +365,13 @@ where
         let end = session.serve(session_id, recv, &mut send).await;
         session.cancel.cancel();
         let metrics = &ctx.metrics;
+        let device = session
+            .identity
+            .as_ref()
+            .zip(session.device.as_ref())
+            .map(|(identity, device)| (identity.user.as_str(), device.as_str()));
+        ctx.sessions.remove(session_id, device);
         if session.welcomed {
-            ctx.sessions.0.remove(&session_id);
             if let (Some(devices), Some(identity)) = (&ctx.devices, &session.identity) {
                 devices.unlisten(&identity.user, session_id);
                 if let Some(device) = &session.device {
@@ -344,7 +392,11 @@ where
         // short while to take them: kick, expiry and shutdown must not wait
         // on it.
         let last = std::mem::take(&mut session.out);
+        let ended = session.ended.clone();
         drop(session);
+        // Its place among the user's connections is free: a session of the
+        // same device taking over may go on.
+        ended.cancel();
         let flush = match end {
             End::ClientGone => DRAIN_TIMEOUT,
             _ => CLOSE_FLUSH_TIMEOUT,
@@ -378,6 +430,9 @@ struct Session<C: Connection> {
     next_subscription: u64,
     cancel: CancellationToken,
     kick: CancellationToken,
+    /// Set when `kick` was a takeover by the same device.
+    replaced: Arc<AtomicBool>,
+    ended: CancellationToken,
     welcomed: bool,
     id: u64,
     identity: Option<Identity>,
@@ -553,7 +608,18 @@ impl<C: Connection> Session<C> {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
-                () = kick.cancelled() => end = Some(End::Kicked),
+                () = kick.cancelled() => {
+                    end = Some(if self.replaced.load(Ordering::SeqCst) {
+                        self.reply_error(
+                            0,
+                            ErrorCode::Replaced,
+                            "a newer connection of this device took over",
+                        );
+                        End::Replaced
+                    } else {
+                        End::Kicked
+                    });
+                }
                 () = &mut timer => {
                     let now = tokio::time::Instant::now();
                     if stall_at.is_some_and(|at| at <= now) {
@@ -658,6 +724,18 @@ impl<C: Connection> Session<C> {
             self.reply_error(0, ErrorCode::Unauthorized, &msg);
             return Err(End::Unauthorized);
         }
+        if let Some(device) = &device
+            && let Some(old) =
+                self.ctx
+                    .sessions
+                    .take_over(&identity.user, device.as_str(), session_id)
+        {
+            debug!(
+                device = device.as_str(),
+                "a newer connection of the device takes over"
+            );
+            let _ = Box::pin(tokio::time::timeout(TAKEOVER_WAIT, old.cancelled())).await;
+        }
         if !identity.server {
             match self.ctx.limiter.open_user_connection(&identity.user) {
                 Ok(gate) => self.gate = gate,
@@ -719,6 +797,8 @@ impl<C: Connection> Session<C> {
                 connected_at: SystemTime::now(),
                 subscriptions: AtomicUsize::new(0),
                 kick: self.kick.clone(),
+                replaced: self.replaced.clone(),
+                ended: self.ended.clone(),
             }),
         );
         Ok(())
@@ -757,6 +837,10 @@ impl<C: Connection> Session<C> {
                 request_id,
                 channels,
             } => self.unread(request_id, channels).await,
+            Frame::InitProducer {
+                request_id,
+                producer_id,
+            } => return Some(self.init_producer(request_id, producer_id)),
             other => {
                 self.reply_error(
                     other.request_id().unwrap_or(0),
@@ -948,7 +1032,40 @@ impl<C: Connection> Session<C> {
                     Err(e) => self.reply_error(request_id, device_error_code(&e), &e.to_string()),
                 }
             }
+            Answer::ProducerReady(request_id, result) => {
+                *inflight -= 1;
+                match result {
+                    Ok(last_sequence) => self.send(Frame::ProducerReady {
+                        request_id,
+                        last_sequence,
+                    }),
+                    Err(e) => self.reply_error(request_id, e.error_code(), &e.to_string()),
+                }
+            }
         }
+    }
+
+    /// Where `producer_id`'s sequences stand for the session's identity:
+    /// the highest any log (durable, in-memory) remembers, asked after
+    /// every publish the logs already hold.
+    fn init_producer(&self, request_id: u64, producer_id: u64) -> PendingAcks {
+        let owner = self
+            .identity
+            .as_ref()
+            .map(Identity::owner)
+            .unwrap_or_else(|| "".into());
+        let key = ProducerKey::new(owner, producer_id);
+        let logs = self.ctx.logs.clone();
+        Box::pin(async move {
+            let mut last = 0;
+            for log in logs.all() {
+                match log.last_sequence(key.clone()).await {
+                    Ok(sequence) => last = last.max(sequence),
+                    Err(e) => return Answer::ProducerReady(request_id, Err(e)),
+                }
+            }
+            Answer::ProducerReady(request_id, Ok(last))
+        })
     }
 
     /// Checks a publish against the session's rights and limits: the input

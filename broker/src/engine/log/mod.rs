@@ -256,7 +256,20 @@ pub struct Prepared {
     pub stale_trims: u64,
     channels: HashMap<ChannelName, ChannelMeta>,
     producers: HashMap<ProducerKey, ProducerWindow>,
+    /// Resident windows evicted to make room for an owner's new producer
+    /// (their deletes are in `set`).
+    evicted_producers: Vec<ProducerKey>,
     next_channel_id: ChannelId,
+}
+
+impl Prepared {
+    /// How many of `owner`'s resident windows this batch evicts.
+    fn evicted_of(&self, owner: &str) -> u32 {
+        self.evicted_producers
+            .iter()
+            .filter(|k| &*k.owner == owner)
+            .count() as u32
+    }
 }
 
 /// The writer's state: the resident channels' metadata and producers'
@@ -337,16 +350,32 @@ impl Sequencer {
                 },
             };
             if let Some(producer) = &input.producer {
+                // A new window beyond the owner's limit takes the place of
+                // the owner's least recently used one (evicted with its
+                // dedup memory), so that an app restarted many times a day
+                // is never locked out by its earlier runs' producers. Only
+                // when every window of the owner published in this very
+                // batch is there nothing to evict.
+                let at_limit = |p: &Prepared| {
+                    let resident = self.producers.owned_by(&producer.key.owner)
+                        - p.evicted_of(&producer.key.owner);
+                    resident + new_per_owner.get(&producer.key.owner).copied().unwrap_or(0)
+                        >= self.limits.max_per_owner
+                };
+                let known = p.producers.contains_key(&producer.key)
+                    || self.producers.contains(&producer.key);
+                if !known && producer.limited && at_limit(&p) {
+                    let lru = self.producers.least_recent_of(&producer.key.owner, |k| {
+                        p.evicted_producers.contains(k) || p.producers.contains_key(k)
+                    });
+                    p.evicted_producers.extend(lru);
+                }
                 let window = p
                     .producers
                     .get(&producer.key)
                     .or_else(|| self.producers.get(&producer.key));
                 let refused = match window.map(|w| w.lookup(producer.sequence)) {
-                    None if producer.limited
-                        && self.producers.owned_by(&producer.key.owner)
-                            + new_per_owner.get(&producer.key.owner).copied().unwrap_or(0)
-                            >= self.limits.max_per_owner =>
-                    {
+                    None if producer.limited && at_limit(&p) => {
                         Some(Outcome::Refused(AppendError::TooManyProducers {
                             owner: producer.key.owner.clone(),
                             limit: self.limits.max_per_owner,
@@ -531,6 +560,9 @@ impl Sequencer {
             .iter()
             .map(|(k, w)| (k.clone(), w.clone()))
             .collect();
+        p.set
+            .expired_producers
+            .extend(p.evicted_producers.iter().cloned());
         p
     }
 
@@ -560,6 +592,9 @@ impl Sequencer {
         }
         for (name, _) in &prepared.deleted {
             self.channels.remove(name);
+        }
+        for key in prepared.evicted_producers.drain(..) {
+            self.producers.remove(&key);
         }
         for (key, window) in prepared.producers.drain() {
             self.producers.put(key, window);
@@ -598,6 +633,12 @@ enum Command {
     Restore {
         step: Restore,
         reply: oneshot::Sender<Result<(), AppendError>>,
+    },
+    /// The last sequence stored for a producer; ends the batch it is in,
+    /// so that it is answered after every append queued before it.
+    LastSequence {
+        key: ProducerKey,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
     },
 }
 
@@ -1076,6 +1117,35 @@ impl Log {
         rx.await.unwrap_or(Err(AppendError::ShuttingDown))
     }
 
+    /// The last sequence the log stored for `key` and still remembers (0:
+    /// none), answered after every append queued before the question: a
+    /// producer restarted under the same id continues after it (protocol
+    /// 4's `InitProducer`). A cluster node answers `Unsupported`: its
+    /// windows live in each partition's group (the client then takes a
+    /// fresh producer id, as before protocol 4).
+    pub async fn last_sequence(&self, key: ProducerKey) -> Result<u64, AppendError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(AppendError::ShuttingDown);
+        }
+        if self.replication.get().is_some() {
+            return Err(AppendError::Refused {
+                code: ErrorCode::Unsupported,
+                message: "a cluster node does not tell where a producer's sequences stand; \
+                          publish under a fresh producer id"
+                    .into(),
+            });
+        }
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::LastSequence { key, reply })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        match rx.await {
+            Ok(answer) => answer.map_err(|e| AppendError::Storage(e.to_string())),
+            Err(_) => Err(AppendError::ShuttingDown),
+        }
+    }
+
     /// Whether `other` is a handle to this same log.
     pub fn is(&self, other: &Log) -> bool {
         Arc::ptr_eq(&self.closed, &other.closed)
@@ -1314,6 +1384,7 @@ impl Writer {
             let mut bytes = 0usize;
             let mut replicated = None;
             let mut restore = None;
+            let mut asked = None;
             let mut next = first;
             while let Some(queued) = next.take() {
                 match queued.item {
@@ -1336,12 +1407,19 @@ impl Writer {
                         restore = Some((step, reply));
                         break;
                     }
+                    Command::LastSequence { key, reply } => {
+                        asked = Some((key, reply));
+                        break;
+                    }
                 }
                 if batch.appends.len() < self.max_batch_messages && bytes < self.max_batch_bytes {
                     next = rx.try_recv().ok();
                 }
             }
             if batch.is_empty() && replicated.is_none() && restore.is_none() {
+                if let Some((key, reply)) = asked {
+                    let _ = reply.send(self.last_sequence(&key));
+                }
                 continue;
             }
             // After a failed write the store refuses writes until it is
@@ -1360,6 +1438,9 @@ impl Writer {
                 healthy = restored.is_ok();
                 let _ = reply.send(restored.map_err(|e| AppendError::Storage(e.to_string())));
             }
+            if let Some((key, reply)) = asked {
+                let _ = reply.send(self.last_sequence(&key));
+            }
             if self.sequencer.channels().over_capacity() {
                 for name in self.sequencer.channels_mut().evict() {
                     self.directory.remove(&name);
@@ -1367,6 +1448,20 @@ impl Writer {
             }
         }
         info!("log writer stopped");
+    }
+
+    /// The last sequence stored for `key` that its window remembers (0:
+    /// no live window), from memory or the store.
+    fn last_sequence(&self, key: &ProducerKey) -> Result<u64, StoreError> {
+        if let Some(window) = self.sequencer.producers().get(key) {
+            return Ok(window.last_sequence());
+        }
+        Ok(match self.store.load_producer(key)? {
+            Some(window) if self.sequencer.producers().is_live(&window, now_ms()) => {
+                window.last_sequence()
+            }
+            _ => 0,
+        })
     }
 
     /// Forgets idle producer windows (returned: their point deletes go
@@ -1447,10 +1542,11 @@ impl Writer {
                 });
         // A producer that expired and published again in this very batch
         // has a new window: it must not be deleted after being written.
-        prepared.set.expired_producers = expired_producers
-            .into_iter()
-            .filter(|key| !prepared.producers.contains_key(key))
-            .collect();
+        prepared.set.expired_producers.extend(
+            expired_producers
+                .into_iter()
+                .filter(|key| !prepared.producers.contains_key(key)),
+        );
         if let Err(e) = self.write(&mut prepared, appends.len()) {
             warn!(error = %e, messages = appends.len(), "group commit failed; nothing was acknowledged");
             Batch {
@@ -1873,6 +1969,73 @@ mod tests {
             &mut || Epoch(1),
         );
         assert_eq!(offsets(&p), [Ok((4, false)), Ok((5, false))]);
+    }
+
+    #[test]
+    fn a_new_producer_beyond_the_limit_evicts_the_owners_least_recent_window() {
+        let mut seq = Sequencer::new(Recovered::default(), limits(8));
+        let mut p = seq.prepare(
+            &[
+                owned_input("ann", "chat.a", Some((7, 1)), "a"),
+                owned_input("ann", "chat.a", Some((8, 1)), "b"),
+            ],
+            [],
+            [],
+            10,
+            &mut || Epoch(1),
+        );
+        seq.commit(&mut p);
+        let mut p = seq.prepare(
+            &[owned_input("ann", "chat.a", Some((8, 2)), "c")],
+            [],
+            [],
+            20,
+            &mut || Epoch(1),
+        );
+        seq.commit(&mut p);
+        // Ann's producers 7 (last published at 10) and 8 (at 20) are her
+        // limit of 2: a third takes 7's place, then a fourth 8's, in one
+        // batch in which 8 also publishes (so 8 stays) — nothing is left to
+        // evict for the fourth.
+        let mut p = seq.prepare(
+            &[
+                owned_input("ann", "chat.a", Some((9, 1)), "d"),
+                owned_input("ann", "chat.a", Some((8, 3)), "e"),
+                owned_input("ann", "chat.a", Some((10, 1)), "f"),
+            ],
+            [],
+            [],
+            30,
+            &mut || Epoch(1),
+        );
+        assert_eq!(
+            offsets(&p),
+            [
+                Ok((4, false)),
+                Ok((5, false)),
+                Err(AppendError::TooManyProducers {
+                    owner: "ann".into(),
+                    limit: 2
+                })
+            ]
+        );
+        assert_eq!(p.set.expired_producers, [ProducerKey::new("ann".into(), 7)]);
+        seq.commit(&mut p);
+        assert_eq!(seq.producers().owned_by("ann"), 2);
+        assert!(!seq.producers().contains(&ProducerKey::new("ann".into(), 7)));
+        // In a later batch the fourth has room: 8 and 9 both published at
+        // 30, and the tie goes to the lower id, 8.
+        let mut p = seq.prepare(
+            &[owned_input("ann", "chat.a", Some((10, 1)), "f")],
+            [],
+            [],
+            40,
+            &mut || Epoch(1),
+        );
+        assert_eq!(offsets(&p), [Ok((6, false))]);
+        assert_eq!(p.set.expired_producers, [ProducerKey::new("ann".into(), 8)]);
+        seq.commit(&mut p);
+        assert_eq!(seq.producers().owned_by("ann"), 2);
     }
 
     fn trim(channel: &ChannelName, from: u64, below: u64, freed: u64, oldest_ms: u64) -> Trim {

@@ -202,6 +202,14 @@ impl ProducerWindow {
         }
     }
 
+    /// The highest sequence stored (0: none): where a producer that
+    /// restarts under the same id continues from.
+    pub fn last_sequence(&self) -> u64 {
+        self.runs
+            .back()
+            .map_or(self.evicted_below.saturating_sub(1), |run| run.end() - 1)
+    }
+
     /// Sequences remembered.
     pub fn len(&self) -> u64 {
         self.entries
@@ -349,6 +357,7 @@ mod tests {
         assert_eq!(w.lookup(1000), SequenceStatus::Stored(entry(1000, 1, 1010)));
         assert_eq!(w.lookup(1001), SequenceStatus::New);
         assert_eq!(w.last_publish_ms, 1000);
+        assert_eq!(w.last_sequence(), 1000);
         assert_eq!(w.encode().len(), w.encoded_len());
     }
 
@@ -362,9 +371,12 @@ mod tests {
         assert_eq!(w.lookup(2), SequenceStatus::Stored(entry(2, 1, 2)));
         assert_eq!(w.lookup(3), SequenceStatus::Stored(entry(3, 1, 1)));
         assert_eq!(w.lookup(4), SequenceStatus::New);
+        assert_eq!(w.last_sequence(), 3);
         // A gap stays a gap: 5 was never stored.
         w.insert(entry(6, 1, 3), 8, 0);
         assert_eq!(w.lookup(5), SequenceStatus::New);
+        assert_eq!(w.last_sequence(), 6);
+        assert_eq!(ProducerWindow::default().last_sequence(), 0);
         assert_eq!(ProducerWindow::decode(&w.encode()), Ok(w));
     }
 
