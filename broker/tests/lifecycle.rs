@@ -220,7 +220,7 @@ async fn next_offset_is_a_checkpoint_that_resumes_exactly() {
             assert_eq!(checkpoint, m.offset.next());
         }
         drop(sub);
-        client.close();
+        client.close().await;
     }
     assert_eq!(seen, (1..=total).collect::<Vec<_>>());
 }

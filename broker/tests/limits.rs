@@ -51,7 +51,7 @@ async fn a_user_holds_at_most_max_connections_per_user() {
     connect(&broker, &token(json!({"sub": "bob"})))
         .await
         .unwrap();
-    first.close();
+    first.close().await;
     eventually("alice's place to be freed", || async {
         connect(&broker, &alice).await.is_ok()
     })
@@ -175,7 +175,9 @@ async fn connection_attempts_are_rate_limited_per_address() {
     assert!(
         matches!(
             err,
-            ClientError::Connect(_) | ClientError::Timeout | ClientError::ConnectTimeout { .. }
+            ClientError::Connect(_)
+                | ClientError::Timeout { .. }
+                | ClientError::ConnectTimeout { .. }
         ),
         "{err}"
     );
@@ -201,7 +203,7 @@ async fn the_broker_holds_at_most_max_connections() {
     let err = Client::connect(config.clone()).await.unwrap_err();
     assert!(matches!(err, ClientError::Connect(_)), "{err}");
     // Room again once one leaves; the others were not disturbed.
-    first.close();
+    first.close().await;
     drop(first);
     let mut third = None;
     for _ in 0..100 {

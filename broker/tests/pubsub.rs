@@ -114,7 +114,7 @@ async fn offsets_and_history_survive_a_restart(transport: Transport) {
         let client = broker.client().await;
         let offsets = publish_many(&client, &ch, "a", 100, 16).await;
         assert_eq!(offsets.iter().max(), Some(&100));
-        client.close();
+        client.close().await;
     }
     broker.restart().await;
     let client = broker.client().await;
@@ -516,7 +516,7 @@ async fn clients_sharing_one_endpoint_each_get_exactly_their_messages() {
     assert_eq!(read_messages(&mut sub_b, 50).await, expected("for-b-"));
 
     // One client closing leaves the socket, and the other client, working.
-    a.close();
+    a.close().await;
     publish_many(&b, &to_b, "again-", 10, 4).await;
     let again: Vec<_> = read_messages(&mut sub_b, 10).await;
     assert_eq!(again.first(), Some(&(51, "again-0".to_owned())));

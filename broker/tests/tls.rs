@@ -226,7 +226,7 @@ async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity(trans
     assert!(
         matches!(
             err,
-            ClientError::Connect(_) | ClientError::Disconnected | ClientError::Timeout
+            ClientError::Connect(_) | ClientError::Disconnected | ClientError::Timeout { .. }
         ),
         "{err}"
     );

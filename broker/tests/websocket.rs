@@ -131,7 +131,7 @@ async fn broken_websocket_input_closes_that_connection_only() {
     let broker = TestBroker::start().await;
     let ch = channel("chat.ws-hostile");
     let mut good = broker.client_config();
-    good.websocket = Some(broker.websocket_url());
+    good.websocket = vec![broker.websocket_url()];
     good.servers.clear();
     let good = Client::connect(good).await.unwrap();
     let mut sub = good.subscribe(&ch, Position::Latest).await.unwrap();
@@ -271,7 +271,7 @@ async fn without_udp_the_client_falls_back_to_websocket_and_returns_to_quic() {
     let mut config =
         ClientConfig::new(relay.addr.to_string(), "test", Trust::CaFile(broker.cert()));
     config.server_name = Some("127.0.0.1".into());
-    config.websocket = Some(broker.websocket_url());
+    config.websocket = vec![broker.websocket_url()];
     config.quic_fallback_after = Duration::from_millis(500);
     config.quic_probe_interval = Duration::from_millis(300);
     let started = std::time::Instant::now();

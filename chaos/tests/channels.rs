@@ -61,7 +61,7 @@ async fn a_million_channels_start_fast_stay_small_and_cost_retention_nothing() {
         "{n} channels created in {took:.1?} ({:.0}/s)",
         n as f64 / took.as_secs_f64()
     );
-    client.close();
+    client.close().await;
     let resident = broker.metric("volna_resident_channels").await.unwrap();
     assert!(resident <= 250_000.0, "{resident} channels resident");
 

@@ -55,8 +55,11 @@ async fn kill_9_with_acks_in_flight_never_moves_a_cursor_back_or_past_what_was_r
                     Ok(ack) => {
                         published.lock().unwrap().insert(ack.offset.get(), payload);
                     }
-                    Err(ClientError::Timeout | ClientError::Disconnected | ClientError::Closed) => {
-                    }
+                    Err(
+                        ClientError::Timeout { .. }
+                        | ClientError::Disconnected
+                        | ClientError::Closed,
+                    ) => {}
                     Err(e) => panic!("publish: {e}"),
                 }
                 tokio::time::sleep(Duration::from_millis(1)).await;

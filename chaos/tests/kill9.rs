@@ -38,7 +38,7 @@ async fn publish_until_stopped(
                     ack.offset
                 );
             }
-            Err(ClientError::Timeout | ClientError::Disconnected | ClientError::Closed) => {
+            Err(ClientError::Timeout { .. } | ClientError::Disconnected | ClientError::Closed) => {
                 history.lock().unwrap().unknown.push(payload);
             }
             Err(e) => panic!("unexpected publish error: {e}"),

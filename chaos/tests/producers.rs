@@ -62,7 +62,7 @@ async fn a_million_publishes_of_one_producer_restart_fast_and_stay_small() {
         "{n} publishes of one producer in {took:.1?} ({:.0}/s)",
         n as f64 / took.as_secs_f64()
     );
-    client.close();
+    client.close().await;
 
     // The idle broker right after the run: this is where the flush of
     // range tombstones made memory climb by gigabytes.

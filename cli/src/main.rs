@@ -78,10 +78,11 @@ struct Cli {
     /// Admin subcommands: print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
-    /// The broker's WebSocket URL (`wss://host:7400/ws`): used when no QUIC
-    /// handshake completes within 2 s (UDP blocked), QUIC retried meanwhile.
-    #[arg(long, global = true, env = "VOLNA_WEBSOCKET")]
-    websocket: Option<String>,
+    /// The brokers' WebSocket URLs (`wss://host:7400/ws`; the flag given
+    /// several times, or comma-separated): used when no seed completes a
+    /// QUIC handshake within 2 s (UDP blocked), QUIC retried meanwhile.
+    #[arg(long, global = true, env = "VOLNA_WEBSOCKET", value_delimiter = ',')]
+    websocket: Vec<String>,
     /// Connect over --websocket only, never QUIC.
     #[arg(long, global = true, requires = "websocket")]
     websocket_only: bool,
@@ -422,10 +423,11 @@ async fn run() -> anyhow::Result<()> {
         return Ok(());
     }
     let client = Client::connect(config).await.with_context(|| {
-        match (&cli.websocket, cli.websocket_only) {
-            (Some(url), true) => format!("connecting to {url}"),
-            (Some(url), false) => format!("connecting to {} or {url}", cli.servers.join(", ")),
-            (None, _) => format!("connecting to {}", cli.servers.join(", ")),
+        let websocket = cli.websocket.join(", ");
+        match (cli.websocket.is_empty(), cli.websocket_only) {
+            (false, true) => format!("connecting to {websocket}"),
+            (false, false) => format!("connecting to {} or {websocket}", cli.servers.join(", ")),
+            (true, _) => format!("connecting to {}", cli.servers.join(", ")),
         }
     })?;
     let result = match cli.command {
@@ -488,7 +490,9 @@ async fn run() -> anyhow::Result<()> {
         }
         _ => Ok(()),
     };
-    client.close();
+    // The broker is told before the process exits: a short-lived run must
+    // not hold a connection (counted against the user) until it times out.
+    client.close().await;
     result
 }
 

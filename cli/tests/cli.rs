@@ -44,6 +44,34 @@ fn volna(broker: &Broker, cert: &std::path::Path) -> Command {
     cmd
 }
 
+/// 200 runs of `volna pub` in a row as one user, under the default limits
+/// (32 connections and 64 producer windows per user): each exiting run
+/// tells the broker, and the user's producers beyond the limit make room,
+/// so every one is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_runs_of_one_user_all_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker_with_admin(dir.path(), "runs-admin-token-0123456789").await;
+    let cert = broker.dev_cert().unwrap().clone();
+    for run in 1..=200 {
+        let out = tokio::time::timeout(
+            DEADLINE,
+            volna(&broker, &cert)
+                .args(["--token", "alice", "pub", "chat.runs", &format!("run {run}")])
+                .output(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "run {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{run}\n"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pub_and_sub_pass_messages_between_processes() {
     let dir = tempfile::tempdir().unwrap();

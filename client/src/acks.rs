@@ -125,10 +125,10 @@ mod tests {
         );
         assert!(!acks.all_stored());
         acks.stored(&a, Offset::new(9));
-        acks.refused(&b, Offset::new(1), ClientError::Timeout);
+        acks.refused(&b, Offset::new(1), ClientError::Closed);
         assert!(acks.all_stored());
         assert!(acks.due().is_empty());
-        assert!(matches!(acks.take_failure(), Some(ClientError::Timeout)));
+        assert!(matches!(acks.take_failure(), Some(ClientError::Closed)));
         assert!(acks.take_failure().is_none());
     }
 }

@@ -4,9 +4,21 @@
 //! Publishes carry the client's producer id and a sequence number, so a
 //! publish whose connection died before its ack is retried on the next
 //! connection without being stored twice (G5): the caller sees one offset.
+//! The producer id belongs to the device (or the application), not to the
+//! process: at connect the broker says the last sequence it stored for it
+//! (`InitProducer`), and the client continues after it.
+//!
+//! Every outcome is either passing or final, by one table
+//! ([`ErrorCode::is_retryable`], shared with the broker): passing ones are
+//! retried with backoff — a connect on the next seed, a publish or a
+//! subscribe within its deadline, a resubscribe until it succeeds — and
+//! final ones are reported: a call returns the refusal, a subscription
+//! ends with `Ended { code }`, and a connect refused for good stops the
+//! whole client ([`ConnectionState::Failed`]) instead of looping in
+//! silence.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +33,7 @@ use volna_proto::{
 };
 
 use crate::acks::Acks;
-use crate::config::{ClientConfig, TokenSource};
+use crate::config::{ClientConfig, TokenSource, device_producer_id};
 use crate::connection::{Ended, Live, ReadMarker, Transport};
 use crate::error::{ClientError, SubscriptionError};
 use crate::inflight::InFlight;
@@ -37,6 +49,33 @@ pub struct Published {
     /// True when a retry found the message already stored.
     pub duplicate: bool,
 }
+
+/// Where the client's connection stands, as [`Client::state`] and
+/// [`Client::state_changes`] tell it.
+#[derive(Debug, Clone)]
+pub enum ConnectionState {
+    /// Connecting or reconnecting (after a lost connection).
+    Connecting {
+        /// Why the last attempt failed, if one did.
+        last_error: Option<ClientError>,
+    },
+    /// A session is up.
+    Connected {
+        /// The seed (`host:port`) or WebSocket URL it is on.
+        server: String,
+        /// Whether it runs over the WebSocket fallback.
+        websocket: bool,
+    },
+    /// Stopped for good by a final refusal (see [`ClientError::Failed`]);
+    /// every subscription ended with its code.
+    Failed(ClientError),
+    /// Closed by the application.
+    Closed,
+}
+
+/// Consecutive failures of the token source after which the client stops
+/// (reported as [`ConnectionState::Failed`]) instead of asking forever.
+const TOKEN_SOURCE_ATTEMPTS: u32 = 5;
 
 /// A connection to a Volna broker that survives the broker's restarts.
 /// Cheap to clone; closed when the last clone is dropped or on [`close`](Self::close).
@@ -66,6 +105,13 @@ struct Inner {
     next_sub: AtomicU64,
     producer_id: u64,
     next_sequence: AtomicU64,
+    /// Deliveries dropped as already seen, all subscriptions.
+    duplicates: Arc<AtomicU64>,
+    state: watch::Sender<ConnectionState>,
+    /// Set once a final refusal stopped the client.
+    failure: Mutex<Option<ClientError>>,
+    /// A token refresh is running (off the supervisor).
+    refreshing: AtomicBool,
     max_payload: AtomicU32,
     publish_slots: tokio::sync::Semaphore,
     /// Each channel's publishes in flight, in issue order.
@@ -85,18 +131,29 @@ impl Client {
         if token.is_empty()
             && let Some(source) = &config.token_source
         {
-            token = fetch_token(source).await?;
+            token = fetch_token(source, config.token_timeout).await?;
         }
-        let live = match transport.establish_any(&config, &token).await {
+        let live = match transport.establish(&config, &token).await {
             // A stale configured token: one fresh try with the source's.
             Err(e) if e.code() == Some(ErrorCode::Unauthorized) => match &config.token_source {
                 Some(source) => {
-                    token = fetch_token(source).await?;
-                    transport.establish_any(&config, &token).await?
+                    token = fetch_token(source, config.token_timeout).await?;
+                    transport.establish(&config, &token).await?
                 }
                 None => return Err(e),
             },
             other => other?,
+        };
+        let (producer_id, next_sequence) = match init_producer(&config, &live).await {
+            Ok(started) => started,
+            Err(e) => {
+                live.close(CloseCode::NORMAL);
+                return Err(e);
+            }
+        };
+        let connected = ConnectionState::Connected {
+            server: live.server.clone(),
+            websocket: live.over_websocket(),
         };
         let inner = Arc::new(Inner {
             max_payload: AtomicU32::new(live.welcome.max_payload),
@@ -106,8 +163,12 @@ impl Client {
             live: watch::Sender::new(Some(live.clone())),
             subs: Mutex::new(HashMap::new()),
             next_sub: AtomicU64::new(1),
-            producer_id: rand::random(),
-            next_sequence: AtomicU64::new(1),
+            producer_id,
+            next_sequence: AtomicU64::new(next_sequence),
+            duplicates: Arc::default(),
+            state: watch::Sender::new(connected),
+            failure: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
             publish_slots: tokio::sync::Semaphore::new(config_inflight),
             inflight: InFlight::default(),
             acks: Acks::default(),
@@ -133,7 +194,48 @@ impl Client {
         channel: &ChannelName,
         payload: impl Into<Bytes>,
     ) -> Result<Published, ClientError> {
-        let payload = payload.into();
+        self.publish_with(channel, payload.into(), None).await
+    }
+
+    /// Takes the next sequence of this client's producer for a message the
+    /// application keeps in its own outbox (with the message, durably):
+    /// publish it with [`publish_sequenced`](Self::publish_sequenced).
+    pub fn reserve_sequence(&self) -> u64 {
+        self.inner.next_sequence.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Publishes `payload` under `sequence` of this client's producer (a
+    /// sequence from [`reserve_sequence`](Self::reserve_sequence), kept in
+    /// the application's outbox with the message). After the app was
+    /// killed with publishes in flight, the restarted app (same device, or
+    /// same [`ClientConfig::producer_id`](crate::ClientConfig::producer_id))
+    /// re-sends its outbox under the same sequences: what was stored
+    /// already answers `duplicate` with its offset, the rest is stored —
+    /// each message once. Re-send the outbox before publishing anything
+    /// new: the client continues its own sequences after the highest it
+    /// saw, and a new publish must not take a sequence the outbox holds.
+    pub async fn publish_sequenced(
+        &self,
+        channel: &ChannelName,
+        sequence: u64,
+        payload: impl Into<Bytes>,
+    ) -> Result<Published, ClientError> {
+        if sequence == 0 {
+            return Err(ClientError::Protocol("sequence 0 is not a sequence".into()));
+        }
+        self.inner
+            .next_sequence
+            .fetch_max(sequence.saturating_add(1), Ordering::Relaxed);
+        self.publish_with(channel, payload.into(), Some(sequence))
+            .await
+    }
+
+    async fn publish_with(
+        &self,
+        channel: &ChannelName,
+        payload: Bytes,
+        fixed_sequence: Option<u64>,
+    ) -> Result<Published, ClientError> {
         let max = self.inner.max_payload.load(Ordering::Relaxed);
         if payload.len() > max as usize {
             return Err(ClientError::PayloadTooLarge {
@@ -150,20 +252,26 @@ impl Client {
         // may have been stored); after an explicit refusal, which stored
         // nothing, a fresh one is taken, so that a retry long after cannot
         // be mistaken for one older than the broker's dedup window.
-        let mut sequence = None;
+        let mut sequence = fixed_sequence;
         let mut maybe_stored = false;
         let mut attempt = 0;
         let mut last_refusal = None;
         let mut slot = None;
         loop {
-            let live = self.inner.wait_live(deadline).await?;
+            let timed_out = |maybe_stored| ClientError::Timeout { maybe_stored };
+            let live = self.inner.wait_live(deadline).await.map_err(|e| match e {
+                ClientError::Timeout { .. } => timed_out(maybe_stored),
+                other => other,
+            })?;
             // Those ahead are sent on this connection; if it goes first,
             // they will be on the next one.
             let after = tokio::select! {
                 after = tokio::time::timeout_at(deadline, place.turn(live.generation)) => {
                     match after {
                         Ok(after) => after,
-                        Err(_) => return Err(last_refusal.take().unwrap_or(ClientError::Timeout)),
+                        Err(_) => {
+                            return Err(last_refusal.take().unwrap_or(timed_out(maybe_stored)));
+                        }
                     }
                 }
                 () = live.gone() => continue,
@@ -174,7 +282,7 @@ impl Client {
             if slot.is_none() {
                 let permit = tokio::time::timeout_at(deadline, self.inner.publish_slots.acquire())
                     .await
-                    .map_err(|_| ClientError::Timeout)?
+                    .map_err(|_| timed_out(maybe_stored))?
                     .map_err(|_| ClientError::Closed)?;
                 slot = Some(permit);
                 continue;
@@ -195,10 +303,11 @@ impl Client {
                     payload: payload.clone(),
                 })
             });
-            // Out of time: the broker's last refusal says more than "timed out".
+            // Out of time: the broker's last refusal says more than "timed
+            // out". Sent and unanswered, the publish may have been stored.
             let reply = match tokio::time::timeout_at(deadline, request).await {
                 Ok(reply) => reply,
-                Err(_) => return Err(last_refusal.take().unwrap_or(ClientError::Timeout)),
+                Err(_) => return Err(last_refusal.take().unwrap_or(timed_out(true))),
             };
             match reply {
                 Ok(Frame::Published {
@@ -215,7 +324,7 @@ impl Client {
                 }
                 Ok(Frame::Error(ErrorFrame { code, message, .. })) if code.is_retryable() => {
                     maybe_stored |= code.may_have_stored();
-                    if !maybe_stored {
+                    if !maybe_stored && fixed_sequence.is_none() {
                         sequence = None;
                     }
                     // Those behind it wait for it to be sent again.
@@ -259,6 +368,8 @@ impl Client {
             channel.clone(),
             position,
             inner.config.subscription_buffer,
+            inner.config.subscription_buffer_bytes,
+            inner.duplicates.clone(),
         );
         {
             let mut subs = inner.subs_map();
@@ -286,18 +397,30 @@ impl Client {
             rx,
             on_drop: Arc::downgrade(&(inner.clone() as Arc<dyn Unsubscriber>)),
             yielded: None,
+            budget: shared.budget.clone(),
+            budget_bytes: inner.config.subscription_buffer_bytes,
             auto_ack: false,
         };
         // Returns only once the broker resolved the start: a `Latest` whose
         // request was lost to a disconnect must not resume later as
-        // `Latest` and miss what was published meanwhile.
+        // `Latest` and miss what was published meanwhile. A passing
+        // refusal is retried within the request timeout.
         let deadline = Instant::now() + inner.config.request_timeout;
-        loop {
-            let live = inner.wait_live(deadline).await?;
-            match subscribe_on(&live, &shared, &inner.config.backoff).await {
-                Ok(()) => return Ok(subscription),
-                Err(ClientError::Disconnected) => continue,
-                Err(e) => return Err(e),
+        let subscribed = async {
+            loop {
+                let live = inner.wait_live(deadline).await?;
+                match subscribe_on(&live, &shared, &inner.config.backoff, Some(deadline)).await {
+                    Ok(()) => return Ok(()),
+                    Err(ClientError::Disconnected) => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+        };
+        match subscribed.await {
+            Ok(()) => Ok(subscription),
+            Err(e) => {
+                inner.subs_map().remove(&id);
+                Err(e)
             }
         }
     }
@@ -322,14 +445,41 @@ impl Client {
             .is_some_and(|l| !l.is_gone() && l.over_websocket())
     }
 
-    /// Closes the connection and ends every subscription stream.
-    pub fn close(&self) {
+    /// Where the connection stands now.
+    pub fn state(&self) -> ConnectionState {
+        self.inner.state.borrow().clone()
+    }
+
+    /// Every change of [`state`](Self::state), as it happens (the latest
+    /// wins: a listener that looks later sees the state then).
+    pub fn state_changes(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.subscribe()
+    }
+
+    /// Closes the connection, ends every subscription stream, and waits
+    /// (at most about a second) until the broker has been told, so that a
+    /// process exiting right after frees its place on the broker at once
+    /// (not after the idle timeout). Dropping the last clone of the client
+    /// closes it too, without waiting.
+    pub async fn close(&self) {
+        let live = self.inner.live.borrow().clone();
         self.inner.close();
+        if let Some(live) = live {
+            let _ = tokio::time::timeout(Duration::from_secs(1), live.close_written()).await;
+        }
+        self.inner.transport.wait_closed().await;
     }
 
     /// This client's producer id (the idempotency key of its publishes).
     pub fn producer_id(&self) -> u64 {
         self.inner.producer_id
+    }
+
+    /// Deliveries dropped by this client as already seen (offsets below a
+    /// subscription's position). The broker never sends them in a correct
+    /// run: a count above zero is worth reporting.
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.inner.duplicates.load(Ordering::Relaxed)
     }
 
     /// Sends every acknowledgement now and waits until the broker stored
@@ -352,8 +502,10 @@ impl Client {
             inner.acks.hurry();
             tokio::select! {
                 () = settled => {}
-                () = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout),
-                () = inner.closed.cancelled() => return Err(ClientError::Closed),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(ClientError::Timeout { maybe_stored: true });
+                }
+                () = inner.closed.cancelled() => return Err(inner.stopped()),
             }
         }
     }
@@ -418,7 +570,8 @@ fn unexpected(reply: Frame, request: &str) -> ClientError {
 
 impl Inner {
     /// Resolves when a connection over the WebSocket fallback could move
-    /// back to QUIC (a probe handshake completed); never for one on QUIC.
+    /// back to QUIC (a probe handshake with some seed completed); never
+    /// for one on QUIC.
     async fn quic_is_back(&self, live: &Live) {
         if !live.over_websocket() || !self.transport.has_quic() {
             return std::future::pending().await;
@@ -439,16 +592,35 @@ impl Inner {
         self.subs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn failure_slot(&self) -> std::sync::MutexGuard<'_, Option<ClientError>> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What a call on a stopped client answers: why it stopped.
+    fn stopped(&self) -> ClientError {
+        match self.failure_slot().as_ref() {
+            Some(cause) => ClientError::Failed(Box::new(cause.clone())),
+            None => ClientError::Closed,
+        }
+    }
+
     /// Sends a request and returns its reply, on the next connection when
     /// this one is lost, within the request timeout. For requests that may
     /// be repeated (they set a value, or read one).
     async fn call(&self, build: impl Fn(u64) -> Frame) -> Result<Frame, ClientError> {
         let deadline = Instant::now() + self.config.request_timeout;
+        let mut sent = false;
         loop {
-            let live = self.wait_live(deadline).await?;
+            let live = self.wait_live(deadline).await.map_err(|e| match e {
+                ClientError::Timeout { .. } => ClientError::Timeout { maybe_stored: sent },
+                other => other,
+            })?;
+            sent = true;
             let reply = tokio::select! {
                 reply = live.request(&build) => reply,
-                () = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(ClientError::Timeout { maybe_stored: true });
+                }
             };
             match reply {
                 Err(ClientError::Disconnected) => continue,
@@ -457,12 +629,13 @@ impl Inner {
         }
     }
 
-    /// The current connection, waiting for the supervisor while there is none.
+    /// The current connection, waiting for the supervisor while there is
+    /// none; the cause once the client stopped.
     async fn wait_live(&self, deadline: Instant) -> Result<Arc<Live>, ClientError> {
         let mut rx = self.live.subscribe();
         loop {
             if self.closed.is_cancelled() {
-                return Err(ClientError::Closed);
+                return Err(self.stopped());
             }
             if let Some(live) = rx.borrow_and_update().clone()
                 && !live.is_gone()
@@ -471,8 +644,10 @@ impl Inner {
             }
             tokio::select! {
                 changed = rx.changed() => changed.map_err(|_| ClientError::Closed)?,
-                () = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout),
-                () = self.closed.cancelled() => return Err(ClientError::Closed),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(ClientError::Timeout { maybe_stored: false });
+                }
+                () = self.closed.cancelled() => return Err(self.stopped()),
             }
         }
     }
@@ -485,21 +660,35 @@ impl Inner {
         *self.token.lock().unwrap_or_else(|e| e.into_inner()) = token;
     }
 
-    /// Answers a `TokenExpiring` notice with a fresh token from the source.
-    async fn refresh_token(&self, live: &Live, expires_at: u64) {
-        let Some(source) = &self.config.token_source else {
+    /// Answers a `TokenExpiring` notice with a fresh token from the source,
+    /// in a task of its own: a token service that hangs holds up neither
+    /// the supervisor (reconnects, ended subscriptions) nor anything else,
+    /// and is given up after `token_timeout`.
+    fn refresh_token(self: &Arc<Self>, live: &Arc<Live>, expires_at: u64) {
+        // Answered (or given up) here: the notice is not handled twice.
+        live.token_refreshed();
+        let Some(source) = self.config.token_source.clone() else {
             warn!(
                 expires_at,
                 "the token expires soon and no token source is configured; the broker will end the session then"
             );
-            live.token_refreshed();
             return;
         };
-        let token = match fetch_token(source).await {
+        if self.refreshing.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (inner, live) = (self.clone(), live.clone());
+        tokio::spawn(async move {
+            inner.refresh_on(&live, &source).await;
+            inner.refreshing.store(false, Ordering::SeqCst);
+        });
+    }
+
+    async fn refresh_on(&self, live: &Live, source: &TokenSource) {
+        let token = match fetch_token(source, self.config.token_timeout).await {
             Ok(token) => token,
             Err(e) => {
-                warn!(error = %e, "the token source failed; retrying on the next notice or reconnect");
-                live.token_refreshed();
+                warn!(error = %e, "the token source failed; the next reconnect asks again");
                 return;
             }
         };
@@ -507,24 +696,24 @@ impl Inner {
             request_id,
             token: token.clone(),
         });
-        match request.await {
-            Ok(Frame::Refreshed { expires_at, .. }) => {
+        match tokio::time::timeout(self.config.request_timeout, request).await {
+            Ok(Ok(Frame::Refreshed { expires_at, .. })) => {
                 debug!(expires_at, "token refreshed");
                 self.set_token(token);
             }
-            Ok(Frame::Error(ErrorFrame { code, message, .. })) => {
+            Ok(Ok(Frame::Error(ErrorFrame { code, message, .. }))) => {
                 warn!(%code, %message, "the broker refused the refreshed token");
             }
-            Ok(other) => warn!(frame = ?other.frame_type(), "unexpected reply to Refresh"),
-            Err(_) => {}
+            Ok(Ok(other)) => warn!(frame = ?other.frame_type(), "unexpected reply to Refresh"),
+            Ok(Err(_)) | Err(_) => {}
         }
-        live.token_refreshed();
     }
 
-    /// The broker ended `ended.sub` on its own: a retryable cause (its log
-    /// could not be read) is answered by subscribing again, after a pause,
-    /// from where the application stands; any other ends the application's
-    /// stream with the reason (G8).
+    /// The broker ended `ended.sub` on its own: a passing cause (its log
+    /// could not be read, its stream was stopped because the application
+    /// did not read) is answered by subscribing again, after a pause and
+    /// once the application has room, from where it stands; any other
+    /// ends the application's stream with the reason (G8).
     fn subscription_ended(self: &Arc<Self>, live: &Arc<Live>, ended: Ended) {
         if !self.subs_map().contains_key(&ended.sub.id) {
             return;
@@ -537,7 +726,10 @@ impl Inner {
         self.resubscribe(live, ended.sub, Some(pause));
     }
 
-    /// Subscribes `sub` again on `live` (after `pause`); a refusal ends it.
+    /// Subscribes `sub` again on `live` (after `pause`, and once its
+    /// application buffer has room); passing refusals are retried with
+    /// backoff for as long as the subscription and the connection live,
+    /// a final one ends it.
     fn resubscribe(
         self: &Arc<Self>,
         live: &Arc<Live>,
@@ -547,8 +739,16 @@ impl Inner {
         let (inner, live) = (self.clone(), live.clone());
         tokio::spawn(async move {
             if let Some(pause) = pause {
+                // The stream that fed it is done first (the application
+                // takes what it had buffered), so that the position asked
+                // for is exact and nothing is sent twice.
+                let settled = async {
+                    tokio::time::sleep(pause).await;
+                    drop(sub.delivery.lock().await);
+                    sub.room().await;
+                };
                 tokio::select! {
-                    () = tokio::time::sleep(pause) => {}
+                    () = settled => {}
                     () = live.gone() => return,
                     () = inner.closed.cancelled() => return,
                 }
@@ -556,7 +756,11 @@ impl Inner {
             if !inner.subs_map().contains_key(&sub.id) {
                 return;
             }
-            match subscribe_on(&live, &sub, &inner.config.backoff).await {
+            let subscribed = tokio::select! {
+                subscribed = subscribe_on(&live, &sub, &inner.config.backoff, None) => subscribed,
+                () = inner.closed.cancelled() => return,
+            };
+            match subscribed {
                 // Dropped by the application while the request was in
                 // flight: nobody reads it, so the broker must not keep it.
                 Ok(()) if !inner.subs_map().contains_key(&sub.id) => {
@@ -571,10 +775,7 @@ impl Inner {
                 Ok(()) | Err(ClientError::Disconnected) => {}
                 Err(e) => {
                     warn!(channel = %sub.channel, error = %e, "resubscribe refused; ending the subscription");
-                    let (code, message) = match e {
-                        ClientError::Server { code, message } => (code, message),
-                        other => (ErrorCode::Internal, other.to_string()),
-                    };
+                    let (code, message) = ended_by(e);
                     inner.end_subscription(&sub, code, message);
                 }
             }
@@ -595,13 +796,142 @@ impl Inner {
         });
     }
 
+    /// A final refusal stopped the client: every call answers it from now
+    /// on, every subscription ends with its code, and the state says so.
+    fn fail(&self, cause: ClientError) {
+        warn!(error = %cause, "the broker refused the client for good; it stops");
+        *self.failure_slot() = Some(cause.clone());
+        let (code, message) = ended_by(cause.clone());
+        let subs: Vec<_> = self.subs_map().values().cloned().collect();
+        for sub in subs {
+            self.end_subscription(&sub, code, message.clone());
+        }
+        self.closed.cancel();
+        if let Some(live) = self.live.send_replace(None) {
+            live.close(CloseCode::NORMAL);
+        }
+        self.state.send_replace(ConnectionState::Failed(cause));
+    }
+
     fn close(&self) {
         self.closed.cancel();
         if let Some(live) = self.live.send_replace(None) {
             live.close(CloseCode::NORMAL);
         }
         self.subs_map().clear();
+        self.state.send_if_modified(|state| {
+            if matches!(state, ConnectionState::Failed(_)) {
+                return false;
+            }
+            *state = ConnectionState::Closed;
+            true
+        });
     }
+
+    /// A new connection after a lost one: rounds of attempts over every
+    /// seed with backoff, asking the token source when the token is
+    /// refused; `None` once the client is closed or a final refusal
+    /// stopped it.
+    async fn reconnect(&self) -> Option<Arc<Live>> {
+        let mut attempt = 0u32;
+        // The token in force was just fetched: a refusal of it is final.
+        let mut fresh_token = false;
+        let mut source_failures = 0;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(self.config.backoff.delay(attempt)) => {}
+                () = self.closed.cancelled() => return None,
+            }
+            let token = self.current_token();
+            let established = tokio::select! {
+                established = self.transport.establish(&self.config, &token) => established,
+                () = self.closed.cancelled() => return None,
+            };
+            let e = match established {
+                Ok(live) => return Some(live),
+                Err(e) => e,
+            };
+            warn!(error = %e, attempt, "reconnect failed");
+            attempt = attempt.saturating_add(1);
+            self.state.send_replace(ConnectionState::Connecting {
+                last_error: Some(e.clone()),
+            });
+            match &self.config.token_source {
+                Some(source) if e.code() == Some(ErrorCode::Unauthorized) && !fresh_token => {
+                    match fetch_token(source, self.config.token_timeout).await {
+                        Ok(token) => {
+                            self.set_token(token);
+                            fresh_token = true;
+                            source_failures = 0;
+                        }
+                        Err(source_error) => {
+                            source_failures += 1;
+                            warn!(error = %source_error, failures = source_failures, "the token source failed");
+                            if source_failures >= TOKEN_SOURCE_ATTEMPTS {
+                                self.fail(source_error);
+                                return None;
+                            }
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if !e.is_retryable() {
+                self.fail(e);
+                return None;
+            }
+            fresh_token = false;
+        }
+    }
+}
+
+/// The code and message a subscription ends with when `e` ends it.
+fn ended_by(e: ClientError) -> (ErrorCode, String) {
+    match e {
+        ClientError::Server { code, message } | ClientError::Refused { code, message } => {
+            (code, message)
+        }
+        ClientError::Failed(cause) => ended_by(*cause),
+        // A token source that cannot give a token: the client has none.
+        e @ ClientError::TokenSource(_) => (ErrorCode::Unauthorized, e.to_string()),
+        other => (ErrorCode::Internal, other.to_string()),
+    }
+}
+
+/// The producer id this client publishes under and its first sequence.
+/// A device's (or the application's) id continues after the last sequence
+/// the broker stored for it; without one, a random id starts at 1. A
+/// broker that cannot say (older than protocol 4, a cluster node) gets a
+/// random id for a derived one, and a refusal for an explicit one (its
+/// sequences would collide with those stored).
+async fn init_producer(config: &ClientConfig, live: &Live) -> Result<(u64, u64), ClientError> {
+    let derived = config.device.as_deref().map(device_producer_id);
+    let Some(producer_id) = config.producer_id.or(derived) else {
+        return Ok((rand::random(), 1));
+    };
+    let asked = live.request(|request_id| Frame::InitProducer {
+        request_id,
+        producer_id,
+    });
+    let reply = match tokio::time::timeout(config.request_timeout, asked).await {
+        Ok(reply) => reply,
+        Err(_) => Err(ClientError::Timeout {
+            maybe_stored: false,
+        }),
+    };
+    let refusal = match reply {
+        Ok(Frame::ProducerReady { last_sequence, .. }) => {
+            return Ok((producer_id, last_sequence.saturating_add(1)));
+        }
+        Ok(other) => unexpected(other, "InitProducer"),
+        Err(e) => e,
+    };
+    if config.producer_id.is_some() {
+        return Err(refusal);
+    }
+    debug!(error = %refusal, "the broker does not say where the device's producer stands; publishing under a fresh producer id");
+    Ok((rand::random(), 1))
 }
 
 impl Unsubscriber for Inner {
@@ -635,13 +965,18 @@ impl Unsubscriber for Inner {
 /// (`connection::UNCLAIMED_STREAM`).
 const ALREADY_SUBSCRIBED_ATTEMPTS: u32 = 8;
 
-/// Subscribes `sub` on `live` from where it stands.
+/// Subscribes `sub` on `live` from where it stands. A passing refusal
+/// (the channel's partition is failing over) is retried with backoff until
+/// `deadline` (none: for as long as the connection lives); the last one is
+/// returned when out of time.
 async fn subscribe_on(
     live: &Live,
     sub: &Arc<SubShared>,
     backoff: &crate::config::Backoff,
+    deadline: Option<Instant>,
 ) -> Result<(), ClientError> {
     let mut attempt = 0;
+    let mut refused = 0;
     loop {
         let reply = live
             .request(|request_id| {
@@ -693,6 +1028,18 @@ async fn subscribe_on(
                     });
                 }
             }
+            Frame::Error(ErrorFrame { code, message, .. }) if code.is_retryable() => {
+                let pause = backoff.delay(refused);
+                refused += 1;
+                if deadline.is_some_and(|d| Instant::now() + pause >= d) {
+                    return Err(ClientError::Server { code, message });
+                }
+                debug!(channel = %sub.channel, %code, %message, "subscribe refused for now; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = live.gone() => return Err(ClientError::Disconnected),
+                }
+            }
             Frame::Error(ErrorFrame { code, message, .. }) => {
                 return Err(ClientError::Server { code, message });
             }
@@ -706,15 +1053,16 @@ async fn subscribe_on(
     }
 }
 
-/// Keeps a connection up: on loss, reconnects with backoff and jitter and
-/// resubscribes everything from its position.
+/// Keeps a connection up: on loss, reconnects with backoff and jitter
+/// (moving on to the next seed) and resubscribes everything from its
+/// position; stops the client when the broker ends it for good.
 async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
     loop {
         loop {
             tokio::select! {
                 () = live.gone() => break,
                 () = inner.closed.cancelled() => return,
-                expires_at = live.token_expiring() => inner.refresh_token(&live, expires_at).await,
+                expires_at = live.token_expiring() => inner.refresh_token(&live, expires_at),
                 ended = live.next_ended() => inner.subscription_ended(&live, ended),
                 () = inner.quic_is_back(&live) => {
                     info!("QUIC is reachable again: moving the connection back from WebSocket");
@@ -723,33 +1071,21 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
             }
         }
         inner.live.send_replace(None);
-        warn!("connection to the broker lost; reconnecting");
+        if inner.closed.is_cancelled() {
+            return;
+        }
+        if let Some(cause) = live.final_end() {
+            inner.fail(cause);
+            return;
+        }
+        warn!(server = %live.server, "connection to the broker lost; reconnecting");
+        inner
+            .state
+            .send_replace(ConnectionState::Connecting { last_error: None });
         inner.transport.move_on();
-        let mut attempt = 0;
-        live = loop {
-            tokio::select! {
-                () = tokio::time::sleep(inner.config.backoff.delay(attempt)) => {}
-                () = inner.closed.cancelled() => return,
-            }
-            match inner
-                .transport
-                .establish(&inner.config, inner.current_token())
-                .await
-            {
-                Ok(live) => break live,
-                Err(e) => {
-                    warn!(error = %e, attempt, "reconnect failed");
-                    attempt = attempt.saturating_add(1);
-                    if e.code() == Some(ErrorCode::Unauthorized)
-                        && let Some(source) = &inner.config.token_source
-                    {
-                        match fetch_token(source).await {
-                            Ok(token) => inner.set_token(token),
-                            Err(e) => warn!(error = %e, "the token source failed"),
-                        }
-                    }
-                }
-            }
+        live = match inner.reconnect().await {
+            Some(live) => live,
+            None => return,
         };
         if inner.closed.is_cancelled() {
             live.close(CloseCode::NORMAL);
@@ -758,8 +1094,12 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
         inner
             .max_payload
             .store(live.welcome.max_payload, Ordering::Relaxed);
-        info!(after_attempts = attempt + 1, "reconnected");
+        info!(server = %live.server, websocket = live.over_websocket(), "reconnected");
         inner.live.send_replace(Some(live.clone()));
+        inner.state.send_replace(ConnectionState::Connected {
+            server: live.server.clone(),
+            websocket: live.over_websocket(),
+        });
         let subs: Vec<_> = inner.subs_map().values().cloned().collect();
         for sub in subs {
             inner.resubscribe(&live, sub, None);
@@ -825,7 +1165,7 @@ async fn send_acks(inner: Arc<Inner>) {
                         }
                     }
                 }
-                Err(ClientError::Closed) => return,
+                Err(ClientError::Closed | ClientError::Failed(_)) => return,
                 Err(_) => {}
             }
             if !acks.due().is_empty() {
@@ -837,9 +1177,13 @@ async fn send_acks(inner: Arc<Inner>) {
     }
 }
 
-async fn fetch_token(source: &TokenSource) -> Result<String, ClientError> {
-    source
-        .fetch()
-        .await
-        .map_err(|e| ClientError::TokenSource(e.to_string()))
+/// A token from `source`, within `timeout`.
+async fn fetch_token(source: &TokenSource, timeout: Duration) -> Result<String, ClientError> {
+    match tokio::time::timeout(timeout, source.fetch()).await {
+        Ok(fetched) => fetched.map_err(|e| ClientError::TokenSource(e.to_string())),
+        Err(_) => Err(ClientError::TokenSource(format!(
+            "no token within {} s",
+            timeout.as_secs_f64()
+        ))),
+    }
 }

@@ -131,6 +131,14 @@ pub struct ClientConfig {
     /// `Position::Cursor`) and tells it of read markers moved on the
     /// user's other devices ([`Client::read_markers`](crate::Client::read_markers)).
     pub device: Option<String>,
+    /// The producer id this client's publishes carry (their idempotency
+    /// key, with a sequence each). By default it is derived from
+    /// [`device`](Self::device), so the same across the app's restarts:
+    /// at connect the broker says the last sequence it stored for it and
+    /// the client continues after it, and an outbox re-sent after a
+    /// restart with [`Client::publish_sequenced`](crate::Client::publish_sequenced)
+    /// is stored once. Without a device, a random id per client.
+    pub producer_id: Option<u64>,
     /// Acknowledgements gather this long before they are sent (the latest
     /// per channel wins).
     pub ack_interval: Duration,
@@ -138,9 +146,15 @@ pub struct ClientConfig {
     pub backoff: Backoff,
     /// How long a `publish` may take, reconnects and retries included.
     pub request_timeout: Duration,
-    /// How long one connection attempt (QUIC and TLS handshake, Hello and
-    /// Welcome) may take before it counts as failed.
+    /// How long one connection attempt to one seed (QUIC and TLS
+    /// handshake, Hello and Welcome) may take before the client moves on
+    /// to the next seed. With [`websocket`](Self::websocket) URLs the QUIC
+    /// attempt of each seed gets [`quic_fallback_after`](Self::quic_fallback_after)
+    /// instead, and each WebSocket URL this.
     pub connect_timeout: Duration,
+    /// How long a [`TokenSource`] may take to give a token before the
+    /// attempt counts as failed (the connection is never held up by it).
+    pub token_timeout: Duration,
     /// Publishes in flight at once; keep it below the broker's
     /// `engine.producer_window` (256 by default) so that every retry after
     /// a reconnect is recognised as one.
@@ -154,6 +168,11 @@ pub struct ClientConfig {
     /// Messages buffered per subscription before the client stops reading
     /// its stream (and the broker serves it from the log later).
     pub subscription_buffer: usize,
+    /// Payload bytes buffered per subscription, at most (a message larger
+    /// than this is let through alone): with
+    /// [`subscription_buffer`](Self::subscription_buffer), what an
+    /// application that does not read costs in memory.
+    pub subscription_buffer_bytes: usize,
     /// Keep-alive interval while idle.
     pub keep_alive: Duration,
     /// The connection is considered lost after this long without a packet.
@@ -161,19 +180,35 @@ pub struct ClientConfig {
     /// The local socket to connect through, shared with other clients; by
     /// default each client binds its own.
     pub endpoint: Option<Endpoint>,
-    /// A WebSocket URL of the same broker (`wss://host:port/ws`) for
-    /// networks that block UDP: when no QUIC handshake completes within
-    /// [`quic_fallback_after`](Self::quic_fallback_after) the client
-    /// connects here instead, and while it does, tries QUIC again every
+    /// WebSocket URLs of the same brokers (`wss://host:port/ws`) for
+    /// networks that block UDP: when no seed completes a QUIC handshake
+    /// (each within [`quic_fallback_after`](Self::quic_fallback_after))
+    /// the client connects to these instead, in turn, and while it does,
+    /// tries QUIC on every seed again every
     /// [`quic_probe_interval`](Self::quic_probe_interval), moving back
-    /// (subscriptions resume without a gap) once QUIC answers. With no
-    /// QUIC `servers` the client uses WebSocket only.
-    pub websocket: Option<String>,
-    /// How long a QUIC attempt may take before the client falls back to
-    /// [`websocket`](Self::websocket) (default 2 s).
+    /// (subscriptions resume without a gap) once one answers. With no QUIC
+    /// `servers` the client uses WebSocket only.
+    pub websocket: Vec<String>,
+    /// How long the QUIC attempt on one seed may take when
+    /// [`websocket`](Self::websocket) URLs are configured (default 2 s).
     pub quic_fallback_after: Duration,
     /// How often a client on WebSocket tries QUIC again (default 60 s).
     pub quic_probe_interval: Duration,
+}
+
+/// The producer id a device's publishes carry when the application sets
+/// none: the first 8 bytes of SHA-256 over `"volna-producer:" ‖ device`,
+/// big-endian. `volna.js` derives the same, so a device keeps one producer
+/// whichever client it runs.
+pub fn device_producer_id(device: &str) -> u64 {
+    use sha2::Digest;
+    let digest = sha2::Sha256::new()
+        .chain_update(b"volna-producer:")
+        .chain_update(device.as_bytes())
+        .finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(id)
 }
 
 impl ClientConfig {
@@ -197,17 +232,20 @@ impl ClientConfig {
             trust,
             client_name: concat!("volna-client/", env!("CARGO_PKG_VERSION")).to_owned(),
             device: None,
+            producer_id: None,
             ack_interval: Duration::from_millis(100),
             backoff: Backoff::default(),
             request_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            token_timeout: Duration::from_secs(10),
             max_inflight_publishes: 128,
             max_subscriptions: 256,
             subscription_buffer: 4096,
+            subscription_buffer_bytes: 8 * 1024 * 1024,
             keep_alive: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(15),
             endpoint: None,
-            websocket: None,
+            websocket: Vec::new(),
             quic_fallback_after: Duration::from_secs(2),
             quic_probe_interval: Duration::from_secs(60),
         }
@@ -217,6 +255,14 @@ impl ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_devices_producer_id_is_stable_and_its_own() {
+        assert_eq!(device_producer_id("phone-1"), device_producer_id("phone-1"));
+        assert_ne!(device_producer_id("phone-1"), device_producer_id("phone-2"));
+        // The value volna.js computes too (SHA-256 of "volna-producer:phone-1").
+        assert_eq!(device_producer_id("phone-1"), 0x85db_bf70_6987_11bc);
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

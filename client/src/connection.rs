@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -28,21 +28,42 @@ use crate::error::ClientError;
 use crate::subscription::SubShared;
 use crate::websocket::{WsLink, WsRecv};
 
-/// The client's QUIC endpoint and TLS set-up, reused across reconnects.
 /// Read-marker events a slow listener may fall behind by before it is
 /// told it lagged (tokio's broadcast semantics).
 const MARKER_EVENTS: usize = 64;
 
+/// How long an attempt on one address of a seed has before the next
+/// address is tried alongside it (RFC 8305's "Connection Attempt Delay").
+const HAPPY_EYEBALLS_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// How long [`Transport::wait_closed`] waits for a closed connection's
+/// last packets to leave.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The client's QUIC endpoint and TLS set-up, reused across reconnects,
+/// and where the next attempt goes.
+///
+/// One attempt ([`Transport::establish`]) is one round: every QUIC seed in
+/// turn from the current one, each with its own time budget and every
+/// address its name resolves to (Happy Eyeballs), then every WebSocket
+/// URL in turn. A final refusal (a bad token is refused by every node
+/// alike) ends the round at once; anything else moves on.
 #[derive(Debug)]
 pub(crate) struct Transport {
     endpoint: quinn::Endpoint,
+    /// Whether `endpoint` is this client's own (not shared with others).
+    own_endpoint: bool,
     quic: quinn::ClientConfig,
     /// TLS for the WebSocket fallback (ALPN HTTP/1.1).
     websocket_tls: Arc<rustls::ClientConfig>,
     /// The seeds, each with the name its certificate must carry.
     servers: Vec<(String, String)>,
-    /// The seed the next attempt goes to.
+    /// The WebSocket URLs.
+    websocket: Vec<String>,
+    /// The seed the next attempt starts at.
     next: AtomicUsize,
+    /// The WebSocket URL the next fallback starts at.
+    next_websocket: AtomicUsize,
     /// Where `ReadMarker` events go (a client with a device only).
     markers: Option<broadcast::Sender<ReadMarker>>,
 }
@@ -64,17 +85,11 @@ impl Transport {
             let tls_name = config.server_name.clone().unwrap_or(host);
             servers.push((server.clone(), tls_name));
         }
-        // One socket for every seed: its family is the first seed's.
-        let host = match (servers.first(), &config.websocket) {
-            (Some((server, _)), _) => split_host_port(server)?.0,
-            // WebSocket only: the QUIC endpoint is never used.
-            (None, Some(_)) => "0.0.0.0".to_owned(),
-            (None, None) => {
-                return Err(ClientError::InvalidAddress(
-                    "no server address given".into(),
-                ));
-            }
-        };
+        if servers.is_empty() && config.websocket.is_empty() {
+            return Err(ClientError::InvalidAddress(
+                "no server address given".into(),
+            ));
+        }
         let mut tls = tls_config(&config.trust, config.client_certificate.as_ref())?;
         let mut websocket_tls = tls.clone();
         websocket_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -101,23 +116,19 @@ impl Transport {
         // Lets the broker ask for fewer ACKs (the ACK-frequency extension).
         transport.ack_frequency_config(Some(quinn::AckFrequencyConfig::default()));
         quic.transport_config(Arc::new(transport));
-        let endpoint = match &config.endpoint {
-            Some(shared) => shared.quic.clone(),
-            None => {
-                let any: IpAddr = if host.contains(':') {
-                    Ipv6Addr::UNSPECIFIED.into()
-                } else {
-                    Ipv4Addr::UNSPECIFIED.into()
-                };
-                Endpoint::bind((any, 0).into())?.quic
-            }
+        let (endpoint, own_endpoint) = match &config.endpoint {
+            Some(shared) => (shared.quic.clone(), false),
+            None => (Endpoint::bind_any()?.quic, true),
         };
         Ok(Self {
             endpoint,
+            own_endpoint,
             quic,
             websocket_tls: Arc::new(websocket_tls),
             servers,
+            websocket: config.websocket.clone(),
             next: AtomicUsize::new(0),
+            next_websocket: AtomicUsize::new(0),
             markers: config
                 .device
                 .as_ref()
@@ -125,79 +136,66 @@ impl Transport {
         })
     }
 
-    /// Tries every seed once, from the current one, until one connects;
-    /// else the last seed's error.
     /// A receiver of read-marker events, for a client with a device.
     pub fn read_markers(&self) -> Option<broadcast::Receiver<ReadMarker>> {
         self.markers.as_ref().map(broadcast::Sender::subscribe)
     }
 
-    /// Connects to the first seed that answers, over QUIC, or over
-    /// WebSocket when the configuration lists a URL and no QUIC handshake
-    /// completes within `quic_fallback_after` (or there are no QUIC seeds).
-    pub async fn establish_any(
-        &self,
-        config: &ClientConfig,
-        token: &str,
-    ) -> Result<Arc<Live>, ClientError> {
-        let quic = async {
-            let mut last = None;
-            for _ in 0..self.servers.len() {
-                match self.establish_quic(config, token.to_owned()).await {
-                    Ok(live) => return Ok(live),
-                    // A bad token would be refused by every node alike.
-                    Err(e) if e.code() == Some(volna_proto::ErrorCode::Unauthorized) => {
-                        return Err(e);
-                    }
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last
-                .unwrap_or_else(|| ClientError::InvalidAddress("no server address given".into())))
-        };
-        self.with_fallback(config, token, quic).await
-    }
-
-    /// Connects to the current seed (see [`Transport::establish_any`] for
-    /// the WebSocket fallback); a failed attempt moves on to the next seed.
+    /// One round of attempts (see [`Transport`]): the first connection
+    /// that says Welcome; else the first final refusal, or the last error.
     pub async fn establish(
         &self,
         config: &ClientConfig,
-        token: String,
-    ) -> Result<Arc<Live>, ClientError> {
-        let quic = self.establish_quic(config, token.clone());
-        self.with_fallback(config, &token, quic).await
-    }
-
-    async fn with_fallback(
-        &self,
-        config: &ClientConfig,
         token: &str,
-        quic: impl Future<Output = Result<Arc<Live>, ClientError>>,
     ) -> Result<Arc<Live>, ClientError> {
-        let Some(url) = &config.websocket else {
-            return quic.await;
+        let mut last = None;
+        let budget = if self.websocket.is_empty() {
+            config.connect_timeout
+        } else {
+            config.quic_fallback_after
         };
-        if !self.servers.is_empty() {
-            match tokio::time::timeout(config.quic_fallback_after, quic).await {
-                Ok(Ok(live)) => return Ok(live),
-                Ok(Err(e)) if e.code() == Some(volna_proto::ErrorCode::Unauthorized) => {
-                    return Err(e);
+        let seeds = self.servers.len();
+        let first = self.next.load(Ordering::Relaxed);
+        for i in 0..seeds {
+            let at = (first + i) % seeds;
+            match self.establish_quic(at, config, token, budget).await {
+                Ok(live) => {
+                    self.next.store(at, Ordering::Relaxed);
+                    return Ok(live);
                 }
-                Ok(Err(e)) => debug!(error = %e, "QUIC failed; trying WebSocket"),
-                Err(_) => debug!(
-                    after = ?config.quic_fallback_after,
-                    "no QUIC handshake in time; trying WebSocket"
-                ),
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    debug!(server = %self.servers[at].0, error = %e, "QUIC attempt failed");
+                    last = Some(e);
+                }
             }
         }
-        let live = self
-            .establish_websocket(url, config, token.to_owned())
-            .await?;
-        if !self.servers.is_empty() {
-            info!(%url, "connected over WebSocket: QUIC is unreachable");
+        // The next round starts one seed further, whatever answers now.
+        self.move_on();
+        let urls = self.websocket.len();
+        let first = self.next_websocket.load(Ordering::Relaxed);
+        for i in 0..urls {
+            let at = (first + i) % urls;
+            let url = &self.websocket[at];
+            match self
+                .establish_websocket(url, config, token.to_owned())
+                .await
+            {
+                Ok(live) => {
+                    self.next_websocket.store(at, Ordering::Relaxed);
+                    if seeds > 0 {
+                        info!(%url, "connected over WebSocket: QUIC is unreachable");
+                    }
+                    return Ok(live);
+                }
+                Err(e) if !e.is_retryable() => return Err(e),
+                Err(e) => {
+                    debug!(%url, error = %e, "WebSocket attempt failed");
+                    last = Some(e);
+                }
+            }
         }
-        Ok(live)
+        Err(last.unwrap_or_else(|| ClientError::InvalidAddress("no server address given".into())))
     }
 
     /// Whether a connection over WebSocket should be probed for QUIC.
@@ -205,73 +203,81 @@ impl Transport {
         !self.servers.is_empty()
     }
 
-    /// The connection was lost: the next attempt goes to the next seed
+    /// The connection was lost: the next attempt starts at the next seed
     /// (the node may be gone; any other serves the same channels).
     pub fn move_on(&self) {
-        if self.servers.len() > 1 {
+        if !self.servers.is_empty() {
             let at = self.next.load(Ordering::Relaxed);
             self.next
                 .store((at + 1) % self.servers.len(), Ordering::Relaxed);
         }
-    }
-
-    /// Connects to the current seed over QUIC, says Hello with `token`
-    /// and waits for Welcome; a failed attempt moves on to the next seed.
-    async fn establish_quic(
-        &self,
-        config: &ClientConfig,
-        token: String,
-    ) -> Result<Arc<Live>, ClientError> {
-        let at = self.next.load(Ordering::Relaxed) % self.servers.len().max(1);
-        let result = self.establish_at(at, config, token).await;
-        if result.is_err() {
-            self.move_on();
+        if !self.websocket.is_empty() {
+            let at = self.next_websocket.load(Ordering::Relaxed);
+            self.next_websocket
+                .store((at + 1) % self.websocket.len(), Ordering::Relaxed);
         }
-        result
     }
 
-    async fn establish_at(
+    /// Connects to seed `at` over QUIC within `budget`, says Hello with
+    /// `token` and waits for Welcome.
+    async fn establish_quic(
         &self,
         at: usize,
         config: &ClientConfig,
-        token: String,
+        token: &str,
+        budget: std::time::Duration,
     ) -> Result<Arc<Live>, ClientError> {
-        let Some((server, tls_name)) = self.servers.get(at) else {
+        let Some((server, _)) = self.servers.get(at) else {
             return Err(ClientError::InvalidAddress(
                 "no server address given".into(),
             ));
         };
-        let addr = tokio::net::lookup_host(server)
-            .await
-            .map_err(|_| ClientError::InvalidAddress(server.clone()))?
-            .next()
-            .ok_or_else(|| ClientError::InvalidAddress(server.clone()))?;
-        let connecting = self
-            .endpoint
-            .connect_with(self.quic.clone(), addr, tls_name)
-            .map_err(|e| ClientError::Connect(e.to_string()))?;
         let handshake = async {
-            let conn = connecting
-                .await
-                .map_err(|e| ClientError::Connect(e.to_string()))?;
+            let conn = self.quic_handshake(at).await?;
             let (send, recv) = conn
                 .open_bi()
                 .await
                 .map_err(|e| ClientError::Connect(e.to_string()))?;
             let (send, recv, buf, welcome) = hello(
                 config,
-                token,
+                token.to_owned(),
                 ControlWriter::Quic(send),
                 StreamReader::Quic(recv),
             )
             .await?;
             Ok::<_, ClientError>((Wire::Quic(conn), send, recv, buf, welcome))
         };
-        self.finish_establishing(server, config, handshake).await
+        self.finish_establishing(server, budget, handshake).await
+    }
+
+    /// A QUIC handshake with seed `at`: every address its name resolves
+    /// to, raced Happy Eyeballs style.
+    async fn quic_handshake(&self, at: usize) -> Result<quinn::Connection, ClientError> {
+        let Some((server, tls_name)) = self.servers.get(at) else {
+            return Err(ClientError::InvalidAddress(
+                "no server address given".into(),
+            ));
+        };
+        let addrs = tokio::net::lookup_host(server)
+            .await
+            .map_err(|_| ClientError::InvalidAddress(server.clone()))?
+            .collect::<Vec<_>>();
+        race(
+            interleave_families(addrs),
+            HAPPY_EYEBALLS_DELAY,
+            |addr| async move {
+                self.endpoint
+                    .connect_with(self.quic.clone(), addr, tls_name)
+                    .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))?
+                    .await
+                    .map_err(|e| ClientError::Connect(format!("{addr}: {e}")))
+            },
+        )
+        .await
     }
 
     /// Connects over WebSocket to `url`, says Hello and waits for Welcome.
-    pub async fn establish_websocket(
+    async fn establish_websocket(
         &self,
         url: &str,
         config: &ClientConfig,
@@ -297,61 +303,134 @@ impl Transport {
             .await?;
             Ok::<_, ClientError>((Wire::WebSocket(link), send, recv, buf, welcome))
         };
-        self.finish_establishing(url, config, handshake).await
+        self.finish_establishing(url, config.connect_timeout, handshake)
+            .await
     }
 
-    /// Whether a QUIC handshake with the current seed completes within
-    /// `within` (no session: the connection is closed at once).
+    /// Whether any seed completes a QUIC handshake, each within `within`
+    /// (no session: the connection is closed at once). The next attempt
+    /// starts at the seed that answered.
     pub async fn quic_reachable(&self, within: std::time::Duration) -> bool {
-        let at = self.next.load(Ordering::Relaxed) % self.servers.len().max(1);
-        let Some((server, tls_name)) = self.servers.get(at) else {
-            return false;
-        };
-        let probe = async {
-            let addr = tokio::net::lookup_host(server).await.ok()?.next()?;
-            let conn = self
-                .endpoint
-                .connect_with(self.quic.clone(), addr, tls_name)
-                .ok()?
-                .await
-                .ok()?;
-            conn.close(VarInt::from_u32(CloseCode::NORMAL.0), b"probe");
-            Some(())
-        };
-        matches!(tokio::time::timeout(within, probe).await, Ok(Some(())))
+        let seeds = self.servers.len();
+        let first = self.next.load(Ordering::Relaxed);
+        for i in 0..seeds {
+            let at = (first + i) % seeds;
+            if let Ok(Ok(conn)) = tokio::time::timeout(within, self.quic_handshake(at)).await {
+                conn.close(VarInt::from_u32(CloseCode::NORMAL.0), b"probe");
+                self.next.store(at, Ordering::Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Waits (briefly) until the last packets of connections closed on
+    /// this client's own socket have left, so that a process exiting
+    /// right after [`Client::close`](crate::Client::close) frees its place
+    /// on the broker at once instead of after the idle timeout.
+    pub async fn wait_closed(&self) {
+        if self.own_endpoint {
+            let _ = tokio::time::timeout(CLOSE_WAIT, self.endpoint.wait_idle()).await;
+        }
     }
 
     async fn finish_establishing(
         &self,
         server: &str,
-        config: &ClientConfig,
+        budget: std::time::Duration,
         handshake: impl Future<
             Output = Result<(Wire, ControlWriter, StreamReader, BytesMut, Welcome), ClientError>,
         >,
     ) -> Result<Arc<Live>, ClientError> {
         let timed_out = || ClientError::ConnectTimeout {
             server: server.to_owned(),
-            after: config.connect_timeout,
+            after: budget,
         };
-        let (wire, send, recv, buf, welcome) =
-            match tokio::time::timeout(config.connect_timeout, handshake).await {
-                Ok(Ok(established)) => established,
-                // quinn's own idle timer fired first: the same silence.
-                Ok(Err(ClientError::Connect(why))) if why.contains("timed out") => {
-                    return Err(timed_out());
-                }
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(timed_out()),
-            };
-        debug!(session = welcome.session_id, "connected");
+        let (wire, send, recv, buf, welcome) = match tokio::time::timeout(budget, handshake).await {
+            Ok(Ok(established)) => established,
+            // quinn's own idle timer fired first: the same silence.
+            Ok(Err(ClientError::Connect(why))) if why.contains("timed out") => {
+                return Err(timed_out());
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(timed_out()),
+        };
+        debug!(session = welcome.session_id, %server, "connected");
         Ok(Live::start(
             wire,
             send,
             recv,
             buf,
             welcome,
+            server.to_owned(),
             self.markers.clone(),
         ))
+    }
+}
+
+/// Orders resolved addresses as RFC 8305 does: alternating families,
+/// starting with the family of the first (the resolver's preference).
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let Some(first) = addrs.first() else {
+        return addrs;
+    };
+    let prefer_v6 = first.is_ipv6();
+    let (mut preferred, mut other): (Vec<_>, Vec<_>) =
+        addrs.iter().partition(|a| a.is_ipv6() == prefer_v6);
+    preferred.reverse();
+    other.reverse();
+    let mut ordered = Vec::with_capacity(addrs.len());
+    while let Some(a) = preferred.pop() {
+        ordered.push(a);
+        ordered.extend(other.pop());
+    }
+    ordered.extend(other.into_iter().rev());
+    ordered
+}
+
+/// Tries `addrs` in order, starting the next one `stagger` after the last
+/// while none has answered, or at once when one fails; the first success
+/// wins (the others are dropped, which abandons them). Else the last error.
+async fn race<T, F, Fut>(
+    addrs: Vec<SocketAddr>,
+    stagger: std::time::Duration,
+    attempt: F,
+) -> Result<T, ClientError>
+where
+    F: Fn(SocketAddr) -> Fut,
+    Fut: Future<Output = Result<T, ClientError>>,
+{
+    let mut addrs = addrs.into_iter();
+    let mut running = futures_util::stream::FuturesUnordered::new();
+    let mut last = None;
+    loop {
+        if running.is_empty() {
+            match addrs.next() {
+                Some(addr) => running.push(attempt(addr)),
+                None => {
+                    return Err(last.unwrap_or_else(|| {
+                        ClientError::InvalidAddress("the name resolves to no address".into())
+                    }));
+                }
+            }
+        }
+        let more = addrs.len() > 0;
+        tokio::select! {
+            Some(result) = futures_util::StreamExt::next(&mut running) => match result {
+                Ok(done) => return Ok(done),
+                Err(e) => {
+                    last = Some(e);
+                    if let Some(addr) = addrs.next() {
+                        running.push(attempt(addr));
+                    }
+                }
+            },
+            () = tokio::time::sleep(stagger), if more => {
+                if let Some(addr) = addrs.next() {
+                    running.push(attempt(addr));
+                }
+            }
+        }
     }
 }
 
@@ -399,10 +478,22 @@ enum Wire {
 }
 
 impl Wire {
-    /// Resolves when the connection is gone; says why.
-    async fn closed(&self) -> String {
+    /// Resolves when the connection is gone; says why, with the close code
+    /// of a broker that closed it.
+    async fn closed(&self) -> (Option<CloseCode>, String) {
         match self {
-            Wire::Quic(conn) => conn.closed().await.to_string(),
+            Wire::Quic(conn) => {
+                let why = conn.closed().await;
+                let code = match &why {
+                    quinn::ConnectionError::ApplicationClosed(close) => {
+                        u32::try_from(close.error_code.into_inner())
+                            .ok()
+                            .map(CloseCode)
+                    }
+                    _ => None,
+                };
+                (code, why.to_string())
+            }
             Wire::WebSocket(link) => link.closed().await,
         }
     }
@@ -493,9 +584,18 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Binds a socket on `addr` (port 0: any) with the system's default
-    /// buffer sizes. Its address family must be the broker's.
+    /// buffer sizes. An IPv6 address binds a dual-stack socket where the
+    /// system allows (`[::]:0` reaches IPv4 and IPv6 brokers alike); an
+    /// IPv4 one reaches IPv4 brokers only.
     pub fn bind(addr: SocketAddr) -> Result<Self, ClientError> {
         Self::bind_with_buffers(addr, None)
+    }
+
+    /// A socket on any port that reaches both address families: dual-stack
+    /// `[::]`, or IPv4 only on a system without IPv6.
+    pub fn bind_any() -> Result<Self, ClientError> {
+        Self::bind((Ipv6Addr::UNSPECIFIED, 0).into())
+            .or_else(|_| Self::bind((Ipv4Addr::UNSPECIFIED, 0).into()))
     }
 
     /// Binds a socket on `addr` asking for `buffer_bytes` of receive and
@@ -517,7 +617,7 @@ impl Endpoint {
         .map_err(bind_error)?;
         if addr.is_ipv6() {
             // Dual-stack where the OS allows: "[::]" reaches IPv4 brokers too.
-            let _ = socket.set_only_v6(false);
+            socket.set_only_v6(false).map_err(bind_error)?;
         }
         if let Some(bytes) = buffer_bytes {
             socket.set_recv_buffer_size(bytes).map_err(bind_error)?;
@@ -564,7 +664,12 @@ pub(crate) struct Live {
     pub welcome: Welcome,
     /// Tells this connection from every other of the process (never 0).
     pub generation: u64,
+    /// The seed or URL it was made to.
+    pub server: String,
     wire: Wire,
+    /// Why the broker ended the connection: its close code, or a
+    /// connection-level `Error` frame sent before it.
+    ended_by: Mutex<(Option<CloseCode>, Option<(volna_proto::ErrorCode, String)>)>,
     /// Boxed: the queue allocates slots in blocks of 32, and 32 unboxed
     /// frames cost every connection 2.8 KB.
     control: mpsc::Sender<Box<Frame>>,
@@ -627,6 +732,7 @@ impl Live {
         recv: StreamReader,
         buf: BytesMut,
         welcome: Welcome,
+        server: String,
         markers: Option<broadcast::Sender<ReadMarker>>,
     ) -> Arc<Self> {
         let (control, control_rx) = mpsc::channel(1024);
@@ -638,7 +744,9 @@ impl Live {
             ended_rx: tokio::sync::Mutex::new(ended_rx),
             ended_early: Mutex::new(HashMap::new()),
             welcome,
+            server,
             wire,
+            ended_by: Mutex::new((None, None)),
             control,
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
@@ -653,8 +761,9 @@ impl Live {
         tokio::spawn(accept_deliveries(live.clone()));
         let watcher = live.clone();
         tokio::spawn(async move {
-            let reason = watcher.wire.closed().await;
+            let (code, reason) = watcher.wire.closed().await;
             debug!(%reason, "connection closed");
+            watcher.ended_by_map().0 = code;
             watcher.gone.cancel();
         });
         live
@@ -771,9 +880,36 @@ impl Live {
         }
     }
 
-    /// Forgets the last expiry notice (the token was refreshed).
+    /// Forgets the last expiry notice (a refresh answers it).
     pub fn token_refreshed(&self) {
         self.token_expiring.send_replace(None);
+    }
+
+    /// Why the broker ended this connection for good, if it did: another
+    /// connection of the same device took over. Such a client must not
+    /// reconnect (the two would take over from each other forever).
+    pub fn final_end(&self) -> Option<ClientError> {
+        let ended_by = self.ended_by_map();
+        let replaced = ended_by.0 == Some(CloseCode::REPLACED)
+            || ended_by
+                .1
+                .as_ref()
+                .is_some_and(|(code, _)| *code == volna_proto::ErrorCode::Replaced);
+        replaced.then(|| ClientError::Refused {
+            code: volna_proto::ErrorCode::Replaced,
+            message: ended_by
+                .1
+                .as_ref()
+                .map(|(_, message)| message.clone())
+                .unwrap_or_else(|| CloseCode::REPLACED.reason().to_owned()),
+        })
+    }
+
+    fn ended_by_map(
+        &self,
+    ) -> std::sync::MutexGuard<'_, (Option<CloseCode>, Option<(volna_proto::ErrorCode, String)>)>
+    {
+        self.ended_by.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn is_gone(&self) -> bool {
@@ -787,6 +923,15 @@ impl Live {
     pub fn close(&self, code: CloseCode) {
         self.wire.close(code);
         self.gone.cancel();
+    }
+
+    /// Resolves once a WebSocket's close frame was written (bounded by
+    /// the writer's own timeout); at once for QUIC, whose last packets
+    /// the endpoint sends ([`Transport::wait_closed`]).
+    pub async fn close_written(&self) {
+        if let Wire::WebSocket(link) = &self.wire {
+            link.close_written().await;
+        }
     }
 
     /// Whether this connection runs over WebSocket (the QUIC fallback).
@@ -848,6 +993,7 @@ async fn read_control(live: Arc<Live>, mut recv: StreamReader, mut buf: BytesMut
         match frame {
             Ok(Frame::Error(e)) if e.request_id == 0 => {
                 warn!(code = %e.code, message = %e.message, "the broker reported a connection error");
+                live.ended_by_map().1 = Some((e.code, e.message));
             }
             Ok(Frame::TokenExpiring { expires_at }) => {
                 live.token_expiring.send_replace(Some(expires_at));

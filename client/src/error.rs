@@ -50,14 +50,29 @@ pub enum ClientError {
         max: u32,
     },
     /// The call did not complete within the request timeout.
-    #[error("timed out")]
-    Timeout,
+    /// `maybe_stored`: the request reached a connection that then died or
+    /// gave no answer, so the broker may have carried it out (a publish
+    /// may be stored: send it again under the same sequence, with
+    /// [`Client::publish_sequenced`](crate::Client::publish_sequenced),
+    /// and it is stored once); false when it was never sent.
+    #[error("timed out{}", if *maybe_stored { " (it may have been carried out)" } else { "" })]
+    Timeout {
+        /// Whether the broker may have carried the request out.
+        maybe_stored: bool,
+    },
     /// The connection was lost while the call was in flight.
     #[error("disconnected")]
     Disconnected,
-    /// The client was closed.
+    /// The client was closed by the application.
     #[error("the client is closed")]
     Closed,
+    /// The client stopped for good: the broker refused it with a cause
+    /// that waiting will not cure (the token expired and no source gives
+    /// a new one, the device limit, another connection of this device took
+    /// over…). Every later call answers this; see
+    /// [`Client::state`](crate::Client::state).
+    #[error("the client stopped: {0}")]
+    Failed(Box<ClientError>),
     /// The broker broke the protocol.
     #[error("protocol error: {0}")]
     Protocol(String),
@@ -71,7 +86,30 @@ impl ClientError {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Self::Refused { code, .. } | Self::Server { code, .. } => Some(*code),
+            Self::Failed(cause) => cause.code(),
             _ => None,
+        }
+    }
+
+    /// Whether trying again later (on this or another node) may succeed:
+    /// network trouble and the broker's passing refusals (the codes of
+    /// [`ErrorCode::is_retryable`], the one table broker and clients
+    /// share). Refusals that waiting will not cure, bad input and a
+    /// closed client are final.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Connect(_)
+            | Self::ConnectTimeout { .. }
+            | Self::Timeout { .. }
+            | Self::Disconnected
+            | Self::TokenSource(_) => true,
+            Self::Refused { code, .. } | Self::Server { code, .. } => code.is_retryable(),
+            Self::InvalidAddress(_)
+            | Self::Tls(_)
+            | Self::PayloadTooLarge { .. }
+            | Self::Closed
+            | Self::Failed(_)
+            | Self::Protocol(_) => false,
         }
     }
 }
@@ -113,8 +151,11 @@ pub enum SubscriptionError {
         got: Offset,
     },
     /// The subscription ended for good (`Forbidden`: a refreshed token no
-    /// longer grants the channel; or the broker refused to resubscribe
-    /// after a reconnect). The stream ends after this item.
+    /// longer grants the channel; the broker refused to resubscribe after
+    /// a reconnect with a final code; the whole client stopped — the code
+    /// of its failure, e.g. `Unauthorized` or `Replaced`). The stream ends
+    /// after this item. Passing causes (`StorageUnavailable` while a
+    /// partition fails over) never end it: the client subscribes again.
     #[error("the subscription ended: {code}: {message}")]
     Ended {
         /// Why.

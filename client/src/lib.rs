@@ -50,8 +50,10 @@ mod inflight;
 mod subscription;
 mod websocket;
 
-pub use client::{Client, Published};
-pub use config::{Backoff, ClientCertificate, ClientConfig, TokenError, TokenSource, Trust};
+pub use client::{Client, ConnectionState, Published};
+pub use config::{
+    Backoff, ClientCertificate, ClientConfig, TokenError, TokenSource, Trust, device_producer_id,
+};
 pub use connection::{Endpoint, ReadMarker, fingerprint};
 pub use error::{ClientError, SubscriptionError};
 pub use subscription::{Item, Message, Subscription};

@@ -6,16 +6,21 @@
 //!   before a message is handed to the application channel, and only one
 //!   delivery stream feeds a subscription at a time (`delivery` lock), so a
 //!   resume from `next` on a new connection neither repeats nor skips.
-//! - Messages below `next` (replays after a resume) are dropped here.
+//! - Messages below `next` (replays after a resume) are dropped here, and
+//!   counted: the broker never sends them in a correct run, so a count
+//!   above zero is worth a look ([`Client::duplicates_dropped`](crate::Client::duplicates_dropped)).
+//! - What waits for the application is bounded in messages (the channel)
+//!   and in payload bytes (`budget`: taken when a message is queued,
+//!   given back when the application takes it).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_core::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tracing::warn;
 use volna_proto::{ChannelName, Epoch, Frame, Offset, Position};
 
@@ -67,6 +72,18 @@ pub(crate) struct SubShared {
     /// Resubscribes after the broker ended it, since it last delivered:
     /// the backoff step.
     pub retries: AtomicU32,
+    /// Payload bytes the application's buffer may still take.
+    pub budget: Arc<Semaphore>,
+    /// The budget's size: a message larger than it costs all of it.
+    budget_bytes: usize,
+    /// Deliveries dropped as already seen, here and client-wide.
+    pub duplicates: AtomicU64,
+    duplicates_client: Arc<AtomicU64>,
+}
+
+/// What a message costs of a subscription's byte budget.
+fn cost(payload: &Bytes, budget_bytes: usize) -> usize {
+    payload.len().min(budget_bytes)
 }
 
 impl SubShared {
@@ -75,8 +92,12 @@ impl SubShared {
         channel: ChannelName,
         initial: Position,
         buffer: usize,
+        buffer_bytes: usize,
+        duplicates_client: Arc<AtomicU64>,
     ) -> (Arc<Self>, mpsc::Receiver<Item>) {
         let (tx, rx) = mpsc::channel(buffer.max(1));
+        // At most what a semaphore can hold, at least one byte.
+        let budget_bytes = buffer_bytes.clamp(1, u32::MAX as usize);
         let shared = Arc::new(Self {
             id,
             channel,
@@ -101,6 +122,10 @@ impl SubShared {
             tx,
             delivery: tokio::sync::Mutex::new(()),
             retries: AtomicU32::new(0),
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+            duplicates: AtomicU64::new(0),
+            duplicates_client,
         });
         (shared, rx)
     }
@@ -139,6 +164,22 @@ impl SubShared {
         }
     }
 
+    fn count_duplicates(&self, dropped: u64) {
+        if dropped > 0 {
+            self.duplicates.fetch_add(dropped, Ordering::Relaxed);
+            self.duplicates_client.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+
+    /// Waits until the application's buffer has room again (a stream was
+    /// stopped because it was full: subscribing again before the
+    /// application reads would only fill it again).
+    pub async fn room(&self) {
+        if let Ok(permit) = self.tx.reserve().await {
+            drop(permit);
+        }
+    }
+
     /// Handles one delivery-stream frame; returns false once the
     /// application dropped its [`Subscription`].
     pub async fn deliver(&self, frame: Frame) -> bool {
@@ -154,6 +195,7 @@ impl SubShared {
                     let mut p = self.position();
                     let expected = p.next.unwrap_or(first);
                     if end <= expected {
+                        self.count_duplicates(d.messages.len() as u64);
                         return true;
                     }
                     p.next = Some(end);
@@ -163,6 +205,7 @@ impl SubShared {
                         (first > expected).then_some(expected),
                     )
                 };
+                self.count_duplicates(skip as u64);
                 if let Some(expected) = gap {
                     warn!(channel = %self.channel, %expected, got = %first, "gap in delivery");
                     let gap = SubscriptionError::Gap {
@@ -178,7 +221,22 @@ impl SubShared {
                 let mut offset = first.add(skip as u64);
                 let mut messages = d.messages.into_iter().skip(skip).peekable();
                 while messages.peek().is_some() {
-                    let want = messages.len().min(self.tx.max_capacity());
+                    // As many as the byte budget holds (at least one), then
+                    // as many as the channel has room for.
+                    let mut bytes = 0;
+                    let mut want = 0;
+                    for m in messages.clone().take(self.tx.max_capacity()) {
+                        let more = cost(&m.payload, self.budget_bytes);
+                        if want > 0 && bytes + more > self.budget_bytes {
+                            break;
+                        }
+                        bytes += more;
+                        want += 1;
+                    }
+                    let Ok(taken) = self.budget.acquire_many(bytes as u32).await else {
+                        return false;
+                    };
+                    taken.forget();
                     let Ok(permits) = self.tx.reserve_many(want).await else {
                         return false;
                     };
@@ -255,8 +313,12 @@ pub struct Subscription {
     pub(crate) shared: Weak<SubShared>,
     pub(crate) rx: mpsc::Receiver<Item>,
     pub(crate) on_drop: Weak<dyn Unsubscriber>,
-    /// The offset after the last item yielded to the application.
-    pub(crate) yielded: Option<Offset>,
+    /// The offset after the last item yielded to the application, and
+    /// the epoch it is in.
+    pub(crate) yielded: Option<(Offset, Epoch)>,
+    /// The byte budget the application gives back as it takes messages.
+    pub(crate) budget: Arc<Semaphore>,
+    pub(crate) budget_bytes: usize,
     /// Acknowledge each message as the application takes it.
     pub(crate) auto_ack: bool,
 }
@@ -281,9 +343,38 @@ impl Subscription {
     /// `Position::From` it, after a crash, gets exactly the items it had
     /// not processed: what the client has buffered but not yet yielded is
     /// not counted.
+    ///
+    /// Prefer [`next_position`](Self::next_position), which carries the
+    /// epoch: an offset alone resumes past a log that was reset (a channel
+    /// deleted and created again) without being told.
     pub fn next_offset(&self) -> Option<Offset> {
-        self.yielded
-            .or_else(|| self.shared.upgrade().and_then(|s| s.position().start))
+        self.next_position_parts().map(|(offset, _)| offset)
+    }
+
+    /// Where to resume after the last item this subscription yielded:
+    /// `Position::From` its next offset in its epoch. Saved once an item is
+    /// processed and subscribed from after a crash, it delivers exactly the
+    /// items not processed, or `EpochChanged` when the log was reset
+    /// meanwhile (G3). `None` until the broker resolved the start.
+    pub fn next_position(&self) -> Option<Position> {
+        self.next_position_parts()
+            .map(|(offset, epoch)| Position::From { offset, epoch })
+    }
+
+    /// Deliveries of this subscription dropped as already seen.
+    pub fn duplicates_dropped(&self) -> u64 {
+        self.shared
+            .upgrade()
+            .map_or(0, |s| s.duplicates.load(Ordering::Relaxed))
+    }
+
+    fn next_position_parts(&self) -> Option<(Offset, Option<Epoch>)> {
+        if let Some((offset, epoch)) = self.yielded {
+            return Some((offset, Some(epoch).filter(|e| e.0 != 0)));
+        }
+        let shared = self.shared.upgrade()?;
+        let p = shared.position();
+        p.start.map(|start| (start, p.epoch.filter(|e| e.0 != 0)))
     }
 
     /// Acknowledges every message of this channel up to `offset`: the
@@ -317,13 +408,22 @@ impl Subscription {
     /// Moves [`next_offset`](Self::next_offset) past an item handed to
     /// the application.
     fn saw(&mut self, item: Option<&Item>) {
+        let epoch = || {
+            self.yielded
+                .map(|(_, epoch)| epoch)
+                .or_else(|| self.shared.upgrade().and_then(|s| s.position().epoch))
+                .unwrap_or(Epoch(0))
+        };
         let next = match item {
-            Some(Ok(m)) => m.offset.next(),
+            Some(Ok(m)) => {
+                self.budget.add_permits(cost(&m.payload, self.budget_bytes));
+                (m.offset.next(), m.epoch)
+            }
             Some(Err(SubscriptionError::Truncated {
                 first_available, ..
-            })) => *first_available,
-            Some(Err(SubscriptionError::EpochChanged { start, .. })) => *start,
-            Some(Err(SubscriptionError::Gap { got, .. })) => *got,
+            })) => (*first_available, epoch()),
+            Some(Err(SubscriptionError::EpochChanged { start, current, .. })) => (*start, *current),
+            Some(Err(SubscriptionError::Gap { got, .. })) => (*got, epoch()),
             _ => return,
         };
         self.yielded = Some(next);
@@ -386,17 +486,23 @@ mod tests {
             epoch: None,
         };
         let channel = ChannelName::new("chat.1").expect("name");
-        let (shared, mut rx) = SubShared::new(1, channel, position, 4);
+        let duplicates = Arc::new(AtomicU64::new(0));
+        // Room for 4 messages and 5 payload bytes (payloads are 1–2 bytes).
+        let (shared, mut rx) = SubShared::new(1, channel, position, 4, 5, duplicates.clone());
+        let budget = shared.budget.clone();
         let feeder = tokio::spawn(async move {
             for (first, count) in [(1, 10), (11, 3), (8, 5), (12, 4), (20, 2)] {
                 assert!(shared.deliver(batch(first, count)).await);
             }
+            shared
         });
         let mut seen = Vec::new();
         while seen.len() < 14 {
             match rx.recv().await.expect("open") {
                 Ok(m) => {
                     assert_eq!(m.payload, Bytes::from(m.offset.get().to_string()));
+                    assert!(budget.available_permits() <= 5 - m.payload.len());
+                    budget.add_permits(m.payload.len());
                     seen.push(m.offset.get());
                 }
                 Err(SubscriptionError::Gap { expected, got }) => {
@@ -406,7 +512,10 @@ mod tests {
                 Err(other) => panic!("unexpected {other}"),
             }
         }
-        feeder.await.expect("feeder");
+        let shared = feeder.await.expect("feeder");
         assert_eq!(seen, [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 0, 20, 21]);
+        // 1–4 (before the start), 8–12 and 12–13 (replays) were dropped.
+        assert_eq!(shared.duplicates.load(Ordering::Relaxed), 11);
+        assert_eq!(duplicates.load(Ordering::Relaxed), 11);
     }
 }

@@ -8,10 +8,12 @@
 //!  writer task ◀── control writes and stream stops (bounded)
 //! ```
 //!
-//! A WebSocket is one ordered byte stream: a delivery stream whose
-//! subscription the application does not read holds the reader, and with
-//! it the other streams, once its buffer is full (QUIC's per-stream flow
-//! control has no such coupling).
+//! A WebSocket is one ordered byte stream, so the reader never waits on
+//! one delivery stream: a stream whose buffer is full (its subscription's
+//! application does not read) is stopped, the broker ends its
+//! subscription, and the client subscribes again from its position once
+//! the application reads (QUIC gets the same from per-stream flow
+//! control). Control replies and the other streams go on meanwhile.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,6 +54,8 @@ pub(crate) struct WsLink {
     /// Why the broker closed it, when it said.
     closed_with: Mutex<Option<(u16, String)>>,
     close_asked: Mutex<Option<CloseCode>>,
+    /// Cancelled once the writer sent its close frame (or gave up).
+    written: CancellationToken,
 }
 
 /// The bytes of one stream from the broker.
@@ -148,6 +152,7 @@ impl WsLink {
             gone: CancellationToken::new(),
             closed_with: Mutex::new(None),
             close_asked: Mutex::new(None),
+            written: CancellationToken::new(),
         });
         tokio::spawn(write_loop(sink, outbox_rx, link.clone(), keep_alive));
         tokio::spawn(read_loop(
@@ -189,6 +194,11 @@ impl WsLink {
         }
     }
 
+    /// Resolves once the close frame was written (or could not be).
+    pub async fn close_written(&self) {
+        self.written.cancelled().await;
+    }
+
     /// Closes the WebSocket with `code`.
     pub fn close(&self, code: CloseCode) {
         *self.close_asked.lock().unwrap_or_else(|e| e.into_inner()) = Some(code);
@@ -196,14 +206,17 @@ impl WsLink {
     }
 
     /// Resolves when the socket is closed; says why.
-    pub async fn closed(&self) -> String {
+    pub async fn closed(&self) -> (Option<CloseCode>, String) {
         self.gone.cancelled().await;
         match &*self.closed_with.lock().unwrap_or_else(|e| e.into_inner()) {
             Some((code, reason)) => match ws::from_close_code(*code) {
-                Some(code) => format!("closed by the broker: {code} ({reason})"),
-                None => format!("WebSocket closed with {code} ({reason})"),
+                Some(close) => (
+                    Some(close),
+                    format!("closed by the broker: {close} ({reason})"),
+                ),
+                None => (None, format!("WebSocket closed with {code} ({reason})")),
             },
-            None => "the WebSocket ended".to_owned(),
+            None => (None, "the WebSocket ended".to_owned()),
         }
     }
 }
@@ -259,6 +272,7 @@ async fn write_loop(
     })
     .await;
     link.gone.cancel();
+    link.written.cancel();
 }
 
 async fn read_loop(
@@ -320,9 +334,20 @@ async fn read_loop(
                 tx
             }
         };
-        if tx.send(body).await.is_err() {
+        match tx.try_send(body) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                debug!(
+                    stream = id,
+                    "a delivery stream's buffer is full: stopping it (its subscription resumes later)"
+                );
+                link.stop(id);
+                streams.insert(id, closed_sender());
+            }
             // Nobody reads it any more (it was stopped): drop what comes.
-            streams.insert(id, closed_sender());
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                streams.insert(id, closed_sender());
+            }
         }
     }
     link.gone.cancel();

@@ -143,7 +143,7 @@ impl TestBroker {
                     "test",
                     Trust::CaFile(self.cert()),
                 );
-                config.websocket = Some(self.websocket_url());
+                config.websocket = vec![self.websocket_url()];
                 config
             }
         };
