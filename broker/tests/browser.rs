@@ -451,3 +451,245 @@ async fn a_page_is_told_of_truncation_and_of_a_reset_log() {
     );
     chromium.close().await;
 }
+
+/// The page's `window.events` so far.
+async fn page_events(page: &Page) -> Vec<String> {
+    eval(page, "window.events").await
+}
+
+/// Waits until the page's `window.events` holds `want`.
+async fn page_event(page: &Page, want: &str) {
+    eventually(&format!("the page to see {want:?}"), || {
+        let page = page.clone();
+        let want = want.to_owned();
+        async move { page_events(&page).await.contains(&want) }
+    })
+    .await;
+}
+
+/// A metric of the broker (a gauge or counter without labels).
+async fn metric(broker: &TestBroker, name: &str) -> f64 {
+    common::metrics_text(broker)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A subscribe made while the broker is down waits (it does not claim a
+/// start it has not got), is retried on the broker's return and resolves;
+/// the page's state events tell each step; a subscription it already had
+/// resumes without a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_subscribe_made_while_the_broker_is_down_is_retried_across_its_restart() {
+    let mut broker = TestBroker::start().await;
+    let ch = channel("chat.restart");
+    let later = channel("chat.later");
+    let url = broker.websocket_url();
+    let Some((chromium, page)) = page_on(&broker, "/client/endpoints").await else {
+        return;
+    };
+    let _: bool = eval(
+        &page,
+        &format!(
+            r#"(async () => {{
+                window.events = []; window.received = []; window.later = [];
+                const {{ VolnaClient }} = await import("/client/volna.js");
+                const client = new VolnaClient("{url}", {{ token: "test", backoff: {{ initialMs: 50, maxMs: 300 }}, requestTimeoutMs: 60000 }});
+                for (const s of ["connecting", "connected", "disconnected", "closed"]) {{
+                    client.addEventListener(s, (e) => window.events.push(s + (s === "closed" ? " " + e.detail.code : "")));
+                }}
+                const sub = await client.subscribe("{ch}", {{ from: 1 }});
+                sub.addEventListener("message", (e) => window.received.push([e.data.offset, e.data.text()]));
+                window.client = client;
+                return true;
+            }})()"#
+        ),
+    )
+    .await;
+    let publisher = broker.client().await;
+    publisher.publish(&ch, "before").await.unwrap();
+    eventually("the page to receive the first", || {
+        let page = page.clone();
+        async move { received(&page).await.len() == 1 }
+    })
+    .await;
+
+    broker.stop().await;
+    page_event(&page, "disconnected").await;
+    let _: bool = eval(
+        &page,
+        &format!(
+            r#"(() => {{
+                window.laterResolved = false;
+                window.client.subscribe("{later}", {{}}).then((sub) => {{
+                    window.laterResolved = true;
+                    sub.addEventListener("message", (e) => window.later.push([e.data.offset, e.data.text()]));
+                }}, (e) => window.events.push("subscribe failed " + e.message));
+                return true;
+            }})()"#
+        ),
+    )
+    .await;
+    // It keeps trying while the broker is away, and does not resolve.
+    eventually("a few attempts", || {
+        let page = page.clone();
+        async move {
+            page_events(&page)
+                .await
+                .iter()
+                .filter(|e| *e == "connecting")
+                .count()
+                >= 3
+        }
+    })
+    .await;
+    assert!(!eval::<bool>(&page, "window.laterResolved").await);
+    assert_eq!(
+        eval::<String>(&page, "window.client.state").await,
+        "connecting"
+    );
+
+    broker.restart().await;
+    eventually("the subscribe to resolve", || {
+        let page = page.clone();
+        async move { eval::<bool>(&page, "window.laterResolved").await }
+    })
+    .await;
+    publisher.publish(&ch, "after").await.unwrap();
+    publisher.publish(&later, "later").await.unwrap();
+    eventually("the page to receive both", || {
+        let page = page.clone();
+        async move {
+            received(&page).await.len() == 2
+                && eval::<Vec<(u64, String)>>(&page, "window.later")
+                    .await
+                    .len()
+                    == 1
+        }
+    })
+    .await;
+    assert_eq!(
+        received(&page).await,
+        vec![(1, "before".to_owned()), (2, "after".to_owned())]
+    );
+    assert_eq!(
+        eval::<Vec<(u64, String)>>(&page, "window.later").await,
+        vec![(1, "later".to_owned())]
+    );
+    let _: bool = eval(&page, "(() => { window.client.close(); return true; })()").await;
+    let events = page_events(&page).await;
+    assert_eq!(events.first().map(String::as_str), Some("connecting"));
+    assert_eq!(events.get(1).map(String::as_str), Some("connected"));
+    assert_eq!(events.last().map(String::as_str), Some("closed 0"));
+    let after_down = &events[events.iter().position(|e| e == "disconnected").unwrap()..];
+    assert!(
+        after_down.iter().any(|e| e == "connected"),
+        "connected again: {events:?}"
+    );
+    assert!(
+        !events.iter().any(|e| e.starts_with("subscribe failed")),
+        "{events:?}"
+    );
+    chromium.close().await;
+}
+
+/// `close()` while the connection is being opened (the socket is up, the
+/// token on its way) leaves no connection at the broker and no session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_closing_its_client_while_connecting_leaves_no_connection() {
+    let broker = TestBroker::start().await;
+    let url = broker.websocket_url();
+    let Some((chromium, page)) = page_on(&broker, "/client/endpoints").await else {
+        return;
+    };
+    let _: bool = eval(
+        &page,
+        &format!(
+            r#"(async () => {{
+                window.events = [];
+                const {{ VolnaClient }} = await import("/client/volna.js");
+                let asked;
+                const tokenAsked = new Promise((r) => {{ asked = r; }});
+                const client = new VolnaClient("{url}", {{
+                    backoff: {{ initialMs: 20, maxMs: 50 }},
+                    tokenProvider: () => new Promise((resolve) => {{ window.giveToken = resolve; asked(); }}),
+                }});
+                for (const s of ["connecting", "connected", "disconnected", "closed"]) {{
+                    client.addEventListener(s, () => window.events.push(s));
+                }}
+                window.client = client;
+                await tokenAsked;
+                client.close();
+                window.giveToken("test");
+                return true;
+            }})()"#
+        ),
+    )
+    .await;
+    eventually("no WebSocket connection at the broker", || async {
+        metric(&broker, "volna_websocket_connections").await == 0.0
+    })
+    .await;
+    assert_eq!(metric(&broker, "volna_connections_opened_total").await, 0.0);
+    assert_eq!(metric(&broker, "volna_connections").await, 0.0);
+    // The page was given its token after close(): still no session, and
+    // no new attempt (a second one would be at the broker within the 50 ms
+    // backoff; the publish below is answered after it would have come).
+    let publisher = broker.client().await;
+    publisher
+        .publish(&channel("chat.marker"), "m")
+        .await
+        .unwrap();
+    assert_eq!(metric(&broker, "volna_connections_opened_total").await, 1.0);
+    assert_eq!(page_events(&page).await, vec!["connecting", "closed"]);
+    assert_eq!(eval::<String>(&page, "window.client.state").await, "closed");
+    assert_eq!(metric(&broker, "volna_websocket_connections").await, 0.0);
+    chromium.close().await;
+}
+
+/// A connect the broker refuses for good (a token it does not accept)
+/// closes the client with the code: a pending publish fails with the
+/// refusal, not a timeout; a pending subscribe too; no reconnect loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_refused_for_good_ends_its_client_with_the_code() {
+    let broker = common::jwt_broker(|_| {}).await;
+    let url = broker.websocket_url();
+    let Some((chromium, page)) = page_on(&broker, "/client/endpoints").await else {
+        return;
+    };
+    let outcome: serde_json::Value = eval(
+        &page,
+        &format!(
+            r#"(async () => {{
+                const {{ VolnaClient, ErrorCode }} = await import("/client/volna.js");
+                const client = new VolnaClient("{url}", {{ token: "not-a-jwt", backoff: {{ initialMs: 20, maxMs: 50 }} }});
+                let connecting = 0;
+                client.addEventListener("connecting", () => connecting++);
+                const closed = new Promise((r) => client.addEventListener("closed", (e) => r(e.detail)));
+                const publish = client.publish("chat.refused", "never").then(() => "stored", (e) => e.code);
+                const subscribe = client.subscribe("chat.refused", {{}}).then(() => "subscribed", (e) => e.code);
+                const detail = await closed;
+                return {{
+                    code: detail.code, unauthorized: ErrorCode.Unauthorized,
+                    publish: await publish, subscribe: await subscribe,
+                    state: client.state, connecting,
+                }};
+            }})()"#
+        ),
+    )
+    .await;
+    assert_eq!(
+        outcome,
+        serde_json::json!({
+            "code": 3, "unauthorized": 3, "publish": 3, "subscribe": 3,
+            "state": "closed", "connecting": 1,
+        })
+    );
+    eventually("no connection left", || async {
+        metric(&broker, "volna_websocket_connections").await == 0.0
+    })
+    .await;
+    chromium.close().await;
+}
