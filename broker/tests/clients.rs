@@ -18,6 +18,7 @@ use common::{
 };
 use futures_util::StreamExt;
 use serde_json::json;
+use volna_broker::store::MemoryStore;
 use volna_client::{
     Client, ClientConfig, ClientError, ConnectionState, ErrorCode, Offset, Position,
     SubscriptionError, TokenSource, Trust,
@@ -278,6 +279,38 @@ async fn a_token_refresh_that_hangs_does_not_hold_up_the_connection() {
         .await
         .expect("pub");
     assert_eq!(next_texts(&mut sub, 1).await, ["after the restart"]);
+}
+
+/// A subscribe refused for a passing cause (the channel's metadata cannot
+/// be read for a while, as while its partition fails over) is retried,
+/// both when the application subscribes and when the client resubscribes
+/// after a reconnect: the subscription goes on instead of ending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscribe_refused_for_now_is_retried_not_ended() {
+    let store = Arc::new(MemoryStore::new());
+    let mut broker = TestBroker::start_on(Some(store.clone()), |_| {}).await;
+    let client = broker.client().await;
+    let ch = channel("chat.failing-over");
+    store.fail_next_lookups(2);
+    let mut sub = client
+        .subscribe(&ch, Position::FIRST)
+        .await
+        .expect("retried until it passes");
+    assert_eq!(store.lookup_failures_left(), 0);
+    client.publish(&ch, "one").await.expect("pub");
+    assert_eq!(next_texts(&mut sub, 1).await, ["one"]);
+
+    // After a restart the channel is not resident: the resubscribe finds
+    // the lookup failing.
+    store.fail_next_lookups(3);
+    broker.restart().await;
+    eventually("the lookups to fail and pass again", || async {
+        store.lookup_failures_left() == 0
+    })
+    .await;
+    let publisher = broker.client().await;
+    publisher.publish(&ch, "two").await.expect("pub");
+    assert_eq!(next_texts(&mut sub, 1).await, ["two"]);
 }
 
 /// The client's socket reaches both address families: a seed on IPv6

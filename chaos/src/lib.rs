@@ -178,6 +178,11 @@ impl BrokerProcess {
         Ok(())
     }
 
+    /// The broker's WebSocket URL (`wss://127.0.0.1:PORT/ws`).
+    pub fn websocket_url(&self) -> String {
+        format!("wss://{}/ws", self.websocket)
+    }
+
     /// Where every incarnation's stderr goes (appended).
     pub fn log_path(&self) -> PathBuf {
         self.data_dir.join("broker.log")

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use volna_chaos::cluster::TestCluster;
 use volna_chaos::{History, read_through};
-use volna_client::{ChannelName, Client, ClientError, Position};
+use volna_client::{ChannelName, Client, ClientConfig, ClientError, ConnectionState, Position};
 
 const PARTITIONS: u32 = 8;
 
@@ -254,14 +254,77 @@ async fn killing_a_partition_leader_loses_no_acknowledged_publish_and_subscriber
     }
 }
 
+/// A device configured as a phone is: every node a seed, WebSocket URLs
+/// for networks that block UDP, a short idle timeout.
+fn phone_config(cluster: &TestCluster, seeds: &[u64]) -> ClientConfig {
+    let mut config = cluster.client_config(seeds);
+    config.websocket = seeds
+        .iter()
+        .map(|id| cluster.nodes[(*id - 1) as usize].websocket_url())
+        .collect();
+    config.idle_timeout = Duration::from_secs(1);
+    config.keep_alive = Duration::from_millis(250);
+    config
+}
+
+/// Waits until `client` is connected over QUIC to a node other than
+/// `not`; returns how long that took.
+async fn connected_over_quic_elsewhere(client: &Client, not: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut states = client.state_changes();
+    loop {
+        if let ConnectionState::Connected { server, websocket } = states.borrow_and_update().clone()
+            && server != not
+        {
+            assert!(!websocket, "fell back to WebSocket on {server} although QUIC answers");
+            return started.elapsed();
+        }
+        tokio::time::timeout(within.saturating_sub(started.elapsed()), states.changed())
+            .await
+            .expect("connected elsewhere in time")
+            .expect("state");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_on_a_killed_node_resumes_every_subscription_on_another_seed() {
     let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
     let channels: Vec<ChannelName> = (0..4)
         .map(|i| ChannelName::new(format!("chat.seed{i}")).unwrap())
         .collect();
+
+    // A first seed that never answers (a node gone silent) costs its own
+    // budget, then the next seed is tried over QUIC, not the WebSocket
+    // fallback.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = phone_config(&cluster, &[1, 2]);
+    config.servers.insert(0, silent.local_addr().unwrap().to_string());
+    config
+        .websocket
+        .insert(0, format!("wss://{}/ws", silent_tcp.local_addr().unwrap()));
+    let started = Instant::now();
+    let past_silence = Client::connect(config).await.unwrap();
+    assert!(!past_silence.over_websocket(), "QUIC on the next seed");
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    past_silence.close().await;
+
     // The device dials node 3 first; nodes 1 and 2 are its other seeds.
-    let device = connect(&cluster, &[3, 1, 2]).await;
+    let device = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match Client::connect(phone_config(&cluster, &[3, 1, 2])).await {
+                Ok(client) => break client,
+                Err(e) if Instant::now() < deadline => eprintln!("connect: {e}; retrying"),
+                Err(e) => panic!("cannot connect: {e}"),
+            }
+        }
+    };
+    let on_node_3 = cluster.nodes[2].addr().to_string();
+    assert!(matches!(
+        device.state(),
+        ConnectionState::Connected { ref server, websocket: false } if *server == on_node_3
+    ));
     let mut subs = Vec::new();
     for channel in &channels {
         subs.push(device.subscribe(channel, Position::FIRST).await.unwrap());
@@ -279,6 +342,9 @@ async fn a_client_on_a_killed_node_resumes_every_subscription_on_another_seed() 
         read_through(sub, 20, Duration::from_secs(30)).await;
     }
     cluster.nodes[2].kill().unwrap();
+    // Noticed within the idle timeout (1 s), then the next seed over QUIC.
+    let moved = connected_over_quic_elsewhere(&device, &on_node_3, Duration::from_secs(3)).await;
+    eprintln!("connected to another node over QUIC {moved:?} after the kill");
     // Published while the device reconnects: it must get all of it.
     for round in 21..=40u64 {
         for channel in &channels {

@@ -1321,6 +1321,60 @@ impl ServerCertVerifier for PinnedCert {
 mod tests {
     use super::*;
 
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn resolved_addresses_alternate_families_from_the_first() {
+        let (v6a, v6b) = (addr("[::1]:1"), addr("[::2]:1"));
+        let (v4a, v4b, v4c) = (addr("127.0.0.1:1"), addr("127.0.0.2:1"), addr("127.0.0.3:1"));
+        assert_eq!(
+            interleave_families(vec![v6a, v6b, v4a, v4b, v4c]),
+            [v6a, v4a, v6b, v4b, v4c]
+        );
+        assert_eq!(
+            interleave_families(vec![v4a, v6a, v4b]),
+            [v4a, v6a, v4b]
+        );
+        assert_eq!(interleave_families(Vec::new()), []);
+    }
+
+    /// The next address starts while the first hangs (a family that does
+    /// not route), at once when the first fails; the first success wins.
+    #[tokio::test]
+    async fn happy_eyeballs_tries_the_next_address_while_one_hangs_or_fails() {
+        let (hangs, answers) = (addr("[::1]:1"), addr("127.0.0.1:1"));
+        let stagger = std::time::Duration::from_millis(100);
+        let started = tokio::time::Instant::now();
+        let won = race(vec![hangs, answers], stagger, |a| async move {
+            if a == hangs {
+                std::future::pending::<()>().await;
+            }
+            Ok(a)
+        })
+        .await;
+        assert_eq!(won.ok(), Some(answers));
+        assert!(started.elapsed() >= stagger);
+
+        let started = tokio::time::Instant::now();
+        let won = race(vec![hangs, answers], std::time::Duration::from_secs(60), |a| async move {
+            if a == hangs {
+                return Err(ClientError::Connect("unreachable".into()));
+            }
+            Ok(a)
+        })
+        .await;
+        assert_eq!(won.ok(), Some(answers));
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+
+        let lost: Result<SocketAddr, _> = race(vec![hangs, answers], stagger, |a| async move {
+            Err(ClientError::Connect(a.to_string()))
+        })
+        .await;
+        assert!(matches!(lost, Err(ClientError::Connect(last)) if last == answers.to_string()));
+    }
+
     #[test]
     fn host_and_port_are_split() {
         assert_eq!(

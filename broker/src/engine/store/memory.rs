@@ -22,6 +22,7 @@ pub struct MemoryStore {
     /// Counts down to an injected write failure (0: none).
     failing_write: AtomicU32,
     failing_reads: AtomicU32,
+    failing_lookups: AtomicU32,
 }
 
 #[derive(Debug, Clone)]
@@ -76,6 +77,17 @@ impl MemoryStore {
         self.failing_reads.store(count, Ordering::SeqCst);
     }
 
+    /// Makes the next `count` channel lookups (`load_channel`) fail, as a
+    /// partition that is failing over refuses for a while.
+    pub fn fail_next_lookups(&self, count: u32) {
+        self.failing_lookups.store(count, Ordering::SeqCst);
+    }
+
+    /// Injected lookup failures not yet used.
+    pub fn lookup_failures_left(&self) -> u32 {
+        self.failing_lookups.load(Ordering::SeqCst)
+    }
+
     /// What a power loss now would leave on disk: a copy of everything
     /// written so far, still marked as running.
     pub fn crash_image(&self) -> Self {
@@ -112,6 +124,12 @@ impl LogStore for MemoryStore {
     }
 
     fn load_channel(&self, name: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
+        let failing = self
+            .failing_lookups
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if failing.is_ok() {
+            return Err(StoreError::Engine("injected failure: lookup error".into()));
+        }
         Ok(self.state().channels.get(name).copied())
     }
 
