@@ -302,8 +302,10 @@ pub struct EngineConfig {
     /// are dropped from memory (they stay on disk and load on next use).
     pub max_resident_producers: usize,
     /// Producer windows (idempotent-publish state) one user may have live
-    /// at once; a publish that would start another gets
-    /// `TooManyProducers`. Server-side identities are not limited.
+    /// at once; a publish that starts another evicts the user's least
+    /// recently used window (`TooManyProducers` only when every window of
+    /// the user is new in one write batch). Server-side identities are not
+    /// limited.
     pub max_producers_per_user: usize,
     /// Channels whose metadata is kept in memory; beyond it the least
     /// recently published are dropped from memory (they stay on disk and

@@ -132,7 +132,10 @@ async fn a_restarted_app_resends_its_outbox_and_each_message_is_stored_once() {
     sending.abort();
     drop(first);
     let before = acked.load(Ordering::SeqCst);
-    assert!(before < 1_000, "the app was killed with publishes in flight");
+    assert!(
+        before < 1_000,
+        "the app was killed with publishes in flight"
+    );
 
     let restarted = device_client(&broker, &token, "phone").await;
     let mut duplicates = 0;

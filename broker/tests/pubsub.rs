@@ -203,7 +203,10 @@ async fn a_stalled_subscriber_is_served_from_the_log_and_misses_nothing(transpor
     assert_consecutive(&offsets, 1);
     assert_eq!(within("fast reader", fast_reader).await.unwrap(), N);
     // Memory held for the channel stayed within its budget (plus one batch).
-    let held = broker.broker().fanout().ring_bytes(&ch).unwrap();
+    // Over WebSocket the slow client stopped its full stream (it resumes
+    // from its position when read): with the fast reader done too, the
+    // channel may have no subscriber, and no ring, left.
+    let held = broker.broker().fanout().ring_bytes(&ch).unwrap_or(0);
     assert!(held <= ring_budget + 128 * 1024, "ring holds {held} bytes");
 
     let got = read_messages(&mut slow, N).await;

@@ -276,7 +276,10 @@ async fn connected_over_quic_elsewhere(client: &Client, not: &str, within: Durat
         if let ConnectionState::Connected { server, websocket } = states.borrow_and_update().clone()
             && server != not
         {
-            assert!(!websocket, "fell back to WebSocket on {server} although QUIC answers");
+            assert!(
+                !websocket,
+                "fell back to WebSocket on {server} although QUIC answers"
+            );
             return started.elapsed();
         }
         tokio::time::timeout(within.saturating_sub(started.elapsed()), states.changed())
@@ -299,14 +302,20 @@ async fn a_client_on_a_killed_node_resumes_every_subscription_on_another_seed() 
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let silent_tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let mut config = phone_config(&cluster, &[1, 2]);
-    config.servers.insert(0, silent.local_addr().unwrap().to_string());
+    config
+        .servers
+        .insert(0, silent.local_addr().unwrap().to_string());
     config
         .websocket
         .insert(0, format!("wss://{}/ws", silent_tcp.local_addr().unwrap()));
     let started = Instant::now();
     let past_silence = Client::connect(config).await.unwrap();
     assert!(!past_silence.over_websocket(), "QUIC on the next seed");
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     past_silence.close().await;
 
     // The device dials node 3 first; nodes 1 and 2 are its other seeds.

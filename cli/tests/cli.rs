@@ -57,7 +57,13 @@ async fn two_hundred_runs_of_one_user_all_publish() {
         let out = tokio::time::timeout(
             DEADLINE,
             volna(&broker, &cert)
-                .args(["--token", "alice", "pub", "chat.runs", &format!("run {run}")])
+                .args([
+                    "--token",
+                    "alice",
+                    "pub",
+                    "chat.runs",
+                    &format!("run {run}"),
+                ])
                 .output(),
         )
         .await

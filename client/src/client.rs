@@ -398,7 +398,8 @@ impl Client {
             on_drop: Arc::downgrade(&(inner.clone() as Arc<dyn Unsubscriber>)),
             yielded: None,
             budget: shared.budget.clone(),
-            budget_bytes: inner.config.subscription_buffer_bytes,
+            budget_bytes: shared.budget_bytes,
+            released: 0,
             auto_ack: false,
         };
         // Returns only once the broker resolved the start: a `Latest` whose

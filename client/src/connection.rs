@@ -669,7 +669,7 @@ pub(crate) struct Live {
     wire: Wire,
     /// Why the broker ended the connection: its close code, or a
     /// connection-level `Error` frame sent before it.
-    ended_by: Mutex<(Option<CloseCode>, Option<(volna_proto::ErrorCode, String)>)>,
+    ended_by: Mutex<EndedBy>,
     /// Boxed: the queue allocates slots in blocks of 32, and 32 unboxed
     /// frames cost every connection 2.8 KB.
     control: mpsc::Sender<Box<Frame>>,
@@ -689,6 +689,10 @@ pub(crate) struct Live {
     ended_rx: tokio::sync::Mutex<mpsc::Receiver<Box<Ended>>>,
     markers: Option<broadcast::Sender<ReadMarker>>,
 }
+
+/// How the broker ended a connection: its close code, and the
+/// connection-level `Error` frame it sent before, if any.
+type EndedBy = (Option<CloseCode>, Option<(volna_proto::ErrorCode, String)>);
 
 /// A request whose caller may give up (its future dropped) before it takes
 /// the reply.
@@ -905,10 +909,7 @@ impl Live {
         })
     }
 
-    fn ended_by_map(
-        &self,
-    ) -> std::sync::MutexGuard<'_, (Option<CloseCode>, Option<(volna_proto::ErrorCode, String)>)>
-    {
+    fn ended_by_map(&self) -> std::sync::MutexGuard<'_, EndedBy> {
         self.ended_by.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -1328,15 +1329,16 @@ mod tests {
     #[test]
     fn resolved_addresses_alternate_families_from_the_first() {
         let (v6a, v6b) = (addr("[::1]:1"), addr("[::2]:1"));
-        let (v4a, v4b, v4c) = (addr("127.0.0.1:1"), addr("127.0.0.2:1"), addr("127.0.0.3:1"));
+        let (v4a, v4b, v4c) = (
+            addr("127.0.0.1:1"),
+            addr("127.0.0.2:1"),
+            addr("127.0.0.3:1"),
+        );
         assert_eq!(
             interleave_families(vec![v6a, v6b, v4a, v4b, v4c]),
             [v6a, v4a, v6b, v4b, v4c]
         );
-        assert_eq!(
-            interleave_families(vec![v4a, v6a, v4b]),
-            [v4a, v6a, v4b]
-        );
+        assert_eq!(interleave_families(vec![v4a, v6a, v4b]), [v4a, v6a, v4b]);
         assert_eq!(interleave_families(Vec::new()), []);
     }
 
@@ -1358,12 +1360,16 @@ mod tests {
         assert!(started.elapsed() >= stagger);
 
         let started = tokio::time::Instant::now();
-        let won = race(vec![hangs, answers], std::time::Duration::from_secs(60), |a| async move {
-            if a == hangs {
-                return Err(ClientError::Connect("unreachable".into()));
-            }
-            Ok(a)
-        })
+        let won = race(
+            vec![hangs, answers],
+            std::time::Duration::from_secs(60),
+            |a| async move {
+                if a == hangs {
+                    return Err(ClientError::Connect("unreachable".into()));
+                }
+                Ok(a)
+            },
+        )
         .await;
         assert_eq!(won.ok(), Some(answers));
         assert!(started.elapsed() < std::time::Duration::from_secs(5));

@@ -75,7 +75,7 @@ pub(crate) struct SubShared {
     /// Payload bytes the application's buffer may still take.
     pub budget: Arc<Semaphore>,
     /// The budget's size: a message larger than it costs all of it.
-    budget_bytes: usize,
+    pub budget_bytes: usize,
     /// Deliveries dropped as already seen, here and client-wide.
     pub duplicates: AtomicU64,
     duplicates_client: Arc<AtomicU64>,
@@ -219,13 +219,14 @@ impl SubShared {
                 // Room for many messages per wait, not one: at high rates the
                 // per-message wake-ups were the client's largest cost.
                 let mut offset = first.add(skip as u64);
-                let mut messages = d.messages.into_iter().skip(skip).peekable();
-                while messages.peek().is_some() {
+                let mut messages = d.messages;
+                let mut at = skip;
+                while at < messages.len() {
                     // As many as the byte budget holds (at least one), then
                     // as many as the channel has room for.
                     let mut bytes = 0;
                     let mut want = 0;
-                    for m in messages.clone().take(self.tx.max_capacity()) {
+                    for m in messages[at..].iter().take(self.tx.max_capacity()) {
                         let more = cost(&m.payload, self.budget_bytes);
                         if want > 0 && bytes + more > self.budget_bytes {
                             break;
@@ -240,16 +241,17 @@ impl SubShared {
                     let Ok(permits) = self.tx.reserve_many(want).await else {
                         return false;
                     };
-                    for (permit, m) in permits.zip(messages.by_ref()) {
+                    for (permit, m) in permits.zip(&mut messages[at..at + want]) {
                         permit.send(Ok(Message {
                             channel: d.channel.clone(),
                             epoch: d.epoch,
                             offset,
                             timestamp_ms: m.timestamp_ms,
-                            payload: m.payload,
+                            payload: std::mem::take(&mut m.payload),
                         }));
                         offset = offset.next();
                     }
+                    at += want;
                 }
                 true
             }
@@ -316,9 +318,14 @@ pub struct Subscription {
     /// The offset after the last item yielded to the application, and
     /// the epoch it is in.
     pub(crate) yielded: Option<(Offset, Epoch)>,
-    /// The byte budget the application gives back as it takes messages.
+    /// The byte budget the application gives back as it takes messages:
+    /// `released` bytes at a time (a semaphore's lock per message would be
+    /// the costliest step of a fast subscriber), and all of it whenever
+    /// nothing more is buffered, so the feeder never waits for bytes the
+    /// application has already taken.
     pub(crate) budget: Arc<Semaphore>,
     pub(crate) budget_bytes: usize,
+    pub(crate) released: usize,
     /// Acknowledge each message as the application takes it.
     pub(crate) auto_ack: bool,
 }
@@ -416,7 +423,10 @@ impl Subscription {
         };
         let next = match item {
             Some(Ok(m)) => {
-                self.budget.add_permits(cost(&m.payload, self.budget_bytes));
+                self.released += cost(&m.payload, self.budget_bytes);
+                if self.released >= self.budget_bytes / 16 || self.rx.is_empty() {
+                    self.budget.add_permits(std::mem::take(&mut self.released));
+                }
                 (m.offset.next(), m.epoch)
             }
             Some(Err(SubscriptionError::Truncated {

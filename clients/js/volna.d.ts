@@ -28,8 +28,12 @@ export declare const CloseCode: Readonly<{
  */
 export declare function isRetryable(code: number): boolean;
 
-/** The producer id volna.js derives from a device id (first 8 bytes of SHA-256("volna-producer:" + device)). */
-export declare function deviceProducerId(device: string): bigint;
+/**
+ * The producer id volna.js derives from a device id (first 8 bytes of
+ * SHA-256("volna-producer:" + device), big-endian; the Rust client derives
+ * the same); `null` without `crypto.subtle` (not a secure context).
+ */
+export declare function deviceProducerId(device: string): Promise<bigint | null>;
 
 /** What went wrong: a refusal by the broker, or a failure on the client's side. */
 export type ErrorKind =
@@ -236,6 +240,11 @@ export declare class VolnaClient extends EventTarget {
   readonly welcome: Welcome | null;
   /** Why the client closed (null while open, or closed by the application). */
   readonly error: VolnaError | null;
+  /**
+   * The producer id publishes carry: the application's `producerId`, else
+   * the device's (from the first session on), else random — random too
+   * where the broker cannot say where the device's producer stands.
+   */
   readonly producerId: bigint;
   readonly stats: { duplicatesDropped: number; reconnects: number };
   /** Resolves once stored; retried until `requestTimeoutMs`. */

@@ -29,6 +29,9 @@
 // - The producer id is the application's (`producerId`), or derived from
 //   `device`, so it survives page reloads; on every session the broker
 //   says where the producer's sequences stand (InitProducer, protocol 4).
+//   Where the broker cannot say (older than protocol 4, a cluster node) a
+//   derived id gives way to a random one (its sequences would collide with
+//   those already stored) and an explicit one fails the connection.
 
 const CONTROL = 0;
 const PROTOCOL_VERSION = 4;
@@ -365,7 +368,10 @@ export class VolnaClient extends EventTarget {
     super();
     this.url = url;
     this.options = { ...DEFAULTS, ...options, backoff: { ...DEFAULTS.backoff, ...(options.backoff ?? {}) } };
-    this.producerId = producerIdOf(this.options);
+    /** Set once the first session started (`producerId` or derived from `device`). */
+    this.producerId = explicitProducerId(this.options) ?? randomProducerId();
+    /** Where the producer id came from: "application", "device" or "random". */
+    this._producerSource = explicitProducerId(this.options) !== null ? "application" : "random";
     /** Counters: `duplicatesDropped` (deliveries already seen), `reconnects`. */
     this.stats = { duplicatesDropped: 0, reconnects: 0 };
     /** `connecting`, `connected`, `disconnected` or `closed`. */
@@ -705,18 +711,44 @@ export class VolnaClient extends EventTarget {
     }
   }
 
-  /** Asks the broker where this producer's sequences stand (protocol 4). */
+  /**
+   * Asks the broker where this producer's sequences stand (protocol 4). On
+   * the first session a device's producer id is derived first; a broker
+   * that cannot say gets a random id instead (the device's sequences would
+   * collide with those it stored), or a refusal for an explicit id.
+   */
   async _initProducer(link) {
-    if (this.welcome.protocol < 4) return;
-    let reply;
-    try {
-      reply = await this._request(link, T.InitProducer, (w) => w.u64(this.producerId), this.options.attemptTimeoutMs);
-    } catch (e) {
-      if (e.kind === "refused" && (e.code === ErrorCode.UnknownFrame || e.code === ErrorCode.Unsupported)) return; // an older broker
-      throw e;
+    const first = !this._producerReady;
+    if (first && this._producerSource === "random" && this.options.device) {
+      const derived = await deviceProducerId(this.options.device);
+      if (derived !== null) { this.producerId = derived; this._producerSource = "device"; }
+    }
+    if (this._producerSource === "random") { this._producerReady = true; return; }
+    let reply = null;
+    let refusal = null;
+    if (this.welcome.protocol < 4) {
+      refusal = new VolnaError(ErrorCode.UnknownFrame, "the broker speaks a protocol before InitProducer");
+    } else {
+      try {
+        reply = await this._request(link, T.InitProducer, (w) => w.u64(this.producerId), this.options.attemptTimeoutMs);
+      } catch (e) {
+        if (e.kind !== "refused" || (e.code !== ErrorCode.UnknownFrame && e.code !== ErrorCode.Unsupported)) throw e;
+        refusal = e;
+      }
+    }
+    if (refusal !== null) {
+      // Later sessions go on with the client's own counter: it is above
+      // everything this client sent.
+      if (!first) return;
+      if (this._producerSource === "application") throw refusal;
+      this.producerId = randomProducerId();
+      this._producerSource = "random";
+      this._producerReady = true;
+      return;
     }
     if (reply.type !== T.ProducerReady) throw protocolError("unexpected reply to InitProducer");
     if (reply.lastSequence + 1n > this._nextSequence) this._nextSequence = reply.lastSequence + 1n;
+    this._producerReady = true;
   }
 
   /** A request on `link`; rejects on a refusal, a lost link or after `timeoutMs`. */
@@ -1032,70 +1064,30 @@ function withTimeout(promise, ms, error) {
   ]).finally(() => clearTimeout(timer));
 }
 
-/**
- * The producer id: the application's, else derived from the device (the
- * first 8 bytes of SHA-256("volna-producer:" + device), big-endian), else
- * random for this client.
- */
-function producerIdOf(options) {
-  if (options.producerId !== undefined && options.producerId !== null) {
-    const id = BigInt(options.producerId);
-    if (id < 0n || id >= 1n << 64n) throw new RangeError("producerId is a u64");
-    return id;
-  }
-  if (options.device) return deviceProducerId(options.device);
+/** The application's producer id, if it gave one (a u64). */
+function explicitProducerId(options) {
+  if (options.producerId === undefined || options.producerId === null) return null;
+  const id = BigInt(options.producerId);
+  if (id < 0n || id >= 1n << 64n) throw new RangeError("producerId is a u64");
+  return id;
+}
+
+function randomProducerId() {
   const words = new Uint32Array(2);
   crypto.getRandomValues(words);
   return (BigInt(words[0]) << 32n) | BigInt(words[1]);
 }
 
-/** The producer id derived from a device id (see `producerIdOf`). */
-export function deviceProducerId(device) {
-  const digest = sha256(utf8.encode(`volna-producer:${device}`));
-  return new DataView(digest.buffer).getBigUint64(0);
+/**
+ * The producer id derived from a device id: the first 8 bytes of
+ * SHA-256("volna-producer:" + device), big-endian — what the Rust client
+ * derives too (`volna_client::device_producer_id`). `null` where the page
+ * has no `crypto.subtle` (not a secure context): the client then uses a
+ * random producer id.
+ */
+export async function deviceProducerId(device) {
+  if (!globalThis.crypto?.subtle) return null;
+  const digest = await crypto.subtle.digest("SHA-256", utf8.encode(`volna-producer:${device}`));
+  return new DataView(digest).getBigUint64(0);
 }
 
-// SHA-256 (FIPS 180-4), synchronous so that the producer id is known at
-// once, also outside a secure context where crypto.subtle is missing.
-const K256 = new Uint32Array([
-  0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-  0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-  0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-  0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-  0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-  0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-  0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-  0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
-]);
-
-function sha256(data) {
-  const bitLen = data.length * 8;
-  const padded = new Uint8Array(((data.length + 9 + 63) >> 6) << 6);
-  padded.set(data);
-  padded[data.length] = 0x80;
-  const pv = new DataView(padded.buffer);
-  pv.setUint32(padded.length - 8, Math.floor(bitLen / 2 ** 32));
-  pv.setUint32(padded.length - 4, bitLen >>> 0);
-  const h = new Uint32Array([0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19]);
-  const w = new Uint32Array(64);
-  const rotr = (x, n) => (x >>> n) | (x << (32 - n));
-  for (let off = 0; off < padded.length; off += 64) {
-    for (let i = 0; i < 16; i++) w[i] = pv.getUint32(off + i * 4);
-    for (let i = 16; i < 64; i++) {
-      const s0 = rotr(w[i - 15], 7) ^ rotr(w[i - 15], 18) ^ (w[i - 15] >>> 3);
-      const s1 = rotr(w[i - 2], 17) ^ rotr(w[i - 2], 19) ^ (w[i - 2] >>> 10);
-      w[i] = (w[i - 16] + s0 + w[i - 7] + s1) >>> 0;
-    }
-    let [a, b, c, d, e, f, g, hh] = h;
-    for (let i = 0; i < 64; i++) {
-      const t1 = (hh + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i]) >>> 0;
-      const t2 = ((rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c))) >>> 0;
-      hh = g; g = f; f = e; e = (d + t1) >>> 0; d = c; c = b; b = a; a = (t1 + t2) >>> 0;
-    }
-    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += hh;
-  }
-  const out = new Uint8Array(32);
-  const ov = new DataView(out.buffer);
-  for (let i = 0; i < 8; i++) ov.setUint32(i * 4, h[i]);
-  return out;
-}

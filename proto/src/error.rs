@@ -48,7 +48,8 @@ pub enum ErrorCode {
     /// Only server-side identities may publish to this channel's namespace.
     ServerOnly,
     /// The user has as many live producer windows (idempotent publishers)
-    /// as it may; reuse a producer id, or wait until an idle one expires.
+    /// as it may, all of them new in the same write batch (otherwise the
+    /// least recently used makes room); reuse a producer id.
     TooManyProducers,
     /// The channel was deleted (by an operator) with its log; its
     /// subscriptions end. Publishing to the name creates a new channel.
