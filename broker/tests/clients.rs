@@ -6,6 +6,7 @@
 //! over WebSocket. Each scenario failed before the client and broker were
 //! made for it (issue 26).
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -23,6 +24,15 @@ use volna_client::{
     Client, ClientConfig, ClientError, ConnectionState, ErrorCode, Offset, Position,
     SubscriptionError, TokenSource, Trust,
 };
+
+// The scenarios that are the same over QUIC and WebSocket run on both.
+over_both_transports!(
+    a_new_connection_of_a_device_takes_over_the_old_one,
+    a_refusal_waiting_cannot_cure_stops_the_client,
+    a_token_refresh_that_hangs_does_not_hold_up_the_connection,
+    a_subscribe_refused_for_now_is_retried_not_ended,
+    a_saved_position_carries_its_epoch,
+);
 
 fn alice() -> String {
     user_token(json!({"sub": "alice", "publish": ["chat.>"], "subscribe": ["chat.>"]}))
@@ -171,9 +181,9 @@ async fn a_restarted_app_resends_its_outbox_and_each_message_is_stored_once() {
 /// A device that connects again (a new process of the app) takes over
 /// its older connection at once: the older client is told and stops (it
 /// must not reconnect and take over back), and only one connection counts.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_connection_of_a_device_takes_over_the_old_one() {
-    let broker = jwt_broker(|_| {}).await;
+async fn a_new_connection_of_a_device_takes_over_the_old_one(transport: Transport) {
+    let mut broker = jwt_broker(|_| {}).await;
+    broker.transport = transport;
     let token = alice();
     let ch = channel("chat.takeover");
     let old = device_client(&broker, &token, "tablet").await;
@@ -186,7 +196,10 @@ async fn a_new_connection_of_a_device_takes_over_the_old_one() {
         Some(Err(SubscriptionError::Ended { code, .. })) => assert_eq!(code, ErrorCode::Replaced),
         other => panic!("expected Ended, got {other:?}"),
     }
-    let refused = old.publish(&ch, "from the old one").await.unwrap_err();
+    let refused = old
+        .publish(&ch, "from the old one")
+        .await
+        .expect_err("the old client is stopped");
     assert_eq!(refused.code(), Some(ErrorCode::Replaced), "{refused}");
 
     new.publish(&ch, "from the new one")
@@ -204,9 +217,9 @@ async fn a_new_connection_of_a_device_takes_over_the_old_one() {
 /// A token that expired, with no source to get another: the client stops
 /// with the broker's refusal instead of reconnecting forever in silence;
 /// the subscription ends with the code and a publish answers it at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_waiting_cannot_cure_stops_the_client() {
-    let broker = jwt_broker(|_| {}).await;
+async fn a_refusal_waiting_cannot_cure_stops_the_client(transport: Transport) {
+    let mut broker = jwt_broker(|_| {}).await;
+    broker.transport = transport;
     let token = common::sign(
         common::SECRET,
         json!({
@@ -229,7 +242,10 @@ async fn a_refusal_waiting_cannot_cure_stops_the_client() {
         other => panic!("expected Ended, got {other:?}"),
     }
     let started = Instant::now();
-    let refused = client.publish(&ch, "too late").await.unwrap_err();
+    let refused = client
+        .publish(&ch, "too late")
+        .await
+        .expect_err("the client is stopped");
     assert!(matches!(refused, ClientError::Failed(_)), "{refused}");
     assert_eq!(refused.code(), Some(ErrorCode::Unauthorized));
     assert!(
@@ -241,10 +257,10 @@ async fn a_refusal_waiting_cannot_cure_stops_the_client() {
 /// A token service that hangs while the client refreshes its token holds
 /// up nothing else: the connection lost meanwhile is noticed, the client
 /// reconnects and its subscription goes on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_token_refresh_that_hangs_does_not_hold_up_the_connection() {
+async fn a_token_refresh_that_hangs_does_not_hold_up_the_connection(transport: Transport) {
     // Every token is announced as expiring at once (an hour's notice).
     let mut broker = jwt_broker(|c| c.auth.expiry_notice_secs = 7_200).await;
+    broker.transport = transport;
     let calls = Arc::new(AtomicUsize::new(0));
     let source = {
         let calls = calls.clone();
@@ -288,10 +304,10 @@ async fn a_token_refresh_that_hangs_does_not_hold_up_the_connection() {
 /// be read for a while, as while its partition fails over) is retried,
 /// both when the application subscribes and when the client resubscribes
 /// after a reconnect: the subscription goes on instead of ending.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscribe_refused_for_now_is_retried_not_ended() {
+async fn a_subscribe_refused_for_now_is_retried_not_ended(transport: Transport) {
     let store = Arc::new(MemoryStore::new());
     let mut broker = TestBroker::start_on(Some(store.clone()), |_| {}).await;
+    broker.transport = transport;
     let client = broker.client().await;
     let ch = channel("chat.failing-over");
     store.fail_next_lookups(2);
@@ -388,10 +404,9 @@ async fn over_websocket_a_subscription_not_read_holds_up_nothing() {
 /// A position saved with its epoch resumes into `EpochChanged` when the
 /// channel was deleted and created again meanwhile (an offset alone would
 /// resume silently inside the new log).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_saved_position_carries_its_epoch() {
+async fn a_saved_position_carries_its_epoch(transport: Transport) {
     const ADMIN: &str = "clients-admin-token-0123456789abcdef";
-    let broker = TestBroker::start_with(|c| c.admin.token = Some(ADMIN.into())).await;
+    let broker = TestBroker::start_over(transport, |c| c.admin.token = Some(ADMIN.into())).await;
     let client = broker.client().await;
     let ch = channel("chat.saved");
     for i in 0..3 {

@@ -112,6 +112,9 @@ struct Inner {
     failure: Mutex<Option<ClientError>>,
     /// A token refresh is running (off the supervisor).
     refreshing: AtomicBool,
+    /// The producer id outlives this client (a device's or the
+    /// application's): asked again after each reconnect.
+    producer_bound: bool,
     max_payload: AtomicU32,
     publish_slots: tokio::sync::Semaphore,
     /// Each channel's publishes in flight, in issue order.
@@ -144,6 +147,7 @@ impl Client {
             },
             other => other?,
         };
+        let producer_bound = config.producer_id.is_some() || config.device.is_some();
         let (producer_id, next_sequence) = match init_producer(&config, &live).await {
             Ok(started) => started,
             Err(e) => {
@@ -169,6 +173,7 @@ impl Client {
             state: watch::Sender::new(connected),
             failure: Mutex::new(None),
             refreshing: AtomicBool::new(false),
+            producer_bound,
             publish_slots: tokio::sync::Semaphore::new(config_inflight),
             inflight: InFlight::default(),
             acks: Acks::default(),
@@ -829,6 +834,36 @@ impl Inner {
         });
     }
 
+    /// After a reconnect, whether this client still owns its producer: a
+    /// broker that stored a sequence this client never took means another
+    /// instance of the device (or of the application's producer id)
+    /// published meanwhile — one that took over while this one was cut
+    /// off. Going on would send sequences the broker answers as another
+    /// message's duplicates, so this client stops as replaced. A broker
+    /// that cannot say (or a lost answer) is not a reason to stop.
+    async fn check_producer(&self, live: &Live) -> Result<(), ClientError> {
+        if !self.producer_bound {
+            return Ok(());
+        }
+        let last = match last_sequence(&self.config, live, self.producer_id).await {
+            Ok(last) => last,
+            Err(e) => {
+                debug!(error = %e, "where the producer stands is unknown after the reconnect");
+                return Ok(());
+            }
+        };
+        if last >= self.next_sequence.load(Ordering::Relaxed) {
+            return Err(ClientError::Refused {
+                code: ErrorCode::Replaced,
+                message: format!(
+                    "another instance published under producer {} (up to sequence {last}) while this one was cut off",
+                    self.producer_id
+                ),
+            });
+        }
+        Ok(())
+    }
+
     /// A new connection after a lost one: rounds of attempts over every
     /// seed with backoff, asking the token source when the token is
     /// refused; `None` once the client is closed or a final refusal
@@ -911,28 +946,55 @@ async fn init_producer(config: &ClientConfig, live: &Live) -> Result<(u64, u64),
     let Some(producer_id) = config.producer_id.or(derived) else {
         return Ok((rand::random(), 1));
     };
-    let asked = live.request(|request_id| Frame::InitProducer {
-        request_id,
-        producer_id,
-    });
-    let reply = match tokio::time::timeout(config.request_timeout, asked).await {
-        Ok(reply) => reply,
-        Err(_) => Err(ClientError::Timeout {
-            maybe_stored: false,
-        }),
-    };
-    let refusal = match reply {
-        Ok(Frame::ProducerReady { last_sequence, .. }) => {
-            return Ok((producer_id, last_sequence.saturating_add(1)));
+    match last_sequence(config, live, producer_id).await {
+        Ok(last) => Ok((producer_id, last.saturating_add(1))),
+        // The broker cannot say (older than protocol 4, a cluster node):
+        // a derived id's sequences would collide with those it stored.
+        Err(e)
+            if config.producer_id.is_none()
+                && matches!(
+                    e.code(),
+                    Some(ErrorCode::Unsupported | ErrorCode::UnknownFrame)
+                ) =>
+        {
+            debug!(error = %e, "the broker does not say where the device's producer stands; publishing under a fresh producer id");
+            Ok((rand::random(), 1))
         }
-        Ok(other) => unexpected(other, "InitProducer"),
-        Err(e) => e,
-    };
-    if config.producer_id.is_some() {
-        return Err(refusal);
+        Err(e) => Err(e),
     }
-    debug!(error = %refusal, "the broker does not say where the device's producer stands; publishing under a fresh producer id");
-    Ok((rand::random(), 1))
+}
+
+/// The last sequence the broker stored for `producer_id`, asking again
+/// after a passing refusal within the request timeout.
+async fn last_sequence(
+    config: &ClientConfig,
+    live: &Live,
+    producer_id: u64,
+) -> Result<u64, ClientError> {
+    let deadline = Instant::now() + config.request_timeout;
+    let mut attempt = 0;
+    loop {
+        let asked = live.request(|request_id| Frame::InitProducer {
+            request_id,
+            producer_id,
+        });
+        let refusal = match tokio::time::timeout_at(deadline, asked).await {
+            Ok(Ok(Frame::ProducerReady { last_sequence, .. })) => return Ok(last_sequence),
+            Ok(Ok(other)) => unexpected(other, "InitProducer"),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    maybe_stored: false,
+                });
+            }
+        };
+        let pause = config.backoff.delay(attempt);
+        if !refusal.is_retryable() || Instant::now() + pause >= deadline {
+            return Err(refusal);
+        }
+        attempt += 1;
+        tokio::time::sleep(pause).await;
+    }
 }
 
 impl Unsubscriber for Inner {
@@ -1059,18 +1121,27 @@ async fn subscribe_on(
 /// position; stops the client when the broker ends it for good.
 async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
     loop {
-        loop {
-            tokio::select! {
-                () = live.gone() => break,
-                () = inner.closed.cancelled() => return,
-                expires_at = live.token_expiring() => inner.refresh_token(&live, expires_at),
-                ended = live.next_ended() => inner.subscription_ended(&live, ended),
-                () = inner.quic_is_back(&live) => {
-                    info!("QUIC is reachable again: moving the connection back from WebSocket");
-                    live.close(CloseCode::GOING_AWAY);
+        // One probe per connection, not one per turn of the loop (every
+        // ended subscription would start its wait over).
+        let back_to_quic = {
+            let quic_is_back = inner.quic_is_back(&live);
+            tokio::pin!(quic_is_back);
+            let mut back = false;
+            loop {
+                tokio::select! {
+                    () = live.gone() => break,
+                    () = inner.closed.cancelled() => return,
+                    expires_at = live.token_expiring() => inner.refresh_token(&live, expires_at),
+                    ended = live.next_ended() => inner.subscription_ended(&live, ended),
+                    () = &mut quic_is_back, if !back => {
+                        info!("QUIC is reachable again: moving the connection back from WebSocket");
+                        back = true;
+                        live.close(CloseCode::GOING_AWAY);
+                    }
                 }
             }
-        }
+            back
+        };
         inner.live.send_replace(None);
         if inner.closed.is_cancelled() {
             return;
@@ -1083,13 +1154,22 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
         inner
             .state
             .send_replace(ConnectionState::Connecting { last_error: None });
-        inner.transport.move_on();
+        // Back to QUIC starts at the seed the probe reached; a lost
+        // connection at the next one.
+        if !back_to_quic {
+            inner.transport.move_on();
+        }
         live = match inner.reconnect().await {
             Some(live) => live,
             None => return,
         };
         if inner.closed.is_cancelled() {
             live.close(CloseCode::NORMAL);
+            return;
+        }
+        if let Err(cause) = inner.check_producer(&live).await {
+            live.close(CloseCode::NORMAL);
+            inner.fail(cause);
             return;
         }
         inner

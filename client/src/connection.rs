@@ -258,9 +258,11 @@ impl Transport {
                 "no server address given".into(),
             ));
         };
+        // A name that does not resolve now (no network yet, a resolver
+        // timing out) may later: a passing failure, like no answer.
         let addrs = tokio::net::lookup_host(server)
             .await
-            .map_err(|_| ClientError::InvalidAddress(server.clone()))?
+            .map_err(|e| ClientError::Connect(format!("{server}: cannot resolve: {e}")))?
             .collect::<Vec<_>>();
         race(
             interleave_families(addrs),
@@ -409,7 +411,7 @@ where
                 Some(addr) => running.push(attempt(addr)),
                 None => {
                     return Err(last.unwrap_or_else(|| {
-                        ClientError::InvalidAddress("the name resolves to no address".into())
+                        ClientError::Connect("the name resolves to no address".into())
                     }));
                 }
             }

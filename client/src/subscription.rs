@@ -175,8 +175,11 @@ impl SubShared {
     /// stopped because it was full: subscribing again before the
     /// application reads would only fill it again).
     pub async fn room(&self) {
-        if let Ok(permit) = self.tx.reserve().await {
-            drop(permit);
+        // Half of it: resuming at the first free slot would only fill it
+        // again and stop once more.
+        let half = (self.tx.max_capacity() / 2).max(1);
+        if let Ok(permits) = self.tx.reserve_many(half).await {
+            drop(permits);
         }
     }
 
@@ -424,9 +427,7 @@ impl Subscription {
         let next = match item {
             Some(Ok(m)) => {
                 self.released += cost(&m.payload, self.budget_bytes);
-                if self.released >= self.budget_bytes / 16 || self.rx.is_empty() {
-                    self.budget.add_permits(std::mem::take(&mut self.released));
-                }
+                self.release_budget();
                 (m.offset.next(), m.epoch)
             }
             Some(Err(SubscriptionError::Truncated {
@@ -434,14 +435,31 @@ impl Subscription {
             })) => (*first_available, epoch()),
             Some(Err(SubscriptionError::EpochChanged { start, current, .. })) => (*start, *current),
             Some(Err(SubscriptionError::Gap { got, .. })) => (*got, epoch()),
-            _ => return,
+            _ => {
+                self.release_budget();
+                return;
+            }
         };
+        if !matches!(item, Some(Ok(_))) {
+            self.release_budget();
+        }
         self.yielded = Some(next);
         if self.auto_ack
             && let Some(Ok(m)) = item
             && let Err(e) = self.ack(m.offset)
         {
             tracing::debug!(error = %e, "automatic acknowledgement not taken");
+        }
+    }
+}
+
+impl Subscription {
+    /// Gives the bytes taken back to the feeder: in batches, and all of
+    /// them whenever nothing more waits (whatever the item was), so the
+    /// feeder never waits on bytes the application already took.
+    fn release_budget(&mut self) {
+        if self.released > 0 && (self.released >= self.budget_bytes / 16 || self.rx.is_empty()) {
+            self.budget.add_permits(std::mem::take(&mut self.released));
         }
     }
 }

@@ -341,8 +341,15 @@ async fn read_loop(
                     stream = id,
                     "a delivery stream's buffer is full: stopping it (its subscription resumes later)"
                 );
-                link.stop(id);
                 streams.insert(id, closed_sender());
+                // Sent for sure (a lost stop would leave the subscription
+                // ended here and fed there): waits on the socket's writer,
+                // never on the application.
+                let stop = encode_message(id, &[]);
+                tokio::select! {
+                    sent = link.outbox.send(stop) => if sent.is_err() { break },
+                    () = link.gone.cancelled() => break,
+                }
             }
             // Nobody reads it any more (it was stopped): drop what comes.
             Err(mpsc::error::TrySendError::Closed(_)) => {

@@ -155,8 +155,11 @@ pub struct SessionRegistry(DashMap<u64, Arc<SessionInfo>>, DashMap<DeviceKey, u6
 type DeviceKey = (String, String);
 
 /// How long a new session of a device waits for the one it replaces to
-/// end (and release its place among the user's connections).
+/// release its place among the user's connections (at once, unless its
+/// task is busy).
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+/// The first protocol version whose clients take a takeover as final.
+const TAKEOVER_VERSION: u16 = 4;
 
 /// One open session.
 #[derive(Debug)]
@@ -355,6 +358,7 @@ where
             kick: CancellationToken::new(),
             replaced: Arc::default(),
             ended: CancellationToken::new(),
+            took_over: None,
             welcomed: false,
             id: session_id,
             identity: None,
@@ -366,10 +370,9 @@ where
         session.cancel.cancel();
         let metrics = &ctx.metrics;
         let device = session
-            .identity
+            .took_over
             .as_ref()
-            .zip(session.device.as_ref())
-            .map(|(identity, device)| (identity.user.as_str(), device.as_str()));
+            .map(|(user, device)| (user.as_str(), device.as_str()));
         ctx.sessions.remove(session_id, device);
         if session.welcomed {
             if let (Some(devices), Some(identity)) = (&ctx.devices, &session.identity) {
@@ -433,6 +436,10 @@ struct Session<C: Connection> {
     /// Set when `kick` was a takeover by the same device.
     replaced: Arc<AtomicBool>,
     ended: CancellationToken,
+    /// The `(user, device)` this session speaks for in the registry,
+    /// once it took over (removed when it ends, whether or not it was
+    /// admitted).
+    took_over: Option<(String, String)>,
     welcomed: bool,
     id: u64,
     identity: Option<Identity>,
@@ -670,6 +677,13 @@ impl<C: Connection> Session<C> {
                 },
             }
         }
+        if end == Some(End::Replaced) {
+            // The newer session of the device waits for this one's place
+            // among the user's connections: free it before the last acks
+            // are drained.
+            self.gate = PublishGate::unlimited();
+            self.ended.cancel();
+        }
         // Publishes already handed to the log get their acks (or errors):
         // a client is never left guessing about a request we accepted.
         let drain = async {
@@ -724,17 +738,25 @@ impl<C: Connection> Session<C> {
             self.reply_error(0, ErrorCode::Unauthorized, &msg);
             return Err(End::Unauthorized);
         }
-        if let Some(device) = &device
-            && let Some(old) =
+        // Takeover is between clients that know it is final (protocol 4):
+        // older ones would reconnect, and two of one device take over from
+        // each other forever.
+        if let Some(device) = device
+            .as_ref()
+            .filter(|_| hello_protocol >= TAKEOVER_VERSION)
+        {
+            self.took_over = Some((identity.user.clone(), device.as_str().to_owned()));
+            if let Some(old) =
                 self.ctx
                     .sessions
                     .take_over(&identity.user, device.as_str(), session_id)
-        {
-            debug!(
-                device = device.as_str(),
-                "a newer connection of the device takes over"
-            );
-            let _ = Box::pin(tokio::time::timeout(TAKEOVER_WAIT, old.cancelled())).await;
+            {
+                debug!(
+                    device = device.as_str(),
+                    "a newer connection of the device takes over"
+                );
+                let _ = Box::pin(tokio::time::timeout(TAKEOVER_WAIT, old.cancelled())).await;
+            }
         }
         if !identity.server {
             match self.ctx.limiter.open_user_connection(&identity.user) {

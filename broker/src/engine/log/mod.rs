@@ -196,6 +196,11 @@ pub struct ProducerLimits {
     pub max_resident: usize,
     /// Live windows per limited owner.
     pub max_per_owner: u32,
+    /// Beyond `max_per_owner`, a new window evicts the owner's least
+    /// recently used one (single node); otherwise it is refused. A
+    /// replicated partition refuses: which windows are resident differs
+    /// between replicas, and a durable eviction must not.
+    pub evict_beyond_limit: bool,
     /// Channels whose metadata is kept in memory.
     pub max_resident_channels: usize,
 }
@@ -208,6 +213,7 @@ impl ProducerLimits {
             idle_ms: engine.producer_idle_secs.saturating_mul(1000),
             max_resident: engine.max_resident_producers,
             max_per_owner: u32::try_from(engine.max_producers_per_user).unwrap_or(u32::MAX),
+            evict_beyond_limit: true,
             max_resident_channels: engine.max_resident_channels,
         }
     }
@@ -334,6 +340,13 @@ impl Sequencer {
         };
         let mut channel_slot: HashMap<ChannelName, usize> = HashMap::new();
         let mut new_per_owner: HashMap<Arc<str>, u32> = HashMap::new();
+        let appends: Vec<&AppendInput> = appends.into_iter().collect();
+        // A window that publishes anywhere in the batch is never the one
+        // evicted (it would be written and deleted by the same write).
+        let publishing: std::collections::HashSet<&ProducerKey> = appends
+            .iter()
+            .filter_map(|a| a.producer.as_ref().map(|p| &p.key))
+            .collect();
         for input in appends {
             let meta = match p.channels.get(&input.channel) {
                 Some(m) => *m,
@@ -364,18 +377,22 @@ impl Sequencer {
                 };
                 let known = p.producers.contains_key(&producer.key)
                     || self.producers.contains(&producer.key);
-                if !known && producer.limited && at_limit(&p) {
-                    let lru = self.producers.least_recent_of(&producer.key.owner, |k| {
-                        p.evicted_producers.contains(k) || p.producers.contains_key(k)
-                    });
-                    p.evicted_producers.extend(lru);
-                }
+                // The window to evict, taken only once the publish is known
+                // to be stored (a refused one evicts nothing).
+                let room = match !known && producer.limited && at_limit(&p) {
+                    true if self.limits.evict_beyond_limit => {
+                        self.producers.least_recent_of(&producer.key.owner, |k| {
+                            p.evicted_producers.contains(k) || publishing.contains(k)
+                        })
+                    }
+                    _ => None,
+                };
                 let window = p
                     .producers
                     .get(&producer.key)
                     .or_else(|| self.producers.get(&producer.key));
                 let refused = match window.map(|w| w.lookup(producer.sequence)) {
-                    None if producer.limited && at_limit(&p) => {
+                    None if producer.limited && room.is_none() && at_limit(&p) => {
                         Some(Outcome::Refused(AppendError::TooManyProducers {
                             owner: producer.key.owner.clone(),
                             limit: self.limits.max_per_owner,
@@ -428,6 +445,7 @@ impl Sequencer {
                     p.outcomes.push(outcome);
                     continue;
                 }
+                p.evicted_producers.extend(room);
             }
             let mut meta = meta;
             let offset = meta.next_offset;
@@ -959,7 +977,11 @@ fn start_with(
         "opened the channel log"
     );
     let generation = recovered.generation;
-    let sequencer = Sequencer::new(recovered, ProducerLimits::from_config(engine));
+    let limits = ProducerLimits {
+        evict_beyond_limit: !replicated,
+        ..ProducerLimits::from_config(engine)
+    };
+    let sequencer = Sequencer::new(recovered, limits);
     let directory: Arc<Directory> = Arc::new(Directory::new());
     let queue_bytes = u32::try_from(engine.writer_queue_bytes).unwrap_or(u32::MAX);
     let (commands, command_rx) = queue::bounded_with_bytes(engine.writer_queue, queue_bytes);
@@ -1796,6 +1818,7 @@ mod tests {
             idle_ms: u64::MAX,
             max_resident: 1000,
             max_per_owner: 2,
+            evict_beyond_limit: true,
             max_resident_channels: 1000,
         }
     }
@@ -2036,6 +2059,73 @@ mod tests {
         assert_eq!(p.set.expired_producers, [ProducerKey::new("ann".into(), 8)]);
         seq.commit(&mut p);
         assert_eq!(seq.producers().owned_by("ann"), 2);
+
+        // Ann's windows are 9 (at 30) and 10 (at 40). A new one whose
+        // publish is refused (it names an `after` not stored) evicts
+        // nothing; one whose batch also holds a publish of the least recent
+        // window (9) evicts the other (10), never the one it writes.
+        let mut refused = owned_input("ann", "chat.a", Some((11, 5)), "g");
+        if let Some(p) = refused.producer.as_mut() {
+            p.after = Some(4);
+        }
+        let p = seq.prepare(&[refused], [], [], 50, &mut || Epoch(1));
+        assert!(matches!(
+            offsets(&p)[..],
+            [Err(AppendError::OutOfOrder { .. })]
+        ));
+        assert!(p.set.expired_producers.is_empty());
+        let mut p = seq.prepare(
+            &[
+                owned_input("ann", "chat.a", Some((12, 1)), "h"),
+                owned_input("ann", "chat.a", Some((9, 2)), "i"),
+            ],
+            [],
+            [],
+            60,
+            &mut || Epoch(1),
+        );
+        assert_eq!(offsets(&p), [Ok((7, false)), Ok((8, false))]);
+        assert_eq!(
+            p.set.expired_producers,
+            [ProducerKey::new("ann".into(), 10)]
+        );
+        seq.commit(&mut p);
+        assert!(seq.producers().contains(&ProducerKey::new("ann".into(), 9)));
+        assert_eq!(seq.producers().owned_by("ann"), 2);
+    }
+
+    #[test]
+    fn a_replicated_partition_refuses_beyond_the_limit_instead_of_evicting() {
+        let mut seq = Sequencer::new(
+            Recovered::default(),
+            ProducerLimits {
+                evict_beyond_limit: false,
+                ..limits(8)
+            },
+        );
+        let mut p = seq.prepare(
+            &[
+                owned_input("ann", "chat.a", Some((1, 1)), "a"),
+                owned_input("ann", "chat.a", Some((2, 1)), "b"),
+            ],
+            [],
+            [],
+            10,
+            &mut || Epoch(1),
+        );
+        seq.commit(&mut p);
+        let p = seq.prepare(
+            &[owned_input("ann", "chat.a", Some((3, 1)), "c")],
+            [],
+            [],
+            20,
+            &mut || Epoch(1),
+        );
+        assert!(matches!(
+            offsets(&p)[..],
+            [Err(AppendError::TooManyProducers { .. })]
+        ));
+        assert!(p.set.expired_producers.is_empty());
     }
 
     fn trim(channel: &ChannelName, from: u64, below: u64, freed: u64, oldest_ms: u64) -> Trim {
