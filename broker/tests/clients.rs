@@ -214,6 +214,47 @@ async fn a_new_connection_of_a_device_takes_over_the_old_one(transport: Transpor
     .await;
 }
 
+/// An instance of a device cut off while a newer one took over and
+/// published comes back: the broker stored sequences it never took, so it
+/// stops as replaced instead of publishing under them (the broker would
+/// answer its new messages as duplicates of the other instance's, and
+/// they would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_instance_of_a_device_stops_instead_of_reusing_sequences() {
+    let mut broker = jwt_broker(|_| {}).await;
+    let token = alice();
+    let ch = channel("chat.stale");
+    let mut config = broker.client_config();
+    config.token = token.clone();
+    config.device = Some("laptop".into());
+    // It comes back only after the newer instance has published.
+    config.backoff = volna_client::Backoff {
+        initial: Duration::from_secs(4),
+        max: Duration::from_secs(4),
+    };
+    let stale = Client::connect(config).await.expect("connects");
+    stale.publish(&ch, "from the stale one").await.expect("pub");
+
+    broker.restart().await;
+    let newer = device_client(&broker, &token, "laptop").await;
+    for text in ["newer 1", "newer 2"] {
+        let published = newer.publish(&ch, text).await.expect("pub");
+        assert!(!published.duplicate);
+    }
+    let cause = failure(&stale).await;
+    assert_eq!(cause.code(), Some(ErrorCode::Replaced), "{cause}");
+    let refused = stale
+        .publish(&ch, "lost if sent")
+        .await
+        .expect_err("the stale client is stopped");
+    assert_eq!(refused.code(), Some(ErrorCode::Replaced), "{refused}");
+    let reader = connect_as(&broker, &token).await.expect("reader");
+    assert_eq!(
+        stored(&reader, &ch, 3).await,
+        ["from the stale one", "newer 1", "newer 2"]
+    );
+}
+
 /// A token that expired, with no source to get another: the client stops
 /// with the broker's refusal instead of reconnecting forever in silence;
 /// the subscription ends with the code and a publish answers it at once.
