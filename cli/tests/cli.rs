@@ -44,26 +44,42 @@ fn volna(broker: &Broker, cert: &std::path::Path) -> Command {
     cmd
 }
 
-/// 200 runs of `volna pub` in a row as one user, under the default limits
-/// (32 connections and 64 producer windows per user): each exiting run
-/// tells the broker, and the user's producers beyond the limit make room,
-/// so every one is stored.
+/// 200 runs of `volna pub` in a row as one user (a JWT for `alice`), under
+/// the default limits (32 connections and 64 producer windows per user):
+/// each exiting run tells the broker, and the user's producers beyond the
+/// limit make room, so every one is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_runs_of_one_user_all_publish() {
+    const SECRET: &str = "cli-runs-hs256-secret-of-32-bytes-at-least";
     let dir = tempfile::tempdir().unwrap();
-    let broker = broker_with_admin(dir.path(), "runs-admin-token-0123456789").await;
+    let key = dir.path().join("hs256.key");
+    std::fs::write(&key, SECRET).unwrap();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..Config::default()
+    };
+    config.auth.mode = volna_broker::auth::AuthMode::Jwt;
+    config.auth.hs256_secret_files = vec![key];
+    let broker = Broker::start(config).await.unwrap();
     let cert = broker.dev_cert().unwrap().clone();
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &serde_json::json!({"sub": "alice", "publish": ["chat.>"], "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
     for run in 1..=200 {
         let out = tokio::time::timeout(
             DEADLINE,
             volna(&broker, &cert)
-                .args([
-                    "--token",
-                    "alice",
-                    "pub",
-                    "chat.runs",
-                    &format!("run {run}"),
-                ])
+                .args(["--token", &token, "pub", "chat.runs", &format!("run {run}")])
                 .output(),
         )
         .await

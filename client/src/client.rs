@@ -1146,7 +1146,7 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
         if inner.closed.is_cancelled() {
             return;
         }
-        if let Some(cause) = live.final_end() {
+        if let Some(cause) = live.final_end().await {
             inner.fail(cause);
             return;
         }

@@ -36,6 +36,10 @@ const MARKER_EVENTS: usize = 64;
 /// address is tried alongside it (RFC 8305's "Connection Attempt Delay").
 const HAPPY_EYEBALLS_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// How long a lost connection's close code is waited for, once the loss
+/// was noticed.
+const CLOSE_REASON_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// How long [`Transport::wait_closed`] waits for a closed connection's
 /// last packets to leave.
 const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -894,7 +898,14 @@ impl Live {
     /// Why the broker ended this connection for good, if it did: another
     /// connection of the same device took over. Such a client must not
     /// reconnect (the two would take over from each other forever).
-    pub fn final_end(&self) -> Option<ClientError> {
+    pub async fn final_end(&self) -> Option<ClientError> {
+        // The loss may be noticed (a delivery stream or the control stream
+        // ending) before the close and its code are read.
+        if let Ok((Some(code), _)) =
+            tokio::time::timeout(CLOSE_REASON_WAIT, self.wire.closed()).await
+        {
+            self.ended_by_map().0 = Some(code);
+        }
         let ended_by = self.ended_by_map();
         let replaced = ended_by.0 == Some(CloseCode::REPLACED)
             || ended_by
