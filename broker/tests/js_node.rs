@@ -10,7 +10,8 @@
 //! ports).
 //!
 //! Node is `node` on PATH (`VOLNA_NODE` names another); without it the
-//! tests say SKIPPED and pass, like the browser tests without Chromium.
+//! tests fail under `CI=true` (as scripts/test.sh runs) and otherwise say
+//! SKIPPED and pass, like the browser tests without Chromium.
 
 #![allow(clippy::unwrap_used)]
 
@@ -112,7 +113,7 @@ async fn run(file: &str, tweak: impl FnOnce(&mut Config)) {
     let node = match node() {
         Ok(node) => node,
         Err(why) => {
-            eprintln!("SKIPPED: {why}");
+            common::missing_dependency(&why);
             return;
         }
     };

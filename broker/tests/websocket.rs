@@ -182,6 +182,7 @@ async fn broken_websocket_input_closes_that_connection_only() {
     // The well-behaved client never noticed.
     good.publish(&ch, "still here").await.unwrap();
     assert_eq!(next_texts(&mut sub, 1).await, vec!["still here"]);
+    common::assert_no_duplicates(&good);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,5 +113,6 @@ async fn a_million_channels_start_fast_stay_small_and_cost_retention_nothing() {
         let next = client.publish(&name(i), "again").await.unwrap();
         assert_eq!(next.offset.get(), 2);
     }
+    volna_chaos::assert_no_duplicates(&client);
     broker.assert_never_panicked();
 }

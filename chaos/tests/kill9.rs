@@ -126,6 +126,8 @@ async fn kill_during_publishing(durability: &'static str) {
             h.unknown.len()
         );
     }
+    // The reader came after the last kill and never resumed.
+    volna_chaos::assert_no_duplicates(&reader);
     broker.assert_never_panicked();
     eprintln!(
         "kill -9 ({durability}): {} cycles, {} publishes acknowledged, {} unknown, none lost; peak RSS {:.1} MiB",

@@ -94,5 +94,6 @@ async fn a_million_publishes_of_one_producer_restart_fast_and_stay_small() {
     assert_eq!(last.offset.get(), n);
     let next = client.publish(&channel, "after").await.unwrap();
     assert_eq!(next.offset.get(), n + 1);
+    volna_chaos::assert_no_duplicates(&client);
     broker.assert_never_panicked();
 }

@@ -405,6 +405,7 @@ impl Client {
             budget: shared.budget.clone(),
             budget_bytes: shared.budget_bytes,
             released: 0,
+            duplicates: shared.duplicates.clone(),
             auto_ack: false,
         };
         // Returns only once the broker resolved the start: a `Latest` whose

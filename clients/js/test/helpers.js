@@ -82,6 +82,19 @@ export async function broker(action) {
   assert.equal(response.status, 200, await response.text());
 }
 
+/**
+ * Asserts that no delivery was dropped as already seen, by each client
+ * (`stats`) or subscription given. Where nothing resumed, a correct broker
+ * sends none: a count above zero means it sent a message twice, which the
+ * client's dropping would otherwise hide from every other check.
+ */
+export function assertNoDuplicates(...targets) {
+  for (const t of targets) {
+    const dropped = t.stats ? t.stats.duplicatesDropped : t.duplicatesDropped;
+    assert.equal(dropped, 0, `${t.channel ?? "the client"} dropped ${dropped} deliveries as already seen`);
+  }
+}
+
 /** Collects a subscription's messages as [offset, text]. */
 export function collect(sub) {
   const got = [];

@@ -54,6 +54,7 @@ test("an outbox re-sent after a reload under its sequences is stored once", asyn
   const got = collect(await reader.subscribe(ch, { from: 1 }));
   await eventually("four messages", () => got.length === 4);
   assert.deepEqual(got.map(([, t]) => t), ["outbox 1", "outbox 2", "outbox 3", "new"]);
+  assertNoDuplicates(reader);
   second.close(); reader.close();
 });
 

@@ -5,7 +5,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { connect, VolnaClient, ErrorCode } from "../volna.js";
-import { URL, Faults, T, token, uniqueChannel, eventually, within, collect, errorMessage } from "./helpers.js";
+import { URL, Faults, T, token, uniqueChannel, eventually, within, collect, errorMessage, assertNoDuplicates } from "./helpers.js";
 
 const fast = { backoff: { initialMs: 20, maxMs: 100 } };
 
@@ -39,6 +39,7 @@ test("a publish refused for now cannot be overtaken by the next one (after)", as
   const got = collect(sub);
   await eventually("both", () => got.length === 2);
   assert.deepEqual(got, [[1, "first"], [2, "second"]]);
+  assertNoDuplicates(reader, sub);
   client.close(); reader.close();
 });
 
