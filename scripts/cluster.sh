@@ -6,7 +6,9 @@
 #   scripts/cluster.sh status  the cluster as node 1 sees it
 #
 # `up` prints, for scripts:
-#   ca=<pem>                    one development CA signs every node: trust it
+#   ca=<pem>                    one development CA signs every node's device
+#                               certificate: trust it (the peer links use
+#                               their own CA, cluster-ca.pem, and peer-<id>)
 #   node=<id> quic=<host:port> http=<host:port> pid=<pid> data=<dir>
 #
 # Environment: VOLNA_CLUSTER_DIR (default /tmp/volna-cluster) holds data,
@@ -39,7 +41,10 @@ up() {
     volna_build
     local bin="$CARGO_TARGET_DIR/debug"
     mkdir -p "$dir"
-    if [ ! -f "$dir/certs/ca.pem" ]; then
+    # Certificates from before peer and public ones were apart are
+    # replaced (their device key was a cluster credential).
+    if [ ! -f "$dir/certs/ca.pem" ] || [ ! -f "$dir/certs/cluster-ca.pem" ]; then
+        rm -rf "$dir/certs"
         "$bin/volna-broker" dev-cluster-certs --out "$dir/certs" --nodes "$nodes" >/dev/null
     fi
     if ! running "$dir/etcd.pid"; then
@@ -84,9 +89,9 @@ partitions = ${VOLNA_CLUSTER_PARTITIONS:-16}
 replicas = 3
 
 [cluster.tls]
-ca = "$dir/certs/ca.pem"
-cert = "$dir/certs/node-$n.pem"
-key = "$dir/certs/node-$n.key"
+ca = "$dir/certs/cluster-ca.pem"
+cert = "$dir/certs/peer-$n.pem"
+key = "$dir/certs/peer-$n.key"
 EOF
         if ! running "$data/pid"; then
             VOLNA_LOG="${VOLNA_LOG:-info,openraft=warn}" "$bin/volna-broker" --config "$data/volna.toml" \

@@ -60,10 +60,12 @@ struct Args {
 /// One-off tools instead of running the broker.
 #[derive(Debug, Subcommand)]
 enum Tool {
-    /// Writes a development cluster CA (`ca.pem`) and, for nodes 1..=N,
-    /// `node-<id>.pem` and `node-<id>.key`: each valid between nodes
-    /// (`node-<id>`) and for devices (the `--name`s), so that one
-    /// `volna --ca ca.pem` trusts every node. For development and tests.
+    /// Writes two development CAs and, for nodes 1..=N, two certificates
+    /// each: `ca.pem` signs `node-<id>.pem`/`.key`, the public device
+    /// listener's (valid for the `--name`s, so one `volna --ca ca.pem`
+    /// trusts every node); `cluster-ca.pem` signs `peer-<id>.pem`/`.key`,
+    /// the peer link's (naming `node-<id>` only). The internet-facing key
+    /// is then no cluster credential. For development and tests.
     DevClusterCerts {
         /// Directory to write into (created).
         #[arg(long)]
@@ -79,18 +81,26 @@ enum Tool {
 
 /// Writes the development cluster certificates (see [`Tool::DevClusterCerts`]).
 fn dev_cluster_certs(out: &std::path::Path, nodes: u64, names: &[String]) -> anyhow::Result<()> {
-    use volna_cluster::tls::DevCa;
+    use volna_cluster::tls::{DevCa, IssuedCert};
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let ca = DevCa::generate()?;
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    std::fs::write(out.join("ca.pem"), ca.cert_pem())?;
-    for id in 1..=nodes {
-        let issued = ca.issue(id, &names)?;
-        std::fs::write(out.join(format!("node-{id}.pem")), issued.cert_pem)?;
+    let write = |stem: String, issued: IssuedCert| -> anyhow::Result<()> {
+        std::fs::write(out.join(format!("{stem}.pem")), issued.cert_pem)?;
         volna_broker::tls::write_private(
-            &out.join(format!("node-{id}.key")),
+            &out.join(format!("{stem}.key")),
             issued.key_pem.as_bytes(),
         )?;
+        Ok(())
+    };
+    // Two CAs: devices trust the public one, nodes only the cluster one,
+    // so no certificate serves both roles.
+    let public_ca = DevCa::generate()?;
+    let cluster_ca = DevCa::generate()?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    std::fs::write(out.join("ca.pem"), public_ca.cert_pem())?;
+    std::fs::write(out.join("cluster-ca.pem"), cluster_ca.cert_pem())?;
+    for id in 1..=nodes {
+        write(format!("node-{id}"), public_ca.issue_public(&names)?)?;
+        write(format!("peer-{id}"), cluster_ca.issue_peer(id)?)?;
     }
     println!("{}", out.join("ca.pem").display());
     Ok(())

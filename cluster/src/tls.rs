@@ -1,26 +1,39 @@
-//! Mutual TLS between nodes, from the cluster's CA (`cluster.tls`).
+//! Mutual TLS between nodes, from the cluster's CA (`cluster.tls`), and
+//! the node identity a peer's certificate proves.
 //!
 //! Every node presents a certificate signed by the cluster CA, as a server
-//! to the nodes that dial it and as a client to the nodes it dials, and
-//! accepts only peers whose certificate chains to that CA. A dialing node
-//! also checks that the peer is the node it meant: node `N`'s certificate
-//! names `node-N` (a DNS subject alternative name).
+//! to the nodes that dial it and as a client to the nodes it dials. Node
+//! `N`'s certificate names `node-N` (a DNS subject alternative name): a
+//! dialing node checks that the peer is the node it meant, and an accepting
+//! node takes only certificates that chain to the CA *and* name a node —
+//! a certificate for the public device listener, even one the cluster CA
+//! signed, cannot open a peer link. [`proven_nodes`] reads the node ids a
+//! peer's certificate proves; the peer protocol (`raft::network`) accepts a
+//! call only for those ids.
 //!
-//! [`DevCa`] makes such a CA and certificates for development and tests.
+//! [`DevCa`] makes such a CA and certificates for development and tests:
+//! peer certificates ([`DevCa::issue_peer`]) apart from public ones
+//! ([`DevCa::issue_public`]), so the internet-facing key is no cluster
+//! credential.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use thiserror::Error;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::placement::NodeId;
 
-/// ALPN of the inter-node protocol.
-pub const PEER_ALPN: &[u8] = b"volna-peer/1";
+/// ALPN of the inter-node protocol. Version 2: every call names the node
+/// that sends it.
+pub const PEER_ALPN: &[u8] = b"volna-peer/2";
 
 /// Why the cluster's TLS material is unusable.
 #[derive(Debug, Error)]
@@ -46,6 +59,96 @@ pub enum PeerTlsError {
 /// The name node `id`'s certificate carries and a dialer checks.
 pub fn node_name(id: NodeId) -> String {
     format!("node-{id}")
+}
+
+/// The node ids `cert` names (its `node-N` DNS subject alternative names),
+/// in order; empty when it names none or does not parse. Only meaningful
+/// for a certificate the cluster CA was checked to have signed.
+pub fn proven_nodes(cert: &CertificateDer<'_>) -> Vec<NodeId> {
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::DNSName(dns) => dns.strip_prefix("node-")?.parse().ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The node ids a peer connection's client certificate proves (see
+/// [`proven_nodes`]); empty when it presented none.
+pub fn peer_nodes(conn: &quinn::Connection) -> Vec<NodeId> {
+    conn.peer_identity()
+        .and_then(|identity| identity.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|chain| chain.first().map(proven_nodes))
+        .unwrap_or_default()
+}
+
+/// Checks client certificates as WebPKI does against the cluster CA, and
+/// then that the certificate names a node: a certificate the CA issued for
+/// something else (a device listener, a service) is no peer.
+#[derive(Debug)]
+struct NodeCertVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+}
+
+impl ClientCertVerifier for NodeCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        if proven_nodes(end_entity).is_empty() {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// A node's TLS configurations for the inter-node endpoint.
@@ -103,9 +206,11 @@ impl PeerTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config_err = |e: rustls::Error| PeerTlsError::Config(e.to_string());
 
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-            .build()
-            .map_err(|e| PeerTlsError::Config(e.to_string()))?;
+        let verifier = Arc::new(NodeCertVerifier {
+            inner: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| PeerTlsError::Config(e.to_string()))?,
+        });
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_err)?
@@ -138,8 +243,8 @@ impl PeerTls {
     }
 }
 
-/// A development cluster CA: signs node certificates valid both for the
-/// inter-node endpoint (`node-<id>`) and for devices (the names given).
+/// A development CA: signs peer certificates (`node-<id>`), public
+/// certificates for devices, or (for tests) one certificate for both.
 pub struct DevCa {
     cert: rcgen::Certificate,
     key: rcgen::KeyPair,
@@ -182,24 +287,98 @@ impl DevCa {
         self.cert.pem()
     }
 
-    /// Node `id`'s certificate, also valid for `names` (hosts and IP
-    /// addresses devices dial).
+    /// Node `id`'s certificate, valid both between nodes and for `names`
+    /// (hosts and IP addresses devices dial): one key for both, for tests.
+    /// A deployment issues [`DevCa::issue_peer`] and
+    /// [`DevCa::issue_public`] instead (from separate CAs), so the key on
+    /// the internet-facing listener cannot act as a node.
     pub fn issue(&self, id: NodeId, names: &[&str]) -> Result<IssuedCert, PeerTlsError> {
-        let key = rcgen::KeyPair::generate()?;
         let mut sans = vec![node_name(id)];
         sans.extend(names.iter().map(|n| (*n).to_owned()));
+        self.sign(
+            sans,
+            &node_name(id),
+            vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// Node `id`'s peer certificate: names only `node-<id>`, for the peer
+    /// link in both directions.
+    pub fn issue_peer(&self, id: NodeId) -> Result<IssuedCert, PeerTlsError> {
+        self.sign(
+            vec![node_name(id)],
+            &node_name(id),
+            vec![
+                rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+                rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    /// A certificate for a node's public device listener, valid for
+    /// `names` (hosts and IP addresses devices dial) and naming no node.
+    pub fn issue_public(&self, names: &[&str]) -> Result<IssuedCert, PeerTlsError> {
+        let common = names.first().copied().unwrap_or("volna");
+        self.sign(
+            names.iter().map(|n| (*n).to_owned()).collect(),
+            common,
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth],
+        )
+    }
+
+    /// A client certificate for `name` (a service or device dialing the
+    /// public listener with mutual TLS), naming no node.
+    pub fn issue_client(&self, name: &str) -> Result<IssuedCert, PeerTlsError> {
+        self.sign(
+            vec![name.to_owned()],
+            name,
+            vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth],
+        )
+    }
+
+    fn sign(
+        &self,
+        sans: Vec<String>,
+        common_name: &str,
+        usages: Vec<rcgen::ExtendedKeyUsagePurpose>,
+    ) -> Result<IssuedCert, PeerTlsError> {
+        let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::new(sans)?;
         params
             .distinguished_name
-            .push(rcgen::DnType::CommonName, node_name(id));
-        params.extended_key_usages = vec![
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+            .push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = usages;
         let cert = params.signed_by(&key, &self.cert, &self.key)?;
         Ok(IssuedCert {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.as_bytes()).expect("a certificate")
+    }
+
+    #[test]
+    fn a_peer_certificate_proves_its_node_and_a_public_one_none() {
+        let ca = DevCa::generate().expect("a CA");
+        let peer = ca.issue_peer(3).expect("issued");
+        assert_eq!(proven_nodes(&der(&peer.cert_pem)), vec![3]);
+        let public = ca
+            .issue_public(&["localhost", "127.0.0.1"])
+            .expect("issued");
+        assert!(proven_nodes(&der(&public.cert_pem)).is_empty());
+        let both = ca.issue(2, &["localhost"]).expect("issued");
+        assert_eq!(proven_nodes(&der(&both.cert_pem)), vec![2]);
+        // Not a certificate at all.
+        assert!(proven_nodes(&CertificateDer::from(vec![0x30, 0x03, 1, 2, 3])).is_empty());
     }
 }

@@ -6,6 +6,11 @@
 //! The state machine here is a minimal sequencer (per-channel offsets
 //! assigned at apply), enough to check what the transport and the log store
 //! must keep: every replica applies the same commands in the same order.
+//!
+//! Also: Raft's votes and entries are synced before they count, whatever
+//! the node's durability (the log store reports each write's sync flag),
+//! and a peer acts only as the node its certificate names, in the groups
+//! it is a member of.
 
 #![allow(clippy::unwrap_used)]
 
@@ -13,20 +18,22 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{
-    Config, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    CommittedLeaderId, Config, Entry, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership, Vote,
 };
 use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use volna_cluster::PartitionId;
-use volna_cluster::raft::log_store::{LogStore, column_families};
+use volna_cluster::raft::log_store::{LogStore, RaftWrite, RaftWriteKind, column_families};
 use volna_cluster::raft::network::Peers;
 use volna_cluster::raft::{BasicNode, Command, Outcome, Publish, Raft, Reply, TypeConfig};
-use volna_cluster::tls::{DevCa, PeerTls};
+use volna_cluster::tls::{DevCa, IssuedCert, PeerTls};
 
 type Error = StorageError<u64>;
 
@@ -214,6 +221,8 @@ struct Node {
     raft: Raft,
     peers: Arc<Peers>,
     machine: Sequencer,
+    /// Every write of its Raft state, in order.
+    writes: Arc<Mutex<Vec<RaftWrite>>>,
     _dir: TempDir,
 }
 
@@ -231,24 +240,35 @@ fn raft_config() -> Arc<Config> {
     )
 }
 
-async fn start_node(id: u64, ca: &DevCa) -> Node {
-    let issued = ca.issue(id, &["localhost"]).unwrap();
+/// A peer endpoint for node `id` presenting `cert`, trusting `ca`.
+fn bind(id: u64, ca: &DevCa, cert: &IssuedCert) -> Arc<Peers> {
     let tls = PeerTls::from_pem(
         ca.cert_pem().as_bytes(),
-        issued.cert_pem.as_bytes(),
-        issued.key_pem.as_bytes(),
+        cert.cert_pem.as_bytes(),
+        cert.key_pem.as_bytes(),
     )
     .unwrap();
-    let peers = Peers::bind(id, "127.0.0.1:0".parse().unwrap(), tls).unwrap();
+    Peers::bind(id, "127.0.0.1:0".parse().unwrap(), tls).unwrap()
+}
+
+/// Node `id` hosting partition 3, its Raft log in a RocksDB of its own
+/// with `durability = "wal"` (no sync asked for).
+async fn start_node(id: u64, ca: &DevCa) -> Node {
+    let peers = bind(id, ca, &ca.issue_peer(id).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(dir.path());
     let partition = PartitionId(3);
     let machine = Sequencer::default();
+    let writes = Arc::new(Mutex::new(Vec::new()));
+    let recorded = writes.clone();
+    let store = LogStore::new(db, partition, false).observe_writes(Arc::new(move |write| {
+        recorded.lock().unwrap().push(write.clone());
+    }));
     let raft = Raft::new(
         id,
         raft_config(),
         peers.network(partition),
-        LogStore::new(db, partition, false),
+        store,
         machine.clone(),
     )
     .await
@@ -259,7 +279,31 @@ async fn start_node(id: u64, ca: &DevCa) -> Node {
         raft,
         peers,
         machine,
+        writes,
         _dir: dir,
+    }
+}
+
+/// Three nodes in one group of partition 3, with a leader.
+async fn start_group(ca: &DevCa) -> (Vec<Node>, u64) {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node(id, ca).await);
+    }
+    let members: BTreeMap<u64, BasicNode> = nodes
+        .iter()
+        .map(|n| (n.id, BasicNode::new(n.peers.local_addr().unwrap())))
+        .collect();
+    nodes[0].raft.initialize(members).await.unwrap();
+    let all: Vec<&Node> = nodes.iter().collect();
+    let leader = leader_of(&all, Duration::from_secs(10)).await;
+    (nodes, leader)
+}
+
+async fn stop(nodes: Vec<Node>) {
+    for node in nodes {
+        node.raft.shutdown().await.unwrap();
+        node.peers.close();
     }
 }
 
@@ -423,4 +467,230 @@ async fn a_peer_without_a_certificate_from_the_cluster_ca_is_refused() {
     rogue.close();
     node.raft.shutdown().await.unwrap();
     node.peers.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_vote_and_acknowledged_entry_is_synced_whatever_the_durability() {
+    let ca = DevCa::generate().unwrap();
+    // Every node's log store is made with `sync = false`: the node's
+    // durability is `wal`.
+    let (nodes, leader) = start_group(&ca).await;
+    let leader = nodes.iter().find(|n| n.id == leader).unwrap();
+    for i in 0..30 {
+        let written = leader
+            .raft
+            .client_write(append(format!("m{i}")))
+            .await
+            .unwrap();
+        // Acknowledged: a quorum stored the entry, synced, before the
+        // leader counted it (each store reports a write before openraft
+        // hears it is done).
+        let synced_on = nodes
+            .iter()
+            .filter(|n| {
+                n.writes.lock().unwrap().iter().any(|w| {
+                    w.sync
+                        && matches!(&w.kind, RaftWriteKind::Entries(ids) if ids.contains(&written.log_id))
+                })
+            })
+            .count();
+        assert!(
+            synced_on >= 2,
+            "entry {} acknowledged with {synced_on} synced copies",
+            written.log_id
+        );
+    }
+    let mut votes = 0;
+    for node in &nodes {
+        for write in node.writes.lock().unwrap().iter() {
+            match &write.kind {
+                RaftWriteKind::Vote(vote) => {
+                    votes += 1;
+                    assert!(write.sync, "node {} saved {vote} unsynced", node.id);
+                }
+                RaftWriteKind::Entries(ids) => {
+                    assert!(write.sync, "node {} appended {ids:?} unsynced", node.id);
+                }
+                _ => {}
+            }
+        }
+    }
+    assert!(votes >= 3, "an election saves votes on every node: {votes}");
+    stop(nodes).await;
+}
+
+/// `node`'s current vote.
+fn vote_of(node: &Node) -> Vote<u64> {
+    node.raft.metrics().borrow().vote
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_twos_certificate_cannot_vote_lead_or_propose_as_node_three() {
+    let ca = DevCa::generate().unwrap();
+    let (nodes, leader) = start_group(&ca).await;
+    let partition = PartitionId(3);
+    let address = |id: u64| {
+        let node = nodes.iter().find(|n| n.id == id).unwrap();
+        BasicNode::new(node.peers.local_addr().unwrap())
+    };
+    let follower = nodes.iter().find(|n| n.id != leader && n.id != 3).unwrap();
+    let before = vote_of(follower);
+    let term = before.leader_id.term;
+
+    // Node 2's key, configured as node 3: every call it sends says node 3.
+    let impostor = bind(3, &ca, &ca.issue_peer(2).unwrap());
+    let option = RPCOption::new(Duration::from_secs(1));
+    let mut to_follower = impostor
+        .network(partition)
+        .new_client(follower.id, &address(follower.id))
+        .await;
+    // A leader's heartbeat in a later term, as node 3.
+    let lead = to_follower
+        .append_entries(
+            AppendEntriesRequest {
+                vote: Vote::new_committed(term + 5, 3),
+                prev_log_id: None,
+                leader_commit: None,
+                entries: Vec::new(),
+            },
+            option.clone(),
+        )
+        .await;
+    assert!(
+        lead.is_err(),
+        "took node 3's AppendEntries from node 2's certificate: {lead:?}"
+    );
+    // A candidate with a log longer than anyone's, as node 3.
+    let vote = to_follower
+        .vote(
+            VoteRequest {
+                vote: Vote::new(term + 6, 3),
+                last_log_id: Some(LogId::new(CommittedLeaderId::new(term + 5, 3), 1 << 40)),
+            },
+            option.clone(),
+        )
+        .await;
+    assert!(
+        vote.is_err(),
+        "answered node 3's vote request from node 2's certificate: {vote:?}"
+    );
+    assert_eq!(vote_of(follower), before, "the follower's vote moved");
+
+    // A forwarded publish, as node 3.
+    let forged = impostor
+        .propose(
+            partition,
+            &append("forged".into()),
+            &[(leader, address(leader))],
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(
+        forged.is_err(),
+        "committed a proposal node 2 sent as node 3: {forged:?}"
+    );
+
+    // The same certificate as the node it names is an edge like any other.
+    let honest = bind(2, &ca, &ca.issue_peer(2).unwrap());
+    honest
+        .propose(
+            partition,
+            &append("honest".into()),
+            &[(leader, address(leader))],
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let leader_node = nodes.iter().find(|n| n.id == leader).unwrap();
+    let payloads: Vec<Vec<u8>> = leader_node
+        .machine
+        .history()
+        .into_iter()
+        .map(|(_, _, payload)| payload)
+        .collect();
+    assert_eq!(payloads, vec![b"honest".to_vec()]);
+    impostor.close();
+    honest.close();
+    stop(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_outside_a_partitions_group_cannot_lead_it() {
+    let ca = DevCa::generate().unwrap();
+    let (nodes, leader) = start_group(&ca).await;
+    let follower = nodes.iter().find(|n| n.id != leader).unwrap();
+    let before = vote_of(follower);
+    // Node 4 is a cluster node (its certificate is genuine) but no member
+    // of partition 3's group.
+    let outsider = bind(4, &ca, &ca.issue_peer(4).unwrap());
+    let mut to_follower = outsider
+        .network(PartitionId(3))
+        .new_client(
+            follower.id,
+            &BasicNode::new(follower.peers.local_addr().unwrap()),
+        )
+        .await;
+    let lead = to_follower
+        .append_entries(
+            AppendEntriesRequest {
+                vote: Vote::new_committed(before.leader_id.term + 5, 4),
+                prev_log_id: None,
+                leader_commit: None,
+                entries: Vec::new(),
+            },
+            RPCOption::new(Duration::from_secs(1)),
+        )
+        .await;
+    assert!(lead.is_err(), "a non-member led the group: {lead:?}");
+    assert_eq!(vote_of(follower), before, "the follower's vote moved");
+    outsider.close();
+    stop(nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_naming_no_node_cannot_open_a_peer_link() {
+    let ca = DevCa::generate().unwrap();
+    let (nodes, leader) = start_group(&ca).await;
+    let target = nodes.iter().find(|n| n.id == leader).unwrap();
+    let candidates = vec![(leader, BasicNode::new(target.peers.local_addr().unwrap()))];
+    // Certificates from the cluster CA itself, for something other than a
+    // node: a public listener's, and a service's client certificate (the
+    // kind the old peer link took, as it never read names).
+    for (what, cert) in [
+        (
+            "public",
+            ca.issue_public(&["localhost", "127.0.0.1"]).unwrap(),
+        ),
+        ("client", ca.issue_client("billing").unwrap()),
+    ] {
+        let rogue = bind(9, &ca, &cert);
+        let read = rogue
+            .read(
+                leader,
+                &target.peers.local_addr().unwrap().to_string(),
+                PartitionId(3),
+                b"",
+                Duration::from_secs(1),
+            )
+            .await;
+        assert!(
+            read.is_err(),
+            "a {what} certificate opened a peer link: {read:?}"
+        );
+        let proposed = rogue
+            .propose(
+                PartitionId(3),
+                &append(format!("from a {what} certificate")),
+                &candidates,
+                Duration::from_secs(2),
+            )
+            .await;
+        assert!(
+            proposed.is_err(),
+            "a {what} certificate proposed: {proposed:?}"
+        );
+        rogue.close();
+    }
+    assert!(target.machine.history().is_empty());
+    stop(nodes).await;
 }

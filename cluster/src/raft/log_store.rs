@@ -8,10 +8,22 @@
 //!   the last purged log id.
 //!
 //! Writes run on tokio's blocking pool, never on a worker thread, and in
-//! the order openraft issues them (it awaits each call). An append is synced
-//! to disk before it is reported flushed when the node's durability is
-//! `fsync`; otherwise it is in RocksDB's write-ahead log (it survives a
-//! process crash, not a power loss: the same promise as a single node).
+//! the order openraft issues them (it awaits each call).
+//!
+//! Votes and appended entries are always synced (the write-ahead log
+//! fsynced) before the call returns or the append is reported flushed,
+//! whatever the node's `durability` says for messages: they are Raft's own
+//! promises. A vote lost to a power cut lets the node vote twice in one
+//! term (two leaders), and an entry acknowledged and then lost breaks the
+//! quorum that committed it. The other writes — the committed pointer, a
+//! truncation, a purge — follow `durability`: losing one only sends the
+//! node back to a state it was in before (openraft re-learns the commit
+//! from the leader; a truncated or purged range comes back and is
+//! truncated or purged again), and RocksDB's write-ahead log is one
+//! sequence, so a later synced write makes every earlier one durable too.
+//!
+//! [`LogStore::observe_writes`] lets a test see each write and its sync
+//! flag.
 
 // The error type is openraft's (`StorageError`, returned by its storage
 // traits); the helpers return it too rather than convert at every call.
@@ -53,13 +65,43 @@ pub fn column_families() -> Vec<ColumnFamilyDescriptor> {
 
 type Error = StorageError<NodeId>;
 
+/// One write of a partition's Raft state, as [`LogStore::observe_writes`]
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftWrite {
+    /// What was written.
+    pub kind: RaftWriteKind,
+    /// Whether the write-ahead log was synced before the write returned.
+    pub sync: bool,
+}
+
+/// What a [`RaftWrite`] held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RaftWriteKind {
+    /// The vote.
+    Vote(Vote<NodeId>),
+    /// Appended entries, by log id.
+    Entries(Vec<LogId<NodeId>>),
+    /// The committed pointer.
+    Committed,
+    /// A truncation of the log's end.
+    Truncate,
+    /// A purge of the log's start.
+    Purge,
+}
+
+/// Called with each successful write, before it is reported done.
+pub type WriteObserver = Arc<dyn Fn(&RaftWrite) + Send + Sync>;
+
 /// One partition's Raft log and vote. Cheap to clone: replication tasks
 /// read through clones.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     partition: PartitionId,
+    /// Whether writes Raft's safety does not rest on are synced too.
     sync: bool,
+    observer: Option<WriteObserver>,
 }
 
 impl Debug for LogStore {
@@ -67,19 +109,30 @@ impl Debug for LogStore {
         f.debug_struct("LogStore")
             .field("partition", &self.partition)
             .field("sync", &self.sync)
+            .field("observed", &self.observer.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl LogStore {
     /// `partition`'s log in `db`, which must have been opened with
-    /// [`column_families`]. With `sync`, every write is fsynced.
+    /// [`column_families`]. Votes and appends are always fsynced; with
+    /// `sync` (the node's `durability = "fsync"`), every other write is
+    /// too.
     pub fn new(db: Arc<DB>, partition: PartitionId, sync: bool) -> Self {
         Self {
             db,
             partition,
             sync,
+            observer: None,
         }
+    }
+
+    /// This store, calling `observer` with each successful write (and its
+    /// sync flag) before the write is reported done: for tests.
+    pub fn observe_writes(mut self, observer: WriteObserver) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     /// Whether this partition's Raft state is blank here: no vote, no
@@ -118,10 +171,17 @@ impl LogStore {
             .map_err(|e| Error::from(StorageIOError::read(&e)))?
     }
 
-    fn write(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+    /// Writes `batch`; synced when `kind` is one of Raft's promises (a
+    /// vote, entries) or the node's durability asks for it.
+    fn write(&self, batch: WriteBatch, kind: RaftWriteKind) -> Result<(), rocksdb::Error> {
+        let sync = self.sync || matches!(kind, RaftWriteKind::Vote(_) | RaftWriteKind::Entries(_));
         let mut options = rocksdb::WriteOptions::default();
-        options.set_sync(self.sync);
-        self.db.write_opt(batch, &options)
+        options.set_sync(sync);
+        self.db.write_opt(batch, &options)?;
+        if let Some(observer) = &self.observer {
+            observer(&RaftWrite { kind, sync });
+        }
+        Ok(())
     }
 
     fn state<T: DeserializeOwned>(&self, tag: &[u8]) -> Result<Option<T>, Error> {
@@ -257,7 +317,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut batch = WriteBatch::default();
             store.put_state(&mut batch, VOTE, &vote)?;
             store
-                .write(batch)
+                .write(batch, RaftWriteKind::Vote(vote))
                 .map_err(|e| StorageIOError::write_vote(&e).into())
         })
         .await
@@ -272,7 +332,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut batch = WriteBatch::default();
             store.put_state(&mut batch, COMMITTED, &committed)?;
             store
-                .write(batch)
+                .write(batch, RaftWriteKind::Committed)
                 .map_err(|e| StorageIOError::write(&e).into())
         })
         .await
@@ -289,16 +349,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = WriteBatch::default();
+        let mut ids = Vec::new();
         let cf = self.cf(CF_RAFT_LOG)?;
         for entry in entries {
             let bytes = postcard::to_allocvec(&entry)
                 .map_err(|e| StorageIOError::write_log_entry(entry.log_id, &e))?;
             batch.put_cf(cf, self.log_key(entry.log_id.index), bytes);
+            ids.push(entry.log_id);
         }
+        // Synced before the callback: openraft reports an entry flushed to
+        // the leader (which counts it towards the quorum) from it.
         let written = self
             .blocking(move |store| {
                 store
-                    .write(batch)
+                    .write(batch, RaftWriteKind::Entries(ids))
                     .map_err(|e| StorageIOError::write_logs(&e).into())
             })
             .await;
@@ -319,7 +383,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut batch = WriteBatch::default();
             store.delete_range(&mut batch, log_id.index, None)?;
             store
-                .write(batch)
+                .write(batch, RaftWriteKind::Truncate)
                 .map_err(|e| StorageIOError::write_logs(&e).into())
         })
         .await
@@ -332,7 +396,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             store.put_state(&mut batch, PURGED, &log_id)?;
             store.delete_range(&mut batch, 0, Some(log_id.index.saturating_add(1)))?;
             store
-                .write(batch)
+                .write(batch, RaftWriteKind::Purge)
                 .map_err(|e| StorageIOError::write_logs(&e).into())
         })
         .await

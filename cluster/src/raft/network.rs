@@ -1,8 +1,9 @@
 //! Raft's RPCs between nodes: QUIC with mutual TLS, one connection per
 //! node pair, one bidirectional stream per call.
 //!
-//! A call is `kind (u8) ‖ partition (u32, big-endian) ‖ body`, the body the
-//! openraft request in postcard; the answer is an `Answer` in postcard.
+//! A call is `kind (u8) ‖ partition (u32, big-endian) ‖ sender (u64,
+//! big-endian) ‖ body`, the body the openraft request in postcard; the
+//! answer is an `Answer` in postcard.
 //! Every partition group of both nodes shares the pair's connection, so a
 //! node with 64 partitions keeps one handshake, one congestion controller
 //! and one keep-alive per peer, not 64. A broken connection is dropped and
@@ -15,6 +16,17 @@
 //! share. With the node's groups' heartbeats fired together (the broker
 //! does), a node pair exchanges one call per heartbeat interval instead of
 //! one per shared group.
+//!
+//! A call is served only for the node its sender's certificate proves
+//! (`crate::tls`): the sender it names must be one of the certificate's
+//! `node-N`, a Raft message must come from the leader or candidate it
+//! claims (its vote's node), and from a member of the partition's group
+//! as this node knows it (or as the message itself carries it: the
+//! entries or snapshot that make it one). Anything else is refused, not
+//! handed to the group: one leaked node certificate acts as that node, in
+//! its own partitions, and no other. Forwarded proposals, reads and
+//! upstream subscriptions come from edges, which any node is, so they need
+//! only a proven sender.
 //!
 //! The same connection carries what edges need from a partition's leader
 //! (see [`ChannelService`]): channel reads (one call each) and upstream
@@ -116,6 +128,9 @@ enum Answer<T, E> {
     NotHosted,
     /// The call did not decode.
     Malformed(String),
+    /// The sender's certificate does not prove what the call claims (see
+    /// the module docs).
+    Refused(String),
 }
 
 /// Why a call did not get an answer.
@@ -161,6 +176,15 @@ pub enum LinkError {
     /// The local endpoint is closed or could not be made.
     #[error("endpoint: {0}")]
     Endpoint(String),
+    /// The peer refused the call: this node's certificate does not prove
+    /// what the call claims, or it is no member of the group.
+    #[error("node {node} refused the call: {reason}")]
+    Refused {
+        /// The peer.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Why a proposal was not committed.
@@ -407,10 +431,10 @@ impl Peers {
                 });
             }
         };
-        let recv = send_call(&conn, node, Kind::Follow, partition, body).await?;
+        let recv = send_call(&conn, self.node, node, Kind::Follow, partition, body).await?;
         self.stats
             .bytes_sent
-            .fetch_add(body.len() as u64 + 5, Ordering::Relaxed);
+            .fetch_add((body.len() + HEADER) as u64, Ordering::Relaxed);
         Ok(FollowStream {
             node,
             recv,
@@ -536,7 +560,7 @@ impl Peers {
                                 last_failure = format!("node {node} does not host the group");
                                 continue;
                             }
-                            Ok(Answer::Malformed(why)) => {
+                            Ok(Answer::Malformed(why) | Answer::Refused(why)) => {
                                 return Err(ProposeError::Rejected(why));
                             }
                             Err(e) => return Err(ProposeError::Uncertain(e.to_string())),
@@ -644,7 +668,7 @@ impl Peers {
             }
         };
         let exchange = async {
-            let mut recv = send_call(&conn, node, kind, partition, body).await?;
+            let mut recv = send_call(&conn, self.node, node, kind, partition, body).await?;
             let answer = recv
                 .read_to_end(MAX_MESSAGE)
                 .await
@@ -671,7 +695,7 @@ impl Peers {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_sent
-            .fetch_add(body.len() as u64 + 5, Ordering::Relaxed);
+            .fetch_add((body.len() + HEADER) as u64, Ordering::Relaxed);
         self.stats
             .bytes_received
             .fetch_add(answer.len() as u64, Ordering::Relaxed);
@@ -822,14 +846,46 @@ impl LinkError {
             },
             Self::Malformed(why) => Self::Malformed(why.clone()),
             Self::Endpoint(why) => Self::Endpoint(why.clone()),
+            Self::Refused { node, reason } => Self::Refused {
+                node: *node,
+                reason: reason.clone(),
+            },
         }
     }
 }
 
+/// A call's header: `kind ‖ partition ‖ sender`.
+const HEADER: usize = 13;
+
+/// A call's header, decoded.
+struct Header {
+    kind: u8,
+    partition: PartitionId,
+    /// The node the call says sent it.
+    from: NodeId,
+}
+
+impl Header {
+    /// The header of `call` and the body after it; `None` when too short.
+    fn split(call: &[u8]) -> Option<(Self, &[u8])> {
+        let (header, body) = call.split_at_checked(HEADER)?;
+        let partition = u32::from_be_bytes(header[1..5].try_into().ok()?);
+        let from = u64::from_be_bytes(header[5..HEADER].try_into().ok()?);
+        let header = Self {
+            kind: header[0],
+            partition: PartitionId(partition),
+            from,
+        };
+        Some((header, body))
+    }
+}
+
 /// Opens a stream to `node` and sends a call on it (`kind ‖ partition ‖
-/// body`, then the end of the stream); returns where the answer comes.
+/// from ‖ body`, then the end of the stream); returns where the answer
+/// comes.
 async fn send_call(
     conn: &quinn::Connection,
+    from: NodeId,
     node: NodeId,
     kind: Kind,
     partition: PartitionId,
@@ -837,9 +893,10 @@ async fn send_call(
 ) -> Result<quinn::RecvStream, LinkError> {
     let broken = |reason: String| LinkError::Broken { node, reason };
     let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
-    let mut header = [0u8; 5];
+    let mut header = [0u8; HEADER];
     header[0] = kind as u8;
-    header[1..].copy_from_slice(&partition.0.to_be_bytes());
+    header[1..5].copy_from_slice(&partition.0.to_be_bytes());
+    header[5..].copy_from_slice(&from.to_be_bytes());
     send.write_all(&header)
         .await
         .map_err(|e| broken(e.to_string()))?;
@@ -870,6 +927,13 @@ async fn accept_loop(peers: Arc<Peers>) {
 }
 
 async fn serve_connection(peers: Arc<Peers>, conn: quinn::Connection) {
+    // The handshake checked the certificate chains to the cluster CA and
+    // names a node; these are the nodes it names.
+    let proven: Arc<[NodeId]> = crate::tls::peer_nodes(&conn).into();
+    if proven.is_empty() {
+        conn.close(1u32.into(), b"no node certificate");
+        return;
+    }
     loop {
         let (send, recv) = tokio::select! {
             () = peers.stop.cancelled() => return,
@@ -881,11 +945,23 @@ async fn serve_connection(peers: Arc<Peers>, conn: quinn::Connection) {
                 }
             },
         };
-        tokio::spawn(serve_call(peers.clone(), send, recv));
+        tokio::spawn(serve_call(peers.clone(), proven.clone(), send, recv));
     }
 }
 
-async fn serve_call(peers: Arc<Peers>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+/// Why a call from `from`, on a link whose certificate proves `proven`,
+/// is refused, if it is.
+fn unproven(proven: &[NodeId], from: NodeId) -> Option<String> {
+    (!proven.contains(&from))
+        .then(|| format!("the call names node {from}, the link's certificate proves {proven:?}"))
+}
+
+async fn serve_call(
+    peers: Arc<Peers>,
+    proven: Arc<[NodeId]>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let call = match recv.read_to_end(MAX_MESSAGE).await {
         Ok(call) => call,
         Err(e) => {
@@ -899,16 +975,13 @@ async fn serve_call(peers: Arc<Peers>, mut send: quinn::SendStream, mut recv: qu
         .fetch_add(call.len() as u64, Ordering::Relaxed);
     if call.first() == Some(&(Kind::Follow as u8)) {
         let service = peers.channels.get().cloned();
-        match (service, call.get(1..5)) {
-            (Some(service), Some(partition)) => {
-                let partition = PartitionId(u32::from_be_bytes(
-                    partition.try_into().unwrap_or([0xff; 4]),
-                ));
+        match (service, Header::split(&call)) {
+            (Some(service), Some((header, body))) if unproven(&proven, header.from).is_none() => {
                 let out = FollowSink {
                     send,
                     peers: peers.clone(),
                 };
-                service.follow(partition, call[5..].to_vec(), out).await;
+                service.follow(header.partition, body.to_vec(), out).await;
             }
             _ => {
                 let _ = send.reset(0u32.into());
@@ -916,7 +989,7 @@ async fn serve_call(peers: Arc<Peers>, mut send: quinn::SendStream, mut recv: qu
         }
         return;
     }
-    let answer = answer(&peers, &call).await;
+    let answer = answer(&peers, &proven, &call).await;
     peers
         .stats
         .bytes_sent
@@ -929,25 +1002,27 @@ async fn serve_call(peers: Arc<Peers>, mut send: quinn::SendStream, mut recv: qu
 }
 
 /// Decodes a call, hands it to its group and encodes the group's answer.
-async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
+async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
     fn encode<T: Serialize, E: Serialize>(answer: &Answer<T, E>) -> Vec<u8> {
         postcard::to_allocvec(answer).unwrap_or_default()
     }
     fn malformed(why: String) -> Vec<u8> {
         encode::<(), ()>(&Answer::Malformed(why))
     }
-    let (Some(&kind), Some(partition)) = (call.first(), call.get(1..5)) else {
+    let Some((header, body)) = Header::split(call) else {
         return malformed("short header".into());
     };
-    let Some(kind) = Kind::from_u8(kind) else {
-        return malformed(format!("unknown call kind {kind}"));
+    let Some(kind) = Kind::from_u8(header.kind) else {
+        return malformed(format!("unknown call kind {}", header.kind));
     };
-    let partition = PartitionId(u32::from_be_bytes(
-        partition.try_into().unwrap_or([0xff; 4]),
-    ));
-    let body = &call[5..];
+    let (partition, from) = (header.partition, header.from);
+    let refusal = unproven(proven, from);
     if kind == Kind::Batch {
-        return answer_batch(peers, body).await;
+        return answer_batch(peers, from, refusal, body).await;
+    }
+    if let Some(why) = refusal {
+        warn!(peer = from, %why, "peer call refused");
+        return refused(why);
     }
     if kind == Kind::Read {
         return match peers.channels.get() {
@@ -961,16 +1036,33 @@ async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
     match kind {
         Kind::AppendEntries => match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(body)
         {
-            Ok(rpc) => encode(&into_answer(raft.append_entries(rpc).await)),
+            Ok(rpc) => match refuse_raft_call(&raft, partition, from, &rpc.vote, || {
+                entries_make_member(&rpc.entries, from)
+            }) {
+                Some(why) => refused(why),
+                None => encode(&into_answer(raft.append_entries(rpc).await)),
+            },
             Err(e) => malformed(e.to_string()),
         },
         Kind::Vote => match postcard::from_bytes::<VoteRequest<NodeId>>(body) {
-            Ok(rpc) => encode(&into_answer(raft.vote(rpc).await)),
+            Ok(rpc) => match refuse_raft_call(&raft, partition, from, &rpc.vote, || false) {
+                Some(why) => refused(why),
+                None => encode(&into_answer(raft.vote(rpc).await)),
+            },
             Err(e) => malformed(e.to_string()),
         },
         Kind::InstallSnapshot => {
             match postcard::from_bytes::<InstallSnapshotRequest<TypeConfig>>(body) {
-                Ok(rpc) => encode(&into_answer(raft.install_snapshot(rpc).await)),
+                Ok(rpc) => match refuse_raft_call(&raft, partition, from, &rpc.vote, || {
+                    rpc.meta
+                        .last_membership
+                        .membership()
+                        .get_node(&from)
+                        .is_some()
+                }) {
+                    Some(why) => refused(why),
+                    None => encode(&into_answer(raft.install_snapshot(rpc).await)),
+                },
                 Err(e) => malformed(e.to_string()),
             }
         }
@@ -985,23 +1077,88 @@ async fn answer(peers: &Peers, call: &[u8]) -> Vec<u8> {
     }
 }
 
-/// Answers a batch of heartbeats: each goes to its group, all at once, and
-/// the answers come back in the batch's order.
-async fn answer_batch(peers: &Peers, body: &[u8]) -> Vec<u8> {
+/// A refusal, encoded (see [`Answer::Refused`]).
+fn refused(why: String) -> Vec<u8> {
+    postcard::to_allocvec(&Answer::<(), ()>::Refused(why)).unwrap_or_default()
+}
+
+/// Why `raft`'s group (of `partition`) must not take a Raft message from
+/// node `from` that carries `vote`, if it must not: the vote is another
+/// node's (node 2 speaking as node 3), or `from` is no member of the group
+/// as this node knows it. `makes_member` says whether the message itself
+/// carries a membership naming `from` (a replica that lags a membership
+/// change learns it from the message it would otherwise refuse).
+fn refuse_raft_call(
+    raft: &Raft,
+    partition: PartitionId,
+    from: NodeId,
+    vote: &openraft::Vote<NodeId>,
+    makes_member: impl FnOnce() -> bool,
+) -> Option<String> {
+    let claimed = vote.leader_id.voted_for();
+    if claimed != Some(from) {
+        return Some(format!(
+            "node {from} sent a Raft message as node {claimed:?} of partition {}",
+            partition.0
+        ));
+    }
+    let membership = raft.metrics().borrow().membership_config.clone();
+    let membership = membership.membership();
+    // A group that knows no membership yet (a blank replica about to be
+    // given the log) cannot tell: it takes the leader that brings it one.
+    let known = membership.nodes().next().is_some();
+    if !known || membership.get_node(&from).is_some() || makes_member() {
+        return None;
+    }
+    Some(format!(
+        "node {from} is not a member of partition {}",
+        partition.0
+    ))
+}
+
+/// Whether `entries` hold a membership naming `node`.
+fn entries_make_member(entries: &[openraft::Entry<TypeConfig>], node: NodeId) -> bool {
+    entries.iter().any(|entry| {
+        matches!(&entry.payload, openraft::EntryPayload::Membership(m) if m.get_node(&node).is_some())
+    })
+}
+
+/// Answers a batch of heartbeats from `from`: each goes to its group, all
+/// at once, and the answers come back in the batch's order. With a
+/// `refusal` (the link does not prove `from`), each is refused.
+async fn answer_batch(
+    peers: &Peers,
+    from: NodeId,
+    refusal: Option<String>,
+    body: &[u8],
+) -> Vec<u8> {
     let Ok(calls) = postcard::from_bytes::<Vec<(u32, Vec<u8>)>>(body) else {
         return postcard::to_allocvec(&Answer::<(), ()>::Malformed("bad batch".into()))
             .unwrap_or_default();
     };
+    if let Some(why) = &refusal {
+        warn!(peer = from, %why, "peer heartbeats refused");
+    }
     let pending: Vec<_> = calls
         .into_iter()
         .map(|(partition, body)| {
-            let raft = peers.group(PartitionId(partition));
+            let partition = PartitionId(partition);
+            let raft = peers.group(partition);
+            let refusal = refusal.clone();
             tokio::spawn(async move {
+                if let Some(why) = refusal {
+                    return refused(why);
+                }
                 let Some(raft) = raft else {
                     return postcard::to_allocvec(&Answer::<(), ()>::NotHosted).unwrap_or_default();
                 };
                 let answer = match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&body) {
-                    Ok(rpc) => into_answer(raft.append_entries(rpc).await),
+                    Ok(rpc) => match refuse_raft_call(&raft, partition, from, &rpc.vote, || {
+                        entries_make_member(&rpc.entries, from)
+                    }) {
+                        Some(why) => Answer::Refused(why),
+                        None => into_answer(raft.append_entries(rpc).await),
+                    },
                     Err(e) => Answer::Malformed(e.to_string()),
                 };
                 postcard::to_allocvec(&answer).unwrap_or_default()
@@ -1113,6 +1270,18 @@ impl PeerClient {
                 Err(RPCError::Network(NetworkError::new(&LinkError::Malformed(
                     why,
                 ))))
+            }
+            Ok(Answer::Refused(reason)) => {
+                // A certificate that does not match this node's id, or a
+                // group the peer does not count this node in: openraft
+                // backs off as from an unreachable peer.
+                warn!(peer = self.target, %reason, "peer refused our call");
+                Err(RPCError::Unreachable(Unreachable::new(
+                    &LinkError::Refused {
+                        node: self.target,
+                        reason,
+                    },
+                )))
             }
             Err(e) => Err(RPCError::Network(NetworkError::new(&LinkError::Malformed(
                 e.to_string(),

@@ -2,11 +2,15 @@
 //! above storage.
 //!
 //! It keeps the same contract as the RocksDB store, including refusing
-//! writes after an injected failure until `check_health` is called.
+//! writes after an injected failure until `check_health` is called. It
+//! counts whether each write was asked to be synced (and, when told to,
+//! records which messages each write held), so tests can check that a
+//! durability promise reaches the store: a kill -9 cannot tell an fsync
+//! from a write left in the page cache.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use volna_proto::{ChannelName, Offset};
 
@@ -23,6 +27,21 @@ pub struct MemoryStore {
     failing_write: AtomicU32,
     failing_reads: AtomicU32,
     failing_lookups: AtomicU32,
+    /// Writes taken with `sync` and without.
+    synced_writes: AtomicU64,
+    unsynced_writes: AtomicU64,
+    /// Whether `recorded` grows: off by default, so a long test does not
+    /// keep one entry per write.
+    recording: AtomicBool,
+    recorded: Mutex<Vec<RecordedWrite>>,
+}
+/// One write the store took, as [`MemoryStore::record_writes`] keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedWrite {
+    /// Whether the writer asked for the write-ahead log to be synced.
+    pub sync: bool,
+    /// The messages it stored, by channel and offset.
+    pub messages: Vec<(ChannelId, Offset)>,
 }
 
 #[derive(Debug, Clone)]
@@ -104,6 +123,51 @@ impl MemoryStore {
         self.failing_reads.load(Ordering::SeqCst)
     }
 
+    /// Successful writes taken with `sync` so far.
+    pub fn synced_writes(&self) -> u64 {
+        self.synced_writes.load(Ordering::SeqCst)
+    }
+
+    /// Successful writes taken without `sync` so far.
+    pub fn unsynced_writes(&self) -> u64 {
+        self.unsynced_writes.load(Ordering::SeqCst)
+    }
+
+    /// From now on, keeps every successful write's sync flag and messages
+    /// (see [`MemoryStore::recorded_writes`]).
+    pub fn record_writes(&self) {
+        self.recording.store(true, Ordering::SeqCst);
+    }
+
+    /// The writes kept since [`MemoryStore::record_writes`], in order.
+    pub fn recorded_writes(&self) -> Vec<RecordedWrite> {
+        self.recorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Counts (and, when recording, keeps) a write that was applied.
+    fn note_write(&self, set: &WriteSet, sync: bool) {
+        let counter = if sync {
+            &self.synced_writes
+        } else {
+            &self.unsynced_writes
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        if self.recording.load(Ordering::SeqCst) {
+            let messages = set
+                .messages
+                .iter()
+                .map(|(channel, message)| (*channel, message.offset))
+                .collect();
+            self.recorded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(RecordedWrite { sync, messages });
+        }
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave State half-updated:
         // every write builds its changes before touching it.
@@ -176,7 +240,7 @@ impl LogStore for MemoryStore {
         Ok(self.state().producers.get(key).cloned())
     }
 
-    fn write(&self, set: &WriteSet, _sync: bool) -> Result<(), StoreError> {
+    fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StoreError> {
         let mut state = self.state();
         if let Some(why) = &state.poisoned {
             return Err(StoreError::Poisoned(why.clone()));
@@ -247,6 +311,9 @@ impl LogStore for MemoryStore {
         for (partition, applied) in &set.applied {
             state.applied.insert(*partition, applied.clone());
         }
+        // Noted while the state lock is held: whoever reads what this
+        // write stored finds it noted already.
+        self.note_write(set, sync);
         Ok(())
     }
 
@@ -404,5 +471,23 @@ mod tests {
         ));
         store.check_health().expect("healthy");
         store.write(&WriteSet::default(), false).expect("accepted");
+    }
+
+    #[test]
+    fn counts_and_records_the_sync_flag_of_each_write() {
+        let store = MemoryStore::new();
+        store.write(&WriteSet::default(), false).expect("accepted");
+        store.record_writes();
+        store.write(&WriteSet::default(), true).expect("accepted");
+        store.fail_next_write();
+        assert!(store.write(&WriteSet::default(), true).is_err());
+        assert_eq!((store.synced_writes(), store.unsynced_writes()), (1, 1));
+        assert_eq!(
+            store.recorded_writes(),
+            vec![RecordedWrite {
+                sync: true,
+                messages: Vec::new()
+            }]
+        );
     }
 }
