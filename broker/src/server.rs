@@ -259,7 +259,7 @@ impl Broker {
             .map_err(|e| StoreError::Engine(e.to_string()))??
         };
         let log = log_threads.log().clone();
-        let cluster = match (&config.cluster, shared_db) {
+        let mut cluster = match (&config.cluster, shared_db) {
             (Some(section), Some(db)) => Some(
                 crate::cluster::ClusterNode::start(crate::cluster::NodeSetup {
                     section: section.clone(),
@@ -340,6 +340,14 @@ impl Broker {
             ctx = ctx.with_devices(devices.clone());
         }
         let ctx = Arc::new(ctx);
+        if let (Some(node), Some(section)) = (&mut cluster, &config.cluster) {
+            node.guard_devices(
+                ctx.serving.clone(),
+                ctx.sessions.clone(),
+                Duration::from_millis(section.heartbeat_ms),
+                Duration::from_millis(section.election_timeout_ms),
+            );
+        }
         let policies = Arc::new(Policies::from_config(&config));
         let admin = AdminState {
             logs: logs.clone(),

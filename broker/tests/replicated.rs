@@ -121,6 +121,128 @@ async fn replicas_applying_the_same_entries_store_the_same_offsets_and_epochs() 
     b.shutdown();
 }
 
+fn replica_with(store: Arc<dyn LogStore>, engine: &EngineConfig) -> LogThreads {
+    log::start_replicated(
+        store,
+        Arc::new(Fanout::new(64 * 1024)),
+        Durability::Wal,
+        engine,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap()
+}
+
+/// Everything a partition decides is a function of its entries: two
+/// replicas with different caches (one holds a single producer window in
+/// memory, the other thousands), both on clocks far from the entries'
+/// times, decide every publish alike and end with identical state.
+#[tokio::test]
+async fn replicas_with_different_clocks_and_caches_decide_alike() {
+    let idle_secs = 10;
+    let engine = |max_resident_producers| EngineConfig {
+        producer_idle_secs: idle_secs,
+        max_resident_producers,
+        max_producers_per_user: 2,
+        ..EngineConfig::default()
+    };
+    let (store_a, store_b) = (Arc::new(MemoryStore::new()), Arc::new(MemoryStore::new()));
+    let a = replica_with(store_a.clone(), &engine(1));
+    let b = replica_with(store_b.clone(), &engine(10_000));
+    let by = |owner: &str, id: u64, sequence: u64, body: &str| AppendInput {
+        channel: ChannelName::new("chat.same").unwrap(),
+        producer: Some(ProducerRef {
+            key: ProducerKey::new(Arc::from(owner), id),
+            sequence,
+            after: None,
+            limited: true,
+        }),
+        payload: Bytes::from(body.to_owned()),
+    };
+    // Entry times are the leader's; neither replica's clock is near them.
+    let t0 = 1_000_000u64;
+    let idle_ms = idle_secs * 1000;
+    let entry = |index: u8, now_ms: u64, appends: Vec<AppendInput>| Replicated {
+        partition: 3,
+        applied: vec![index],
+        now_ms,
+        epoch_seed: u64::from(index),
+        appends,
+        ..Replicated::default()
+    };
+    let entries = vec![
+        entry(1, t0, vec![by("bob#p3", 1, 1, "b1")]),
+        entry(2, t0 + 1, vec![by("bob#p3", 2, 1, "b2")]),
+        // A retry within the window: a duplicate on both.
+        entry(3, t0 + 2, vec![by("bob#p3", 1, 1, "b1")]),
+        // Bob's third producer: beyond his limit of 2, his least recently
+        // used window (producer 1) is evicted, on both.
+        entry(4, t0 + 3, vec![by("bob#p3", 3, 1, "b3")]),
+        // Producer 1 again: evicted, so its sequence 1 is new again.
+        entry(5, t0 + 4, vec![by("bob#p3", 1, 1, "b1 again")]),
+        // Past the idle horizon by the entries' time: producer 2's window
+        // is gone on both, whatever each node's clock or sweep says.
+        entry(
+            6,
+            t0 + 4 + idle_ms + 1,
+            vec![by("bob#p3", 2, 1, "b2 again")],
+        ),
+        entry(7, t0 + 5 + idle_ms + 1, vec![by("carol#p3", 9, 1, "c1")]),
+    ];
+    let mut decided = (Vec::new(), Vec::new());
+    for entry in entries {
+        decided.0.push(
+            a.log()
+                .apply_replicated(entry.clone())
+                .await
+                .unwrap()
+                .outcomes,
+        );
+        // Let replica A's writer sweep between entries (its cache holds
+        // one window: the others leave memory, not the store).
+        tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+        decided
+            .1
+            .push(b.log().apply_replicated(entry).await.unwrap().outcomes);
+    }
+    assert_eq!(decided.0, decided.1, "the replicas decided differently");
+    let offsets: Vec<(u64, bool)> = decided
+        .0
+        .iter()
+        .map(|outcomes| match &outcomes[0] {
+            Outcome::Stored(appended) => (appended.offset.get(), appended.duplicate),
+            Outcome::Refused(e) => panic!("refused: {e}"),
+        })
+        .collect();
+    assert_eq!(
+        offsets,
+        [
+            (1, false),
+            (2, false),
+            (1, true),
+            (3, false),
+            (4, false),
+            (5, false),
+            (6, false)
+        ]
+    );
+    let scope = || log::RestoreScope {
+        channel: Arc::new(|_: &ChannelName| true),
+        producer: Arc::new(|key: &ProducerKey| key.owner.ends_with("#p3")),
+    };
+    let (digest_a, digest_b) = (
+        a.log().partition_digest(3, scope()).await.unwrap(),
+        b.log().partition_digest(3, scope()).await.unwrap(),
+    );
+    assert_eq!(digest_a.applied, Some(vec![7]));
+    assert_eq!(
+        digest_a.state, digest_b.state,
+        "the replicas hold different state"
+    );
+    assert_eq!(digest_a.state.messages, 6);
+    a.shutdown();
+    b.shutdown();
+}
+
 #[tokio::test]
 async fn a_replica_restarted_without_a_clean_stop_keeps_its_epochs() {
     let store = Arc::new(MemoryStore::new());

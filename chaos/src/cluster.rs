@@ -11,6 +11,7 @@ use tempfile::TempDir;
 use volna_client::{ClientConfig, Trust};
 use volna_cluster::tls::DevCa;
 
+use crate::netfault::NetCut;
 use crate::{BrokerProcess, ChaosError};
 
 /// The admin token the test cluster's nodes accept.
@@ -126,6 +127,12 @@ fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<String>
     head.contains(" 200 ").then(|| body.to_owned())
 }
 
+/// `GET path` on `node`'s admin API (the cluster's admin token); the body
+/// of a 200 answer.
+pub fn admin_get(node: &BrokerProcess, path: &str) -> Option<String> {
+    http_get(node.http_addr(), path, Some(ADMIN_TOKEN))
+}
+
 /// etcd and broker nodes.
 pub struct TestCluster {
     /// The nodes, node `i + 1` at index `i`.
@@ -138,6 +145,10 @@ pub struct TestCluster {
     pub partitions: u32,
     /// Raft entries between a partition's snapshots.
     pub snapshot_entries: u64,
+    /// Each node's inter-node (peer) UDP port, node `i + 1` at index `i`.
+    pub peer_ports: Vec<u16>,
+    /// TOML added to every node's configuration.
+    extra: String,
     authority: DevCa,
     dir: TempDir,
 }
@@ -181,6 +192,17 @@ impl TestCluster {
         partitions: u32,
         snapshot_entries: u64,
     ) -> Result<Self, ChaosError> {
+        Self::start_configured(nodes, partitions, snapshot_entries, "").await
+    }
+
+    /// As [`TestCluster::start_with_snapshots`], with `extra` (TOML) added
+    /// to every node's configuration, e.g. a namespace's retention.
+    pub async fn start_configured(
+        nodes: u64,
+        partitions: u32,
+        snapshot_entries: u64,
+        extra: &str,
+    ) -> Result<Self, ChaosError> {
         let dir = tempfile::tempdir()?;
         let etcd = Etcd::start(dir.path())?;
         let ca = DevCa::generate().map_err(|e| ChaosError::Binary(e.to_string()))?;
@@ -192,6 +214,8 @@ impl TestCluster {
             ca: ca_path,
             partitions,
             snapshot_entries,
+            extra: extra.to_owned(),
+            peer_ports: Vec::new(),
             authority: ca,
             dir,
         };
@@ -228,6 +252,8 @@ impl TestCluster {
         std::fs::write(&cert, issued.cert_pem)?;
         std::fs::write(&key, issued.key_pem)?;
         let config = self.dir.path().join(format!("node-{id}.toml"));
+        let peer_port = free_udp_port()?;
+        self.peer_ports.push(peer_port);
         std::fs::write(
             &config,
             format!(
@@ -258,14 +284,17 @@ snapshot_entries = {snapshot_entries}
 ca = "{ca}"
 cert = "{cert}"
 key = "{key}"
+
+{extra}
 "#,
                 cert = cert.display(),
                 key = key.display(),
                 etcd = self.etcd.endpoint(),
-                peer = free_udp_port()?,
+                peer = peer_port,
                 partitions = self.partitions,
                 snapshot_entries = self.snapshot_entries,
                 ca = self.ca.display(),
+                extra = self.extra,
             ),
         )?;
         let config = config.display().to_string();
@@ -344,6 +373,68 @@ key = "{key}"
                 return Err(ChaosError::StartTimeout(within));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Cuts node `id` off from every other node (its peer port from
+    /// theirs, both ways); its clients still reach it. Healed when the
+    /// returned cut is healed or dropped.
+    pub fn isolate(&self, id: u64) -> Result<NetCut, ChaosError> {
+        let this = self.peer_ports[(id - 1) as usize];
+        let others: Vec<u16> = self
+            .peer_ports
+            .iter()
+            .copied()
+            .filter(|port| *port != this)
+            .collect();
+        NetCut::between(&[this], &others)
+    }
+
+    /// Cuts the nodes `side` (1-based ids) off from all the others.
+    pub fn split(&self, side: &[u64]) -> Result<NetCut, ChaosError> {
+        let mut inside = Vec::new();
+        let mut outside = Vec::new();
+        for (i, port) in self.peer_ports.iter().enumerate() {
+            if side.contains(&(i as u64 + 1)) {
+                inside.push(*port);
+            } else {
+                outside.push(*port);
+            }
+        }
+        NetCut::between(&inside, &outside)
+    }
+
+    /// Runs `volna cluster verify` over every running node: every replica
+    /// of every partition compared by digest at one applied entry. `Ok`
+    /// with its report, or `Err` with it when a replica differs.
+    pub fn verify(&self) -> Result<String, String> {
+        let cli = crate::cli_binary().map_err(|e| e.to_string())?;
+        let mut command = Command::new(cli);
+        command
+            .args(["cluster", "verify", "--within-secs", "60"])
+            .env("VOLNA_ADMIN_TOKEN", ADMIN_TOKEN);
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
+            command.arg("--node").arg(node.http_addr().to_string());
+        }
+        let out = command.output().map_err(|e| e.to_string())?;
+        let report = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if out.status.success() {
+            Ok(report)
+        } else {
+            Err(report)
+        }
+    }
+
+    /// Fails the test unless every replica of every partition holds the
+    /// same state ([`TestCluster::verify`]).
+    pub fn assert_replicas_agree(&self) {
+        match self.verify() {
+            Ok(report) => eprintln!("{report}"),
+            Err(report) => panic!("replicas differ:\n{report}"),
         }
     }
 

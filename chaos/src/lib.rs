@@ -16,6 +16,7 @@ use thiserror::Error;
 use volna_client::{Backoff, Client, ClientConfig, Trust};
 
 pub mod cluster;
+pub mod netfault;
 pub mod proxy;
 
 /// Why the broker process could not be run.
@@ -68,6 +69,29 @@ pub fn broker_binary() -> Result<PathBuf, ChaosError> {
         }
     }
     Ok(candidate)
+}
+
+/// The `volna` CLI binary: `VOLNA_CLI_BIN`, else next to this test's
+/// executable in the target directory (the workspace's build puts it
+/// there).
+pub fn cli_binary() -> Result<PathBuf, ChaosError> {
+    if let Ok(path) = std::env::var("VOLNA_CLI_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe()?;
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("volna"))
+        .ok_or_else(|| ChaosError::Binary("no target directory".into()))?;
+    if candidate.exists() {
+        Ok(candidate)
+    } else {
+        Err(ChaosError::Binary(format!(
+            "{} (build the workspace first)",
+            candidate.display()
+        )))
+    }
 }
 
 /// A transport a port is asked for.
@@ -484,12 +508,25 @@ pub enum Violation {
         /// The second offset.
         offset: u64,
     },
+    /// A payload nobody published (neither acknowledged nor attempted)
+    /// appears in the log.
+    #[error("offset {offset} holds a payload that was never published")]
+    NeverPublished {
+        /// The offset.
+        offset: u64,
+    },
 }
 
 impl History {
     /// Checks `delivered` (offset, payload), read from offset 1 after the
     /// faults, against the history.
     pub fn check(&self, delivered: &[(u64, Vec<u8>)]) -> Result<(), Violation> {
+        let published: std::collections::HashSet<&[u8]> = self
+            .acked
+            .values()
+            .chain(&self.unknown)
+            .map(Vec::as_slice)
+            .collect();
         let mut seen = std::collections::HashSet::new();
         let mut previous = 0;
         let mut by_offset = BTreeMap::new();
@@ -502,6 +539,9 @@ impl History {
             }
             if !seen.insert(payload.clone()) {
                 return Err(Violation::Duplicate { offset: *offset });
+            }
+            if !published.contains(payload.as_slice()) {
+                return Err(Violation::NeverPublished { offset: *offset });
             }
             previous = *offset;
             by_offset.insert(*offset, payload);
@@ -524,8 +564,14 @@ mod tests {
         let mut h = History::default();
         h.acked.insert(1, b"a".to_vec());
         h.acked.insert(2, b"b".to_vec());
+        // "c" was sent and its answer lost: stored or not, it may appear.
+        h.unknown.push(b"c".to_vec());
         let ok = [(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"c".to_vec())];
         assert_eq!(h.check(&ok), Ok(()));
+        assert_eq!(
+            h.check(&[(1, b"a".to_vec()), (2, b"b".to_vec()), (3, b"z".to_vec())]),
+            Err(Violation::NeverPublished { offset: 3 })
+        );
         assert_eq!(
             h.check(&[(1, b"a".to_vec()), (3, b"b".to_vec())]),
             Err(Violation::NotConsecutive {

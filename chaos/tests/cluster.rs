@@ -107,6 +107,7 @@ async fn a_publish_on_one_node_reaches_every_node_once_in_order_and_crosses_once
         with_crowd < 1.5 * one_subscriber_each,
         "{crowd_size} subscribers moved {with_crowd} inter-node bytes against {one_subscriber_each}"
     );
+    cluster.assert_replicas_agree();
     for node in &cluster.nodes {
         node.assert_never_panicked();
     }
@@ -249,6 +250,7 @@ async fn killing_a_partition_leader_loses_no_acknowledged_publish_and_subscriber
         "median failover {median:?}"
     );
     assert!(max < Duration::from_secs(4), "slowest failover {max:?}");
+    cluster.assert_replicas_agree();
     for node in &cluster.nodes {
         node.assert_never_panicked();
     }
@@ -491,6 +493,7 @@ async fn a_paused_leader_steps_down_and_no_offset_ever_holds_two_messages() {
         histories.windows(2).all(|w| w[0] == w[1]),
         "replicas disagree"
     );
+    cluster.assert_replicas_agree();
     for node in &cluster.nodes {
         node.assert_never_panicked();
     }
@@ -656,6 +659,7 @@ async fn a_node_that_lost_its_disk_is_replicated_again_and_nothing_acknowledged_
         // appended while the next snapshot is built).
         assert!(longest <= 120, "node {id} holds {longest} Raft entries");
     }
+    cluster.assert_replicas_agree();
     for node in &cluster.nodes {
         node.assert_never_panicked();
     }
@@ -782,6 +786,7 @@ async fn a_fourth_node_takes_partitions_over_while_publishing_goes_on_without_lo
             .unwrap_or_else(|v| panic!("node {node}, {}: {v}", channels[*k]));
     }
     edge_costs_one_copy_per_message(&cluster).await;
+    cluster.assert_replicas_agree();
     let mut relayed = 0.0;
     for node in &cluster.nodes {
         relayed += node
@@ -953,6 +958,107 @@ async fn a_node_back_with_an_empty_disk_within_the_grace_period_rejoins_only_as_
     publish(&mut history, 601, 700).await;
     let delivered = history_on(&cluster, 3, &channel, 700).await;
     history.check(&delivered).unwrap();
+    cluster.assert_replicas_agree();
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}
+
+/// Retention in a cluster: each partition's leader decides its channels'
+/// cuts and every replica applies them; a node skips the channels it does
+/// not lead and goes on with the rest of its round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_cuts_every_channel_on_every_replica() {
+    let channels: usize = volna_chaos::knob("VOLNA_CHAOS_RETENTION_CHANNELS", 1_000);
+    let per_channel: u64 = volna_chaos::knob("VOLNA_CHAOS_RETENTION_MESSAGES", 100);
+    const LIMIT: u64 = 10;
+    const ROUND: Duration = Duration::from_millis(1_000);
+    let cluster = TestCluster::start_configured(
+        3,
+        PARTITIONS,
+        10_000,
+        &format!(
+            "[engine]\nretention_interval_ms = {}\n\n[namespaces.keep.retention]\nmax_messages = {LIMIT}\n",
+            ROUND.as_millis()
+        ),
+    )
+    .await
+    .unwrap();
+    let names: Vec<ChannelName> = (0..channels)
+        .map(|i| ChannelName::new(format!("keep.c{i:05}")).unwrap())
+        .collect();
+    // Publishers on every node, many publishes in flight each.
+    let started = Instant::now();
+    let mut writers = Vec::new();
+    for node in 1..=3u64 {
+        let client = connect(&cluster, &[node]).await;
+        let mine: Vec<ChannelName> = names
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| (*i as u64) % 3 == node - 1)
+            .map(|(_, n)| n.clone())
+            .collect();
+        writers.push(tokio::spawn(async move {
+            for round in 1..=per_channel {
+                let publishes = mine.iter().map(|channel| {
+                    let client = client.clone();
+                    let channel = channel.clone();
+                    async move {
+                        let ack = client
+                            .publish(&channel, format!("{channel}-{round}"))
+                            .await
+                            .unwrap();
+                        assert_eq!(ack.offset.get(), round);
+                    }
+                });
+                futures_util::future::join_all(publishes).await;
+            }
+            client.close().await;
+        }));
+    }
+    for writer in writers {
+        tokio::time::timeout(Duration::from_secs(600), writer)
+            .await
+            .expect("publishing finished")
+            .unwrap();
+    }
+    let published = started.elapsed();
+    // Within three rounds every channel holds at most its limit (plus a
+    // batch published during the round: none here) on every node.
+    let deadline = Instant::now() + 3 * ROUND + Duration::from_secs(2);
+    let mut longest = Vec::new();
+    loop {
+        longest.clear();
+        for node in &cluster.nodes {
+            let body = volna_chaos::cluster::admin_get(
+                node,
+                &format!("/admin/channels?prefix=keep.&limit={}", channels + 10),
+            )
+            .expect("the node lists its channels");
+            let listed: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let listed = listed.as_array().unwrap();
+            assert_eq!(listed.len(), channels, "every node holds every channel");
+            let most = listed
+                .iter()
+                .map(|c| c["messages"].as_u64().unwrap())
+                .max()
+                .unwrap();
+            longest.push(most);
+        }
+        if longest.iter().all(|most| *most <= LIMIT) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "retention: {channels} channels × {per_channel} messages published in {published:?}; \
+         longest channel per node after the rounds: {longest:?} (limit {LIMIT})"
+    );
+    assert!(
+        longest.iter().all(|most| *most <= LIMIT),
+        "a node still holds a channel over its limit: {longest:?}"
+    );
+    cluster.assert_replicas_agree();
     for node in &cluster.nodes {
         node.assert_never_panicked();
     }

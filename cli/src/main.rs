@@ -8,6 +8,7 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -20,6 +21,7 @@ use volna_client::{
 
 mod admin;
 mod bench;
+mod verify;
 
 use admin::AdminApi;
 
@@ -210,6 +212,18 @@ enum ClusterCommand {
     /// Nodes, and per partition: replicas, leader, term, log position and
     /// each follower's lag (where the node asked leads).
     Status,
+    /// Compare every replica of every partition by digest, at the entry
+    /// they all stand at; fails when any replica differs.
+    Verify {
+        /// Each node's HTTP address (the flag given once per node);
+        /// default: --http alone.
+        #[arg(long = "node", value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// How long to wait for a partition's replicas to stand at one
+        /// entry (a follower still applying).
+        #[arg(long, default_value_t = 30)]
+        within_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -344,6 +358,23 @@ async fn run() -> anyhow::Result<()> {
                     false,
                 );
             }
+            return Ok(());
+        }
+        Command::Cluster {
+            command: ClusterCommand::Verify { nodes, within_secs },
+        } => {
+            let apis: Vec<AdminApi> = if nodes.is_empty() {
+                vec![api.clone()]
+            } else {
+                nodes
+                    .iter()
+                    .map(|http| AdminApi {
+                        http: http.clone(),
+                        token: cli.admin_token.clone(),
+                    })
+                    .collect()
+            };
+            verify::verify(&apis, Duration::from_secs(*within_secs)).await?;
             return Ok(());
         }
         Command::Sessions => {

@@ -37,6 +37,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+use volna_cluster::raft::lease::Standing;
 use volna_cluster::raft::network::{BoxFuture, ChannelService, FollowSink, FollowStream, Peers};
 use volna_cluster::{NodeId, PartitionId, partition_of};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Frame, Limits, Offset, SubscriptionId};
@@ -652,11 +653,17 @@ impl ChannelServer {
         let Some(raft) = self.peers.upgrade().and_then(|p| p.group(partition)) else {
             return Err(Served::NotHosted);
         };
-        let leader = raft.metrics().borrow().current_leader;
-        if leader == Some(self.node) {
-            Ok(())
-        } else {
-            Err(Served::NotLeader(leader))
+        let Some(peers) = self.peers.upgrade() else {
+            return Err(Served::NotHosted);
+        };
+        // A leader whose lease ran out serves nothing as leader: the edge
+        // attached to it would relay silence while another node leads.
+        match Standing::of(&raft, self.node, peers.leader_lease()) {
+            Standing::Leader => Ok(()),
+            Standing::Follower(leader) => Err(Served::NotLeader(Some(leader))),
+            Standing::LeaseExpired { .. } | Standing::NoLeader | Standing::Failed => {
+                Err(Served::NotLeader(None))
+            }
         }
     }
 

@@ -52,6 +52,19 @@ struct AppliedState {
     /// A restore from this snapshot was begun and not finished: the
     /// partition's channels here are partial until it is run again.
     restoring: Option<Current>,
+    /// The partition's time: the latest leader stamp applied (a leader
+    /// whose clock is behind cannot move it back). Everything the
+    /// partition decides by time (idle producer windows) is judged by it,
+    /// so replicas decide alike whatever their own clocks say.
+    time_ms: u64,
+}
+
+/// The applied state as written before the partition had a time.
+#[derive(Deserialize)]
+struct AppliedStateV2 {
+    last: Option<LogId<NodeId>>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    restoring: Option<Current>,
 }
 
 /// The applied state as written before snapshots existed.
@@ -64,11 +77,22 @@ struct AppliedStateV1 {
 impl AppliedState {
     fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         postcard::from_bytes(bytes).or_else(|e| {
-            postcard::from_bytes::<AppliedStateV1>(bytes)
-                .map(|v1| Self {
-                    last: v1.last,
-                    membership: v1.membership,
-                    restoring: None,
+            // An older layout: the time starts from the next entry's stamp
+            // (every replica upgraded from it starts the same way).
+            postcard::from_bytes::<AppliedStateV2>(bytes)
+                .map(|v2| Self {
+                    last: v2.last,
+                    membership: v2.membership,
+                    restoring: v2.restoring,
+                    time_ms: 0,
+                })
+                .or_else(|_| {
+                    postcard::from_bytes::<AppliedStateV1>(bytes).map(|v1| Self {
+                        last: v1.last,
+                        membership: v1.membership,
+                        restoring: None,
+                        time_ms: 0,
+                    })
                 })
                 .map_err(|_| e)
         })
@@ -125,6 +149,11 @@ impl PartitionMachine {
             None => AppliedState::default(),
         };
         let snapshots = SnapshotDir::open(snapshot_root, partition)?;
+        // The partition's windows are judged idle by its time from now on,
+        // not from its next entry.
+        if let Some(clocks) = store.partition_clocks() {
+            clocks.advance(partition.0, applied.time_ms);
+        }
         let mut machine = Self {
             partition,
             partitions,
@@ -148,14 +177,7 @@ impl PartitionMachine {
 
     /// The partition's channels and producer windows among the node's.
     fn scope(&self) -> RestoreScope {
-        let (partition, partitions) = (self.partition, self.partitions);
-        let suffix = format!("#p{}", partition.0);
-        RestoreScope {
-            channel: Arc::new(move |name: &ChannelName| {
-                partition_of(name.as_str(), partitions) == partition
-            }),
-            producer: Arc::new(move |key: &ProducerKey| key.owner.ends_with(&suffix)),
-        }
+        partition_scope(self.partition, self.partitions)
     }
 
     /// Replaces the partition's state here with snapshot `current`'s.
@@ -190,6 +212,7 @@ impl PartitionMachine {
             }
         }
         let counts = reader.counts();
+        let time_ms = reader.time_ms();
         let dir = self.snapshots.clone();
         let served = current.clone();
         blocking(move || dir.set_current_if_newer(&served).map(|_| ())).await?;
@@ -197,6 +220,7 @@ impl PartitionMachine {
             last: current.meta.last_log_id,
             membership: current.meta.last_membership.clone(),
             restoring: None,
+            time_ms,
         };
         self.log
             .restore(Restore::Finish {
@@ -205,6 +229,9 @@ impl PartitionMachine {
             })
             .await?;
         self.applied = applied;
+        if let Some(clocks) = self.store.partition_clocks() {
+            clocks.advance(self.partition.0, time_ms);
+        }
         info!(
             partition = self.partition.0,
             channels = counts.channels,
@@ -238,10 +265,17 @@ impl PartitionMachine {
 
     /// The writer's entry for a command (`None` fields: nothing to do but
     /// record the applied state).
-    fn replicated(&self, command: Option<Command>) -> (Replicated, Vec<Option<ReplicaOutcome>>) {
+    fn replicated(
+        &mut self,
+        command: Option<Command>,
+    ) -> (Replicated, Vec<Option<ReplicaOutcome>>) {
+        if let Some(Command::Append { now_ms, .. }) = &command {
+            self.applied.time_ms = self.applied.time_ms.max(*now_ms);
+        }
         let mut entry = Replicated {
             partition: self.partition.0,
             applied: self.applied.encode(),
+            now_ms: self.applied.time_ms,
             ..Replicated::default()
         };
         // Inputs that do not even parse are refused here, the same way on
@@ -250,11 +284,10 @@ impl PartitionMachine {
         match command {
             None => {}
             Some(Command::Append {
-                now_ms,
+                now_ms: _,
                 epoch_seed,
                 publishes,
             }) => {
-                entry.now_ms = now_ms;
                 entry.epoch_seed = epoch_seed;
                 for publish in publishes {
                     match ChannelName::new(publish.channel) {
@@ -309,6 +342,25 @@ impl PartitionMachine {
         }
         (entry, refused)
     }
+}
+
+/// `partition`'s channels and producer windows among a node's.
+pub(super) fn partition_scope(partition: PartitionId, partitions: u32) -> RestoreScope {
+    let suffix = format!("#p{}", partition.0);
+    RestoreScope {
+        channel: Arc::new(move |name: &ChannelName| {
+            partition_of(name.as_str(), partitions) == partition
+        }),
+        producer: Arc::new(move |key: &ProducerKey| key.owner.ends_with(&suffix)),
+    }
+}
+
+/// The last entry an applied state (as stored with the partition) says
+/// was applied, and the partition's time then.
+pub(super) fn applied_position(bytes: &[u8]) -> Option<(Option<LogId<NodeId>>, u64)> {
+    AppliedState::decode(bytes)
+        .ok()
+        .map(|state| (state.last, state.time_ms))
 }
 
 fn apply_error(log_id: LogId<NodeId>, why: &(impl std::error::Error + 'static)) -> Error {
@@ -390,6 +442,7 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
         let part = self.snapshots.new_part();
         let store = self.store.clone();
         let scope = self.scope();
+        let time_ms = self.applied.time_ms;
         let export = tokio::task::spawn_blocking(move || {
             let mut fixed_tx = Some(fixed_tx);
             let counts = write_snapshot(
@@ -398,6 +451,7 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
                     channel: &*scope.channel,
                     producer: &*scope.producer,
                 },
+                time_ms,
                 &mut || {
                     if let Some(tx) = fixed_tx.take() {
                         let _ = tx.send(());

@@ -43,6 +43,7 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use volna_cluster::raft::lease::Standing;
 use volna_cluster::raft::log_store::LogStore as RaftLogStore;
 use volna_cluster::raft::network::{LinkError, Peers};
 use volna_cluster::raft::{BasicNode, Raft};
@@ -115,7 +116,8 @@ pub struct NodeSetup {
     pub store: Arc<dyn LogStore>,
     /// The node's channel log.
     pub log: Log,
-    /// Whether Raft log writes are fsynced.
+    /// The messages' durability: Raft's commit pointer, truncations and
+    /// purges follow it; votes and appended entries are always synced.
     pub durability: Durability,
     /// The broker's metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -136,6 +138,8 @@ pub struct ClusterNode {
     snapshot_stats: Arc<SnapshotStats>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// The node's channel log (partition digests read it).
+    log: Log,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -343,6 +347,10 @@ impl ClusterNode {
             view.update(map, nodes);
             shared.reconcile().await;
         }
+        // A leader stops acting as one once no quorum acknowledged it for
+        // half an election timeout: before its followers (who wait out
+        // its lease, then their own timeout) can have elected another.
+        peers.set_leader_lease(Duration::from_millis(section.election_timeout_ms / 2));
         let within =
             Duration::from_millis(section.election_timeout_ms * 2) + Duration::from_secs(1);
         let router = Router::start(
@@ -401,6 +409,7 @@ impl ClusterNode {
             snapshot_stats,
             stop,
             tasks,
+            log: setup.log.clone(),
         })
     }
 
@@ -444,7 +453,33 @@ impl ClusterNode {
             groups: self.groups.clone(),
             edges: self.edges.clone(),
             snapshots: self.snapshot_stats.clone(),
+            log: self.log.clone(),
         }
+    }
+
+    /// Watches whether this node can serve its devices, every heartbeat:
+    /// a node all of whose groups have lost their leader (it is cut off
+    /// from its peers, or every group's storage failed) for half an
+    /// election timeout stops serving. It closes every session with
+    /// `Unavailable` / `GOING_AWAY` (the clients move on to another seed)
+    /// and refuses new ones until a group has a leader again: a device on
+    /// a cut-off node is told, never left in silence (DESIGN.md §7).
+    pub fn guard_devices(
+        &mut self,
+        serving: Arc<AtomicBool>,
+        sessions: Arc<crate::session::SessionRegistry>,
+        heartbeat: Duration,
+        election_timeout: Duration,
+    ) {
+        self.tasks.push(tokio::spawn(service_loop(
+            self.groups.clone(),
+            self.peers.clone(),
+            serving,
+            sessions,
+            heartbeat,
+            election_timeout / 2,
+            self.stop.clone(),
+        )));
     }
 
     /// Leaves: stops the groups (their peers elect other leaders), the
@@ -574,6 +609,78 @@ async fn heartbeat_loop(
     }
 }
 
+/// Whether a node whose groups stand so can serve devices: some group
+/// has a leader it can reach (itself, with its lease, or another), or it
+/// hosts no group (an edge only: its upstreams find the leaders).
+fn can_serve(standings: impl IntoIterator<Item = Standing>) -> bool {
+    let mut hosts_any = false;
+    for standing in standings {
+        hosts_any = true;
+        if matches!(standing, Standing::Leader | Standing::Follower(_)) {
+            return true;
+        }
+    }
+    !hosts_any
+}
+
+/// [`ClusterNode::guard_devices`]' loop: `serving` follows whether the
+/// node can serve, after `grace` of not being able to.
+async fn service_loop(
+    groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    peers: Arc<Peers>,
+    serving: Arc<AtomicBool>,
+    sessions: Arc<crate::session::SessionRegistry>,
+    every: Duration,
+    grace: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut unable_since: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let led: Vec<Raft> = groups
+            .lock()
+            .map(|g| g.values().cloned().collect())
+            .unwrap_or_default();
+        let lease = peers.leader_lease();
+        let standings: Vec<Standing> = led
+            .iter()
+            .map(|raft| Standing::of(raft, peers.node(), lease))
+            .collect();
+        if can_serve(standings.iter().copied()) {
+            unable_since = None;
+            if !serving.swap(true, Ordering::SeqCst) {
+                warn!(
+                    ?standings,
+                    "a partition group has a leader again: serving devices"
+                );
+            }
+            continue;
+        }
+        let since = *unable_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < grace {
+            continue;
+        }
+        if serving.swap(false, Ordering::SeqCst) {
+            warn!(
+                ?standings,
+                "no partition group of this node has a reachable leader: closing device \
+                 sessions so that they move to another node"
+            );
+        }
+        // Again on every tick: a session admitted while the flag turned
+        // is closed on the next.
+        let closed = sessions.close_all_unavailable();
+        if closed > 0 {
+            debug!(closed, "device sessions closed: this node is cut off");
+        }
+    }
+}
+
 /// Re-reads the map and nodes now and then; reconciles the groups with
 /// them. When etcd is unreachable the last view stays in force.
 async fn view_loop(groups: Arc<Groups>, stop: CancellationToken) {
@@ -617,6 +724,7 @@ impl Groups {
             self.rejoining.store(false, Ordering::SeqCst);
         }
         self.retire_moved_groups(&map).await;
+        self.restart_failed_groups().await;
         for (index, replicas) in map.replicas.iter().enumerate() {
             let partition = PartitionId(index as u32);
             let members: BTreeMap<NodeId, BasicNode> = replicas
@@ -705,6 +813,45 @@ impl Groups {
                 partition = partition.0,
                 "placement moved the partition away; its group here stopped"
             );
+        }
+    }
+
+    /// Stops the groups whose storage failed (openraft stops a group whose
+    /// apply or log write fails, but its last metrics still name this node
+    /// leader): the node no longer serves them, and the loop below starts
+    /// them again from the store, re-applying what they committed after
+    /// their last applied entry. A store that still fails stops them
+    /// again; `/readyz` names them meanwhile.
+    async fn restart_failed_groups(&self) {
+        let failed: Vec<(PartitionId, Raft)> = self
+            .groups
+            .lock()
+            .map(|g| {
+                g.iter()
+                    .filter(|(_, raft)| raft.metrics().borrow().running_state.is_err())
+                    .map(|(p, r)| (*p, r.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (partition, raft) in failed {
+            let why = raft
+                .metrics()
+                .borrow()
+                .running_state
+                .as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            warn!(
+                partition = partition.0,
+                error = %why,
+                "the partition's group stopped on a storage failure; starting it again from the store"
+            );
+            self.peers.unhost(partition);
+            if let Ok(mut groups) = self.groups.lock() {
+                groups.remove(&partition);
+            }
+            let _ = raft.shutdown().await;
         }
     }
 
@@ -950,6 +1097,17 @@ fn raft_id(raft: &Raft) -> NodeId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_serves_while_some_group_has_a_reachable_leader() {
+        let expired = Standing::LeaseExpired {
+            millis_since_quorum_ack: Some(900),
+        };
+        assert!(can_serve([]), "an edge-only node serves");
+        assert!(can_serve([expired, Standing::Follower(2)]));
+        assert!(can_serve([Standing::NoLeader, Standing::Leader]));
+        assert!(!can_serve([expired, Standing::NoLeader, Standing::Failed]));
+    }
 
     #[test]
     fn preferred_leaders_spread_over_the_replicas() {

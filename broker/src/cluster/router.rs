@@ -208,19 +208,21 @@ impl Replication for Router {
         })
     }
 
-    fn trim(&self, trim: Trim) -> bool {
+    fn decides_retention(&self, channel: &ChannelName) -> bool {
         // Only the leader cuts: its retention round sees what every replica
         // will have once the cut is applied.
-        let partition = partition_of(trim.channel.as_str(), self.partitions);
-        let leads = self
-            .peers
-            .group(partition)
-            .is_some_and(|raft| raft.metrics().borrow().current_leader == Some(self.peers.node()));
-        leads
-            && self
-                .queue(&trim.channel)
-                .try_send(Request::Trim(trim))
-                .is_ok()
+        self.peers
+            .leads(partition_of(channel.as_str(), self.partitions))
+    }
+
+    fn trim(&self, trim: Trim) -> bool {
+        if !self.decides_retention(&trim.channel) {
+            // Deposed since the round looked: the new leader cuts.
+            return true;
+        }
+        self.queue(&trim.channel)
+            .try_send(Request::Trim(trim))
+            .is_ok()
     }
 
     fn reads_remotely(&self, channel: &ChannelName) -> bool {

@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! "VOLNASN1" ‖ (u32 length ‖ postcard frame)*
-//! frames: Channel, Messages*, …, Producer*, End(counts)
+//! frames: Channel, Messages*, …, Producer*, Clock(time), End(counts)
 //! ```
 //!
 //! A file that a peer sent is read as untrusted input: every frame is
@@ -103,6 +103,11 @@ enum Frame {
         messages: u64,
         producers: u64,
     },
+    /// The partition's time at the snapshot (last among the variants: a
+    /// file written before it existed still reads).
+    Clock {
+        time_ms: u64,
+    },
 }
 
 /// What a snapshot holds, counted.
@@ -145,6 +150,7 @@ fn flush_messages(
 pub fn write_snapshot(
     store: &dyn LogStore,
     scope: &ExportScope<'_>,
+    time_ms: u64,
     fixed: &mut dyn FnMut(),
     path: &Path,
 ) -> Result<Counts, SnapshotError> {
@@ -213,6 +219,7 @@ pub fn write_snapshot(
     });
     exported.map_err(|e| failed.take().unwrap_or(SnapshotError::Store(e)))?;
     flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
+    write_frame(&mut out, &Frame::Clock { time_ms })?;
     write_frame(
         &mut out,
         &Frame::End {
@@ -233,6 +240,7 @@ pub struct PartReader<R> {
     input: R,
     channel: Option<(ChannelName, ChannelMeta, Offset)>,
     counts: Counts,
+    time_ms: u64,
     ended: bool,
 }
 
@@ -250,6 +258,7 @@ impl<R: Read> PartReader<R> {
             input,
             channel: None,
             counts: Counts::default(),
+            time_ms: 0,
             ended: false,
         })
     }
@@ -257,6 +266,12 @@ impl<R: Read> PartReader<R> {
     /// What was read so far (all of it once `next_part` returned `None`).
     pub fn counts(&self) -> Counts {
         self.counts
+    }
+
+    /// The partition's time the snapshot carries (0 in a file written
+    /// before snapshots carried it).
+    pub fn time_ms(&self) -> u64 {
+        self.time_ms
     }
 
     fn frame(&mut self) -> Result<Frame, SnapshotError> {
@@ -340,6 +355,7 @@ impl<R: Read> PartReader<R> {
                     self.counts.producers += 1;
                     producers.push((ProducerKey::new(owner.into(), producer_id), window));
                 }
+                Frame::Clock { time_ms } => self.time_ms = time_ms,
                 Frame::End {
                     channels: c,
                     messages: m,
@@ -595,6 +611,7 @@ mod tests {
                 channel: &|n: &ChannelName| n.as_str().starts_with("chat."),
                 producer: &|k: &ProducerKey| k.owner.ends_with("#p0"),
             },
+            7_000,
             &mut || {},
             &path,
         )
@@ -629,6 +646,11 @@ mod tests {
             producers.extend(p);
         }
         assert_eq!(reader.counts(), counts);
+        assert_eq!(
+            reader.time_ms(),
+            7_000,
+            "the partition's time travels along"
+        );
         let names: Vec<_> = channels
             .iter()
             .map(|(n, _, m)| (n.as_str(), m.len()))

@@ -9,13 +9,15 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use volna_cluster::raft::Raft;
+use volna_cluster::raft::lease::Standing;
 use volna_cluster::raft::network::Peers;
 use volna_cluster::{NodeId, PartitionId};
 
 use super::edge::Edges;
-use super::machine::SnapshotStats;
+use super::machine::{SnapshotStats, applied_position, partition_scope};
 use super::router::ClusterView;
 use crate::admin::ClusterStatus;
+use axum::http::StatusCode;
 
 /// One node.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,6 +109,7 @@ pub struct StatusSource {
     pub(super) groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
     pub(super) edges: Arc<Edges>,
     pub(super) snapshots: Arc<SnapshotStats>,
+    pub(super) log: crate::log::Log,
 }
 
 impl std::fmt::Debug for StatusSource {
@@ -207,6 +210,81 @@ impl StatusSource {
 impl ClusterStatus for StatusSource {
     fn status(&self) -> serde_json::Value {
         serde_json::to_value(self.report()).unwrap_or_default()
+    }
+
+    fn digest(
+        &self,
+        partition: u32,
+    ) -> crate::log::BoxFuture<'_, Result<serde_json::Value, (StatusCode, String)>> {
+        Box::pin(async move {
+            if partition >= self.partitions {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "no partition {partition} (the cluster has {})",
+                        self.partitions
+                    ),
+                ));
+            }
+            if self.peers.group(PartitionId(partition)).is_none() {
+                return Err((
+                    StatusCode::NOT_FOUND,
+                    format!("node {} does not replicate partition {partition}", self.id),
+                ));
+            }
+            let scope = partition_scope(PartitionId(partition), self.partitions);
+            let digest = self
+                .log
+                .partition_digest(partition, scope)
+                .await
+                .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+            let (last, time_ms) = digest
+                .applied
+                .as_deref()
+                .and_then(applied_position)
+                .unwrap_or((None, 0));
+            Ok(serde_json::json!({
+                "partition": partition,
+                "node": self.id,
+                "applied": last.map(|id| serde_json::json!({
+                    "term": id.leader_id.term,
+                    "index": id.index,
+                })),
+                "time_ms": time_ms,
+                "sha256": digest.state.sha256,
+                "channels": digest.state.channels,
+                "messages": digest.state.messages,
+                "producers": digest.state.producers,
+            }))
+        })
+    }
+
+    fn readiness(&self) -> Result<(), String> {
+        let groups = self.groups.lock().map(|g| g.clone()).unwrap_or_default();
+        let lease = self.peers.leader_lease();
+        let mut failed = Vec::new();
+        let mut leaderless = Vec::new();
+        for (partition, raft) in &groups {
+            match Standing::of(raft, self.id, lease) {
+                Standing::Leader | Standing::Follower(_) => {}
+                Standing::Failed => failed.push(partition.0),
+                Standing::NoLeader | Standing::LeaseExpired { .. } => leaderless.push(partition.0),
+            }
+        }
+        let mut why = Vec::new();
+        if !failed.is_empty() {
+            why.push(format!("the storage of partitions {failed:?} failed"));
+        }
+        if !leaderless.is_empty() {
+            why.push(format!(
+                "partitions {leaderless:?} have no reachable leader"
+            ));
+        }
+        if why.is_empty() {
+            Ok(())
+        } else {
+            Err(why.join("; "))
+        }
     }
 
     fn metrics(&self) -> String {

@@ -15,7 +15,16 @@
 //! - per owner, the resident windows are known so that a user's live
 //!   windows can be limited: beyond the limit the owner's least recently
 //!   used window is evicted (a phone cold-started many times a day must
-//!   not be locked out by the producers of its earlier runs).
+//!   not be locked out by the producers of its earlier runs);
+//! - an owner is *complete* when every window of it in the store is
+//!   resident: only then does counting its resident windows count what is
+//!   stored. The writer loads an owner's every window before the limit is
+//!   applied to it, so the decision depends on stored state alone, never
+//!   on what happens to be in memory (replicas decide alike, DESIGN.md §7);
+//! - liveness is judged at the time the caller passes (a replicated
+//!   entry's, never this node's clock): a resident window idle past the
+//!   horizon at that time is treated as absent even before a sweep drops
+//!   it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,6 +36,8 @@ use crate::store::{ProducerKey, ProducerWindow};
 pub struct ProducerTable {
     windows: HashMap<ProducerKey, ProducerWindow>,
     per_owner: HashMap<Arc<str>, HashSet<u64>>,
+    /// Owners all of whose stored windows are resident.
+    complete: HashSet<Arc<str>>,
     max_resident: usize,
     idle_ms: u64,
 }
@@ -47,6 +58,7 @@ impl ProducerTable {
         Self {
             windows: HashMap::new(),
             per_owner: HashMap::new(),
+            complete: HashSet::new(),
             max_resident: max_resident.max(1),
             idle_ms,
         }
@@ -55,6 +67,46 @@ impl ProducerTable {
     /// The resident window of `key`.
     pub fn get(&self, key: &ProducerKey) -> Option<&ProducerWindow> {
         self.windows.get(key)
+    }
+
+    /// The resident window of `key` if it is live at `now_ms`.
+    pub fn live(&self, key: &ProducerKey, now_ms: u64) -> Option<&ProducerWindow> {
+        self.windows
+            .get(key)
+            .filter(|window| self.is_live(window, now_ms))
+    }
+
+    /// `owner`'s resident windows live at `now_ms`.
+    pub fn live_owned_by(&self, owner: &str, now_ms: u64) -> u32 {
+        let Some(ids) = self.per_owner.get(owner) else {
+            return 0;
+        };
+        let live = ids
+            .iter()
+            .filter(|id| {
+                self.windows
+                    .get(&ProducerKey::new(Arc::from(owner), **id))
+                    .is_some_and(|w| self.is_live(w, now_ms))
+            })
+            .count();
+        u32::try_from(live).unwrap_or(u32::MAX)
+    }
+
+    /// Whether every stored window of `owner` is resident.
+    pub fn is_complete(&self, owner: &str) -> bool {
+        self.complete.contains(owner)
+    }
+
+    /// Makes `owner`'s stored `windows` (all of them) resident and the
+    /// owner complete.
+    pub fn put_owner(&mut self, owner: Arc<str>, windows: Vec<(u64, ProducerWindow)>) {
+        for (id, window) in windows {
+            let key = ProducerKey::new(owner.clone(), id);
+            if !self.windows.contains_key(&key) {
+                self.put(key, window);
+            }
+        }
+        self.complete.insert(owner);
     }
 
     /// Whether `key`'s window is resident.
@@ -69,13 +121,14 @@ impl ProducerTable {
             .map_or(0, |ids| u32::try_from(ids.len()).unwrap_or(u32::MAX))
     }
 
-    /// `owner`'s resident window published to least recently, leaving out
-    /// those `skip` names (already evicted in the batch being prepared).
-    /// Ties go to the lowest producer id, so the choice does not depend on
-    /// hash order.
+    /// `owner`'s resident window live at `now_ms` published to least
+    /// recently, leaving out those `skip` names (already evicted in the
+    /// batch being prepared). Ties go to the lowest producer id, so the
+    /// choice does not depend on hash order.
     pub fn least_recent_of(
         &self,
         owner: &Arc<str>,
+        now_ms: u64,
         skip: impl Fn(&ProducerKey) -> bool,
     ) -> Option<ProducerKey> {
         self.per_owner
@@ -83,7 +136,7 @@ impl ProducerTable {
             .iter()
             .map(|id| ProducerKey::new(owner.clone(), *id))
             .filter(|key| !skip(key))
-            .filter_map(|key| Some((self.windows.get(&key)?.last_publish_ms, key)))
+            .filter_map(|key| Some((self.live(&key, now_ms)?.last_publish_ms, key)))
             .min_by(|a, b| (a.0, a.1.producer_id).cmp(&(b.0, b.1.producer_id)))
             .map(|(_, key)| key)
     }
@@ -117,16 +170,21 @@ impl ProducerTable {
         if self.windows.remove(key).is_some() {
             self.forget_owner(key);
         }
+        // Whether the store changed alike is the caller's business: the
+        // owner is counted from the store again on its next new window.
+        self.complete.remove(&key.owner);
     }
 
     /// Drops idle windows (returned, to delete from the store), then, above
     /// `max_resident`, the least recently published ones down to 7/8 of it
-    /// so that sweeping stays amortised O(1) per publish.
-    pub fn sweep(&mut self, now_ms: u64) -> Swept {
+    /// so that sweeping stays amortised O(1) per publish. A window's
+    /// idleness is judged at `now_ms(key)`: the time of the partition it
+    /// belongs to (`None`: unknown yet, kept).
+    pub fn sweep(&mut self, now_ms: impl Fn(&ProducerKey) -> Option<u64>) -> Swept {
         let idle_ms = self.idle_ms;
         let mut swept = Swept::default();
         self.windows.retain(|key, window| {
-            let live = !window.is_expired(now_ms, idle_ms);
+            let live = now_ms(key).is_none_or(|now| !window.is_expired(now, idle_ms));
             if !live {
                 swept.expired.push(key.clone());
             }
@@ -144,6 +202,9 @@ impl ProducerTable {
             for (_, key) in by_age.drain(..cut) {
                 self.windows.remove(&key);
                 self.forget_owner(&key);
+                // Its window is still stored: the owner is no longer whole
+                // in memory.
+                self.complete.remove(&key.owner);
                 swept.unloaded += 1;
             }
         }
@@ -163,6 +224,8 @@ impl ProducerTable {
             ids.remove(&key.producer_id);
             if ids.is_empty() {
                 self.per_owner.remove(&key.owner);
+                // Nothing of it resident: the next use loads it again.
+                self.complete.remove(&key.owner);
             }
         }
     }
@@ -199,7 +262,7 @@ mod tests {
         t.put(key("ann", 2), window(5_500));
         t.put(key("bob", 1), window(5_000));
         assert_eq!((t.owned_by("ann"), t.owned_by("bob")), (2, 1));
-        let swept = t.sweep(5_900);
+        let swept = t.sweep(|_| Some(5_900));
         assert_eq!(swept.expired, [key("ann", 1)]);
         assert_eq!(swept.unloaded, 0);
         assert_eq!((t.owned_by("ann"), t.len()), (1, 2));
@@ -215,19 +278,51 @@ mod tests {
         t.put(key("ann", 3), window(10));
         t.put(key("bob", 4), window(1));
         let ann: Arc<str> = "ann".into();
-        assert_eq!(t.least_recent_of(&ann, |_| false), Some(key("ann", 2)));
+        assert_eq!(t.least_recent_of(&ann, 100, |_| false), Some(key("ann", 2)));
         assert_eq!(
-            t.least_recent_of(&ann, |k| k.producer_id == 2),
+            t.least_recent_of(&ann, 100, |k| k.producer_id == 2),
             Some(key("ann", 3))
         );
         assert_eq!(
-            t.least_recent_of(&ann, |k| k.producer_id != 1),
+            t.least_recent_of(&ann, 100, |k| k.producer_id != 1),
             Some(key("ann", 1))
         );
-        assert_eq!(t.least_recent_of(&ann, |_| true), None);
+        assert_eq!(t.least_recent_of(&ann, 100, |_| true), None);
         t.remove(&key("ann", 2));
         assert_eq!(t.owned_by("ann"), 2);
-        assert_eq!(t.least_recent_of(&"eve".into(), |_| false), None);
+        assert_eq!(t.least_recent_of(&"eve".into(), 100, |_| false), None);
+    }
+
+    #[test]
+    fn liveness_is_judged_at_the_time_given_not_by_a_sweep() {
+        let mut t = ProducerTable::new(100, 1_000);
+        t.put(key("ann", 1), window(0));
+        t.put(key("ann", 2), window(5_000));
+        // Not swept yet, but idle at 5,900: absent for every decision.
+        assert!(t.live(&key("ann", 1), 5_900).is_none());
+        assert!(t.live(&key("ann", 1), 900).is_some());
+        assert_eq!(t.live_owned_by("ann", 5_900), 1);
+        assert_eq!(t.live_owned_by("ann", 900), 2);
+        let ann: Arc<str> = "ann".into();
+        assert_eq!(
+            t.least_recent_of(&ann, 5_900, |_| false),
+            Some(key("ann", 2))
+        );
+        // A partition whose time is unknown keeps its windows.
+        let swept = t.sweep(|_| None);
+        assert!(swept.expired.is_empty());
+    }
+
+    #[test]
+    fn an_owner_is_complete_until_one_of_its_stored_windows_leaves_memory() {
+        let mut t = ProducerTable::new(2, u64::MAX);
+        t.put_owner("ann".into(), vec![(1, window(1)), (2, window(2))]);
+        assert!(t.is_complete("ann"));
+        t.put(key("ann", 3), window(3));
+        assert!(t.is_complete("ann"), "a new window is stored and resident");
+        let swept = t.sweep(|_| Some(10));
+        assert_eq!(swept.unloaded, 1);
+        assert!(!t.is_complete("ann"), "an unloaded window is only on disk");
     }
 
     #[test]
@@ -237,7 +332,7 @@ mod tests {
             t.put(key("ann", i), window(i));
         }
         assert!(t.over_capacity());
-        let swept = t.sweep(100);
+        let swept = t.sweep(|_| Some(100));
         assert!(swept.expired.is_empty());
         assert_eq!(swept.unloaded, 6);
         assert_eq!(t.len(), 14);

@@ -119,6 +119,9 @@ pub struct RoundStats {
     pub read_bytes: u64,
     /// Cuts handed to the writer.
     pub trims: u64,
+    /// Channels over their limits that another node decides (a cluster
+    /// node that does not lead their partition).
+    pub skipped: u64,
 }
 
 /// One retention round at `now_ms`.
@@ -165,6 +168,12 @@ pub async fn round(log: &Log, policies: &Policies, metrics: &Metrics, now_ms: u6
         let Some(retention) = bounded.get(channel.namespace()) else {
             continue;
         };
+        // In a cluster only the partition's leader cuts; the others skip
+        // the channel (not the round: they lead other partitions).
+        if !log.decides_retention(&channel) {
+            stats.skipped += 1;
+            continue;
+        }
         let meta = match meta {
             Some(meta) => meta,
             None => match log.lookup(&channel).await {

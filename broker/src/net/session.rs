@@ -38,7 +38,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
@@ -112,6 +112,9 @@ pub struct BrokerContext {
     /// Device cursors and read state; `None` where the broker keeps none
     /// (a cluster node: requests about devices get `Unsupported`).
     pub devices: Option<Arc<Devices>>,
+    /// False while this node cannot serve devices (a cluster node cut off
+    /// from its peers): new sessions are refused as `Unavailable`.
+    pub serving: Arc<AtomicBool>,
     next_session_id: AtomicU64,
 }
 
@@ -135,6 +138,7 @@ impl BrokerContext {
             metrics,
             sessions: Arc::new(SessionRegistry::default()),
             devices: None,
+            serving: Arc::new(AtomicBool::new(true)),
             next_session_id: AtomicU64::new(1),
         }
     }
@@ -158,6 +162,8 @@ type DeviceKey = (String, String);
 /// release its place among the user's connections (at once, unless its
 /// task is busy).
 const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
+/// What a client of a node cut off from its cluster is told.
+const CUT_OFF: &str = "this node is cut off from its cluster; connect to another node";
 /// The first protocol version whose clients take a takeover as final.
 const TAKEOVER_VERSION: u16 = 4;
 
@@ -178,8 +184,8 @@ pub struct SessionInfo {
     /// Subscriptions it holds.
     pub subscriptions: AtomicUsize,
     kick: CancellationToken,
-    /// Set before `kick` when a newer session of the same device took over.
-    replaced: Arc<AtomicBool>,
+    /// Why `kick` fires ([`KickReason`]), set before it.
+    kick_reason: Arc<AtomicU8>,
     /// Cancelled once the session ended and released what it held.
     ended: CancellationToken,
 }
@@ -201,6 +207,22 @@ impl SessionRegistry {
             .count()
     }
 
+    /// Closes every session because this node cannot serve them (a
+    /// cluster node cut off from its peers): each client is told
+    /// `Unavailable` and its connection closes as `GOING_AWAY`, so that it
+    /// moves on to another seed. Returns how many.
+    pub fn close_all_unavailable(&self) -> usize {
+        self.0
+            .iter()
+            .map(|e| {
+                let info = e.value();
+                info.kick_reason
+                    .store(KickReason::Unavailable as u8, Ordering::SeqCst);
+                info.kick.cancel();
+            })
+            .count()
+    }
+
     /// Disconnects session `id`; false when there is none.
     pub fn kick_session(&self, id: u64) -> bool {
         self.0.get(&id).map(|e| e.value().kick.cancel()).is_some()
@@ -215,7 +237,8 @@ impl SessionRegistry {
     fn take_over(&self, user: &str, device: &str, id: u64) -> Option<CancellationToken> {
         let previous = self.1.insert((user.to_owned(), device.to_owned()), id)?;
         let info = self.0.get(&previous)?;
-        info.replaced.store(true, Ordering::SeqCst);
+        info.kick_reason
+            .store(KickReason::Replaced as u8, Ordering::SeqCst);
         info.kick.cancel();
         Some(info.ended.clone())
     }
@@ -226,6 +249,28 @@ impl SessionRegistry {
         if let Some((user, device)) = device {
             self.1
                 .remove_if(&(user.to_owned(), device.to_owned()), |_, by| *by == id);
+        }
+    }
+}
+
+/// Why a session's `kick` token fired.
+#[repr(u8)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KickReason {
+    /// An operator disconnected it.
+    Operator = 0,
+    /// A newer session of the same device took over.
+    Replaced = 1,
+    /// The node cannot serve it (cut off from its cluster).
+    Unavailable = 2,
+}
+
+impl KickReason {
+    fn of(reason: &AtomicU8) -> Self {
+        match reason.load(Ordering::SeqCst) {
+            1 => KickReason::Replaced,
+            2 => KickReason::Unavailable,
+            _ => KickReason::Operator,
         }
     }
 }
@@ -277,6 +322,8 @@ enum End {
     ControlStalled,
     /// A newer connection of the same device took over.
     Replaced,
+    /// The node cannot serve it: the client should use another.
+    Unavailable,
 }
 
 impl End {
@@ -291,6 +338,7 @@ impl End {
             End::LimitExceeded => CloseCode::LIMIT_EXCEEDED,
             End::ControlStalled => CloseCode::CONTROL_STALLED,
             End::Replaced => CloseCode::REPLACED,
+            End::Unavailable => CloseCode::GOING_AWAY,
         }
     }
 
@@ -305,6 +353,7 @@ impl End {
             End::LimitExceeded => "limit_exceeded",
             End::ControlStalled => "control_stalled",
             End::Replaced => "replaced",
+            End::Unavailable => "unavailable",
         }
     }
 }
@@ -356,7 +405,7 @@ where
             next_subscription: 1,
             cancel: ctx.shutdown.child_token(),
             kick: CancellationToken::new(),
-            replaced: Arc::default(),
+            kick_reason: Arc::default(),
             ended: CancellationToken::new(),
             took_over: None,
             welcomed: false,
@@ -434,7 +483,7 @@ struct Session<C: Connection> {
     cancel: CancellationToken,
     kick: CancellationToken,
     /// Set when `kick` was a takeover by the same device.
-    replaced: Arc<AtomicBool>,
+    kick_reason: Arc<AtomicU8>,
     ended: CancellationToken,
     /// The `(user, device)` this session speaks for in the registry,
     /// once it took over (removed when it ends, whether or not it was
@@ -616,15 +665,20 @@ impl<C: Connection> Session<C> {
                 biased;
                 () = shutdown.cancelled() => end = Some(End::Shutdown),
                 () = kick.cancelled() => {
-                    end = Some(if self.replaced.load(Ordering::SeqCst) {
-                        self.reply_error(
-                            0,
-                            ErrorCode::Replaced,
-                            "a newer connection of this device took over",
-                        );
-                        End::Replaced
-                    } else {
-                        End::Kicked
+                    end = Some(match KickReason::of(&self.kick_reason) {
+                        KickReason::Replaced => {
+                            self.reply_error(
+                                0,
+                                ErrorCode::Replaced,
+                                "a newer connection of this device took over",
+                            );
+                            End::Replaced
+                        }
+                        KickReason::Unavailable => {
+                            self.reply_error(0, ErrorCode::Unavailable, CUT_OFF);
+                            End::Unavailable
+                        }
+                        KickReason::Operator => End::Kicked,
                     });
                 }
                 () = &mut timer => {
@@ -691,7 +745,14 @@ impl<C: Connection> Session<C> {
                 self.answer(answer, &mut inflight);
             }
         };
-        let _ = Box::pin(tokio::time::timeout(DRAIN_TIMEOUT, drain)).await;
+        // Except on a node cut off from its cluster: its publishes cannot
+        // commit here, and the client, told at once, sends them again
+        // elsewhere under the same producer sequences (stored once).
+        let drain_for = match end {
+            Some(End::Unavailable) => Duration::ZERO,
+            _ => DRAIN_TIMEOUT,
+        };
+        let _ = Box::pin(tokio::time::timeout(drain_for, drain)).await;
         end.unwrap_or(End::ClientGone)
     }
 
@@ -737,6 +798,12 @@ impl<C: Connection> Session<C> {
             let msg = format!("the token is for device {bound}; say it in Hello");
             self.reply_error(0, ErrorCode::Unauthorized, &msg);
             return Err(End::Unauthorized);
+        }
+        // A node that cannot serve refuses before it touches anything (a
+        // takeover would close the device's other, working, connection).
+        if !self.ctx.serving.load(Ordering::SeqCst) {
+            self.reply_error(0, ErrorCode::Unavailable, CUT_OFF);
+            return Err(End::Unavailable);
         }
         // Takeover is between clients that know it is final (protocol 4):
         // older ones would reconnect, and two of one device take over from
@@ -819,7 +886,7 @@ impl<C: Connection> Session<C> {
                 connected_at: SystemTime::now(),
                 subscriptions: AtomicUsize::new(0),
                 kick: self.kick.clone(),
-                replaced: self.replaced.clone(),
+                kick_reason: self.kick_reason.clone(),
                 ended: self.ended.clone(),
             }),
         );

@@ -10,6 +10,8 @@
 //! | `GET`/`PUT /admin/namespaces/{ns}/retention` | a namespace's retention (changes last until restart) |
 //! | `GET /admin/channels/{name}/messages?last=N` | the channel's last N (≤ 100) messages, oldest first |
 //! | `POST /admin/publish` `{"channel": C, "payload": "text"}` | publish from the server side |
+//! | `GET /admin/cluster` | the cluster as this node sees it |
+//! | `GET /admin/cluster/partitions/{p}/digest` | this replica's digest of partition `p` at its applied entry |
 //!
 //! Without a configured token every request is refused (403): an admin API
 //! without authentication is never on by accident. Errors are JSON
@@ -62,6 +64,18 @@ pub trait ClusterStatus: Send + Sync + std::fmt::Debug + 'static {
     /// The cluster's metrics in Prometheus' text format, read at scrape
     /// time.
     fn metrics(&self) -> String;
+    /// Whether the node can take traffic as far as the cluster goes: every
+    /// partition it hosts has a reachable leader and working storage.
+    /// `Err` says which do not.
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// This replica's digest of `partition` and the entry it stands at
+    /// (JSON); `Err` when the node does not replicate it.
+    fn digest(
+        &self,
+        partition: u32,
+    ) -> crate::log::BoxFuture<'_, Result<serde_json::Value, (StatusCode, String)>>;
 }
 
 /// One channel as the admin API shows it.
@@ -170,6 +184,10 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/channels/{name}/messages", get(last_messages))
         .route("/admin/sessions", get(list_sessions))
         .route("/admin/cluster", get(cluster_status))
+        .route(
+            "/admin/cluster/partitions/{partition}/digest",
+            get(partition_digest),
+        )
         .route("/admin/kick", post(kick))
         .route(
             "/admin/namespaces/{ns}/retention",
@@ -431,6 +449,25 @@ async fn cluster_status(
             "this broker is a single node (no [cluster] configured)".into(),
         )),
     }
+}
+
+async fn partition_digest(
+    State(state): State<AdminState>,
+    headers: HeaderMap,
+    Path(partition): Path<u32>,
+) -> ApiResult<serde_json::Value> {
+    authorize(&state, &headers)?;
+    let Some(cluster) = &state.cluster else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "this broker is a single node (no [cluster] configured)".into(),
+        ));
+    };
+    cluster
+        .digest(partition)
+        .await
+        .map(Json)
+        .map_err(|(status, why)| ApiError(status, why))
 }
 
 async fn list_sessions(

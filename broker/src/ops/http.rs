@@ -1,8 +1,9 @@
 //! The HTTP side port: health, metrics and the admin API.
 //!
 //! `/healthz` answers 200 while the process serves HTTP at all; `/readyz`
-//! answers 200 only while the log is open, QUIC is listening and the broker
-//! is not shutting down, 503 otherwise; `/metrics` is the Prometheus text
+//! answers 200 only while the log is open, QUIC is listening, the broker
+//! is not shutting down and (a cluster node) every partition it hosts has
+//! a reachable leader and working storage; 503 otherwise, saying why; `/metrics` is the Prometheus text
 //! exposition; `/admin/*` is in [`crate::admin`].
 //!
 //! For browsers: `/client/volna.js` (and its types, `/client/volna.d.ts`)
@@ -112,10 +113,17 @@ async fn endpoints(State(state): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::SeqCst) && state.logs.all().all(Log::is_open) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    if !(state.ready.load(Ordering::SeqCst) && state.logs.all().all(Log::is_open)) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready\n".to_owned());
+    }
+    // A cluster node is ready once every partition it hosts has a leader:
+    // before that, its devices' publishes and subscribes would only wait.
+    match state.cluster.as_ref().map(|c| c.readiness()) {
+        Some(Err(why)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+        _ => (StatusCode::OK, "ready\n".to_owned()),
     }
 }
 

@@ -7,12 +7,15 @@
 //!   entry is applied).
 //! - [`log_store`]: the Raft log and vote of every partition, in column
 //!   families of the node's RocksDB.
+//! - [`lease`]: whether a node may act as a partition's leader now (the
+//!   check-quorum openraft 0.9 lacks).
 //! - [`network`]: Raft's RPCs between nodes over QUIC with mutual TLS, one
 //!   connection per node pair.
 //!
 //! The state machine that applies commands to channel logs is the broker's:
 //! it owns the channel logs.
 
+pub mod lease;
 pub mod log_store;
 pub mod network;
 

@@ -55,6 +55,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::lease::Standing;
 use super::{BasicNode, Command, Raft, Reply, TypeConfig};
 use crate::partition::PartitionId;
 use crate::placement::NodeId;
@@ -73,6 +74,9 @@ const PEER_IDLE_TIMEOUT: Duration = Duration::from_millis(1500);
 /// is likely dead or cut off, and the publisher's retry (same producer
 /// sequence, stored once) finds the next one.
 const FORWARD_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// The leader lease until [`Peers::set_leader_lease`] sets the cluster's.
+const DEFAULT_LEASE: Duration = Duration::from_secs(1);
 
 /// How long dialing a peer may take: a handshake on a healthy network
 /// takes a round trip or two; a dead peer never answers.
@@ -327,6 +331,8 @@ pub struct Peers {
     channels: std::sync::OnceLock<Arc<dyn ChannelService>>,
     stats: LinkStats,
     stop: CancellationToken,
+    /// The leader lease in milliseconds ([`super::lease`]).
+    lease_ms: AtomicU64,
 }
 
 impl Debug for Peers {
@@ -370,6 +376,7 @@ impl Peers {
             channels: std::sync::OnceLock::new(),
             stats: LinkStats::default(),
             stop: CancellationToken::new(),
+            lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
         });
         tokio::spawn(accept_loop(peers.clone()));
         Ok(peers)
@@ -450,6 +457,29 @@ impl Peers {
     /// The group of `partition`, if hosted here.
     pub fn group(&self, partition: PartitionId) -> Option<Raft> {
         self.groups.get(&partition).map(|raft| raft.clone())
+    }
+
+    /// Sets the leader lease: a leader no quorum acknowledged for this long
+    /// acts as no leader ([`super::lease`]). The election timeout.
+    pub fn set_leader_lease(&self, lease: Duration) {
+        let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        self.lease_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// The leader lease.
+    pub fn leader_lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms.load(Ordering::Relaxed))
+    }
+
+    /// This node's standing in `partition`'s group (`None`: not hosted).
+    pub fn standing(&self, partition: PartitionId) -> Option<Standing> {
+        self.group(partition)
+            .map(|raft| Standing::of(&raft, self.node, self.leader_lease()))
+    }
+
+    /// Whether this node leads `partition` and knows it still does.
+    pub fn leads(&self, partition: PartitionId) -> bool {
+        self.standing(partition).is_some_and(Standing::leads)
     }
 
     /// Inter-node traffic so far.
@@ -533,9 +563,42 @@ impl Peers {
                         last_failure = "this node no longer hosts the group".into();
                         continue;
                     };
-                    raft.client_write(command.clone())
+                    // A leader no quorum acknowledged lately may be cut off:
+                    // its entry would wait, uncommitted, for as long as the
+                    // cut lasts. Ask the other replicas instead.
+                    if let Standing::LeaseExpired { .. } =
+                        Standing::of(&raft, self.node, self.leader_lease())
+                    {
+                        last_failure = format!(
+                            "node {} leads but no quorum acknowledged it within {:?}",
+                            self.node,
+                            self.leader_lease()
+                        );
+                        let others: Vec<&(NodeId, BasicNode)> = candidates
+                            .iter()
+                            .filter(|(id, _)| *id != self.node)
+                            .collect();
+                        if !others.is_empty() {
+                            hint = Some(others[next_candidate % others.len()].clone());
+                            next_candidate += 1;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                    // Bounded: a proposal never waits past its deadline. An
+                    // entry appended here may still commit later: the
+                    // caller is told it is uncertain (its producer sequence
+                    // makes a retry safe).
+                    match tokio::time::timeout(until - now, raft.client_write(command.clone()))
                         .await
-                        .map(|written| written.data)
+                    {
+                        Ok(written) => written.map(|written| written.data),
+                        Err(_) => {
+                            return Err(ProposeError::Uncertain(format!(
+                                "not committed within {within:?}: {last_failure}"
+                            )));
+                        }
+                    }
                 }
                 Some((node, info)) => {
                     self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -1067,6 +1130,20 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             }
         }
         Kind::Propose => match postcard::from_bytes::<Command>(body) {
+            // A leader whose lease ran out takes no proposals: the caller
+            // looks for the leader elsewhere, as during an election.
+            Ok(_)
+                if matches!(
+                    Standing::of(&raft, peers.node, peers.leader_lease()),
+                    Standing::LeaseExpired { .. }
+                ) =>
+            {
+                encode::<Reply, _>(&Answer::Raft(RaftError::<NodeId, _>::APIError(
+                    ClientWriteError::<NodeId, BasicNode>::ForwardToLeader(
+                        openraft::error::ForwardToLeader::empty(),
+                    ),
+                )))
+            }
             Ok(command) => encode(&into_answer(
                 raft.client_write(command).await.map(|written| written.data),
             )),

@@ -34,8 +34,10 @@ use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset, ProducerSeq};
 
+mod digest;
 mod restore;
 
+pub use digest::{Digester, StateDigest};
 pub use restore::{Restore, RestoreScope};
 
 use crate::channels::ChannelTable;
@@ -44,8 +46,8 @@ use crate::metrics::Metrics;
 use crate::producers::ProducerTable;
 use crate::queue::{self, AsyncSender, Queued};
 use crate::store::{
-    AgeIndexMove, ChannelId, ChannelMeta, LogStore, ProducerEntry, ProducerKey, ProducerWindow,
-    Recovered, SequenceStatus, StoreError, StoredMessage, WriteSet,
+    AgeIndexMove, ChannelId, ChannelMeta, ExportScope, LogStore, PartitionClocks, ProducerEntry,
+    ProducerKey, ProducerWindow, Recovered, SequenceStatus, StoreError, StoredMessage, WriteSet,
 };
 
 /// How often the writer looks for idle producer windows.
@@ -197,9 +199,9 @@ pub struct ProducerLimits {
     /// Live windows per limited owner.
     pub max_per_owner: u32,
     /// Beyond `max_per_owner`, a new window evicts the owner's least
-    /// recently used one (single node); otherwise it is refused. A
-    /// replicated partition refuses: which windows are resident differs
-    /// between replicas, and a durable eviction must not.
+    /// recently used one; otherwise it is refused. Either way the owner's
+    /// windows are counted from the store (all loaded) and judged at the
+    /// batch's time, so replicas decide alike.
     pub evict_beyond_limit: bool,
     /// Channels whose metadata is kept in memory.
     pub max_resident_channels: usize,
@@ -303,6 +305,11 @@ impl Sequencer {
         }
     }
 
+    /// The limits it keeps windows and channels by.
+    pub fn limits(&self) -> &ProducerLimits {
+        &self.limits
+    }
+
     /// The resident producer windows.
     pub fn producers(&self) -> &ProducerTable {
         &self.producers
@@ -369,28 +376,34 @@ impl Sequencer {
                 // is never locked out by its earlier runs' producers. Only
                 // when every window of the owner published in this very
                 // batch is there nothing to evict.
+                // Counted among the owner's live windows, all of them
+                // resident (the writer loads an owner whole first): what
+                // is stored decides, the same on every replica.
                 let at_limit = |p: &Prepared| {
-                    let resident = self.producers.owned_by(&producer.key.owner)
+                    let live = self.producers.live_owned_by(&producer.key.owner, now_ms)
                         - p.evicted_of(&producer.key.owner);
-                    resident + new_per_owner.get(&producer.key.owner).copied().unwrap_or(0)
+                    live + new_per_owner.get(&producer.key.owner).copied().unwrap_or(0)
                         >= self.limits.max_per_owner
                 };
+                // A window idle past the horizon at this batch's time is
+                // gone, swept or not.
                 let known = p.producers.contains_key(&producer.key)
-                    || self.producers.contains(&producer.key);
+                    || self.producers.live(&producer.key, now_ms).is_some();
                 // The window to evict, taken only once the publish is known
                 // to be stored (a refused one evicts nothing).
                 let room = match !known && producer.limited && at_limit(&p) {
                     true if self.limits.evict_beyond_limit => {
-                        self.producers.least_recent_of(&producer.key.owner, |k| {
-                            p.evicted_producers.contains(k) || publishing.contains(k)
-                        })
+                        self.producers
+                            .least_recent_of(&producer.key.owner, now_ms, |k| {
+                                p.evicted_producers.contains(k) || publishing.contains(k)
+                            })
                     }
                     _ => None,
                 };
                 let window = p
                     .producers
                     .get(&producer.key)
-                    .or_else(|| self.producers.get(&producer.key));
+                    .or_else(|| self.producers.live(&producer.key, now_ms));
                 let refused = match window.map(|w| w.lookup(producer.sequence)) {
                     None if producer.limited && room.is_none() && at_limit(&p) => {
                         Some(Outcome::Refused(AppendError::TooManyProducers {
@@ -475,7 +488,7 @@ impl Sequencer {
                 let window = match p.producers.get_mut(&producer.key) {
                     Some(w) => w,
                     None => {
-                        let loaded = self.producers.get(&producer.key).cloned();
+                        let loaded = self.producers.live(&producer.key, now_ms).cloned();
                         if loaded.is_none() {
                             *new_per_owner.entry(producer.key.owner.clone()).or_default() += 1;
                         }
@@ -658,6 +671,33 @@ enum Command {
         key: ProducerKey,
         reply: oneshot::Sender<Result<u64, StoreError>>,
     },
+    /// A digest of a replicated partition's state with its applied state,
+    /// at one point between entries; ends the batch it is in.
+    Digest {
+        partition: u32,
+        scope: RestoreScope,
+        reply: oneshot::Sender<Result<PartitionDigest, StoreError>>,
+    },
+}
+
+/// A replicated partition's state as one replica holds it
+/// ([`Log::partition_digest`]).
+#[derive(Debug, Clone)]
+pub struct PartitionDigest {
+    /// The partition's applied state when digested (opaque to the log).
+    pub applied: Option<Vec<u8>>,
+    /// The digest of its channels, messages and producer windows.
+    pub state: StateDigest,
+}
+
+/// A question the writer answers between batches.
+enum Question {
+    LastSequence(ProducerKey, oneshot::Sender<Result<u64, StoreError>>),
+    Digest(
+        u32,
+        RestoreScope,
+        oneshot::Sender<Result<PartitionDigest, StoreError>>,
+    ),
 }
 
 /// A committed entry of a replicated partition's log, to apply (cluster).
@@ -704,8 +744,15 @@ pub trait Replication: Send + Sync + std::fmt::Debug + 'static {
         &self,
         channel: ChannelName,
     ) -> BoxFuture<'_, Result<Option<ChannelMeta>, AppendError>>;
-    /// Proposes a retention cut when this node leads the channel's
-    /// partition; false when it does not (the leader cuts).
+    /// Whether this node decides `channel`'s retention: it leads the
+    /// channel's partition (and knows it still does). Every other node
+    /// skips the channel: the leader's cut reaches it through the log.
+    fn decides_retention(&self, channel: &ChannelName) -> bool;
+    /// Proposes a retention cut the node decided (see
+    /// [`Replication::decides_retention`]); false when the partition's
+    /// queue is full (the next round computes it again). A cut that finds
+    /// the node no longer leading is dropped, not refused: the new leader
+    /// cuts.
     fn trim(&self, trim: Trim) -> bool;
     /// Whether `channel`'s log is read from another node: this node does
     /// not replicate its partition (it is an edge for it).
@@ -955,7 +1002,13 @@ fn start_with(
     replicated: bool,
 ) -> Result<LogThreads, StoreError> {
     let mut recovered = store.recover()?;
-    if !recovered.clean_stop && durability == Durability::Wal && !replicated {
+    if !recovered.clean_stop && !recovered.lost_power {
+        info!(
+            "the previous run did not stop cleanly, but the machine kept running: every \
+             write it made is in the store, and channels keep their epochs"
+        );
+    }
+    if recovered.lost_power && durability == Durability::Wal && !replicated {
         // The WAL was not synced per write: a power loss may have taken
         // acknowledged messages, whose offsets the log would now reuse.
         recovered.generation += 1;
@@ -966,8 +1019,9 @@ fn start_with(
         store.write(&set, true)?;
         warn!(
             generation = recovered.generation,
-            "the previous run did not stop cleanly and durability is \"wal\": its last \
-             acknowledged writes may be lost, so channels take a new epoch when next used"
+            "the previous run did not stop cleanly and the machine restarted since (or the \
+             store cannot tell) with durability \"wal\": its last acknowledged writes may be \
+             lost, so channels take a new epoch when next used"
         );
     }
     info!(
@@ -977,11 +1031,7 @@ fn start_with(
         "opened the channel log"
     );
     let generation = recovered.generation;
-    let limits = ProducerLimits {
-        evict_beyond_limit: !replicated,
-        ..ProducerLimits::from_config(engine)
-    };
-    let sequencer = Sequencer::new(recovered, limits);
+    let sequencer = Sequencer::new(recovered, ProducerLimits::from_config(engine));
     let directory: Arc<Directory> = Arc::new(Directory::new());
     let queue_bytes = u32::try_from(engine.writer_queue_bytes).unwrap_or(u32::MAX);
     let (commands, command_rx) = queue::bounded_with_bytes(engine.writer_queue, queue_bytes);
@@ -996,6 +1046,7 @@ fn start_with(
         listener,
         directory: directory.clone(),
         sequencer,
+        clocks: store.partition_clocks().unwrap_or_default(),
         sync: durability == Durability::Fsync,
         max_batch_messages: engine.max_batch_messages,
         max_batch_bytes: engine.max_batch_bytes,
@@ -1111,6 +1162,14 @@ impl Log {
         }
     }
 
+    /// Whether this node decides `channel`'s retention: always on a single
+    /// node; on a cluster node only where it leads the channel's partition.
+    pub fn decides_retention(&self, channel: &ChannelName) -> bool {
+        self.replication
+            .get()
+            .is_none_or(|replication| replication.decides_retention(channel))
+    }
+
     /// Asks the writer to apply a retention cut. Skipped (false) when the
     /// writer is busy: the next round computes it again.
     pub fn trim(&self, trim: Trim) -> bool {
@@ -1192,6 +1251,31 @@ impl Log {
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         rx.await.unwrap_or(Err(AppendError::ShuttingDown))
+    }
+
+    /// A digest of replicated partition `partition` (its channels and
+    /// windows as `scope` selects them), with its applied state, taken
+    /// between two entries: replicas at the same applied entry must give
+    /// the same digest.
+    pub async fn partition_digest(
+        &self,
+        partition: u32,
+        scope: RestoreScope,
+    ) -> Result<PartitionDigest, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send_sized(
+                Command::Digest {
+                    partition,
+                    scope,
+                    reply,
+                },
+                0,
+            )
+            .await
+            .map_err(|_| StoreError::Engine("the log is closed".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Engine("the digest was abandoned".into())))
     }
 
     /// Runs one step of restoring a replicated partition from a snapshot;
@@ -1372,6 +1456,10 @@ struct Writer {
     listener: Arc<dyn CommitListener>,
     directory: Arc<Directory>,
     sequencer: Sequencer,
+    /// Each replicated partition's time, advanced by its applied entries:
+    /// its producer windows are judged idle by it (shared with the store's
+    /// compaction filter).
+    clocks: Arc<PartitionClocks>,
     sync: bool,
     max_batch_messages: usize,
     max_batch_bytes: usize,
@@ -1430,7 +1518,15 @@ impl Writer {
                         break;
                     }
                     Command::LastSequence { key, reply } => {
-                        asked = Some((key, reply));
+                        asked = Some(Question::LastSequence(key, reply));
+                        break;
+                    }
+                    Command::Digest {
+                        partition,
+                        scope,
+                        reply,
+                    } => {
+                        asked = Some(Question::Digest(partition, scope, reply));
                         break;
                     }
                 }
@@ -1439,8 +1535,8 @@ impl Writer {
                 }
             }
             if batch.is_empty() && replicated.is_none() && restore.is_none() {
-                if let Some((key, reply)) = asked {
-                    let _ = reply.send(self.last_sequence(&key));
+                if let Some(question) = asked {
+                    self.answer(question);
                 }
                 continue;
             }
@@ -1460,8 +1556,8 @@ impl Writer {
                 healthy = restored.is_ok();
                 let _ = reply.send(restored.map_err(|e| AppendError::Storage(e.to_string())));
             }
-            if let Some((key, reply)) = asked {
-                let _ = reply.send(self.last_sequence(&key));
+            if let Some(question) = asked {
+                self.answer(question);
             }
             if self.sequencer.channels().over_capacity() {
                 for name in self.sequencer.channels_mut().evict() {
@@ -1472,14 +1568,75 @@ impl Writer {
         info!("log writer stopped");
     }
 
+    fn answer(&self, question: Question) {
+        match question {
+            Question::LastSequence(key, reply) => {
+                let _ = reply.send(self.last_sequence(&key));
+            }
+            Question::Digest(partition, scope, reply) => self.digest(partition, scope, reply),
+        }
+    }
+
+    /// Digests `partition` as it stands now, between two writes: the
+    /// applied state is read here and the export's point in time is fixed
+    /// before the writer goes on; the export itself runs on its own
+    /// thread.
+    fn digest(
+        &self,
+        partition: u32,
+        scope: RestoreScope,
+        reply: oneshot::Sender<Result<PartitionDigest, StoreError>>,
+    ) {
+        let applied = match self.store.load_applied(partition) {
+            Ok(applied) => applied,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let store = self.store.clone();
+        let live_at = self
+            .clocks
+            .get(partition)
+            .map(|now| (now, self.sequencer.limits().idle_ms));
+        let (fixed_tx, fixed_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let spawned = std::thread::Builder::new()
+            .name("volna-digest".into())
+            .spawn(move || {
+                let mut digester = Digester::new(live_at);
+                let mut fixed_tx = Some(fixed_tx);
+                let exported = store.export(
+                    &ExportScope {
+                        channel: &*scope.channel,
+                        producer: &*scope.producer,
+                    },
+                    &mut || {
+                        if let Some(tx) = fixed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    },
+                    &mut |item| digester.take(item),
+                );
+                let _ = reply.send(exported.map(|()| PartitionDigest {
+                    applied,
+                    state: digester.finish(),
+                }));
+            });
+        if spawned.is_ok() {
+            // Until the export holds its point in time (or failed before).
+            let _ = fixed_rx.recv();
+        }
+    }
+
     /// The last sequence stored for `key` that its window remembers (0:
     /// no live window), from memory or the store.
     fn last_sequence(&self, key: &ProducerKey) -> Result<u64, StoreError> {
         if let Some(window) = self.sequencer.producers().get(key) {
             return Ok(window.last_sequence());
         }
+        let now = self.clocks.now_for(key).unwrap_or(0);
         Ok(match self.store.load_producer(key)? {
-            Some(window) if self.sequencer.producers().is_live(&window, now_ms()) => {
+            Some(window) if self.sequencer.producers().is_live(&window, now) => {
                 window.last_sequence()
             }
             _ => 0,
@@ -1488,9 +1645,15 @@ impl Writer {
 
     /// Forgets idle producer windows (returned: their point deletes go
     /// into the next write) and unloads the least recently used above the
-    /// resident cap.
+    /// resident cap. A partition's windows are idle by the partition's
+    /// time: deleting one its other replicas still hold would make this
+    /// replica decide differently.
     fn sweep_producers(&mut self) -> Vec<ProducerKey> {
-        let swept = self.sequencer.producers_mut().sweep(now_ms());
+        let clocks = self.clocks.clone();
+        let swept = self
+            .sequencer
+            .producers_mut()
+            .sweep(|key| clocks.now_for(key));
         self.metrics
             .producers_expired
             .inc_by(swept.expired.len() as u64);
@@ -1502,12 +1665,15 @@ impl Writer {
 
     /// Makes every channel and producer window the batch names resident,
     /// reading the ones not in memory from the store: both are loaded on
-    /// use, not at start (G9).
+    /// use, not at start (G9). An owner limited in its windows that starts
+    /// a new one is loaded whole, so that its windows are counted from
+    /// the store. Windows are judged live at `now` (the batch's time).
     fn load<'a>(
         &mut self,
         appends: &'a [AppendInput],
         trims: &'a [Trim],
         deletes: impl Iterator<Item = &'a ChannelName>,
+        now: u64,
     ) -> Result<(), StoreError> {
         let channels = appends
             .iter()
@@ -1523,13 +1689,24 @@ impl Writer {
                 self.sequencer.channels_mut().put(name.clone(), meta);
             }
         }
-        let now = now_ms();
         for producer in appends.iter().filter_map(|a| a.producer.as_ref()) {
-            if self.sequencer.producers().contains(&producer.key) {
+            let producers = self.sequencer.producers();
+            if producers.live(&producer.key, now).is_some() {
+                continue;
+            }
+            if producer.limited && !producers.is_complete(&producer.key.owner) {
+                let windows = self.store.owner_producers(&producer.key.owner)?;
+                self.sequencer
+                    .producers_mut()
+                    .put_owner(producer.key.owner.clone(), windows);
+                continue;
+            }
+            if producers.contains(&producer.key) {
+                // Resident and idle: the store holds nothing newer.
                 continue;
             }
             if let Some(window) = self.store.load_producer(&producer.key)?
-                && self.sequencer.producers().is_live(&window, now)
+                && producers.is_live(&window, now)
             {
                 self.sequencer
                     .producers_mut()
@@ -1540,10 +1717,12 @@ impl Writer {
     }
 
     fn commit(&mut self, batch: Batch) -> bool {
+        let now = now_ms();
         if let Err(e) = self.load(
             &batch.appends,
             &batch.trims,
             batch.delete.iter().map(|(name, _)| name),
+            now,
         ) {
             warn!(error = %e, messages = batch.appends.len(), "cannot read channels or producer windows; nothing was acknowledged");
             batch.fail(&e.to_string());
@@ -1559,7 +1738,7 @@ impl Writer {
         let (deleting, delete_reply) = delete.unzip();
         let mut prepared =
             self.sequencer
-                .prepare(&appends, trims, deleting.clone(), now_ms(), &mut || {
+                .prepare(&appends, trims, deleting.clone(), now, &mut || {
                     Epoch(rand::random())
                 });
         // A producer that expired and published again in this very batch
@@ -1610,7 +1789,9 @@ impl Writer {
             trims,
             deletes,
         } = entry;
-        if let Err(e) = self.load(&appends, &trims, deletes.iter()) {
+        // Everything this entry decides is judged at its time.
+        self.clocks.advance(partition, now_ms);
+        if let Err(e) = self.load(&appends, &trims, deletes.iter(), now_ms) {
             warn!(error = %e, partition, "cannot read channels or producer windows to apply a replicated entry");
             let _ = reply.send(Err(AppendError::Storage(e.to_string())));
             return false;

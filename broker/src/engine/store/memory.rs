@@ -9,14 +9,14 @@
 //! from a write left in the page cache.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use volna_proto::{ChannelName, Offset};
 
 use super::{
-    ChannelId, ChannelMeta, DeviceStore, DeviceWrite, ExportScope, Exported, LogStore, ProducerKey,
-    ProducerWindow, Recovered, StoreError, StoredMessage, WriteSet,
+    ChannelId, ChannelMeta, DeviceStore, DeviceWrite, ExportScope, Exported, LogStore,
+    PartitionClocks, ProducerKey, ProducerWindow, Recovered, StoreError, StoredMessage, WriteSet,
 };
 
 /// A store that forgets everything when dropped.
@@ -34,7 +34,13 @@ pub struct MemoryStore {
     /// keep one entry per write.
     recording: AtomicBool,
     recorded: Mutex<Vec<RecordedWrite>>,
+    /// Made by [`MemoryStore::crash_image`]: the next recovery is after a
+    /// power loss (unsynced writes may be gone), not a process crash.
+    power_lost: AtomicBool,
+    /// Replicated partitions' times (the writer's, shared).
+    clocks: Arc<PartitionClocks>,
 }
+
 /// One write the store took, as [`MemoryStore::record_writes`] keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedWrite {
@@ -114,6 +120,7 @@ impl MemoryStore {
         state.poisoned = None;
         Self {
             state: Mutex::new(state),
+            power_lost: AtomicBool::new(true),
             ..Self::default()
         }
     }
@@ -184,6 +191,7 @@ impl LogStore for MemoryStore {
             next_channel_id: state.next_channel_id,
             generation: state.generation,
             clean_stop,
+            lost_power: !clean_stop && self.power_lost.swap(false, Ordering::SeqCst),
         })
     }
 
@@ -238,6 +246,22 @@ impl LogStore for MemoryStore {
 
     fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError> {
         Ok(self.state().producers.get(key).cloned())
+    }
+
+    fn partition_clocks(&self) -> Option<Arc<PartitionClocks>> {
+        Some(self.clocks.clone())
+    }
+
+    fn owner_producers(&self, owner: &str) -> Result<Vec<(u64, ProducerWindow)>, StoreError> {
+        let mut windows: Vec<(u64, ProducerWindow)> = self
+            .state()
+            .producers
+            .iter()
+            .filter(|(key, _)| &*key.owner == owner)
+            .map(|(key, window)| (key.producer_id, window.clone()))
+            .collect();
+        windows.sort_by_key(|(id, _)| *id);
+        Ok(windows)
     }
 
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StoreError> {

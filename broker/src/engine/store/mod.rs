@@ -25,8 +25,10 @@ use bytes::Bytes;
 use thiserror::Error;
 use volna_proto::{ChannelName, Epoch, Offset, ProducerSeq};
 
-pub use memory::{MemoryDeviceStore, MemoryStore};
-pub use producers::{ProducerEntry, ProducerKey, ProducerWindow, SequenceStatus};
+pub use memory::{MemoryDeviceStore, MemoryStore, RecordedWrite};
+pub use producers::{
+    PartitionClocks, ProducerEntry, ProducerKey, ProducerWindow, SequenceStatus, partition_of_owner,
+};
 pub use record::RecordError;
 #[cfg(feature = "rocksdb")]
 pub use rocks::RocksStore;
@@ -143,6 +145,12 @@ pub struct Recovered {
     /// Whether the previous run stopped cleanly: its last act was
     /// [`LogStore::mark_clean_stop`].
     pub clean_stop: bool,
+    /// Whether, besides not stopping cleanly, the previous run may have
+    /// lost writes the operating system had not put on disk: the machine
+    /// restarted since (a power loss), or the store cannot tell. A process
+    /// that crashed (`kill -9`, a panic, the OOM killer) on a machine that
+    /// kept running lost nothing: its writes were in the OS's cache.
+    pub lost_power: bool,
 }
 
 impl Default for Recovered {
@@ -151,6 +159,7 @@ impl Default for Recovered {
             next_channel_id: 1,
             generation: 0,
             clean_stop: true,
+            lost_power: false,
         }
     }
 }
@@ -338,6 +347,17 @@ pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
 
     /// The stored window of one producer, if it has one.
     fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError>;
+
+    /// Every stored window of `owner`, by producer id, idle or not (the
+    /// caller judges liveness at its own time).
+    fn owner_producers(&self, owner: &str) -> Result<Vec<(u64, ProducerWindow)>, StoreError>;
+
+    /// The partition clocks the store's own clean-up of idle windows (a
+    /// compaction filter) judges partition-scoped windows by; `None` when
+    /// the store cleans up nothing by itself.
+    fn partition_clocks(&self) -> Option<std::sync::Arc<PartitionClocks>> {
+        None
+    }
 
     /// Applies `set` atomically; with `sync` the write-ahead log is fsynced
     /// before returning.

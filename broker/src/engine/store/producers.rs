@@ -308,6 +308,47 @@ impl ProducerWindow {
     }
 }
 
+/// The time of each replicated partition: the latest entry time its
+/// state machine applied (entry times are the leader's clock, made never to
+/// go back). Producer windows of a partition are idle, and may be deleted
+/// from the store by a sweep or a compaction, only by that time: a window
+/// this node's clock finds idle may be live for the partition, and
+/// deleting it here alone would make this replica decide differently.
+#[derive(Debug, Default)]
+pub struct PartitionClocks(std::sync::RwLock<std::collections::HashMap<u32, u64>>);
+
+impl PartitionClocks {
+    /// `partition` applied an entry of `time_ms`.
+    pub fn advance(&self, partition: u32, time_ms: u64) {
+        if let Ok(mut clocks) = self.0.write() {
+            let clock = clocks.entry(partition).or_default();
+            *clock = (*clock).max(time_ms);
+        }
+    }
+
+    /// `partition`'s time, if it applied anything since this node started.
+    pub fn get(&self, partition: u32) -> Option<u64> {
+        self.0.read().ok()?.get(&partition).copied()
+    }
+
+    /// The time `key`'s window is judged at: its partition's (`None`:
+    /// unknown yet, keep it), or this node's clock for a window that
+    /// belongs to no partition (a single node).
+    pub fn now_for(&self, key: &ProducerKey) -> Option<u64> {
+        match partition_of_owner(&key.owner) {
+            Some(partition) => self.get(partition),
+            None => Some(crate::log::now_ms()),
+        }
+    }
+}
+
+/// The partition a window's owner is scoped to: a cluster node names
+/// owners `owner#p<partition>`.
+pub fn partition_of_owner(owner: &str) -> Option<u32> {
+    let (_, suffix) = owner.rsplit_once("#p")?;
+    suffix.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -34,8 +34,9 @@ use super::record::{
     decode_message, decode_meta, encode_message, encode_meta, message_key, parse_message_key,
 };
 use super::{
-    ChannelId, ChannelMeta, DeviceStore, DeviceWrite, ExportScope, Exported, LogStore, ProducerKey,
-    ProducerWindow, Recovered, StoreError, StoredMessage, WriteSet, age_index_key,
+    ChannelId, ChannelMeta, DeviceStore, DeviceWrite, ExportScope, Exported, LogStore,
+    PartitionClocks, ProducerKey, ProducerWindow, Recovered, StoreError, StoredMessage, WriteSet,
+    age_index_key,
 };
 
 const CF_MESSAGES: &str = "messages";
@@ -52,7 +53,8 @@ const HEALTH_KEY: &[u8] = b"volna.health";
 const NEXT_CHANNEL_ID_KEY: &[u8] = b"volna.next_channel_id";
 const GENERATION_KEY: &[u8] = b"volna.generation";
 /// Present while a broker runs on the store; a start that finds it knows
-/// the previous run did not stop cleanly.
+/// the previous run did not stop cleanly. Its value is the machine's boot
+/// id then: a start in the same boot knows the OS kept every write.
 const RUNNING_KEY: &[u8] = b"volna.running";
 /// The layout version; 2 added the counters and the age index.
 const LAYOUT_KEY: &[u8] = b"volna.layout";
@@ -74,6 +76,9 @@ fn applied_key(partition: u32) -> Vec<u8> {
 pub struct RocksStore {
     db: Arc<DB>,
     poisoned: Mutex<Option<String>>,
+    /// What the idle-window compaction filter judges partition-scoped
+    /// windows by (the writer advances them).
+    clocks: Arc<PartitionClocks>,
 }
 
 impl std::fmt::Debug for RocksStore {
@@ -142,11 +147,20 @@ impl RocksStore {
 
         let mut producers = Options::default();
         let idle_ms = u64::try_from(producer_idle.as_millis()).unwrap_or(u64::MAX);
+        let clocks = Arc::new(PartitionClocks::default());
+        let filter_clocks = clocks.clone();
+        // A partition's window is idle by the partition's time, never by
+        // this node's clock alone (replicas must keep the same windows).
         producers.set_compaction_filter(
             "volna-idle-producers",
-            move |_, _: &[u8], value: &[u8]| match ProducerWindow::decode(value) {
-                Ok(w) if w.is_expired(crate::log::now_ms(), idle_ms) => Decision::Remove,
-                _ => Decision::Keep,
+            move |_, key: &[u8], value: &[u8]| {
+                let now = ProducerKey::decode(key)
+                    .ok()
+                    .and_then(|key| filter_clocks.now_for(&key));
+                match (now, ProducerWindow::decode(value)) {
+                    (Some(now), Ok(w)) if w.is_expired(now, idle_ms) => Decision::Remove,
+                    _ => Decision::Keep,
+                }
             },
         );
 
@@ -186,6 +200,7 @@ impl RocksStore {
         let store = Self {
             db: Arc::new(db),
             poisoned: Mutex::new(None),
+            clocks,
         };
         store.upgrade_layout()?;
         Ok(store)
@@ -262,16 +277,44 @@ fn engine(e: rocksdb::Error) -> StoreError {
     StoreError::Engine(e.into_string())
 }
 
+impl RocksStore {
+    /// Marks the store as left by a run cut short by a power loss (a run
+    /// mark naming no boot), so that the next start takes the tail of its
+    /// log as possibly lost. For a disk image taken from a running broker
+    /// (a backup, a cloned volume): it holds what a power loss would
+    /// have left.
+    pub fn mark_cut_by_power_loss(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put(RUNNING_KEY, b"unknown boot");
+        self.write_synced(batch)
+    }
+}
+
+/// This boot of the machine (Linux: a random id per boot), if known.
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|id| id.trim().to_owned())
+        .filter(|id| !id.is_empty())
+}
+
 impl LogStore for RocksStore {
     fn recover(&self) -> Result<Recovered, StoreError> {
-        let clean_stop = self.db.get_pinned(RUNNING_KEY).map_err(engine)?.is_none();
+        let running = self.db.get(RUNNING_KEY).map_err(engine)?;
+        let boot = boot_id();
+        // Unclean, and either another boot since or no way to tell: the
+        // OS may have dropped what was not synced.
+        let lost_power = running
+            .as_deref()
+            .is_some_and(|was| boot.as_deref().is_none_or(|now| was != now.as_bytes()));
         let mut batch = WriteBatch::default();
-        batch.put(RUNNING_KEY, b"1");
+        batch.put(RUNNING_KEY, boot.as_deref().unwrap_or("unknown"));
         self.write_synced(batch)?;
         Ok(Recovered {
             next_channel_id: self.counter(NEXT_CHANNEL_ID_KEY)?.unwrap_or(1),
             generation: self.counter(GENERATION_KEY)?.unwrap_or(0),
-            clean_stop,
+            clean_stop: running.is_none(),
+            lost_power,
         })
     }
 
@@ -349,6 +392,34 @@ impl LogStore for RocksStore {
             .get_pinned_cf(self.cf(CF_PRODUCERS)?, key.encode())
             .map_err(engine)?;
         Ok(value.map(|v| ProducerWindow::decode(&v)).transpose()?)
+    }
+
+    fn owner_producers(&self, owner: &str) -> Result<Vec<(u64, ProducerWindow)>, StoreError> {
+        // Keys are `owner length ‖ owner ‖ id`: an owner's windows are one
+        // contiguous range.
+        let prefix = {
+            let mut key = ProducerKey::new(Arc::from(owner), 0).encode();
+            key.truncate(key.len() - 8);
+            key
+        };
+        let mut out = Vec::new();
+        let iter = self.db.iterator_cf(
+            self.cf(CF_PRODUCERS)?,
+            IteratorMode::From(&prefix, Direction::Forward),
+        );
+        for item in iter {
+            let (key, value) = item.map_err(engine)?;
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            let key = ProducerKey::decode(&key)?;
+            out.push((key.producer_id, ProducerWindow::decode(&value)?));
+        }
+        Ok(out)
+    }
+
+    fn partition_clocks(&self) -> Option<Arc<PartitionClocks>> {
+        Some(self.clocks.clone())
     }
 
     fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StoreError> {

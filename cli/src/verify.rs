@@ -1,0 +1,221 @@
+//! `volna cluster verify`: compares every replica of every partition by
+//! digest.
+//!
+//! Each node answers `GET /admin/cluster/partitions/{p}/digest` with its
+//! digest of the partition's state and the Raft entry it stands at. Two
+//! replicas are comparable only at the same applied entry: while they
+//! differ (a follower still applying, a publish in flight) the partition
+//! is asked again, until every replica stands at one entry or the time is
+//! up. A partition whose replicas stand at one entry with different
+//! digests has diverged: that is an error, whatever else agrees.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+use crate::admin::AdminApi;
+
+/// One replica's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Replica {
+    node: u64,
+    /// `(term, index)` of the last applied entry.
+    applied: Option<(u64, u64)>,
+    sha256: String,
+    messages: u64,
+}
+
+/// What verifying one partition found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Every replica at the same entry, with the same digest.
+    Agree {
+        /// The entry.
+        index: u64,
+        /// The digest.
+        sha256: String,
+        /// How many replicas.
+        replicas: usize,
+        /// Messages the partition holds.
+        messages: u64,
+    },
+    /// Replicas at the same entry disagree.
+    Diverged(String),
+    /// The replicas never stood at one entry in time.
+    Unsettled(String),
+}
+
+fn judge(replicas: &[Replica]) -> Option<Verdict> {
+    let first = replicas.first()?;
+    if replicas.iter().any(|r| r.applied != first.applied) {
+        return None;
+    }
+    if replicas.iter().all(|r| r.sha256 == first.sha256) {
+        return Some(Verdict::Agree {
+            index: first.applied.map_or(0, |(_, index)| index),
+            sha256: first.sha256.clone(),
+            replicas: replicas.len(),
+            messages: first.messages,
+        });
+    }
+    let each: Vec<String> = replicas
+        .iter()
+        .map(|r| {
+            format!(
+                "node {}: {} ({} messages)",
+                r.node,
+                short(&r.sha256),
+                r.messages
+            )
+        })
+        .collect();
+    Some(Verdict::Diverged(format!(
+        "at entry {:?}: {}",
+        first.applied,
+        each.join(", ")
+    )))
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(16)]
+}
+
+fn replica(value: &Value) -> anyhow::Result<Replica> {
+    Ok(Replica {
+        node: value["node"]
+            .as_u64()
+            .context("a digest without its node")?,
+        applied: match &value["applied"] {
+            Value::Null => None,
+            applied => Some((
+                applied["term"].as_u64().context("applied term")?,
+                applied["index"].as_u64().context("applied index")?,
+            )),
+        },
+        sha256: value["sha256"]
+            .as_str()
+            .context("a digest without its sha256")?
+            .to_owned(),
+        messages: value["messages"].as_u64().unwrap_or(0),
+    })
+}
+
+/// Verifies every partition the nodes at `nodes` (their HTTP addresses)
+/// replicate, waiting at most `within` for each partition's replicas to
+/// stand at one entry. Prints one line per partition; fails when any
+/// partition diverged or never settled.
+pub async fn verify(nodes: &[AdminApi], within: Duration) -> anyhow::Result<()> {
+    // Which node hosts which partitions, from each node's own report.
+    let mut hosts: BTreeMap<u32, Vec<&AdminApi>> = BTreeMap::new();
+    for api in nodes {
+        let report = api.call("GET", "/admin/cluster", None).await?;
+        let partitions = report["partitions"]
+            .as_array()
+            .context("a cluster report without partitions")?;
+        for partition in partitions {
+            if partition["hosted"].as_bool() == Some(true) {
+                let id = partition["partition"]
+                    .as_u64()
+                    .and_then(|p| u32::try_from(p).ok())
+                    .context("a partition without its number")?;
+                hosts.entry(id).or_default().push(api);
+            }
+        }
+    }
+    if hosts.is_empty() {
+        bail!("no node given replicates any partition");
+    }
+    let mut failed = 0usize;
+    for (partition, apis) in &hosts {
+        let verdict = verify_partition(*partition, apis, within).await?;
+        match &verdict {
+            Verdict::Agree {
+                index,
+                sha256,
+                replicas,
+                messages,
+            } => println!(
+                "partition {partition}: {replicas} replicas agree at entry {index} ({messages} messages, {})",
+                short(sha256)
+            ),
+            Verdict::Diverged(why) => {
+                failed += 1;
+                println!("partition {partition}: DIVERGED {why}");
+            }
+            Verdict::Unsettled(why) => {
+                failed += 1;
+                println!("partition {partition}: UNSETTLED {why}");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} partitions did not verify", hosts.len());
+    }
+    println!(
+        "verify: {} partitions, every replica identical",
+        hosts.len()
+    );
+    Ok(())
+}
+
+async fn verify_partition(
+    partition: u32,
+    apis: &[&AdminApi],
+    within: Duration,
+) -> anyhow::Result<Verdict> {
+    let started = Instant::now();
+    let path = format!("/admin/cluster/partitions/{partition}/digest");
+    loop {
+        let mut replicas = Vec::with_capacity(apis.len());
+        for api in apis {
+            replicas.push(replica(&api.call("GET", &path, None).await?)?);
+        }
+        if let Some(verdict) = judge(&replicas) {
+            return Ok(verdict);
+        }
+        if started.elapsed() >= within {
+            let at: Vec<String> = replicas
+                .iter()
+                .map(|r| format!("node {} at {:?}", r.node, r.applied))
+                .collect();
+            return Ok(Verdict::Unsettled(format!(
+                "no common entry within {within:?}: {}",
+                at.join(", ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(node: u64, index: u64, sha: &str) -> Replica {
+        Replica {
+            node,
+            applied: Some((1, index)),
+            sha256: sha.into(),
+            messages: 3,
+        }
+    }
+
+    #[test]
+    fn replicas_are_judged_only_at_one_entry() {
+        assert_eq!(judge(&[at(1, 5, "aa"), at(2, 4, "bb")]), None);
+        assert!(matches!(
+            judge(&[at(1, 5, "aa"), at(2, 5, "aa")]),
+            Some(Verdict::Agree {
+                index: 5,
+                replicas: 2,
+                ..
+            })
+        ));
+        assert!(matches!(
+            judge(&[at(1, 5, "aa"), at(2, 5, "ab")]),
+            Some(Verdict::Diverged(_))
+        ));
+    }
+}
