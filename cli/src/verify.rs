@@ -23,6 +23,8 @@ struct Replica {
     node: u64,
     /// `(term, index)` of the last applied entry.
     applied: Option<(u64, u64)>,
+    /// The partition's time: it decides which producer windows are idle.
+    time_ms: u64,
     sha256: String,
     messages: u64,
 }
@@ -52,7 +54,10 @@ fn judge(replicas: &[Replica]) -> Option<Verdict> {
     if replicas.iter().any(|r| r.applied != first.applied) {
         return None;
     }
-    if replicas.iter().all(|r| r.sha256 == first.sha256) {
+    if replicas
+        .iter()
+        .all(|r| r.sha256 == first.sha256 && r.time_ms == first.time_ms)
+    {
         return Some(Verdict::Agree {
             index: first.applied.map_or(0, |(_, index)| index),
             sha256: first.sha256.clone(),
@@ -64,10 +69,11 @@ fn judge(replicas: &[Replica]) -> Option<Verdict> {
         .iter()
         .map(|r| {
             format!(
-                "node {}: {} ({} messages)",
+                "node {}: {} ({} messages, time {})",
                 r.node,
                 short(&r.sha256),
-                r.messages
+                r.messages,
+                r.time_ms
             )
         })
         .collect();
@@ -94,6 +100,7 @@ fn replica(value: &Value) -> anyhow::Result<Replica> {
                 applied["index"].as_u64().context("applied index")?,
             )),
         },
+        time_ms: value["time_ms"].as_u64().unwrap_or(0),
         sha256: value["sha256"]
             .as_str()
             .context("a digest without its sha256")?
@@ -197,6 +204,7 @@ mod tests {
         Replica {
             node,
             applied: Some((1, index)),
+            time_ms: 7,
             sha256: sha.into(),
             messages: 3,
         }

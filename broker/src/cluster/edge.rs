@@ -797,10 +797,12 @@ impl ChannelServer {
                         () = &mut gone => break,
                         _ = check.tick() => {}
                     }
-                    let leads = peers
-                        .upgrade()
-                        .and_then(|p| p.group(partition))
-                        .is_some_and(|raft| raft.metrics().borrow().current_leader == Some(node));
+                    // Its lease, not only its own view: a leader cut off
+                    // from its peers would relay silence to this edge.
+                    let leads = peers.upgrade().is_some_and(|p| {
+                        p.group(partition)
+                            .is_some_and(|raft| Standing::of(&raft, node, p.leader_lease()).leads())
+                    });
                     if !leads {
                         break;
                     }

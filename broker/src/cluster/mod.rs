@@ -459,8 +459,8 @@ impl ClusterNode {
 
     /// Watches whether this node can serve its devices, every heartbeat:
     /// a node all of whose groups have lost their leader (it is cut off
-    /// from its peers, or every group's storage failed) for half an
-    /// election timeout stops serving. It closes every session with
+    /// from its peers, or every group's storage failed) for an election
+    /// timeout (time enough for the others to elect) stops serving. It closes every session with
     /// `Unavailable` / `GOING_AWAY` (the clients move on to another seed)
     /// and refuses new ones until a group has a leader again: a device on
     /// a cut-off node is told, never left in silence (DESIGN.md §7).
@@ -477,7 +477,7 @@ impl ClusterNode {
             serving,
             sessions,
             heartbeat,
-            election_timeout / 2,
+            election_timeout,
             self.stop.clone(),
         )));
     }

@@ -100,6 +100,11 @@ impl ProducerTable {
     /// Makes `owner`'s stored `windows` (all of them) resident and the
     /// owner complete.
     pub fn put_owner(&mut self, owner: Arc<str>, windows: Vec<(u64, ProducerWindow)>) {
+        if windows.is_empty() {
+            // Nothing to hold: an owner without windows is not kept (a
+            // refused publish must not leave an entry behind, G9).
+            return;
+        }
         for (id, window) in windows {
             let key = ProducerKey::new(owner.clone(), id);
             if !self.windows.contains_key(&key) {
@@ -212,6 +217,12 @@ impl ProducerTable {
             self.forget_owner(key);
         }
         swept
+    }
+
+    /// Forgets which owners are whole in memory (the store changed behind
+    /// the table: a partition restored from a snapshot).
+    pub fn forget_completeness(&mut self) {
+        self.complete.clear();
     }
 
     /// Whether a sweep is due: windows above the cap.

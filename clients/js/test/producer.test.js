@@ -6,7 +6,7 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { connect, deviceProducerId, ErrorCode } from "../volna.js";
-import { URL, Faults, T, token, uniqueChannel, eventually, within, collect, errorMessage } from "./helpers.js";
+import { URL, Faults, T, token, uniqueChannel, eventually, within, collect, errorMessage, assertNoDuplicates } from "./helpers.js";
 
 const fast = { backoff: { initialMs: 20, maxMs: 200 } };
 

@@ -566,7 +566,7 @@ impl Peers {
                     // A leader no quorum acknowledged lately may be cut off:
                     // its entry would wait, uncommitted, for as long as the
                     // cut lasts. Ask the other replicas instead.
-                    if let Standing::LeaseExpired { .. } =
+                    if let Standing::LeaseExpired { .. } | Standing::Failed =
                         Standing::of(&raft, self.node, self.leader_lease())
                     {
                         last_failure = format!(
@@ -589,7 +589,7 @@ impl Peers {
                     // entry appended here may still commit later: the
                     // caller is told it is uncertain (its producer sequence
                     // makes a retry safe).
-                    match tokio::time::timeout(until - now, raft.client_write(command.clone()))
+                    match tokio::time::timeout(until - now, raft.client_write(stamped(command)))
                         .await
                     {
                         Ok(written) => written.map(|written| written.data),
@@ -1064,6 +1064,21 @@ async fn serve_call(
     let _ = send.finish();
 }
 
+/// `command` as this node proposes it to the group it leads: publishes
+/// carry the leader's clock (not that of the node that took them, whose
+/// clock may be far off), which becomes the partition's time when applied.
+fn stamped(command: &Command) -> Command {
+    let mut command = command.clone();
+    if let Command::Append { now_ms, .. } = &mut command {
+        *now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(*now_ms, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+            });
+    }
+    command
+}
+
 /// Decodes a call, hands it to its group and encodes the group's answer.
 async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
     fn encode<T: Serialize, E: Serialize>(answer: &Answer<T, E>) -> Vec<u8> {
@@ -1145,7 +1160,9 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
                 )))
             }
             Ok(command) => encode(&into_answer(
-                raft.client_write(command).await.map(|written| written.data),
+                raft.client_write(stamped(&command))
+                    .await
+                    .map(|written| written.data),
             )),
             Err(e) => malformed(e.to_string()),
         },

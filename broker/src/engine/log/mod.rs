@@ -1024,6 +1024,11 @@ fn start_with(
              lost, so channels take a new epoch when next used"
         );
     }
+    // Only now: a crash before the new generation was written must find
+    // the previous boot's mark again.
+    if !recovered.clean_stop {
+        store.mark_running()?;
+    }
     info!(
         next_channel_id = recovered.next_channel_id,
         generation = recovered.generation,

@@ -167,6 +167,9 @@ impl Writer {
         for key in &producers {
             self.sequencer.producers_mut().remove(key);
         }
+        // The restore writes windows behind the table's back: no owner may
+        // count as whole in memory until it is loaded again.
+        self.sequencer.producers_mut().forget_completeness();
         self.restoring = Some(Restoring {
             partition,
             before: channels.into_iter().map(|(name, _)| name).collect(),

@@ -345,6 +345,13 @@ pub trait LogStore: Send + Sync + std::fmt::Debug + 'static {
     /// acknowledged is in the store.
     fn mark_clean_stop(&self) -> Result<(), StoreError>;
 
+    /// Records that a run of this boot holds the store (after the log has
+    /// acted on [`LogStore::recover`]'s answer): a crash from now on is
+    /// found to be of this boot.
+    fn mark_running(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// The stored window of one producer, if it has one.
     fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError>;
 

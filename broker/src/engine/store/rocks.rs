@@ -307,9 +307,12 @@ impl LogStore for RocksStore {
         let lost_power = running
             .as_deref()
             .is_some_and(|was| boot.as_deref().is_none_or(|now| was != now.as_bytes()));
-        let mut batch = WriteBatch::default();
-        batch.put(RUNNING_KEY, boot.as_deref().unwrap_or("unknown"));
-        self.write_synced(batch)?;
+        // The mark of this boot is written by `mark_running`, once the log
+        // has acted on what this one says (a new generation after a power
+        // loss): a crash in between must find the old mark again.
+        if running.is_none() {
+            self.mark_running()?;
+        }
         Ok(Recovered {
             next_channel_id: self.counter(NEXT_CHANNEL_ID_KEY)?.unwrap_or(1),
             generation: self.counter(GENERATION_KEY)?.unwrap_or(0),
@@ -378,6 +381,12 @@ impl LogStore for RocksStore {
             })?);
         }
         Ok(out)
+    }
+
+    fn mark_running(&self) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        batch.put(RUNNING_KEY, boot_id().as_deref().unwrap_or("unknown"));
+        self.write_synced(batch)
     }
 
     fn mark_clean_stop(&self) -> Result<(), StoreError> {
