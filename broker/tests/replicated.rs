@@ -263,6 +263,189 @@ async fn a_replica_restarted_without_a_clean_stop_keeps_its_epochs() {
 
 /// Snapshots: a partition's state built on one replica and installed on
 /// another, through the state machine openraft drives.
+/// What a replica that is behind its partition tells a subscribing device
+/// (issue 27 E): never what the leader would not.
+mod catch_up {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use volna_broker::log::{
+        AppendError, BoxFuture, ChannelSlice, Log, PendingAppend, ReadRange, Replication, Restore,
+        RestoreScope, Trim,
+    };
+    use volna_broker::store::{ChannelMeta, StoreError};
+    use volna_client::Offset;
+
+    use super::*;
+
+    /// The partition's leader as a replica sees it: another replica's log,
+    /// which applied more. Counts what it is asked.
+    #[derive(Debug)]
+    struct Leader {
+        log: Log,
+        asked: AtomicU64,
+    }
+
+    impl Leader {
+        fn asked(&self) -> u64 {
+            self.asked.load(Ordering::SeqCst)
+        }
+    }
+
+    impl Replication for Leader {
+        fn submit(&self, _: AppendInput) -> BoxFuture<'_, Result<PendingAppend, AppendError>> {
+            Box::pin(async { Err(AppendError::ShuttingDown) })
+        }
+
+        fn delete(
+            &self,
+            _: ChannelName,
+        ) -> BoxFuture<'_, Result<Option<ChannelMeta>, AppendError>> {
+            Box::pin(async { Err(AppendError::ShuttingDown) })
+        }
+
+        fn partition(&self, _: &ChannelName) -> u32 {
+            3
+        }
+
+        fn leads(&self, _: &ChannelName) -> bool {
+            false
+        }
+
+        fn trim(&self, _: Trim) -> bool {
+            true
+        }
+
+        fn reads_remotely(&self, _: &ChannelName) -> bool {
+            false
+        }
+
+        fn remote_lookup(
+            &self,
+            channel: ChannelName,
+        ) -> BoxFuture<'_, Result<Option<ChannelMeta>, StoreError>> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { self.log.lookup(&channel).await })
+        }
+
+        fn remote_read(
+            &self,
+            channel: ChannelName,
+            range: ReadRange,
+        ) -> BoxFuture<'_, Result<Option<ChannelSlice>, StoreError>> {
+            self.asked.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move { self.log.read_channel(&channel, range).await })
+        }
+    }
+
+    fn name(channel: &str) -> ChannelName {
+        ChannelName::new(channel).unwrap()
+    }
+
+    /// A replica with `applied` of the partition's entries, reading
+    /// through a leader that applied them all.
+    async fn behind_by(applied: usize) -> (LogThreads, LogThreads, Arc<Leader>) {
+        let leader = replica(Arc::new(MemoryStore::new()));
+        apply_all(&leader).await;
+        let behind = replica(Arc::new(MemoryStore::new()));
+        for entry in entries().into_iter().take(applied) {
+            behind.log().apply_replicated(entry).await.unwrap();
+        }
+        let source = Arc::new(Leader {
+            log: leader.log().clone(),
+            asked: AtomicU64::new(0),
+        });
+        behind.log().replicate_through(source.clone());
+        (leader, behind, source)
+    }
+
+    #[tokio::test]
+    async fn a_replica_behind_starts_a_doubtful_subscribe_from_its_leaders_view() {
+        let (leader, behind, source) = behind_by(1).await;
+        // chat.3 is not applied here yet: the leader knows it.
+        let chat3 = name("chat.3");
+        assert!(behind.log().lookup(&chat3).await.unwrap().is_none());
+        let meta = behind
+            .log()
+            .lookup_to_subscribe(&chat3, |m| m.is_none())
+            .await
+            .unwrap()
+            .expect("the leader's view");
+        let led = leader.log().lookup(&chat3).await.unwrap().unwrap();
+        assert_eq!((meta.epoch, meta.next_offset), (led.epoch, led.next_offset));
+        assert_eq!(behind.log().replica_corrections(), 1);
+        // chat.2 here is the incarnation the leader deleted and created
+        // anew: a device of the new one would be told of a reset.
+        let chat2 = name("chat.2");
+        let new = leader.log().lookup(&chat2).await.unwrap().unwrap();
+        let here = behind.log().lookup(&chat2).await.unwrap().unwrap();
+        assert_ne!(here.epoch, new.epoch);
+        let meta = behind
+            .log()
+            .lookup_to_subscribe(&chat2, |m| m.is_none_or(|m| m.epoch != new.epoch))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(meta.epoch, new.epoch);
+        assert_eq!(behind.log().replica_corrections(), 2);
+        // Nothing doubtful: this replica answers, the leader is not asked.
+        let asked = source.asked();
+        let chat1 = name("chat.1");
+        let meta = behind
+            .log()
+            .lookup_to_subscribe(&chat1, |_| false)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(meta.next_offset, Offset::new(3));
+        assert_eq!(source.asked(), asked);
+    }
+
+    #[tokio::test]
+    async fn reads_of_a_partition_being_restored_go_to_its_leader_and_restores_interleave() {
+        let (_leader, behind, source) = behind_by(5).await;
+        let chat1 = name("chat.1");
+        let everything = RestoreScope {
+            channel: Arc::new(|_| true),
+            producer: Arc::new(|_| true),
+        };
+        let nothing = RestoreScope {
+            channel: Arc::new(|_| false),
+            producer: Arc::new(|_| false),
+        };
+        let log = behind.log();
+        let begin = |scope| Restore::Begin {
+            scope,
+            marker: vec![0],
+        };
+        log.restore(3, begin(everything)).await.unwrap();
+        // Another partition's snapshot arrives meanwhile.
+        log.restore(4, begin(nothing)).await.unwrap();
+        // Partition 3's channels are gone from this store until its
+        // restore finishes; a device still reads them, from the leader.
+        let asked = source.asked();
+        let meta = log.lookup(&chat1).await.unwrap().expect("the leader's");
+        let range = ReadRange {
+            from: Offset::new(1),
+            until: meta.next_offset,
+            max_messages: 10,
+            max_bytes: 1 << 20,
+        };
+        let (_, messages) = log.read_channel(&chat1, range).await.unwrap().unwrap();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(source.asked(), asked + 2);
+        // Both restores finish, in the other order.
+        log.restore(4, Restore::Finish { applied: vec![4] })
+            .await
+            .unwrap();
+        log.restore(3, Restore::Finish { applied: vec![3] })
+            .await
+            .unwrap();
+        // Restored (to a snapshot with no channel): read here again.
+        assert!(log.lookup(&chat1).await.unwrap().is_none());
+        assert_eq!(source.asked(), asked + 2);
+    }
+}
+
 mod snapshots {
     use std::path::Path;
 

@@ -376,7 +376,7 @@ async fn a_leader_cut_off_from_its_peers_steps_aside_and_its_devices_move() {
     let load = Load::start(&cluster, "cut").await;
     load.wait_for_acks(50, Duration::from_secs(30)).await;
     let cuts: usize = volna_chaos::knob("VOLNA_CHAOS_CUTS", 20);
-    let (mut first_acks, mut resumes) = (Vec::new(), Vec::new());
+    let (mut first_acks, mut told, mut resumes) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..cuts {
         // The leader of one channel's partition: its clients still reach
         // it, its peers no longer do.
@@ -401,7 +401,15 @@ async fn a_leader_cut_off_from_its_peers_steps_aside_and_its_devices_move() {
         // receives again (it was told, and moved).
         let deadline = cut_at + Duration::from_secs(30);
         let mut first_ack = None;
+        // When each of those subscribers' clients was off the cut-off node
+        // (told by it, or gave up on it, and connected elsewhere).
+        let mut left: Vec<Option<Duration>> = vec![None; on_cut.len()];
         let last_resume = loop {
+            for (k, i) in on_cut.iter().enumerate() {
+                if left[k].is_none() && node_of(&cluster, &load.received[*i].2) != Some(leader) {
+                    left[k] = Some(cut_at.elapsed());
+                }
+            }
             let acked_after = |c: &usize| {
                 let p = load.published[*c].lock().unwrap();
                 p.ack_times
@@ -442,14 +450,16 @@ async fn a_leader_cut_off_from_its_peers_steps_aside_and_its_devices_move() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let first_ack = first_ack.unwrap_or_default();
+        let last_told = left.iter().flatten().max().copied().unwrap_or_default();
         eprintln!(
             "cut {round}: node {leader} isolated (led {} channels, held {} subscribers): first \
-             ack through the majority after {first_ack:?}, last subscriber receiving again after \
-             {last_resume:?}",
+             ack through the majority after {first_ack:?}, last subscriber off the node after \
+             {last_told:?}, receiving again after {last_resume:?}",
             led.len(),
             on_cut.len()
         );
         first_acks.push(first_ack);
+        told.push(last_told);
         resumes.push(last_resume);
         cut.heal().unwrap();
         cluster
@@ -459,12 +469,16 @@ async fn a_leader_cut_off_from_its_peers_steps_aside_and_its_devices_move() {
         load.wait_for_acks(20, Duration::from_secs(30)).await;
     }
     first_acks.sort();
+    told.sort();
     resumes.sort();
     eprintln!(
         "{cuts} cuts of a leader from its peers: first ack through the majority median {:?} max \
-         {:?}; last silent subscriber receiving again median {:?} max {:?}",
+         {:?}; last subscriber off the cut-off node median {:?} max {:?}; last silent \
+         subscriber receiving again median {:?} max {:?}",
         percentile(&first_acks, 0.5),
         first_acks.last().unwrap(),
+        percentile(&told, 0.5),
+        told.last().unwrap(),
         percentile(&resumes, 0.5),
         resumes.last().unwrap(),
     );
@@ -538,4 +552,206 @@ async fn flapping_links_a_minority_split_and_a_kill_lose_nothing_and_replicas_ag
         .collect();
     eprintln!("acknowledged per channel: {summary:?}");
     load.stop_and_check(&cluster).await;
+}
+
+/// Channels of the catch-up scenarios; those below `KNOWN` get messages
+/// before the cut (the replica behind knows them, at an older head).
+const RESUME_CHANNELS: usize = 1_000;
+const KNOWN: usize = 500;
+/// Messages each channel gets while the replica is cut off.
+const WHILE_CUT: usize = 10;
+/// Concurrent publishers (each takes a share of the channels).
+const PUBLISHERS: usize = 25;
+/// Devices resuming on the replica behind, one subscription each, spread
+/// over this many connections.
+const DEVICE_CONNECTIONS: usize = 20;
+
+/// One channel's acknowledged history: its epoch and payload by offset.
+#[derive(Default, Clone)]
+struct Acked {
+    epoch: Option<volna_client::Epoch>,
+    payloads: BTreeMap<u64, Vec<u8>>,
+}
+
+/// Publishes `per_channel` messages to every channel of `channels`
+/// through nodes 1 and 2, retrying what was not acknowledged (the client
+/// retries under one producer sequence, so a retry is never stored twice).
+async fn publish_rounds(
+    cluster: &TestCluster,
+    names: &Arc<Vec<ChannelName>>,
+    channels: std::ops::Range<usize>,
+    per_channel: usize,
+    acked: &Arc<Mutex<Vec<Acked>>>,
+) {
+    let mut tasks = Vec::new();
+    for p in 0..PUBLISHERS {
+        let client = connect(cluster, &[1, 2]).await;
+        let (names, acked, channels) = (names.clone(), acked.clone(), channels.clone());
+        tasks.push(tokio::spawn(async move {
+            for c in channels.filter(|c| c % PUBLISHERS == p) {
+                for _ in 0..per_channel {
+                    let body = format!("{}-{}", names[c], uuid_like(c)).into_bytes();
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let ack = loop {
+                        match client.publish(&names[c], body.clone()).await {
+                            Ok(ack) => break ack,
+                            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            Err(e) => panic!("publish to {} failed: {e}", names[c]),
+                        }
+                    };
+                    let mut acked = acked.lock().unwrap();
+                    let channel = &mut acked[c];
+                    assert!(
+                        channel.epoch.is_none_or(|e| e == ack.epoch),
+                        "{} acknowledged in two epochs",
+                        names[c]
+                    );
+                    channel.epoch = Some(ack.epoch);
+                    assert!(
+                        channel.payloads.insert(ack.offset.get(), body).is_none(),
+                        "{} offset {} acknowledged twice",
+                        names[c],
+                        ack.offset
+                    );
+                }
+            }
+            client.close().await;
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// A payload no other publish has (the history check refuses duplicates).
+fn uuid_like(c: usize) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{c}-{n}")
+}
+
+/// Node 3 is cut off while `RESUME_CHANNELS` channels get `WHILE_CUT`
+/// messages each (half of them created meanwhile); the moment the cut
+/// heals, devices resume every channel on node 3 alone, each from an
+/// offset it saw elsewhere in the channel's epoch. Node 3 is behind
+/// (replaying the entries it missed, or installing snapshots of the
+/// partitions when the leaders compacted them away), yet every device
+/// must get exactly its channel's acknowledged messages from its offset
+/// on, with no `EpochChanged` or `Truncated` the leader would not send.
+/// Returns how many subscribes node 3 started from its leaders' view.
+async fn resume_on_a_replica_behind(cluster: &TestCluster, tag: &str) -> u64 {
+    let names: Arc<Vec<ChannelName>> = Arc::new(
+        (0..RESUME_CHANNELS)
+            .map(|c| ChannelName::new(format!("{tag}.{c}")).unwrap())
+            .collect(),
+    );
+    let acked = Arc::new(Mutex::new(vec![Acked::default(); RESUME_CHANNELS]));
+    publish_rounds(cluster, &names, 0..KNOWN, 2, &acked).await;
+    // Node 3 has applied the channels known so far before it is cut off.
+    for c in [0, KNOWN - 1] {
+        let last = acked.lock().unwrap()[c].payloads.len() as u64;
+        read_on(cluster, 3, &names[c], last).await;
+    }
+    let cut = cluster.isolate(3).unwrap();
+    let started = Instant::now();
+    publish_rounds(cluster, &names, 0..RESUME_CHANNELS, WHILE_CUT, &acked).await;
+    eprintln!(
+        "{tag}: {} messages acknowledged while node 3 was cut off, in {:?}",
+        RESUME_CHANNELS * WHILE_CUT,
+        started.elapsed()
+    );
+    let behind = cluster.status(3).map(|s| s["partitions"].clone());
+    cut.heal().unwrap();
+    let healed = Instant::now();
+    let acked = Arc::new(acked.lock().unwrap().clone());
+    let (mut devices, mut clients) = (Vec::new(), Vec::new());
+    for d in 0..DEVICE_CONNECTIONS {
+        let (names, acked) = (names.clone(), acked.clone());
+        let client = Arc::new(connect(cluster, &[3]).await);
+        for c in (0..RESUME_CHANNELS).filter(|c| c % DEVICE_CONNECTIONS == d) {
+            let (names, acked, client) = (names.clone(), acked.clone(), client.clone());
+            devices.push(tokio::spawn(async move {
+                let channel = &acked[c];
+                let last = *channel.payloads.keys().last().unwrap();
+                // Somewhere in what the device saw: from its first message
+                // to its last (a device that has seen everything waits).
+                let from = 1 + (c as u64 * 7) % last;
+                let position = Position::From {
+                    offset: volna_client::Offset::new(from),
+                    epoch: channel.epoch,
+                };
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut sub = loop {
+                    match client.subscribe(&names[c], position).await {
+                        Ok(sub) => break sub,
+                        Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => panic!("subscribe to {} on node 3 failed: {e}", names[c]),
+                    }
+                };
+                let got = volna_chaos::read_through(&mut sub, last, Duration::from_secs(60)).await;
+                let want: Vec<(u64, Vec<u8>)> = channel
+                    .payloads
+                    .range(from..)
+                    .map(|(o, p)| (*o, p.clone()))
+                    .collect();
+                assert_eq!(
+                    got.len(),
+                    want.len(),
+                    "{}: resumed at {from}, delivered {:?}",
+                    names[c],
+                    got.iter().map(|(o, _)| o).collect::<Vec<_>>()
+                );
+                assert!(got == want, "{}: a payload differs", names[c]);
+            }));
+        }
+        clients.push(client);
+    }
+    for device in devices {
+        device.await.unwrap();
+    }
+    for client in &clients {
+        volna_chaos::assert_no_duplicates(client);
+    }
+    eprintln!(
+        "{tag}: {RESUME_CHANNELS} devices resumed on node 3 and received their channels in {:?} \
+         after the cut healed (node 3's partitions when the cut healed: {behind:?})",
+        healed.elapsed()
+    );
+    let status = cluster.status(3).unwrap();
+    status["replica_corrections"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_resuming_on_a_replica_behind_see_only_what_the_leader_would_send() {
+    if !can_cut() {
+        return;
+    }
+    // Behind by entries: the leaders still hold everything node 3 missed.
+    let lagging = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let corrected = resume_on_a_replica_behind(&lagging, "lag").await;
+    eprintln!("lagging replica: {corrected} subscribes started from the leader's view");
+    assert!(
+        corrected > 0,
+        "no device met node 3 behind: the scenario did not test a lagging replica"
+    );
+    lagging.assert_replicas_agree();
+    drop(lagging);
+    // Behind by snapshots: the leaders compacted what node 3 missed.
+    let compacted = TestCluster::start_with_snapshots(3, PARTITIONS, 50)
+        .await
+        .unwrap();
+    let corrected = resume_on_a_replica_behind(&compacted, "snap").await;
+    let installed = compacted.status(3).unwrap()["snapshots_installed"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
+        "restoring replica: {installed} snapshots installed on node 3, {corrected} subscribes \
+         started from the leader's view"
+    );
+    assert!(installed > 0, "node 3 caught up without a snapshot");
+    compacted.assert_replicas_agree();
 }

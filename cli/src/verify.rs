@@ -8,6 +8,13 @@
 //! is asked again, until every replica stands at one entry or the time is
 //! up. A partition whose replicas stand at one entry with different
 //! digests has diverged: that is an error, whatever else agrees.
+//!
+//! Which nodes replicate a partition comes from the partition map (the
+//! newest map any given node reports), not from which nodes say they host
+//! it: a replica that lost its group silently would otherwise drop out of
+//! the comparison. Replicas the map names but that were not given are
+//! listed as not checked. A replica that cannot answer yet (it is
+//! restoring the partition from a snapshot) is asked again.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -114,28 +121,51 @@ fn replica(value: &Value) -> anyhow::Result<Replica> {
 /// stand at one entry. Prints one line per partition; fails when any
 /// partition diverged or never settled.
 pub async fn verify(nodes: &[AdminApi], within: Duration) -> anyhow::Result<()> {
-    // Which node hosts which partitions, from each node's own report.
-    let mut hosts: BTreeMap<u32, Vec<&AdminApi>> = BTreeMap::new();
+    // Each given node by its id, and the newest partition map among their
+    // reports: which nodes replicate which partition.
+    let mut given: BTreeMap<u64, &AdminApi> = BTreeMap::new();
+    let mut newest: Option<(u64, Value)> = None;
     for api in nodes {
         let report = api.call("GET", "/admin/cluster", None).await?;
-        let partitions = report["partitions"]
-            .as_array()
-            .context("a cluster report without partitions")?;
-        for partition in partitions {
-            if partition["hosted"].as_bool() == Some(true) {
-                let id = partition["partition"]
-                    .as_u64()
-                    .and_then(|p| u32::try_from(p).ok())
-                    .context("a partition without its number")?;
-                hosts.entry(id).or_default().push(api);
+        let id = report["node"]
+            .as_u64()
+            .context("a cluster report without its node")?;
+        given.insert(id, api);
+        let version = report["map_version"].as_u64().unwrap_or(0);
+        if newest.as_ref().is_none_or(|(v, _)| version > *v) {
+            newest = Some((version, report));
+        }
+    }
+    let Some((_, report)) = newest else {
+        bail!("no node given");
+    };
+    let mut hosts: BTreeMap<u32, (Vec<&AdminApi>, Vec<u64>)> = BTreeMap::new();
+    for partition in report["partitions"]
+        .as_array()
+        .context("a cluster report without partitions")?
+    {
+        let id = partition["partition"]
+            .as_u64()
+            .and_then(|p| u32::try_from(p).ok())
+            .context("a partition without its number")?;
+        let entry = hosts.entry(id).or_default();
+        for replica in partition["replicas"].as_array().into_iter().flatten() {
+            let node = replica.as_u64().context("a replica without its node id")?;
+            match given.get(&node) {
+                Some(api) => entry.0.push(*api),
+                None => entry.1.push(node),
             }
         }
     }
+    hosts.retain(|_, (apis, _)| !apis.is_empty());
     if hosts.is_empty() {
         bail!("no node given replicates any partition");
     }
     let mut failed = 0usize;
-    for (partition, apis) in &hosts {
+    for (partition, (apis, unchecked)) in &hosts {
+        if !unchecked.is_empty() {
+            println!("partition {partition}: replicas {unchecked:?} not given, not checked");
+        }
         let verdict = verify_partition(*partition, apis, within).await?;
         match &verdict {
             Verdict::Agree {
@@ -176,17 +206,26 @@ async fn verify_partition(
     let path = format!("/admin/cluster/partitions/{partition}/digest");
     loop {
         let mut replicas = Vec::with_capacity(apis.len());
+        let mut refused = Vec::new();
         for api in apis {
-            replicas.push(replica(&api.call("GET", &path, None).await?)?);
+            // A replica that does not host the partition (yet, or any
+            // more) or is restoring it answers with an error: not settled.
+            match api.call("GET", &path, None).await {
+                Ok(answer) => replicas.push(replica(&answer)?),
+                Err(e) => refused.push(format!("{e:#}")),
+            }
         }
-        if let Some(verdict) = judge(&replicas) {
+        if refused.is_empty()
+            && let Some(verdict) = judge(&replicas)
+        {
             return Ok(verdict);
         }
         if started.elapsed() >= within {
-            let at: Vec<String> = replicas
+            let mut at: Vec<String> = replicas
                 .iter()
                 .map(|r| format!("node {} at {:?}", r.node, r.applied))
                 .collect();
+            at.extend(refused);
             return Ok(Verdict::Unsettled(format!(
                 "no common entry within {within:?}: {}",
                 at.join(", ")

@@ -191,11 +191,13 @@ impl PartitionMachine {
             ..self.applied.clone()
         };
         self.log
-            .restore(Restore::Begin {
-                partition: self.partition.0,
-                scope: self.scope(),
-                marker: marker.encode(),
-            })
+            .restore(
+                self.partition.0,
+                Restore::Begin {
+                    scope: self.scope(),
+                    marker: marker.encode(),
+                },
+            )
             .await?;
         self.applied = marker;
         let mut reader = blocking(move || read_parts(&path)).await?;
@@ -207,7 +209,7 @@ impl PartitionMachine {
             .await?;
             reader = back;
             match part? {
-                Some(step) => self.log.restore(step).await?,
+                Some(step) => self.log.restore(self.partition.0, step).await?,
                 None => break,
             }
         }
@@ -223,10 +225,12 @@ impl PartitionMachine {
             time_ms,
         };
         self.log
-            .restore(Restore::Finish {
-                partition: self.partition.0,
-                applied: applied.encode(),
-            })
+            .restore(
+                self.partition.0,
+                Restore::Finish {
+                    applied: applied.encode(),
+                },
+            )
             .await?;
         self.applied = applied;
         if let Some(clocks) = self.store.partition_clocks() {

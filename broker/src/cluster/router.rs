@@ -208,9 +208,11 @@ impl Replication for Router {
         })
     }
 
-    fn decides_retention(&self, channel: &ChannelName) -> bool {
-        // Only the leader cuts: its retention round sees what every replica
-        // will have once the cut is applied.
+    fn partition(&self, channel: &ChannelName) -> u32 {
+        partition_of(channel.as_str(), self.partitions).0
+    }
+
+    fn leads(&self, channel: &ChannelName) -> bool {
         self.peers
             .leads(partition_of(channel.as_str(), self.partitions))
     }

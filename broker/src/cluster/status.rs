@@ -91,6 +91,10 @@ pub struct ClusterReport {
     /// Reads of channels this node does not replicate, made to a leader.
     #[serde(default)]
     pub remote_reads: u64,
+    /// Subscribes this replica started from its partition leader's view
+    /// of the channel, its own being behind (lagging, or restoring).
+    #[serde(default)]
+    pub replica_corrections: u64,
     /// Partition snapshots this node built.
     #[serde(default)]
     pub snapshots_built: u64,
@@ -201,6 +205,7 @@ impl StatusSource {
             upstreams: u64::try_from(edge.upstreams.load(Ordering::Relaxed)).unwrap_or(0),
             relayed: edge.relayed.load(Ordering::Relaxed),
             remote_reads: edge.remote_reads.load(Ordering::Relaxed),
+            replica_corrections: self.log.replica_corrections(),
             snapshots_built: self.snapshots.built.load(Ordering::Relaxed),
             snapshots_installed: self.snapshots.installed.load(Ordering::Relaxed),
         }
@@ -385,6 +390,13 @@ impl ClusterStatus for StatusSource {
             "counter",
             "Reads of channels this node does not replicate, made to their leader",
             &[("", report.remote_reads)],
+        );
+        metric(
+            "cluster_replica_corrections_total",
+            "counter",
+            "Subscribes started from the partition leader's view of a channel because this \
+             replica's was behind (lagging or restoring)",
+            &[("", report.replica_corrections)],
         );
         out
     }

@@ -1345,7 +1345,17 @@ impl<C: Connection> Session<C> {
         // Registered before the metadata is read, so that a commit in
         // between reaches the feed or the metadata (or both).
         let feed = self.ctx.fanout.subscribe(&channel);
-        let meta = match log.lookup(&channel).await {
+        // A replica that lags (or is restoring) may not know what the
+        // device saw elsewhere: where its answer would make the device
+        // start over or skip, the partition's leader is asked instead.
+        let doubtful = |meta: Option<&crate::store::ChannelMeta>| {
+            meta.is_none()
+                || (!matches!(position, Position::Cursor { .. })
+                    && !subscription::resolve_start(&channel, position, meta.copied())
+                        .2
+                        .is_empty())
+        };
+        let meta = match log.lookup_to_subscribe(&channel, doubtful).await {
             Ok(meta) => meta,
             Err(e) => {
                 let msg = format!("cannot read {channel}: {e}");

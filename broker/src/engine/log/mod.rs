@@ -38,7 +38,7 @@ mod digest;
 mod restore;
 
 pub use digest::{Digester, StateDigest};
-pub use restore::{Restore, RestoreScope};
+pub use restore::{Restore, RestoreScope, Restores};
 
 use crate::channels::ChannelTable;
 use crate::config::{Durability, EngineConfig};
@@ -52,6 +52,10 @@ use crate::store::{
 
 /// How often the writer looks for idle producer windows.
 const PRODUCER_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Times a read that overlapped the start or end of a partition's restore
+/// is made again: the next try sees the partition restoring (and reads
+/// from its leader) or restored.
+const READ_AGAIN: usize = 8;
 
 /// The resident channels' metadata as last committed, readable from any
 /// thread (the writer's [`ChannelTable`], published).
@@ -662,6 +666,7 @@ enum Command {
     /// A step of restoring a replicated partition from a snapshot
     /// (cluster); written on its own, like a replicated entry.
     Restore {
+        partition: u32,
         step: Restore,
         reply: oneshot::Sender<Result<(), AppendError>>,
     },
@@ -744,10 +749,18 @@ pub trait Replication: Send + Sync + std::fmt::Debug + 'static {
         &self,
         channel: ChannelName,
     ) -> BoxFuture<'_, Result<Option<ChannelMeta>, AppendError>>;
+    /// The partition `channel` belongs to.
+    fn partition(&self, channel: &ChannelName) -> u32;
+    /// Whether this node leads `channel`'s partition and knows it still
+    /// does (its lease holds): what it applied is what was committed, as
+    /// far as any device was told.
+    fn leads(&self, channel: &ChannelName) -> bool;
     /// Whether this node decides `channel`'s retention: it leads the
     /// channel's partition (and knows it still does). Every other node
     /// skips the channel: the leader's cut reaches it through the log.
-    fn decides_retention(&self, channel: &ChannelName) -> bool;
+    fn decides_retention(&self, channel: &ChannelName) -> bool {
+        self.leads(channel)
+    }
     /// Proposes a retention cut the node decided (see
     /// [`Replication::decides_retention`]); false when the partition's
     /// queue is full (the next round computes it again). A cut that finds
@@ -906,6 +919,10 @@ pub struct Log {
     generation: u64,
     /// A cluster node's partition groups, set once the node is up.
     replication: Arc<std::sync::OnceLock<Arc<dyn Replication>>>,
+    /// The partitions being restored from a snapshot (cluster).
+    restores: Arc<Restores>,
+    /// See [`Log::replica_corrections`].
+    replica_corrections: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Which log holds which channel: the durable (RocksDB) log, and, when
@@ -1042,8 +1059,12 @@ fn start_with(
     let (commands, command_rx) = queue::bounded_with_bytes(engine.writer_queue, queue_bytes);
     let (reads, read_rx) = queue::bounded(engine.reader_threads * 64);
     let closed = Arc::new(AtomicBool::new(false));
+    let restores = Arc::new(Restores::default());
+    let clocks = store.partition_clocks().unwrap_or_default();
+    clocks.set_partitioned(replicated);
     let writer = Writer {
-        restoring: None,
+        restoring: HashMap::new(),
+        restores: restores.clone(),
         metrics,
         generation,
         closed: closed.clone(),
@@ -1051,7 +1072,7 @@ fn start_with(
         listener,
         directory: directory.clone(),
         sequencer,
-        clocks: store.partition_clocks().unwrap_or_default(),
+        clocks,
         sync: durability == Durability::Fsync,
         max_batch_messages: engine.max_batch_messages,
         max_batch_bytes: engine.max_batch_bytes,
@@ -1081,6 +1102,8 @@ fn start_with(
             closed,
             generation,
             replication: Arc::default(),
+            restores,
+            replica_corrections: Arc::default(),
         },
         writer: Some(writer),
         readers,
@@ -1283,14 +1306,21 @@ impl Log {
             .unwrap_or_else(|_| Err(StoreError::Engine("the digest was abandoned".into())))
     }
 
-    /// Runs one step of restoring a replicated partition from a snapshot;
+    /// Runs one step of restoring replicated `partition` from a snapshot;
     /// resolves once it is written. The steps of one restore are sent in
     /// order, one after the other ([`Restore`]).
-    pub async fn restore(&self, step: Restore) -> Result<(), AppendError> {
+    pub async fn restore(&self, partition: u32, step: Restore) -> Result<(), AppendError> {
         let (reply, rx) = oneshot::channel();
         let bytes = step.payload_bytes();
         self.commands
-            .send_sized(Command::Restore { step, reply }, bytes)
+            .send_sized(
+                Command::Restore {
+                    partition,
+                    step,
+                    reply,
+                },
+                bytes,
+            )
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         rx.await.unwrap_or(Err(AppendError::ShuttingDown))
@@ -1325,22 +1355,37 @@ impl Log {
         channel: &ChannelName,
         range: ReadRange,
     ) -> Result<Option<ChannelSlice>, StoreError> {
-        if let Some(replication) = self.remote(channel) {
-            return replication.remote_read(channel.clone(), range).await;
+        for _ in 0..READ_AGAIN {
+            // Read before `remote` looks: a restore that begins after it
+            // looked changes this count (see `Restores::begin`).
+            let restores = self.restores.changes();
+            if let Some(replication) = self.remote(channel) {
+                return replication.remote_read(channel.clone(), range).await;
+            }
+            let Some(meta) = self.lookup_here(channel).await? else {
+                if self.restores.changes() == restores {
+                    return Ok(None);
+                }
+                continue;
+            };
+            let messages = self
+                .read(
+                    meta.id,
+                    range.from,
+                    range.until,
+                    range.max_messages,
+                    range.max_bytes,
+                )
+                .await?;
+            if self.restores.changes() == restores {
+                return Ok(Some((meta, messages)));
+            }
+            // A restore began or ended between the metadata and the
+            // messages: the two may be of different states.
         }
-        let Some(meta) = self.lookup(channel).await? else {
-            return Ok(None);
-        };
-        let messages = self
-            .read(
-                meta.id,
-                range.from,
-                range.until,
-                range.max_messages,
-                range.max_bytes,
-            )
-            .await?;
-        Ok(Some((meta, messages)))
+        Err(StoreError::Engine(format!(
+            "{channel}'s partition kept being restored during the read"
+        )))
     }
 
     /// Whether this log belongs to a cluster node.
@@ -1348,10 +1393,49 @@ impl Log {
         self.replication.get().is_some()
     }
 
+    /// Where `channel` is read from when it is not this node's store: its
+    /// partition's leader, when this node is an edge for the partition or
+    /// is restoring it from a snapshot.
     fn remote(&self, channel: &ChannelName) -> Option<&Arc<dyn Replication>> {
-        self.replication
-            .get()
-            .filter(|replication| replication.reads_remotely(channel))
+        self.replication.get().filter(|replication| {
+            replication.reads_remotely(channel)
+                || self.restores.is_restoring(replication.partition(channel))
+        })
+    }
+
+    /// `channel`'s metadata for a device that subscribes to it: this
+    /// node's, unless this node is a replica that does not lead the
+    /// channel's partition and its answer is `doubtful` (the channel is
+    /// unknown here, or it would tell the device of a reset or a
+    /// truncation): a lagging replica may simply not have applied what
+    /// the device already saw elsewhere, so the partition's leader
+    /// answers instead. Reads of the messages then wait for this replica
+    /// to apply them (G3: no event the leader would not send).
+    pub async fn lookup_to_subscribe(
+        &self,
+        channel: &ChannelName,
+        doubtful: impl FnOnce(Option<&ChannelMeta>) -> bool,
+    ) -> Result<Option<ChannelMeta>, StoreError> {
+        let here = self.lookup(channel).await?;
+        let Some(replication) = self.replication.get() else {
+            return Ok(here);
+        };
+        if self.remote(channel).is_some() || replication.leads(channel) || !doubtful(here.as_ref())
+        {
+            return Ok(here);
+        }
+        let leader = replication.remote_lookup(channel.clone()).await?;
+        if leader.map(|m| (m.epoch, m.first_offset)) != here.map(|m| (m.epoch, m.first_offset)) {
+            self.replica_corrections.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(leader)
+    }
+
+    /// How many subscribes this node started from its partition leader's
+    /// view of a channel because its own differed (it lagged or was
+    /// restoring).
+    pub fn replica_corrections(&self) -> u64 {
+        self.replica_corrections.load(Ordering::Relaxed)
     }
 
     /// A channel's committed metadata: from memory when it is resident,
@@ -1359,9 +1443,23 @@ impl Log {
     /// cluster node does not replicate, from its partition's leader).
     /// `None`: no such channel.
     pub async fn lookup(&self, channel: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
-        if let Some(replication) = self.remote(channel) {
-            return replication.remote_lookup(channel.clone()).await;
+        for _ in 0..READ_AGAIN {
+            let restores = self.restores.changes();
+            if let Some(replication) = self.remote(channel) {
+                return replication.remote_lookup(channel.clone()).await;
+            }
+            let here = self.lookup_here(channel).await?;
+            if self.restores.changes() == restores {
+                return Ok(here);
+            }
         }
+        Err(StoreError::Engine(format!(
+            "{channel}'s partition kept being restored during the lookup"
+        )))
+    }
+
+    /// `channel`'s metadata in this node's store.
+    async fn lookup_here(&self, channel: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
         if let Some(meta) = self.meta(channel) {
             return Ok(Some(meta));
         }
@@ -1451,9 +1549,11 @@ impl Log {
 }
 
 struct Writer {
-    /// The partition being restored from a snapshot, between its `Begin`
-    /// and `Finish` steps.
-    restoring: Option<restore::Restoring>,
+    /// The partitions being restored from a snapshot, between their
+    /// `Begin` and `Finish` steps.
+    restoring: HashMap<u32, restore::Restoring>,
+    /// The same, for readers.
+    restores: Arc<Restores>,
     metrics: Arc<Metrics>,
     generation: u64,
     closed: Arc<AtomicBool>,
@@ -1518,8 +1618,12 @@ impl Writer {
                         replicated = Some((batch, reply));
                         break;
                     }
-                    Command::Restore { step, reply } => {
-                        restore = Some((step, reply));
+                    Command::Restore {
+                        partition,
+                        step,
+                        reply,
+                    } => {
+                        restore = Some((partition, step, reply));
                         break;
                     }
                     Command::LastSequence { key, reply } => {
@@ -1556,8 +1660,8 @@ impl Writer {
             if let Some((entry, reply)) = replicated {
                 healthy = self.apply(entry, reply);
             }
-            if let Some((step, reply)) = restore {
-                let restored = self.restore(step);
+            if let Some((partition, step, reply)) = restore {
+                let restored = self.restore(partition, step);
                 healthy = restored.is_ok();
                 let _ = reply.send(restored.map_err(|e| AppendError::Storage(e.to_string())));
             }
@@ -1592,6 +1696,13 @@ impl Writer {
         scope: RestoreScope,
         reply: oneshot::Sender<Result<PartitionDigest, StoreError>>,
     ) {
+        if self.restoring.contains_key(&partition) {
+            // Half of a snapshot is no state to compare.
+            let _ = reply.send(Err(StoreError::Engine(format!(
+                "partition {partition} is being restored from a snapshot; digest it once done"
+            ))));
+            return;
+        }
         let applied = match self.store.load_applied(partition) {
             Ok(applied) => applied,
             Err(e) => {

@@ -18,10 +18,19 @@
 //! A crash between 1 and 3 leaves the marker: the partition's machine finds
 //! it at start and runs the restore again from the stored snapshot file.
 //! Nothing reads the partition's half-restored channels as committed state
-//! meanwhile, because its group is not running.
+//! meanwhile: its group is not running, and from `Begin` to `Finish` the
+//! partition is listed in [`Restores`], so device reads of its channels go
+//! to its leader ([`Log::lookup`](super::Log::lookup)); a read that
+//! overlapped a restore's start or end is read again.
+//!
+//! Restores of different partitions may run at once (each partition's
+//! machine installs its own snapshot): the writer keeps one record per
+//! partition, and every step names its partition.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use volna_proto::ChannelName;
 
@@ -47,14 +56,12 @@ impl std::fmt::Debug for RestoreScope {
 }
 
 /// One step of a restore, sent in order: `Begin`, any number of `Part`s,
-/// `Finish`.
+/// `Finish` (each with its partition, [`Log::restore`](super::Log::restore)).
 #[derive(Debug)]
 pub enum Restore {
     /// Removes the partition's state and records `marker` as its applied
     /// state.
     Begin {
-        /// The partition.
-        partition: u32,
         /// Its channels and windows on this node.
         scope: RestoreScope,
         /// The applied state that says a restore is under way.
@@ -71,8 +78,6 @@ pub enum Restore {
     },
     /// Records the partition's applied state once restored.
     Finish {
-        /// The partition.
-        partition: u32,
         /// Its applied state.
         applied: Vec<u8>,
     },
@@ -92,10 +97,62 @@ impl Restore {
     }
 }
 
+/// Which partitions this node is restoring from a snapshot, as readers
+/// see it: between a restore's `Begin` and `Finish` its partition's
+/// channels are half written (metadata before messages), so what a device
+/// read there would tell (`Truncated`, an unknown channel) is not the
+/// partition's state.
+#[derive(Debug, Default)]
+pub struct Restores {
+    /// Partitions under way (a count first, so that reads pay one atomic
+    /// load while none is).
+    count: AtomicUsize,
+    under_way: Mutex<HashSet<u32>>,
+    /// Bumped at every restore's start and end: a read that saw it change
+    /// may have read half of one state and half of another.
+    changes: AtomicU64,
+}
+
+impl Restores {
+    /// Whether `partition` is being restored now.
+    pub fn is_restoring(&self, partition: u32) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+            && self
+                .under_way
+                .lock()
+                .is_ok_and(|under_way| under_way.contains(&partition))
+    }
+
+    /// How many restores started or ended so far (compare two readings).
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::SeqCst)
+    }
+
+    /// Called before the restore's first write: readers stop trusting the
+    /// partition before anything of it changes.
+    fn begin(&self, partition: u32) {
+        if let Ok(mut under_way) = self.under_way.lock()
+            && under_way.insert(partition)
+        {
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+        self.changes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Called after the restore's last write (or its failed first one).
+    fn end(&self, partition: u32) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        if let Ok(mut under_way) = self.under_way.lock()
+            && under_way.remove(&partition)
+        {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// The writer's record of a restore under way.
 #[derive(Debug)]
 pub(super) struct Restoring {
-    partition: u32,
     /// The partition's channels on this node before the restore.
     before: HashSet<ChannelName>,
     /// Snapshot channel id → this node's new id.
@@ -105,18 +162,28 @@ pub(super) struct Restoring {
 }
 
 impl Writer {
-    pub(super) fn restore(&mut self, step: Restore) -> Result<(), StoreError> {
+    pub(super) fn restore(&mut self, partition: u32, step: Restore) -> Result<(), StoreError> {
         match step {
-            Restore::Begin {
-                partition,
-                scope,
-                marker,
-            } => self.begin_restore(partition, &scope, marker),
+            Restore::Begin { scope, marker } => {
+                self.restores.begin(partition);
+                let begun = self.begin_restore(partition, &scope, marker);
+                if begun.is_err() {
+                    // Nothing was written: the partition's state is whole.
+                    self.restores.end(partition);
+                }
+                begun
+            }
             Restore::Part {
                 channels,
                 producers,
-            } => self.restore_part(channels, producers),
-            Restore::Finish { partition, applied } => self.finish_restore(partition, applied),
+            } => self.restore_part(partition, channels, producers),
+            Restore::Finish { applied } => {
+                let finished = self.finish_restore(partition, applied);
+                if finished.is_ok() {
+                    self.restores.end(partition);
+                }
+                finished
+            }
         }
     }
 
@@ -170,24 +237,27 @@ impl Writer {
         // The restore writes windows behind the table's back: no owner may
         // count as whole in memory until it is loaded again.
         self.sequencer.producers_mut().forget_completeness();
-        self.restoring = Some(Restoring {
+        self.restoring.insert(
             partition,
-            before: channels.into_iter().map(|(name, _)| name).collect(),
-            ids: HashMap::new(),
-            restored: HashMap::new(),
-        });
+            Restoring {
+                before: channels.into_iter().map(|(name, _)| name).collect(),
+                ids: HashMap::new(),
+                restored: HashMap::new(),
+            },
+        );
         Ok(())
     }
 
     fn restore_part(
         &mut self,
+        partition: u32,
         channels: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
         producers: Vec<(ProducerKey, ProducerWindow)>,
     ) -> Result<(), StoreError> {
-        let Some(restoring) = self.restoring.as_mut() else {
-            return Err(StoreError::Engine(
-                "a snapshot part arrived without a restore under way".into(),
-            ));
+        let Some(restoring) = self.restoring.get_mut(&partition) else {
+            return Err(StoreError::Engine(format!(
+                "a snapshot part of partition {partition} arrived without its restore under way"
+            )));
         };
         let mut set = WriteSet::default();
         let mut written = Vec::new();
@@ -234,14 +304,10 @@ impl Writer {
     }
 
     fn finish_restore(&mut self, partition: u32, applied: Vec<u8>) -> Result<(), StoreError> {
-        let restoring = match self.restoring.take() {
-            Some(r) if r.partition == partition => r,
-            other => {
-                self.restoring = other;
-                return Err(StoreError::Engine(format!(
-                    "partition {partition}'s restore was never begun"
-                )));
-            }
+        let Some(restoring) = self.restoring.remove(&partition) else {
+            return Err(StoreError::Engine(format!(
+                "partition {partition}'s restore was never begun"
+            )));
         };
         let set = WriteSet {
             applied: vec![(partition, applied)],

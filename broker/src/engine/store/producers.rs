@@ -314,13 +314,38 @@ impl ProducerWindow {
 /// from the store by a sweep or a compaction, only by that time: a window
 /// this node's clock finds idle may be live for the partition, and
 /// deleting it here alone would make this replica decide differently.
+///
+/// Only a cluster node's windows have partitions: on a single node every
+/// window is judged by the node's clock, whatever its owner's name says
+/// (a user id may well contain `#p3`). Until the log says which it is
+/// (a compaction may run as soon as the store opens), a window whose owner
+/// names a partition is kept.
 #[derive(Debug, Default)]
-pub struct PartitionClocks(std::sync::RwLock<std::collections::HashMap<u32, u64>>);
+pub struct PartitionClocks {
+    clocks: std::sync::RwLock<std::collections::HashMap<u32, u64>>,
+    /// 0: not known yet; [`SINGLE_NODE`]; [`PARTITIONED`].
+    mode: std::sync::atomic::AtomicU8,
+}
+
+const SINGLE_NODE: u8 = 1;
+const PARTITIONED: u8 = 2;
 
 impl PartitionClocks {
+    /// Says whether the windows belong to a cluster node's partitions
+    /// (judged by partition time) or to a single node (by its clock);
+    /// called by the log before it applies or sweeps anything.
+    pub fn set_partitioned(&self, partitioned: bool) {
+        let mode = if partitioned {
+            PARTITIONED
+        } else {
+            SINGLE_NODE
+        };
+        self.mode.store(mode, std::sync::atomic::Ordering::Release);
+    }
+
     /// `partition` applied an entry of `time_ms`.
     pub fn advance(&self, partition: u32, time_ms: u64) {
-        if let Ok(mut clocks) = self.0.write() {
+        if let Ok(mut clocks) = self.clocks.write() {
             let clock = clocks.entry(partition).or_default();
             *clock = (*clock).max(time_ms);
         }
@@ -328,14 +353,16 @@ impl PartitionClocks {
 
     /// `partition`'s time, if it applied anything since this node started.
     pub fn get(&self, partition: u32) -> Option<u64> {
-        self.0.read().ok()?.get(&partition).copied()
+        self.clocks.read().ok()?.get(&partition).copied()
     }
 
     /// The time `key`'s window is judged at: its partition's (`None`:
     /// unknown yet, keep it), or this node's clock for a window that
     /// belongs to no partition (a single node).
     pub fn now_for(&self, key: &ProducerKey) -> Option<u64> {
-        match partition_of_owner(&key.owner) {
+        let mode = self.mode.load(std::sync::atomic::Ordering::Acquire);
+        match partition_of_owner(&key.owner).filter(|_| mode != SINGLE_NODE) {
+            Some(_) if mode != PARTITIONED => None,
             Some(partition) => self.get(partition),
             None => Some(crate::log::now_ms()),
         }
@@ -470,5 +497,27 @@ mod tests {
             }
             prop_assert_eq!(ProducerWindow::decode(&w.encode()), Ok(w));
         }
+    }
+
+    #[test]
+    fn windows_are_judged_by_partition_time_only_on_a_cluster_node() {
+        let key = |owner: &str| ProducerKey::new(std::sync::Arc::from(owner), 1);
+        let clocks = PartitionClocks::default();
+        clocks.advance(3, 5_000);
+        // Not known yet (a compaction right after the store opened): a
+        // window naming a partition is kept, any other is judged now.
+        assert_eq!(clocks.now_for(&key("bob#p3")), None);
+        assert!(clocks.now_for(&key("bob")).is_some_and(|now| now > 5_000));
+        clocks.set_partitioned(true);
+        assert_eq!(clocks.now_for(&key("bob#p3")), Some(5_000));
+        assert_eq!(clocks.now_for(&key("bob#p4")), None);
+        // A single node's user may be called "bob#p3": its windows expire
+        // by the node's clock like everyone's.
+        clocks.set_partitioned(false);
+        assert!(
+            clocks
+                .now_for(&key("bob#p4"))
+                .is_some_and(|now| now > 5_000)
+        );
     }
 }
