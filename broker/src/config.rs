@@ -166,6 +166,17 @@ pub struct WebSocketConfig {
     /// up to 64 KiB): beyond it the subscription waits, and falls back to
     /// log reads like a slow QUIC stream, while the others go on.
     pub stream_queue_messages: u32,
+    /// Web origins (`scheme://host[:port]`) whose pages may open a
+    /// WebSocket to the broker, besides the broker's own console, which
+    /// is always allowed; `"*"` allows every origin. A browser names the
+    /// page's origin in the upgrade's `Origin` header: without this check
+    /// any web site a visitor opens could drive the broker from the
+    /// visitor's browser, from inside their network and with their
+    /// installed client certificate. Requests without `Origin` are not
+    /// from a page (native clients) and are always served.
+    pub allowed_origins: Vec<String>,
+    /// What a client certificate presented over WebSocket grants.
+    pub client_certificates: WebSocketCertificates,
 }
 
 impl Default for WebSocketConfig {
@@ -175,7 +186,143 @@ impl Default for WebSocketConfig {
             listen: None,
             plaintext: false,
             stream_queue_messages: 8,
+            allowed_origins: Vec::new(),
+            client_certificates: WebSocketCertificates::default(),
         }
+    }
+}
+
+/// What a client certificate (verified against `tls.client_ca`) grants
+/// on a WebSocket connection. Over QUIC it always identifies a backend
+/// service; over WebSocket it is often a person's certificate installed
+/// in their browser, which any page the browser opens may present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum WebSocketCertificates {
+    /// The certificate is verified by TLS but grants nothing: the session
+    /// authenticates with the token in `Hello`, as any device does.
+    #[default]
+    Token,
+    /// The certificate is a backend service's identity, as over QUIC: no
+    /// token needed, server-side rights.
+    Service,
+}
+
+/// One entry of `websocket.allowed_origins`, parsed: a web origin as a
+/// browser serializes it in the `Origin` header (RFC 6454), compared by
+/// scheme, host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct WebOrigin {
+    scheme: String,
+    host: String,
+    /// `None` for the scheme's default port, which browsers leave out.
+    port: Option<u16>,
+}
+
+impl WebOrigin {
+    /// An origin with `scheme`, `host` and `port` (the default port of
+    /// `http` and `https` is left out, as browsers do).
+    pub fn new(scheme: &str, host: &str, port: u16) -> Self {
+        let scheme = scheme.to_ascii_lowercase();
+        let port = (Some(port) != default_port(&scheme)).then_some(port);
+        Self {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        }
+    }
+
+    /// Parses `scheme://host[:port]` (an IPv6 host in brackets); the
+    /// error says what is wrong with it.
+    pub fn parse(text: &str) -> Result<Self, &'static str> {
+        let Some((scheme, rest)) = text.split_once("://") else {
+            return Err("must be scheme://host[:port], e.g. https://app.example.com, or \"*\"");
+        };
+        let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+        if !scheme_ok {
+            return Err("the scheme must be letters, digits, +, - or . (e.g. https)");
+        }
+        if rest.contains(['/', '?', '#']) {
+            return Err("an origin has no path, query or fragment (drop the trailing /)");
+        }
+        if rest.contains('@') {
+            return Err("an origin has no user name");
+        }
+        if rest.contains('*') {
+            return Err("only \"*\" alone is a wildcard (list each host)");
+        }
+        // An IPv6 literal is bracketed and holds colons of its own.
+        let (host, port) = match rest.strip_prefix('[') {
+            Some(v6) => {
+                let Some((inner, after)) = v6.split_once(']') else {
+                    return Err("an IPv6 host needs its closing ]");
+                };
+                if inner.parse::<std::net::Ipv6Addr>().is_err() {
+                    return Err("the bracketed host is not an IPv6 address");
+                }
+                let port = match after {
+                    "" => None,
+                    _ => Some(after.strip_prefix(':').ok_or("junk after the IPv6 host")?),
+                };
+                (&rest[..inner.len() + 2], port)
+            }
+            None => {
+                let (host, port) = match rest.split_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (rest, None),
+                };
+                // Browsers send international names in punycode.
+                let host_ok = !host.is_empty()
+                    && host
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+                if !host_ok {
+                    return Err(
+                        "the host must be a DNS name (punycode) or an IP address (IPv6 in brackets)",
+                    );
+                }
+                (host, port)
+            }
+        };
+        let scheme = scheme.to_ascii_lowercase();
+        let port = match port {
+            None => None,
+            Some(port) => {
+                let port: u16 = port
+                    .parse()
+                    .ok()
+                    .filter(|&p| p > 0)
+                    .ok_or("the port must be 1 to 65535")?;
+                (Some(port) != default_port(&scheme)).then_some(port)
+            }
+        };
+        Ok(Self {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for WebOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.host)?;
+        match self.port {
+            Some(port) => write!(f, ":{port}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The port a browser leaves out of an origin of `scheme`.
+fn default_port(scheme: &str) -> Option<u16> {
+    match scheme {
+        "http" | "ws" => Some(80),
+        "https" | "wss" => Some(443),
+        _ => None,
     }
 }
 
@@ -712,6 +859,13 @@ impl Config {
                 "must be 1 to 1024",
             ));
         }
+        for origin in &self.websocket.allowed_origins {
+            if origin != "*"
+                && let Err(why) = WebOrigin::parse(origin)
+            {
+                return Err(invalid("websocket.allowed_origins", origin, why));
+            }
+        }
         if l.max_inflight_publishes == 0 {
             return Err(invalid(
                 "limits.max_inflight_publishes",
@@ -991,5 +1145,100 @@ mod tests {
         };
         let err = c.validate().expect_err("refused").to_string();
         assert!(err.contains("socket_buffer_bytes"), "{err}");
+    }
+
+    #[test]
+    fn web_origins_are_compared_as_browsers_serialize_them() {
+        let parse = |text| WebOrigin::parse(text).expect(text);
+        // Scheme and host are case-insensitive; a default port is implied.
+        assert_eq!(
+            parse("HTTPS://App.Example.com:443"),
+            parse("https://app.example.com")
+        );
+        assert_eq!(parse("http://a.test:80"), parse("http://a.test"));
+        assert_eq!(parse("http://a.test:80").to_string(), "http://a.test");
+        assert_ne!(parse("http://a.test"), parse("https://a.test"));
+        assert_ne!(parse("http://a.test:8080"), parse("http://a.test"));
+        assert_eq!(
+            parse("http://[::1]:7401"),
+            WebOrigin::new("http", "[::1]", 7401)
+        );
+        assert_eq!(parse("http://[::1]:7401").to_string(), "http://[::1]:7401");
+        assert_eq!(
+            parse("http://127.0.0.1:7401"),
+            WebOrigin::new("HTTP", "127.0.0.1", 7401)
+        );
+        // Other schemes' origins (an extension's page) have no default port.
+        assert_eq!(
+            parse("chrome-extension://abcdefgh").to_string(),
+            "chrome-extension://abcdefgh"
+        );
+        for bad in [
+            "",
+            "null",
+            "*.example.com",
+            "app.example.com",
+            "https://",
+            "https://app.example.com/",
+            "https://app.example.com/console",
+            "https://app.example.com?x",
+            "https://user@app.example.com",
+            "https://*.example.com",
+            "https://app.example.com:0",
+            "https://app.example.com:65536",
+            "https://app.example.com:",
+            "https://app example.com",
+            "https://[zz]:1",
+            "https://[::1",
+            "https://[::1]x",
+            "1http://a.test",
+        ] {
+            assert!(WebOrigin::parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn allowed_origins_are_checked_at_start() {
+        let with = |origins: &[&str]| {
+            let mut c = Config::default();
+            c.websocket.allowed_origins = origins.iter().map(|o| (*o).to_owned()).collect();
+            c.validate()
+        };
+        with(&[]).expect("none");
+        with(&["*"]).expect("any");
+        with(&["https://app.example.com", "http://localhost:3000"]).expect("origins");
+        let err = with(&["https://app.example.com", "https://app.example.com/"])
+            .expect_err("a path is refused");
+        assert!(
+            matches!(&err, ConfigError::Invalid { key, value, .. }
+                if key == "websocket.allowed_origins" && value == "https://app.example.com/"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("no path"), "{err}");
+        let err = with(&["app.example.com"]).expect_err("no scheme");
+        assert!(err.to_string().contains("scheme://host"), "{err}");
+    }
+
+    #[test]
+    fn websocket_client_certificates_default_to_the_token() {
+        assert_eq!(
+            Config::default().websocket.client_certificates,
+            WebSocketCertificates::Token
+        );
+        let c: Config = toml::from_str(
+            r#"
+            [websocket]
+            client_certificates = "service"
+            allowed_origins = ["https://app.example.com"]
+            "#,
+        )
+        .expect("parses");
+        assert_eq!(
+            c.websocket.client_certificates,
+            WebSocketCertificates::Service
+        );
+        assert_eq!(c.websocket.allowed_origins, ["https://app.example.com"]);
+        let refused = toml::from_str::<Config>("[websocket]\nclient_certificates = \"admin\"\n");
+        assert!(refused.is_err());
     }
 }

@@ -190,6 +190,9 @@ impl Broker {
                 addr: config.http,
                 source,
             })?;
+        // The console's origin is the HTTP listener's as bound (port 0
+        // becomes a real port here).
+        let origins = crate::websocket::OriginPolicy::new(&config.websocket, http_addr)?;
         let db_dir = config.data_dir.join("log");
         let clustered = config.cluster.is_some();
         let mut shared_db = None;
@@ -399,7 +402,7 @@ impl Broker {
             )));
         }
         if let Some(websocket) = &mut websocket {
-            tasks.push(websocket.serve(ctx));
+            tasks.push(websocket.serve(ctx, origins));
         }
         ready.store(true, Ordering::SeqCst);
         info!(

@@ -4,6 +4,10 @@
 //! and the web console shows the broker's live connection count (a
 //! screenshot is saved for a person to look at).
 //!
+//! Pages are loaded from the broker's HTTP listener, the console's origin,
+//! which the WebSocket upgrade allows by default (`websocket.
+//! allowed_origins`); a page of another origin is refused 403.
+//!
 //! Chromium is the Debian package `chromium` (scripts/test.sh installs
 //! it); `VOLNA_CHROMIUM` names another executable. Each test starts its
 //! own browser and ends it. Without Chromium a test fails under `CI=true`
@@ -84,6 +88,13 @@ impl Chromium {
 /// `volna.js` is imported from), or `None` after saying why there is no
 /// browser to drive.
 async fn page_on(broker: &TestBroker, path: &str) -> Option<(Chromium, Page)> {
+    let http = broker.broker().http_addr();
+    page_at(&format!("http://{http}{path}")).await
+}
+
+/// A browser with a page open at `url`, or `None` after saying why there
+/// is no browser to drive.
+async fn page_at(url: &str) -> Option<(Chromium, Page)> {
     let executable = match chromium() {
         Ok(path) => path,
         Err(why) => {
@@ -92,12 +103,7 @@ async fn page_on(broker: &TestBroker, path: &str) -> Option<(Chromium, Page)> {
         }
     };
     let chromium = Chromium::launch(executable).await;
-    let http = broker.broker().http_addr();
-    let page = chromium
-        .browser
-        .new_page(format!("http://{http}{path}"))
-        .await
-        .unwrap();
+    let page = chromium.browser.new_page(url).await.unwrap();
     Some((chromium, page))
 }
 
@@ -126,6 +132,10 @@ async fn received(page: &Page) -> Vec<(u64, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_receives_every_message_in_order_across_a_broker_restart() {
     let mut broker = TestBroker::start().await;
+    // The page is served by the HTTP listener, its origin the console's:
+    // the restarted broker keeps that address, as a real one does, so the
+    // page reconnects from the broker's own origin.
+    broker.config.http = broker.broker().http_addr();
     let ch = channel("chat.browser");
     let Some((chromium, page)) = page_on(&broker, "/client/endpoints").await else {
         return;
@@ -490,6 +500,9 @@ async fn metric(broker: &TestBroker, name: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_subscribe_made_while_the_broker_is_down_is_retried_across_its_restart() {
     let mut broker = TestBroker::start().await;
+    // The page's origin stays the console's across the restart (see the
+    // test above).
+    broker.config.http = broker.broker().http_addr();
     let ch = channel("chat.restart");
     let later = channel("chat.later");
     let url = broker.websocket_url();
@@ -698,4 +711,94 @@ async fn a_page_refused_for_good_ends_its_client_with_the_code() {
     })
     .await;
     chromium.close().await;
+}
+
+/// Serves one small HTML page at every path, as another web site would,
+/// until the task is aborted.
+async fn another_site() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let body = "<!doctype html><title>another site</title><p>elsewhere";
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Whether a WebSocket to `url` opened from the page (`"open"`) or failed
+/// (`"error"`: a browser is not told the HTTP status of a refused upgrade).
+async fn websocket_from(page: &Page, url: &str) -> String {
+    eval(
+        page,
+        &format!(
+            r#"new Promise((resolve) => {{
+                const ws = new WebSocket("{url}", ["volna.1"]);
+                ws.onopen = () => {{ ws.close(); resolve("open"); }};
+                ws.onerror = () => resolve("error");
+            }})"#
+        ),
+    )
+    .await
+}
+
+/// A page of another site cannot open a WebSocket to the broker from the
+/// visitor's browser (Chromium's own Origin header, refused 403 and
+/// counted); the console's origin, by either name of the loopback
+/// listener, can; and a site the operator lists can.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_pages_of_allowed_origins_open_a_websocket() {
+    let (site, site_task) = another_site().await;
+    let broker = TestBroker::start().await;
+    let url = broker.websocket_url();
+    let Some((chromium, elsewhere)) = page_at(&format!("http://{site}/")).await else {
+        site_task.abort();
+        return;
+    };
+    assert_eq!(websocket_from(&elsewhere, &url).await, "error");
+    let refused = "volna_websocket_upgrades_refused_total{reason=\"origin\"}";
+    assert_eq!(metric(&broker, refused).await, 1.0);
+    assert_eq!(
+        metric(&broker, "volna_websocket_handshakes_total").await,
+        0.0
+    );
+
+    let http = broker.broker().http_addr();
+    for console in [
+        format!("http://{http}/console"),
+        format!("http://localhost:{}/console", http.port()),
+    ] {
+        let page = chromium.browser.new_page(console.as_str()).await.unwrap();
+        assert_eq!(websocket_from(&page, &url).await, "open", "{console}");
+    }
+    assert_eq!(metric(&broker, refused).await, 1.0);
+
+    // The operator lists the site: its pages are let in.
+    let listed = TestBroker::start_with(|c| {
+        c.websocket.allowed_origins = vec![format!("http://{site}")];
+    })
+    .await;
+    assert_eq!(
+        websocket_from(&elsewhere, &listed.websocket_url()).await,
+        "open"
+    );
+    assert_eq!(metric(&listed, refused).await, 0.0);
+    chromium.close().await;
+    site_task.abort();
 }

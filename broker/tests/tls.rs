@@ -2,21 +2,24 @@
 //! certificate, a pinned fingerprint; and a broker it must not trust. The
 //! certificate reloaded in place; backend services identified by their
 //! client certificate (mutual TLS). Reload and mutual TLS are checked over
-//! both transports: WebSocket's TLS is the same configuration.
+//! both transports: WebSocket's TLS is the same configuration. Over
+//! WebSocket a client certificate is a service only when configured so
+//! (`websocket.client_certificates`); by default the token decides.
 
 #![allow(clippy::unwrap_used)]
 
 #[macro_use]
 mod common;
 
-use common::{TestBroker, Transport, channel};
+use common::{SECRET, TestBroker, Transport, channel};
 
 over_both_transports!(
     the_certificate_is_reloaded_without_dropping_connections,
     a_client_certificate_from_the_client_ca_is_a_server_side_identity,
 );
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
-use volna_broker::config::{NamespaceConfig, Publishers};
+use serde_json::json;
+use volna_broker::config::{NamespaceConfig, Publishers, WebSocketCertificates};
 use volna_client::{Client, ClientCertificate, ClientConfig, ClientError, ErrorCode, Trust};
 
 /// A self-signed CA.
@@ -167,36 +170,52 @@ async fn the_certificate_is_reloaded_without_dropping_connections(transport: Tra
     Client::connect(pinned(&new)).await.unwrap();
 }
 
-async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity(transport: Transport) {
-    let pki = tempfile::tempdir().unwrap();
-    let (client_ca, client_ca_key) = ca("volna services CA");
-    std::fs::write(pki.path().join("client-ca.pem"), client_ca.pem()).unwrap();
-    let issue = |name: &str, issuer: &rcgen::Certificate, issuer_key: &KeyPair| {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![format!("{name}.internal")]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        let cert = params.signed_by(&key, issuer, issuer_key).unwrap();
-        let (cert_path, key_path) = (
-            pki.path().join(format!("{name}.pem")),
-            pki.path().join(format!("{name}.key")),
-        );
-        std::fs::write(&cert_path, cert.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        ClientCertificate {
-            cert: cert_path,
-            key: key_path,
-        }
-    };
-    let billing = issue("billing", &client_ca, &client_ca_key);
-    let (rogue_ca, rogue_key) = ca("rogue CA");
-    let rogue = issue("rogue", &rogue_ca, &rogue_key);
-    let secret = pki.path().join("hs256.key");
-    std::fs::write(&secret, "an-hs256-secret-of-at-least-32-bytes!!").unwrap();
+/// A client CA, a certificate it issued and one from another CA, and an
+/// HS256 key file holding [`SECRET`], in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+    billing: ClientCertificate,
+    rogue: ClientCertificate,
+}
 
-    let broker = TestBroker::start_over(transport, |c| {
-        c.tls.client_ca = Some(pki.path().join("client-ca.pem"));
+impl Pki {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (client_ca, client_ca_key) = ca("volna services CA");
+        std::fs::write(dir.path().join("client-ca.pem"), client_ca.pem()).unwrap();
+        let issue = |name: &str, issuer: &rcgen::Certificate, issuer_key: &KeyPair| {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec![format!("{name}.internal")]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.signed_by(&key, issuer, issuer_key).unwrap();
+            let (cert_path, key_path) = (
+                dir.path().join(format!("{name}.pem")),
+                dir.path().join(format!("{name}.key")),
+            );
+            std::fs::write(&cert_path, cert.pem()).unwrap();
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            ClientCertificate {
+                cert: cert_path,
+                key: key_path,
+            }
+        };
+        let billing = issue("billing", &client_ca, &client_ca_key);
+        let (rogue_ca, rogue_key) = ca("rogue CA");
+        let rogue = issue("rogue", &rogue_ca, &rogue_key);
+        std::fs::write(dir.path().join("hs256.key"), SECRET).unwrap();
+        Self {
+            dir,
+            billing,
+            rogue,
+        }
+    }
+
+    /// Mutual TLS with this CA, JWT auth with [`SECRET`] and a
+    /// `billing` namespace only services may publish to.
+    fn configure(&self, c: &mut volna_broker::config::Config) {
+        c.tls.client_ca = Some(self.dir.path().join("client-ca.pem"));
         c.auth.mode = volna_broker::auth::AuthMode::Jwt;
-        c.auth.hs256_secret_files = vec![secret.clone()];
+        c.auth.hs256_secret_files = vec![self.dir.path().join("hs256.key")];
         c.namespaces.insert(
             "billing".into(),
             NamespaceConfig {
@@ -204,6 +223,20 @@ async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity(trans
                 ..NamespaceConfig::default()
             },
         );
+    }
+}
+
+async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity(transport: Transport) {
+    let pki = Pki::new();
+    let (billing, rogue) = (pki.billing.clone(), pki.rogue.clone());
+    let broker = TestBroker::start_over(transport, |c| {
+        pki.configure(c);
+        // Over QUIC a certificate is a service whatever the WebSocket
+        // setting (left at its default there); over WebSocket only when
+        // configured so.
+        if transport == Transport::WebSocket {
+            c.websocket.client_certificates = WebSocketCertificates::Service;
+        }
     })
     .await;
     let with_cert = |cert: Option<ClientCertificate>| {
@@ -223,6 +256,49 @@ async fn a_client_certificate_from_the_client_ca_is_a_server_side_identity(trans
     assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
     // A certificate from another CA fails the handshake.
     let err = Client::connect(with_cert(Some(rogue))).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::Connect(_) | ClientError::Disconnected | ClientError::Timeout { .. }
+        ),
+        "{err}"
+    );
+}
+
+/// Over WebSocket (a browser presenting a person's installed certificate
+/// to whatever page connects) a certificate grants nothing by default: TLS
+/// still verifies it, but the session is the token's, with its rights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_over_websocket_grants_only_what_the_token_does() {
+    let pki = Pki::new();
+    let broker = TestBroker::start_over(Transport::WebSocket, |c| pki.configure(c)).await;
+    let with = |cert: Option<ClientCertificate>, token: &str| {
+        let mut config = broker.client_config();
+        config.token = token.to_owned();
+        config.client_certificate = cert;
+        config
+    };
+    // A certificate alone is no identity.
+    let err = Client::connect(with(Some(pki.billing.clone()), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
+    // With a token, the token's grants apply, not a service's.
+    let token = common::user_token(json!({"sub": "ann", "publish": ["chat.1"]}));
+    let client = Client::connect(with(Some(pki.billing.clone()), &token))
+        .await
+        .unwrap();
+    assert!(client.over_websocket());
+    client.publish(&channel("chat.1"), "mine").await.unwrap();
+    for outside in ["chat.2", "billing.invoices"] {
+        let err = client.publish(&channel(outside), "x").await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::Forbidden), "{outside}: {err}");
+    }
+    // TLS still verifies the certificate: one from another CA fails the
+    // handshake, token or not.
+    let err = Client::connect(with(Some(pki.rogue.clone()), &token))
+        .await
+        .unwrap_err();
     assert!(
         matches!(
             err,

@@ -1,7 +1,8 @@
 //! The WebSocket transport on its own: hostile input at the WebSocket
-//! layer, the upgrade, the close codes, and the Rust client's fallback
-//! from QUIC to WebSocket and back. (The protocol's guarantees over
-//! WebSocket are the `over_websocket` tests of pubsub.rs.)
+//! layer, the upgrade (its path and the page origins allowed), the close
+//! codes, and the Rust client's fallback from QUIC to WebSocket and back.
+//! (The protocol's guarantees over WebSocket are the `over_websocket`
+//! tests of pubsub.rs.)
 
 #![allow(clippy::unwrap_used)]
 
@@ -19,6 +20,7 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use volna_client::{Client, ClientConfig, Position, Trust};
 use volna_proto::websocket::{CONTROL_STREAM, decode_message, encode_message};
 use volna_proto::{CloseCode, Frame, Hello, Limits, PROTOCOL_VERSION};
@@ -31,8 +33,40 @@ struct RawWs {
     control: BytesMut,
 }
 
+/// An upgrade the broker answered with something other than 101.
+#[derive(Debug)]
+struct Refused {
+    status: u16,
+    body: String,
+}
+
 impl RawWs {
     async fn connect(broker: &TestBroker, path: &str) -> Result<Self, String> {
+        Self::open(broker, path, None)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// An upgrade of `/ws` as a browser page of `origin` makes it (no
+    /// `Origin` header for `None`, as native clients).
+    async fn connect_from(broker: &TestBroker, origin: Option<&str>) -> Result<Self, Refused> {
+        use tokio_tungstenite::tungstenite::Error;
+        match Self::open(broker, "/ws", origin).await {
+            Ok(raw) => Ok(raw),
+            Err(Error::Http(response)) => Err(Refused {
+                status: response.status().as_u16(),
+                body: String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
+                    .into_owned(),
+            }),
+            Err(e) => panic!("the upgrade failed otherwise: {e}"),
+        }
+    }
+
+    async fn open(
+        broker: &TestBroker,
+        path: &str,
+        origin: Option<&str>,
+    ) -> Result<Self, tokio_tungstenite::tungstenite::Error> {
         let addr = broker.config.websocket.listen.unwrap();
         let mut roots = rustls::RootCertStore::empty();
         for cert in volna_broker::tls::load_certs(&broker.cert()).unwrap() {
@@ -49,10 +83,13 @@ impl RawWs {
             .connect("127.0.0.1".try_into().unwrap(), tcp)
             .await
             .unwrap();
-        let request = format!("wss://{addr}{path}").into_client_request().unwrap();
-        let (socket, _) = tokio_tungstenite::client_async(request, tls)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut request = format!("wss://{addr}{path}").into_client_request().unwrap();
+        if let Some(origin) = origin {
+            request
+                .headers_mut()
+                .insert("origin", HeaderValue::from_str(origin).unwrap());
+        }
+        let (socket, _) = tokio_tungstenite::client_async(request, tls).await?;
         Ok(Self {
             socket,
             control: BytesMut::new(),
@@ -183,6 +220,117 @@ async fn broken_websocket_input_closes_that_connection_only() {
     good.publish(&ch, "still here").await.unwrap();
     assert_eq!(next_texts(&mut sub, 1).await, vec!["still here"]);
     common::assert_no_duplicates(&good);
+}
+
+/// The value of the metric line starting with `series` (labels included).
+async fn metric(broker: &TestBroker, series: &str) -> f64 {
+    let text = metrics_text(broker).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+const ORIGIN_REFUSALS: &str = "volna_websocket_upgrades_refused_total{reason=\"origin\"}";
+
+/// Regression (issue 27 G): any web page could open a WebSocket to the
+/// broker from a visitor's browser. A page of another origin is refused
+/// with 403 before anything of a session runs; the console's origin (by
+/// each name that reaches it) and clients that send no Origin are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_console_and_clients_without_an_origin_may_upgrade_by_default() {
+    let broker = TestBroker::start().await;
+    let http = broker.broker().http_addr();
+    for foreign in [
+        "https://evil.example".to_owned(),
+        "null".to_owned(),
+        // The console's host on another port, or over https, is another
+        // origin.
+        format!("http://127.0.0.1:{}", http.port() + 1),
+        format!("https://{http}"),
+    ] {
+        let refused = RawWs::connect_from(&broker, Some(&foreign))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{foreign} was let in"));
+        assert_eq!(refused.status, 403, "{foreign}: {refused:?}");
+        assert!(refused.body.contains("origin"), "{foreign}: {refused:?}");
+    }
+    assert_eq!(metric(&broker, ORIGIN_REFUSALS).await, 4.0);
+    // Nothing was served to them: no upgrade, no session.
+    assert_eq!(
+        metric(&broker, "volna_websocket_handshakes_total").await,
+        0.0
+    );
+    assert_eq!(metric(&broker, "volna_connections_opened_total").await, 0.0);
+
+    for console in [
+        format!("http://{http}"),
+        format!("http://localhost:{}", http.port()),
+    ] {
+        let mut raw = RawWs::connect_from(&broker, Some(&console))
+            .await
+            .unwrap_or_else(|e| panic!("{console}: {e:?}"));
+        assert!(matches!(raw.hello().await, Frame::Welcome(_)), "{console}");
+    }
+    let mut native = RawWs::connect_from(&broker, None).await.unwrap();
+    assert!(matches!(native.hello().await, Frame::Welcome(_)));
+    assert_eq!(metric(&broker, ORIGIN_REFUSALS).await, 4.0);
+    assert_eq!(
+        metric(&broker, "volna_websocket_handshakes_total").await,
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_origins_are_let_in_and_a_star_lets_in_any() {
+    let broker = TestBroker::start_with(|c| {
+        c.websocket.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let mut app = RawWs::connect_from(&broker, Some("https://app.example.com"))
+        .await
+        .unwrap();
+    assert!(matches!(app.hello().await, Frame::Welcome(_)));
+    // Still the console, still nobody else.
+    let console = format!("http://{}", broker.broker().http_addr());
+    let mut raw = RawWs::connect_from(&broker, Some(&console)).await.unwrap();
+    assert!(matches!(raw.hello().await, Frame::Welcome(_)));
+    for foreign in ["https://evil.example", "http://app.example.com"] {
+        let refused = RawWs::connect_from(&broker, Some(foreign))
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{foreign} was let in"));
+        assert_eq!(refused.status, 403, "{foreign}: {refused:?}");
+    }
+    assert_eq!(metric(&broker, ORIGIN_REFUSALS).await, 2.0);
+
+    let open = TestBroker::start_with(|c| c.websocket.allowed_origins = vec!["*".into()]).await;
+    for any in ["https://evil.example", "null"] {
+        let mut raw = RawWs::connect_from(&open, Some(any))
+            .await
+            .unwrap_or_else(|e| panic!("{any}: {e:?}"));
+        assert!(matches!(raw.hello().await, Frame::Welcome(_)), "{any}");
+    }
+    assert_eq!(metric(&open, ORIGIN_REFUSALS).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_with_an_allowed_origin_that_is_not_one_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = volna_broker::config::Config {
+        data_dir: dir.path().to_owned(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http: "127.0.0.1:0".parse().unwrap(),
+        websocket: volna_broker::config::WebSocketConfig {
+            allowed_origins: vec!["https://app.example.com/chat".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let err = volna_broker::Broker::start(config).await.unwrap_err();
+    let err = err.to_string();
+    assert!(err.contains("websocket.allowed_origins"), "{err}");
+    assert!(err.contains("https://app.example.com/chat"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,6 +25,31 @@
 //! - Admission (the broker-wide caps and the per-address handshake rate),
 //!   the hello timeout, TLS (same certificate, reloaded on SIGHUP, mutual
 //!   TLS when configured) are QUIC's.
+//! - A browser page reaches the broker only from an allowed origin: the
+//!   upgrade's `Origin` header must be the broker's own console or one of
+//!   `websocket.allowed_origins` (`"*"`: any), else the upgrade is
+//!   answered 403 and counted (`websocket_upgrades_refused_total{reason=
+//!   "origin"}`); nothing of the session runs. A request without `Origin`
+//!   is not from a page (the Rust client, Node, native apps) and is
+//!   served: the check protects a visitor's browser from other sites'
+//!   scripts, not the broker from clients, which tokens do.
+//! - A client certificate grants nothing over WebSocket unless
+//!   `websocket.client_certificates = "service"`: a browser presents a
+//!   person's installed certificate to whatever page asks, so by default
+//!   TLS still verifies it but the session authenticates with its token
+//!   ([`Connection::peer_identity`] is `None`). QUIC is unchanged.
+//!
+//! The console's origin is `http://` (the HTTP listener has no TLS) and
+//! the HTTP listener's bound port, with every host name a browser on the
+//! broker's machine may use to reach that listener: its IP address as
+//! bound, and for a loopback or unspecified address `localhost` and the
+//! loopback addresses it can accept (an operator opens the console as
+//! `http://localhost:7401/console` as often as by `127.0.0.1`, and the
+//! browser's `Origin` is whatever name is in its address bar). A console
+//! opened by another name (the machine's DNS name, an address behind
+//! `0.0.0.0`, a reverse proxy) must be listed in `allowed_origins`: the
+//! broker cannot know which of its names is meant, and accepting any host
+//! on that port would accept other machines' pages.
 
 use std::collections::HashMap;
 use std::io;
@@ -53,7 +78,9 @@ use volna_proto::websocket::{
     self as ws, CONTROL_STREAM, PATH, SUBPROTOCOL, decode_message, encode_frames, encode_message,
 };
 
+use crate::config::{ConfigError, WebOrigin, WebSocketCertificates, WebSocketConfig as Settings};
 use crate::limits::Admission;
+use crate::metrics::Metrics;
 use crate::session::{BrokerContext, Connection};
 use crate::subscription::{DeliverySink, SinkError};
 use crate::transport::TransportError;
@@ -145,8 +172,10 @@ impl WebSocketEndpoint {
     }
 
     /// Accepts connections until the broker shuts down, each running a
-    /// session with `ctx`.
-    pub fn serve(&mut self, ctx: Arc<BrokerContext>) -> JoinHandle<()> {
+    /// session with `ctx`; upgrades from browser pages are served only
+    /// from `origins`.
+    pub fn serve(&mut self, ctx: Arc<BrokerContext>, origins: OriginPolicy) -> JoinHandle<()> {
+        let origins = Arc::new(origins);
         let listener = self.listener.take();
         let tls = self.tls.clone();
         let open = self.open.clone();
@@ -182,6 +211,7 @@ impl WebSocketEndpoint {
                     tcp,
                     remote,
                     tls: tls.clone(),
+                    origins: origins.clone(),
                     stream_queue,
                     stop: stop.clone(),
                 };
@@ -224,11 +254,128 @@ impl Drop for WebSocketEndpoint {
     }
 }
 
+/// Which web pages may open a WebSocket to the broker: the check of the
+/// upgrade's `Origin` header (see the module's invariants).
+#[derive(Debug, Clone)]
+pub struct OriginPolicy {
+    /// `"*"` was configured: every origin is allowed.
+    any: bool,
+    /// The console's origins and the configured ones.
+    allowed: Vec<WebOrigin>,
+}
+
+impl OriginPolicy {
+    /// The console at the HTTP listener's bound address `http` and
+    /// `settings.allowed_origins`; an entry that is not an origin is
+    /// refused as [`crate::config::Config::validate`] refuses it.
+    pub fn new(settings: &Settings, http: SocketAddr) -> Result<Self, ConfigError> {
+        let mut policy = Self {
+            any: false,
+            allowed: console_origins(http),
+        };
+        for entry in &settings.allowed_origins {
+            if entry == "*" {
+                policy.any = true;
+                continue;
+            }
+            let origin = WebOrigin::parse(entry).map_err(|why| ConfigError::Invalid {
+                key: "websocket.allowed_origins".into(),
+                value: entry.clone(),
+                why,
+            })?;
+            policy.allowed.push(origin);
+        }
+        Ok(policy)
+    }
+
+    /// Whether an upgrade with these `Origin` header values may proceed;
+    /// the error is the reason sent back with the 403.
+    fn check<'a>(
+        &self,
+        mut origins: impl Iterator<Item = &'a HeaderValue>,
+    ) -> Result<(), &'static str> {
+        let Some(origin) = origins.next() else {
+            // Not a browser: browsers always send Origin on a WebSocket
+            // upgrade (Fetch, "websocket" mode).
+            return Ok(());
+        };
+        if origins.next().is_some() {
+            return Err("an upgrade carries one Origin header\n");
+        }
+        if self.any {
+            return Ok(());
+        }
+        // "null" (a sandboxed page, a file) and anything unparsable match
+        // no entry.
+        let allowed = origin
+            .to_str()
+            .ok()
+            .and_then(|text| WebOrigin::parse(text).ok())
+            .is_some_and(|origin| self.allowed.contains(&origin));
+        if allowed {
+            Ok(())
+        } else {
+            Err("this page's origin may not connect to the broker (websocket.allowed_origins)\n")
+        }
+    }
+}
+
+/// The origins a browser on the broker's machine gives the console page
+/// served by the HTTP listener bound at `http` (see the module doc).
+fn console_origins(http: SocketAddr) -> Vec<WebOrigin> {
+    use std::net::IpAddr;
+    let port = http.port();
+    let host = |ip: IpAddr| match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    let mut hosts = Vec::new();
+    let ip = http.ip();
+    if ip.is_unspecified() {
+        // 0.0.0.0 takes IPv4 only; [::] takes IPv6 and, on a dual-stack
+        // socket (Linux's default), IPv4 too.
+        hosts.push("127.0.0.1".to_owned());
+        if ip.is_ipv6() {
+            hosts.push("[::1]".to_owned());
+        }
+        hosts.push("localhost".to_owned());
+    } else {
+        hosts.push(host(ip));
+        // Browsers resolve `localhost` to the loopback addresses
+        // themselves and try each, so it reaches a loopback listener.
+        if ip.is_loopback() {
+            hosts.push("localhost".to_owned());
+        }
+    }
+    hosts
+        .iter()
+        .map(|host| WebOrigin::new("http", host, port))
+        .collect()
+}
+
+/// The session identity a verified client certificate named `name` gives
+/// over WebSocket under `grants`.
+fn certificate_identity(grants: WebSocketCertificates, name: Option<String>) -> Option<String> {
+    match grants {
+        WebSocketCertificates::Service => name,
+        WebSocketCertificates::Token => {
+            if let Some(name) = name {
+                debug!(
+                    certificate = %name,
+                    "client certificate over WebSocket: the token decides (websocket.client_certificates = \"token\")"
+                );
+            }
+            None
+        }
+    }
+}
+
 /// An accepted TCP connection on its way to a session.
 struct Accepted {
     tcp: TcpStream,
     remote: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    origins: Arc<OriginPolicy>,
     stream_queue: u32,
     stop: CancellationToken,
 }
@@ -249,6 +396,9 @@ impl Accepted {
             stop: self.stop,
         };
         let within = ctx.config.hello_timeout();
+        let origins = &*self.origins;
+        let metrics = &*ctx.metrics;
+        let grants = ctx.config.websocket.client_certificates;
         match self.tls {
             Some(acceptor) => {
                 let handshake = async {
@@ -259,7 +409,7 @@ impl Accepted {
                         .peer_certificates()
                         .and_then(|chain| chain.first())
                         .map(crate::tls::client_identity);
-                    let ws = upgrade(tls, config).await?;
+                    let ws = upgrade(tls, config, origins, metrics).await?;
                     Ok::<_, io::Error>((ws, peer))
                 };
                 // Boxed: the handshake's state (TLS and HTTP) is freed
@@ -269,13 +419,19 @@ impl Accepted {
                 match Box::pin(tokio::time::timeout(within, handshake)).await {
                     Ok(Ok((ws, peer))) => {
                         slot.established();
+                        let peer = certificate_identity(grants, peer);
                         link.serve(ctx, ws, peer).await;
                     }
                     Ok(Err(e)) => debug!(error = %e, "WebSocket handshake failed"),
                     Err(_) => debug!("WebSocket handshake timed out"),
                 }
             }
-            None => match Box::pin(tokio::time::timeout(within, upgrade(self.tcp, config))).await {
+            None => match Box::pin(tokio::time::timeout(
+                within,
+                upgrade(self.tcp, config, origins, metrics),
+            ))
+            .await
+            {
                 Ok(Ok(ws)) => {
                     slot.established();
                     link.serve(ctx, ws, None).await;
@@ -287,17 +443,39 @@ impl Accepted {
     }
 }
 
-/// The HTTP upgrade: only [`PATH`]; the subprotocol is echoed when offered.
-async fn upgrade<S>(stream: S, config: WebSocketConfig) -> io::Result<WebSocketStream<S>>
+/// The HTTP upgrade: only [`PATH`], only from `origins`; the subprotocol
+/// is echoed when offered. Refusals are counted in `metrics`.
+async fn upgrade<S>(
+    stream: S,
+    config: WebSocketConfig,
+    origins: &OriginPolicy,
+    metrics: &Metrics,
+) -> io::Result<WebSocketStream<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     #[allow(clippy::result_large_err)] // tungstenite's callback signature
-    fn check(request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+    let check = |request: &Request, mut response: Response| -> Result<Response, ErrorResponse> {
         if request.uri().path() != PATH {
-            let mut refused = ErrorResponse::new(Some(format!("WebSocket endpoint is {PATH}\n")));
-            *refused.status_mut() = StatusCode::NOT_FOUND;
-            return Err(refused);
+            metrics
+                .websocket_upgrades_refused
+                .with_label_values(&["path"])
+                .inc();
+            return Err(refusal(
+                StatusCode::NOT_FOUND,
+                format!("WebSocket endpoint is {PATH}\n"),
+            ));
+        }
+        if let Err(why) = origins.check(request.headers().get_all(header::ORIGIN).iter()) {
+            metrics
+                .websocket_upgrades_refused
+                .with_label_values(&["origin"])
+                .inc();
+            debug!(
+                origin = ?request.headers().get(header::ORIGIN),
+                "WebSocket upgrade from a page of another origin refused"
+            );
+            return Err(refusal(StatusCode::FORBIDDEN, why.to_owned()));
         }
         let offered = request
             .headers()
@@ -313,10 +491,26 @@ where
             );
         }
         Ok(response)
-    }
+    };
     tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config))
         .await
         .map_err(io::Error::other)
+}
+
+/// A refused upgrade's answer: `status` and a one-line `reason`, after
+/// which the connection closes.
+fn refusal(status: StatusCode, reason: String) -> ErrorResponse {
+    let length = HeaderValue::from(reason.len());
+    let mut refused = ErrorResponse::new(Some(reason));
+    *refused.status_mut() = status;
+    let headers = refused.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONTENT_LENGTH, length);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    refused
 }
 
 /// What one connection's session runs over, before it is split.
@@ -404,6 +598,8 @@ struct Shared {
     close_frame: Mutex<Option<(CloseCode, String)>>,
     stream_queue: usize,
     remote: SocketAddr,
+    /// The client certificate's identity, only when it grants one
+    /// (`websocket.client_certificates = "service"`).
     peer: Option<String>,
 }
 
@@ -887,6 +1083,128 @@ mod tests {
         stop.cancel();
         assert_eq!(sink.stopped().await, stopped());
         assert_eq!(sink.send(frame(2)).await, Err(stopped()));
+    }
+
+    fn policy(allowed: &[&str], http: &str) -> OriginPolicy {
+        let settings = Settings {
+            allowed_origins: allowed.iter().map(|o| (*o).to_owned()).collect(),
+            ..Settings::default()
+        };
+        OriginPolicy::new(&settings, http.parse().expect("address")).expect("valid")
+    }
+
+    fn admits(policy: &OriginPolicy, origins: &[&str]) -> bool {
+        let values: Vec<HeaderValue> = origins
+            .iter()
+            .map(|o| HeaderValue::from_str(o).expect("header"))
+            .collect();
+        policy.check(values.iter()).is_ok()
+    }
+
+    #[test]
+    fn the_console_is_the_http_listener_by_every_name_that_reaches_it() {
+        let loopback = policy(&[], "127.0.0.1:7401");
+        for origin in [
+            "http://127.0.0.1:7401",
+            "http://localhost:7401",
+            "http://LOCALHOST:7401",
+        ] {
+            assert!(admits(&loopback, &[origin]), "{origin}");
+        }
+        for origin in [
+            "https://127.0.0.1:7401",
+            "http://127.0.0.1:7402",
+            "http://127.0.0.1",
+            "http://[::1]:7401",
+            "http://evil.example:7401",
+            "null",
+            "",
+        ] {
+            assert!(!admits(&loopback, &[origin]), "{origin}");
+        }
+        // No Origin: not a browser page.
+        assert!(admits(&loopback, &[]));
+        // Two Origin headers are not a browser's either.
+        assert!(!admits(
+            &loopback,
+            &["http://127.0.0.1:7401", "http://127.0.0.1:7401"]
+        ));
+
+        let v6 = policy(&[], "[::1]:7401");
+        assert!(admits(&v6, &["http://[::1]:7401"]));
+        assert!(admits(&v6, &["http://localhost:7401"]));
+        assert!(!admits(&v6, &["http://127.0.0.1:7401"]));
+
+        let all_v4 = policy(&[], "0.0.0.0:7401");
+        assert!(admits(&all_v4, &["http://127.0.0.1:7401"]));
+        assert!(admits(&all_v4, &["http://localhost:7401"]));
+        assert!(!admits(&all_v4, &["http://[::1]:7401"]));
+        assert!(!admits(&all_v4, &["http://0.0.0.0:7401"]));
+        assert!(!admits(&all_v4, &["http://10.1.2.3:7401"]));
+        let all = policy(&[], "[::]:7401");
+        assert!(admits(&all, &["http://[::1]:7401"]));
+        assert!(admits(&all, &["http://127.0.0.1:7401"]));
+
+        let public = policy(&[], "10.1.2.3:80");
+        assert!(admits(&public, &["http://10.1.2.3"]));
+        assert!(admits(&public, &["http://10.1.2.3:80"]));
+        assert!(!admits(&public, &["http://localhost"]));
+    }
+
+    #[test]
+    fn configured_origins_add_to_the_console_and_star_allows_any() {
+        let listed = policy(
+            &["https://App.example.com", "http://localhost:3000"],
+            "127.0.0.1:7401",
+        );
+        for origin in [
+            "https://app.example.com",
+            "https://app.example.com:443",
+            "http://localhost:3000",
+            "http://localhost:7401",
+        ] {
+            assert!(admits(&listed, &[origin]), "{origin}");
+        }
+        for origin in [
+            "http://app.example.com",
+            "https://app.example.com:8443",
+            "https://sub.app.example.com",
+            "https://app.example.com.evil.test",
+            "http://localhost:3001",
+        ] {
+            assert!(!admits(&listed, &[origin]), "{origin}");
+        }
+        let any = policy(&["*"], "127.0.0.1:7401");
+        for origin in ["https://anything.test", "null", "http://127.0.0.1:7401"] {
+            assert!(admits(&any, &[origin]), "{origin}");
+        }
+        let settings = Settings {
+            allowed_origins: vec!["https://app.example.com/".into()],
+            ..Settings::default()
+        };
+        let err = OriginPolicy::new(&settings, "127.0.0.1:7401".parse().expect("address"))
+            .expect_err("a path is not an origin");
+        assert!(
+            err.to_string().contains("websocket.allowed_origins"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_certificate_names_the_session_only_when_configured_to() {
+        let name = || Some("billing".to_owned());
+        assert_eq!(
+            certificate_identity(WebSocketCertificates::Token, name()),
+            None
+        );
+        assert_eq!(
+            certificate_identity(WebSocketCertificates::Service, name()),
+            name()
+        );
+        assert_eq!(
+            certificate_identity(WebSocketCertificates::Service, None),
+            None
+        );
     }
 
     #[test]

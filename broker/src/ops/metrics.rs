@@ -32,6 +32,9 @@ pub struct Metrics {
     /// WebSocket connections open (each also counts in `connections` once
     /// its session is welcomed).
     pub websocket_connections: IntGauge,
+    /// WebSocket upgrades refused, by reason: `path` (not the WebSocket
+    /// endpoint), `origin` (a page of an origin not allowed).
+    pub websocket_upgrades_refused: IntCounterVec,
     /// Datagrams a transport shard passed to the shard owning their
     /// connection (clients whose address changed).
     pub datagrams_forwarded: IntCounter,
@@ -173,6 +176,19 @@ impl Metrics {
                 "WebSocket connections whose TLS and upgrade handshakes completed",
             ),
             websocket_connections: gauge("websocket_connections", "WebSocket connections open"),
+            websocket_upgrades_refused: {
+                let c = counter_vec(
+                    "websocket_upgrades_refused_total",
+                    "WebSocket upgrades refused, by reason (path, origin)",
+                    "reason",
+                );
+                // Every reason from the start: a rate alert sees 0, not
+                // a series that does not exist yet.
+                for reason in ["path", "origin"] {
+                    c.with_label_values(&[reason]);
+                }
+                c
+            },
             datagrams_forwarded: counter(
                 "datagrams_forwarded_total",
                 "Datagrams a transport shard passed to the shard owning their connection",
