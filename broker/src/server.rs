@@ -101,6 +101,9 @@ pub struct Broker {
     cluster: Option<crate::cluster::ClusterNode>,
 }
 
+/// See [`Broker::start_with_store_wrapper`].
+type StoreWrapper<'a> = Box<dyn FnOnce(Arc<dyn LogStore>) -> Arc<dyn LogStore> + Send + 'a>;
+
 impl Broker {
     /// Starts a broker with `config`, its log in RocksDB under the data
     /// directory.
@@ -118,9 +121,28 @@ impl Broker {
         Self::start_on(config, Some(store)).await
     }
 
+    /// Starts a broker on its RocksDB store as seen through `wrap`: a
+    /// fault-injection facility for tests of a cluster node, whose Raft
+    /// logs need the RocksDB itself while its partitions apply through
+    /// the wrapper (e.g. one that fails writes as a failing disk would).
+    pub async fn start_with_store_wrapper(
+        config: Config,
+        wrap: impl FnOnce(Arc<dyn LogStore>) -> Arc<dyn LogStore> + Send,
+    ) -> Result<Self, StartError> {
+        Self::start_wrapped(config, None, Some(Box::new(wrap))).await
+    }
+
     async fn start_on(
         config: Config,
         store: Option<Arc<dyn LogStore>>,
+    ) -> Result<Self, StartError> {
+        Self::start_wrapped(config, store, None).await
+    }
+
+    async fn start_wrapped(
+        config: Config,
+        store: Option<Arc<dyn LogStore>>,
+        wrap: Option<StoreWrapper<'_>>,
     ) -> Result<Self, StartError> {
         config.validate()?;
         let config = Arc::new(config);
@@ -221,7 +243,10 @@ impl Broker {
                 shared_db = Some(rocks.shared_db());
                 let rocks = Arc::new(rocks);
                 device_store = rocks.clone();
-                rocks
+                match wrap {
+                    Some(wrap) => wrap(rocks),
+                    None => rocks,
+                }
             }
         };
 

@@ -2,6 +2,7 @@
 //! loopback, with certificates from one development CA, each started by
 //! the test and stopped by PID (dropping the cluster kills them).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -127,6 +128,25 @@ fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<String>
     head.contains(" 200 ").then(|| body.to_owned())
 }
 
+/// `GET /readyz` on `node`: `Ok` when it is ready, else `Err` with its
+/// answer (the reason it gives, or why it gave none).
+pub fn readiness(node: &BrokerProcess) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect_timeout(&node.http_addr(), Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(tcp, "GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut reply = String::new();
+    tcp.read_to_string(&mut reply).map_err(|e| e.to_string())?;
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    if head.contains(" 200 ") {
+        Ok(())
+    } else {
+        Err(body.trim().to_owned())
+    }
+}
+
 /// `GET path` on `node`'s admin API (the cluster's admin token); the body
 /// of a 200 answer.
 pub fn admin_get(node: &BrokerProcess, path: &str) -> Option<String> {
@@ -149,6 +169,9 @@ pub struct TestCluster {
     pub peer_ports: Vec<u16>,
     /// TOML added to every node's configuration.
     extra: String,
+    /// Nodes whose data directory is not under the cluster's temporary
+    /// directory (e.g. on a small disk the test mounted).
+    data_dirs: BTreeMap<u64, PathBuf>,
     authority: DevCa,
     dir: TempDir,
 }
@@ -203,6 +226,26 @@ impl TestCluster {
         snapshot_entries: u64,
         extra: &str,
     ) -> Result<Self, ChaosError> {
+        Self::start_placed(nodes, partitions, snapshot_entries, extra, BTreeMap::new()).await
+    }
+
+    /// As [`TestCluster::start`], with the data directories of some nodes
+    /// (by 1-based id) at the given paths, e.g. on a disk the test fills.
+    pub async fn start_with_data_dirs(
+        nodes: u64,
+        partitions: u32,
+        data_dirs: BTreeMap<u64, PathBuf>,
+    ) -> Result<Self, ChaosError> {
+        Self::start_placed(nodes, partitions, 10_000, "", data_dirs).await
+    }
+
+    async fn start_placed(
+        nodes: u64,
+        partitions: u32,
+        snapshot_entries: u64,
+        extra: &str,
+        data_dirs: BTreeMap<u64, PathBuf>,
+    ) -> Result<Self, ChaosError> {
         let dir = tempfile::tempdir()?;
         let etcd = Etcd::start(dir.path())?;
         let ca = DevCa::generate().map_err(|e| ChaosError::Binary(e.to_string()))?;
@@ -215,6 +258,7 @@ impl TestCluster {
             partitions,
             snapshot_entries,
             extra: extra.to_owned(),
+            data_dirs,
             peer_ports: Vec::new(),
             authority: ca,
             dir,
@@ -245,7 +289,11 @@ impl TestCluster {
             .authority
             .issue(id, &["localhost", "127.0.0.1"])
             .map_err(|e| ChaosError::Binary(e.to_string()))?;
-        let data = self.dir.path().join(format!("node-{id}"));
+        let data = self
+            .data_dirs
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| self.dir.path().join(format!("node-{id}")));
         std::fs::create_dir_all(&data)?;
         let cert = self.dir.path().join(format!("node-{id}.pem"));
         let key = self.dir.path().join(format!("node-{id}.key"));

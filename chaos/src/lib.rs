@@ -16,6 +16,7 @@ use thiserror::Error;
 use volna_client::{Backoff, Client, ClientConfig, Trust};
 
 pub mod cluster;
+pub mod disk;
 pub mod netfault;
 pub mod proxy;
 

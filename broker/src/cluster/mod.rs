@@ -134,6 +134,9 @@ pub struct ClusterNode {
     peers: Arc<Peers>,
     view: Arc<ClusterView>,
     groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    /// Partitions whose group could not be started again (see
+    /// [`Groups::unstartable`]).
+    unstartable: Unstartable,
     edges: Arc<Edges>,
     snapshot_stats: Arc<SnapshotStats>,
     stop: CancellationToken,
@@ -179,7 +182,16 @@ struct Groups {
     /// of it: it runs no group and stays out of the membership until the
     /// map no longer names it.
     rejoining: Arc<AtomicBool>,
+    /// Partitions the map gives this node whose group does not start, and
+    /// why: openraft applies the committed entries a restarted group had
+    /// not applied before `Raft::new` returns, so a store that still fails
+    /// fails the start. Such a partition runs no group here, and would
+    /// otherwise vanish from `/readyz` (which looks at running groups).
+    unstartable: Unstartable,
 }
+
+/// See [`Groups::unstartable`].
+pub(crate) type Unstartable = Arc<Mutex<BTreeMap<PartitionId, String>>>;
 
 /// Whether the map names this node as a replica of partitions whose Raft
 /// state is all blank here. A node that lost its disk and came back before
@@ -310,6 +322,7 @@ impl ClusterNode {
             stop.child_token(),
         );
         let snapshot_stats = Arc::new(SnapshotStats::default());
+        let unstartable = Unstartable::default();
         let shared = Arc::new(Groups {
             id,
             control: control.clone(),
@@ -330,6 +343,7 @@ impl ClusterNode {
             left_out: Mutex::default(),
             edges: edges.clone(),
             rejoining: Arc::default(),
+            unstartable: unstartable.clone(),
         });
         // Groups this node replicated before a restart come back before it
         // takes traffic, from the map as last seen in etcd.
@@ -405,6 +419,7 @@ impl ClusterNode {
             peers,
             view,
             groups,
+            unstartable,
             edges,
             snapshot_stats,
             stop,
@@ -451,6 +466,7 @@ impl ClusterNode {
             peers: self.peers.clone(),
             view: self.view.clone(),
             groups: self.groups.clone(),
+            unstartable: self.unstartable.clone(),
             edges: self.edges.clone(),
             snapshots: self.snapshot_stats.clone(),
             log: self.log.clone(),
@@ -752,9 +768,17 @@ impl Groups {
                 continue;
             }
             let raft = match self.ensure_group(partition).await {
-                Ok(raft) => raft,
+                Ok(raft) => {
+                    if let Ok(mut unstartable) = self.unstartable.lock() {
+                        unstartable.remove(&partition);
+                    }
+                    raft
+                }
                 Err(e) => {
                     warn!(partition = index, error = %e, "cannot start the partition's group");
+                    if let Ok(mut unstartable) = self.unstartable.lock() {
+                        unstartable.insert(partition, e.to_string());
+                    }
                     continue;
                 }
             };

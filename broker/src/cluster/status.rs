@@ -111,6 +111,7 @@ pub struct StatusSource {
     pub(super) peers: Arc<Peers>,
     pub(super) view: Arc<ClusterView>,
     pub(super) groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    pub(super) unstartable: super::Unstartable,
     pub(super) edges: Arc<Edges>,
     pub(super) snapshots: Arc<SnapshotStats>,
     pub(super) log: crate::log::Log,
@@ -267,7 +268,20 @@ impl ClusterStatus for StatusSource {
     fn readiness(&self) -> Result<(), String> {
         let groups = self.groups.lock().map(|g| g.clone()).unwrap_or_default();
         let lease = self.peers.leader_lease();
-        let mut failed = Vec::new();
+        // A partition whose group failed and does not start again runs no
+        // group: it is failed too.
+        let (map, _) = self.view.snapshot();
+        let mut failed: Vec<u32> = self
+            .unstartable
+            .lock()
+            .map(|u| {
+                u.keys()
+                    .filter(|p| map.replicas_of(**p).contains(&self.id))
+                    .filter(|p| !groups.contains_key(p))
+                    .map(|p| p.0)
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut leaderless = Vec::new();
         for (partition, raft) in &groups {
             match Standing::of(raft, self.id, lease) {
@@ -276,6 +290,7 @@ impl ClusterStatus for StatusSource {
                 Standing::NoLeader | Standing::LeaseExpired { .. } => leaderless.push(partition.0),
             }
         }
+        failed.sort_unstable();
         let mut why = Vec::new();
         if !failed.is_empty() {
             why.push(format!("the storage of partitions {failed:?} failed"));

@@ -570,7 +570,8 @@ impl Peers {
                         Standing::of(&raft, self.node, self.leader_lease())
                     {
                         last_failure = format!(
-                            "node {} leads but no quorum acknowledged it within {:?}",
+                            "node {}'s group has failed, or it leads but no quorum \
+                             acknowledged it within {:?}",
                             self.node,
                             self.leader_lease()
                         );
@@ -651,9 +652,17 @@ impl Peers {
                     }
                 }
                 Err(RaftError::APIError(e)) => return Err(ProposeError::Rejected(e.to_string())),
+                // The group stopped while the command was in it (its
+                // storage failed): the entry may have been appended and
+                // committed by the others before the stop, so sending it
+                // again could store it twice. A group already stopped is
+                // skipped before the call (`Standing::Failed`, here and on
+                // the serving side), so a fatal answer means "in flight".
                 Err(RaftError::Fatal(e)) => {
-                    last_failure = e.to_string();
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    return Err(ProposeError::Uncertain(format!(
+                        "partition {}'s group stopped with the command in flight: {e}",
+                        partition.0
+                    )));
                 }
             }
         }
@@ -1145,12 +1154,14 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             }
         }
         Kind::Propose => match postcard::from_bytes::<Command>(body) {
-            // A leader whose lease ran out takes no proposals: the caller
-            // looks for the leader elsewhere, as during an election.
+            // A leader whose lease ran out, or a group stopped by a
+            // storage failure, takes no proposals: the caller looks for the
+            // leader elsewhere, as during an election (and knows the
+            // command was not proposed here).
             Ok(_)
                 if matches!(
                     Standing::of(&raft, peers.node, peers.leader_lease()),
-                    Standing::LeaseExpired { .. }
+                    Standing::LeaseExpired { .. } | Standing::Failed
                 ) =>
             {
                 encode::<Reply, _>(&Answer::Raft(RaftError::<NodeId, _>::APIError(
