@@ -659,14 +659,24 @@ async fn service_loop(
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let led: Vec<Raft> = groups
+        let led: Vec<(PartitionId, Raft)> = groups
             .lock()
-            .map(|g| g.values().cloned().collect())
+            .map(|g| g.iter().map(|(p, raft)| (*p, raft.clone())).collect())
             .unwrap_or_default();
         let lease = peers.leader_lease();
         let standings: Vec<Standing> = led
             .iter()
-            .map(|raft| Standing::of(raft, peers.node(), lease))
+            .map(
+                |(partition, raft)| match Standing::of(raft, peers.node(), lease) {
+                    // openraft names the leader until the follower's own
+                    // election timeout; a follower cut off from it knows
+                    // sooner: no append or heartbeat within the lease.
+                    Standing::Follower(leader) if !peers.hears_from(*partition, leader) => {
+                        Standing::NoLeader
+                    }
+                    standing => standing,
+                },
+            )
             .collect();
         if can_serve(standings.iter().copied()) {
             unable_since = None;

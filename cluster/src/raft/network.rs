@@ -333,6 +333,11 @@ pub struct Peers {
     stop: CancellationToken,
     /// The leader lease in milliseconds ([`super::lease`]).
     lease_ms: AtomicU64,
+    /// Per partition, the leader whose append (or heartbeat) this node's
+    /// group last took, and when: a follower that has not heard from its
+    /// leader within the lease is cut off from it, whatever openraft still
+    /// names as leader until its own election timeout.
+    heard: Arc<DashMap<PartitionId, (NodeId, std::time::Instant)>>,
 }
 
 impl Debug for Peers {
@@ -377,6 +382,7 @@ impl Peers {
             stats: LinkStats::default(),
             stop: CancellationToken::new(),
             lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
+            heard: Arc::default(),
         });
         tokio::spawn(accept_loop(peers.clone()));
         Ok(peers)
@@ -480,6 +486,22 @@ impl Peers {
     /// Whether this node leads `partition` and knows it still does.
     pub fn leads(&self, partition: PartitionId) -> bool {
         self.standing(partition).is_some_and(Standing::leads)
+    }
+
+    /// Whether this node's group of `partition` took an append or a
+    /// heartbeat from `leader` within the leader lease.
+    pub fn hears_from(&self, partition: PartitionId, leader: NodeId) -> bool {
+        self.heard.get(&partition).is_some_and(|heard| {
+            let (from, at) = *heard;
+            from == leader && at.elapsed() <= self.leader_lease()
+        })
+    }
+
+    /// `partition`'s group took an append from `leader` (its vote was not
+    /// refused: the sender is the group's leader in its term).
+    fn heard_from(&self, partition: PartitionId, leader: NodeId) {
+        self.heard
+            .insert(partition, (leader, std::time::Instant::now()));
     }
 
     /// Inter-node traffic so far.
@@ -1127,7 +1149,13 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
                 entries_make_member(&rpc.entries, from)
             }) {
                 Some(why) => refused(why),
-                None => encode(&into_answer(raft.append_entries(rpc).await)),
+                None => {
+                    let answer = raft.append_entries(rpc).await;
+                    if answered_a_leader(&answer) {
+                        peers.heard_from(partition, from);
+                    }
+                    encode(&into_answer(answer))
+                }
             },
             Err(e) => malformed(e.to_string()),
         },
@@ -1250,6 +1278,7 @@ async fn answer_batch(
             let partition = PartitionId(partition);
             let raft = peers.group(partition);
             let refusal = refusal.clone();
+            let heard = peers.heard.clone();
             tokio::spawn(async move {
                 if let Some(why) = refusal {
                     return refused(why);
@@ -1262,7 +1291,13 @@ async fn answer_batch(
                         entries_make_member(&rpc.entries, from)
                     }) {
                         Some(why) => Answer::Refused(why),
-                        None => into_answer(raft.append_entries(rpc).await),
+                        None => {
+                            let answer = raft.append_entries(rpc).await;
+                            if answered_a_leader(&answer) {
+                                heard.insert(partition, (from, std::time::Instant::now()));
+                            }
+                            into_answer(answer)
+                        }
                     },
                     Err(e) => Answer::Malformed(e.to_string()),
                 };
@@ -1275,6 +1310,15 @@ async fn answer_batch(
         answers.push(task.await.unwrap_or_default());
     }
     postcard::to_allocvec(&answers).unwrap_or_default()
+}
+
+/// Whether an append was answered as coming from the group's leader (not
+/// refused for a stale vote).
+fn answered_a_leader<E>(answer: &Result<openraft::raft::AppendEntriesResponse<NodeId>, E>) -> bool {
+    !matches!(
+        answer,
+        Err(_) | Ok(openraft::raft::AppendEntriesResponse::HigherVote(_))
+    )
 }
 
 fn into_answer<T, E>(result: Result<T, E>) -> Answer<T, E> {
