@@ -208,6 +208,7 @@ fn replay_to_live(c: &mut Criterion) {
                         id: SubscriptionId(1),
                         next: Offset::FIRST,
                         events: Vec::new(),
+                        epoch: volna_proto::Epoch(0),
                     };
                     let feed = broker.engine.subscribe(&channel);
                     feed.observe(log.meta(&channel).as_ref());

@@ -815,6 +815,8 @@ impl ChannelServer {
             id: SubscriptionId(0),
             next: start,
             events: Vec::new(),
+            // The leader serves what it applied: no older incarnation.
+            epoch: volna_proto::Epoch(0),
         };
         let out = Arc::new(tokio::sync::Mutex::new(out));
         let sink = UpstreamSink { out: out.clone() };

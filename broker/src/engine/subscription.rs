@@ -65,6 +65,9 @@ pub struct Start {
     pub next: Offset,
     /// Frames to send before any message (Truncated, EpochChanged).
     pub events: Vec<Frame>,
+    /// The epoch the subscriber was told (`Epoch(0)`: none yet, the
+    /// channel did not exist).
+    pub epoch: Epoch,
 }
 
 /// Why a delivery loop stopped without being cancelled: the session
@@ -138,8 +141,15 @@ pub async fn run(
                     let from = next;
                     // Boxed: a log read is a large state the loop needs
                     // only while catching up, not while it waits.
-                    let (end, bytes) =
-                        Box::pin(catch_up(&log, &channel, next, until, &mut sink)).await?;
+                    let (end, bytes) = Box::pin(catch_up(
+                        &log,
+                        &channel,
+                        start.epoch,
+                        next,
+                        until,
+                        &mut sink,
+                    ))
+                    .await?;
                     metrics.deliveries.inc_by(from.distance_to(end));
                     metrics.bytes_out.inc_by(bytes as u64);
                     next = end;
@@ -201,6 +211,7 @@ impl Drop for CatchUpGauge<'_> {
 async fn catch_up(
     log: &Log,
     channel: &ChannelName,
+    epoch: Epoch,
     next: Offset,
     until: Offset,
     sink: &mut impl DeliverySink,
@@ -227,6 +238,13 @@ async fn catch_up(
         }
         None => return Err(Stopped::ChannelDeleted(channel.clone())),
     };
+    if log.is_replicated() && epoch != Epoch(0) && meta.epoch != epoch {
+        // A replica behind a delete and re-creation still holds the old
+        // channel under this name: its offsets are not the subscriber's.
+        // Wait until it applied what the subscriber was told.
+        tokio::time::sleep(SOURCE_BEHIND_RETRY).await;
+        return Ok((next, 0));
+    }
     if messages.is_empty() && meta.next_offset <= next {
         // The replica read has not applied `next` yet (it lags the node
         // that raised this feed's head): what is missing is not lost, so

@@ -1399,7 +1399,12 @@ impl<C: Connection> Session<C> {
                 let result = tokio::select! {
                     sink = conn.open_delivery() => match sink {
                         Ok(sink) => {
-                            let start = Start { id, next, events };
+                            let start = Start {
+                                id,
+                                next,
+                                events,
+                                epoch,
+                            };
                             subscription::run(start, feed, log, sink, cancel, metrics).await
                         }
                         Err(e) => Err(Stopped::Stream(e)),

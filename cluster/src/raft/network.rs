@@ -338,6 +338,11 @@ pub struct Peers {
     /// leader within the lease is cut off from it, whatever openraft still
     /// names as leader until its own election timeout.
     heard: Arc<DashMap<PartitionId, (NodeId, std::time::Instant)>>,
+    /// When each peer's last proven call arrived (any kind, any group):
+    /// a leader busy streaming a snapshot or a long append to one group
+    /// sends that group no heartbeat meanwhile, yet it is plainly
+    /// reachable.
+    calls_from: DashMap<NodeId, std::time::Instant>,
 }
 
 impl Debug for Peers {
@@ -383,6 +388,7 @@ impl Peers {
             stop: CancellationToken::new(),
             lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
             heard: Arc::default(),
+            calls_from: DashMap::new(),
         });
         tokio::spawn(accept_loop(peers.clone()));
         Ok(peers)
@@ -402,6 +408,12 @@ impl Peers {
 
     /// Serves calls for `partition`'s group.
     pub fn host(&self, partition: PartitionId, raft: Raft) {
+        // A restarted group names its old leader before that leader's
+        // first append arrives: it gets one lease to arrive.
+        let leader = raft.metrics().borrow().current_leader;
+        if let Some(leader) = leader.filter(|leader| *leader != self.node) {
+            self.heard_from(partition, leader);
+        }
         self.groups.insert(partition, raft);
     }
 
@@ -488,13 +500,18 @@ impl Peers {
         self.standing(partition).is_some_and(Standing::leads)
     }
 
-    /// Whether this node's group of `partition` took an append or a
-    /// heartbeat from `leader` within the leader lease.
+    /// Whether this node hears from `leader` as `partition`'s leader:
+    /// its group took an append or a heartbeat from it, or any call of it
+    /// arrived, within the leader lease.
     pub fn hears_from(&self, partition: PartitionId, leader: NodeId) -> bool {
+        let lease = self.leader_lease();
         self.heard.get(&partition).is_some_and(|heard| {
             let (from, at) = *heard;
-            from == leader && at.elapsed() <= self.leader_lease()
-        })
+            from == leader && at.elapsed() <= lease
+        }) || self
+            .calls_from
+            .get(&leader)
+            .is_some_and(|at| at.elapsed() <= lease)
     }
 
     /// `partition`'s group took an append from `leader` (its vote was not
@@ -1126,6 +1143,9 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
     };
     let (partition, from) = (header.partition, header.from);
     let refusal = unproven(proven, from);
+    if refusal.is_none() {
+        peers.calls_from.insert(from, std::time::Instant::now());
+    }
     if kind == Kind::Batch {
         return answer_batch(peers, from, refusal, body).await;
     }

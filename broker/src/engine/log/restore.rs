@@ -129,14 +129,18 @@ impl Restores {
     }
 
     /// Called before the restore's first write: readers stop trusting the
-    /// partition before anything of it changes.
-    fn begin(&self, partition: u32) {
-        if let Ok(mut under_way) = self.under_way.lock()
-            && under_way.insert(partition)
-        {
+    /// partition before anything of it changes. False when the partition
+    /// was listed already (a restore of it is under way).
+    fn begin(&self, partition: u32) -> bool {
+        let inserted = self
+            .under_way
+            .lock()
+            .is_ok_and(|mut under_way| under_way.insert(partition));
+        if inserted {
             self.count.fetch_add(1, Ordering::AcqRel);
         }
         self.changes.fetch_add(1, Ordering::SeqCst);
+        inserted
     }
 
     /// Called after the restore's last write (or its failed first one).
@@ -165,10 +169,12 @@ impl Writer {
     pub(super) fn restore(&mut self, partition: u32, step: Restore) -> Result<(), StoreError> {
         match step {
             Restore::Begin { scope, marker } => {
-                self.restores.begin(partition);
+                let listed = self.restores.begin(partition);
                 let begun = self.begin_restore(partition, &scope, marker);
-                if begun.is_err() {
-                    // Nothing was written: the partition's state is whole.
+                if begun.is_err() && listed {
+                    // Nothing was written: the partition's state is as
+                    // whole as before (unless an earlier restore of it is
+                    // still under way, which keeps it listed).
                     self.restores.end(partition);
                 }
                 begun
