@@ -21,9 +21,11 @@
 //! the others when next published to (or, for age, at once).
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 use volna_proto::{ChannelName, Offset};
@@ -106,8 +108,55 @@ pub async fn run(
             () = cancel.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        round(&log, &policies, &metrics, now_ms()).await;
+        let stats = round(&log, &policies, &metrics, now_ms()).await;
+        if stats != RoundStats::default() {
+            debug!(?stats, "retention round");
+        }
     }
+}
+
+/// Cuts a round computes at once.
+const CUTS_IN_FLIGHT: usize = 16;
+
+/// The payload bytes a round may still read, shared by the cuts it
+/// computes at once (each takes what it read; together they overshoot by
+/// at most one read each).
+#[derive(Debug)]
+pub struct ReadBudget(AtomicU64);
+
+impl ReadBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: u64) -> Self {
+        Self(AtomicU64::new(bytes))
+    }
+
+    /// Bytes left.
+    pub fn left(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn spent(&self) -> bool {
+        self.left() == 0
+    }
+
+    fn take(&self, bytes: u64) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                Some(left.saturating_sub(bytes))
+            });
+    }
+}
+
+/// What a round did with one candidate channel.
+enum Examined {
+    /// Not examined: the budget or the writer's queue ran out, or the
+    /// channel is gone.
+    NotNow,
+    /// Another node decides it.
+    Skipped,
+    /// Examined; `trimmed` when a cut was handed to the writer.
+    Cut { read: u64, trimmed: bool },
 }
 
 /// What one round did.
@@ -129,6 +178,7 @@ pub async fn round(log: &Log, policies: &Policies, metrics: &Metrics, now_ms: u6
     let mut stats = RoundStats::default();
     let bounded = policies.bounded();
     if bounded.is_empty() {
+        metrics.retention_rounds.inc();
         return stats;
     }
     let over_limits: Vec<(ChannelName, ChannelMeta)> = log
@@ -160,48 +210,74 @@ pub async fn round(log: &Log, policies: &Policies, metrics: &Metrics, now_ms: u6
             Err(e) => warn!(namespace, error = %e, "cannot read the age index"),
         }
     }
-    let mut budget = ROUND_READ_BYTES;
-    for (channel, meta) in candidates {
-        if budget == 0 {
-            break;
-        }
-        let Some(retention) = bounded.get(channel.namespace()) else {
-            continue;
-        };
-        // In a cluster only the partition's leader cuts; the others skip
-        // the channel (not the round: they lead other partitions).
-        if !log.decides_retention(&channel) {
-            stats.skipped += 1;
-            continue;
-        }
-        let meta = match meta {
-            Some(meta) => meta,
-            None => match log.lookup(&channel).await {
-                Ok(Some(meta)) => meta,
-                Ok(None) => continue,
-                Err(e) => {
-                    warn!(%channel, error = %e, "retention cannot read the channel");
-                    continue;
+    // Cuts are computed several at a time: each waits on reads of the
+    // store, and one after another a round of a few hundred channels took
+    // seconds on a busy node (most of it queueing, not reading).
+    let budget = ReadBudget::new(ROUND_READ_BYTES);
+    let queue_full = AtomicBool::new(false);
+    let mut examined = futures_util::stream::iter(candidates)
+        .map(|(channel, meta)| {
+            let (budget, queue_full, bounded) = (&budget, &queue_full, &bounded);
+            async move {
+                if budget.spent() || queue_full.load(Ordering::Relaxed) {
+                    return Examined::NotNow;
                 }
-            },
-        };
-        stats.examined += 1;
-        match cut(log, &channel, &meta, retention, now_ms, &mut budget).await {
-            Ok((trim, read)) => {
-                stats.read_bytes += read;
-                let Some(trim) = trim else { continue };
-                debug!(%channel, below = %trim.below, freed = trim.freed_bytes, "retention");
-                if !log.trim(trim) {
-                    // The writer is saturated; the next round retries.
-                    break;
+                let Some(retention) = bounded.get(channel.namespace()) else {
+                    return Examined::NotNow;
+                };
+                // In a cluster only the partition's leader cuts; the others
+                // skip the channel (not the round: they lead other
+                // partitions).
+                if !log.decides_retention(&channel) {
+                    return Examined::Skipped;
                 }
-                stats.trims += 1;
+                let meta = match meta {
+                    Some(meta) => meta,
+                    None => match log.lookup(&channel).await {
+                        Ok(Some(meta)) => meta,
+                        Ok(None) => return Examined::NotNow,
+                        Err(e) => {
+                            warn!(%channel, error = %e, "retention cannot read the channel");
+                            return Examined::NotNow;
+                        }
+                    },
+                };
+                match cut(log, &channel, &meta, retention, now_ms, budget).await {
+                    Ok((None, read)) => Examined::Cut { read, trimmed: false },
+                    Ok((Some(trim), read)) => {
+                        debug!(%channel, below = %trim.below, freed = trim.freed_bytes, "retention");
+                        if log.trim(trim) {
+                            Examined::Cut { read, trimmed: true }
+                        } else {
+                            // The writer is saturated; the next round
+                            // retries.
+                            debug!(%channel, "retention round ends: the writer's queue is full");
+                            queue_full.store(true, Ordering::Relaxed);
+                            Examined::Cut { read, trimmed: false }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(%channel, error = %e, "retention scan failed");
+                        Examined::Cut { read: 0, trimmed: false }
+                    }
+                }
             }
-            Err(e) => warn!(%channel, error = %e, "retention scan failed"),
+        })
+        .buffer_unordered(CUTS_IN_FLIGHT);
+    while let Some(outcome) = examined.next().await {
+        match outcome {
+            Examined::NotNow => {}
+            Examined::Skipped => stats.skipped += 1,
+            Examined::Cut { read, trimmed } => {
+                stats.examined += 1;
+                stats.read_bytes += read;
+                stats.trims += u64::from(trimmed);
+            }
         }
     }
     metrics.retention_channels_examined.inc_by(stats.examined);
     metrics.retention_read_bytes.inc_by(stats.read_bytes);
+    metrics.retention_rounds.inc();
     stats
 }
 
@@ -224,7 +300,7 @@ pub async fn cut(
     meta: &ChannelMeta,
     retention: &Retention,
     now_ms: u64,
-    budget: &mut u64,
+    budget: &ReadBudget,
 ) -> Result<(Option<Trim>, u64), StoreError> {
     let by_count = retention
         .max_messages
@@ -252,7 +328,8 @@ pub async fn cut(
         if count_left == 0 && bytes_left == 0 && age_cutoff.is_none() {
             break;
         }
-        if *budget == 0 {
+        let left = budget.left();
+        if left == 0 {
             break;
         }
         // Ask for what the cut needs and one message more (the first that
@@ -275,7 +352,7 @@ pub async fn cut(
         };
         let want_bytes = want_bytes
             .min(READ_BYTES)
-            .min(usize::try_from(*budget).unwrap_or(usize::MAX));
+            .min(usize::try_from(left).unwrap_or(usize::MAX));
         let chunk = log
             .read(
                 meta.id,
@@ -292,7 +369,7 @@ pub async fn cut(
         for message in &chunk {
             let size = message.payload.len() as u64;
             read += size;
-            *budget = budget.saturating_sub(size);
+            budget.take(size);
             let goes = by_count.is_some_and(|c| message.offset < c)
                 || excess_bytes(freed) > 0
                 || aged(message.timestamp_ms);
@@ -381,12 +458,12 @@ mod tests {
         publish(&log, &chat, 150, b"0123456789").await;
         let meta = log.meta(&chat).expect("meta");
         let now = now_ms();
-        let mut budget = u64::MAX;
+        let budget = ReadBudget::new(u64::MAX);
         let count = Retention {
             max_messages: Some(100),
             ..Retention::default()
         };
-        let (trim, read) = cut(&log, &chat, &meta, &count, now, &mut budget)
+        let (trim, read) = cut(&log, &chat, &meta, &count, now, &budget)
             .await
             .expect("cut");
         assert_eq!(cut_of(trim), Some((51, 500)));
@@ -396,7 +473,7 @@ mod tests {
             max_bytes: Some(1000),
             ..Retention::default()
         };
-        let (trim, read) = cut(&log, &chat, &meta, &bytes, now, &mut budget)
+        let (trim, read) = cut(&log, &chat, &meta, &bytes, now, &budget)
             .await
             .expect("cut");
         assert_eq!(cut_of(trim), Some((51, 500)));
@@ -405,7 +482,7 @@ mod tests {
             max_age_secs: Some(3600),
             ..Retention::default()
         };
-        let (trim, _) = cut(&log, &chat, &meta, &young, now, &mut budget)
+        let (trim, _) = cut(&log, &chat, &meta, &young, now, &budget)
             .await
             .expect("cut");
         assert_eq!(cut_of(trim), None);
@@ -413,18 +490,21 @@ mod tests {
             max_age_secs: Some(1),
             ..Retention::default()
         };
-        let (trim, _) = cut(&log, &chat, &meta, &old, now + 10_000, &mut budget)
+        let (trim, _) = cut(&log, &chat, &meta, &old, now + 10_000, &budget)
             .await
             .expect("cut");
         assert_eq!(cut_of(trim), Some((151, 1500)));
         // A round's read budget bounds a cut.
-        let mut small = 100;
-        let (trim, read) = cut(&log, &chat, &meta, &count, now, &mut small)
+        let small = ReadBudget::new(100);
+        let (trim, read) = cut(&log, &chat, &meta, &count, now, &small)
             .await
             .expect("cut");
-        assert_eq!((cut_of(trim), read, small), (Some((11, 100)), 100, 0));
+        assert_eq!(
+            (cut_of(trim), read, small.left()),
+            (Some((11, 100)), 100, 0)
+        );
 
-        let (trim, _) = cut(&log, &chat, &meta, &count, now, &mut budget)
+        let (trim, _) = cut(&log, &chat, &meta, &count, now, &budget)
             .await
             .expect("cut");
         assert!(log.trim(trim.expect("a cut")));
@@ -443,16 +523,16 @@ mod tests {
         let chat = ChannelName::new("chat.1").expect("name");
         publish(&log, &chat, 100, b"0123456789").await;
         let meta = log.meta(&chat).expect("meta");
-        let mut budget = u64::MAX;
+        let budget = ReadBudget::new(u64::MAX);
         let keep = |n| Retention {
             max_messages: Some(n),
             ..Retention::default()
         };
         // Two rounds computed from the same metadata before either landed.
-        let (first, _) = cut(&log, &chat, &meta, &keep(60), now_ms(), &mut budget)
+        let (first, _) = cut(&log, &chat, &meta, &keep(60), now_ms(), &budget)
             .await
             .expect("cut");
-        let (second, _) = cut(&log, &chat, &meta, &keep(50), now_ms(), &mut budget)
+        let (second, _) = cut(&log, &chat, &meta, &keep(50), now_ms(), &budget)
             .await
             .expect("cut");
         assert!(log.trim(first.expect("first cut")));

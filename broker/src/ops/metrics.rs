@@ -79,6 +79,8 @@ pub struct Metrics {
     pub retention_read_bytes: IntCounter,
     /// Channels retention examined.
     pub retention_channels_examined: IntCounter,
+    /// Retention rounds completed.
+    pub retention_rounds: IntCounter,
     /// Publishes refused because their user created channels too fast.
     pub channel_creations_refused: IntCounter,
     /// `Ack` requests accepted (before coalescing).
@@ -255,6 +257,7 @@ impl Metrics {
                 "retention_channels_examined_total",
                 "Channels retention examined",
             ),
+            retention_rounds: counter("retention_rounds_total", "Retention rounds completed"),
             channel_creations_refused: counter(
                 "channel_creations_refused_total",
                 "Publishes refused because their user created channels faster than allowed",
