@@ -716,19 +716,14 @@ async fn a_page_refused_for_good_ends_its_client_with_the_code() {
 /// Serves one small HTML page at every path, as another web site would,
 /// until the task is aborted.
 async fn another_site() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let task = tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
+                if common::read_request_head(&mut socket).await.is_none() {
+                    return;
                 }
                 let body = "<!doctype html><title>another site</title><p>elsewhere";
                 let response = format!(

@@ -26,10 +26,7 @@ use futures_util::StreamExt;
 use tempfile::TempDir;
 use volna_broker::admin::ClusterStatus;
 use volna_broker::config::{ClusterSection, ClusterTls};
-use volna_broker::store::{
-    ChannelMeta, ExportScope, Exported, LogStore, PartitionClocks, ProducerKey, ProducerWindow,
-    Recovered, StoreError, StoredMessage, WriteSet,
-};
+use volna_broker::store::{StoreError, WriteSet};
 use volna_broker::{Broker, Config};
 use volna_client::{ChannelName, Client, ClientConfig, ClientError, Position, Trust};
 use volna_cluster::raft::lease::Standing;
@@ -37,113 +34,43 @@ use volna_cluster::tls::DevCa;
 use volna_cluster::{PartitionId, partition_of};
 
 use common::DEADLINE;
+use common::store::{Faulty, StoreFault};
 
 const PARTITIONS: u32 = 4;
 const ELECTION_TIMEOUT: Duration = Duration::from_millis(1000);
 
-/// A store that delegates to the node's RocksDB store and, while switched
-/// on for a partition, fails every write carrying that partition's
-/// applied state (its Raft entries) as a failing disk would.
-#[derive(Debug)]
-struct FailingStore {
-    inner: Arc<dyn LogStore>,
+/// A fault that, while switched on for a partition, fails every write
+/// carrying that partition's applied state (its Raft entries) as a failing
+/// disk would; the node's RocksDB store takes every other call.
+#[derive(Debug, Default)]
+struct FailingPartition {
     /// The partition whose writes fail, plus one (0: none).
     failing: AtomicU32,
     /// Writes refused so far.
     refused: AtomicU64,
 }
 
-impl FailingStore {
+impl FailingPartition {
     fn fail_partition(&self, partition: Option<u32>) {
         self.failing
             .store(partition.map_or(0, |p| p + 1), Ordering::SeqCst);
     }
-
-    fn fails(&self, set: &WriteSet) -> bool {
-        let failing = self.failing.load(Ordering::SeqCst);
-        failing != 0 && set.applied.iter().any(|(p, _)| *p + 1 == failing)
-    }
 }
 
-impl LogStore for FailingStore {
-    fn recover(&self) -> Result<Recovered, StoreError> {
-        self.inner.recover()
-    }
-    fn load_channel(&self, name: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
-        self.inner.load_channel(name)
-    }
-    fn scan_channels(
-        &self,
-        prefix: &str,
-        after: Option<&ChannelName>,
-        limit: usize,
-    ) -> Result<Vec<(ChannelName, ChannelMeta)>, StoreError> {
-        self.inner.scan_channels(prefix, after, limit)
-    }
-    fn aged_channels(
-        &self,
-        namespace: &str,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<ChannelName>, StoreError> {
-        self.inner.aged_channels(namespace, before_ms, limit)
-    }
-    fn mark_clean_stop(&self) -> Result<(), StoreError> {
-        self.inner.mark_clean_stop()
-    }
-    fn mark_running(&self) -> Result<(), StoreError> {
-        self.inner.mark_running()
-    }
-    fn load_producer(&self, key: &ProducerKey) -> Result<Option<ProducerWindow>, StoreError> {
-        self.inner.load_producer(key)
-    }
-    fn owner_producers(&self, owner: &str) -> Result<Vec<(u64, ProducerWindow)>, StoreError> {
-        self.inner.owner_producers(owner)
-    }
-    fn partition_clocks(&self) -> Option<Arc<PartitionClocks>> {
-        self.inner.partition_clocks()
-    }
-    fn write(&self, set: &WriteSet, sync: bool) -> Result<(), StoreError> {
-        if self.fails(set) {
+impl StoreFault for FailingPartition {
+    fn before_write(&self, set: &WriteSet) -> Result<(), StoreError> {
+        let failing = self.failing.load(Ordering::SeqCst);
+        if failing != 0 && set.applied.iter().any(|(p, _)| *p + 1 == failing) {
             self.refused.fetch_add(1, Ordering::SeqCst);
             return Err(StoreError::Engine(
                 "injected failure: Input/output error (os error 5)".into(),
             ));
         }
-        self.inner.write(set, sync)
-    }
-    fn load_applied(&self, partition: u32) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.load_applied(partition)
-    }
-    fn read(
-        &self,
-        channel: u64,
-        from: volna_proto::Offset,
-        until: volna_proto::Offset,
-        max_messages: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<StoredMessage>, StoreError> {
-        self.inner
-            .read(channel, from, until, max_messages, max_bytes)
-    }
-    fn export(
-        &self,
-        scope: &ExportScope<'_>,
-        fixed: &mut dyn FnMut(),
-        sink: &mut dyn FnMut(Exported) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        self.inner.export(scope, fixed, sink)
-    }
-    fn check_health(&self) -> Result<(), StoreError> {
-        self.inner.check_health()
-    }
-    fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush()
-    }
-    fn stats(&self) -> Vec<(&'static str, u64)> {
-        self.inner.stats()
+        Ok(())
     }
 }
+
+type FailingStore = Faulty<FailingPartition>;
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -261,11 +188,7 @@ impl Nodes {
             let slot: Arc<Mutex<Option<Arc<FailingStore>>>> = Arc::default();
             let made = slot.clone();
             let broker = Broker::start_with_store_wrapper(config, move |inner| {
-                let store = Arc::new(FailingStore {
-                    inner,
-                    failing: AtomicU32::new(0),
-                    refused: AtomicU64::new(0),
-                });
+                let store = Arc::new(Faulty::new(inner, FailingPartition::default()));
                 *made.lock().unwrap() = Some(store.clone());
                 store
             })
@@ -404,7 +327,9 @@ async fn a_group_whose_store_fails_stops_leading_and_comes_back_from_its_store()
     }
 
     // The disk under node `failing`'s copy of the partition fails.
-    nodes.stores[(failing - 1) as usize].fail_partition(Some(partition.0));
+    nodes.stores[(failing - 1) as usize]
+        .fault
+        .fail_partition(Some(partition.0));
     let faulted = Instant::now();
 
     // Publishes through the failing node are answered, not left hanging:
@@ -444,6 +369,7 @@ async fn a_group_whose_store_fails_stops_leading_and_comes_back_from_its_store()
     );
     assert!(
         nodes.stores[(failing - 1) as usize]
+            .fault
             .refused
             .load(Ordering::SeqCst)
             > 0,
@@ -481,7 +407,9 @@ async fn a_group_whose_store_fails_stops_leading_and_comes_back_from_its_store()
 
     // The disk heals: the group comes back from the store, catches up and
     // the node is ready again.
-    nodes.stores[(failing - 1) as usize].fail_partition(None);
+    nodes.stores[(failing - 1) as usize]
+        .fault
+        .fail_partition(None);
     let healed = Instant::now();
     loop {
         let answer = nodes.readyz(failing).await;

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{SECRET, TestBroker, jwt_broker};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 use volna_broker::Config;
@@ -72,14 +72,9 @@ async fn control(broker: Arc<Mutex<TestBroker>>) -> (String, tokio::task::JoinHa
             };
             let broker = broker.clone();
             tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match socket.read(&mut buf).await {
-                        Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
-                        _ => return,
-                    }
-                }
+                let Some(request) = common::read_request_head(&mut socket).await else {
+                    return;
+                };
                 let line = String::from_utf8_lossy(&request);
                 let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
                 let (status, body) = match path.as_str() {

@@ -316,103 +316,20 @@ async fn cancelled_subscribes_leave_nothing_behind() {
     .await;
 }
 
-/// A store whose final flush waits until the test lets it go.
+/// A fault that holds the store's final flush until the test lets it go.
 #[derive(Debug)]
-struct GatedStore {
-    inner: MemoryStore,
+struct GatedFlush {
     release: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
     released: std::sync::atomic::AtomicBool,
 }
 
-impl volna_broker::store::LogStore for GatedStore {
-    fn recover(&self) -> Result<volna_broker::store::Recovered, volna_broker::store::StoreError> {
-        self.inner.recover()
-    }
-    fn load_channel(
-        &self,
-        name: &volna_client::ChannelName,
-    ) -> Result<Option<volna_broker::store::ChannelMeta>, volna_broker::store::StoreError> {
-        self.inner.load_channel(name)
-    }
-    fn scan_channels(
-        &self,
-        prefix: &str,
-        after: Option<&volna_client::ChannelName>,
-        limit: usize,
-    ) -> Result<
-        Vec<(volna_client::ChannelName, volna_broker::store::ChannelMeta)>,
-        volna_broker::store::StoreError,
-    > {
-        self.inner.scan_channels(prefix, after, limit)
-    }
-    fn aged_channels(
-        &self,
-        namespace: &str,
-        before_ms: u64,
-        limit: usize,
-    ) -> Result<Vec<volna_client::ChannelName>, volna_broker::store::StoreError> {
-        self.inner.aged_channels(namespace, before_ms, limit)
-    }
-    fn mark_clean_stop(&self) -> Result<(), volna_broker::store::StoreError> {
-        self.inner.mark_clean_stop()
-    }
-    fn load_producer(
-        &self,
-        key: &volna_broker::store::ProducerKey,
-    ) -> Result<Option<volna_broker::store::ProducerWindow>, volna_broker::store::StoreError> {
-        self.inner.load_producer(key)
-    }
-    fn owner_producers(
-        &self,
-        owner: &str,
-    ) -> Result<Vec<(u64, volna_broker::store::ProducerWindow)>, volna_broker::store::StoreError>
-    {
-        self.inner.owner_producers(owner)
-    }
-    fn write(
-        &self,
-        set: &volna_broker::store::WriteSet,
-        sync: bool,
-    ) -> Result<(), volna_broker::store::StoreError> {
-        self.inner.write(set, sync)
-    }
-    fn load_applied(
-        &self,
-        partition: u32,
-    ) -> Result<Option<Vec<u8>>, volna_broker::store::StoreError> {
-        self.inner.load_applied(partition)
-    }
-    fn read(
-        &self,
-        channel: volna_broker::store::ChannelId,
-        from: Offset,
-        until: Offset,
-        max_messages: usize,
-        max_bytes: usize,
-    ) -> Result<Vec<volna_broker::store::StoredMessage>, volna_broker::store::StoreError> {
-        self.inner
-            .read(channel, from, until, max_messages, max_bytes)
-    }
-    fn export(
-        &self,
-        scope: &volna_broker::store::ExportScope<'_>,
-        fixed: &mut dyn FnMut(),
-        sink: &mut dyn FnMut(
-            volna_broker::store::Exported,
-        ) -> Result<(), volna_broker::store::StoreError>,
-    ) -> Result<(), volna_broker::store::StoreError> {
-        self.inner.export(scope, fixed, sink)
-    }
-    fn check_health(&self) -> Result<(), volna_broker::store::StoreError> {
-        self.inner.check_health()
-    }
-    fn flush(&self) -> Result<(), volna_broker::store::StoreError> {
+impl common::store::StoreFault for GatedFlush {
+    fn before_flush(&self) {
         let release = self.release.lock().unwrap();
         if release.recv_timeout(Duration::from_secs(10)).is_ok() {
             self.released
                 .store(true, std::sync::atomic::Ordering::SeqCst);
         }
-        Ok(())
     }
 }
 
@@ -428,11 +345,13 @@ fn dropping_a_broker_does_not_block_its_runtime_worker() {
         .build()
         .unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
-    let store = Arc::new(GatedStore {
-        inner: MemoryStore::new(),
-        release: std::sync::Mutex::new(rx),
-        released: std::sync::atomic::AtomicBool::new(false),
-    });
+    let store = Arc::new(common::store::Faulty::new(
+        Arc::new(MemoryStore::new()),
+        GatedFlush {
+            release: std::sync::Mutex::new(rx),
+            released: std::sync::atomic::AtomicBool::new(false),
+        },
+    ));
     let gated = store.clone();
     runtime.block_on(async move {
         // On the worker itself (block_on's own thread is not one).
@@ -451,7 +370,10 @@ fn dropping_a_broker_does_not_block_its_runtime_worker() {
         .unwrap();
     });
     assert!(
-        store.released.load(std::sync::atomic::Ordering::SeqCst),
+        store
+            .fault
+            .released
+            .load(std::sync::atomic::Ordering::SeqCst),
         "the final flush was not released: the drop held the runtime's only worker"
     );
 }

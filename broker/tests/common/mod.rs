@@ -19,6 +19,8 @@ use volna_broker::{Broker, Config};
 use volna_client::{Backoff, ChannelName, Client, ClientConfig, Trust};
 use volna_proto::{Frame, Hello, Limits, PROTOCOL_VERSION};
 
+pub mod store;
+
 /// How long any wait in a test may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -485,4 +487,19 @@ pub async fn http(
     })
     .await
     .unwrap()
+}
+
+/// Reads an HTTP/1.1 request up to the end of its head, for the small
+/// HTTP servers tests stand in for other sites with; `None` when the peer
+/// closed first.
+pub async fn read_request_head(socket: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        match socket.read(&mut buf).await {
+            Ok(n) if n > 0 => request.extend_from_slice(&buf[..n]),
+            _ => return None,
+        }
+    }
+    Some(request)
 }
