@@ -81,7 +81,7 @@ async fn publish_split(
             .map(|(c, n)| workload::publish_all(c, channel, n, payload, per_rate)),
     )
     .await?;
-    let mut acks = Histogram::<u64>::new(3).context("ack histogram")?;
+    let mut acks = workload::ack_histogram()?;
     for h in &histograms {
         acks.add(h).context("merging ack latencies")?;
     }

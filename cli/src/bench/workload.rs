@@ -399,7 +399,7 @@ pub async fn publish_all(
     // same instant.
     let started = tokio::time::Instant::now()
         + pace.map_or(Duration::ZERO, |p| p.mul_f64(rand::random::<f64>()));
-    let mut acks = Histogram::<u64>::new(3).context("ack histogram")?;
+    let mut acks = ack_histogram()?;
     let mut inflight = FuturesUnordered::new();
     let mut take = |(result, sent): (Result<Published, volna_client::ClientError>, Instant)| {
         check_publish(result)?;
@@ -618,6 +618,13 @@ fn own_cpu_seconds() -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some((utime + stime) as f64 / 100.0)
+}
+
+/// A histogram of publish → ack times in µs, 1 µs to an hour. Bounded,
+/// not auto-resizing: `saturating_record` clamps to the current bound, and
+/// an auto-resizing histogram starts at 2 (every ack read "2 µs").
+pub fn ack_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).context("ack histogram")
 }
 
 /// A histogram for callers outside this module.
