@@ -245,6 +245,11 @@ pub async fn round(log: &Log, policies: &Policies, metrics: &Metrics, now_ms: u6
                 match cut(log, &channel, &meta, retention, now_ms, budget).await {
                     Ok((None, read)) => Examined::Cut { read, trimmed: false },
                     Ok((Some(trim), read)) => {
+                        if queue_full.load(Ordering::Relaxed) {
+                            // Another cut found the queue full while this
+                            // one read: the round is over.
+                            return Examined::Cut { read, trimmed: false };
+                        }
                         debug!(%channel, below = %trim.below, freed = trim.freed_bytes, "retention");
                         if log.trim(trim) {
                             Examined::Cut { read, trimmed: true }
