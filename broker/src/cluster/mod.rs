@@ -400,6 +400,7 @@ impl ClusterNode {
             )),
             tokio::spawn(heartbeat_loop(
                 groups.clone(),
+                peers.clone(),
                 id,
                 Duration::from_millis(section.heartbeat_ms),
                 stop.clone(),
@@ -598,6 +599,7 @@ async fn membership_loop(
 /// call (Raft heartbeats batched per node pair).
 async fn heartbeat_loop(
     groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    peers: Arc<Peers>,
     id: NodeId,
     interval: Duration,
     stop: CancellationToken,
@@ -618,11 +620,16 @@ async fn heartbeat_loop(
                     .collect()
             })
             .unwrap_or_default();
+        if led.is_empty() {
+            continue;
+        }
+        peers.firing_heartbeats();
         for raft in led {
             if let Err(e) = raft.trigger().heartbeat().await {
                 debug!(error = %e, "heartbeat not sent");
             }
         }
+        peers.firing_heartbeats();
     }
 }
 

@@ -10,12 +10,16 @@
 //! redialed by the next call; a call to an unreachable peer fails as
 //! [`Unreachable`] and openraft backs off before retrying.
 //!
-//! Heartbeats are batched per node pair: every empty `AppendEntries` to a
-//! peer that is queued within `BATCH_WINDOW` of the first goes out as one
-//! call, answered as one, however many partition groups the two nodes
-//! share. With the node's groups' heartbeats fired together (the broker
-//! does), a node pair exchanges one call per heartbeat interval instead of
-//! one per shared group.
+//! Heartbeats are batched per node pair: while the node fires its groups'
+//! heartbeats together ([`Peers::firing_heartbeats`]; the broker does),
+//! every empty `AppendEntries` to a peer that is queued within
+//! `BATCH_WINDOW` of the first goes out as one call, answered as one,
+//! however many partition groups the two nodes share: a node pair
+//! exchanges one call per heartbeat interval instead of one per shared
+//! group. At other times an empty `AppendEntries` is openraft telling a
+//! follower the new commit index, and the stream's next entries wait for
+//! it: it goes at once (with whatever else is queued), never held for the
+//! window (that cost every commit 1-2 ms).
 //!
 //! A call is served only for the node its sender's certificate proves
 //! (`crate::tls`): the sender it names must be one of the certificate's
@@ -343,6 +347,10 @@ pub struct Peers {
     /// sends that group no heartbeat meanwhile, yet it is plainly
     /// reachable.
     calls_from: DashMap<NodeId, std::time::Instant>,
+    /// Until when empty `AppendEntries` are the node's heartbeat round
+    /// (batched over a window) rather than commit-index updates (sent at
+    /// once).
+    heartbeat_round_until: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Debug for Peers {
@@ -388,6 +396,7 @@ impl Peers {
             stop: CancellationToken::new(),
             lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
             heard: Arc::default(),
+            heartbeat_round_until: std::sync::Mutex::new(None),
             calls_from: DashMap::new(),
         });
         tokio::spawn(accept_loop(peers.clone()));
@@ -498,6 +507,24 @@ impl Peers {
     /// Whether this node leads `partition` and knows it still does.
     pub fn leads(&self, partition: PartitionId) -> bool {
         self.standing(partition).is_some_and(Standing::leads)
+    }
+
+    /// The node is firing its groups' heartbeats: the empty
+    /// `AppendEntries` queued from now until the batch window (1 ms) past
+    /// the last call of the round share their peers' calls. Called before
+    /// and after each round.
+    pub fn firing_heartbeats(&self) {
+        *self
+            .heartbeat_round_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now() + BATCH_WINDOW);
+    }
+
+    fn in_heartbeat_round(&self) -> bool {
+        self.heartbeat_round_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|until| tokio::time::Instant::now() <= until)
     }
 
     /// Whether this node hears from `leader` as `partition`'s leader:
@@ -858,8 +885,9 @@ impl Peers {
     }
 }
 
-/// Gathers the heartbeats to `node` that arrive within [`BATCH_WINDOW`] of
-/// the first into one call.
+/// Gathers the heartbeats to `node` into one call: during a heartbeat
+/// round, those that arrive within [`BATCH_WINDOW`] of the first; at other
+/// times (commit-index updates) only those already queued.
 async fn batch_loop(
     peers: Arc<Peers>,
     node: NodeId,
@@ -874,15 +902,24 @@ async fn batch_loop(
             },
         };
         let mut batch = vec![first];
-        let window = tokio::time::sleep(BATCH_WINDOW);
-        tokio::pin!(window);
-        while batch.len() < MAX_BATCH {
-            tokio::select! {
-                () = &mut window => break,
-                next = queue.recv() => match next {
-                    Some(next) => batch.push(next),
-                    None => break,
-                },
+        if peers.in_heartbeat_round() {
+            let window = tokio::time::sleep(BATCH_WINDOW);
+            tokio::pin!(window);
+            while batch.len() < MAX_BATCH {
+                tokio::select! {
+                    () = &mut window => break,
+                    next = queue.recv() => match next {
+                        Some(next) => batch.push(next),
+                        None => break,
+                    },
+                }
+            }
+        } else {
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
         }
         let deadline = batch
