@@ -36,6 +36,10 @@ pub struct NodeInfo {
     pub quic: String,
     /// Where other nodes reach it.
     pub peer: String,
+    /// The newest Raft entry format it reads ([`crate::raft::LOG_FORMAT`]);
+    /// 0 for nodes from before the field.
+    #[serde(default)]
+    pub log_format: u32,
 }
 
 /// A cluster's fixed settings, chosen when it is created.

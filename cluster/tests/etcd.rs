@@ -86,6 +86,7 @@ fn node(id: u64) -> NodeInfo {
         id,
         quic: format!("127.0.0.1:{}", 7400 + id),
         peer: format!("127.0.0.1:{}", 7500 + id),
+        log_format: volna_cluster::raft::LOG_FORMAT,
     }
 }
 

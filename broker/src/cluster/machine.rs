@@ -33,9 +33,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
-use volna_cluster::raft::{BasicNode, Command, Outcome as ReplicaOutcome, Reply, TypeConfig};
+use volna_cluster::raft::{
+    BasicNode, Command, Outcome as ReplicaOutcome, Reply, TrimCut, TypeConfig,
+};
 use volna_cluster::{PartitionId, partition_of};
-use volna_proto::{ChannelName, Offset};
+use volna_proto::{ChannelName, Epoch, Offset};
 
 use super::snapshot::{Counts, Current, SnapshotDir, SnapshotError, read_parts, write_snapshot};
 use crate::log::{AppendInput, Log, Outcome, ProducerRef, Replicated, Restore, RestoreScope, Trim};
@@ -319,13 +321,17 @@ impl PartitionMachine {
                 }
             }
             Some(Command::Trim(cuts)) => {
+                entry.trims = cuts.into_iter().filter_map(trim_of).collect();
+            }
+            Some(Command::UnversionedTrim(cuts)) => {
                 entry.trims = cuts
                     .into_iter()
                     .filter_map(|cut| {
-                        Some(Trim {
-                            channel: ChannelName::new(cut.channel).ok()?,
-                            from: Offset::new(cut.from),
-                            below: Offset::new(cut.below),
+                        trim_of(TrimCut {
+                            channel: cut.channel,
+                            from: cut.from,
+                            epoch: None,
+                            below: cut.below,
                             freed_bytes: cut.freed_bytes,
                             oldest_ms: cut.oldest_ms,
                         })
@@ -365,6 +371,19 @@ pub(super) fn applied_position(bytes: &[u8]) -> Option<(Option<LogId<NodeId>>, u
     AppliedState::decode(bytes)
         .ok()
         .map(|state| (state.last, state.time_ms))
+}
+
+/// The log's form of a replicated cut (`None` when its channel name is not
+/// one: such a cut was never proposed by a node that validated it).
+fn trim_of(cut: TrimCut) -> Option<Trim> {
+    Some(Trim {
+        channel: ChannelName::new(cut.channel).ok()?,
+        from: Offset::new(cut.from),
+        epoch: cut.epoch.map(Epoch),
+        below: Offset::new(cut.below),
+        freed_bytes: cut.freed_bytes,
+        oldest_ms: cut.oldest_ms,
+    })
 }
 
 fn apply_error(log_id: LogId<NodeId>, why: &(impl std::error::Error + 'static)) -> Error {

@@ -309,6 +309,7 @@ impl ClusterNode {
                 .peer_advertise
                 .clone()
                 .unwrap_or_else(|| peer_addr.to_string()),
+            log_format: volna_cluster::raft::LOG_FORMAT,
         };
         let view = Arc::new(ClusterView::default());
         let groups = Arc::new(Mutex::new(BTreeMap::new()));

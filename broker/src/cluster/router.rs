@@ -16,7 +16,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 use volna_cluster::raft::network::{Peers, ProposeError};
-use volna_cluster::raft::{BasicNode, Command, Outcome, ProducerStamp, Publish, TrimCut};
+use volna_cluster::raft::{
+    BasicNode, Command, Outcome, ProducerStamp, Publish, TrimCut, UnversionedTrimCut,
+};
 use volna_cluster::{NodeId, NodeInfo, PartitionId, PartitionMap, partition_of};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset};
 
@@ -87,6 +89,19 @@ impl ClusterView {
             .read()
             .ok()
             .and_then(|inner| inner.1.get(&node).map(|info| info.peer.clone()))
+    }
+
+    /// Whether every replica of `partition` reads Raft entries of
+    /// `format` (as each last registered; a replica never seen reads
+    /// none).
+    pub fn reads_log_format(&self, partition: PartitionId, format: u32) -> bool {
+        self.inner.read().is_ok_and(|inner| {
+            let (map, nodes) = &*inner;
+            map.replicas.get(partition.0 as usize).is_some_and(|ids| {
+                ids.iter()
+                    .all(|id| nodes.get(id).is_some_and(|n| n.log_format >= format))
+            })
+        })
     }
 
     /// `partition`'s replicas with their inter-node addresses (those whose
@@ -326,7 +341,13 @@ async fn propose_loop(
                         }
                     }
                 }
-                (Command::Trim(cuts), Waiting::Trims)
+                // Replicas not yet upgraded cannot decode epoch cuts.
+                let command = if view.reads_log_format(partition, 1) {
+                    Command::Trim(cuts)
+                } else {
+                    Command::UnversionedTrim(cuts.into_iter().map(unversioned).collect())
+                };
+                (command, Waiting::Trims)
             }
         };
         let started = std::time::Instant::now();
@@ -414,12 +435,67 @@ fn to_publish(input: AppendInput) -> Publish {
     }
 }
 
+fn unversioned(cut: TrimCut) -> UnversionedTrimCut {
+    UnversionedTrimCut {
+        channel: cut.channel,
+        from: cut.from,
+        below: cut.below,
+        freed_bytes: cut.freed_bytes,
+        oldest_ms: cut.oldest_ms,
+    }
+}
+
 fn to_cut(trim: Trim) -> TrimCut {
     TrimCut {
         channel: trim.channel.as_str().to_owned(),
         from: trim.from.get(),
+        epoch: trim.epoch.map(|e| e.0),
         below: trim.below.get(),
         freed_bytes: trim.freed_bytes,
         oldest_ms: trim.oldest_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: NodeId, log_format: u32) -> (NodeId, NodeInfo) {
+        let info = NodeInfo {
+            id,
+            quic: format!("127.0.0.1:{}", 7400 + id),
+            peer: format!("127.0.0.1:{}", 7500 + id),
+            log_format,
+        };
+        (id, info)
+    }
+
+    /// A leader proposes epoch cuts only where every replica decodes them:
+    /// during a rolling upgrade an old follower would refuse every entry
+    /// after one it cannot read, and the partition would stop committing.
+    #[test]
+    fn a_newer_entry_format_waits_for_every_replica_of_the_partition() {
+        let view = ClusterView::default();
+        let map = PartitionMap {
+            version: 1,
+            replicas: vec![vec![1, 2, 3], vec![1, 2, 4]],
+        };
+        let current = volna_cluster::raft::LOG_FORMAT;
+        let nodes = BTreeMap::from([node(1, current), node(2, current), node(3, 0)]);
+        view.update(map, nodes);
+        assert!(!view.reads_log_format(PartitionId(0), 1), "node 3 is older");
+        assert!(
+            !view.reads_log_format(PartitionId(1), 1),
+            "node 4 was never seen"
+        );
+        assert!(view.reads_log_format(PartitionId(0), 0));
+        assert!(
+            !view.reads_log_format(PartitionId(2), 0),
+            "no such partition"
+        );
+        // Node 3 comes back upgraded.
+        let (map, _) = view.snapshot();
+        view.update(map, BTreeMap::from([node(3, current)]));
+        assert!(view.reads_log_format(PartitionId(0), 1));
     }
 }

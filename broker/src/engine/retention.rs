@@ -389,6 +389,7 @@ pub async fn cut(
     let trim = Trim {
         channel: channel.clone(),
         from: meta.first_offset,
+        epoch: Some(meta.epoch),
         below,
         freed_bytes: freed,
         oldest_ms,

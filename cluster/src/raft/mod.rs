@@ -40,6 +40,16 @@ openraft::declare_raft_types!(
 /// A partition's Raft handle.
 pub type Raft = openraft::Raft<TypeConfig>;
 
+/// The newest Raft entry format this build reads and may propose. Each
+/// node advertises its own in etcd ([`crate::NodeInfo::log_format`]); a
+/// leader proposes an entry of a newer format only once every replica of
+/// the partition reads it, so that a rolling upgrade never leaves a
+/// follower with entries it cannot decode.
+///
+/// - 0: the first format.
+/// - 1: retention cuts carry the channel's epoch ([`Command::Trim`]).
+pub const LOG_FORMAT: u32 = 1;
+
 /// What a partition's log replicates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
@@ -54,10 +64,16 @@ pub enum Command {
         /// The publishes.
         publishes: Vec<Publish>,
     },
-    /// Retention cuts the leader computed.
-    Trim(Vec<TrimCut>),
+    /// Retention cuts as nodes proposed them before cuts named the channel's
+    /// epoch: applied checking their `from` offset alone. Kept (and kept in
+    /// this place: postcard numbers variants by position) so that logs
+    /// written by those nodes still decode.
+    UnversionedTrim(Vec<UnversionedTrimCut>),
     /// Channels deleted with their logs.
     Delete(Vec<String>),
+    /// Retention cuts the leader computed, each for one incarnation of its
+    /// channel.
+    Trim(Vec<TrimCut>),
 }
 
 /// One publish as replicated.
@@ -89,6 +105,26 @@ pub struct ProducerStamp {
 /// A retention cut, replicated so every replica keeps the same range.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TrimCut {
+    /// The channel.
+    pub channel: String,
+    /// The first offset the cut was computed from (stale if it moved).
+    pub from: u64,
+    /// The channel's epoch the cut was computed from: stale in another
+    /// incarnation of the channel (deleted and created again meanwhile).
+    /// `None`: checked by `from` alone.
+    pub epoch: Option<u64>,
+    /// Everything below goes.
+    pub below: u64,
+    /// Payload bytes of `[from, below)`.
+    pub freed_bytes: u64,
+    /// The stored time of the message at `below`, or a lower bound.
+    pub oldest_ms: u64,
+}
+
+/// A retention cut of [`Command::UnversionedTrim`]: a [`TrimCut`] without
+/// the epoch.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnversionedTrimCut {
     /// The channel.
     pub channel: String,
     /// The first offset the cut was computed from (stale if it moved).
@@ -133,4 +169,49 @@ pub enum Outcome {
         /// It existed.
         existed: bool,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Postcard numbers enum variants by position: entries already in a
+    /// Raft log must decode the same after an upgrade.
+    #[test]
+    fn entries_written_before_epoch_cuts_still_decode() {
+        // A trim entry as nodes wrote it before cuts carried the epoch:
+        // variant 1, one cut of `chat.a` from 1 below 5, 8 bytes, at 150.
+        let mut old = vec![1u8, 1, 6];
+        old.extend_from_slice(b"chat.a");
+        old.extend_from_slice(&[1, 5, 8, 150, 1]);
+        let decoded: Command = postcard::from_bytes(&old).expect("decodes");
+        assert_eq!(
+            decoded,
+            Command::UnversionedTrim(vec![UnversionedTrimCut {
+                channel: "chat.a".into(),
+                from: 1,
+                below: 5,
+                freed_bytes: 8,
+                oldest_ms: 150,
+            }])
+        );
+        let delete =
+            postcard::to_allocvec(&Command::Delete(vec!["chat.a".into()])).expect("encodes");
+        assert_eq!(delete[0], 2, "deletes keep their variant number");
+        let cut = TrimCut {
+            channel: "chat.a".into(),
+            from: 1,
+            epoch: Some(7),
+            below: 5,
+            freed_bytes: 8,
+            oldest_ms: 150,
+        };
+        let trim = Command::Trim(vec![cut]);
+        let bytes = postcard::to_allocvec(&trim).expect("encodes");
+        assert_eq!(bytes[0], 3);
+        assert_eq!(
+            postcard::from_bytes::<Command>(&bytes).expect("decodes"),
+            trim
+        );
+    }
 }

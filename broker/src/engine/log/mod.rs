@@ -234,6 +234,12 @@ pub struct Trim {
     /// finds another (an earlier trim landed meanwhile) is stale and
     /// skipped, so freed bytes are never subtracted twice.
     pub from: Offset,
+    /// The channel's epoch the cut was computed from. A channel deleted and
+    /// created again meanwhile has another epoch (and may start at `from`
+    /// again): the cut is stale there, and never deletes the new
+    /// incarnation's messages. `None` only for cuts replicated by nodes
+    /// that did not send it, checked by `from` alone.
+    pub epoch: Option<Epoch>,
     /// Everything below this offset goes.
     pub below: Offset,
     /// Payload bytes of `[from, below)`.
@@ -524,7 +530,7 @@ impl Sequencer {
             else {
                 continue;
             };
-            if meta.first_offset != trim.from {
+            if meta.first_offset != trim.from || trim.epoch.is_some_and(|e| e != meta.epoch) {
                 p.stale_trims += 1;
                 continue;
             }
@@ -2429,6 +2435,7 @@ mod tests {
         Trim {
             channel: channel.clone(),
             from: Offset::new(from),
+            epoch: Some(Epoch(1)),
             below: Offset::new(below),
             freed_bytes: freed,
             oldest_ms,
@@ -2496,6 +2503,34 @@ mod tests {
         let p = seq.prepare(&[input("chat.a", None, "z")], [], [], 300, &mut || Epoch(4));
         assert_eq!(offsets(&p), [Ok((1, false))]);
         assert_eq!(p.set.channels[0].1.id, 2, "ids are never reused");
+    }
+
+    #[test]
+    fn a_cut_computed_before_a_delete_never_trims_the_channel_created_after_it() {
+        let mut seq = Sequencer::new(Recovered::default(), limits(8));
+        let chat = ChannelName::new("chat.a").expect("name");
+        let batch: Vec<_> = (0..5).map(|_| input("chat.a", None, "ab")).collect();
+        let mut p = seq.prepare(&batch, [], [], 100, &mut || Epoch(1));
+        seq.commit(&mut p);
+        // Retention computes a cut of the first incarnation (epoch 1, from
+        // offset 1); before it applies, the channel is deleted and created
+        // again, starting at offset 1 once more.
+        let stale = trim(&chat, 1, 5, 8, 150);
+        let mut p = seq.prepare(&[], [], [chat.clone()], 200, &mut || Epoch(2));
+        seq.commit(&mut p);
+        let batch: Vec<_> = (0..5).map(|_| input("chat.a", None, "cd")).collect();
+        let mut p = seq.prepare(&batch, [], [], 300, &mut || Epoch(3));
+        seq.commit(&mut p);
+        let p = seq.prepare(&[], [stale.clone()], [], 400, &mut || Epoch(4));
+        assert!(p.set.deletions.is_empty(), "{:?}", p.set.deletions);
+        assert_eq!(p.stale_trims, 1);
+        // A cut of the new incarnation applies.
+        let current = Trim {
+            epoch: Some(Epoch(3)),
+            ..stale
+        };
+        let p = seq.prepare(&[], [current], [], 400, &mut || Epoch(4));
+        assert_eq!(p.set.deletions, [(2, Offset::new(1), Offset::new(5))]);
     }
 
     #[test]
