@@ -45,8 +45,34 @@ impl SmallDisk {
     }
 }
 
+impl SmallDisk {
+    /// With `VOLNA_CHAOS_KEEP` set, copies the broker logs of the data
+    /// directories on the disk (`<dir>/broker.log`, one level down) to a
+    /// directory that outlives the mount, and says where.
+    fn keep_logs(&self) {
+        if std::env::var_os("VOLNA_CHAOS_KEEP").is_none() {
+            return;
+        }
+        let Ok(kept) = tempfile::tempdir().map(tempfile::TempDir::keep) else {
+            return;
+        };
+        let Ok(entries) = std::fs::read_dir(self.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let log = entry.path().join("broker.log");
+            if log.is_file() {
+                let name = format!("{}.log", entry.file_name().to_string_lossy());
+                let _ = std::fs::copy(&log, kept.join(name));
+            }
+        }
+        eprintln!("logs from the small disk kept in {}", kept.display());
+    }
+}
+
 impl Drop for SmallDisk {
     fn drop(&mut self) {
+        self.keep_logs();
         let _ = Command::new("umount")
             .arg("-l")
             .arg(self.dir.path())
