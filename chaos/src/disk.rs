@@ -43,9 +43,7 @@ impl SmallDisk {
             })
             .unwrap_or(0)
     }
-}
 
-impl SmallDisk {
     /// With `VOLNA_CHAOS_KEEP` set, copies the broker logs of the data
     /// directories on the disk (`<dir>/broker.log`, one level down) to a
     /// directory that outlives the mount, and says where.

@@ -326,16 +326,8 @@ impl PartitionMachine {
             Some(Command::UnversionedTrim(cuts)) => {
                 entry.trims = cuts
                     .into_iter()
-                    .filter_map(|cut| {
-                        trim_of(TrimCut {
-                            channel: cut.channel,
-                            from: cut.from,
-                            epoch: None,
-                            below: cut.below,
-                            freed_bytes: cut.freed_bytes,
-                            oldest_ms: cut.oldest_ms,
-                        })
-                    })
+                    .map(TrimCut::from)
+                    .filter_map(trim_of)
                     .collect();
             }
             Some(Command::Delete(names)) => {

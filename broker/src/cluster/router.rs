@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 use volna_cluster::raft::network::{Peers, ProposeError};
 use volna_cluster::raft::{
-    BasicNode, Command, Outcome, ProducerStamp, Publish, TrimCut, UnversionedTrimCut,
+    BasicNode, Command, EPOCH_CUTS, Outcome, ProducerStamp, Publish, TrimCut,
 };
 use volna_cluster::{NodeId, NodeInfo, PartitionId, PartitionMap, partition_of};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset};
@@ -342,10 +342,10 @@ async fn propose_loop(
                     }
                 }
                 // Replicas not yet upgraded cannot decode epoch cuts.
-                let command = if view.reads_log_format(partition, 1) {
+                let command = if view.reads_log_format(partition, EPOCH_CUTS) {
                     Command::Trim(cuts)
                 } else {
-                    Command::UnversionedTrim(cuts.into_iter().map(unversioned).collect())
+                    Command::UnversionedTrim(cuts.into_iter().map(Into::into).collect())
                 };
                 (command, Waiting::Trims)
             }
@@ -435,16 +435,6 @@ fn to_publish(input: AppendInput) -> Publish {
     }
 }
 
-fn unversioned(cut: TrimCut) -> UnversionedTrimCut {
-    UnversionedTrimCut {
-        channel: cut.channel,
-        from: cut.from,
-        below: cut.below,
-        freed_bytes: cut.freed_bytes,
-        oldest_ms: cut.oldest_ms,
-    }
-}
-
 fn to_cut(trim: Trim) -> TrimCut {
     TrimCut {
         channel: trim.channel.as_str().to_owned(),
@@ -483,9 +473,12 @@ mod tests {
         let current = volna_cluster::raft::LOG_FORMAT;
         let nodes = BTreeMap::from([node(1, current), node(2, current), node(3, 0)]);
         view.update(map, nodes);
-        assert!(!view.reads_log_format(PartitionId(0), 1), "node 3 is older");
         assert!(
-            !view.reads_log_format(PartitionId(1), 1),
+            !view.reads_log_format(PartitionId(0), EPOCH_CUTS),
+            "node 3 is older"
+        );
+        assert!(
+            !view.reads_log_format(PartitionId(1), EPOCH_CUTS),
             "node 4 was never seen"
         );
         assert!(view.reads_log_format(PartitionId(0), 0));
@@ -496,6 +489,6 @@ mod tests {
         // Node 3 comes back upgraded.
         let (map, _) = view.snapshot();
         view.update(map, BTreeMap::from([node(3, current)]));
-        assert!(view.reads_log_format(PartitionId(0), 1));
+        assert!(view.reads_log_format(PartitionId(0), EPOCH_CUTS));
     }
 }

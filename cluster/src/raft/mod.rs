@@ -47,8 +47,12 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// follower with entries it cannot decode.
 ///
 /// - 0: the first format.
-/// - 1: retention cuts carry the channel's epoch ([`Command::Trim`]).
-pub const LOG_FORMAT: u32 = 1;
+/// - 1 ([`EPOCH_CUTS`]): retention cuts carry the channel's epoch
+///   ([`Command::Trim`]).
+pub const LOG_FORMAT: u32 = EPOCH_CUTS;
+
+/// The entry format from which retention cuts carry the channel's epoch.
+pub const EPOCH_CUTS: u32 = 1;
 
 /// What a partition's log replicates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +173,33 @@ pub enum Outcome {
         /// It existed.
         existed: bool,
     },
+}
+
+impl From<UnversionedTrimCut> for TrimCut {
+    /// An older node's cut, checked by its `from` offset alone.
+    fn from(cut: UnversionedTrimCut) -> Self {
+        Self {
+            channel: cut.channel,
+            from: cut.from,
+            epoch: None,
+            below: cut.below,
+            freed_bytes: cut.freed_bytes,
+            oldest_ms: cut.oldest_ms,
+        }
+    }
+}
+
+impl From<TrimCut> for UnversionedTrimCut {
+    /// The cut as replicas that do not read [`EPOCH_CUTS`] decode it.
+    fn from(cut: TrimCut) -> Self {
+        Self {
+            channel: cut.channel,
+            from: cut.from,
+            below: cut.below,
+            freed_bytes: cut.freed_bytes,
+            oldest_ms: cut.oldest_ms,
+        }
+    }
 }
 
 #[cfg(test)]
