@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use volna_chaos::cluster::TestCluster;
+use volna_chaos::cluster::{TestCluster, readiness};
 use volna_chaos::{History, read_through};
 use volna_client::{ChannelName, Client, ClientConfig, ClientError, ConnectionState, Position};
 
@@ -507,19 +507,67 @@ fn etcd_down_secs() -> u64 {
     volna_chaos::knob("VOLNA_CHAOS_ETCD_DOWN_SECS", 30)
 }
 
+/// etcd goes down for a while: publishing and delivery go on, a node
+/// restarted meanwhile (kill -9) serves from the view it remembers
+/// (issue 28, item 8), and once etcd is back every node is a member again
+/// and the placer acts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_etcd_down_publishing_and_delivery_go_on_and_placement_resumes_after() {
+async fn with_etcd_down_publishing_delivery_and_restarts_go_on_and_placement_resumes_after() {
     let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
     let channel = ChannelName::new("chat.noetcd").unwrap();
     let reader = connect(&cluster, &[3]).await;
     let mut sub = reader.subscribe(&channel, Position::FIRST).await.unwrap();
     let publisher = connect(&cluster, &[1]).await;
     let version_before = cluster.status(1).unwrap()["map_version"].as_u64().unwrap();
+    let first = publisher
+        .publish(&channel, b"0".to_vec())
+        .await
+        .unwrap()
+        .offset
+        .get();
 
     cluster.etcd.kill().unwrap();
+    // Node 2 restarts while etcd is down, and comes back serving.
+    let restarted = Instant::now();
+    cluster.nodes[1].start_again().unwrap();
+    loop {
+        match readiness(&cluster.nodes[1]) {
+            Ok(()) => break,
+            Err(why) => assert!(
+                restarted.elapsed() < Duration::from_secs(60),
+                "node 2, restarted while etcd is down, never became ready: {why}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "etcd down: node 2 restarted and ready in {:?}",
+        restarted.elapsed()
+    );
+    // Ready because it runs its groups again, not because it runs none.
+    let status = cluster.status(2).unwrap();
+    let known: Vec<Option<u64>> = (0..PARTITIONS as usize)
+        .map(|p| status["partitions"][p]["leader"].as_u64())
+        .collect();
+    assert!(
+        known.iter().all(Option::is_some),
+        "node 2 runs every partition's group, each with a known leader: {known:?}"
+    );
+    let through_two = connect(&cluster, &[2]).await;
+    let mut sub_on_two = through_two
+        .subscribe(&channel, Position::FIRST)
+        .await
+        .unwrap();
+    let ack = through_two.publish(&channel, b"1".to_vec()).await.unwrap();
+    assert_eq!(
+        ack.offset.get(),
+        first + 1,
+        "publish through the restarted node"
+    );
+
     let down = Duration::from_secs(etcd_down_secs());
     let started = Instant::now();
-    let mut offset = 0;
+    let mut offset = ack.offset.get();
     while started.elapsed() < down {
         offset = publisher
             .publish(&channel, format!("{offset}").into_bytes())
@@ -534,6 +582,11 @@ async fn with_etcd_down_publishing_and_delivery_go_on_and_placement_resumes_afte
         delivered.len() as u64,
         offset,
         "delivery goes on without etcd"
+    );
+    let delivered_on_two = read_through(&mut sub_on_two, offset, Duration::from_secs(30)).await;
+    assert_eq!(
+        delivered_on_two, delivered,
+        "the node restarted without etcd delivers what the others do"
     );
     eprintln!("etcd down for {down:?}: {offset} publishes acknowledged and delivered");
 

@@ -27,6 +27,7 @@
 //! devices.
 
 pub mod edge;
+pub mod failures;
 pub mod machine;
 pub mod router;
 pub mod snapshot;
@@ -50,15 +51,26 @@ use volna_cluster::raft::{BasicNode, Raft};
 use volna_cluster::tls::{PeerTls, PeerTlsError};
 use volna_cluster::{
     ClusterConfig, Control, ControlError, NodeId, NodeInfo, PartitionId, PartitionMap,
+    RememberedView,
 };
 
 use crate::config::{ClusterSection, Durability};
 use crate::log::Log;
 use crate::store::{LogStore, StoreError};
 use edge::{ChannelServer, Edges};
+use failures::{Restart, Restarts};
 use machine::{PartitionMachine, SnapshotStats};
 use router::{ClusterView, Router};
 
+/// How long a start waits for etcd before it starts from the remembered
+/// view.
+const ETCD_WITHIN: Duration = Duration::from_secs(5);
+/// How long one read of the map and nodes may take.
+const VIEW_WITHIN: Duration = Duration::from_secs(2);
+/// How long the probe write of a store with failed groups may take.
+const PROBE_WITHIN: Duration = Duration::from_secs(5);
+/// How long one attempt to join the membership may take.
+const JOIN_WITHIN: Duration = Duration::from_secs(10);
 /// How often the node re-reads the map and reconciles its groups.
 const RECONCILE_EVERY: Duration = Duration::from_millis(500);
 /// How long a node waits before calling another election to lead a
@@ -98,6 +110,25 @@ pub enum ClusterError {
     /// A partition's snapshot could not be read or restored.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
+    /// etcd is unreachable at start and the node has no remembered view
+    /// (it never joined a cluster).
+    #[error(
+        "cannot start: {0}, and this node has never joined the cluster (it has no map of its own \
+         to serve from)"
+    )]
+    NeverJoined(String),
+    /// etcd holds other cluster settings than this node's data was
+    /// placed by (etcd was wiped or replaced).
+    #[error(
+        "etcd's cluster settings {etcd:?} differ from those this node's data was placed by \
+         {remembered:?}: refusing to serve its channels under another partitioning"
+    )]
+    ConfigChanged {
+        /// The settings the node remembers.
+        remembered: ClusterConfig,
+        /// The settings etcd holds.
+        etcd: ClusterConfig,
+    },
     /// The node was asked to run with a store that is not RocksDB.
     #[error("a cluster node needs its RocksDB store")]
     NoRocksDb,
@@ -134,9 +165,9 @@ pub struct ClusterNode {
     peers: Arc<Peers>,
     view: Arc<ClusterView>,
     groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
-    /// Partitions whose group could not be started again (see
-    /// [`Groups::unstartable`]).
-    unstartable: Unstartable,
+    /// Partitions whose group failed on its storage (see
+    /// [`Groups::restarts`]).
+    restarts: SharedRestarts,
     edges: Arc<Edges>,
     snapshot_stats: Arc<SnapshotStats>,
     stop: CancellationToken,
@@ -182,16 +213,17 @@ struct Groups {
     /// of it: it runs no group and stays out of the membership until the
     /// map no longer names it.
     rejoining: Arc<AtomicBool>,
-    /// Partitions the map gives this node whose group does not start, and
-    /// why: openraft applies the committed entries a restarted group had
-    /// not applied before `Raft::new` returns, so a store that still fails
-    /// fails the start. Such a partition runs no group here, and would
+    /// Partitions whose group stopped on a storage failure, or did not
+    /// start again, why, and when each may be started again
+    /// ([`failures`]). Such a partition runs no group here, and would
     /// otherwise vanish from `/readyz` (which looks at running groups).
-    unstartable: Unstartable,
+    restarts: SharedRestarts,
+    /// The last attempt to keep the view in the store failed.
+    view_unsaved: AtomicBool,
 }
 
-/// See [`Groups::unstartable`].
-pub(crate) type Unstartable = Arc<Mutex<BTreeMap<PartitionId, String>>>;
+/// See [`Groups::restarts`].
+pub(crate) type SharedRestarts = Arc<Mutex<Restarts>>;
 
 /// Whether the map names this node as a replica of partitions whose Raft
 /// state is all blank here. A node that lost its disk and came back before
@@ -266,18 +298,42 @@ impl ClusterNode {
         let id = section.node_id;
         let peers = Peers::bind(id, section.peer_listen, tls)?;
         let peer_addr = peers.local_addr()?;
-        let control = Control::connect(
-            &section.etcd_endpoints,
-            &section.name,
-            Duration::from_secs(5),
-        )
-        .await?;
-        let settled = control
-            .settle_config(ClusterConfig {
-                partitions: section.partitions,
-                replicas: section.replicas,
-            })
-            .await?;
+        let control = Control::connect(&section.etcd_endpoints, &section.name, ETCD_WITHIN).await?;
+        let remembered = remembered_view(&setup.db).await;
+        let proposed = ClusterConfig {
+            partitions: section.partitions,
+            replicas: section.replicas,
+        };
+        let settled = match tokio::time::timeout(ETCD_WITHIN, control.settle_config(proposed)).await
+        {
+            Ok(Ok(settled)) => {
+                // Channels hash to partitions by the count: a node whose
+                // data was placed by another never serves under this one.
+                if let Some(remembered) = remembered.as_ref().filter(|r| r.config != settled) {
+                    return Err(ClusterError::ConfigChanged {
+                        remembered: remembered.config,
+                        etcd: settled,
+                    });
+                }
+                settled
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("etcd gave no answer within {ETCD_WITHIN:?}"),
+                };
+                let Some(remembered) = &remembered else {
+                    return Err(ClusterError::NeverJoined(why));
+                };
+                warn!(
+                    error = %why,
+                    map_version = remembered.map.version,
+                    "etcd is unreachable: starting from the cluster view this node saw last; \
+                     membership and placement wait for etcd"
+                );
+                remembered.config
+            }
+        };
         let raft_config = RaftConfig {
             cluster_name: section.name.clone(),
             heartbeat_interval: section.heartbeat_ms,
@@ -323,7 +379,9 @@ impl ClusterNode {
             stop.child_token(),
         );
         let snapshot_stats = Arc::new(SnapshotStats::default());
-        let unstartable = Unstartable::default();
+        let restarts: SharedRestarts = Arc::new(Mutex::new(Restarts::new(Duration::from_millis(
+            section.election_timeout_ms,
+        ))));
         let shared = Arc::new(Groups {
             id,
             control: control.clone(),
@@ -344,11 +402,31 @@ impl ClusterNode {
             left_out: Mutex::default(),
             edges: edges.clone(),
             rejoining: Arc::default(),
-            unstartable: unstartable.clone(),
+            restarts: restarts.clone(),
+            view_unsaved: AtomicBool::new(false),
         });
         // Groups this node replicated before a restart come back before it
-        // takes traffic, from the map as last seen in etcd.
-        if let Some(map) = control.map().await? {
+        // takes traffic, from the map as last seen in etcd (or, while etcd
+        // is down, as this node remembers it).
+        let map = match read_view(&control).await {
+            Ok(Some((map, nodes))) => {
+                // Peers down right now keep the addresses remembered.
+                if let Some(remembered) = &remembered {
+                    view.restore(map.clone(), remembered.nodes.clone());
+                }
+                view.update(map.clone(), nodes);
+                Some(map)
+            }
+            Ok(None) => None,
+            Err(why) => remembered.map(|remembered| {
+                debug!(error = %why, "etcd unreachable: the groups start from the remembered map");
+                view.restore(remembered.map.clone(), remembered.nodes);
+                remembered.map
+            }),
+        };
+        let mut saved_view = None;
+        if let Some(map) = map {
+            remember_view(&shared, settled, &mut saved_view).await;
             if lost_its_raft_state(&shared, &map).await {
                 warn!(
                     node = id,
@@ -358,8 +436,6 @@ impl ClusterNode {
                 );
                 shared.rejoining.store(true, Ordering::SeqCst);
             }
-            let nodes = control.nodes().await?;
-            view.update(map, nodes);
             shared.reconcile().await;
         }
         // A leader stops acting as one once no quorum acknowledged it for
@@ -406,7 +482,7 @@ impl ClusterNode {
                 Duration::from_millis(section.heartbeat_ms),
                 stop.clone(),
             )),
-            tokio::spawn(view_loop(shared, stop.clone())),
+            tokio::spawn(view_loop(shared, settled, saved_view, stop.clone())),
         ];
         info!(
             node = id,
@@ -421,7 +497,7 @@ impl ClusterNode {
             peers,
             view,
             groups,
-            unstartable,
+            restarts,
             edges,
             snapshot_stats,
             stop,
@@ -468,7 +544,7 @@ impl ClusterNode {
             peers: self.peers.clone(),
             view: self.view.clone(),
             groups: self.groups.clone(),
-            unstartable: self.unstartable.clone(),
+            restarts: self.restarts.clone(),
             edges: self.edges.clone(),
             snapshots: self.snapshot_stats.clone(),
             log: self.log.clone(),
@@ -541,10 +617,14 @@ async fn membership_loop(
     loop {
         let membership = tokio::select! {
             () = stop.cancelled() => return,
-            joined = control.join(&info, ttl) => match joined {
-                Ok(membership) => membership,
-                Err(e) => {
-                    warn!(error = %e, "cannot join the cluster membership; retrying");
+            joined = tokio::time::timeout(JOIN_WITHIN, control.join(&info, ttl)) => match joined {
+                Ok(Ok(membership)) => membership,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("etcd gave no answer within {JOIN_WITHIN:?}"),
+                    };
+                    warn!(%error, "cannot join the cluster membership; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
@@ -716,27 +796,88 @@ async fn service_loop(
     }
 }
 
+/// The map and the live nodes as etcd has them now (`None`: no map yet),
+/// or why etcd did not say.
+async fn read_view(
+    control: &Control,
+) -> Result<Option<(PartitionMap, BTreeMap<NodeId, NodeInfo>)>, String> {
+    let fresh = async {
+        let map = control.map().await?;
+        let nodes = control.nodes().await?;
+        Ok::<_, ControlError>(map.map(|map| (map, nodes)))
+    };
+    match tokio::time::timeout(VIEW_WITHIN, fresh).await {
+        Ok(Ok(view)) => Ok(view),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("etcd gave no answer within {VIEW_WITHIN:?}")),
+    }
+}
+
+/// The view saved in the node's store, if any; one that cannot be read
+/// is reported and ignored (etcd's view replaces it).
+async fn remembered_view(db: &Arc<rocksdb::DB>) -> Option<RememberedView> {
+    let db = db.clone();
+    match tokio::task::spawn_blocking(move || RememberedView::load(&db)).await {
+        Ok(Ok(view)) => view,
+        Ok(Err(e)) => {
+            warn!(error = %e, "the remembered cluster view is unusable; etcd's is needed to start");
+            None
+        }
+        Err(e) => {
+            warn!(error = %e, "reading the remembered cluster view did not finish");
+            None
+        }
+    }
+}
+
+/// Saves the node's current view in its store if it changed since `saved`.
+async fn remember_view(groups: &Groups, config: ClusterConfig, saved: &mut Option<RememberedView>) {
+    let (map, nodes) = groups.view.snapshot();
+    let view = RememberedView { config, map, nodes };
+    if saved.as_ref() == Some(&view) {
+        return;
+    }
+    let (db, to_save) = (groups.db.clone(), view.clone());
+    let why = match tokio::task::spawn_blocking(move || to_save.save(&db)).await {
+        Ok(Ok(())) => {
+            *saved = Some(view);
+            groups.view_unsaved.store(false, Ordering::Relaxed);
+            return;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    // Tried again every turn: said once per view (a full disk refuses it
+    // for as long as it is full).
+    if groups.view_unsaved.swap(true, Ordering::Relaxed) {
+        debug!(error = %why, "cannot keep the cluster view in the store");
+    } else {
+        warn!(error = %why, "cannot keep the cluster view in the store; trying again each turn");
+    }
+}
+
 /// Re-reads the map and nodes now and then; reconciles the groups with
-/// them. When etcd is unreachable the last view stays in force.
-async fn view_loop(groups: Arc<Groups>, stop: CancellationToken) {
+/// them, and keeps the view in the node's store for a restart while etcd
+/// is down. When etcd is unreachable the last view stays in force.
+async fn view_loop(
+    groups: Arc<Groups>,
+    config: ClusterConfig,
+    mut saved: Option<RememberedView>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let fresh = async {
-            let map = groups.control.map().await?;
-            let nodes = groups.control.nodes().await?;
-            Ok::<_, ControlError>(map.map(|map| (map, nodes)))
-        };
-        match tokio::time::timeout(Duration::from_secs(2), fresh).await {
-            Ok(Ok(Some((map, nodes)))) => groups.view.update(map, nodes),
-            Ok(Ok(None)) => continue,
-            Ok(Err(e)) => {
-                debug!(error = %e, "etcd unreachable; serving on the last known map");
+        match read_view(&groups.control).await {
+            Ok(Some((map, nodes))) => {
+                groups.view.update(map, nodes);
+                remember_view(&groups, config, &mut saved).await;
             }
-            Err(_) => debug!("etcd slow; serving on the last known map"),
+            Ok(None) => continue,
+            Err(why) => debug!(error = %why, "etcd unreachable; serving on the last known map"),
         }
         groups.reconcile().await;
         groups.edges.check_partitions();
@@ -759,7 +900,13 @@ impl Groups {
             self.rejoining.store(false, Ordering::SeqCst);
         }
         self.retire_moved_groups(&map).await;
-        self.restart_failed_groups().await;
+        self.stop_failed_groups().await;
+        if let Ok(mut restarts) = self.restarts.lock() {
+            restarts.forget_healthy(std::time::Instant::now());
+        }
+        // One probe write per turn tells whether the store takes writes
+        // again, for every failed group whose wait is over.
+        let mut store_health: Option<Result<(), String>> = None;
         for (index, replicas) in map.replicas.iter().enumerate() {
             let partition = PartitionId(index as u32);
             let members: BTreeMap<NodeId, BasicNode> = replicas
@@ -785,17 +932,37 @@ impl Groups {
                 }
                 continue;
             }
+            let restart = self
+                .restarts
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .restart(partition, std::time::Instant::now());
+            match restart {
+                Restart::Go => {}
+                Restart::Wait => continue,
+                Restart::IfStoreHealthy => {
+                    if store_health.is_none() {
+                        store_health = Some(self.probe_store().await);
+                    }
+                    if let Some(Err(why)) = &store_health {
+                        if let Ok(mut restarts) = self.restarts.lock() {
+                            restarts.still_failing(partition, why.clone());
+                        }
+                        continue;
+                    }
+                }
+            }
             let raft = match self.ensure_group(partition).await {
                 Ok(raft) => {
-                    if let Ok(mut unstartable) = self.unstartable.lock() {
-                        unstartable.remove(&partition);
+                    if let Ok(mut restarts) = self.restarts.lock() {
+                        restarts.started(partition, std::time::Instant::now());
                     }
                     raft
                 }
                 Err(e) => {
                     warn!(partition = index, error = %e, "cannot start the partition's group");
-                    if let Ok(mut unstartable) = self.unstartable.lock() {
-                        unstartable.insert(partition, e.to_string());
+                    if let Ok(mut restarts) = self.restarts.lock() {
+                        restarts.failed(partition, e.to_string(), std::time::Instant::now());
                     }
                     continue;
                 }
@@ -805,6 +972,12 @@ impl Groups {
                 if preferred == Some(self.id) {
                     self.initialize(partition, &raft, members).await;
                 }
+                continue;
+            }
+            if !self.view.is_confirmed() {
+                // A map remembered from before a restart may be stale (the
+                // placer may have moved replicas since): membership and
+                // leadership follow the map only once etcd confirms it.
                 continue;
             }
             if preferred == Some(self.id) {
@@ -861,11 +1034,11 @@ impl Groups {
 
     /// Stops the groups whose storage failed (openraft stops a group whose
     /// apply or log write fails, but its last metrics still name this node
-    /// leader): the node no longer serves them, and the loop below starts
-    /// them again from the store, re-applying what they committed after
-    /// their last applied entry. A store that still fails stops them
-    /// again; `/readyz` names them meanwhile.
-    async fn restart_failed_groups(&self) {
+    /// leader): the node no longer serves them, and [`Self::reconcile`]
+    /// starts them again from the store, re-applying what they committed
+    /// after their last applied entry, once the wait of [`failures`] is
+    /// over and the store takes writes. `/readyz` names them meanwhile.
+    async fn stop_failed_groups(&self) {
         let failed: Vec<(PartitionId, Raft)> = self
             .groups
             .lock()
@@ -885,16 +1058,37 @@ impl Groups {
                 .err()
                 .map(ToString::to_string)
                 .unwrap_or_default();
+            let wait = self
+                .restarts
+                .lock()
+                .map(|mut restarts| {
+                    restarts.failed(partition, why.clone(), std::time::Instant::now())
+                })
+                .unwrap_or_default();
             warn!(
                 partition = partition.0,
                 error = %why,
-                "the partition's group stopped on a storage failure; starting it again from the store"
+                "the partition's group stopped on a storage failure; it starts again from the \
+                 store after {wait:?}, once the store takes writes"
             );
             self.peers.unhost(partition);
             if let Ok(mut groups) = self.groups.lock() {
                 groups.remove(&partition);
             }
             let _ = raft.shutdown().await;
+        }
+    }
+
+    /// Whether the store takes a synced write (a full disk refuses it),
+    /// and why not.
+    async fn probe_store(&self) -> Result<(), String> {
+        let store = self.store.clone();
+        let probe = tokio::task::spawn_blocking(move || store.check_health());
+        match tokio::time::timeout(PROBE_WITHIN, probe).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(format!("the store still refuses writes: {e}")),
+            Ok(Err(e)) => Err(format!("the store probe did not finish: {e}")),
+            Err(_) => Err(format!("a synced write took longer than {PROBE_WITHIN:?}")),
         }
     }
 

@@ -44,6 +44,8 @@ const MAX_ENTRY_BYTES: usize = 1 << 20;
 pub struct ClusterView {
     inner: RwLock<(PartitionMap, BTreeMap<NodeId, NodeInfo>)>,
     live: RwLock<std::collections::BTreeSet<NodeId>>,
+    /// etcd has answered since the node started (see [`Self::restore`]).
+    confirmed: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterView {
@@ -53,10 +55,28 @@ impl ClusterView {
         if let Ok(mut ids) = self.live.write() {
             *ids = live.keys().copied().collect();
         }
+        self.confirmed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(mut inner) = self.inner.write() {
             inner.0 = map;
             inner.1.extend(live);
         }
+    }
+
+    /// Takes a view remembered from before a restart while etcd is down:
+    /// the map and the nodes' addresses, with no node known to be live and
+    /// the map unconfirmed until etcd answers.
+    pub fn restore(&self, map: PartitionMap, nodes: BTreeMap<NodeId, NodeInfo>) {
+        if let Ok(mut inner) = self.inner.write() {
+            inner.0 = map;
+            inner.1.extend(nodes);
+        }
+    }
+
+    /// Whether the map came from etcd since the node started, not only
+    /// from its memory (which may be stale).
+    pub fn is_confirmed(&self) -> bool {
+        self.confirmed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The map and every node seen.

@@ -111,7 +111,7 @@ pub struct StatusSource {
     pub(super) peers: Arc<Peers>,
     pub(super) view: Arc<ClusterView>,
     pub(super) groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
-    pub(super) unstartable: super::Unstartable,
+    pub(super) restarts: super::SharedRestarts,
     pub(super) edges: Arc<Edges>,
     pub(super) snapshots: Arc<SnapshotStats>,
     pub(super) log: crate::log::Log,
@@ -272,11 +272,12 @@ impl ClusterStatus for StatusSource {
         // group: it is failed too.
         let (map, _) = self.view.snapshot();
         let mut failed: Vec<u32> = self
-            .unstartable
+            .restarts
             .lock()
-            .map(|u| {
-                u.keys()
-                    .filter(|p| map.replicas_of(**p).contains(&self.id))
+            .map(|r| {
+                r.stopped()
+                    .map(|(p, _)| p)
+                    .filter(|p| map.replicas_of(*p).contains(&self.id))
                     .filter(|p| !groups.contains_key(p))
                     .map(|p| p.0)
                     .collect()
