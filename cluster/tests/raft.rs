@@ -739,3 +739,52 @@ async fn replication_reads_entries_in_batches_bounded_by_bytes() {
     // Reads the log's own users ask for are not bounded.
     assert_eq!(reader.try_get_log_entries(1..23).await.unwrap().len(), 22);
 }
+
+/// A discarded partition's Raft state is gone — entries, vote, purge
+/// pointer — and its neighbours' is untouched (issue 28, item 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_a_partition_blanks_its_raft_state_and_no_other() {
+    use openraft::RaftLogReader;
+    use openraft::storage::RaftLogStorage;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(dir.path());
+    let entry = |index: u64| Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(append(format!("m{index}"))),
+    };
+    let mut stores = Vec::new();
+    for partition in [2, 3, 4] {
+        let mut store = LogStore::new(db.clone(), PartitionId(partition), false);
+        store.save_vote(&openraft::Vote::new(1, 1)).await.unwrap();
+        let entries: Vec<Entry<TypeConfig>> = (1..=20).map(entry).collect();
+        openraft::storage::RaftLogStorageExt::blocking_append(&mut store, entries)
+            .await
+            .unwrap();
+        store
+            .purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 5))
+            .await
+            .unwrap();
+        assert!(!store.is_blank().await.unwrap());
+        stores.push(store);
+    }
+
+    stores[1].discard().await.unwrap();
+
+    assert!(stores[1].is_blank().await.unwrap(), "partition 3 is blank");
+    let mut discarded = stores[1].clone();
+    assert_eq!(discarded.read_vote().await.unwrap(), None);
+    let state = discarded.get_log_state().await.unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None));
+    for neighbour in [0, 2] {
+        let mut store = stores[neighbour].clone();
+        assert!(!store.is_blank().await.unwrap());
+        let mut reader = store.get_log_reader().await;
+        assert_eq!(
+            reader.try_get_log_entries(6..21).await.unwrap().len(),
+            15,
+            "a neighbour keeps its entries"
+        );
+        assert!(store.read_vote().await.unwrap().is_some());
+    }
+}
