@@ -95,8 +95,6 @@ pub enum RaftWriteKind {
     Truncate,
     /// A purge of the log's start.
     Purge,
-    /// The partition's whole Raft state removed ([`LogStore::discard`]).
-    Discard,
 }
 
 /// Called with each successful write, before it is reported done.
@@ -152,44 +150,6 @@ impl LogStore {
             let vote: Option<Vote<NodeId>> = store.state(VOTE)?;
             let purged: Option<LogId<NodeId>> = store.state(PURGED)?;
             Ok(vote.is_none() && purged.is_none() && store.last_entry_id()?.is_none())
-        })
-        .await
-    }
-
-    /// Removes this partition's whole Raft state here — every entry, the
-    /// vote and the log pointers — in one synced write: for a node the
-    /// group has committed a membership without (its copy is no longer
-    /// part of any quorum). Afterwards [`Self::is_blank`] holds, and a
-    /// group started on it again joins as a new replica would.
-    pub async fn discard(&self) -> Result<(), Error> {
-        self.blocking(|store| {
-            let log = store.cf(CF_RAFT_LOG)?;
-            let state = store.cf(CF_RAFT_STATE)?;
-            let mut batch = WriteBatch::default();
-            let mut end = [0u8; 12];
-            end[..4].copy_from_slice(&store.partition.0.saturating_add(1).to_be_bytes());
-            if store.partition.0 == u32::MAX {
-                // No next partition to end the range at: the last index.
-                end = store.log_key(u64::MAX);
-                batch.delete_cf(log, end);
-            }
-            batch.delete_range_cf(log, store.log_key(0), end);
-            for tag in [VOTE, COMMITTED, PURGED] {
-                batch.delete_cf(state, store.state_key(tag));
-            }
-            let mut options = rocksdb::WriteOptions::default();
-            options.set_sync(true);
-            store
-                .db
-                .write_opt(batch, &options)
-                .map_err(|e| StorageIOError::write(&e))?;
-            if let Some(observer) = &store.observer {
-                observer(&RaftWrite {
-                    kind: RaftWriteKind::Discard,
-                    sync: true,
-                });
-            }
-            Ok(())
         })
         .await
     }

@@ -108,9 +108,6 @@ enum Kind {
     Follow = 6,
     /// Heartbeats of several groups for one peer, answered together.
     Batch = 7,
-    /// Whether the partition's leader committed a membership without the
-    /// sender ([`Peers::released`]).
-    Released = 8,
 }
 
 impl Kind {
@@ -123,7 +120,6 @@ impl Kind {
             5 => Some(Self::Read),
             6 => Some(Self::Follow),
             7 => Some(Self::Batch),
-            8 => Some(Self::Released),
             _ => None,
         }
     }
@@ -143,20 +139,6 @@ enum Answer<T, E> {
     /// The sender's certificate does not prove what the call claims (see
     /// the module docs).
     Refused(String),
-}
-
-/// What a partition's leader says of a node that was its replica
-/// ([`Peers::released`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Release {
-    /// The leader committed a membership without the node: the group
-    /// goes on without it, and its copy of the partition may go.
-    Released,
-    /// The node is still in the group's membership, or the membership
-    /// that removes it is not committed yet.
-    Member,
-    /// The asked node does not lead the partition (now).
-    NotLeader,
 }
 
 /// Why a call did not get an answer.
@@ -365,9 +347,6 @@ pub struct Peers {
     /// sends that group no heartbeat meanwhile, yet it is plainly
     /// reachable.
     calls_from: DashMap<NodeId, std::time::Instant>,
-    /// Learners of groups led here that asked to be released
-    /// ([`Peers::released`]): they stopped their copy of the group.
-    retired_learners: DashMap<(PartitionId, NodeId), ()>,
     /// Until when empty `AppendEntries` are the node's heartbeat round
     /// (batched over a window) rather than commit-index updates (sent at
     /// once).
@@ -419,7 +398,6 @@ impl Peers {
             heard: Arc::default(),
             heartbeat_round_until: std::sync::Mutex::new(None),
             calls_from: DashMap::new(),
-            retired_learners: DashMap::new(),
         });
         tokio::spawn(accept_loop(peers.clone()));
         Ok(peers)
@@ -466,36 +444,6 @@ impl Peers {
     ) -> Result<Vec<u8>, LinkError> {
         self.call(node, addr, Kind::Read, partition, body, deadline)
             .await
-    }
-
-    /// Asks `node` whether, as `partition`'s leader, it committed a
-    /// membership without this node. openraft stops replicating to a
-    /// removed node as soon as the leader appends the membership that
-    /// removes it, so the removed node never learns of the commit itself:
-    /// it asks before it discards its copy of the partition.
-    pub async fn released(
-        &self,
-        node: NodeId,
-        addr: &str,
-        partition: PartitionId,
-        deadline: Duration,
-    ) -> Result<Release, LinkError> {
-        let answer = self
-            .call(node, addr, Kind::Released, partition, &[], deadline)
-            .await?;
-        match postcard::from_bytes::<Answer<Release, ()>>(&answer) {
-            Ok(Answer::Ok(release)) => Ok(release),
-            Ok(Answer::NotHosted) => Err(LinkError::NotHosted {
-                node,
-                partition: partition.0,
-            }),
-            Ok(Answer::Refused(reason)) => Err(LinkError::Refused { node, reason }),
-            Ok(Answer::Malformed(why)) => Err(LinkError::Malformed(why)),
-            Ok(Answer::Raft(())) => Err(LinkError::Malformed(
-                "a group error in answer to a membership question".into(),
-            )),
-            Err(e) => Err(LinkError::Malformed(e.to_string())),
-        }
     }
 
     /// Opens an upstream subscription on `node` ([`ChannelService::follow`]
@@ -577,26 +525,6 @@ impl Peers {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|until| tokio::time::Instant::now() <= until)
-    }
-
-    /// The learners of `partition`'s group that asked this node, as its
-    /// leader, to be released: a node asks only once it has stopped its
-    /// copy of the group, so the leader may drop them from the membership
-    /// without waiting for them to acknowledge the configuration that
-    /// made them learners (a node that was leader when it was replaced
-    /// stops its group before its successor ever hears from it).
-    pub fn retired_learners(&self, partition: PartitionId) -> Vec<NodeId> {
-        self.retired_learners
-            .iter()
-            .filter(|entry| entry.key().0 == partition)
-            .map(|entry| entry.key().1)
-            .collect()
-    }
-
-    /// Forgets `node`'s request to be released from `partition` (it is
-    /// out of the membership, or back in it).
-    pub fn forget_retired_learner(&self, partition: PartitionId, node: NodeId) {
-        self.retired_learners.remove(&(partition, node));
     }
 
     /// Whether this node hears from `leader` as `partition`'s leader:
@@ -1334,38 +1262,9 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             )),
             Err(e) => malformed(e.to_string()),
         },
-        Kind::Released => {
-            encode::<Release, ()>(&Answer::Ok(release_of(&raft, peers, partition, from)))
-        }
         // Served above.
         Kind::Read | Kind::Follow | Kind::Batch => malformed("not a group call".into()),
     }
-}
-
-/// Whether `raft`, led here, committed a membership without `node`: only
-/// a leader within its lease knows the group's membership for sure. A
-/// learner that asks has stopped its copy: it is noted, so that the
-/// leader drops it ([`Peers::retired_learners`]).
-fn release_of(raft: &Raft, peers: &Peers, partition: PartitionId, node: NodeId) -> Release {
-    if !Standing::of(raft, peers.node, peers.leader_lease()).leads() {
-        return Release::NotLeader;
-    }
-    let metrics = raft.metrics();
-    let metrics = metrics.borrow();
-    let membership = &metrics.membership_config;
-    // Applied means committed; the effective membership may be appended
-    // and not committed yet (a leader change could still undo it).
-    let committed = membership.log_id().as_ref() <= metrics.last_applied.as_ref();
-    let member = membership.membership().get_node(&node).is_some();
-    if committed && !member {
-        peers.forget_retired_learner(partition, node);
-        return Release::Released;
-    }
-    let voter = membership.membership().voter_ids().any(|id| id == node);
-    if member && !voter {
-        peers.retired_learners.insert((partition, node), ());
-    }
-    Release::Member
 }
 
 /// A refusal, encoded (see [`Answer::Refused`]).
