@@ -239,11 +239,21 @@ impl Edges {
     /// of its voters (a learner still catching up is not yet), and the map
     /// names it or it still leads. A replica the placer moved away may
     /// never hear of the membership change that removed it: once it
-    /// neither is in the map nor leads, its copy may be stale.
+    /// neither is in the map nor leads, its copy may be stale. While the
+    /// map is only remembered from before a restart (etcd has not answered
+    /// since), the map may be the stale part: a group then counts only
+    /// while it leads or hears its leader.
     pub fn replicates(&self, partition: PartitionId) -> bool {
         self.peers.group(partition).is_some_and(|raft| {
             let role = Role::of(&raft, self.node);
-            role.voter && (role.leads || self.view.is_replica(partition, self.node))
+            let placed = role.leads || self.view.is_replica(partition, self.node);
+            let current = self.view.is_confirmed()
+                || match Standing::of(&raft, self.node, self.peers.leader_lease()) {
+                    Standing::Leader => true,
+                    Standing::Follower(leader) => self.peers.hears_from(partition, leader),
+                    _ => false,
+                };
+            role.voter && placed && current
         })
     }
 
