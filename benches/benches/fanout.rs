@@ -14,7 +14,7 @@ use volna_broker::config::{Durability, EngineConfig};
 use volna_broker::fanout::{Fanout, FeedSubscription, NextStep};
 use volna_broker::log::{self, AppendInput, Log};
 use volna_broker::store::MemoryStore;
-use volna_proto::{ChannelName, Offset};
+use volna_proto::{ChannelName, Epoch, Offset};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<std::alloc::System> = &INSTRUMENTED_SYSTEM;
@@ -57,7 +57,7 @@ fn fanout(c: &mut Criterion) {
         let region = Region::new(GLOBAL);
         for sub in &mut subs {
             assert!(matches!(
-                sub.next_step(next, usize::MAX),
+                sub.next_step(next, Epoch(0), usize::MAX),
                 NextStep::Send { .. }
             ));
         }
@@ -87,7 +87,7 @@ fn fanout(c: &mut Criterion) {
                     .expect("append");
                     let mut first_ptr = None;
                     for sub in &mut subs {
-                        match sub.next_step(next, usize::MAX) {
+                        match sub.next_step(next, Epoch(0), usize::MAX) {
                             NextStep::Send { frames, .. } => {
                                 let ptr = frames[0].as_ptr();
                                 assert_eq!(*first_ptr.get_or_insert(ptr), ptr, "payload copied");

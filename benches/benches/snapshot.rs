@@ -59,6 +59,7 @@ async fn replica() -> Replica {
         store,
         &dir.path().join("snapshots"),
         Arc::new(SnapshotStats::default()),
+        None,
     )
     .await
     .expect("machine");

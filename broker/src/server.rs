@@ -255,8 +255,8 @@ impl Broker {
             Fanout::new(config.engine.channel_ring_bytes)
                 .with_total_budget(config.engine.max_ring_bytes_total),
         );
-        // A cluster node applies every replica's entries through its log:
-        // each node would post every notice, so the hook is single-node.
+        // A cluster node's hooks are posted by each partition's leader
+        // (`cluster::push`), not by every replica's writer.
         let push = if clustered {
             None
         } else {
@@ -287,23 +287,6 @@ impl Broker {
             .map_err(|e| StoreError::Engine(e.to_string()))??
         };
         let log = log_threads.log().clone();
-        let mut cluster = match (&config.cluster, shared_db) {
-            (Some(section), Some(db)) => Some(
-                crate::cluster::ClusterNode::start(crate::cluster::NodeSetup {
-                    section: section.clone(),
-                    quic_addr,
-                    db,
-                    store: store.clone(),
-                    log: log.clone(),
-                    durability: config.durability,
-                    metrics: metrics.clone(),
-                    fanout: fanout.clone(),
-                    snapshot_dir: config.data_dir.join("snapshots"),
-                })
-                .await?,
-            ),
-            _ => None,
-        };
         // Namespaces configured `persistent = false` get an in-memory log of
         // their own: same sequencing and fan-out, no RocksDB.
         let ephemeral_namespaces: std::collections::HashSet<String> = config
@@ -330,6 +313,28 @@ impl Broker {
                 Logs::with_ephemeral(log.clone(), threads.log().clone(), ephemeral_namespaces)
             }
             None => Logs::durable_only(log.clone()),
+        };
+
+        let mut cluster = match (&config.cluster, shared_db) {
+            (Some(section), Some(db)) => Some(
+                crate::cluster::ClusterNode::start(crate::cluster::NodeSetup {
+                    section: section.clone(),
+                    quic_addr,
+                    db,
+                    store: store.clone(),
+                    logs: logs.clone(),
+                    durability: config.durability,
+                    metrics: metrics.clone(),
+                    fanout: fanout.clone(),
+                    snapshot_dir: config.data_dir.join("snapshots"),
+                    push: crate::cluster::push::ClusterPush::new(
+                        &config.namespaces,
+                        metrics.clone(),
+                    ),
+                })
+                .await?,
+            ),
+            _ => None,
         };
 
         // Device cursors are node-local: a cluster node, whose devices may

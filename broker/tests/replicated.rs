@@ -474,6 +474,7 @@ mod snapshots {
             store,
             root,
             Arc::new(SnapshotStats::default()),
+            None,
         )
         .await
         .unwrap()

@@ -1284,3 +1284,331 @@ async fn a_follower_paused_under_heavy_load_catches_up_while_it_goes_on() {
         node.assert_never_panicked();
     }
 }
+
+/// Typing indicators: an in-memory namespace, kept by the leader of each
+/// channel's partition only.
+const TYPING: &str = r#"
+[namespaces.typing]
+persistent = false
+retention = { max_messages = 1000 }
+"#;
+
+/// Commits of Raft entries the node proposed, all nodes together.
+async fn commits(cluster: &TestCluster) -> f64 {
+    let mut total = 0.0;
+    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+        total += node
+            .metric("volna_cluster_commit_seconds_count")
+            .await
+            .unwrap_or(0.0);
+    }
+    total
+}
+
+/// The next item of `sub` within 10 s.
+async fn next_item(
+    sub: &mut volna_client::Subscription,
+    node: u64,
+) -> Result<volna_client::Message, volna_client::SubscriptionError> {
+    tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .unwrap_or_else(|_| panic!("node {node}: nothing within 10 s"))
+        .unwrap_or_else(|| panic!("node {node}: the subscription ended"))
+}
+
+/// Typing in a chat across the cluster (issue 28, item 3): a publish on any
+/// node is kept in the memory of the channel's partition leader — nothing
+/// of it goes through Raft — and reaches the channel's subscribers on every
+/// node, in order and once. When that leader dies, the next one starts the
+/// channel afresh under a new epoch, and every subscriber is told so
+/// (`EpochChanged`) before the new epoch's first message, instead of
+/// reading a mixed or silent feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typing_reaches_every_node_and_a_new_leader_starts_a_new_epoch_subscribers_are_told() {
+    use volna_client::SubscriptionError;
+    let mut cluster = TestCluster::start_configured(3, PARTITIONS, 10_000, TYPING)
+        .await
+        .unwrap();
+    let channel = ChannelName::new("typing.42").unwrap();
+    let leader = cluster.leader_of(channel.as_str(), 1).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let mut subscribers = Vec::new();
+    for node in 1..=3 {
+        let client = connect(&cluster, &[node]).await;
+        let sub = client.subscribe(&channel, Position::FIRST).await.unwrap();
+        subscribers.push((node, client, sub));
+    }
+    // One publisher where the channel is kept, one where it is not (its
+    // publishes are handed to the leader).
+    let elsewhere = connect(&cluster, &[others[0]]).await;
+    let on_leader = connect(&cluster, &[leader]).await;
+    let commits_before = commits(&cluster).await;
+
+    const TYPED: u64 = 60;
+    let mut epoch = None;
+    let mut across = Vec::new();
+    for i in 1..=TYPED {
+        let (publisher, from) = if i % 2 == 0 {
+            (&on_leader, leader)
+        } else {
+            (&elsewhere, others[0])
+        };
+        let payload = format!("typing {i}");
+        let sent = Instant::now();
+        let ack = publisher.publish(&channel, payload.clone()).await.unwrap();
+        assert_eq!(ack.offset.get(), i, "offsets are gapless from 1");
+        assert_eq!(*epoch.get_or_insert(ack.epoch), ack.epoch, "one epoch");
+        for (node, _, sub) in &mut subscribers {
+            let m = next_item(sub, *node)
+                .await
+                .unwrap_or_else(|e| panic!("node {node}: {e}"));
+            assert_eq!(
+                (m.offset.get(), m.epoch, m.payload.as_ref()),
+                (i, ack.epoch, payload.as_bytes()),
+                "node {node} delivers every keystroke once, in order"
+            );
+            if *node != from {
+                across.push(sent.elapsed());
+            }
+        }
+    }
+    across.sort();
+    let median = across[across.len() / 2];
+    let p99 = across[across.len() * 99 / 100];
+    eprintln!(
+        "typing across nodes (publish sent -> delivered on another node, {} deliveries): median {median:?}, p99 {p99:?}",
+        across.len()
+    );
+    assert_eq!(
+        commits(&cluster).await,
+        commits_before,
+        "an in-memory channel's publishes go through no Raft group"
+    );
+
+    // The leader dies: what it kept dies with it.
+    let old_epoch = epoch.unwrap();
+    cluster.nodes[(leader - 1) as usize].kill().unwrap();
+    subscribers.retain(|(node, ..)| *node != leader);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut attempts = Vec::new();
+    let ack = loop {
+        let payload = format!("after failover {}", attempts.len());
+        attempts.push(payload.clone());
+        match elsewhere.publish(&channel, payload).await {
+            Ok(ack) => break ack,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("publish during failover: {e}; again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("no leader took typing within 30 s: {e}"),
+        }
+    };
+    assert_ne!(
+        ack.epoch, old_epoch,
+        "a new leader's channel is a new epoch"
+    );
+    for (node, _, sub) in &mut subscribers {
+        match next_item(sub, *node).await {
+            Err(SubscriptionError::EpochChanged {
+                previous,
+                current,
+                start,
+            }) => {
+                assert_eq!((previous, current), (old_epoch, ack.epoch), "node {node}");
+                assert_eq!(start, volna_client::Offset::FIRST, "node {node}");
+            }
+            other => panic!("node {node}: expected EpochChanged, got {other:?}"),
+        }
+        // An attempt whose answer was lost may have been kept too.
+        let mut next = 1;
+        loop {
+            let m = next_item(sub, *node)
+                .await
+                .unwrap_or_else(|e| panic!("node {node}: {e}"));
+            assert_eq!((m.offset.get(), m.epoch), (next, ack.epoch), "node {node}");
+            let payload = String::from_utf8(m.payload.to_vec()).unwrap();
+            assert!(attempts.contains(&payload), "node {node}: {payload}");
+            if m.offset == ack.offset {
+                break;
+            }
+            next += 1;
+        }
+    }
+    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+        node.assert_never_panicked();
+    }
+}
+
+/// A push service: records every notice it is posted.
+#[derive(Clone, Default)]
+struct PushReceiver {
+    notices: Arc<Mutex<Vec<(String, u64)>>>,
+}
+
+impl PushReceiver {
+    async fn serve(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = self.clone();
+        let app = axum::Router::new().route(
+            "/push",
+            axum::routing::post(move |axum::Json(batch): axum::Json<serde_json::Value>| {
+                let state = state.clone();
+                async move {
+                    let notices = batch["notices"].as_array().cloned().unwrap_or_default();
+                    state
+                        .notices
+                        .lock()
+                        .unwrap()
+                        .extend(notices.iter().filter_map(|n| {
+                            Some((n["channel"].as_str()?.to_owned(), n["offset"].as_u64()?))
+                        }));
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        addr
+    }
+
+    fn received(&self) -> Vec<(String, u64)> {
+        self.notices.lock().unwrap().clone()
+    }
+}
+
+/// Publishes to `channels` in turn until `stop`, recording each ack.
+async fn publish_round_robin(
+    publisher: Client,
+    channels: Vec<ChannelName>,
+    acked: Arc<Mutex<Vec<(String, u64)>>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut i = 0usize;
+    while !stop.is_cancelled() {
+        let channel = &channels[i % channels.len()];
+        match publisher.publish(channel, payload(i as u64, 64)).await {
+            Ok(ack) => acked
+                .lock()
+                .unwrap()
+                .push((channel.as_str().to_owned(), ack.offset.get())),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+        i += 1;
+    }
+}
+
+/// Push once, cluster-wide (issue 28, item 2): every message committed to
+/// a namespace with a push hook is posted by the leader of its channel's
+/// partition only — not once per replica — and when that leader is killed
+/// mid-stream, the next one goes on from the last position the partition
+/// committed: the receiver gets every notice, and a notice twice at most
+/// for the one batch per partition whose position had not committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_push_hook_posts_each_message_once_and_a_new_leader_goes_on_where_the_old_stopped() {
+    const MAX_BATCH: usize = 50;
+    let receiver = PushReceiver::default();
+    let addr = receiver.serve().await;
+    let hook = format!(
+        "[namespaces.chat.push]\nwebhook_url = \"http://{addr}/push\"\nbatch_ms = 20\nmax_batch = {MAX_BATCH}\n"
+    );
+    let mut cluster = TestCluster::start_configured(3, PARTITIONS, 10_000, &hook)
+        .await
+        .unwrap();
+    let channels: Vec<ChannelName> = (0..8)
+        .map(|i| ChannelName::new(format!("chat.push{i}")).unwrap())
+        .collect();
+    let leader = cluster.leader_of(channels[0].as_str(), 1).unwrap();
+    let survivors: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let led_by_victim = (0..PARTITIONS)
+        .filter(|p| {
+            cluster
+                .status(survivors[0])
+                .and_then(|s| s["partitions"][*p as usize]["leader"].as_u64())
+                == Some(leader)
+        })
+        .count()
+        .max(1);
+
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = connect(&cluster, &[survivors[0]]).await;
+    let writer = tokio::spawn(publish_round_robin(
+        publisher,
+        channels.clone(),
+        acked.clone(),
+        stop.clone(),
+    ));
+    let wait_acks = |count: usize| {
+        let acked = acked.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while acked.lock().unwrap().len() < count {
+                assert!(
+                    Instant::now() < deadline,
+                    "{count} publishes not acknowledged in 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let all_noticed = |acked: Vec<(String, u64)>| {
+        let receiver = receiver.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let got: std::collections::HashSet<(String, u64)> =
+                    receiver.received().into_iter().collect();
+                let missing: Vec<_> = acked.iter().filter(|a| !got.contains(*a)).collect();
+                if missing.is_empty() {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{} acknowledged messages never noticed, e.g. {:?}",
+                    missing.len(),
+                    &missing[..missing.len().min(5)]
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+
+    wait_acks(400).await;
+    let before_kill = acked.lock().unwrap().clone();
+    all_noticed(before_kill.clone()).await;
+    let received = receiver.received();
+    let distinct: std::collections::HashSet<&(String, u64)> = received.iter().collect();
+    assert_eq!(
+        received.len(),
+        distinct.len(),
+        "with every leader alive, each message is posted once (not once per replica)"
+    );
+
+    cluster.nodes[(leader - 1) as usize].kill().unwrap();
+    let killed_with = acked.lock().unwrap().len();
+    wait_acks(killed_with + 400).await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .unwrap()
+        .unwrap();
+    let all = acked.lock().unwrap().clone();
+    all_noticed(all.clone()).await;
+    let received = receiver.received();
+    let distinct: std::collections::HashSet<&(String, u64)> = received.iter().collect();
+    let repeated = received.len() - distinct.len();
+    eprintln!(
+        "{} messages acknowledged, {} notices received, {repeated} repeated after the posting leader (of {led_by_victim} partitions) was killed",
+        all.len(),
+        received.len()
+    );
+    assert!(
+        repeated <= MAX_BATCH * led_by_victim,
+        "{repeated} notices repeated: more than one batch per partition that changed leader"
+    );
+    for node in cluster.nodes.iter().filter(|n| n.is_running()) {
+        node.assert_never_panicked();
+    }
+}

@@ -27,6 +27,11 @@
 //! - A node that starts replicating the partition (placement moved it
 //!   here) drops the upstream once its replica is a voter: its own commits
 //!   feed the ring from then on.
+//! - In-memory channels (`persistent = false`) live on their partition's
+//!   leader only (ephemeral.rs): every other node follows them through an
+//!   upstream, replica or not, and a leader asked for an older epoch than
+//!   its channel's serves its channel from its first offset, so the edge's
+//!   feed starts the new epoch over and its devices are told.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -38,15 +43,20 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use volna_cluster::raft::lease::Standing;
-use volna_cluster::raft::network::{BoxFuture, ChannelService, FollowSink, FollowStream, Peers};
+use volna_cluster::raft::network::{
+    BoxFuture, ChannelService, FollowSink, FollowStream, LinkError, Peers,
+};
+use volna_cluster::raft::{Outcome, Publish};
 use volna_cluster::{NodeId, PartitionId, partition_of};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Frame, Limits, Offset, SubscriptionId};
 
 use super::Role;
+use super::ephemeral::{EphemeralRouter, outcome_of};
 use super::router::ClusterView;
 use crate::fanout::{Fanout, FeedWatcher};
-use crate::log::{ChannelSlice, CommitListener, Log, ReadRange};
+use crate::log::{AppendInput, ChannelSlice, CommitListener, Logs, ProducerRef, ReadRange};
 use crate::metrics::Metrics;
+use crate::store::ProducerKey;
 use crate::store::{ChannelMeta, StoreError, StoredMessage};
 use crate::subscription::{self, DeliverySink, SinkError, Start, Stopped};
 
@@ -82,6 +92,22 @@ struct FollowCall {
     channel: String,
     from: Option<u64>,
     epoch: Option<u64>,
+}
+
+/// What a node hands the leader of a partition's in-memory channels.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) enum EphemeralCall {
+    /// Publishes, stored in order; one outcome each.
+    Publish(Vec<Publish>),
+    /// A channel's delete; one `Outcome::Deleted`.
+    Delete(String),
+}
+
+/// Which call a leader is asked.
+#[derive(Debug, Clone, Copy)]
+enum Ask {
+    Read,
+    Ephemeral,
 }
 
 /// A leader's answer.
@@ -188,6 +214,8 @@ pub struct Edges {
     peers: Arc<Peers>,
     view: Arc<ClusterView>,
     fanout: Arc<Fanout>,
+    /// Which channels are kept in memory (on their leader only).
+    logs: Logs,
     /// Channels with an upstream task.
     upstreams: DashMap<ChannelName, ()>,
     /// The leader last heard of, per partition.
@@ -214,6 +242,7 @@ impl Edges {
         peers: Arc<Peers>,
         view: Arc<ClusterView>,
         fanout: Arc<Fanout>,
+        logs: Logs,
         stop: CancellationToken,
     ) -> Arc<Self> {
         Arc::new_cyclic(|this| Self {
@@ -222,6 +251,7 @@ impl Edges {
             peers,
             view,
             fanout,
+            logs,
             upstreams: DashMap::new(),
             leaders: DashMap::new(),
             stats: EdgeStats::default(),
@@ -262,6 +292,18 @@ impl Edges {
         partition_of(channel.as_str(), self.partitions)
     }
 
+    /// Whether this node's own log feeds `channel`'s subscribers here: it
+    /// replicates a durable channel's partition, or leads an in-memory
+    /// channel's.
+    fn serves_locally(&self, channel: &ChannelName) -> bool {
+        let partition = self.partition(channel);
+        if self.logs.is_ephemeral(channel) {
+            self.peers.leads(partition)
+        } else {
+            self.replicates(partition)
+        }
+    }
+
     /// Gives every subscribed channel whose partition this node does not
     /// replicate an upstream, if it has none. Called by the node's view
     /// loop: a transition is not enough to watch for, because an upstream
@@ -271,24 +313,33 @@ impl Edges {
     /// ticks, which left a node's devices silent (seen in the fourth-node
     /// chaos test, about one run in five).
     pub fn check_partitions(&self) {
-        let now: Vec<bool> = (0..self.partitions)
+        let replicated: Vec<bool> = (0..self.partitions)
             .map(|p| self.replicates(PartitionId(p)))
             .collect();
+        let led: Vec<bool> = (0..self.partitions)
+            .map(|p| self.peers.leads(PartitionId(p)))
+            .collect();
         for channel in self.fanout.subscribed_channel_names() {
-            let replicated = now
-                .get(self.partition(&channel).0 as usize)
-                .copied()
-                .unwrap_or(true);
-            if !replicated && !self.upstreams.contains_key(&channel) {
+            let of = |here: &[bool]| {
+                here.get(self.partition(&channel).0 as usize)
+                    .copied()
+                    .unwrap_or(true)
+            };
+            let local = if self.logs.is_ephemeral(&channel) {
+                of(&led)
+            } else {
+                of(&replicated)
+            };
+            if !local && !self.upstreams.contains_key(&channel) {
                 self.ensure_upstream(&channel);
             }
         }
     }
 
-    /// Starts `channel`'s upstream unless it has one or this node
-    /// replicates its partition.
+    /// Starts `channel`'s upstream unless it has one or this node's own
+    /// log feeds it.
     fn ensure_upstream(&self, channel: &ChannelName) {
-        if self.replicates(self.partition(channel)) || self.stop.is_cancelled() {
+        if self.serves_locally(channel) || self.stop.is_cancelled() {
             return;
         }
         let Some(edges) = self.this.upgrade() else {
@@ -300,11 +351,11 @@ impl Edges {
     }
 
     /// Whether `channel` still needs its upstream: it has subscribers here
-    /// and this node does not replicate it.
+    /// and this node's own log does not feed it.
     fn needs_upstream(&self, channel: &ChannelName) -> bool {
         !self.stop.is_cancelled()
             && self.fanout.head(channel).is_some()
-            && !self.replicates(self.partition(channel))
+            && !self.serves_locally(channel)
     }
 
     /// One channel's upstream, for as long as it is needed.
@@ -313,6 +364,11 @@ impl Edges {
         let mut epoch: Option<Epoch> = None;
         let mut failures = 0u32;
         loop {
+            // The feed may follow an epoch this task never heard of: the
+            // one this node kept as the in-memory channel's leader.
+            if epoch.is_none() {
+                epoch = self.fanout.epoch(&channel);
+            }
             if !self.needs_upstream(&channel) {
                 self.upstreams.remove(&channel);
                 // A subscriber may have come back between the check and
@@ -474,7 +530,15 @@ impl Edges {
             .map_err(|e| format!("undecodable upstream frame: {e}"))?;
         match frame {
             Some(Frame::Deliver(deliver)) => {
-                if epoch.is_some_and(|e| e != deliver.epoch) {
+                if self.logs.is_ephemeral(channel) {
+                    if self.peers.leads(self.partition(channel)) {
+                        // Its own log feeds the channel now; the upstream
+                        // ends at its next check.
+                        return Ok(true);
+                    }
+                    // A new leader's epoch of an in-memory channel: the
+                    // feed starts over with it and tells its subscribers.
+                } else if epoch.is_some_and(|e| e != deliver.epoch) {
                     // Deleted and created anew while detached.
                     self.channel_gone(channel);
                     *epoch = None;
@@ -519,55 +583,98 @@ impl Edges {
             max_messages: u32::try_from(range.max_messages).unwrap_or(u32::MAX),
             max_bytes: u32::try_from(range.max_bytes).unwrap_or(u32::MAX),
         };
-        let body = postcard::to_allocvec(&call).map_err(|e| StoreError::Engine(e.to_string()))?;
-        let until = tokio::time::Instant::now() + READ_WITHIN;
-        let mut last = String::from("no replica known");
         self.stats.remote_reads.fetch_add(1, Ordering::Relaxed);
+        let read: Option<ChannelRead> = self
+            .ask_leader(partition, Ask::Read, &call, READ_WITHIN)
+            .await
+            .map_err(|why| {
+                StoreError::Engine(format!("partition {} of {channel}: {why}", partition.0))
+            })?;
+        Ok(read.map(|read| {
+            let messages = read
+                .messages
+                .into_iter()
+                .map(|m| StoredMessage {
+                    offset: Offset::new(m.offset),
+                    timestamp_ms: m.timestamp_ms,
+                    producer: None,
+                    payload: m.payload,
+                })
+                .collect();
+            (read.meta.into_meta(), messages)
+        }))
+    }
+
+    /// Hands `call` to the leader of `partition`'s in-memory channels; its
+    /// outcomes, in order. Given up after `within`, or at once when the
+    /// call may have reached a leader without an answer coming back (it is
+    /// not sent twice).
+    pub(super) async fn ephemeral(
+        &self,
+        partition: PartitionId,
+        call: &EphemeralCall,
+        within: Duration,
+    ) -> Result<Vec<Outcome>, String> {
+        self.ask_leader(partition, Ask::Ephemeral, call, within)
+            .await
+    }
+
+    /// Asks `partition`'s leader, wherever it is, until `within` passed.
+    async fn ask_leader<C: Serialize, T: serde::de::DeserializeOwned + std::fmt::Debug>(
+        &self,
+        partition: PartitionId,
+        ask: Ask,
+        call: &C,
+        within: Duration,
+    ) -> Result<T, String> {
+        let body = postcard::to_allocvec(call).map_err(|e| e.to_string())?;
+        let until = tokio::time::Instant::now() + within;
+        let mut last = String::from("no replica known");
         while tokio::time::Instant::now() < until {
             for (node, addr) in self.candidates(partition) {
-                let answer = match self
-                    .peers
-                    .read(node, &addr, partition, &body, READ_ATTEMPT)
-                    .await
-                {
+                let answer = match ask {
+                    Ask::Read => {
+                        self.peers
+                            .read(node, &addr, partition, &body, READ_ATTEMPT)
+                            .await
+                    }
+                    Ask::Ephemeral => {
+                        self.peers
+                            .publish(node, &addr, partition, &body, READ_ATTEMPT)
+                            .await
+                    }
+                };
+                let answer = match answer {
                     Ok(answer) => answer,
+                    // A publish that may have been stored is not sent
+                    // again: its device is told and decides.
+                    Err(e @ (LinkError::Timeout { .. } | LinkError::Broken { .. }))
+                        if matches!(ask, Ask::Ephemeral) =>
+                    {
+                        return Err(e.to_string());
+                    }
                     Err(e) => {
                         last = e.to_string();
                         continue;
                     }
                 };
-                match postcard::from_bytes::<Served<Option<ChannelRead>>>(&answer) {
-                    Ok(Served::Ok(read)) => {
+                match postcard::from_bytes::<Served<T>>(&answer) {
+                    Ok(Served::Ok(answer)) => {
                         self.leaders.insert(partition, node);
-                        return Ok(read.map(|read| {
-                            let messages = read
-                                .messages
-                                .into_iter()
-                                .map(|m| StoredMessage {
-                                    offset: Offset::new(m.offset),
-                                    timestamp_ms: m.timestamp_ms,
-                                    producer: None,
-                                    payload: m.payload,
-                                })
-                                .collect();
-                            (read.meta.into_meta(), messages)
-                        }));
+                        return Ok(answer);
                     }
                     Ok(Served::NotLeader(Some(leader))) if leader != node => {
                         self.leaders.insert(partition, leader);
                         last = format!("node {node} is not the leader");
                     }
-                    Ok(Served::Refused(why)) => return Err(StoreError::Engine(why)),
+                    Ok(Served::Refused(why)) => return Err(why),
                     Ok(other) => last = format!("node {node}: {other:?}"),
                     Err(e) => last = format!("node {node}: undecodable answer: {e}"),
                 }
             }
             tokio::time::sleep(ROUND_PAUSE).await;
         }
-        Err(StoreError::Engine(format!(
-            "partition {} of {channel} has no reachable leader: {last}",
-            partition.0
-        )))
+        Err(format!("no reachable leader: {last}"))
     }
 }
 
@@ -620,12 +727,16 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// A partition leader's side: reads and upstreams for other nodes.
+/// A partition leader's side: reads, upstreams and in-memory channels'
+/// publishes for other nodes.
 pub struct ChannelServer {
     node: NodeId,
     partitions: u32,
     peers: Weak<Peers>,
-    log: Log,
+    logs: Logs,
+    /// Where publishes to in-memory channels are kept (when namespaces use
+    /// them).
+    ephemeral: Option<Arc<EphemeralRouter>>,
     fanout: Arc<Fanout>,
     /// Upstream deliveries are not device deliveries: counted apart.
     metrics: Arc<Metrics>,
@@ -640,19 +751,21 @@ impl std::fmt::Debug for ChannelServer {
 }
 
 impl ChannelServer {
-    /// Serves `log`'s channels of the partitions this node leads.
+    /// Serves the channels of `logs` whose partitions this node leads.
     pub fn new(
         node: NodeId,
         partitions: u32,
         peers: &Arc<Peers>,
-        log: Log,
+        logs: Logs,
+        ephemeral: Option<Arc<EphemeralRouter>>,
         fanout: Arc<Fanout>,
     ) -> Self {
         Self {
             node,
             partitions,
             peers: Arc::downgrade(peers),
-            log,
+            logs,
+            ephemeral,
             fanout,
             metrics: Arc::new(Metrics::new()),
         }
@@ -705,6 +818,7 @@ impl ChannelServer {
         if let Err(not) = self.leads(partition) {
             return not;
         }
+        let log = self.logs.for_channel(&channel);
         let range = ReadRange {
             from: Offset::new(call.from),
             until: Offset::new(call.until),
@@ -712,12 +826,11 @@ impl ChannelServer {
             max_bytes: call.max_bytes as usize,
         };
         let read = if range.max_messages == 0 {
-            self.log
-                .lookup(&channel)
+            log.lookup(&channel)
                 .await
                 .map(|meta| meta.map(|meta| (meta, Vec::new())))
         } else {
-            self.log.read_channel(&channel, range).await
+            log.read_channel(&channel, range).await
         };
         match read {
             Ok(read) => Served::Ok(read.map(|(meta, messages)| {
@@ -757,9 +870,10 @@ impl ChannelServer {
                 return;
             }
         };
+        let log = self.logs.for_channel(&channel).clone();
         // Registered before the metadata is read, as a device's would be.
         let feed = self.fanout.subscribe(&channel);
-        let meta = match self.log.lookup(&channel).await {
+        let meta = match log.lookup(&channel).await {
             Ok(meta) => meta,
             Err(e) => {
                 let answer = Served::<Following>::Refused(format!("lookup failed: {e}"));
@@ -768,21 +882,27 @@ impl ChannelServer {
                 return;
             }
         };
-        if call
+        let other_epoch = call
             .epoch
-            .is_some_and(|epoch| meta.is_none_or(|m| m.epoch.0 != epoch))
-        {
+            .is_some_and(|epoch| meta.is_none_or(|m| m.epoch.0 != epoch));
+        let in_memory = self.logs.is_ephemeral(&channel);
+        if other_epoch && !in_memory {
             let _ = write_answer::<Following>(&mut out, &Served::Gone).await;
             out.finish();
             return;
         }
         feed.observe(meta.as_ref());
-        let start = call
-            .from
-            .map(Offset::new)
-            .or(meta.map(|m| m.next_offset))
-            .unwrap_or(Offset::FIRST)
-            .max(Offset::FIRST);
+        let start = if other_epoch {
+            // An in-memory channel the edge followed on an earlier leader:
+            // this leader's epoch is another log, served whole.
+            meta.map_or(Offset::FIRST, |m| m.first_offset)
+        } else {
+            call.from
+                .map(Offset::new)
+                .or(meta.map(|m| m.next_offset))
+                .unwrap_or(Offset::FIRST)
+        }
+        .max(Offset::FIRST);
         let following = Following {
             epoch: meta.map(|m| m.epoch.0),
             start: start.get(),
@@ -830,15 +950,8 @@ impl ChannelServer {
         };
         let out = Arc::new(tokio::sync::Mutex::new(out));
         let sink = UpstreamSink { out: out.clone() };
-        let result = subscription::run(
-            start,
-            feed,
-            self.log.clone(),
-            sink,
-            cancel.clone(),
-            self.metrics.clone(),
-        )
-        .await;
+        let result =
+            subscription::run(start, feed, log, sink, cancel.clone(), self.metrics.clone()).await;
         watcher.abort();
         let mut out = out.lock().await;
         match result {
@@ -870,6 +983,87 @@ impl ChannelService for ChannelServer {
         let server = self.clone_handle();
         Box::pin(async move { server.serve_follow(partition, &body, out).await })
     }
+
+    fn publish(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>> {
+        let server = self.clone_handle();
+        Box::pin(async move {
+            let answer = server.answer_ephemeral(partition, &body).await;
+            postcard::to_allocvec(&answer).unwrap_or_default()
+        })
+    }
+}
+
+impl ChannelServer {
+    /// Keeps publishes to (or deletes) in-memory channels of a partition
+    /// this node leads.
+    async fn answer_ephemeral(&self, partition: PartitionId, body: &[u8]) -> Served<Vec<Outcome>> {
+        let call: EphemeralCall = match postcard::from_bytes(body) {
+            Ok(call) => call,
+            Err(e) => return Served::Refused(e.to_string()),
+        };
+        let Some(router) = &self.ephemeral else {
+            return Served::Refused("this node keeps no in-memory namespace".into());
+        };
+        if let Err(not) = self.leads(partition) {
+            return not;
+        }
+        let named = |name: &str| -> Result<ChannelName, Served<Vec<Outcome>>> {
+            let channel = self.channel(name, partition)?;
+            if !self.logs.is_ephemeral(&channel) {
+                return Err(Served::Refused(format!(
+                    "{channel} is not in an in-memory namespace here"
+                )));
+            }
+            Ok(channel)
+        };
+        let outcomes = match call {
+            EphemeralCall::Publish(publishes) => {
+                let mut inputs = Vec::with_capacity(publishes.len());
+                for publish in publishes {
+                    match named(&publish.channel) {
+                        Ok(channel) => inputs.push(input_of(channel, publish)),
+                        Err(refused) => return refused,
+                    }
+                }
+                router.publish_here(inputs).await
+            }
+            EphemeralCall::Delete(name) => {
+                let channel = match named(&name) {
+                    Ok(channel) => channel,
+                    Err(refused) => return refused,
+                };
+                return match router.delete_here(channel).await {
+                    Ok(meta) => Served::Ok(vec![Outcome::Deleted {
+                        existed: meta.is_some(),
+                    }]),
+                    Err(crate::log::AppendError::Unavailable(_)) => Served::NotLeader(None),
+                    Err(e) => Served::Refused(e.to_string()),
+                };
+            }
+        };
+        // Deposed between the check and the keeper's turn: none was kept.
+        if outcomes
+            .iter()
+            .all(|o| matches!(o, Err(crate::log::AppendError::Unavailable(_))))
+        {
+            return Served::NotLeader(None);
+        }
+        Served::Ok(outcomes.into_iter().map(outcome_of).collect())
+    }
+}
+
+/// A forwarded publish as this node's log takes it.
+fn input_of(channel: ChannelName, publish: Publish) -> AppendInput {
+    AppendInput {
+        channel,
+        producer: publish.producer.map(|p| ProducerRef {
+            key: ProducerKey::new(Arc::from(p.owner), p.producer_id),
+            sequence: p.sequence,
+            after: p.after,
+            limited: p.limited,
+        }),
+        payload: publish.payload,
+    }
 }
 
 impl ChannelServer {
@@ -878,7 +1072,8 @@ impl ChannelServer {
             node: self.node,
             partitions: self.partitions,
             peers: self.peers.clone(),
-            log: self.log.clone(),
+            logs: self.logs.clone(),
+            ephemeral: self.ephemeral.clone(),
             fanout: self.fanout.clone(),
             metrics: self.metrics.clone(),
         }

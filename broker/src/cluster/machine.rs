@@ -39,8 +39,10 @@ use volna_cluster::raft::{
 use volna_cluster::{PartitionId, partition_of};
 use volna_proto::{ChannelName, Epoch, Offset};
 
+use super::push::ClusterPush;
 use super::snapshot::{Counts, Current, SnapshotDir, SnapshotError, read_parts, write_snapshot};
 use crate::log::{AppendInput, Log, Outcome, ProducerRef, Replicated, Restore, RestoreScope, Trim};
+use crate::push::Notice;
 use crate::store::{ExportScope, LogStore, ProducerKey};
 
 type NodeId = u64;
@@ -126,6 +128,9 @@ pub struct PartitionMachine {
     /// The file a snapshot from the leader is being received into.
     receiving: Option<PathBuf>,
     stats: Arc<SnapshotStats>,
+    /// The push hooks, told of every message applied to a namespace with
+    /// one and of how far the partition's leader posted.
+    push: Option<Arc<ClusterPush>>,
 }
 
 impl PartitionMachine {
@@ -140,6 +145,7 @@ impl PartitionMachine {
         store: Arc<dyn LogStore>,
         snapshot_root: &Path,
         stats: Arc<SnapshotStats>,
+        push: Option<Arc<ClusterPush>>,
     ) -> Result<Self, SnapshotError> {
         let applied = match store.load_applied(partition.0)? {
             Some(bytes) => AppliedState::decode(&bytes).map_err(|e| {
@@ -165,6 +171,7 @@ impl PartitionMachine {
             snapshots,
             receiving: None,
             stats,
+            push,
         };
         if let Some(current) = machine.applied.restoring.clone() {
             warn!(
@@ -330,6 +337,8 @@ impl PartitionMachine {
                     .filter_map(trim_of)
                     .collect();
             }
+            // The push hooks' marks change nothing the writer keeps.
+            Some(Command::Posted { .. }) => {}
             Some(Command::Delete(names)) => {
                 for name in names {
                     match ChannelName::new(name) {
@@ -344,6 +353,59 @@ impl PartitionMachine {
         }
         (entry, refused)
     }
+}
+
+/// The publishes of `command` whose namespace has a push hook: their place
+/// in the entry, channel, size and producer id.
+fn noticed(
+    push: &ClusterPush,
+    command: Option<&Command>,
+) -> Vec<(usize, String, usize, Option<u64>)> {
+    let Some(Command::Append { publishes, .. }) = command else {
+        return Vec::new();
+    };
+    publishes
+        .iter()
+        .enumerate()
+        .filter(|(_, publish)| push.hooks(&publish.channel))
+        .map(|(k, publish)| {
+            (
+                k,
+                publish.channel.clone(),
+                publish.payload.len(),
+                publish.producer.as_ref().map(|p| p.producer_id),
+            )
+        })
+        .collect()
+}
+
+/// The notices of the `noticed` publishes that were stored (a retry found
+/// already stored is not a new message), stamped with the entry's time.
+fn notices(
+    noticed: Vec<(usize, String, usize, Option<u64>)>,
+    outcomes: &[ReplicaOutcome],
+    timestamp_ms: u64,
+) -> Vec<(u32, Notice)> {
+    noticed
+        .into_iter()
+        .filter_map(|(k, channel, size, producer_id)| match outcomes.get(k) {
+            Some(ReplicaOutcome::Stored {
+                offset,
+                duplicate: false,
+                ..
+            }) => Some((
+                u32::try_from(k).unwrap_or(u32::MAX),
+                Notice {
+                    channel,
+                    offset: *offset,
+                    timestamp_ms,
+                    size,
+                    producer_id,
+                },
+            )),
+            _ => None,
+        })
+        .collect()
 }
 
 /// `partition`'s channels and producer windows among a node's.
@@ -408,6 +470,21 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
                 EntryPayload::Normal(command) => Some(command),
             };
             let is_delete = matches!(command, Some(Command::Delete(_)));
+            let noticed = self
+                .push
+                .as_ref()
+                .map(|push| noticed(push, command.as_ref()));
+            if let (
+                Some(push),
+                Some(Command::Posted {
+                    namespace,
+                    index,
+                    notice,
+                }),
+            ) = (&self.push, &command)
+            {
+                push.posted(self.partition.0, namespace, (*index, *notice));
+            }
             let (replicated, pre) = self.replicated(command);
             let outcome = self
                 .log
@@ -442,6 +519,15 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
                     },
                 };
                 reply.outcomes.push(outcome);
+            }
+            if let (Some(push), Some(noticed)) = (&self.push, noticed)
+                && !noticed.is_empty()
+            {
+                push.applied(
+                    self.partition.0,
+                    entry.log_id.index,
+                    notices(noticed, &reply.outcomes, self.applied.time_ms),
+                );
             }
             replies.push(reply);
         }

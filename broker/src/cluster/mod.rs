@@ -27,8 +27,10 @@
 //! devices.
 
 pub mod edge;
+pub mod ephemeral;
 pub mod failures;
 pub mod machine;
+pub mod push;
 pub mod router;
 pub mod snapshot;
 pub mod status;
@@ -132,6 +134,9 @@ pub enum ClusterError {
     /// The node was asked to run with a store that is not RocksDB.
     #[error("a cluster node needs its RocksDB store")]
     NoRocksDb,
+    /// A push hook's poster thread could not start.
+    #[error("cannot start a push hook: {0}")]
+    Push(std::io::Error),
 }
 
 /// What a node needs to join.
@@ -145,8 +150,9 @@ pub struct NodeSetup {
     pub db: Arc<rocksdb::DB>,
     /// The same store, as the log sees it (partitions' applied states).
     pub store: Arc<dyn LogStore>,
-    /// The node's channel log.
-    pub log: Log,
+    /// The node's channel logs: the durable one its partitions replicate,
+    /// and the in-memory one of `persistent = false` namespaces, if any.
+    pub logs: crate::log::Logs,
     /// The messages' durability: Raft's commit pointer, truncations and
     /// purges follow it; votes and appended entries are always synced.
     pub durability: Durability,
@@ -156,6 +162,9 @@ pub struct NodeSetup {
     pub fanout: Arc<crate::fanout::Fanout>,
     /// Where partitions keep their snapshots.
     pub snapshot_dir: std::path::PathBuf,
+    /// The push hooks of the namespaces that have one (posted by each
+    /// partition's leader).
+    pub push: Option<Arc<push::ClusterPush>>,
 }
 
 /// A running cluster node.
@@ -174,6 +183,7 @@ pub struct ClusterNode {
     tasks: Vec<JoinHandle<()>>,
     /// The node's channel log (partition digests read it).
     log: Log,
+    push: Option<Arc<push::ClusterPush>>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -200,6 +210,8 @@ struct Groups {
     partitions: u32,
     snapshot_dir: std::path::PathBuf,
     snapshot_stats: Arc<SnapshotStats>,
+    /// The push hooks, which every partition machine feeds.
+    push: Option<Arc<push::ClusterPush>>,
     /// Partitions whose membership change is under way.
     changing: Arc<Mutex<HashSet<PartitionId>>>,
     /// When this node last called an election to lead a partition.
@@ -376,6 +388,7 @@ impl ClusterNode {
             peers.clone(),
             view.clone(),
             setup.fanout.clone(),
+            setup.logs.clone(),
             stop.child_token(),
         );
         let snapshot_stats = Arc::new(SnapshotStats::default());
@@ -391,11 +404,12 @@ impl ClusterNode {
             raft_config: Arc::new(raft_config),
             db: setup.db,
             store: setup.store,
-            log: setup.log.clone(),
+            log: setup.logs.durable().clone(),
             sync: setup.durability == Durability::Fsync,
             partitions: settled.partitions,
             snapshot_dir: setup.snapshot_dir.clone(),
             snapshot_stats: snapshot_stats.clone(),
+            push: setup.push.clone(),
             changing: Arc::default(),
             elections: Mutex::default(),
             stable_leaders: Mutex::default(),
@@ -448,21 +462,44 @@ impl ClusterNode {
             settled.partitions,
             peers.clone(),
             view.clone(),
-            setup.log.clone(),
+            setup.logs.durable().clone(),
             within,
             setup.metrics.clone(),
             edges.clone(),
         );
-        setup.log.replicate_through(router);
+        setup.logs.durable().replicate_through(router);
+        // In-memory channels live on their partition's leader only.
+        let ephemeral = setup.logs.ephemeral().map(|log| {
+            let router = ephemeral::EphemeralRouter::start(
+                settled.partitions,
+                peers.clone(),
+                edges.clone(),
+                log.clone(),
+                within,
+                stop.child_token(),
+            );
+            log.replicate_through(router.clone());
+            router
+        });
         peers.serve_channels(Arc::new(ChannelServer::new(
             id,
             settled.partitions,
             &peers,
-            setup.log.clone(),
+            setup.logs.clone(),
+            ephemeral,
             setup.fanout.clone(),
         )));
         edges.check_partitions();
         setup.fanout.watch_feeds(edges.clone());
+        if let Some(push) = &setup.push {
+            push.start(
+                peers.clone(),
+                view.clone(),
+                within,
+                tokio::runtime::Handle::current(),
+            )
+            .map_err(ClusterError::Push)?;
+        }
         let ttl = Duration::from_secs(section.lease_ttl_secs);
         let rejoining = shared.rejoining.clone();
         let tasks = vec![
@@ -502,7 +539,8 @@ impl ClusterNode {
             snapshot_stats,
             stop,
             tasks,
-            log: setup.log.clone(),
+            log: setup.logs.durable().clone(),
+            push: setup.push,
         })
     }
 
@@ -580,6 +618,10 @@ impl ClusterNode {
     /// Leaves: stops the groups (their peers elect other leaders), the
     /// membership (its lease is revoked) and the inter-node endpoint.
     pub async fn shutdown(self) {
+        // Posters first: they propose marks to the groups.
+        if let Some(push) = self.push.clone() {
+            let _ = tokio::task::spawn_blocking(move || push.shutdown()).await;
+        }
         self.stop.cancel();
         let groups = self.groups();
         for task in self.tasks {
@@ -1108,6 +1150,7 @@ impl Groups {
             self.store.clone(),
             &self.snapshot_dir,
             self.snapshot_stats.clone(),
+            self.push.clone(),
         )
         .await?;
         let raft = Raft::new(

@@ -441,7 +441,7 @@ fn deliver(
     }
 }
 
-fn to_publish(input: AppendInput) -> Publish {
+pub(super) fn to_publish(input: AppendInput) -> Publish {
     Publish {
         channel: input.channel.as_str().to_owned(),
         producer: input.producer.map(|p| ProducerStamp {

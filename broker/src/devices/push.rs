@@ -17,6 +17,9 @@
 //!   notices. They are posted in commit order, at most one batch per
 //!   `push.batch_ms` while the receiver keeps up.
 //!
+//! On a cluster node the notices come from the partitions this node leads
+//! instead of the log writer (`cluster::push`); the poster is the same.
+//!
 //! The contract (README, "Push hook"): `POST webhook_url` with
 //! `Content-Type: application/json` and the body
 //! `{"notices":[{"channel":"chat.42","offset":17,"timestamp_ms":…,"size":12,"producer_id":…}]}`
@@ -63,6 +66,56 @@ struct Batch<'a> {
     notices: &'a [Notice],
 }
 
+/// Where a poster takes the notices it posts, in order.
+pub trait NoticeSource: Send + 'static {
+    /// Appends notices to post next to `batch`, until it holds about `max`.
+    fn fill(&mut self, batch: &mut Vec<Notice>, max: usize);
+    /// The receiver took every notice `fill` handed out so far.
+    fn posted(&mut self);
+    /// Whether `fill` would hand out nothing now.
+    fn is_empty(&self) -> bool;
+}
+
+/// A single node's hook: the ring the log writer fills.
+struct RingSource(Arc<ArrayQueue<Notice>>);
+
+impl NoticeSource for RingSource {
+    fn fill(&mut self, batch: &mut Vec<Notice>, max: usize) {
+        while batch.len() < max {
+            match self.0.pop() {
+                Some(notice) => batch.push(notice),
+                None => break,
+            }
+        }
+    }
+
+    fn posted(&mut self) {}
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// Starts the thread posting `source`'s notices to `config`'s webhook
+/// until `stop`.
+pub fn spawn_poster(
+    namespace: &str,
+    config: PushConfig,
+    source: impl NoticeSource,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    let poster = Poster {
+        source,
+        config,
+        metrics,
+        stop,
+    };
+    std::thread::Builder::new()
+        .name(format!("volna-push-{namespace}"))
+        .spawn(move || poster.run())
+}
+
 /// One namespace's hook: its ring and its poster thread.
 struct Hook {
     namespace: String,
@@ -105,17 +158,13 @@ impl PushHooks {
         for (namespace, config) in namespaces {
             let Some(push) = &config.push else { continue };
             let ring = Arc::new(ArrayQueue::new(push.queue.max(1)));
-            let poster = Poster {
-                ring: ring.clone(),
-                config: push.clone(),
-                metrics: metrics.clone(),
-                stop: stop.clone(),
-            };
-            threads.push(
-                std::thread::Builder::new()
-                    .name(format!("volna-push-{namespace}"))
-                    .spawn(move || poster.run())?,
-            );
+            threads.push(spawn_poster(
+                namespace,
+                push.clone(),
+                RingSource(ring.clone()),
+                metrics.clone(),
+                stop.clone(),
+            )?);
             info!(namespace, url = %push.webhook_url, "push hook on");
             hooks.push(Hook {
                 namespace: namespace.clone(),
@@ -175,15 +224,15 @@ impl CommitListener for PushHooks {
 }
 
 /// Posts one namespace's notices.
-struct Poster {
-    ring: Arc<ArrayQueue<Notice>>,
+struct Poster<S> {
+    source: S,
     config: PushConfig,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
 }
 
-impl Poster {
-    fn run(self) {
+impl<S: NoticeSource> Poster<S> {
+    fn run(mut self) {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_millis(self.config.timeout_ms)))
             .http_status_as_error(false)
@@ -200,12 +249,7 @@ impl Poster {
                 std::thread::sleep((next_post - now).min(Duration::from_millis(50)));
                 continue;
             }
-            while batch.len() < self.config.max_batch {
-                match self.ring.pop() {
-                    Some(notice) => batch.push(notice),
-                    None => break,
-                }
-            }
+            self.source.fill(&mut batch, self.config.max_batch);
             if batch.is_empty() {
                 next_post = Instant::now() + every;
                 continue;
@@ -214,9 +258,10 @@ impl Poster {
                 Ok(()) => {
                     self.metrics.push_notices_sent.inc_by(batch.len() as u64);
                     batch.clear();
+                    self.source.posted();
                     backoff = FIRST_BACKOFF;
                     // More waiting than one batch holds: post it at once.
-                    next_post = if self.ring.is_empty() {
+                    next_post = if self.source.is_empty() {
                         Instant::now() + every
                     } else {
                         Instant::now()

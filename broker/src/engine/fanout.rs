@@ -39,6 +39,11 @@
 //!   every raise of `head` past what it saw: a shard's `pending` flag is
 //!   cleared before its waiters are notified, so a raise after the clear
 //!   queues another wake-up.
+//! - A feed follows one epoch of its channel at a time. A batch of another
+//!   epoch (a cluster's in-memory channel, started afresh by a new leader
+//!   of its partition) starts the ring and the head over at that batch:
+//!   each subscriber still on the old epoch is told `EpochChanged` and goes
+//!   on from there, never reading one epoch's offsets as another's.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -105,6 +110,10 @@ pub struct ChannelFeed {
     last_commit: AtomicU64,
     /// The channel was deleted: its subscribers end.
     deleted: AtomicBool,
+    /// The epoch of the ring's batches (0: none seen yet); mirrors
+    /// `Ring::epoch`, so a subscriber can tell without the lock that it is
+    /// still on it.
+    epoch: AtomicU64,
 }
 
 /// Subscribers of a channel woken together.
@@ -116,10 +125,15 @@ struct WakeShard {
     pending: AtomicBool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Ring {
     batches: VecDeque<FeedBatch>,
     bytes: usize,
+    /// The channel's epoch the feed follows (`Epoch(0)`: not known yet).
+    epoch: Epoch,
+    /// The first offset the feed heard of in `epoch`: where a subscriber of
+    /// an older epoch goes on from.
+    since: Offset,
 }
 
 /// Messages `[first, end)` of one channel, encoded as one `Deliver` frame.
@@ -145,6 +159,8 @@ pub enum NextStep {
         /// When the oldest of these messages was stored (ms since the Unix
         /// epoch), for the publish → deliver latency.
         stored_ms: u64,
+        /// The channel's epoch these messages belong to.
+        epoch: Epoch,
     },
     /// The ring does not reach back to `next`: read `[next, until)` from
     /// the log.
@@ -154,6 +170,14 @@ pub enum NextStep {
     },
     /// Nothing committed at or after `next` yet: wait for [`FeedSubscription::changed`].
     Wait,
+    /// The feed went on to another epoch of the channel than the
+    /// subscriber's: tell it (`EpochChanged`) and go on from `start`.
+    Reset {
+        /// The channel's epoch now.
+        epoch: Epoch,
+        /// Where delivery goes on, in `epoch`.
+        start: Offset,
+    },
     /// The channel was deleted with its log: the subscription ends.
     Deleted,
 }
@@ -165,8 +189,9 @@ pub struct FeedSubscription {
     channel: ChannelName,
     feed: Arc<ChannelFeed>,
     shard: usize,
-    /// The head as this subscriber last saw it.
+    /// The head and the epoch as this subscriber last saw them.
     seen: u64,
+    seen_epoch: u64,
     registry: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
     total: Arc<AtomicUsize>,
 }
@@ -227,6 +252,16 @@ impl Fanout {
             .map(|feed| Offset::new(feed.value().head.load(Ordering::Acquire)))
     }
 
+    /// The epoch of `channel` its feed follows, when it has subscribers
+    /// and heard of one.
+    pub fn epoch(&self, channel: &ChannelName) -> Option<Epoch> {
+        self.channels
+            .get(channel)
+            .map(|feed| feed.value().epoch.load(Ordering::Acquire))
+            .filter(|epoch| *epoch != 0)
+            .map(Epoch)
+    }
+
     /// Hands `channel`'s subscribers a `Deliver` frame of messages
     /// `[first, end)` committed elsewhere (a cluster edge's upstream): the
     /// frame is shared as received, exactly like a local commit's.
@@ -254,20 +289,41 @@ impl Fanout {
     /// Pushes `batches` into `feed`'s ring, raises its head to `end` and
     /// wakes its subscribers.
     fn push(&self, feed: &Arc<ChannelFeed>, batches: Vec<FeedBatch>, end: Offset) {
+        let mut reset = false;
+        let raised;
         {
             let mut ring = feed.lock_ring();
             for batch in batches {
-                let (added, freed) = ring.push(batch, self.ring_bytes);
+                let first = batch.first;
+                let (added, freed, restarted) = ring.push(batch, self.ring_bytes);
                 self.total.fetch_add(added, Ordering::Relaxed);
                 self.total.fetch_sub(freed, Ordering::Relaxed);
+                if restarted {
+                    // Under the ring's lock, so that a subscriber that sees
+                    // the new epoch sees the head of the new epoch too.
+                    feed.head.store(first.get(), Ordering::Release);
+                    reset = true;
+                }
             }
+            if feed.epoch.load(Ordering::Relaxed) != ring.epoch.0 {
+                feed.epoch.store(ring.epoch.0, Ordering::Release);
+            }
+            // Under the lock too: a push of another epoch in between would
+            // otherwise raise this one's head.
+            raised = feed.head.fetch_max(end.get(), Ordering::AcqRel) < end.get();
         }
         let order = self.commits.fetch_add(1, Ordering::Relaxed);
         feed.last_commit.store(order, Ordering::Relaxed);
         if self.total.load(Ordering::Relaxed) > self.max_total {
             self.shrink();
         }
-        if feed.head.fetch_max(end.get(), Ordering::AcqRel) >= end.get() {
+        if !raised && !reset {
+            return;
+        }
+        if reset {
+            for k in 0..feed.shards.len() {
+                feed.wake(k);
+            }
             return;
         }
         for (k, shard) in feed.shards.iter().enumerate() {
@@ -377,6 +433,7 @@ impl Fanout {
                     next_shard: AtomicUsize::new(0),
                     last_commit: AtomicU64::new(0),
                     deleted: AtomicBool::new(false),
+                    epoch: AtomicU64::new(0),
                 })
             });
             let feed = entry.value().clone();
@@ -395,6 +452,7 @@ impl Fanout {
             feed,
             shard,
             seen: 0,
+            seen_epoch: 0,
             registry: self.channels.clone(),
             total: self.total.clone(),
         }
@@ -451,24 +509,42 @@ impl ChannelFeed {
     }
 }
 
+impl Default for Ring {
+    fn default() -> Self {
+        Self {
+            batches: VecDeque::new(),
+            bytes: 0,
+            epoch: Epoch(0),
+            since: Offset::FIRST,
+        }
+    }
+}
+
 impl Ring {
     /// Appends `batch`, dropping the oldest beyond `budget`; returns the
-    /// bytes added and dropped. A batch the ring already reaches past is
-    /// not added.
-    fn push(&mut self, batch: FeedBatch, budget: usize) -> (usize, usize) {
-        if self
-            .batches
-            .back()
-            .is_some_and(|last| batch.end <= last.end)
+    /// bytes added and dropped, and whether the batch started another
+    /// epoch (the ring then holds only it). A batch of the ring's epoch
+    /// that the ring already reaches past is not added.
+    fn push(&mut self, batch: FeedBatch, budget: usize) -> (usize, usize, bool) {
+        let restarted = self.epoch != Epoch(0) && batch.epoch != self.epoch;
+        if self.epoch == Epoch(0) || restarted {
+            self.epoch = batch.epoch;
+            self.since = batch.first;
+        }
+        if !restarted
+            && self
+                .batches
+                .back()
+                .is_some_and(|last| batch.end <= last.end)
         {
-            return (0, 0);
+            return (0, 0, false);
         }
         let before = self.bytes;
         let contiguous = self
             .batches
             .back()
             .is_none_or(|last| last.end == batch.first && last.epoch == batch.epoch);
-        if !contiguous {
+        if !contiguous || restarted {
             self.batches.clear();
             self.bytes = 0;
         }
@@ -482,7 +558,7 @@ impl Ring {
                 freed += old.frame.len();
             }
         }
-        (added, freed)
+        (added, freed, restarted)
     }
 }
 
@@ -493,6 +569,19 @@ impl FeedSubscription {
         let Some(meta) = meta else {
             return;
         };
+        {
+            let mut ring = self.feed.lock_ring();
+            if ring.epoch == Epoch(0) {
+                ring.epoch = meta.epoch;
+                ring.since = meta.first_offset;
+                self.feed.epoch.store(meta.epoch.0, Ordering::Release);
+            } else if ring.epoch != meta.epoch {
+                // Another epoch than the feed's (a cluster's in-memory
+                // channel around a change of leader): its head is not this
+                // feed's; the batches of the new epoch bring it.
+                return;
+            }
+        }
         let before = self
             .feed
             .head
@@ -509,11 +598,16 @@ impl FeedSubscription {
         &self.channel
     }
 
-    /// What to do for a subscriber whose next wanted offset is `next`,
-    /// taking at most about `max_bytes` of frames.
-    pub fn next_step(&mut self, next: Offset, max_bytes: usize) -> NextStep {
+    /// What to do for a subscriber of `epoch` (`Epoch(0)`: none yet)
+    /// whose next wanted offset is `next`, taking at most about
+    /// `max_bytes` of frames.
+    pub fn next_step(&mut self, next: Offset, epoch: Epoch, max_bytes: usize) -> NextStep {
         if self.feed.deleted.load(Ordering::Acquire) {
             return NextStep::Deleted;
+        }
+        self.seen_epoch = self.feed.epoch.load(Ordering::Acquire);
+        if epoch != Epoch(0) && self.seen_epoch != 0 && epoch.0 != self.seen_epoch {
+            return self.reset();
         }
         self.seen = self.feed.head.load(Ordering::Acquire);
         let head = Offset::new(self.seen);
@@ -521,6 +615,12 @@ impl FeedSubscription {
             return NextStep::Wait;
         }
         let ring = self.feed.lock_ring();
+        if epoch != Epoch(0) && ring.epoch != Epoch(0) && ring.epoch != epoch {
+            // The epoch changed since it was read above.
+            drop(ring);
+            return self.reset();
+        }
+        let ring_epoch = ring.epoch;
         let Some(first) = ring.batches.front().map(|b| b.first) else {
             return NextStep::ReadLog { until: head };
         };
@@ -558,6 +658,17 @@ impl FeedSubscription {
             frames,
             end,
             stored_ms,
+            epoch: ring_epoch,
+        }
+    }
+
+    /// Where a subscriber of an older epoch goes on.
+    fn reset(&mut self) -> NextStep {
+        let ring = self.feed.lock_ring();
+        self.seen_epoch = ring.epoch.0;
+        NextStep::Reset {
+            epoch: ring.epoch,
+            start: ring.since,
         }
     }
 
@@ -572,8 +683,13 @@ impl FeedSubscription {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let head = self.feed.head.load(Ordering::Acquire);
-            if head != self.seen || self.feed.deleted.load(Ordering::Acquire) {
+            let epoch = self.feed.epoch.load(Ordering::Acquire);
+            if head != self.seen
+                || epoch != self.seen_epoch
+                || self.feed.deleted.load(Ordering::Acquire)
+            {
                 self.seen = head;
+                self.seen_epoch = epoch;
                 return;
             }
             notified.await;
@@ -738,7 +854,7 @@ mod tests {
         assert_eq!(fanout.subscribed_channels(), 1);
         // Offsets 1..3 were committed before the feed existed: read the log.
         assert!(matches!(
-            a.next_step(Offset::FIRST, usize::MAX),
+            a.next_step(Offset::FIRST, Epoch(0), usize::MAX),
             NextStep::ReadLog { until } if until == Offset::new(4)
         ));
         publish(&log, &chat, 2).await;
@@ -750,8 +866,8 @@ mod tests {
             },
             NextStep::Send { frames: fb, .. },
         ) = (
-            a.next_step(Offset::new(4), usize::MAX),
-            b.next_step(Offset::new(4), usize::MAX),
+            a.next_step(Offset::new(4), Epoch(0), usize::MAX),
+            b.next_step(Offset::new(4), Epoch(0), usize::MAX),
         )
         else {
             panic!("expected frames from the ring");
@@ -761,12 +877,13 @@ mod tests {
         // The same allocation, not a copy per subscriber.
         assert_eq!(fa[0].as_ptr(), fb[0].as_ptr());
         // Starting inside a batch re-encodes just the tail.
-        let NextStep::Send { frames, .. } = a.next_step(Offset::new(5), usize::MAX) else {
+        let NextStep::Send { frames, .. } = a.next_step(Offset::new(5), Epoch(0), usize::MAX)
+        else {
             panic!("expected frames");
         };
         assert_eq!(decode_offsets(&frames), [5]);
         assert!(matches!(
-            a.next_step(Offset::new(6), usize::MAX),
+            a.next_step(Offset::new(6), Epoch(0), usize::MAX),
             NextStep::Wait
         ));
 
@@ -811,11 +928,11 @@ mod tests {
         // The least recently active channel gave up its ring first: its
         // subscriber reads the log; the most recent one still has all.
         assert!(matches!(
-            subs[0].next_step(Offset::FIRST, usize::MAX),
+            subs[0].next_step(Offset::FIRST, Epoch(0), usize::MAX),
             NextStep::ReadLog { .. }
         ));
         assert!(matches!(
-            subs[3].next_step(Offset::FIRST, usize::MAX),
+            subs[3].next_step(Offset::FIRST, Epoch(0), usize::MAX),
             NextStep::Send { end, .. } if end == Offset::new(41)
         ));
         // The last subscriber of a channel takes its ring's bytes along.
@@ -825,6 +942,76 @@ mod tests {
         drop(gone);
         assert_eq!(fanout.total_ring_bytes(), held - ring);
         threads.shutdown();
+    }
+
+    /// A batch of another epoch (an in-memory channel started afresh by a
+    /// new leader of its partition) starts the feed over: a subscriber of
+    /// the old epoch is told where to go on, never handed the new epoch's
+    /// offsets as if they were the old one's.
+    #[test]
+    fn a_batch_of_another_epoch_starts_the_feed_over_and_subscribers_are_told() {
+        let fanout = Fanout::with_wakers(64 * 1024, 1);
+        let chat = ChannelName::new("typing.42").expect("name");
+        let relay = |epoch: u64, first: u64, count: u64| {
+            let messages: Vec<StoredMessage> = (first..first + count)
+                .map(|offset| StoredMessage {
+                    offset: Offset::new(offset),
+                    timestamp_ms: 1,
+                    producer: None,
+                    payload: Bytes::from_static(b"typing"),
+                })
+                .collect();
+            for (from, end, frame) in encode_frames(&chat, Epoch(epoch), &messages) {
+                fanout.relay(&chat, Epoch(epoch), (from, end), 1, frame);
+            }
+        };
+        let mut old = fanout.subscribe(&chat);
+        let mut fresh = fanout.subscribe(&chat);
+        relay(7, 1, 5);
+        assert_eq!(fanout.epoch(&chat), Some(Epoch(7)));
+        let NextStep::Send { end, epoch, .. } = old.next_step(Offset::FIRST, Epoch(7), usize::MAX)
+        else {
+            panic!("expected epoch 7's frames");
+        };
+        assert_eq!((end, epoch), (Offset::new(6), Epoch(7)));
+        // A subscriber that has not learnt an epoch yet learns it here.
+        let NextStep::Send { epoch, .. } = fresh.next_step(Offset::new(4), Epoch(0), usize::MAX)
+        else {
+            panic!("expected frames");
+        };
+        assert_eq!(epoch, Epoch(7));
+
+        // The next leader's channel: epoch 9, from offset 1 again.
+        relay(9, 1, 2);
+        assert_eq!(fanout.epoch(&chat), Some(Epoch(9)));
+        assert_eq!(fanout.head(&chat), Some(Offset::new(3)));
+        for sub in [&mut old, &mut fresh] {
+            assert!(matches!(
+                sub.next_step(Offset::new(6), Epoch(7), usize::MAX),
+                NextStep::Reset { epoch, start } if epoch == Epoch(9) && start == Offset::FIRST
+            ));
+            let NextStep::Send {
+                frames, end, epoch, ..
+            } = sub.next_step(Offset::FIRST, Epoch(9), usize::MAX)
+            else {
+                panic!("expected epoch 9's frames");
+            };
+            assert_eq!(decode_offsets(&frames), [1, 2]);
+            assert_eq!((end, epoch), (Offset::new(3), Epoch(9)));
+        }
+        // A late batch of the old epoch is another switch, told the same
+        // way; metadata of another epoch than the feed's moves nothing.
+        relay(7, 6, 1);
+        assert!(matches!(
+            old.next_step(Offset::new(3), Epoch(9), usize::MAX),
+            NextStep::Reset { epoch, start } if epoch == Epoch(7) && start == Offset::new(6)
+        ));
+        let meta = ChannelMeta {
+            next_offset: Offset::new(50),
+            ..ChannelMeta::new(1, Epoch(9))
+        };
+        old.observe(Some(&meta));
+        assert_eq!(fanout.head(&chat), Some(Offset::new(7)));
     }
 
     #[test]
@@ -850,8 +1037,8 @@ mod tests {
         assert_eq!(ring.batches.len(), 1);
         // A batch the ring already holds (or went past) heard again from
         // another source changes nothing.
-        assert_eq!(ring.push(batch(21, 1000), 350), (0, 0));
-        assert_eq!(ring.push(batch(3, 100), 350), (0, 0));
+        assert_eq!(ring.push(batch(21, 1000), 350), (0, 0, false));
+        assert_eq!(ring.push(batch(3, 100), 350), (0, 0, false));
         assert_eq!(ring.batches.len(), 1);
         assert_eq!(ring.bytes, 1000);
     }

@@ -110,6 +110,8 @@ pub async fn run(
 ) -> Result<(), Stopped> {
     let channel = feed.channel().clone();
     let mut next = start.next;
+    // The epoch the subscriber was told, or learnt from its deliveries.
+    let mut epoch = start.epoch;
     let mut first = vec![encode(&Frame::StreamHeader {
         subscription: start.id,
     })];
@@ -118,12 +120,14 @@ pub async fn run(
     let outcome = async {
         sink.send(first).await?;
         loop {
-            match feed.next_step(next, WRITE_BYTES) {
+            match feed.next_step(next, epoch, WRITE_BYTES) {
                 NextStep::Send {
                     frames,
                     end,
                     stored_ms,
+                    epoch: sent,
                 } => {
+                    epoch = sent;
                     catching_up.set(false);
                     let bytes: usize = frames.iter().map(Bytes::len).sum();
                     sink.send(frames).await?;
@@ -141,15 +145,9 @@ pub async fn run(
                     let from = next;
                     // Boxed: a log read is a large state the loop needs
                     // only while catching up, not while it waits.
-                    let (end, bytes) = Box::pin(catch_up(
-                        &log,
-                        &channel,
-                        start.epoch,
-                        next,
-                        until,
-                        &mut sink,
-                    ))
-                    .await?;
+                    let (end, bytes) =
+                        Box::pin(catch_up(&log, &channel, &mut epoch, next, until, &mut sink))
+                            .await?;
                     metrics.deliveries.inc_by(from.distance_to(end));
                     metrics.bytes_out.inc_by(bytes as u64);
                     next = end;
@@ -160,6 +158,23 @@ pub async fn run(
                         () = feed.changed() => {}
                         e = sink.stopped() => return Err(Stopped::Stream(e)),
                     }
+                }
+                NextStep::Reset {
+                    epoch: current,
+                    start,
+                } => {
+                    // The channel started over under another epoch (a
+                    // cluster's in-memory channel whose partition changed
+                    // leader): say so, as on a resume (G3).
+                    sink.send(vec![encode(&Frame::EpochChanged {
+                        channel: channel.clone(),
+                        previous: epoch,
+                        current,
+                        start,
+                    })])
+                    .await?;
+                    epoch = current;
+                    next = start;
                 }
                 NextStep::Deleted => return Err(Stopped::ChannelDeleted(channel.clone())),
             }
@@ -211,7 +226,7 @@ impl Drop for CatchUpGauge<'_> {
 async fn catch_up(
     log: &Log,
     channel: &ChannelName,
-    epoch: Epoch,
+    epoch: &mut Epoch,
     next: Offset,
     until: Offset,
     sink: &mut impl DeliverySink,
@@ -238,7 +253,7 @@ async fn catch_up(
         }
         None => return Err(Stopped::ChannelDeleted(channel.clone())),
     };
-    if log.is_replicated() && epoch != Epoch(0) && meta.epoch != epoch {
+    if log.is_replicated() && *epoch != Epoch(0) && meta.epoch != *epoch {
         // A replica behind a delete and re-creation still holds the old
         // channel under this name: its offsets are not the subscriber's.
         // Wait until it applied what the subscriber was told.
@@ -266,6 +281,7 @@ async fn catch_up(
         }));
     }
     let end = messages.last().map_or(available, |m| m.offset.next());
+    *epoch = meta.epoch;
     frames.extend(
         encode_frames(channel, meta.epoch, &messages)
             .into_iter()

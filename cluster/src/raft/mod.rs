@@ -49,10 +49,15 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// - 0: the first format.
 /// - 1 ([`EPOCH_CUTS`]): retention cuts carry the channel's epoch
 ///   ([`Command::Trim`]).
-pub const LOG_FORMAT: u32 = EPOCH_CUTS;
+/// - 2 ([`PUSH_MARKS`]): how far the push hook posted
+///   ([`Command::Posted`]).
+pub const LOG_FORMAT: u32 = PUSH_MARKS;
 
 /// The entry format from which retention cuts carry the channel's epoch.
 pub const EPOCH_CUTS: u32 = 1;
+
+/// The entry format from which the push hook's position is replicated.
+pub const PUSH_MARKS: u32 = 2;
 
 /// What a partition's log replicates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +83,17 @@ pub enum Command {
     /// Retention cuts the leader computed, each for one incarnation of its
     /// channel.
     Trim(Vec<TrimCut>),
+    /// The push hook of `namespace` posted the notices of the partition's
+    /// messages up to the `notice`-th publish (from 0) of entry `index`:
+    /// a new leader posts from there on.
+    Posted {
+        /// The namespace whose hook posted.
+        namespace: String,
+        /// The Raft log index of the last entry posted (in part).
+        index: u64,
+        /// The last publish of that entry posted, counted from 0.
+        notice: u32,
+    },
 }
 
 /// One publish as replicated.
@@ -240,6 +256,13 @@ mod tests {
         let trim = Command::Trim(vec![cut]);
         let bytes = postcard::to_allocvec(&trim).expect("encodes");
         assert_eq!(bytes[0], 3);
+        let posted = Command::Posted {
+            namespace: "chat".into(),
+            index: 9,
+            notice: 2,
+        };
+        let marks = postcard::to_allocvec(&posted).expect("encodes");
+        assert_eq!(marks[0], 4, "push marks come after every older variant");
         assert_eq!(
             postcard::from_bytes::<Command>(&bytes).expect("decodes"),
             trim

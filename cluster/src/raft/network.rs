@@ -108,6 +108,9 @@ enum Kind {
     Follow = 6,
     /// Heartbeats of several groups for one peer, answered together.
     Batch = 7,
+    /// Publishes to (or a delete of) in-memory channels, for the
+    /// partition's leader ([`ChannelService::publish`]).
+    Ephemeral = 8,
 }
 
 impl Kind {
@@ -120,6 +123,7 @@ impl Kind {
             5 => Some(Self::Read),
             6 => Some(Self::Follow),
             7 => Some(Self::Batch),
+            8 => Some(Self::Ephemeral),
             _ => None,
         }
     }
@@ -225,6 +229,9 @@ pub trait ChannelService: Send + Sync + 'static {
     fn read(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>>;
     /// Serves an upstream subscription on `out` until it ends.
     fn follow(&self, partition: PartitionId, body: Vec<u8>, out: FollowSink) -> BoxFuture<()>;
+    /// Answers publishes to `partition`'s in-memory channels, which live
+    /// on its leader only.
+    fn publish(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>>;
 }
 
 /// A boxed, sendable future.
@@ -446,6 +453,21 @@ impl Peers {
             .await
     }
 
+    /// Hands publishes to `partition`'s in-memory channels to `node`: one
+    /// call, `body` and the answer as [`ChannelService::publish`] defines
+    /// them.
+    pub async fn publish(
+        &self,
+        node: NodeId,
+        addr: &str,
+        partition: PartitionId,
+        body: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        self.call(node, addr, Kind::Ephemeral, partition, body, deadline)
+            .await
+    }
+
     /// Opens an upstream subscription on `node` ([`ChannelService::follow`]
     /// serves it there).
     pub async fn follow(
@@ -507,6 +529,16 @@ impl Peers {
     /// Whether this node leads `partition` and knows it still does.
     pub fn leads(&self, partition: PartitionId) -> bool {
         self.standing(partition).is_some_and(Standing::leads)
+    }
+
+    /// The term in which this node leads `partition` now (as
+    /// [`Peers::leads`] tells), if it does: what it keeps as leader only
+    /// (in-memory channels) belongs to one term.
+    pub fn leading_term(&self, partition: PartitionId) -> Option<u64> {
+        let raft = self.group(partition)?;
+        Standing::of(&raft, self.node, self.leader_lease())
+            .leads()
+            .then(|| raft.metrics().borrow().current_term)
     }
 
     /// The node is firing its groups' heartbeats: the empty
@@ -1196,6 +1228,12 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             None => encode::<(), ()>(&Answer::NotHosted),
         };
     }
+    if kind == Kind::Ephemeral {
+        return match peers.channels.get() {
+            Some(service) => service.publish(partition, body.to_vec()).await,
+            None => encode::<(), ()>(&Answer::NotHosted),
+        };
+    }
     let Some(raft) = peers.group(partition) else {
         return encode::<(), ()>(&Answer::NotHosted);
     };
@@ -1263,7 +1301,9 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             Err(e) => malformed(e.to_string()),
         },
         // Served above.
-        Kind::Read | Kind::Follow | Kind::Batch => malformed("not a group call".into()),
+        Kind::Read | Kind::Follow | Kind::Batch | Kind::Ephemeral => {
+            malformed("not a group call".into())
+        }
     }
 }
 

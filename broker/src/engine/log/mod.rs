@@ -662,6 +662,8 @@ enum Command {
     Delete {
         channel: ChannelName,
         reply: oneshot::Sender<Result<Option<ChannelMeta>, AppendError>>,
+        /// Its subscribers are not told (see [`Log::forget`]).
+        quietly: bool,
     },
     /// A committed entry of a partition's Raft log (cluster); ends the
     /// batch it is in and is written on its own, with its applied state.
@@ -872,6 +874,15 @@ impl PendingBatch {
         }
     }
 
+    /// `appends` appends the log could not queue (it is closing).
+    fn refused(appends: usize) -> Self {
+        Self(PendingAcks::Replicated(
+            (0..appends)
+                .map(|_| Err(AppendError::ShuttingDown))
+                .collect(),
+        ))
+    }
+
     /// Whether the batch holds no append.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -973,6 +984,18 @@ impl Logs {
             Some((log, namespaces)) if namespaces.contains(channel.namespace()) => log,
             _ => &self.durable,
         }
+    }
+
+    /// The in-memory log, when namespaces use one.
+    pub fn ephemeral(&self) -> Option<&Log> {
+        self.ephemeral.as_ref().map(|(log, _)| log)
+    }
+
+    /// Whether `channel` is kept in memory only.
+    pub fn is_ephemeral(&self, channel: &ChannelName) -> bool {
+        self.ephemeral
+            .as_ref()
+            .is_some_and(|(_, namespaces)| namespaces.contains(channel.namespace()))
     }
 
     /// Every log.
@@ -1166,34 +1189,17 @@ impl Log {
     /// order, after every batch submitted before. An append that could not
     /// be queued (the log is closing) gets its error in the outcomes.
     pub async fn submit_batch(&self, inputs: Vec<AppendInput>) -> PendingBatch {
-        let appends = inputs.len();
-        let refused = || {
-            PendingBatch(PendingAcks::Replicated(
-                (0..appends)
-                    .map(|_| Err(AppendError::ShuttingDown))
-                    .collect(),
-            ))
-        };
         if self.closed.load(Ordering::SeqCst) {
-            return refused();
+            return PendingBatch::refused(inputs.len());
         }
         if let Some(replication) = self.replication.get() {
-            let mut each = Vec::with_capacity(appends);
+            let mut each = Vec::with_capacity(inputs.len());
             for input in inputs {
                 each.push(replication.submit(input).await);
             }
             return PendingBatch(PendingAcks::Replicated(each));
         }
-        let (reply, rx) = oneshot::channel();
-        let bytes = inputs.iter().map(|input| input.payload.len()).sum();
-        match self
-            .commands
-            .send_sized(Command::Append { inputs, reply }, bytes)
-            .await
-        {
-            Ok(()) => PendingBatch(PendingAcks::Local { reply: rx, appends }),
-            Err(_) => refused(),
-        }
+        self.submit_batch_here(inputs).await
     }
 
     /// Whether this node decides `channel`'s retention: always on a single
@@ -1226,10 +1232,78 @@ impl Log {
         }
         let (reply, rx) = oneshot::channel();
         self.commands
-            .send(Command::Delete { channel, reply })
+            .send(Command::Delete {
+                channel,
+                reply,
+                quietly: false,
+            })
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
         rx.await.unwrap_or(Err(AppendError::ShuttingDown))
+    }
+
+    /// Removes `channel` and its log from this node's store, whatever the
+    /// log replicates through, without telling its subscribers: a
+    /// cluster's in-memory channel that this node kept as an earlier
+    /// leader of its partition. Its subscribers are told of the channel's
+    /// next epoch when it comes (`EpochChanged`), not of an end.
+    pub async fn forget(&self, channel: ChannelName) -> Result<(), AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Delete {
+                channel,
+                reply,
+                quietly: true,
+            })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        rx.await
+            .unwrap_or(Err(AppendError::ShuttingDown))
+            .map(|_| ())
+    }
+
+    /// Deletes `channel` from this node's store, whatever the log
+    /// replicates through (a cluster's in-memory channel, on its
+    /// partition's leader).
+    pub async fn delete_here(
+        &self,
+        channel: ChannelName,
+    ) -> Result<Option<ChannelMeta>, AppendError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Delete {
+                channel,
+                reply,
+                quietly: false,
+            })
+            .await
+            .map_err(|_| AppendError::ShuttingDown)?;
+        rx.await.unwrap_or(Err(AppendError::ShuttingDown))
+    }
+
+    /// Queues appends to this node's store, whatever the log replicates
+    /// through (a cluster's in-memory channels, on their partition's
+    /// leader); as [`Log::submit_batch`] otherwise.
+    pub async fn submit_batch_here(&self, inputs: Vec<AppendInput>) -> PendingBatch {
+        let appends = inputs.len();
+        if !self.closed.load(Ordering::SeqCst) {
+            let (reply, rx) = oneshot::channel();
+            let bytes = inputs.iter().map(|input| input.payload.len()).sum();
+            let queued = self
+                .commands
+                .send_sized(Command::Append { inputs, reply }, bytes)
+                .await;
+            if queued.is_ok() {
+                return PendingBatch(PendingAcks::Local { reply: rx, appends });
+            }
+        }
+        PendingBatch::refused(appends)
+    }
+
+    /// Applies a retention cut to this node's store, whatever the log
+    /// replicates through; false when the writer is busy.
+    pub fn trim_here(&self, trim: Trim) -> bool {
+        self.commands.try_send(Command::Trim(trim)).is_ok()
     }
 
     /// The last sequence the log stored for `key` and still remembers (0:
@@ -1615,9 +1689,14 @@ impl Writer {
                         batch.appends.extend(inputs);
                     }
                     Command::Trim(trim) => batch.trims.push(trim),
-                    Command::Delete { channel, reply } => {
+                    Command::Delete {
+                        channel,
+                        reply,
+                        quietly,
+                    } => {
                         // Ends the batch: what follows it starts afresh.
                         batch.delete = Some((channel, reply));
+                        batch.quietly = quietly;
                         break;
                     }
                     Command::Replicated { batch, reply } => {
@@ -1855,6 +1934,7 @@ impl Writer {
             replies,
             trims,
             delete,
+            quietly,
             expired_producers,
         } = batch;
         let (deleting, delete_reply) = delete.unzip();
@@ -1870,7 +1950,7 @@ impl Writer {
                 .into_iter()
                 .filter(|key| !prepared.producers.contains_key(key)),
         );
-        if let Err(e) = self.write(&mut prepared, appends.len()) {
+        if let Err(e) = self.write(&mut prepared, appends.len(), !quietly) {
             warn!(error = %e, messages = appends.len(), "group commit failed; nothing was acknowledged");
             Batch {
                 replies,
@@ -1925,7 +2005,7 @@ impl Writer {
                 Epoch(splitmix64(&mut seed))
             });
         prepared.set.applied.push((partition, applied));
-        if let Err(e) = self.write(&mut prepared, appends.len()) {
+        if let Err(e) = self.write(&mut prepared, appends.len(), true) {
             warn!(error = %e, partition, "cannot write a replicated entry");
             let _ = reply.send(Err(AppendError::Storage(e.to_string())));
             return false;
@@ -1939,8 +2019,14 @@ impl Writer {
 
     /// Writes a prepared batch and, once it is stored, makes it the
     /// sequencer's state, publishes the channels' metadata and tells the
-    /// listeners (fan-out), deleted channels included.
-    fn write(&mut self, prepared: &mut Prepared, messages: usize) -> Result<(), StoreError> {
+    /// listeners (fan-out), deleted channels included unless not
+    /// `announced`.
+    fn write(
+        &mut self,
+        prepared: &mut Prepared,
+        messages: usize,
+        announced: bool,
+    ) -> Result<(), StoreError> {
         let started = std::time::Instant::now();
         let result = if prepared.set.is_empty() {
             Ok(())
@@ -1974,7 +2060,7 @@ impl Writer {
         }
         for (name, meta) in &prepared.deleted {
             self.directory.remove(name);
-            if meta.is_some() {
+            if meta.is_some() && announced {
                 info!(channel = %name, "channel deleted");
                 self.metrics.channels_deleted.inc();
                 self.listener.deleted(name);
@@ -2002,6 +2088,8 @@ struct Batch {
     replies: Vec<(BatchReply, usize)>,
     trims: Vec<Trim>,
     delete: Option<(ChannelName, DeleteReply)>,
+    /// The delete is not announced to the listener ([`Log::forget`]).
+    quietly: bool,
     expired_producers: Vec<ProducerKey>,
 }
 
