@@ -134,6 +134,11 @@ mode = "none"
 [admin]
 token = "${VOLNA_ADMIN_TOKEN:-volna-dev-admin-token}"
 
+# Typing indicators: kept in memory by each channel's partition leader.
+[namespaces.typing]
+persistent = false
+retention = { max_messages = 100 }
+
 [cluster]
 node_id = $n
 name = "dev"
