@@ -253,7 +253,15 @@ impl Broker {
         let metrics = Arc::new(Metrics::new());
         let fanout = Arc::new(
             Fanout::new(config.engine.channel_ring_bytes)
-                .with_total_budget(config.engine.max_ring_bytes_total),
+                .with_total_budget(config.engine.max_ring_bytes_total)
+                .with_restartable_namespaces(
+                    config
+                        .namespaces
+                        .iter()
+                        .filter(|(_, ns)| !ns.persistent)
+                        .map(|(name, _)| name.clone())
+                        .collect(),
+                ),
         );
         // A cluster node's hooks are posted by each partition's leader
         // (`cluster::push`), not by every replica's writer.

@@ -1,8 +1,25 @@
-//! A small disk for a test to fill: a tmpfs mounted on a temporary
-//! directory (which needs root), unmounted when dropped.
+//! Disks in tests: a small disk for a test to fill (a tmpfs mounted on a
+//! temporary directory, which needs root, unmounted when dropped), and
+//! how much a directory takes.
 
 use std::path::Path;
 use std::process::Command;
+
+/// The bytes of every file under `dir`, recursively (what a data
+/// directory takes; files that vanish while it is walked count 0).
+pub fn directory_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => directory_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
 
 /// A tmpfs mounted for the test, unmounted when dropped.
 #[derive(Debug)]

@@ -760,6 +760,16 @@ async fn a_fourth_node_takes_partitions_over_while_publishing_goes_on_without_lo
         )));
     }
     wait_for_acks(&acks, 300).await;
+    // Bulk that the moves must give back (issue 28, item 7): 4 MiB of
+    // incompressible payloads in every partition.
+    let bulk = publish_bulk(&cluster).await;
+    let mut held_before = Vec::new();
+    for id in 1..=3u64 {
+        held_before.push((
+            messages_held(&cluster, id).await,
+            volna_chaos::disk::directory_bytes(cluster.nodes[(id - 1) as usize].data_dir()),
+        ));
+    }
 
     let joined = cluster.join().await.unwrap();
     assert_eq!(joined, 4);
@@ -806,6 +816,53 @@ async fn a_fourth_node_takes_partitions_over_while_publishing_goes_on_without_lo
             cluster.status(4)
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // Each of the first three nodes gave two partitions up: once their
+    // groups went on without it, it discards its copies and its store
+    // and data directory shrink by about a quarter of the bulk.
+    for id in 1..=3u64 {
+        let node = &cluster.nodes[(id - 1) as usize];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while node
+            .metric("volna_cluster_partitions_discarded_total")
+            .await
+            .unwrap_or(0.0)
+            < 2.0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not discard the two partitions it gave up"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        // The store compacts in the background after a discard.
+        let (held, dir) = held_before[(id - 1) as usize];
+        let mut held_now = messages_held(&cluster, id).await;
+        while held_now + bulk / 8 > held && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            held_now = messages_held(&cluster, id).await;
+        }
+        let mut dir_now = volna_chaos::disk::directory_bytes(node.data_dir());
+        while dir_now >= dir && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            dir_now = volna_chaos::disk::directory_bytes(node.data_dir());
+        }
+        eprintln!(
+            "node {id}: messages held {} → {} KiB, data directory {} → {} KiB (bulk {} KiB)",
+            held >> 10,
+            held_now >> 10,
+            dir >> 10,
+            dir_now >> 10,
+            bulk >> 10
+        );
+        assert!(
+            held_now + bulk / 8 <= held,
+            "node {id} still holds the messages of the partitions it gave up: {held} → {held_now} bytes"
+        );
+        assert!(
+            dir_now < dir,
+            "node {id}'s data directory did not shrink: {dir} → {dir_now} bytes"
+        );
     }
     let after_move = acks.lock().unwrap().len();
     wait_for_acks(&acks, after_move + 300).await;
@@ -857,6 +914,57 @@ async fn a_fourth_node_takes_partitions_over_while_publishing_goes_on_without_lo
         relayed > 0.0,
         "no node served a channel it does not replicate"
     );
+}
+
+/// Publishes 4 MiB of incompressible 16 KiB payloads into every
+/// partition (eight channels each); answers the bytes published.
+async fn publish_bulk(cluster: &TestCluster) -> u64 {
+    use rand::RngCore;
+    let client = connect(cluster, &[1, 2, 3]).await;
+    let mut per_partition = vec![0usize; cluster.partitions as usize];
+    let mut channels = Vec::new();
+    for i in 0.. {
+        let name = format!("chat.bulk.{i}");
+        let p = volna_cluster::partition_of(&name, cluster.partitions).0 as usize;
+        if per_partition[p] < 8 {
+            per_partition[p] += 1;
+            channels.push(ChannelName::new(name).unwrap());
+        }
+        if per_partition.iter().all(|n| *n == 8) {
+            break;
+        }
+    }
+    let mut tasks = Vec::new();
+    for channel in channels {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut payload = vec![0u8; 16 * 1024];
+            for _ in 0..32 {
+                rand::rng().fill_bytes(&mut payload);
+                client.publish(&channel, payload.clone()).await.unwrap();
+            }
+            32 * payload.len() as u64
+        }));
+    }
+    let mut bytes = 0;
+    for task in tasks {
+        bytes += task.await.unwrap();
+    }
+    bytes
+}
+
+/// The bytes of messages node `id` holds in its store (RocksDB's files
+/// and memtables of the messages column family).
+async fn messages_held(cluster: &TestCluster, id: u64) -> u64 {
+    let node = &cluster.nodes[(id - 1) as usize];
+    let mut held = 0.0;
+    for property in ["total_sst_bytes", "memtable_bytes"] {
+        held += node
+            .metric(&format!("volna_storage{{property=\"{property}\"}}"))
+            .await
+            .unwrap_or_else(|| panic!("node {id} exports no {property}"));
+    }
+    held as u64
 }
 
 /// On a node that does not replicate a channel's partition (an edge), a

@@ -739,3 +739,140 @@ async fn replication_reads_entries_in_batches_bounded_by_bytes() {
     // Reads the log's own users ask for are not bounded.
     assert_eq!(reader.try_get_log_entries(1..23).await.unwrap().len(), 22);
 }
+
+/// A discarded partition's Raft state is gone — entries, vote, purge
+/// pointer — and its neighbours' is untouched (issue 28, item 7).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_a_partition_blanks_its_raft_state_and_no_other() {
+    use openraft::RaftLogReader;
+    use openraft::storage::RaftLogStorage;
+
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(dir.path());
+    let entry = |index: u64| Entry {
+        log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(append(format!("m{index}"))),
+    };
+    let mut stores = Vec::new();
+    for partition in [2, 3, 4] {
+        let mut store = LogStore::new(db.clone(), PartitionId(partition), false);
+        store.save_vote(&openraft::Vote::new(1, 1)).await.unwrap();
+        let entries: Vec<Entry<TypeConfig>> = (1..=20).map(entry).collect();
+        openraft::storage::RaftLogStorageExt::blocking_append(&mut store, entries)
+            .await
+            .unwrap();
+        store
+            .purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 5))
+            .await
+            .unwrap();
+        assert!(!store.is_blank().await.unwrap());
+        stores.push(store);
+    }
+
+    stores[1].discard().await.unwrap();
+
+    assert!(stores[1].is_blank().await.unwrap(), "partition 3 is blank");
+    assert_eq!(
+        stores[1].discarded_through().await.unwrap(),
+        Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 20)),
+        "it remembers how far its log reached"
+    );
+    assert_eq!(stores[0].discarded_through().await.unwrap(), None);
+    let mut discarded = stores[1].clone();
+    assert_eq!(discarded.read_vote().await.unwrap(), None);
+    let state = discarded.get_log_state().await.unwrap();
+    assert_eq!((state.last_purged_log_id, state.last_log_id), (None, None));
+    for neighbour in [0, 2] {
+        let mut store = stores[neighbour].clone();
+        assert!(!store.is_blank().await.unwrap());
+        let mut reader = store.get_log_reader().await;
+        assert_eq!(
+            reader.try_get_log_entries(6..21).await.unwrap().len(),
+            15,
+            "a neighbour keeps its entries"
+        );
+        assert!(store.read_vote().await.unwrap().is_some());
+    }
+}
+
+/// A node placed back in a partition it gave up starts a blank replica,
+/// but members that never learnt it was removed still count it in their
+/// configuration. Its old copy would have refused a candidate whose log
+/// ends before its own, and a leader of an older term; the blank one must
+/// too (issue 28, item 7), or it helps a lagging member to a quorum that
+/// overwrites committed entries. Once it has applied that far again its
+/// own log decides, as any replica's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blank_replica_of_a_partition_it_gave_up_helps_no_lagging_member_to_a_quorum() {
+    let ca = DevCa::generate().unwrap();
+    let placed_back = start_node(1, &ca).await;
+    let fresh = start_node(3, &ca).await;
+    let held = LogId::new(CommittedLeaderId::new(5, 2), 100);
+    placed_back
+        .peers
+        .set_discard_floor(PartitionId(3), Some(held));
+
+    let lagging = bind(2, &ca, &ca.issue_peer(2).unwrap());
+    let option = RPCOption::new(Duration::from_secs(1));
+    let client = |node: &Node| {
+        let mut network = lagging.network(PartitionId(3));
+        let addr = BasicNode::new(node.peers.local_addr().unwrap());
+        let id = node.id;
+        async move { network.new_client(id, &addr).await }
+    };
+    let behind = VoteRequest {
+        vote: Vote::new(7, 2),
+        last_log_id: Some(LogId::new(CommittedLeaderId::new(4, 2), 50)),
+    };
+    let mut to_placed_back = client(&placed_back).await;
+    let vote = to_placed_back.vote(behind.clone(), option.clone()).await;
+    assert!(
+        vote.is_err(),
+        "voted for a log behind its old one: {vote:?}"
+    );
+    assert_eq!(vote_of(&placed_back), Vote::default(), "its vote moved");
+    let old_leader = AppendEntriesRequest {
+        vote: Vote::new_committed(4, 2),
+        prev_log_id: None,
+        leader_commit: None,
+        entries: Vec::new(),
+    };
+    let append = to_placed_back
+        .append_entries(old_leader.clone(), option.clone())
+        .await;
+    assert!(
+        append.is_err(),
+        "followed a leader of an older term: {append:?}"
+    );
+
+    // A replica that never held the partition has nothing to go by.
+    let mut to_fresh = client(&fresh).await;
+    let granted = to_fresh.vote(behind, option.clone()).await.unwrap();
+    assert!(granted.vote_granted, "a blank replica with no past votes");
+
+    // A candidate as far as its old log, and a leader of its term or
+    // later, are what the group's members would follow too.
+    let level = to_placed_back
+        .vote(
+            VoteRequest {
+                vote: Vote::new(8, 2),
+                last_log_id: Some(held),
+            },
+            option.clone(),
+        )
+        .await
+        .unwrap();
+    assert!(level.vote_granted);
+    let current = to_placed_back
+        .append_entries(
+            AppendEntriesRequest {
+                vote: Vote::new_committed(8, 2),
+                ..old_leader
+            },
+            option,
+        )
+        .await;
+    assert!(current.is_ok(), "refused the current leader: {current:?}");
+    lagging.close();
+    stop(vec![placed_back, fresh]).await;
+}

@@ -110,6 +110,24 @@ enum Ask {
     Ephemeral,
 }
 
+/// Why a leader's answer did not come.
+#[derive(Debug)]
+pub(super) enum Unanswered {
+    /// This node leads the partition now: it answers itself.
+    LeadsHere,
+    /// No leader answered; why.
+    Failed(String),
+}
+
+impl std::fmt::Display for Unanswered {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LeadsHere => f.write_str("this node leads the partition"),
+            Self::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
 /// A leader's answer.
 #[derive(Debug, Serialize, Deserialize)]
 enum Served<T> {
@@ -364,9 +382,12 @@ impl Edges {
         let mut epoch: Option<Epoch> = None;
         let mut failures = 0u32;
         loop {
-            // The feed may follow an epoch this task never heard of: the
-            // one this node kept as the in-memory channel's leader.
-            if epoch.is_none() {
+            // The feed may follow an epoch this task never heard of (the
+            // one its own replica or leadership fed it). An in-memory
+            // channel's feed starts over only with the batches of a new
+            // epoch, so its head belongs to the feed's epoch, not to the
+            // one a leader last named.
+            if epoch.is_none() || self.logs.is_ephemeral(&channel) {
                 epoch = self.fanout.epoch(&channel);
             }
             if !self.needs_upstream(&channel) {
@@ -614,7 +635,7 @@ impl Edges {
         partition: PartitionId,
         call: &EphemeralCall,
         within: Duration,
-    ) -> Result<Vec<Outcome>, String> {
+    ) -> Result<Vec<Outcome>, Unanswered> {
         self.ask_leader(partition, Ask::Ephemeral, call, within)
             .await
     }
@@ -626,11 +647,16 @@ impl Edges {
         ask: Ask,
         call: &C,
         within: Duration,
-    ) -> Result<T, String> {
-        let body = postcard::to_allocvec(call).map_err(|e| e.to_string())?;
+    ) -> Result<T, Unanswered> {
+        let body = postcard::to_allocvec(call).map_err(|e| Unanswered::Failed(e.to_string()))?;
         let until = tokio::time::Instant::now() + within;
         let mut last = String::from("no replica known");
         while tokio::time::Instant::now() < until {
+            // In-memory channels live on the leader: once that is this
+            // node, no other answers for them.
+            if matches!(ask, Ask::Ephemeral) && self.peers.leads(partition) {
+                return Err(Unanswered::LeadsHere);
+            }
             for (node, addr) in self.candidates(partition) {
                 let answer = match ask {
                     Ask::Read => {
@@ -651,7 +677,7 @@ impl Edges {
                     Err(e @ (LinkError::Timeout { .. } | LinkError::Broken { .. }))
                         if matches!(ask, Ask::Ephemeral) =>
                     {
-                        return Err(e.to_string());
+                        return Err(Unanswered::Failed(e.to_string()));
                     }
                     Err(e) => {
                         last = e.to_string();
@@ -667,14 +693,14 @@ impl Edges {
                         self.leaders.insert(partition, leader);
                         last = format!("node {node} is not the leader");
                     }
-                    Ok(Served::Refused(why)) => return Err(why),
+                    Ok(Served::Refused(why)) => return Err(Unanswered::Failed(why)),
                     Ok(other) => last = format!("node {node}: {other:?}"),
                     Err(e) => last = format!("node {node}: undecodable answer: {e}"),
                 }
             }
             tokio::time::sleep(ROUND_PAUSE).await;
         }
-        Err(format!("no reachable leader: {last}"))
+        Err(Unanswered::Failed(format!("no reachable leader: {last}")))
     }
 }
 

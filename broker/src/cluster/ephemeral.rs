@@ -15,11 +15,14 @@
 //! - One keeper task per partition takes a node's publishes in the order
 //!   sessions submitted them and appends them itself while this node
 //!   leads, or hands them to the leader in one call per batch.
-//! - What a node kept as leader belongs to the term it led in. Once it no
-//!   longer leads in that term it forgets those channels without a word
+//! - What a node kept as leader belongs to the term it was elected in.
+//!   Once it is no longer leader in that term (another leads, or it was
+//!   elected again) it forgets those channels without a word
 //!   ([`Log::forget`]): the next leader starts each channel afresh under a
 //!   new epoch, and subscribers everywhere are told `EpochChanged` (the
-//!   fan-out engine's rule) instead of reading a mixed or silent feed.
+//!   fan-out engine's rule) instead of reading a mixed or silent feed. A
+//!   leader whose lease ran out for a moment keeps them: it neither takes
+//!   publishes nor serves meanwhile, and no other was elected.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -33,7 +36,7 @@ use volna_cluster::raft::network::Peers;
 use volna_cluster::{PartitionId, partition_of};
 use volna_proto::{ChannelName, Epoch, ErrorCode, Offset};
 
-use super::edge::{Edges, EphemeralCall};
+use super::edge::{Edges, EphemeralCall, Unanswered};
 use super::router::to_publish;
 use crate::log::{
     AppendError, AppendInput, Appended, BoxFuture, ChannelSlice, Log, PendingAppend, ReadRange,
@@ -48,8 +51,12 @@ const MAX_BATCH_PUBLISHES: usize = 512;
 /// Payload bytes per batch, at most (beyond one large publish).
 const MAX_BATCH_BYTES: usize = 1 << 20;
 /// How often an idle keeper checks that it still leads in the term its
-/// channels belong to.
-const SETTLE_EVERY: Duration = Duration::from_millis(500);
+/// channels belong to: a node elected again in a later term must not serve
+/// an earlier term's channels for long.
+const SETTLE_EVERY: Duration = Duration::from_millis(100);
+/// Times a publish goes round between forwarding and storing here while
+/// this node's leadership changes under it.
+const ROUNDS: usize = 3;
 
 type AppendReply = oneshot::Sender<Result<Appended, AppendError>>;
 type DeleteReply = oneshot::Sender<Result<Option<ChannelMeta>, AppendError>>;
@@ -270,8 +277,8 @@ struct Keeper {
     peers: Arc<Peers>,
     edges: Arc<Edges>,
     within: Duration,
-    /// The term this node led in when it last kept channels, and those
-    /// channels.
+    /// The term this node was elected in when it last kept channels, and
+    /// those channels.
     term: Option<u64>,
     kept: HashSet<ChannelName>,
 }
@@ -287,8 +294,7 @@ impl Keeper {
                 None => tokio::select! {
                     () = stop.cancelled() => return,
                     _ = settle.tick() => {
-                        let term = self.peers.leading_term(self.partition);
-                        self.settle(term).await;
+                        self.settle().await;
                         continue;
                     }
                     request = rx.recv() => match request {
@@ -340,9 +346,10 @@ impl Keeper {
         }
     }
 
-    /// Forgets the channels kept in an earlier term than `term` (`None`:
-    /// this node does not lead now).
-    async fn settle(&mut self, term: Option<u64>) {
+    /// Forgets the channels kept in another term than the one this node
+    /// leads in now (if it leads).
+    async fn settle(&mut self) {
+        let term = self.peers.term_led(self.partition);
         if self.term == term || (self.kept.is_empty() && term.is_none()) {
             self.term = term;
             return;
@@ -367,29 +374,33 @@ impl Keeper {
         inputs: Vec<AppendInput>,
         reach: Reach,
     ) -> Vec<Result<Appended, AppendError>> {
-        let term = self.peers.leading_term(self.partition);
-        self.settle(term).await;
-        if term.is_some() {
-            self.kept
-                .extend(inputs.iter().map(|input| input.channel.clone()));
-            return self.log.submit_batch_here(inputs).await.outcomes().await;
-        }
         let count = inputs.len();
-        let not_leader = || {
-            AppendError::Unavailable(format!(
-                "this node does not lead partition {}",
-                self.partition.0
-            ))
+        let partition = self.partition.0;
+        let not_leader =
+            || AppendError::Unavailable(format!("this node does not lead partition {partition}"));
+        let mut rounds = 0;
+        let answer = loop {
+            self.settle().await;
+            if self.peers.leading_term(self.partition).is_some() {
+                self.kept
+                    .extend(inputs.iter().map(|input| input.channel.clone()));
+                return self.log.submit_batch_here(inputs).await.outcomes().await;
+            }
+            if reach == Reach::HereOnly {
+                return (0..count).map(|_| Err(not_leader())).collect();
+            }
+            let call = EphemeralCall::Publish(inputs.iter().cloned().map(to_publish).collect());
+            match self
+                .edges
+                .ephemeral(self.partition, &call, self.within)
+                .await
+            {
+                // Elected meanwhile: stored here next round.
+                Err(Unanswered::LeadsHere) if rounds + 1 < ROUNDS => rounds += 1,
+                answer => break answer,
+            }
         };
-        if reach == Reach::HereOnly {
-            return (0..count).map(|_| Err(not_leader())).collect();
-        }
-        let call = EphemeralCall::Publish(inputs.into_iter().map(to_publish).collect());
-        match self
-            .edges
-            .ephemeral(self.partition, &call, self.within)
-            .await
-        {
+        match answer {
             Ok(outcomes) if outcomes.len() == count => {
                 outcomes.into_iter().map(into_appended).collect()
             }
@@ -420,9 +431,8 @@ impl Keeper {
         channel: ChannelName,
         reach: Reach,
     ) -> Result<Option<ChannelMeta>, AppendError> {
-        let term = self.peers.leading_term(self.partition);
-        self.settle(term).await;
-        if term.is_some() {
+        self.settle().await;
+        if self.peers.leading_term(self.partition).is_some() {
             self.kept.remove(&channel);
             return self.log.delete_here(channel).await;
         }

@@ -78,6 +78,12 @@ struct AppliedStateV1 {
     membership: StoredMembership<NodeId, BasicNode>,
 }
 
+/// The applied state of a partition never started on this node (what a
+/// discarded copy leaves).
+pub(super) fn blank_applied_state() -> Vec<u8> {
+    AppliedState::default().encode()
+}
+
 impl AppliedState {
     fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         postcard::from_bytes(bytes).or_else(|e| {
@@ -114,6 +120,9 @@ pub struct SnapshotStats {
     pub built: AtomicU64,
     /// Snapshots received from a leader and installed.
     pub installed: AtomicU64,
+    /// Copies of partitions discarded here once their group went on
+    /// without this node.
+    pub discarded: AtomicU64,
 }
 
 /// One partition's state machine on this node.

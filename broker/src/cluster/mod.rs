@@ -48,7 +48,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use volna_cluster::raft::lease::Standing;
 use volna_cluster::raft::log_store::LogStore as RaftLogStore;
-use volna_cluster::raft::network::{LinkError, Peers};
+use volna_cluster::raft::network::{LinkError, Peers, Release};
 use volna_cluster::raft::{BasicNode, Raft};
 use volna_cluster::tls::{PeerTls, PeerTlsError};
 use volna_cluster::{
@@ -57,7 +57,7 @@ use volna_cluster::{
 };
 
 use crate::config::{ClusterSection, Durability};
-use crate::log::Log;
+use crate::log::{Log, Restore};
 use crate::store::{LogStore, StoreError};
 use edge::{ChannelServer, Edges};
 use failures::{Restart, Restarts};
@@ -71,6 +71,12 @@ const ETCD_WITHIN: Duration = Duration::from_secs(5);
 const VIEW_WITHIN: Duration = Duration::from_secs(2);
 /// How long the probe write of a store with failed groups may take.
 const PROBE_WITHIN: Duration = Duration::from_secs(5);
+/// How often a node asks whether a partition it gave up may be discarded.
+const DISCARD_ASK_EVERY: Duration = Duration::from_secs(5);
+/// Partitions asked about per reconcile turn, at most.
+const DISCARD_QUESTIONS_PER_TURN: usize = 4;
+/// How long one such question may take.
+const DISCARD_ASK_WITHIN: Duration = Duration::from_secs(2);
 /// How long one attempt to join the membership may take.
 const JOIN_WITHIN: Duration = Duration::from_secs(10);
 /// How often the node re-reads the map and reconciles its groups.
@@ -232,6 +238,14 @@ struct Groups {
     restarts: SharedRestarts,
     /// The last attempt to keep the view in the store failed.
     view_unsaved: AtomicBool,
+    /// When this node last asked whether a partition it gave up may be
+    /// discarded here.
+    discard_asked: Mutex<BTreeMap<PartitionId, std::time::Instant>>,
+    /// Partitions whose Raft state is known to be blank here (discarded
+    /// or never held): not asked about again.
+    known_blank: Mutex<HashSet<PartitionId>>,
+    /// Compacts the store after discards.
+    reclaim: Reclaim,
 }
 
 /// See [`Groups::restarts`].
@@ -281,6 +295,66 @@ impl Role {
                 .any(|voter| voter == id),
         }
     }
+}
+
+/// Gives the disk space of deleted data back: RocksDB only marks
+/// deletions until compaction reaches them, so after a partition is
+/// discarded every column family is flushed and compacted. That is slow
+/// on a large store, so it runs on the blocking pool, off the reconcile
+/// loop, one pass at a time; requests made during a pass run one more.
+#[derive(Debug)]
+struct Reclaim {
+    db: Arc<rocksdb::DB>,
+    running: Arc<AtomicBool>,
+    wanted: Arc<AtomicBool>,
+}
+
+impl Reclaim {
+    fn new(db: Arc<rocksdb::DB>) -> Self {
+        Self {
+            db,
+            running: Arc::default(),
+            wanted: Arc::default(),
+        }
+    }
+
+    fn request(&self) {
+        self.wanted.store(true, Ordering::SeqCst);
+        if self.running.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (db, running, wanted) = (self.db.clone(), self.running.clone(), self.wanted.clone());
+        tokio::task::spawn_blocking(move || {
+            loop {
+                while wanted.swap(false, Ordering::SeqCst) {
+                    let started = std::time::Instant::now();
+                    match reclaim_space(&db) {
+                        Ok(()) => info!(
+                            elapsed_ms = started.elapsed().as_millis() as u64,
+                            "compacted the store after discarding partitions"
+                        ),
+                        Err(e) => warn!(error = %e, "compacting the store failed"),
+                    }
+                }
+                running.store(false, Ordering::SeqCst);
+                // A request that came after the last check and found the
+                // pass still running is taken here.
+                if !wanted.load(Ordering::SeqCst) || running.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn reclaim_space(db: &rocksdb::DB) -> Result<(), rocksdb::Error> {
+    for name in rocksdb::DB::list_cf(&rocksdb::Options::default(), db.path())? {
+        if let Some(cf) = db.cf_handle(&name) {
+            db.flush_cf(cf)?;
+            db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        }
+    }
+    Ok(())
 }
 
 /// The replica that should lead `partition`: spread by partition number
@@ -402,7 +476,7 @@ impl ClusterNode {
             view: view.clone(),
             groups: groups.clone(),
             raft_config: Arc::new(raft_config),
-            db: setup.db,
+            db: setup.db.clone(),
             store: setup.store,
             log: setup.logs.durable().clone(),
             sync: setup.durability == Durability::Fsync,
@@ -418,6 +492,9 @@ impl ClusterNode {
             rejoining: Arc::default(),
             restarts: restarts.clone(),
             view_unsaved: AtomicBool::new(false),
+            discard_asked: Mutex::default(),
+            known_blank: Mutex::default(),
+            reclaim: Reclaim::new(setup.db.clone()),
         });
         // Groups this node replicated before a restart come back before it
         // takes traffic, from the map as last seen in etcd (or, while etcd
@@ -942,6 +1019,7 @@ impl Groups {
             self.rejoining.store(false, Ordering::SeqCst);
         }
         self.retire_moved_groups(&map).await;
+        self.discard_released_partitions(&map, &nodes).await;
         self.stop_failed_groups().await;
         if let Ok(mut restarts) = self.restarts.lock() {
             restarts.forget_healthy(std::time::Instant::now());
@@ -1074,6 +1152,184 @@ impl Groups {
         }
     }
 
+    /// Discards this node's copy of each partition placement moved away
+    /// once the partition's leader says its group committed a membership
+    /// without this node (a removed node never hears of that commit
+    /// itself: [`Peers::released`]): the partition's channels, messages
+    /// and windows, its Raft log and vote, its snapshots; then gives the
+    /// disk space back. Its devices already follow those channels from
+    /// the leader (the group stopped first, [`Self::retire_moved_groups`]).
+    /// Only on a map etcd confirmed: a remembered one may be stale.
+    async fn discard_released_partitions(
+        &self,
+        map: &PartitionMap,
+        nodes: &BTreeMap<NodeId, NodeInfo>,
+    ) {
+        if !self.view.is_confirmed() {
+            return;
+        }
+        let hosted: HashSet<PartitionId> = self
+            .groups
+            .lock()
+            .map(|g| g.keys().copied().collect())
+            .unwrap_or_default();
+        let now = std::time::Instant::now();
+        let mut asking = Vec::new();
+        for (index, replicas) in map.replicas.iter().enumerate() {
+            let partition = PartitionId(index as u32);
+            if replicas.contains(&self.id) || replicas.is_empty() || hosted.contains(&partition) {
+                continue;
+            }
+            if self
+                .known_blank
+                .lock()
+                .is_ok_and(|blank| blank.contains(&partition))
+            {
+                continue;
+            }
+            // Bounded per turn: the questions go to peers, which may be
+            // slow or gone, and the reconcile loop waits for them.
+            if asking.len() == DISCARD_QUESTIONS_PER_TURN {
+                break;
+            }
+            let due = self.discard_asked.lock().is_ok_and(|mut asked| {
+                let due = asked
+                    .get(&partition)
+                    .is_none_or(|at| now.duration_since(*at) >= DISCARD_ASK_EVERY);
+                if due {
+                    asked.insert(partition, now);
+                }
+                due
+            });
+            if !due {
+                continue;
+            }
+            let raft_store = RaftLogStore::new(self.db.clone(), partition, self.sync);
+            match raft_store.is_blank().await {
+                Ok(true) => {
+                    // A discard a crash cut short left the channels.
+                    if self.holds_applied_state(partition) {
+                        self.report_discard(partition, self.discard_channels(partition).await);
+                    }
+                    if let Ok(mut blank) = self.known_blank.lock() {
+                        blank.insert(partition);
+                    }
+                }
+                Ok(false) => asking.push((partition, replicas.as_slice(), raft_store)),
+                Err(e) => {
+                    debug!(partition = index, error = %e, "cannot read the partition's Raft state");
+                }
+            }
+        }
+        // Asked together: one slow or gone peer delays the turn by one
+        // question's bound, not by one per partition.
+        let answers = futures_util::future::join_all(
+            asking
+                .iter()
+                .map(|(partition, replicas, _)| self.released(*partition, replicas, nodes)),
+        )
+        .await;
+        for ((partition, _, raft_store), released) in asking.into_iter().zip(answers) {
+            if !released {
+                continue;
+            }
+            let discarded = match raft_store.discard().await {
+                Ok(()) => self.discard_channels(partition).await,
+                Err(e) => Err(ClusterError::Raft(e.to_string())),
+            };
+            self.report_discard(partition, discarded);
+        }
+    }
+
+    fn report_discard(&self, partition: PartitionId, discarded: Result<(), ClusterError>) {
+        match discarded {
+            Ok(()) => {
+                self.snapshot_stats
+                    .discarded
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Ok(mut blank) = self.known_blank.lock() {
+                    blank.insert(partition);
+                }
+                info!(
+                    partition = partition.0,
+                    "the partition's group went on without this node: its copy here is discarded"
+                );
+            }
+            Err(e) => warn!(
+                partition = partition.0,
+                error = %e,
+                "discarding the partition's copy failed; trying again later"
+            ),
+        }
+    }
+
+    /// Whether this node's store holds an applied state of `partition`
+    /// (channels applied from its log).
+    fn holds_applied_state(&self, partition: PartitionId) -> bool {
+        match self.store.load_applied(partition.0) {
+            Ok(Some(bytes)) => {
+                machine::applied_position(&bytes).is_none_or(|(last, _)| last.is_some())
+            }
+            Ok(None) => false,
+            // Unreadable: not known to be empty.
+            Err(_) => true,
+        }
+    }
+
+    /// Whether a leader among `replicas` says `partition`'s group committed
+    /// a membership without this node.
+    async fn released(
+        &self,
+        partition: PartitionId,
+        replicas: &[NodeId],
+        nodes: &BTreeMap<NodeId, NodeInfo>,
+    ) -> bool {
+        for replica in replicas {
+            let Some(node) = nodes.get(replica) else {
+                continue;
+            };
+            match self
+                .peers
+                .released(*replica, &node.peer, partition, DISCARD_ASK_WITHIN)
+                .await
+            {
+                Ok(Release::Released) => return true,
+                Ok(Release::Member) => return false,
+                Ok(Release::NotLeader) => {}
+                Err(e) => {
+                    debug!(partition = partition.0, node = replica, error = %e, "no answer on the partition's membership")
+                }
+            }
+        }
+        false
+    }
+
+    /// Removes what this node applied of `partition` — its channels,
+    /// messages and windows, with a blank applied state in the same write
+    /// — and its snapshots, then gives the space back. The Raft state goes
+    /// first ([`RaftLogStore::discard`]): a crash in between leaves a blank
+    /// Raft state over stale channels, which the next turn (or a group
+    /// started here again, [`Self::ensure_group`]) removes; never a Raft
+    /// log over channels that no longer match it.
+    async fn discard_channels(&self, partition: PartitionId) -> Result<(), ClusterError> {
+        self.log
+            .restore(
+                partition.0,
+                Restore::Discard {
+                    scope: machine::partition_scope(partition, self.partitions),
+                    applied: machine::blank_applied_state(),
+                },
+            )
+            .await
+            .map_err(|e| ClusterError::Store(StoreError::Engine(e.to_string())))?;
+        let root = self.snapshot_dir.clone();
+        tokio::task::spawn_blocking(move || snapshot::SnapshotDir::remove(&root, partition))
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))??;
+        self.reclaim.request();
+        Ok(())
+    }
+
     /// Stops the groups whose storage failed (openraft stops a group whose
     /// apply or log write fails, but its last metrics still name this node
     /// leader): the node no longer serves them, and [`Self::reconcile`]
@@ -1143,6 +1399,30 @@ impl Groups {
         {
             return Ok(raft);
         }
+        let raft_store = RaftLogStore::new(self.db.clone(), partition, self.sync);
+        let blank = raft_store
+            .is_blank()
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        if blank && self.holds_applied_state(partition) {
+            // A discard a crash cut short: a new replica starts empty.
+            warn!(
+                partition = partition.0,
+                "channels left by an interrupted discard; removing them before the group starts"
+            );
+            self.discard_channels(partition).await?;
+        }
+        // A blank copy of a partition this node once held must not help a
+        // member that never learnt of its removal to a quorum.
+        let floor = if blank {
+            raft_store
+                .discarded_through()
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?
+        } else {
+            None
+        };
+        self.peers.set_discard_floor(partition, floor);
         let machine = PartitionMachine::open(
             partition,
             self.partitions,
@@ -1157,12 +1437,15 @@ impl Groups {
             self.id,
             self.raft_config.clone(),
             self.peers.network(partition),
-            RaftLogStore::new(self.db.clone(), partition, self.sync),
+            raft_store,
             machine,
         )
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
         self.peers.host(partition, raft.clone());
+        if let Ok(mut blank) = self.known_blank.lock() {
+            blank.remove(&partition);
+        }
         if let Ok(mut groups) = self.groups.lock() {
             groups.insert(partition, raft.clone());
         }
@@ -1269,6 +1552,9 @@ impl Groups {
         // Replaced voters whose replication reached the configuration
         // that replaced them.
         let config_index = metrics.membership_config.log_id().map(|l| l.index);
+        // Replaced voters that stopped their group (they asked to be
+        // released) are dropped too: they will not acknowledge anything.
+        let retired = self.peers.retired_learners(partition);
         let informed: BTreeSet<NodeId> = membership
             .learner_ids()
             .filter(|id| !wanted.contains(id))
@@ -1278,7 +1564,7 @@ impl Groups {
                     .as_ref()
                     .and_then(|r| r.get(id).copied().flatten())
                     .map(|l| l.index);
-                matched.is_some() && matched >= config_index
+                (matched.is_some() && matched >= config_index) || retired.contains(id)
             })
             .collect();
         if voters == wanted && informed.is_empty() {

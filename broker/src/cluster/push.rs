@@ -18,8 +18,13 @@
 //!   not committed, and each notice names its channel and offset, so the
 //!   receiver can drop what it has seen.
 //! - Bounded like the single-node hook: a namespace's backlogs hold at
-//!   most `push.queue` notices on each node; beyond, the oldest are dropped
-//!   and counted (`volna_push_notices_dropped_total`). A replica that
+//!   most `push.queue` notices on each node; beyond, the oldest of the
+//!   partition holding the most are dropped and counted
+//!   (`volna_push_notices_dropped_total`), so one partition whose marks
+//!   cannot commit (a replica not upgraded yet) does not push out the
+//!   others' notices. The leader posts the partitions it leads in turn,
+//!   and a partition whose mark did not commit posts nothing more until
+//!   it does (the bound on repeats). A replica that
 //!   installed a snapshot, or restarted, holds no notices of what it did
 //!   not apply since: should it lead before the old leader posted those,
 //!   they are not posted (the hook wakes devices; it is not their log).
@@ -52,6 +57,17 @@ struct PartitionBacklog {
     posted: Option<Mark>,
     /// Posted up to here by this node (maybe not committed yet).
     sent: Option<Mark>,
+}
+
+impl PartitionBacklog {
+    /// Drops the notices up to `mark`.
+    fn drop_through(&mut self, mark: Mark) -> usize {
+        let before = self.notices.len();
+        while self.notices.front().is_some_and(|(m, _)| *m <= mark) {
+            self.notices.pop_front();
+        }
+        before - self.notices.len()
+    }
 }
 
 impl PartitionBacklog {
@@ -139,10 +155,14 @@ impl ClusterPush {
             };
             let backlog = &hook.backlog;
             let mut partitions = backlog.lock();
-            let held = partitions.entry(partition).or_default();
-            held.notices.push_back(((index, k), notice));
+            partitions
+                .entry(partition)
+                .or_default()
+                .notices
+                .push_back(((index, k), notice));
             if backlog.held.fetch_add(1, Ordering::Relaxed) + 1 > backlog.cap
-                && held.notices.pop_front().is_some()
+                && let Some(largest) = partitions.values_mut().max_by_key(|b| b.notices.len())
+                && largest.notices.pop_front().is_some()
             {
                 backlog.held.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.push_notices_dropped.inc();
@@ -158,13 +178,8 @@ impl ClusterPush {
         let mut partitions = hook.backlog.lock();
         let held = partitions.entry(partition).or_default();
         held.posted = held.posted.max(Some(mark));
-        let before = held.notices.len();
-        while held.notices.front().is_some_and(|(m, _)| *m <= mark) {
-            held.notices.pop_front();
-        }
-        hook.backlog
-            .held
-            .fetch_sub(before - held.notices.len(), Ordering::Relaxed);
+        let dropped = held.drop_through(mark);
+        hook.backlog.held.fetch_sub(dropped, Ordering::Relaxed);
     }
 
     /// Starts a poster per namespace, posting the backlogs of the
@@ -187,6 +202,8 @@ impl ClusterPush {
                 within,
                 runtime: runtime.clone(),
                 taken: BTreeMap::new(),
+                unmarked: BTreeMap::new(),
+                next: 0,
             };
             threads.push(spawn_poster(
                 namespace,
@@ -225,43 +242,29 @@ struct LeaderSource {
     runtime: tokio::runtime::Handle,
     /// How far the batch being posted reaches, per partition.
     taken: BTreeMap<u32, Mark>,
+    /// Posted, but the mark saying so did not commit: these partitions
+    /// post nothing more until it does.
+    unmarked: BTreeMap<u32, Mark>,
+    /// The partition the next batch starts with (each gets its turn).
+    next: u32,
 }
 
-impl NoticeSource for LeaderSource {
-    fn fill(&mut self, batch: &mut Vec<Notice>, max: usize) {
-        let partitions = self.backlog.lock();
-        for (partition, held) in partitions.iter() {
-            if batch.len() >= max {
-                break;
-            }
-            if !self.peers.leads(PartitionId(*partition)) {
-                continue;
-            }
-            let after = held.after().max(self.taken.get(partition).copied());
-            for (mark, notice) in &held.notices {
-                if batch.len() >= max {
-                    break;
-                }
-                if after.is_some_and(|after| *mark <= after) {
-                    continue;
-                }
-                batch.push(notice.clone());
-                self.taken.insert(*partition, *mark);
-            }
-        }
-    }
-
-    fn posted(&mut self) {
-        for (partition, mark) in std::mem::take(&mut self.taken) {
-            {
-                let mut partitions = self.backlog.lock();
-                let held = partitions.entry(partition).or_default();
-                held.sent = held.sent.max(Some(mark));
-            }
+impl LeaderSource {
+    /// Replicates how far `marks` say this node posted, all partitions at
+    /// once; keeps those that did not commit in `unmarked`.
+    fn mark(&mut self, marks: BTreeMap<u32, Mark>) {
+        let mut proposals = Vec::new();
+        for (partition, mark) in marks {
             let id = PartitionId(partition);
-            // Replicas not yet upgraded cannot decode the mark: a new
-            // leader then posts again what this one posted.
             if !self.view.reads_log_format(id, PUSH_MARKS) {
+                // Replicas not yet upgraded cannot decode the mark: this
+                // node keeps what it posted no longer (a new leader posts
+                // it again).
+                let mut partitions = self.backlog.lock();
+                if let Some(held) = partitions.get_mut(&partition) {
+                    let dropped = held.drop_through(mark);
+                    self.backlog.held.fetch_sub(dropped, Ordering::Relaxed);
+                }
                 continue;
             }
             let command = Command::Posted {
@@ -270,20 +273,94 @@ impl NoticeSource for LeaderSource {
                 notice: mark.1,
             };
             let replicas = self.view.replicas(id);
-            let committed =
-                self.runtime
-                    .block_on(self.peers.propose(id, &command, &replicas, self.within));
-            if let Err(e) = committed {
-                debug!(partition, namespace = %self.namespace, error = %e, "push mark not committed; a new leader may post the batch again");
+            let peers = self.peers.clone();
+            let within = self.within;
+            proposals.push(async move {
+                let committed = peers.propose(id, &command, &replicas, within).await;
+                (partition, mark, committed)
+            });
+        }
+        if proposals.is_empty() {
+            return;
+        }
+        let results = self
+            .runtime
+            .block_on(futures_util::future::join_all(proposals));
+        for (partition, mark, committed) in results {
+            match committed {
+                Ok(_) => {
+                    self.unmarked.remove(&partition);
+                }
+                Err(e) => {
+                    debug!(partition, namespace = %self.namespace, error = %e, "push mark not committed; the partition posts nothing more until it is");
+                    self.unmarked.insert(partition, mark);
+                }
             }
         }
+    }
+}
+
+impl NoticeSource for LeaderSource {
+    fn fill(&mut self, batch: &mut Vec<Notice>, max: usize) {
+        // Marks that did not commit are tried again first; a partition
+        // this node no longer leads is its new leader's to post.
+        let pending: BTreeMap<u32, Mark> = std::mem::take(&mut self.unmarked)
+            .into_iter()
+            .filter(|(partition, _)| self.peers.leads(PartitionId(*partition)))
+            .collect();
+        if !pending.is_empty() {
+            self.mark(pending);
+        }
+        let partitions = self.backlog.lock();
+        let order: Vec<u32> = partitions
+            .range(self.next..)
+            .chain(partitions.range(..self.next))
+            .map(|(partition, _)| *partition)
+            .collect();
+        for partition in order {
+            if batch.len() >= max {
+                self.next = partition;
+                return;
+            }
+            if self.unmarked.contains_key(&partition) || !self.peers.leads(PartitionId(partition)) {
+                continue;
+            }
+            let Some(held) = partitions.get(&partition) else {
+                continue;
+            };
+            let after = held.after().max(self.taken.get(&partition).copied());
+            let start = after.map_or(0, |after| {
+                held.notices.partition_point(|(m, _)| *m <= after)
+            });
+            for (mark, notice) in held.notices.range(start..) {
+                if batch.len() >= max {
+                    break;
+                }
+                batch.push(notice.clone());
+                self.taken.insert(partition, *mark);
+            }
+        }
+        self.next = 0;
+    }
+
+    fn posted(&mut self) {
+        let taken = std::mem::take(&mut self.taken);
+        {
+            let mut partitions = self.backlog.lock();
+            for (partition, mark) in &taken {
+                let held = partitions.entry(*partition).or_default();
+                held.sent = held.sent.max(Some(*mark));
+            }
+        }
+        self.mark(taken);
     }
 
     fn is_empty(&self) -> bool {
         let partitions = self.backlog.lock();
         partitions.iter().all(|(partition, held)| {
             let after = held.after();
-            !self.peers.leads(PartitionId(*partition))
+            self.unmarked.contains_key(partition)
+                || !self.peers.leads(PartitionId(*partition))
                 || held
                     .notices
                     .back()

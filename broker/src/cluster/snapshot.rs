@@ -448,10 +448,23 @@ pub struct SnapshotDir {
 static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
 
 impl SnapshotDir {
+    /// Removes `partition`'s snapshots under `root` (a discarded copy of
+    /// the partition); nothing to remove is no error.
+    pub fn remove(root: &Path, partition: PartitionId) -> Result<(), SnapshotError> {
+        match std::fs::remove_dir_all(Self::path_of(root, partition)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+
+    fn path_of(root: &Path, partition: PartitionId) -> PathBuf {
+        root.join(format!("p{}", partition.0))
+    }
+
     /// `root/p<N>`, created if missing; files left half-written by an
     /// earlier run are removed.
     pub fn open(root: &Path, partition: PartitionId) -> Result<Self, SnapshotError> {
-        let dir = root.join(format!("p{}", partition.0));
+        let dir = Self::path_of(root, partition);
         std::fs::create_dir_all(&dir)?;
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();

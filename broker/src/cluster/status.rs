@@ -101,6 +101,9 @@ pub struct ClusterReport {
     /// Partition snapshots this node received and installed.
     #[serde(default)]
     pub snapshots_installed: u64,
+    /// Copies of partitions discarded here after they moved away.
+    #[serde(default)]
+    pub partitions_discarded: u64,
 }
 
 /// Computes a [`ClusterReport`] on demand.
@@ -209,6 +212,7 @@ impl StatusSource {
             replica_corrections: self.log.replica_corrections(),
             snapshots_built: self.snapshots.built.load(Ordering::Relaxed),
             snapshots_installed: self.snapshots.installed.load(Ordering::Relaxed),
+            partitions_discarded: self.snapshots.discarded.load(Ordering::Relaxed),
         }
     }
 }
@@ -400,6 +404,13 @@ impl ClusterStatus for StatusSource {
             "counter",
             "Partition snapshots received from a leader and installed",
             &[("", report.snapshots_installed)],
+        );
+        metric(
+            "cluster_partitions_discarded_total",
+            "counter",
+            "Copies of partitions this node discarded once their group went on without it \
+             (placement moved them away)",
+            &[("", report.partitions_discarded)],
         );
         metric(
             "cluster_remote_reads_total",

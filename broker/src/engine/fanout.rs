@@ -39,11 +39,14 @@
 //!   every raise of `head` past what it saw: a shard's `pending` flag is
 //!   cleared before its waiters are notified, so a raise after the clear
 //!   queues another wake-up.
-//! - A feed follows one epoch of its channel at a time. A batch of another
-//!   epoch (a cluster's in-memory channel, started afresh by a new leader
-//!   of its partition) starts the ring and the head over at that batch:
-//!   each subscriber still on the old epoch is told `EpochChanged` and goes
-//!   on from there, never reading one epoch's offsets as another's.
+//! - The feed of an in-memory channel ([`Fanout::with_restartable_namespaces`])
+//!   follows one epoch of its channel at a time: a cluster starts such a
+//!   channel afresh under a new epoch when its partition changes leader. A
+//!   batch of another epoch starts the ring and the head over at that
+//!   batch: each subscriber still on the old epoch is told `EpochChanged`
+//!   and goes on from there, never reading one epoch's offsets as
+//!   another's. Other feeds change epoch only through a delete, which ends
+//!   their subscribers.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -86,6 +89,8 @@ pub struct Fanout {
     /// Told when a channel gets its first subscriber (a cluster node's
     /// edges, to follow channels it does not replicate).
     watcher: std::sync::OnceLock<Arc<dyn FeedWatcher>>,
+    /// Namespaces whose feeds start over on a batch of another epoch.
+    restartable: Arc<std::collections::HashSet<String>>,
 }
 
 /// Hears of channels that got subscribers on this broker.
@@ -114,6 +119,8 @@ pub struct ChannelFeed {
     /// `Ring::epoch`, so a subscriber can tell without the lock that it is
     /// still on it.
     epoch: AtomicU64,
+    /// A batch of another epoch starts the feed over (in-memory channels).
+    restartable: bool,
 }
 
 /// Subscribers of a channel woken together.
@@ -129,6 +136,8 @@ struct WakeShard {
 struct Ring {
     batches: VecDeque<FeedBatch>,
     bytes: usize,
+    /// See [`ChannelFeed::restartable`].
+    restartable: bool,
     /// The channel's epoch the feed follows (`Epoch(0)`: not known yet).
     epoch: Epoch,
     /// The first offset the feed heard of in `epoch`: where a subscriber of
@@ -230,7 +239,19 @@ impl Fanout {
             shrinking: Mutex::new(()),
             wakers,
             watcher: std::sync::OnceLock::new(),
+            restartable: Arc::default(),
         }
+    }
+
+    /// Lets the feeds of `namespaces` (in-memory ones: a cluster starts
+    /// their channels afresh under a new epoch on a change of leader)
+    /// start over on a batch of another epoch, telling their subscribers.
+    pub fn with_restartable_namespaces(
+        mut self,
+        namespaces: std::collections::HashSet<String>,
+    ) -> Self {
+        self.restartable = Arc::new(namespaces);
+        self
     }
 
     /// Tells `watcher` of every channel that gets subscribers from now on
@@ -423,10 +444,11 @@ impl Fanout {
         let mut created = false;
         let (feed, shard) = {
             let shards = self.wakers.len().max(1);
+            let restartable = self.restartable.contains(channel.namespace());
             let entry = self.channels.entry(channel.clone()).or_insert_with(|| {
                 created = true;
                 Arc::new(ChannelFeed {
-                    ring: Mutex::new(Ring::default()),
+                    ring: Mutex::new(Ring::new(restartable)),
                     head: AtomicU64::new(Offset::FIRST.get()),
                     shards: (0..shards).map(|_| WakeShard::default()).collect(),
                     subscribers: AtomicUsize::new(0),
@@ -434,6 +456,7 @@ impl Fanout {
                     last_commit: AtomicU64::new(0),
                     deleted: AtomicBool::new(false),
                     epoch: AtomicU64::new(0),
+                    restartable,
                 })
             });
             let feed = entry.value().clone();
@@ -509,11 +532,12 @@ impl ChannelFeed {
     }
 }
 
-impl Default for Ring {
-    fn default() -> Self {
+impl Ring {
+    fn new(restartable: bool) -> Self {
         Self {
             batches: VecDeque::new(),
             bytes: 0,
+            restartable,
             epoch: Epoch(0),
             since: Offset::FIRST,
         }
@@ -526,8 +550,8 @@ impl Ring {
     /// epoch (the ring then holds only it). A batch of the ring's epoch
     /// that the ring already reaches past is not added.
     fn push(&mut self, batch: FeedBatch, budget: usize) -> (usize, usize, bool) {
-        let restarted = self.epoch != Epoch(0) && batch.epoch != self.epoch;
-        if self.epoch == Epoch(0) || restarted {
+        let restarted = self.restartable && self.epoch != Epoch(0) && batch.epoch != self.epoch;
+        if self.epoch == Epoch(0) || restarted || !self.restartable {
             self.epoch = batch.epoch;
             self.since = batch.first;
         }
@@ -569,23 +593,28 @@ impl FeedSubscription {
         let Some(meta) = meta else {
             return;
         };
-        {
+        let before = if self.feed.restartable {
             let mut ring = self.feed.lock_ring();
             if ring.epoch == Epoch(0) {
                 ring.epoch = meta.epoch;
                 ring.since = meta.first_offset;
                 self.feed.epoch.store(meta.epoch.0, Ordering::Release);
             } else if ring.epoch != meta.epoch {
-                // Another epoch than the feed's (a cluster's in-memory
-                // channel around a change of leader): its head is not this
-                // feed's; the batches of the new epoch bring it.
+                // Another epoch than the feed's (around a change of
+                // leader): its head is not this feed's; the batches of the
+                // new epoch bring it.
                 return;
             }
-        }
-        let before = self
-            .feed
-            .head
-            .fetch_max(meta.next_offset.get(), Ordering::AcqRel);
+            // Under the lock: a restart in between would otherwise get
+            // this epoch's head.
+            self.feed
+                .head
+                .fetch_max(meta.next_offset.get(), Ordering::AcqRel)
+        } else {
+            self.feed
+                .head
+                .fetch_max(meta.next_offset.get(), Ordering::AcqRel)
+        };
         if before < meta.next_offset.get() {
             for k in 0..self.feed.shards.len() {
                 self.feed.wake(k);
@@ -606,7 +635,8 @@ impl FeedSubscription {
             return NextStep::Deleted;
         }
         self.seen_epoch = self.feed.epoch.load(Ordering::Acquire);
-        if epoch != Epoch(0) && self.seen_epoch != 0 && epoch.0 != self.seen_epoch {
+        let restartable = self.feed.restartable;
+        if restartable && epoch != Epoch(0) && self.seen_epoch != 0 && epoch.0 != self.seen_epoch {
             return self.reset();
         }
         self.seen = self.feed.head.load(Ordering::Acquire);
@@ -615,7 +645,7 @@ impl FeedSubscription {
             return NextStep::Wait;
         }
         let ring = self.feed.lock_ring();
-        if epoch != Epoch(0) && ring.epoch != Epoch(0) && ring.epoch != epoch {
+        if restartable && epoch != Epoch(0) && ring.epoch != Epoch(0) && ring.epoch != epoch {
             // The epoch changed since it was read above.
             drop(ring);
             return self.reset();
@@ -950,9 +980,10 @@ mod tests {
     /// offsets as if they were the old one's.
     #[test]
     fn a_batch_of_another_epoch_starts_the_feed_over_and_subscribers_are_told() {
-        let fanout = Fanout::with_wakers(64 * 1024, 1);
+        let fanout = Fanout::with_wakers(64 * 1024, 1)
+            .with_restartable_namespaces(["typing".to_owned()].into());
         let chat = ChannelName::new("typing.42").expect("name");
-        let relay = |epoch: u64, first: u64, count: u64| {
+        let relay_to = |chat: &ChannelName, epoch: u64, first: u64, count: u64| {
             let messages: Vec<StoredMessage> = (first..first + count)
                 .map(|offset| StoredMessage {
                     offset: Offset::new(offset),
@@ -961,10 +992,11 @@ mod tests {
                     payload: Bytes::from_static(b"typing"),
                 })
                 .collect();
-            for (from, end, frame) in encode_frames(&chat, Epoch(epoch), &messages) {
-                fanout.relay(&chat, Epoch(epoch), (from, end), 1, frame);
+            for (from, end, frame) in encode_frames(chat, Epoch(epoch), &messages) {
+                fanout.relay(chat, Epoch(epoch), (from, end), 1, frame);
             }
         };
+        let relay = |epoch: u64, first: u64, count: u64| relay_to(&chat, epoch, first, count);
         let mut old = fanout.subscribe(&chat);
         let mut fresh = fanout.subscribe(&chat);
         relay(7, 1, 5);
@@ -1012,11 +1044,22 @@ mod tests {
         };
         old.observe(Some(&meta));
         assert_eq!(fanout.head(&chat), Some(Offset::new(7)));
+
+        // A stored channel's feed changes epoch only through a delete
+        // (which ends its subscribers): its subscribers are never reset.
+        let stored = ChannelName::new("chat.42").expect("name");
+        let mut sub = fanout.subscribe(&stored);
+        relay_to(&stored, 7, 1, 5);
+        relay_to(&stored, 9, 1, 2);
+        assert!(matches!(
+            sub.next_step(Offset::new(6), Epoch(7), usize::MAX),
+            NextStep::Wait
+        ));
     }
 
     #[test]
     fn ring_keeps_its_byte_budget_and_consecutive_batches() {
-        let mut ring = Ring::default();
+        let mut ring = Ring::new(false);
         let batch = |first: u64, len: usize| FeedBatch {
             first: Offset::new(first),
             end: Offset::new(first + 1),

@@ -4,8 +4,9 @@
 //! partition first (big-endian, so a partition's keys are one range in
 //! index order):
 //! - `raft_log`: `partition ‖ index` → the entry (postcard);
-//! - `raft_state`: `partition ‖ tag` → the vote, the committed log id and
-//!   the last purged log id.
+//! - `raft_state`: `partition ‖ tag` → the vote, the committed log id, the
+//!   last purged log id, and the last log id of a copy this node discarded
+//!   ([`LogStore::discard`]).
 //!
 //! Writes run on tokio's blocking pool, never on a worker thread, and in
 //! the order openraft issues them (it awaits each call).
@@ -60,6 +61,7 @@ pub const REPLICATION_BATCH_BYTES: usize = 1 << 20;
 const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const PURGED: &[u8] = b"purged";
+const DISCARDED: &[u8] = b"discarded";
 
 /// The column families a node's RocksDB needs for its partitions' Raft
 /// logs, to open alongside its own.
@@ -95,6 +97,8 @@ pub enum RaftWriteKind {
     Truncate,
     /// A purge of the log's start.
     Purge,
+    /// The partition's whole Raft state removed ([`LogStore::discard`]).
+    Discard,
 }
 
 /// Called with each successful write, before it is reported done.
@@ -152,6 +156,63 @@ impl LogStore {
             Ok(vote.is_none() && purged.is_none() && store.last_entry_id()?.is_none())
         })
         .await
+    }
+
+    /// Removes this partition's whole Raft state here — every entry, the
+    /// vote and the log pointers — in one synced write: for a node the
+    /// group has committed a membership without (its copy is no longer
+    /// part of any quorum). Afterwards [`Self::is_blank`] holds, and a
+    /// group started on it again joins as a new replica would, except that
+    /// it remembers how far its log reached ([`Self::discarded_through`]):
+    /// members that never learnt of the removal still count this node in
+    /// their configuration, and a blank vote must not help a candidate
+    /// whose log ends before it, nor a leader of an older term, to a
+    /// quorum there.
+    pub async fn discard(&self) -> Result<(), Error> {
+        self.blocking(|store| {
+            let log = store.cf(CF_RAFT_LOG)?;
+            let state = store.cf(CF_RAFT_STATE)?;
+            let purged: Option<LogId<NodeId>> = store.state(PURGED)?;
+            let reached = store
+                .last_entry_id()?
+                .or(purged)
+                .max(store.state(DISCARDED)?);
+            let mut batch = WriteBatch::default();
+            if let Some(reached) = &reached {
+                store.put_state(&mut batch, DISCARDED, reached)?;
+            }
+            let mut end = [0u8; 12];
+            end[..4].copy_from_slice(&store.partition.0.saturating_add(1).to_be_bytes());
+            if store.partition.0 == u32::MAX {
+                // No next partition to end the range at: the last index.
+                end = store.log_key(u64::MAX);
+                batch.delete_cf(log, end);
+            }
+            batch.delete_range_cf(log, store.log_key(0), end);
+            for tag in [VOTE, COMMITTED, PURGED] {
+                batch.delete_cf(state, store.state_key(tag));
+            }
+            let mut options = rocksdb::WriteOptions::default();
+            options.set_sync(true);
+            store
+                .db
+                .write_opt(batch, &options)
+                .map_err(|e| StorageIOError::write(&e))?;
+            if let Some(observer) = &store.observer {
+                observer(&RaftWrite {
+                    kind: RaftWriteKind::Discard,
+                    sync: true,
+                });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The last log id this node held of the partition when it last
+    /// discarded its copy ([`Self::discard`]), if it ever did.
+    pub async fn discarded_through(&self) -> Result<Option<LogId<NodeId>>, Error> {
+        self.blocking(|store| store.state(DISCARDED)).await
     }
 
     fn log_key(&self, index: u64) -> [u8; 12] {

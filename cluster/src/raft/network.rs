@@ -111,6 +111,9 @@ enum Kind {
     /// Publishes to (or a delete of) in-memory channels, for the
     /// partition's leader ([`ChannelService::publish`]).
     Ephemeral = 8,
+    /// Whether the partition's leader committed a membership without the
+    /// sender ([`Peers::released`]).
+    Released = 9,
 }
 
 impl Kind {
@@ -124,6 +127,7 @@ impl Kind {
             6 => Some(Self::Follow),
             7 => Some(Self::Batch),
             8 => Some(Self::Ephemeral),
+            9 => Some(Self::Released),
             _ => None,
         }
     }
@@ -143,6 +147,20 @@ enum Answer<T, E> {
     /// The sender's certificate does not prove what the call claims (see
     /// the module docs).
     Refused(String),
+}
+
+/// What a partition's leader says of a node that was its replica
+/// ([`Peers::released`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Release {
+    /// The leader committed a membership without the node: the group
+    /// goes on without it, and its copy of the partition may go.
+    Released,
+    /// The node is still in the group's membership, or the membership
+    /// that removes it is not committed yet.
+    Member,
+    /// The asked node does not lead the partition (now).
+    NotLeader,
 }
 
 /// Why a call did not get an answer.
@@ -354,6 +372,14 @@ pub struct Peers {
     /// sends that group no heartbeat meanwhile, yet it is plainly
     /// reachable.
     calls_from: DashMap<NodeId, std::time::Instant>,
+    /// Learners of groups led here that asked to be released
+    /// ([`Peers::released`]): they stopped their copy of the group. Each
+    /// with the membership (by log id) it was a learner in when it asked.
+    retired_learners: DashMap<(PartitionId, NodeId), Option<openraft::LogId<NodeId>>>,
+    /// Groups started here on a blank copy of a partition this node held
+    /// before and discarded, with how far its log reached then (see
+    /// [`Peers::set_discard_floor`]).
+    floors: DashMap<PartitionId, openraft::LogId<NodeId>>,
     /// Until when empty `AppendEntries` are the node's heartbeat round
     /// (batched over a window) rather than commit-index updates (sent at
     /// once).
@@ -405,6 +431,8 @@ impl Peers {
             heard: Arc::default(),
             heartbeat_round_until: std::sync::Mutex::new(None),
             calls_from: DashMap::new(),
+            retired_learners: DashMap::new(),
+            floors: DashMap::new(),
         });
         tokio::spawn(accept_loop(peers.clone()));
         Ok(peers)
@@ -466,6 +494,36 @@ impl Peers {
     ) -> Result<Vec<u8>, LinkError> {
         self.call(node, addr, Kind::Ephemeral, partition, body, deadline)
             .await
+    }
+
+    /// Asks `node` whether, as `partition`'s leader, it committed a
+    /// membership without this node. openraft stops replicating to a
+    /// removed node as soon as the leader appends the membership that
+    /// removes it, so the removed node never learns of the commit itself:
+    /// it asks before it discards its copy of the partition.
+    pub async fn released(
+        &self,
+        node: NodeId,
+        addr: &str,
+        partition: PartitionId,
+        deadline: Duration,
+    ) -> Result<Release, LinkError> {
+        let answer = self
+            .call(node, addr, Kind::Released, partition, &[], deadline)
+            .await?;
+        match postcard::from_bytes::<Answer<Release, ()>>(&answer) {
+            Ok(Answer::Ok(release)) => Ok(release),
+            Ok(Answer::NotHosted) => Err(LinkError::NotHosted {
+                node,
+                partition: partition.0,
+            }),
+            Ok(Answer::Refused(reason)) => Err(LinkError::Refused { node, reason }),
+            Ok(Answer::Malformed(why)) => Err(LinkError::Malformed(why)),
+            Ok(Answer::Raft(())) => Err(LinkError::Malformed(
+                "a group error in answer to a membership question".into(),
+            )),
+            Err(e) => Err(LinkError::Malformed(e.to_string())),
+        }
     }
 
     /// Opens an upstream subscription on `node` ([`ChannelService::follow`]
@@ -531,6 +589,17 @@ impl Peers {
         self.standing(partition).is_some_and(Standing::leads)
     }
 
+    /// The term in which this node was elected `partition`'s leader, if it
+    /// is its leader as far as its group knows (its lease may have run
+    /// out: see [`Peers::leading_term`]).
+    pub fn term_led(&self, partition: PartitionId) -> Option<u64> {
+        let raft = self.group(partition)?;
+        let metrics = raft.metrics();
+        let metrics = metrics.borrow();
+        (metrics.current_leader == Some(self.node) && metrics.running_state.is_ok())
+            .then_some(metrics.current_term)
+    }
+
     /// The term in which this node leads `partition` now (as
     /// [`Peers::leads`] tells), if it does: what it keeps as leader only
     /// (in-memory channels) belongs to one term.
@@ -557,6 +626,71 @@ impl Peers {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_some_and(|until| tokio::time::Instant::now() <= until)
+    }
+
+    /// The learners of `partition`'s group that asked this node, as its
+    /// leader, to be released: a node asks only once it has stopped its
+    /// copy of the group, so the leader may drop them from the membership
+    /// without waiting for them to acknowledge the configuration that
+    /// made them learners (a node that was leader when it was replaced
+    /// stops its group before its successor ever hears from it).
+    /// Only requests made under the membership the group has now count: a
+    /// node placed back in the group since asked as another replica.
+    pub fn retired_learners(&self, partition: PartitionId) -> Vec<NodeId> {
+        let Some(raft) = self.group(partition) else {
+            return Vec::new();
+        };
+        let current = *raft.metrics().borrow().membership_config.log_id();
+        self.retired_learners
+            .iter()
+            .filter(|entry| entry.key().0 == partition && *entry.value() == current)
+            .map(|entry| entry.key().1)
+            .collect()
+    }
+
+    /// Notes that `partition`'s group here starts blank on a copy this
+    /// node held up to `reached` and discarded (`None`: it did not). Until
+    /// the group applied that far again, it refuses a vote to a candidate
+    /// whose log ends before `reached` and appends from a leader of an
+    /// older term than `reached`'s: a member that never learnt the group
+    /// went on without this node still counts it, and this node's old
+    /// copy would have refused them (a blank one would help them to a
+    /// quorum that overwrites committed entries).
+    pub fn set_discard_floor(
+        &self,
+        partition: PartitionId,
+        reached: Option<openraft::LogId<NodeId>>,
+    ) {
+        match reached {
+            Some(reached) => {
+                self.floors.insert(partition, reached);
+            }
+            None => {
+                self.floors.remove(&partition);
+            }
+        }
+    }
+
+    /// The floor of [`Peers::set_discard_floor`] while `raft` has not
+    /// applied up to it.
+    fn discard_floor(
+        &self,
+        partition: PartitionId,
+        raft: &Raft,
+    ) -> Option<openraft::LogId<NodeId>> {
+        let floor = *self.floors.get(&partition)?;
+        let applied = raft.metrics().borrow().last_applied.map(|id| id.index);
+        if applied >= Some(floor.index) {
+            self.floors.remove(&partition);
+            return None;
+        }
+        Some(floor)
+    }
+
+    /// Forgets `node`'s request to be released from `partition` (it is
+    /// out of the membership, or back in it).
+    pub fn forget_retired_learner(&self, partition: PartitionId, node: NodeId) {
+        self.retired_learners.remove(&(partition, node));
     }
 
     /// Whether this node hears from `leader` as `partition`'s leader:
@@ -1242,7 +1376,9 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
         {
             Ok(rpc) => match refuse_raft_call(&raft, partition, from, &rpc.vote, || {
                 entries_make_member(&rpc.entries, from)
-            }) {
+            })
+            .or_else(|| beneath_floor(peers.discard_floor(partition, &raft), &rpc.vote, None))
+            {
                 Some(why) => refused(why),
                 None => {
                     let answer = raft.append_entries(rpc).await;
@@ -1255,10 +1391,18 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             Err(e) => malformed(e.to_string()),
         },
         Kind::Vote => match postcard::from_bytes::<VoteRequest<NodeId>>(body) {
-            Ok(rpc) => match refuse_raft_call(&raft, partition, from, &rpc.vote, || false) {
-                Some(why) => refused(why),
-                None => encode(&into_answer(raft.vote(rpc).await)),
-            },
+            Ok(rpc) => {
+                match refuse_raft_call(&raft, partition, from, &rpc.vote, || false).or_else(|| {
+                    beneath_floor(
+                        peers.discard_floor(partition, &raft),
+                        &rpc.vote,
+                        Some(rpc.last_log_id),
+                    )
+                }) {
+                    Some(why) => refused(why),
+                    None => encode(&into_answer(raft.vote(rpc).await)),
+                }
+            }
             Err(e) => malformed(e.to_string()),
         },
         Kind::InstallSnapshot => {
@@ -1269,7 +1413,9 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
                         .membership()
                         .get_node(&from)
                         .is_some()
-                }) {
+                })
+                .or_else(|| beneath_floor(peers.discard_floor(partition, &raft), &rpc.vote, None))
+                {
                     Some(why) => refused(why),
                     None => encode(&into_answer(raft.install_snapshot(rpc).await)),
                 },
@@ -1300,11 +1446,44 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             )),
             Err(e) => malformed(e.to_string()),
         },
+        Kind::Released => {
+            encode::<Release, ()>(&Answer::Ok(release_of(&raft, peers, partition, from)))
+        }
         // Served above.
         Kind::Read | Kind::Follow | Kind::Batch | Kind::Ephemeral => {
             malformed("not a group call".into())
         }
     }
+}
+
+/// Whether `raft`, led here, committed a membership without `node`: only
+/// a leader within its lease knows the group's membership for sure. A
+/// learner that asks has stopped its copy: it is noted, so that the
+/// leader drops it ([`Peers::retired_learners`]).
+fn release_of(raft: &Raft, peers: &Peers, partition: PartitionId, node: NodeId) -> Release {
+    if !Standing::of(raft, peers.node, peers.leader_lease()).leads() {
+        return Release::NotLeader;
+    }
+    let metrics = raft.metrics();
+    let metrics = metrics.borrow();
+    let membership = &metrics.membership_config;
+    // Applied means committed; the effective membership may be appended
+    // and not committed yet (a leader change could still undo it).
+    let committed = membership.log_id().as_ref() <= metrics.last_applied.as_ref();
+    let member = membership.membership().get_node(&node).is_some();
+    if committed && !member {
+        peers.forget_retired_learner(partition, node);
+        return Release::Released;
+    }
+    let voter = membership.membership().voter_ids().any(|id| id == node);
+    if member && !voter {
+        peers
+            .retired_learners
+            .insert((partition, node), *membership.log_id());
+    } else {
+        peers.forget_retired_learner(partition, node);
+    }
+    Release::Member
 }
 
 /// A refusal, encoded (see [`Answer::Refused`]).
@@ -1346,6 +1525,27 @@ fn refuse_raft_call(
     ))
 }
 
+/// Why a blank group on a partition this node once held up to `floor`
+/// refuses a Raft message of `vote` (with the candidate's last log id, for
+/// a vote request), if it does ([`Peers::set_discard_floor`]).
+fn beneath_floor(
+    floor: Option<openraft::LogId<NodeId>>,
+    vote: &openraft::Vote<NodeId>,
+    candidate_last: Option<Option<openraft::LogId<NodeId>>>,
+) -> Option<String> {
+    let floor = floor?;
+    match candidate_last {
+        Some(last) if last < Some(floor) => Some(format!(
+            "the candidate's log ends at {last:?}, before {floor}, which this node held before it gave the partition up"
+        )),
+        None if vote.leader_id.term < floor.leader_id.term => Some(format!(
+            "a leader of term {}, older than {floor}, which this node held before it gave the partition up",
+            vote.leader_id.term
+        )),
+        _ => None,
+    }
+}
+
 /// Whether `entries` hold a membership naming `node`.
 fn entries_make_member(entries: &[openraft::Entry<TypeConfig>], node: NodeId) -> bool {
     entries.iter().any(|entry| {
@@ -1374,6 +1574,9 @@ async fn answer_batch(
         .map(|(partition, body)| {
             let partition = PartitionId(partition);
             let raft = peers.group(partition);
+            let floor = raft
+                .as_ref()
+                .and_then(|raft| peers.discard_floor(partition, raft));
             let refusal = refusal.clone();
             let heard = peers.heard.clone();
             tokio::spawn(async move {
@@ -1386,7 +1589,9 @@ async fn answer_batch(
                 let answer = match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&body) {
                     Ok(rpc) => match refuse_raft_call(&raft, partition, from, &rpc.vote, || {
                         entries_make_member(&rpc.entries, from)
-                    }) {
+                    })
+                    .or_else(|| beneath_floor(floor, &rpc.vote, None))
+                    {
                         Some(why) => Answer::Refused(why),
                         None => {
                             let answer = raft.append_entries(rpc).await;

@@ -81,6 +81,18 @@ pub enum Restore {
         /// Its applied state.
         applied: Vec<u8>,
     },
+    /// Removes the partition's channels and windows and records `applied`
+    /// (a blank partition's) as its applied state, in one write, telling
+    /// subscribers nothing: the node no longer replicates the partition
+    /// (its group committed a membership without it), and its devices
+    /// follow the partition's channels from the leader. Not part of a
+    /// restore.
+    Discard {
+        /// Its channels and windows on this node.
+        scope: RestoreScope,
+        /// The applied state of a partition never started here.
+        applied: Vec<u8>,
+    },
 }
 
 impl Restore {
@@ -190,6 +202,15 @@ impl Writer {
                 }
                 finished
             }
+            Restore::Discard { scope, applied } => {
+                if self.restoring.contains_key(&partition) {
+                    return Err(StoreError::Engine(format!(
+                        "partition {partition} is being restored: it is not discarded"
+                    )));
+                }
+                self.remove_partition(partition, &scope, applied)
+                    .map(|_| ())
+            }
         }
     }
 
@@ -199,6 +220,26 @@ impl Writer {
         scope: &RestoreScope,
         marker: Vec<u8>,
     ) -> Result<(), StoreError> {
+        let before = self.remove_partition(partition, scope, marker)?;
+        self.restoring.insert(
+            partition,
+            Restoring {
+                before: before.into_iter().collect(),
+                ids: HashMap::new(),
+                restored: HashMap::new(),
+            },
+        );
+        Ok(())
+    }
+
+    /// Removes the partition's channels and windows and writes `applied`
+    /// as its applied state, in one write; answers the channels removed.
+    fn remove_partition(
+        &mut self,
+        partition: u32,
+        scope: &RestoreScope,
+        applied: Vec<u8>,
+    ) -> Result<Vec<ChannelName>, StoreError> {
         // The partition's channels and windows as stored: the writer is the
         // only one writing them, so the store is their whole truth.
         let mut channels = Vec::new();
@@ -231,7 +272,7 @@ impl Writer {
             }
         }
         set.expired_producers = producers.clone();
-        set.applied.push((partition, marker));
+        set.applied.push((partition, applied));
         self.store.write(&set, self.sync)?;
         for (name, _) in &channels {
             self.sequencer.channels_mut().remove(name);
@@ -240,18 +281,10 @@ impl Writer {
         for key in &producers {
             self.sequencer.producers_mut().remove(key);
         }
-        // The restore writes windows behind the table's back: no owner may
+        // A restore writes windows behind the table's back: no owner may
         // count as whole in memory until it is loaded again.
         self.sequencer.producers_mut().forget_completeness();
-        self.restoring.insert(
-            partition,
-            Restoring {
-                before: channels.into_iter().map(|(name, _)| name).collect(),
-                ids: HashMap::new(),
-                restored: HashMap::new(),
-            },
-        );
-        Ok(())
+        Ok(channels.into_iter().map(|(name, _)| name).collect())
     }
 
     fn restore_part(
