@@ -301,7 +301,10 @@ impl Edges {
                     Standing::Follower(leader) => self.peers.hears_from(partition, leader),
                     _ => false,
                 };
-            role.voter && placed && current
+            // A copy catching up to what this node held before it
+            // discarded the partition may replay configurations that name
+            // it a voter: it is no replica to serve from yet.
+            role.voter && placed && current && !self.peers.catching_up_to_floor(partition)
         })
     }
 

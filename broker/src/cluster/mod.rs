@@ -1285,7 +1285,9 @@ impl Groups {
         nodes: &BTreeMap<NodeId, NodeInfo>,
     ) -> bool {
         for replica in replicas {
-            let Some(node) = nodes.get(replica) else {
+            // A node gone from the membership cannot lead: not worth a
+            // question's wait.
+            let Some(node) = nodes.get(replica).filter(|_| self.view.is_live(*replica)) else {
                 continue;
             };
             match self
@@ -1312,6 +1314,14 @@ impl Groups {
     /// started here again, [`Self::ensure_group`]) removes; never a Raft
     /// log over channels that no longer match it.
     async fn discard_channels(&self, partition: PartitionId) -> Result<(), ClusterError> {
+        // Snapshots before the applied state: a crash in between leaves
+        // the applied state, which the next pass finds and removes with
+        // what is left; never a snapshot over a blank partition (a group
+        // started there would take it for its own).
+        let root = self.snapshot_dir.clone();
+        tokio::task::spawn_blocking(move || snapshot::SnapshotDir::remove(&root, partition))
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))??;
         self.log
             .restore(
                 partition.0,
@@ -1322,10 +1332,6 @@ impl Groups {
             )
             .await
             .map_err(|e| ClusterError::Store(StoreError::Engine(e.to_string())))?;
-        let root = self.snapshot_dir.clone();
-        tokio::task::spawn_blocking(move || snapshot::SnapshotDir::remove(&root, partition))
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))??;
         self.reclaim.request();
         Ok(())
     }
@@ -1412,17 +1418,14 @@ impl Groups {
             );
             self.discard_channels(partition).await?;
         }
-        // A blank copy of a partition this node once held must not help a
-        // member that never learnt of its removal to a quorum.
-        let floor = if blank {
-            raft_store
-                .discarded_through()
-                .await
-                .map_err(|e| ClusterError::Raft(e.to_string()))?
-        } else {
-            None
-        };
-        self.peers.set_discard_floor(partition, floor);
+        // A copy of a partition this node once held and discarded must not
+        // help a member that never learnt of its removal to a quorum, nor
+        // lead, before it holds again what it held (read at every start:
+        // a restart half-way through the catch-up keeps it).
+        let floor = raft_store
+            .discarded_through()
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
         let machine = PartitionMachine::open(
             partition,
             self.partitions,
@@ -1442,6 +1445,12 @@ impl Groups {
         )
         .await
         .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        let applied = raft.metrics().borrow().last_applied.map(|id| id.index);
+        let floor = floor.filter(|floor| applied < Some(floor.index));
+        if floor.is_some() {
+            raft.runtime_config().elect(false);
+        }
+        self.peers.set_discard_floor(partition, floor);
         self.peers.host(partition, raft.clone());
         if let Ok(mut blank) = self.known_blank.lock() {
             blank.remove(&partition);
@@ -1484,6 +1493,9 @@ impl Groups {
     /// the nodes instead of piling up on the first one up. At most one
     /// election per partition per [`LEADERSHIP_RETRY`].
     async fn take_leadership(&self, partition: PartitionId, raft: &Raft) {
+        if self.peers.catching_up_to_floor(partition) {
+            return;
+        }
         let metrics = raft.metrics().borrow().clone();
         let led_elsewhere = metrics
             .current_leader

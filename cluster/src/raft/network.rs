@@ -672,7 +672,9 @@ impl Peers {
     }
 
     /// The floor of [`Peers::set_discard_floor`] while `raft` has not
-    /// applied up to it.
+    /// applied up to it. Once it has, the group may campaign again (it
+    /// was kept from it meanwhile: the old configurations it replays may
+    /// name it a voter, and a partial log must not lead).
     fn discard_floor(
         &self,
         partition: PartitionId,
@@ -682,9 +684,19 @@ impl Peers {
         let applied = raft.metrics().borrow().last_applied.map(|id| id.index);
         if applied >= Some(floor.index) {
             self.floors.remove(&partition);
+            raft.runtime_config().elect(true);
             return None;
         }
         Some(floor)
+    }
+
+    /// Whether `partition`'s group here is still catching up to what this
+    /// node held before it discarded its copy ([`Peers::set_discard_floor`]):
+    /// it is no voter to count on, may not lead, and serves nothing as a
+    /// replica until then.
+    pub fn catching_up_to_floor(&self, partition: PartitionId) -> bool {
+        self.group(partition)
+            .is_some_and(|raft| self.discard_floor(partition, &raft).is_some())
     }
 
     /// Forgets `node`'s request to be released from `partition` (it is
