@@ -629,6 +629,17 @@ impl Edges {
         }))
     }
 
+    /// `channel`'s metadata from its partition's leader.
+    pub async fn lookup(&self, channel: &ChannelName) -> Result<Option<ChannelMeta>, StoreError> {
+        let range = ReadRange {
+            from: Offset::FIRST,
+            until: Offset::FIRST,
+            max_messages: 0,
+            max_bytes: 0,
+        };
+        Ok(self.read(channel, range).await?.map(|(meta, _)| meta))
+    }
+
     /// Hands `call` to the leader of `partition`'s in-memory channels; its
     /// outcomes, in order. Given up after `within`, or at once when the
     /// call may have reached a leader without an answer coming back (it is

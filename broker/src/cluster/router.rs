@@ -270,19 +270,7 @@ impl Replication for Router {
         &self,
         channel: ChannelName,
     ) -> BoxFuture<'_, Result<Option<ChannelMeta>, StoreError>> {
-        Box::pin(async move {
-            let range = ReadRange {
-                from: Offset::FIRST,
-                until: Offset::FIRST,
-                max_messages: 0,
-                max_bytes: 0,
-            };
-            Ok(self
-                .edges
-                .read(&channel, range)
-                .await?
-                .map(|(meta, _)| meta))
-        })
+        Box::pin(async move { self.edges.lookup(&channel).await })
     }
 
     fn remote_read(

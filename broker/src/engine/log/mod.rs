@@ -1230,12 +1230,22 @@ impl Log {
         if let Some(replication) = self.replication.get() {
             return replication.delete(channel).await;
         }
+        self.delete_in_store(channel, false).await
+    }
+
+    /// Has the writer delete `channel` from this node's store, telling its
+    /// subscribers unless `quietly`.
+    async fn delete_in_store(
+        &self,
+        channel: ChannelName,
+        quietly: bool,
+    ) -> Result<Option<ChannelMeta>, AppendError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Delete {
                 channel,
                 reply,
-                quietly: false,
+                quietly,
             })
             .await
             .map_err(|_| AppendError::ShuttingDown)?;
@@ -1248,18 +1258,7 @@ impl Log {
     /// leader of its partition. Its subscribers are told of the channel's
     /// next epoch when it comes (`EpochChanged`), not of an end.
     pub async fn forget(&self, channel: ChannelName) -> Result<(), AppendError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Delete {
-                channel,
-                reply,
-                quietly: true,
-            })
-            .await
-            .map_err(|_| AppendError::ShuttingDown)?;
-        rx.await
-            .unwrap_or(Err(AppendError::ShuttingDown))
-            .map(|_| ())
+        self.delete_in_store(channel, true).await.map(|_| ())
     }
 
     /// Deletes `channel` from this node's store, whatever the log
@@ -1269,16 +1268,7 @@ impl Log {
         &self,
         channel: ChannelName,
     ) -> Result<Option<ChannelMeta>, AppendError> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Delete {
-                channel,
-                reply,
-                quietly: false,
-            })
-            .await
-            .map_err(|_| AppendError::ShuttingDown)?;
-        rx.await.unwrap_or(Err(AppendError::ShuttingDown))
+        self.delete_in_store(channel, false).await
     }
 
     /// Queues appends to this node's store, whatever the log replicates
