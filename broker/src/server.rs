@@ -95,6 +95,8 @@ pub struct Broker {
     log_threads: Option<LogThreads>,
     ephemeral_threads: Option<LogThreads>,
     devices_thread: Option<DevicesThread>,
+    /// A cluster node's device-state flush task, and what stops it.
+    remote_devices: Option<(CancellationToken, JoinHandle<()>)>,
     push: Option<Arc<PushHooks>>,
     logs: Logs,
     tasks: Vec<JoinHandle<()>>,
@@ -339,14 +341,17 @@ impl Broker {
                         &config.namespaces,
                         metrics.clone(),
                     ),
+                    device_store: device_store.clone(),
+                    cursors: config.cursors.clone(),
                 })
                 .await?,
             ),
             _ => None,
         };
 
-        // Device cursors are node-local: a cluster node, whose devices may
-        // reconnect anywhere, keeps none (requests get `Unsupported`).
+        // A cluster node keeps device state in the users' partitions
+        // (devices reconnect anywhere); a single node in its own store.
+        let mut remote_devices = None;
         let devices_thread = if clustered {
             None
         } else {
@@ -365,7 +370,19 @@ impl Broker {
                 .map_err(|e| StoreError::Engine(e.to_string()))??,
             )
         };
-        let devices = devices_thread.as_ref().map(|t| t.devices().clone());
+        let mut devices = devices_thread.as_ref().map(|t| t.devices().clone());
+        if let Some(node) = &cluster {
+            let stop = CancellationToken::new();
+            let (handle, task) = devices::start_remote(
+                node.devices().clone(),
+                &config.cursors,
+                metrics.clone(),
+                stop.clone(),
+            );
+            node.devices().announce_to(&handle);
+            devices = Some(handle);
+            remote_devices = Some((stop, task));
+        }
 
         let shutdown = CancellationToken::new();
         let ready = Arc::new(AtomicBool::new(false));
@@ -466,6 +483,7 @@ impl Broker {
             log_threads: Some(log_threads),
             ephemeral_threads,
             devices_thread,
+            remote_devices,
             push,
             logs,
             tasks,
@@ -547,6 +565,12 @@ impl Broker {
             task.abort();
             let _ = task.await;
         }
+        // What sessions acknowledged last is proposed while the groups
+        // still run (bounded by the proposals' own deadline).
+        if let Some((stop, task)) = self.remote_devices.take() {
+            stop.cancel();
+            let _ = task.await;
+        }
         // The groups stop before the log: an entry being applied finds the
         // writer still there.
         if let Some(cluster) = self.cluster.take() {
@@ -596,6 +620,9 @@ impl Drop for Broker {
             websocket.close();
         }
         for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        if let Some((_, task)) = self.remote_devices.take() {
             task.abort();
         }
         let ephemeral = self.ephemeral_threads.take();

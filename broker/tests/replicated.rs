@@ -228,6 +228,7 @@ async fn replicas_with_different_clocks_and_caches_decide_alike() {
     let scope = || log::RestoreScope {
         channel: Arc::new(|_: &ChannelName| true),
         producer: Arc::new(|key: &ProducerKey| key.owner.ends_with("#p3")),
+        devices: None,
     };
     let (digest_a, digest_b) = (
         a.log().partition_digest(3, scope()).await.unwrap(),
@@ -407,10 +408,12 @@ mod catch_up {
         let everything = RestoreScope {
             channel: Arc::new(|_| true),
             producer: Arc::new(|_| true),
+            devices: None,
         };
         let nothing = RestoreScope {
             channel: Arc::new(|_| false),
             producer: Arc::new(|_| false),
+            devices: None,
         };
         let log = behind.log();
         let begin = |scope| Restore::Begin {

@@ -1720,3 +1720,166 @@ async fn the_push_hook_posts_each_message_once_and_a_new_leader_goes_on_where_th
         node.assert_never_panicked();
     }
 }
+
+/// A device of `user` named `device` that reaches the cluster through
+/// `nodes` only.
+async fn device_on(cluster: &TestCluster, nodes: &[u64], user: &str, device: &str) -> Client {
+    let mut config = cluster.client_config(nodes);
+    config.token = user.into();
+    config.device = Some(device.into());
+    config.ack_interval = Duration::from_millis(5);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match Client::connect(config.clone()).await {
+            Ok(client) => return client,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("device {user}/{device}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("device {user}/{device} cannot connect to {nodes:?}: {e}"),
+        }
+    }
+}
+
+/// Retries `call` until it succeeds (a partition electing after a kill
+/// answers `StorageUnavailable` for a moment), within 30 s.
+async fn until_ok<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match call().await {
+            Ok(value) => return value,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("{what}: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_leader() {
+    use volna_client::{Fallback, Offset};
+    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    let user = "ivan";
+    let chats: Vec<ChannelName> = (0..6)
+        .map(|i| ChannelName::new(format!("chat.dev{i}")).unwrap())
+        .collect();
+    let chat = chats[0].clone();
+    let publisher = connect(&cluster, &[2]).await;
+    for (k, channel) in chats.iter().enumerate() {
+        for i in 0..(40 + k as u64) {
+            until_ok("publish", || publisher.publish(channel, payload(i, 32))).await;
+        }
+    }
+
+    // The phone reads 20 messages on node 1 and acknowledges them; the
+    // broker says they are stored.
+    let phone = device_on(&cluster, &[1], user, "phone").await;
+    let from_cursor = Position::Cursor {
+        otherwise: Fallback::From(Offset::FIRST),
+    };
+    let mut sub = phone.subscribe(&chat, from_cursor).await.unwrap();
+    for expected in 1..=20u64 {
+        let m = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("a delivery")
+            .expect("open")
+            .expect("a message");
+        assert_eq!(m.offset.get(), expected);
+        sub.ack(m.offset).unwrap();
+    }
+    until_ok("flush_acks", || phone.flush_acks()).await;
+    drop(sub);
+
+    // A tablet of the same user on node 3 hears of the marker the phone
+    // moves on node 1; a laptop on node 2 counts unread from it.
+    let tablet = device_on(&cluster, &[3], user, "tablet").await;
+    let mut markers = tablet.read_markers().expect("a device hears of markers");
+    until_ok("mark_read", || phone.mark_read(&chat, Offset::new(15))).await;
+    let heard = tokio::time::timeout(Duration::from_secs(10), markers.recv())
+        .await
+        .expect("the marker reaches a device on another node")
+        .unwrap();
+    assert_eq!(
+        (heard.channel.clone(), heard.offset.get()),
+        (chat.clone(), 15)
+    );
+    let laptop = device_on(&cluster, &[2], user, "laptop").await;
+    let counts = until_ok("unread", || laptop.unread(&chats)).await;
+    let of_chat: Vec<(u64, u64, u64)> = counts.iter().map(|c| (c.head, c.read, c.unread)).collect();
+    assert_eq!(
+        of_chat[0],
+        (40, 15, 25),
+        "chat.dev0 from node 2: {of_chat:?}"
+    );
+    for (k, count) in counts.iter().enumerate().skip(1) {
+        assert_eq!((count.head, count.unread), (40 + k as u64, 40 + k as u64));
+    }
+    // The unread call's latency on a node, over channels in several
+    // partitions (one call per partition).
+    let mut took = Vec::new();
+    for _ in 0..50 {
+        let started = Instant::now();
+        laptop.unread(&chats).await.unwrap();
+        took.push(started.elapsed());
+    }
+    took.sort();
+    eprintln!(
+        "unread over {} channels on node 2: median {:?}, p99 {:?}",
+        chats.len(),
+        took[took.len() / 2],
+        took[took.len() * 99 / 100]
+    );
+
+    // The user's partition leader dies (kill -9): nothing acknowledged is
+    // lost, and the phone resumes on another node exactly after its last
+    // stored ack.
+    let leader = cluster.leader_of(user, 2).unwrap();
+    cluster.nodes[(leader - 1) as usize].kill().unwrap();
+    drop(phone);
+    let elsewhere: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let phone = device_on(&cluster, &elsewhere, user, "phone").await;
+    let mut sub = until_ok("resume from the cursor", || {
+        phone.subscribe(&chat, from_cursor)
+    })
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("a delivery")
+        .expect("open")
+        .expect("a message");
+    assert_eq!(
+        first.offset.get(),
+        21,
+        "resumed on node {elsewhere:?} after the leader's death"
+    );
+    sub.ack(first.offset).unwrap();
+    until_ok("flush_acks after the failover", || phone.flush_acks()).await;
+    let watcher = device_on(&cluster, &elsewhere[1..], user, "laptop").await;
+    let counts = until_ok("unread after the failover", || {
+        watcher.unread(std::slice::from_ref(&chat))
+    })
+    .await;
+    assert_eq!(counts[0].read, 15, "the marker survived its leader");
+
+    // The dead node comes back and catches up: every replica holds the
+    // same device state (the partition digests include it).
+    cluster.nodes[(leader - 1) as usize].start_again().unwrap();
+    cluster.nodes[(leader - 1) as usize]
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .unwrap();
+    cluster
+        .wait_for_leaders(Duration::from_secs(60))
+        .await
+        .unwrap();
+    cluster.assert_replicas_agree();
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}

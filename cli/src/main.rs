@@ -128,6 +128,10 @@ enum Command {
         /// Exit after K messages.
         #[arg(long)]
         count: Option<u64>,
+        /// Also print, to stderr, the read markers the user's other
+        /// devices move (`marker CHANNEL OFFSET`). Needs --device.
+        #[arg(long)]
+        markers: bool,
     },
     /// Set the user's read marker on CHANNEL to OFFSET (it only moves
     /// forward); the user's other devices hear of it. Needs --device.
@@ -469,7 +473,24 @@ async fn run() -> anyhow::Result<()> {
             last,
             resume,
             count,
+            markers,
         } => {
+            if markers {
+                let Some(mut moved) = client.read_markers() else {
+                    bail!("`sub --markers` prints a device's read markers: give --device ID");
+                };
+                tokio::spawn(async move {
+                    loop {
+                        match moved.recv().await {
+                            Ok(m) => eprintln!("marker {} {}", m.channel, m.offset),
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                                eprintln!("{n} marker moves missed; ask `unread`");
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                        }
+                    }
+                });
+            }
             let start = match (from, last) {
                 _ if resume && cli.device.is_none() => {
                     bail!("`sub --resume` resumes a device's cursor: give --device ID")

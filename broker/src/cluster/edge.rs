@@ -108,6 +108,7 @@ pub(super) enum EphemeralCall {
 enum Ask {
     Read,
     Ephemeral,
+    Devices,
 }
 
 /// Why a leader's answer did not come.
@@ -130,7 +131,7 @@ impl std::fmt::Display for Unanswered {
 
 /// A leader's answer.
 #[derive(Debug, Serialize, Deserialize)]
-enum Served<T> {
+pub(super) enum Served<T> {
     Ok(T),
     /// Not the leader; the one this replica knows of.
     NotLeader(Option<NodeId>),
@@ -654,6 +655,17 @@ impl Edges {
             .await
     }
 
+    /// Asks `partition`'s leader about its device state
+    /// ([`super::devices`]).
+    pub(super) async fn ask_devices(
+        &self,
+        partition: PartitionId,
+        call: &super::devices::DeviceCall,
+        within: Duration,
+    ) -> Result<super::devices::DeviceAnswer, Unanswered> {
+        self.ask_leader(partition, Ask::Devices, call, within).await
+    }
+
     /// Asks `partition`'s leader, wherever it is, until `within` passed.
     async fn ask_leader<C: Serialize, T: serde::de::DeserializeOwned + std::fmt::Debug>(
         &self,
@@ -681,6 +693,11 @@ impl Edges {
                     Ask::Ephemeral => {
                         self.peers
                             .publish(node, &addr, partition, &body, READ_ATTEMPT)
+                            .await
+                    }
+                    Ask::Devices => {
+                        self.peers
+                            .devices(node, &addr, partition, &body, READ_ATTEMPT)
                             .await
                     }
                 };
@@ -778,6 +795,8 @@ pub struct ChannelServer {
     /// them).
     ephemeral: Option<Arc<EphemeralRouter>>,
     fanout: Arc<Fanout>,
+    /// The device state of the partitions this node leads.
+    devices: Arc<super::devices::ClusterDevices>,
     /// Upstream deliveries are not device deliveries: counted apart.
     metrics: Arc<Metrics>,
 }
@@ -799,6 +818,7 @@ impl ChannelServer {
         logs: Logs,
         ephemeral: Option<Arc<EphemeralRouter>>,
         fanout: Arc<Fanout>,
+        devices: Arc<super::devices::ClusterDevices>,
     ) -> Self {
         Self {
             node,
@@ -806,6 +826,7 @@ impl ChannelServer {
             peers: Arc::downgrade(peers),
             logs,
             ephemeral,
+            devices,
             fanout,
             metrics: Arc::new(Metrics::new()),
         }
@@ -1031,6 +1052,11 @@ impl ChannelService for ChannelServer {
             postcard::to_allocvec(&answer).unwrap_or_default()
         })
     }
+
+    fn devices(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>> {
+        let devices = self.devices.clone();
+        Box::pin(async move { devices.answer(partition, &body).await })
+    }
 }
 
 impl ChannelServer {
@@ -1115,6 +1141,7 @@ impl ChannelServer {
             logs: self.logs.clone(),
             ephemeral: self.ephemeral.clone(),
             fanout: self.fanout.clone(),
+            devices: self.devices.clone(),
             metrics: self.metrics.clone(),
         }
     }

@@ -461,9 +461,9 @@ fn into_appended(outcome: Outcome) -> Result<Appended, AppendError> {
             code: ErrorCode::from_u16(code),
             message,
         }),
-        Outcome::Deleted { .. } => Err(AppendError::Refused {
+        Outcome::Deleted { .. } | Outcome::Applied => Err(AppendError::Refused {
             code: ErrorCode::Internal,
-            message: "the leader answered a publish with a delete".into(),
+            message: "the leader answered a publish with another call's outcome".into(),
         }),
     }
 }

@@ -39,6 +39,7 @@ use volna_cluster::raft::{
 use volna_cluster::{PartitionId, partition_of};
 use volna_proto::{ChannelName, Epoch, Offset};
 
+use super::devices::ClusterDevices;
 use super::push::ClusterPush;
 use super::snapshot::{Counts, Current, SnapshotDir, SnapshotError, read_parts, write_snapshot};
 use crate::log::{AppendInput, Log, Outcome, ProducerRef, Replicated, Restore, RestoreScope, Trim};
@@ -140,6 +141,9 @@ pub struct PartitionMachine {
     /// The push hooks, told of every message applied to a namespace with
     /// one and of how far the partition's leader posted.
     push: Option<Arc<ClusterPush>>,
+    /// The device state of the partition's users (`None`: a machine that
+    /// applies device entries as nothing, in tests of channels alone).
+    devices: Option<Arc<ClusterDevices>>,
 }
 
 impl PartitionMachine {
@@ -181,6 +185,7 @@ impl PartitionMachine {
             receiving: None,
             stats,
             push,
+            devices: None,
         };
         if let Some(current) = machine.applied.restoring.clone() {
             warn!(
@@ -191,6 +196,12 @@ impl PartitionMachine {
             machine.restore(current).await?;
         }
         Ok(machine)
+    }
+
+    /// The machine, applying device entries to `devices`.
+    pub fn with_devices(mut self, devices: Arc<ClusterDevices>) -> Self {
+        self.devices = Some(devices);
+        self
     }
 
     /// The partition's channels and producer windows among the node's.
@@ -227,7 +238,22 @@ impl PartitionMachine {
             .await?;
             reader = back;
             match part? {
-                Some(step) => self.log.restore(self.partition.0, step).await?,
+                Some(step) => {
+                    // A peer's file: its device entries must be this
+                    // partition's, or they would land in another's range.
+                    if let Restore::Part { devices, .. } = &step
+                        && let Some((key, _)) = devices.iter().find(|(key, _)| {
+                            crate::devices::layout::split_partition(key)
+                                .is_none_or(|(p, _)| p != self.partition.0)
+                        })
+                    {
+                        return Err(SnapshotError::Malformed(format!(
+                            "a device entry outside partition {}: {key:?}",
+                            self.partition.0
+                        )));
+                    }
+                    self.log.restore(self.partition.0, step).await?;
+                }
                 None => break,
             }
         }
@@ -346,8 +372,9 @@ impl PartitionMachine {
                     .filter_map(trim_of)
                     .collect();
             }
-            // The push hooks' marks change nothing the writer keeps.
-            Some(Command::Posted { .. }) => {}
+            // The push hooks' marks change nothing the writer keeps; device
+            // changes are decided before (see `apply`).
+            Some(Command::Posted { .. } | Command::Devices { .. }) => {}
             Some(Command::Delete(names)) => {
                 for name in names {
                     match ChannelName::new(name) {
@@ -425,6 +452,7 @@ pub(super) fn partition_scope(partition: PartitionId, partitions: u32) -> Restor
             partition_of(name.as_str(), partitions) == partition
         }),
         producer: Arc::new(move |key: &ProducerKey| key.owner.ends_with(&suffix)),
+        devices: Some(crate::devices::layout::partition_range(partition.0)),
     }
 }
 
@@ -494,7 +522,25 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
             {
                 push.posted(self.partition.0, namespace, (*index, *notice));
             }
-            let (replicated, pre) = self.replicated(command);
+            // Device changes are decided from the partition's device state
+            // as this entry finds it (the machine is its only writer).
+            let mut decided = None;
+            if let (Some(devices), Some(Command::Devices { origin, changes })) =
+                (&self.devices, &command)
+            {
+                let d = devices
+                    .apply(self.partition, changes)
+                    .await
+                    .map_err(|e| apply_error(entry.log_id, &e))?;
+                decided = Some((*origin, d));
+            }
+            let (mut replicated, mut pre) = self.replicated(command);
+            let mut markers = None;
+            if let Some((origin, d)) = decided {
+                replicated.devices = d.write;
+                pre.extend(d.outcomes.into_iter().map(Some));
+                markers = Some((origin, d.markers));
+            }
             let outcome = self
                 .log
                 .apply_replicated(replicated)
@@ -538,6 +584,9 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
                     notices(noticed, &reply.outcomes, self.applied.time_ms),
                 );
             }
+            if let (Some(devices), Some((origin, markers))) = (&self.devices, markers) {
+                devices.applied(self.partition, origin, markers);
+            }
             replies.push(reply);
         }
         Ok(replies)
@@ -560,6 +609,10 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
                 &ExportScope {
                     channel: &*scope.channel,
                     producer: &*scope.producer,
+                    devices: scope
+                        .devices
+                        .as_ref()
+                        .map(|(from, until)| (from.as_slice(), until.as_slice())),
                 },
                 time_ms,
                 &mut || {

@@ -26,6 +26,7 @@
 //! crosses the cluster once per interested node, whatever the number of
 //! devices.
 
+pub mod devices;
 pub mod edge;
 pub mod ephemeral;
 pub mod failures;
@@ -171,6 +172,11 @@ pub struct NodeSetup {
     /// The push hooks of the namespaces that have one (posted by each
     /// partition's leader).
     pub push: Option<Arc<push::ClusterPush>>,
+    /// Where the partitions this node replicates keep their users' device
+    /// state (the same RocksDB).
+    pub device_store: Arc<dyn crate::store::DeviceStore>,
+    /// `[cursors]`: how long a device may stay unseen.
+    pub cursors: crate::config::CursorsConfig,
 }
 
 /// A running cluster node.
@@ -190,6 +196,7 @@ pub struct ClusterNode {
     /// The node's channel log (partition digests read it).
     log: Log,
     push: Option<Arc<push::ClusterPush>>,
+    devices: Arc<devices::ClusterDevices>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -246,6 +253,8 @@ struct Groups {
     known_blank: Mutex<HashSet<PartitionId>>,
     /// Compacts the store after discards.
     reclaim: Reclaim,
+    /// The device state every partition machine applies to.
+    devices: Arc<devices::ClusterDevices>,
 }
 
 /// See [`Groups::restarts`].
@@ -465,6 +474,18 @@ impl ClusterNode {
             setup.logs.clone(),
             stop.child_token(),
         );
+        let within =
+            Duration::from_millis(section.election_timeout_ms * 2) + Duration::from_secs(1);
+        let cluster_devices = devices::ClusterDevices::new(
+            id,
+            settled.partitions,
+            peers.clone(),
+            view.clone(),
+            edges.clone(),
+            setup.logs.clone(),
+            setup.device_store.clone(),
+            within,
+        );
         let snapshot_stats = Arc::new(SnapshotStats::default());
         let restarts: SharedRestarts = Arc::new(Mutex::new(Restarts::new(Duration::from_millis(
             section.election_timeout_ms,
@@ -495,6 +516,7 @@ impl ClusterNode {
             discard_asked: Mutex::default(),
             known_blank: Mutex::default(),
             reclaim: Reclaim::new(setup.db.clone()),
+            devices: cluster_devices.clone(),
         });
         // Groups this node replicated before a restart come back before it
         // takes traffic, from the map as last seen in etcd (or, while etcd
@@ -533,8 +555,6 @@ impl ClusterNode {
         // half an election timeout: before its followers (who wait out
         // its lease, then their own timeout) can have elected another.
         peers.set_leader_lease(Duration::from_millis(section.election_timeout_ms / 2));
-        let within =
-            Duration::from_millis(section.election_timeout_ms * 2) + Duration::from_secs(1);
         let router = Router::start(
             settled.partitions,
             peers.clone(),
@@ -565,6 +585,7 @@ impl ClusterNode {
             setup.logs.clone(),
             ephemeral,
             setup.fanout.clone(),
+            cluster_devices.clone(),
         )));
         edges.check_partitions();
         setup.fanout.watch_feeds(edges.clone());
@@ -597,6 +618,11 @@ impl ClusterNode {
                 stop.clone(),
             )),
             tokio::spawn(view_loop(shared, settled, saved_view, stop.clone())),
+            tokio::spawn(device_sweep_loop(
+                cluster_devices.clone(),
+                setup.cursors.clone(),
+                stop.clone(),
+            )),
         ];
         info!(
             node = id,
@@ -618,7 +644,13 @@ impl ClusterNode {
             tasks,
             log: setup.logs.durable().clone(),
             push: setup.push,
+            devices: cluster_devices,
         })
+    }
+
+    /// The device state of this node's users, kept by their partitions.
+    pub fn devices(&self) -> &Arc<devices::ClusterDevices> {
+        &self.devices
     }
 
     /// This node's edges (upstreams, remote reads).
@@ -797,6 +829,24 @@ async fn membership_loop(
 /// Every `interval`, has every group this node leads send its heartbeats,
 /// all at once: the network layer then carries each peer's share in one
 /// call (Raft heartbeats batched per node pair).
+/// Forgets idle devices of the partitions this node leads, every
+/// `cursors.sweep_interval_secs` (the first one interval after start: a
+/// restart loop does not sweep each time).
+async fn device_sweep_loop(
+    devices: Arc<devices::ClusterDevices>,
+    cursors: crate::config::CursorsConfig,
+    stop: CancellationToken,
+) {
+    let every = Duration::from_secs(cursors.sweep_interval_secs.max(1));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        devices.sweep(cursors.device_idle_days).await;
+    }
+}
+
 async fn heartbeat_loop(
     groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
     peers: Arc<Peers>,
@@ -1435,7 +1485,8 @@ impl Groups {
             self.snapshot_stats.clone(),
             self.push.clone(),
         )
-        .await?;
+        .await?
+        .with_devices(self.devices.clone());
         let raft = Raft::new(
             self.id,
             self.raft_config.clone(),

@@ -398,10 +398,12 @@ fn deliver(
                         code: ErrorCode::from_u16(code),
                         message,
                     }),
-                    Some(Outcome::Deleted { .. }) | None => Err(AppendError::Refused {
-                        code: ErrorCode::Internal,
-                        message: "the partition answered a publish with no outcome".into(),
-                    }),
+                    Some(Outcome::Deleted { .. } | Outcome::Applied) | None => {
+                        Err(AppendError::Refused {
+                            code: ErrorCode::Internal,
+                            message: "the partition answered a publish with no outcome".into(),
+                        })
+                    }
                 });
             }
         }

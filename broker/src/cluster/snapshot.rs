@@ -10,8 +10,11 @@
 //!
 //! ```text
 //! "VOLNASN1" ‖ (u32 length ‖ postcard frame)*
-//! frames: Channel, Messages*, …, Producer*, Clock(time), End(counts)
+//! frames: Channel, Messages*, …, Producer*, Devices*, Clock(time), End(counts)
 //! ```
+//!
+//! `Devices` frames hold the device state of the partition's users (their
+//! keys carry the partition, [`crate::devices::layout`]).
 //!
 //! A file that a peer sent is read as untrusted input: every frame is
 //! bounded, names and offsets are checked, and a file that stops before
@@ -50,6 +53,8 @@ const FRAME_PAYLOAD: usize = 1 << 20;
 /// Payload bytes (or windows) handed to the writer as one restore step.
 const PART_PAYLOAD: usize = 4 << 20;
 const PART_PRODUCERS: usize = 4096;
+/// Device entries in one frame (and one restore step), at most.
+const PART_DEVICES: usize = 16_384;
 
 /// Why a snapshot could not be built, read or installed.
 #[derive(Debug, Error)]
@@ -108,6 +113,8 @@ enum Frame {
     Clock {
         time_ms: u64,
     },
+    /// Device-state entries, in key order.
+    Devices(Vec<(Bytes, Bytes)>),
 }
 
 /// What a snapshot holds, counted.
@@ -119,6 +126,9 @@ pub struct Counts {
     pub messages: u64,
     /// Producer windows.
     pub producers: u64,
+    /// Device-state entries (not in the `End` frame, whose layout older
+    /// files fix).
+    pub devices: u64,
 }
 
 fn write_frame(out: &mut impl Write, frame: &Frame) -> Result<(), SnapshotError> {
@@ -164,6 +174,8 @@ pub fn write_snapshot(
     // The stored range of the channel being exported: a message outside it
     // (one a trim's range delete has not reached yet) is not state.
     let mut range = (Offset::FIRST, Offset::FIRST);
+    let mut devices: Vec<(Bytes, Bytes)> = Vec::new();
+    let mut devices_bytes = 0usize;
     let exported = store.export(scope, fixed, &mut |item| {
         let step = (|| -> Result<(), SnapshotError> {
             match item {
@@ -195,6 +207,17 @@ pub fn write_snapshot(
                     }
                     Ok(())
                 }
+                Exported::Device(key, value) => {
+                    flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
+                    counts.devices += 1;
+                    devices_bytes += key.len() + value.len();
+                    devices.push((Bytes::from(key), Bytes::from(value)));
+                    if devices_bytes >= FRAME_PAYLOAD || devices.len() >= PART_DEVICES {
+                        write_frame(&mut out, &Frame::Devices(std::mem::take(&mut devices)))?;
+                        devices_bytes = 0;
+                    }
+                    Ok(())
+                }
                 Exported::Producer(key, window) => {
                     flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
                     counts.producers += 1;
@@ -219,6 +242,9 @@ pub fn write_snapshot(
     });
     exported.map_err(|e| failed.take().unwrap_or(SnapshotError::Store(e)))?;
     flush_messages(&mut out, &mut pending, &mut pending_bytes)?;
+    if !devices.is_empty() {
+        write_frame(&mut out, &Frame::Devices(devices))?;
+    }
     write_frame(&mut out, &Frame::Clock { time_ms })?;
     write_frame(
         &mut out,
@@ -298,8 +324,12 @@ impl<R: Read> PartReader<R> {
         }
         let mut channels: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)> = Vec::new();
         let mut producers = Vec::new();
+        let mut devices: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
         let mut payload = 0usize;
-        while payload < PART_PAYLOAD && producers.len() < PART_PRODUCERS {
+        while payload < PART_PAYLOAD
+            && producers.len() < PART_PRODUCERS
+            && devices.len() < PART_DEVICES
+        {
             match self.frame()? {
                 Frame::Channel(c) => {
                     if !producers.is_empty() {
@@ -356,6 +386,22 @@ impl<R: Read> PartReader<R> {
                     producers.push((ProducerKey::new(owner.into(), producer_id), window));
                 }
                 Frame::Clock { time_ms } => self.time_ms = time_ms,
+                Frame::Devices(entries) => {
+                    self.close_channel()?;
+                    self.channel = None;
+                    if entries.len() > PART_DEVICES {
+                        return Err(malformed(format!(
+                            "a frame of {} device entries",
+                            entries.len()
+                        )));
+                    }
+                    self.counts.devices += entries.len() as u64;
+                    payload += entries
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>();
+                    devices.extend(entries.into_iter().map(|(k, v)| (k.to_vec(), v.to_vec())));
+                }
                 Frame::End {
                     channels: c,
                     messages: m,
@@ -366,6 +412,7 @@ impl<R: Read> PartReader<R> {
                         channels: c,
                         messages: m,
                         producers: p,
+                        devices: self.counts.devices,
                     };
                     if said != self.counts {
                         return Err(malformed(format!(
@@ -378,12 +425,13 @@ impl<R: Read> PartReader<R> {
                 }
             }
         }
-        if self.ended && channels.is_empty() && producers.is_empty() {
+        if self.ended && channels.is_empty() && producers.is_empty() && devices.is_empty() {
             return Ok(None);
         }
         Ok(Some(Restore::Part {
             channels,
             producers,
+            devices,
         }))
     }
 
@@ -611,18 +659,27 @@ mod tests {
             .push((ProducerKey::new(Arc::from("alice#p0"), 9), window.clone()));
         set.producers
             .push((ProducerKey::new(Arc::from("bob#p1"), 9), window));
+        // Device state of partitions 0 and 1.
+        for p in [0u32, 1] {
+            set.devices.puts.push((
+                crate::devices::layout::in_partition(p, b"a-user"),
+                vec![p as u8; 8],
+            ));
+        }
         store.write(&set, false).expect("write");
     }
 
     fn export(dir: &Path) -> (PathBuf, Counts) {
         let store = MemoryStore::new();
         stored(&store);
+        let range = crate::devices::layout::partition_range(0);
         let path = dir.join("s.part");
         let counts = write_snapshot(
             &store,
             &ExportScope {
                 channel: &|n: &ChannelName| n.as_str().starts_with("chat."),
                 producer: &|k: &ProducerKey| k.owner.ends_with("#p0"),
+                devices: Some((&range.0, &range.1)),
             },
             7_000,
             &mut || {},
@@ -641,23 +698,35 @@ mod tests {
             Counts {
                 channels: 2,
                 messages: 3,
-                producers: 1
+                producers: 1,
+                devices: 1,
             }
         );
         let mut reader = read_parts(&path).expect("open");
         let mut channels = Vec::new();
         let mut producers = Vec::new();
+        let mut devices = Vec::new();
         while let Some(part) = reader.next_part().expect("part") {
             let Restore::Part {
                 channels: c,
                 producers: p,
+                devices: d,
             } = part
             else {
                 panic!("only parts are read");
             };
             channels.extend(c);
             producers.extend(p);
+            devices.extend(d);
         }
+        assert_eq!(
+            devices,
+            [(
+                crate::devices::layout::in_partition(0, b"a-user"),
+                vec![0u8; 8]
+            )],
+            "the partition's device state, and only its"
+        );
         assert_eq!(reader.counts(), counts);
         assert_eq!(
             reader.time_ms(),

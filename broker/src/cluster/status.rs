@@ -265,6 +265,7 @@ impl ClusterStatus for StatusSource {
                 "channels": digest.state.channels,
                 "messages": digest.state.messages,
                 "producers": digest.state.producers,
+                "devices": digest.state.devices,
             }))
         })
     }

@@ -19,9 +19,18 @@
 //! however many the user has; one device's cursors are one contiguous range
 //! (removed with one range delete), and so are one user's markers.
 //!
-//! A mark names the channel's numeric id: a channel deleted and created
-//! again gets a new id, so marks of the old one stop counting at once and
-//! are removed by the next sweep.
+//! A mark names the channel's incarnation ([`Incarnation`]): on a single
+//! node its numeric id, in a cluster its epoch (ids are each node's own,
+//! epochs are replicated). A channel deleted and created again gets a new
+//! one, so marks of the old one stop counting at once (and a single node's
+//! next sweep removes them).
+//!
+//! In a cluster, each partition keeps the device state of its users under
+//! its own prefix, so that its snapshot and its discard are one key range:
+//!
+//! ```text
+//! p ‖ partition u32 ‖ (a key above)
+//! ```
 
 use volna_proto::{ChannelName, Offset};
 
@@ -30,6 +39,7 @@ use crate::store::{ChannelId, ChannelMeta};
 const REGISTRY: u8 = b'a';
 const CURSOR: u8 = b'c';
 const MARKER: u8 = b'm';
+const PARTITIONED: u8 = b'p';
 
 /// The longest device id (bytes).
 pub const MAX_DEVICE_ID: usize = 128;
@@ -67,7 +77,7 @@ impl std::fmt::Display for DeviceId {
 pub struct Mark {
     /// The last offset acknowledged (cursor) or read (marker).
     pub offset: Offset,
-    /// The incarnation of the channel it belongs to.
+    /// The incarnation of the channel it belongs to ([`Incarnation`]).
     pub channel_id: ChannelId,
     /// When it last moved, ms since the Unix epoch.
     pub updated_ms: u64,
@@ -121,9 +131,51 @@ impl Mark {
 
     /// The offset this mark stands for in the channel as it is now (`meta`),
     /// `None` when it belongs to another incarnation or the channel is gone.
-    pub fn offset_in(&self, meta: Option<&ChannelMeta>) -> Option<Offset> {
-        meta.filter(|m| m.id == self.channel_id)
+    pub fn offset_in(&self, meta: Option<&ChannelMeta>, by: Incarnation) -> Option<Offset> {
+        meta.filter(|m| by.of(m) == self.channel_id)
             .map(|_| self.offset)
+    }
+}
+
+/// What names one incarnation of a channel in a mark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Incarnation {
+    /// The channel's numeric id (a single node): ids grow, so a larger one
+    /// is a newer incarnation.
+    ChannelId,
+    /// The channel's epoch (a cluster, where ids are each node's own):
+    /// epochs are random, so of two incarnations the one acknowledged
+    /// later wins.
+    Epoch,
+}
+
+impl Incarnation {
+    /// The incarnation of the channel as it is now.
+    pub fn of(self, meta: &ChannelMeta) -> u64 {
+        match self {
+            Incarnation::ChannelId => meta.id,
+            Incarnation::Epoch => meta.epoch.0,
+        }
+    }
+
+    /// `newer` applied over `stored`: within one incarnation the larger
+    /// offset wins (a position never moves backwards).
+    pub fn merge(self, stored: Mark, newer: Mark) -> Mark {
+        match self {
+            Incarnation::ChannelId => stored.merge(newer),
+            Incarnation::Epoch if newer.channel_id == stored.channel_id => {
+                if newer.offset > stored.offset {
+                    newer
+                } else {
+                    Mark {
+                        updated_ms: stored.updated_ms.max(newer.updated_ms),
+                        ..stored
+                    }
+                }
+            }
+            Incarnation::Epoch if newer.updated_ms > stored.updated_ms => newer,
+            Incarnation::Epoch => stored,
+        }
     }
 }
 
@@ -141,7 +193,12 @@ pub struct Unread {
 /// The unread count of a channel (`meta`, `None` when it does not exist)
 /// for a user whose marker is `marker`: the messages after the marker that
 /// are still stored, computed from the head and the marker alone.
-pub fn unread(meta: Option<&ChannelMeta>, marker: Option<&Mark>, cap: u64) -> Unread {
+pub fn unread(
+    meta: Option<&ChannelMeta>,
+    marker: Option<&Mark>,
+    cap: u64,
+    by: Incarnation,
+) -> Unread {
     let Some(meta) = meta else {
         return Unread {
             head: 0,
@@ -151,7 +208,7 @@ pub fn unread(meta: Option<&ChannelMeta>, marker: Option<&Mark>, cap: u64) -> Un
     };
     let head = meta.next_offset.get().saturating_sub(1);
     let read = marker
-        .and_then(|m| m.offset_in(Some(meta)))
+        .and_then(|m| m.offset_in(Some(meta), by))
         .map_or(0, Offset::get)
         .min(head);
     // What retention removed is not unread any more: it cannot be read.
@@ -296,6 +353,35 @@ pub fn marker_channel(user: &str, key: &[u8]) -> Option<ChannelName> {
         .and_then(|name| ChannelName::from_bytes(name).ok())
 }
 
+/// `key` as partition `partition` keeps it (cluster).
+pub fn in_partition(partition: u32, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(5 + key.len());
+    out.push(PARTITIONED);
+    out.extend_from_slice(&partition.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// The partition and the key of a partition's key ([`in_partition`]).
+pub fn split_partition(key: &[u8]) -> Option<(u32, &[u8])> {
+    let rest = key.strip_prefix(&[PARTITIONED])?;
+    let partition = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+    Some((partition, &rest[4..]))
+}
+
+/// `range` within partition `partition`'s keys.
+pub fn partition_range_of(partition: u32, range: (Vec<u8>, Vec<u8>)) -> (Vec<u8>, Vec<u8>) {
+    (
+        in_partition(partition, &range.0),
+        in_partition(partition, &range.1),
+    )
+}
+
+/// Every key partition `partition` keeps.
+pub fn partition_range(partition: u32) -> (Vec<u8>, Vec<u8>) {
+    prefix_range(in_partition(partition, &[]))
+}
+
 /// `[prefix, the first key after every key starting with prefix)`.
 fn prefix_range(prefix: Vec<u8>) -> (Vec<u8>, Vec<u8>) {
     let mut end = prefix.clone();
@@ -339,22 +425,65 @@ mod tests {
         assert_eq!(Mark::decode(&[1, 2, 3]), None);
     }
 
+    const BY_ID: Incarnation = Incarnation::ChannelId;
+
+    #[test]
+    fn epochs_merge_by_offset_within_one_and_by_time_across() {
+        let by = Incarnation::Epoch;
+        let at = |offset: u64, epoch: u64, ms: u64| Mark {
+            offset: Offset::new(offset),
+            channel_id: epoch,
+            updated_ms: ms,
+        };
+        assert_eq!(by.merge(at(5, 77, 10), at(3, 77, 20)).offset.get(), 5);
+        assert_eq!(by.merge(at(5, 77, 10), at(9, 77, 5)).offset.get(), 9);
+        // Another incarnation: the later acknowledgement wins, whatever
+        // the (random) epochs.
+        assert_eq!(by.merge(at(5, 77, 10), at(2, 3, 20)), at(2, 3, 20));
+        assert_eq!(by.merge(at(2, 3, 20), at(50, 77, 10)), at(2, 3, 20));
+    }
+
+    #[test]
+    fn partition_keys_split_back_and_stay_in_their_range() {
+        let key = marker_key("alice", &channel("chat.1"));
+        let kept = in_partition(7, &key);
+        assert_eq!(split_partition(&kept), Some((7, key.as_slice())));
+        let (from, until) = partition_range(7);
+        assert!(from <= kept && kept < until);
+        assert!(!(from <= in_partition(8, &key) && in_partition(8, &key) < until));
+        let (from, until) = partition_range_of(7, user_markers("alice"));
+        assert!(from <= kept && kept < until);
+        assert_eq!(split_partition(&key), None);
+    }
+
     #[test]
     fn unread_counts_from_the_head_the_marker_and_retention() {
         let mut meta = ChannelMeta::new(4, Epoch(9));
         meta.next_offset = Offset::new(101);
-        let none = unread(Some(&meta), None, 1000);
+        let none = unread(Some(&meta), None, 1000, BY_ID);
         assert_eq!((none.head, none.read, none.unread), (100, 0, 100));
-        let read = unread(Some(&meta), Some(&mark(60, 4)), 1000);
+        let read = unread(Some(&meta), Some(&mark(60, 4)), 1000, BY_ID);
         assert_eq!((read.read, read.unread), (60, 40));
-        assert_eq!(unread(Some(&meta), Some(&mark(60, 4)), 10).unread, 10);
+        assert_eq!(
+            unread(Some(&meta), Some(&mark(60, 4)), 10, BY_ID).unread,
+            10
+        );
         // A marker of a deleted incarnation does not count.
-        assert_eq!(unread(Some(&meta), Some(&mark(60, 3)), 1000).unread, 100);
+        assert_eq!(
+            unread(Some(&meta), Some(&mark(60, 3)), 1000, BY_ID).unread,
+            100
+        );
+        // In a cluster the epoch names the incarnation.
+        let by_epoch = unread(Some(&meta), Some(&mark(60, 9)), 1000, Incarnation::Epoch);
+        assert_eq!(by_epoch.read, 60);
         // Retention removed 1..=79: only what can still be read counts.
         meta.first_offset = Offset::new(80);
-        assert_eq!(unread(Some(&meta), None, 1000).unread, 21);
-        assert_eq!(unread(Some(&meta), Some(&mark(90, 4)), 1000).unread, 10);
-        assert_eq!(unread(None, Some(&mark(90, 4)), 1000).unread, 0);
+        assert_eq!(unread(Some(&meta), None, 1000, BY_ID).unread, 21);
+        assert_eq!(
+            unread(Some(&meta), Some(&mark(90, 4)), 1000, BY_ID).unread,
+            10
+        );
+        assert_eq!(unread(None, Some(&mark(90, 4)), 1000, BY_ID).unread, 0);
     }
 
     #[test]

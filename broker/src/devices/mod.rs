@@ -14,6 +14,11 @@
 //!                       "stored up to generation g" ──▶ sessions send `Stored`
 //! ```
 //!
+//! In a cluster the same handle keeps what waits for the next flush, and
+//! the flush hands it to the partitions of the users it belongs to
+//! ([`RemoteDevices`], `crate::cluster::devices`) instead of a devices
+//! thread: `Stored` then means committed by the user's partition.
+//!
 //! Invariants:
 //! - A stored mark never moves backwards within one incarnation of its
 //!   channel: the devices thread is the only writer, and it merges each
@@ -42,13 +47,13 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 use volna_proto::{ChannelName, Offset};
 
-pub use layout::{DeviceId, Mark, Unread};
+pub use layout::{DeviceId, Incarnation, Mark, Unread};
 
 use crate::config::{CursorsConfig, Durability};
 use crate::log::Logs;
 use crate::metrics::Metrics;
 use crate::queue::{self, AsyncSender, Queued};
-use crate::store::{ChannelId, DeviceStore, DeviceWrite, LogStore, StoreError};
+use crate::store::{ChannelId, ChannelMeta, DeviceStore, DeviceWrite, LogStore, StoreError};
 
 /// Pending values beyond which a flush starts before its interval ends.
 const MAX_PENDING: usize = 100_000;
@@ -95,13 +100,75 @@ pub trait MarkerListener: Send + Sync + 'static {
 /// A session listening for its user's markers, by session id.
 type Listening = (u64, Arc<dyn MarkerListener>);
 
+/// A boxed, sendable future.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Marks and registry stamps a flush could not write, to try again.
+#[derive(Debug, Default)]
+pub struct Unwritten {
+    /// Cursors and markers, by key.
+    pub marks: Vec<(Vec<u8>, Mark)>,
+    /// Registry stamps, by key.
+    pub seen: Vec<(Vec<u8>, u64)>,
+    /// Why, when anything is left.
+    pub why: Option<String>,
+}
+
+/// Device state kept elsewhere than this node's store: a cluster's
+/// partitions. Keys are [`layout`] keys; each names its user, whose
+/// partition keeps it.
+pub trait RemoteDevices: Send + Sync + std::fmt::Debug + 'static {
+    /// Registers `device` of `user` as seen now; refuses a new device
+    /// beyond `limit`.
+    fn register(
+        &self,
+        user: String,
+        device: DeviceId,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<(), DeviceError>>;
+    /// The committed marks of `keys`, in the same order.
+    fn get(&self, keys: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<Option<Mark>>, DeviceError>>;
+    /// Up to `limit` of `user`'s committed read markers, in channel order.
+    fn markers(
+        &self,
+        user: String,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<(ChannelName, Mark)>, DeviceError>>;
+    /// Writes marks (merged with what is kept, never backwards) and
+    /// registry stamps; answers what it could not write.
+    fn write(
+        &self,
+        marks: Vec<(Vec<u8>, Mark)>,
+        seen: Vec<(Vec<u8>, u64)>,
+    ) -> BoxFuture<'_, Unwritten>;
+    /// The heads of `channels`, in the same order (`None`: no such
+    /// channel), without reading any log.
+    fn heads(
+        &self,
+        channels: Vec<ChannelName>,
+    ) -> BoxFuture<'_, Result<Vec<Option<ChannelMeta>>, DeviceError>>;
+}
+
+/// Where device state is kept.
+enum Backend {
+    /// This node's devices thread and store.
+    Thread(AsyncSender<Request>),
+    /// A cluster's partitions, written by a flush task.
+    Remote {
+        remote: Arc<dyn RemoteDevices>,
+        /// Wakes the flush task before its interval ends.
+        flush: Arc<tokio::sync::Notify>,
+    },
+}
+
 /// The sessions' handle on device state. Cheap to share.
 pub struct Devices {
     shared: Arc<Shared>,
-    requests: AsyncSender<Request>,
+    backend: Backend,
     /// Sessions that want to hear of their user's markers, by user.
     listeners: DashMap<String, Vec<Listening>>,
     config: CursorsConfig,
+    incarnation: Incarnation,
 }
 
 impl std::fmt::Debug for Devices {
@@ -129,6 +196,18 @@ struct Pending {
     marks: HashMap<Vec<u8>, Mark>,
     /// Registry entries: when each device was last seen.
     seen: HashMap<Vec<u8>, u64>,
+    /// Marks a remote flush is writing: reads still see them.
+    in_flight: HashMap<Vec<u8>, Mark>,
+}
+
+impl Pending {
+    /// What waits for (or is in) a flush for `key`.
+    fn mark(&self, key: &[u8], by: Incarnation) -> Option<Mark> {
+        match (self.in_flight.get(key), self.marks.get(key)) {
+            (Some(a), Some(b)) => Some(by.merge(*a, *b)),
+            (a, b) => a.or(b).copied(),
+        }
+    }
 }
 
 impl Shared {
@@ -176,9 +255,11 @@ impl DevicesThread {
     /// blocking context.
     pub fn shutdown(mut self) {
         self.devices.shared.closed.store(true, Ordering::SeqCst);
-        // Wakes the thread; a full queue means it is awake anyway.
-        let _ = self.devices.requests.try_send(Request::Flush);
-        self.devices.requests.close();
+        if let Backend::Thread(requests) = &self.devices.backend {
+            // Wakes the thread; a full queue means it is awake anyway.
+            let _ = requests.try_send(Request::Flush);
+            requests.close();
+        }
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
@@ -207,9 +288,10 @@ pub fn start(
     });
     let devices = Arc::new(Devices {
         shared: shared.clone(),
-        requests,
+        backend: Backend::Thread(requests),
         listeners: DashMap::new(),
         config: config.clone(),
+        incarnation: Incarnation::ChannelId,
     });
     let worker = Worker {
         shared,
@@ -230,16 +312,119 @@ pub fn start(
     })
 }
 
+/// Device state kept by `remote` (a cluster's partitions): the handle, and
+/// the task that flushes what sessions acknowledged every
+/// `cursors.flush_ms` until `stop` (then once more).
+pub fn start_remote(
+    remote: Arc<dyn RemoteDevices>,
+    config: &CursorsConfig,
+    metrics: Arc<Metrics>,
+    stop: tokio_util::sync::CancellationToken,
+) -> (Arc<Devices>, tokio::task::JoinHandle<()>) {
+    let shared = Arc::new(Shared {
+        pending: Mutex::new(Pending {
+            generation: 1,
+            ..Pending::default()
+        }),
+        stored: watch::Sender::new(0),
+        closed: AtomicBool::new(false),
+    });
+    let flush = Arc::new(tokio::sync::Notify::new());
+    let devices = Arc::new(Devices {
+        shared: shared.clone(),
+        backend: Backend::Remote {
+            remote: remote.clone(),
+            flush: flush.clone(),
+        },
+        listeners: DashMap::new(),
+        config: config.clone(),
+        incarnation: Incarnation::Epoch,
+    });
+    let every = Duration::from_millis(config.flush_ms.max(1));
+    let task = tokio::spawn(async move {
+        loop {
+            let stopping = tokio::select! {
+                () = stop.cancelled() => true,
+                () = tokio::time::sleep(every) => false,
+                () = flush.notified() => false,
+            };
+            flush_remote(&shared, &*remote, &metrics).await;
+            if stopping {
+                shared.closed.store(true, Ordering::SeqCst);
+                break;
+            }
+        }
+    });
+    (devices, task)
+}
+
+/// One flush of what waits to `remote`: `Stored` follows for the whole
+/// generation once every partition took its part; what one could not
+/// take waits for the next flush.
+async fn flush_remote(shared: &Shared, remote: &dyn RemoteDevices, metrics: &Metrics) {
+    let (generation, marks, seen) = {
+        let mut pending = shared.pending();
+        if pending.marks.is_empty() && pending.seen.is_empty() {
+            return;
+        }
+        let generation = pending.generation;
+        pending.generation += 1;
+        let marks = std::mem::take(&mut pending.marks);
+        pending.in_flight.clone_from(&marks);
+        (generation, marks, std::mem::take(&mut pending.seen))
+    };
+    let unwritten = remote
+        .write(marks.into_iter().collect(), seen.into_iter().collect())
+        .await;
+    let mut pending = shared.pending();
+    pending.in_flight.clear();
+    if unwritten.marks.is_empty() && unwritten.seen.is_empty() {
+        drop(pending);
+        shared.stored.send_if_modified(|stored| {
+            let moved = *stored < generation;
+            *stored = (*stored).max(generation);
+            moved
+        });
+        return;
+    }
+    warn!(
+        error = unwritten.why.as_deref().unwrap_or("unknown"),
+        marks = unwritten.marks.len(),
+        "device state not committed; retrying at the next flush"
+    );
+    metrics.cursor_write_errors.inc();
+    for (key, mark) in unwritten.marks {
+        pending
+            .marks
+            .entry(key)
+            .and_modify(|m| *m = Incarnation::Epoch.merge(*m, mark))
+            .or_insert(mark);
+    }
+    for (key, ms) in unwritten.seen {
+        pending.seen.entry(key).or_insert(ms);
+    }
+}
+
 impl Devices {
     /// The configuration in force.
     pub fn config(&self) -> &CursorsConfig {
         &self.config
     }
 
+    /// What names a channel's incarnation in this broker's marks.
+    pub fn incarnation(&self) -> Incarnation {
+        self.incarnation
+    }
+
     /// Registers `device` of `user` as seen now; refuses a new device
     /// beyond `cursors.max_devices_per_user`.
     pub async fn register(&self, user: &str, device: &DeviceId) -> Result<(), DeviceError> {
         let (user, device) = (user.to_owned(), device.clone());
+        if let Backend::Remote { remote, .. } = &self.backend {
+            return remote
+                .register(user, device, self.config.max_devices_per_user)
+                .await;
+        }
         self.ask(|reply| Request::Register {
             user,
             device,
@@ -268,21 +453,51 @@ impl Devices {
     }
 
     fn put(&self, key: Vec<u8>, mark: Mark) -> Ticket {
+        let by = self.incarnation;
         let (ticket, len) = {
             let mut pending = self.shared.pending();
             pending
                 .marks
                 .entry(key)
-                .and_modify(|m| *m = m.merge(mark))
+                .and_modify(|m| *m = by.merge(*m, mark))
                 .or_insert(mark);
             (Ticket(pending.generation), pending.marks.len())
         };
         if len == MAX_PENDING {
-            // Best effort: a full request queue means the thread is busy
-            // and flushes at its next turn anyway.
-            let _ = self.requests.try_send(Request::Flush);
+            match &self.backend {
+                // Best effort: a full request queue means the thread is
+                // busy and flushes at its next turn anyway.
+                Backend::Thread(requests) => {
+                    let _ = requests.try_send(Request::Flush);
+                }
+                Backend::Remote { flush, .. } => flush.notify_one(),
+            }
         }
         ticket
+    }
+
+    /// The marks of `keys` as kept, merged with what waits for a flush
+    /// here (read first: a flush that takes it meanwhile is then in what
+    /// is kept).
+    async fn remote_marks(
+        &self,
+        remote: &dyn RemoteDevices,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Mark>>, DeviceError> {
+        let by = self.incarnation;
+        let local: Vec<Option<Mark>> = {
+            let pending = self.shared.pending();
+            keys.iter().map(|k| pending.mark(k, by)).collect()
+        };
+        let kept = remote.get(keys).await?;
+        Ok(kept
+            .into_iter()
+            .zip(local)
+            .map(|(kept, local)| match (kept, local) {
+                (Some(k), Some(l)) => Some(by.merge(k, l)),
+                (k, l) => k.or(l),
+            })
+            .collect())
     }
 
     /// Waits until the update that got `ticket` is durable.
@@ -303,7 +518,10 @@ impl Devices {
         channel: &ChannelName,
     ) -> Result<Option<Mark>, DeviceError> {
         let keys = vec![layout::cursor_key(user, device, channel)];
-        let mut found = self.ask(|reply| Request::Get { keys, reply }).await??;
+        let mut found = match &self.backend {
+            Backend::Remote { remote, .. } => self.remote_marks(&**remote, keys).await?,
+            Backend::Thread(_) => self.ask(|reply| Request::Get { keys, reply }).await??,
+        };
         Ok(found.pop().flatten())
     }
 
@@ -317,7 +535,10 @@ impl Devices {
             .iter()
             .map(|c| layout::marker_key(user, c))
             .collect();
-        self.ask(|reply| Request::Get { keys, reply }).await?
+        match &self.backend {
+            Backend::Remote { remote, .. } => self.remote_marks(&**remote, keys).await,
+            Backend::Thread(_) => self.ask(|reply| Request::Get { keys, reply }).await?,
+        }
     }
 
     /// Up to `limit` of `user`'s read markers, in channel name order.
@@ -327,8 +548,30 @@ impl Devices {
         limit: usize,
     ) -> Result<Vec<(ChannelName, Mark)>, DeviceError> {
         let user = user.to_owned();
-        self.ask(|reply| Request::Markers { user, limit, reply })
-            .await?
+        let Backend::Remote { remote, .. } = &self.backend else {
+            return self
+                .ask(|reply| Request::Markers { user, limit, reply })
+                .await?;
+        };
+        let by = self.incarnation;
+        let local: Vec<(ChannelName, Mark)> = {
+            let pending = self.shared.pending();
+            pending
+                .in_flight
+                .iter()
+                .chain(pending.marks.iter())
+                .filter_map(|(key, mark)| Some((layout::marker_channel(&user, key)?, *mark)))
+                .collect()
+        };
+        let mut found: std::collections::BTreeMap<ChannelName, Mark> =
+            remote.markers(user, limit).await?.into_iter().collect();
+        for (channel, mark) in local {
+            found
+                .entry(channel)
+                .and_modify(|m| *m = by.merge(*m, mark))
+                .or_insert(mark);
+        }
+        Ok(found.into_iter().take(limit).collect())
     }
 
     /// `user`'s unread counts on `channels` (none: every channel the user
@@ -354,19 +597,42 @@ impl Devices {
             let marks = self.markers(user, &channels).await?;
             channels.into_iter().zip(marks).collect()
         };
-        let mut counts = Vec::with_capacity(marks.len());
-        for (channel, mark) in marks {
-            let meta = logs.for_channel(&channel).lookup(&channel).await?;
-            let count = layout::unread(meta.as_ref(), mark.as_ref(), self.config.unread_cap);
-            counts.push((channel, count));
-        }
-        Ok(counts)
+        let metas: Vec<Option<ChannelMeta>> = match &self.backend {
+            // Batched per partition by the cluster.
+            Backend::Remote { remote, .. } => {
+                remote
+                    .heads(marks.iter().map(|(c, _)| c.clone()).collect())
+                    .await?
+            }
+            Backend::Thread(_) => {
+                let mut metas = Vec::with_capacity(marks.len());
+                for (channel, _) in &marks {
+                    metas.push(logs.for_channel(channel).lookup(channel).await?);
+                }
+                metas
+            }
+        };
+        Ok(marks
+            .into_iter()
+            .zip(metas)
+            .map(|((channel, mark), meta)| {
+                let count = layout::unread(
+                    meta.as_ref(),
+                    mark.as_ref(),
+                    self.config.unread_cap,
+                    self.incarnation,
+                );
+                (channel, count)
+            })
+            .collect())
     }
 
     /// Starts a sweep for idle devices and the marks of deleted channels
     /// now (one runs every `cursors.sweep_interval_secs` anyway).
     pub fn sweep_now(&self) {
-        let _ = self.requests.try_send(Request::Sweep);
+        if let Backend::Thread(requests) = &self.backend {
+            let _ = requests.try_send(Request::Sweep);
+        }
     }
 
     /// Lets session `session` of `user` hear of the user's markers.
@@ -385,8 +651,8 @@ impl Devices {
         });
     }
 
-    /// Tells `user`'s sessions other than `from` that the marker on
-    /// `channel` moved to `offset`.
+    /// Tells `user`'s sessions other than `from` (0: none is left out)
+    /// that the marker on `channel` moved to `offset`.
     pub fn announce(&self, user: &str, from: u64, channel: &ChannelName, offset: Offset) {
         if let Some(sessions) = self.listeners.get(user) {
             for (_, listener) in sessions.iter().filter(|(id, _)| *id != from) {
@@ -400,7 +666,10 @@ impl Devices {
         request: impl FnOnce(oneshot::Sender<T>) -> Request,
     ) -> Result<T, DeviceError> {
         let (reply, rx) = oneshot::channel();
-        self.requests
+        let Backend::Thread(requests) = &self.backend else {
+            return Err(DeviceError::Closed);
+        };
+        requests
             .send(request(reply))
             .await
             .map_err(|_| DeviceError::Closed)?;

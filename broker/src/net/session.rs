@@ -110,7 +110,7 @@ pub struct BrokerContext {
     /// Connection and publish limits.
     pub limiter: Arc<Limiter>,
     /// Device cursors and read state; `None` where the broker keeps none
-    /// (a cluster node: requests about devices get `Unsupported`).
+    /// (requests about devices get `Unsupported`).
     pub devices: Option<Arc<Devices>>,
     /// False while this node cannot serve devices (a cluster node cut off
     /// from its peers): new sessions are refused as `Unavailable`.
@@ -946,7 +946,7 @@ impl<C: Connection> Session<C> {
     fn devices(&self) -> Result<(Arc<Devices>, String), (ErrorCode, String)> {
         let devices = self.ctx.devices.clone().ok_or((
             ErrorCode::Unsupported,
-            "this broker keeps no device state (a cluster node)".to_owned(),
+            "this broker keeps no device state".to_owned(),
         ))?;
         let user = self
             .identity
@@ -1041,7 +1041,7 @@ impl<C: Connection> Session<C> {
         };
         let mark = Mark {
             offset,
-            channel_id: meta.id,
+            channel_id: devices.incarnation().of(&meta),
             updated_ms: crate::log::now_ms(),
         };
         let ticket: Ticket = match kind {
@@ -1436,7 +1436,7 @@ impl<C: Connection> Session<C> {
             .cursor(&user, device, channel)
             .await
             .map_err(|e| (device_error_code(&e), e.to_string()))?;
-        Ok(mark.and_then(|m| m.offset_in(meta)))
+        Ok(mark.and_then(|m| m.offset_in(meta, devices.incarnation())))
     }
 
     fn count_subscriptions(&self, delta: i64) {

@@ -51,13 +51,18 @@ pub type Raft = openraft::Raft<TypeConfig>;
 ///   ([`Command::Trim`]).
 /// - 2 ([`PUSH_MARKS`]): how far the push hook posted
 ///   ([`Command::Posted`]).
-pub const LOG_FORMAT: u32 = PUSH_MARKS;
+/// - 3 ([`DEVICE_STATE`]): device state ([`Command::Devices`]).
+pub const LOG_FORMAT: u32 = DEVICE_STATE;
 
 /// The entry format from which retention cuts carry the channel's epoch.
 pub const EPOCH_CUTS: u32 = 1;
 
 /// The entry format from which the push hook's position is replicated.
 pub const PUSH_MARKS: u32 = 2;
+
+/// The entry format from which a partition replicates the device state of
+/// its users.
+pub const DEVICE_STATE: u32 = 3;
 
 /// What a partition's log replicates.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +98,16 @@ pub enum Command {
         index: u64,
         /// The last publish of that entry posted, counted from 0.
         notice: u32,
+    },
+    /// Changes to the device state of the partition's users (cursors, read
+    /// markers, the device registry), taken by node `origin`. The body is
+    /// the broker's: this crate carries it as it carries payloads.
+    Devices {
+        /// The node whose devices made the changes (it told its own
+        /// sessions of moved read markers already).
+        origin: NodeId,
+        /// The changes, encoded by the broker.
+        changes: Bytes,
     },
 }
 
@@ -189,6 +204,8 @@ pub enum Outcome {
         /// It existed.
         existed: bool,
     },
+    /// A change to device state was applied.
+    Applied,
 }
 
 impl From<UnversionedTrimCut> for TrimCut {
@@ -263,6 +280,15 @@ mod tests {
         };
         let marks = postcard::to_allocvec(&posted).expect("encodes");
         assert_eq!(marks[0], 4, "push marks come after every older variant");
+        let devices = Command::Devices {
+            origin: 2,
+            changes: Bytes::from_static(b"x"),
+        };
+        let bytes_of_devices = postcard::to_allocvec(&devices).expect("encodes");
+        assert_eq!(
+            bytes_of_devices[0], 5,
+            "device state comes after push marks"
+        );
         assert_eq!(
             postcard::from_bytes::<Command>(&bytes).expect("decodes"),
             trim

@@ -114,6 +114,10 @@ enum Kind {
     /// Whether the partition's leader committed a membership without the
     /// sender ([`Peers::released`]).
     Released = 9,
+    /// A question about device state (cursors, read markers, the device
+    /// registry) for the partition's leader, or read markers moved there
+    /// ([`ChannelService::devices`]).
+    Devices = 10,
 }
 
 impl Kind {
@@ -128,6 +132,7 @@ impl Kind {
             7 => Some(Self::Batch),
             8 => Some(Self::Ephemeral),
             9 => Some(Self::Released),
+            10 => Some(Self::Devices),
             _ => None,
         }
     }
@@ -250,6 +255,9 @@ pub trait ChannelService: Send + Sync + 'static {
     /// Answers publishes to `partition`'s in-memory channels, which live
     /// on its leader only.
     fn publish(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>>;
+    /// Answers a question about the device state `partition` replicates
+    /// (the devices of the users it holds).
+    fn devices(&self, partition: PartitionId, body: Vec<u8>) -> BoxFuture<Vec<u8>>;
 }
 
 /// A boxed, sendable future.
@@ -493,6 +501,20 @@ impl Peers {
         deadline: Duration,
     ) -> Result<Vec<u8>, LinkError> {
         self.call(node, addr, Kind::Ephemeral, partition, body, deadline)
+            .await
+    }
+
+    /// Asks `node` about `partition`'s device state: one call, `body` and
+    /// the answer as [`ChannelService::devices`] defines them.
+    pub async fn devices(
+        &self,
+        node: NodeId,
+        addr: &str,
+        partition: PartitionId,
+        body: &[u8],
+        deadline: Duration,
+    ) -> Result<Vec<u8>, LinkError> {
+        self.call(node, addr, Kind::Devices, partition, body, deadline)
             .await
     }
 
@@ -1380,6 +1402,12 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             None => encode::<(), ()>(&Answer::NotHosted),
         };
     }
+    if kind == Kind::Devices {
+        return match peers.channels.get() {
+            Some(service) => service.devices(partition, body.to_vec()).await,
+            None => encode::<(), ()>(&Answer::NotHosted),
+        };
+    }
     let Some(raft) = peers.group(partition) else {
         return encode::<(), ()>(&Answer::NotHosted);
     };
@@ -1462,7 +1490,7 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             encode::<Release, ()>(&Answer::Ok(release_of(&raft, peers, partition, from)))
         }
         // Served above.
-        Kind::Read | Kind::Follow | Kind::Batch | Kind::Ephemeral => {
+        Kind::Read | Kind::Follow | Kind::Batch | Kind::Ephemeral | Kind::Devices => {
             malformed("not a group call".into())
         }
     }

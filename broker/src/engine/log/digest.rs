@@ -30,6 +30,8 @@ pub struct StateDigest {
     pub messages: u64,
     /// Producer windows covered.
     pub producers: u64,
+    /// Device-state entries covered.
+    pub devices: u64,
 }
 
 /// Folds exported items into a [`StateDigest`].
@@ -44,6 +46,7 @@ pub struct Digester {
     channels: u64,
     messages: u64,
     producers: u64,
+    devices: u64,
 }
 
 impl std::fmt::Debug for Digester {
@@ -102,6 +105,12 @@ impl Digester {
                 if self
                     .live_at
                     .is_some_and(|(now, idle)| window.is_expired(now, idle)) => {}
+            Exported::Device(key, value) => {
+                self.devices += 1;
+                self.hash.update(b"D");
+                field(&mut self.hash, &key);
+                field(&mut self.hash, &value);
+            }
             Exported::Producer(key, mut window) => {
                 self.producers += 1;
                 // Runs of a channel this partition no longer holds keep a
@@ -128,6 +137,7 @@ impl Digester {
             channels: self.channels,
             messages: self.messages,
             producers: self.producers,
+            devices: self.devices,
         }
     }
 }

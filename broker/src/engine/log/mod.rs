@@ -46,8 +46,9 @@ use crate::metrics::Metrics;
 use crate::producers::ProducerTable;
 use crate::queue::{self, AsyncSender, Queued};
 use crate::store::{
-    AgeIndexMove, ChannelId, ChannelMeta, ExportScope, LogStore, PartitionClocks, ProducerEntry,
-    ProducerKey, ProducerWindow, Recovered, SequenceStatus, StoreError, StoredMessage, WriteSet,
+    AgeIndexMove, ChannelId, ChannelMeta, DeviceWrite, ExportScope, LogStore, PartitionClocks,
+    ProducerEntry, ProducerKey, ProducerWindow, Recovered, SequenceStatus, StoreError,
+    StoredMessage, WriteSet,
 };
 
 /// How often the writer looks for idle producer windows.
@@ -733,6 +734,9 @@ pub struct Replicated {
     pub trims: Vec<Trim>,
     /// Channels to delete.
     pub deletes: Vec<ChannelName>,
+    /// Device state the entry changed (already merged with what is stored:
+    /// the partition's machine is its only writer).
+    pub devices: DeviceWrite,
 }
 
 /// What applying a [`Replicated`] entry decided.
@@ -1800,6 +1804,10 @@ impl Writer {
                     &ExportScope {
                         channel: &*scope.channel,
                         producer: &*scope.producer,
+                        devices: scope
+                            .devices
+                            .as_ref()
+                            .map(|(from, until)| (from.as_slice(), until.as_slice())),
                     },
                     &mut || {
                         if let Some(tx) = fixed_tx.take() {
@@ -1980,6 +1988,7 @@ impl Writer {
             appends,
             trims,
             deletes,
+            devices,
         } = entry;
         // Everything this entry decides is judged at its time.
         self.clocks.advance(partition, now_ms);
@@ -1995,6 +2004,7 @@ impl Writer {
                 Epoch(splitmix64(&mut seed))
             });
         prepared.set.applied.push((partition, applied));
+        prepared.set.devices = devices;
         if let Err(e) = self.write(&mut prepared, appends.len(), true) {
             warn!(error = %e, partition, "cannot write a replicated entry");
             let _ = reply.send(Err(AppendError::Storage(e.to_string())));

@@ -47,6 +47,8 @@ pub struct RestoreScope {
     pub channel: Arc<dyn Fn(&ChannelName) -> bool + Send + Sync>,
     /// Whether a producer window belongs to the partition.
     pub producer: Arc<dyn Fn(&ProducerKey) -> bool + Send + Sync>,
+    /// The partition's device-state keys `[from, until)`, if it keeps any.
+    pub devices: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for RestoreScope {
@@ -75,6 +77,8 @@ pub enum Restore {
         channels: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
         /// Windows, their runs naming the snapshot's channel ids.
         producers: Vec<(ProducerKey, ProducerWindow)>,
+        /// Device-state entries (in the partition's key range).
+        devices: Vec<(Vec<u8>, Vec<u8>)>,
     },
     /// Records the partition's applied state once restored.
     Finish {
@@ -194,7 +198,8 @@ impl Writer {
             Restore::Part {
                 channels,
                 producers,
-            } => self.restore_part(partition, channels, producers),
+                devices,
+            } => self.restore_part(partition, channels, producers, devices),
             Restore::Finish { applied } => {
                 let finished = self.finish_restore(partition, applied);
                 if finished.is_ok() {
@@ -248,13 +253,14 @@ impl Writer {
             &ExportScope {
                 channel: &*scope.channel,
                 producer: &*scope.producer,
+                devices: None,
             },
             &mut || {},
             &mut |item| {
                 match item {
                     Exported::Channel(name, meta) => channels.push((name, meta)),
-                    Exported::Message(_) => {}
                     Exported::Producer(key, _) => producers.push(key),
+                    Exported::Message(_) | Exported::Device(..) => {}
                 }
                 Ok(())
             },
@@ -272,6 +278,7 @@ impl Writer {
             }
         }
         set.expired_producers = producers.clone();
+        set.devices.removed_ranges.extend(scope.devices.clone());
         set.applied.push((partition, applied));
         self.store.write(&set, self.sync)?;
         for (name, _) in &channels {
@@ -292,6 +299,7 @@ impl Writer {
         partition: u32,
         channels: Vec<(ChannelName, ChannelMeta, Vec<StoredMessage>)>,
         producers: Vec<(ProducerKey, ProducerWindow)>,
+        devices: Vec<(Vec<u8>, Vec<u8>)>,
     ) -> Result<(), StoreError> {
         let Some(restoring) = self.restoring.get_mut(&partition) else {
             return Err(StoreError::Engine(format!(
@@ -333,6 +341,7 @@ impl Writer {
             window.remap_channels(|old| restoring.ids.get(&old).copied().unwrap_or(0));
             set.producers.push((key, window));
         }
+        set.devices.puts = devices;
         set.next_channel_id = Some(self.sequencer.next_channel_id());
         self.store.write(&set, self.sync)?;
         for (name, meta) in written {

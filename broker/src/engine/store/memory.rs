@@ -61,6 +61,8 @@ struct State {
     running: bool,
     poisoned: Option<String>,
     applied: HashMap<u32, Vec<u8>>,
+    /// Device state replicated partitions wrote ([`WriteSet::devices`]).
+    devices: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Default for State {
@@ -75,6 +77,7 @@ impl Default for State {
             running: false,
             poisoned: None,
             applied: HashMap::new(),
+            devices: BTreeMap::new(),
         }
     }
 }
@@ -335,6 +338,19 @@ impl LogStore for MemoryStore {
         for (partition, applied) in &set.applied {
             state.applied.insert(*partition, applied.clone());
         }
+        for (from, until) in &set.devices.removed_ranges {
+            let keys: Vec<Vec<u8>> = state
+                .devices
+                .range(from.clone()..until.clone())
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in keys {
+                state.devices.remove(&k);
+            }
+        }
+        for (key, value) in &set.devices.puts {
+            state.devices.insert(key.clone(), value.clone());
+        }
         // Noted while the state lock is held: whoever reads what this
         // write stored finds it noted already.
         self.note_write(set, sync);
@@ -398,6 +414,11 @@ impl LogStore for MemoryStore {
         producers.sort_by(|a, b| a.0.cmp(b.0));
         for (key, window) in producers {
             sink(Exported::Producer(key.clone(), window.clone()))?;
+        }
+        if let Some((from, until)) = scope.devices {
+            for (key, value) in state.devices.range(from.to_vec()..until.to_vec()) {
+                sink(Exported::Device(key.clone(), value.clone()))?;
+            }
         }
         Ok(())
     }

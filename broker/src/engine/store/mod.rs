@@ -205,6 +205,9 @@ pub struct WriteSet {
     /// Raft group last applied, written with the changes it made so a
     /// restart resumes applying exactly after them.
     pub applied: Vec<(u32, Vec<u8>)>,
+    /// Device state a replicated partition changed (cluster), written with
+    /// its applied state.
+    pub devices: DeviceWrite,
 }
 
 impl WriteSet {
@@ -220,6 +223,8 @@ impl WriteSet {
             && self.next_channel_id.is_none()
             && self.generation.is_none()
             && self.applied.is_empty()
+            && self.devices.puts.is_empty()
+            && self.devices.removed_ranges.is_empty()
     }
 }
 
@@ -237,7 +242,7 @@ pub fn age_index_key(namespace: &str, oldest_ms: u64, id: ChannelId) -> Vec<u8> 
 
 /// One piece of stored state as [`LogStore::export`] reads it, in this
 /// order: each channel followed by its messages (by offset), then the
-/// producer windows.
+/// producer windows, then device entries (by key).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exported {
     /// A channel's metadata; its messages follow.
@@ -246,6 +251,8 @@ pub enum Exported {
     Message(StoredMessage),
     /// A producer's window (its runs name channels by their exported id).
     Producer(ProducerKey, ProducerWindow),
+    /// A device-state entry of [`ExportScope::devices`]'s range.
+    Device(Vec<u8>, Vec<u8>),
 }
 
 /// Which channels and producer windows an export reads.
@@ -254,6 +261,8 @@ pub struct ExportScope<'a> {
     pub channel: &'a (dyn Fn(&ChannelName) -> bool + Sync),
     /// Selects producer windows by key.
     pub producer: &'a (dyn Fn(&ProducerKey) -> bool + Sync),
+    /// The device-state keys `[from, until)` to read too, if any.
+    pub devices: Option<(&'a [u8], &'a [u8])>,
 }
 
 impl std::fmt::Debug for ExportScope<'_> {
@@ -277,8 +286,9 @@ pub enum StoreError {
     Poisoned(String),
 }
 
-/// One atomic change to device state (see [`DeviceStore`]).
-#[derive(Debug, Default)]
+/// One atomic change to device state (see [`DeviceStore`]): ranges are
+/// removed before keys are set.
+#[derive(Debug, Default, Clone)]
 pub struct DeviceWrite {
     /// Keys to set, each replacing its value.
     pub puts: Vec<(Vec<u8>, Vec<u8>)>,
@@ -648,6 +658,11 @@ pub(crate) mod contract {
             set.producers
                 .push((ProducerKey::new(owner.into(), 5), ProducerWindow::default()));
         }
+        set.devices.puts = vec![
+            (b"d1".to_vec(), b"x".to_vec()),
+            (b"d2".to_vec(), b"y".to_vec()),
+            (b"e1".to_vec(), b"z".to_vec()),
+        ];
         store.write(&set, true).expect("write");
         let mut items = Vec::new();
         store
@@ -655,6 +670,7 @@ pub(crate) mod contract {
                 &ExportScope {
                     channel: &|name: &ChannelName| name.as_str().starts_with("chat."),
                     producer: &|key: &ProducerKey| key.owner.ends_with("#p1"),
+                    devices: Some((b"d", b"e")),
                 },
                 // Written once the point in time is fixed: not exported.
                 &mut || {
@@ -676,14 +692,21 @@ pub(crate) mod contract {
                 Exported::Channel(name, _) => name.to_string(),
                 Exported::Message(m) => m.offset.get().to_string(),
                 Exported::Producer(key, _) => key.owner.to_string(),
+                Exported::Device(key, _) => String::from_utf8_lossy(key).into_owned(),
             })
             .collect();
-        assert_eq!(shape, ["chat.a", "1", "2", "chat.c", "1", "2", "alice#p1"]);
+        assert_eq!(
+            shape,
+            [
+                "chat.a", "1", "2", "chat.c", "1", "2", "alice#p1", "d1", "d2"
+            ]
+        );
         // The sink's error ends the export with it.
         let stopped = store.export(
             &ExportScope {
                 channel: &|_: &ChannelName| true,
                 producer: &|_: &ProducerKey| true,
+                devices: None,
             },
             &mut || {},
             &mut |_| Err(StoreError::Engine("full".into())),

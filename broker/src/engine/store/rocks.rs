@@ -494,6 +494,15 @@ impl LogStore for RocksStore {
         for (partition, applied) in &set.applied {
             batch.put(applied_key(*partition), applied);
         }
+        if !set.devices.puts.is_empty() || !set.devices.removed_ranges.is_empty() {
+            let cursors = self.cf(CF_CURSORS)?;
+            for (from, until) in &set.devices.removed_ranges {
+                batch.delete_range_cf(cursors, from, until);
+            }
+            for (key, value) in &set.devices.puts {
+                batch.put_cf(cursors, key, value);
+            }
+        }
         let mut opts = WriteOptions::default();
         opts.set_sync(sync);
         self.db.write_opt(batch, &opts).map_err(|e| {
@@ -600,6 +609,19 @@ impl LogStore for RocksStore {
             if (scope.producer)(&key) {
                 let window = ProducerWindow::decode(&value)?;
                 sink(Exported::Producer(key, window))?;
+            }
+        }
+        if let Some((from, until)) = scope.devices {
+            let mut opts = at_snapshot();
+            opts.set_iterate_upper_bound(until.to_vec());
+            let entries = self.db.iterator_cf_opt(
+                self.cf(CF_CURSORS)?,
+                opts,
+                IteratorMode::From(from, Direction::Forward),
+            );
+            for item in entries {
+                let (key, value) = item.map_err(engine)?;
+                sink(Exported::Device(key.to_vec(), value.to_vec()))?;
             }
         }
         Ok(())
