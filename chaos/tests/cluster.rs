@@ -1764,8 +1764,24 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_leader() {
     use volna_client::{Fallback, Offset};
-    let mut cluster = TestCluster::start(3, PARTITIONS).await.unwrap();
+    // Four nodes, three replicas: one node keeps nothing of the user's
+    // partition and asks its leader (markers relayed, heads and cursors
+    // read over the peer link).
+    let mut cluster = TestCluster::start(4, PARTITIONS).await.unwrap();
+    cluster
+        .wait_for_leaders(Duration::from_secs(60))
+        .await
+        .unwrap();
     let user = "ivan";
+    let partition = volna_cluster::partition_of(user, PARTITIONS).0 as usize;
+    let replicas: Vec<u64> = cluster.status(1).unwrap()["partitions"][partition]["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    let outsider = (1..=4).find(|n| !replicas.contains(n)).unwrap();
+    let replica = replicas[0];
     let chats: Vec<ChannelName> = (0..6)
         .map(|i| ChannelName::new(format!("chat.dev{i}")).unwrap())
         .collect();
@@ -1777,9 +1793,9 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
         }
     }
 
-    // The phone reads 20 messages on node 1 and acknowledges them; the
+    // The phone reads 20 messages on a replica and acknowledges them; the
     // broker says they are stored.
-    let phone = device_on(&cluster, &[1], user, "phone").await;
+    let phone = device_on(&cluster, &[replica], user, "phone").await;
     let from_cursor = Position::Cursor {
         otherwise: Fallback::From(Offset::FIRST),
     };
@@ -1796,9 +1812,10 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
     until_ok("flush_acks", || phone.flush_acks()).await;
     drop(sub);
 
-    // A tablet of the same user on node 3 hears of the marker the phone
-    // moves on node 1; a laptop on node 2 counts unread from it.
-    let tablet = device_on(&cluster, &[3], user, "tablet").await;
+    // A tablet of the same user on the node that keeps nothing of the
+    // user's partition hears of the marker the phone moves; a laptop there
+    // counts unread from it.
+    let tablet = device_on(&cluster, &[outsider], user, "tablet").await;
     let mut markers = tablet.read_markers().expect("a device hears of markers");
     until_ok("mark_read", || phone.mark_read(&chat, Offset::new(15))).await;
     let heard = tokio::time::timeout(Duration::from_secs(10), markers.recv())
@@ -1809,13 +1826,13 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
         (heard.channel.clone(), heard.offset.get()),
         (chat.clone(), 15)
     );
-    let laptop = device_on(&cluster, &[2], user, "laptop").await;
+    let laptop = device_on(&cluster, &[outsider], user, "laptop").await;
     let counts = until_ok("unread", || laptop.unread(&chats)).await;
     let of_chat: Vec<(u64, u64, u64)> = counts.iter().map(|c| (c.head, c.read, c.unread)).collect();
     assert_eq!(
         of_chat[0],
         (40, 15, 25),
-        "chat.dev0 from node 2: {of_chat:?}"
+        "chat.dev0 from node {outsider}: {of_chat:?}"
     );
     for (k, count) in counts.iter().enumerate().skip(1) {
         assert_eq!((count.head, count.unread), (40 + k as u64, 40 + k as u64));
@@ -1830,7 +1847,8 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
     }
     took.sort();
     eprintln!(
-        "unread over {} channels on node 2: median {:?}, p99 {:?}",
+        "unread over {} channels on node {outsider} (no replica of the user's partition): \
+         median {:?}, p99 {:?}",
         chats.len(),
         took[took.len() / 2],
         took[took.len() * 99 / 100]
@@ -1839,10 +1857,10 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
     // The user's partition leader dies (kill -9): nothing acknowledged is
     // lost, and the phone resumes on another node exactly after its last
     // stored ack.
-    let leader = cluster.leader_of(user, 2).unwrap();
+    let leader = cluster.leader_of(user, replica).unwrap();
     cluster.nodes[(leader - 1) as usize].kill().unwrap();
     drop(phone);
-    let elsewhere: Vec<u64> = (1..=3).filter(|n| *n != leader).collect();
+    let elsewhere: Vec<u64> = (1..=4).filter(|n| *n != leader).collect();
     let phone = device_on(&cluster, &elsewhere, user, "phone").await;
     let mut sub = until_ok("resume from the cursor", || {
         phone.subscribe(&chat, from_cursor)
@@ -1860,7 +1878,7 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
     );
     sub.ack(first.offset).unwrap();
     until_ok("flush_acks after the failover", || phone.flush_acks()).await;
-    let watcher = device_on(&cluster, &elsewhere[1..], user, "laptop").await;
+    let watcher = device_on(&cluster, &[outsider], user, "laptop").await;
     let counts = until_ok("unread after the failover", || {
         watcher.unread(std::slice::from_ref(&chat))
     })

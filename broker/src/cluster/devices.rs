@@ -59,6 +59,11 @@ use crate::store::{ChannelMeta, DeviceStore, DeviceWrite};
 
 /// Marks (or stamps) in one proposed entry, at most.
 const MAX_ENTRY_CHANGES: usize = 4096;
+/// Relays of moved read markers under way, at most (news, not state:
+/// beyond it they are dropped).
+const MAX_RELAYS: usize = 64;
+/// Keys, channels or markers one call may ask about, at most.
+const MAX_CALL_ITEMS: usize = 10_000;
 /// Idle devices one sweep step proposes to forget, at most.
 const SWEEP_STEP: usize = 1024;
 const DAY_MS: u64 = 86_400_000;
@@ -153,6 +158,45 @@ pub(super) fn decide(
         changed: BTreeMap::new(),
     };
     let mut decided = Decided::default();
+    // Expiries first: their range deletes come before every put in the
+    // write, so this is the order the write keeps too.
+    for e in &batch.expire {
+        let Ok(device) = DeviceId::new(&e.device) else {
+            continue;
+        };
+        if !ours(&e.user) {
+            continue;
+        }
+        let key = layout::in_partition(partition, &layout::device_key(&e.user, &device));
+        match state.number(&key) {
+            Some(seen) if seen <= e.idle_since_ms => {}
+            _ => continue,
+        }
+        state.remove(&key);
+        decided.write.removed_ranges.push(single(&key));
+        decided
+            .write
+            .removed_ranges
+            .push(layout::partition_range_of(
+                partition,
+                layout::device_cursors(&e.user, &device),
+            ));
+        let count_key = layout::in_partition(partition, &layout::device_count_key(&e.user));
+        let held = state.number(&count_key).unwrap_or(1).saturating_sub(1);
+        if held == 0 {
+            state.remove(&count_key);
+            decided.write.removed_ranges.push(single(&count_key));
+            decided
+                .write
+                .removed_ranges
+                .push(layout::partition_range_of(
+                    partition,
+                    layout::user_markers(&e.user),
+                ));
+        } else {
+            state.put(count_key, held.to_be_bytes().to_vec());
+        }
+    }
     for r in &batch.registers {
         let device = match DeviceId::new(&r.device) {
             Ok(device) if ours(&r.user) => device,
@@ -221,43 +265,6 @@ pub(super) fn decide(
         state.put(prefixed, merged.encode());
         if is_marker {
             decided.markers.push((user, channel, merged.offset));
-        }
-    }
-    for e in &batch.expire {
-        let Ok(device) = DeviceId::new(&e.device) else {
-            continue;
-        };
-        if !ours(&e.user) {
-            continue;
-        }
-        let key = layout::in_partition(partition, &layout::device_key(&e.user, &device));
-        match state.number(&key) {
-            Some(seen) if seen <= e.idle_since_ms => {}
-            _ => continue,
-        }
-        state.remove(&key);
-        decided.write.removed_ranges.push(single(&key));
-        decided
-            .write
-            .removed_ranges
-            .push(layout::partition_range_of(
-                partition,
-                layout::device_cursors(&e.user, &device),
-            ));
-        let count_key = layout::in_partition(partition, &layout::device_count_key(&e.user));
-        let held = state.number(&count_key).unwrap_or(1).saturating_sub(1);
-        if held == 0 {
-            state.remove(&count_key);
-            decided.write.removed_ranges.push(single(&count_key));
-            decided
-                .write
-                .removed_ranges
-                .push(layout::partition_range_of(
-                    partition,
-                    layout::user_markers(&e.user),
-                ));
-        } else {
-            state.put(count_key, held.to_be_bytes().to_vec());
         }
     }
     decided.write.puts = state.changed.into_iter().collect();
@@ -353,6 +360,8 @@ pub struct ClusterDevices {
     within: Duration,
     /// The sessions' handle, told of moved read markers.
     sessions: OnceLock<Weak<Devices>>,
+    /// Bounds the relays of moved read markers.
+    relays: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for ClusterDevices {
@@ -387,6 +396,7 @@ impl ClusterDevices {
             store,
             within,
             sessions: OnceLock::new(),
+            relays: Arc::new(tokio::sync::Semaphore::new(MAX_RELAYS)),
         })
     }
 
@@ -475,17 +485,26 @@ impl ClusterDevices {
         let Ok(body) = postcard::to_allocvec(&call) else {
             return;
         };
-        let peers = self.peers.clone();
         // News, not state: a node that misses it still reads the marker.
+        let Ok(permit) = self.relays.clone().try_acquire_owned() else {
+            debug!("too many marker relays under way: one dropped");
+            return;
+        };
+        let peers = self.peers.clone();
         tokio::spawn(async move {
-            for (node, addr) in others {
-                if let Err(e) = peers
-                    .devices(node, &addr, partition, &body, Duration::from_secs(1))
-                    .await
-                {
+            let calls = others.iter().map(|(node, addr)| {
+                peers.devices(*node, addr, partition, &body, Duration::from_secs(1))
+            });
+            for (result, (node, _)) in futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .zip(&others)
+            {
+                if let Err(e) = result {
                     debug!(node, error = %e, "a moved read marker was not relayed");
                 }
             }
+            drop(permit);
         });
     }
 
@@ -533,6 +552,18 @@ impl ClusterDevices {
     }
 
     async fn serve(&self, partition: PartitionId, call: DeviceCall) -> Served<DeviceAnswer> {
+        let items = match &call {
+            DeviceCall::Get { keys } => keys.len(),
+            DeviceCall::Markers { limit, .. } => *limit as usize,
+            DeviceCall::Heads { channels } => channels.len(),
+            DeviceCall::Moved { markers } => markers.len(),
+            DeviceCall::Register { .. } => 1,
+        };
+        if items > MAX_CALL_ITEMS {
+            return Served::Refused(format!(
+                "a device call about {items} items (at most {MAX_CALL_ITEMS})"
+            ));
+        }
         if let DeviceCall::Moved { markers } = call {
             let markers: Vec<(String, ChannelName, Offset)> = markers
                 .into_iter()
@@ -766,7 +797,10 @@ impl ClusterDevices {
         marks: Vec<(Vec<u8>, Mark)>,
         seen: Vec<(Vec<u8>, u64)>,
     ) -> Unwritten {
-        let mut unwritten = Unwritten::default();
+        let mut unwritten = Unwritten {
+            written: vec![partition.0],
+            ..Unwritten::default()
+        };
         let mut marks = marks.into_iter().peekable();
         let mut seen = seen.into_iter().peekable();
         while marks.peek().is_some() || seen.peek().is_some() {
@@ -782,6 +816,7 @@ impl ClusterDevices {
                 ..DeviceBatch::default()
             };
             if let Err(e) = self.propose(partition, &batch).await {
+                unwritten.written.clear();
                 unwritten.why = Some(e.to_string());
                 unwritten.marks.extend(chunk_marks);
                 unwritten.seen.extend(chunk_seen);
@@ -868,6 +903,10 @@ fn answer_error(partition: PartitionId, answer: DeviceAnswer) -> DeviceError {
 }
 
 impl RemoteDevices for ClusterDevices {
+    fn partition_of(&self, user: &str) -> u32 {
+        self.partition_of_user(user).0
+    }
+
     fn register(
         &self,
         user: String,
@@ -977,6 +1016,7 @@ impl RemoteDevices for ClusterDevices {
                 .map(|(partition, (marks, seen))| self.write_partition(partition, marks, seen));
             let mut unwritten = Unwritten::default();
             for left in futures_util::future::join_all(writes).await {
+                unwritten.written.extend(left.written);
                 unwritten.marks.extend(left.marks);
                 unwritten.seen.extend(left.seen);
                 unwritten.why = unwritten.why.or(left.why);

@@ -144,8 +144,9 @@ pub enum Incarnation {
     /// is a newer incarnation.
     ChannelId,
     /// The channel's epoch (a cluster, where ids are each node's own):
-    /// epochs are random, so of two incarnations the one acknowledged
-    /// later wins.
+    /// epochs are random, so of two incarnations the one that comes later
+    /// wins (in the partition's log: the same order on every replica,
+    /// whatever the nodes' clocks say).
     Epoch,
 }
 
@@ -158,8 +159,9 @@ impl Incarnation {
         }
     }
 
-    /// `newer` applied over `stored`: within one incarnation the larger
-    /// offset wins (a position never moves backwards).
+    /// `newer` applied over `stored` (`newer` came later): within one
+    /// incarnation the larger offset wins (a position never moves
+    /// backwards).
     pub fn merge(self, stored: Mark, newer: Mark) -> Mark {
         match self {
             Incarnation::ChannelId => stored.merge(newer),
@@ -173,8 +175,7 @@ impl Incarnation {
                     }
                 }
             }
-            Incarnation::Epoch if newer.updated_ms > stored.updated_ms => newer,
-            Incarnation::Epoch => stored,
+            Incarnation::Epoch => newer,
         }
     }
 }
@@ -428,7 +429,7 @@ mod tests {
     const BY_ID: Incarnation = Incarnation::ChannelId;
 
     #[test]
-    fn epochs_merge_by_offset_within_one_and_by_time_across() {
+    fn epochs_merge_by_offset_within_one_and_by_order_across() {
         let by = Incarnation::Epoch;
         let at = |offset: u64, epoch: u64, ms: u64| Mark {
             offset: Offset::new(offset),
@@ -437,10 +438,10 @@ mod tests {
         };
         assert_eq!(by.merge(at(5, 77, 10), at(3, 77, 20)).offset.get(), 5);
         assert_eq!(by.merge(at(5, 77, 10), at(9, 77, 5)).offset.get(), 9);
-        // Another incarnation: the later acknowledgement wins, whatever
-        // the (random) epochs.
+        // Another incarnation: what came later wins, whatever the (random)
+        // epochs and whatever clock stamped it.
         assert_eq!(by.merge(at(5, 77, 10), at(2, 3, 20)), at(2, 3, 20));
-        assert_eq!(by.merge(at(2, 3, 20), at(50, 77, 10)), at(2, 3, 20));
+        assert_eq!(by.merge(at(2, 3, 20), at(50, 77, 10)), at(50, 77, 10));
     }
 
     #[test]

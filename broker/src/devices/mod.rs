@@ -87,9 +87,38 @@ impl From<StoreError> for DeviceError {
 }
 
 /// A pending update's place in the flush order: it is durable once the
-/// devices thread has written generation `ticket`.
+/// devices thread has written its generation (in a cluster: once its
+/// user's partition committed it, or a later one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Ticket(u64);
+pub struct Ticket {
+    generation: u64,
+    /// The user's partition (0 on a single node).
+    partition: u32,
+}
+
+/// How long a cluster node's `Stored` may wait for the user's partition
+/// (an election takes about a second): past it the device is told the
+/// storage is unavailable, and the value is still proposed again.
+const STORED_WITHIN: Duration = Duration::from_secs(10);
+
+/// The generations written so far.
+#[derive(Debug, Default)]
+struct Written {
+    /// Every generation up to this one (the devices thread).
+    all: u64,
+    /// Per partition (a cluster): each commits on its own.
+    by_partition: HashMap<u32, u64>,
+}
+
+impl Written {
+    fn covers(&self, ticket: Ticket) -> bool {
+        self.all >= ticket.generation
+            || self
+                .by_partition
+                .get(&ticket.partition)
+                .is_some_and(|g| *g >= ticket.generation)
+    }
+}
 
 /// Told when another device of its user moves the user's read marker.
 pub trait MarkerListener: Send + Sync + 'static {
@@ -103,9 +132,12 @@ type Listening = (u64, Arc<dyn MarkerListener>);
 /// A boxed, sendable future.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
-/// Marks and registry stamps a flush could not write, to try again.
+/// Marks and registry stamps a flush could not write, to try again, and
+/// the partitions that took all of theirs.
 #[derive(Debug, Default)]
 pub struct Unwritten {
+    /// Partitions whose changes were all committed.
+    pub written: Vec<u32>,
     /// Cursors and markers, by key.
     pub marks: Vec<(Vec<u8>, Mark)>,
     /// Registry stamps, by key.
@@ -134,8 +166,11 @@ pub trait RemoteDevices: Send + Sync + std::fmt::Debug + 'static {
         user: String,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<(ChannelName, Mark)>, DeviceError>>;
+    /// The partition that keeps `user`'s state.
+    fn partition_of(&self, user: &str) -> u32;
     /// Writes marks (merged with what is kept, never backwards) and
-    /// registry stamps; answers what it could not write.
+    /// registry stamps; answers which partitions took theirs and what the
+    /// others could not take.
     fn write(
         &self,
         marks: Vec<(Vec<u8>, Mark)>,
@@ -182,7 +217,7 @@ impl std::fmt::Debug for Devices {
 struct Shared {
     pending: Mutex<Pending>,
     /// The last generation written.
-    stored: watch::Sender<u64>,
+    stored: watch::Sender<Written>,
     /// Set by [`DevicesThread::shutdown`]: sessions may still hold the
     /// queue's sender, so its disconnection cannot be what stops the thread.
     closed: AtomicBool,
@@ -283,7 +318,7 @@ pub fn start(
             generation: 1,
             ..Pending::default()
         }),
-        stored: watch::Sender::new(0),
+        stored: watch::Sender::new(Written::default()),
         closed: AtomicBool::new(false),
     });
     let devices = Arc::new(Devices {
@@ -326,7 +361,7 @@ pub fn start_remote(
             generation: 1,
             ..Pending::default()
         }),
-        stored: watch::Sender::new(0),
+        stored: watch::Sender::new(Written::default()),
         closed: AtomicBool::new(false),
     });
     let flush = Arc::new(tokio::sync::Notify::new());
@@ -378,13 +413,17 @@ async fn flush_remote(shared: &Shared, remote: &dyn RemoteDevices, metrics: &Met
         .await;
     let mut pending = shared.pending();
     pending.in_flight.clear();
-    if unwritten.marks.is_empty() && unwritten.seen.is_empty() {
-        drop(pending);
-        shared.stored.send_if_modified(|stored| {
-            let moved = *stored < generation;
-            *stored = (*stored).max(generation);
-            moved
+    // Each partition's devices hear `Stored` as soon as their partition
+    // committed: one partition without a leader holds up only its users.
+    if !unwritten.written.is_empty() {
+        shared.stored.send_modify(|stored| {
+            for partition in &unwritten.written {
+                let at = stored.by_partition.entry(*partition).or_default();
+                *at = (*at).max(generation);
+            }
         });
+    }
+    if unwritten.marks.is_empty() && unwritten.seen.is_empty() {
         return;
     }
     warn!(
@@ -397,7 +436,7 @@ async fn flush_remote(shared: &Shared, remote: &dyn RemoteDevices, metrics: &Met
         pending
             .marks
             .entry(key)
-            .and_modify(|m| *m = Incarnation::Epoch.merge(*m, mark))
+            .and_modify(|m| *m = Incarnation::Epoch.merge(mark, *m))
             .or_insert(mark);
     }
     for (key, ms) in unwritten.seen {
@@ -421,9 +460,27 @@ impl Devices {
     pub async fn register(&self, user: &str, device: &DeviceId) -> Result<(), DeviceError> {
         let (user, device) = (user.to_owned(), device.clone());
         if let Backend::Remote { remote, .. } = &self.backend {
-            return remote
-                .register(user, device, self.config.max_devices_per_user)
-                .await;
+            // Stamped now as well as when the session ends: a device that
+            // stays connected is not idle.
+            self.seen(&user, &device);
+            return match remote
+                .register(
+                    user.clone(),
+                    device.clone(),
+                    self.config.max_devices_per_user,
+                )
+                .await
+            {
+                // The user's partition has no reachable leader right now
+                // (an election, a cut): the device still connects, and its
+                // channels elsewhere serve it. Only a new device beyond the
+                // limit is refused, once the partition answers.
+                Err(DeviceError::Storage(why)) => {
+                    warn!(%user, device = %device, error = %why, "device not registered (its partition does not answer); it connects anyway");
+                    Ok(())
+                }
+                other => other,
+            };
         }
         self.ask(|reply| Request::Register {
             user,
@@ -444,15 +501,19 @@ impl Devices {
 
     /// Moves `device`'s cursor on `channel` to `mark` (never backwards).
     pub fn ack(&self, user: &str, device: &DeviceId, channel: &ChannelName, mark: Mark) -> Ticket {
-        self.put(layout::cursor_key(user, device, channel), mark)
+        self.put(user, layout::cursor_key(user, device, channel), mark)
     }
 
     /// Moves `user`'s read marker on `channel` to `mark` (max wins).
     pub fn mark_read(&self, user: &str, channel: &ChannelName, mark: Mark) -> Ticket {
-        self.put(layout::marker_key(user, channel), mark)
+        self.put(user, layout::marker_key(user, channel), mark)
     }
 
-    fn put(&self, key: Vec<u8>, mark: Mark) -> Ticket {
+    fn put(&self, user: &str, key: Vec<u8>, mark: Mark) -> Ticket {
+        let partition = match &self.backend {
+            Backend::Remote { remote, .. } => remote.partition_of(user),
+            Backend::Thread(_) => 0,
+        };
         let by = self.incarnation;
         let (ticket, len) = {
             let mut pending = self.shared.pending();
@@ -461,9 +522,15 @@ impl Devices {
                 .entry(key)
                 .and_modify(|m| *m = by.merge(*m, mark))
                 .or_insert(mark);
-            (Ticket(pending.generation), pending.marks.len())
+            (
+                Ticket {
+                    generation: pending.generation,
+                    partition,
+                },
+                pending.marks.len(),
+            )
         };
-        if len == MAX_PENDING {
+        if len >= MAX_PENDING {
             match &self.backend {
                 // Best effort: a full request queue means the thread is
                 // busy and flushes at its next turn anyway.
@@ -503,11 +570,18 @@ impl Devices {
     /// Waits until the update that got `ticket` is durable.
     pub async fn stored(&self, ticket: Ticket) -> Result<(), DeviceError> {
         let mut stored = self.shared.stored.subscribe();
-        stored
-            .wait_for(|&g| g >= ticket.0)
-            .await
-            .map(|_| ())
-            .map_err(|_| DeviceError::Closed)
+        let written = stored.wait_for(|w| w.covers(ticket));
+        if matches!(self.backend, Backend::Thread(_)) {
+            return written.await.map(|_| ()).map_err(|_| DeviceError::Closed);
+        }
+        match tokio::time::timeout(STORED_WITHIN, written).await {
+            Ok(written) => written.map(|_| ()).map_err(|_| DeviceError::Closed),
+            Err(_) if self.shared.closed.load(Ordering::SeqCst) => Err(DeviceError::Closed),
+            Err(_) => Err(DeviceError::Storage(format!(
+                "the user's partition did not commit it within {STORED_WITHIN:?}; it is \
+                 proposed again"
+            ))),
+        }
     }
 
     /// `device`'s cursor on `channel`, if it has one.
@@ -889,7 +963,7 @@ impl Worker {
         match written {
             Ok(count) => {
                 self.metrics.cursor_writes.inc_by(count as u64);
-                self.shared.stored.send_replace(generation);
+                self.shared.stored.send_modify(|w| w.all = generation);
             }
             Err(e) => {
                 // Kept for the next flush: the acks wait, none is lost.
@@ -1154,6 +1228,113 @@ mod tests {
         tokio::task::spawn_blocking(move || thread.shutdown())
             .await
             .expect("join");
+    }
+
+    /// A cluster's partitions as a test wants them: `down` takes nothing.
+    #[derive(Debug, Default)]
+    struct Partitions {
+        down: Mutex<Option<u32>>,
+        kept: Mutex<HashMap<Vec<u8>, Mark>>,
+    }
+
+    impl RemoteDevices for Partitions {
+        fn register(
+            &self,
+            _: String,
+            _: DeviceId,
+            _: u32,
+        ) -> BoxFuture<'_, Result<(), DeviceError>> {
+            Box::pin(async { Ok(()) })
+        }
+        fn get(&self, keys: Vec<Vec<u8>>) -> BoxFuture<'_, Result<Vec<Option<Mark>>, DeviceError>> {
+            let kept = self.kept.lock().expect("lock");
+            let found = keys.iter().map(|k| kept.get(k).copied()).collect();
+            Box::pin(async move { Ok(found) })
+        }
+        fn markers(
+            &self,
+            _: String,
+            _: usize,
+        ) -> BoxFuture<'_, Result<Vec<(ChannelName, Mark)>, DeviceError>> {
+            Box::pin(async { Ok(Vec::new()) })
+        }
+        fn partition_of(&self, user: &str) -> u32 {
+            u32::from(user.starts_with('b'))
+        }
+        fn write(
+            &self,
+            marks: Vec<(Vec<u8>, Mark)>,
+            _: Vec<(Vec<u8>, u64)>,
+        ) -> BoxFuture<'_, Unwritten> {
+            let down = *self.down.lock().expect("lock");
+            let mut unwritten = Unwritten::default();
+            for (key, mark) in marks {
+                let user = match layout::parse_key(&key) {
+                    Some(layout::Key::Mark { user, .. }) => user,
+                    _ => continue,
+                };
+                let partition = self.partition_of(&user);
+                if Some(partition) == down {
+                    unwritten.marks.push((key, mark));
+                    unwritten.why = Some("no leader".into());
+                } else {
+                    self.kept.lock().expect("lock").insert(key, mark);
+                    unwritten.written.push(partition);
+                }
+            }
+            Box::pin(async move { unwritten })
+        }
+        fn heads(
+            &self,
+            channels: Vec<ChannelName>,
+        ) -> BoxFuture<'_, Result<Vec<Option<ChannelMeta>>, DeviceError>> {
+            Box::pin(async move { Ok(vec![None; channels.len()]) })
+        }
+    }
+
+    /// Regression (review of the cluster's device state): one partition
+    /// without a leader held up `Stored` for every user of the node.
+    #[tokio::test]
+    async fn a_partition_without_a_leader_holds_up_only_its_own_users() {
+        let config = CursorsConfig {
+            flush_ms: 10,
+            ..CursorsConfig::default()
+        };
+        let partitions = Arc::new(Partitions::default());
+        *partitions.down.lock().expect("lock") = Some(1);
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (devices, task) = start_remote(
+            partitions.clone(),
+            &config,
+            Arc::new(Metrics::new()),
+            stop.clone(),
+        );
+        let phone = DeviceId::new("phone").expect("valid");
+        let chat = channel("chat.1");
+        let (ann, bob) = ("ann", "bob");
+        let ann_ticket = devices.ack(ann, &phone, &chat, mark(4, 9));
+        let bob_ticket = devices.ack(bob, &phone, &chat, mark(6, 9));
+        tokio::time::timeout(Duration::from_secs(5), devices.stored(ann_ticket))
+            .await
+            .expect("ann's partition committed: she is told at once")
+            .expect("stored");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), devices.stored(bob_ticket))
+                .await
+                .is_err(),
+            "bob's partition has no leader: not stored yet"
+        );
+        // Reads still see what waits for bob's partition.
+        let cursor = devices.cursor(bob, &phone, &chat).await.expect("read");
+        assert_eq!(cursor.map(|m| m.offset.get()), Some(6));
+        // The partition elects: what waited is proposed again and stored.
+        *partitions.down.lock().expect("lock") = None;
+        tokio::time::timeout(Duration::from_secs(5), devices.stored(bob_ticket))
+            .await
+            .expect("stored once the partition answers")
+            .expect("stored");
+        stop.cancel();
+        task.await.expect("flush task");
     }
 
     #[tokio::test]

@@ -127,6 +127,12 @@ pub struct BenchArgs {
     /// case; the client library's default is 100 ms).
     #[arg(long, default_value_t = 100)]
     pub ack_interval_ms: u64,
+    /// With `--ack`: each device is its own user, its token the given one
+    /// with `-<i>` appended (a broker with `auth.mode = "none"` takes a
+    /// token as its user), as a messenger's devices are: their state
+    /// spreads over a cluster's partitions instead of one user's.
+    #[arg(long, requires = "ack")]
+    pub device_users: bool,
     /// Run `fanout` or `chats` against this NATS server (core NATS, e.g.
     /// `nats://127.0.0.1:4222`) instead of a Volna broker.
     #[arg(long, value_name = "URL")]
@@ -147,6 +153,8 @@ pub struct Target {
     endpoints: Vec<Endpoint>,
     /// With `--ack`: subscribers are devices named after this run.
     devices: Option<u32>,
+    /// With `--device-users`: each device is its own user.
+    device_users: bool,
 }
 
 impl Target {
@@ -176,6 +184,7 @@ impl Target {
             client,
             admin,
             devices: args.ack.then(rand::random),
+            device_users: args.device_users,
         })
     }
 
@@ -193,6 +202,9 @@ impl Target {
         config.max_subscriptions = 1;
         if let Some(run) = self.devices {
             config.device = Some(format!("bench-{run}-{i}"));
+            if self.device_users {
+                config.token = format!("{}-{i}", self.client.token);
+            }
         }
         config
     }
