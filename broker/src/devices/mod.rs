@@ -246,6 +246,17 @@ impl Pending {
 }
 
 impl Shared {
+    fn new() -> Self {
+        Self {
+            pending: Mutex::new(Pending {
+                generation: 1,
+                ..Pending::default()
+            }),
+            stored: watch::Sender::new(Written::default()),
+            closed: AtomicBool::new(false),
+        }
+    }
+
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -313,14 +324,7 @@ pub fn start(
     metrics: Arc<Metrics>,
 ) -> Result<DevicesThread, StoreError> {
     let (requests, rx) = queue::bounded(1024);
-    let shared = Arc::new(Shared {
-        pending: Mutex::new(Pending {
-            generation: 1,
-            ..Pending::default()
-        }),
-        stored: watch::Sender::new(Written::default()),
-        closed: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new());
     let devices = Arc::new(Devices {
         shared: shared.clone(),
         backend: Backend::Thread(requests),
@@ -356,14 +360,7 @@ pub fn start_remote(
     metrics: Arc<Metrics>,
     stop: tokio_util::sync::CancellationToken,
 ) -> (Arc<Devices>, tokio::task::JoinHandle<()>) {
-    let shared = Arc::new(Shared {
-        pending: Mutex::new(Pending {
-            generation: 1,
-            ..Pending::default()
-        }),
-        stored: watch::Sender::new(Written::default()),
-        closed: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared::new());
     let flush = Arc::new(tokio::sync::Notify::new());
     let devices = Arc::new(Devices {
         shared: shared.clone(),
