@@ -1885,10 +1885,88 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
     .await;
     assert_eq!(counts[0].read, 15, "the marker survived its leader");
 
-    // The dead node comes back and catches up: every replica holds the
-    // same device state (the partition digests include it).
+    // The dead node comes back and catches up.
     cluster.nodes[(leader - 1) as usize].start_again().unwrap();
     cluster.nodes[(leader - 1) as usize]
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .unwrap();
+    cluster
+        .wait_for_leaders(Duration::from_secs(60))
+        .await
+        .unwrap();
+
+    // Acks in flight as the partition's new leader dies too: the cursor
+    // never falls below an ack the broker said was stored, nor past a
+    // message the device received.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let feeder = {
+        let publisher = connect(&cluster, &elsewhere).await;
+        let (chat, stop) = (chat.clone(), stop.clone());
+        tokio::spawn(async move {
+            for i in 0..2_000u64 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let _ = publisher.publish(&chat, payload(i, 32)).await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    drop(sub);
+    let second = cluster.leader_of(user, elsewhere[0]).unwrap();
+    let (mut durable, mut received) = (first.offset.get(), first.offset.get());
+    let mut sub = until_ok("subscribe from the cursor", || {
+        phone.subscribe(&chat, from_cursor)
+    })
+    .await;
+    for taken in 0..150u32 {
+        let m = tokio::time::timeout(Duration::from_secs(30), sub.recv())
+            .await
+            .expect("deliveries go on across the failover")
+            .expect("open")
+            .expect("a message");
+        assert_eq!(m.offset.get(), received + 1, "gapless on one connection");
+        received = m.offset.get();
+        sub.ack(m.offset).unwrap();
+        if taken % 10 == 9
+            && let Ok(Ok(())) =
+                tokio::time::timeout(Duration::from_millis(500), phone.flush_acks()).await
+        {
+            durable = durable.max(m.offset.get());
+        }
+        if taken == 60 {
+            cluster.nodes[(second - 1) as usize].kill().unwrap();
+        }
+    }
+    stop.cancel();
+    feeder.await.unwrap();
+    drop(sub);
+    drop(phone);
+    let alive: Vec<u64> = (1..=4).filter(|n| *n != second).collect();
+    let phone = device_on(&cluster, &alive, user, "phone").await;
+    let mut sub = until_ok("resume after the second death", || {
+        phone.subscribe(&chat, from_cursor)
+    })
+    .await;
+    let next = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("a delivery")
+        .expect("open")
+        .expect("a message");
+    let cursor = next.offset.get() - 1;
+    assert!(
+        durable <= cursor && cursor <= received,
+        "cursor {cursor}: stored up to {durable}, received up to {received}"
+    );
+    eprintln!(
+        "acks in flight through a leader's death: stored {durable}, received {received}, resumed after {cursor}"
+    );
+    drop(sub);
+    // The second dead node comes back and catches up: every replica holds
+    // the same device state (the partition digests include it).
+    cluster.nodes[(second - 1) as usize].start_again().unwrap();
+    cluster.nodes[(second - 1) as usize]
         .wait_ready(Duration::from_secs(60))
         .await
         .unwrap();
