@@ -17,7 +17,7 @@
 //!  session ──Cursor / Unread / register──▶ ClusterDevices ──Kind::Devices──▶ leader
 //! ```
 //!
-//! - Applying is deterministic ([`decide`]): a replica reads the values
+//! - Applying is deterministic (`decide`): a replica reads the values
 //!   the entry touches from its own copy (which every replica holds alike,
 //!   entry for entry) and merges with rules that look only at those values
 //!   and at the entry; every clock in it was stamped before proposing.
@@ -31,9 +31,9 @@
 //!   nothing of the partition, so that the user's devices on every node
 //!   hear of it.
 //! - Unread counts ask each partition of the channels for their heads in
-//!   one call ([`DeviceCall::Heads`]), never reading a log.
+//!   one call (`DeviceCall::Heads`), never reading a log.
 //! - Idle devices are forgotten by the partition's leader: it proposes
-//!   their removal ([`Expiry`]), which every replica applies only if the
+//!   their removal (`Expiry`), which every replica applies only if the
 //!   device was not seen since.
 
 use std::collections::{BTreeMap, HashMap};
@@ -346,7 +346,7 @@ pub(super) enum DeviceAnswer {
 }
 
 /// A cluster node's device state: the sessions' [`RemoteDevices`], the
-/// serving side of [`DeviceCall`]s, and what partition machines call as
+/// serving side of `DeviceCall`s, and what partition machines call as
 /// they apply device entries.
 pub struct ClusterDevices {
     node: NodeId,
