@@ -266,10 +266,25 @@ impl TestCluster {
         for id in 1..=nodes {
             cluster.add_node(id)?;
         }
-        for node in &cluster.nodes {
-            node.wait_ready(Duration::from_secs(60)).await?;
+        let started = async {
+            for node in &cluster.nodes {
+                node.wait_ready(Duration::from_secs(60)).await?;
+            }
+            cluster.wait_for_leaders(Duration::from_secs(60)).await
+        };
+        if let Err(e) = started.await {
+            // The nodes' own words are the only clue once the test's
+            // directory is gone.
+            for (id, node) in cluster.nodes.iter().enumerate() {
+                let log = std::fs::read_to_string(node.log_path()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- node {} did not start in time; its log ends:", id + 1);
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+            return Err(e);
         }
-        cluster.wait_for_leaders(Duration::from_secs(60)).await?;
         Ok(cluster)
     }
 
