@@ -1741,6 +1741,30 @@ async fn device_on(cluster: &TestCluster, nodes: &[u64], user: &str, device: &st
     }
 }
 
+/// `user`'s phone, connected through `nodes`, subscribed to `chat` from
+/// its cursor, with the first message it got.
+async fn phone_resumed(
+    cluster: &TestCluster,
+    nodes: &[u64],
+    user: &str,
+    chat: &ChannelName,
+) -> (Client, volna_client::Subscription, volna_client::Message) {
+    let from_cursor = Position::Cursor {
+        otherwise: volna_client::Fallback::From(volna_client::Offset::FIRST),
+    };
+    let phone = device_on(cluster, nodes, user, "phone").await;
+    let mut sub = until_ok("resume from the cursor", || {
+        phone.subscribe(chat, from_cursor)
+    })
+    .await;
+    let first = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("a delivery")
+        .expect("open")
+        .expect("a message");
+    (phone, sub, first)
+}
+
 /// Retries `call` until it succeeds (a partition electing after a kill
 /// answers `StorageUnavailable` for a moment), within 30 s.
 async fn until_ok<T, F, Fut>(what: &str, mut call: F) -> T
@@ -1861,16 +1885,7 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
     cluster.nodes[(leader - 1) as usize].kill().unwrap();
     drop(phone);
     let elsewhere: Vec<u64> = (1..=4).filter(|n| *n != leader).collect();
-    let phone = device_on(&cluster, &elsewhere, user, "phone").await;
-    let mut sub = until_ok("resume from the cursor", || {
-        phone.subscribe(&chat, from_cursor)
-    })
-    .await;
-    let first = tokio::time::timeout(Duration::from_secs(10), sub.recv())
-        .await
-        .expect("a delivery")
-        .expect("open")
-        .expect("a message");
+    let (phone, sub, first) = phone_resumed(&cluster, &elsewhere, user, &chat).await;
     assert_eq!(
         first.offset.get(),
         21,
@@ -1944,16 +1959,7 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
     drop(sub);
     drop(phone);
     let alive: Vec<u64> = (1..=4).filter(|n| *n != second).collect();
-    let phone = device_on(&cluster, &alive, user, "phone").await;
-    let mut sub = until_ok("resume after the second death", || {
-        phone.subscribe(&chat, from_cursor)
-    })
-    .await;
-    let next = tokio::time::timeout(Duration::from_secs(10), sub.recv())
-        .await
-        .expect("a delivery")
-        .expect("open")
-        .expect("a message");
+    let (_phone, sub, next) = phone_resumed(&cluster, &alive, user, &chat).await;
     let cursor = next.offset.get() - 1;
     assert!(
         durable <= cursor && cursor <= received,

@@ -51,8 +51,9 @@ use volna_proto::{ChannelName, ErrorCode, Offset};
 use super::edge::{Edges, MetaWire, Served};
 use super::router::ClusterView;
 use crate::devices::layout::{self, Key};
+use crate::devices::single;
 use crate::devices::{
-    BoxFuture, DeviceError, DeviceId, Devices, Incarnation, Mark, RemoteDevices, Unwritten,
+    BoxFuture, DAY_MS, DeviceError, DeviceId, Devices, Incarnation, Mark, RemoteDevices, Unwritten,
 };
 use crate::log::Logs;
 use crate::store::{ChannelMeta, DeviceStore, DeviceWrite};
@@ -66,7 +67,6 @@ const MAX_RELAYS: usize = 64;
 const MAX_CALL_ITEMS: usize = 10_000;
 /// Idle devices one sweep step proposes to forget, at most.
 const SWEEP_STEP: usize = 1024;
-const DAY_MS: u64 = 86_400_000;
 
 /// A device's registration, as replicated.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -305,13 +305,6 @@ fn refused(code: ErrorCode, message: String) -> Outcome {
         code: code.to_u16(),
         message,
     }
-}
-
-/// The range holding exactly `key`.
-fn single(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
-    let mut until = key.to_vec();
-    until.push(0);
-    (key.to_vec(), until)
 }
 
 /// A question about device state for a partition's leader (or, for

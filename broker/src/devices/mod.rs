@@ -59,7 +59,8 @@ use crate::store::{ChannelId, ChannelMeta, DeviceStore, DeviceWrite, LogStore, S
 const MAX_PENDING: usize = 100_000;
 /// Entries one sweep step reads before the thread serves requests again.
 const SWEEP_STEP: usize = 4096;
-const DAY_MS: u64 = 86_400_000;
+/// A day, in the units device stamps use.
+pub(crate) const DAY_MS: u64 = 86_400_000;
 
 /// Why a device request failed.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -1130,7 +1131,7 @@ fn decode_u64(bytes: &[u8]) -> u64 {
 }
 
 /// The range holding exactly `key`.
-fn single(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
+pub(crate) fn single(key: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let mut until = key.to_vec();
     until.push(0);
     (key.to_vec(), until)
