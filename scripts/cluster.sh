@@ -12,8 +12,9 @@
 #   node=<id> quic=<host:port> http=<host:port> pid=<pid> data=<dir>
 #
 # Environment: VOLNA_CLUSTER_NODES (default 3, at most 9) is N, and each
-# partition has min(3, N) replicas: 4 nodes try edges, moves and device
-# forwarding with more nodes than replicas; `up` again with a larger N
+# partition has VOLNA_CLUSTER_REPLICAS (default min(3, N)) replicas: 4
+# nodes (or 2 with 1 replica) try edges, moves and device forwarding with
+# more nodes than replicas; `up` again with a larger N
 # joins the new nodes to a running cluster (a smaller N stops none: `down`
 # stops every node that runs in the directory, whatever N). The
 # partition and replica counts are fixed when the cluster is first created
@@ -78,7 +79,11 @@ wait_http() { # url seconds
 up() {
     local nodes replicas n
     nodes=$(node_count)
-    replicas=$((nodes < 3 ? nodes : 3))
+    replicas="${VOLNA_CLUSTER_REPLICAS:-$((nodes < 3 ? nodes : 3))}"
+    if ! [[ "$replicas" =~ ^[1-9][0-9]*$ ]] || ((replicas > nodes)); then
+        echo "cluster.sh: VOLNA_CLUSTER_REPLICAS=$replicas is not a count from 1 to $nodes" >&2
+        exit 2
+    fi
     source scripts/prereqs.sh
     volna_build
     local bin="$CARGO_TARGET_DIR/debug"

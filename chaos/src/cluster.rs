@@ -163,6 +163,8 @@ pub struct TestCluster {
     pub ca: PathBuf,
     /// Partitions.
     pub partitions: u32,
+    /// Replicas per partition.
+    pub replicas: usize,
     /// Raft entries between a partition's snapshots.
     pub snapshot_entries: u64,
     /// Each node's inter-node (peer) UDP port, node `i + 1` at index `i`.
@@ -226,7 +228,26 @@ impl TestCluster {
         snapshot_entries: u64,
         extra: &str,
     ) -> Result<Self, ChaosError> {
-        Self::start_placed(nodes, partitions, snapshot_entries, extra, BTreeMap::new()).await
+        Self::start_placed(
+            nodes,
+            partitions,
+            snapshot_entries,
+            extra,
+            BTreeMap::new(),
+            3,
+        )
+        .await
+    }
+
+    /// As [`TestCluster::start`], with `replicas` replicas per partition:
+    /// with fewer replicas than nodes, every node is an edge for the
+    /// partitions it does not hold.
+    pub async fn start_with_replicas(
+        nodes: u64,
+        partitions: u32,
+        replicas: usize,
+    ) -> Result<Self, ChaosError> {
+        Self::start_placed(nodes, partitions, 10_000, "", BTreeMap::new(), replicas).await
     }
 
     /// As [`TestCluster::start`], with the data directories of some nodes
@@ -236,7 +257,7 @@ impl TestCluster {
         partitions: u32,
         data_dirs: BTreeMap<u64, PathBuf>,
     ) -> Result<Self, ChaosError> {
-        Self::start_placed(nodes, partitions, 10_000, "", data_dirs).await
+        Self::start_placed(nodes, partitions, 10_000, "", data_dirs, 3).await
     }
 
     async fn start_placed(
@@ -245,6 +266,7 @@ impl TestCluster {
         snapshot_entries: u64,
         extra: &str,
         data_dirs: BTreeMap<u64, PathBuf>,
+        replicas: usize,
     ) -> Result<Self, ChaosError> {
         let dir = tempfile::tempdir()?;
         let etcd = Etcd::start(dir.path())?;
@@ -256,6 +278,7 @@ impl TestCluster {
             etcd,
             ca: ca_path,
             partitions,
+            replicas,
             snapshot_entries,
             extra: extra.to_owned(),
             data_dirs,
@@ -336,7 +359,7 @@ name = "chaos"
 etcd_endpoints = ["{etcd}"]
 peer_listen = "127.0.0.1:{peer}"
 partitions = {partitions}
-replicas = 3
+replicas = {replicas}
 election_timeout_ms = 1000
 heartbeat_ms = 100
 lease_ttl_secs = 3
@@ -355,6 +378,7 @@ key = "{key}"
                 etcd = self.etcd.endpoint(),
                 peer = peer_port,
                 partitions = self.partitions,
+                replicas = self.replicas,
                 snapshot_entries = self.snapshot_entries,
                 ca = self.ca.display(),
                 extra = self.extra,

@@ -1985,3 +1985,143 @@ async fn device_state_follows_the_user_to_every_node_and_survives_its_partition_
         node.assert_never_panicked();
     }
 }
+
+/// Waits until node `id`'s `volna_cluster_upstreams` reads `want`.
+async fn upstreams_reach(cluster: &TestCluster, id: u64, want: f64, within: Duration) {
+    let node = &cluster.nodes[(id - 1) as usize];
+    let deadline = Instant::now() + within;
+    loop {
+        let now = node.metric("volna_cluster_upstreams").await;
+        if now == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} has {now:?} upstreams, not {want}, after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Publishes message `offset` (its payload) to every channel through
+/// `client`, many at once.
+async fn publish_to_each(client: &Client, channels: &[ChannelName], offset: u64) {
+    use futures_util::StreamExt;
+    let results: Vec<_> = futures_util::stream::iter(channels)
+        .map(|channel| async move { (channel, client.publish(channel, payload(offset, 64)).await) })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    for (channel, result) in results {
+        let ack = result.unwrap_or_else(|e| panic!("publish to {channel}: {e}"));
+        assert_eq!(ack.offset.get(), offset, "{channel}");
+    }
+}
+
+/// An edge follows more inboxes than a QUIC connection has streams (4,096)
+/// from one peer, as a messenger's node follows its devices' inboxes: all
+/// of a node pair's upstreams share one link, every message reaches its
+/// subscriber, the edge counts one upstream per inbox, a peer paused for
+/// seconds is ridden out (every upstream attaches again, nothing is
+/// missed), and the upstreams go once their devices do (G9).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_follows_thousands_of_inboxes_over_one_link_and_rides_out_a_paused_peer() {
+    const PER_CONNECTION: usize = 500;
+    let inboxes: usize = volna_chaos::knob("VOLNA_CHAOS_EDGE_INBOXES", 5_000);
+    let pause = Duration::from_secs(volna_chaos::knob("VOLNA_CHAOS_EDGE_PAUSE_SECS", 2));
+    // One replica each: node 1 holds half the partitions, node 2 the rest,
+    // and each is an edge for the other's.
+    let cluster = TestCluster::start_with_replicas(2, PARTITIONS, 1)
+        .await
+        .unwrap();
+    let on_node_1: Vec<bool> = {
+        let (one, two) = (cluster.status(1).unwrap(), cluster.status(2).unwrap());
+        (0..PARTITIONS as usize)
+            .map(|p| {
+                one["partitions"][p]["hosted"] == true && two["partitions"][p]["hosted"] == false
+            })
+            .collect()
+    };
+    assert!(on_node_1.contains(&true), "node 1 holds no partition alone");
+    let channels: Vec<ChannelName> = (0..)
+        .map(|i| ChannelName::new(format!("chat.inbox.{i}")).unwrap())
+        .filter(|c| on_node_1[volna_cluster::partition_of(c.as_str(), PARTITIONS).0 as usize])
+        .take(inboxes)
+        .collect();
+
+    // The devices, on node 2.
+    let started = Instant::now();
+    let mut devices = Vec::new();
+    for group in channels.chunks(PER_CONNECTION) {
+        let mut config = cluster.client_config(&[2]);
+        config.max_subscriptions = PER_CONNECTION as u32;
+        let group = group.to_vec();
+        devices.push(tokio::spawn(async move {
+            let client = Client::connect(config).await.unwrap();
+            let mut subs = Vec::with_capacity(group.len());
+            for channel in &group {
+                let from = Position::From {
+                    offset: volna_client::Offset::new(1),
+                    epoch: None,
+                };
+                subs.push(client.subscribe(channel, from).await.unwrap());
+            }
+            (client, subs)
+        }));
+    }
+    let mut clients = Vec::new();
+    let mut subs = Vec::new();
+    for device in devices {
+        let (client, group) = device.await.unwrap();
+        clients.push(client);
+        subs.extend(group);
+    }
+    eprintln!(
+        "{inboxes} inboxes subscribed on node 2 in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    upstreams_reach(&cluster, 2, inboxes as f64, Duration::from_secs(30)).await;
+
+    let publisher = connect(&cluster, &[1]).await;
+    let check_round = async |subs: &mut Vec<volna_client::Subscription>, offset: u64| {
+        for (sub, channel) in subs.iter_mut().zip(&channels) {
+            let got = read_through(sub, offset, Duration::from_secs(60)).await;
+            assert_eq!(
+                got,
+                vec![(offset, payload(offset, 64))],
+                "{channel} on node 2"
+            );
+        }
+    };
+    publish_to_each(&publisher, &channels, 1).await;
+    check_round(&mut subs, 1).await;
+    let lost = cluster.nodes[1]
+        .metric("volna_cluster_upstream_links_lost_total")
+        .await;
+    assert_eq!(lost, Some(0.0), "node 2 lost its upstream link under load");
+
+    // The only replica of every inbox stops answering for a while: the
+    // edge's link to it dies with the connection; once it answers again
+    // every upstream attaches again and nothing published after is missed.
+    cluster.nodes[0].signal("STOP").unwrap();
+    tokio::time::sleep(pause).await;
+    cluster.nodes[0].signal("CONT").unwrap();
+    cluster
+        .wait_for_leaders(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let publisher = connect(&cluster, &[1]).await;
+    publish_to_each(&publisher, &channels, 2).await;
+    check_round(&mut subs, 2).await;
+    upstreams_reach(&cluster, 2, inboxes as f64, Duration::from_secs(30)).await;
+
+    // No device left: no upstream left.
+    drop(subs);
+    for client in &clients {
+        client.close().await;
+    }
+    upstreams_reach(&cluster, 2, 0.0, Duration::from_secs(30)).await;
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}

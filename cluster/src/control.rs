@@ -40,6 +40,10 @@ pub struct NodeInfo {
     /// 0 for nodes from before the field.
     #[serde(default)]
     pub log_format: u32,
+    /// The peer protocol it speaks ([`crate::raft::network::PEER_PROTOCOL`]);
+    /// 0 for nodes from before the field.
+    #[serde(default)]
+    pub peer_protocol: u32,
 }
 
 /// A cluster's fixed settings, chosen when it is created.

@@ -1,9 +1,5 @@
-//! Which partition a channel belongs to.
-//!
-//! The hash is part of the data layout: every node of a cluster, of every
-//! version, must map a channel to the same partition for as long as the
-//! cluster lives, so it is a fixed, seedless function (XXH3-64 of the
-//! channel name's bytes) and a test pins its values.
+//! Which partition a channel belongs to: [`volna_proto::partition_index`]
+//! (a fixed hash, pinned there), as a [`PartitionId`].
 
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +15,7 @@ impl std::fmt::Display for PartitionId {
 
 /// The partition of `channel` in a cluster of `partitions` (at least 1).
 pub fn partition_of(channel: &str, partitions: u32) -> PartitionId {
-    let hash = xxhash_rust::xxh3::xxh3_64(channel.as_bytes());
-    PartitionId((hash % u64::from(partitions.max(1))) as u32)
+    PartitionId(volna_proto::partition_index(channel, partitions))
 }
 
 #[cfg(test)]
@@ -28,28 +23,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_mapping_is_pinned() {
-        // Changing these values would move every channel of a running
-        // cluster to another partition: never.
-        let pinned: Vec<u32> = ["chat.1", "user.42.inbox", "news.sport", ""]
-            .iter()
-            .map(|c| partition_of(c, 64).0)
-            .collect();
-        assert_eq!(pinned, [11, 19, 9, 2]);
-    }
-
-    #[test]
-    fn channels_spread_over_the_partitions() {
-        let mut counts = [0u32; 64];
-        for i in 0..64_000 {
-            counts[partition_of(&format!("user.{i}.inbox"), 64).0 as usize] += 1;
-        }
-        let (min, max) = (counts.iter().min(), counts.iter().max());
-        assert!(
-            min >= Some(&850) && max <= Some(&1150),
-            "uneven: {min:?}..{max:?}"
-        );
-        assert_eq!(partition_of("chat.1", 1), PartitionId(0));
+    fn a_partition_id_is_the_protocols_index() {
+        assert_eq!(partition_of("chat.1", 64), PartitionId(11));
         assert_eq!(partition_of("chat.1", 0), PartitionId(0));
     }
 }

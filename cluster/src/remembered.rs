@@ -89,6 +89,7 @@ mod tests {
                             quic: format!("127.0.0.1:{}", 7000 + id),
                             peer: format!("127.0.0.1:{}", 8000 + id),
                             log_format: crate::raft::LOG_FORMAT,
+                            peer_protocol: crate::raft::network::PEER_PROTOCOL,
                         },
                     )
                 })

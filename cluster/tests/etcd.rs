@@ -87,6 +87,7 @@ fn node(id: u64) -> NodeInfo {
         quic: format!("127.0.0.1:{}", 7400 + id),
         peer: format!("127.0.0.1:{}", 7500 + id),
         log_format: volna_cluster::raft::LOG_FORMAT,
+        peer_protocol: volna_cluster::raft::network::PEER_PROTOCOL,
     }
 }
 

@@ -3,8 +3,10 @@
 //! This crate owns the *shape* of every message that crosses a QUIC stream:
 //! the [`Frame`] enum, the length-prefixed [`codec`], the typed [`ErrorCode`]s
 //! carried in `Error` frames and the [`CloseCode`]s carried when a connection
-//! is closed. It does no I/O, keeps no clock and depends only on `bytes` and
-//! `thiserror`, so both ends (and fuzzers) can drive it from plain buffers.
+//! is closed, and which partition of a cluster a channel name belongs to
+//! ([`partition_index`]). It does no I/O, keeps no clock and depends only on
+//! `bytes`, `thiserror` and `xxhash-rust`, so both ends (and fuzzers) can
+//! drive it from plain buffers.
 //!
 //! ```text
 //!  client                                             broker
@@ -28,6 +30,7 @@ mod error;
 mod frame;
 pub mod fuzzing;
 mod names;
+mod partition;
 pub mod websocket;
 
 pub use codec_impl::{DecodeError, Limits, decode, encode, encode_deliver, encoded_len};
@@ -37,6 +40,7 @@ pub use frame::{
     Position, ProducerSeq, Publish, Subscribe, UnreadCount, Welcome,
 };
 pub use names::{ChannelName, Epoch, InvalidChannelName, Offset, SubscriptionId};
+pub use partition::partition_index;
 
 /// The codec entry points, grouped for readers who look for them by module.
 pub mod codec {

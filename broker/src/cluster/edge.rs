@@ -4,16 +4,25 @@
 //!
 //! ```text
 //!  leader of p ── one upstream per (edge node, channel) ──▶ edge's feed ring ──▶ its devices
-//!       ▲                                                      (Fanout::relay)
+//!       ▲          all of a node pair's on one link            (Fanout::relay)
 //!       └── reads in ranges (catch-up, lookups) ◀── edge's Log::read_channel
 //! ```
 //!
 //! - A channel gets an upstream when its first local subscriber arrives
-//!   ([`FeedWatcher::opened`]), and the node's view loop gives one to every
-//!   subscribed channel of a partition this node does not replicate (it
-//!   stopped replicating it, or its upstream ended during a move). The
-//!   upstream relays the leader's encoded `Deliver` frames into the local
-//!   feed as received, so a message crosses the cluster once per
+//!   ([`FeedWatcher::opened`]) and loses it when its last one leaves
+//!   ([`FeedWatcher::closed`], G9). Whether this node's own log feeds a
+//!   partition's channels is decided once per view tick, per partition
+//!   ([`Edges::check_partitions`]); every decision about an upstream
+//!   reads that one record, and a partition whose record changes has its
+//!   subscribed channels' upstreams started or ended then. Nothing scans
+//!   the subscribed channels, or wakes per channel, on a steady tick.
+//! - A node pair's upstreams share one stream with credit per upstream
+//!   (`volna_cluster::raft::upstreams`): a hundred thousand inboxes cost
+//!   one stream, and an edge slow on one channel stops only that
+//!   channel's upstream on the leader, whose subscription then reads its
+//!   log in ranges (G4) and catches up.
+//! - The upstream relays the leader's encoded `Deliver` frames into the
+//!   local feed as received, so a message crosses the cluster once per
 //!   interested node and is fanned out locally by the same engine as a
 //!   local commit.
 //! - It follows from the feed's head: what local devices lack below it
@@ -33,7 +42,7 @@
 //!   its channel's serves its channel from its first offset, so the edge's
 //!   feed starts the new epoch over and its devices are told.
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -44,7 +53,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use volna_cluster::raft::lease::Standing;
 use volna_cluster::raft::network::{
-    BoxFuture, ChannelService, FollowSink, FollowStream, LinkError, Peers,
+    BoxFuture, ChannelService, FollowSink, FollowStream, LinkError, Peers, UpstreamError,
 };
 use volna_cluster::raft::{Outcome, Publish};
 use volna_cluster::{NodeId, PartitionId, partition_of};
@@ -64,10 +73,14 @@ use crate::subscription::{self, DeliverySink, SinkError, Start, Stopped};
 const READ_WITHIN: Duration = Duration::from_secs(3);
 /// One read call's deadline.
 const READ_ATTEMPT: Duration = Duration::from_secs(1);
+/// How long a leader may take to answer an upstream's opening (a lookup
+/// of the channel): a link carries many openings at once, and one late
+/// answer costs that upstream only.
+const ANSWER_WITHIN: Duration = Duration::from_secs(3);
 /// Pause after every candidate failed, before the next round.
 const ROUND_PAUSE: Duration = Duration::from_millis(100);
-/// How often an upstream checks that it is still needed, and a leader
-/// that it still leads.
+/// How often a leader checks that it still leads the partitions whose
+/// upstreams it serves.
 const CHECK_EVERY: Duration = Duration::from_millis(250);
 /// Bytes read from an upstream per step.
 const READ_CHUNK: usize = 256 * 1024;
@@ -235,8 +248,18 @@ pub struct Edges {
     fanout: Arc<Fanout>,
     /// Which channels are kept in memory (on their leader only).
     logs: Logs,
-    /// Channels with an upstream task.
-    upstreams: DashMap<ChannelName, ()>,
+    /// Channels with an upstream task, each with the token that has its
+    /// task look again at whether it is still needed.
+    upstreams: DashMap<ChannelName, CancellationToken>,
+    /// Per partition, whether this node's own log fed its durable channels
+    /// at the last view tick (it replicated the partition); see
+    /// [`Edges::check_partitions`].
+    replicated: Box<[AtomicBool]>,
+    /// Per partition, whether this node led it at the last view tick (its
+    /// own memory feeds its in-memory channels).
+    led: Box<[AtomicBool]>,
+    /// Whether the records were taken once.
+    checked: AtomicBool,
     /// The leader last heard of, per partition.
     leaders: DashMap<PartitionId, NodeId>,
     stats: EdgeStats,
@@ -272,6 +295,9 @@ impl Edges {
             fanout,
             logs,
             upstreams: DashMap::new(),
+            replicated: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            led: (0..partitions).map(|_| AtomicBool::new(false)).collect(),
+            checked: AtomicBool::new(false),
             leaders: DashMap::new(),
             stats: EdgeStats::default(),
             stop,
@@ -314,45 +340,59 @@ impl Edges {
         partition_of(channel.as_str(), self.partitions)
     }
 
-    /// Whether this node's own log feeds `channel`'s subscribers here: it
-    /// replicates a durable channel's partition, or leads an in-memory
-    /// channel's.
+    /// Whether this node's own log feeds `channel`'s subscribers here, as
+    /// the last view tick found: it replicates a durable channel's
+    /// partition, or leads an in-memory channel's. Every decision about
+    /// upstreams reads this record, never a fresher look at the groups: a
+    /// flip and back between two ticks (leading for a moment while
+    /// placement moves a partition away) would otherwise end an upstream
+    /// that no tick ever starts again.
     fn serves_locally(&self, channel: &ChannelName) -> bool {
-        let partition = self.partition(channel);
-        if self.logs.is_ephemeral(channel) {
-            self.peers.leads(partition)
+        let partition = self.partition(channel).0 as usize;
+        let record = if self.logs.is_ephemeral(channel) {
+            &self.led
         } else {
-            self.replicates(partition)
-        }
+            &self.replicated
+        };
+        record
+            .get(partition)
+            .is_some_and(|here| here.load(Ordering::Acquire))
     }
 
-    /// Gives every subscribed channel whose partition this node does not
-    /// replicate an upstream, if it has none. Called by the node's view
-    /// loop: a transition is not enough to watch for, because an upstream
-    /// ends when its check (every `CHECK_EVERY`) finds the node
-    /// replicating again — e.g. leading for a moment while placement moves
-    /// the partition away — and the flip back can fall between two view
-    /// ticks, which left a node's devices silent (seen in the fourth-node
-    /// chaos test, about one run in five).
+    /// Records, per partition, whether this node's own log feeds its
+    /// channels, and for each partition whose record changed starts the
+    /// upstreams of its subscribed channels (it no longer does) or ends
+    /// them (it does now). Called by the node's view loop and once at
+    /// start; subscribed channels are listed only when a record changed.
     pub fn check_partitions(&self) {
-        let replicated: Vec<bool> = (0..self.partitions)
-            .map(|p| self.replicates(PartitionId(p)))
-            .collect();
-        let led: Vec<bool> = (0..self.partitions)
-            .map(|p| self.peers.leads(PartitionId(p)))
-            .collect();
+        // The first look starts whatever the channels subscribed so far need.
+        let first = !self.checked.swap(true, Ordering::AcqRel);
+        let mut changed: Vec<bool> = vec![first; self.partitions as usize];
+        let mut any = first;
+        for p in 0..self.partitions {
+            let partition = PartitionId(p);
+            let replicated = self.replicates(partition);
+            let led = self.peers.leads(partition);
+            let slot = p as usize;
+            let was_replicated = self.replicated[slot].swap(replicated, Ordering::AcqRel);
+            let was_led = self.led[slot].swap(led, Ordering::AcqRel);
+            if was_replicated != replicated || was_led != led {
+                changed[slot] = true;
+                any = true;
+            }
+        }
+        if !any {
+            return;
+        }
         for channel in self.fanout.subscribed_channel_names() {
-            let of = |here: &[bool]| {
-                here.get(self.partition(&channel).0 as usize)
-                    .copied()
-                    .unwrap_or(true)
-            };
-            let local = if self.logs.is_ephemeral(&channel) {
-                of(&led)
+            if !changed[self.partition(&channel).0 as usize] {
+                continue;
+            }
+            if self.serves_locally(&channel) {
+                if let Some(token) = self.upstreams.get(&channel) {
+                    token.cancel();
+                }
             } else {
-                of(&replicated)
-            };
-            if !local && !self.upstreams.contains_key(&channel) {
                 self.ensure_upstream(&channel);
             }
         }
@@ -367,8 +407,10 @@ impl Edges {
         let Some(edges) = self.this.upgrade() else {
             return;
         };
-        if self.upstreams.insert(channel.clone(), ()).is_none() {
-            tokio::spawn(edges.upstream(channel.clone()));
+        if let dashmap::Entry::Vacant(vacant) = self.upstreams.entry(channel.clone()) {
+            let token = CancellationToken::new();
+            vacant.insert(token.clone());
+            tokio::spawn(edges.upstream(channel.clone(), token));
         }
     }
 
@@ -380,12 +422,20 @@ impl Edges {
             && !self.serves_locally(channel)
     }
 
-    /// One channel's upstream, for as long as it is needed.
-    async fn upstream(self: Arc<Self>, channel: ChannelName) {
+    /// One channel's upstream, for as long as it is needed. `recheck` is
+    /// cancelled when that may have changed (its last subscriber left, or
+    /// this node's own log feeds it now).
+    async fn upstream(self: Arc<Self>, channel: ChannelName, mut recheck: CancellationToken) {
         let partition = self.partition(&channel);
         let mut epoch: Option<Epoch> = None;
         let mut failures = 0u32;
         loop {
+            // A fresh token before the look: a change after it cancels the
+            // new one (the map holds it), so none goes unseen.
+            if recheck.is_cancelled() {
+                recheck = CancellationToken::new();
+                self.upstreams.insert(channel.clone(), recheck.clone());
+            }
             // The feed may follow an epoch this task never heard of (the
             // one its own replica or leadership fed it). An in-memory
             // channel's feed starts over only with the batches of a new
@@ -399,7 +449,10 @@ impl Edges {
                 // A subscriber may have come back between the check and
                 // the removal, finding the entry still there.
                 if self.needs_upstream(&channel)
-                    && self.upstreams.insert(channel.clone(), ()).is_none()
+                    && self
+                        .upstreams
+                        .insert(channel.clone(), recheck.clone())
+                        .is_none()
                 {
                     continue;
                 }
@@ -414,7 +467,9 @@ impl Edges {
                         epoch = following;
                     }
                     self.stats.upstreams.fetch_add(1, Ordering::Relaxed);
-                    let relayed = self.relay(&channel, stream, received, &mut epoch).await;
+                    let relayed = self
+                        .relay(&channel, stream, received, &mut epoch, &recheck)
+                        .await;
                     self.stats.upstreams.fetch_sub(1, Ordering::Relaxed);
                     if let Err(why) = relayed {
                         debug!(%channel, %why, "upstream ended; attaching again");
@@ -431,6 +486,7 @@ impl Edges {
                     }
                     tokio::select! {
                         () = self.stop.cancelled() => {}
+                        () = recheck.cancelled() => {}
                         () = tokio::time::sleep(ROUND_PAUSE) => {}
                     }
                 }
@@ -461,7 +517,14 @@ impl Edges {
             postcard::to_allocvec(&call).map_err(|e| AttachError::NoLeader(e.to_string()))?;
         let mut last = String::from("no replica known");
         for (node, addr) in self.candidates(partition) {
-            let mut stream = match self.peers.follow(node, &addr, partition, &body).await {
+            let opened = if self.view.has_upstream_links(node) {
+                self.peers.follow(node, &addr, partition, &body).await
+            } else {
+                self.peers
+                    .follow_on_stream(node, &addr, partition, &body)
+                    .await
+            };
+            let mut stream = match opened {
                 Ok(stream) => stream,
                 Err(e) => {
                     last = e.to_string();
@@ -512,11 +575,11 @@ impl Edges {
         mut stream: FollowStream,
         mut buf: BytesMut,
         epoch: &mut Option<Epoch>,
+        recheck: &CancellationToken,
     ) -> Result<(), String> {
         let limits = Limits {
             max_frame: MAX_UPSTREAM_FRAME,
         };
-        let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
             // Frames that came with the answer (or in the last chunk) first.
             while let Some(raw) = next_frame(&mut buf, &limits)? {
@@ -526,12 +589,7 @@ impl Edges {
             }
             tokio::select! {
                 () = self.stop.cancelled() => return Ok(()),
-                _ = check.tick() => {
-                    if !self.needs_upstream(channel) {
-                        return Ok(());
-                    }
-                    continue;
-                }
+                () = recheck.cancelled() => return Ok(()),
                 chunk = stream.read(READ_CHUNK) => match chunk {
                     Ok(Some(bytes)) => buf.extend_from_slice(&bytes),
                     Ok(None) => return Err("the leader ended the upstream".into()),
@@ -739,6 +797,12 @@ impl FeedWatcher for Edges {
     fn opened(&self, channel: &ChannelName) {
         self.ensure_upstream(channel);
     }
+
+    fn closed(&self, channel: &ChannelName) {
+        if let Some(token) = self.upstreams.get(channel) {
+            token.cancel();
+        }
+    }
 }
 
 /// Splits the next whole frame off `buf`.
@@ -775,7 +839,7 @@ async fn read_answer<T: serde::de::DeserializeOwned>(
                 return Ok((answer, buf));
             }
         }
-        match tokio::time::timeout(READ_ATTEMPT, stream.read(4096)).await {
+        match tokio::time::timeout(ANSWER_WITHIN, stream.read(4096)).await {
             Ok(Ok(Some(bytes))) => buf.extend_from_slice(&bytes),
             Ok(Ok(None)) => return Err("upstream closed before answering".into()),
             Ok(Err(e)) => return Err(e.to_string()),
@@ -799,6 +863,11 @@ pub struct ChannelServer {
     devices: Arc<super::devices::ClusterDevices>,
     /// Upstream deliveries are not device deliveries: counted apart.
     metrics: Arc<Metrics>,
+    /// Per partition this node serves upstreams of, the token that ends
+    /// them once it no longer leads (see [`ChannelServer::leadership`]).
+    leaderships: Arc<DashMap<PartitionId, CancellationToken>>,
+    /// Whether the task watching `leaderships` runs.
+    watching: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for ChannelServer {
@@ -829,7 +898,42 @@ impl ChannelServer {
             devices,
             fanout,
             metrics: Arc::new(Metrics::new()),
+            leaderships: Arc::default(),
+            watching: Arc::default(),
         }
+    }
+
+    /// The token cancelled once this node no longer leads `partition`:
+    /// one look at each served partition's lease every `CHECK_EVERY`, not
+    /// one per upstream.
+    fn leadership(&self, partition: PartitionId) -> CancellationToken {
+        let token = self.leaderships.entry(partition).or_default().clone();
+        if self.watching.swap(true, Ordering::AcqRel) {
+            return token;
+        }
+        let leaderships = Arc::downgrade(&self.leaderships);
+        let peers = self.peers.clone();
+        let node = self.node;
+        tokio::spawn(async move {
+            let mut check = tokio::time::interval(CHECK_EVERY);
+            loop {
+                check.tick().await;
+                let (Some(leaderships), Some(peers)) = (leaderships.upgrade(), peers.upgrade())
+                else {
+                    return;
+                };
+                leaderships.retain(|partition, token| {
+                    let leads = peers.group(*partition).is_some_and(|raft| {
+                        Standing::of(&raft, node, peers.leader_lease()).leads()
+                    });
+                    if !leads {
+                        token.cancel();
+                    }
+                    leads
+                });
+            }
+        });
+        token
     }
 
     /// `Ok` when this node leads `partition`.
@@ -976,32 +1080,7 @@ impl ChannelServer {
         }
         let cancel = CancellationToken::new();
         let gone = out.stopped();
-        let watch = {
-            let cancel = cancel.clone();
-            let peers = self.peers.clone();
-            let node = self.node;
-            async move {
-                let mut check = tokio::time::interval(CHECK_EVERY);
-                tokio::pin!(gone);
-                loop {
-                    tokio::select! {
-                        () = &mut gone => break,
-                        _ = check.tick() => {}
-                    }
-                    // Its lease, not only its own view: a leader cut off
-                    // from its peers would relay silence to this edge.
-                    let leads = peers.upgrade().is_some_and(|p| {
-                        p.group(partition)
-                            .is_some_and(|raft| Standing::of(&raft, node, p.leader_lease()).leads())
-                    });
-                    if !leads {
-                        break;
-                    }
-                }
-                cancel.cancel();
-            }
-        };
-        let watcher = tokio::spawn(watch);
+        let deposed = self.leadership(partition);
         let start = Start {
             id: SubscriptionId(0),
             next: start,
@@ -1011,16 +1090,29 @@ impl ChannelServer {
         };
         let out = Arc::new(tokio::sync::Mutex::new(out));
         let sink = UpstreamSink { out: out.clone() };
-        let result =
-            subscription::run(start, feed, log, sink, cancel.clone(), self.metrics.clone()).await;
-        watcher.abort();
+        let run = subscription::run(start, feed, log, sink, cancel.clone(), self.metrics.clone());
+        tokio::pin!(run);
+        // The edge closed it, or this node no longer leads (its lease, not
+        // only its own view: a leader cut off from its peers would relay
+        // silence): the subscription stops at its next step.
+        let result = tokio::select! {
+            result = &mut run => result,
+            () = gone => {
+                cancel.cancel();
+                run.await
+            }
+            () = deposed.cancelled_owned() => {
+                cancel.cancel();
+                run.await
+            }
+        };
         let mut out = out.lock().await;
         match result {
             Ok(()) => {}
             Err(Stopped::ChannelDeleted(_)) => {
                 // The edge ends its devices' subscriptions as a replica
                 // would.
-                let _ = out.write(&deleted_notice(&channel)).await;
+                let _ = out.write(deleted_notice(&channel)).await;
                 out.finish();
             }
             Err(why) => {
@@ -1143,6 +1235,8 @@ impl ChannelServer {
             fanout: self.fanout.clone(),
             devices: self.devices.clone(),
             metrics: self.metrics.clone(),
+            leaderships: self.leaderships.clone(),
+            watching: self.watching.clone(),
         }
     }
 }
@@ -1151,12 +1245,12 @@ impl ChannelServer {
 async fn write_answer<T: Serialize>(
     out: &mut FollowSink,
     answer: &Served<T>,
-) -> Result<(), quinn::WriteError> {
+) -> Result<(), UpstreamError> {
     let body = postcard::to_allocvec(answer).unwrap_or_default();
     let mut framed = Vec::with_capacity(body.len() + 4);
     framed.extend_from_slice(&u32::try_from(body.len()).unwrap_or(u32::MAX).to_be_bytes());
     framed.extend_from_slice(&body);
-    out.write(&framed).await
+    out.write(Bytes::from(framed)).await
 }
 
 /// Delivery frames of an upstream, written to the following node.
@@ -1168,7 +1262,7 @@ impl DeliverySink for UpstreamSink {
     async fn send(&mut self, frames: Vec<Bytes>) -> Result<(), SinkError> {
         let mut out = self.out.lock().await;
         for frame in frames {
-            out.write(&frame)
+            out.write(frame)
                 .await
                 .map_err(|e| SinkError(e.to_string()))?;
         }

@@ -461,6 +461,7 @@ impl ClusterNode {
                 .clone()
                 .unwrap_or_else(|| peer_addr.to_string()),
             log_format: volna_cluster::raft::LOG_FORMAT,
+            peer_protocol: volna_cluster::raft::network::PEER_PROTOCOL,
         };
         let view = Arc::new(ClusterView::default());
         let groups = Arc::new(Mutex::new(BTreeMap::new()));

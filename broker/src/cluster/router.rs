@@ -111,6 +111,18 @@ impl ClusterView {
             .and_then(|inner| inner.1.get(&node).map(|info| info.peer.clone()))
     }
 
+    /// Whether `node` takes upstream subscriptions on an upstream link (as
+    /// it last registered; a node not in the view is taken to be of this
+    /// version).
+    pub fn has_upstream_links(&self, node: NodeId) -> bool {
+        self.inner.read().is_ok_and(|inner| {
+            inner
+                .1
+                .get(&node)
+                .is_none_or(|info| info.peer_protocol >= 1)
+        })
+    }
+
     /// Whether every replica of `partition` reads Raft entries of
     /// `format` (as each last registered; a replica never seen reads
     /// none).
@@ -466,6 +478,7 @@ mod tests {
             quic: format!("127.0.0.1:{}", 7400 + id),
             peer: format!("127.0.0.1:{}", 7500 + id),
             log_format,
+            peer_protocol: volna_cluster::raft::network::PEER_PROTOCOL,
         };
         (id, info)
     }

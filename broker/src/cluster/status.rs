@@ -85,6 +85,10 @@ pub struct ClusterReport {
     /// (channels it serves as an edge).
     #[serde(default)]
     pub upstreams: u64,
+    /// Upstream links of this node that ended, each ending every upstream
+    /// it carried.
+    #[serde(default)]
+    pub upstream_links_lost: u64,
     /// Messages relayed from upstreams to this node's subscribers.
     #[serde(default)]
     pub relayed: u64,
@@ -207,6 +211,7 @@ impl StatusSource {
             forwarded: stats.forwarded.load(Ordering::Relaxed),
             peer_calls: stats.calls.load(Ordering::Relaxed),
             upstreams: u64::try_from(edge.upstreams.load(Ordering::Relaxed)).unwrap_or(0),
+            upstream_links_lost: stats.upstream_links_lost.load(Ordering::Relaxed),
             relayed: edge.relayed.load(Ordering::Relaxed),
             remote_reads: edge.remote_reads.load(Ordering::Relaxed),
             replica_corrections: self.log.replica_corrections(),
@@ -378,6 +383,12 @@ impl ClusterStatus for StatusSource {
             "gauge",
             "Upstream subscriptions to other nodes' partition leaders (edge channels)",
             &[("", report.upstreams)],
+        );
+        metric(
+            "cluster_upstream_links_lost_total",
+            "counter",
+            "Upstream links to other nodes that ended (each ends every upstream it carried)",
+            &[("", report.upstream_links_lost)],
         );
         metric(
             "cluster_relayed_messages_total",

@@ -86,9 +86,9 @@ pub struct Fanout {
     shrinking: Mutex<()>,
     /// One queue per waker thread, shard `k` to thread `k`.
     wakers: Vec<Sender<(Arc<ChannelFeed>, usize)>>,
-    /// Told when a channel gets its first subscriber (a cluster node's
-    /// edges, to follow channels it does not replicate).
-    watcher: std::sync::OnceLock<Arc<dyn FeedWatcher>>,
+    /// Told when a channel gets its first subscriber and loses its last
+    /// (a cluster node's edges, to follow channels it does not replicate).
+    watcher: Arc<std::sync::OnceLock<Arc<dyn FeedWatcher>>>,
     /// Namespaces whose feeds start over on a batch of another epoch.
     restartable: Arc<std::collections::HashSet<String>>,
 }
@@ -98,6 +98,9 @@ pub trait FeedWatcher: Send + Sync + std::fmt::Debug + 'static {
     /// `channel` has a feed again (its first subscriber). Called outside
     /// the registry's locks; must not block.
     fn opened(&self, channel: &ChannelName);
+    /// `channel`'s last subscriber left: its feed is gone. Called from a
+    /// subscription's drop, outside the registry's locks; must not block.
+    fn closed(&self, channel: &ChannelName);
 }
 
 /// One channel's ring of encoded batches, its head offset and its
@@ -203,6 +206,7 @@ pub struct FeedSubscription {
     seen_epoch: u64,
     registry: Arc<DashMap<ChannelName, Arc<ChannelFeed>>>,
     total: Arc<AtomicUsize>,
+    watcher: Arc<std::sync::OnceLock<Arc<dyn FeedWatcher>>>,
 }
 
 impl Fanout {
@@ -238,7 +242,7 @@ impl Fanout {
             commits: AtomicU64::new(0),
             shrinking: Mutex::new(()),
             wakers,
-            watcher: std::sync::OnceLock::new(),
+            watcher: Arc::default(),
             restartable: Arc::default(),
         }
     }
@@ -478,6 +482,7 @@ impl Fanout {
             seen_epoch: 0,
             registry: self.channels.clone(),
             total: self.total.clone(),
+            watcher: self.watcher.clone(),
         }
     }
 }
@@ -740,6 +745,9 @@ impl Drop for FeedSubscription {
         });
         if let Some((_, feed)) = removed {
             self.total.fetch_sub(feed.clear_ring(), Ordering::Relaxed);
+            if let Some(watcher) = self.watcher.get() {
+                watcher.closed(&self.channel);
+            }
         }
     }
 }

@@ -48,6 +48,12 @@ pub enum Scenario {
     /// `fanout` against a bare quinn server in this process: the QUIC
     /// ceiling of this machine, no broker.
     Ceiling,
+    /// `--channels` inboxes with one subscriber each, `--per-connection`
+    /// of them on each subscriber connection, and one publisher connection
+    /// per group publishing `--messages` to each of its inboxes (on
+    /// `--publish-server` when given: another node of a cluster, so that
+    /// the subscribers' node follows every inbox through its edges).
+    Inboxes,
 }
 
 impl Scenario {
@@ -59,6 +65,7 @@ impl Scenario {
             Scenario::Connections => "connections",
             Scenario::Storm => "storm",
             Scenario::Ceiling => "ceiling",
+            Scenario::Inboxes => "inboxes",
         }
     }
 }
@@ -133,6 +140,19 @@ pub struct BenchArgs {
     /// spreads over a cluster's partitions instead of one user's.
     #[arg(long, requires = "ack")]
     pub device_users: bool,
+    /// `inboxes`: subscriptions per subscriber connection (and channels
+    /// per publisher connection).
+    #[arg(long, default_value_t = 1)]
+    pub per_connection: usize,
+    /// `inboxes` on a cluster node: only inboxes of partitions that node
+    /// does not hold (its `/admin/cluster`, so `--admin-token` is needed),
+    /// each followed there through an upstream from its leader.
+    #[arg(long)]
+    pub edges: bool,
+    /// `inboxes`: where publishers connect (`host:port`; by default the
+    /// subscribers' server).
+    #[arg(long, value_name = "ADDR")]
+    pub publish_server: Option<String>,
     /// Run `fanout` or `chats` against this NATS server (core NATS, e.g.
     /// `nats://127.0.0.1:4222`) instead of a Volna broker.
     #[arg(long, value_name = "URL")]
@@ -227,6 +247,7 @@ pub async fn run(args: &BenchArgs, target: Target, json_out: bool) -> anyhow::Re
         Scenario::Connections => scenarios::connections(args, &target, json_out).await?,
         Scenario::Storm => scenarios::storm(args, &target, json_out).await?,
         Scenario::Ceiling => ceiling::run(args, json_out).await?,
+        Scenario::Inboxes => scenarios::inboxes(args, &target, json_out).await?,
     };
     let correct = report["lost"] == 0 && report["duplicates"] == 0 && report["out_of_order"] == 0;
     if json_out {

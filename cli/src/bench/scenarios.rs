@@ -208,6 +208,110 @@ pub async fn chats(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow:
         .await)
 }
 
+/// `--channels` inboxes, one subscriber each, `--per-connection` to a
+/// connection; a publisher connection per group, on `--publish-server`
+/// when given.
+pub async fn inboxes(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
+    let tag = rand::random();
+    let held = if args.edges {
+        Some(held_partitions(target).await?)
+    } else {
+        None
+    };
+    let mut channels = Vec::with_capacity(args.channels);
+    for i in 0.. {
+        if channels.len() == args.channels {
+            break;
+        }
+        let channel = workload::fresh_channel("bench.inbox", tag, i)?;
+        if let Some(held) = &held {
+            let partition = volna_proto::partition_index(channel.as_str(), held.len() as u32);
+            if held[partition as usize] {
+                continue;
+            }
+        }
+        channels.push(channel);
+    }
+    let groups: Vec<&[ChannelName]> = channels.chunks(args.per_connection.max(1)).collect();
+    let bar = workload::progress(json_out);
+    let (clients, subs, connect_rate) = workload::connect_groups(target, &groups, &bar).await?;
+    let readers = workload::Readers::spawn(subs, None, args.messages, deadline(args), &[]);
+    let published = args.messages * args.channels as u64;
+    bar.set_message("delivering");
+    bar.set_length(published);
+    let ticker = workload::follow(&bar, &readers.delivered);
+
+    let mut config = target.client.clone();
+    if let Some(server) = &args.publish_server {
+        config.servers = vec![server.clone()];
+    }
+    let mut publishers = Vec::with_capacity(groups.len());
+    for _ in &groups {
+        publishers.push(
+            Client::connect(config.clone())
+                .await
+                .context("connecting a publisher")?,
+        );
+    }
+    let run = Run::start(target).await;
+    let rate = args.rate as f64 / groups.len() as f64;
+    let histograms = try_join_all(publishers.iter().zip(&groups).map(|(publisher, group)| {
+        workload::publish_rounds(publisher, group, args.messages, args.payload, rate)
+    }))
+    .await?;
+    let mut acks = workload::ack_histogram()?;
+    for h in &histograms {
+        acks.add(h).context("merging ack latencies")?;
+    }
+    let publish_secs = run.elapsed();
+    let totals = readers.collect(published, published).await?;
+    let http = &target.admin.http;
+    let upstreams = workload::broker_metric(http, "volna_cluster_upstreams").await;
+    let peer_bytes = workload::broker_metric(http, "volna_cluster_peer_bytes_received_total").await;
+    let shape = Shape {
+        connections: groups.len() * 2,
+        subscribers: args.channels,
+        publishers: groups.len(),
+        channels: args.channels,
+    };
+    let outcome = Outcome {
+        scenario: Scenario::Inboxes,
+        shape,
+        payload: args.payload,
+        totals,
+        publish_secs,
+        connect_rate,
+        extra: json!({
+            "ack_p50_us": acks.value_at_quantile(0.50),
+            "ack_p99_us": acks.value_at_quantile(0.99),
+            "upstreams": upstreams,
+            "peer_bytes_received_total": peer_bytes,
+        }),
+    };
+    Ok(run
+        .conclude(
+            target,
+            &bar,
+            Some(ticker),
+            clients.iter().chain(&publishers),
+            outcome,
+        )
+        .await)
+}
+
+/// Per partition, whether the target cluster node holds a replica of it.
+async fn held_partitions(target: &Target) -> anyhow::Result<Vec<bool>> {
+    let status = target.admin.call("GET", "/admin/cluster", None).await?;
+    let partitions = status["partitions"]
+        .as_array()
+        .context("the target is no cluster node (its /admin/cluster lists no partitions)")?;
+    let held: Vec<bool> = partitions.iter().map(|p| p["hosted"] == true).collect();
+    if held.iter().all(|h| *h) {
+        bail!("the target node holds every partition: no channel is an edge there");
+    }
+    Ok(held)
+}
+
 /// Pre-fill one channel, then `--subscribers` replay it from offset 1.
 pub async fn catchup(args: &BenchArgs, target: &Target, json_out: bool) -> anyhow::Result<Value> {
     let tag = rand::random();

@@ -326,6 +326,51 @@ pub async fn connect_subscribers(
     Ok((clients, subs, rate))
 }
 
+/// Connects one client per group of channels and subscribes it to each;
+/// returns the clients, their subscriptions (in the groups' order) and the
+/// subscriptions per second.
+pub async fn connect_groups(
+    target: &Target,
+    groups: &[&[ChannelName]],
+    bar: &ProgressBar,
+) -> anyhow::Result<(Vec<Client>, Vec<Subscription>, f64)> {
+    let total: usize = groups.iter().map(|g| g.len()).sum();
+    bar.set_message("subscribing");
+    bar.set_length(total as u64);
+    bar.set_position(0);
+    let started = Instant::now();
+    let mut clients = Vec::with_capacity(groups.len());
+    let mut subs = Vec::with_capacity(total);
+    let mut pending = FuturesUnordered::new();
+    let mut next = 0;
+    let mut done = 0;
+    while done < groups.len() {
+        while next < groups.len() && pending.len() < CONNECT_CONCURRENCY {
+            let group = groups[next];
+            let mut config = target.client_config(next);
+            config.max_subscriptions = u32::try_from(group.len()).unwrap_or(u32::MAX);
+            pending.push(async move {
+                let client = Client::connect(config).await?;
+                let mut subs = Vec::with_capacity(group.len());
+                for channel in group {
+                    subs.push(client.subscribe(channel, Position::Latest).await?);
+                }
+                Ok::<_, volna_client::ClientError>((client, subs))
+            });
+            next += 1;
+        }
+        if let Some(result) = pending.next().await {
+            let (client, group) = result.context("connecting a subscriber")?;
+            bar.inc(group.len() as u64);
+            clients.push(client);
+            subs.extend(group);
+            done += 1;
+        }
+    }
+    let rate = total as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok((clients, subs, rate))
+}
+
 /// A run's reader tasks, one per subscription, and what they share.
 #[derive(Debug)]
 pub struct Readers {
@@ -393,6 +438,27 @@ pub async fn publish_all(
     payload_bytes: usize,
     rate: f64,
 ) -> anyhow::Result<Histogram<u64>> {
+    publish_rounds(
+        publisher,
+        std::slice::from_ref(channel),
+        count,
+        payload_bytes,
+        rate,
+    )
+    .await
+}
+
+/// Publishes `rounds` timestamped payloads to each of `channels`, one to
+/// each in turn, at most `rate` per second in all; returns the ack
+/// latencies as [`publish_all`] does.
+pub async fn publish_rounds(
+    publisher: &Client,
+    channels: &[ChannelName],
+    rounds: u64,
+    payload_bytes: usize,
+    rate: f64,
+) -> anyhow::Result<Histogram<u64>> {
+    let count = rounds * channels.len() as u64;
     let pace = (rate > 0.0).then(|| Duration::from_secs_f64(1.0 / rate));
     // Paced publishers start at a random point of their first interval:
     // a thousand chats each sending once a second do not all send at the
@@ -422,7 +488,9 @@ pub async fn publish_all(
                 take(done)?;
             }
         }
-        let publish = publisher.publish(channel, payload(seq, payload_bytes));
+        let turn = channels.len() as u64;
+        let channel = &channels[(seq % turn) as usize];
+        let publish = publisher.publish(channel, payload(seq / turn, payload_bytes));
         let sent = Instant::now();
         inflight.push(async move { (publish.await, sent) });
         // Polls the new publish (sending it) and takes acks already in.

@@ -18,6 +18,7 @@
 pub mod lease;
 pub mod log_store;
 pub mod network;
+pub mod upstreams;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -34,8 +34,11 @@
 //!
 //! The same connection carries what edges need from a partition's leader
 //! (see [`ChannelService`]): channel reads (one call each) and upstream
-//! subscriptions (one long-lived stream each, the leader writing delivery
-//! frames as its log grows).
+//! subscriptions, all of one node pair's on one long-lived stream with
+//! credit per upstream (`super::upstreams`). A call that times out fails
+//! alone: it never closes the connection, which carries every other
+//! group's calls and every upstream (a peer that is really gone is
+//! noticed by the connection's idle timeout, 1.5 s).
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -60,6 +63,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::lease::Standing;
+use super::upstreams::{EdgeLink, OpenHandler, ServedLink};
 use super::{BasicNode, Command, Raft, Reply, TypeConfig};
 use crate::partition::PartitionId;
 use crate::placement::NodeId;
@@ -93,6 +97,12 @@ const BATCH_WINDOW: Duration = Duration::from_millis(1);
 /// Heartbeats per batched call, at most.
 const MAX_BATCH: usize = 1024;
 
+/// The peer protocol this node speaks, advertised in its registration
+/// (`NodeInfo::peer_protocol`): 1 carries upstream subscriptions on one
+/// upstream link per node pair ([`super::upstreams`]); 0 (nodes from
+/// before the field) a stream per upstream.
+pub const PEER_PROTOCOL: u32 = 1;
+
 /// Call kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -104,7 +114,8 @@ enum Kind {
     Propose = 4,
     /// A read of a channel's stored messages ([`ChannelService::read`]).
     Read = 5,
-    /// An upstream subscription ([`ChannelService::follow`]).
+    /// An upstream subscription on a stream of its own, as nodes from
+    /// before upstream links ([`PEER_PROTOCOL`]) follow and are followed.
     Follow = 6,
     /// Heartbeats of several groups for one peer, answered together.
     Batch = 7,
@@ -118,6 +129,9 @@ enum Kind {
     /// registry) for the partition's leader, or read markers moved there
     /// ([`ChannelService::devices`]).
     Devices = 10,
+    /// The caller's upstream link: its upstream subscriptions, served by
+    /// [`ChannelService::follow`] ([`super::upstreams`]).
+    Upstreams = 11,
 }
 
 impl Kind {
@@ -133,6 +147,7 @@ impl Kind {
             8 => Some(Self::Ephemeral),
             9 => Some(Self::Released),
             10 => Some(Self::Devices),
+            11 => Some(Self::Upstreams),
             _ => None,
         }
     }
@@ -263,86 +278,7 @@ pub trait ChannelService: Send + Sync + 'static {
 /// A boxed, sendable future.
 pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
 
-/// The serving side of an upstream subscription: bytes written here reach
-/// the following node in order, counted as inter-node traffic.
-pub struct FollowSink {
-    send: quinn::SendStream,
-    peers: Arc<Peers>,
-}
-
-impl FollowSink {
-    /// Writes `bytes`; fails when the follower is gone.
-    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), quinn::WriteError> {
-        self.send.write_all(bytes).await?;
-        self.peers
-            .stats
-            .bytes_sent
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Ends the stream after what was written.
-    pub fn finish(&mut self) {
-        let _ = self.send.finish();
-    }
-
-    /// Resolves when the follower stops reading (it closed the stream or
-    /// the connection went away); independent of this sink's later use.
-    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let stopped = self.send.stopped();
-        async move {
-            let _ = stopped.await;
-        }
-    }
-}
-
-impl Debug for FollowSink {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FollowSink").finish_non_exhaustive()
-    }
-}
-
-/// The following side of an upstream subscription.
-pub struct FollowStream {
-    node: NodeId,
-    recv: quinn::RecvStream,
-    peers: Arc<Peers>,
-}
-
-impl FollowStream {
-    /// The next bytes the leader wrote, at most `max`; `None` once it
-    /// finished the stream.
-    pub async fn read(&mut self, max: usize) -> Result<Option<bytes::Bytes>, LinkError> {
-        let chunk = self
-            .recv
-            .read_chunk(max, true)
-            .await
-            .map_err(|e| LinkError::Broken {
-                node: self.node,
-                reason: e.to_string(),
-            })?;
-        Ok(chunk.map(|chunk| {
-            self.peers
-                .stats
-                .bytes_received
-                .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-            chunk.bytes
-        }))
-    }
-
-    /// The node followed.
-    pub fn node(&self) -> NodeId {
-        self.node
-    }
-}
-
-impl Debug for FollowStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FollowStream")
-            .field("node", &self.node)
-            .finish_non_exhaustive()
-    }
-}
+pub use super::upstreams::{FollowSink, FollowStream, UpstreamError};
 
 /// Inter-node traffic, for metrics.
 #[derive(Debug, Default)]
@@ -355,6 +291,9 @@ pub struct LinkStats {
     pub calls: AtomicU64,
     /// Commands forwarded to another node's leader.
     pub forwarded: AtomicU64,
+    /// Upstream links of this node that ended (their connection broke or
+    /// the peer ended them): each ends every upstream it carried.
+    pub upstream_links_lost: AtomicU64,
 }
 
 /// A node's inter-node endpoint: it accepts calls for the partition groups
@@ -366,7 +305,9 @@ pub struct Peers {
     groups: DashMap<PartitionId, Raft>,
     batchers: DashMap<NodeId, tokio::sync::mpsc::Sender<Batched>>,
     channels: std::sync::OnceLock<Arc<dyn ChannelService>>,
-    stats: LinkStats,
+    /// Per peer, this node's upstream link to it (one at a time).
+    upstream_links: DashMap<NodeId, Arc<tokio::sync::Mutex<Option<Arc<EdgeLink>>>>>,
+    stats: Arc<LinkStats>,
     stop: CancellationToken,
     /// The leader lease in milliseconds ([`super::lease`]).
     lease_ms: AtomicU64,
@@ -433,7 +374,8 @@ impl Peers {
             groups: DashMap::new(),
             batchers: DashMap::new(),
             channels: std::sync::OnceLock::new(),
-            stats: LinkStats::default(),
+            upstream_links: DashMap::new(),
+            stats: Arc::default(),
             stop: CancellationToken::new(),
             lease_ms: AtomicU64::new(DEFAULT_LEASE.as_millis() as u64),
             heard: Arc::default(),
@@ -549,33 +491,86 @@ impl Peers {
     }
 
     /// Opens an upstream subscription on `node` ([`ChannelService::follow`]
-    /// serves it there).
+    /// serves it there), on this node's upstream link to it.
     pub async fn follow(
-        self: &Arc<Self>,
+        &self,
         node: NodeId,
         addr: &str,
         partition: PartitionId,
         body: &[u8],
     ) -> Result<FollowStream, LinkError> {
-        let conn = match tokio::time::timeout(CONNECT_TIMEOUT, self.connection(node, addr)).await {
-            Ok(conn) => conn?,
+        let link = self.upstream_link(node, addr).await?;
+        link.open(partition, body).map_err(|e| LinkError::Broken {
+            node,
+            reason: e.reason,
+        })
+    }
+
+    /// Opens an upstream subscription on `node`, a node from before
+    /// upstream links ([`PEER_PROTOCOL`] 0), on a stream of its own.
+    pub async fn follow_on_stream(
+        &self,
+        node: NodeId,
+        addr: &str,
+        partition: PartitionId,
+        body: &[u8],
+    ) -> Result<FollowStream, LinkError> {
+        let opened = async {
+            let conn = self.connection(node, addr).await?;
+            send_call(&conn, self.node, node, Kind::Follow, partition, body).await
+        };
+        let recv = match tokio::time::timeout(CONNECT_TIMEOUT, opened).await {
+            Ok(recv) => recv?,
             Err(_) => {
                 return Err(LinkError::Connect {
                     node,
                     addr: addr.to_owned(),
-                    reason: format!("no handshake within {CONNECT_TIMEOUT:?}"),
+                    reason: format!("no upstream stream within {CONNECT_TIMEOUT:?}"),
                 });
             }
         };
-        let recv = send_call(&conn, self.node, node, Kind::Follow, partition, body).await?;
         self.stats
             .bytes_sent
             .fetch_add((body.len() + HEADER) as u64, Ordering::Relaxed);
-        Ok(FollowStream {
-            node,
-            recv,
-            peers: self.clone(),
-        })
+        Ok(FollowStream::on_stream(node, recv, self.stats.clone()))
+    }
+
+    /// This node's upstream link to `node`, opened when there is none.
+    async fn upstream_link(&self, node: NodeId, addr: &str) -> Result<Arc<EdgeLink>, LinkError> {
+        let slot = self
+            .upstream_links
+            .entry(node)
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+            .clone();
+        let mut slot = slot.lock().await;
+        if let Some(link) = slot.as_ref().filter(|link| link.is_alive()) {
+            return Ok(link.clone());
+        }
+        let opened = async {
+            let conn = self.connection(node, addr).await?;
+            let broken = |reason: String| LinkError::Broken { node, reason };
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+            send.write_all(&header(Kind::Upstreams, PartitionId(0), self.node))
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            Ok::<_, LinkError>((send, recv))
+        };
+        let (send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, opened).await {
+            Ok(opened) => opened?,
+            Err(_) => {
+                return Err(LinkError::Connect {
+                    node,
+                    addr: addr.to_owned(),
+                    reason: format!("no upstream link within {CONNECT_TIMEOUT:?}"),
+                });
+            }
+        };
+        self.stats
+            .bytes_sent
+            .fetch_add(HEADER as u64, Ordering::Relaxed);
+        let link = EdgeLink::start(node, send, recv, self.stats.clone());
+        *slot = Some(link.clone());
+        Ok(link)
     }
 
     /// Stops serving `partition`'s group.
@@ -934,18 +929,6 @@ impl Peers {
         }
     }
 
-    /// Drops the connection to `node` (it failed a call): the next call
-    /// dials afresh instead of waiting on a dead peer's idle timeout.
-    async fn forget(&self, node: NodeId) {
-        let slot = self.links.get(&node).map(|slot| slot.clone());
-        if let Some(slot) = slot {
-            let mut slot = slot.lock().await;
-            if let Some(conn) = slot.take() {
-                conn.close(0u32.into(), b"call failed");
-            }
-        }
-    }
-
     async fn connection(&self, node: NodeId, addr: &str) -> Result<quinn::Connection, LinkError> {
         let slot = self
             .links
@@ -1016,14 +999,13 @@ impl Peers {
                 })?;
             Ok(answer)
         };
+        // A failed or late call fails alone: the connection carries every
+        // other call and upstream, and one that is really broken is
+        // redialed by the next call (`connection` checks it).
         let answer = match tokio::time::timeout(deadline, exchange).await {
             Ok(Ok(answer)) => answer,
-            Ok(Err(e)) => {
-                self.forget(node).await;
-                return Err(e);
-            }
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
-                self.forget(node).await;
                 return Err(LinkError::Timeout {
                     node,
                     after: deadline,
@@ -1228,6 +1210,15 @@ impl Header {
     }
 }
 
+/// A call's header, encoded.
+fn header(kind: Kind, partition: PartitionId, from: NodeId) -> [u8; HEADER] {
+    let mut header = [0u8; HEADER];
+    header[0] = kind as u8;
+    header[1..5].copy_from_slice(&partition.0.to_be_bytes());
+    header[5..].copy_from_slice(&from.to_be_bytes());
+    header
+}
+
 /// Opens a stream to `node` and sends a call on it (`kind ‖ partition ‖
 /// from ‖ body`, then the end of the stream); returns where the answer
 /// comes.
@@ -1241,11 +1232,7 @@ async fn send_call(
 ) -> Result<quinn::RecvStream, LinkError> {
     let broken = |reason: String| LinkError::Broken { node, reason };
     let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
-    let mut header = [0u8; HEADER];
-    header[0] = kind as u8;
-    header[1..5].copy_from_slice(&partition.0.to_be_bytes());
-    header[5..].copy_from_slice(&from.to_be_bytes());
-    send.write_all(&header)
+    send.write_all(&header(kind, partition, from))
         .await
         .map_err(|e| broken(e.to_string()))?;
     send.write_all(body)
@@ -1310,8 +1297,36 @@ async fn serve_call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let call = match recv.read_to_end(MAX_MESSAGE).await {
-        Ok(call) => call,
+    let mut head = [0u8; HEADER];
+    if let Err(e) = recv.read_exact(&mut head).await {
+        debug!(error = %e, "peer call unreadable");
+        return;
+    }
+    let Some((header, _)) = Header::split(&head) else {
+        return;
+    };
+    if header.kind == Kind::Upstreams as u8 {
+        peers
+            .stats
+            .bytes_received
+            .fetch_add(HEADER as u64, Ordering::Relaxed);
+        let service = peers.channels.get().cloned();
+        match service {
+            Some(service) if unproven(&proven, header.from).is_none() => {
+                let open: OpenHandler = Arc::new(move |partition, body: bytes::Bytes, out| {
+                    tokio::spawn(service.follow(partition, body.to_vec(), out));
+                });
+                let stats = peers.stats.clone();
+                ServedLink::serve(header.from, send, recv, stats, peers.stop.clone(), open).await;
+            }
+            _ => {
+                let _ = send.reset(0u32.into());
+            }
+        }
+        return;
+    }
+    let body = match recv.read_to_end(MAX_MESSAGE).await {
+        Ok(body) => body,
         Err(e) => {
             debug!(error = %e, "peer call unreadable");
             return;
@@ -1320,16 +1335,14 @@ async fn serve_call(
     peers
         .stats
         .bytes_received
-        .fetch_add(call.len() as u64, Ordering::Relaxed);
-    if call.first() == Some(&(Kind::Follow as u8)) {
-        let service = peers.channels.get().cloned();
-        match (service, Header::split(&call)) {
-            (Some(service), Some((header, body))) if unproven(&proven, header.from).is_none() => {
-                let out = FollowSink {
-                    send,
-                    peers: peers.clone(),
-                };
-                service.follow(header.partition, body.to_vec(), out).await;
+        .fetch_add((HEADER + body.len()) as u64, Ordering::Relaxed);
+    if header.kind == Kind::Follow as u8 {
+        // An upstream on a stream of its own, from a node from before
+        // upstream links.
+        match peers.channels.get().cloned() {
+            Some(service) if unproven(&proven, header.from).is_none() => {
+                let out = FollowSink::on_stream(header.from, send, peers.stats.clone());
+                service.follow(header.partition, body, out).await;
             }
             _ => {
                 let _ = send.reset(0u32.into());
@@ -1337,7 +1350,7 @@ async fn serve_call(
         }
         return;
     }
-    let answer = answer(&peers, &proven, &call).await;
+    let answer = answer(&peers, &proven, header, &body).await;
     peers
         .stats
         .bytes_sent
@@ -1365,16 +1378,13 @@ fn stamped(command: &Command) -> Command {
 }
 
 /// Decodes a call, hands it to its group and encodes the group's answer.
-async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
+async fn answer(peers: &Peers, proven: &[NodeId], header: Header, body: &[u8]) -> Vec<u8> {
     fn encode<T: Serialize, E: Serialize>(answer: &Answer<T, E>) -> Vec<u8> {
         postcard::to_allocvec(answer).unwrap_or_default()
     }
     fn malformed(why: String) -> Vec<u8> {
         encode::<(), ()>(&Answer::Malformed(why))
     }
-    let Some((header, body)) = Header::split(call) else {
-        return malformed("short header".into());
-    };
     let Some(kind) = Kind::from_u8(header.kind) else {
         return malformed(format!("unknown call kind {}", header.kind));
     };
@@ -1490,9 +1500,12 @@ async fn answer(peers: &Peers, proven: &[NodeId], call: &[u8]) -> Vec<u8> {
             encode::<Release, ()>(&Answer::Ok(release_of(&raft, peers, partition, from)))
         }
         // Served above.
-        Kind::Read | Kind::Follow | Kind::Batch | Kind::Ephemeral | Kind::Devices => {
-            malformed("not a group call".into())
-        }
+        Kind::Read
+        | Kind::Follow
+        | Kind::Batch
+        | Kind::Ephemeral
+        | Kind::Devices
+        | Kind::Upstreams => malformed("not a group call".into()),
     }
 }
 
