@@ -429,12 +429,21 @@ impl Edges {
         let partition = self.partition(&channel);
         let mut epoch: Option<Epoch> = None;
         let mut failures = 0u32;
+        let mut feed = self.fanout.feed_number(&channel);
         loop {
             // A fresh token before the look: a change after it cancels the
             // new one (the map holds it), so none goes unseen.
             if recheck.is_cancelled() {
                 recheck = CancellationToken::new();
                 self.upstreams.insert(channel.clone(), recheck.clone());
+            }
+            // A feed made anew (its devices all left, others came) knows
+            // nothing this task followed: it starts from the leader's head
+            // as a first upstream does, not from its own empty head.
+            let now_feeding = self.fanout.feed_number(&channel);
+            if now_feeding != feed {
+                feed = now_feeding;
+                epoch = None;
             }
             // The feed may follow an epoch this task never heard of (the
             // one its own replica or leadership fed it). An in-memory
@@ -449,13 +458,13 @@ impl Edges {
                 // A subscriber may have come back between the check and
                 // the removal, finding the entry still there.
                 if self.needs_upstream(&channel)
-                    && self
-                        .upstreams
-                        .insert(channel.clone(), recheck.clone())
-                        .is_none()
+                    && let dashmap::Entry::Vacant(vacant) = self.upstreams.entry(channel.clone())
                 {
+                    vacant.insert(recheck.clone());
                     continue;
                 }
+                // Not needed, or another task took the channel over (its
+                // token stays in the map).
                 return;
             }
             let head = self.fanout.head(&channel).unwrap_or(Offset::FIRST);
@@ -527,6 +536,10 @@ impl Edges {
             let mut stream = match opened {
                 Ok(stream) => stream,
                 Err(e) => {
+                    // Not asked first next time: a dead leader's upstreams
+                    // go to the replicas the map names.
+                    self.leaders
+                        .remove_if(&partition, |_, leader| *leader == node);
                     last = e.to_string();
                     continue;
                 }
@@ -614,9 +627,9 @@ impl Edges {
         match frame {
             Some(Frame::Deliver(deliver)) => {
                 if self.logs.is_ephemeral(channel) {
-                    if self.peers.leads(self.partition(channel)) {
-                        // Its own log feeds the channel now; the upstream
-                        // ends at its next check.
+                    if self.serves_locally(channel) {
+                        // Its own memory feeds the channel now (the view
+                        // tick that found so ends the upstream).
                         return Ok(true);
                     }
                     // A new leader's epoch of an in-memory channel: the

@@ -588,8 +588,10 @@ impl ClusterNode {
             setup.fanout.clone(),
             cluster_devices.clone(),
         )));
-        edges.check_partitions();
+        // Watched first: a feed made between the first look and the watch
+        // would get no upstream until its partition changed.
         setup.fanout.watch_feeds(edges.clone());
+        edges.check_partitions();
         if let Some(push) = &setup.push {
             push.start(
                 peers.clone(),

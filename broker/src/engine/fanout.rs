@@ -83,6 +83,8 @@ pub struct Fanout {
     max_total: usize,
     /// Orders channels by their last commit, for shrinking.
     commits: AtomicU64,
+    /// Feeds made so far: each feed's number (see [`Fanout::feed_number`]).
+    feeds_made: AtomicU64,
     shrinking: Mutex<()>,
     /// One queue per waker thread, shard `k` to thread `k`.
     wakers: Vec<Sender<(Arc<ChannelFeed>, usize)>>,
@@ -124,6 +126,9 @@ pub struct ChannelFeed {
     epoch: AtomicU64,
     /// A batch of another epoch starts the feed over (in-memory channels).
     restartable: bool,
+    /// Which feed of the channel this is: a feed made after the last
+    /// subscriber left is another one (a new number).
+    number: u64,
 }
 
 /// Subscribers of a channel woken together.
@@ -240,6 +245,7 @@ impl Fanout {
             total: Arc::new(AtomicUsize::new(0)),
             max_total: usize::MAX,
             commits: AtomicU64::new(0),
+            feeds_made: AtomicU64::new(0),
             shrinking: Mutex::new(()),
             wakers,
             watcher: Arc::default(),
@@ -275,6 +281,13 @@ impl Fanout {
         self.channels
             .get(channel)
             .map(|feed| Offset::new(feed.value().head.load(Ordering::Acquire)))
+    }
+
+    /// The number of `channel`'s feed, when it has subscribers: a feed
+    /// made anew (its last subscriber had left) has another, so whoever
+    /// fed the old one knows to start over.
+    pub fn feed_number(&self, channel: &ChannelName) -> Option<u64> {
+        self.channels.get(channel).map(|feed| feed.value().number)
     }
 
     /// The epoch of `channel` its feed follows, when it has subscribers
@@ -461,6 +474,7 @@ impl Fanout {
                     deleted: AtomicBool::new(false),
                     epoch: AtomicU64::new(0),
                     restartable,
+                    number: self.feeds_made.fetch_add(1, Ordering::Relaxed),
                 })
             });
             let feed = entry.value().clone();

@@ -90,6 +90,10 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(1);
 /// takes a round trip or two; a dead peer never answers.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// How long a failed upstream link dial keeps others from dialing the
+/// same peer (they fail at once and try the partition's next replica).
+const REDIAL_PAUSE: Duration = Duration::from_millis(250);
+
 /// How long a heartbeat waits for others to the same peer to share its
 /// call.
 const BATCH_WINDOW: Duration = Duration::from_millis(1);
@@ -296,6 +300,13 @@ pub struct LinkStats {
     pub upstream_links_lost: AtomicU64,
 }
 
+/// This node's upstream link to one peer, and its last failed dial.
+#[derive(Debug, Default)]
+struct LinkSlot {
+    link: Option<Arc<EdgeLink>>,
+    failed: Option<(std::time::Instant, String)>,
+}
+
 /// A node's inter-node endpoint: it accepts calls for the partition groups
 /// it hosts and dials peers for its own groups' calls.
 pub struct Peers {
@@ -306,7 +317,7 @@ pub struct Peers {
     batchers: DashMap<NodeId, tokio::sync::mpsc::Sender<Batched>>,
     channels: std::sync::OnceLock<Arc<dyn ChannelService>>,
     /// Per peer, this node's upstream link to it (one at a time).
-    upstream_links: DashMap<NodeId, Arc<tokio::sync::Mutex<Option<Arc<EdgeLink>>>>>,
+    upstream_links: DashMap<NodeId, Arc<tokio::sync::Mutex<LinkSlot>>>,
     stats: Arc<LinkStats>,
     stop: CancellationToken,
     /// The leader lease in milliseconds ([`super::lease`]).
@@ -536,41 +547,66 @@ impl Peers {
     }
 
     /// This node's upstream link to `node`, opened when there is none.
+    ///
+    /// Waiting for another caller's dial counts against the same deadline,
+    /// and a dial that failed is not tried again for [`REDIAL_PAUSE`]: when
+    /// a leader dies, every upstream it fed asks for a link to it at once,
+    /// and each must fail fast and move on to the next candidate, not
+    /// queue behind the others' dials.
     async fn upstream_link(&self, node: NodeId, addr: &str) -> Result<Arc<EdgeLink>, LinkError> {
-        let slot = self
-            .upstream_links
-            .entry(node)
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
-            .clone();
-        let mut slot = slot.lock().await;
-        if let Some(link) = slot.as_ref().filter(|link| link.is_alive()) {
-            return Ok(link.clone());
-        }
-        let opened = async {
-            let conn = self.connection(node, addr).await?;
-            let broken = |reason: String| LinkError::Broken { node, reason };
-            let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
-            send.write_all(&header(Kind::Upstreams, PartitionId(0), self.node))
-                .await
-                .map_err(|e| broken(e.to_string()))?;
-            Ok::<_, LinkError>((send, recv))
+        let slot = self.upstream_links.entry(node).or_default().clone();
+        let failed = |reason: String| LinkError::Connect {
+            node,
+            addr: addr.to_owned(),
+            reason,
         };
-        let (send, recv) = match tokio::time::timeout(CONNECT_TIMEOUT, opened).await {
-            Ok(opened) => opened?,
-            Err(_) => {
-                return Err(LinkError::Connect {
-                    node,
-                    addr: addr.to_owned(),
-                    reason: format!("no upstream link within {CONNECT_TIMEOUT:?}"),
-                });
+        let linked = async {
+            let mut slot = slot.lock().await;
+            if let Some(link) = slot.link.as_ref().filter(|link| link.is_alive()) {
+                return Ok(link.clone());
+            }
+            if let Some((at, why)) = &slot.failed
+                && at.elapsed() < REDIAL_PAUSE
+            {
+                return Err(failed(why.clone()));
+            }
+            let opened = async {
+                let conn = self.connection(node, addr).await?;
+                let broken = |reason: String| LinkError::Broken { node, reason };
+                let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+                send.write_all(&header(Kind::Upstreams, PartitionId(0), self.node))
+                    .await
+                    .map_err(|e| broken(e.to_string()))?;
+                Ok::<_, LinkError>((send, recv))
+            };
+            match opened.await {
+                Ok((send, recv)) => {
+                    self.stats
+                        .bytes_sent
+                        .fetch_add(HEADER as u64, Ordering::Relaxed);
+                    let link = EdgeLink::start(node, send, recv, self.stats.clone());
+                    *slot = LinkSlot {
+                        link: Some(link.clone()),
+                        failed: None,
+                    };
+                    Ok(link)
+                }
+                Err(e) => {
+                    slot.failed = Some((std::time::Instant::now(), e.to_string()));
+                    Err(e)
+                }
             }
         };
-        self.stats
-            .bytes_sent
-            .fetch_add(HEADER as u64, Ordering::Relaxed);
-        let link = EdgeLink::start(node, send, recv, self.stats.clone());
-        *slot = Some(link.clone());
-        Ok(link)
+        match tokio::time::timeout(CONNECT_TIMEOUT, linked).await {
+            Ok(linked) => linked,
+            Err(_) => {
+                let why = format!("no upstream link within {CONNECT_TIMEOUT:?}");
+                if let Ok(mut slot) = slot.try_lock() {
+                    slot.failed = Some((std::time::Instant::now(), why.clone()));
+                }
+                Err(failed(why))
+            }
+        }
     }
 
     /// Stops serving `partition`'s group.

@@ -13,9 +13,11 @@
 //!  edge ◀──────────── Data{id, bytes} · End{id} ──────────────────────── leader
 //! ```
 //!
-//! - Every message is `len (u32) ‖ tag (u8) ‖ id (u32) ‖ payload`, `len`
+//! - Every message is `len (u32) ‖ tag (u8) ‖ id (u64) ‖ payload`, `len`
 //!   counting what follows it; ids are the following node's, one per
-//!   upstream, never reused on a link.
+//!   upstream, never reused on a link. The leader sends an upstream's
+//!   bytes in pieces of at most [`PIECE`], so upstreams interleave and no
+//!   message outgrows the link's bound whatever a channel's message size.
 //! - Flow control is per upstream: the leader sends an upstream's data only
 //!   while it holds credit for it ([`WINDOW`] bytes to start with), and the
 //!   edge returns credit as its upstream consumes. A channel whose edge
@@ -37,7 +39,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use thiserror::Error;
@@ -67,7 +69,10 @@ const READ_CHUNK: usize = 256 * 1024;
 const DATA_QUEUE: usize = 1024;
 
 /// `tag ‖ id`.
-const MESSAGE_HEAD: usize = 5;
+const MESSAGE_HEAD: usize = 9;
+
+/// The most bytes of one upstream in one `Data` message.
+pub const PIECE: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -86,7 +91,7 @@ pub enum Message {
     /// broker's channel service reads it.
     Open {
         /// The upstream.
-        id: u32,
+        id: u64,
         /// The channel's partition.
         partition: PartitionId,
         /// The broker's follow call.
@@ -95,26 +100,26 @@ pub enum Message {
     /// Edge → leader: upstream `id` is no longer needed.
     Close {
         /// The upstream.
-        id: u32,
+        id: u64,
     },
     /// Edge → leader: `bytes` more of upstream `id` may be sent.
     Credit {
         /// The upstream.
-        id: u32,
+        id: u64,
         /// Bytes consumed since the last credit.
         bytes: u32,
     },
     /// Leader → edge: bytes of upstream `id`, in order.
     Data {
         /// The upstream.
-        id: u32,
+        id: u64,
         /// What the leader's service wrote.
         bytes: Bytes,
     },
     /// Leader → edge: upstream `id` ended after the data sent before.
     End {
         /// The upstream.
-        id: u32,
+        id: u64,
     },
 }
 
@@ -145,7 +150,7 @@ impl Message {
         out.reserve(4 + MESSAGE_HEAD + payload_len);
         out.put_u32(u32::try_from(MESSAGE_HEAD + payload_len).unwrap_or(u32::MAX));
         out.put_u8(tag as u8);
-        out.put_u32(id);
+        out.put_u64(id);
         match self {
             Self::Open {
                 partition, body, ..
@@ -161,11 +166,11 @@ impl Message {
 
     /// The head of a `Data` message of `len` bytes, for writing the bytes
     /// after it without copying them.
-    fn data_head(id: u32, len: usize) -> Bytes {
+    fn data_head(id: u64, len: usize) -> Bytes {
         let mut head = BytesMut::with_capacity(4 + MESSAGE_HEAD);
         head.put_u32(u32::try_from(MESSAGE_HEAD + len).unwrap_or(u32::MAX));
         head.put_u8(Tag::Data as u8);
-        head.put_u32(id);
+        head.put_u64(id);
         head.freeze()
     }
 
@@ -184,7 +189,7 @@ impl Message {
         buf.advance(4);
         let mut message = buf.split_to(len as usize);
         let tag = message.get_u8();
-        let id = message.get_u32();
+        let id = message.get_u64();
         let payload = message.freeze();
         let fixed = |want: usize| {
             if payload.len() == want {
@@ -263,8 +268,8 @@ struct Inbox {
 #[derive(Debug, Default)]
 struct EdgeOutbox {
     opens: Vec<Message>,
-    closes: Vec<u32>,
-    credits: HashMap<u32, u32>,
+    closes: Vec<u64>,
+    credits: HashMap<u64, u32>,
 }
 
 impl EdgeOutbox {
@@ -277,8 +282,8 @@ impl EdgeOutbox {
 #[derive(Debug)]
 pub(crate) struct EdgeLink {
     node: NodeId,
-    next_id: AtomicU32,
-    inboxes: std::sync::Mutex<HashMap<u32, Arc<Inbox>>>,
+    next_id: AtomicU64,
+    inboxes: std::sync::Mutex<HashMap<u64, Arc<Inbox>>>,
     outbox: std::sync::Mutex<EdgeOutbox>,
     write: Notify,
     dead: CancellationToken,
@@ -296,7 +301,7 @@ impl EdgeLink {
     ) -> Arc<Self> {
         let link = Arc::new(Self {
             node,
-            next_id: AtomicU32::new(1),
+            next_id: AtomicU64::new(1),
             inboxes: std::sync::Mutex::new(HashMap::new()),
             outbox: std::sync::Mutex::new(EdgeOutbox::default()),
             write: Notify::new(),
@@ -320,12 +325,17 @@ impl EdgeLink {
         partition: PartitionId,
         body: &[u8],
     ) -> Result<FollowStream, UpstreamError> {
-        if !self.is_alive() {
-            return Err(self.gone("the link closed"));
-        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let inbox = Arc::new(Inbox::default());
-        lock(&self.inboxes).insert(id, inbox.clone());
+        {
+            // Checked under the lock `die` ends the link under: an inbox
+            // added after it drained the map would never hear of the end.
+            let mut inboxes = lock(&self.inboxes);
+            if !self.is_alive() {
+                return Err(self.gone("the link closed"));
+            }
+            inboxes.insert(id, inbox.clone());
+        }
         lock(&self.outbox).opens.push(Message::Open {
             id,
             partition,
@@ -349,15 +359,18 @@ impl EdgeLink {
 
     /// Ends the link: every upstream on it fails with `why`.
     fn die(&self, why: &str) {
-        if self.dead.is_cancelled() {
-            return;
-        }
-        self.dead.cancel();
+        let inboxes: Vec<Arc<Inbox>> = {
+            let mut inboxes = lock(&self.inboxes);
+            if self.dead.is_cancelled() {
+                return;
+            }
+            self.dead.cancel();
+            inboxes.drain().map(|(_, i)| i).collect()
+        };
         self.stats
             .upstream_links_lost
             .fetch_add(1, Ordering::Relaxed);
         debug!(peer = self.node, %why, "upstream link closed");
-        let inboxes: Vec<Arc<Inbox>> = lock(&self.inboxes).drain().map(|(_, i)| i).collect();
         for inbox in inboxes {
             lock(&inbox.state).broken = Some(why.to_owned());
             inbox.arrived.notify_one();
@@ -450,9 +463,9 @@ impl EdgeLink {
             let mut state = lock(&inbox.state);
             match data {
                 Some(bytes) => {
-                    // The leader sends while it holds credit, one write
+                    // The leader sends while it holds credit, one piece
                     // past it at most.
-                    if state.bytes.len() + bytes.len() > WINDOW as usize + MAX_LINK_MESSAGE {
+                    if state.bytes.len() + bytes.len() > WINDOW as usize + PIECE {
                         return Err(format!("upstream {id} sent past its credit"));
                     }
                     state.bytes.extend_from_slice(&bytes);
@@ -523,7 +536,7 @@ impl FollowStream {
 #[derive(Debug)]
 struct LinkStream {
     link: Arc<EdgeLink>,
-    id: u32,
+    id: u64,
     inbox: Arc<Inbox>,
     /// Bytes read and not yet returned as credit.
     unreported: usize,
@@ -558,7 +571,10 @@ impl LinkStream {
         self.unreported += bytes;
         if self.unreported >= CREDIT_STEP {
             let bytes = u32::try_from(std::mem::take(&mut self.unreported)).unwrap_or(u32::MAX);
-            *lock(&self.link.outbox).credits.entry(self.id).or_default() += bytes;
+            let mut outbox = lock(&self.link.outbox);
+            let credit = outbox.credits.entry(self.id).or_default();
+            *credit = credit.saturating_add(bytes);
+            drop(outbox);
             self.link.write.notify_one();
         }
     }
@@ -571,9 +587,23 @@ impl Drop for LinkStream {
         if open && !ended && self.link.is_alive() {
             let mut outbox = lock(&self.link.outbox);
             outbox.credits.remove(&self.id);
-            outbox.closes.push(self.id);
-            drop(outbox);
-            self.link.write.notify_one();
+            // An open not sent yet is withdrawn: the leader never hears of
+            // the upstream, and what waits for the writer stays bounded by
+            // the upstreams open.
+            let pending = outbox
+                .opens
+                .iter()
+                .position(|m| matches!(m, Message::Open { id, .. } if *id == self.id));
+            match pending {
+                Some(at) => {
+                    outbox.opens.swap_remove(at);
+                }
+                None => {
+                    outbox.closes.push(self.id);
+                    drop(outbox);
+                    self.link.write.notify_one();
+                }
+            }
         }
     }
 }
@@ -594,10 +624,10 @@ struct ServedUpstream {
 #[derive(Debug)]
 pub(crate) struct ServedLink {
     node: NodeId,
-    upstreams: std::sync::Mutex<HashMap<u32, Arc<ServedUpstream>>>,
+    upstreams: std::sync::Mutex<HashMap<u64, Arc<ServedUpstream>>>,
     data: tokio::sync::mpsc::Sender<(Bytes, Bytes)>,
     /// Upstreams whose service ended, to announce after their data.
-    ends: std::sync::Mutex<Vec<u32>>,
+    ends: std::sync::Mutex<Vec<u64>>,
     write: Notify,
     dead: CancellationToken,
     stats: Arc<LinkStats>,
@@ -830,16 +860,21 @@ impl FollowSink {
 #[derive(Debug)]
 struct LinkSink {
     link: Arc<ServedLink>,
-    id: u32,
+    id: u64,
     upstream: Arc<ServedUpstream>,
     ended: bool,
 }
 
 impl LinkSink {
-    async fn write(&mut self, bytes: Bytes) -> Result<(), UpstreamError> {
-        if bytes.is_empty() {
-            return Ok(());
+    async fn write(&mut self, mut bytes: Bytes) -> Result<(), UpstreamError> {
+        while !bytes.is_empty() {
+            let piece = bytes.split_to(bytes.len().min(PIECE));
+            self.write_piece(piece).await?;
         }
+        Ok(())
+    }
+
+    async fn write_piece(&mut self, bytes: Bytes) -> Result<(), UpstreamError> {
         loop {
             let more = self.upstream.more.notified();
             if self.upstream.stop.is_cancelled() {
@@ -897,15 +932,15 @@ mod tests {
     fn message() -> impl Strategy<Value = Message> {
         let bytes = proptest::collection::vec(any::<u8>(), 0..300).prop_map(Bytes::from);
         prop_oneof![
-            (any::<u32>(), any::<u32>(), bytes.clone()).prop_map(|(id, p, body)| Message::Open {
+            (any::<u64>(), any::<u32>(), bytes.clone()).prop_map(|(id, p, body)| Message::Open {
                 id,
                 partition: PartitionId(p),
                 body
             }),
-            any::<u32>().prop_map(|id| Message::Close { id }),
-            (any::<u32>(), any::<u32>()).prop_map(|(id, bytes)| Message::Credit { id, bytes }),
-            (any::<u32>(), bytes).prop_map(|(id, bytes)| Message::Data { id, bytes }),
-            any::<u32>().prop_map(|id| Message::End { id }),
+            any::<u64>().prop_map(|id| Message::Close { id }),
+            (any::<u64>(), any::<u32>()).prop_map(|(id, bytes)| Message::Credit { id, bytes }),
+            (any::<u64>(), bytes).prop_map(|(id, bytes)| Message::Data { id, bytes }),
+            any::<u64>().prop_map(|id| Message::End { id }),
         ]
     }
 
@@ -961,9 +996,9 @@ mod tests {
         let mut huge = BytesMut::from(&[0xff, 0xff, 0xff, 0xff][..]);
         assert!(Message::decode(&mut huge).is_err());
         let mut credit = BytesMut::new();
-        credit.put_u32(6);
+        credit.put_u32(10);
         credit.put_u8(Tag::Credit as u8);
-        credit.put_u32(1);
+        credit.put_u64(1);
         credit.put_u8(0);
         assert_eq!(
             Message::decode(&mut credit),
