@@ -253,6 +253,27 @@ pub async fn inboxes(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
                 .context("connecting a publisher")?,
         );
     }
+    let http = target.admin.http.clone();
+    let peer_bytes = async || {
+        workload::broker_metric(&http, "volna_cluster_peer_bytes_received_total")
+            .await
+            .unwrap_or(0.0)
+    };
+    let peer_bytes_before = peer_bytes().await;
+    // Readers let their subscription go once they have every message:
+    // the upstreams are counted while the run goes, at their most.
+    let upstreams_most = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampler = {
+        let (http, most) = (http.clone(), upstreams_most.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Some(now) = workload::broker_metric(&http, "volna_cluster_upstreams").await {
+                    most.fetch_max(now as u64, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
     let run = Run::start(target).await;
     let rate = args.rate as f64 / groups.len() as f64;
     let histograms = try_join_all(publishers.iter().zip(&groups).map(|(publisher, group)| {
@@ -265,9 +286,10 @@ pub async fn inboxes(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
     }
     let publish_secs = run.elapsed();
     let totals = readers.collect(published, published).await?;
-    let http = &target.admin.http;
-    let upstreams = workload::broker_metric(http, "volna_cluster_upstreams").await;
-    let peer_bytes = workload::broker_metric(http, "volna_cluster_peer_bytes_received_total").await;
+    sampler.abort();
+    let upstreams = upstreams_most.load(std::sync::atomic::Ordering::Relaxed);
+    let peer_bytes_per_message =
+        (peer_bytes().await - peer_bytes_before) / (published.max(1) as f64);
     let shape = Shape {
         connections: groups.len() * 2,
         subscribers: args.channels,
@@ -284,8 +306,8 @@ pub async fn inboxes(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
         extra: json!({
             "ack_p50_us": acks.value_at_quantile(0.50),
             "ack_p99_us": acks.value_at_quantile(0.99),
-            "upstreams": upstreams,
-            "peer_bytes_received_total": peer_bytes,
+            "upstreams_most": upstreams,
+            "peer_bytes_received_per_message": peer_bytes_per_message,
         }),
     };
     Ok(run
