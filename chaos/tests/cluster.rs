@@ -2114,6 +2114,19 @@ async fn an_edge_follows_thousands_of_inboxes_over_one_link_and_rides_out_a_paus
     publish_to_each(&publisher, &channels, 2).await;
     check_round(&mut subs, 2).await;
     upstreams_reach(&cluster, 2, inboxes as f64, Duration::from_secs(30)).await;
+    let lost = cluster.nodes[1]
+        .metric("volna_cluster_upstream_links_lost_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(
+        lost >= 1.0,
+        "the pause outlasted the peer idle timeout, yet node 2's link did not end"
+    );
+    // The devices never reconnected: whatever reached them twice came
+    // twice from the broker.
+    for client in &clients {
+        volna_chaos::assert_no_duplicates(client);
+    }
 
     // No device left: no upstream left.
     drop(subs);

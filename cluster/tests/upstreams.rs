@@ -216,3 +216,55 @@ async fn an_older_nodes_stream_per_upstream_is_still_served() {
     edge.close();
     leader.close();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_larger_than_the_credit_arrive_whole_in_pieces() {
+    let (leader, edge, _, addr) = pair();
+    let mut stream = edge
+        .follow(1, &addr, PartitionId(0), &ask(1, 6, 1 << 20))
+        .await
+        .unwrap();
+    // Read slowly: the leader waits on credit between pieces.
+    let mut got = Vec::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        match stream.read(48 * 1024).await.unwrap() {
+            Some(bytes) => got.extend_from_slice(&bytes),
+            None => break,
+        }
+    }
+    let want: Vec<u8> = (0..6u8)
+        .flat_map(|i| std::iter::repeat_n(i, 1 << 20))
+        .collect();
+    assert!(got == want, "6 MiB written in 1 MiB writes arrive whole");
+    edge.close();
+    leader.close();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_of_an_unreachable_peer_fail_fast_together() {
+    let (_, edge, _, _) = pair();
+    // A UDP port that takes datagrams and never answers a handshake.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap().to_string();
+    let started = tokio::time::Instant::now();
+    let attempts: Vec<_> = (0..40)
+        .map(|i| {
+            let (edge, addr) = (edge.clone(), addr.clone());
+            tokio::spawn(async move {
+                edge.follow(9, &addr, PartitionId(i % 8), &ask(i, 1, 1))
+                    .await
+                    .is_err()
+            })
+        })
+        .collect();
+    for attempt in attempts {
+        assert!(attempt.await.unwrap(), "a silent peer gave an upstream");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "40 followers of a silent peer took {took:?}: they queued behind each other's dials"
+    );
+    edge.close();
+}

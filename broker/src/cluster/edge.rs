@@ -554,8 +554,16 @@ impl Edges {
                     last = format!("node {node} is not the leader");
                 }
                 Ok((Served::Gone, _)) => return Err(AttachError::Gone),
-                Ok((other, _)) => last = format!("node {node}: {other:?}"),
-                Err(e) => last = e,
+                Ok((other, _)) => {
+                    self.leaders
+                        .remove_if(&partition, |_, leader| *leader == node);
+                    last = format!("node {node}: {other:?}");
+                }
+                Err(e) => {
+                    self.leaders
+                        .remove_if(&partition, |_, leader| *leader == node);
+                    last = e;
+                }
             }
         }
         Err(AttachError::NoLeader(last))
@@ -594,6 +602,10 @@ impl Edges {
             max_frame: MAX_UPSTREAM_FRAME,
         };
         loop {
+            // A feed made anew meanwhile is not this upstream's to feed.
+            if recheck.is_cancelled() {
+                return Ok(());
+            }
             // Frames that came with the answer (or in the last chunk) first.
             while let Some(raw) = next_frame(&mut buf, &limits)? {
                 if !self.take_frame(channel, raw, &limits, epoch)? {

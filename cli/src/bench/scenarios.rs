@@ -81,11 +81,16 @@ async fn publish_split(
             .map(|(c, n)| workload::publish_all(c, channel, n, payload, per_rate)),
     )
     .await?;
+    Ok((clients, merged_acks(&histograms)?))
+}
+
+/// The publishers' ack latencies as one histogram.
+fn merged_acks(histograms: &[Histogram<u64>]) -> anyhow::Result<Histogram<u64>> {
     let mut acks = workload::ack_histogram()?;
-    for h in &histograms {
+    for h in histograms {
         acks.add(h).context("merging ack latencies")?;
     }
-    Ok((clients, acks))
+    Ok(acks)
 }
 
 /// One channel, `--publishers` publishers, `--subscribers` subscribers.
@@ -254,25 +259,24 @@ pub async fn inboxes(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
         );
     }
     let http = target.admin.http.clone();
-    let peer_bytes = async || {
-        workload::broker_metric(&http, "volna_cluster_peer_bytes_received_total")
-            .await
-            .unwrap_or(0.0)
-    };
+    // Every inter-node byte the subscribers' node takes in: with
+    // `--publish-server` on another node, its upstreams' (and heartbeats').
+    let peer_bytes =
+        async || workload::broker_metric(&http, "volna_cluster_peer_bytes_received_total").await;
     let peer_bytes_before = peer_bytes().await;
     // Readers let their subscription go once they have every message:
     // the upstreams are counted while the run goes, at their most.
     let upstreams_most = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let sampler = {
+    let _sampler = {
         let (http, most) = (http.clone(), upstreams_most.clone());
-        tokio::spawn(async move {
+        AbortOnDrop(tokio::spawn(async move {
             loop {
                 if let Some(now) = workload::broker_metric(&http, "volna_cluster_upstreams").await {
                     most.fetch_max(now as u64, std::sync::atomic::Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-        })
+        }))
     };
     let run = Run::start(target).await;
     let rate = args.rate as f64 / groups.len() as f64;
@@ -280,16 +284,14 @@ pub async fn inboxes(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
         workload::publish_rounds(publisher, group, args.messages, args.payload, rate)
     }))
     .await?;
-    let mut acks = workload::ack_histogram()?;
-    for h in &histograms {
-        acks.add(h).context("merging ack latencies")?;
-    }
+    let acks = merged_acks(&histograms)?;
     let publish_secs = run.elapsed();
     let totals = readers.collect(published, published).await?;
-    sampler.abort();
     let upstreams = upstreams_most.load(std::sync::atomic::Ordering::Relaxed);
-    let peer_bytes_per_message =
-        (peer_bytes().await - peer_bytes_before) / (published.max(1) as f64);
+    let peer_bytes_per_message = peer_bytes()
+        .await
+        .zip(peer_bytes_before)
+        .map(|(after, before)| (after - before) / published.max(1) as f64);
     let shape = Shape {
         connections: groups.len() * 2,
         subscribers: args.channels,
@@ -319,6 +321,15 @@ pub async fn inboxes(args: &BenchArgs, target: &Target, json_out: bool) -> anyho
             outcome,
         )
         .await)
+}
+
+/// A task that ends with its owner, however the owner leaves.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Per partition, whether the target cluster node holds a replica of it.

@@ -612,11 +612,16 @@ pub async fn broker_rss(http: &str) -> Option<u64> {
         .map(|v| v as u64)
 }
 
+/// One unlabelled metric of the broker at `http`, when it answers within
+/// a few seconds.
 pub async fn broker_metric(http: &str, name: &str) -> Option<f64> {
     let url = format!("http://{http}/metrics");
     let prefix = format!("{name} ");
     tokio::task::spawn_blocking(move || {
         let text = ureq::get(&url)
+            .config()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
             .call()
             .ok()?
             .into_body()

@@ -560,51 +560,53 @@ impl Peers {
             addr: addr.to_owned(),
             reason,
         };
-        let linked = async {
-            let mut slot = slot.lock().await;
-            if let Some(link) = slot.link.as_ref().filter(|link| link.is_alive()) {
-                return Ok(link.clone());
-            }
-            if let Some((at, why)) = &slot.failed
-                && at.elapsed() < REDIAL_PAUSE
-            {
-                return Err(failed(why.clone()));
-            }
-            let opened = async {
-                let conn = self.connection(node, addr).await?;
-                let broken = |reason: String| LinkError::Broken { node, reason };
-                let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
-                send.write_all(&header(Kind::Upstreams, PartitionId(0), self.node))
-                    .await
-                    .map_err(|e| broken(e.to_string()))?;
-                Ok::<_, LinkError>((send, recv))
-            };
-            match opened.await {
-                Ok((send, recv)) => {
-                    self.stats
-                        .bytes_sent
-                        .fetch_add(HEADER as u64, Ordering::Relaxed);
-                    let link = EdgeLink::start(node, send, recv, self.stats.clone());
-                    *slot = LinkSlot {
-                        link: Some(link.clone()),
-                        failed: None,
-                    };
-                    Ok(link)
-                }
-                Err(e) => {
-                    slot.failed = Some((std::time::Instant::now(), e.to_string()));
-                    Err(e)
-                }
-            }
+        let asked = std::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let late = || failed(format!("no upstream link within {CONNECT_TIMEOUT:?}"));
+        let mut slot = tokio::time::timeout_at(deadline, slot.lock())
+            .await
+            .map_err(|_| late())?;
+        if let Some(link) = slot.link.as_ref().filter(|link| link.is_alive()) {
+            return Ok(link.clone());
+        }
+        // A dial that failed while this caller waited, or just before.
+        if let Some((at, why)) = &slot.failed
+            && (*at >= asked || at.elapsed() < REDIAL_PAUSE)
+        {
+            return Err(failed(why.clone()));
+        }
+        let opened = async {
+            let conn = self.connection(node, addr).await?;
+            let broken = |reason: String| LinkError::Broken { node, reason };
+            let (mut send, recv) = conn.open_bi().await.map_err(|e| broken(e.to_string()))?;
+            send.write_all(&header(Kind::Upstreams, PartitionId(0), self.node))
+                .await
+                .map_err(|e| broken(e.to_string()))?;
+            Ok::<_, LinkError>((send, recv))
         };
-        match tokio::time::timeout(CONNECT_TIMEOUT, linked).await {
-            Ok(linked) => linked,
+        match tokio::time::timeout_at(deadline, opened).await {
+            Ok(Ok((send, recv))) => {
+                self.stats
+                    .bytes_sent
+                    .fetch_add(HEADER as u64, Ordering::Relaxed);
+                let link = EdgeLink::start(node, send, recv, self.stats.clone());
+                *slot = LinkSlot {
+                    link: Some(link.clone()),
+                    failed: None,
+                };
+                Ok(link)
+            }
+            // A connection that died under the call is redialed by the
+            // next one: only an unreachable peer holds the others back.
+            Ok(Err(e @ LinkError::Broken { .. })) => Err(e),
+            Ok(Err(e)) => {
+                slot.failed = Some((std::time::Instant::now(), e.to_string()));
+                Err(e)
+            }
             Err(_) => {
-                let why = format!("no upstream link within {CONNECT_TIMEOUT:?}");
-                if let Ok(mut slot) = slot.try_lock() {
-                    slot.failed = Some((std::time::Instant::now(), why.clone()));
-                }
-                Err(failed(why))
+                let e = late();
+                slot.failed = Some((std::time::Instant::now(), e.to_string()));
+                Err(e)
             }
         }
     }
