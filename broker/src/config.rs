@@ -549,11 +549,17 @@ pub struct ClusterSection {
     /// How long the placer waits, once a node left the membership, before
     /// moving its replicas to other nodes (a restarting node keeps them).
     pub dead_node_grace_secs: u64,
-    /// A partition takes a snapshot of its state every this many applied
-    /// Raft entries; the entries it covers are then purged (all but the
-    /// last `snapshot_entries / 10`, so that a follower briefly behind
-    /// still catches up from the log). A replica too far behind receives
-    /// the snapshot.
+    /// A partition takes a snapshot once its Raft log since the last one
+    /// holds this many bytes (payloads, names, and 64 bytes per entry); the
+    /// entries it covers are then purged. Taking one costs the same
+    /// whatever the partition holds: it records a position, and the
+    /// partition's state is exported from the store only for a replica
+    /// too far behind for the log.
+    pub snapshot_log_bytes: u64,
+    /// A partition also takes a snapshot every this many entries, whatever
+    /// their bytes. A snapshot leaves the last `snapshot_entries / 10`
+    /// entries (at most 1,000) in the log, so that a follower briefly
+    /// behind still catches up from it.
     pub snapshot_entries: u64,
     /// Mutual TLS between nodes: the cluster CA, this node's certificate
     /// (naming `node-<node_id>`) and key, PEM.
@@ -620,6 +626,13 @@ impl ClusterSection {
                 "must be at least 2",
             ));
         }
+        if self.snapshot_log_bytes < 4096 {
+            return Err(invalid(
+                "snapshot_log_bytes",
+                self.snapshot_log_bytes.to_string(),
+                "must be at least 4096",
+            ));
+        }
         if self.snapshot_entries < 10 {
             return Err(invalid(
                 "snapshot_entries",
@@ -653,7 +666,8 @@ impl Default for ClusterSection {
             heartbeat_ms: 100,
             lease_ttl_secs: 5,
             dead_node_grace_secs: 30,
-            snapshot_entries: 10_000,
+            snapshot_log_bytes: 64 << 20,
+            snapshot_entries: 1_000_000,
             tls: ClusterTls::default(),
         }
     }

@@ -459,6 +459,7 @@ mod snapshots {
     use volna_broker::log::ReadRange;
     use volna_broker::store::{RocksStore, StoredMessage};
     use volna_cluster::PartitionId;
+    use volna_cluster::raft::snapshot_data::SnapshotData;
     use volna_cluster::raft::{
         Command, Outcome as ReplicaOutcome, ProducerStamp, Publish, Reply, TypeConfig,
     };
@@ -565,13 +566,31 @@ mod snapshots {
         Some((meta.epoch.0, meta.next_offset.get(), messages))
     }
 
-    async fn bytes_of(mut file: Box<tokio::fs::File>) -> Vec<u8> {
+    /// Files under `dir`, at any depth.
+    fn files_in(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| {
+                        if e.path().is_dir() {
+                            files_in(&e.path())
+                        } else {
+                            1
+                        }
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    async fn bytes_of(mut file: Box<SnapshotData>) -> Vec<u8> {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).await.unwrap();
         bytes
     }
 
-    async fn receive(machine: &mut PartitionMachine, bytes: &[u8]) -> Box<tokio::fs::File> {
+    async fn receive(machine: &mut PartitionMachine, bytes: &[u8]) -> Box<SnapshotData> {
         let mut file = machine.begin_receiving_snapshot().await.unwrap();
         file.write_all(bytes).await.unwrap();
         file.shutdown().await.unwrap();
@@ -596,12 +615,21 @@ mod snapshots {
         .await;
         let snapshot = build.build_snapshot().await.unwrap();
         assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(3));
+        assert_eq!(
+            files_in(dirs[1].path()),
+            0,
+            "taking a snapshot writes nothing down"
+        );
         let bytes = bytes_of(snapshot.snapshot).await;
+        assert_eq!(files_in(dirs[1].path()), 0, "nor does exporting it");
         let current = leader.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(
-            current.meta, snapshot.meta,
-            "the built snapshot is the one served"
+            current.meta.last_log_id.map(|l| l.index),
+            Some(4),
+            "the snapshot served is the partition as it stands"
         );
+        assert_ne!(current.meta.snapshot_id, snapshot.meta.snapshot_id);
+        assert!(bytes_of(current.snapshot).await.len() > bytes.len());
 
         // A replica that applied only entry 1: it still has chat.gone.
         let behind_store = Arc::new(MemoryStore::new());
@@ -622,6 +650,11 @@ mod snapshots {
 
         let file = receive(&mut behind, &bytes).await;
         behind.install_snapshot(&snapshot.meta, file).await.unwrap();
+        assert_eq!(
+            files_in(dirs[2].path()),
+            0,
+            "an installed snapshot's file is removed"
+        );
         assert_eq!(
             behind.applied_state().await.unwrap().0,
             snapshot.meta.last_log_id

@@ -167,6 +167,8 @@ pub struct TestCluster {
     pub replicas: usize,
     /// Raft entries between a partition's snapshots.
     pub snapshot_entries: u64,
+    /// Bytes of Raft log between a partition's snapshots.
+    pub snapshot_log_bytes: u64,
     /// Each node's inter-node (peer) UDP port, node `i + 1` at index `i`.
     pub peer_ports: Vec<u16>,
     /// TOML added to every node's configuration.
@@ -260,10 +262,53 @@ impl TestCluster {
         Self::start_placed(nodes, partitions, 10_000, "", data_dirs, 3).await
     }
 
+    /// As [`TestCluster::start`], with partitions taking a snapshot every
+    /// `log_bytes` of Raft log, and keeping the last `kept_entries` entries
+    /// after one.
+    pub async fn start_with_snapshot_bytes(
+        nodes: u64,
+        partitions: u32,
+        log_bytes: u64,
+        kept_entries: u64,
+    ) -> Result<Self, ChaosError> {
+        Self::start_inner(
+            nodes,
+            partitions,
+            // Entries never trigger one before bytes do.
+            kept_entries * 10,
+            Some(log_bytes),
+            "",
+            BTreeMap::new(),
+            3,
+        )
+        .await
+    }
+
     async fn start_placed(
         nodes: u64,
         partitions: u32,
         snapshot_entries: u64,
+        extra: &str,
+        data_dirs: BTreeMap<u64, PathBuf>,
+        replicas: usize,
+    ) -> Result<Self, ChaosError> {
+        Self::start_inner(
+            nodes,
+            partitions,
+            snapshot_entries,
+            None,
+            extra,
+            data_dirs,
+            replicas,
+        )
+        .await
+    }
+
+    async fn start_inner(
+        nodes: u64,
+        partitions: u32,
+        snapshot_entries: u64,
+        snapshot_log_bytes: Option<u64>,
         extra: &str,
         data_dirs: BTreeMap<u64, PathBuf>,
         replicas: usize,
@@ -280,6 +325,7 @@ impl TestCluster {
             partitions,
             replicas,
             snapshot_entries,
+            snapshot_log_bytes: snapshot_log_bytes.unwrap_or(64 << 20),
             extra: extra.to_owned(),
             data_dirs,
             peer_ports: Vec::new(),
@@ -365,6 +411,7 @@ heartbeat_ms = 100
 lease_ttl_secs = 3
 dead_node_grace_secs = 5
 snapshot_entries = {snapshot_entries}
+snapshot_log_bytes = {snapshot_log_bytes}
 
 [cluster.tls]
 ca = "{ca}"
@@ -380,6 +427,7 @@ key = "{key}"
                 partitions = self.partitions,
                 replicas = self.replicas,
                 snapshot_entries = self.snapshot_entries,
+                snapshot_log_bytes = self.snapshot_log_bytes,
                 ca = self.ca.display(),
                 extra = self.extra,
             ),

@@ -722,6 +722,95 @@ async fn a_node_that_lost_its_disk_is_replicated_again_and_nothing_acknowledged_
     }
 }
 
+/// Files under `dir`, at any depth, with their bytes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, u64)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        match entry.metadata() {
+            Ok(m) if m.is_dir() => files.extend(files_under(&path)),
+            Ok(m) => files.push((path, m.len())),
+            Err(_) => {}
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_taken_by_log_bytes_and_written_nowhere_and_a_node_behind_installs_one() {
+    // A snapshot every 256 KiB of log, 100 entries kept after one; entries
+    // alone would take one every 1,000.
+    let mut cluster = TestCluster::start_with_snapshot_bytes(3, PARTITIONS, 256 << 10, 100)
+        .await
+        .unwrap();
+    let channel = ChannelName::new("chat.compacted").unwrap();
+    let publisher = connect(&cluster, &[1, 2]).await;
+    let mut history = History::default();
+    let publish = async |history: &mut History, from: u64, to: u64| {
+        for i in from..=to {
+            let mut body = format!("c-{i}-").into_bytes();
+            body.resize(4096, b'.');
+            let ack = publisher.publish(&channel, body.clone()).await.unwrap();
+            history.acked.insert(ack.offset.get(), body);
+        }
+    };
+    // 300 entries of 4 KiB: more than a megabyte of log, under 1,000
+    // entries.
+    publish(&mut history, 1, 300).await;
+    let counter = |cluster: &TestCluster, id: u64, name: &str| {
+        cluster
+            .status(id)
+            .and_then(|s| s[name].as_u64())
+            .unwrap_or(0)
+    };
+    let taken: u64 = (1..=3)
+        .map(|id| counter(&cluster, id, "snapshots_built"))
+        .sum();
+    assert!(
+        taken >= 3,
+        "{taken} snapshots taken for 1.2 MB of log: they go by bytes"
+    );
+    // Taking them wrote nothing down: the partition is its own snapshot.
+    for node in &cluster.nodes {
+        let files = files_under(&node.data_dir().join("snapshots"));
+        assert!(files.is_empty(), "snapshot files written: {files:?}");
+    }
+
+    // Node 3 stops; the leaders compact past what it holds.
+    assert!(cluster.nodes[2].terminate(Duration::from_secs(20)).unwrap());
+    publish(&mut history, 301, 600).await;
+    cluster.nodes[2].start_again().unwrap();
+    cluster.nodes[2]
+        .wait_ready(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counter(&cluster, 3, "snapshots_installed") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 caught up without a snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let exported =
+        counter(&cluster, 1, "snapshots_exported") + counter(&cluster, 2, "snapshots_exported");
+    assert!(exported >= 1, "no leader exported the snapshot it sent");
+    publish(&mut history, 601, 650).await;
+    // Everything acknowledged, read from node 3 alone.
+    let delivered = history_on(&cluster, 3, &channel, 650).await;
+    history.check(&delivered).unwrap();
+    // The snapshot it received is gone once installed.
+    let files = files_under(&cluster.nodes[2].data_dir().join("snapshots"));
+    assert!(files.is_empty(), "received snapshot files kept: {files:?}");
+    cluster.assert_replicas_agree();
+    for node in &cluster.nodes {
+        node.assert_never_panicked();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_node_takes_partitions_over_while_publishing_goes_on_without_loss_duplicate_or_gap()
  {

@@ -32,6 +32,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use volna_cluster::PartitionId;
 use volna_cluster::raft::log_store::{LogStore, RaftWrite, RaftWriteKind, column_families};
 use volna_cluster::raft::network::Peers;
+use volna_cluster::raft::snapshot_data::SnapshotData;
 use volna_cluster::raft::{BasicNode, Command, Outcome, Publish, Raft, Reply, TypeConfig};
 use volna_cluster::tls::{DevCa, IssuedCert, PeerTls};
 
@@ -63,11 +64,11 @@ impl Sequencer {
 }
 
 /// A snapshot's bytes as the file openraft streams.
-async fn snapshot_file(data: &[u8]) -> Box<tokio::fs::File> {
+async fn snapshot_file(data: &[u8]) -> Box<SnapshotData> {
     let mut file = tokio::fs::File::from_std(tempfile::tempfile().unwrap());
     file.write_all(data).await.unwrap();
     file.rewind().await.unwrap();
-    Box::new(file)
+    Box::new(SnapshotData::File(file))
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Sequencer {
@@ -136,14 +137,14 @@ impl RaftStateMachine<TypeConfig> for Sequencer {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, Error> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, Error> {
         Ok(snapshot_file(&[]).await)
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, BasicNode>,
-        mut snapshot: Box<tokio::fs::File>,
+        mut snapshot: Box<SnapshotData>,
     ) -> Result<(), Error> {
         let mut data = Vec::new();
         snapshot

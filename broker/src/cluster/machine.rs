@@ -12,17 +12,24 @@
 //! `owner#p<partition>`): windows shared across partitions would depend on
 //! the order a node happens to apply different partitions in.
 //!
-//! Log compaction: the group takes a snapshot of the partition every
-//! `cluster.snapshot_entries` applied entries ([`snapshot`]), after which
-//! openraft purges the entries it covers; a replica too far behind for the
-//! remaining log installs the snapshot instead ([`crate::log::Restore`]).
+//! Log compaction: the group takes a snapshot of the partition once its log
+//! holds `cluster.snapshot_log_bytes` since the last one, after which
+//! openraft purges the entries it covers. Taking a snapshot records the
+//! partition's position and nothing else: the state machine *is* the
+//! partition's data in the store, so a snapshot is made only when a replica
+//! too far behind for the remaining log needs one, exported from a RocksDB
+//! snapshot fixed at that moment and streamed as it is read
+//! ([`snapshot::export`]). The replica installs it
+//! ([`crate::log::Restore`]) and keeps no copy. Publishing into a large
+//! partition therefore never rewrites it.
 //!
-//! [`snapshot`]: super::snapshot
+//! [`snapshot::export`]: super::snapshot::export
 //! [`Sequencer`]: crate::log::Sequencer
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -30,9 +37,8 @@ use openraft::{
     StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+use volna_cluster::raft::snapshot_data::SnapshotData;
 use volna_cluster::raft::{
     BasicNode, Command, Outcome as ReplicaOutcome, Reply, TrimCut, TypeConfig,
 };
@@ -41,10 +47,10 @@ use volna_proto::{ChannelName, Epoch, Offset};
 
 use super::devices::ClusterDevices;
 use super::push::ClusterPush;
-use super::snapshot::{Counts, Current, SnapshotDir, SnapshotError, read_parts, write_snapshot};
+use super::snapshot::{Current, SnapshotDir, SnapshotError, export, read_parts, unique_name};
 use crate::log::{AppendInput, Log, Outcome, ProducerRef, Replicated, Restore, RestoreScope, Trim};
 use crate::push::Notice;
-use crate::store::{ExportScope, LogStore, ProducerKey};
+use crate::store::{LogStore, ProducerKey};
 
 type NodeId = u64;
 type Error = StorageError<NodeId>;
@@ -117,13 +123,63 @@ impl AppliedState {
 /// Snapshot counters of the node's partitions.
 #[derive(Debug, Default)]
 pub struct SnapshotStats {
-    /// Snapshots built here.
+    /// Snapshots taken here (a position recorded: the log before it may
+    /// be purged).
     pub built: AtomicU64,
+    /// Snapshots exported here and sent whole to a replica.
+    pub exported: AtomicU64,
     /// Snapshots received from a leader and installed.
     pub installed: AtomicU64,
     /// Copies of partitions discarded here once their group went on
     /// without this node.
     pub discarded: AtomicU64,
+    /// Bytes of Raft log each partition applied since its last snapshot.
+    log_since_snapshot: Mutex<BTreeMap<u32, Arc<AtomicU64>>>,
+}
+
+impl SnapshotStats {
+    /// The count of `partition`'s log bytes since its last snapshot.
+    fn log_counter(&self, partition: PartitionId) -> Arc<AtomicU64> {
+        let mut counters = self
+            .log_since_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        counters.entry(partition.0).or_default().clone()
+    }
+
+    /// The partitions that applied at least `bytes` of log since their
+    /// last snapshot.
+    pub fn partitions_due(&self, bytes: u64) -> Vec<PartitionId> {
+        let counters = self
+            .log_since_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        counters
+            .iter()
+            .filter(|(_, since)| since.load(Ordering::Relaxed) >= bytes)
+            .map(|(partition, _)| PartitionId(*partition))
+            .collect()
+    }
+}
+
+/// What an entry adds to the Raft log, roughly: its payloads and names,
+/// and a fixed cost per entry and per change, so that many small entries
+/// count too.
+fn log_bytes(command: Option<&Command>) -> u64 {
+    const PER_ENTRY: u64 = 64;
+    const PER_ITEM: u64 = 32;
+    let items = match command {
+        Some(Command::Append { publishes, .. }) => publishes
+            .iter()
+            .map(|p| PER_ITEM + p.payload.len() as u64 + p.channel.len() as u64)
+            .sum(),
+        Some(Command::Devices { changes, .. }) => changes.len() as u64 * PER_ITEM * 2,
+        Some(Command::Trim(cuts)) => cuts.len() as u64 * PER_ITEM * 2,
+        Some(Command::UnversionedTrim(cuts)) => cuts.len() as u64 * PER_ITEM * 2,
+        Some(Command::Delete(names)) => names.iter().map(|n| PER_ITEM + n.len() as u64).sum(),
+        Some(Command::Posted { .. }) | None => 0,
+    };
+    PER_ENTRY + items
 }
 
 /// One partition's state machine on this node.
@@ -138,6 +194,9 @@ pub struct PartitionMachine {
     /// The file a snapshot from the leader is being received into.
     receiving: Option<PathBuf>,
     stats: Arc<SnapshotStats>,
+    /// Bytes of log applied since the partition's last snapshot (the node
+    /// takes one past `cluster.snapshot_log_bytes`).
+    log_since_snapshot: Arc<AtomicU64>,
     /// The push hooks, told of every message applied to a namespace with
     /// one and of how far the partition's leader posted.
     push: Option<Arc<ClusterPush>>,
@@ -169,7 +228,11 @@ impl PartitionMachine {
             })?,
             None => AppliedState::default(),
         };
-        let snapshots = SnapshotDir::open(snapshot_root, partition)?;
+        let snapshots = SnapshotDir::open(
+            snapshot_root,
+            partition,
+            applied.restoring.as_ref().map(|r| r.file.as_str()),
+        )?;
         // The partition's windows are judged idle by its time from now on,
         // not from its next entry.
         if let Some(clocks) = store.partition_clocks() {
@@ -183,6 +246,7 @@ impl PartitionMachine {
             applied,
             snapshots,
             receiving: None,
+            log_since_snapshot: stats.log_counter(partition),
             stats,
             push,
             devices: None,
@@ -259,9 +323,6 @@ impl PartitionMachine {
         }
         let counts = reader.counts();
         let time_ms = reader.time_ms();
-        let dir = self.snapshots.clone();
-        let served = current.clone();
-        blocking(move || dir.set_current_if_newer(&served).map(|_| ())).await?;
         let applied = AppliedState {
             last: current.meta.last_log_id,
             membership: current.meta.last_membership.clone(),
@@ -277,6 +338,11 @@ impl PartitionMachine {
             )
             .await?;
         self.applied = applied;
+        // The partition's state is its own now: the file is not needed
+        // again (this node exports its own snapshots).
+        if let Some(path) = self.snapshots.path(&current.file) {
+            self.snapshots.discard(&path);
+        }
         if let Some(clocks) = self.store.partition_clocks() {
             clocks.advance(self.partition.0, time_ms);
         }
@@ -292,18 +358,29 @@ impl PartitionMachine {
         Ok(())
     }
 
-    /// Opens snapshot `current` for openraft (to send or to serve).
-    async fn open_snapshot(&self, current: Current) -> Result<Snapshot<TypeConfig>, Error> {
-        let path = self
-            .snapshots
-            .path(&current.file)
-            .ok_or_else(|| snapshot_error(None, SnapshotError::Malformed(current.file.clone())))?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| snapshot_error(Some(&current.meta), e.into()))?;
-        Ok(Snapshot {
-            meta: current.meta,
-            snapshot: Box::new(file),
+    /// The partition's state as it stands now (nothing is being applied)
+    /// as a snapshot: its position recorded, its bytes exported from this
+    /// point as they are read.
+    async fn snapshot_now(&self) -> Option<Snapshot<TypeConfig>> {
+        let last = self.applied.last?;
+        let stream = export(
+            self.store.clone(),
+            self.scope(),
+            self.applied.time_ms,
+            self.partition,
+            self.stats.clone(),
+        )
+        .await;
+        Some(Snapshot {
+            meta: SnapshotMeta {
+                last_log_id: Some(last),
+                last_membership: self.applied.membership.clone(),
+                snapshot_id: unique_name(&format!(
+                    "p{}-{}-{}",
+                    self.partition.0, last.leader_id.term, last.index
+                )),
+            },
+            snapshot: Box::new(SnapshotData::Export(stream)),
         })
     }
 
@@ -506,6 +583,8 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
                 }
                 EntryPayload::Normal(command) => Some(command),
             };
+            self.log_since_snapshot
+                .fetch_add(log_bytes(command.as_ref()), Ordering::Relaxed);
             let is_delete = matches!(command, Some(Command::Delete(_)));
             let noticed = self
                 .push
@@ -592,53 +671,20 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
         Ok(replies)
     }
 
-    /// Fixes the store's point in time for the snapshot now, while no
-    /// entry of the partition is being applied (everything applied is
-    /// written), and lets the export run beside further applies.
+    /// Takes a snapshot: records the partition's position now, while no
+    /// entry of the partition is being applied, and nothing else. Its bytes
+    /// are made only if a replica is sent it ([`export`]): a snapshot costs
+    /// the same whatever the partition holds.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        let started = std::time::Instant::now();
-        let (fixed_tx, fixed) = oneshot::channel();
-        let part = self.snapshots.new_part();
-        let store = self.store.clone();
-        let scope = self.scope();
-        let time_ms = self.applied.time_ms;
-        let export = tokio::task::spawn_blocking(move || {
-            let mut fixed_tx = Some(fixed_tx);
-            let counts = write_snapshot(
-                &*store,
-                &ExportScope {
-                    channel: &*scope.channel,
-                    producer: &*scope.producer,
-                    devices: scope
-                        .devices
-                        .as_ref()
-                        .map(|(from, until)| (from.as_slice(), until.as_slice())),
-                },
-                time_ms,
-                &mut || {
-                    if let Some(tx) = fixed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                },
-                &part,
-            );
-            (part, counts)
-        });
-        // An export that failed before fixing its point reports it in
-        // `build_snapshot`.
-        let _ = fixed.await;
+        self.log_since_snapshot.store(0, Ordering::Relaxed);
         SnapshotBuild {
             partition: self.partition,
-            last: self.applied.last,
-            membership: self.applied.membership.clone(),
-            snapshots: self.snapshots.clone(),
-            export: Some(export),
+            snapshot: self.snapshot_now().await,
             stats: self.stats.clone(),
-            started,
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, Error> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, Error> {
         if let Some(abandoned) = self.receiving.take() {
             self.snapshots.discard(&abandoned);
         }
@@ -651,17 +697,22 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
             .await
             .map_err(|e| snapshot_error(None, e.into()))?;
         self.receiving = Some(part);
-        Ok(Box::new(file))
+        Ok(Box::new(SnapshotData::File(file)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, BasicNode>,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), Error> {
         let failed = |e: SnapshotError| snapshot_error(Some(meta), e);
-        snapshot.sync_all().await.map_err(|e| failed(e.into()))?;
-        drop(snapshot);
+        let SnapshotData::File(file) = *snapshot else {
+            return Err(failed(SnapshotError::Malformed(
+                "a snapshot to install is received into a file".into(),
+            )));
+        };
+        file.sync_all().await.map_err(|e| failed(e.into()))?;
+        drop(file);
         let part = self.receiving.take().ok_or_else(|| {
             failed(SnapshotError::Malformed(
                 "a snapshot to install was never received".into(),
@@ -692,94 +743,38 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
         Ok(())
     }
 
+    /// The partition as it stands now: a replica sent it installs the
+    /// latest state, and openraft takes a snapshot newer than the one it
+    /// asked for as such.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        let dir = self.snapshots.clone();
-        let current = blocking(move || dir.current())
-            .await
-            .map_err(|e| snapshot_error(None, e))?;
-        match current {
-            Some(current) => self.open_snapshot(current).await.map(Some),
-            None => Ok(None),
-        }
+        Ok(self.snapshot_now().await)
     }
 }
 
-/// A snapshot being built: its export runs on the blocking pool from the
-/// point in time [`PartitionMachine::get_snapshot_builder`] fixed.
+/// A snapshot taken: the partition's position, with its export ready to
+/// run from there.
 #[derive(Debug)]
 pub struct SnapshotBuild {
     partition: PartitionId,
-    last: Option<LogId<NodeId>>,
-    membership: StoredMembership<NodeId, BasicNode>,
-    snapshots: SnapshotDir,
-    export: Option<JoinHandle<(PathBuf, Result<Counts, SnapshotError>)>>,
+    snapshot: Option<Snapshot<TypeConfig>>,
     stats: Arc<SnapshotStats>,
-    started: std::time::Instant,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuild {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, Error> {
-        let failed = |e: SnapshotError| snapshot_error(None, e);
-        let export = self
-            .export
-            .take()
-            .ok_or_else(|| failed(SnapshotError::Malformed("the export ran already".into())))?;
-        let (part, counts) = export
-            .await
-            .map_err(|e| failed(std::io::Error::other(e.to_string()).into()))?;
-        let counts = match counts {
-            Ok(counts) => counts,
-            Err(e) => {
-                self.snapshots.discard(&part);
-                return Err(failed(e));
-            }
-        };
-        let dir = self.snapshots.clone();
-        let (last, membership) = (self.last, self.membership.clone());
-        let current = blocking(move || {
-            let file = dir.keep(&part)?;
-            let current = Current {
-                meta: SnapshotMeta {
-                    last_log_id: last,
-                    last_membership: membership,
-                    snapshot_id: file.clone(),
-                },
-                file,
-            };
-            // A newer snapshot installed meanwhile stays the one served.
-            if dir.set_current_if_newer(&current)? {
-                Ok(current)
-            } else {
-                if let Some(path) = dir.path(&current.file) {
-                    dir.discard(&path);
-                }
-                dir.current()?.ok_or_else(|| {
-                    SnapshotError::Malformed("the newer snapshot disappeared".into())
-                })
-            }
-        })
-        .await
-        .map_err(failed)?;
+        let snapshot = self.snapshot.take().ok_or_else(|| {
+            snapshot_error(
+                None,
+                SnapshotError::Malformed("no entry was applied to take a snapshot of".into()),
+            )
+        })?;
         self.stats.built.fetch_add(1, Ordering::Relaxed);
-        info!(
+        debug!(
             partition = self.partition.0,
-            channels = counts.channels,
-            messages = counts.messages,
-            last = ?current.meta.last_log_id,
-            elapsed_ms = self.started.elapsed().as_millis() as u64,
-            "built a partition snapshot"
+            last = ?snapshot.meta.last_log_id,
+            "took a partition snapshot"
         );
-        let path = self
-            .snapshots
-            .path(&current.file)
-            .ok_or_else(|| failed(SnapshotError::Malformed(current.file.clone())))?;
-        let file = tokio::fs::File::open(&path)
-            .await
-            .map_err(|e| failed(e.into()))?;
-        Ok(Snapshot {
-            meta: current.meta,
-            snapshot: Box::new(file),
-        })
+        Ok(snapshot)
     }
 }
 

@@ -441,8 +441,9 @@ impl ClusterNode {
             // The node fires every group's heartbeats at once instead
             // (`heartbeat_loop`), so that they share one call per peer.
             enable_heartbeat: false,
+            // By bytes too: `snapshot_loop`.
             snapshot_policy: SnapshotPolicy::LogsSinceLast(section.snapshot_entries),
-            max_in_snapshot_log_to_keep: section.snapshot_entries / 10,
+            max_in_snapshot_log_to_keep: (section.snapshot_entries / 10).min(1_000),
             // A follower this far behind is lagging (metrics): more than a
             // snapshot's worth, as openraft asks.
             replication_lag_threshold: section.snapshot_entries * 2,
@@ -618,6 +619,12 @@ impl ClusterNode {
                 peers.clone(),
                 id,
                 Duration::from_millis(section.heartbeat_ms),
+                stop.clone(),
+            )),
+            tokio::spawn(snapshot_loop(
+                groups.clone(),
+                snapshot_stats.clone(),
+                section.snapshot_log_bytes,
                 stop.clone(),
             )),
             tokio::spawn(view_loop(shared, settled, saved_view, stop.clone())),
@@ -847,6 +854,36 @@ async fn device_sweep_loop(
             () = tokio::time::sleep(every) => {}
         }
         devices.sweep(cursors.device_idle_days).await;
+    }
+}
+
+/// Takes a snapshot of every partition whose log since its last one
+/// holds `log_bytes` (openraft counts only entries); its log is purged
+/// then.
+async fn snapshot_loop(
+    groups: Arc<Mutex<BTreeMap<PartitionId, Raft>>>,
+    stats: Arc<SnapshotStats>,
+    log_bytes: u64,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let due: Vec<Raft> = {
+            let due = stats.partitions_due(log_bytes);
+            let Ok(groups) = groups.lock() else { continue };
+            due.iter().filter_map(|p| groups.get(p).cloned()).collect()
+        };
+        for raft in due {
+            // One being taken already resets the count when it starts.
+            if let Err(e) = raft.trigger().snapshot().await {
+                debug!(error = %e, "snapshot not taken");
+            }
+        }
     }
 }
 

@@ -1,12 +1,13 @@
-//! A partition's snapshots: the file format, building one from the node's
-//! store, and the partition's snapshot directory.
+//! A partition's snapshots: the stream format, exporting one from the
+//! node's store as it is sent, and the directory received ones wait in.
 //!
 //! A snapshot is what a replica needs instead of the Raft entries the
 //! group compacted away: the partition's channels (metadata and stored
-//! messages) and its producer windows, as they stood once a given entry
-//! was applied. It is a file, `data_dir/snapshots/p<N>/snap-<n>.snap`,
-//! streamed to a replica in openraft's chunks and never held in memory
-//! whole:
+//! messages), its producer windows and its users' device state, as they
+//! stood once a given entry was applied. A leader never writes one down:
+//! [`export`] reads the partition from a RocksDB snapshot fixed when the
+//! replication asks for it, as openraft streams it to the replica in
+//! chunks, never held in memory whole:
 //!
 //! ```text
 //! "VOLNASN1" ‖ (u32 length ‖ postcard frame)*
@@ -16,30 +17,32 @@
 //! `Devices` frames hold the device state of the partition's users (their
 //! keys carry the partition, [`crate::devices::layout`]).
 //!
+//! The replica receives the stream into a file of
+//! `data_dir/snapshots/p<N>/`, checks it whole, installs it and removes it.
 //! A file that a peer sent is read as untrusted input: every frame is
 //! bounded, names and offsets are checked, and a file that stops before
 //! its `End` frame is refused ([`SnapshotError::Malformed`]).
-//!
-//! The directory's `current` file names the snapshot the partition serves
-//! and the Raft position it stands for; it is replaced atomically (write,
-//! sync, rename), and older snapshot files are removed after it.
 
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use openraft::SnapshotMeta;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
 use volna_cluster::raft::BasicNode;
+use volna_cluster::raft::snapshot_data::{ExportStream, export_pipe};
 use volna_cluster::{NodeId, PartitionId};
 use volna_proto::{ChannelName, Offset, ProducerSeq};
 
 use super::edge::MetaWire;
-use crate::log::{AppendError, Restore};
+use super::machine::SnapshotStats;
+use crate::log::{AppendError, Restore, RestoreScope};
 use crate::store::{
     ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow, StoreError,
     StoredMessage,
@@ -155,17 +158,15 @@ fn flush_messages(
     Ok(())
 }
 
-/// Writes the store's state of what `scope` selects to `path` (created),
-/// synced. `fixed` is called once the store's point in time is fixed.
+/// Writes the store's state of what `scope` selects to `out`, as a
+/// snapshot. `fixed` is called once the store's point in time is fixed.
 pub fn write_snapshot(
     store: &dyn LogStore,
     scope: &ExportScope<'_>,
     time_ms: u64,
     fixed: &mut dyn FnMut(),
-    path: &Path,
+    mut out: &mut dyn Write,
 ) -> Result<Counts, SnapshotError> {
-    let file = std::fs::File::create(path)?;
-    let mut out = BufWriter::new(file);
     out.write_all(MAGIC)?;
     let mut counts = Counts::default();
     let mut pending: Vec<MessageFrame> = Vec::new();
@@ -254,9 +255,80 @@ pub fn write_snapshot(
             producers: counts.producers,
         },
     )?;
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()?;
+    out.flush()?;
     Ok(counts)
+}
+
+/// Pieces of 1 MiB an export may have made ahead of its reader.
+const EXPORT_AHEAD: usize = 8;
+
+/// A partition's state as a snapshot stream, made as it is read: the
+/// store's point in time is fixed before this returns (the caller, which
+/// stops applies meanwhile, knows what the snapshot stands for), and the
+/// export waits for the stream's first read to begin. A stream dropped
+/// unread reads nothing; one dropped part-way stops its export.
+pub async fn export(
+    store: Arc<dyn LogStore>,
+    scope: RestoreScope,
+    time_ms: u64,
+    partition: PartitionId,
+    stats: Arc<SnapshotStats>,
+) -> ExportStream {
+    let (mut writer, stream, reader) = export_pipe(EXPORT_AHEAD);
+    let (fixed_tx, fixed) = oneshot::channel();
+    tokio::task::spawn_blocking(move || {
+        let mut fixed_tx = Some(fixed_tx);
+        let mut reader = Some(reader);
+        let mut read = false;
+        let started = Instant::now();
+        let written = write_snapshot(
+            &*store,
+            &ExportScope {
+                channel: &*scope.channel,
+                producer: &*scope.producer,
+                devices: scope
+                    .devices
+                    .as_ref()
+                    .map(|(from, until)| (from.as_slice(), until.as_slice())),
+            },
+            time_ms,
+            &mut || {
+                if let Some(tx) = fixed_tx.take() {
+                    let _ = tx.send(());
+                }
+                // Nothing is read from the store until someone reads.
+                read = reader.take().is_some_and(|r| r.wait());
+            },
+            &mut writer,
+        );
+        if !read {
+            return;
+        }
+        match written {
+            Ok(counts) => match writer.finish() {
+                Ok(()) => {
+                    stats.exported.fetch_add(1, Ordering::Relaxed);
+                    info!(
+                        partition = partition.0,
+                        channels = counts.channels,
+                        messages = counts.messages,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "exported a partition snapshot to a replica"
+                    );
+                }
+                Err(e) => {
+                    warn!(partition = partition.0, error = %e, "a partition snapshot's reader went away")
+                }
+            },
+            Err(e) => {
+                warn!(partition = partition.0, error = %e, "a partition snapshot's export failed");
+                writer.fail(e.to_string());
+            }
+        }
+    });
+    // An export that fails before fixing its point fails its stream too.
+    let _ = fixed.await;
+    stream
 }
 
 /// Reads a snapshot file as restore steps ([`Restore::Part`]), checking
@@ -475,7 +547,8 @@ pub fn read_parts(path: &Path) -> Result<PartReader<BufReader<std::fs::File>>, S
 /// The Raft position a snapshot stands for, as openraft describes it.
 pub type Meta = SnapshotMeta<NodeId, BasicNode>;
 
-/// Which snapshot file the partition serves, and what it stands for.
+/// A received snapshot file and what it stands for: what a restore that a
+/// crash interrupted runs again.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Current {
     /// The file's name in the partition's snapshot directory.
@@ -484,16 +557,23 @@ pub struct Current {
     pub meta: Meta,
 }
 
-/// One partition's snapshot directory.
+/// One partition's snapshot directory: where snapshots from a leader are
+/// received and kept until they are installed.
 #[derive(Debug, Clone)]
 pub struct SnapshotDir {
     dir: PathBuf,
-    /// Orders the changes of `current` (a build and an install may finish
-    /// together).
-    switching: Arc<Mutex<()>>,
 }
 
 static NEXT_FILE: AtomicU64 = AtomicU64::new(0);
+
+/// A name no other snapshot of this process has (file names, snapshot ids).
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{nanos:x}-{n}")
+}
 
 impl SnapshotDir {
     /// Removes `partition`'s snapshots under `root` (a discarded copy of
@@ -509,41 +589,36 @@ impl SnapshotDir {
         root.join(format!("p{}", partition.0))
     }
 
-    /// `root/p<N>`, created if missing; files left half-written by an
-    /// earlier run are removed.
-    pub fn open(root: &Path, partition: PartitionId) -> Result<Self, SnapshotError> {
+    /// `root/p<N>`, created if missing, with every file in it removed but
+    /// `keep` (the snapshot an interrupted restore runs again): files
+    /// half-received by an earlier run, and the snapshot files and
+    /// `current` pointer that versions which wrote snapshots to disk left.
+    pub fn open(
+        root: &Path,
+        partition: PartitionId,
+        keep: Option<&str>,
+    ) -> Result<Self, SnapshotError> {
         let dir = Self::path_of(root, partition);
         std::fs::create_dir_all(&dir)?;
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            if path.extension().is_some_and(|e| e == "part") {
+            let kept = keep.is_some_and(|keep| path.file_name().is_some_and(|n| *n == *keep));
+            if !kept && path.is_file() {
                 std::fs::remove_file(&path)?;
             }
         }
-        Ok(Self {
-            dir,
-            switching: Arc::default(),
-        })
+        Ok(Self { dir })
     }
 
-    /// A new file name, unique in the directory.
-    fn unique(&self, extension: &str) -> String {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        let n = NEXT_FILE.fetch_add(1, Ordering::Relaxed);
-        format!("snap-{nanos:x}-{n}.{extension}")
-    }
-
-    /// A path to write a snapshot being built or received.
+    /// A path to receive a snapshot into.
     pub fn new_part(&self) -> PathBuf {
-        self.dir.join(self.unique("part"))
+        self.dir.join(format!("{}.part", unique_name("snap")))
     }
 
-    /// Makes a written part a snapshot file (durably named); returns its
+    /// Makes a received part a snapshot file (durably named); returns its
     /// name.
     pub fn keep(&self, part: &Path) -> Result<String, SnapshotError> {
-        let name = self.unique("snap");
+        let name = format!("{}.snap", unique_name("snap"));
         std::fs::rename(part, self.dir.join(&name))?;
         sync_dir(&self.dir)?;
         Ok(name)
@@ -560,49 +635,7 @@ impl SnapshotDir {
         plain.then(|| self.dir.join(name))
     }
 
-    /// The snapshot the partition serves, if any.
-    pub fn current(&self) -> Result<Option<Current>, SnapshotError> {
-        match std::fs::read(self.dir.join("current")) {
-            Ok(bytes) => postcard::from_bytes(&bytes)
-                .map(Some)
-                .map_err(|e| malformed(format!("unreadable current snapshot pointer: {e}"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Makes `current` the snapshot the partition serves (atomically) and
-    /// removes every other snapshot file, unless the one served already
-    /// stands for a later entry (false).
-    pub fn set_current_if_newer(&self, current: &Current) -> Result<bool, SnapshotError> {
-        let _switching = self.switching.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(served) = self.current()?
-            && served.file != current.file
-            && served.meta.last_log_id > current.meta.last_log_id
-        {
-            return Ok(false);
-        }
-        let bytes = postcard::to_allocvec(current).map_err(|e| malformed(e.to_string()))?;
-        let tmp = self.dir.join("current.tmp");
-        {
-            let mut file = std::fs::File::create(&tmp)?;
-            file.write_all(&bytes)?;
-            file.sync_all()?;
-        }
-        std::fs::rename(&tmp, self.dir.join("current"))?;
-        sync_dir(&self.dir)?;
-        for entry in std::fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            let stale = path.extension().is_some_and(|e| e == "snap")
-                && path.file_name().is_some_and(|n| *n != *current.file);
-            if stale {
-                std::fs::remove_file(&path)?;
-            }
-        }
-        Ok(true)
-    }
-
-    /// Removes a part or snapshot file that will not be used.
+    /// Removes a file that will not be used (again).
     pub fn discard(&self, path: &Path) {
         let _ = std::fs::remove_file(path);
     }
@@ -683,7 +716,7 @@ mod tests {
             },
             7_000,
             &mut || {},
-            &path,
+            &mut std::io::BufWriter::new(std::fs::File::create(&path).expect("create")),
         )
         .expect("snapshot");
         (path, counts)

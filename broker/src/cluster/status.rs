@@ -99,9 +99,13 @@ pub struct ClusterReport {
     /// of the channel, its own being behind (lagging, or restoring).
     #[serde(default)]
     pub replica_corrections: u64,
-    /// Partition snapshots this node built.
+    /// Partition snapshots this node took (positions recorded, the log
+    /// before them purged).
     #[serde(default)]
     pub snapshots_built: u64,
+    /// Partition snapshots this node exported and sent whole to a replica.
+    #[serde(default)]
+    pub snapshots_exported: u64,
     /// Partition snapshots this node received and installed.
     #[serde(default)]
     pub snapshots_installed: u64,
@@ -216,6 +220,7 @@ impl StatusSource {
             remote_reads: edge.remote_reads.load(Ordering::Relaxed),
             replica_corrections: self.log.replica_corrections(),
             snapshots_built: self.snapshots.built.load(Ordering::Relaxed),
+            snapshots_exported: self.snapshots.exported.load(Ordering::Relaxed),
             snapshots_installed: self.snapshots.installed.load(Ordering::Relaxed),
             partitions_discarded: self.snapshots.discarded.load(Ordering::Relaxed),
         }
@@ -408,8 +413,14 @@ impl ClusterStatus for StatusSource {
         metric(
             "cluster_snapshots_built_total",
             "counter",
-            "Partition snapshots built on this node (the Raft entries they cover are purged)",
+            "Partition snapshots taken on this node (the Raft entries they cover are purged)",
             &[("", report.snapshots_built)],
+        );
+        metric(
+            "cluster_snapshots_exported_total",
+            "counter",
+            "Partition snapshots exported on this node and sent whole to a replica",
+            &[("", report.snapshots_exported)],
         );
         metric(
             "cluster_snapshots_installed_total",

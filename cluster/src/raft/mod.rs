@@ -11,6 +11,8 @@
 //!   check-quorum openraft 0.9 lacks).
 //! - [`network`]: Raft's RPCs between nodes over QUIC with mutual TLS, one
 //!   connection per node pair.
+//! - [`snapshot_data`]: a snapshot's bytes, a received file or an export
+//!   made as it is sent.
 //!
 //! The state machine that applies commands to channel logs is the broker's:
 //! it owns the channel logs.
@@ -18,6 +20,7 @@
 pub mod lease;
 pub mod log_store;
 pub mod network;
+pub mod snapshot_data;
 pub mod upstreams;
 
 use bytes::Bytes;
@@ -35,7 +38,7 @@ openraft::declare_raft_types!(
         R = Reply,
         NodeId = NodeId,
         Node = BasicNode,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = snapshot_data::SnapshotData,
 );
 
 /// A partition's Raft handle.

@@ -41,6 +41,7 @@
 //! noticed by the connection's idle timeout, 1.5 s).
 
 use std::fmt::Debug;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,17 +49,19 @@ use std::time::Duration;
 
 use dashmap::DashMap;
 use openraft::error::{
-    ClientWriteError, Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError,
-    RemoteError, Unreachable,
+    ClientWriteError, Fatal, Infallible, InstallSnapshotError, NetworkError, RPCError, RaftError,
+    RemoteError, ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::{Snapshot, Vote};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -1860,5 +1863,126 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, Infallible> {
         self.rpc(Kind::Vote, &rpc, &option).await
+    }
+
+    /// Sends a snapshot front to back in chunks. An exported snapshot is
+    /// made as it is read and cannot be rewound ([`super::snapshot_data`]),
+    /// so no chunk is read twice: a chunk lost in transit is sent again
+    /// from memory, a few times. The last chunk's answer waits for the
+    /// install, which takes time in proportion to the snapshot; it is
+    /// never sent twice (the follower has already let go of the stream),
+    /// and a failure sends a fresh snapshot later instead.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        mut snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let chunk_size = option
+            .snapshot_chunk_size()
+            .unwrap_or(SNAPSHOT_CHUNK)
+            .clamp(64 << 10, MAX_MESSAGE / 2);
+        let mut cancel = std::pin::pin!(cancel);
+        let mut offset = 0u64;
+        let mut chunk = read_chunk(&mut snapshot.snapshot, chunk_size).await?;
+        loop {
+            let next = read_chunk(&mut snapshot.snapshot, chunk_size).await?;
+            let done = next.is_empty();
+            let len = chunk.len() as u64;
+            let request = InstallSnapshotRequest::<TypeConfig> {
+                vote,
+                meta: snapshot.meta.clone(),
+                offset,
+                data: chunk,
+                done,
+            };
+            let deadline = if done {
+                install_deadline(offset + len).max(option.hard_ttl())
+            } else {
+                SNAPSHOT_CHUNK_DEADLINE.max(option.hard_ttl())
+            };
+            let chunk_option = RPCOption::new(deadline);
+            let mut failures = 0u32;
+            let answer = loop {
+                let sent = tokio::select! {
+                    closed = &mut cancel => return Err(closed.into()),
+                    sent = self.rpc::<_, InstallSnapshotResponse<NodeId>, InstallSnapshotError>(
+                        Kind::InstallSnapshot,
+                        &request,
+                        &chunk_option,
+                    ) => sent,
+                };
+                match sent {
+                    Ok(answer) => break answer,
+                    Err(
+                        e
+                        @ (RPCError::Timeout(_) | RPCError::Network(_) | RPCError::Unreachable(_)),
+                    ) if !done && failures + 1 < SNAPSHOT_CHUNK_TRIES => {
+                        failures += 1;
+                        debug!(target = self.target, offset, error = %e, "a snapshot chunk failed; sending it again");
+                        tokio::time::sleep(Duration::from_millis(50) * failures).await;
+                    }
+                    Err(e) => return Err(streaming_error(e)),
+                }
+            };
+            if answer.vote > vote || done {
+                return Ok(SnapshotResponse::new(answer.vote));
+            }
+            offset += len;
+            chunk = next;
+        }
+    }
+}
+
+/// A snapshot chunk's size when openraft names none.
+const SNAPSHOT_CHUNK: usize = 3 << 20;
+/// How long a snapshot chunk (not the last) may take to arrive.
+const SNAPSHOT_CHUNK_DEADLINE: Duration = Duration::from_secs(5);
+/// How many times a snapshot chunk is sent before the snapshot fails.
+const SNAPSHOT_CHUNK_TRIES: u32 = 5;
+
+/// How long a follower may take to check and install a snapshot of
+/// `bytes`: it reads the file twice (check, then restore), at no less than
+/// 16 MiB/s on a busy disk.
+fn install_deadline(bytes: u64) -> Duration {
+    Duration::from_secs(30) + Duration::from_secs(bytes / (16 << 20))
+}
+
+/// The next `size` bytes of a snapshot (fewer at its end, none past it).
+async fn read_chunk(
+    data: &mut super::snapshot_data::SnapshotData,
+    size: usize,
+) -> Result<Vec<u8>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+    let mut chunk = Vec::with_capacity(size);
+    data.take(size as u64)
+        .read_to_end(&mut chunk)
+        .await
+        // A snapshot that cannot be read now is sent afresh later: a
+        // storage error would stop the partition's group.
+        .map_err(|e| StreamingError::Network(NetworkError::new(&e)))?;
+    Ok(chunk)
+}
+
+/// The streaming form of a failed snapshot chunk.
+fn streaming_error(
+    e: RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+) -> StreamingError<TypeConfig, Fatal<NodeId>> {
+    match e {
+        RPCError::Timeout(e) => StreamingError::Timeout(e),
+        RPCError::Unreachable(e) => StreamingError::Unreachable(e),
+        RPCError::Network(e) => StreamingError::Network(e),
+        RPCError::RemoteError(RemoteError {
+            target,
+            target_node,
+            source: RaftError::Fatal(fatal),
+        }) => StreamingError::RemoteError(RemoteError {
+            target,
+            target_node,
+            source: fatal,
+        }),
+        // The follower lost the stream (it restarted, or began another
+        // snapshot): this one cannot be rewound, a fresh one is sent.
+        other => StreamingError::Network(NetworkError::new(&other)),
     }
 }
