@@ -1,7 +1,7 @@
 //! The figures of a large partition's snapshot, on real RocksDB
 //! directories: a leader's replica holding `GIB` GiB in one partition (64
 //! channels, 16 KiB messages, applied through the partition's state
-//! machine), then
+//! machine, incompressible payloads), then
 //!
 //! - **take**: what the snapshot policy does every `snapshot_log_bytes` of
 //!   log (record the position; nothing is written),
@@ -127,7 +127,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(2);
     let root = tempfile::tempdir_in(std::env::var("SNAPSHOT_FIGURES_DIR").unwrap_or(".".into()))?;
-    let payload = Bytes::from(vec![b'x'; PAYLOAD]);
+    // Incompressible, as media and end-to-end encrypted messages are.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let payload: Bytes = (0..PAYLOAD)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect::<Vec<u8>>()
+        .into();
     let entry_bytes = (PER_ENTRY * PAYLOAD) as u64;
 
     let leader_dir = root.path().join("leader");
