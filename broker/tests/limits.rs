@@ -242,6 +242,57 @@ async fn above_the_handshake_rate_clients_validate_their_address_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_storm_under_retry_connects_every_client() {
+    // Every handshake past the first answers a Retry, as in a reconnect
+    // storm after a restart; each Retry's connection ID must not be one a
+    // live connection holds, or that client's next Initial is lost.
+    const CLIENTS: usize = 2_000;
+    let broker = TestBroker::start_with(|c| c.limits.retry_above_handshakes_per_sec = 1).await;
+    let mut config = broker.client_config();
+    config.connect_timeout = Duration::from_secs(30);
+    let opening = std::sync::Arc::new(tokio::sync::Semaphore::new(200));
+    let mut connecting = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (config, opening) = (config.clone(), opening.clone());
+        connecting.spawn(async move {
+            let _turn = opening.acquire_owned().await.expect("semaphore");
+            Client::connect(config).await
+        });
+    }
+    let mut clients = Vec::with_capacity(CLIENTS);
+    let mut failed = Vec::new();
+    while let Some(joined) = connecting.join_next().await {
+        match joined.expect("join") {
+            Ok(client) => clients.push(client),
+            Err(e) => failed.push(e.to_string()),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {CLIENTS} clients did not connect, e.g. {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let metrics = common::metrics_text(&broker).await;
+    let retried: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("volna_handshakes_retried_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    // The limiter lets one handshake a second through unvalidated.
+    assert!(retried >= CLIENTS - 60, "{retried} Retries for {CLIENTS}");
+    // Every one of them is served.
+    let ch = channel("chat.storm");
+    let mut sub = clients[CLIENTS - 1]
+        .subscribe(&ch, Position::FIRST)
+        .await
+        .unwrap();
+    clients[0].publish(&ch, "through").await.unwrap();
+    let m = within("the delivery", sub.next()).await.unwrap().unwrap();
+    assert_eq!(m.payload, "through");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_retried_long_after_a_rate_refusal_is_stored_not_too_old() {
     // Now and then a publish is over the rate; it waits a second before
     // its retry while the others go on, thousands of later ones (far more

@@ -165,8 +165,19 @@ impl Drop for ShardedEndpoint {
 
 /// Length of the connection IDs the broker issues: the owning shard, a
 /// nonce, and a keyed signature.
-const CID_LEN: usize = 9;
-const NONCE_LEN: usize = 3;
+///
+/// The nonce must not collide among the IDs a shard holds: quinn-proto
+/// checks the IDs it issues to a connection against its table, but not the
+/// one it puts in a Retry, and a client that answers a Retry addresses its
+/// next Initial to that ID. With a 24-bit nonce, one Retry in a few
+/// thousand drew the ID of a live connection during a reconnect storm; the
+/// client's Initial then went to that connection and was dropped there,
+/// again at every retransmission, until the client gave up. 56 bits make
+/// that a one-in-10^8 event at a million IDs held.
+const CID_LEN: usize = 12;
+const NONCE_LEN: usize = 7;
+/// Enough to tell the broker's own IDs from random ones (a forged ID only
+/// earns a rate-limited stateless reset).
 const SIGNATURE_LEN: usize = CID_LEN - 1 - NONCE_LEN;
 
 /// Issues connection IDs `[shard][nonce][signature]` and recognises the
@@ -254,6 +265,18 @@ mod tests {
         let mut forged = cid.to_vec();
         forged[2] ^= 1;
         assert!(first.validate(&ConnectionId::new(&forged)).is_err());
+    }
+
+    #[test]
+    fn a_million_issued_ids_never_collide() {
+        // A Retry's ID is not checked against the live ones (see
+        // `CID_LEN`): the nonce alone keeps it unique.
+        let mut issuer = ShardCid::new(1, 7);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1_000_000 {
+            let cid = issuer.generate_cid();
+            assert!(seen.insert(cid), "an ID was issued twice: {cid:?}");
+        }
     }
 
     #[test]
