@@ -598,6 +598,20 @@ mod snapshots {
     }
 
     #[tokio::test]
+    async fn a_snapshot_taken_before_any_entry_is_one_of_nothing_not_an_error() {
+        // An error from the builder stops the partition's group.
+        let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+        let store: Arc<dyn LogStore> =
+            Arc::new(RocksStore::open(&dirs[0].path().join("db")).unwrap());
+        let threads = replica(store.clone());
+        let mut blank = machine(&threads, store, dirs[1].path()).await;
+        let mut build = blank.get_snapshot_builder().await;
+        let snapshot = build.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id, None);
+        assert!(blank.get_current_snapshot().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn a_snapshot_installed_on_a_replica_behind_gives_it_the_leaders_state() {
         let dirs: Vec<_> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
         // The leader's replica, on RocksDB.

@@ -133,30 +133,40 @@ pub struct SnapshotStats {
     /// Copies of partitions discarded here once their group went on
     /// without this node.
     pub discarded: AtomicU64,
-    /// Bytes of Raft log each partition applied since its last snapshot.
-    log_since_snapshot: Mutex<BTreeMap<u32, Arc<AtomicU64>>>,
+    /// Each partition's snapshot state on this node.
+    partitions: Mutex<BTreeMap<u32, Arc<PartitionSnapshots>>>,
+}
+
+/// One partition's snapshot state on this node.
+#[derive(Debug, Default)]
+pub struct PartitionSnapshots {
+    /// Bytes of Raft log applied since the last snapshot.
+    pub(super) log_since: AtomicU64,
+    /// Snapshots of the partition being exported and sent (or waiting for
+    /// their first read).
+    pub(super) exporting: AtomicU64,
 }
 
 impl SnapshotStats {
-    /// The count of `partition`'s log bytes since its last snapshot.
-    fn log_counter(&self, partition: PartitionId) -> Arc<AtomicU64> {
-        let mut counters = self
-            .log_since_snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        counters.entry(partition.0).or_default().clone()
+    /// `partition`'s snapshot state.
+    pub(super) fn partition(&self, partition: PartitionId) -> Arc<PartitionSnapshots> {
+        let mut partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        partitions.entry(partition.0).or_default().clone()
     }
 
     /// The partitions that applied at least `bytes` of log since their
-    /// last snapshot.
+    /// last snapshot and are not being exported. A snapshot taken while a
+    /// replica is sent one would let the log after the export's point be
+    /// purged before the replica has it: under steady writes it would be
+    /// sent a new snapshot, again and again.
     pub fn partitions_due(&self, bytes: u64) -> Vec<PartitionId> {
-        let counters = self
-            .log_since_snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        counters
+        let partitions = self.partitions.lock().unwrap_or_else(|e| e.into_inner());
+        partitions
             .iter()
-            .filter(|(_, since)| since.load(Ordering::Relaxed) >= bytes)
+            .filter(|(_, p)| {
+                p.log_since.load(Ordering::Relaxed) >= bytes
+                    && p.exporting.load(Ordering::Relaxed) == 0
+            })
             .map(|(partition, _)| PartitionId(*partition))
             .collect()
     }
@@ -195,8 +205,8 @@ pub struct PartitionMachine {
     receiving: Option<PathBuf>,
     stats: Arc<SnapshotStats>,
     /// Bytes of log applied since the partition's last snapshot (the node
-    /// takes one past `cluster.snapshot_log_bytes`).
-    log_since_snapshot: Arc<AtomicU64>,
+    /// takes one past `cluster.snapshot_log_bytes`), and its exports.
+    counters: Arc<PartitionSnapshots>,
     /// The push hooks, told of every message applied to a namespace with
     /// one and of how far the partition's leader posted.
     push: Option<Arc<ClusterPush>>,
@@ -246,7 +256,12 @@ impl PartitionMachine {
             applied,
             snapshots,
             receiving: None,
-            log_since_snapshot: stats.log_counter(partition),
+            counters: {
+                // A copy discarded and hosted again starts counting anew.
+                let counters = stats.partition(partition);
+                counters.log_since.store(0, Ordering::Relaxed);
+                counters
+            },
             stats,
             push,
             devices: None,
@@ -341,7 +356,13 @@ impl PartitionMachine {
         // The partition's state is its own now: the file is not needed
         // again (this node exports its own snapshots).
         if let Some(path) = self.snapshots.path(&current.file) {
-            self.snapshots.discard(&path);
+            // Gigabytes to unlink: off the async workers.
+            let dir = self.snapshots.clone();
+            let _ = blocking(move || {
+                dir.discard(&path);
+                Ok(())
+            })
+            .await;
         }
         if let Some(clocks) = self.store.partition_clocks() {
             clocks.advance(self.partition.0, time_ms);
@@ -361,8 +382,8 @@ impl PartitionMachine {
     /// The partition's state as it stands now (nothing is being applied)
     /// as a snapshot: its position recorded, its bytes exported from this
     /// point as they are read.
-    async fn snapshot_now(&self) -> Option<Snapshot<TypeConfig>> {
-        let last = self.applied.last?;
+    async fn snapshot_now(&self) -> Snapshot<TypeConfig> {
+        let last = self.applied.last;
         let stream = export(
             self.store.clone(),
             self.scope(),
@@ -371,17 +392,15 @@ impl PartitionMachine {
             self.stats.clone(),
         )
         .await;
-        Some(Snapshot {
+        let (term, index) = last.map_or((0, 0), |l| (l.leader_id.term, l.index));
+        Snapshot {
             meta: SnapshotMeta {
-                last_log_id: Some(last),
+                last_log_id: last,
                 last_membership: self.applied.membership.clone(),
-                snapshot_id: unique_name(&format!(
-                    "p{}-{}-{}",
-                    self.partition.0, last.leader_id.term, last.index
-                )),
+                snapshot_id: unique_name(&format!("p{}-{term}-{index}", self.partition.0)),
             },
             snapshot: Box::new(SnapshotData::Export(stream)),
-        })
+        }
     }
 
     fn owner_in_partition(&self, owner: &str) -> Arc<str> {
@@ -583,7 +602,8 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
                 }
                 EntryPayload::Normal(command) => Some(command),
             };
-            self.log_since_snapshot
+            self.counters
+                .log_since
                 .fetch_add(log_bytes(command.as_ref()), Ordering::Relaxed);
             let is_delete = matches!(command, Some(Command::Delete(_)));
             let noticed = self
@@ -676,10 +696,13 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
     /// are made only if a replica is sent it ([`export`]): a snapshot costs
     /// the same whatever the partition holds.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.log_since_snapshot.store(0, Ordering::Relaxed);
+        self.counters.log_since.store(0, Ordering::Relaxed);
         SnapshotBuild {
             partition: self.partition,
-            snapshot: self.snapshot_now().await,
+            // With nothing applied yet, a snapshot of nothing (openraft
+            // keeps the one it has): never an error, which would stop the
+            // group.
+            snapshot: Some(self.snapshot_now().await),
             stats: self.stats.clone(),
         }
     }
@@ -747,7 +770,10 @@ impl RaftStateMachine<TypeConfig> for PartitionMachine {
     /// latest state, and openraft takes a snapshot newer than the one it
     /// asked for as such.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, Error> {
-        Ok(self.snapshot_now().await)
+        if self.applied.last.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.snapshot_now().await))
     }
 }
 
@@ -765,7 +791,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuild {
         let snapshot = self.snapshot.take().ok_or_else(|| {
             snapshot_error(
                 None,
-                SnapshotError::Malformed("no entry was applied to take a snapshot of".into()),
+                SnapshotError::Malformed("the snapshot was taken already".into()),
             )
         })?;
         self.stats.built.fetch_add(1, Ordering::Relaxed);

@@ -41,7 +41,7 @@ use volna_cluster::{NodeId, PartitionId};
 use volna_proto::{ChannelName, Offset, ProducerSeq};
 
 use super::edge::MetaWire;
-use super::machine::SnapshotStats;
+use super::machine::{PartitionSnapshots, SnapshotStats};
 use crate::log::{AppendError, Restore, RestoreScope};
 use crate::store::{
     ChannelMeta, ExportScope, Exported, LogStore, ProducerKey, ProducerWindow, StoreError,
@@ -259,6 +259,22 @@ pub fn write_snapshot(
     Ok(counts)
 }
 
+/// Counts a snapshot of its partition being exported and sent.
+struct Exporting(Arc<PartitionSnapshots>);
+
+impl Exporting {
+    fn start(partition: Arc<PartitionSnapshots>) -> Self {
+        partition.exporting.fetch_add(1, Ordering::Relaxed);
+        Self(partition)
+    }
+}
+
+impl Drop for Exporting {
+    fn drop(&mut self) {
+        self.0.exporting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Pieces of 1 MiB an export may have made ahead of its reader.
 const EXPORT_AHEAD: usize = 8;
 
@@ -274,7 +290,10 @@ pub async fn export(
     partition: PartitionId,
     stats: Arc<SnapshotStats>,
 ) -> ExportStream {
-    let (mut writer, stream, reader) = export_pipe(EXPORT_AHEAD);
+    let (mut writer, mut stream, reader) = export_pipe(EXPORT_AHEAD);
+    // Until the replica has it: the sender drops the stream once the
+    // replica answered its last chunk.
+    stream.hold(Exporting::start(stats.partition(partition)));
     let (fixed_tx, fixed) = oneshot::channel();
     tokio::task::spawn_blocking(move || {
         let mut fixed_tx = Some(fixed_tx);
@@ -775,6 +794,32 @@ mod tests {
         assert_eq!(channels[0].1.epoch, Epoch(10));
         assert_eq!(producers.len(), 1);
         assert_eq!(&*producers[0].0.owner, "alice#p0");
+    }
+
+    #[tokio::test]
+    async fn a_partition_being_sent_a_snapshot_takes_none_until_the_replica_has_it() {
+        let stats = Arc::new(SnapshotStats::default());
+        let partition = PartitionId(3);
+        stats
+            .partition(partition)
+            .log_since
+            .store(1 << 20, Ordering::Relaxed);
+        assert_eq!(stats.partitions_due(4096), [partition]);
+        let store: Arc<dyn LogStore> = Arc::new(MemoryStore::new());
+        let stream = super::export(
+            store,
+            super::super::machine::partition_scope(partition, 8),
+            0,
+            partition,
+            stats.clone(),
+        )
+        .await;
+        assert!(
+            stats.partitions_due(4096).is_empty(),
+            "its log after the export's point would be purged"
+        );
+        drop(stream);
+        assert_eq!(stats.partitions_due(4096), [partition]);
     }
 
     #[test]

@@ -59,6 +59,16 @@ pub struct ExportStream {
     ended: bool,
     /// A seek asked for and not yet answered.
     seeking: Option<io::Result<u64>>,
+    /// Whatever the exporter wants kept while the stream lives.
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl ExportStream {
+    /// Keeps `guard` until the stream is dropped (its sender is done with
+    /// it): e.g. a count of the partition's snapshots in flight.
+    pub fn hold(&mut self, guard: impl Send + Sync + 'static) {
+        self.held = Some(Box::new(guard));
+    }
 }
 
 /// The writing end of an export, for a blocking thread: bytes written are
@@ -99,6 +109,7 @@ pub fn export_pipe(depth: usize) -> (ExportWriter, ExportStream, FirstRead) {
             position: 0,
             ended: false,
             seeking: None,
+            held: None,
         },
         FirstRead(start_rx),
     )

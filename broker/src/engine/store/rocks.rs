@@ -563,12 +563,32 @@ impl LogStore for RocksStore {
         sink: &mut dyn FnMut(Exported) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let snapshot = self.db.snapshot();
-        fixed();
         let at_snapshot = || {
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snapshot);
             opts
         };
+        // The producer windows' compaction filter judges by the partitions'
+        // clocks as they are when it runs, and RocksDB runs filters over
+        // keys a snapshot still sees: an iterator made now pins the files
+        // and memtables of this point, so a window expired later by a
+        // compaction is still read (an export can take minutes).
+        let producers =
+            self.db
+                .iterator_cf_opt(self.cf(CF_PRODUCERS)?, at_snapshot(), IteratorMode::Start);
+        let devices = match scope.devices {
+            Some((from, until)) => {
+                let mut opts = at_snapshot();
+                opts.set_iterate_upper_bound(until.to_vec());
+                Some(self.db.iterator_cf_opt(
+                    self.cf(CF_CURSORS)?,
+                    opts,
+                    IteratorMode::From(from, Direction::Forward),
+                ))
+            }
+            None => None,
+        };
+        fixed();
         let channels =
             self.db
                 .iterator_cf_opt(self.cf(CF_CHANNELS)?, at_snapshot(), IteratorMode::Start);
@@ -600,9 +620,6 @@ impl LogStore for RocksStore {
                 }
             }
         }
-        let producers =
-            self.db
-                .iterator_cf_opt(self.cf(CF_PRODUCERS)?, at_snapshot(), IteratorMode::Start);
         for item in producers {
             let (key, value) = item.map_err(engine)?;
             let key = ProducerKey::decode(&key)?;
@@ -611,14 +628,7 @@ impl LogStore for RocksStore {
                 sink(Exported::Producer(key, window))?;
             }
         }
-        if let Some((from, until)) = scope.devices {
-            let mut opts = at_snapshot();
-            opts.set_iterate_upper_bound(until.to_vec());
-            let entries = self.db.iterator_cf_opt(
-                self.cf(CF_CURSORS)?,
-                opts,
-                IteratorMode::From(from, Direction::Forward),
-            );
+        if let Some(entries) = devices {
             for item in entries {
                 let (key, value) = item.map_err(engine)?;
                 sink(Exported::Device(key.to_vec(), value.to_vec()))?;
