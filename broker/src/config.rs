@@ -124,6 +124,11 @@ pub struct CursorsConfig {
     /// wins) and written together at most this long after they arrive; a
     /// `Stored` reply means the write is done.
     pub flush_ms: u64,
+    /// A connection (protocol 5) is told that its acks are stored at most
+    /// this often, by one `Stored` covering them all; 0: only when it asks
+    /// (`FlushAcks`). A device acknowledging each message then sends one
+    /// packet per ack and gets no reply each.
+    pub report_ms: u64,
     /// A device that has not connected for this many days is forgotten
     /// with its cursors; a user's read markers go with the last device.
     pub device_idle_days: u64,
@@ -141,6 +146,7 @@ impl Default for CursorsConfig {
     fn default() -> Self {
         Self {
             flush_ms: 200,
+            report_ms: 5_000,
             device_idle_days: 90,
             max_devices_per_user: 32,
             unread_cap: 10_000,
@@ -720,6 +726,10 @@ pub struct Config {
     pub cluster: Option<ClusterSection>,
 }
 
+/// The longest `cursors.report_ms`: a client holds its unreported acks
+/// until then.
+const MAX_ACK_REPORT_MS: u64 = 3_600_000;
+
 /// The configuration's top-level keys: `VOLNA_<KEY>` environment variables
 /// (nested keys joined by `__`, e.g. `VOLNA_LIMITS__MAX_PAYLOAD`) override
 /// the file for these, and only these.
@@ -994,6 +1004,13 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, 0, "must be at least 1"));
             }
+        }
+        if c.report_ms > MAX_ACK_REPORT_MS {
+            return Err(invalid(
+                "cursors.report_ms",
+                c.report_ms,
+                "must be at most 3600000 (an hour; 0: only on FlushAcks)",
+            ));
         }
         for (namespace, ns) in &self.namespaces {
             let Some(push) = &ns.push else { continue };

@@ -9,13 +9,17 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{TestBroker, channel, eventually, http, jwt_broker, next_texts, user_token, within};
+use common::{
+    RawConnection, TestBroker, channel, eventually, http, jwt_broker, next_texts, user_token,
+    within,
+};
 use futures_util::StreamExt;
 use serde_json::json;
 use volna_broker::config::{NamespaceConfig, PushConfig};
 use volna_client::{
     ChannelName, Client, ClientError, ErrorCode, Fallback, Offset, Position, Subscription,
 };
+use volna_proto::{Frame, Hello};
 
 const ADMIN: &str = "devices-admin-token-0123456789abcdef";
 
@@ -113,6 +117,113 @@ async fn auto_ack_moves_the_cursor_as_the_application_takes_messages() {
     drop(sub);
     let sub = app.subscribe(&chat, FROM_CURSOR).await.expect("subscribe");
     assert_eq!(start_of(&sub), 4, "taken: 1, 2, 3");
+}
+
+/// A raw connection of device `device` of user `user`, speaking `protocol`.
+async fn raw_device(broker: &TestBroker, user: &str, device: &str, protocol: u16) -> RawConnection {
+    let mut raw = RawConnection::connect(broker).await;
+    raw.send_frame(&Frame::Hello(Hello {
+        protocol,
+        token: user.into(),
+        client: "raw-device".into(),
+        device: Some(device.into()),
+    }))
+    .await;
+    match raw.next_frame().await {
+        Some(Frame::Welcome(w)) => assert_eq!(w.protocol, protocol),
+        other => panic!("expected Welcome, got {other:?}"),
+    }
+    raw
+}
+
+fn ack(request_id: u64, channel: &ChannelName, offset: u64) -> Frame {
+    Frame::Ack {
+        request_id,
+        channel: channel.clone(),
+        offset: Offset::new(offset),
+    }
+}
+
+#[tokio::test]
+async fn acks_are_reported_together_and_a_flush_is_answered_at_once() {
+    let broker = TestBroker::start_with(|c| c.cursors.report_ms = 300).await;
+    let chat = channel("chat.reported");
+    let publisher = broker.client().await;
+    publish_texts(&publisher, &chat, (1..=6).map(|i| format!("m{i}"))).await;
+
+    // Protocol 5: three acks get no reply each; the ping after them is
+    // answered first, and then one report names the latest.
+    let mut phone = raw_device(&broker, "ann", "phone", volna_proto::PROTOCOL_VERSION).await;
+    for (id, offset) in [(10, 1), (11, 2), (12, 3)] {
+        phone.send_frame(&ack(id, &chat, offset)).await;
+    }
+    phone.send_frame(&Frame::Ping { request_id: 13 }).await;
+    assert_eq!(
+        phone.next_frame().await,
+        Some(Frame::Pong { request_id: 13 })
+    );
+    assert_eq!(
+        phone.next_frame().await,
+        Some(Frame::Stored { request_id: 12 })
+    );
+    // A refused ack is answered at once, by its error.
+    phone.send_frame(&ack(14, &chat, 99)).await;
+    match phone.next_frame().await {
+        Some(Frame::Error(e)) => {
+            assert_eq!((e.request_id, e.code), (14, ErrorCode::BadRequest));
+        }
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    // A flush is answered at once and covers the acks before it: no report
+    // follows it.
+    phone.send_frame(&ack(15, &chat, 5)).await;
+    phone.send_frame(&Frame::FlushAcks { request_id: 16 }).await;
+    assert_eq!(
+        phone.next_frame().await,
+        Some(Frame::Stored { request_id: 16 })
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    phone.send_frame(&Frame::Ping { request_id: 17 }).await;
+    assert_eq!(
+        phone.next_frame().await,
+        Some(Frame::Pong { request_id: 17 })
+    );
+    // A flush with nothing before it is answered too.
+    phone.send_frame(&Frame::FlushAcks { request_id: 18 }).await;
+    assert_eq!(
+        phone.next_frame().await,
+        Some(Frame::Stored { request_id: 18 })
+    );
+    let app = device(&broker, "ann", "phone").await;
+    let sub = app.subscribe(&chat, FROM_CURSOR).await.expect("subscribe");
+    assert_eq!(start_of(&sub), 6, "the flushed cursor: 5");
+    // Through the client: a refused ack fails the flush after it, once,
+    // and the next ack is stored.
+    sub.ack(Offset::new(99)).expect("ack");
+    let refused = within("the refusal", app.flush_acks()).await;
+    assert_eq!(
+        refused.err().and_then(|e| e.code()),
+        Some(ErrorCode::BadRequest)
+    );
+    sub.ack(Offset::new(6)).expect("ack");
+    within("stored", app.flush_acks()).await.expect("stored");
+    drop(sub);
+    let sub = app.subscribe(&chat, FROM_CURSOR).await.expect("subscribe");
+    assert_eq!(start_of(&sub), 7, "the cursor after the refusal: 6");
+    drop((sub, app));
+
+    // Protocol 4: each ack has its own reply, as before.
+    let mut tablet = raw_device(&broker, "ann", "tablet", 4).await;
+    tablet.send_frame(&ack(20, &chat, 1)).await;
+    tablet.send_frame(&ack(21, &chat, 2)).await;
+    assert_eq!(
+        tablet.next_frame().await,
+        Some(Frame::Stored { request_id: 20 })
+    );
+    assert_eq!(
+        tablet.next_frame().await,
+        Some(Frame::Stored { request_id: 21 })
+    );
 }
 
 #[tokio::test]

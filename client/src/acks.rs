@@ -1,7 +1,13 @@
 //! Acknowledgements, client side: the latest offset the application has
 //! taken per channel. They are coalesced (one `Ack` per channel per
 //! `ack_interval`, whatever the number of messages), sent by one task, and
-//! sent again after a reconnect until the broker answers `Stored`.
+//! sent again after a reconnect until the broker says they are stored.
+//!
+//! A broker of protocol 5 or later answers no `Ack` on its own: it reports
+//! now and then (and at once for a `FlushAcks`) with one `Stored` naming
+//! the latest `Ack` it covers, and every earlier `Ack` of the connection
+//! is stored too. An older broker answers each `Ack` with its own
+//! `Stored`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +25,16 @@ struct AckState {
     wanted: u64,
     /// The largest offset the broker said it stored.
     stored: u64,
+    /// The `Ack` sent and not yet reported (protocol 5).
+    sent: Option<Sent>,
+}
+
+/// An `Ack` on its way: on which connection, as which request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Sent {
+    generation: u64,
+    request_id: u64,
+    offset: u64,
 }
 
 /// The client's acknowledgements not yet stored.
@@ -29,7 +45,7 @@ pub(crate) struct Acks {
     pub wake: Notify,
     /// Set by a flush: send without waiting for the interval.
     pub urgent: AtomicBool,
-    /// Told after each round of sends.
+    /// Told after each round of sends, and when a report arrives.
     pub settled: Notify,
     /// The first acknowledgement the broker refused since the last flush.
     failure: Mutex<Option<ClientError>>,
@@ -52,20 +68,39 @@ impl Acks {
         self.wake.notify_one();
     }
 
-    /// What to send: each channel whose latest acknowledgement is not stored.
-    pub fn due(&self) -> Vec<(ChannelName, Offset)> {
+    /// What to send on connection `generation`: each channel whose latest
+    /// acknowledgement is neither stored nor on its way there.
+    pub fn due(&self, generation: u64) -> Vec<(ChannelName, Offset)> {
         self.map()
             .iter()
-            .filter(|(_, s)| s.wanted > s.stored)
+            .filter(|(_, s)| {
+                let on_its_way = s
+                    .sent
+                    .filter(|sent| sent.generation == generation)
+                    .map_or(0, |sent| sent.offset);
+                s.wanted > s.stored.max(on_its_way)
+            })
             .map(|(c, s)| (c.clone(), Offset::new(s.wanted)))
             .collect()
+    }
+
+    /// `offset` of `channel` went out as request `request_id` of
+    /// connection `generation`, to be reported (protocol 5).
+    pub fn sent(&self, channel: &ChannelName, offset: Offset, generation: u64, request_id: u64) {
+        if let Some(state) = self.map().get_mut(channel) {
+            state.sent = Some(Sent {
+                generation,
+                request_id,
+                offset: offset.get(),
+            });
+        }
     }
 
     /// The broker stored `offset` of `channel`.
     pub fn stored(&self, channel: &ChannelName, offset: Offset) {
         let mut map = self.map();
         if let Some(state) = map.get_mut(channel) {
-            state.stored = state.stored.max(offset.get());
+            Self::store(state, offset.get());
             if state.stored >= state.wanted {
                 // Nothing pending: the entry goes, so the table holds only
                 // channels with acknowledgements in flight.
@@ -74,10 +109,73 @@ impl Acks {
         }
     }
 
+    fn store(state: &mut AckState, offset: u64) {
+        state.stored = state.stored.max(offset);
+        if state.sent.is_some_and(|sent| sent.offset <= state.stored) {
+            state.sent = None;
+        }
+    }
+
+    /// Connection `generation` reported every `Ack` it took up to request
+    /// `request_id` stored (protocol 5).
+    pub fn reported(&self, generation: u64, request_id: u64) {
+        self.map().retain(|_, state| {
+            if let Some(sent) = state.sent
+                && sent.generation == generation
+                && sent.request_id <= request_id
+            {
+                Self::store(state, sent.offset);
+            }
+            state.stored < state.wanted
+        });
+        self.settled.notify_waiters();
+    }
+
+    /// Connection `generation` answered request `request_id` with an error:
+    /// when that was an `Ack` (or a report of `Ack`s up to it), those are
+    /// sent again, or, for a `final_error`, that one is refused for good.
+    /// Whether it was one.
+    pub fn failed(
+        &self,
+        generation: u64,
+        request_id: u64,
+        final_error: Option<ClientError>,
+    ) -> bool {
+        let mut refused = None;
+        let mut matched = false;
+        for (channel, state) in self.map().iter_mut() {
+            let Some(sent) = state.sent.filter(|s| s.generation == generation) else {
+                continue;
+            };
+            if sent.request_id == request_id {
+                matched = true;
+                state.sent = None;
+                if final_error.is_some() {
+                    refused = Some((channel.clone(), sent.offset));
+                }
+            } else if sent.request_id < request_id && final_error.is_none() {
+                // A report that failed covered these too.
+                state.sent = None;
+            }
+        }
+        if let (Some((channel, offset)), Some(error)) = (refused, final_error) {
+            self.refused(&channel, Offset::new(offset), error);
+        }
+        if matched {
+            self.wake.notify_one();
+        }
+        matched
+    }
+
     /// The broker refused `offset` of `channel` for good: it is not sent
-    /// again, and the next [`Acks::take_failure`] reports it.
+    /// again (a later, smaller ack of the channel still is), and the next
+    /// [`Acks::take_failure`] reports it.
     pub fn refused(&self, channel: &ChannelName, offset: Offset, error: ClientError) {
-        self.stored(channel, offset);
+        let mut map = self.map();
+        if map.get(channel).is_some_and(|s| s.wanted <= offset.get()) {
+            map.remove(channel);
+        }
+        drop(map);
         self.failure
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -117,7 +215,7 @@ mod tests {
         acks.ack(&a, Offset::new(9));
         acks.ack(&a, Offset::new(4));
         acks.ack(&b, Offset::new(1));
-        let mut due = acks.due();
+        let mut due = acks.due(1);
         due.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(
             due,
@@ -127,8 +225,57 @@ mod tests {
         acks.stored(&a, Offset::new(9));
         acks.refused(&b, Offset::new(1), ClientError::Closed);
         assert!(acks.all_stored());
-        assert!(acks.due().is_empty());
+        assert!(acks.due(1).is_empty());
         assert!(matches!(acks.take_failure(), Some(ClientError::Closed)));
         assert!(acks.take_failure().is_none());
+    }
+
+    #[test]
+    fn a_report_covers_every_earlier_ack_of_its_connection_only() {
+        let acks = Acks::default();
+        let [a, b, c] = ["chat.a", "chat.b", "chat.c"].map(|n| ChannelName::new(n).expect("valid"));
+        for (channel, offset, id) in [(&a, 5, 10), (&b, 7, 11), (&c, 2, 12)] {
+            acks.ack(channel, Offset::new(offset));
+            acks.sent(channel, Offset::new(offset), 1, id);
+        }
+        // On their way: nothing is due on that connection, all of it on
+        // the next.
+        assert!(acks.due(1).is_empty());
+        assert_eq!(acks.due(2).len(), 3);
+        // A report from another connection covers nothing.
+        acks.reported(2, 100);
+        assert!(!acks.all_stored());
+        acks.reported(1, 11);
+        let due: Vec<_> = acks.due(2).into_iter().map(|(c, _)| c).collect();
+        assert_eq!(due, vec![c.clone()]);
+        // A later ack of a reported channel is due again.
+        acks.ack(&a, Offset::new(6));
+        assert_eq!(acks.due(1), vec![(a.clone(), Offset::new(6))]);
+        acks.sent(&a, Offset::new(6), 1, 13);
+        acks.reported(1, 13);
+        assert!(acks.all_stored());
+    }
+
+    #[test]
+    fn a_failed_report_sends_its_acks_again_and_a_refusal_is_final() {
+        let acks = Acks::default();
+        let [a, b] = ["chat.a", "chat.b"].map(|n| ChannelName::new(n).expect("valid"));
+        acks.ack(&a, Offset::new(5));
+        acks.sent(&a, Offset::new(5), 1, 10);
+        acks.ack(&b, Offset::new(7));
+        acks.sent(&b, Offset::new(7), 1, 11);
+        assert!(!acks.failed(1, 9, None), "not an ack");
+        // The report up to 11 failed (the storage was unavailable): both
+        // are sent again.
+        assert!(acks.failed(1, 11, None));
+        assert_eq!(acks.due(1).len(), 2);
+        acks.sent(&a, Offset::new(5), 1, 12);
+        acks.sent(&b, Offset::new(7), 1, 13);
+        // `b` refused for good: not sent again, reported once.
+        assert!(acks.failed(1, 13, Some(ClientError::Closed)));
+        assert_eq!(acks.due(1), Vec::new());
+        assert!(matches!(acks.take_failure(), Some(ClientError::Closed)));
+        acks.reported(1, 12);
+        assert!(acks.all_stored());
     }
 }

@@ -119,8 +119,9 @@ struct Inner {
     publish_slots: tokio::sync::Semaphore,
     /// Each channel's publishes in flight, in issue order.
     inflight: InFlight,
-    /// Acknowledgements not yet stored (a client with a device).
-    acks: Acks,
+    /// Acknowledgements not yet stored (a client with a device; shared
+    /// with the connections, which take the broker's reports).
+    acks: Arc<Acks>,
     closed: CancellationToken,
 }
 
@@ -159,6 +160,7 @@ impl Client {
             server: live.server.clone(),
             websocket: live.over_websocket(),
         };
+        let acks = transport.device.acks.clone().unwrap_or_default();
         let inner = Arc::new(Inner {
             max_payload: AtomicU32::new(live.welcome.max_payload),
             token: Mutex::new(token),
@@ -176,7 +178,7 @@ impl Client {
             producer_bound,
             publish_slots: tokio::sync::Semaphore::new(config_inflight),
             inflight: InFlight::default(),
-            acks: Acks::default(),
+            acks,
             closed: CancellationToken::new(),
         });
         tokio::spawn(supervise(inner.clone(), live));
@@ -1186,6 +1188,9 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
         for sub in subs {
             inner.resubscribe(&live, sub, None);
         }
+        // Acknowledgements the last connection did not report stored go
+        // out again on this one.
+        inner.acks.wake.notify_one();
     }
 }
 
@@ -1199,64 +1204,100 @@ async fn send_acks(inner: Arc<Inner>) {
             () = acks.wake.notified() => {}
             () = inner.closed.cancelled() => return,
         }
-        if !acks.urgent.swap(false, Ordering::SeqCst) {
+        let mut urgent = acks.urgent.swap(false, Ordering::SeqCst);
+        if !urgent {
             // Gather what else the application acknowledges meanwhile.
             tokio::select! {
                 () = tokio::time::sleep(inner.config.ack_interval) => {}
                 () = inner.closed.cancelled() => return,
             }
+            urgent = acks.urgent.swap(false, Ordering::SeqCst);
         }
-        let due = acks.due();
-        if !due.is_empty() {
-            let sent = async {
-                let live = inner
-                    .wait_live(Instant::now() + inner.config.request_timeout)
-                    .await?;
-                let requests = due.iter().map(|(channel, offset)| {
-                    let live = live.clone();
-                    async move {
-                        let reply = live
-                            .request(|request_id| Frame::Ack {
-                                request_id,
-                                channel: channel.clone(),
-                                offset: *offset,
-                            })
-                            .await;
-                        (channel, *offset, reply)
-                    }
-                });
-                Ok::<_, ClientError>(futures_util::future::join_all(requests).await)
+        if !acks.all_stored() {
+            let live = inner
+                .wait_live(Instant::now() + inner.config.request_timeout)
+                .await;
+            let round = match &live {
+                Ok(live) if live.reports_acks() => send_reported_acks(acks, live, urgent).await,
+                Ok(live) => send_answered_acks(acks, live).await,
+                Err(e) => Err(e.clone()),
             };
-            match sent.await {
-                Ok(replies) => {
-                    for (channel, offset, reply) in replies {
-                        match reply {
-                            Ok(Frame::Stored { .. }) => acks.stored(channel, offset),
-                            Ok(Frame::Error(ErrorFrame { code, message, .. }))
-                                if !code.is_retryable() =>
-                            {
-                                warn!(%channel, offset = offset.get(), %code, %message, "the broker refused an acknowledgement");
-                                acks.refused(
-                                    channel,
-                                    offset,
-                                    ClientError::Server { code, message },
-                                );
-                            }
-                            // Retryable, or the connection was lost: again.
-                            _ => {}
-                        }
-                    }
-                }
-                Err(ClientError::Closed | ClientError::Failed(_)) => return,
-                Err(_) => {}
+            if let Err(ClientError::Closed | ClientError::Failed(_)) = round {
+                return;
             }
-            if !acks.due().is_empty() {
-                // Not all stored: another round after the interval.
+            let generation = live.map_or(0, |live| live.generation);
+            if !acks.due(generation).is_empty() {
+                // Some were not sent or not stored: another round after
+                // the interval.
                 acks.wake.notify_one();
             }
         }
         acks.settled.notify_waiters();
     }
+}
+
+/// One round to a broker that reports stored `Ack`s (protocol 5): each due
+/// one is sent with no reply of its own; a flush asks for a report of them
+/// all (`FlushAcks`) and waits for it.
+async fn send_reported_acks(acks: &Acks, live: &Live, flush: bool) -> Result<(), ClientError> {
+    for (channel, offset) in acks.due(live.generation) {
+        let request_id = live
+            .send(|request_id| Frame::Ack {
+                request_id,
+                channel: channel.clone(),
+                offset,
+            })
+            .await?;
+        acks.sent(&channel, offset, live.generation, request_id);
+    }
+    if !flush {
+        return Ok(());
+    }
+    let mut flush_id = 0;
+    let reply = live
+        .request(|request_id| {
+            flush_id = request_id;
+            Frame::FlushAcks { request_id }
+        })
+        .await?;
+    match reply {
+        Frame::Stored { request_id } => acks.reported(live.generation, request_id),
+        Frame::Error(ErrorFrame { code, message, .. }) => {
+            // Every `Ack` before the flush is sent again.
+            debug!(%code, %message, "the broker could not store the acknowledgements");
+            acks.failed(live.generation, flush_id, None);
+        }
+        other => return Err(unexpected(other, "FlushAcks")),
+    }
+    Ok(())
+}
+
+/// One round to a broker that answers each `Ack` (before protocol 5): the
+/// due ones are sent together and their replies awaited.
+async fn send_answered_acks(acks: &Acks, live: &Arc<Live>) -> Result<(), ClientError> {
+    let due = acks.due(live.generation);
+    let requests = due.iter().map(|(channel, offset)| async move {
+        let reply = live
+            .request(|request_id| Frame::Ack {
+                request_id,
+                channel: channel.clone(),
+                offset: *offset,
+            })
+            .await;
+        (channel, *offset, reply)
+    });
+    for (channel, offset, reply) in futures_util::future::join_all(requests).await {
+        match reply {
+            Ok(Frame::Stored { .. }) => acks.stored(channel, offset),
+            Ok(Frame::Error(ErrorFrame { code, message, .. })) if !code.is_retryable() => {
+                warn!(%channel, offset = offset.get(), %code, %message, "the broker refused an acknowledgement");
+                acks.refused(channel, offset, ClientError::Server { code, message });
+            }
+            // Retryable, or the connection was lost: again.
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// A token from `source`, within `timeout`.

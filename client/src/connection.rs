@@ -23,10 +23,14 @@ use volna_proto::{
     CloseCode, ErrorFrame, Frame, Hello, Limits, PROTOCOL_VERSION, SubscriptionId, Welcome,
 };
 
+use crate::acks::Acks;
 use crate::config::{ClientCertificate, ClientConfig, Trust};
 use crate::error::ClientError;
 use crate::subscription::SubShared;
 use crate::websocket::{WsLink, WsRecv};
+
+/// The first protocol version whose brokers answer `Ack`s together.
+const ACK_REPORTS_VERSION: u16 = 5;
 
 /// Read-marker events a slow listener may fall behind by before it is
 /// told it lagged (tokio's broadcast semantics).
@@ -68,8 +72,18 @@ pub(crate) struct Transport {
     next: AtomicUsize,
     /// The WebSocket URL the next fallback starts at.
     next_websocket: AtomicUsize,
-    /// Where `ReadMarker` events go (a client with a device only).
+    /// What a device's connections tell the client (empty without one).
+    pub device: DeviceTaps,
+}
+
+/// Where a device's connections pass what the broker says of its state.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DeviceTaps {
+    /// `ReadMarker` events.
     markers: Option<broadcast::Sender<ReadMarker>>,
+    /// The client's acknowledgements, which reports of stored `Ack`s and
+    /// refusals of single ones settle.
+    pub acks: Option<Arc<Acks>>,
 }
 
 /// The user's read marker moved on another of the user's devices.
@@ -133,16 +147,22 @@ impl Transport {
             websocket: config.websocket.clone(),
             next: AtomicUsize::new(0),
             next_websocket: AtomicUsize::new(0),
-            markers: config
-                .device
-                .as_ref()
-                .map(|_| broadcast::Sender::new(MARKER_EVENTS)),
+            device: match config.device {
+                Some(_) => DeviceTaps {
+                    markers: Some(broadcast::Sender::new(MARKER_EVENTS)),
+                    acks: Some(Arc::default()),
+                },
+                None => DeviceTaps::default(),
+            },
         })
     }
 
     /// A receiver of read-marker events, for a client with a device.
     pub fn read_markers(&self) -> Option<broadcast::Receiver<ReadMarker>> {
-        self.markers.as_ref().map(broadcast::Sender::subscribe)
+        self.device
+            .markers
+            .as_ref()
+            .map(broadcast::Sender::subscribe)
     }
 
     /// One round of attempts (see [`Transport`]): the first connection
@@ -369,7 +389,7 @@ impl Transport {
             buf,
             welcome,
             server.to_owned(),
-            self.markers.clone(),
+            self.device.clone(),
         ))
     }
 }
@@ -693,7 +713,7 @@ pub(crate) struct Live {
     /// end arrive back to back): told to the subscribe when it routes.
     ended_early: Mutex<HashMap<SubscriptionId, (volna_proto::ErrorCode, String)>>,
     ended_rx: tokio::sync::Mutex<mpsc::Receiver<Box<Ended>>>,
-    markers: Option<broadcast::Sender<ReadMarker>>,
+    device: DeviceTaps,
 }
 
 /// How the broker ended a connection: its close code, and the
@@ -743,7 +763,7 @@ impl Live {
         buf: BytesMut,
         welcome: Welcome,
         server: String,
-        markers: Option<broadcast::Sender<ReadMarker>>,
+        device: DeviceTaps,
     ) -> Arc<Self> {
         let (control, control_rx) = mpsc::channel(1024);
         let (ended_tx, ended_rx) = mpsc::channel(16);
@@ -764,7 +784,7 @@ impl Live {
             route_added: Notify::new(),
             gone: CancellationToken::new(),
             token_expiring: watch::Sender::new(None),
-            markers,
+            device,
         });
         tokio::spawn(write_control(send, control_rx, live.gone.clone()));
         tokio::spawn(read_control(live.clone(), recv, buf));
@@ -806,6 +826,24 @@ impl Live {
         };
         waiting.answered = reply.is_ok();
         reply
+    }
+
+    /// Sends a request built around a fresh request id, whose answer (if
+    /// any) nobody waits for; returns the id once the frame is queued.
+    pub async fn send(&self, build: impl FnOnce(u64) -> Frame) -> Result<u64, ClientError> {
+        let permit = self
+            .control
+            .reserve()
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        permit.send(Box::new(build(id)));
+        Ok(id)
+    }
+
+    /// Whether the broker answers `Ack`s together (protocol 5).
+    pub fn reports_acks(&self) -> bool {
+        self.welcome.protocol >= ACK_REPORTS_VERSION
     }
 
     /// Sends a frame whose reply nobody waits for.
@@ -1013,7 +1051,7 @@ async fn read_control(live: Arc<Live>, mut recv: StreamReader, mut buf: BytesMut
                 live.token_expiring.send_replace(Some(expires_at));
             }
             Ok(Frame::ReadMarker { channel, offset }) => {
-                if let Some(markers) = &live.markers {
+                if let Some(markers) = &live.device.markers {
                     // Nobody listening is fine: the event is a hint.
                     let _ = markers.send(ReadMarker { channel, offset });
                 }
@@ -1054,6 +1092,27 @@ async fn read_control(live: Arc<Live>, mut recv: StreamReader, mut buf: BytesMut
                 let unclaimed = match waiter {
                     Some(waiter) => waiter.send(frame).err(),
                     None => Some(frame),
+                };
+                // Nobody waits on an `Ack` (protocol 5): a report of
+                // stored ones, or the refusal of one.
+                let unclaimed = match (unclaimed, &live.device.acks) {
+                    (Some(Frame::Stored { request_id }), Some(acks)) => {
+                        acks.reported(live.generation, request_id);
+                        None
+                    }
+                    (Some(Frame::Error(e)), Some(acks)) => {
+                        let final_error = (!e.code.is_retryable()).then(|| ClientError::Server {
+                            code: e.code,
+                            message: e.message.clone(),
+                        });
+                        if acks.failed(live.generation, e.request_id, final_error) {
+                            warn!(code = %e.code, message = %e.message, "the broker refused an acknowledgement");
+                            None
+                        } else {
+                            Some(Frame::Error(e))
+                        }
+                    }
+                    (unclaimed, _) => unclaimed,
                 };
                 // A subscribe whose caller has gone (cancelled while the
                 // request was in flight): nobody will read it, so the

@@ -234,7 +234,7 @@ pub fn encode(frame: &Frame, out: &mut BytesMut) {
                 put_channel(out, channel);
             }
         }
-        Frame::Stored { request_id } => out.put_u64(*request_id),
+        Frame::Stored { request_id } | Frame::FlushAcks { request_id } => out.put_u64(*request_id),
         Frame::InitProducer {
             request_id,
             producer_id,
@@ -433,7 +433,7 @@ pub fn encoded_len(frame: &Frame) -> usize {
                     .map(|c| 1 + c.as_str().len())
                     .sum::<usize>()
         }
-        Frame::Stored { .. } => 8,
+        Frame::Stored { .. } | Frame::FlushAcks { .. } => 8,
         Frame::InitProducer { .. } | Frame::ProducerReady { .. } => 16,
         Frame::UnreadCounts { counts, .. } => {
             8 + 2
@@ -724,6 +724,9 @@ fn decode_body(mut body: Bytes) -> Result<Frame, DecodeError> {
             }
         }
         FrameType::Stored => Frame::Stored {
+            request_id: r.u64("request_id")?,
+        },
+        FrameType::FlushAcks => Frame::FlushAcks {
             request_id: r.u64("request_id")?,
         },
         FrameType::InitProducer => Frame::InitProducer {

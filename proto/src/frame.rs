@@ -42,7 +42,13 @@ pub enum Frame {
     },
     /// The device has taken every message of `channel` up to `offset`:
     /// store it as the device's cursor (it never moves backwards).
-    /// Answered by `Stored` once the cursor is durable.
+    ///
+    /// Before protocol 5, answered by `Stored` once the cursor is durable.
+    /// From 5 on, not answered one by one: the broker reports stored
+    /// acknowledgements with a `Stored` naming the latest `Ack` it covers
+    /// (it covers every earlier `Ack` of the connection too), at most once
+    /// per report interval, or at once for a `FlushAcks`. A refused `Ack`
+    /// is answered by its `Error` at once.
     Ack {
         /// Echoed in the reply.
         request_id: u64,
@@ -70,6 +76,12 @@ pub enum Frame {
         request_id: u64,
         /// The channels asked about (at most [`MAX_UNREAD_CHANNELS`]).
         channels: Vec<ChannelName>,
+    },
+    /// Answered by `Stored` (echoing this request id) once every `Ack` the
+    /// connection sent before it is stored (protocol 5).
+    FlushAcks {
+        /// Echoed in the reply.
+        request_id: u64,
     },
     /// The client will publish as `producer_id` (bound to its device, so
     /// the same across the app's restarts): answered by `ProducerReady`
@@ -153,7 +165,9 @@ pub enum Frame {
         /// Why, for people.
         message: String,
     },
-    /// The `Ack` or `MarkRead` is durably stored.
+    /// The `Ack` or `MarkRead` is durably stored; answering an `Ack` or a
+    /// `FlushAcks` from protocol 5 on, so is every earlier `Ack` of the
+    /// connection.
     Stored {
         /// The request this answers.
         request_id: u64,
@@ -414,6 +428,8 @@ pub enum FrameType {
     Unread = 0x09,
     /// [`Frame::InitProducer`]
     InitProducer = 0x0a,
+    /// [`Frame::FlushAcks`]
+    FlushAcks = 0x0b,
     /// [`Frame::Welcome`]
     Welcome = 0x41,
     /// [`Frame::Published`]
@@ -464,6 +480,7 @@ impl FrameType {
             0x08 => Self::MarkRead,
             0x09 => Self::Unread,
             0x0a => Self::InitProducer,
+            0x0b => Self::FlushAcks,
             0x41 => Self::Welcome,
             0x42 => Self::Published,
             0x43 => Self::Subscribed,
@@ -500,6 +517,7 @@ impl Frame {
             Self::MarkRead { .. } => FrameType::MarkRead,
             Self::Unread { .. } => FrameType::Unread,
             Self::InitProducer { .. } => FrameType::InitProducer,
+            Self::FlushAcks { .. } => FrameType::FlushAcks,
             Self::Welcome(_) => FrameType::Welcome,
             Self::Published { .. } => FrameType::Published,
             Self::Subscribed { .. } => FrameType::Subscribed,
@@ -527,6 +545,7 @@ impl Frame {
             | Self::Subscribe(Subscribe { request_id, .. })
             | Self::Unsubscribe { request_id, .. }
             | Self::Ping { request_id }
+            | Self::FlushAcks { request_id }
             | Self::Refresh { request_id, .. }
             | Self::Ack { request_id, .. }
             | Self::MarkRead { request_id, .. }

@@ -65,10 +65,14 @@ pub const ALPN: &[u8] = b"volna/1";
 /// - 4: `InitProducer` / `ProducerReady` (a producer id that outlives the
 ///   process: the broker says where its sequences stand); close code
 ///   `REPLACED` (a newer connection of the same device took over).
+/// - 5: `Ack` is no longer answered one by one: a `Stored` naming the
+///   latest `Ack` covers every earlier one, sent at most once per report
+///   interval or at once for the new `FlushAcks` (a device acknowledging
+///   each message costs one packet, not a request and a reply).
 ///
 /// Error code `Unavailable` (sent by cluster nodes only) came without a new
 /// version: a client that does not know it sees `Other(22)`, not retryable.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The oldest protocol version a broker still speaks.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;

@@ -152,6 +152,7 @@ fn frame() -> impl Strategy<Value = Frame> {
             subscription: SubscriptionId(s)
         }),
         any::<u64>().prop_map(|request_id| Frame::Ping { request_id }),
+        any::<u64>().prop_map(|request_id| Frame::FlushAcks { request_id }),
         (any::<u64>(), ".{0,64}")
             .prop_map(|(request_id, token)| Frame::Refresh { request_id, token }),
         (any::<u64>(), any::<u64>()).prop_map(|(request_id, expires_at)| Frame::Refreshed {

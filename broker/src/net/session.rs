@@ -166,6 +166,8 @@ const TAKEOVER_WAIT: Duration = Duration::from_secs(2);
 const CUT_OFF: &str = "this node is cut off from its cluster; connect to another node";
 /// The first protocol version whose clients take a takeover as final.
 const TAKEOVER_VERSION: u16 = 4;
+/// The first protocol version whose `Ack`s are answered together.
+const ACK_REPORTS_VERSION: u16 = 5;
 
 /// One open session.
 #[derive(Debug)]
@@ -414,6 +416,8 @@ where
             gate: PublishGate::unlimited(),
             token_changed: false,
             device: None,
+            reports_acks: false,
+            unreported: UnreportedAcks::default(),
         };
         let end = session.serve(session_id, recv, &mut send).await;
         session.cancel.cancel();
@@ -497,6 +501,43 @@ struct Session<C: Connection> {
     token_changed: bool,
     /// The device the client named in `Hello`.
     device: Option<DeviceId>,
+    /// Whether the client's `Ack`s are answered together (protocol 5).
+    reports_acks: bool,
+    unreported: UnreportedAcks,
+}
+
+/// `Ack`s taken from a client of protocol 5 and not yet reported stored.
+///
+/// A session speaks for one user, whose device state lives in one place
+/// (one partition on a cluster), so the latest ticket covers every earlier
+/// one.
+#[derive(Debug, Default)]
+struct UnreportedAcks {
+    /// The latest `Ack`'s request id and its ticket.
+    latest: Option<(u64, Ticket)>,
+    /// When they are reported (unset: only on `FlushAcks`).
+    due: Option<tokio::time::Instant>,
+}
+
+impl UnreportedAcks {
+    /// Takes the `Ack` `request_id`; the first since the last report sets
+    /// the next one `report_after` from now.
+    fn add(&mut self, request_id: u64, ticket: Ticket, report_after: Duration) {
+        let ticket = match self.latest {
+            Some((_, earlier)) => earlier.max(ticket),
+            None => ticket,
+        };
+        self.latest = Some((request_id, ticket));
+        if self.due.is_none() && !report_after.is_zero() {
+            self.due = Some(tokio::time::Instant::now() + report_after);
+        }
+    }
+
+    /// What a report covers now, and no report is due until the next `Ack`.
+    fn take(&mut self) -> Option<(u64, Ticket)> {
+        self.due = None;
+        self.latest.take()
+    }
 }
 
 /// An instant far enough to never fire, near enough not to overflow.
@@ -642,11 +683,16 @@ impl<C: Connection> Session<C> {
             } else if stall_at.is_none() {
                 stall_at = Some(tokio::time::Instant::now() + stall_after);
             }
-            let wake_at = [(!noticed).then_some(notice_at), Some(expiry_at), stall_at]
-                .into_iter()
-                .flatten()
-                .min()
-                .unwrap_or_else(far_future);
+            let wake_at = [
+                (!noticed).then_some(notice_at),
+                Some(expiry_at),
+                stall_at,
+                self.unreported.due,
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(far_future);
             // Moved only to an earlier deadline (or once it fired): a timer
             // that fires early finds nothing due and is set again, which
             // is cheaper than moving it on every write of a busy session.
@@ -689,10 +735,18 @@ impl<C: Connection> Session<C> {
                     } else if expiry_at <= now {
                         self.reply_error(0, ErrorCode::Unauthorized, "the token has expired");
                         end = Some(End::Unauthorized);
-                    } else if !noticed && notice_at <= now {
-                        noticed = true;
-                        if let Some(expires_at) = expires_at(self) {
-                            self.send(Frame::TokenExpiring { expires_at });
+                    } else {
+                        if !noticed && notice_at <= now {
+                            noticed = true;
+                            if let Some(expires_at) = expires_at(self) {
+                                self.send(Frame::TokenExpiring { expires_at });
+                            }
+                        }
+                        if self.unreported.due.is_some_and(|at| at <= now)
+                            && let Some((request_id, ticket)) = self.unreported.take()
+                        {
+                            inflight += 1;
+                            pending.push(self.acks_stored(request_id, Some(ticket)));
                         }
                     }
                 }
@@ -865,6 +919,7 @@ impl<C: Connection> Session<C> {
             devices.listen(&user, session_id, self.mailbox.clone());
         }
         self.device = device;
+        self.reports_acks = hello_protocol >= ACK_REPORTS_VERSION;
         let limits = &self.ctx.config.limits;
         self.send(Frame::Welcome(Welcome {
             session_id,
@@ -930,6 +985,10 @@ impl<C: Connection> Session<C> {
                 request_id,
                 producer_id,
             } => return Some(self.init_producer(request_id, producer_id)),
+            Frame::FlushAcks { request_id } => {
+                let unreported = self.unreported.take().map(|(_, ticket)| ticket);
+                return Some(self.acks_stored(request_id, unreported));
+            }
             other => {
                 self.reply_error(
                     other.request_id().unwrap_or(0),
@@ -1047,7 +1106,14 @@ impl<C: Connection> Session<C> {
         let ticket: Ticket = match kind {
             MarkKind::Cursor => {
                 self.ctx.metrics.cursor_acks.inc();
-                devices.ack(&user, &device, &channel, mark)
+                let ticket = devices.ack(&user, &device, &channel, mark);
+                if self.reports_acks {
+                    // No reply of its own: the next report covers it.
+                    let every = Duration::from_millis(self.ctx.config.cursors.report_ms);
+                    self.unreported.add(request_id, ticket, every);
+                    return None;
+                }
+                ticket
             }
             MarkKind::Read => {
                 self.ctx.metrics.read_marks.inc();
@@ -1068,6 +1134,20 @@ impl<C: Connection> Session<C> {
             }
             Answer::Stored(request_id, stored)
         }))
+    }
+
+    /// `Stored { request_id }` once `ticket` (the latest `Ack` it covers,
+    /// if any) is durable: a report of the client's `Ack`s up to
+    /// `request_id`, or the answer to its `FlushAcks`.
+    fn acks_stored(&self, request_id: u64, ticket: Option<Ticket>) -> PendingAcks {
+        let devices = self.ctx.devices.clone();
+        Box::pin(async move {
+            let stored = match (devices, ticket) {
+                (Some(devices), Some(ticket)) => devices.stored(ticket).await,
+                _ => Ok(()),
+            };
+            Answer::Stored(request_id, stored)
+        })
     }
 
     /// `Unread`: the calling user's unread count per channel, from the
