@@ -227,6 +227,54 @@ async fn acks_are_reported_together_and_a_flush_is_answered_at_once() {
 }
 
 #[tokio::test]
+async fn a_flush_while_a_report_waits_is_answered_only_once_the_acks_are_durable() {
+    // Cursors are written every 4 s; reports are due 50 ms after an ack.
+    let broker = TestBroker::start_with(|c| {
+        c.cursors.flush_ms = 4000;
+        c.cursors.report_ms = 50;
+    })
+    .await;
+    let chat = channel("chat.durable");
+    let publisher = broker.client().await;
+    publish_texts(&publisher, &chat, (1..=3).map(|i| format!("m{i}"))).await;
+    let mut phone = raw_device(&broker, "cleo", "phone", volna_proto::PROTOCOL_VERSION).await;
+    // A first flush is answered right after a write: the next is 4 s away.
+    phone.send_frame(&ack(1, &chat, 1)).await;
+    phone.send_frame(&Frame::FlushAcks { request_id: 2 }).await;
+    let mut answered = Vec::new();
+    while !answered.contains(&2) {
+        match phone.next_frame().await {
+            Some(Frame::Stored { request_id }) => answered.push(request_id),
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+    // The next ack's report is due at once and waits for that write; a
+    // flush meanwhile must wait for it too.
+    phone.send_frame(&ack(3, &chat, 2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    phone.send_frame(&Frame::FlushAcks { request_id: 4 }).await;
+    phone.send_frame(&Frame::Ping { request_id: 5 }).await;
+    assert_eq!(
+        phone.next_frame().await,
+        Some(Frame::Pong { request_id: 5 })
+    );
+    let early = tokio::time::timeout(Duration::from_millis(1500), phone.next_frame()).await;
+    assert!(
+        early.is_err(),
+        "answered before the cursor was written: {early:?}"
+    );
+    let mut answered = Vec::new();
+    for _ in 0..2 {
+        match phone.next_frame().await {
+            Some(Frame::Stored { request_id }) => answered.push(request_id),
+            other => panic!("expected Stored, got {other:?}"),
+        }
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, [3, 4], "the report and the flush, once written");
+}
+
+#[tokio::test]
 async fn reading_on_one_device_clears_the_badge_on_the_other() {
     let broker = TestBroker::start_with(|c| c.admin.token = Some(ADMIN.into())).await;
     let chat = channel("chat.badge");

@@ -96,19 +96,6 @@ impl Acks {
         }
     }
 
-    /// The broker stored `offset` of `channel`.
-    pub fn stored(&self, channel: &ChannelName, offset: Offset) {
-        let mut map = self.map();
-        if let Some(state) = map.get_mut(channel) {
-            Self::store(state, offset.get());
-            if state.stored >= state.wanted {
-                // Nothing pending: the entry goes, so the table holds only
-                // channels with acknowledgements in flight.
-                map.remove(channel);
-            }
-        }
-    }
-
     fn store(state: &mut AckState, offset: u64) {
         state.stored = state.stored.max(offset);
         if state.sent.is_some_and(|sent| sent.offset <= state.stored) {
@@ -131,10 +118,11 @@ impl Acks {
         self.settled.notify_waiters();
     }
 
-    /// Connection `generation` answered request `request_id` with an error:
-    /// when that was an `Ack` (or a report of `Ack`s up to it), those are
-    /// sent again, or, for a `final_error`, that one is refused for good.
-    /// Whether it was one.
+    /// Connection `generation` answered request `request_id` with an error
+    /// nobody waited for. For a `final_error`, the `Ack` sent as that
+    /// request is refused for good. Otherwise it may have been a report of
+    /// `Ack`s up to it (or the `FlushAcks` after them) that failed: those
+    /// are sent again. Whether an `Ack` was sent as `request_id`.
     pub fn failed(
         &self,
         generation: u64,
@@ -143,25 +131,27 @@ impl Acks {
     ) -> bool {
         let mut refused = None;
         let mut matched = false;
+        let mut again = false;
         for (channel, state) in self.map().iter_mut() {
             let Some(sent) = state.sent.filter(|s| s.generation == generation) else {
                 continue;
             };
             if sent.request_id == request_id {
                 matched = true;
-                state.sent = None;
                 if final_error.is_some() {
                     refused = Some((channel.clone(), sent.offset));
+                    continue;
                 }
-            } else if sent.request_id < request_id && final_error.is_none() {
-                // A report that failed covered these too.
+            }
+            if sent.request_id <= request_id && final_error.is_none() {
                 state.sent = None;
+                again = true;
             }
         }
         if let (Some((channel, offset)), Some(error)) = (refused, final_error) {
             self.refused(&channel, Offset::new(offset), error);
         }
-        if matched {
+        if again {
             self.wake.notify_one();
         }
         matched
@@ -172,8 +162,14 @@ impl Acks {
     /// [`Acks::take_failure`] reports it.
     pub fn refused(&self, channel: &ChannelName, offset: Offset, error: ClientError) {
         let mut map = self.map();
-        if map.get(channel).is_some_and(|s| s.wanted <= offset.get()) {
-            map.remove(channel);
+        if let Some(state) = map.get_mut(channel) {
+            if state.wanted <= offset.get() {
+                map.remove(channel);
+            } else if state.sent.is_some_and(|s| s.offset == offset.get()) {
+                // A later ack of the channel is due in its place.
+                state.sent = None;
+                self.wake.notify_one();
+            }
         }
         drop(map);
         self.failure
@@ -222,7 +218,8 @@ mod tests {
             vec![(a.clone(), Offset::new(9)), (b.clone(), Offset::new(1))]
         );
         assert!(!acks.all_stored());
-        acks.stored(&a, Offset::new(9));
+        acks.sent(&a, Offset::new(9), 1, 1);
+        acks.reported(1, 1);
         acks.refused(&b, Offset::new(1), ClientError::Closed);
         assert!(acks.all_stored());
         assert!(acks.due(1).is_empty());
@@ -277,5 +274,17 @@ mod tests {
         assert!(matches!(acks.take_failure(), Some(ClientError::Closed)));
         acks.reported(1, 12);
         assert!(acks.all_stored());
+    }
+
+    #[test]
+    fn a_refused_ack_leaves_a_later_one_of_its_channel_due() {
+        let acks = Acks::default();
+        let a = ChannelName::new("chat.a").expect("valid");
+        acks.ack(&a, Offset::new(5));
+        acks.sent(&a, Offset::new(5), 1, 10);
+        acks.ack(&a, Offset::new(6));
+        assert!(acks.failed(1, 10, Some(ClientError::Closed)));
+        assert_eq!(acks.due(1), vec![(a.clone(), Offset::new(6))]);
+        assert!(acks.take_failure().is_some());
     }
 }

@@ -1218,8 +1218,7 @@ async fn send_acks(inner: Arc<Inner>) {
                 .wait_live(Instant::now() + inner.config.request_timeout)
                 .await;
             let round = match &live {
-                Ok(live) if live.reports_acks() => send_reported_acks(acks, live, urgent).await,
-                Ok(live) => send_answered_acks(acks, live).await,
+                Ok(live) => send_acks_round(acks, live, urgent).await,
                 Err(e) => Err(e.clone()),
             };
             if let Err(ClientError::Closed | ClientError::Failed(_)) = round {
@@ -1236,19 +1235,22 @@ async fn send_acks(inner: Arc<Inner>) {
     }
 }
 
-/// One round to a broker that reports stored `Ack`s (protocol 5): each due
-/// one is sent with no reply of its own; a flush asks for a report of them
-/// all (`FlushAcks`) and waits for it.
-async fn send_reported_acks(acks: &Acks, live: &Live, flush: bool) -> Result<(), ClientError> {
+/// One round: each due `Ack` is sent, with no reply of its own (the
+/// broker reports stored ones now and then); a flush asks for a report of
+/// them all (`FlushAcks`) and waits for it.
+async fn send_acks_round(acks: &Acks, live: &Live, flush: bool) -> Result<(), ClientError> {
     for (channel, offset) in acks.due(live.generation) {
-        let request_id = live
-            .send(|request_id| Frame::Ack {
+        live.send(|request_id| {
+            // Recorded before the frame can leave: the broker's refusal of
+            // it may come back at once.
+            acks.sent(&channel, offset, live.generation, request_id);
+            Frame::Ack {
                 request_id,
                 channel: channel.clone(),
                 offset,
-            })
-            .await?;
-        acks.sent(&channel, offset, live.generation, request_id);
+            }
+        })
+        .await?;
     }
     if !flush {
         return Ok(());
@@ -1268,34 +1270,6 @@ async fn send_reported_acks(acks: &Acks, live: &Live, flush: bool) -> Result<(),
             acks.failed(live.generation, flush_id, None);
         }
         other => return Err(unexpected(other, "FlushAcks")),
-    }
-    Ok(())
-}
-
-/// One round to a broker that answers each `Ack` (before protocol 5): the
-/// due ones are sent together and their replies awaited.
-async fn send_answered_acks(acks: &Acks, live: &Arc<Live>) -> Result<(), ClientError> {
-    let due = acks.due(live.generation);
-    let requests = due.iter().map(|(channel, offset)| async move {
-        let reply = live
-            .request(|request_id| Frame::Ack {
-                request_id,
-                channel: channel.clone(),
-                offset: *offset,
-            })
-            .await;
-        (channel, *offset, reply)
-    });
-    for (channel, offset, reply) in futures_util::future::join_all(requests).await {
-        match reply {
-            Ok(Frame::Stored { .. }) => acks.stored(channel, offset),
-            Ok(Frame::Error(ErrorFrame { code, message, .. })) if !code.is_retryable() => {
-                warn!(%channel, offset = offset.get(), %code, %message, "the broker refused an acknowledgement");
-                acks.refused(channel, offset, ClientError::Server { code, message });
-            }
-            // Retryable, or the connection was lost: again.
-            _ => {}
-        }
     }
     Ok(())
 }

@@ -29,9 +29,6 @@ use crate::error::ClientError;
 use crate::subscription::SubShared;
 use crate::websocket::{WsLink, WsRecv};
 
-/// The first protocol version whose brokers answer `Ack`s together.
-const ACK_REPORTS_VERSION: u16 = 5;
-
 /// Read-marker events a slow listener may fall behind by before it is
 /// told it lagged (tokio's broadcast semantics).
 const MARKER_EVENTS: usize = 64;
@@ -841,11 +838,6 @@ impl Live {
         Ok(id)
     }
 
-    /// Whether the broker answers `Ack`s together (protocol 5).
-    pub fn reports_acks(&self) -> bool {
-        self.welcome.protocol >= ACK_REPORTS_VERSION
-    }
-
     /// Sends a frame whose reply nobody waits for.
     pub fn send_nowait(&self, build: impl FnOnce(u64) -> Frame) {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
@@ -1106,7 +1098,7 @@ async fn read_control(live: Arc<Live>, mut recv: StreamReader, mut buf: BytesMut
                             message: e.message.clone(),
                         });
                         if acks.failed(live.generation, e.request_id, final_error) {
-                            warn!(code = %e.code, message = %e.message, "the broker refused an acknowledgement");
+                            warn!(code = %e.code, message = %e.message, "the broker did not take an acknowledgement");
                             None
                         } else {
                             Some(Frame::Error(e))

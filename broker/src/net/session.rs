@@ -506,16 +506,20 @@ struct Session<C: Connection> {
     unreported: UnreportedAcks,
 }
 
-/// `Ack`s taken from a client of protocol 5 and not yet reported stored.
+/// `Ack`s taken from a client of protocol 5, and which are not yet
+/// reported stored.
 ///
 /// A session speaks for one user, whose device state lives in one place
 /// (one partition on a cluster), so the latest ticket covers every earlier
 /// one.
 #[derive(Debug, Default)]
 struct UnreportedAcks {
-    /// The latest `Ack`'s request id and its ticket.
-    latest: Option<(u64, Ticket)>,
-    /// When they are reported (unset: only on `FlushAcks`).
+    /// The ticket of the latest `Ack` taken: what a `FlushAcks` waits for,
+    /// whatever reports are still waiting.
+    ticket: Option<Ticket>,
+    /// The latest `Ack` not yet in a report.
+    latest: Option<u64>,
+    /// When the next report goes (unset: only on `FlushAcks`).
     due: Option<tokio::time::Instant>,
 }
 
@@ -523,20 +527,26 @@ impl UnreportedAcks {
     /// Takes the `Ack` `request_id`; the first since the last report sets
     /// the next one `report_after` from now.
     fn add(&mut self, request_id: u64, ticket: Ticket, report_after: Duration) {
-        let ticket = match self.latest {
-            Some((_, earlier)) => earlier.max(ticket),
-            None => ticket,
-        };
-        self.latest = Some((request_id, ticket));
+        self.ticket = self.ticket.max(Some(ticket));
+        self.latest = Some(request_id);
         if self.due.is_none() && !report_after.is_zero() {
             self.due = Some(tokio::time::Instant::now() + report_after);
         }
     }
 
-    /// What a report covers now, and no report is due until the next `Ack`.
-    fn take(&mut self) -> Option<(u64, Ticket)> {
+    /// A report of every `Ack` so far: the latest one's request id, and
+    /// the ticket to wait for. No report is due until the next `Ack`.
+    fn report(&mut self) -> Option<(u64, Ticket)> {
         self.due = None;
-        self.latest.take()
+        self.latest.take().zip(self.ticket)
+    }
+
+    /// What a `FlushAcks` waits for (it covers every `Ack` so far, so no
+    /// report of them is due).
+    fn flush(&mut self) -> Option<Ticket> {
+        self.due = None;
+        self.latest = None;
+        self.ticket
     }
 }
 
@@ -743,7 +753,7 @@ impl<C: Connection> Session<C> {
                             }
                         }
                         if self.unreported.due.is_some_and(|at| at <= now)
-                            && let Some((request_id, ticket)) = self.unreported.take()
+                            && let Some((request_id, ticket)) = self.unreported.report()
                         {
                             inflight += 1;
                             pending.push(self.acks_stored(request_id, Some(ticket)));
@@ -986,8 +996,8 @@ impl<C: Connection> Session<C> {
                 producer_id,
             } => return Some(self.init_producer(request_id, producer_id)),
             Frame::FlushAcks { request_id } => {
-                let unreported = self.unreported.take().map(|(_, ticket)| ticket);
-                return Some(self.acks_stored(request_id, unreported));
+                let ticket = self.unreported.flush();
+                return Some(self.acks_stored(request_id, ticket));
             }
             other => {
                 self.reply_error(
@@ -1136,8 +1146,8 @@ impl<C: Connection> Session<C> {
         }))
     }
 
-    /// `Stored { request_id }` once `ticket` (the latest `Ack` it covers,
-    /// if any) is durable: a report of the client's `Ack`s up to
+    /// `Stored { request_id }` once `ticket` (of the latest `Ack` it
+    /// covers, if any) is durable: a report of the client's `Ack`s up to
     /// `request_id`, or the answer to its `FlushAcks`.
     fn acks_stored(&self, request_id: u64, ticket: Option<Ticket>) -> PendingAcks {
         let devices = self.ctx.devices.clone();
