@@ -130,9 +130,9 @@ pub struct BenchArgs {
     #[arg(long)]
     pub ack: bool,
     /// With `--ack`: how long each device gathers acknowledgements before
-    /// it sends them (0: one `Ack` per message taken, the broker's worst
-    /// case; the client library's default is 100 ms).
-    #[arg(long, default_value_t = 100)]
+    /// it sends them (0: one `Ack` per message taken; the client library's
+    /// default is 20 ms).
+    #[arg(long, default_value_t = 20)]
     pub ack_interval_ms: u64,
     /// With `--ack`: each device is its own user, its token the given one
     /// with `-<i>` appended (a broker with `auth.mode = "none"` takes a
