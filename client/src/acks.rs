@@ -3,11 +3,11 @@
 //! `ack_interval`, whatever the number of messages), sent by one task, and
 //! sent again after a reconnect until the broker says they are stored.
 //!
-//! A broker of protocol 5 or later answers no `Ack` on its own: it reports
-//! now and then (and at once for a `FlushAcks`) with one `Stored` naming
-//! the latest `Ack` it covers, and every earlier `Ack` of the connection
-//! is stored too. An older broker answers each `Ack` with its own
-//! `Stored`.
+//! The broker (protocol 5) answers no `Ack` on its own: it reports now and
+//! then (and at once for a `FlushAcks`) with one `Stored` naming the
+//! latest `Ack` it covers, and every earlier `Ack` of the connection is
+//! stored too. Request ids reach the broker in the order they are taken,
+//! so a `Stored` answering any request covers the `Ack`s before it.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -45,6 +45,8 @@ pub(crate) struct Acks {
     pub wake: Notify,
     /// Set by a flush: send without waiting for the interval.
     pub urgent: AtomicBool,
+    /// Set when the broker failed to store some: the next round waits.
+    pause: AtomicBool,
     /// Told after each round of sends, and when a report arrives.
     pub settled: Notify,
     /// The first acknowledgement the broker refused since the last flush.
@@ -119,46 +121,56 @@ impl Acks {
     }
 
     /// Connection `generation` answered request `request_id` with an error
-    /// nobody waited for. For a `final_error`, the `Ack` sent as that
-    /// request is refused for good. Otherwise it may have been a report of
-    /// `Ack`s up to it (or the `FlushAcks` after them) that failed: those
-    /// are sent again. Whether an `Ack` was sent as `request_id`.
+    /// nobody waited for. When an `Ack` went out as that request: for a
+    /// `final_error` it is refused for good; otherwise it (or a report of
+    /// the `Ack`s up to it) failed, and those go out again after a pause.
+    /// Whether an `Ack` went out as `request_id`.
     pub fn failed(
         &self,
         generation: u64,
         request_id: u64,
         final_error: Option<ClientError>,
     ) -> bool {
-        let mut refused = None;
-        let mut matched = false;
-        let mut again = false;
-        for (channel, state) in self.map().iter_mut() {
-            let Some(sent) = state.sent.filter(|s| s.generation == generation) else {
-                continue;
-            };
-            if sent.request_id == request_id {
-                matched = true;
-                if final_error.is_some() {
-                    refused = Some((channel.clone(), sent.offset));
-                    continue;
-                }
-            }
-            if sent.request_id <= request_id && final_error.is_none() {
+        let refused = self.map().iter().find_map(|(channel, state)| {
+            state
+                .sent
+                .filter(|s| s.generation == generation && s.request_id == request_id)
+                .map(|sent| (channel.clone(), sent.offset))
+        });
+        let Some((channel, offset)) = refused else {
+            return false;
+        };
+        match final_error {
+            Some(error) => self.refused(&channel, Offset::new(offset), error),
+            None => self.retry_through(generation, request_id),
+        }
+        true
+    }
+
+    /// Every `Ack` connection `generation` sent up to request `request_id`
+    /// goes out again, after [`Acks::take_pause`]'s pause: the broker
+    /// could not store them (a failed report or `FlushAcks`).
+    pub fn retry_through(&self, generation: u64, request_id: u64) {
+        for state in self.map().values_mut() {
+            if state
+                .sent
+                .is_some_and(|s| s.generation == generation && s.request_id <= request_id)
+            {
                 state.sent = None;
-                again = true;
             }
         }
-        if let (Some((channel, offset)), Some(error)) = (refused, final_error) {
-            self.refused(&channel, Offset::new(offset), error);
-        }
-        if again {
-            self.wake.notify_one();
-        }
-        matched
+        self.pause.store(true, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
+    /// Whether the next round should wait a while first (the broker just
+    /// failed to store acknowledgements); clears it.
+    pub fn take_pause(&self) -> bool {
+        self.pause.swap(false, Ordering::SeqCst)
     }
 
     /// The broker refused `offset` of `channel` for good: it is not sent
-    /// again (a later, smaller ack of the channel still is), and the next
+    /// again (a larger ack of the channel taken since still is), and the next
     /// [`Acks::take_failure`] reports it.
     pub fn refused(&self, channel: &ChannelName, offset: Offset, error: ClientError) {
         let mut map = self.map();
@@ -262,10 +274,16 @@ mod tests {
         acks.ack(&b, Offset::new(7));
         acks.sent(&b, Offset::new(7), 1, 11);
         assert!(!acks.failed(1, 9, None), "not an ack");
+        assert!(
+            acks.due(1).is_empty(),
+            "an error of another request moves nothing"
+        );
         // The report up to 11 failed (the storage was unavailable): both
-        // are sent again.
+        // are sent again, after a pause.
         assert!(acks.failed(1, 11, None));
         assert_eq!(acks.due(1).len(), 2);
+        assert!(acks.take_pause());
+        assert!(!acks.take_pause());
         acks.sent(&a, Offset::new(5), 1, 12);
         acks.sent(&b, Offset::new(7), 1, 13);
         // `b` refused for good: not sent again, reported once.

@@ -1194,6 +1194,10 @@ async fn supervise(inner: Arc<Inner>, mut live: Arc<Live>) {
     }
 }
 
+/// How long the acknowledgement sender waits after the broker could not
+/// store some before it sends them again.
+const ACK_RETRY_PAUSE: Duration = Duration::from_secs(1);
+
 /// Sends the client's acknowledgements: every `ack_interval` (or at once
 /// when a flush asks), one `Ack` per channel with the latest offset, again
 /// on the next connection until the broker stored it.
@@ -1203,6 +1207,13 @@ async fn send_acks(inner: Arc<Inner>) {
         tokio::select! {
             () = acks.wake.notified() => {}
             () = inner.closed.cancelled() => return,
+        }
+        if acks.take_pause() {
+            // The broker could not store some: not again at once.
+            tokio::select! {
+                () = tokio::time::sleep(ACK_RETRY_PAUSE) => {}
+                () = inner.closed.cancelled() => return,
+            }
         }
         let mut urgent = acks.urgent.swap(false, Ordering::SeqCst);
         if !urgent {
@@ -1267,7 +1278,7 @@ async fn send_acks_round(acks: &Acks, live: &Live, flush: bool) -> Result<(), Cl
         Frame::Error(ErrorFrame { code, message, .. }) => {
             // Every `Ack` before the flush is sent again.
             debug!(%code, %message, "the broker could not store the acknowledgements");
-            acks.failed(live.generation, flush_id, None);
+            acks.retry_through(live.generation, flush_id);
         }
         other => return Err(unexpected(other, "FlushAcks")),
     }

@@ -698,6 +698,8 @@ pub(crate) struct Live {
     control: mpsc::Sender<Box<Frame>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     next_request: AtomicU64,
+    /// Held from taking a request id to queueing its frame.
+    queue_order: Mutex<()>,
     routes: Mutex<HashMap<SubscriptionId, Arc<SubShared>>>,
     route_added: Notify,
     gone: CancellationToken,
@@ -777,6 +779,7 @@ impl Live {
             control,
             pending: Mutex::new(HashMap::new()),
             next_request: AtomicU64::new(1),
+            queue_order: Mutex::new(()),
             routes: Mutex::new(HashMap::new()),
             route_added: Notify::new(),
             gone: CancellationToken::new(),
@@ -807,10 +810,8 @@ impl Live {
             .reserve()
             .await
             .map_err(|_| ClientError::Disconnected)?;
-        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending_map().insert(id, tx);
-        permit.send(Box::new(build(id)));
+        let id = self.queue(permit, build, Some(tx));
         let mut waiting = Unanswered {
             live: self,
             id,
@@ -833,15 +834,32 @@ impl Live {
             .reserve()
             .await
             .map_err(|_| ClientError::Disconnected)?;
-        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        permit.send(Box::new(build(id)));
-        Ok(id)
+        Ok(self.queue(permit, build, None))
     }
 
-    /// Sends a frame whose reply nobody waits for.
+    /// Sends a frame whose reply nobody waits for, if the queue has room.
     pub fn send_nowait(&self, build: impl FnOnce(u64) -> Frame) {
+        if let Ok(permit) = self.control.try_reserve() {
+            self.queue(permit, build, None);
+        }
+    }
+
+    /// Takes a request id and queues the frame built around it, as one
+    /// step: ids reach the broker in the order they were taken, so a
+    /// `Stored` answering one request covers every `Ack` of a lower id.
+    fn queue(
+        &self,
+        permit: mpsc::Permit<'_, Box<Frame>>,
+        build: impl FnOnce(u64) -> Frame,
+        waiter: Option<oneshot::Sender<Frame>>,
+    ) -> u64 {
+        let _in_order = self.queue_order.lock().unwrap_or_else(|e| e.into_inner());
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-        let _ = self.control.try_send(Box::new(build(id)));
+        if let Some(waiter) = waiter {
+            self.pending_map().insert(id, waiter);
+        }
+        permit.send(Box::new(build(id)));
+        id
     }
 
     /// Delivery streams of `id` feed `sub` from now on; or, when the broker
